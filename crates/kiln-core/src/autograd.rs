@@ -1,0 +1,384 @@
+//! Reverse-mode automatic differentiation.
+//!
+//! Every op on tensors that require gradients records an [`Op`] naming its
+//! inputs; [`Tensor::backward`] walks that graph once, in reverse
+//! topological order, and returns a [`GradStore`] with the gradient of every
+//! leaf (every [`crate::Var`]). Gradients are computed with the same tensor
+//! ops, under [`no_grad`], so no second-order graph is kept. With gradients
+//! off (evaluation, inference), no op records anything.
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+
+use crate::backend::{Activation, BinaryOp, ReduceOp, UnaryOp};
+use crate::tensor::TensorId;
+use crate::{Backend, Error, Result, Tensor};
+
+thread_local! {
+    static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Whether ops on this thread record the graph.
+pub fn is_grad_enabled() -> bool {
+    GRAD_ENABLED.with(Cell::get)
+}
+
+/// Runs `f` with gradient recording off on this thread.
+pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    let _guard = NoGradGuard::new();
+    f()
+}
+
+/// Turns gradient recording off on this thread until dropped.
+#[derive(Debug)]
+pub struct NoGradGuard {
+    previous: bool,
+}
+
+impl NoGradGuard {
+    /// Disables recording; the previous mode comes back on drop.
+    pub fn new() -> Self {
+        NoGradGuard {
+            previous: GRAD_ENABLED.with(|g| g.replace(false)),
+        }
+    }
+}
+
+impl Default for NoGradGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NoGradGuard {
+    fn drop(&mut self) {
+        GRAD_ENABLED.with(|g| g.set(self.previous));
+    }
+}
+
+/// How a tensor was computed: the op and the inputs its gradient needs.
+pub(crate) enum Op<B: Backend> {
+    Unary {
+        op: UnaryOp,
+        x: Tensor<B>,
+    },
+    Affine {
+        x: Tensor<B>,
+        mul: f32,
+    },
+    Binary {
+        op: BinaryOp,
+        a: Tensor<B>,
+        b: Tensor<B>,
+    },
+    /// `y = act(α·a·b + bias)` on rank-3 operands.
+    Gemm {
+        a: Tensor<B>,
+        b: Tensor<B>,
+        bias: Option<Tensor<B>>,
+        activation: Activation,
+        alpha: f32,
+    },
+    /// Reduction keeping dimensions.
+    Reduce {
+        op: ReduceOp,
+        x: Tensor<B>,
+        axes: Vec<usize>,
+    },
+    Softmax {
+        x: Tensor<B>,
+        log: bool,
+    },
+    /// Mean softmax cross-entropy; `dlogits` already holds `(softmax − onehot)/n`.
+    SoftmaxCrossEntropy {
+        logits: Tensor<B>,
+        dlogits: Tensor<B>,
+    },
+    /// Any view or copy whose gradient is the incoming one reshaped to `x`.
+    Reshape {
+        x: Tensor<B>,
+    },
+    Permute {
+        x: Tensor<B>,
+        perm: Vec<usize>,
+    },
+    Narrow {
+        x: Tensor<B>,
+        dim: usize,
+        start: usize,
+    },
+    Broadcast {
+        x: Tensor<B>,
+    },
+    Cast {
+        x: Tensor<B>,
+    },
+}
+
+impl<B: Backend> Op<B> {
+    /// The tensors the op read.
+    pub(crate) fn inputs(&self) -> Vec<&Tensor<B>> {
+        match self {
+            Op::Unary { x, .. }
+            | Op::Affine { x, .. }
+            | Op::Reduce { x, .. }
+            | Op::Softmax { x, .. }
+            | Op::Reshape { x }
+            | Op::Permute { x, .. }
+            | Op::Narrow { x, .. }
+            | Op::Broadcast { x }
+            | Op::Cast { x } => vec![x],
+            Op::SoftmaxCrossEntropy { logits, .. } => vec![logits],
+            Op::Binary { a, b, .. } => vec![a, b],
+            Op::Gemm { a, b, bias, .. } => {
+                let mut v = vec![a, b];
+                v.extend(bias.as_ref());
+                v
+            }
+        }
+    }
+}
+
+/// The gradients computed by [`Tensor::backward`], keyed by leaf.
+pub struct GradStore<B: Backend> {
+    grads: HashMap<TensorId, Tensor<B>>,
+}
+
+impl<B: Backend> GradStore<B> {
+    /// The gradient of `id` (a [`crate::Var`]'s id or a leaf tensor's), if it
+    /// was reached.
+    pub fn get_id(&self, id: TensorId) -> Option<&Tensor<B>> {
+        self.grads.get(&id)
+    }
+
+    /// The gradient with respect to the leaf `t`.
+    pub fn get(&self, t: &Tensor<B>) -> Option<&Tensor<B>> {
+        self.get_id(t.id())
+    }
+
+    /// Removes and returns the gradient of `id`.
+    pub fn remove(&mut self, id: TensorId) -> Option<Tensor<B>> {
+        self.grads.remove(&id)
+    }
+
+    /// Number of gradients held.
+    pub fn len(&self) -> usize {
+        self.grads.len()
+    }
+
+    /// Whether no gradient is held.
+    pub fn is_empty(&self) -> bool {
+        self.grads.is_empty()
+    }
+}
+
+/// Parents before children: a post-order walk of the recorded graph.
+fn topological_order<B: Backend>(root: &Tensor<B>) -> Vec<Tensor<B>> {
+    let mut order = Vec::new();
+    let mut seen = HashSet::new();
+    let mut stack = vec![(root.clone(), false)];
+    while let Some((t, expanded)) = stack.pop() {
+        if expanded {
+            order.push(t);
+            continue;
+        }
+        if !seen.insert(t.id()) {
+            continue;
+        }
+        stack.push((t.clone(), true));
+        if let Some(op) = t.op() {
+            for p in op.inputs() {
+                if p.requires_grad() && !seen.contains(&p.id()) {
+                    stack.push((p.clone(), false));
+                }
+            }
+        }
+    }
+    order
+}
+
+fn accumulate<B: Backend>(
+    grads: &mut HashMap<TensorId, Tensor<B>>,
+    target: &Tensor<B>,
+    g: Tensor<B>,
+) -> Result<()> {
+    if !target.requires_grad() {
+        return Ok(());
+    }
+    debug_assert_eq!(g.dims(), target.dims(), "gradient shape");
+    let g = match grads.remove(&target.id()) {
+        Some(prev) => prev.add(&g)?,
+        None => g,
+    };
+    grads.insert(target.id(), g);
+    Ok(())
+}
+
+impl<B: Backend> Tensor<B> {
+    /// Back-propagates from this tensor, seeding its gradient with ones
+    /// (for a scalar loss: d loss / d loss = 1), and returns the gradient of
+    /// every leaf it depends on.
+    pub fn backward(&self) -> Result<GradStore<B>> {
+        if !self.requires_grad() {
+            return Err(Error::invalid(
+                "backward: this tensor does not require gradients (it depends on no Var, or was computed under no_grad)",
+            ));
+        }
+        let order = topological_order(self);
+        let _guard = NoGradGuard::new();
+        let mut pending: HashMap<TensorId, Tensor<B>> = HashMap::new();
+        pending.insert(self.id(), self.ones_like()?);
+        let mut leaves = HashMap::new();
+        for node in order.iter().rev() {
+            let Some(g) = pending.remove(&node.id()) else {
+                continue;
+            };
+            match node.op() {
+                None => {
+                    leaves.insert(node.id(), g);
+                }
+                Some(op) => propagate(node, op, g, &mut pending)?,
+            }
+        }
+        Ok(GradStore { grads: leaves })
+    }
+}
+
+/// Pushes `g = dL/dy` through the op that produced `y` to its inputs.
+fn propagate<B: Backend>(
+    y: &Tensor<B>,
+    op: &Op<B>,
+    g: Tensor<B>,
+    pending: &mut HashMap<TensorId, Tensor<B>>,
+) -> Result<()> {
+    match op {
+        Op::Unary { op, x } => {
+            let dx = x.unary_backward(*op, y, &g)?;
+            accumulate(pending, x, dx)
+        }
+        Op::Affine { x, mul } => accumulate(pending, x, g.affine(*mul, 0.0)?),
+        Op::Binary { op, a, b } => {
+            let (ga, gb) = binary_grads(*op, a, b, y, &g)?;
+            if let Some(ga) = ga {
+                accumulate(pending, a, ga.sum_to(a.dims())?)?;
+            }
+            if let Some(gb) = gb {
+                accumulate(pending, b, gb.sum_to(b.dims())?)?;
+            }
+            Ok(())
+        }
+        Op::Gemm {
+            a,
+            b,
+            bias,
+            activation,
+            alpha,
+        } => {
+            let gz = match activation.as_unary() {
+                // The activation's derivative reads only its output.
+                Some(u) => y.unary_backward(u, y, &g)?,
+                None => g,
+            };
+            if a.requires_grad() {
+                let da = gz.gemm(&b.transpose(1, 2)?, *alpha, None, Activation::None)?;
+                accumulate(pending, a, da)?;
+            }
+            if b.requires_grad() {
+                let db = a
+                    .transpose(1, 2)?
+                    .gemm(&gz, *alpha, None, Activation::None)?;
+                accumulate(pending, b, db)?;
+            }
+            if let Some(bias) = bias.as_ref().filter(|b| b.requires_grad()) {
+                accumulate(pending, bias, gz.sum_to(bias.dims())?)?;
+            }
+            Ok(())
+        }
+        Op::Reduce { op, x, axes } => {
+            let dx = match op {
+                ReduceOp::Sum => g.broadcast_as(x.dims())?,
+                ReduceOp::Mean => {
+                    let count: usize = axes.iter().map(|&a| x.dims()[a]).product();
+                    g.affine(1.0 / count as f32, 0.0)?.broadcast_as(x.dims())?
+                }
+                ReduceOp::Max | ReduceOp::Min => {
+                    // Ties share the gradient equally.
+                    let mask = x.binary(BinaryOp::Eq, &y.broadcast_as(x.dims())?)?;
+                    let count = mask.reduce_keepdim(ReduceOp::Sum, axes)?;
+                    mask.mul(&g.div(&count)?)?
+                }
+            };
+            accumulate(pending, x, dx)
+        }
+        Op::Softmax { x, log } => {
+            let last = y.rank() - 1;
+            let dx = if *log {
+                // dx = g − softmax(x)·Σg
+                let s = g.reduce_keepdim(ReduceOp::Sum, &[last])?;
+                g.sub(&y.exp()?.mul(&s)?)?
+            } else {
+                // dx = y·(g − Σ g·y)
+                let s = g.mul(y)?.reduce_keepdim(ReduceOp::Sum, &[last])?;
+                y.mul(&g.sub(&s)?)?
+            };
+            accumulate(pending, x, dx)
+        }
+        Op::SoftmaxCrossEntropy { logits, dlogits } => {
+            // g is a scalar: scale the saved gradient by it.
+            let dx = dlogits.mul(&g)?;
+            accumulate(pending, logits, dx)
+        }
+        Op::Reshape { x } => accumulate(pending, x, g.reshape(x.dims())?),
+        Op::Permute { x, perm } => {
+            let mut inverse = vec![0; perm.len()];
+            for (i, &p) in perm.iter().enumerate() {
+                inverse[p] = i;
+            }
+            accumulate(pending, x, g.permute(&inverse)?)
+        }
+        Op::Narrow { x, dim, start } => {
+            let dx = Tensor::zeros(x.dims(), g.dtype(), g.backend())?;
+            let dx = dx.write_slice(*dim, *start, &g)?;
+            accumulate(pending, x, dx)
+        }
+        Op::Broadcast { x } => accumulate(pending, x, g.sum_to(x.dims())?),
+        Op::Cast { x } => accumulate(pending, x, g.cast(x.dtype())?),
+    }
+}
+
+type GradPair<B> = (Option<Tensor<B>>, Option<Tensor<B>>);
+
+fn binary_grads<B: Backend>(
+    op: BinaryOp,
+    a: &Tensor<B>,
+    b: &Tensor<B>,
+    y: &Tensor<B>,
+    g: &Tensor<B>,
+) -> Result<GradPair<B>> {
+    let (na, nb) = (a.requires_grad(), b.requires_grad());
+    let opt = |need: bool, f: &dyn Fn() -> Result<Tensor<B>>| need.then(f).transpose();
+    Ok(match op {
+        BinaryOp::Add => (opt(na, &|| Ok(g.clone()))?, opt(nb, &|| Ok(g.clone()))?),
+        BinaryOp::Sub => (opt(na, &|| Ok(g.clone()))?, opt(nb, &|| g.neg())?),
+        BinaryOp::Mul => (opt(na, &|| g.mul(b))?, opt(nb, &|| g.mul(a))?),
+        // d(a/b)/db = −a/b² = −y/b
+        BinaryOp::Div => (
+            opt(na, &|| g.div(b))?,
+            opt(nb, &|| g.mul(y)?.div(b)?.neg())?,
+        ),
+        BinaryOp::Maximum | BinaryOp::Minimum => {
+            // The gradient goes to the operand that was chosen; on ties, to `a`.
+            let cmp = if op == BinaryOp::Maximum {
+                a.binary(BinaryOp::Ge, b)?
+            } else {
+                b.binary(BinaryOp::Ge, a)?
+            };
+            (
+                opt(na, &|| g.mul(&cmp))?,
+                opt(nb, &|| g.mul(&cmp.affine(-1.0, 1.0)?))?,
+            )
+        }
+        // Comparisons are piecewise constant: zero gradient.
+        BinaryOp::Eq | BinaryOp::Gt | BinaryOp::Ge => (None, None),
+    })
+}

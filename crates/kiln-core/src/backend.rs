@@ -1,0 +1,536 @@
+//! The `Backend` trait: the few dozen primitive ops a device must provide.
+//!
+//! Every op takes its operands as [`View`]s — storage plus an explicit
+//! [`Layout`] — so transposed, sliced and broadcast operands reach the
+//! backend without copies, and writes its result to fresh, contiguous
+//! storage (the in-place optimiser updates are the exception). Higher-level
+//! ops (linear layers, losses, autograd) are written once, over this trait,
+//! in [`crate::Tensor`].
+//!
+//! Each op documents its numerical contract; the `kiln-conformance` suite
+//! checks it against an f64 oracle.
+
+use std::fmt;
+
+use crate::{DType, HostData, Layout, Result};
+
+/// What a backend's storage must be able to tell about itself.
+pub trait BackendStorage: Clone + Send + Sync + 'static {
+    /// The element type.
+    fn dtype(&self) -> DType;
+    /// The number of elements allocated.
+    fn len(&self) -> usize;
+    /// Whether no elements are allocated.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An operand: a storage and the layout through which an op reads it.
+#[derive(Debug)]
+pub struct View<'a, S> {
+    /// The storage.
+    pub storage: &'a S,
+    /// How the op's logical elements map onto it.
+    pub layout: &'a Layout,
+}
+
+impl<S> Clone for View<'_, S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<S> Copy for View<'_, S> {}
+
+impl<'a, S> View<'a, S> {
+    /// Pairs a storage with a layout.
+    pub fn new(storage: &'a S, layout: &'a Layout) -> Self {
+        View { storage, layout }
+    }
+}
+
+/// Elementwise maps of one operand.
+///
+/// Bounds: `Neg`, `Abs`, `Relu` are exact; `Sqrt`, `Square` and `Recip` are
+/// correctly rounded; `Exp`, `Log`, `Tanh`, `Sigmoid` are within the number of
+/// ulps the backend states for its kernel set (the reference: the platform's
+/// libm, ≤ 2 ulp in f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    /// −x
+    Neg,
+    /// |x|
+    Abs,
+    /// eˣ
+    Exp,
+    /// ln x
+    Log,
+    /// √x
+    Sqrt,
+    /// x²
+    Square,
+    /// 1/x
+    Recip,
+    /// max(x, 0); NaN propagates, −0 becomes +0.
+    Relu,
+    /// 1/(1+e⁻ˣ)
+    Sigmoid,
+    /// tanh x
+    Tanh,
+}
+
+impl UnaryOp {
+    /// Every unary op.
+    pub const ALL: [UnaryOp; 10] = [
+        UnaryOp::Neg,
+        UnaryOp::Abs,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Square,
+        UnaryOp::Recip,
+        UnaryOp::Relu,
+        UnaryOp::Sigmoid,
+        UnaryOp::Tanh,
+    ];
+
+    /// Lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Abs => "abs",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Square => "square",
+            UnaryOp::Recip => "recip",
+            UnaryOp::Relu => "relu",
+            UnaryOp::Sigmoid => "sigmoid",
+            UnaryOp::Tanh => "tanh",
+        }
+    }
+
+    /// Whether [`Backend::unary_backward`] for this op reads only the forward
+    /// output `y` (never `x`). The fused GEMM epilogue relies on it.
+    pub fn backward_reads_only_output(self) -> bool {
+        matches!(
+            self,
+            UnaryOp::Exp | UnaryOp::Sqrt | UnaryOp::Relu | UnaryOp::Sigmoid | UnaryOp::Tanh
+        )
+    }
+
+    /// The op applied to one value in f64, the precision oracles use.
+    pub fn eval_f64(self, x: f64) -> f64 {
+        match self {
+            UnaryOp::Neg => -x,
+            UnaryOp::Abs => x.abs(),
+            UnaryOp::Exp => x.exp(),
+            UnaryOp::Log => x.ln(),
+            UnaryOp::Sqrt => x.sqrt(),
+            UnaryOp::Square => x * x,
+            UnaryOp::Recip => 1.0 / x,
+            // NaN propagates; −0 maps to +0.
+            UnaryOp::Relu => {
+                if x.is_nan() || x > 0.0 {
+                    x
+                } else {
+                    0.0
+                }
+            }
+            UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            UnaryOp::Tanh => x.tanh(),
+        }
+    }
+
+    /// dy/dx · dy in f64, given the input `x` and the output `y`.
+    pub fn backward_f64(self, x: f64, y: f64, dy: f64) -> f64 {
+        match self {
+            UnaryOp::Neg => -dy,
+            UnaryOp::Abs => {
+                if x > 0.0 {
+                    dy
+                } else if x < 0.0 {
+                    -dy
+                } else {
+                    0.0 * dy
+                }
+            }
+            UnaryOp::Exp => dy * y,
+            UnaryOp::Log => dy / x,
+            UnaryOp::Sqrt => dy * 0.5 / y,
+            UnaryOp::Square => dy * 2.0 * x,
+            UnaryOp::Recip => -dy * y * y,
+            UnaryOp::Relu => {
+                if y > 0.0 {
+                    dy
+                } else {
+                    0.0 * dy
+                }
+            }
+            UnaryOp::Sigmoid => dy * y * (1.0 - y),
+            UnaryOp::Tanh => dy * (1.0 - y * y),
+        }
+    }
+}
+
+/// Elementwise ops of two operands of the same (already broadcast) shape.
+///
+/// Arithmetic is correctly rounded; `Maximum`/`Minimum` are exact and return
+/// NaN if either operand is NaN; comparisons return 1 or 0 in the operand
+/// dtype (false for NaN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    /// a + b
+    Add,
+    /// a − b
+    Sub,
+    /// a · b
+    Mul,
+    /// a / b
+    Div,
+    /// max(a, b), NaN-propagating
+    Maximum,
+    /// min(a, b), NaN-propagating
+    Minimum,
+    /// a == b → 1, else 0
+    Eq,
+    /// a > b → 1, else 0
+    Gt,
+    /// a ≥ b → 1, else 0
+    Ge,
+}
+
+impl BinaryOp {
+    /// Every binary op.
+    pub const ALL: [BinaryOp; 9] = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Maximum,
+        BinaryOp::Minimum,
+        BinaryOp::Eq,
+        BinaryOp::Gt,
+        BinaryOp::Ge,
+    ];
+
+    /// Lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Maximum => "maximum",
+            BinaryOp::Minimum => "minimum",
+            BinaryOp::Eq => "eq",
+            BinaryOp::Gt => "gt",
+            BinaryOp::Ge => "ge",
+        }
+    }
+
+    /// The op on two values in f64.
+    pub fn eval_f64(self, a: f64, b: f64) -> f64 {
+        let flag = |c: bool| if c { 1.0 } else { 0.0 };
+        match self {
+            BinaryOp::Add => a + b,
+            BinaryOp::Sub => a - b,
+            BinaryOp::Mul => a * b,
+            BinaryOp::Div => a / b,
+            BinaryOp::Maximum => nan_or(a, b, f64::max),
+            BinaryOp::Minimum => nan_or(a, b, f64::min),
+            BinaryOp::Eq => flag(a == b),
+            BinaryOp::Gt => flag(a > b),
+            BinaryOp::Ge => flag(a >= b),
+        }
+    }
+}
+
+fn nan_or(a: f64, b: f64, f: fn(f64, f64) -> f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        f(a, b)
+    }
+}
+
+/// Reductions over a set of axes.
+///
+/// `Sum`/`Mean` accumulate in f32 in a fixed order (bound γₙ·Σ|xᵢ|);
+/// `Max`/`Min` are exact and NaN-propagating. Reducing an empty axis gives
+/// 0 for `Sum`, NaN for `Mean`, −∞/+∞ for `Max`/`Min`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    /// Σ
+    Sum,
+    /// Σ / n
+    Mean,
+    /// maximum
+    Max,
+    /// minimum
+    Min,
+}
+
+impl ReduceOp {
+    /// Lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Mean => "mean",
+            ReduceOp::Max => "max",
+            ReduceOp::Min => "min",
+        }
+    }
+}
+
+/// An activation applied by a fused epilogue (GEMM today, conv later).
+/// Each one's derivative is a function of its output alone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Activation {
+    /// The identity.
+    #[default]
+    None,
+    /// max(x, 0)
+    Relu,
+    /// 1/(1+e⁻ˣ)
+    Sigmoid,
+    /// tanh x
+    Tanh,
+}
+
+impl Activation {
+    /// The unary op the activation applies, if any.
+    pub fn as_unary(self) -> Option<UnaryOp> {
+        match self {
+            Activation::None => None,
+            Activation::Relu => Some(UnaryOp::Relu),
+            Activation::Sigmoid => Some(UnaryOp::Sigmoid),
+            Activation::Tanh => Some(UnaryOp::Tanh),
+        }
+    }
+}
+
+/// The epilogue of a GEMM: `C := act(α·A·B + β·C₀ + bias)`.
+///
+/// When `beta_c` is `None`, β = 0 and no `C₀` is read (so it may hold NaN).
+/// `bias` has `n` elements and is added to every row.
+#[derive(Debug)]
+pub struct GemmEpilogue<'a, S> {
+    /// α, scaling the product.
+    pub alpha: f32,
+    /// β and `C₀` (`[batch, m, n]`), or `None` for β = 0.
+    pub beta_c: Option<(f32, View<'a, S>)>,
+    /// A bias of shape `[n]`, or `None`.
+    pub bias: Option<View<'a, S>>,
+    /// The activation applied last.
+    pub activation: Activation,
+}
+
+impl<S> Default for GemmEpilogue<'_, S> {
+    fn default() -> Self {
+        GemmEpilogue {
+            alpha: 1.0,
+            beta_c: None,
+            bias: None,
+            activation: Activation::None,
+        }
+    }
+}
+
+/// Hyper-parameters of one SGD step (PyTorch/Keras semantics):
+/// `g ← g + wd·p; v ← μ·v + g; p ← p − lr·(nesterov ? g + μ·v : v)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdStep {
+    /// Learning rate.
+    pub lr: f32,
+    /// Momentum μ (0 disables the velocity buffer).
+    pub momentum: f32,
+    /// L2 weight decay added to the gradient.
+    pub weight_decay: f32,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+}
+
+/// Hyper-parameters of one Adam/AdamW step, Keras formulation:
+/// `m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²;
+///  p ← p − lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m / (√v + ε)`,
+/// preceded, for AdamW (`decoupled`), by `p ← p − lr·wd·p`, or, for Adam with
+/// weight decay, by `g ← g + wd·p`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    /// Learning rate.
+    pub lr: f32,
+    /// β₁.
+    pub beta1: f32,
+    /// β₂.
+    pub beta2: f32,
+    /// ε.
+    pub eps: f32,
+    /// Weight decay.
+    pub weight_decay: f32,
+    /// AdamW (decoupled decay) instead of L2 decay.
+    pub decoupled: bool,
+    /// The 1-based step number t.
+    pub step: u64,
+}
+
+/// A distribution for [`Backend::random`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Distribution {
+    /// Uniform on `[low, high)`.
+    Uniform {
+        /// Lower bound (inclusive).
+        low: f64,
+        /// Upper bound (exclusive).
+        high: f64,
+    },
+    /// Normal with the given mean and standard deviation.
+    Normal {
+        /// Mean.
+        mean: f64,
+        /// Standard deviation.
+        std: f64,
+    },
+}
+
+/// A compute device: memory plus the primitive ops kiln is built from.
+///
+/// Implementations are cheap handles (`Clone` shares the device). Unless an
+/// op says otherwise, operands may have any layout, results are contiguous,
+/// float ops accept f32, f16 and bf16 (computing in at least f32), and every
+/// failure is an [`crate::Error`] — never a panic.
+pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
+    /// Device memory holding elements of one dtype.
+    type Storage: BackendStorage;
+
+    /// A short name including the kernel set, e.g. `cpu:scalar`.
+    fn name(&self) -> String;
+
+    // ----- memory -------------------------------------------------------
+
+    /// `numel` elements of `dtype`, all equal to `value` (rounded to the dtype).
+    fn full(&self, numel: usize, dtype: DType, value: f64) -> Result<Self::Storage>;
+
+    /// Copies host data to the device.
+    fn upload(&self, data: &HostData) -> Result<Self::Storage>;
+
+    /// Copies the elements of `src` to the host, in row-major order of its layout.
+    fn download(&self, src: View<'_, Self::Storage>) -> Result<HostData>;
+
+    /// Copies the elements of `src` into `dst` through `dst_layout` (same
+    /// shape, same dtype). Exact.
+    fn copy_strided(
+        &self,
+        src: View<'_, Self::Storage>,
+        dst: &mut Self::Storage,
+        dst_layout: &Layout,
+    ) -> Result<()>;
+
+    /// Converts to another dtype: exact when widening, round-to-nearest-even
+    /// when narrowing; NaN stays NaN. Float to u32 truncates toward zero and
+    /// saturates; NaN becomes 0.
+    fn cast(&self, src: View<'_, Self::Storage>, dtype: DType) -> Result<Self::Storage>;
+
+    /// Waits until all queued work has finished.
+    fn synchronize(&self) -> Result<()>;
+
+    // ----- compute ------------------------------------------------------
+
+    /// Batched GEMM: `a` is `[batch, m, k]`, `b` is `[batch, k, n]` (any
+    /// strides, so transposes are free), result `[batch, m, n]` with the
+    /// [`GemmEpilogue`] applied. Bound per element: γₖ·Σ|aᵢbᵢ| before the epilogue.
+    fn gemm(
+        &self,
+        a: View<'_, Self::Storage>,
+        b: View<'_, Self::Storage>,
+        epilogue: &GemmEpilogue<'_, Self::Storage>,
+    ) -> Result<Self::Storage>;
+
+    /// `op(x)` elementwise.
+    fn unary(&self, op: UnaryOp, x: View<'_, Self::Storage>) -> Result<Self::Storage>;
+
+    /// `dx = op'(x) · dy`, given the forward input `x` and output `y`; all of
+    /// one shape. Ops for which [`UnaryOp::backward_reads_only_output`] holds
+    /// never read `x`.
+    fn unary_backward(
+        &self,
+        op: UnaryOp,
+        x: View<'_, Self::Storage>,
+        y: View<'_, Self::Storage>,
+        dy: View<'_, Self::Storage>,
+    ) -> Result<Self::Storage>;
+
+    /// `x·mul + add` elementwise, computed as one fused multiply-add in f32 and
+    /// rounded once.
+    fn affine(&self, x: View<'_, Self::Storage>, mul: f32, add: f32) -> Result<Self::Storage>;
+
+    /// `op(a, b)` elementwise; both layouts have the same shape (broadcast
+    /// operands arrive with stride-0 layouts) and dtype.
+    fn binary(
+        &self,
+        op: BinaryOp,
+        a: View<'_, Self::Storage>,
+        b: View<'_, Self::Storage>,
+    ) -> Result<Self::Storage>;
+
+    /// Reduces over `axes` (sorted, unique); the result keeps every dimension,
+    /// with extent 1 on the reduced ones.
+    fn reduce(
+        &self,
+        op: ReduceOp,
+        x: View<'_, Self::Storage>,
+        axes: &[usize],
+    ) -> Result<Self::Storage>;
+
+    /// Index of the maximum along the last axis (first one on ties; a NaN
+    /// counts as the maximum), as u32, shape without the last axis.
+    fn argmax(&self, x: View<'_, Self::Storage>) -> Result<Self::Storage>;
+
+    /// Softmax (or log-softmax when `log`) along the last axis, computed with
+    /// the row maximum subtracted.
+    fn softmax(&self, x: View<'_, Self::Storage>, log: bool) -> Result<Self::Storage>;
+
+    /// Fused softmax cross-entropy: `logits` is `[n, c]`, `labels` is u32
+    /// `[n]` with values in `0..c`. Returns the per-row loss
+    /// `−log softmax(x)[label]` (`[n]`) and its gradient with respect to the
+    /// logits, `softmax(x) − onehot(label)` (`[n, c]`). A label out of range
+    /// is an error.
+    fn softmax_cross_entropy(
+        &self,
+        logits: View<'_, Self::Storage>,
+        labels: View<'_, Self::Storage>,
+    ) -> Result<(Self::Storage, Self::Storage)>;
+
+    /// One fused SGD step on contiguous `param`, `grad` and optional
+    /// `velocity` (required when momentum ≠ 0), updated in place.
+    fn sgd_update(
+        &self,
+        param: &mut Self::Storage,
+        grad: &Self::Storage,
+        velocity: Option<&mut Self::Storage>,
+        step: &SgdStep,
+    ) -> Result<()>;
+
+    /// One fused Adam/AdamW step on contiguous `param`, `grad`, `m` and `v`,
+    /// updated in place.
+    fn adam_update(
+        &self,
+        param: &mut Self::Storage,
+        grad: &Self::Storage,
+        m: &mut Self::Storage,
+        v: &mut Self::Storage,
+        step: &AdamStep,
+    ) -> Result<()>;
+
+    /// `numel` draws from `dist`, element `i` from the Philox4x32-10 stream
+    /// of `seed` at counter `offset`, exactly as [`crate::rng`] defines it, so
+    /// every backend draws the same numbers for the same seed.
+    fn random(
+        &self,
+        dist: Distribution,
+        numel: usize,
+        dtype: DType,
+        seed: u64,
+        offset: u64,
+    ) -> Result<Self::Storage>;
+}

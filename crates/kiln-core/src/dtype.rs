@@ -1,0 +1,216 @@
+//! Element types and host-side buffers.
+
+use std::fmt;
+use std::str::FromStr;
+
+use half::{bf16, f16};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// The element type of a tensor's storage.
+///
+/// `F32` is supported by every op. `F16` and `BF16` are storage formats whose
+/// ops compute in f32 and round once on store. `U32` holds integer data (class
+/// labels, argmax indices) and is accepted only by the ops that document it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    /// IEEE 754 binary32.
+    F32,
+    /// IEEE 754 binary16.
+    F16,
+    /// bfloat16: binary32 with the mantissa cut to 7 bits.
+    BF16,
+    /// Unsigned 32-bit integer (labels, indices).
+    U32,
+}
+
+impl DType {
+    /// Every dtype, in declaration order.
+    pub const ALL: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::U32];
+
+    /// Bytes per element.
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The lowercase name used on the command line and in files (`f32`, `bf16`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::U32 => "u32",
+        }
+    }
+
+    /// Whether the dtype holds floating-point values.
+    pub fn is_float(self) -> bool {
+        !matches!(self, DType::U32)
+    }
+
+    /// Unit roundoff `u` of the format (half the distance from 1 to the next
+    /// representable number): 2⁻²⁴ for f32, 2⁻¹¹ for f16, 2⁻⁸ for bf16, 0 for integers.
+    pub fn unit_roundoff(self) -> f64 {
+        match self {
+            DType::F32 => f64::from(f32::EPSILON) / 2.0,
+            DType::F16 => f64::from(f16::EPSILON) / 2.0,
+            DType::BF16 => f64::from(bf16::EPSILON) / 2.0,
+            DType::U32 => 0.0,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DType {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        DType::ALL
+            .into_iter()
+            .find(|d| d.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown dtype `{s}`: expected one of f32, f16, bf16, u32"
+                ))
+            })
+    }
+}
+
+/// A buffer of elements in host memory, tagged with its dtype.
+///
+/// This is what crosses the boundary between the host and a backend:
+/// [`crate::Backend::upload`] takes one and [`crate::Backend::download`] returns one.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostData {
+    /// f32 elements.
+    F32(Vec<f32>),
+    /// f16 elements.
+    F16(Vec<f16>),
+    /// bf16 elements.
+    BF16(Vec<bf16>),
+    /// u32 elements.
+    U32(Vec<u32>),
+}
+
+impl HostData {
+    /// The dtype of the elements.
+    pub fn dtype(&self) -> DType {
+        match self {
+            HostData::F32(_) => DType::F32,
+            HostData::F16(_) => DType::F16,
+            HostData::BF16(_) => DType::BF16,
+            HostData::U32(_) => DType::U32,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            HostData::F32(v) => v.len(),
+            HostData::F16(v) => v.len(),
+            HostData::BF16(v) => v.len(),
+            HostData::U32(v) => v.len(),
+        }
+    }
+
+    /// Whether the buffer holds no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The raw little-endian bytes of the buffer (zero-copy).
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            HostData::F32(v) => bytemuck::cast_slice(v),
+            HostData::F16(v) => bytemuck::cast_slice(v),
+            HostData::BF16(v) => bytemuck::cast_slice(v),
+            HostData::U32(v) => bytemuck::cast_slice(v),
+        }
+    }
+
+    /// Rebuilds a buffer from raw little-endian bytes, checking the length.
+    pub fn from_bytes(dtype: DType, bytes: &[u8]) -> Result<Self, Error> {
+        let size = dtype.size_in_bytes();
+        if bytes.len() % size != 0 {
+            return Err(Error::invalid(format!(
+                "{} bytes is not a whole number of {dtype} elements ({size} bytes each)",
+                bytes.len()
+            )));
+        }
+        // `pod_collect_to_vec` copies, so the input needs no particular alignment.
+        Ok(match dtype {
+            DType::F32 => HostData::F32(bytemuck::pod_collect_to_vec(bytes)),
+            DType::F16 => HostData::F16(bytemuck::pod_collect_to_vec(bytes)),
+            DType::BF16 => HostData::BF16(bytemuck::pod_collect_to_vec(bytes)),
+            DType::U32 => HostData::U32(bytemuck::pod_collect_to_vec(bytes)),
+        })
+    }
+
+    /// Every element widened to f64 (exact for all dtypes).
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        match self {
+            HostData::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            HostData::F16(v) => v.iter().map(|&x| x.to_f64()).collect(),
+            HostData::BF16(v) => v.iter().map(|&x| x.to_f64()).collect(),
+            HostData::U32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+        }
+    }
+
+    /// Every element converted to f32 (exact for the float dtypes; u32 above 2²⁴ rounds).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self {
+            HostData::F32(v) => v.clone(),
+            HostData::F16(v) => v.iter().map(|&x| x.to_f32()).collect(),
+            HostData::BF16(v) => v.iter().map(|&x| x.to_f32()).collect(),
+            HostData::U32(v) => v.iter().map(|&x| x as f32).collect(),
+        }
+    }
+}
+
+/// Host memory is the CPU backend's storage.
+impl crate::BackendStorage for HostData {
+    fn dtype(&self) -> DType {
+        HostData::dtype(self)
+    }
+    fn len(&self) -> usize {
+        HostData::len(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_display_round_trip() {
+        for d in DType::ALL {
+            assert_eq!(d.as_str().parse::<DType>().unwrap(), d);
+        }
+        assert!("f64".parse::<DType>().is_err());
+    }
+
+    #[test]
+    fn unit_roundoff_matches_format() {
+        assert_eq!(DType::F32.unit_roundoff(), 2f64.powi(-24));
+        assert_eq!(DType::F16.unit_roundoff(), 2f64.powi(-11));
+        assert_eq!(DType::BF16.unit_roundoff(), 2f64.powi(-8));
+    }
+
+    #[test]
+    fn bytes_round_trip_and_reject_ragged() {
+        let h = HostData::F32(vec![1.0, -2.5, f32::INFINITY]);
+        let back = HostData::from_bytes(DType::F32, h.as_bytes()).unwrap();
+        assert_eq!(back, h);
+        assert!(HostData::from_bytes(DType::F32, &[0u8; 7]).is_err());
+    }
+}

@@ -1,0 +1,41 @@
+//! # kiln-core
+//!
+//! The device-independent half of kiln: [`Shape`] and strided [`Layout`]s,
+//! [`DType`]s, the [`Backend`] trait every device implements, [`Tensor`]
+//! with zero-copy views, reverse-mode autograd ([`Tensor::backward`]),
+//! trainable [`Var`]s, the shared counter-based RNG ([`rng`]) and the one
+//! [`Error`] type.
+//!
+//! ```ignore
+//! use kiln_core::{Tensor, Var};
+//! let w = Var::from_tensor(&Tensor::from_slice(&[1.0, 2.0], &[2, 1], &backend)?)?;
+//! let x = Tensor::from_slice(&[3.0, 4.0], &[1, 2], &backend)?;
+//! let loss = x.matmul(&w.as_tensor())?.sum_all()?;
+//! let grads = loss.backward()?;
+//! assert_eq!(grads.get_id(w.id()).unwrap().to_vec_f32()?, vec![3.0, 4.0]);
+//! ```
+
+pub mod autograd;
+pub mod backend;
+pub mod dtype;
+pub mod error;
+pub mod layout;
+pub mod rng;
+pub mod shape;
+pub mod tensor;
+pub mod var;
+
+pub use autograd::{is_grad_enabled, no_grad, GradStore, NoGradGuard};
+pub use backend::{
+    Activation, AdamStep, Backend, BackendStorage, BinaryOp, Distribution, GemmEpilogue, ReduceOp,
+    SgdStep, UnaryOp, View,
+};
+pub use dtype::{DType, HostData};
+pub use error::{DataError, Error, Result};
+pub use layout::Layout;
+pub use shape::Shape;
+pub use tensor::{Tensor, TensorId};
+pub use var::Var;
+
+/// Re-exported so backends and users name the same half-precision types.
+pub use half::{bf16, f16};

@@ -1,0 +1,213 @@
+//! # kiln-cpu
+//!
+//! The CPU backend. Its storage is host memory ([`kiln_core::HostData`]);
+//! its kernels come in *kernel sets*, chosen once per backend:
+//!
+//! - [`KernelSet::Scalar`], the reference: plain loops, obviously correct,
+//!   deterministic (every sum runs in a fixed order), and the twin of the
+//!   conformance suite's oracle;
+//! - SIMD sets (AVX2+FMA, AVX-512, NEON) plug in behind the same
+//!   [`CpuBackend`] through [`KernelSet`]; `KILN_CPU=scalar|avx2|avx512|neon`
+//!   forces one, and [`features`] reports what the processor offers.
+//!
+//! Work is split over `KILN_THREADS` threads (default: all cores) by output
+//! rows, so results never depend on the thread count or on scheduling.
+
+pub mod features;
+mod reference;
+mod storage;
+mod threads;
+
+use kiln_core::{
+    AdamStep, Backend, BinaryOp, DType, Distribution, Error, GemmEpilogue, HostData, Layout,
+    ReduceOp, Result, SgdStep, UnaryOp, View,
+};
+
+pub use features::KernelSet;
+
+/// The CPU backend: a kernel set and a thread count.
+#[derive(Clone, Debug)]
+pub struct CpuBackend {
+    kernels: KernelSet,
+    threads: usize,
+}
+
+impl CpuBackend {
+    /// The backend the environment asks for: kernel set from `KILN_CPU`
+    /// (default: the best this processor supports), threads from
+    /// `KILN_THREADS` (default: all cores).
+    pub fn new() -> Result<Self> {
+        Ok(CpuBackend {
+            kernels: KernelSet::from_env()?,
+            threads: threads::from_env()?,
+        })
+    }
+
+    /// The backend with a given kernel set, or an error if this processor
+    /// or build lacks it.
+    pub fn with_kernels(kernels: KernelSet) -> Result<Self> {
+        kernels.check_available()?;
+        Ok(CpuBackend {
+            kernels,
+            threads: threads::from_env()?,
+        })
+    }
+
+    /// The scalar reference backend.
+    pub fn reference() -> Self {
+        CpuBackend {
+            kernels: KernelSet::Scalar,
+            threads: threads::from_env().unwrap_or(1),
+        }
+    }
+
+    /// The same backend with `threads` worker threads (at least 1).
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
+    /// The kernel set in use.
+    pub fn kernels(&self) -> KernelSet {
+        self.kernels
+    }
+
+    /// The number of worker threads.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
+impl Backend for CpuBackend {
+    type Storage = HostData;
+
+    fn name(&self) -> String {
+        format!("cpu:{}", self.kernels.name())
+    }
+
+    fn full(&self, numel: usize, dtype: DType, value: f64) -> Result<HostData> {
+        Ok(storage::full(numel, dtype, value))
+    }
+
+    fn upload(&self, data: &HostData) -> Result<HostData> {
+        Ok(data.clone())
+    }
+
+    fn download(&self, src: View<'_, HostData>) -> Result<HostData> {
+        storage::gather(src)
+    }
+
+    fn copy_strided(
+        &self,
+        src: View<'_, HostData>,
+        dst: &mut HostData,
+        dst_layout: &Layout,
+    ) -> Result<()> {
+        storage::copy_strided(src, dst, dst_layout)
+    }
+
+    fn cast(&self, src: View<'_, HostData>, dtype: DType) -> Result<HostData> {
+        storage::cast(src, dtype)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn gemm(
+        &self,
+        a: View<'_, HostData>,
+        b: View<'_, HostData>,
+        epilogue: &GemmEpilogue<'_, HostData>,
+    ) -> Result<HostData> {
+        reference::gemm::gemm(a, b, epilogue, self.threads)
+    }
+
+    fn unary(&self, op: UnaryOp, x: View<'_, HostData>) -> Result<HostData> {
+        reference::elementwise::unary(op, x)
+    }
+
+    fn unary_backward(
+        &self,
+        op: UnaryOp,
+        x: View<'_, HostData>,
+        y: View<'_, HostData>,
+        dy: View<'_, HostData>,
+    ) -> Result<HostData> {
+        reference::elementwise::unary_backward(op, x, y, dy)
+    }
+
+    fn affine(&self, x: View<'_, HostData>, mul: f32, add: f32) -> Result<HostData> {
+        reference::elementwise::affine(x, mul, add)
+    }
+
+    fn binary(
+        &self,
+        op: BinaryOp,
+        a: View<'_, HostData>,
+        b: View<'_, HostData>,
+    ) -> Result<HostData> {
+        reference::elementwise::binary(op, a, b)
+    }
+
+    fn reduce(&self, op: ReduceOp, x: View<'_, HostData>, axes: &[usize]) -> Result<HostData> {
+        reference::reduce::reduce(op, x, axes)
+    }
+
+    fn argmax(&self, x: View<'_, HostData>) -> Result<HostData> {
+        reference::reduce::argmax(x)
+    }
+
+    fn softmax(&self, x: View<'_, HostData>, log: bool) -> Result<HostData> {
+        reference::softmax::softmax(x, log)
+    }
+
+    fn softmax_cross_entropy(
+        &self,
+        logits: View<'_, HostData>,
+        labels: View<'_, HostData>,
+    ) -> Result<(HostData, HostData)> {
+        reference::softmax::softmax_cross_entropy(logits, labels)
+    }
+
+    fn sgd_update(
+        &self,
+        param: &mut HostData,
+        grad: &HostData,
+        velocity: Option<&mut HostData>,
+        step: &SgdStep,
+    ) -> Result<()> {
+        reference::optim::sgd(param, grad, velocity, step)
+    }
+
+    fn adam_update(
+        &self,
+        param: &mut HostData,
+        grad: &HostData,
+        m: &mut HostData,
+        v: &mut HostData,
+        step: &AdamStep,
+    ) -> Result<()> {
+        reference::optim::adam(param, grad, m, v, step)
+    }
+
+    fn random(
+        &self,
+        dist: Distribution,
+        numel: usize,
+        dtype: DType,
+        seed: u64,
+        offset: u64,
+    ) -> Result<HostData> {
+        reference::random::random(dist, numel, dtype, seed, offset)
+    }
+}
+
+/// The error for an op given an operand of a dtype it does not accept.
+pub(crate) fn unsupported(op: &'static str, dtype: DType) -> Error {
+    Error::Unsupported {
+        op,
+        dtype,
+        backend: "cpu".into(),
+    }
+}

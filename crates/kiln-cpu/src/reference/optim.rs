@@ -1,0 +1,99 @@
+//! Reference fused optimiser updates (f32 parameters and state).
+
+use kiln_core::{AdamStep, Error, HostData, Result, SgdStep};
+
+use crate::unsupported;
+
+fn f32_mut<'a>(op: &'static str, s: &'a mut HostData) -> Result<&'a mut Vec<f32>> {
+    match s {
+        HostData::F32(v) => Ok(v),
+        other => Err(unsupported(op, other.dtype())),
+    }
+}
+
+fn f32_ref<'a>(op: &'static str, s: &'a HostData) -> Result<&'a [f32]> {
+    match s {
+        HostData::F32(v) => Ok(v),
+        other => Err(unsupported(op, other.dtype())),
+    }
+}
+
+fn check_len(op: &'static str, want: usize, got: usize, what: &str) -> Result<()> {
+    if want != got {
+        return Err(Error::shape(
+            op,
+            format!("{what} has {got} elements, the parameter {want}"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn sgd(
+    param: &mut HostData,
+    grad: &HostData,
+    velocity: Option<&mut HostData>,
+    s: &SgdStep,
+) -> Result<()> {
+    let p = f32_mut("sgd_update", param)?;
+    let g = f32_ref("sgd_update", grad)?;
+    check_len("sgd_update", p.len(), g.len(), "gradient")?;
+    match velocity {
+        None if s.momentum != 0.0 => Err(Error::invalid(
+            "sgd_update: momentum needs a velocity buffer",
+        )),
+        None => {
+            for (p, &g) in p.iter_mut().zip(g) {
+                let g = g + s.weight_decay * *p;
+                *p -= s.lr * g;
+            }
+            Ok(())
+        }
+        Some(v) => {
+            let v = f32_mut("sgd_update", v)?;
+            check_len("sgd_update", p.len(), v.len(), "velocity")?;
+            for ((p, &g), v) in p.iter_mut().zip(g).zip(v.iter_mut()) {
+                let g = g + s.weight_decay * *p;
+                *v = s.momentum * *v + g;
+                let d = if s.nesterov { g + s.momentum * *v } else { *v };
+                *p -= s.lr * d;
+            }
+            Ok(())
+        }
+    }
+}
+
+pub(crate) fn adam(
+    param: &mut HostData,
+    grad: &HostData,
+    m: &mut HostData,
+    v: &mut HostData,
+    s: &AdamStep,
+) -> Result<()> {
+    if s.step == 0 {
+        return Err(Error::invalid("adam_update: the step number starts at 1"));
+    }
+    let p = f32_mut("adam_update", param)?;
+    let g = f32_ref("adam_update", grad)?;
+    let m = f32_mut("adam_update", m)?;
+    let v = f32_mut("adam_update", v)?;
+    check_len("adam_update", p.len(), g.len(), "gradient")?;
+    check_len("adam_update", p.len(), m.len(), "first moment")?;
+    check_len("adam_update", p.len(), v.len(), "second moment")?;
+    let t = s.step.min(i32::MAX as u64) as i32;
+    let (b1, b2) = (f64::from(s.beta1), f64::from(s.beta2));
+    let lr_t = (f64::from(s.lr) * (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t))) as f32;
+    let decay = if s.decoupled {
+        s.lr * s.weight_decay
+    } else {
+        0.0
+    };
+    let l2 = if s.decoupled { 0.0 } else { s.weight_decay };
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        *p -= decay * *p;
+        let g = g + l2 * *p;
+        *m = s.beta1 * *m + (1.0 - s.beta1) * g;
+        *v = s.beta2 * *v + (1.0 - s.beta2) * g * g;
+        *p -= lr_t * *m / (v.sqrt() + s.eps);
+    }
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! Reference softmax, log-softmax and fused softmax cross-entropy.
+
+use kiln_core::{Error, HostData, Result, View};
+
+use crate::storage::{read_f32, read_u32, store_f32};
+
+/// `(max, Σ exp(x − max))` of one row, summed in order.
+fn row_stats(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| {
+        if v.is_nan() || m.is_nan() {
+            f32::NAN
+        } else {
+            m.max(v)
+        }
+    });
+    let sum = row.iter().fold(0.0f32, |s, &v| s + (v - max).exp());
+    (max, sum)
+}
+
+pub(crate) fn softmax(x: View<'_, HostData>, log: bool) -> Result<HostData> {
+    let Some(&c) = x.layout.dims().last() else {
+        return Err(Error::shape("softmax", "a scalar has no last axis"));
+    };
+    let values = read_f32("softmax", x)?;
+    let mut out = vec![0f32; values.len()];
+    if c > 0 {
+        for (row, o) in values.chunks(c).zip(out.chunks_mut(c)) {
+            let (max, sum) = row_stats(row);
+            if log {
+                let lse = sum.ln();
+                for (o, &v) in o.iter_mut().zip(row) {
+                    *o = v - max - lse;
+                }
+            } else {
+                for (o, &v) in o.iter_mut().zip(row) {
+                    *o = (v - max).exp() / sum;
+                }
+            }
+        }
+    }
+    store_f32("softmax", x.storage.dtype(), out)
+}
+
+pub(crate) fn softmax_cross_entropy(
+    logits: View<'_, HostData>,
+    labels: View<'_, HostData>,
+) -> Result<(HostData, HostData)> {
+    let dims = logits.layout.dims();
+    if dims.len() != 2 || labels.layout.dims() != [dims[0]] {
+        return Err(Error::shape(
+            "softmax_cross_entropy",
+            format!(
+                "logits {} and labels {} do not fit (expected [n, classes] and [n])",
+                logits.layout.shape(),
+                labels.layout.shape()
+            ),
+        ));
+    }
+    let (n, c) = (dims[0], dims[1]);
+    let x = read_f32("softmax_cross_entropy", logits)?;
+    let y = read_u32("softmax_cross_entropy", labels)?;
+    if let Some((i, &l)) = y.iter().enumerate().find(|(_, &l)| l as usize >= c) {
+        return Err(Error::invalid(format!(
+            "softmax_cross_entropy: label {l} at row {i} is outside 0..{c}"
+        )));
+    }
+    let mut loss = vec![0f32; n];
+    let mut grad = vec![0f32; n * c];
+    for i in 0..n {
+        let row = &x[i * c..(i + 1) * c];
+        let (max, sum) = row_stats(row);
+        let label = y[i] as usize;
+        loss[i] = (max + sum.ln()) - row[label];
+        for (j, g) in grad[i * c..(i + 1) * c].iter_mut().enumerate() {
+            *g = (row[j] - max).exp() / sum - if j == label { 1.0 } else { 0.0 };
+        }
+    }
+    let dtype = logits.storage.dtype();
+    Ok((
+        store_f32("softmax_cross_entropy", dtype, loss)?,
+        store_f32("softmax_cross_entropy", dtype, grad)?,
+    ))
+}

@@ -1,0 +1,182 @@
+//! Host storage helpers: validated strided reads and writes, fills and casts.
+
+use std::borrow::Cow;
+
+use kiln_core::{bf16, f16, DType, Error, HostData, Layout, Result, View};
+
+use crate::unsupported;
+
+/// Errors unless `layout` stays inside a storage of `len` elements.
+pub(crate) fn check_bounds(op: &'static str, layout: &Layout, len: usize) -> Result<()> {
+    let span = layout.span()?;
+    if span > len {
+        return Err(Error::invalid(format!(
+            "{op}: layout of shape {} reaches element {span}, but the storage holds {len}",
+            layout.shape()
+        )));
+    }
+    Ok(())
+}
+
+fn gather_typed<T: Copy>(data: &[T], layout: &Layout) -> Vec<T> {
+    match layout.contiguous_range() {
+        Some(r) => data[r].to_vec(),
+        None => {
+            let mut out = Vec::with_capacity(layout.numel());
+            layout.for_each_offset(|o| out.push(data[o]));
+            out
+        }
+    }
+}
+
+/// The elements of `src` in row-major order, in their own dtype.
+pub(crate) fn gather(src: View<'_, HostData>) -> Result<HostData> {
+    check_bounds("download", src.layout, src.storage.len())?;
+    Ok(match src.storage {
+        HostData::F32(d) => HostData::F32(gather_typed(d, src.layout)),
+        HostData::F16(d) => HostData::F16(gather_typed(d, src.layout)),
+        HostData::BF16(d) => HostData::BF16(gather_typed(d, src.layout)),
+        HostData::U32(d) => HostData::U32(gather_typed(d, src.layout)),
+    })
+}
+
+/// The elements of a float operand as f32, row-major; borrowed when the
+/// operand is contiguous f32.
+pub(crate) fn read_f32<'a>(op: &'static str, v: View<'a, HostData>) -> Result<Cow<'a, [f32]>> {
+    check_bounds(op, v.layout, v.storage.len())?;
+    Ok(match v.storage {
+        HostData::F32(d) => match v.layout.contiguous_range() {
+            Some(r) => Cow::Borrowed(&d[r]),
+            None => Cow::Owned(gather_typed(d, v.layout)),
+        },
+        HostData::F16(d) => {
+            let mut out = Vec::with_capacity(v.layout.numel());
+            v.layout.for_each_offset(|o| out.push(d[o].to_f32()));
+            Cow::Owned(out)
+        }
+        HostData::BF16(d) => {
+            let mut out = Vec::with_capacity(v.layout.numel());
+            v.layout.for_each_offset(|o| out.push(d[o].to_f32()));
+            Cow::Owned(out)
+        }
+        HostData::U32(_) => return Err(unsupported(op, DType::U32)),
+    })
+}
+
+/// The elements of a u32 operand, row-major.
+pub(crate) fn read_u32<'a>(op: &'static str, v: View<'a, HostData>) -> Result<Cow<'a, [u32]>> {
+    check_bounds(op, v.layout, v.storage.len())?;
+    match v.storage {
+        HostData::U32(d) => Ok(match v.layout.contiguous_range() {
+            Some(r) => Cow::Borrowed(&d[r]),
+            None => Cow::Owned(gather_typed(d, v.layout)),
+        }),
+        other => Err(Error::DType {
+            op,
+            expected: DType::U32,
+            got: other.dtype(),
+        }),
+    }
+}
+
+/// f32 results stored in `dtype`, rounded once (round-to-nearest-even).
+pub(crate) fn store_f32(op: &'static str, dtype: DType, v: Vec<f32>) -> Result<HostData> {
+    Ok(match dtype {
+        DType::F32 => HostData::F32(v),
+        DType::F16 => HostData::F16(v.into_iter().map(f16::from_f32).collect()),
+        DType::BF16 => HostData::BF16(v.into_iter().map(bf16::from_f32).collect()),
+        DType::U32 => return Err(unsupported(op, DType::U32)),
+    })
+}
+
+/// `numel` copies of `value`, rounded to `dtype` (u32: truncated, saturating).
+pub(crate) fn full(numel: usize, dtype: DType, value: f64) -> HostData {
+    match dtype {
+        DType::F32 => HostData::F32(vec![value as f32; numel]),
+        DType::F16 => HostData::F16(vec![f16::from_f64(value); numel]),
+        DType::BF16 => HostData::BF16(vec![bf16::from_f64(value); numel]),
+        DType::U32 => HostData::U32(vec![value as u32; numel]),
+    }
+}
+
+fn scatter_typed<T: Copy>(src: &[T], dst: &mut [T], layout: &Layout) {
+    match layout.contiguous_range() {
+        Some(r) => dst[r].copy_from_slice(src),
+        None => {
+            let mut i = 0;
+            layout.for_each_offset(|o| {
+                dst[o] = src[i];
+                i += 1;
+            });
+        }
+    }
+}
+
+/// Copies `src` into `dst` through `dst_layout`.
+pub(crate) fn copy_strided(
+    src: View<'_, HostData>,
+    dst: &mut HostData,
+    dst_layout: &Layout,
+) -> Result<()> {
+    if src.layout.shape() != dst_layout.shape() {
+        return Err(Error::shape(
+            "copy_strided",
+            format!(
+                "source {} and destination {} differ",
+                src.layout.shape(),
+                dst_layout.shape()
+            ),
+        ));
+    }
+    check_bounds("copy_strided", dst_layout, dst.len())?;
+    let values = gather(src)?;
+    match (values, dst) {
+        (HostData::F32(s), HostData::F32(d)) => scatter_typed(&s, d, dst_layout),
+        (HostData::F16(s), HostData::F16(d)) => scatter_typed(&s, d, dst_layout),
+        (HostData::BF16(s), HostData::BF16(d)) => scatter_typed(&s, d, dst_layout),
+        (HostData::U32(s), HostData::U32(d)) => scatter_typed(&s, d, dst_layout),
+        (s, d) => {
+            return Err(Error::DType {
+                op: "copy_strided",
+                expected: d.dtype(),
+                got: s.dtype(),
+            })
+        }
+    }
+    Ok(())
+}
+
+/// Converts `src` to `dtype`: widening exact, narrowing round-to-nearest-even
+/// (from the exact value, never through an intermediate rounding).
+pub(crate) fn cast(src: View<'_, HostData>, dtype: DType) -> Result<HostData> {
+    let values = gather(src)?;
+    if values.dtype() == dtype {
+        return Ok(values);
+    }
+    Ok(match (values, dtype) {
+        // f32 holds every f16, bf16 and u32 ≤ 2²⁴ exactly; f64 holds every u32.
+        (HostData::F32(v), DType::F16) => HostData::F16(v.into_iter().map(f16::from_f32).collect()),
+        (HostData::F32(v), DType::BF16) => {
+            HostData::BF16(v.into_iter().map(bf16::from_f32).collect())
+        }
+        (HostData::F32(v), DType::U32) => HostData::U32(v.into_iter().map(|x| x as u32).collect()),
+        (HostData::U32(v), DType::F32) => HostData::F32(v.into_iter().map(|x| x as f32).collect()),
+        (HostData::U32(v), DType::F16) => {
+            HostData::F16(v.into_iter().map(|x| f16::from_f64(f64::from(x))).collect())
+        }
+        (HostData::U32(v), DType::BF16) => HostData::BF16(
+            v.into_iter()
+                .map(|x| bf16::from_f64(f64::from(x)))
+                .collect(),
+        ),
+        (other, dtype) => {
+            let wide = other.to_f32_vec();
+            match dtype {
+                DType::F32 => HostData::F32(wide),
+                DType::F16 => HostData::F16(wide.into_iter().map(f16::from_f32).collect()),
+                DType::BF16 => HostData::BF16(wide.into_iter().map(bf16::from_f32).collect()),
+                DType::U32 => HostData::U32(wide.into_iter().map(|x| x as u32).collect()),
+            }
+        }
+    })
+}

@@ -425,6 +425,20 @@ impl<B: Backend> Tensor<B> {
         self.from_op(dst, self.dims(), || Op::Reshape { x: self.clone() })
     }
 
+    /// `self` if its storage holds exactly its elements in row-major order
+    /// from index 0 (what in-place kernels need), else such a copy.
+    /// Records nothing.
+    pub fn dense(&self) -> Result<Self> {
+        if self.layout().contiguous_range() == Some(0..self.storage().len()) {
+            return Ok(self.detach());
+        }
+        let mut dst = self.backend().full(self.numel(), self.dtype(), 0.0)?;
+        let layout = Layout::contiguous(self.shape().clone());
+        self.backend()
+            .copy_strided(self.view(), &mut dst, &layout)?;
+        Tensor::from_storage(Arc::new(dst), layout, self.backend())
+    }
+
     /// A contiguous copy of `self` with `src` written over elements
     /// `start..start + src.dims()[dim]` of dimension `dim`. Records nothing.
     pub fn write_slice(&self, dim: usize, start: usize, src: &Tensor<B>) -> Result<Self> {

@@ -47,15 +47,8 @@ impl<B: Backend> std::fmt::Debug for Var<B> {
 impl<B: Backend> Var<B> {
     /// A parameter holding a contiguous copy of `t`'s values.
     pub fn from_tensor(t: &Tensor<B>) -> Result<Self> {
-        let t = t.detach().contiguous()?;
-        let storage = if t.layout().offset() == 0 && t.storage().len() == t.numel() {
-            Arc::clone(t.storage())
-        } else {
-            let mut s = t.backend().full(t.numel(), t.dtype(), 0.0)?;
-            let dst = Layout::contiguous(t.shape().clone());
-            t.backend().copy_strided(t.view(), &mut s, &dst)?;
-            Arc::new(s)
-        };
+        let t = t.dense()?;
+        let storage = Arc::clone(t.storage());
         Ok(Var {
             id: TensorId::new(),
             storage,

@@ -1,1 +1,20 @@
-//! placeholder
+//! # kiln-nn
+//!
+//! Neural-network building blocks over any [`kiln_core::Backend`]: layers
+//! ([`layers`]), a serialisable model description ([`spec::ModelSpec`]),
+//! initialisers, losses, optimisers with Keras defaults, and
+//! [`Sequential`] with a Keras-style [`Sequential::summary`].
+
+pub mod init;
+pub mod layers;
+pub mod loss;
+pub mod optim;
+pub mod sequential;
+pub mod spec;
+
+pub use init::Initializer;
+pub use layers::{Dense, Flatten, Layer, Nonlinearity};
+pub use loss::Loss;
+pub use optim::{Adam, Optimizer, Sgd};
+pub use sequential::Sequential;
+pub use spec::{ActivationSpec, LayerSpec, ModelSpec};

@@ -1,0 +1,51 @@
+//! Weight initialisers, drawing from the backend's counter-based RNG.
+
+use kiln_core::{Backend, DType, Distribution, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// How a weight tensor starts out. `fan_in`/`fan_out` are a dense kernel's
+/// input and output sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Initializer {
+    /// All zeros (biases).
+    Zeros,
+    /// Glorot/Xavier uniform: U(−l, l) with l = √(6 / (fan_in + fan_out)) (Keras' default).
+    GlorotUniform,
+    /// He uniform: U(−l, l) with l = √(6 / fan_in).
+    HeUniform,
+    /// He normal: N(0, 2 / fan_in).
+    HeNormal,
+}
+
+impl Initializer {
+    /// A tensor of shape `dims` drawn for the given fans, from the Philox
+    /// stream `(seed, offset)`.
+    pub fn init<B: Backend>(
+        self,
+        dims: &[usize],
+        fan_in: usize,
+        fan_out: usize,
+        seed: u64,
+        offset: u64,
+        backend: &B,
+    ) -> Result<Tensor<B>> {
+        let (fi, fo) = (fan_in.max(1) as f64, fan_out.max(1) as f64);
+        let dist = match self {
+            Initializer::Zeros => return Tensor::zeros(dims, DType::F32, backend),
+            Initializer::GlorotUniform => {
+                let l = (6.0 / (fi + fo)).sqrt();
+                Distribution::Uniform { low: -l, high: l }
+            }
+            Initializer::HeUniform => {
+                let l = (6.0 / fi).sqrt();
+                Distribution::Uniform { low: -l, high: l }
+            }
+            Initializer::HeNormal => Distribution::Normal {
+                mean: 0.0,
+                std: (2.0 / fi).sqrt(),
+            },
+        };
+        Tensor::random(dims, dist, DType::F32, seed, offset, backend)
+    }
+}

@@ -1,0 +1,207 @@
+//! Optimisers: fused per-parameter updates through the backend.
+//!
+//! State is kept per parameter *position* (the order of
+//! [`crate::Sequential::params`]), so it can be saved and restored with the
+//! weights.
+
+use kiln_core::{AdamStep, Backend, Error, GradStore, Result, SgdStep, Tensor, Var};
+
+/// Updates parameters from their gradients.
+pub trait Optimizer<B: Backend>: Send {
+    /// Applies one step. Parameters without a gradient are left alone.
+    fn step(&mut self, params: &mut [&mut Var<B>], grads: &GradStore<B>) -> Result<()>;
+    /// The learning rate.
+    fn lr(&self) -> f32;
+    /// Changes the learning rate (schedules).
+    fn set_lr(&mut self, lr: f32);
+    /// A short description (`adam(lr=0.001)`).
+    fn describe(&self) -> String;
+}
+
+fn check_lr(lr: f32) -> Result<()> {
+    if lr.is_finite() && lr > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "learning rate must be positive and finite, got {lr}"
+        )))
+    }
+}
+
+/// The gradient of `p`, if any, checked against its shape and made dense.
+fn grad_of<B: Backend>(p: &Var<B>, grads: &GradStore<B>) -> Result<Option<Tensor<B>>> {
+    let Some(g) = grads.get_id(p.id()) else {
+        return Ok(None);
+    };
+    if g.shape() != p.shape() {
+        return Err(Error::shape(
+            "optimizer",
+            format!("gradient {} for parameter {}", g.shape(), p.shape()),
+        ));
+    }
+    g.dense().map(Some)
+}
+
+/// Stochastic gradient descent with optional (Nesterov) momentum and L2 decay.
+#[derive(Debug)]
+pub struct Sgd<B: Backend> {
+    hyper: SgdStep,
+    velocity: Vec<Option<B::Storage>>,
+}
+
+impl<B: Backend> Sgd<B> {
+    /// SGD with learning rate `lr` and momentum `momentum` (Keras default: 0.01, 0).
+    pub fn new(lr: f32, momentum: f32) -> Result<Self> {
+        check_lr(lr)?;
+        if !(0.0..1.0).contains(&momentum) {
+            return Err(Error::invalid(format!(
+                "momentum must be in [0, 1), got {momentum}"
+            )));
+        }
+        Ok(Sgd {
+            hyper: SgdStep {
+                lr,
+                momentum,
+                weight_decay: 0.0,
+                nesterov: false,
+            },
+            velocity: Vec::new(),
+        })
+    }
+
+    /// Uses Nesterov momentum.
+    pub fn nesterov(mut self, on: bool) -> Self {
+        self.hyper.nesterov = on;
+        self
+    }
+}
+
+impl<B: Backend> Optimizer<B> for Sgd<B> {
+    fn step(&mut self, params: &mut [&mut Var<B>], grads: &GradStore<B>) -> Result<()> {
+        self.velocity.resize_with(params.len(), || None);
+        for (p, vel) in params.iter_mut().zip(&mut self.velocity) {
+            let Some(g) = grad_of(p, grads)? else {
+                continue;
+            };
+            let backend = p.backend().clone();
+            if self.hyper.momentum != 0.0 && vel.is_none() {
+                *vel = Some(backend.full(p.numel(), p.dtype(), 0.0)?);
+            }
+            backend.sgd_update(p.storage_mut(), g.storage(), vel.as_mut(), &self.hyper)?;
+        }
+        Ok(())
+    }
+    fn lr(&self) -> f32 {
+        self.hyper.lr
+    }
+    fn set_lr(&mut self, lr: f32) {
+        self.hyper.lr = lr;
+    }
+    fn describe(&self) -> String {
+        format!(
+            "sgd(lr={}, momentum={}{})",
+            self.hyper.lr,
+            self.hyper.momentum,
+            if self.hyper.nesterov {
+                ", nesterov"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// Adam (and AdamW with decoupled weight decay), Keras formulation and defaults.
+#[derive(Debug)]
+pub struct Adam<B: Backend> {
+    hyper: AdamStep,
+    moments: Vec<Option<(B::Storage, B::Storage)>>,
+}
+
+impl<B: Backend> Adam<B> {
+    /// Adam with Keras defaults (β₁ 0.9, β₂ 0.999, ε 1e-7) and learning rate `lr`.
+    pub fn new(lr: f32) -> Result<Self> {
+        check_lr(lr)?;
+        Ok(Adam {
+            hyper: AdamStep {
+                lr,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-7,
+                weight_decay: 0.0,
+                decoupled: false,
+                step: 0,
+            },
+            moments: Vec::new(),
+        })
+    }
+
+    /// AdamW: decoupled weight decay `wd` (Keras default 0.004).
+    pub fn adamw(lr: f32, wd: f32) -> Result<Self> {
+        let mut a = Self::new(lr)?;
+        a.hyper.weight_decay = wd;
+        a.hyper.decoupled = true;
+        Ok(a)
+    }
+
+    /// Sets β₁, β₂ and ε.
+    pub fn with_betas(mut self, beta1: f32, beta2: f32, eps: f32) -> Result<Self> {
+        if !(0.0..1.0).contains(&beta1)
+            || !(0.0..1.0).contains(&beta2)
+            || eps.is_nan()
+            || eps <= 0.0
+        {
+            return Err(Error::invalid(format!(
+                "Adam needs 0 ≤ β₁, β₂ < 1 and ε > 0, got {beta1}, {beta2}, {eps}"
+            )));
+        }
+        self.hyper.beta1 = beta1;
+        self.hyper.beta2 = beta2;
+        self.hyper.eps = eps;
+        Ok(self)
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.hyper.step
+    }
+}
+
+impl<B: Backend> Optimizer<B> for Adam<B> {
+    fn step(&mut self, params: &mut [&mut Var<B>], grads: &GradStore<B>) -> Result<()> {
+        self.hyper.step += 1;
+        self.moments.resize_with(params.len(), || None);
+        for (p, state) in params.iter_mut().zip(&mut self.moments) {
+            let Some(g) = grad_of(p, grads)? else {
+                continue;
+            };
+            let backend = p.backend().clone();
+            if state.is_none() {
+                *state = Some((
+                    backend.full(p.numel(), p.dtype(), 0.0)?,
+                    backend.full(p.numel(), p.dtype(), 0.0)?,
+                ));
+            }
+            let (m, v) = state.as_mut().expect("initialised above");
+            backend.adam_update(p.storage_mut(), g.storage(), m, v, &self.hyper)?;
+        }
+        Ok(())
+    }
+    fn lr(&self) -> f32 {
+        self.hyper.lr
+    }
+    fn set_lr(&mut self, lr: f32) {
+        self.hyper.lr = lr;
+    }
+    fn describe(&self) -> String {
+        let name = if self.hyper.decoupled {
+            "adamw"
+        } else {
+            "adam"
+        };
+        format!(
+            "{name}(lr={}, β₁={}, β₂={}, ε={})",
+            self.hyper.lr, self.hyper.beta1, self.hyper.beta2, self.hyper.eps
+        )
+    }
+}

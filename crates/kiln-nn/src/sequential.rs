@@ -1,0 +1,249 @@
+//! `Sequential`: layers applied in order.
+
+use kiln_core::{Backend, Error, Result, Tensor, Var};
+
+use crate::layers::{Dense, Flatten, Layer, Nonlinearity};
+use crate::spec::{LayerSpec, ModelSpec};
+
+/// A stack of layers applied in order to batches of shape `[n, input…]`.
+pub struct Sequential<B: Backend> {
+    name: String,
+    input: Vec<usize>,
+    layers: Vec<Box<dyn Layer<B>>>,
+}
+
+impl<B: Backend> Sequential<B> {
+    /// Builds the model a spec describes, checking that every layer fits the
+    /// shape before it. Weights come from the Philox stream of `seed`; layer
+    /// `i` draws at counter offset `i·2⁴⁰`, so adding a layer does not change
+    /// the others' initial weights.
+    pub fn from_spec(spec: &ModelSpec, seed: u64, backend: &B) -> Result<Self> {
+        if spec.input.is_empty() || spec.input.contains(&0) {
+            return Err(Error::invalid(format!(
+                "model `{}`: input shape {:?} must be non-empty with no zero extent",
+                spec.name, spec.input
+            )));
+        }
+        let mut layers: Vec<Box<dyn Layer<B>>> = Vec::with_capacity(spec.layers.len());
+        let mut shape = spec.input.clone();
+        for (i, ls) in spec.layers.iter().enumerate() {
+            let offset = (i as u64) << 40;
+            let layer: Box<dyn Layer<B>> = match *ls {
+                LayerSpec::Flatten => Box::new(Flatten),
+                LayerSpec::Relu => Box::new(Nonlinearity::Relu),
+                LayerSpec::Sigmoid => Box::new(Nonlinearity::Sigmoid),
+                LayerSpec::Tanh => Box::new(Nonlinearity::Tanh),
+                LayerSpec::Softmax => Box::new(Nonlinearity::Softmax),
+                LayerSpec::Dense {
+                    units,
+                    activation,
+                    kernel_init,
+                } => {
+                    if shape.len() != 1 {
+                        return Err(Error::shape(
+                            "Sequential",
+                            format!(
+                                "layer {i} (Dense) gets shape {shape:?}; Dense needs a flat input (add a Flatten layer before it)"
+                            ),
+                        ));
+                    }
+                    Box::new(Dense::new(
+                        shape[0],
+                        units,
+                        activation,
+                        kernel_init,
+                        seed,
+                        offset,
+                        backend,
+                    )?)
+                }
+            };
+            shape = layer
+                .output_shape(&shape)
+                .map_err(|e| Error::invalid(format!("model `{}`, layer {i}: {e}", spec.name)))?;
+            layers.push(layer);
+        }
+        Ok(Sequential {
+            name: spec.name.clone(),
+            input: spec.input.clone(),
+            layers,
+        })
+    }
+
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The shape of one input example.
+    pub fn input_shape(&self) -> &[usize] {
+        &self.input
+    }
+
+    /// The shape of one output example.
+    pub fn output_shape(&self) -> Result<Vec<usize>> {
+        self.layers
+            .iter()
+            .try_fold(self.input.clone(), |s, l| l.output_shape(&s))
+    }
+
+    /// The layers.
+    pub fn layers(&self) -> &[Box<dyn Layer<B>>] {
+        &self.layers
+    }
+
+    /// The description the model can be rebuilt from.
+    pub fn spec(&self) -> ModelSpec {
+        ModelSpec {
+            name: self.name.clone(),
+            input: self.input.clone(),
+            layers: self.layers.iter().map(|l| l.spec()).collect(),
+        }
+    }
+
+    fn check_input(&self, x: &Tensor<B>) -> Result<()> {
+        if x.rank() != self.input.len() + 1 || x.dims()[1..] != self.input[..] {
+            return Err(Error::shape(
+                "Sequential",
+                format!(
+                    "model `{}` takes batches of shape [n, {}], got {}",
+                    self.name,
+                    self.input
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    x.shape()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The model's output for a batch.
+    pub fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
+        self.check_input(x)?;
+        self.layers.iter().try_fold(x.clone(), |h, l| l.forward(&h))
+    }
+
+    /// Whether the output is a softmax.
+    pub fn ends_in_softmax(&self) -> bool {
+        self.layers.last().is_some_and(|l| l.ends_in_softmax())
+    }
+
+    /// The output before a final softmax (logits), for losses that fuse it;
+    /// the plain output if the model does not end in softmax.
+    pub fn forward_logits(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
+        self.check_input(x)?;
+        let Some((last, body)) = self.layers.split_last() else {
+            return Ok(x.clone());
+        };
+        let h = body.iter().try_fold(x.clone(), |h, l| l.forward(&h))?;
+        last.forward_logits(&h)
+    }
+
+    /// Every trainable parameter, in a fixed order.
+    pub fn params(&self) -> Vec<&Var<B>> {
+        self.layers.iter().flat_map(|l| l.params()).collect()
+    }
+
+    /// The same parameters, mutable (for optimisers).
+    pub fn params_mut(&mut self) -> Vec<&mut Var<B>> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| l.params_mut())
+            .collect()
+    }
+
+    /// `(name, parameter)` pairs, names like `1.dense.weight`.
+    pub fn named_params(&self) -> Vec<(String, &Var<B>)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                let kind = l.kind().to_ascii_lowercase();
+                l.param_names()
+                    .into_iter()
+                    .zip(l.params())
+                    .map(move |(n, p)| (format!("{i}.{kind}.{n}"), p))
+            })
+            .collect()
+    }
+
+    /// Total number of trainable scalars.
+    pub fn num_params(&self) -> usize {
+        self.params().iter().map(|p| p.numel()).sum()
+    }
+
+    /// A Keras-style summary: each layer, its output shape and parameter count.
+    pub fn summary(&self) -> String {
+        let mut rows = vec![(
+            "Layer (type)".to_string(),
+            "Output Shape".to_string(),
+            "Param #".to_string(),
+        )];
+        let mut shape = self.input.clone();
+        let mut counts = std::collections::HashMap::<&str, usize>::new();
+        for l in &self.layers {
+            shape = l.output_shape(&shape).unwrap_or_default();
+            let kind = l.kind();
+            let n = counts.entry(kind).or_default();
+            let lname = kind.to_ascii_lowercase();
+            let lname = if *n == 0 {
+                lname
+            } else {
+                format!("{lname}_{n}")
+            };
+            *n += 1;
+            let dims: Vec<String> = std::iter::once("None".to_string())
+                .chain(shape.iter().map(ToString::to_string))
+                .collect();
+            let params: usize = l.params().iter().map(|p| p.numel()).sum();
+            rows.push((
+                format!("{lname} ({kind})"),
+                format!("({})", dims.join(", ")),
+                group(params),
+            ));
+        }
+        let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0) + 4;
+        let w1 = rows.iter().map(|r| r.1.chars().count()).max().unwrap_or(0) + 4;
+        let w2 = rows.iter().map(|r| r.2.chars().count()).max().unwrap_or(0);
+        let rule = |c: char| c.to_string().repeat(w0 + w1 + w2);
+        let mut out = format!("Model: \"{}\"\n{}\n", self.name, rule('_'));
+        for (i, (a, b, c)) in rows.iter().enumerate() {
+            out += &format!("{a:<w0$}{b:<w1$}{c:>w2$}\n");
+            out += &rule(if i == 0 { '=' } else { '_' });
+            out.push('\n');
+        }
+        out += &format!("Total params: {}\n", group(self.num_params()));
+        out += &format!("Trainable params: {}\n", group(self.num_params()));
+        out += "Non-trainable params: 0\n";
+        out
+    }
+}
+
+/// `50240` → `50,240`.
+fn group(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::group;
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(group(0), "0");
+        assert_eq!(group(650), "650");
+        assert_eq!(group(50240), "50,240");
+        assert_eq!(group(1234567), "1,234,567");
+    }
+}

@@ -1,1 +1,13 @@
-//! placeholder
+//! # kiln-data
+//!
+//! Datasets for kiln: a validating [`idx`] reader (raw or gzip), named
+//! [`Dataset`]s found on disk or bundled, and a [`DataLoader`] that shuffles
+//! with a seed and assembles batches on a background thread.
+
+pub mod dataset;
+pub mod idx;
+pub mod loader;
+
+pub use dataset::{Dataset, Split};
+pub use idx::{parse_idx, read_idx, IdxArray};
+pub use loader::{Batch, DataLoader};

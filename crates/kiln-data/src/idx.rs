@@ -1,0 +1,176 @@
+//! The IDX format (LeCun's MNIST files): a 4-byte magic `00 00 type ndim`,
+//! `ndim` big-endian u32 extents, then the data, row-major. Files may be
+//! gzip-compressed.
+//!
+//! Only type `0x08` (unsigned byte) is supported; every other defect —
+//! truncation, bad magic, zero or absurd dimensions, trailing bytes — is its
+//! own [`DataError`].
+
+use std::io::Read;
+use std::path::Path;
+
+use kiln_core::{DataError, Error, Result};
+
+/// The most bytes a (decompressed) IDX file may hold: far above any real
+/// dataset, low enough that a gzip bomb cannot exhaust memory.
+pub const MAX_IDX_BYTES: u64 = 4 << 30;
+
+/// A decoded IDX array of unsigned bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdxArray {
+    /// Extents, outermost first.
+    pub dims: Vec<usize>,
+    /// The elements, row-major.
+    pub data: Vec<u8>,
+}
+
+/// Decodes an (uncompressed) IDX file held in memory.
+pub fn parse_idx(bytes: &[u8]) -> std::result::Result<IdxArray, DataError> {
+    let found = bytes.len() as u64;
+    if bytes.len() < 4 {
+        return Err(DataError::Truncated { expected: 4, found });
+    }
+    let magic = [bytes[0], bytes[1], bytes[2], bytes[3]];
+    if magic[0] != 0 || magic[1] != 0 || magic[3] == 0 {
+        return Err(DataError::BadMagic { found: magic });
+    }
+    match magic[2] {
+        0x08 => {}
+        // 0x09 i8, 0x0B i16, 0x0C i32, 0x0D f32, 0x0E f64: valid IDX, not ours.
+        code @ (0x09 | 0x0B | 0x0C | 0x0D | 0x0E) => {
+            return Err(DataError::UnsupportedType { code })
+        }
+        _ => return Err(DataError::BadMagic { found: magic }),
+    }
+    let ndim = usize::from(magic[3]);
+    let header = 4 + 4 * ndim as u64;
+    if found < header {
+        return Err(DataError::Truncated {
+            expected: header,
+            found,
+        });
+    }
+    let mut dims = Vec::with_capacity(ndim);
+    let mut count: u64 = 1;
+    for i in 0..ndim {
+        let b = &bytes[4 + 4 * i..8 + 4 * i];
+        let d = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        count = count.saturating_mul(u64::from(d));
+        dims.push(d as usize);
+    }
+    let expected = header.saturating_add(count);
+    if expected > MAX_IDX_BYTES {
+        return Err(DataError::BadDimensions(format!(
+            "dimensions {dims:?} declare {count} elements, more than this reader accepts"
+        )));
+    }
+    if found < expected {
+        return Err(DataError::Truncated { expected, found });
+    }
+    if found > expected {
+        return Err(DataError::TrailingBytes {
+            extra: found - expected,
+        });
+    }
+    Ok(IdxArray {
+        dims,
+        data: bytes[header as usize..].to_vec(),
+    })
+}
+
+/// Reads and decodes an IDX file, gunzipping it if it starts with the gzip magic.
+pub fn read_idx(path: &Path) -> Result<IdxArray> {
+    let raw =
+        std::fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    decode(&raw).map_err(|source| Error::Data {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Decodes IDX bytes, gzip-compressed or not.
+pub fn decode(raw: &[u8]) -> std::result::Result<IdxArray, DataError> {
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::MultiGzDecoder::new(raw)
+            .take(MAX_IDX_BYTES + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| DataError::Gzip(e.to_string()))?;
+        if out.len() as u64 > MAX_IDX_BYTES {
+            return Err(DataError::Gzip("decompresses to more than 4 GiB".into()));
+        }
+        parse_idx(&out)
+    } else {
+        parse_idx(raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
+        let mut v = vec![0, 0, 0x08, dims.len() as u8];
+        for d in dims {
+            v.extend_from_slice(&d.to_be_bytes());
+        }
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn round_trip() {
+        let a = parse_idx(&idx(&[2, 3], &[1, 2, 3, 4, 5, 6])).unwrap();
+        assert_eq!(a.dims, vec![2, 3]);
+        assert_eq!(a.data, vec![1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn each_defect_has_its_own_error() {
+        let good = idx(&[2, 2], &[1, 2, 3, 4]);
+        assert!(matches!(
+            parse_idx(&good[..good.len() - 1]),
+            Err(DataError::Truncated {
+                expected: 16,
+                found: 15
+            })
+        ));
+        assert!(matches!(
+            parse_idx(&good[..6]),
+            Err(DataError::Truncated { expected: 12, .. })
+        ));
+        assert!(matches!(
+            parse_idx(&[1, 0, 8, 1, 0, 0, 0, 0]),
+            Err(DataError::BadMagic { .. })
+        ));
+        let mut f32_file = good.clone();
+        f32_file[2] = 0x0D;
+        assert!(matches!(
+            parse_idx(&f32_file),
+            Err(DataError::UnsupportedType { code: 0x0D })
+        ));
+        let mut extra = good.clone();
+        extra.push(9);
+        assert!(matches!(
+            parse_idx(&extra),
+            Err(DataError::TrailingBytes { extra: 1 })
+        ));
+        assert!(matches!(
+            parse_idx(&idx(&[u32::MAX, u32::MAX, u32::MAX], &[])),
+            Err(DataError::BadDimensions(_))
+        ));
+    }
+
+    #[test]
+    fn corrupt_gzip_is_an_error() {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&idx(&[3], &[7, 8, 9])).unwrap();
+        let gz = e.finish().unwrap();
+        assert_eq!(decode(&gz).unwrap().data, vec![7, 8, 9]);
+        assert!(matches!(
+            decode(&gz[..gz.len() - 6]),
+            Err(DataError::Gzip(_))
+        ));
+    }
+}

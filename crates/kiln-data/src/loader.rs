@@ -1,0 +1,137 @@
+//! Batching: seeded shuffling and a background thread that assembles the
+//! next batches while the model trains on the current one.
+
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kiln_core::rng::Philox;
+
+use crate::Dataset;
+
+/// One batch, ready to upload: pixels scaled to `[0, 1]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// `len × pixels` f32 values, row-major.
+    pub images: Vec<f32>,
+    /// `len` class labels.
+    pub labels: Vec<u32>,
+    /// Number of examples.
+    pub len: usize,
+}
+
+/// Turns a dataset into batches, in a seeded order, on a worker thread.
+#[derive(Clone, Debug)]
+pub struct DataLoader {
+    dataset: Arc<Dataset>,
+    batch_size: usize,
+    shuffle_seed: Option<u64>,
+    prefetch: usize,
+}
+
+impl DataLoader {
+    /// Batches of `batch_size` (the last may be smaller), in dataset order.
+    pub fn new(dataset: Arc<Dataset>, batch_size: usize) -> Self {
+        DataLoader {
+            dataset,
+            batch_size: batch_size.max(1),
+            shuffle_seed: None,
+            prefetch: 2,
+        }
+    }
+
+    /// Shuffles every epoch: the order of epoch `e` is a Fisher–Yates
+    /// permutation drawn from Philox stream `(seed, e)`, so it depends only
+    /// on the seed and the epoch — a resumed run sees the same order.
+    pub fn shuffle(mut self, seed: u64) -> Self {
+        self.shuffle_seed = Some(seed);
+        self
+    }
+
+    /// How many batches the worker may prepare ahead (default 2).
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = n.max(1);
+        self
+    }
+
+    /// Number of batches per epoch.
+    pub fn batches(&self) -> usize {
+        self.dataset.len().div_ceil(self.batch_size)
+    }
+
+    /// The dataset.
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+
+    /// The example order of `epoch`.
+    pub fn order(&self, epoch: u64) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..self.dataset.len() as u32).collect();
+        if let Some(seed) = self.shuffle_seed {
+            Philox::new(seed, epoch).shuffle(&mut order);
+        }
+        order
+    }
+
+    /// The batches of `epoch`, assembled on a background thread.
+    pub fn epoch(&self, epoch: u64) -> Batches {
+        let (tx, rx) = sync_channel(self.prefetch);
+        let ds = Arc::clone(&self.dataset);
+        let order = self.order(epoch);
+        let bs = self.batch_size;
+        let worker = std::thread::Builder::new()
+            .name("kiln-loader".into())
+            .spawn(move || {
+                for chunk in order.chunks(bs) {
+                    if tx.send(assemble(&ds, chunk)).is_err() {
+                        return; // the consumer stopped early
+                    }
+                }
+            })
+            .expect("spawning the data-loader thread");
+        Batches {
+            rx,
+            worker: Some(worker),
+        }
+    }
+}
+
+/// Gathers examples `indices` into one batch.
+pub fn assemble(ds: &Dataset, indices: &[u32]) -> Batch {
+    let px = ds.pixels();
+    let mut images = Vec::with_capacity(indices.len() * px);
+    let mut labels = Vec::with_capacity(indices.len());
+    for &i in indices {
+        images.extend(ds.image(i as usize).iter().map(|&b| f32::from(b) / 255.0));
+        labels.push(u32::from(ds.labels()[i as usize]));
+    }
+    Batch {
+        images,
+        labels,
+        len: indices.len(),
+    }
+}
+
+/// The batches of one epoch; dropping it stops the worker.
+pub struct Batches {
+    rx: Receiver<Batch>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Iterator for Batches {
+    type Item = Batch;
+    fn next(&mut self) -> Option<Batch> {
+        self.rx.recv().ok()
+    }
+}
+
+impl Drop for Batches {
+    fn drop(&mut self) {
+        // Unblock the worker (its send fails once the receiver is gone), then join it.
+        let (_, dummy) = sync_channel(1);
+        drop(std::mem::replace(&mut self.rx, dummy));
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}

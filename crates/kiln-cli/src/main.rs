@@ -1,1 +1,310 @@
-fn main() {}
+//! `kiln`: train, evaluate and inspect models from the command line.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kiln_core::{Backend, Error, Result};
+use kiln_cpu::{features, CpuBackend, KernelSet};
+use kiln_data::{Dataset, Split};
+use kiln_nn::{Adam, Loss, ModelSpec, Optimizer, Sequential, Sgd};
+use kiln_train::{model_file, FitConfig, Trainer, Verbosity};
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Tensor backends and a trainer: train, evaluate and inspect models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the CPU, its SIMD features, the kernel set in use and the backends available.
+    Info,
+    /// Train a model on a dataset, then evaluate it on the test split.
+    Train(TrainArgs),
+    /// Evaluate a saved model on a dataset.
+    Eval(EvalArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OptimizerName {
+    Adam,
+    Sgd,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Model: a built-in name (mlp).
+    #[arg(long, default_value = "mlp")]
+    model: String,
+    /// Dataset: mnist-sample (bundled), mnist or fashion-mnist.
+    #[arg(long, default_value = "mnist-sample")]
+    dataset: String,
+    /// Folder holding the dataset's IDX files (or a folder with <dataset>/ inside).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Examples per step.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    /// Optimiser (Keras defaults).
+    #[arg(long, value_enum, default_value = "adam")]
+    optimizer: OptimizerName,
+    /// Momentum, for --optimizer sgd.
+    #[arg(long, default_value_t = 0.0)]
+    momentum: f32,
+    /// Seed for the initial weights and the example order.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Backend: cpu, or cpu:KERNELS to force a kernel set (cpu:scalar).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Worker threads (default: KILN_THREADS, else all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Train on only the first N examples (quick runs).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Skip the per-epoch evaluation on the test split.
+    #[arg(long)]
+    no_validation: bool,
+    /// Output folder for model.safetensors and history.jsonl [default: runs/<model>-<dataset>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// One plain line per epoch instead of a progress bar.
+    #[arg(long)]
+    plain: bool,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// The model file written by `kiln train` (model.safetensors), or its folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Dataset: mnist-sample (bundled), mnist or fashion-mnist.
+    #[arg(long, default_value = "mnist-sample")]
+    dataset: String,
+    /// Folder holding the dataset's IDX files.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Which split to evaluate.
+    #[arg(long, value_parser = ["test", "train"], default_value = "test")]
+    split: String,
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    /// Backend: cpu, or cpu:KERNELS.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Worker threads.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info => info(),
+        Command::Train(a) => train(a),
+        Command::Eval(a) => eval(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Builds the backend a `--backend` flag names.
+fn cpu_backend(spec: &str, threads: Option<usize>) -> Result<CpuBackend> {
+    let backend = match spec.split_once(':') {
+        None if spec == "cpu" => CpuBackend::new()?,
+        Some(("cpu", kernels)) => CpuBackend::with_kernels(KernelSet::parse(kernels)?)?,
+        _ if spec.starts_with("cuda") => {
+            return Err(Error::invalid(
+                "the CUDA backend is not part of this build yet; use --backend cpu",
+            ))
+        }
+        _ => {
+            return Err(Error::invalid(format!(
+                "unknown backend `{spec}`: expected cpu or cpu:KERNELS (e.g. cpu:scalar)"
+            )))
+        }
+    };
+    Ok(match threads {
+        Some(0) => return Err(Error::invalid("--threads must be at least 1")),
+        Some(n) => backend.with_threads(n),
+        None => backend,
+    })
+}
+
+fn info() -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("kiln {}", env!("CARGO_PKG_VERSION"));
+    println!("cpu:        {} ({cores} cores)", features::cpu_model());
+    println!("simd:       {}", features::detected().join(" "));
+    match CpuBackend::new() {
+        Ok(b) => println!(
+            "kernels:    {} ({} threads)",
+            b.kernels().name(),
+            b.threads()
+        ),
+        Err(e) => println!("kernels:    error: {e}"),
+    }
+    let sets: Vec<&str> = KernelSet::ALL
+        .iter()
+        .filter(|k| k.check_available().is_ok())
+        .map(|k| k.name())
+        .collect();
+    println!("backends:   cpu ({})", sets.join(", "));
+    println!("            cuda: not part of this build");
+    Ok(())
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let backend = cpu_backend(&a.backend, a.threads)?;
+    run_train(a, backend)
+}
+
+fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
+    if a.epochs == 0 || a.batch_size == 0 {
+        return Err(Error::invalid(
+            "--epochs and --batch-size must be at least 1",
+        ));
+    }
+    let spec = ModelSpec::builtin(&a.model)?;
+    let mut train_set = Dataset::load(&a.dataset, Split::Train, a.data.as_deref())?;
+    if let Some(n) = a.limit {
+        train_set = train_set.take(n);
+    }
+    let test_set = Dataset::load(&a.dataset, Split::Test, a.data.as_deref())?;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.model, a.dataset)));
+    std::fs::create_dir_all(&out)
+        .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
+    let history_path = out.join("history.jsonl");
+    if history_path.exists() {
+        std::fs::remove_file(&history_path)
+            .map_err(|e| Error::io(format!("replacing {}", history_path.display()), e))?;
+    }
+
+    let model = Sequential::from_spec(&spec, a.seed, &backend)?;
+    let optimizer: Box<dyn Optimizer<B>> = match a.optimizer {
+        OptimizerName::Adam => Box::new(Adam::new(a.lr)?),
+        OptimizerName::Sgd => Box::new(Sgd::new(a.lr, a.momentum)?),
+    };
+    print!("{}", model.summary());
+    println!(
+        "training on {} ({} train, {} test) with {}, {}, batch {}, seed {}",
+        a.dataset,
+        train_set.len(),
+        test_set.len(),
+        backend.name(),
+        optimizer.describe(),
+        a.batch_size,
+        a.seed
+    );
+    let mut trainer = Trainer::new(model, optimizer, Loss::CategoricalCrossEntropy, backend);
+    let cfg = FitConfig {
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        seed: a.seed,
+        shuffle: true,
+        verbosity: if a.plain {
+            Verbosity::Lines
+        } else {
+            Verbosity::Auto
+        },
+        history_path: Some(history_path.clone()),
+    };
+    let validation = (!a.no_validation).then_some(&test_set);
+    let history = trainer.fit(&train_set, validation, &cfg)?;
+    let test = trainer.evaluate(&test_set, 1000)?;
+    let total: f64 = history.epochs.iter().map(|e| e.seconds).sum();
+    println!(
+        "test: loss {:.4} accuracy {:.2}% ({} examples); training {:.1}s ({:.2}s/epoch)",
+        test.loss,
+        100.0 * test.accuracy,
+        test.examples,
+        total,
+        total / history.epochs.len() as f64
+    );
+    let meta = HashMap::from([
+        ("kiln.dataset".to_string(), a.dataset.clone()),
+        (
+            "kiln.dataset.fingerprint".to_string(),
+            train_set.fingerprint(),
+        ),
+        ("kiln.epochs".to_string(), a.epochs.to_string()),
+        ("kiln.seed".to_string(), a.seed.to_string()),
+        (
+            "kiln.test_accuracy".to_string(),
+            format!("{:.6}", test.accuracy),
+        ),
+    ]);
+    let model_path = out.join("model.safetensors");
+    model_file::save(&model_path, trainer.model(), &meta)?;
+    println!(
+        "saved {} and {}",
+        model_path.display(),
+        history_path.display()
+    );
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let backend = cpu_backend(&a.backend, a.threads)?;
+    let path = if a.model.is_dir() {
+        a.model.join("model.safetensors")
+    } else {
+        a.model.clone()
+    };
+    let loaded = model_file::load(&path, &backend)?;
+    let split = if a.split == "train" {
+        Split::Train
+    } else {
+        Split::Test
+    };
+    let ds = Dataset::load(&a.dataset, split, a.data.as_deref())?;
+    print_eval(&path, loaded.model, &ds, a.batch_size, backend)
+}
+
+fn print_eval<B: Backend>(
+    path: &Path,
+    model: Sequential<B>,
+    ds: &Dataset,
+    batch: usize,
+    backend: B,
+) -> Result<()> {
+    let name = model.name().to_string();
+    let opt: Box<dyn Optimizer<B>> = Box::new(Adam::new(1e-3)?);
+    let trainer = Trainer::new(model, opt, Loss::CategoricalCrossEntropy, backend);
+    let start = std::time::Instant::now();
+    let r = trainer.evaluate(ds, batch)?;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{} (model `{name}`) on {}: loss {:.4} accuracy {:.2}% ({} examples, {:.0} images/s)",
+        path.display(),
+        ds.name(),
+        r.loss,
+        100.0 * r.accuracy,
+        r.examples,
+        r.examples as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}

@@ -105,8 +105,8 @@ impl<B: Backend> Tensor<B> {
         ))
     }
 
-    /// The result of an op: contiguous, recording `op` if any input needs gradients.
-    fn from_op(
+    /// The result of an op on `self`: contiguous, recording `op` if any input needs gradients.
+    fn result(
         &self,
         storage: B::Storage,
         dims: &[usize],
@@ -422,7 +422,7 @@ impl<B: Backend> Tensor<B> {
         let layout = Layout::contiguous(self.shape().clone());
         self.backend()
             .copy_strided(self.view(), &mut dst, &layout)?;
-        self.from_op(dst, self.dims(), || Op::Reshape { x: self.clone() })
+        self.result(dst, self.dims(), || Op::Reshape { x: self.clone() })
     }
 
     /// `self` if its storage holds exactly its elements in row-major order
@@ -466,7 +466,7 @@ impl<B: Backend> Tensor<B> {
     /// Applies a unary op elementwise.
     pub fn unary(&self, op: UnaryOp) -> Result<Self> {
         let s = self.backend().unary(op, self.view())?;
-        self.from_op(s, self.dims(), || Op::Unary {
+        self.result(s, self.dims(), || Op::Unary {
             op,
             x: self.clone(),
         })
@@ -527,7 +527,7 @@ impl<B: Backend> Tensor<B> {
     /// `x·mul + add`, elementwise.
     pub fn affine(&self, mul: f32, add: f32) -> Result<Self> {
         let s = self.backend().affine(self.view(), mul, add)?;
-        self.from_op(s, self.dims(), || Op::Affine {
+        self.result(s, self.dims(), || Op::Affine {
             x: self.clone(),
             mul,
         })
@@ -550,7 +550,7 @@ impl<B: Backend> Tensor<B> {
             View::new(self.storage(), &la),
             View::new(rhs.storage(), &lb),
         )?;
-        self.from_op(s, shape.dims(), || Op::Binary {
+        self.result(s, shape.dims(), || Op::Binary {
             op,
             a: self.clone(),
             b: rhs.clone(),
@@ -589,7 +589,7 @@ impl<B: Backend> Tensor<B> {
         }
         let s = self.backend().cast(self.view(), dtype)?;
         let differentiable = dtype.is_float() && self.dtype().is_float();
-        let r = self.from_op(s, self.dims(), || Op::Cast { x: self.clone() })?;
+        let r = self.result(s, self.dims(), || Op::Cast { x: self.clone() })?;
         Ok(if differentiable { r } else { r.detach() })
     }
 
@@ -639,7 +639,7 @@ impl<B: Backend> Tensor<B> {
             activation,
         };
         let s = self.backend().gemm(self.view(), rhs.view(), &epilogue)?;
-        self.from_op(s, &[a[0], a[1], b[2]], || Op::Gemm {
+        self.result(s, &[a[0], a[1], b[2]], || Op::Gemm {
             a: self.clone(),
             b: rhs.clone(),
             bias: bias.cloned(),
@@ -715,7 +715,7 @@ impl<B: Backend> Tensor<B> {
         for &a in &axes {
             dims[a] = 1;
         }
-        self.from_op(s, &dims, || Op::Reduce {
+        self.result(s, &dims, || Op::Reduce {
             op,
             x: self.clone(),
             axes,
@@ -801,7 +801,7 @@ impl<B: Backend> Tensor<B> {
             return Err(Error::shape("softmax", "a scalar has no last axis"));
         }
         let s = self.backend().softmax(self.view(), log)?;
-        self.from_op(s, self.dims(), || Op::Softmax {
+        self.result(s, self.dims(), || Op::Softmax {
             x: self.clone(),
             log,
         })

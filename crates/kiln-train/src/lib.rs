@@ -1,1 +1,15 @@
-//! placeholder
+//! # kiln-train
+//!
+//! Keras-style training on top of `kiln-nn`: a [`Trainer`] with
+//! [`Trainer::fit`], [`Trainer::evaluate`] and [`Trainer::predict`], epoch
+//! [`History`] written as JSON lines, progress output, and model files
+//! ([`model_file`]) written atomically in safetensors.
+
+pub mod history;
+pub mod model_file;
+pub mod progress;
+pub mod trainer;
+
+pub use history::{EpochRecord, History};
+pub use progress::Verbosity;
+pub use trainer::{Evaluation, FitConfig, Trainer};

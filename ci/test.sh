@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The README's test command: installs everything the tests need on a fresh
+# machine, then runs the formatting and lint gates and every test.
+#
+#   ci/test.sh            everything
+#   ci/test.sh --quick    skip fmt and clippy
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+step() { printf '\n== %s\n' "$*"; }
+
+# --- system packages --------------------------------------------------------
+# Fashion-MNIST from Debian (installs to /usr/share/datasets/fashion-mnist).
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  step "installing dataset-fashion-mnist"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+fi
+
+# --- Rust components --------------------------------------------------------
+if [ "$quick" = 0 ]; then
+  for c in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+  done
+  step "cargo fmt --check"
+  cargo fmt --all -- --check
+  step "cargo clippy (warnings are errors)"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
+
+# --- tests ------------------------------------------------------------------
+# The `ci` profile is optimised (the training tests need it) with overflow
+# checks and debug assertions on. Datasets are required: a missing one fails.
+step "cargo test"
+KILN_REQUIRE_DATASETS=1 cargo test --workspace --profile ci --locked

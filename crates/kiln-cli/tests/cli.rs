@@ -1,0 +1,128 @@
+//! The `kiln` binary, run as a user would.
+
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_THREADS", "2")
+        .output()
+        .expect("running kiln")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn train_then_eval_on_the_bundled_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let o = kiln(&[
+        "train", "--model", "mlp", "--epochs", "1", "--limit", "2000", "--out", out, "--plain",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    assert!(
+        s.contains("Total params: 50,890") && s.contains("epoch 1/1") && s.contains("test: loss"),
+        "{s}"
+    );
+    let history = std::fs::read_to_string(dir.path().join("history.jsonl")).unwrap();
+    assert_eq!(history.lines().count(), 1);
+    assert!(history.contains("\"val_accuracy\""));
+
+    let o = kiln(&["eval", "--model", out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("accuracy"), "{}", stdout(&o));
+}
+
+#[test]
+fn info_reports_the_machine() {
+    let o = kiln(&["info"]);
+    assert!(o.status.success());
+    let s = stdout(&o);
+    assert!(
+        s.contains("cpu:") && s.contains("kernels:    scalar") && s.contains("backends:"),
+        "{s}"
+    );
+}
+
+#[test]
+fn errors_are_one_clear_line_and_a_nonzero_exit() {
+    // Unknown flag: clap's usage error, exit 2.
+    let o = kiln(&["train", "--epoch", "3"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--epoch"), "{}", stderr(&o));
+
+    let empty = tempfile::tempdir().unwrap();
+    let o = kiln(&[
+        "train",
+        "--dataset",
+        "mnist",
+        "--data",
+        empty.path().to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.starts_with("error: dataset `mnist` not found") && e.lines().count() == 1,
+        "{e}"
+    );
+
+    let o = kiln(&["train", "--model", "resnet"]);
+    assert!(
+        stderr(&o).contains("unknown model `resnet`"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = kiln(&["train", "--backend", "cuda"]);
+    assert!(
+        stderr(&o).contains("CUDA backend is not part of this build"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = kiln(&["train", "--backend", "cpu:sse9"]);
+    assert!(
+        stderr(&o).contains("unknown kernel set `sse9`"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A corrupt images file.
+    std::fs::write(
+        empty.path().join("train-images-idx3-ubyte"),
+        [0u8, 0, 8, 3, 0, 0, 0, 9],
+    )
+    .unwrap();
+    std::fs::write(
+        empty.path().join("train-labels-idx1-ubyte"),
+        [0u8, 0, 8, 1, 0, 0, 0, 0],
+    )
+    .unwrap();
+    let o = kiln(&[
+        "train",
+        "--dataset",
+        "mnist",
+        "--data",
+        empty.path().to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("truncated"), "{}", stderr(&o));
+
+    // A model file that is not one.
+    let bogus = empty.path().join("model.safetensors");
+    std::fs::write(&bogus, b"not a model").unwrap();
+    let o = kiln(&["eval", "--model", bogus.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("not a kiln model file"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -1,0 +1,76 @@
+//! The record of a training run, one JSON object per epoch.
+
+use std::io::Write;
+use std::path::Path;
+
+use kiln_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// What one epoch measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Mean training loss over the epoch's examples.
+    pub loss: f64,
+    /// Training accuracy over the epoch's examples.
+    pub accuracy: f64,
+    /// Validation loss, if a validation set was given.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub val_loss: Option<f64>,
+    /// Validation accuracy, if a validation set was given.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub val_accuracy: Option<f64>,
+    /// Learning rate during the epoch.
+    pub lr: f64,
+    /// Wall-clock seconds of the training pass (validation excluded).
+    pub seconds: f64,
+    /// Training examples per second.
+    pub images_per_sec: f64,
+}
+
+/// Every epoch of a run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    /// The epochs, in order.
+    pub epochs: Vec<EpochRecord>,
+}
+
+impl History {
+    /// The last epoch, if any.
+    pub fn last(&self) -> Option<&EpochRecord> {
+        self.epochs.last()
+    }
+
+    /// Appends one record as a JSON line to `path` (creating it).
+    pub fn append_jsonl(path: &Path, record: &EpochRecord) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let line = serde_json::to_string(record).map_err(|e| Error::invalid(e.to_string()))?;
+        writeln!(f, "{line}").map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+
+    /// Reads a JSON-lines history file.
+    pub fn read_jsonl(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let epochs = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .enumerate()
+            .map(|(i, l)| {
+                serde_json::from_str(l).map_err(|e| {
+                    Error::invalid(format!(
+                        "{}:{}: not an epoch record: {e}",
+                        path.display(),
+                        i + 1
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(History { epochs })
+    }
+}

@@ -1,0 +1,153 @@
+//! Trained models on disk: the weights in safetensors, the model spec and run
+//! facts in its metadata. Files are written atomically: a temporary file in
+//! the same folder, flushed to disk, renamed over the target, and the folder
+//! synced — a crash leaves either the old file or the new one, never half.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use kiln_core::{Backend, DType, DataError, Error, HostData, Layout, Result, Shape, Tensor};
+use kiln_nn::{ModelSpec, Sequential};
+use safetensors::{tensor::TensorView, SafeTensors};
+
+/// The metadata key holding the model spec (JSON).
+pub const SPEC_KEY: &str = "kiln.spec";
+/// The metadata key holding the kiln version that wrote the file.
+pub const VERSION_KEY: &str = "kiln.version";
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync of the folder).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let io = |what: &str, e| Error::io(format!("{what} {}", path.display()), e);
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{} is not a file path", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f =
+            std::fs::File::create(&tmp).map_err(|e| io("creating a temporary file for", e))?;
+        f.write_all(bytes).map_err(|e| io("writing", e))?;
+        f.sync_all().map_err(|e| io("syncing", e))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| io("renaming into", e))?;
+        // Make the rename itself durable.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Saves `model`'s weights and spec to `path`, with `extra` metadata.
+pub fn save<B: Backend>(
+    path: &Path,
+    model: &Sequential<B>,
+    extra: &HashMap<String, String>,
+) -> Result<()> {
+    let mut host = Vec::new();
+    for (name, p) in model.named_params() {
+        let data = p.value().to_host()?;
+        host.push((name, p.shape().dims().to_vec(), data));
+    }
+    let views: Vec<(String, TensorView<'_>)> = host
+        .iter()
+        .map(|(name, dims, data)| {
+            let dtype = match data.dtype() {
+                DType::F32 => safetensors::Dtype::F32,
+                DType::F16 => safetensors::Dtype::F16,
+                DType::BF16 => safetensors::Dtype::BF16,
+                DType::U32 => safetensors::Dtype::U32,
+            };
+            TensorView::new(dtype, dims.clone(), data.as_bytes())
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::invalid(format!("saving {name}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let mut meta = extra.clone();
+    meta.insert(SPEC_KEY.into(), model.spec().to_json());
+    meta.insert(VERSION_KEY.into(), env!("CARGO_PKG_VERSION").into());
+    let bytes = safetensors::serialize(views, &Some(meta))
+        .map_err(|e| Error::invalid(format!("serialising {}: {e}", path.display())))?;
+    write_atomic(path, &bytes)
+}
+
+/// A model loaded from disk, with the file's metadata.
+pub struct Loaded<B: Backend> {
+    /// The rebuilt model with the saved weights.
+    pub model: Sequential<B>,
+    /// Every metadata entry of the file.
+    pub metadata: HashMap<String, String>,
+}
+
+/// Loads a model saved by [`save`], checking every tensor against the spec.
+pub fn load<B: Backend>(path: &Path, backend: &B) -> Result<Loaded<B>> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::io(format!("reading model file {}", path.display()), e))?;
+    from_bytes(&bytes, backend).map_err(|e| match e {
+        Error::InvalidArgument(msg) => Error::Data {
+            path: path.to_path_buf(),
+            source: DataError::Invalid(msg),
+        },
+        other => other,
+    })
+}
+
+/// Loads a model from the bytes of a model file.
+pub fn from_bytes<B: Backend>(bytes: &[u8], backend: &B) -> Result<Loaded<B>> {
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::invalid(format!("not a kiln model file (safetensors: {e})")))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let spec_json = metadata.get(SPEC_KEY).ok_or_else(|| {
+        Error::invalid(format!(
+            "no `{SPEC_KEY}` metadata: this safetensors file was not written by kiln"
+        ))
+    })?;
+    let spec = ModelSpec::from_json(spec_json)?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::invalid(format!("corrupt model file: {e}")))?;
+    let mut model = Sequential::from_spec(&spec, 0, backend)?;
+    let names: Vec<String> = model.named_params().into_iter().map(|(n, _)| n).collect();
+    if st.len() != names.len() {
+        return Err(Error::invalid(format!(
+            "model `{}` has {} parameters but the file holds {} tensors",
+            spec.name,
+            names.len(),
+            st.len()
+        )));
+    }
+    for (name, p) in names.iter().zip(model.params_mut()) {
+        let view = st
+            .tensor(name)
+            .map_err(|_| Error::invalid(format!("missing tensor `{name}`")))?;
+        if view.shape() != p.shape().dims() || view.dtype() != safetensors::Dtype::F32 {
+            return Err(Error::invalid(format!(
+                "tensor `{name}` is {:?} {:?}, the model needs {} f32",
+                view.shape(),
+                view.dtype(),
+                p.shape()
+            )));
+        }
+        let data = HostData::from_bytes(DType::F32, view.data())?;
+        let shape = Shape::new(view.shape())?;
+        let t = Tensor::from_storage(
+            Arc::new(backend.upload(&data)?),
+            Layout::contiguous(shape),
+            backend,
+        )?;
+        p.set(&t)?;
+    }
+    Ok(Loaded { model, metadata })
+}

@@ -1,0 +1,191 @@
+//! End-to-end training on real data with the reference CPU backend.
+
+use std::collections::HashMap;
+
+use kiln_core::{DataError, Error, HostData};
+use kiln_cpu::CpuBackend;
+use kiln_data::{Dataset, Split};
+use kiln_nn::{Adam, Loss, ModelSpec, Sequential};
+use kiln_train::{model_file, FitConfig, Trainer, Verbosity};
+
+fn trainer(seed: u64, threads: usize) -> Trainer<CpuBackend> {
+    let b = CpuBackend::reference().with_threads(threads);
+    let model = Sequential::from_spec(&ModelSpec::mlp(), seed, &b).unwrap();
+    Trainer::new(
+        model,
+        Box::new(Adam::new(1e-3).unwrap()),
+        Loss::CategoricalCrossEntropy,
+        b,
+    )
+}
+
+fn cfg(epochs: usize, seed: u64) -> FitConfig {
+    FitConfig {
+        epochs,
+        batch_size: 128,
+        seed,
+        verbosity: Verbosity::Silent,
+        ..FitConfig::default()
+    }
+}
+
+fn weights(t: &Trainer<CpuBackend>) -> Vec<Vec<u8>> {
+    t.model()
+        .params()
+        .iter()
+        .map(|p| p.value().to_host().unwrap().as_bytes().to_vec())
+        .collect()
+}
+
+/// The seed's MLP, Adam 1e-3, batch 128, 10 epochs on the bundled sample:
+/// PyTorch reaches 93.1% on its test split; the acceptance bar is 92%.
+#[test]
+fn mlp_reaches_92_percent_on_the_mnist_sample() {
+    let train = Dataset::load("mnist-sample", Split::Train, None).unwrap();
+    let test = Dataset::load("mnist-sample", Split::Test, None).unwrap();
+    let mut t = trainer(42, 2);
+    let history = t.fit(&train, Some(&test), &cfg(10, 42)).unwrap();
+    assert_eq!(history.epochs.len(), 10);
+    assert!(history.epochs[9].loss < history.epochs[0].loss);
+    let r = t.evaluate(&test, 500).unwrap();
+    assert_eq!(r.examples, 2000);
+    eprintln!("mnist-sample test accuracy {:.4}", r.accuracy);
+    assert!(r.accuracy >= 0.92, "test accuracy {:.4} < 0.92", r.accuracy);
+    assert_eq!(history.epochs[9].val_accuracy, Some(r.accuracy));
+}
+
+/// Fashion-MNIST (Debian's `dataset-fashion-mnist`; ci/test.sh installs it
+/// and sets KILN_REQUIRE_DATASETS=1 so its absence fails there). Over seeds,
+/// this model ends between 85.6% and 87.2% after 10 epochs — in kiln and in a
+/// NumPy reimplementation alike — so the guard is 85%: it catches a broken
+/// trainer, not seed noise.
+#[test]
+fn mlp_trains_on_fashion_mnist() {
+    let train = match Dataset::load("fashion-mnist", Split::Train, None) {
+        Ok(d) => d,
+        Err(e) if std::env::var_os("KILN_REQUIRE_DATASETS").is_none() => {
+            eprintln!("skipping: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let test = Dataset::load("fashion-mnist", Split::Test, None).unwrap();
+    let mut t = trainer(1, 2);
+    t.fit(&train, None, &cfg(10, 1)).unwrap();
+    let r = t.evaluate(&test, 1000).unwrap();
+    eprintln!("fashion-mnist test accuracy {:.4}", r.accuracy);
+    assert!(r.accuracy >= 0.85, "test accuracy {:.4}", r.accuracy);
+}
+
+#[test]
+fn same_seed_and_threads_give_bit_identical_weights() {
+    let train = Dataset::load("mnist-sample", Split::Train, None)
+        .unwrap()
+        .take(1500);
+    let run = |threads| {
+        let mut t = trainer(7, threads);
+        let h = t.fit(&train, None, &cfg(2, 7)).unwrap();
+        (
+            weights(&t),
+            h.epochs
+                .iter()
+                .map(|e| e.loss.to_bits())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let (a, ha) = run(2);
+    let (b, hb) = run(2);
+    assert!(a == b, "two runs with the same seed and threads differ");
+    assert_eq!(ha, hb);
+    // The reference kernels split work by whole output rows, so the thread
+    // count does not change the result either.
+    assert!(run(1).0 == a, "1 thread and 2 threads differ");
+    // A different seed does.
+    let mut t = trainer(8, 2);
+    t.fit(&train, None, &cfg(2, 8)).unwrap();
+    assert!(weights(&t) != a);
+}
+
+#[test]
+fn model_files_round_trip_and_reject_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let train = Dataset::load("mnist-sample", Split::Train, None)
+        .unwrap()
+        .take(512);
+    let mut t = trainer(3, 1);
+    t.fit(&train, None, &cfg(1, 3)).unwrap();
+    let meta = HashMap::from([("kiln.dataset".to_string(), "mnist-sample".to_string())]);
+    model_file::save(&path, t.model(), &meta).unwrap();
+    let b = CpuBackend::reference();
+    let loaded = model_file::load(&path, &b).unwrap();
+    assert_eq!(loaded.metadata["kiln.dataset"], "mnist-sample");
+    assert!(
+        weights(&t)
+            == loaded
+                .model
+                .params()
+                .iter()
+                .map(|p| p.value().to_host().unwrap().as_bytes().to_vec())
+                .collect::<Vec<_>>()
+    );
+    // No temporary files are left behind.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+    let bytes = std::fs::read(&path).unwrap();
+    let bad = dir.path().join("bad.safetensors");
+    // Truncated.
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    let e = model_file::load(&bad, &b).err().unwrap();
+    assert!(
+        matches!(
+            e,
+            Error::Data {
+                source: DataError::Invalid(_),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("bad.safetensors"), "{e}");
+    // Not safetensors at all.
+    std::fs::write(&bad, b"hello").unwrap();
+    assert!(model_file::load(&bad, &b).is_err());
+    // Tensors whose shapes do not match the spec in the metadata.
+    let wrong = vec![0u8; 4 * 10 * 32];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![10, 32], &wrong)
+        .unwrap();
+    let names = [
+        "1.dense.weight",
+        "1.dense.bias",
+        "2.dense.weight",
+        "2.dense.bias",
+    ];
+    let views: Vec<_> = names
+        .iter()
+        .map(|n| (n.to_string(), view.clone()))
+        .collect();
+    let meta = HashMap::from([(model_file::SPEC_KEY.to_string(), ModelSpec::mlp().to_json())]);
+    std::fs::write(&bad, safetensors::serialize(views, &Some(meta)).unwrap()).unwrap();
+    let e = model_file::load(&bad, &b).err().unwrap().to_string();
+    assert!(e.contains("the model needs"), "{e}");
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let mut t = trainer(0, 1);
+    let train = Dataset::load("mnist-sample", Split::Train, None)
+        .unwrap()
+        .take(10);
+    let mut c = cfg(1, 0);
+    c.batch_size = 0;
+    assert!(t.fit(&train, None, &c).is_err());
+    // Wrong number of pixels for predict.
+    assert!(t.predict(&[0.0; 10], 1).is_err());
+    let p = t.predict(&vec![0.5; 2 * 784], 2).unwrap();
+    assert_eq!(p.dims(), &[2, 10]);
+    let HostData::F32(v) = p.to_host().unwrap() else {
+        panic!()
+    };
+    assert!((v[..10].iter().sum::<f32>() - 1.0).abs() < 1e-5);
+}

@@ -177,6 +177,43 @@ impl HostData {
     }
 }
 
+/// Rounds `x` to the nearest number (ties to even) of a binary format with
+/// `p` significand bits, minimum normal exponent `emin` and largest finite
+/// value `max`, returned as f64. Exact: no intermediate rounding.
+pub fn round_to_format(x: f64, p: i32, emin: i32, max: f64) -> f64 {
+    if !x.is_finite() || x == 0.0 {
+        return x;
+    }
+    let biased = ((x.to_bits() >> 52) & 0x7ff) as i32;
+    let e = (biased - 1023).max(emin);
+    // A power of two, so x / q and the product are exact.
+    let q = 2f64.powi(e - (p - 1));
+    let r = (x / q).round_ties_even() * q;
+    if r.abs() > max {
+        f64::INFINITY.copysign(x)
+    } else {
+        r
+    }
+}
+
+/// `x` correctly rounded to f16 (`half`'s own `from_f64` is not relied on).
+pub fn f16_from_f64(x: f64) -> f16 {
+    if x.is_nan() {
+        return f16::NAN;
+    }
+    // The rounded value is an f32, so this conversion is exact.
+    f16::from_f32(round_to_format(x, 11, -14, f16::MAX.to_f64()) as f32)
+}
+
+/// `x` correctly rounded to bf16 (`half` 2.x's `bf16::from_f64` can be off
+/// by one ulp, so it is not used).
+pub fn bf16_from_f64(x: f64) -> bf16 {
+    if x.is_nan() {
+        return bf16::NAN;
+    }
+    bf16::from_f32(round_to_format(x, 8, -126, bf16::MAX.to_f64()) as f32)
+}
+
 /// Host memory is the CPU backend's storage.
 impl crate::BackendStorage for HostData {
     fn dtype(&self) -> DType {
@@ -204,6 +241,38 @@ mod tests {
         assert_eq!(DType::F32.unit_roundoff(), 2f64.powi(-24));
         assert_eq!(DType::F16.unit_roundoff(), 2f64.powi(-11));
         assert_eq!(DType::BF16.unit_roundoff(), 2f64.powi(-8));
+    }
+
+    #[test]
+    fn f64_to_half_rounds_correctly() {
+        // Between bf16 neighbours 1.828125 and 1.8359375: the midpoint ties to
+        // the even one, anything above it goes up.
+        let mid = (1.828125 + 1.8359375) / 2.0;
+        assert_eq!(bf16_from_f64(mid).to_f64(), 1.828125);
+        assert_eq!(bf16_from_f64(mid + 1e-12).to_f64(), 1.8359375);
+        assert_eq!(bf16_from_f64(-mid).to_f64(), -1.828125);
+        assert!(bf16_from_f64(1e39).to_f64().is_infinite());
+        assert_eq!(f16_from_f64(65519.0).to_f64(), 65504.0);
+        assert!(f16_from_f64(65520.0).to_f64().is_infinite());
+        assert_eq!(f16_from_f64(2f64.powi(-25)).to_f64(), 0.0); // tie to even (0)
+        assert_eq!(f16_from_f64(2f64.powi(-25) * 1.5).to_f64(), 2f64.powi(-24));
+        assert!(bf16_from_f64(f64::NAN).is_nan());
+        // Agrees with the (correct) f32 conversions on every f32 sampled.
+        for bits in (0u32..u32::MAX).step_by(65_521) {
+            let x = f32::from_bits(bits);
+            if x.is_finite() {
+                assert_eq!(
+                    bf16_from_f64(f64::from(x)).to_bits(),
+                    bf16::from_f32(x).to_bits(),
+                    "{x:e}"
+                );
+                assert_eq!(
+                    f16_from_f64(f64::from(x)).to_bits(),
+                    f16::from_f32(x).to_bits(),
+                    "{x:e}"
+                );
+            }
+        }
     }
 
     #[test]

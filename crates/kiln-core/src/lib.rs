@@ -30,7 +30,7 @@ pub use backend::{
     Activation, AdamStep, Backend, BackendStorage, BinaryOp, Distribution, GemmEpilogue, ReduceOp,
     SgdStep, UnaryOp, View,
 };
-pub use dtype::{DType, HostData};
+pub use dtype::{bf16_from_f64, f16_from_f64, round_to_format, DType, HostData};
 pub use error::{DataError, Error, Result};
 pub use layout::Layout;
 pub use shape::Shape;

@@ -2,7 +2,9 @@
 
 use std::borrow::Cow;
 
-use kiln_core::{bf16, f16, DType, Error, HostData, Layout, Result, View};
+use kiln_core::{
+    bf16, bf16_from_f64, f16, f16_from_f64, DType, Error, HostData, Layout, Result, View,
+};
 
 use crate::unsupported;
 
@@ -93,8 +95,8 @@ pub(crate) fn store_f32(op: &'static str, dtype: DType, v: Vec<f32>) -> Result<H
 pub(crate) fn full(numel: usize, dtype: DType, value: f64) -> HostData {
     match dtype {
         DType::F32 => HostData::F32(vec![value as f32; numel]),
-        DType::F16 => HostData::F16(vec![f16::from_f64(value); numel]),
-        DType::BF16 => HostData::BF16(vec![bf16::from_f64(value); numel]),
+        DType::F16 => HostData::F16(vec![f16_from_f64(value); numel]),
+        DType::BF16 => HostData::BF16(vec![bf16_from_f64(value); numel]),
         DType::U32 => HostData::U32(vec![value as u32; numel]),
     }
 }
@@ -162,13 +164,11 @@ pub(crate) fn cast(src: View<'_, HostData>, dtype: DType) -> Result<HostData> {
         (HostData::F32(v), DType::U32) => HostData::U32(v.into_iter().map(|x| x as u32).collect()),
         (HostData::U32(v), DType::F32) => HostData::F32(v.into_iter().map(|x| x as f32).collect()),
         (HostData::U32(v), DType::F16) => {
-            HostData::F16(v.into_iter().map(|x| f16::from_f64(f64::from(x))).collect())
+            HostData::F16(v.into_iter().map(|x| f16_from_f64(f64::from(x))).collect())
         }
-        (HostData::U32(v), DType::BF16) => HostData::BF16(
-            v.into_iter()
-                .map(|x| bf16::from_f64(f64::from(x)))
-                .collect(),
-        ),
+        (HostData::U32(v), DType::BF16) => {
+            HostData::BF16(v.into_iter().map(|x| bf16_from_f64(f64::from(x))).collect())
+        }
         (other, dtype) => {
             let wide = other.to_f32_vec();
             match dtype {

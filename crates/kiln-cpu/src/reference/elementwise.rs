@@ -21,7 +21,16 @@ pub(crate) fn unary_f32(op: UnaryOp, x: f32) -> f32 {
                 0.0
             }
         }
-        UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+        // e⁻ˣ overflows for x < −88 where the result is still a (subnormal)
+        // number: for negative x use eˣ/(1 + eˣ) instead.
+        UnaryOp::Sigmoid => {
+            if x >= 0.0 {
+                1.0 / (1.0 + (-x).exp())
+            } else {
+                let e = x.exp();
+                e / (1.0 + e)
+            }
+        }
         UnaryOp::Tanh => x.tanh(),
     }
 }

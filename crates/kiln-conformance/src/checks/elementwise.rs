@@ -1,0 +1,207 @@
+//! Elementwise ops: unary maps and their derivatives, affine, binary ops.
+
+use kiln_core::{Backend, BinaryOp, DType, UnaryOp, View};
+use proptest::prelude::*;
+
+use super::fetch_all;
+use crate::bound::round_to;
+use crate::values::{operand, shape, value, Domain};
+use crate::{compare, run_cases, Bound, Config, Report};
+
+const U: f64 = 1.0 / 16_777_216.0; // 2⁻²⁴: every op computes in at least f32
+
+/// The stated bound of each unary op. Transcendentals: the ulps each f32
+/// kernel may be off; in f16/bf16 (computed in f32, rounded once) 1 ulp.
+pub fn unary_bound(op: UnaryOp, dtype: DType) -> Bound {
+    let reduced = dtype != DType::F32;
+    match op {
+        UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu => Bound::Exact,
+        UnaryOp::Sqrt | UnaryOp::Square | UnaryOp::Recip => Bound::CorrectlyRounded,
+        _ if reduced => Bound::Ulps(1),
+        UnaryOp::Exp | UnaryOp::Log => Bound::Ulps(2),
+        UnaryOp::Tanh => Bound::Ulps(3),
+        UnaryOp::Sigmoid => Bound::Ulps(4),
+    }
+}
+
+pub(crate) fn unary<B: Backend>(b: &B, op: UnaryOp, dtype: DType, cfg: &Config) -> Report {
+    let s = shape(4, 17).prop_flat_map(move |d| operand(dtype, d, Domain::General, true));
+    let name = format!("unary_{}", op.name());
+    run_cases(&name, dtype, cfg, s, |x| {
+        let st = x.upload(b)?;
+        let out = b.unary(op, View::new(&st, &x.layout))?;
+        let got = fetch_all(b, &out, x.dims())?;
+        let bound = unary_bound(op, dtype);
+        let want: Vec<_> = x
+            .logical()
+            .into_iter()
+            .map(|v| (op.eval_f64(v), bound))
+            .collect();
+        compare(op.name(), dtype, x.dims(), &got, &want)
+    })
+}
+
+/// The magnitude a derivative's rounding errors scale with.
+fn backward_mass(op: UnaryOp, x: f64, y: f64, dy: f64) -> f64 {
+    match op {
+        UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu => 0.0,
+        UnaryOp::Exp => (dy * y).abs(),
+        UnaryOp::Log => (dy / x).abs(),
+        UnaryOp::Sqrt => (dy * 0.5 / y).abs(),
+        UnaryOp::Square => (2.0 * dy * x).abs(),
+        UnaryOp::Recip => (dy * y * y).abs(),
+        UnaryOp::Sigmoid => (dy * y).abs() * ((1.0 - y).abs() + 2.0 * U),
+        UnaryOp::Tanh => dy.abs() * ((1.0 - y * y).abs() + y * y),
+    }
+}
+
+pub(crate) fn unary_backward<B: Backend>(b: &B, op: UnaryOp, dtype: DType, cfg: &Config) -> Report {
+    let xdomain = if matches!(op, UnaryOp::Log | UnaryOp::Sqrt) {
+        Domain::Positive
+    } else {
+        Domain::Moderate(4.0)
+    };
+    let s = shape(3, 17).prop_flat_map(move |d| {
+        (
+            operand(dtype, d.clone(), xdomain, true),
+            operand(dtype, d, Domain::Moderate(4.0), true),
+        )
+    });
+    let name = format!("unary_backward_{}", op.name());
+    run_cases(&name, dtype, cfg, s, |(x, dy)| {
+        let xs = x.logical();
+        // y as the forward pass would give it, stored contiguously.
+        let ys: Vec<f64> = xs
+            .iter()
+            .map(|&v| round_to(dtype, op.eval_f64(v)))
+            .collect();
+        let y = crate::values::Operand::contiguous(dtype, x.dims(), ys.clone());
+        let (sx, sy, sd) = (x.upload(b)?, y.upload(b)?, dy.upload(b)?);
+        let out = b.unary_backward(
+            op,
+            View::new(&sx, &x.layout),
+            View::new(&sy, &y.layout),
+            View::new(&sd, &dy.layout),
+        )?;
+        let got = fetch_all(b, &out, x.dims())?;
+        let want: Vec<_> = xs
+            .iter()
+            .zip(&ys)
+            .zip(dy.logical())
+            .map(|((&xv, &yv), dv)| {
+                let w = op.backward_f64(xv, yv, dv);
+                let m = backward_mass(op, xv, yv, dv);
+                (
+                    w,
+                    if m == 0.0 {
+                        Bound::Exact
+                    } else {
+                        Bound::Abs(4.0 * U * m)
+                    },
+                )
+            })
+            .collect();
+        compare(&name, dtype, x.dims(), &got, &want)
+    })
+}
+
+/// The f32 neighbour of `r` in the direction of `target`.
+fn next_toward(r: f32, target: f64) -> f32 {
+    if f64::from(r) == target || r.is_nan() {
+        return r;
+    }
+    let up = target > f64::from(r);
+    let bits = r.to_bits();
+    let next = if r == 0.0 {
+        if up {
+            1
+        } else {
+            0x8000_0001
+        }
+    } else if (r > 0.0) == up {
+        bits + 1
+    } else {
+        bits - 1
+    };
+    f32::from_bits(next)
+}
+
+/// `x·m + a` rounded once to f32: the exact sum is `s + e` (TwoSum), and
+/// when `s` is an exact midpoint of two floats the sign of `e` decides.
+pub fn fma_rounded_f32(x: f64, m: f64, a: f64) -> f64 {
+    let p = x * m; // exact: 24 + 24 bits fit in f64's 53
+    let s = p + a;
+    if !s.is_finite() {
+        return s;
+    }
+    let bb = s - p;
+    let e = (p - (s - bb)) + (a - bb);
+    let r = s as f32;
+    if e == 0.0 || !r.is_finite() {
+        return f64::from(r);
+    }
+    let n = next_toward(r, s);
+    if n != r && (f64::from(r) + f64::from(n)) / 2.0 == s {
+        // A tie in s; the exact value lies on e's side of it.
+        let toward_r = (f64::from(r) - s).signum() == e.signum();
+        return f64::from(if toward_r { r } else { n });
+    }
+    f64::from(r)
+}
+
+pub(crate) fn affine<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
+    let s = (
+        shape(3, 17),
+        value(Domain::Finite, DType::F32),
+        value(Domain::Finite, DType::F32),
+    )
+        .prop_flat_map(move |(d, m, a)| {
+            (operand(dtype, d, Domain::General, true), Just(m), Just(a))
+        });
+    run_cases("affine", dtype, cfg, s, |(x, mul, add)| {
+        let st = x.upload(b)?;
+        let out = b.affine(View::new(&st, &x.layout), mul as f32, add as f32)?;
+        let got = fetch_all(b, &out, x.dims())?;
+        let want: Vec<_> = x
+            .logical()
+            .into_iter()
+            .map(|v| {
+                if dtype == DType::F32 {
+                    (fma_rounded_f32(v, mul, add), Bound::CorrectlyRounded)
+                } else {
+                    // One f32 fma, then rounded to the storage type.
+                    (v * mul + add, Bound::Ulps(1))
+                }
+            })
+            .collect();
+        compare("affine", dtype, x.dims(), &got, &want)
+    })
+}
+
+pub(crate) fn binary<B: Backend>(b: &B, op: BinaryOp, dtype: DType, cfg: &Config) -> Report {
+    let s = shape(4, 13).prop_flat_map(move |d| {
+        (
+            operand(dtype, d.clone(), Domain::General, true),
+            operand(dtype, d, Domain::General, true),
+        )
+    });
+    let name = format!("binary_{}", op.name());
+    run_cases(&name, dtype, cfg, s, |(x, y)| {
+        let (sx, sy) = (x.upload(b)?, y.upload(b)?);
+        let out = b.binary(op, View::new(&sx, &x.layout), View::new(&sy, &y.layout))?;
+        let got = fetch_all(b, &out, x.dims())?;
+        // Arithmetic is correctly rounded; max/min and comparisons are exact
+        // (max/min of +0 and −0 may return either zero, hence CorrectlyRounded).
+        let bound = match op {
+            BinaryOp::Eq | BinaryOp::Gt | BinaryOp::Ge => Bound::Exact,
+            _ => Bound::CorrectlyRounded,
+        };
+        let want: Vec<_> = x
+            .logical()
+            .into_iter()
+            .zip(y.logical())
+            .map(|(a, c)| (op.eval_f64(a, c), bound))
+            .collect();
+        compare(&name, dtype, x.dims(), &got, &want)
+    })
+}

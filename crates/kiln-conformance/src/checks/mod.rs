@@ -1,0 +1,89 @@
+//! The checks, one function per op family, dispatched by name.
+
+mod elementwise;
+mod gemm;
+mod memory;
+mod optim;
+mod random;
+mod reduce;
+mod softmax;
+
+use kiln_core::{Backend, BinaryOp, DType, Layout, ReduceOp, UnaryOp, View};
+
+use crate::{gradcheck, CaseError, Config, Report, Status};
+
+/// Downloads `storage` through `layout` as f64 values.
+pub(crate) fn fetch<B: Backend>(
+    b: &B,
+    storage: &B::Storage,
+    layout: &Layout,
+) -> Result<Vec<f64>, CaseError> {
+    Ok(b.download(View::new(storage, layout))?.to_f64_vec())
+}
+
+/// Downloads a whole contiguous result of shape `dims`.
+pub(crate) fn fetch_all<B: Backend>(
+    b: &B,
+    storage: &B::Storage,
+    dims: &[usize],
+) -> Result<Vec<f64>, CaseError> {
+    let layout = Layout::contiguous(kiln_core::Shape::new(dims).map_err(CaseError::from)?);
+    fetch(b, storage, &layout)
+}
+
+pub(crate) fn unknown(op: &str, dtype: DType, cfg: &Config) -> Report {
+    Report {
+        op: op.to_string(),
+        dtype,
+        status: Status::Fail,
+        cases: 0,
+        worst: 0.0,
+        failure: Some(format!(
+            "no check is named `{op}` for {dtype}; see kiln_conformance::CHECKS"
+        )),
+        reproduce: format!("kiln conformance --backend {}", cfg.backend),
+    }
+}
+
+pub(crate) fn run<B: Backend>(b: &B, op: &str, dtype: DType, cfg: &Config) -> Report {
+    if !crate::CHECKS
+        .iter()
+        .any(|(n, dts)| *n == op && dts.contains(&dtype))
+    {
+        return unknown(op, dtype, cfg);
+    }
+    let find_unary = |name: &str| UnaryOp::ALL.into_iter().find(|u| u.name() == name);
+    let find_binary = |name: &str| BinaryOp::ALL.into_iter().find(|u| u.name() == name);
+    if let Some(u) = op.strip_prefix("unary_backward_").and_then(find_unary) {
+        return elementwise::unary_backward(b, u, dtype, cfg);
+    }
+    if let Some(u) = op.strip_prefix("unary_").and_then(find_unary) {
+        return elementwise::unary(b, u, dtype, cfg);
+    }
+    if let Some(o) = op.strip_prefix("binary_").and_then(find_binary) {
+        return elementwise::binary(b, o, dtype, cfg);
+    }
+    match op {
+        "upload_download" => memory::upload_download(b, dtype, cfg),
+        "copy_strided" => memory::copy_strided(b, dtype, cfg),
+        "full" => memory::full(b, dtype, cfg),
+        "cast" => memory::cast(b, dtype, cfg),
+        "gemm" => gemm::gemm(b, dtype, cfg, false),
+        "gemm_epilogue" => gemm::gemm(b, dtype, cfg, true),
+        "affine" => elementwise::affine(b, dtype, cfg),
+        "reduce_sum" => reduce::reduce(b, ReduceOp::Sum, dtype, cfg),
+        "reduce_mean" => reduce::reduce(b, ReduceOp::Mean, dtype, cfg),
+        "reduce_max" => reduce::reduce(b, ReduceOp::Max, dtype, cfg),
+        "reduce_min" => reduce::reduce(b, ReduceOp::Min, dtype, cfg),
+        "argmax" => reduce::argmax(b, dtype, cfg),
+        "softmax" => softmax::softmax(b, dtype, cfg, false),
+        "log_softmax" => softmax::softmax(b, dtype, cfg, true),
+        "softmax_cross_entropy" => softmax::cross_entropy(b, dtype, cfg),
+        "sgd_update" => optim::sgd(b, cfg),
+        "adam_update" => optim::adam(b, cfg),
+        "random_uniform" => random::random(b, dtype, cfg, false),
+        "random_normal" => random::random(b, dtype, cfg, true),
+        _ if op.starts_with("grad_") => gradcheck::run(b, op, cfg),
+        _ => unknown(op, dtype, cfg),
+    }
+}

@@ -1,0 +1,124 @@
+//! Reductions over axes, and argmax.
+
+use kiln_core::{Backend, DType, ReduceOp, View};
+use proptest::prelude::*;
+
+use super::fetch_all;
+use crate::bound::{gamma, ETA_F32};
+use crate::values::{operand, shape, Domain};
+use crate::{compare, run_cases, Bound, Config, Report};
+
+const U: f64 = 1.0 / 16_777_216.0;
+const U64: f64 = 1.0 / 9_007_199_254_740_992.0;
+
+pub(crate) fn reduce<B: Backend>(b: &B, op: ReduceOp, dtype: DType, cfg: &Config) -> Report {
+    let s = shape(4, 17).prop_flat_map(move |d| {
+        let rank = d.len();
+        (
+            operand(dtype, d, Domain::General, true),
+            prop::collection::vec(any::<bool>(), rank),
+        )
+    });
+    let name = format!("reduce_{}", op.name());
+    run_cases(&name, dtype, cfg, s, |(x, mask)| {
+        let axes: Vec<usize> = (0..mask.len()).filter(|&i| mask[i]).collect();
+        let dims = x.dims().to_vec();
+        let mut out_dims = dims.clone();
+        for &a in &axes {
+            out_dims[a] = 1;
+        }
+        let st = x.upload(b)?;
+        let out = b.reduce(op, View::new(&st, &x.layout), &axes)?;
+        let got = fetch_all(b, &out, &out_dims)?;
+        // Fold the logical values into their output positions.
+        let logical = x.logical();
+        let outputs: usize = out_dims.iter().product();
+        let mut groups: Vec<Vec<f64>> = vec![Vec::new(); outputs];
+        let strides = kiln_core::Shape::new(&out_dims)?.contiguous_strides();
+        let mut idx = vec![0usize; dims.len()];
+        for v in logical {
+            let o: usize = idx
+                .iter()
+                .zip(&strides)
+                .enumerate()
+                .map(|(d, (&i, &s))| if mask[d] { 0 } else { i * s })
+                .sum();
+            groups[o].push(v);
+            for d in (0..dims.len()).rev() {
+                idx[d] += 1;
+                if idx[d] < dims[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+        let want: Vec<_> = groups
+            .iter()
+            .map(|g| {
+                let n = g.len();
+                let sum: f64 = g.iter().sum();
+                let mass: f64 = g.iter().map(|v| v.abs()).sum();
+                let err = (gamma(n, U) + n as f64 * U64) * mass + n as f64 * ETA_F32;
+                let extreme = |pick: fn(f64, f64) -> f64, start: f64| {
+                    g.iter().fold(start, |m, &v| {
+                        if m.is_nan() || v.is_nan() {
+                            f64::NAN
+                        } else {
+                            pick(m, v)
+                        }
+                    })
+                };
+                match op {
+                    ReduceOp::Sum => (sum, Bound::Abs(err)),
+                    ReduceOp::Mean => (
+                        sum / n as f64,
+                        Bound::Abs((gamma(n + 1, U) * mass + err) / n as f64 + ETA_F32),
+                    ),
+                    ReduceOp::Max => (
+                        extreme(f64::max, f64::NEG_INFINITY),
+                        Bound::CorrectlyRounded,
+                    ),
+                    ReduceOp::Min => (extreme(f64::min, f64::INFINITY), Bound::CorrectlyRounded),
+                }
+            })
+            .collect();
+        compare(&name, dtype, &out_dims, &got, &want)
+    })
+}
+
+pub(crate) fn argmax<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
+    // Ties are common in small-range values; NaN counts as the maximum.
+    let s = (shape(2, 9), 1usize..40).prop_flat_map(move |(mut d, c)| {
+        d.push(c);
+        prop_oneof![
+            operand(dtype, d.clone(), Domain::General, true),
+            operand(dtype, d, Domain::Moderate(2.0), true).prop_map(|mut o| {
+                o.storage.iter_mut().for_each(|v| *v = v.round());
+                o
+            }),
+        ]
+    });
+    run_cases("argmax", dtype, cfg, s, |x| {
+        let dims = x.dims().to_vec();
+        let c = *dims.last().expect("rank ≥ 1");
+        let st = x.upload(b)?;
+        let out = b.argmax(View::new(&st, &x.layout))?;
+        let out_dims = &dims[..dims.len() - 1];
+        let got = fetch_all(b, &out, out_dims)?;
+        let want: Vec<_> = x
+            .logical()
+            .chunks(c)
+            .map(|row| {
+                let mut best = 0;
+                for (j, &v) in row.iter().enumerate() {
+                    let m = row[best];
+                    if !m.is_nan() && (v.is_nan() || v > m) {
+                        best = j;
+                    }
+                }
+                (best as f64, Bound::Exact)
+            })
+            .collect();
+        compare("argmax", DType::U32, out_dims, &got, &want)
+    })
+}

@@ -30,6 +30,8 @@ enum Command {
     Train(TrainArgs),
     /// Evaluate a saved model on a dataset.
     Eval(EvalArgs),
+    /// Run the conformance suite on a backend and print the per-op report.
+    Conformance(ConformanceArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -112,12 +114,38 @@ struct EvalArgs {
     threads: Option<usize>,
 }
 
+#[derive(clap::Args)]
+struct ConformanceArgs {
+    /// Backend: cpu, or cpu:KERNELS to check one kernel set (cpu:scalar).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Random cases per check [default: KILN_CONFORMANCE_CASES, else 48].
+    #[arg(long)]
+    cases: Option<u32>,
+    /// Seed for the inputs [default: KILN_CONFORMANCE_SEED, else fixed].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Run only the checks whose name contains this (e.g. gemm, unary_exp).
+    #[arg(long)]
+    op: Option<String>,
+    /// Run only this dtype (f32, f16, bf16, u32).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Also write every report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Worker threads.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info => info(),
         Command::Train(a) => train(a),
         Command::Eval(a) => eval(a),
+        Command::Conformance(a) => conformance(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -307,4 +335,98 @@ fn print_eval<B: Backend>(
         r.examples as f64 / secs.max(1e-9)
     );
     Ok(())
+}
+
+fn conformance(a: ConformanceArgs) -> Result<()> {
+    let backend = cpu_backend(&a.backend, a.threads)?;
+    let mut cfg = kiln_conformance::Config::from_env(&backend.name());
+    cfg.backend = a.backend.clone();
+    if let Some(c) = a.cases {
+        cfg.cases = c.max(1);
+    }
+    if let Some(s) = a.seed {
+        cfg.seed = s;
+    }
+    let dtype: Option<kiln_core::DType> = a.dtype.as_deref().map(str::parse).transpose()?;
+    let selected: Vec<(&str, kiln_core::DType)> = kiln_conformance::CHECKS
+        .iter()
+        .filter(|(name, _)| a.op.as_deref().is_none_or(|o| name.contains(o)))
+        .flat_map(|(name, dts)| dts.iter().map(move |&d| (*name, d)))
+        .filter(|(_, d)| dtype.is_none_or(|want| *d == want))
+        .collect();
+    if selected.is_empty() {
+        return Err(Error::invalid(
+            "no conformance check matches --op/--dtype (see kiln_conformance::CHECKS)",
+        ));
+    }
+    println!(
+        "kiln conformance: backend {} ({}), {} cases per check, seed {}",
+        a.backend,
+        backend.name(),
+        cfg.cases,
+        cfg.seed
+    );
+    println!(
+        "{:<26} {:<5} {:<11} {:>6} {:>12}",
+        "op", "dtype", "result", "cases", "worst/bound"
+    );
+    let start = std::time::Instant::now();
+    let mut reports = Vec::new();
+    for (name, d) in selected {
+        let r = kiln_conformance::run_check(&backend, name, d, &cfg);
+        let status = match r.status {
+            kiln_conformance::Status::Pass => "pass",
+            kiln_conformance::Status::Fail => "FAIL",
+            kiln_conformance::Status::Unsupported => "unsupported",
+        };
+        println!(
+            "{:<26} {:<5} {:<11} {:>6} {:>12.3}",
+            r.op,
+            r.dtype.as_str(),
+            status,
+            r.cases,
+            r.worst
+        );
+        reports.push(r);
+    }
+    let failed: Vec<_> = reports
+        .iter()
+        .filter(|r| r.status == kiln_conformance::Status::Fail)
+        .collect();
+    let unsupported = reports
+        .iter()
+        .filter(|r| r.status == kiln_conformance::Status::Unsupported)
+        .count();
+    for r in &failed {
+        println!(
+            "\n{}/{}: {}\nreproduce: {}",
+            r.op,
+            r.dtype,
+            r.failure.as_deref().unwrap_or(""),
+            r.reproduce
+        );
+    }
+    println!(
+        "\n{} checks: {} passed, {} failed, {} unsupported ({:.1} s)",
+        reports.len(),
+        reports.len() - failed.len() - unsupported,
+        failed.len(),
+        unsupported,
+        start.elapsed().as_secs_f64()
+    );
+    if let Some(path) = &a.json {
+        let json =
+            serde_json::to_string_pretty(&reports).map_err(|e| Error::invalid(e.to_string()))?;
+        model_file::write_atomic(path, json.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{} conformance checks failed on {}",
+            failed.len(),
+            a.backend
+        )))
+    }
 }

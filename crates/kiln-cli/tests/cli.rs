@@ -126,3 +126,43 @@ fn errors_are_one_clear_line_and_a_nonzero_exit() {
         stderr(&o)
     );
 }
+
+#[test]
+fn conformance_report_for_the_reference_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let o = kiln(&[
+        "conformance",
+        "--backend",
+        "cpu:scalar",
+        "--cases",
+        "8",
+        "--op",
+        "gemm",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let s = stdout(&o);
+    assert!(
+        s.contains("gemm_epilogue") && s.contains("6 checks: 6 passed, 0 failed"),
+        "{s}"
+    );
+    let reports: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(reports.as_array().unwrap().len(), 6);
+    // A kernel set this build lacks is a clear error.
+    let o = kiln(&["conformance", "--backend", "cpu:avx512"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("not part of this build"),
+        "{}",
+        stderr(&o)
+    );
+    let o = kiln(&["conformance", "--op", "nonexistent"]);
+    assert!(
+        stderr(&o).contains("no conformance check matches"),
+        "{}",
+        stderr(&o)
+    );
+}

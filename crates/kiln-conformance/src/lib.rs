@@ -125,7 +125,7 @@ where
     let config = PropConfig {
         cases: cfg.cases,
         failure_persistence: None,
-        max_shrink_iters: 2048,
+        max_shrink_iters: 8192,
         ..PropConfig::default()
     };
     let mut runner =

@@ -1,0 +1,239 @@
+//! The suite catches real bugs: a correct backend wrapped with one planted
+//! fault at a time must fail the checks that cover it, while the unwrapped
+//! backend passes the same checks.
+
+use kiln_conformance::{run_check, Config, Status};
+use kiln_core::{
+    AdamStep, Backend, BinaryOp, DType, Distribution, GemmEpilogue, HostData, Layout, ReduceOp,
+    Result, SgdStep, UnaryOp, View,
+};
+use kiln_cpu::CpuBackend;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    None,
+    /// The micro-kernel's edge tile (n % 4 ≠ 0) skips the last k step.
+    GemmEdgeTile,
+    /// exp is off by 1e-4 relative.
+    ExpRelative,
+    /// A sum drops the last element of its last reduced axis.
+    ReduceDropsLast,
+    /// A broadcast operand is read with a wrong stride: the dimension next to
+    /// a broadcast one is broadcast too.
+    BroadcastWrongStride,
+}
+
+#[derive(Clone, Debug)]
+struct Faulty {
+    inner: CpuBackend,
+    fault: Fault,
+}
+
+fn f32s(h: &HostData) -> Vec<f32> {
+    h.to_f32_vec()
+}
+
+impl Backend for Faulty {
+    type Storage = HostData;
+
+    fn name(&self) -> String {
+        format!("faulty({:?})", self.fault)
+    }
+    fn full(&self, n: usize, d: DType, v: f64) -> Result<HostData> {
+        self.inner.full(n, d, v)
+    }
+    fn upload(&self, data: &HostData) -> Result<HostData> {
+        self.inner.upload(data)
+    }
+    fn download(&self, src: View<'_, HostData>) -> Result<HostData> {
+        self.inner.download(src)
+    }
+    fn copy_strided(&self, src: View<'_, HostData>, dst: &mut HostData, l: &Layout) -> Result<()> {
+        self.inner.copy_strided(src, dst, l)
+    }
+    fn cast(&self, src: View<'_, HostData>, d: DType) -> Result<HostData> {
+        self.inner.cast(src, d)
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    fn gemm(
+        &self,
+        a: View<'_, HostData>,
+        b: View<'_, HostData>,
+        ep: &GemmEpilogue<'_, HostData>,
+    ) -> Result<HostData> {
+        let out = self.inner.gemm(a, b, ep)?;
+        let (m, k, n) = (a.layout.dims()[1], a.layout.dims()[2], b.layout.dims()[2]);
+        if self.fault != Fault::GemmEdgeTile
+            || n % 4 == 0
+            || k == 0
+            || m == 0
+            || out.dtype() != DType::F32
+        {
+            return Ok(out);
+        }
+        let (av, bv) = (
+            f32s(&self.inner.download(a)?),
+            f32s(&self.inner.download(b)?),
+        );
+        let mut c = f32s(&out);
+        let batch = a.layout.dims()[0];
+        for p in 0..batch {
+            for i in 0..m {
+                let j = n - 1;
+                c[(p * m + i) * n + j] -=
+                    ep.alpha * av[(p * m + i) * k + k - 1] * bv[(p * k + k - 1) * n + j];
+            }
+        }
+        Ok(HostData::F32(c))
+    }
+    fn unary(&self, op: UnaryOp, x: View<'_, HostData>) -> Result<HostData> {
+        let out = self.inner.unary(op, x)?;
+        if self.fault == Fault::ExpRelative && op == UnaryOp::Exp {
+            if let HostData::F32(v) = out {
+                return Ok(HostData::F32(
+                    v.into_iter().map(|y| y * (1.0 + 1e-4)).collect(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+    fn unary_backward(
+        &self,
+        op: UnaryOp,
+        x: View<'_, HostData>,
+        y: View<'_, HostData>,
+        dy: View<'_, HostData>,
+    ) -> Result<HostData> {
+        self.inner.unary_backward(op, x, y, dy)
+    }
+    fn affine(&self, x: View<'_, HostData>, mul: f32, add: f32) -> Result<HostData> {
+        self.inner.affine(x, mul, add)
+    }
+    fn binary(
+        &self,
+        op: BinaryOp,
+        a: View<'_, HostData>,
+        b: View<'_, HostData>,
+    ) -> Result<HostData> {
+        if self.fault == Fault::BroadcastWrongStride {
+            let l = b.layout;
+            let (dims, strides) = (l.dims(), l.strides());
+            let broadcast = (0..l.rank()).find(|&d| strides[d] == 0 && dims[d] > 1);
+            let neighbour = broadcast.and_then(|d| {
+                [d + 1, d.wrapping_sub(1)]
+                    .into_iter()
+                    .find(|&e| e < l.rank() && dims[e] > 1 && strides[e] != 0)
+            });
+            if let Some(e) = neighbour {
+                let mut wrong = strides.to_vec();
+                wrong[e] = 0;
+                let wrong = Layout::new(l.shape().clone(), wrong, l.offset())?;
+                return self.inner.binary(op, a, View::new(b.storage, &wrong));
+            }
+        }
+        self.inner.binary(op, a, b)
+    }
+    fn reduce(&self, op: ReduceOp, x: View<'_, HostData>, axes: &[usize]) -> Result<HostData> {
+        if self.fault == Fault::ReduceDropsLast && op == ReduceOp::Sum {
+            if let Some(&last) = axes.last() {
+                let extent = x.layout.dims()[last];
+                if extent > 1 {
+                    let short = x.layout.narrow(last, 0, extent - 1)?;
+                    return self.inner.reduce(op, View::new(x.storage, &short), axes);
+                }
+            }
+        }
+        self.inner.reduce(op, x, axes)
+    }
+    fn argmax(&self, x: View<'_, HostData>) -> Result<HostData> {
+        self.inner.argmax(x)
+    }
+    fn softmax(&self, x: View<'_, HostData>, log: bool) -> Result<HostData> {
+        self.inner.softmax(x, log)
+    }
+    fn softmax_cross_entropy(
+        &self,
+        l: View<'_, HostData>,
+        y: View<'_, HostData>,
+    ) -> Result<(HostData, HostData)> {
+        self.inner.softmax_cross_entropy(l, y)
+    }
+    fn sgd_update(
+        &self,
+        p: &mut HostData,
+        g: &HostData,
+        v: Option<&mut HostData>,
+        s: &SgdStep,
+    ) -> Result<()> {
+        self.inner.sgd_update(p, g, v, s)
+    }
+    fn adam_update(
+        &self,
+        p: &mut HostData,
+        g: &HostData,
+        m: &mut HostData,
+        v: &mut HostData,
+        s: &AdamStep,
+    ) -> Result<()> {
+        self.inner.adam_update(p, g, m, v, s)
+    }
+    fn random(&self, d: Distribution, n: usize, t: DType, seed: u64, off: u64) -> Result<HostData> {
+        self.inner.random(d, n, t, seed, off)
+    }
+}
+
+fn status(fault: Fault, op: &str) -> (Status, Option<String>) {
+    let b = Faulty {
+        inner: CpuBackend::reference().with_threads(1),
+        fault,
+    };
+    let cfg = Config {
+        cases: 64,
+        seed: 1,
+        backend: b.name(),
+    };
+    let r = run_check(&b, op, DType::F32, &cfg);
+    (r.status, r.failure)
+}
+
+#[test]
+fn every_planted_fault_is_caught_and_the_clean_backend_passes() {
+    let cases = [
+        (Fault::GemmEdgeTile, "gemm"),
+        (Fault::ExpRelative, "unary_exp"),
+        (Fault::ReduceDropsLast, "reduce_sum"),
+        (Fault::BroadcastWrongStride, "binary_add"),
+    ];
+    for (fault, op) in cases {
+        let (clean, why) = status(Fault::None, op);
+        assert_eq!(clean, Status::Pass, "{op} fails without a fault: {why:?}");
+        let (s, failure) = status(fault, op);
+        assert_eq!(s, Status::Fail, "{fault:?} was not caught by {op}");
+        let msg = failure.unwrap();
+        assert!(
+            msg.contains("bound") && msg.contains("minimal case"),
+            "{msg}"
+        );
+        eprintln!("{fault:?} caught by {op}: {}", msg.lines().next().unwrap());
+    }
+}
+
+#[test]
+fn a_faulty_kernel_also_fails_the_gradient_checks_built_on_it() {
+    // Finite differences of the faulty sum disagree with its (correct) backward.
+    assert_eq!(
+        status(Fault::ReduceDropsLast, "grad_reduce").0,
+        Status::Fail
+    );
+    assert_eq!(status(Fault::GemmEdgeTile, "grad_linear").0, Status::Fail);
+}
+
+#[test]
+fn unknown_checks_are_reported_not_ignored() {
+    let b = CpuBackend::reference();
+    let r = run_check(&b, "gemm", DType::U32, &Config::from_env("cpu"));
+    assert_eq!(r.status, Status::Fail);
+    assert!(r.failure.unwrap().contains("no check is named"));
+}

@@ -3,7 +3,9 @@
 # machine, then runs the formatting and lint gates and every test.
 #
 #   ci/test.sh            everything
-#   ci/test.sh --quick    skip fmt and clippy
+#   ci/test.sh --quick    skip fmt, clippy and the fuzz smoke
+#
+# KILN_FUZZ_SECONDS (default 20) sets the fuzz smoke's time per target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,3 +40,10 @@ fi
 # checks and debug assertions on. Datasets are required: a missing one fails.
 step "cargo test"
 KILN_REQUIRE_DATASETS=1 cargo test --workspace --profile ci --locked
+
+# --- fuzz smoke ---------------------------------------------------------------
+# Every cargo-fuzz target briefly, from the saved inputs (nightly, cargo-fuzz).
+if [ "$quick" = 0 ]; then
+  step "fuzz smoke (${KILN_FUZZ_SECONDS:-20}s per target)"
+  ci/fuzz.sh "${KILN_FUZZ_SECONDS:-20}"
+fi

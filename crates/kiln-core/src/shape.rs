@@ -21,12 +21,13 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// Builds a shape, rejecting element counts over [`MAX_NUMEL`].
+    /// Builds a shape, rejecting element counts over [`MAX_NUMEL`]. Extents
+    /// of 0 count as 1 in that check, so strides never overflow either.
     pub fn new(dims: &[usize]) -> Result<Self> {
         let mut n: usize = 1;
         for &d in dims {
             n = n
-                .checked_mul(d)
+                .checked_mul(d.max(1))
                 .filter(|&n| n <= MAX_NUMEL)
                 .ok_or_else(|| {
                     Error::shape(
@@ -154,6 +155,10 @@ mod tests {
     fn overflow_is_an_error() {
         assert!(Shape::new(&[usize::MAX, 2]).is_err());
         assert!(Shape::new(&[1 << 40, 1 << 40]).is_err());
+        // An empty shape still has strides, and they must not overflow (found by fuzzing).
+        assert!(Shape::new(&[0, 1 << 40, 1 << 40]).is_err());
+        // An empty shape still has strides, and they must not overflow.
+        assert!(Shape::new(&[0, 1 << 40, 1 << 40]).is_err());
     }
 
     #[test]

@@ -52,14 +52,18 @@ pub fn parse_idx(bytes: &[u8]) -> std::result::Result<IdxArray, DataError> {
     }
     let mut dims = Vec::with_capacity(ndim);
     let mut count: u64 = 1;
+    // The product with zero extents counted as 1: bounded too, so that any
+    // consumer may multiply the dimensions in any order without overflow.
+    let mut nonzero: u64 = 1;
     for i in 0..ndim {
         let b = &bytes[4 + 4 * i..8 + 4 * i];
         let d = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
         count = count.saturating_mul(u64::from(d));
+        nonzero = nonzero.saturating_mul(u64::from(d.max(1)));
         dims.push(d as usize);
     }
     let expected = header.saturating_add(count);
-    if expected > MAX_IDX_BYTES {
+    if expected > MAX_IDX_BYTES || nonzero > MAX_IDX_BYTES {
         return Err(DataError::BadDimensions(format!(
             "dimensions {dims:?} declare {count} elements, more than this reader accepts"
         )));
@@ -157,6 +161,11 @@ mod tests {
         ));
         assert!(matches!(
             parse_idx(&idx(&[u32::MAX, u32::MAX, u32::MAX], &[])),
+            Err(DataError::BadDimensions(_))
+        ));
+        // Zero elements, but dimensions whose product overflows (found by fuzzing).
+        assert!(matches!(
+            parse_idx(&idx(&[u32::MAX, u32::MAX, u32::MAX, 0], &[])),
             Err(DataError::BadDimensions(_))
         ));
     }

@@ -17,4 +17,4 @@ pub use layers::{Dense, Flatten, Layer, Nonlinearity};
 pub use loss::Loss;
 pub use optim::{Adam, Optimizer, Sgd};
 pub use sequential::Sequential;
-pub use spec::{ActivationSpec, LayerSpec, ModelSpec};
+pub use spec::{ActivationSpec, LayerSpec, ModelSpec, MAX_PARAMS};

@@ -18,12 +18,7 @@ impl<B: Backend> Sequential<B> {
     /// `i` draws at counter offset `i·2⁴⁰`, so adding a layer does not change
     /// the others' initial weights.
     pub fn from_spec(spec: &ModelSpec, seed: u64, backend: &B) -> Result<Self> {
-        if spec.input.is_empty() || spec.input.contains(&0) {
-            return Err(Error::invalid(format!(
-                "model `{}`: input shape {:?} must be non-empty with no zero extent",
-                spec.name, spec.input
-            )));
-        }
+        spec.plan()?;
         let mut layers: Vec<Box<dyn Layer<B>>> = Vec::with_capacity(spec.layers.len());
         let mut shape = spec.input.clone();
         for (i, ls) in spec.layers.iter().enumerate() {
@@ -39,14 +34,7 @@ impl<B: Backend> Sequential<B> {
                     activation,
                     kernel_init,
                 } => {
-                    if shape.len() != 1 {
-                        return Err(Error::shape(
-                            "Sequential",
-                            format!(
-                                "layer {i} (Dense) gets shape {shape:?}; Dense needs a flat input (add a Flatten layer before it)"
-                            ),
-                        ));
-                    }
+                    // `plan` checked that Dense gets a flat input.
                     Box::new(Dense::new(
                         shape[0],
                         units,

@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 use crate::Initializer;
 use kiln_core::{Error, Result};
 
+/// The most parameters a model may have (2³⁰, 4 GiB of f32): a spec
+/// asking for more is rejected before anything is allocated.
+pub const MAX_PARAMS: usize = 1 << 30;
+
 /// The activation a dense layer applies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -96,6 +100,54 @@ impl ModelSpec {
                 "unknown model `{other}`: the built-in models are: mlp"
             ))),
         }
+    }
+
+    /// Checks the spec without allocating anything: every layer fits the
+    /// shape before it and the model has at most [`MAX_PARAMS`] parameters.
+    /// Returns the output shape of one example and the parameter count.
+    pub fn plan(&self) -> Result<(Vec<usize>, usize)> {
+        if self.input.is_empty() || self.input.contains(&0) || self.input.len() > 8 {
+            return Err(Error::invalid(format!(
+                "model `{}`: input shape {:?} must have 1 to 8 dimensions, none of extent 0",
+                self.name, self.input
+            )));
+        }
+        kiln_core::Shape::new(&self.input)?;
+        let mut shape = self.input.clone();
+        let mut params: usize = 0;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let at =
+                |msg: String| Error::invalid(format!("model `{}`, layer {i}: {msg}", self.name));
+            shape = match *layer {
+                LayerSpec::Flatten => vec![shape.iter().product()],
+                LayerSpec::Relu | LayerSpec::Sigmoid | LayerSpec::Tanh | LayerSpec::Softmax => {
+                    shape
+                }
+                LayerSpec::Dense { units, .. } => {
+                    let [inputs] = shape[..] else {
+                        return Err(at(format!(
+                            "Dense gets shape {shape:?}; it needs a flat input (add a Flatten layer before it)"
+                        )));
+                    };
+                    if units == 0 {
+                        return Err(at("Dense needs at least one unit".into()));
+                    }
+                    let p = inputs
+                        .checked_mul(units)
+                        .and_then(|w| w.checked_add(units))
+                        .and_then(|w| w.checked_add(params))
+                        .filter(|&total| total <= MAX_PARAMS)
+                        .ok_or_else(|| {
+                            at(format!(
+                                "the model would have more than {MAX_PARAMS} parameters"
+                            ))
+                        })?;
+                    params = p;
+                    vec![units]
+                }
+            };
+        }
+        Ok((shape, params))
     }
 
     /// Parses a spec from JSON (as stored in checkpoints).

@@ -116,6 +116,15 @@ pub fn from_bytes<B: Backend>(bytes: &[u8], backend: &B) -> Result<Loaded<B>> {
         ))
     })?;
     let spec = ModelSpec::from_json(spec_json)?;
+    // Check the spec against the file before building (allocating) the model.
+    let (_, params) = spec.plan()?;
+    if params.saturating_mul(4) > bytes.len() {
+        return Err(Error::invalid(format!(
+            "model `{}` needs {params} f32 parameters but the file holds only {} bytes",
+            spec.name,
+            bytes.len()
+        )));
+    }
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::invalid(format!("corrupt model file: {e}")))?;
     let mut model = Sequential::from_spec(&spec, 0, backend)?;

@@ -152,9 +152,11 @@ fn model_files_round_trip_and_reject_corruption() {
     std::fs::write(&bad, b"hello").unwrap();
     assert!(model_file::load(&bad, &b).is_err());
     // Tensors whose shapes do not match the spec in the metadata.
-    let wrong = vec![0u8; 4 * 10 * 32];
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![10, 32], &wrong)
-        .unwrap();
+    // (Large enough to pass the size check, so the shape check is what fails.)
+    let wrong = vec![0u8; 4 * 300 * 200];
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![300, 200], &wrong)
+            .unwrap();
     let names = [
         "1.dense.weight",
         "1.dense.bias",
@@ -169,6 +171,17 @@ fn model_files_round_trip_and_reject_corruption() {
     std::fs::write(&bad, safetensors::serialize(views, &Some(meta)).unwrap()).unwrap();
     let e = model_file::load(&bad, &b).err().unwrap().to_string();
     assert!(e.contains("the model needs"), "{e}");
+    // A spec that needs more parameters than the file could hold is
+    // rejected before the model is built.
+    let mut huge = ModelSpec::mlp();
+    if let kiln_nn::LayerSpec::Dense { units, .. } = &mut huge.layers[1] {
+        *units = 1 << 20;
+    }
+    let meta = HashMap::from([(model_file::SPEC_KEY.to_string(), huge.to_json())]);
+    let empty: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
+    std::fs::write(&bad, safetensors::serialize(empty, &Some(meta)).unwrap()).unwrap();
+    let e = model_file::load(&bad, &b).err().unwrap().to_string();
+    assert!(e.contains("needs") && e.contains("holds only"), "{e}");
 }
 
 #[test]

@@ -329,10 +329,40 @@ macro_rules! __suite_tests {
 
 /// Expands to one `#[test]` per op × dtype of the suite, each building a
 /// backend with `$make` (a closure) and running [`assert_check`].
+///
+/// `suite!(optional: make)` takes a closure returning `Option<Backend>`;
+/// `None` (e.g. the processor lacks an instruction set) skips the checks
+/// with a note on stderr.
 #[macro_export]
 macro_rules! suite {
+    (optional: $make:expr) => {
+        $crate::__with_checks!(__suite_tests_optional!($make));
+    };
     ($make:expr) => {
         $crate::__with_checks!(__suite_tests!($make));
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __suite_tests_optional {
+    ($make:expr; $($name:ident: $($dt:ident)+;)+) => {
+        $(
+            #[allow(non_snake_case)]
+            mod $name {
+                $(
+                    #[test]
+                    #[allow(non_snake_case)]
+                    fn $dt() {
+                        let make = $make;
+                        match make() {
+                            Some(b) => $crate::assert_check(&b, stringify!($name), kiln_core::DType::$dt),
+                            None => eprintln!("skipped: backend not available here"),
+                        }
+                    }
+                )+
+            }
+        )+
     };
 }
 

@@ -7,42 +7,90 @@ use kiln_core::{Error, Result};
 pub enum KernelSet {
     /// Portable scalar loops: the reference every other set is checked against.
     Scalar,
+    /// x86-64 AVX2 + FMA (256-bit vectors).
+    Avx2,
+    /// x86-64 AVX-512F (512-bit vectors).
+    Avx512,
+    /// aarch64 NEON (128-bit vectors).
+    Neon,
 }
 
 impl KernelSet {
-    /// Every kernel set this build knows, best last.
-    pub const ALL: [KernelSet; 1] = [KernelSet::Scalar];
+    /// Every kernel set this build knows, best last per architecture.
+    pub const ALL: [KernelSet; 4] = [
+        KernelSet::Scalar,
+        KernelSet::Avx2,
+        KernelSet::Avx512,
+        KernelSet::Neon,
+    ];
 
-    /// The lowercase name (`scalar`), as `KILN_CPU` takes it.
+    /// The lowercase name (`scalar`, `avx2`, `avx512`, `neon`), as `KILN_CPU` takes it.
     pub fn name(self) -> &'static str {
         match self {
             KernelSet::Scalar => "scalar",
+            KernelSet::Avx2 => "avx2",
+            KernelSet::Avx512 => "avx512",
+            KernelSet::Neon => "neon",
         }
     }
 
     /// Parses a `KILN_CPU` value.
     pub fn parse(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "scalar" => Ok(KernelSet::Scalar),
-            other @ ("avx2" | "avx512" | "neon") => Err(Error::invalid(format!(
-                "kernel set `{other}` is not part of this build yet; use KILN_CPU=scalar"
-            ))),
-            other => Err(Error::invalid(format!(
-                "unknown kernel set `{other}`: expected scalar, avx2, avx512 or neon"
-            ))),
-        }
+        let s = s.trim().to_ascii_lowercase();
+        KernelSet::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown kernel set `{s}`: expected scalar, avx2, avx512 or neon"
+                ))
+            })
     }
 
-    /// `Ok` if this processor can run the set.
+    /// `Ok` if this processor (and this build's architecture) can run the set.
     pub fn check_available(self) -> Result<()> {
+        if self.available() {
+            return Ok(());
+        }
+        let needs = match self {
+            KernelSet::Scalar => "",
+            KernelSet::Avx2 => "an x86-64 processor with AVX2 and FMA",
+            KernelSet::Avx512 => "an x86-64 processor with AVX-512F",
+            KernelSet::Neon => "an aarch64 processor",
+        };
+        Err(Error::invalid(format!(
+            "kernel set `{}` needs {needs}; this is {} with [{}] (see `kiln info`, or use KILN_CPU={})",
+            self.name(),
+            std::env::consts::ARCH,
+            detected().join(" "),
+            Self::best().name()
+        )))
+    }
+
+    /// Whether this processor can run the set.
+    pub fn available(self) -> bool {
         match self {
-            KernelSet::Scalar => Ok(()),
+            KernelSet::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            KernelSet::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            KernelSet::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "aarch64")]
+            KernelSet::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
+            _ => false,
         }
     }
 
     /// The best set this processor supports.
     pub fn best() -> Self {
-        KernelSet::Scalar
+        [KernelSet::Avx512, KernelSet::Avx2, KernelSet::Neon]
+            .into_iter()
+            .find(|k| k.available())
+            .unwrap_or(KernelSet::Scalar)
     }
 
     /// `KILN_CPU` if set, else [`KernelSet::best`].

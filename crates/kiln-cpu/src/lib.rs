@@ -6,17 +6,23 @@
 //! - [`KernelSet::Scalar`], the reference: plain loops, obviously correct,
 //!   deterministic (every sum runs in a fixed order), and the twin of the
 //!   conformance suite's oracle;
-//! - SIMD sets (AVX2+FMA, AVX-512, NEON) plug in behind the same
-//!   [`CpuBackend`] through [`KernelSet`]; `KILN_CPU=scalar|avx2|avx512|neon`
-//!   forces one, and [`features`] reports what the processor offers.
+//! - SIMD sets — [`KernelSet::Avx2`] (AVX2+FMA), [`KernelSet::Avx512`],
+//!   [`KernelSet::Neon`] — chosen at run time from what the processor
+//!   offers ([`features`]); `KILN_CPU=scalar|avx2|avx512|neon` forces one.
+//!   Today they run the packed, blocked GEMM with one register-blocked
+//!   micro-kernel per ISA (`gemm/`); every other op uses the reference
+//!   kernels.
 //!
 //! Work is split over `KILN_THREADS` threads (default: all cores) by output
 //! rows, so results never depend on the thread count or on scheduling.
 
 pub mod features;
+mod gemm;
 mod reference;
 mod storage;
 mod threads;
+
+use std::sync::Arc;
 
 use kiln_core::{
     AdamStep, Backend, BinaryOp, DType, Distribution, Error, GemmEpilogue, HostData, Layout,
@@ -25,11 +31,22 @@ use kiln_core::{
 
 pub use features::KernelSet;
 
-/// The CPU backend: a kernel set and a thread count.
+/// The CPU backend: a kernel set, a thread count and a persistent pool of
+/// that many worker threads (shared by clones).
 #[derive(Clone, Debug)]
 pub struct CpuBackend {
     kernels: KernelSet,
     threads: usize,
+    pool: Arc<rayon::ThreadPool>,
+}
+
+fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("kiln-cpu-{i}"))
+        .build()
+        .map(Arc::new)
+        .map_err(|e| Error::Backend(format!("starting {threads} CPU worker threads: {e}")))
 }
 
 impl CpuBackend {
@@ -37,34 +54,51 @@ impl CpuBackend {
     /// (default: the best this processor supports), threads from
     /// `KILN_THREADS` (default: all cores).
     pub fn new() -> Result<Self> {
-        Ok(CpuBackend {
-            kernels: KernelSet::from_env()?,
-            threads: threads::from_env()?,
-        })
+        Self::build(KernelSet::from_env()?, threads::from_env()?)
     }
 
     /// The backend with a given kernel set, or an error if this processor
     /// or build lacks it.
     pub fn with_kernels(kernels: KernelSet) -> Result<Self> {
         kernels.check_available()?;
-        Ok(CpuBackend {
-            kernels,
-            threads: threads::from_env()?,
+        Self::build(kernels, threads::from_env()?)
+    }
+
+    /// The scalar reference backend (threads from `KILN_THREADS`, else 1 if
+    /// that is malformed).
+    pub fn reference() -> Self {
+        let threads = threads::from_env().unwrap_or(1);
+        Self::build(KernelSet::Scalar, threads).unwrap_or_else(|_| CpuBackend {
+            kernels: KernelSet::Scalar,
+            threads: 1,
+            pool: Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .expect("one thread"),
+            ),
         })
     }
 
-    /// The scalar reference backend.
-    pub fn reference() -> Self {
-        CpuBackend {
-            kernels: KernelSet::Scalar,
-            threads: threads::from_env().unwrap_or(1),
-        }
+    fn build(kernels: KernelSet, threads: usize) -> Result<Self> {
+        Ok(CpuBackend {
+            kernels,
+            threads,
+            pool: pool(threads)?,
+        })
     }
 
     /// The same backend with `threads` worker threads (at least 1).
-    pub fn with_threads(mut self, threads: usize) -> Self {
-        self.threads = threads.max(1);
-        self
+    pub fn with_threads(self, threads: usize) -> Self {
+        let threads = threads.max(1);
+        match pool(threads) {
+            Ok(pool) => CpuBackend {
+                threads,
+                pool,
+                ..self
+            },
+            Err(_) => self,
+        }
     }
 
     /// The kernel set in use.
@@ -120,7 +154,10 @@ impl Backend for CpuBackend {
         b: View<'_, HostData>,
         epilogue: &GemmEpilogue<'_, HostData>,
     ) -> Result<HostData> {
-        reference::gemm::gemm(a, b, epilogue, self.threads)
+        match self.kernels {
+            KernelSet::Scalar => reference::gemm::gemm(a, b, epilogue, self.threads),
+            simd => gemm::gemm(simd, a, b, epilogue, &self.pool),
+        }
     }
 
     fn unary(&self, op: UnaryOp, x: View<'_, HostData>) -> Result<HostData> {

@@ -1,0 +1,46 @@
+//! The AVX2 + FMA micro-kernel: a 6 × 16 tile in 12 ymm accumulators.
+
+use std::arch::x86_64::*;
+
+use super::MicroKernel;
+
+/// 6 rows × 16 columns: per k step, two 8-wide loads of B, six broadcasts
+/// of A and twelve fused multiply-adds.
+pub(crate) struct Avx2;
+
+impl MicroKernel for Avx2 {
+    const MR: usize = 6;
+    const NR: usize = 16;
+
+    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
+        // SAFETY: forwarded from the caller (AVX2 and FMA present, buffer sizes).
+        unsafe { kernel(kc, a, b, c) }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+    for p in 0..kc {
+        // SAFETY: b holds kc·16 floats and a kc·6 (the MicroKernel contract).
+        let (b0, b1) = unsafe {
+            (
+                _mm256_loadu_ps(b.add(p * 16)),
+                _mm256_loadu_ps(b.add(p * 16 + 8)),
+            )
+        };
+        for (i, row) in acc.iter_mut().enumerate() {
+            // SAFETY: as above.
+            let ai = _mm256_set1_ps(unsafe { *a.add(p * 6 + i) });
+            row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        // SAFETY: c has room for 6·16 floats.
+        unsafe {
+            _mm256_storeu_ps(c.add(i * 16), row[0]);
+            _mm256_storeu_ps(c.add(i * 16 + 8), row[1]);
+        }
+    }
+}

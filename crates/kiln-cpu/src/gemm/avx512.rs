@@ -1,0 +1,46 @@
+//! The AVX-512F micro-kernel: an 8 × 32 tile in 16 zmm accumulators.
+
+use std::arch::x86_64::*;
+
+use super::MicroKernel;
+
+/// 8 rows × 32 columns: per k step, two 16-wide loads of B, eight
+/// broadcasts of A and sixteen fused multiply-adds.
+pub(crate) struct Avx512;
+
+impl MicroKernel for Avx512 {
+    const MR: usize = 8;
+    const NR: usize = 32;
+
+    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
+        // SAFETY: forwarded from the caller (AVX-512F present, buffer sizes).
+        unsafe { kernel(kc, a, b, c) }
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+    for p in 0..kc {
+        // SAFETY: b holds kc·32 floats and a kc·8 (the MicroKernel contract).
+        let (b0, b1) = unsafe {
+            (
+                _mm512_loadu_ps(b.add(p * 32)),
+                _mm512_loadu_ps(b.add(p * 32 + 16)),
+            )
+        };
+        for (i, row) in acc.iter_mut().enumerate() {
+            // SAFETY: as above.
+            let ai = _mm512_set1_ps(unsafe { *a.add(p * 8 + i) });
+            row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        // SAFETY: c has room for 8·32 floats.
+        unsafe {
+            _mm512_storeu_ps(c.add(i * 32), row[0]);
+            _mm512_storeu_ps(c.add(i * 32 + 16), row[1]);
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Packed, blocked GEMM for the SIMD kernel sets (BLIS-style).
+//!
+//! Contract of every micro-kernel ([`MicroKernel`]): given packed panels
+//! `Ã` (`kc × MR`, column `p` of the panel holding `A[i0..i0+MR, p]`) and
+//! `B̃` (`kc × NR`), write the `MR × NR` tile `Σₚ Ã[p]·B̃[p]ᵀ` row-major to
+//! `c`. Panels are zero-padded to whole tiles, so kernels never read or write
+//! outside their buffers; the driver copies only the valid part of an edge
+//! tile into C.
+//!
+//! Blocking: `NC` columns of B at a time, `KC` rows of the k dimension at a
+//! time (packed once, shared by all threads), and row blocks of A of `MC`
+//! rows (packed per task). Threads take whole row blocks of C; every C
+//! element is accumulated in the same order (k ascending within a `KC`
+//! block, blocks ascending) whatever the thread count or `MC`, so results
+//! are independent of the number of threads.
+
+mod pack;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+
+use std::borrow::Cow;
+
+use kiln_core::{Activation, Error, GemmEpilogue, HostData, Result, View};
+use rayon::prelude::*;
+
+use crate::reference::elementwise::activate;
+use crate::storage::{check_bounds, read_f32, store_f32};
+use crate::KernelSet;
+use pack::{pack_a, pack_b, Matrix};
+
+/// Rows of the k dimension packed at once.
+pub(crate) const KC: usize = 256;
+/// Columns of B packed at once.
+pub(crate) const NC: usize = 2048;
+/// Largest row block of A a task packs.
+pub(crate) const MC_MAX: usize = 192;
+/// The largest tile of any micro-kernel (AVX-512: 8 × 32).
+const MAX_TILE: usize = 8 * 32;
+
+/// A register-blocked kernel computing one `MR × NR` tile from packed panels.
+pub(crate) trait MicroKernel {
+    /// Rows of the tile.
+    const MR: usize;
+    /// Columns of the tile.
+    const NR: usize;
+    /// Writes `Σₚ a[p·MR + i]·b[p·NR + j]` to `c[i·NR + j]`.
+    ///
+    /// # Safety
+    /// The processor supports the kernel's instruction set; `a` holds
+    /// `kc·MR` floats, `b` holds `kc·NR`, `c` has room for `MR·NR`.
+    unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32);
+}
+
+/// A GEMM's operands checked and read: what both the reference and the
+/// packed implementations start from.
+pub(crate) struct Problem<'a> {
+    pub batch: usize,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub dtype: kiln_core::DType,
+    pub bias: Option<Cow<'a, [f32]>>,
+    pub c0: Option<(f32, Cow<'a, [f32]>)>,
+}
+
+impl<'a> Problem<'a> {
+    /// Checks shapes and dtypes and reads the epilogue operands.
+    pub(crate) fn new(
+        a: View<'_, HostData>,
+        b: View<'_, HostData>,
+        ep: &GemmEpilogue<'a, HostData>,
+    ) -> Result<Self> {
+        let (ad, bd) = (a.layout.dims(), b.layout.dims());
+        if ad.len() != 3 || bd.len() != 3 || ad[0] != bd[0] || ad[2] != bd[1] {
+            return Err(Error::shape(
+                "gemm",
+                format!("expected [batch, m, k] and [batch, k, n], got {ad:?} and {bd:?}"),
+            ));
+        }
+        let dtype = a.storage.dtype();
+        if b.storage.dtype() != dtype {
+            return Err(Error::DType {
+                op: "gemm",
+                expected: dtype,
+                got: b.storage.dtype(),
+            });
+        }
+        check_bounds("gemm", a.layout, a.storage.len())?;
+        check_bounds("gemm", b.layout, b.storage.len())?;
+        let (batch, m, k, n) = (ad[0], ad[1], ad[2], bd[2]);
+        let bias = match ep.bias {
+            Some(v) if v.layout.dims() == [n] => Some(read_f32("gemm", v)?),
+            Some(v) => {
+                return Err(Error::shape(
+                    "gemm",
+                    format!("bias has shape {}, expected [{n}]", v.layout.shape()),
+                ))
+            }
+            None => None,
+        };
+        let c0 = match ep.beta_c {
+            Some((beta, v)) if v.layout.dims() == [batch, m, n] => {
+                Some((beta, read_f32("gemm", v)?))
+            }
+            Some((_, v)) => {
+                return Err(Error::shape(
+                    "gemm",
+                    format!(
+                        "C has shape {}, expected [{batch}, {m}, {n}]",
+                        v.layout.shape()
+                    ),
+                ))
+            }
+            None => None,
+        };
+        Ok(Problem {
+            batch,
+            m,
+            k,
+            n,
+            dtype,
+            bias,
+            c0,
+        })
+    }
+
+    /// Applies `act(α·acc + β·C₀ + bias)` to the accumulated products and
+    /// stores the result in the operands' dtype.
+    pub(crate) fn finish(
+        &self,
+        mut out: Vec<f32>,
+        alpha: f32,
+        act: Activation,
+    ) -> Result<HostData> {
+        let n = self.n.max(1);
+        for (row_index, row) in out.chunks_mut(n).enumerate() {
+            for (j, c) in row.iter_mut().enumerate() {
+                let mut v = alpha * *c;
+                if let Some((beta, c0)) = &self.c0 {
+                    v += beta * c0[row_index * self.n + j];
+                }
+                if let Some(bias) = &self.bias {
+                    v += bias[j];
+                }
+                *c = if act == Activation::None {
+                    v
+                } else {
+                    activate(act, v)
+                };
+            }
+        }
+        store_f32("gemm", self.dtype, out)
+    }
+}
+
+/// The packed GEMM with the micro-kernel of `set` (a SIMD set this
+/// processor supports), on `pool`.
+pub(crate) fn gemm(
+    set: KernelSet,
+    a: View<'_, HostData>,
+    b: View<'_, HostData>,
+    ep: &GemmEpilogue<'_, HostData>,
+    pool: &rayon::ThreadPool,
+) -> Result<HostData> {
+    let prob = Problem::new(a, b, ep)?;
+    let (batch, m, k, n) = (prob.batch, prob.m, prob.k, prob.n);
+    // f32 operands are packed straight from their strided storage; f16 and
+    // bf16 are widened to f32 first (exact).
+    let (a32, b32) = (Matrix::batched(a)?, Matrix::batched(b)?);
+    let mut out = vec![0f32; batch * m * n];
+    if m > 0 && n > 0 {
+        for (p, c) in out.chunks_mut(m * n).enumerate() {
+            let (ap, bp) = (a32.batch(p), b32.batch(p));
+            match set {
+                #[cfg(target_arch = "x86_64")]
+                KernelSet::Avx2 => blocked::<avx2::Avx2>(&ap, &bp, m, k, n, c, pool),
+                #[cfg(target_arch = "x86_64")]
+                KernelSet::Avx512 => blocked::<avx512::Avx512>(&ap, &bp, m, k, n, c, pool),
+                #[cfg(target_arch = "aarch64")]
+                KernelSet::Neon => blocked::<neon::Neon>(&ap, &bp, m, k, n, c, pool),
+                other => {
+                    return Err(Error::invalid(format!(
+                        "no packed GEMM for kernel set {}",
+                        other.name()
+                    )))
+                }
+            }
+        }
+    }
+    prob.finish(out, ep.alpha, ep.activation)
+}
+
+/// One `m × k` by `k × n` product accumulated into the zeroed, row-major `c`.
+fn blocked<K: MicroKernel>(
+    a: &Matrix<'_>,
+    b: &Matrix<'_>,
+    m: usize,
+    k: usize,
+    n: usize,
+    c: &mut [f32],
+    pool: &rayon::ThreadPool,
+) {
+    // Row blocks: enough for every thread, whole tiles, at most MC_MAX rows.
+    let threads = pool.current_num_threads().max(1);
+    let mc = m
+        .div_ceil(threads)
+        .next_multiple_of(K::MR)
+        .clamp(K::MR, MC_MAX);
+    let mut b_packed = Vec::new();
+    for jc in (0..n).step_by(NC) {
+        let nc = NC.min(n - jc);
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            pack_b(b, pc, kc, jc, nc, K::NR, &mut b_packed);
+            let b_packed = &b_packed;
+            let task = |(block, rows): (usize, &mut [f32])| {
+                let (ic, mcb) = (block * mc, rows.len() / n);
+                let mut a_packed = Vec::new();
+                pack_a(a, ic, mcb, pc, kc, K::MR, &mut a_packed);
+                let mut tile = [0f32; MAX_TILE];
+                for jr in (0..nc).step_by(K::NR) {
+                    let nr = K::NR.min(nc - jr);
+                    let b_panel = &b_packed[(jr / K::NR) * K::NR * kc..][..K::NR * kc];
+                    for ir in (0..mcb).step_by(K::MR) {
+                        let mr = K::MR.min(mcb - ir);
+                        let a_panel = &a_packed[(ir / K::MR) * K::MR * kc..][..K::MR * kc];
+                        // SAFETY: the kernel set was checked against this
+                        // processor when the backend was built; the panels are
+                        // exactly kc·MR and kc·NR floats and the tile holds
+                        // MAX_TILE ≥ MR·NR.
+                        unsafe {
+                            K::tile(kc, a_panel.as_ptr(), b_panel.as_ptr(), tile.as_mut_ptr())
+                        };
+                        for i in 0..mr {
+                            let row = &mut rows[(ir + i) * n + jc + jr..][..nr];
+                            for (cv, &t) in row.iter_mut().zip(&tile[i * K::NR..i * K::NR + nr]) {
+                                *cv += t;
+                            }
+                        }
+                    }
+                }
+            };
+            if threads > 1 && m > mc {
+                pool.install(|| c.par_chunks_mut(mc * n).enumerate().for_each(task));
+            } else {
+                c.chunks_mut(mc * n).enumerate().for_each(task);
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Packing: copying blocks of A and B into the panel order micro-kernels
+//! read, zero-padded to whole tiles.
+
+use std::borrow::Cow;
+
+use kiln_core::{HostData, Result, View};
+
+use crate::storage::read_f32;
+
+/// A strided f32 matrix: element `(i, j)` is `data[offset + i·rs + j·cs]`.
+pub(crate) struct Matrix<'a> {
+    data: Cow<'a, [f32]>,
+    offset: usize,
+    rs: usize,
+    cs: usize,
+    batch_stride: usize,
+}
+
+impl<'a> Matrix<'a> {
+    /// A `[batch, rows, cols]` operand: f32 storage is used in place with its
+    /// strides; other dtypes are widened into a contiguous copy.
+    pub(crate) fn batched(v: View<'a, HostData>) -> Result<Self> {
+        let l = v.layout;
+        let (s, d) = (l.strides(), l.dims());
+        Ok(match v.storage {
+            HostData::F32(data) => Matrix {
+                data: Cow::Borrowed(data),
+                offset: l.offset(),
+                rs: s[1],
+                cs: s[2],
+                batch_stride: s[0],
+            },
+            _ => Matrix {
+                data: read_f32("gemm", v)?,
+                offset: 0,
+                rs: d[2],
+                cs: 1,
+                batch_stride: d[1] * d[2],
+            },
+        })
+    }
+
+    /// Matrix `p` of the batch.
+    pub(crate) fn batch(&self, p: usize) -> Matrix<'_> {
+        Matrix {
+            data: Cow::Borrowed(&self.data),
+            offset: self.offset + p * self.batch_stride,
+            rs: self.rs,
+            cs: self.cs,
+            batch_stride: self.batch_stride,
+        }
+    }
+
+    #[inline]
+    fn get(&self, i: usize, j: usize) -> f32 {
+        self.data[self.offset + i * self.rs + j * self.cs]
+    }
+}
+
+/// Packs rows `i0..i0+mc`, columns `p0..p0+kc` of `a` into panels of `mr`
+/// rows: panel `r`, step `p`, row `i` at `r·mr·kc + p·mr + i`.
+pub(crate) fn pack_a(
+    a: &Matrix<'_>,
+    i0: usize,
+    mc: usize,
+    p0: usize,
+    kc: usize,
+    mr: usize,
+    out: &mut Vec<f32>,
+) {
+    out.clear();
+    out.resize(mc.div_ceil(mr) * mr * kc, 0.0);
+    for (panel, chunk) in out.chunks_mut(mr * kc).enumerate() {
+        let rows = mr.min(mc - panel * mr);
+        for i in 0..rows {
+            let r = i0 + panel * mr + i;
+            for p in 0..kc {
+                chunk[p * mr + i] = a.get(r, p0 + p);
+            }
+        }
+    }
+}
+
+/// Packs rows `p0..p0+kc`, columns `j0..j0+nc` of `b` into panels of `nr`
+/// columns: panel `q`, step `p`, column `j` at `q·nr·kc + p·nr + j`.
+pub(crate) fn pack_b(
+    b: &Matrix<'_>,
+    p0: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+    nr: usize,
+    out: &mut Vec<f32>,
+) {
+    out.clear();
+    out.resize(nc.div_ceil(nr) * nr * kc, 0.0);
+    for (panel, chunk) in out.chunks_mut(nr * kc).enumerate() {
+        let cols = nr.min(nc - panel * nr);
+        let c0 = j0 + panel * nr;
+        for p in 0..kc {
+            let dst = &mut chunk[p * nr..p * nr + cols];
+            if b.cs == 1 {
+                let start = b.offset + (p0 + p) * b.rs + c0;
+                dst.copy_from_slice(&b.data[start..start + cols]);
+            } else {
+                for (j, d) in dst.iter_mut().enumerate() {
+                    *d = b.get(p0 + p, c0 + j);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The packed GEMM of each SIMD kernel set on shapes the conformance suite's
+//! small extents do not reach: crossing the KC and NC blocks, many row
+//! blocks, transposed and f16 operands; and its independence of the thread
+//! count.
+
+use kiln_core::{rng, Activation, Backend, DType, GemmEpilogue, HostData, Layout, Shape, View};
+use kiln_cpu::{CpuBackend, KernelSet};
+
+fn sets() -> Vec<KernelSet> {
+    KernelSet::ALL
+        .into_iter()
+        .filter(|k| *k != KernelSet::Scalar && k.available())
+        .collect()
+}
+
+fn layout(d: &[usize]) -> Layout {
+    Layout::contiguous(Shape::new(d).unwrap())
+}
+
+fn values(seed: u64, n: usize) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| rng::uniform(seed, 0, i) * 2.0 - 1.0)
+        .collect()
+}
+
+/// Runs `[1, m, k] · [1, k, n]` (b transposed in storage when `bt`) and
+/// checks every element against an f64 dot product within γₖ·Σ|aᵢbᵢ|.
+fn check(b: &CpuBackend, m: usize, k: usize, n: usize, bt: bool, dtype: DType) -> Vec<f32> {
+    let av = values(1, m * k);
+    let bv = values(2, k * n);
+    let cast = |v: &[f32]| match dtype {
+        DType::F16 => HostData::F16(v.iter().map(|&x| kiln_core::f16::from_f32(x)).collect()),
+        _ => HostData::F32(v.to_vec()),
+    };
+    let (ah, bh) = (cast(&av), cast(&bv));
+    let (a64, b64) = (ah.to_f64_vec(), bh.to_f64_vec());
+    let a = b.upload(&ah).unwrap();
+    let bs = b.upload(&bh).unwrap();
+    // B stored as [n, k] and viewed transposed, or stored as [k, n].
+    let bl = if bt {
+        layout(&[1, n, k]).transpose(1, 2).unwrap()
+    } else {
+        layout(&[1, k, n])
+    };
+    let b_at = |p: usize, j: usize| if bt { b64[j * k + p] } else { b64[p * n + j] };
+    let out = b
+        .gemm(
+            View::new(&a, &layout(&[1, m, k])),
+            View::new(&bs, &bl),
+            &GemmEpilogue {
+                activation: Activation::None,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let got = out.to_f32_vec();
+    let u = 2f64.powi(-24);
+    for i in 0..m {
+        for j in 0..n {
+            let (mut dot, mut mass) = (0f64, 0f64);
+            for p in 0..k {
+                let t = a64[i * k + p] * b_at(p, j);
+                dot += t;
+                mass += t.abs();
+            }
+            let gamma = k as f64 * u / (1.0 - k as f64 * u);
+            let store = if dtype == DType::F16 {
+                dot.abs() * 2f64.powi(-11)
+            } else {
+                0.0
+            };
+            let err = (f64::from(got[i * n + j]) - dot).abs();
+            assert!(err <= gamma * mass + store + 1e-30, "{}: [{m}×{k}]·[{k}×{n}] element ({i}, {j}): {} vs {dot}, error {err:e} > bound {:e}", b.name(), got[i * n + j], gamma * mass + store);
+        }
+    }
+    got
+}
+
+#[test]
+fn large_and_awkward_shapes_within_the_bound() {
+    for set in sets() {
+        let b = CpuBackend::with_kernels(set).unwrap().with_threads(2);
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (7, 300, 33),
+            (200, 513, 70),
+            (13, 257, 2100),
+            (128, 784, 64),
+            (784, 128, 64),
+        ] {
+            check(&b, m, k, n, false, DType::F32);
+            check(&b, m, k, n, true, DType::F32);
+        }
+        check(&b, 37, 300, 45, true, DType::F16);
+    }
+}
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    for set in sets() {
+        let one = check(
+            &CpuBackend::with_kernels(set).unwrap().with_threads(1),
+            300,
+            600,
+            90,
+            false,
+            DType::F32,
+        );
+        let two = check(
+            &CpuBackend::with_kernels(set).unwrap().with_threads(2),
+            300,
+            600,
+            90,
+            false,
+            DType::F32,
+        );
+        let three = check(
+            &CpuBackend::with_kernels(set).unwrap().with_threads(3),
+            300,
+            600,
+            90,
+            false,
+            DType::F32,
+        );
+        assert!(
+            one == two && two == three,
+            "{set:?}: results differ with the thread count"
+        );
+    }
+}
+
+#[test]
+fn forcing_a_missing_kernel_set_is_a_clear_error() {
+    #[cfg(target_arch = "x86_64")]
+    let missing = KernelSet::Neon;
+    #[cfg(target_arch = "aarch64")]
+    let missing = KernelSet::Avx512;
+    let e = CpuBackend::with_kernels(missing).unwrap_err().to_string();
+    assert!(e.contains("needs") && e.contains(missing.name()), "{e}");
+}

@@ -141,7 +141,7 @@ impl HostData {
     /// Rebuilds a buffer from raw little-endian bytes, checking the length.
     pub fn from_bytes(dtype: DType, bytes: &[u8]) -> Result<Self, Error> {
         let size = dtype.size_in_bytes();
-        if bytes.len() % size != 0 {
+        if !bytes.len().is_multiple_of(size) {
             return Err(Error::invalid(format!(
                 "{} bytes is not a whole number of {dtype} elements ({size} bytes each)",
                 bytes.len()

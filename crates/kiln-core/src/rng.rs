@@ -54,7 +54,7 @@ pub fn uniform(seed: u64, offset: u64, i: u64) -> f32 {
 /// Element `i` of the standard normal stream (f64 Box–Muller).
 pub fn normal(seed: u64, offset: u64, i: u64) -> f64 {
     let b = block(seed, offset.wrapping_add(i / 2));
-    let (w1, w2) = if i % 2 == 0 {
+    let (w1, w2) = if i.is_multiple_of(2) {
         (b[0], b[1])
     } else {
         (b[2], b[3])

@@ -3,7 +3,7 @@
 # machine, then runs the formatting and lint gates and every test.
 #
 #   ci/test.sh            everything
-#   ci/test.sh --quick    skip fmt, clippy and the fuzz smoke
+#   ci/test.sh --quick    skip fmt, clippy, the NEON run and the fuzz smoke
 #
 # KILN_FUZZ_SECONDS (default 20) sets the fuzz smoke's time per target.
 set -euo pipefail
@@ -38,8 +38,21 @@ fi
 # --- tests ------------------------------------------------------------------
 # The `ci` profile is optimised (the training tests need it) with overflow
 # checks and debug assertions on. Datasets are required: a missing one fails.
-step "cargo test"
-KILN_REQUIRE_DATASETS=1 cargo test --workspace --profile ci --locked
+# Every SIMD kernel set this processor has must run its conformance suite
+# (a set the processor lacks would be skipped, so name them explicitly).
+required=""
+if [ "$(uname -m)" = x86_64 ]; then
+  grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo && required="avx2"
+  grep -qw avx512f /proc/cpuinfo && required="$required,avx512"
+fi
+step "cargo test (kernel sets required: scalar${required:+,$required})"
+KILN_REQUIRE_DATASETS=1 KILN_REQUIRE_KERNELS="$required" cargo test --workspace --profile ci --locked
+
+# NEON: the aarch64 build of kiln-cpu's tests under qemu-aarch64.
+if [ "$quick" = 0 ]; then
+  step "NEON kernels under qemu-aarch64"
+  ci/neon.sh
+fi
 
 # --- fuzz smoke ---------------------------------------------------------------
 # Every cargo-fuzz target briefly, from the saved inputs (nightly, cargo-fuzz).

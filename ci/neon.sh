@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Builds kiln-cpu's tests for aarch64 and runs them under qemu: the
+# conformance suite on the scalar and NEON kernel sets, and the packed-GEMM
+# tests, with NEON required (not skipped).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-gcc >/dev/null \
+   || [ ! -d /usr/aarch64-linux-gnu/lib ]; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+fi
+rustup target list --installed | grep -q '^aarch64-unknown-linux-gnu$' \
+  || rustup target add aarch64-unknown-linux-gnu
+
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+export KILN_REQUIRE_KERNELS=neon
+cargo test -p kiln-cpu --target aarch64-unknown-linux-gnu --profile ci --locked "$@"

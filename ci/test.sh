@@ -48,6 +48,12 @@ fi
 step "cargo test (kernel sets required: scalar${required:+,$required})"
 KILN_REQUIRE_DATASETS=1 KILN_REQUIRE_KERNELS="$required" cargo test --workspace --profile ci --locked
 
+# Benchmarks as a smoke only (numbers come from benches/compare.sh): each
+# criterion bench once, and the comparison binary on two small shapes.
+step "benchmark smoke"
+cargo test -p kiln-bench --benches --profile ci --locked
+cargo run -q -p kiln-bench --bin kiln-bench-compare --profile ci --locked -- --quick
+
 # NEON: the aarch64 build of kiln-cpu's tests under qemu-aarch64.
 if [ "$quick" = 0 ]; then
   step "NEON kernels under qemu-aarch64"

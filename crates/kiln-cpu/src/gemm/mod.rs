@@ -39,6 +39,8 @@ pub(crate) const KC: usize = 256;
 pub(crate) const NC: usize = 2048;
 /// Largest row block of A a task packs.
 pub(crate) const MC_MAX: usize = 192;
+/// Multiply-adds below which a block is not split among threads.
+const PARALLEL_MIN_WORK: usize = 1 << 20;
 /// The largest tile of any micro-kernel (AVX-512: 8 × 32).
 const MAX_TILE: usize = 8 * 32;
 
@@ -245,7 +247,8 @@ fn blocked<K: MicroKernel>(
                     }
                 }
             };
-            if threads > 1 && m > mc {
+            // Forking costs microseconds: only products worth more than that.
+            if threads > 1 && m > mc && m * nc * kc >= PARALLEL_MIN_WORK {
                 pool.install(|| c.par_chunks_mut(mc * n).enumerate().for_each(task));
             } else {
                 c.chunks_mut(mc * n).enumerate().for_each(task);

@@ -72,10 +72,26 @@ pub(crate) fn pack_a(
     out.resize(mc.div_ceil(mr) * mr * kc, 0.0);
     for (panel, chunk) in out.chunks_mut(mr * kc).enumerate() {
         let rows = mr.min(mc - panel * mr);
-        for i in 0..rows {
-            let r = i0 + panel * mr + i;
+        let r0 = i0 + panel * mr;
+        if a.rs == 1 {
+            // Column-major (a transposed view): each step's rows are contiguous.
             for p in 0..kc {
-                chunk[p * mr + i] = a.get(r, p0 + p);
+                let start = a.offset + r0 + (p0 + p) * a.cs;
+                chunk[p * mr..p * mr + rows].copy_from_slice(&a.data[start..start + rows]);
+            }
+        } else {
+            for i in 0..rows {
+                let start = a.offset + (r0 + i) * a.rs + p0 * a.cs;
+                if a.cs == 1 {
+                    // Row-major: read the row once, scatter it down the panel.
+                    for (p, &v) in a.data[start..start + kc].iter().enumerate() {
+                        chunk[p * mr + i] = v;
+                    }
+                } else {
+                    for p in 0..kc {
+                        chunk[p * mr + i] = a.data[start + p * a.cs];
+                    }
+                }
             }
         }
     }

@@ -1,0 +1,216 @@
+//! `kiln-bench-compare`: SGEMM GFLOP/s of kiln (each SIMD kernel set) beside
+//! the `matrixmultiply` and `gemm` crates and, when given their numbers,
+//! NumPy/OpenBLAS — with the machine's peak measured in the same process.
+//!
+//! ```text
+//! kiln-bench-compare [--threads N] [--quick] [--numpy FILE.json] [--markdown]
+//! ```
+//! `--numpy` takes `{"m,k,n,threads": gflops, ...}` as benches/compare.sh
+//! writes it. `matrixmultiply` takes its thread count from
+//! MATMUL_NUM_THREADS, which compare.sh sets to match.
+
+use std::collections::HashMap;
+
+use kiln_bench::{median_seconds, peak, reps_for, KilnGemm};
+use kiln_cpu::KernelSet;
+
+struct Args {
+    threads: usize,
+    quick: bool,
+    numpy: HashMap<String, f64>,
+    markdown: bool,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        threads: 1,
+        quick: false,
+        numpy: HashMap::new(),
+        markdown: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--threads" => a.threads = it.next().and_then(|v| v.parse().ok()).filter(|&n| n > 0).ok_or("--threads takes a positive number")?,
+            "--quick" => a.quick = true,
+            "--markdown" => a.markdown = true,
+            "--numpy" => {
+                let path = it.next().ok_or("--numpy takes a file")?;
+                let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+                a.numpy = serde_json::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
+            }
+            "-h" | "--help" => return Err("usage: kiln-bench-compare [--threads N] [--quick] [--numpy FILE.json] [--markdown]".into()),
+            other => return Err(format!("unknown flag {other} (see --help)")),
+        }
+    }
+    Ok(a)
+}
+
+fn gflops(m: usize, k: usize, n: usize, secs: f64) -> f64 {
+    2.0 * (m * k * n) as f64 / secs / 1e9
+}
+
+fn matrixmultiply_secs(m: usize, k: usize, n: usize, reps: usize) -> f64 {
+    let a = vec![0.25f32; m * k];
+    let b = vec![0.5f32; k * n];
+    let mut c = vec![0f32; m * n];
+    median_seconds(reps, || {
+        // SAFETY: the pointers and row-major strides describe the three
+        // buffers above, of exactly m·k, k·n and m·n elements.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr(),
+                k as isize,
+                1,
+                b.as_ptr(),
+                n as isize,
+                1,
+                0.0,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+    })
+}
+
+fn gemm_crate_secs(m: usize, k: usize, n: usize, threads: usize, reps: usize) -> f64 {
+    let a = vec![0.25f32; m * k];
+    let b = vec![0.5f32; k * n];
+    let mut c = vec![0f32; m * n];
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    median_seconds(reps, || {
+        // SAFETY: as above; column stride 1, row stride = row length.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    })
+}
+
+fn main() {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let (peak, isa) = peak::measure(args.threads);
+    let sets: Vec<KernelSet> = [KernelSet::Avx512, KernelSet::Avx2, KernelSet::Neon]
+        .into_iter()
+        .filter(|k| k.available())
+        .collect();
+    let shapes: Vec<(&str, usize, usize, usize)> = if args.quick {
+        vec![("square", 64, 64, 64), ("mlp fwd", 128, 784, 64)]
+    } else {
+        let mut v: Vec<(&str, usize, usize, usize)> = [64, 128, 256, 512, 1024, 2048]
+            .iter()
+            .map(|&s| ("square", s, s, s))
+            .collect();
+        v.extend([
+            ("mlp fwd 1", 128, 784, 64),
+            ("mlp dW1", 784, 128, 64),
+            ("mlp fwd 2", 128, 64, 10),
+            ("mlp dh", 128, 10, 64),
+            ("mlp dW2", 64, 128, 10),
+        ]);
+        v
+    };
+    let budget = if args.quick { 0.01 } else { 0.4 };
+    println!(
+        "machine peak ({isa}, {} thread{}): {peak:.1} GFLOP/s (measured)",
+        args.threads,
+        if args.threads > 1 { "s" } else { "" }
+    );
+    let sep = if args.markdown { " | " } else { "  " };
+    let mut header = vec!["shape".to_string(), "m×k×n".into()];
+    header.extend(sets.iter().map(|s| format!("kiln {}", s.name())));
+    header.extend([
+        "% peak".into(),
+        "matrixmultiply".into(),
+        "gemm crate".into(),
+        "numpy".into(),
+        "kiln/mm".into(),
+        "kiln/gemm".into(),
+        "kiln/numpy".into(),
+    ]);
+    if args.markdown {
+        println!("| {} |", header.join(" | "));
+        println!("|{}|", vec!["---"; header.len()].join("|"));
+    } else {
+        println!(
+            "{}",
+            header
+                .iter()
+                .map(|h| format!("{h:>14}"))
+                .collect::<Vec<_>>()
+                .join(sep)
+        );
+    }
+    for (name, m, k, n) in shapes {
+        let flops = 2.0 * (m * k * n) as f64;
+        let reps = reps_for(flops, peak * 1e9 * 0.5, budget);
+        let kiln: Vec<f64> = sets
+            .iter()
+            .map(|&s| {
+                let g = KilnGemm::new(s, args.threads, m, k, n).expect("an available kernel set");
+                gflops(m, k, n, median_seconds(reps, || g.run()))
+            })
+            .collect();
+        let best = kiln.iter().copied().fold(0.0, f64::max);
+        let mm = gflops(m, k, n, matrixmultiply_secs(m, k, n, reps));
+        let gc = gflops(m, k, n, gemm_crate_secs(m, k, n, args.threads, reps));
+        let np = args
+            .numpy
+            .get(&format!("{m},{k},{n},{}", args.threads))
+            .copied();
+        let mut row = vec![name.to_string(), format!("{m}×{k}×{n}")];
+        row.extend(kiln.iter().map(|g| format!("{g:.1}")));
+        row.push(format!("{:.0}%", 100.0 * best / peak));
+        row.push(format!("{mm:.1}"));
+        row.push(format!("{gc:.1}"));
+        row.push(np.map_or("-".into(), |v| format!("{v:.1}")));
+        row.push(format!("{:.2}×", best / mm));
+        row.push(format!("{:.2}×", best / gc));
+        row.push(np.map_or("-".into(), |v| format!("{:.2}×", best / v)));
+        if args.markdown {
+            println!("| {} |", row.join(" | "));
+        } else {
+            println!(
+                "{}",
+                row.iter()
+                    .map(|h| format!("{h:>14}"))
+                    .collect::<Vec<_>>()
+                    .join(sep)
+            );
+        }
+    }
+}

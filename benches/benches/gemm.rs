@@ -33,5 +33,11 @@ fn gemm(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, gemm);
+// criterion_group! generates an undocumented function.
+#[allow(missing_docs)]
+mod group {
+    use super::*;
+    criterion_group!(benches, gemm);
+}
+use group::benches;
 criterion_main!(benches);

@@ -1,10 +1,8 @@
 //! Layers, models and optimisers on the reference CPU backend.
 
-use kiln_core::{no_grad, rng, HostData, Tensor, Var};
+use kiln_core::{Tensor, Var};
 use kiln_cpu::CpuBackend;
-use kiln_nn::{
-    ActivationSpec, Adam, Initializer, LayerSpec, Loss, ModelSpec, Optimizer, Sequential, Sgd,
-};
+use kiln_nn::{Adam, Initializer, ModelSpec, Optimizer, Sequential, Sgd};
 
 fn backend() -> CpuBackend {
     CpuBackend::reference().with_threads(1)
@@ -53,104 +51,8 @@ fn glorot_uniform_respects_its_limit_and_seed() {
     );
 }
 
-/// Every layer kind in one model; every parameter's gradient of the loss
-/// checked against central differences.
-#[test]
-fn model_gradients_match_finite_differences() {
-    let b = backend();
-    let spec = ModelSpec {
-        name: "all-layers".into(),
-        input: vec![2, 3],
-        layers: vec![
-            LayerSpec::Flatten,
-            LayerSpec::Dense {
-                units: 5,
-                activation: ActivationSpec::Tanh,
-                kernel_init: Initializer::HeNormal,
-            },
-            LayerSpec::Sigmoid,
-            LayerSpec::Dense {
-                units: 4,
-                activation: ActivationSpec::Linear,
-                kernel_init: Initializer::HeUniform,
-            },
-            LayerSpec::Tanh,
-            LayerSpec::Dense {
-                units: 3,
-                activation: ActivationSpec::Sigmoid,
-                kernel_init: Initializer::GlorotUniform,
-            },
-            LayerSpec::Relu,
-            LayerSpec::Dense {
-                units: 4,
-                activation: ActivationSpec::Softmax,
-                kernel_init: Initializer::GlorotUniform,
-            },
-        ],
-    };
-    let mut model = Sequential::from_spec(&spec, 3, &b).unwrap();
-    let n = 5;
-    let x: Vec<f32> = (0..n * 6)
-        .map(|i| rng::uniform(11, 0, i as u64) * 2.0 - 1.0)
-        .collect();
-    let x = Tensor::from_slice(&x, &[n, 2, 3], &b).unwrap();
-    let y = Tensor::from_host(HostData::U32(vec![0, 3, 1, 2, 3]), &[n], &b).unwrap();
-    let loss_of = |m: &Sequential<CpuBackend>| -> f64 {
-        no_grad(|| {
-            f64::from(
-                Loss::CategoricalCrossEntropy
-                    .compute(&m.forward_logits(&x).unwrap(), &y)
-                    .unwrap()
-                    .to_scalar_f32()
-                    .unwrap(),
-            )
-        })
-    };
-    // The probabilities path agrees with the logits path.
-    let p = model.forward(&x).unwrap().to_vec_f32().unwrap();
-    let direct: f64 = (0..n)
-        .map(|i| -f64::from(p[i * 4 + [0, 3, 1, 2, 3][i]]).ln())
-        .sum::<f64>()
-        / n as f64;
-    assert!((direct - loss_of(&model)).abs() < 1e-5);
-
-    let loss = Loss::CategoricalCrossEntropy
-        .compute(&model.forward_logits(&x).unwrap(), &y)
-        .unwrap();
-    let grads = loss.backward().unwrap();
-    let analytic: Vec<Vec<f32>> = model
-        .params()
-        .iter()
-        .map(|p| {
-            grads
-                .get_id(p.id())
-                .expect("every parameter gets a gradient")
-                .to_vec_f32()
-                .unwrap()
-        })
-        .collect();
-    for (pi, ga) in analytic.iter().enumerate() {
-        for j in 0..ga.len() {
-            let original = model.params()[pi].value();
-            let values = original.to_vec_f32().unwrap();
-            let h = 1e-2f32;
-            let mut eval = |d: f32| {
-                let mut v = values.clone();
-                v[j] += d;
-                let t = Tensor::from_slice(&v, original.dims(), &b).unwrap();
-                model.params_mut()[pi].set(&t).unwrap();
-                loss_of(&model)
-            };
-            let numeric = (eval(h) - eval(-h)) / (2.0 * f64::from(h));
-            model.params_mut()[pi].set(&original).unwrap();
-            let a = f64::from(ga[j]);
-            assert!(
-                (a - numeric).abs() <= 1e-2 * (1.0 + numeric.abs()),
-                "param {pi} element {j}: {a} vs {numeric}"
-            );
-        }
-    }
-}
+// Gradients of every layer and loss against finite differences are checked
+// by kiln-conformance (`grad_model` and friends), on every backend.
 
 #[test]
 fn adam_matches_the_keras_formula() {

@@ -414,6 +414,13 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
     /// Copies host data to the device.
     fn upload(&self, data: &HostData) -> Result<Self::Storage>;
 
+    /// Moves host data to the device. The default copies through
+    /// [`Backend::upload`]; a backend whose storage is host memory takes the
+    /// buffer without a copy.
+    fn upload_owned(&self, data: HostData) -> Result<Self::Storage> {
+        self.upload(&data)
+    }
+
     /// Copies the elements of `src` to the host, in row-major order of its layout.
     fn download(&self, src: View<'_, Self::Storage>) -> Result<HostData>;
 

@@ -148,7 +148,7 @@ impl<B: Backend> Tensor<B> {
                 ),
             ));
         }
-        let storage = backend.upload(&data)?;
+        let storage = backend.upload_owned(data)?;
         Self::from_storage(Arc::new(storage), Layout::contiguous(shape), backend)
     }
 

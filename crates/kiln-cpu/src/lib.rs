@@ -127,6 +127,10 @@ impl Backend for CpuBackend {
         Ok(data.clone())
     }
 
+    fn upload_owned(&self, data: HostData) -> Result<HostData> {
+        Ok(data)
+    }
+
     fn download(&self, src: View<'_, HostData>) -> Result<HostData> {
         storage::gather(src)
     }
@@ -225,7 +229,17 @@ impl Backend for CpuBackend {
         v: &mut HostData,
         step: &AdamStep,
     ) -> Result<()> {
-        reference::optim::adam(param, grad, m, v, step)
+        match self.kernels {
+            // The same loop, compiled for wider vectors: sqrt and division are
+            // correctly rounded, so the result is bitwise the reference's.
+            #[cfg(target_arch = "x86_64")]
+            KernelSet::Avx2 | KernelSet::Avx512 => {
+                // SAFETY: the kernel set (so AVX2, or AVX-512F which implies
+                // it) was checked against this processor when the backend was built.
+                unsafe { reference::optim::adam_avx2(param, grad, m, v, step) }
+            }
+            _ => reference::optim::adam(param, grad, m, v, step),
+        }
     }
 
     fn random(

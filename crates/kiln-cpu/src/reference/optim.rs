@@ -62,6 +62,23 @@ pub(crate) fn sgd(
     }
 }
 
+/// [`adam`] compiled with AVX2 enabled, so the compiler vectorises it.
+///
+/// # Safety
+/// The processor supports AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn adam_avx2(
+    param: &mut HostData,
+    grad: &HostData,
+    m: &mut HostData,
+    v: &mut HostData,
+    s: &AdamStep,
+) -> Result<()> {
+    adam(param, grad, m, v, s)
+}
+
+#[inline(always)]
 pub(crate) fn adam(
     param: &mut HostData,
     grad: &HostData,

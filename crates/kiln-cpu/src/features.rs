@@ -55,7 +55,7 @@ impl KernelSet {
         let needs = match self {
             KernelSet::Scalar => "",
             KernelSet::Avx2 => "an x86-64 processor with AVX2 and FMA",
-            KernelSet::Avx512 => "an x86-64 processor with AVX-512F",
+            KernelSet::Avx512 => "an x86-64 processor with AVX-512F, AVX2 and FMA",
             KernelSet::Neon => "an aarch64 processor",
         };
         Err(Error::invalid(format!(
@@ -77,7 +77,13 @@ impl KernelSet {
                     && std::arch::is_x86_feature_detected!("fma")
             }
             #[cfg(target_arch = "x86_64")]
-            KernelSet::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            // The AVX-512 set also uses the AVX2 micro-kernel for narrow
+            // outputs; every AVX-512 processor has AVX2 and FMA.
+            KernelSet::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
             #[cfg(target_arch = "aarch64")]
             KernelSet::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             #[allow(unreachable_patterns)]

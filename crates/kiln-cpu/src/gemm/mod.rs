@@ -181,6 +181,9 @@ pub(crate) fn gemm(
             match set {
                 #[cfg(target_arch = "x86_64")]
                 KernelSet::Avx2 => blocked::<avx2::Avx2>(&ap, &bp, m, k, n, c, pool),
+                // A 32-wide tile would waste most of its lanes on narrow outputs.
+                #[cfg(target_arch = "x86_64")]
+                KernelSet::Avx512 if n <= 16 => blocked::<avx2::Avx2>(&ap, &bp, m, k, n, c, pool),
                 #[cfg(target_arch = "x86_64")]
                 KernelSet::Avx512 => blocked::<avx512::Avx512>(&ap, &bp, m, k, n, c, pool),
                 #[cfg(target_arch = "aarch64")]

@@ -75,23 +75,39 @@ pub(crate) fn pack_a(
         let r0 = i0 + panel * mr;
         if a.rs == 1 {
             // Column-major (a transposed view): each step's rows are contiguous.
-            for p in 0..kc {
+            for (p, dst) in chunk.chunks_exact_mut(mr).enumerate() {
                 let start = a.offset + r0 + (p0 + p) * a.cs;
-                chunk[p * mr..p * mr + rows].copy_from_slice(&a.data[start..start + rows]);
+                copy_short(&mut dst[..rows], &a.data[start..start + rows]);
             }
         } else {
             for i in 0..rows {
                 let start = a.offset + (r0 + i) * a.rs + p0 * a.cs;
                 if a.cs == 1 {
                     // Row-major: read the row once, scatter it down the panel.
-                    for (p, &v) in a.data[start..start + kc].iter().enumerate() {
-                        chunk[p * mr + i] = v;
+                    let column = chunk[i..].iter_mut().step_by(mr);
+                    for (d, &v) in column.zip(&a.data[start..start + kc]) {
+                        *d = v;
                     }
                 } else {
                     for p in 0..kc {
                         chunk[p * mr + i] = a.data[start + p * a.cs];
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Copies a few floats: fixed-size copies for the micro-kernels' tile
+/// heights, so the compiler emits vector moves instead of a `memmove` call.
+#[inline(always)]
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    match (dst.len(), src.len()) {
+        (8, 8) => dst.copy_from_slice(&src[..8]),
+        (6, 6) => dst.copy_from_slice(&src[..6]),
+        _ => {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = v;
             }
         }
     }

@@ -40,7 +40,7 @@ pub(crate) const NC: usize = 2048;
 /// Largest row block of A a task packs.
 pub(crate) const MC_MAX: usize = 192;
 /// Multiply-adds below which a block is not split among threads.
-const PARALLEL_MIN_WORK: usize = 1 << 22;
+const PARALLEL_MIN_WORK: usize = 1 << 24;
 /// The largest tile of any micro-kernel (AVX-512: 8 × 32).
 const MAX_TILE: usize = 8 * 32;
 

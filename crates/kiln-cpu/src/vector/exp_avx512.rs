@@ -9,9 +9,10 @@
 use std::arch::x86_64::*;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
-/// ln 2 split so that k·LN2_HI is exact for |k| ≤ 2⁸.
-const LN2_HI: f32 = 0.693_145_751_953_125;
-const LN2_LO: f32 = 1.428_606_765_330_187_e-6;
+/// ln 2 split so that k·LN2_HI is exact for |k| ≤ 2⁸: LN2_HI = 0.693145751953125
+/// (16 significant bits) and LN2_LO ≈ 1.4286068e-6, the f32 nearest ln 2 − LN2_HI.
+const LN2_HI: f32 = f32::from_bits(0x3F31_7200);
+const LN2_LO: f32 = f32::from_bits(0x35BF_BE8E);
 /// 1/n! for n = 7 down to 2.
 const C: [f32; 6] = [
     1.0 / 5040.0,

@@ -33,6 +33,8 @@ if [ "$quick" = 0 ]; then
   cargo fmt --all -- --check
   step "cargo clippy (warnings are errors)"
   cargo clippy --workspace --all-targets --locked -- -D warnings
+  step "cargo doc (warnings are errors)"
+  RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 fi
 
 # --- tests ------------------------------------------------------------------

@@ -48,7 +48,7 @@ struct TrainArgs {
     /// Dataset: mnist-sample (bundled), mnist or fashion-mnist.
     #[arg(long, default_value = "mnist-sample")]
     dataset: String,
-    /// Folder holding the dataset's IDX files (or a folder with <dataset>/ inside).
+    /// Folder holding the dataset's IDX files (or a folder with a DATASET/ folder inside).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Passes over the training set.
@@ -81,7 +81,7 @@ struct TrainArgs {
     /// Skip the per-epoch evaluation on the test split.
     #[arg(long)]
     no_validation: bool,
-    /// Output folder for model.safetensors and history.jsonl [default: runs/<model>-<dataset>].
+    /// Output folder for model.safetensors and history.jsonl [default: runs/MODEL-DATASET].
     #[arg(long)]
     out: Option<PathBuf>,
     /// One plain line per epoch instead of a progress bar.

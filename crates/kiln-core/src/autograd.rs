@@ -1,6 +1,6 @@
 //! Reverse-mode automatic differentiation.
 //!
-//! Every op on tensors that require gradients records an [`Op`] naming its
+//! Every op on tensors that require gradients records an `Op` naming its
 //! inputs; [`Tensor::backward`] walks that graph once, in reverse
 //! topological order, and returns a [`GradStore`] with the gradient of every
 //! leaf (every [`crate::Var`]). Gradients are computed with the same tensor

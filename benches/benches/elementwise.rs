@@ -19,7 +19,7 @@ fn unary(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("unary/{}", set.name()));
         group.sample_size(20);
         group.throughput(Throughput::Elements(n as u64));
-        for op in [UnaryOp::Exp, UnaryOp::Relu] {
+        for op in [UnaryOp::Exp, UnaryOp::Sigmoid, UnaryOp::Relu] {
             group.bench_function(op.name(), |bench| {
                 bench.iter(|| b.unary(op, View::new(&x, &layout)).expect("unary"))
             });

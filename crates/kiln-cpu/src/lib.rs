@@ -167,14 +167,19 @@ impl Backend for CpuBackend {
 
     fn unary(&self, op: UnaryOp, x: View<'_, HostData>) -> Result<HostData> {
         #[cfg(target_arch = "x86_64")]
-        if let (KernelSet::Avx512, UnaryOp::Exp, HostData::F32(data)) =
+        if let (KernelSet::Avx512, UnaryOp::Exp | UnaryOp::Sigmoid, HostData::F32(data)) =
             (self.kernels, op, x.storage)
         {
             if let Some(r) = x.layout.contiguous_range().filter(|r| r.end <= data.len()) {
+                let kernel = if op == UnaryOp::Exp {
+                    vector::exp_avx512::exp
+                } else {
+                    vector::exp_avx512::sigmoid
+                };
                 let mut out = vec![0f32; r.len()];
                 // SAFETY: the AVX-512 set was checked against this processor
                 // when the backend was built.
-                unsafe { vector::exp_avx512::exp(&data[r], &mut out) };
+                unsafe { kernel(&data[r], &mut out) };
                 return Ok(HostData::F32(out));
             }
         }

@@ -52,6 +52,13 @@ fn exp16(x: __m512) -> __m512 {
 /// The processor supports AVX-512F.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn exp(x: &[f32], out: &mut [f32]) {
+    map16(x, out, |v| exp16(v));
+}
+
+/// Applies `f` to `x` sixteen lanes at a time, the tail under a mask, into `out`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn map16(x: &[f32], out: &mut [f32], f: impl Fn(__m512) -> __m512) {
     let n = x.len().min(out.len());
     let mut i = 0;
     while i + 16 <= n {
@@ -59,7 +66,7 @@ pub(crate) unsafe fn exp(x: &[f32], out: &mut [f32]) {
         unsafe {
             _mm512_storeu_ps(
                 out.as_mut_ptr().add(i),
-                exp16(_mm512_loadu_ps(x.as_ptr().add(i))),
+                f(_mm512_loadu_ps(x.as_ptr().add(i))),
             )
         };
         i += 16;
@@ -70,7 +77,7 @@ pub(crate) unsafe fn exp(x: &[f32], out: &mut [f32]) {
         // masked-off lanes are neither read nor written.
         unsafe {
             let v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i));
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), mask, exp16(v));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), mask, f(v));
         }
     }
 }
@@ -95,26 +102,7 @@ pub(crate) unsafe fn sigmoid(x: &[f32], out: &mut [f32]) {
         // e/(1+e) as e·s; NaN stays NaN through exp and both branches.
         _mm512_mask_mul_ps(s, below, e, s)
     };
-    let n = x.len().min(out.len());
-    let mut i = 0;
-    while i + 16 <= n {
-        // SAFETY: i + 16 ≤ n, which both slices hold.
-        unsafe {
-            _mm512_storeu_ps(
-                out.as_mut_ptr().add(i),
-                f(_mm512_loadu_ps(x.as_ptr().add(i))),
-            )
-        };
-        i += 16;
-    }
-    if i < n {
-        let mask: __mmask16 = (1u32 << (n - i)) as u16 - 1;
-        // SAFETY: the mask covers only the n − i < 16 elements left.
-        unsafe {
-            let v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i));
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), mask, f(v));
-        }
-    }
+    map16(x, out, f);
 }
 
 #[cfg(test)]

@@ -14,15 +14,38 @@ impl MicroKernel for Avx2 {
 
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
         // SAFETY: forwarded from the caller (AVX2 and FMA present, buffer sizes).
-        unsafe { kernel(kc, a, b, c) }
+        unsafe { packed(kc, a, b, c) }
+    }
+
+    unsafe fn tile_strided(
+        kc: usize,
+        a: *const f32,
+        rsa: usize,
+        csa: usize,
+        b: *const f32,
+        c: *mut f32,
+    ) {
+        // SAFETY: forwarded from the caller (AVX2 and FMA present, A's elements
+        // in bounds, buffer sizes).
+        unsafe { kernel(kc, a, rsa, csa, b, c) }
     }
 }
 
+/// The packed form: A's panel holds step `p`, row `i` at `p·6 + i`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
+unsafe fn packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
+    // SAFETY: forwarded; with these strides the reads stay in the panel.
+    unsafe { kernel(kc, a, 1, 6, b, c) }
+}
+
+/// The tile with A's element `(i, p)` at `a[i·rsa + p·csa]`; inlined into
+/// [`packed`] with constant strides.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn kernel(kc: usize, a: *const f32, rsa: usize, csa: usize, b: *const f32, c: *mut f32) {
     let mut acc = [[_mm256_setzero_ps(); 2]; 6];
     for p in 0..kc {
-        // SAFETY: b holds kc·16 floats and a kc·6 (the MicroKernel contract).
+        // SAFETY: b holds kc·16 floats (the MicroKernel contract).
         let (b0, b1) = unsafe {
             (
                 _mm256_loadu_ps(b.add(p * 16)),
@@ -30,8 +53,8 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
             )
         };
         for (i, row) in acc.iter_mut().enumerate() {
-            // SAFETY: as above.
-            let ai = _mm256_set1_ps(unsafe { *a.add(p * 6 + i) });
+            // SAFETY: A's element (i, p) is in bounds (the contract).
+            let ai = _mm256_set1_ps(unsafe { *a.add(i * rsa + p * csa) });
             row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
             row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
         }

@@ -14,15 +14,38 @@ impl MicroKernel for Avx512 {
 
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
         // SAFETY: forwarded from the caller (AVX-512F present, buffer sizes).
-        unsafe { kernel(kc, a, b, c) }
+        unsafe { packed(kc, a, b, c) }
+    }
+
+    unsafe fn tile_strided(
+        kc: usize,
+        a: *const f32,
+        rsa: usize,
+        csa: usize,
+        b: *const f32,
+        c: *mut f32,
+    ) {
+        // SAFETY: forwarded from the caller (AVX-512F present, A's elements
+        // in bounds, buffer sizes).
+        unsafe { kernel(kc, a, rsa, csa, b, c) }
     }
 }
 
+/// The packed form: A's panel holds step `p`, row `i` at `p·8 + i`.
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
+unsafe fn packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
+    // SAFETY: forwarded; with these strides the reads stay in the panel.
+    unsafe { kernel(kc, a, 1, 8, b, c) }
+}
+
+/// The tile with A's element `(i, p)` at `a[i·rsa + p·csa]`; inlined into
+/// [`packed`] with constant strides.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn kernel(kc: usize, a: *const f32, rsa: usize, csa: usize, b: *const f32, c: *mut f32) {
     let mut acc = [[_mm512_setzero_ps(); 2]; 8];
     for p in 0..kc {
-        // SAFETY: b holds kc·32 floats and a kc·8 (the MicroKernel contract).
+        // SAFETY: b holds kc·32 floats (the MicroKernel contract).
         let (b0, b1) = unsafe {
             (
                 _mm512_loadu_ps(b.add(p * 32)),
@@ -30,8 +53,8 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
             )
         };
         for (i, row) in acc.iter_mut().enumerate() {
-            // SAFETY: as above.
-            let ai = _mm512_set1_ps(unsafe { *a.add(p * 8 + i) });
+            // SAFETY: A's element (i, p) is in bounds (the contract).
+            let ai = _mm512_set1_ps(unsafe { *a.add(i * rsa + p * csa) });
             row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
             row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
         }

@@ -43,6 +43,10 @@ pub(crate) const MC_MAX: usize = 192;
 const PARALLEL_MIN_WORK: usize = 1 << 24;
 /// The largest tile of any micro-kernel (AVX-512: 8 × 32).
 const MAX_TILE: usize = 8 * 32;
+/// Outputs at most this many micro-panels wide read A in place instead of
+/// packing it: a packed A block would be reused by too few B panels to
+/// repay the copy (the MLP's 64- and 10-wide layers).
+const DIRECT_A_MAX_PANELS: usize = 4;
 
 /// A register-blocked kernel computing one `MR × NR` tile from packed panels.
 pub(crate) trait MicroKernel {
@@ -56,6 +60,34 @@ pub(crate) trait MicroKernel {
     /// The processor supports the kernel's instruction set; `a` holds
     /// `kc·MR` floats, `b` holds `kc·NR`, `c` has room for `MR·NR`.
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32);
+
+    /// The same tile with A read in place: element `(i, p)` of the
+    /// `MR × kc` block at `a[i·rsa + p·csa]`, no packing. The default
+    /// gathers the block into a packed panel on the stack and calls
+    /// [`MicroKernel::tile`].
+    ///
+    /// # Safety
+    /// As for [`MicroKernel::tile`], and every `a[i·rsa + p·csa]` with
+    /// `i < MR`, `p < kc ≤ KC` is in bounds.
+    unsafe fn tile_strided(
+        kc: usize,
+        a: *const f32,
+        rsa: usize,
+        csa: usize,
+        b: *const f32,
+        c: *mut f32,
+    ) {
+        let mut panel = [0f32; KC * 8];
+        debug_assert!(kc <= KC && Self::MR <= 8);
+        for p in 0..kc {
+            for i in 0..Self::MR {
+                // SAFETY: in bounds by the caller's contract.
+                panel[p * Self::MR + i] = unsafe { *a.add(i * rsa + p * csa) };
+            }
+        }
+        // SAFETY: the panel holds kc·MR floats; the rest is forwarded.
+        unsafe { Self::tile(kc, panel.as_ptr(), b, c) }
+    }
 }
 
 /// A GEMM's operands checked and read: what both the reference and the
@@ -216,6 +248,7 @@ fn blocked<K: MicroKernel>(
         .div_ceil(threads)
         .next_multiple_of(K::MR)
         .clamp(K::MR, MC_MAX);
+    let direct = n.div_ceil(K::NR) <= DIRECT_A_MAX_PANELS;
     let mut b_packed = Vec::new();
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
@@ -225,22 +258,41 @@ fn blocked<K: MicroKernel>(
             let b_packed = &b_packed;
             let task = |(block, rows): (usize, &mut [f32])| {
                 let (ic, mcb) = (block * mc, rows.len() / n);
+                // Direct mode packs only a partial last panel of rows.
+                let full = if direct { mcb / K::MR * K::MR } else { 0 };
                 let mut a_packed = Vec::new();
-                pack_a(a, ic, mcb, pc, kc, K::MR, &mut a_packed);
+                pack_a(a, ic + full, mcb - full, pc, kc, K::MR, &mut a_packed);
                 let mut tile = [0f32; MAX_TILE];
                 for jr in (0..nc).step_by(K::NR) {
                     let nr = K::NR.min(nc - jr);
                     let b_panel = &b_packed[(jr / K::NR) * K::NR * kc..][..K::NR * kc];
                     for ir in (0..mcb).step_by(K::MR) {
                         let mr = K::MR.min(mcb - ir);
-                        let a_panel = &a_packed[(ir / K::MR) * K::MR * kc..][..K::MR * kc];
-                        // SAFETY: the kernel set was checked against this
-                        // processor when the backend was built; the panels are
-                        // exactly kc·MR and kc·NR floats and the tile holds
-                        // MAX_TILE ≥ MR·NR.
-                        unsafe {
-                            K::tile(kc, a_panel.as_ptr(), b_panel.as_ptr(), tile.as_mut_ptr())
-                        };
+                        if ir < full {
+                            let start = a.index(ic + ir, pc);
+                            // SAFETY: the kernel set was checked against this
+                            // processor when the backend was built; the layout
+                            // was bounds-checked, and rows ic+ir.. ic+ir+MR,
+                            // columns pc..pc+kc are all inside the matrix; the
+                            // B panel is kc·NR floats, the tile MAX_TILE ≥ MR·NR.
+                            unsafe {
+                                K::tile_strided(
+                                    kc,
+                                    a.data().as_ptr().add(start),
+                                    a.rs(),
+                                    a.cs(),
+                                    b_panel.as_ptr(),
+                                    tile.as_mut_ptr(),
+                                )
+                            };
+                        } else {
+                            let panel = (ir - full) / K::MR;
+                            let a_panel = &a_packed[panel * K::MR * kc..][..K::MR * kc];
+                            // SAFETY: as above; the A panel is kc·MR floats.
+                            unsafe {
+                                K::tile(kc, a_panel.as_ptr(), b_panel.as_ptr(), tile.as_mut_ptr())
+                            };
+                        }
                         for i in 0..mr {
                             let row = &mut rows[(ir + i) * n + jc + jr..][..nr];
                             for (cv, &t) in row.iter_mut().zip(&tile[i * K::NR..i * K::NR + nr]) {

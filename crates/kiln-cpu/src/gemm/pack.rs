@@ -51,9 +51,30 @@ impl<'a> Matrix<'a> {
         }
     }
 
+    /// Where element `(i, j)` lives in [`Matrix::data`].
+    #[inline]
+    pub(crate) fn index(&self, i: usize, j: usize) -> usize {
+        self.offset + i * self.rs + j * self.cs
+    }
+
+    /// The underlying elements.
+    pub(crate) fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// The row stride.
+    pub(crate) fn rs(&self) -> usize {
+        self.rs
+    }
+
+    /// The column stride.
+    pub(crate) fn cs(&self) -> usize {
+        self.cs
+    }
+
     #[inline]
     fn get(&self, i: usize, j: usize) -> f32 {
-        self.data[self.offset + i * self.rs + j * self.cs]
+        self.data[self.index(i, j)]
     }
 }
 

@@ -9,9 +9,12 @@
 //! - SIMD sets — [`KernelSet::Avx2`] (AVX2+FMA), [`KernelSet::Avx512`],
 //!   [`KernelSet::Neon`] — chosen at run time from what the processor
 //!   offers ([`features`]); `KILN_CPU=scalar|avx2|avx512|neon` forces one.
-//!   Today they run the packed, blocked GEMM with one register-blocked
-//!   micro-kernel per ISA (`gemm/`); every other op uses the reference
-//!   kernels.
+//!   They run the packed, blocked GEMM with one register-blocked
+//!   micro-kernel per ISA (`gemm/`), hand-written vector transcendentals
+//!   (`vector/{avx512,avx2,neon}.rs`) and the reference loops for exactly
+//!   rounded ops compiled with the set's features (`vector/wide.rs`), on
+//!   contiguous f32 operands; anything else (strided views, f16/bf16) goes
+//!   to the reference kernels.
 //!
 //! Work is split over `KILN_THREADS` threads (default: all cores) by output
 //! rows, so results never depend on the thread count or on scheduling.
@@ -111,6 +114,11 @@ impl CpuBackend {
     pub fn threads(&self) -> usize {
         self.threads
     }
+
+    /// The SIMD kernel set, or `None` for the scalar reference.
+    fn simd(&self) -> Option<KernelSet> {
+        (self.kernels != KernelSet::Scalar).then_some(self.kernels)
+    }
 }
 
 impl Backend for CpuBackend {
@@ -166,22 +174,8 @@ impl Backend for CpuBackend {
     }
 
     fn unary(&self, op: UnaryOp, x: View<'_, HostData>) -> Result<HostData> {
-        #[cfg(target_arch = "x86_64")]
-        if let (KernelSet::Avx512, UnaryOp::Exp | UnaryOp::Sigmoid, HostData::F32(data)) =
-            (self.kernels, op, x.storage)
-        {
-            if let Some(r) = x.layout.contiguous_range().filter(|r| r.end <= data.len()) {
-                let kernel = if op == UnaryOp::Exp {
-                    vector::exp_avx512::exp
-                } else {
-                    vector::exp_avx512::sigmoid
-                };
-                let mut out = vec![0f32; r.len()];
-                // SAFETY: the AVX-512 set was checked against this processor
-                // when the backend was built.
-                unsafe { kernel(&data[r], &mut out) };
-                return Ok(HostData::F32(out));
-            }
+        if let Some(out) = self.simd().and_then(|set| vector::ops::unary(set, op, x)) {
+            return Ok(out);
         }
         reference::elementwise::unary(op, x)
     }
@@ -193,10 +187,22 @@ impl Backend for CpuBackend {
         y: View<'_, HostData>,
         dy: View<'_, HostData>,
     ) -> Result<HostData> {
+        if let Some(out) = self
+            .simd()
+            .and_then(|set| vector::ops::unary_backward(set, op, x, y, dy))
+        {
+            return Ok(out);
+        }
         reference::elementwise::unary_backward(op, x, y, dy)
     }
 
     fn affine(&self, x: View<'_, HostData>, mul: f32, add: f32) -> Result<HostData> {
+        if let Some(out) = self
+            .simd()
+            .and_then(|set| vector::ops::affine(set, x, mul, add))
+        {
+            return Ok(out);
+        }
         reference::elementwise::affine(x, mul, add)
     }
 
@@ -206,10 +212,22 @@ impl Backend for CpuBackend {
         a: View<'_, HostData>,
         b: View<'_, HostData>,
     ) -> Result<HostData> {
+        if let Some(out) = self
+            .simd()
+            .and_then(|set| vector::ops::binary(set, op, a, b))
+        {
+            return Ok(out);
+        }
         reference::elementwise::binary(op, a, b)
     }
 
     fn reduce(&self, op: ReduceOp, x: View<'_, HostData>, axes: &[usize]) -> Result<HostData> {
+        if let Some(out) = self
+            .simd()
+            .and_then(|set| vector::ops::reduce(set, op, x, axes))
+        {
+            return Ok(out);
+        }
         reference::reduce::reduce(op, x, axes)
     }
 
@@ -218,6 +236,12 @@ impl Backend for CpuBackend {
     }
 
     fn softmax(&self, x: View<'_, HostData>, log: bool) -> Result<HostData> {
+        if let Some(out) = self
+            .simd()
+            .and_then(|set| vector::ops::softmax(set, x, log))
+        {
+            return Ok(out);
+        }
         reference::softmax::softmax(x, log)
     }
 
@@ -226,6 +250,12 @@ impl Backend for CpuBackend {
         logits: View<'_, HostData>,
         labels: View<'_, HostData>,
     ) -> Result<(HostData, HostData)> {
+        if let Some(set) = self.simd() {
+            let y = reference::softmax::checked_labels(logits, labels)?;
+            if let Some(out) = vector::ops::softmax_cross_entropy(set, logits, &y) {
+                return Ok(out);
+            }
+        }
         reference::softmax::softmax_cross_entropy(logits, labels)
     }
 
@@ -236,7 +266,11 @@ impl Backend for CpuBackend {
         velocity: Option<&mut HostData>,
         step: &SgdStep,
     ) -> Result<()> {
-        reference::optim::sgd(param, grad, velocity, step)
+        let mut result = Ok(());
+        vector::wide::run(self.kernels, || {
+            result = reference::optim::sgd(param, grad, velocity, step)
+        });
+        result
     }
 
     fn adam_update(
@@ -247,17 +281,13 @@ impl Backend for CpuBackend {
         v: &mut HostData,
         step: &AdamStep,
     ) -> Result<()> {
-        match self.kernels {
-            // The same loop, compiled for wider vectors: sqrt and division are
-            // correctly rounded, so the result is bitwise the reference's.
-            #[cfg(target_arch = "x86_64")]
-            KernelSet::Avx2 | KernelSet::Avx512 => {
-                // SAFETY: the kernel set (so AVX2, or AVX-512F which implies
-                // it) was checked against this processor when the backend was built.
-                unsafe { reference::optim::adam_avx2(param, grad, m, v, step) }
-            }
-            _ => reference::optim::adam(param, grad, m, v, step),
-        }
+        // The same loop compiled for the set's vectors: sqrt and division are
+        // correctly rounded, so the result is bitwise the reference's.
+        let mut result = Ok(());
+        vector::wide::run(self.kernels, || {
+            result = reference::optim::adam(param, grad, m, v, step)
+        });
+        result
     }
 
     fn random(

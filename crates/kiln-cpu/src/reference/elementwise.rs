@@ -5,6 +5,7 @@ use kiln_core::{Activation, BinaryOp, Error, HostData, Result, UnaryOp, View};
 use crate::storage::{read_f32, store_f32};
 
 /// `op(x)` for one f32, through the platform's libm for transcendentals.
+#[inline]
 pub(crate) fn unary_f32(op: UnaryOp, x: f32) -> f32 {
     match op {
         UnaryOp::Neg => -x,
@@ -40,7 +41,9 @@ pub(crate) fn activate(act: Activation, x: f32) -> f32 {
     act.as_unary().map_or(x, |op| unary_f32(op, x))
 }
 
-fn backward_f32(op: UnaryOp, x: f32, y: f32, dy: f32) -> f32 {
+/// The gradient of `op` at `x` (with `y = op(x)`) times `dy`, for one f32.
+#[inline]
+pub(crate) fn backward_f32(op: UnaryOp, x: f32, y: f32, dy: f32) -> f32 {
     match op {
         UnaryOp::Neg => -dy,
         UnaryOp::Abs => {
@@ -136,6 +139,7 @@ pub(crate) fn affine(x: View<'_, HostData>, mul: f32, add: f32) -> Result<HostDa
 }
 
 /// `op(a, b)` for one pair of f32.
+#[inline]
 pub(crate) fn binary_f32(op: BinaryOp, a: f32, b: f32) -> f32 {
     let flag = |c: bool| if c { 1.0 } else { 0.0 };
     match op {

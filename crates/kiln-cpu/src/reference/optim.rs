@@ -28,6 +28,9 @@ fn check_len(op: &'static str, want: usize, got: usize, what: &str) -> Result<()
     Ok(())
 }
 
+/// SGD with optional momentum (Nesterov or not) and L2 weight decay;
+/// inlined so `vector::wide::run` can compile it for a SIMD set.
+#[inline(always)]
 pub(crate) fn sgd(
     param: &mut HostData,
     grad: &HostData,
@@ -62,22 +65,8 @@ pub(crate) fn sgd(
     }
 }
 
-/// [`adam`] compiled with AVX2 enabled, so the compiler vectorises it.
-///
-/// # Safety
-/// The processor supports AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-pub(crate) unsafe fn adam_avx2(
-    param: &mut HostData,
-    grad: &HostData,
-    m: &mut HostData,
-    v: &mut HostData,
-    s: &AdamStep,
-) -> Result<()> {
-    adam(param, grad, m, v, s)
-}
-
+/// Adam / AdamW (Keras' ε placement); inlined so `vector::wide::run` can
+/// compile it for a SIMD set.
 #[inline(always)]
 pub(crate) fn adam(
     param: &mut HostData,

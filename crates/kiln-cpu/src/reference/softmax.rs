@@ -41,6 +41,33 @@ pub(crate) fn softmax(x: View<'_, HostData>, log: bool) -> Result<HostData> {
     store_f32("softmax", x.storage.dtype(), out)
 }
 
+/// The labels of a softmax cross-entropy, checked: `[n]` u32 for `[n, c]`
+/// logits, each below `c`.
+pub(crate) fn checked_labels<'a>(
+    logits: View<'_, HostData>,
+    labels: View<'a, HostData>,
+) -> Result<std::borrow::Cow<'a, [u32]>> {
+    let dims = logits.layout.dims();
+    if dims.len() != 2 || labels.layout.dims() != [dims[0]] {
+        return Err(Error::shape(
+            "softmax_cross_entropy",
+            format!(
+                "logits {} and labels {} do not fit (expected [n, classes] and [n])",
+                logits.layout.shape(),
+                labels.layout.shape()
+            ),
+        ));
+    }
+    let c = dims[1];
+    let y = read_u32("softmax_cross_entropy", labels)?;
+    if let Some((i, &l)) = y.iter().enumerate().find(|(_, &l)| l as usize >= c) {
+        return Err(Error::invalid(format!(
+            "softmax_cross_entropy: label {l} at row {i} is outside 0..{c}"
+        )));
+    }
+    Ok(y)
+}
+
 pub(crate) fn softmax_cross_entropy(
     logits: View<'_, HostData>,
     labels: View<'_, HostData>,
@@ -58,12 +85,7 @@ pub(crate) fn softmax_cross_entropy(
     }
     let (n, c) = (dims[0], dims[1]);
     let x = read_f32("softmax_cross_entropy", logits)?;
-    let y = read_u32("softmax_cross_entropy", labels)?;
-    if let Some((i, &l)) = y.iter().enumerate().find(|(_, &l)| l as usize >= c) {
-        return Err(Error::invalid(format!(
-            "softmax_cross_entropy: label {l} at row {i} is outside 0..{c}"
-        )));
-    }
+    let y = checked_labels(logits, labels)?;
     let mut loss = vec![0f32; n];
     let mut grad = vec![0f32; n * c];
     for i in 0..n {

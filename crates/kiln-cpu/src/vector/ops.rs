@@ -1,0 +1,310 @@
+//! The SIMD kernel sets' elementwise, reduction, softmax and optimiser
+//! paths. Each entry handles the common case — contiguous f32 operands —
+//! and returns `None` for anything else, which the caller sends to the
+//! reference kernel (strided views, f16/bf16, shape errors).
+
+use kiln_core::{BinaryOp, HostData, ReduceOp, UnaryOp, View};
+
+use super::wide;
+use crate::reference::elementwise::{backward_f32, binary_f32, unary_f32};
+use crate::KernelSet;
+
+/// A vector kernel `out[i] = f(x[i])` (the transcendentals).
+type MapKernel = unsafe fn(&[f32], &mut [f32]);
+
+/// The contiguous f32 elements a view covers, if it is such a view.
+fn contiguous<'a>(v: View<'a, HostData>) -> Option<&'a [f32]> {
+    match v.storage {
+        HostData::F32(d) => v
+            .layout
+            .contiguous_range()
+            .filter(|r| r.end <= d.len())
+            .map(|r| &d[r]),
+        _ => None,
+    }
+}
+
+/// A view that repeats one contiguous block: zero strides on its leading
+/// axes, row-major strides on the rest (a bias broadcast over rows). Returns
+/// the block.
+fn periodic<'a>(v: View<'a, HostData>) -> Option<&'a [f32]> {
+    let HostData::F32(d) = v.storage else {
+        return None;
+    };
+    let (dims, strides) = (v.layout.dims(), v.layout.strides());
+    let mut expect = 1;
+    let mut split = dims.len();
+    while split > 0 && (dims[split - 1] == 1 || strides[split - 1] == expect) {
+        expect *= dims[split - 1];
+        split -= 1;
+    }
+    if (0..split).any(|a| strides[a] != 0 && dims[a] != 1) || expect == 0 {
+        return None;
+    }
+    let start = v.layout.offset();
+    d.get(start..start.checked_add(expect)?)
+}
+
+/// The vector transcendental of `set` for `op`, if it has one.
+fn transcendental(set: KernelSet, op: UnaryOp) -> Option<MapKernel> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::{avx2, avx512};
+        let k: MapKernel = match (set, op) {
+            (KernelSet::Avx512, UnaryOp::Exp) => avx512::exp,
+            (KernelSet::Avx512, UnaryOp::Sigmoid) => avx512::sigmoid,
+            (KernelSet::Avx512, UnaryOp::Tanh) => avx512::tanh,
+            (KernelSet::Avx512, UnaryOp::Log) => avx512::log,
+            (KernelSet::Avx2, UnaryOp::Exp) => avx2::exp,
+            (KernelSet::Avx2, UnaryOp::Sigmoid) => avx2::sigmoid,
+            (KernelSet::Avx2, UnaryOp::Tanh) => avx2::tanh,
+            (KernelSet::Avx2, UnaryOp::Log) => avx2::log,
+            _ => return None,
+        };
+        Some(k)
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        use super::neon;
+        let k: MapKernel = match (set, op) {
+            (KernelSet::Neon, UnaryOp::Exp) => neon::exp,
+            (KernelSet::Neon, UnaryOp::Sigmoid) => neon::sigmoid,
+            (KernelSet::Neon, UnaryOp::Tanh) => neon::tanh,
+            (KernelSet::Neon, UnaryOp::Log) => neon::log,
+            _ => return None,
+        };
+        Some(k)
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let _ = (set, op);
+        None
+    }
+}
+
+/// Runs `kernel` over `x` into a new vector.
+fn apply(set: KernelSet, kernel: MapKernel, x: &[f32]) -> Vec<f32> {
+    let _ = set;
+    let mut out = vec![0f32; x.len()];
+    // SAFETY: kernels come from `transcendental` for a set that was checked
+    // against this processor when its backend was built.
+    unsafe { kernel(x, &mut out) };
+    out
+}
+
+/// Expands `$body` once per variant of `$op`, with `$k` a constant equal to
+/// it, so each loop is compiled for one op with no per-element dispatch.
+macro_rules! specialise {
+    ($op:expr, $ty:ident [$($v:ident),*], $k:ident => $body:expr) => {
+        match $op {
+            $($ty::$v => {
+                const $k: $ty = $ty::$v;
+                $body
+            })*
+        }
+    };
+}
+
+/// `op(x)`.
+pub(crate) fn unary(set: KernelSet, op: UnaryOp, x: View<'_, HostData>) -> Option<HostData> {
+    let xs = contiguous(x)?;
+    let out = match transcendental(set, op) {
+        Some(kernel) => apply(set, kernel, xs),
+        None => {
+            specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh],
+            OP => wide::map(set, xs, |v| unary_f32(OP, v)))
+        }
+    };
+    Some(HostData::F32(out))
+}
+
+/// The gradient of `op` at `x` (with `y = op(x)`) times `dy`.
+pub(crate) fn unary_backward(
+    set: KernelSet,
+    op: UnaryOp,
+    x: View<'_, HostData>,
+    y: View<'_, HostData>,
+    dy: View<'_, HostData>,
+) -> Option<HostData> {
+    let shape = x.layout.shape();
+    if y.layout.shape() != shape || dy.layout.shape() != shape {
+        return None;
+    }
+    let (ys, dys) = (contiguous(y)?, contiguous(dy)?);
+    let out = if op.backward_reads_only_output() {
+        specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh],
+            OP => wide::zip(set, ys, dys, |y, d| backward_f32(OP, 0.0, y, d)))
+    } else {
+        let xs = contiguous(x)?;
+        specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh],
+            OP => wide::zip3(set, xs, ys, dys, |x, y, d| backward_f32(OP, x, y, d)))
+    };
+    Some(HostData::F32(out))
+}
+
+/// `x·mul + add`, fused.
+pub(crate) fn affine(
+    set: KernelSet,
+    x: View<'_, HostData>,
+    mul: f32,
+    add: f32,
+) -> Option<HostData> {
+    let xs = contiguous(x)?;
+    Some(HostData::F32(wide::map(set, xs, |v| v.mul_add(mul, add))))
+}
+
+/// `op(a, b)` for operands of one shape, either contiguous or one of them a
+/// block repeated over leading axes (a broadcast row).
+pub(crate) fn binary(
+    set: KernelSet,
+    op: BinaryOp,
+    a: View<'_, HostData>,
+    b: View<'_, HostData>,
+) -> Option<HostData> {
+    if a.layout.shape() != b.layout.shape() {
+        return None;
+    }
+    let out = match (contiguous(a), contiguous(b)) {
+        (Some(x), Some(y)) => {
+            specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
+            OP => wide::zip(set, x, y, |p, q| binary_f32(OP, p, q)))
+        }
+        (Some(x), None) => {
+            let row = periodic(b)?;
+            specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
+                OP => wide::zip_rows(set, x, row, |p, q| binary_f32(OP, p, q)))
+        }
+        (None, Some(y)) => {
+            let row = periodic(a)?;
+            specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
+                OP => wide::zip_rows(set, y, row, |q, p| binary_f32(OP, p, q)))
+        }
+        (None, None) => return None,
+    };
+    Some(HostData::F32(out))
+}
+
+/// Sum or mean of a contiguous operand over leading axes `0..p` (summed in
+/// row order, bitwise the reference) or trailing axes (each run summed in
+/// sixteen interleaved lanes, combined pairwise).
+pub(crate) fn reduce(
+    set: KernelSet,
+    op: ReduceOp,
+    x: View<'_, HostData>,
+    axes: &[usize],
+) -> Option<HostData> {
+    if !matches!(op, ReduceOp::Sum | ReduceOp::Mean) || axes.is_empty() {
+        return None;
+    }
+    let xs = contiguous(x)?;
+    let dims = x.layout.dims();
+    let rank = dims.len();
+    let leading = axes.iter().enumerate().all(|(i, &a)| a == i);
+    let trailing = axes
+        .iter()
+        .enumerate()
+        .all(|(i, &a)| a == rank - axes.len() + i);
+    let run: usize = axes
+        .iter()
+        .map(|&a| dims.get(a).copied().unwrap_or(0))
+        .product();
+    if run == 0 || xs.is_empty() {
+        return None;
+    }
+    let mut out = if leading {
+        wide::sum_rows(set, xs, xs.len() / run)
+    } else if trailing {
+        wide::sum_runs(set, xs, run)
+    } else {
+        return None;
+    };
+    if op == ReduceOp::Mean {
+        let n = run as f32;
+        out = wide::map(set, &out, |v| v / n);
+    }
+    Some(HostData::F32(out))
+}
+
+/// Softmax (or log-softmax) over the last axis of a contiguous operand,
+/// with the set's vector exp.
+pub(crate) fn softmax(set: KernelSet, x: View<'_, HostData>, log: bool) -> Option<HostData> {
+    let xs = contiguous(x)?;
+    let c = *x.layout.dims().last()?;
+    let exp = transcendental(set, UnaryOp::Exp)?;
+    if c == 0 {
+        return None;
+    }
+    let mut out = vec![0f32; xs.len()];
+    let mut shifted = vec![0f32; c];
+    for (row, o) in xs.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+        let (max, sum) = row_stats(set, exp, row, &mut shifted, o);
+        if log {
+            let lse = sum.ln();
+            for (o, &v) in o.iter_mut().zip(row) {
+                *o = v - max - lse;
+            }
+        } else {
+            for o in o.iter_mut() {
+                *o /= sum;
+            }
+        }
+    }
+    Some(HostData::F32(out))
+}
+
+/// The row's max and `Σ exp(x − max)`; leaves `exp(x − max)` in `exps`.
+fn row_stats(
+    set: KernelSet,
+    exp: MapKernel,
+    row: &[f32],
+    shifted: &mut [f32],
+    exps: &mut [f32],
+) -> (f32, f32) {
+    let _ = set;
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| {
+        if v.is_nan() || m.is_nan() {
+            f32::NAN
+        } else {
+            m.max(v)
+        }
+    });
+    for (s, &v) in shifted.iter_mut().zip(row) {
+        *s = v - max;
+    }
+    // SAFETY: `exp` came from `transcendental` for a checked set.
+    unsafe { exp(shifted, exps) };
+    (max, exps.iter().fold(0.0f32, |s, &v| s + v))
+}
+
+/// Fused softmax cross-entropy of contiguous `[n, c]` logits against valid
+/// labels (the caller checked shapes and ranges): per-row loss and the
+/// gradient `softmax − onehot`.
+pub(crate) fn softmax_cross_entropy(
+    set: KernelSet,
+    logits: View<'_, HostData>,
+    labels: &[u32],
+) -> Option<(HostData, HostData)> {
+    let xs = contiguous(logits)?;
+    let c = *logits.layout.dims().last()?;
+    let exp = transcendental(set, UnaryOp::Exp)?;
+    if c == 0 || labels.len() * c != xs.len() {
+        return None;
+    }
+    let mut loss = vec![0f32; labels.len()];
+    let mut grad = vec![0f32; xs.len()];
+    let mut shifted = vec![0f32; c];
+    for ((row, g), (l, &label)) in xs
+        .chunks_exact(c)
+        .zip(grad.chunks_exact_mut(c))
+        .zip(loss.iter_mut().zip(labels))
+    {
+        let (max, sum) = row_stats(set, exp, row, &mut shifted, g);
+        let label = label as usize;
+        *l = (max + sum.ln()) - row[label];
+        for g in g.iter_mut() {
+            *g /= sum;
+        }
+        g[label] -= 1.0;
+    }
+    Some((HostData::F32(loss), HostData::F32(grad)))
+}

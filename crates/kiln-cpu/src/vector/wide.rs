@@ -1,0 +1,153 @@
+//! The reference loops compiled once per SIMD kernel set, with that set's
+//! features enabled, so the compiler emits its vector instructions.
+//!
+//! Each entry takes the kernel set and a scalar body; the body is the same
+//! function the reference kernels use, and every op routed here is exactly
+//! rounded (relu, add, max, `mul_add`, …), so results are bitwise the
+//! reference's. On aarch64 NEON is part of the baseline ISA: the plain loop
+//! already is NEON code.
+
+use crate::KernelSet;
+
+#[inline(always)]
+fn map_loop(x: &[f32], f: impl Fn(f32) -> f32) -> Vec<f32> {
+    x.iter().map(|&v| f(v)).collect()
+}
+
+#[inline(always)]
+fn zip_loop(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
+    a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+}
+
+#[inline(always)]
+fn zip3_loop(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> Vec<f32> {
+    a.iter()
+        .zip(b)
+        .zip(c)
+        .map(|((&x, &y), &z)| f(x, y, z))
+        .collect()
+}
+
+/// Defines `$name(set, …)`, which runs `$body` compiled for `set`.
+macro_rules! per_set {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident;) => {
+        $(#[$doc])*
+        ///
+        /// `set` must have been checked against this processor (every
+        /// `CpuBackend` checks its set when it is built).
+        pub(crate) fn $name(set: KernelSet, $($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                match set {
+                    // SAFETY: the set was checked against this processor
+                    // (the contract above); AVX-512 sets include AVX2+FMA.
+                    KernelSet::Avx2 => return unsafe { avx2($($arg),*) },
+                    // SAFETY: as above.
+                    KernelSet::Avx512 => return unsafe { avx512($($arg),*) },
+                    _ => {}
+                }
+            }
+            let _ = set;
+            $body($($arg),*)
+        }
+    };
+}
+
+per_set! {
+    /// `f` applied to every element of `x`.
+    fn map(x: &[f32], f: impl Fn(f32) -> f32) -> Vec<f32> = map_loop;
+}
+
+per_set! {
+    /// `f` applied to every pair of elements of `a` and `b`.
+    fn zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> = zip_loop;
+}
+
+per_set! {
+    /// `f` applied to every triple of elements of `a`, `b` and `c`.
+    fn zip3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> Vec<f32> = zip3_loop;
+}
+
+#[inline(always)]
+fn zip_rows_loop(a: &[f32], row: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(a.len());
+    for chunk in a.chunks(row.len().max(1)) {
+        out.extend(chunk.iter().zip(row).map(|(&x, &y)| f(x, y)));
+    }
+    out
+}
+
+#[inline(always)]
+fn sum_rows_loop(x: &[f32], cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; cols];
+    for row in x.chunks_exact(cols.max(1)) {
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o += v;
+        }
+    }
+    out
+}
+
+/// Lanes of the interleaved sums in [`sum_runs`].
+const LANES: usize = 16;
+
+#[inline(always)]
+fn sum_runs_loop(x: &[f32], run: usize) -> Vec<f32> {
+    x.chunks_exact(run.max(1))
+        .map(|r| {
+            let mut acc = [0f32; LANES];
+            let mut chunks = r.chunks_exact(LANES);
+            for chunk in &mut chunks {
+                for (a, &v) in acc.iter_mut().zip(chunk) {
+                    *a += v;
+                }
+            }
+            let tail = chunks.remainder().iter().fold(0f32, |s, &v| s + v);
+            let mut width = LANES;
+            while width > 1 {
+                width /= 2;
+                for i in 0..width {
+                    acc[i] += acc[i + width];
+                }
+            }
+            acc[0] + tail
+        })
+        .collect()
+}
+
+per_set! {
+    /// `f(a[i], row[i mod row.len()])`: `row` repeated along `a`, whose
+    /// length is a multiple of it.
+    fn zip_rows(a: &[f32], row: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> = zip_rows_loop;
+}
+
+per_set! {
+    /// Column sums of the row-major `[len/cols, cols]` matrix `x`, each
+    /// summed down the rows in order.
+    fn sum_rows(x: &[f32], cols: usize) -> Vec<f32> = sum_rows_loop;
+}
+
+per_set! {
+    /// The sum of each run of `run` consecutive elements: sixteen
+    /// interleaved partial sums combined pairwise, then the tail.
+    fn sum_runs(x: &[f32], run: usize) -> Vec<f32> = sum_runs_loop;
+}
+
+#[inline(always)]
+fn call<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+per_set! {
+    /// Runs `f` (an `#[inline(always)]` loop such as the optimisers') with
+    /// the set's features enabled.
+    fn run(f: impl FnOnce()) -> () = call;
+}

@@ -1,25 +1,45 @@
-//! Criterion benchmarks of elementwise kernels per kernel set (1M floats).
+//! Criterion benchmarks of the non-GEMM kernels per kernel set, one thread:
+//! unary maps, a binary op (same shape and a broadcast row), a column sum
+//! (bias gradients) and the fused softmax cross-entropy, on 1M floats.
 
 use criterion::{criterion_main, Criterion, Throughput};
-use kiln_core::{Backend, HostData, Layout, Shape, UnaryOp, View};
+use kiln_core::{Backend, BinaryOp, HostData, Layout, ReduceOp, Shape, UnaryOp, View};
 use kiln_cpu::{CpuBackend, KernelSet};
 
+const ROWS: usize = 1024;
+const COLS: usize = 1024;
+
+fn backends() -> impl Iterator<Item = (KernelSet, CpuBackend)> {
+    KernelSet::ALL
+        .into_iter()
+        .filter(|k| k.available())
+        .map(|set| {
+            let b = CpuBackend::with_kernels(set)
+                .expect("available")
+                .with_threads(1);
+            (set, b)
+        })
+}
+
+fn values(n: usize) -> HostData {
+    HostData::F32((0..n).map(|i| (i % 2000) as f32 * 0.05 - 50.0).collect())
+}
+
 fn unary(c: &mut Criterion) {
-    let n = 1 << 20;
+    let n = ROWS * COLS;
     let layout = Layout::contiguous(Shape::new(&[n]).expect("1M elements"));
-    for set in KernelSet::ALL.into_iter().filter(|k| k.available()) {
-        let b = CpuBackend::with_kernels(set)
-            .expect("available")
-            .with_threads(1);
-        let x = b
-            .upload(&HostData::F32(
-                (0..n).map(|i| (i % 2000) as f32 * 0.05 - 50.0).collect(),
-            ))
-            .expect("upload");
+    for (set, b) in backends() {
+        let x = b.upload(&values(n)).expect("upload");
         let mut group = c.benchmark_group(format!("unary/{}", set.name()));
         group.sample_size(20);
         group.throughput(Throughput::Elements(n as u64));
-        for op in [UnaryOp::Exp, UnaryOp::Sigmoid, UnaryOp::Relu] {
+        for op in [
+            UnaryOp::Exp,
+            UnaryOp::Log,
+            UnaryOp::Tanh,
+            UnaryOp::Sigmoid,
+            UnaryOp::Relu,
+        ] {
             group.bench_function(op.name(), |bench| {
                 bench.iter(|| b.unary(op, View::new(&x, &layout)).expect("unary"))
             });
@@ -28,10 +48,63 @@ fn unary(c: &mut Criterion) {
     }
 }
 
+fn others(c: &mut Criterion) {
+    let n = ROWS * COLS;
+    let matrix = Layout::contiguous(Shape::new(&[ROWS, COLS]).expect("shape"));
+    let row = Layout::contiguous(Shape::new(&[COLS]).expect("shape"))
+        .broadcast_as(&Shape::new(&[ROWS, COLS]).expect("shape"))
+        .expect("broadcast");
+    let labels_layout = Layout::contiguous(Shape::new(&[ROWS]).expect("shape"));
+    for (set, b) in backends() {
+        let x = b.upload(&values(n)).expect("upload");
+        let y = b.upload(&values(n)).expect("upload");
+        let bias = b.upload(&values(COLS)).expect("upload");
+        let labels = b
+            .upload(&HostData::U32((0..ROWS as u32).map(|i| i % 1000).collect()))
+            .expect("upload");
+        let mut group = c.benchmark_group(format!("ops/{}", set.name()));
+        group.sample_size(20);
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_function("add", |bench| {
+            bench.iter(|| {
+                b.binary(
+                    BinaryOp::Add,
+                    View::new(&x, &matrix),
+                    View::new(&y, &matrix),
+                )
+                .expect("add")
+            })
+        });
+        group.bench_function("add_row", |bench| {
+            bench.iter(|| {
+                b.binary(
+                    BinaryOp::Add,
+                    View::new(&x, &matrix),
+                    View::new(&bias, &row),
+                )
+                .expect("add")
+            })
+        });
+        group.bench_function("sum_rows", |bench| {
+            bench.iter(|| {
+                b.reduce(ReduceOp::Sum, View::new(&x, &matrix), &[0])
+                    .expect("sum")
+            })
+        });
+        group.bench_function("softmax_cross_entropy", |bench| {
+            bench.iter(|| {
+                b.softmax_cross_entropy(View::new(&x, &matrix), View::new(&labels, &labels_layout))
+                    .expect("sce")
+            })
+        });
+        group.finish();
+    }
+}
+
 // criterion_group! generates an undocumented function.
 #[allow(missing_docs)]
 mod group {
     use super::*;
-    criterion::criterion_group!(benches, unary);
+    criterion::criterion_group!(benches, unary, others);
 }
 criterion_main!(group::benches);

@@ -266,11 +266,7 @@ impl Backend for CpuBackend {
         velocity: Option<&mut HostData>,
         step: &SgdStep,
     ) -> Result<()> {
-        let mut result = Ok(());
-        vector::wide::run(self.kernels, || {
-            result = reference::optim::sgd(param, grad, velocity, step)
-        });
-        result
+        vector::wide::sgd(self.kernels, param, grad, velocity, step)
     }
 
     fn adam_update(
@@ -281,13 +277,7 @@ impl Backend for CpuBackend {
         v: &mut HostData,
         step: &AdamStep,
     ) -> Result<()> {
-        // The same loop compiled for the set's vectors: sqrt and division are
-        // correctly rounded, so the result is bitwise the reference's.
-        let mut result = Ok(());
-        vector::wide::run(self.kernels, || {
-            result = reference::optim::adam(param, grad, m, v, step)
-        });
-        result
+        vector::wide::adam(self.kernels, param, grad, m, v, step)
     }
 
     fn random(

@@ -244,9 +244,7 @@ pub(crate) fn softmax(set: KernelSet, x: View<'_, HostData>, log: bool) -> Optio
                 *o = v - max - lse;
             }
         } else {
-            for o in o.iter_mut() {
-                *o /= sum;
-            }
+            wide::scale(set, o, sum);
         }
     }
     Some(HostData::F32(out))
@@ -260,20 +258,13 @@ fn row_stats(
     shifted: &mut [f32],
     exps: &mut [f32],
 ) -> (f32, f32) {
-    let _ = set;
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| {
-        if v.is_nan() || m.is_nan() {
-            f32::NAN
-        } else {
-            m.max(v)
-        }
-    });
+    let max = wide::max(set, row);
     for (s, &v) in shifted.iter_mut().zip(row) {
         *s = v - max;
     }
     // SAFETY: `exp` came from `transcendental` for a checked set.
     unsafe { exp(shifted, exps) };
-    (max, exps.iter().fold(0.0f32, |s, &v| s + v))
+    (max, wide::sum(set, exps))
 }
 
 /// Fused softmax cross-entropy of contiguous `[n, c]` logits against valid
@@ -301,9 +292,7 @@ pub(crate) fn softmax_cross_entropy(
         let (max, sum) = row_stats(set, exp, row, &mut shifted, g);
         let label = label as usize;
         *l = (max + sum.ln()) - row[label];
-        for g in g.iter_mut() {
-            *g /= sum;
-        }
+        wide::scale(set, g, sum);
         g[label] -= 1.0;
     }
     Some((HostData::F32(loss), HostData::F32(grad)))

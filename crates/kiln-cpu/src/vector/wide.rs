@@ -7,6 +7,8 @@
 //! reference's. On aarch64 NEON is part of the baseline ISA: the plain loop
 //! already is NEON code.
 
+use kiln_core::{AdamStep, HostData, Result, SgdStep};
+
 use crate::KernelSet;
 
 #[inline(always)]
@@ -30,7 +32,7 @@ fn zip3_loop(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) 
 
 /// Defines `$name(set, …)`, which runs `$body` compiled for `set`.
 macro_rules! per_set {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident;) => {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:path;) => {
         $(#[$doc])*
         ///
         /// `set` must have been checked against this processor (every
@@ -99,28 +101,80 @@ fn sum_rows_loop(x: &[f32], cols: usize) -> Vec<f32> {
 /// Lanes of the interleaved sums in [`sum_runs`].
 const LANES: usize = 16;
 
+/// One run's sum: sixteen interleaved partial sums, combined pairwise, plus
+/// the tail summed in order.
+#[inline(always)]
+fn sum_run(r: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = r.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += v;
+        }
+    }
+    let tail = chunks.remainder().iter().fold(0f32, |s, &v| s + v);
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+    }
+    acc[0] + tail
+}
+
 #[inline(always)]
 fn sum_runs_loop(x: &[f32], run: usize) -> Vec<f32> {
-    x.chunks_exact(run.max(1))
-        .map(|r| {
-            let mut acc = [0f32; LANES];
-            let mut chunks = r.chunks_exact(LANES);
-            for chunk in &mut chunks {
-                for (a, &v) in acc.iter_mut().zip(chunk) {
-                    *a += v;
-                }
-            }
-            let tail = chunks.remainder().iter().fold(0f32, |s, &v| s + v);
-            let mut width = LANES;
-            while width > 1 {
-                width /= 2;
-                for i in 0..width {
-                    acc[i] += acc[i + width];
-                }
-            }
-            acc[0] + tail
-        })
-        .collect()
+    x.chunks_exact(run.max(1)).map(sum_run).collect()
+}
+
+#[inline(always)]
+fn max_loop(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut nan = false;
+    let mut chunks = x.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            nan |= v.is_nan();
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    for &v in chunks.remainder() {
+        nan |= v.is_nan();
+        acc[0] = if v > acc[0] { v } else { acc[0] };
+    }
+    if nan {
+        return f32::NAN;
+    }
+    acc.iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+#[inline(always)]
+fn scale_loop(x: &mut [f32], divisor: f32) {
+    for v in x {
+        *v /= divisor;
+    }
+}
+
+per_set! {
+    /// The largest element of `x` (−∞ if empty), NaN if any is NaN.
+    fn max(x: &[f32]) -> f32 = max_loop;
+}
+
+per_set! {
+    /// The sum of `x` in sixteen interleaved lanes (as [`sum_runs`]).
+    fn sum(x: &[f32]) -> f32 = sum_loop;
+}
+
+per_set! {
+    /// `x[i] /= divisor`, in place.
+    fn scale(x: &mut [f32], divisor: f32) -> () = scale_loop;
+}
+
+#[inline(always)]
+fn sum_loop(x: &[f32]) -> f32 {
+    sum_run(x)
 }
 
 per_set! {
@@ -141,13 +195,25 @@ per_set! {
     fn sum_runs(x: &[f32], run: usize) -> Vec<f32> = sum_runs_loop;
 }
 
-#[inline(always)]
-fn call<R>(f: impl FnOnce() -> R) -> R {
-    f()
+per_set! {
+    /// The reference SGD step ([`crate::reference::optim::sgd`]).
+    fn sgd(
+        param: &mut HostData,
+        grad: &HostData,
+        velocity: Option<&mut HostData>,
+        step: &SgdStep
+    ) -> Result<()> = crate::reference::optim::sgd;
 }
 
 per_set! {
-    /// Runs `f` (an `#[inline(always)]` loop such as the optimisers') with
-    /// the set's features enabled.
-    fn run(f: impl FnOnce()) -> () = call;
+    /// The reference Adam step ([`crate::reference::optim::adam`]); sqrt and
+    /// division are correctly rounded, so the result is bitwise the
+    /// reference's.
+    fn adam(
+        param: &mut HostData,
+        grad: &HostData,
+        m: &mut HostData,
+        v: &mut HostData,
+        step: &AdamStep
+    ) -> Result<()> = crate::reference::optim::adam;
 }

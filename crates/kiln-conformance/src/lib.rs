@@ -281,6 +281,11 @@ macro_rules! __with_checks {
             softmax: F32 F16 BF16;
             log_softmax: F32 F16 BF16;
             softmax_cross_entropy: F32 F16 BF16;
+            conv2d: F32 F16 BF16;
+            conv2d_backward_data: F32 F16 BF16;
+            conv2d_backward_filter: F32 F16 BF16;
+            max_pool2d: F32 F16 BF16;
+            max_pool2d_backward: F32 F16 BF16;
             sgd_update: F32;
             adam_update: F32;
             random_uniform: F32 F16 BF16;

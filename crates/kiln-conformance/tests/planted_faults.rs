@@ -4,8 +4,8 @@
 
 use kiln_conformance::{run_check, Config, Status};
 use kiln_core::{
-    AdamStep, Backend, BinaryOp, DType, Distribution, GemmEpilogue, HostData, Layout, ReduceOp,
-    Result, SgdStep, UnaryOp, View,
+    Activation, AdamStep, Backend, BinaryOp, DType, Distribution, GemmEpilogue, HostData, Layout,
+    ReduceOp, Result, SgdStep, UnaryOp, View, Window2d,
 };
 use kiln_cpu::CpuBackend;
 
@@ -159,6 +159,45 @@ impl Backend for Faulty {
         y: View<'_, HostData>,
     ) -> Result<(HostData, HostData)> {
         self.inner.softmax_cross_entropy(l, y)
+    }
+    fn conv2d(
+        &self,
+        x: View<'_, HostData>,
+        w: View<'_, HostData>,
+        b: Option<View<'_, HostData>>,
+        a: Activation,
+        win: &Window2d,
+    ) -> Result<HostData> {
+        self.inner.conv2d(x, w, b, a, win)
+    }
+    fn conv2d_backward_data(
+        &self,
+        dy: View<'_, HostData>,
+        w: View<'_, HostData>,
+        win: &Window2d,
+        input: [usize; 2],
+    ) -> Result<HostData> {
+        self.inner.conv2d_backward_data(dy, w, win, input)
+    }
+    fn conv2d_backward_filter(
+        &self,
+        x: View<'_, HostData>,
+        dy: View<'_, HostData>,
+        win: &Window2d,
+    ) -> Result<(HostData, HostData)> {
+        self.inner.conv2d_backward_filter(x, dy, win)
+    }
+    fn max_pool2d(&self, x: View<'_, HostData>, win: &Window2d) -> Result<(HostData, HostData)> {
+        self.inner.max_pool2d(x, win)
+    }
+    fn max_pool2d_backward(
+        &self,
+        dy: View<'_, HostData>,
+        at: View<'_, HostData>,
+        win: &Window2d,
+        input: [usize; 2],
+    ) -> Result<HostData> {
+        self.inner.max_pool2d_backward(dy, at, win, input)
     }
     fn sgd_update(
         &self,

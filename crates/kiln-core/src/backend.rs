@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use crate::{DType, HostData, Layout, Result};
+use crate::{DType, HostData, Layout, Result, Window2d};
 
 /// What a backend's storage must be able to tell about itself.
 pub trait BackendStorage: Clone + Send + Sync + 'static {
@@ -507,6 +507,65 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
         logits: View<'_, Self::Storage>,
         labels: View<'_, Self::Storage>,
     ) -> Result<(Self::Storage, Self::Storage)>;
+
+    /// 2-D convolution (cross-correlation, as every framework computes it)
+    /// of `x` `[n, c, h, w]` with `weight` `[o, c, kh, kw]` over `window`
+    /// (zero padding), plus `bias` `[o]` per output channel, then
+    /// `activation`: `[n, o, oh, ow]`. Shapes are checked by
+    /// [`crate::conv::conv2d_output`]. Each output is a dot product of
+    /// length `c·kh·kw` and carries that bound.
+    fn conv2d(
+        &self,
+        x: View<'_, Self::Storage>,
+        weight: View<'_, Self::Storage>,
+        bias: Option<View<'_, Self::Storage>>,
+        activation: Activation,
+        window: &Window2d,
+    ) -> Result<Self::Storage>;
+
+    /// The gradient of [`Backend::conv2d`] (before bias and activation) with
+    /// respect to its input: `dy` `[n, o, oh, ow]` and `weight`
+    /// `[o, c, kh, kw]` give `dx` `[n, c, h, w]` for an input of
+    /// `input = [h, w]`.
+    fn conv2d_backward_data(
+        &self,
+        dy: View<'_, Self::Storage>,
+        weight: View<'_, Self::Storage>,
+        window: &Window2d,
+        input: [usize; 2],
+    ) -> Result<Self::Storage>;
+
+    /// The gradients of [`Backend::conv2d`] (before bias and activation)
+    /// with respect to the weight and the bias: from `x` `[n, c, h, w]` and
+    /// `dy` `[n, o, oh, ow]`, `dw` `[o, c, kh, kw]` and `db` `[o]` (the sum
+    /// of `dy` over everything but the channel).
+    fn conv2d_backward_filter(
+        &self,
+        x: View<'_, Self::Storage>,
+        dy: View<'_, Self::Storage>,
+        window: &Window2d,
+    ) -> Result<(Self::Storage, Self::Storage)>;
+
+    /// Max-pooling of `x` `[n, c, h, w]` over `window` (padding counts as
+    /// −∞): the maxima `[n, c, oh, ow]` and, as u32 of the same shape, where
+    /// each came from — its index `i·w + j` in the input plane, the first
+    /// maximum in row-major window order, NaN counting as maximal. Exact.
+    fn max_pool2d(
+        &self,
+        x: View<'_, Self::Storage>,
+        window: &Window2d,
+    ) -> Result<(Self::Storage, Self::Storage)>;
+
+    /// The gradient of [`Backend::max_pool2d`]: each `dy` cell added to the
+    /// input cell its `argmax` names, in row-major order of `dy`; `[n, c,
+    /// h, w]` for an input of `input = [h, w]`.
+    fn max_pool2d_backward(
+        &self,
+        dy: View<'_, Self::Storage>,
+        argmax: View<'_, Self::Storage>,
+        window: &Window2d,
+        input: [usize; 2],
+    ) -> Result<Self::Storage>;
 
     /// One fused SGD step on contiguous `param`, `grad` and optional
     /// `velocity` (required when momentum ≠ 0), updated in place.

@@ -17,6 +17,7 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod conv;
 pub mod dtype;
 pub mod error;
 pub mod layout;
@@ -30,6 +31,7 @@ pub use backend::{
     Activation, AdamStep, Backend, BackendStorage, BinaryOp, Distribution, GemmEpilogue, ReduceOp,
     SgdStep, UnaryOp, View,
 };
+pub use conv::Window2d;
 pub use dtype::{bf16_from_f64, f16_from_f64, round_to_format, DType, HostData};
 pub use error::{DataError, Error, Result};
 pub use layout::Layout;

@@ -19,6 +19,7 @@
 //! Work is split over `KILN_THREADS` threads (default: all cores) by output
 //! rows, so results never depend on the thread count or on scheduling.
 
+mod conv;
 pub mod features;
 mod gemm;
 mod reference;
@@ -29,8 +30,8 @@ mod vector;
 use std::sync::Arc;
 
 use kiln_core::{
-    AdamStep, Backend, BinaryOp, DType, Distribution, Error, GemmEpilogue, HostData, Layout,
-    ReduceOp, Result, SgdStep, UnaryOp, View,
+    Activation, AdamStep, Backend, BinaryOp, DType, Distribution, Error, GemmEpilogue, HostData,
+    Layout, ReduceOp, Result, SgdStep, UnaryOp, View, Window2d,
 };
 
 pub use features::KernelSet;
@@ -257,6 +258,59 @@ impl Backend for CpuBackend {
             }
         }
         reference::softmax::softmax_cross_entropy(logits, labels)
+    }
+
+    fn conv2d(
+        &self,
+        x: View<'_, HostData>,
+        weight: View<'_, HostData>,
+        bias: Option<View<'_, HostData>>,
+        activation: Activation,
+        window: &Window2d,
+    ) -> Result<HostData> {
+        match self.simd() {
+            Some(set) => conv::conv2d(set, &self.pool, x, weight, bias, activation, window),
+            None => reference::conv::conv2d(x, weight, bias, activation, window),
+        }
+    }
+
+    fn conv2d_backward_data(
+        &self,
+        dy: View<'_, HostData>,
+        weight: View<'_, HostData>,
+        window: &Window2d,
+        input: [usize; 2],
+    ) -> Result<HostData> {
+        match self.simd() {
+            Some(set) => conv::conv2d_backward_data(set, &self.pool, dy, weight, window, input),
+            None => reference::conv::conv2d_backward_data(dy, weight, window, input),
+        }
+    }
+
+    fn conv2d_backward_filter(
+        &self,
+        x: View<'_, HostData>,
+        dy: View<'_, HostData>,
+        window: &Window2d,
+    ) -> Result<(HostData, HostData)> {
+        match self.simd() {
+            Some(set) => conv::conv2d_backward_filter(set, &self.pool, x, dy, window),
+            None => reference::conv::conv2d_backward_filter(x, dy, window),
+        }
+    }
+
+    fn max_pool2d(&self, x: View<'_, HostData>, window: &Window2d) -> Result<(HostData, HostData)> {
+        reference::conv::max_pool2d(x, window)
+    }
+
+    fn max_pool2d_backward(
+        &self,
+        dy: View<'_, HostData>,
+        argmax: View<'_, HostData>,
+        window: &Window2d,
+        input: [usize; 2],
+    ) -> Result<HostData> {
+        reference::conv::max_pool2d_backward(dy, argmax, window, input)
     }
 
     fn sgd_update(

@@ -1,5 +1,6 @@
 //! The checks, one function per op family, dispatched by name.
 
+mod conv;
 mod elementwise;
 mod gemm;
 mod memory;
@@ -79,6 +80,11 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, dtype: DType, cfg: &Config) -> Re
         "softmax" => softmax::softmax(b, dtype, cfg, false),
         "log_softmax" => softmax::softmax(b, dtype, cfg, true),
         "softmax_cross_entropy" => softmax::cross_entropy(b, dtype, cfg),
+        "conv2d" => conv::conv2d(b, dtype, cfg),
+        "conv2d_backward_data" => conv::conv2d_backward_data(b, dtype, cfg),
+        "conv2d_backward_filter" => conv::conv2d_backward_filter(b, dtype, cfg),
+        "max_pool2d" => conv::max_pool2d(b, dtype, cfg),
+        "max_pool2d_backward" => conv::max_pool2d_backward(b, dtype, cfg),
         "sgd_update" => optim::sgd(b, cfg),
         "adam_update" => optim::adam(b, cfg),
         "random_uniform" => random::random(b, dtype, cfg, false),

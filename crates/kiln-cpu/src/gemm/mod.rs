@@ -31,7 +31,8 @@ use rayon::prelude::*;
 use crate::reference::elementwise::activate;
 use crate::storage::{check_bounds, read_f32, store_f32};
 use crate::KernelSet;
-use pack::{pack_a, pack_b, Matrix};
+pub(crate) use pack::Matrix;
+use pack::{pack_a, pack_b};
 
 /// Rows of the k dimension packed at once.
 pub(crate) const KC: usize = 256;
@@ -212,14 +213,16 @@ pub(crate) fn gemm(
             let (ap, bp) = (a32.batch(p), b32.batch(p));
             match set {
                 #[cfg(target_arch = "x86_64")]
-                KernelSet::Avx2 => blocked::<avx2::Avx2>(&ap, &bp, m, k, n, c, pool),
+                KernelSet::Avx2 => blocked::<avx2::Avx2>(&ap, &bp, m, k, n, c, Some(pool)),
                 // A 32-wide tile would waste most of its lanes on narrow outputs.
                 #[cfg(target_arch = "x86_64")]
-                KernelSet::Avx512 if n <= 16 => blocked::<avx2::Avx2>(&ap, &bp, m, k, n, c, pool),
+                KernelSet::Avx512 if n <= 16 => {
+                    blocked::<avx2::Avx2>(&ap, &bp, m, k, n, c, Some(pool))
+                }
                 #[cfg(target_arch = "x86_64")]
-                KernelSet::Avx512 => blocked::<avx512::Avx512>(&ap, &bp, m, k, n, c, pool),
+                KernelSet::Avx512 => blocked::<avx512::Avx512>(&ap, &bp, m, k, n, c, Some(pool)),
                 #[cfg(target_arch = "aarch64")]
-                KernelSet::Neon => blocked::<neon::Neon>(&ap, &bp, m, k, n, c, pool),
+                KernelSet::Neon => blocked::<neon::Neon>(&ap, &bp, m, k, n, c, Some(pool)),
                 other => {
                     return Err(Error::invalid(format!(
                         "no packed GEMM for kernel set {}",
@@ -232,7 +235,45 @@ pub(crate) fn gemm(
     prob.finish(out, ep.alpha, ep.activation)
 }
 
-/// One `m × k` by `k × n` product accumulated into the zeroed, row-major `c`.
+/// `c += a·b` for an `m × k` and a `k × n` strided f32 matrix into the
+/// row-major `m × n` slice `c`, with `set`'s micro-kernel on the calling
+/// thread (convolutions split their work over images themselves).
+pub(crate) fn accumulate(
+    set: KernelSet,
+    a: &Matrix<'_>,
+    b: &Matrix<'_>,
+    (m, k, n): (usize, usize, usize),
+    c: &mut [f32],
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    match set {
+        #[cfg(target_arch = "x86_64")]
+        KernelSet::Avx2 => blocked::<avx2::Avx2>(a, b, m, k, n, c, None),
+        #[cfg(target_arch = "x86_64")]
+        KernelSet::Avx512 if n <= 16 => blocked::<avx2::Avx2>(a, b, m, k, n, c, None),
+        #[cfg(target_arch = "x86_64")]
+        KernelSet::Avx512 => blocked::<avx512::Avx512>(a, b, m, k, n, c, None),
+        #[cfg(target_arch = "aarch64")]
+        KernelSet::Neon => blocked::<neon::Neon>(a, b, m, k, n, c, None),
+        _ => {
+            // The scalar set never gets here; be correct anyway.
+            for i in 0..m {
+                for j in 0..n {
+                    let mut acc = 0f32;
+                    for p in 0..k {
+                        acc += a.at(i, p) * b.at(p, j);
+                    }
+                    c[i * n + j] += acc;
+                }
+            }
+        }
+    }
+}
+
+/// One `m × k` by `k × n` product accumulated into the row-major `c`, on
+/// `pool` when given and the product is worth splitting.
 fn blocked<K: MicroKernel>(
     a: &Matrix<'_>,
     b: &Matrix<'_>,
@@ -240,10 +281,10 @@ fn blocked<K: MicroKernel>(
     k: usize,
     n: usize,
     c: &mut [f32],
-    pool: &rayon::ThreadPool,
+    pool: Option<&rayon::ThreadPool>,
 ) {
     // Row blocks: enough for every thread, whole tiles, at most MC_MAX rows.
-    let threads = pool.current_num_threads().max(1);
+    let threads = pool.map_or(1, |p| p.current_num_threads().max(1));
     let mc = m
         .div_ceil(threads)
         .next_multiple_of(K::MR)
@@ -303,7 +344,9 @@ fn blocked<K: MicroKernel>(
                 }
             };
             // Forking costs microseconds: only products worth more than that.
-            if threads > 1 && m > mc && m * nc * kc >= PARALLEL_MIN_WORK {
+            if let Some(pool) =
+                pool.filter(|_| threads > 1 && m > mc && m * nc * kc >= PARALLEL_MIN_WORK)
+            {
                 pool.install(|| c.par_chunks_mut(mc * n).enumerate().for_each(task));
             } else {
                 c.chunks_mut(mc * n).enumerate().for_each(task);

@@ -40,6 +40,23 @@ impl<'a> Matrix<'a> {
         })
     }
 
+    /// A matrix over a slice: element `(i, j)` at `data[offset + i·rs + j·cs]`.
+    pub(crate) fn from_slice(data: &'a [f32], offset: usize, rs: usize, cs: usize) -> Self {
+        Matrix {
+            data: Cow::Borrowed(data),
+            offset,
+            rs,
+            cs,
+            batch_stride: 0,
+        }
+    }
+
+    /// Element `(i, j)`.
+    #[inline]
+    pub(crate) fn at(&self, i: usize, j: usize) -> f32 {
+        self.get(i, j)
+    }
+
     /// Matrix `p` of the batch.
     pub(crate) fn batch(&self, p: usize) -> Matrix<'_> {
         Matrix {

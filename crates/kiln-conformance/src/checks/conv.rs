@@ -1,0 +1,436 @@
+//! Convolution and max-pooling over NCHW tensors.
+//!
+//! The oracle treats padding as zeros that take part in the products (so
+//! `0·∞` is NaN, as in every framework that pads explicitly). Bounds: each
+//! convolution output, and each gradient element, is a dot product whose
+//! length is the number of terms it sums, within γₙ·Σ|terms| (f32
+//! accumulation) plus the bias addition; max-pooling is exact, value and
+//! index; its gradient sums the `dy` cells routed to one input cell.
+
+use kiln_core::{Activation, Backend, DType, HostData, Layout, Shape, View, Window2d};
+use proptest::prelude::*;
+
+use super::fetch_all;
+use crate::bound::{gamma, ETA_F32};
+use crate::values::{contiguous, operand, Domain, Operand};
+use crate::{compare, run_cases, Bound, CaseError, Config, Report};
+
+const U: f64 = 1.0 / 16_777_216.0; // 2⁻²⁴
+const U64: f64 = 1.0 / 9_007_199_254_740_992.0; // 2⁻⁵³
+
+/// A problem's sizes: batch, channels in and out, input, window.
+#[derive(Clone, Copy, Debug)]
+struct Sizes {
+    n: usize,
+    c: usize,
+    o: usize,
+    h: usize,
+    w: usize,
+    win: Window2d,
+    out: [usize; 2],
+}
+
+fn sizes() -> impl Strategy<Value = Sizes> {
+    (
+        0usize..=2,
+        1usize..=3,
+        1usize..=4,
+        1usize..=9,
+        1usize..=9,
+        (1usize..=3, 1usize..=3),
+        (1usize..=2, 1usize..=2),
+        prop::array::uniform4(0usize..3),
+    )
+        .prop_filter_map(
+            "window fits the input",
+            |(n, c, o, h, w, (kh, kw), (sh, sw), p)| {
+                let win = Window2d {
+                    kernel: [kh, kw],
+                    stride: [sh, sw],
+                    padding: [p[0] % kh, p[1] % kh, p[2] % kw, p[3] % kw],
+                };
+                let out = win.output("conformance", [h, w]).ok()?;
+                Some(Sizes {
+                    n,
+                    c,
+                    o,
+                    h,
+                    w,
+                    win,
+                    out,
+                })
+            },
+        )
+}
+
+/// The input value a window offset reads, zero in the padding.
+fn read(
+    x: &[f64],
+    plane: usize,
+    s: &Sizes,
+    i: usize,
+    j: usize,
+    di: usize,
+    dj: usize,
+) -> Option<usize> {
+    let y = (i * s.win.stride[0] + di)
+        .checked_sub(s.win.padding[0])
+        .filter(|&y| y < s.h)?;
+    let xx = (j * s.win.stride[1] + dj)
+        .checked_sub(s.win.padding[2])
+        .filter(|&v| v < s.w)?;
+    let _ = x;
+    Some(plane + y * s.w + xx)
+}
+
+/// A dot product's bound from its exact value's absolute mass and length.
+fn dot_bound(mass: f64, len: usize) -> f64 {
+    (gamma(len, U) + len as f64 * U64) * mass + len as f64 * ETA_F32
+}
+
+#[derive(Debug, Clone)]
+struct Forward {
+    s: Sizes,
+    x: Operand,
+    weight: Operand,
+    bias: Option<Operand>,
+    relu: bool,
+}
+
+pub(crate) fn conv2d<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -> Report {
+    let strategy = sizes().prop_flat_map(move |s| {
+        let [kh, kw] = s.win.kernel;
+        (
+            operand(dtype, vec![s.n, s.c, s.h, s.w], Domain::General, false),
+            operand(dtype, vec![s.o, s.c, kh, kw], Domain::General, false),
+            prop::option::of(contiguous(dtype, vec![s.o], Domain::Moderate(4.0))),
+            any::<bool>(),
+        )
+            .prop_map(move |(x, weight, bias, relu)| Forward {
+                s,
+                x,
+                weight,
+                bias,
+                relu,
+            })
+    });
+    run_cases("conv2d", dtype, cfg, strategy, |c| {
+        let s = c.s;
+        let (sx, sw) = (c.x.upload(backend)?, c.weight.upload(backend)?);
+        let sb = c.bias.as_ref().map(|b| b.upload(backend)).transpose()?;
+        let act = if c.relu {
+            Activation::Relu
+        } else {
+            Activation::None
+        };
+        let out = backend.conv2d(
+            View::new(&sx, &c.x.layout),
+            View::new(&sw, &c.weight.layout),
+            c.bias
+                .as_ref()
+                .zip(sb.as_ref())
+                .map(|(b, st)| View::new(st, &b.layout)),
+            act,
+            &s.win,
+        )?;
+        let dims = [s.n, s.o, s.out[0], s.out[1]];
+        let got = fetch_all(backend, &out, &dims)?;
+        let (xv, wv) = (c.x.logical(), c.weight.logical());
+        let bv = c.bias.as_ref().map(|b| b.logical());
+        let [kh, kw] = s.win.kernel;
+        let mut want = Vec::with_capacity(got.len());
+        for img in 0..s.n {
+            for oc in 0..s.o {
+                for i in 0..s.out[0] {
+                    for j in 0..s.out[1] {
+                        let (mut dot, mut mass) = (0f64, 0f64);
+                        for ic in 0..s.c {
+                            let plane = (img * s.c + ic) * s.h * s.w;
+                            for di in 0..kh {
+                                for dj in 0..kw {
+                                    let xval =
+                                        read(&xv, plane, &s, i, j, di, dj).map_or(0.0, |at| xv[at]);
+                                    let p = xval * wv[((oc * s.c + ic) * kh + di) * kw + dj];
+                                    dot += p;
+                                    mass += p.abs();
+                                }
+                            }
+                        }
+                        let len = s.c * kh * kw;
+                        let mut err = dot_bound(mass, len);
+                        let add = bv.as_ref().map_or(0.0, |b| b[oc]);
+                        let pre = dot + add;
+                        if bv.is_some() {
+                            err += gamma(1, U) * (dot.abs() + add.abs() + err) + ETA_F32;
+                        }
+                        let y = if c.relu && !pre.is_nan() {
+                            pre.max(0.0)
+                        } else {
+                            pre
+                        };
+                        want.push((y, Bound::Abs(err)));
+                    }
+                }
+            }
+        }
+        compare("conv2d", dtype, &dims, &got, &want)
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Backward {
+    s: Sizes,
+    x: Operand,
+    weight: Operand,
+    dy: Operand,
+}
+
+fn backward_strategy(dtype: DType) -> impl Strategy<Value = Backward> {
+    sizes().prop_flat_map(move |s| {
+        let [kh, kw] = s.win.kernel;
+        (
+            operand(dtype, vec![s.n, s.c, s.h, s.w], Domain::General, false),
+            operand(dtype, vec![s.o, s.c, kh, kw], Domain::General, false),
+            operand(
+                dtype,
+                vec![s.n, s.o, s.out[0], s.out[1]],
+                Domain::General,
+                false,
+            ),
+        )
+            .prop_map(move |(x, weight, dy)| Backward { s, x, weight, dy })
+    })
+}
+
+pub(crate) fn conv2d_backward_data<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -> Report {
+    run_cases(
+        "conv2d_backward_data",
+        dtype,
+        cfg,
+        backward_strategy(dtype),
+        |c| {
+            let s = c.s;
+            let (sw, sd) = (c.weight.upload(backend)?, c.dy.upload(backend)?);
+            let out = backend.conv2d_backward_data(
+                View::new(&sd, &c.dy.layout),
+                View::new(&sw, &c.weight.layout),
+                &s.win,
+                [s.h, s.w],
+            )?;
+            let dims = [s.n, s.c, s.h, s.w];
+            let got = fetch_all(backend, &out, &dims)?;
+            let (wv, gv) = (c.weight.logical(), c.dy.logical());
+            let [kh, kw] = s.win.kernel;
+            let mut acc = vec![(0f64, 0f64, 0usize); s.n * s.c * s.h * s.w];
+            for img in 0..s.n {
+                for oc in 0..s.o {
+                    for i in 0..s.out[0] {
+                        for j in 0..s.out[1] {
+                            let g = gv[((img * s.o + oc) * s.out[0] + i) * s.out[1] + j];
+                            for ic in 0..s.c {
+                                let plane = (img * s.c + ic) * s.h * s.w;
+                                for di in 0..kh {
+                                    for dj in 0..kw {
+                                        if let Some(at) = read(&[], plane, &s, i, j, di, dj) {
+                                            let p = g * wv[((oc * s.c + ic) * kh + di) * kw + dj];
+                                            acc[at].0 += p;
+                                            acc[at].1 += p.abs();
+                                            acc[at].2 += 1;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let want: Vec<(f64, Bound)> = acc
+                .into_iter()
+                .map(|(v, mass, len)| (v, Bound::Abs(dot_bound(mass, len.max(1)))))
+                .collect();
+            compare("conv2d_backward_data", dtype, &dims, &got, &want)
+        },
+    )
+}
+
+pub(crate) fn conv2d_backward_filter<B: Backend>(
+    backend: &B,
+    dtype: DType,
+    cfg: &Config,
+) -> Report {
+    run_cases(
+        "conv2d_backward_filter",
+        dtype,
+        cfg,
+        backward_strategy(dtype),
+        |c| {
+            let s = c.s;
+            let (sx, sd) = (c.x.upload(backend)?, c.dy.upload(backend)?);
+            let (dw, db) = backend.conv2d_backward_filter(
+                View::new(&sx, &c.x.layout),
+                View::new(&sd, &c.dy.layout),
+                &s.win,
+            )?;
+            let [kh, kw] = s.win.kernel;
+            let wdims = [s.o, s.c, kh, kw];
+            let got_w = fetch_all(backend, &dw, &wdims)?;
+            let got_b = fetch_all(backend, &db, &[s.o])?;
+            let (xv, gv) = (c.x.logical(), c.dy.logical());
+            let cells = s.out[0] * s.out[1];
+            let mut want_w = Vec::with_capacity(got_w.len());
+            for oc in 0..s.o {
+                for ic in 0..s.c {
+                    for di in 0..kh {
+                        for dj in 0..kw {
+                            let (mut dot, mut mass) = (0f64, 0f64);
+                            for img in 0..s.n {
+                                let plane = (img * s.c + ic) * s.h * s.w;
+                                for i in 0..s.out[0] {
+                                    for j in 0..s.out[1] {
+                                        let g = gv[(img * s.o + oc) * cells + i * s.out[1] + j];
+                                        let xval = read(&xv, plane, &s, i, j, di, dj)
+                                            .map_or(0.0, |at| xv[at]);
+                                        dot += g * xval;
+                                        mass += (g * xval).abs();
+                                    }
+                                }
+                            }
+                            want_w.push((dot, Bound::Abs(dot_bound(mass, (s.n * cells).max(1)))));
+                        }
+                    }
+                }
+            }
+            let want_b: Vec<(f64, Bound)> = (0..s.o)
+                .map(|oc| {
+                    let terms =
+                        (0..s.n).flat_map(|img| gv[(img * s.o + oc) * cells..][..cells].iter());
+                    let (sum, mass) = terms.fold((0f64, 0f64), |(a, m), &g| (a + g, m + g.abs()));
+                    (sum, Bound::Abs(dot_bound(mass, (s.n * cells).max(1))))
+                })
+                .collect();
+            let w = compare(
+                "conv2d_backward_filter (weight)",
+                dtype,
+                &wdims,
+                &got_w,
+                &want_w,
+            )?;
+            let b = compare(
+                "conv2d_backward_filter (bias)",
+                dtype,
+                &[s.o],
+                &got_b,
+                &want_b,
+            )?;
+            Ok(w.max(b))
+        },
+    )
+}
+
+/// The oracle's max-pool: values and input-plane indices.
+fn pool_oracle(xv: &[f64], s: &Sizes) -> (Vec<f64>, Vec<usize>) {
+    let [kh, kw] = s.win.kernel;
+    let (mut vals, mut idx) = (Vec::new(), Vec::new());
+    for p in 0..s.n * s.c {
+        for i in 0..s.out[0] {
+            for j in 0..s.out[1] {
+                let mut best: Option<(f64, usize)> = None;
+                for di in 0..kh {
+                    for dj in 0..kw {
+                        if let Some(at) = read(xv, p * s.h * s.w, s, i, j, di, dj) {
+                            let v = xv[at];
+                            let better =
+                                best.is_none_or(|(b, _)| !b.is_nan() && (v.is_nan() || v > b));
+                            if better {
+                                best = Some((v, at - p * s.h * s.w));
+                            }
+                        }
+                    }
+                }
+                let (v, at) = best.expect("windows always cover a cell");
+                vals.push(v);
+                idx.push(at);
+            }
+        }
+    }
+    (vals, idx)
+}
+
+#[derive(Debug, Clone)]
+struct Pool {
+    s: Sizes,
+    x: Operand,
+    dy: Operand,
+}
+
+fn pool_strategy(dtype: DType) -> impl Strategy<Value = Pool> {
+    sizes().prop_flat_map(move |s| {
+        (
+            operand(dtype, vec![s.n, s.c, s.h, s.w], Domain::General, false),
+            operand(
+                dtype,
+                vec![s.n, s.c, s.out[0], s.out[1]],
+                Domain::General,
+                false,
+            ),
+        )
+            .prop_map(move |(x, dy)| Pool { s, x, dy })
+    })
+}
+
+pub(crate) fn max_pool2d<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -> Report {
+    run_cases("max_pool2d", dtype, cfg, pool_strategy(dtype), |c| {
+        let s = c.s;
+        let sx = c.x.upload(backend)?;
+        let (y, at) = backend.max_pool2d(View::new(&sx, &c.x.layout), &s.win)?;
+        let dims = [s.n, s.c, s.out[0], s.out[1]];
+        let got = fetch_all(backend, &y, &dims)?;
+        let got_at = fetch_all(backend, &at, &dims)?;
+        let (vals, idx) = pool_oracle(&c.x.logical(), &s);
+        let want: Vec<_> = vals.into_iter().map(|v| (v, Bound::Exact)).collect();
+        let want_at: Vec<_> = idx.into_iter().map(|i| (i as f64, Bound::Exact)).collect();
+        let a = compare("max_pool2d", dtype, &dims, &got, &want)?;
+        let b = compare("max_pool2d (argmax)", DType::U32, &dims, &got_at, &want_at)?;
+        Ok(a.max(b))
+    })
+}
+
+pub(crate) fn max_pool2d_backward<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -> Report {
+    run_cases(
+        "max_pool2d_backward",
+        dtype,
+        cfg,
+        pool_strategy(dtype),
+        |c| {
+            let s = c.s;
+            let (_, idx) = pool_oracle(&c.x.logical(), &s);
+            let dims = [s.n, s.c, s.out[0], s.out[1]];
+            let at_host = HostData::U32(idx.iter().map(|&i| i as u32).collect());
+            let at = backend.upload(&at_host)?;
+            let at_layout = Layout::contiguous(Shape::new(&dims).map_err(CaseError::from)?);
+            let sd = c.dy.upload(backend)?;
+            let dx = backend.max_pool2d_backward(
+                View::new(&sd, &c.dy.layout),
+                View::new(&at, &at_layout),
+                &s.win,
+                [s.h, s.w],
+            )?;
+            let xdims = [s.n, s.c, s.h, s.w];
+            let got = fetch_all(backend, &dx, &xdims)?;
+            let gv = c.dy.logical();
+            let cells = s.out[0] * s.out[1];
+            let mut acc = vec![(0f64, 0f64, 0usize); s.n * s.c * s.h * s.w];
+            for (k, &g) in gv.iter().enumerate() {
+                let cell = (k / cells) * s.h * s.w + idx[k];
+                acc[cell].0 += g;
+                acc[cell].1 += g.abs();
+                acc[cell].2 += 1;
+            }
+            let want: Vec<_> = acc
+                .into_iter()
+                .map(|(v, mass, len)| (v, Bound::Abs(dot_bound(mass, len.max(1)))))
+                .collect();
+            compare("max_pool2d_backward", dtype, &xdims, &got, &want)
+        },
+    )
+}

@@ -1,0 +1,315 @@
+//! Convolution for the SIMD kernel sets: im2col per image, then the packed
+//! GEMM with the set's micro-kernel.
+//!
+//! Per image, the patch matrix `cols` is `[c·kh·kw, oh·ow]` (row `(ic, di,
+//! dj)` holds the input cell each output reads at that window offset, 0 in
+//! the padding), and
+//! - forward: `y = W·cols` (`W` as `[o, c·kh·kw]`), then bias and activation;
+//! - backward-data: `dcols = Wᵀ·dy`, scattered back onto the input (col2im);
+//! - backward-filter: `dW = Σ dy·colsᵀ` over the batch.
+//!
+//! Images are split over the worker pool; the filter gradient sums fixed
+//! groups of [`GROUP`] images and then the groups in order, so every result
+//! is independent of the thread count.
+
+use kiln_core::conv::conv2d_output;
+use kiln_core::{Activation, Error, HostData, Result, View, Window2d};
+use rayon::prelude::*;
+
+use crate::gemm::{accumulate, Matrix};
+use crate::reference::conv::{common_dtype, source};
+use crate::reference::elementwise::activate;
+use crate::storage::{read_f32, store_f32};
+use crate::KernelSet;
+
+/// Images per partial sum of the filter gradient.
+const GROUP: usize = 8;
+
+/// One image's geometry.
+#[derive(Clone, Copy)]
+struct Geometry {
+    c: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    win: Window2d,
+}
+
+impl Geometry {
+    fn patch(&self) -> usize {
+        self.c * self.win.kernel[0] * self.win.kernel[1]
+    }
+    fn cells(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// The range of output columns `j` whose window offset `dj` lands
+    /// inside the input row, for stride 1 (empty as `(j, j)`; only a
+    /// non-empty range may be used to index the input).
+    fn inside(&self, dj: usize) -> (usize, usize) {
+        let pl = self.win.padding[2];
+        let j0 = pl.saturating_sub(dj).min(self.ow);
+        let j1 = (self.w + pl).saturating_sub(dj).min(self.ow).max(j0);
+        (j0, j1)
+    }
+
+    /// Visits every (patch row, output row) pair: `f(row, i, Some(y))` with
+    /// the input row `y` it reads, or `None` in the padding.
+    fn rows(&self, mut f: impl FnMut(usize, usize, usize, Option<usize>)) {
+        let ([kh, kw], [sh, _], [pt, ..]) = (self.win.kernel, self.win.stride, self.win.padding);
+        for ic in 0..self.c {
+            for di in 0..kh {
+                for dj in 0..kw {
+                    let r = (ic * kh + di) * kw + dj;
+                    for i in 0..self.oh {
+                        f(
+                            r,
+                            i,
+                            dj,
+                            source(i, di, sh, pt, self.h).map(|y| ic * self.h + y),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fills `cols` (`patch × cells`) from one image (`c × h × w`).
+    fn im2col(&self, image: &[f32], cols: &mut [f32]) {
+        let (w, ow, cells) = (self.w, self.ow, self.cells());
+        let (sw, pl) = (self.win.stride[1], self.win.padding[2]);
+        self.rows(|r, i, dj, y| {
+            let dst = &mut cols[r * cells + i * ow..][..ow];
+            let Some(y) = y else {
+                dst.fill(0.0);
+                return;
+            };
+            let src = &image[y * w..][..w];
+            if sw == 1 {
+                let (j0, j1) = self.inside(dj);
+                if j0 == j1 {
+                    dst.fill(0.0);
+                    return;
+                }
+                dst[..j0].fill(0.0);
+                dst[j0..j1].copy_from_slice(&src[j0 + dj - pl..j1 + dj - pl]);
+                dst[j1..].fill(0.0);
+            } else {
+                for (j, d) in dst.iter_mut().enumerate() {
+                    *d = source(j, dj, sw, pl, w).map_or(0.0, |x| src[x]);
+                }
+            }
+        });
+    }
+
+    /// Adds `cols` back onto one image's gradient (the adjoint of im2col).
+    fn col2im(&self, cols: &[f32], image: &mut [f32]) {
+        let (w, ow, cells) = (self.w, self.ow, self.cells());
+        let (sw, pl) = (self.win.stride[1], self.win.padding[2]);
+        self.rows(|r, i, dj, y| {
+            let Some(y) = y else { return };
+            let src = &cols[r * cells + i * ow..][..ow];
+            let dst = &mut image[y * w..][..w];
+            if sw == 1 {
+                let (j0, j1) = self.inside(dj);
+                if j0 == j1 {
+                    return;
+                }
+                for (d, &s) in dst[j0 + dj - pl..j1 + dj - pl].iter_mut().zip(&src[j0..j1]) {
+                    *d += s;
+                }
+            } else {
+                for (j, &s) in src.iter().enumerate() {
+                    if let Some(x) = source(j, dj, sw, pl, w) {
+                        dst[x] += s;
+                    }
+                }
+            }
+        });
+    }
+}
+
+pub(crate) fn conv2d(
+    set: KernelSet,
+    pool: &rayon::ThreadPool,
+    x: View<'_, HostData>,
+    weight: View<'_, HostData>,
+    bias: Option<View<'_, HostData>>,
+    activation: Activation,
+    win: &Window2d,
+) -> Result<HostData> {
+    let [n, o, oh, ow] = conv2d_output(
+        x.layout.dims(),
+        weight.layout.dims(),
+        bias.map(|b| b.layout.dims()),
+        win,
+    )?;
+    let mut views = vec![x, weight];
+    views.extend(bias);
+    let dtype = common_dtype("conv2d", &views)?;
+    let [_, c, h, w] = x.layout.dims()[..] else {
+        unreachable!("checked by conv2d_output")
+    };
+    let g = Geometry {
+        c,
+        h,
+        w,
+        oh,
+        ow,
+        win: *win,
+    };
+    let (xs, ws) = (read_f32("conv2d", x)?, read_f32("conv2d", weight)?);
+    let bs = bias.map(|b| read_f32("conv2d", b)).transpose()?;
+    let (patch, cells) = (g.patch(), g.cells());
+    let mut out = vec![0f32; n * o * cells];
+    if out.is_empty() {
+        return store_f32("conv2d", dtype, out);
+    }
+    let filters = Matrix::from_slice(&ws, 0, patch, 1);
+    pool.install(|| {
+        out.par_chunks_mut(o * cells).enumerate().for_each_init(
+            || vec![0f32; patch * cells],
+            |cols, (img, y)| {
+                g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
+                let b = Matrix::from_slice(cols, 0, cells, 1);
+                accumulate(set, &filters, &b, (o, patch, cells), y);
+                for (oc, row) in y.chunks_exact_mut(cells).enumerate() {
+                    let add = bs.as_ref().map_or(0.0, |b| b[oc]);
+                    for v in row {
+                        *v = activate(activation, *v + add);
+                    }
+                }
+            },
+        )
+    });
+    store_f32("conv2d", dtype, out)
+}
+
+pub(crate) fn conv2d_backward_data(
+    set: KernelSet,
+    pool: &rayon::ThreadPool,
+    dy: View<'_, HostData>,
+    weight: View<'_, HostData>,
+    win: &Window2d,
+    input: [usize; 2],
+) -> Result<HostData> {
+    let dtype = common_dtype("conv2d_backward_data", &[dy, weight])?;
+    let (wd, dd) = (weight.layout.dims(), dy.layout.dims());
+    let (&[o, c, _, _], &[n, ..]) = (wd, dd) else {
+        return Err(Error::shape(
+            "conv2d_backward_data",
+            format!("expected dy [n, o, oh, ow] and weight [o, c, kh, kw], got {dd:?} and {wd:?}"),
+        ));
+    };
+    let out = conv2d_output(&[n, c, input[0], input[1]], wd, None, win)?;
+    if dd != out {
+        return Err(Error::shape(
+            "conv2d_backward_data",
+            format!("dy has shape {dd:?}, the convolution's output is {out:?}"),
+        ));
+    }
+    let [h, w] = input;
+    let g = Geometry {
+        c,
+        h,
+        w,
+        oh: out[2],
+        ow: out[3],
+        win: *win,
+    };
+    let (gs, ws) = (
+        read_f32("conv2d_backward_data", dy)?,
+        read_f32("conv2d_backward_data", weight)?,
+    );
+    let (patch, cells) = (g.patch(), g.cells());
+    let mut dx = vec![0f32; n * c * h * w];
+    if dx.is_empty() {
+        return store_f32("conv2d_backward_data", dtype, dx);
+    }
+    let filters_t = Matrix::from_slice(&ws, 0, 1, patch);
+    pool.install(|| {
+        dx.par_chunks_mut(c * h * w).enumerate().for_each_init(
+            || vec![0f32; patch * cells],
+            |cols, (img, image)| {
+                cols.fill(0.0);
+                let grad = Matrix::from_slice(&gs, img * o * cells, cells, 1);
+                accumulate(set, &filters_t, &grad, (patch, o, cells), cols);
+                g.col2im(cols, image);
+            },
+        )
+    });
+    store_f32("conv2d_backward_data", dtype, dx)
+}
+
+pub(crate) fn conv2d_backward_filter(
+    set: KernelSet,
+    pool: &rayon::ThreadPool,
+    x: View<'_, HostData>,
+    dy: View<'_, HostData>,
+    win: &Window2d,
+) -> Result<(HostData, HostData)> {
+    let dtype = common_dtype("conv2d_backward_filter", &[x, dy])?;
+    let (xd, dd) = (x.layout.dims(), dy.layout.dims());
+    let (&[n, c, h, w], &[dn, o, dyh, dyw]) = (xd, dd) else {
+        return Err(Error::shape(
+            "conv2d_backward_filter",
+            format!("expected x [n, c, h, w] and dy [n, o, oh, ow], got {xd:?} and {dd:?}"),
+        ));
+    };
+    let [oh, ow] = win.output("conv2d_backward_filter", [h, w])?;
+    if [dn, dyh, dyw] != [n, oh, ow] {
+        return Err(Error::shape(
+            "conv2d_backward_filter",
+            format!("dy has shape {dd:?}, the convolution's output is [{n}, {o}, {oh}, {ow}]"),
+        ));
+    }
+    let g = Geometry {
+        c,
+        h,
+        w,
+        oh,
+        ow,
+        win: *win,
+    };
+    let (xs, gs) = (
+        read_f32("conv2d_backward_filter", x)?,
+        read_f32("conv2d_backward_filter", dy)?,
+    );
+    let (patch, cells) = (g.patch(), g.cells());
+    let group = |first: usize| {
+        let mut dw = vec![0f32; o * patch];
+        let mut db = vec![0f32; o];
+        let mut cols = vec![0f32; patch * cells];
+        for img in first..(first + GROUP).min(n) {
+            g.im2col(&xs[img * c * h * w..][..c * h * w], &mut cols);
+            let grad = Matrix::from_slice(&gs, img * o * cells, cells, 1);
+            let cols_t = Matrix::from_slice(&cols, 0, 1, cells);
+            accumulate(set, &grad, &cols_t, (o, cells, patch), &mut dw);
+            for (b, row) in db
+                .iter_mut()
+                .zip(gs[img * o * cells..][..o * cells].chunks_exact(cells.max(1)))
+            {
+                *b += row.iter().sum::<f32>();
+            }
+        }
+        (dw, db)
+    };
+    let firsts: Vec<usize> = (0..n).step_by(GROUP).collect();
+    let partials: Vec<(Vec<f32>, Vec<f32>)> =
+        pool.install(|| firsts.par_iter().map(|&f| group(f)).collect());
+    let mut dw = vec![0f32; o * patch];
+    let mut db = vec![0f32; o];
+    for (pw, pb) in partials {
+        for (a, b) in dw.iter_mut().zip(pw) {
+            *a += b;
+        }
+        for (a, b) in db.iter_mut().zip(pb) {
+            *a += b;
+        }
+    }
+    Ok((
+        store_f32("conv2d_backward_filter", dtype, dw)?,
+        store_f32("conv2d_backward_filter", dtype, db)?,
+    ))
+}

@@ -8,7 +8,9 @@
 //! well inside the 2% tolerance, while a wrong derivative (sign, factor,
 //! axis, broadcast) is not.
 
-use kiln_core::{no_grad, rng, Activation, Backend, DType, HostData, Result, Tensor, UnaryOp, Var};
+use kiln_core::{
+    no_grad, rng, Activation, Backend, DType, HostData, Result, Tensor, UnaryOp, Var, Window2d,
+};
 use kiln_nn::{ActivationSpec, Initializer, LayerSpec, Loss, ModelSpec, Sequential};
 use proptest::prelude::*;
 
@@ -259,6 +261,64 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, cfg: &Config) -> Report {
                 check(b, &[x3, y3], &|t| {
                     t[0].gemm(&t[1], 0.5, None, Activation::None)
                 })?;
+                Ok(0.0)
+            },
+        ),
+        "grad_conv" => run_cases(
+            op,
+            f32,
+            cfg,
+            (
+                1usize..3,
+                1usize..3,
+                1usize..3,
+                3usize..7,
+                1usize..3,
+                1usize..3,
+                0u64..1000,
+            ),
+            |(n, c, o, hw, k, stride, seed)| {
+                let pad = (seed % k as u64) as usize;
+                let win = Window2d {
+                    kernel: [k, k + 1 - stride.min(k)],
+                    stride: [stride, 1],
+                    padding: [pad, 0, 0, 0],
+                };
+                let x = input(seed, &[n, c, hw, hw + 1], -1.0, 1.0, 0.0);
+                let w = input(
+                    seed + 1,
+                    &[o, c, win.kernel[0], win.kernel[1]],
+                    -1.0,
+                    1.0,
+                    0.0,
+                );
+                let bias = input(seed + 2, &[o], -0.5, 0.5, 0.0);
+                for act in [Activation::None, Activation::Tanh] {
+                    check(b, &[x.clone(), w.clone(), bias.clone()], &|t| {
+                        t[0].conv2d(&t[1], Some(&t[2]), act, &win)
+                    })?;
+                }
+                // Max-pooling: distinct values 5% apart (the finite difference
+                // steps by 1%), so no step changes which cell wins.
+                let cells = n * c * hw * (hw + 1);
+                let mut order: Vec<usize> = (0..cells).collect();
+                for i in (1..cells).rev() {
+                    order.swap(
+                        i,
+                        rng::Philox::new(seed, i as u64).below(i as u32 + 1) as usize,
+                    );
+                }
+                let distinct: Vec<f32> = order.iter().map(|&v| 0.5 * 1.05f32.powi(v as i32)).collect();
+                let pool = Window2d {
+                    kernel: [k + 1, 2],
+                    stride: [stride, 2],
+                    padding: [pad.min(k), 1, 0, 0],
+                };
+                check(b, &[(distinct, vec![n, c, hw, hw + 1])], &|t| {
+                    t[0].max_pool2d(&pool)
+                })?;
+                // Dropout: a fixed mask for a fixed seed, so the gradient is it.
+                check(b, &[x], &|t| t[0].dropout(0.3, seed, 7))?;
                 Ok(0.0)
             },
         ),

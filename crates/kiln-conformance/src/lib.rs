@@ -296,6 +296,7 @@ macro_rules! __with_checks {
             grad_reduce: F32;
             grad_softmax: F32;
             grad_linear: F32;
+            grad_conv: F32;
             grad_model: F32;
         );
     };

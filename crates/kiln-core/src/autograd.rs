@@ -9,10 +9,11 @@
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::backend::{Activation, BinaryOp, ReduceOp, UnaryOp};
 use crate::tensor::TensorId;
-use crate::{Backend, Error, Result, Tensor};
+use crate::{Backend, Error, Layout, Result, Shape, Tensor, Window2d};
 
 thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
@@ -113,6 +114,20 @@ pub(crate) enum Op<B: Backend> {
     Cast {
         x: Tensor<B>,
     },
+    /// `y = act(conv(x, weight) + bias)`.
+    Conv2d {
+        x: Tensor<B>,
+        weight: Tensor<B>,
+        bias: Option<Tensor<B>>,
+        activation: Activation,
+        window: Window2d,
+    },
+    /// Max-pooling, with where each maximum came from.
+    MaxPool2d {
+        x: Tensor<B>,
+        argmax: Arc<B::Storage>,
+        window: Window2d,
+    },
 }
 
 impl<B: Backend> Op<B> {
@@ -127,7 +142,15 @@ impl<B: Backend> Op<B> {
             | Op::Permute { x, .. }
             | Op::Narrow { x, .. }
             | Op::Broadcast { x }
-            | Op::Cast { x } => vec![x],
+            | Op::Cast { x }
+            | Op::MaxPool2d { x, .. } => vec![x],
+            Op::Conv2d {
+                x, weight, bias, ..
+            } => {
+                let mut v = vec![x, weight];
+                v.extend(bias.as_ref());
+                v
+            }
             Op::SoftmaxCrossEntropy { logits, .. } => vec![logits],
             Op::Binary { a, b, .. } => vec![a, b],
             Op::Gemm { a, b, bias, .. } => {
@@ -343,7 +366,52 @@ fn propagate<B: Backend>(
         }
         Op::Broadcast { x } => accumulate(pending, x, g.sum_to(x.dims())?),
         Op::Cast { x } => accumulate(pending, x, g.cast(x.dtype())?),
+        Op::Conv2d {
+            x,
+            weight,
+            bias,
+            activation,
+            window,
+        } => {
+            let gz = match activation.as_unary() {
+                Some(u) => y.unary_backward(u, y, &g)?,
+                None => g,
+            };
+            let gz = gz.contiguous()?;
+            let backend = x.backend();
+            let input = [x.dims()[2], x.dims()[3]];
+            if x.requires_grad() {
+                let dx = backend.conv2d_backward_data(gz.view(), weight.view(), window, input)?;
+                accumulate(pending, x, stored(dx, x.dims(), backend)?)?;
+            }
+            let bias_grad = bias.as_ref().is_some_and(|b| b.requires_grad());
+            if weight.requires_grad() || bias_grad {
+                let (dw, db) = backend.conv2d_backward_filter(x.view(), gz.view(), window)?;
+                accumulate(pending, weight, stored(dw, weight.dims(), backend)?)?;
+                if let Some(b) = bias {
+                    accumulate(pending, b, stored(db, b.dims(), backend)?)?;
+                }
+            }
+            Ok(())
+        }
+        Op::MaxPool2d { x, argmax, window } => {
+            let g = g.contiguous()?;
+            let backend = x.backend();
+            let at_layout = Layout::contiguous(Shape::new(g.dims())?);
+            let dx = backend.max_pool2d_backward(
+                g.view(),
+                crate::View::new(argmax, &at_layout),
+                window,
+                [x.dims()[2], x.dims()[3]],
+            )?;
+            accumulate(pending, x, stored(dx, x.dims(), backend)?)
+        }
     }
+}
+
+/// A backend result as a contiguous tensor of shape `dims`.
+fn stored<B: Backend>(s: B::Storage, dims: &[usize], backend: &B) -> Result<Tensor<B>> {
+    Tensor::from_storage(Arc::new(s), Layout::contiguous(Shape::new(dims)?), backend)
 }
 
 type GradPair<B> = (Option<Tensor<B>>, Option<Tensor<B>>);

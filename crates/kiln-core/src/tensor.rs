@@ -9,7 +9,7 @@ use crate::autograd::{is_grad_enabled, Op};
 use crate::backend::{
     Activation, BackendStorage, BinaryOp, Distribution, GemmEpilogue, ReduceOp, UnaryOp, View,
 };
-use crate::{Backend, DType, Error, HostData, Layout, Result, Shape};
+use crate::{Backend, DType, Error, HostData, Layout, Result, Shape, Window2d};
 
 /// A process-wide unique tensor identity (gradients are keyed by it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -690,6 +690,80 @@ impl<B: Backend> Tensor<B> {
         self.unsqueeze(0)?
             .gemm(&weight.unsqueeze(0)?, 1.0, bias, activation)?
             .reshape(&[self.dims()[0], weight.dims()[1]])
+    }
+
+    // ----- convolution and pooling -----------------------------------------
+
+    /// 2-D convolution of this `[n, c, h, w]` tensor with `weight`
+    /// `[o, c, kh, kw]` over `window`, plus `bias` `[o]`, then `activation`
+    /// (fused): `[n, o, oh, ow]`.
+    pub fn conv2d(
+        &self,
+        weight: &Self,
+        bias: Option<&Self>,
+        activation: Activation,
+        window: &Window2d,
+    ) -> Result<Self> {
+        let dims =
+            crate::conv::conv2d_output(self.dims(), weight.dims(), bias.map(|b| b.dims()), window)?;
+        let s = self.backend().conv2d(
+            self.view(),
+            weight.view(),
+            bias.map(|b| b.view()),
+            activation,
+            window,
+        )?;
+        self.result(s, &dims, || Op::Conv2d {
+            x: self.clone(),
+            weight: weight.clone(),
+            bias: bias.cloned(),
+            activation,
+            window: *window,
+        })
+    }
+
+    /// Max-pooling of this `[n, c, h, w]` tensor over `window`.
+    pub fn max_pool2d(&self, window: &Window2d) -> Result<Self> {
+        let dims = crate::conv::pool2d_output(self.dims(), window)?;
+        let (s, argmax) = self.backend().max_pool2d(self.view(), window)?;
+        self.result(s, &dims, || Op::MaxPool2d {
+            x: self.clone(),
+            argmax: Arc::new(argmax),
+            window: *window,
+        })
+    }
+
+    /// Inverted dropout: each element is zeroed with probability `rate` and
+    /// the rest scaled by `1/(1 − rate)`, the keep/drop draws coming from
+    /// the Philox stream `(seed, offset)` — the same on every backend.
+    pub fn dropout(&self, rate: f32, seed: u64, offset: u64) -> Result<Self> {
+        if !(0.0..1.0).contains(&rate) {
+            return Err(Error::invalid(format!(
+                "dropout: rate {rate} must be in [0, 1)"
+            )));
+        }
+        if rate == 0.0 {
+            return Ok(self.clone());
+        }
+        let u = Tensor::random(
+            self.dims(),
+            Distribution::Uniform {
+                low: 0.0,
+                high: 1.0,
+            },
+            DType::F32,
+            seed,
+            offset,
+            self.backend(),
+        )?;
+        let threshold = Tensor::full(&[1], f64::from(rate), DType::F32, self.backend())?
+            .broadcast_as(self.dims())?;
+        // keep = (u ≥ rate) / (1 − rate): a constant mask, no gradient.
+        let keep = u
+            .binary(BinaryOp::Ge, &threshold)?
+            .affine(1.0 / (1.0 - rate), 0.0)?
+            .cast(self.dtype())?;
+        self.mul(&keep)
     }
 
     // ----- reductions -----------------------------------------------------

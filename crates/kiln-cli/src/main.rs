@@ -42,7 +42,7 @@ enum OptimizerName {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// Model: a built-in name (mlp).
+    /// Model: a built-in name (mlp, cnn) or a model spec file (.toml, as in models/).
     #[arg(long, default_value = "mlp")]
     model: String,
     /// Dataset: mnist-sample (bundled), mnist or fashion-mnist.
@@ -202,6 +202,23 @@ fn info() -> Result<()> {
     Ok(())
 }
 
+/// A built-in model by name, or the spec in a `.toml` (or `.json`) file.
+fn model_spec(model: &str) -> Result<ModelSpec> {
+    let path = std::path::Path::new(model);
+    let ext = path.extension().and_then(|e| e.to_str());
+    if !matches!(ext, Some("toml" | "json")) {
+        return ModelSpec::builtin(model);
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("reading the model spec {}", path.display()), e))?;
+    let parsed = if ext == Some("toml") {
+        ModelSpec::from_toml(&text)
+    } else {
+        ModelSpec::from_json(&text).and_then(|s| s.plan().map(|_| s))
+    };
+    parsed.map_err(|e| Error::invalid(format!("{}: {e}", path.display())))
+}
+
 fn train(a: TrainArgs) -> Result<()> {
     let backend = cpu_backend(&a.backend, a.threads)?;
     run_train(a, backend)
@@ -213,7 +230,7 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
             "--epochs and --batch-size must be at least 1",
         ));
     }
-    let spec = ModelSpec::builtin(&a.model)?;
+    let spec = model_spec(&a.model)?;
     let mut train_set = Dataset::load(&a.dataset, Split::Train, a.data.as_deref())?;
     if let Some(n) = a.limit {
         train_set = train_set.take(n);
@@ -222,7 +239,7 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     let out = a
         .out
         .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", a.model, a.dataset)));
+        .unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", spec.name, a.dataset)));
     std::fs::create_dir_all(&out)
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
     let history_path = out.join("history.jsonl");

@@ -308,7 +308,10 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, cfg: &Config) -> Report {
                         rng::Philox::new(seed, i as u64).below(i as u32 + 1) as usize,
                     );
                 }
-                let distinct: Vec<f32> = order.iter().map(|&v| 0.5 * 1.05f32.powi(v as i32)).collect();
+                let distinct: Vec<f32> = order
+                    .iter()
+                    .map(|&v| 0.5 * 1.05f32.powi(v as i32))
+                    .collect();
                 let pool = Window2d {
                     kernel: [k + 1, 2],
                     stride: [stride, 2],

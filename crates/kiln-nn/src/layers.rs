@@ -1,6 +1,8 @@
 //! Layers: the pieces a [`crate::Sequential`] is made of.
 
-use kiln_core::{Activation, Backend, Error, Result, Tensor, Var};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use kiln_core::{Activation, Backend, Error, Result, Tensor, Var, Window2d};
 
 use crate::spec::{ActivationSpec, LayerSpec};
 use crate::Initializer;
@@ -29,6 +31,11 @@ pub trait Layer<B: Backend>: Send + Sync {
     /// Names of the parameters, matching [`Layer::params`].
     fn param_names(&self) -> Vec<&'static str> {
         Vec::new()
+    }
+
+    /// Switches training behaviour (dropout) on or off; most layers have none.
+    fn set_training(&self, training: bool) {
+        let _ = training;
     }
 
     /// The description this layer was built from.
@@ -236,5 +243,219 @@ impl<B: Backend> Layer<B> for Dense<B> {
     }
     fn forward_logits(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
         self.linear(x)
+    }
+}
+
+/// A 2-D convolution `act(conv(x, W) + b)` over `[n, c, h, w]` batches:
+/// one fused backend op.
+pub struct Conv2D<B: Backend> {
+    weight: Var<B>,
+    bias: Var<B>,
+    spec: LayerSpec,
+    window: Window2d,
+    activation: ActivationSpec,
+}
+
+impl<B: Backend> Conv2D<B> {
+    /// The layer `spec` (a [`LayerSpec::Conv2d`]) for inputs of shape
+    /// `input = [c, h, w]`, weights drawn from the Philox stream
+    /// `(seed, offset)`, bias zero.
+    pub fn new(
+        spec: &LayerSpec,
+        input: &[usize],
+        seed: u64,
+        offset: u64,
+        backend: &B,
+    ) -> Result<Self> {
+        let (
+            &LayerSpec::Conv2d {
+                filters,
+                activation,
+                kernel_init,
+                ..
+            },
+            &[c, h, w],
+        ) = (spec, input)
+        else {
+            return Err(Error::invalid(format!(
+                "Conv2D: needs a conv2d spec and a [c, h, w] input, got {spec:?} and {input:?}"
+            )));
+        };
+        let window = spec.window([h, w]).expect("a conv2d spec has a window");
+        window.output("Conv2D", [h, w])?;
+        let [kh, kw] = window.kernel;
+        let dims = [filters, c, kh, kw];
+        // Keras' fans for a convolution: receptive field × channels.
+        let weight =
+            kernel_init.init(&dims, c * kh * kw, filters * kh * kw, seed, offset, backend)?;
+        let bias = Initializer::Zeros.init(&[filters], 1, 1, seed, offset, backend)?;
+        Ok(Conv2D {
+            weight: Var::from_tensor(&weight)?,
+            bias: Var::from_tensor(&bias)?,
+            spec: spec.clone(),
+            window,
+            activation,
+        })
+    }
+
+    fn epilogue(&self) -> Activation {
+        match self.activation {
+            ActivationSpec::Relu => Activation::Relu,
+            ActivationSpec::Sigmoid => Activation::Sigmoid,
+            ActivationSpec::Tanh => Activation::Tanh,
+            ActivationSpec::Linear | ActivationSpec::Softmax => Activation::None,
+        }
+    }
+}
+
+impl<B: Backend> Layer<B> for Conv2D<B> {
+    fn kind(&self) -> &'static str {
+        "Conv2D"
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let &[c, h, w] = input else {
+            return Err(Error::shape(
+                "Conv2D",
+                format!("input has shape {input:?}, expected [channels, height, width]"),
+            ));
+        };
+        let d = self.weight.shape().dims();
+        if c != d[1] {
+            return Err(Error::shape(
+                "Conv2D",
+                format!("input has {c} channels, the kernel expects {}", d[1]),
+            ));
+        }
+        let [oh, ow] = self.window.output("Conv2D", [h, w])?;
+        Ok(vec![d[0], oh, ow])
+    }
+    fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
+        x.conv2d(
+            &self.weight.as_tensor(),
+            Some(&self.bias.as_tensor()),
+            self.epilogue(),
+            &self.window,
+        )
+    }
+    fn params(&self) -> Vec<&Var<B>> {
+        vec![&self.weight, &self.bias]
+    }
+    fn params_mut(&mut self) -> Vec<&mut Var<B>> {
+        vec![&mut self.weight, &mut self.bias]
+    }
+    fn param_names(&self) -> Vec<&'static str> {
+        vec!["weight", "bias"]
+    }
+    fn spec(&self) -> LayerSpec {
+        self.spec.clone()
+    }
+}
+
+/// 2-D max-pooling over `[n, c, h, w]` batches.
+pub struct MaxPool2D {
+    spec: LayerSpec,
+    window: Window2d,
+}
+
+impl MaxPool2D {
+    /// The layer `spec` (a [`LayerSpec::MaxPool2d`]) for inputs of shape
+    /// `input = [c, h, w]`.
+    pub fn new(spec: &LayerSpec, input: &[usize]) -> Result<Self> {
+        let (LayerSpec::MaxPool2d { .. }, &[_, h, w]) = (spec, input) else {
+            return Err(Error::invalid(format!(
+                "MaxPool2D: needs a maxpool2d spec and a [c, h, w] input, got {spec:?} and {input:?}"
+            )));
+        };
+        let window = spec.window([h, w]).expect("a pooling spec has a window");
+        window.output("MaxPool2D", [h, w])?;
+        Ok(MaxPool2D {
+            spec: spec.clone(),
+            window,
+        })
+    }
+}
+
+impl<B: Backend> Layer<B> for MaxPool2D {
+    fn kind(&self) -> &'static str {
+        "MaxPooling2D"
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let &[c, h, w] = input else {
+            return Err(Error::shape(
+                "MaxPool2D",
+                format!("input has shape {input:?}, expected [channels, height, width]"),
+            ));
+        };
+        let [oh, ow] = self.window.output("MaxPool2D", [h, w])?;
+        Ok(vec![c, oh, ow])
+    }
+    fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
+        x.max_pool2d(&self.window)
+    }
+    fn spec(&self) -> LayerSpec {
+        self.spec.clone()
+    }
+}
+
+/// Inverted dropout: while training, zeroes each input with probability
+/// `rate` and scales the rest by `1/(1 − rate)`; the identity otherwise.
+/// The masks come from the Philox stream of the model's seed, at a counter
+/// that advances by the batch's size on every training call, so a run is
+/// reproducible and its position can be saved and restored.
+pub struct Dropout {
+    rate: f32,
+    seed: u64,
+    base: u64,
+    drawn: AtomicU64,
+    training: AtomicBool,
+}
+
+impl Dropout {
+    /// Dropout of `rate` drawing from the stream `(seed, base…)`.
+    pub fn new(rate: f32, seed: u64, base: u64) -> Result<Self> {
+        if !(0.0..1.0).contains(&rate) {
+            return Err(Error::invalid(format!(
+                "Dropout: rate {rate} must be in [0, 1)"
+            )));
+        }
+        Ok(Dropout {
+            rate,
+            seed,
+            base,
+            drawn: AtomicU64::new(0),
+            training: AtomicBool::new(false),
+        })
+    }
+
+    /// How many random numbers the layer has drawn (its RNG position).
+    pub fn drawn(&self) -> u64 {
+        self.drawn.load(Ordering::Relaxed)
+    }
+
+    /// Moves the RNG position (to resume a run).
+    pub fn set_drawn(&self, drawn: u64) {
+        self.drawn.store(drawn, Ordering::Relaxed);
+    }
+}
+
+impl<B: Backend> Layer<B> for Dropout {
+    fn kind(&self) -> &'static str {
+        "Dropout"
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        Ok(input.to_vec())
+    }
+    fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
+        if !self.training.load(Ordering::Relaxed) || self.rate == 0.0 {
+            return Ok(x.clone());
+        }
+        let at = self.drawn.fetch_add(x.numel() as u64, Ordering::Relaxed);
+        x.dropout(self.rate, self.seed, self.base + at)
+    }
+    fn set_training(&self, training: bool) {
+        self.training.store(training, Ordering::Relaxed);
+    }
+    fn spec(&self) -> LayerSpec {
+        LayerSpec::Dropout { rate: self.rate }
     }
 }

@@ -13,8 +13,8 @@ pub mod sequential;
 pub mod spec;
 
 pub use init::Initializer;
-pub use layers::{Dense, Flatten, Layer, Nonlinearity};
+pub use layers::{Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, Nonlinearity};
 pub use loss::Loss;
 pub use optim::{Adam, Optimizer, Sgd};
 pub use sequential::Sequential;
-pub use spec::{ActivationSpec, LayerSpec, ModelSpec, MAX_PARAMS};
+pub use spec::{ActivationSpec, LayerSpec, ModelSpec, Padding, Pair, MAX_PARAMS};

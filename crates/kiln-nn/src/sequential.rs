@@ -2,7 +2,11 @@
 
 use kiln_core::{Backend, Error, Result, Tensor, Var};
 
-use crate::layers::{Dense, Flatten, Layer, Nonlinearity};
+use crate::layers::{Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, Nonlinearity};
+
+/// Dropout masks draw from the model seed's Philox key with this mask, a
+/// stream apart from the initial weights'.
+const DROPOUT_STREAM: u64 = 0x6472_6f70_6f75_7421;
 use crate::spec::{LayerSpec, ModelSpec};
 
 /// A stack of layers applied in order to batches of shape `[n, input…]`.
@@ -24,6 +28,13 @@ impl<B: Backend> Sequential<B> {
         for (i, ls) in spec.layers.iter().enumerate() {
             let offset = (i as u64) << 40;
             let layer: Box<dyn Layer<B>> = match *ls {
+                LayerSpec::Conv2d { .. } => {
+                    Box::new(Conv2D::new(ls, &shape, seed, offset, backend)?)
+                }
+                LayerSpec::MaxPool2d { .. } => Box::new(MaxPool2D::new(ls, &shape)?),
+                LayerSpec::Dropout { rate } => {
+                    Box::new(Dropout::new(rate, seed ^ DROPOUT_STREAM, offset)?)
+                }
                 LayerSpec::Flatten => Box::new(Flatten),
                 LayerSpec::Relu => Box::new(Nonlinearity::Relu),
                 LayerSpec::Sigmoid => Box::new(Nonlinearity::Sigmoid),
@@ -56,6 +67,13 @@ impl<B: Backend> Sequential<B> {
             input: spec.input.clone(),
             layers,
         })
+    }
+
+    /// Switches training behaviour (dropout) on or off for every layer.
+    pub fn set_training(&self, training: bool) {
+        for l in &self.layers {
+            l.set_training(training);
+        }
     }
 
     /// The model's name.

@@ -27,6 +27,50 @@ pub enum ActivationSpec {
     Softmax,
 }
 
+/// How a convolution or pooling window treats the image border.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Padding {
+    /// No padding: windows only where they fit.
+    #[default]
+    Valid,
+    /// Pad so the output has ⌈input / stride⌉ cells per axis (the odd
+    /// cell at the bottom/right, as Keras).
+    Same,
+}
+
+/// A height × width pair, written as one number (`3`, square) or two
+/// (`[3, 5]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "PairRepr", into = "[usize; 2]")]
+pub struct Pair(pub [usize; 2]);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PairRepr {
+    One(usize),
+    Two([usize; 2]),
+}
+
+impl From<PairRepr> for Pair {
+    fn from(r: PairRepr) -> Self {
+        match r {
+            PairRepr::One(v) => Pair([v, v]),
+            PairRepr::Two(v) => Pair(v),
+        }
+    }
+}
+
+impl From<Pair> for [usize; 2] {
+    fn from(p: Pair) -> Self {
+        p.0
+    }
+}
+
+fn default_strides() -> Pair {
+    Pair([1, 1])
+}
+
 /// One layer of a [`ModelSpec`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
@@ -44,6 +88,43 @@ pub enum LayerSpec {
         #[serde(default = "default_kernel_init")]
         kernel_init: Initializer,
     },
+    /// 2-D convolution over `[channels, height, width]` examples, with a
+    /// bias per filter and a fused activation.
+    Conv2d {
+        /// Output channels.
+        filters: usize,
+        /// Window height and width.
+        kernel_size: Pair,
+        /// Step between windows (default 1).
+        #[serde(default = "default_strides")]
+        strides: Pair,
+        /// Border handling (default `valid`).
+        #[serde(default)]
+        padding: Padding,
+        /// Activation applied to the output (default linear; not softmax).
+        #[serde(default)]
+        activation: ActivationSpec,
+        /// Kernel initialiser (default Glorot uniform, as Keras).
+        #[serde(default = "default_kernel_init")]
+        kernel_init: Initializer,
+    },
+    /// 2-D max-pooling.
+    #[serde(rename = "maxpool2d")]
+    MaxPool2d {
+        /// Window height and width.
+        pool_size: Pair,
+        /// Step between windows (default: the window).
+        #[serde(default)]
+        strides: Option<Pair>,
+        /// Border handling (default `valid`).
+        #[serde(default)]
+        padding: Padding,
+    },
+    /// Inverted dropout while training; the identity otherwise.
+    Dropout {
+        /// Fraction of the inputs zeroed, in [0, 1).
+        rate: f32,
+    },
     /// max(x, 0)
     Relu,
     /// Logistic sigmoid.
@@ -52,6 +133,31 @@ pub enum LayerSpec {
     Tanh,
     /// Softmax over the last axis.
     Softmax,
+}
+
+impl LayerSpec {
+    /// The window of a convolution or pooling layer for an input of
+    /// `[h, w]`.
+    pub fn window(&self, input: [usize; 2]) -> Option<kiln_core::Window2d> {
+        let (kernel, strides, padding) = match *self {
+            LayerSpec::Conv2d {
+                kernel_size,
+                strides,
+                padding,
+                ..
+            } => (kernel_size.0, strides.0, padding),
+            LayerSpec::MaxPool2d {
+                pool_size,
+                strides,
+                padding,
+            } => (pool_size.0, strides.unwrap_or(pool_size).0, padding),
+            _ => return None,
+        };
+        Some(match padding {
+            Padding::Valid => kiln_core::Window2d::valid(kernel, strides),
+            Padding::Same => kiln_core::Window2d::same(kernel, strides, input),
+        })
+    }
 }
 
 fn default_kernel_init() -> Initializer {
@@ -92,14 +198,67 @@ impl ModelSpec {
         }
     }
 
+    /// The seed's CNN: Conv2D 32 3×3 ReLU → MaxPool 2×2 → Flatten → Dense
+    /// 64 ReLU → Dense 10 softmax, on 1×28×28 images.
+    pub fn cnn() -> Self {
+        ModelSpec {
+            name: "cnn".into(),
+            input: vec![1, 28, 28],
+            layers: vec![
+                LayerSpec::Conv2d {
+                    filters: 32,
+                    kernel_size: Pair([3, 3]),
+                    strides: Pair([1, 1]),
+                    padding: Padding::Valid,
+                    activation: ActivationSpec::Relu,
+                    kernel_init: Initializer::GlorotUniform,
+                },
+                LayerSpec::MaxPool2d {
+                    pool_size: Pair([2, 2]),
+                    strides: None,
+                    padding: Padding::Valid,
+                },
+                LayerSpec::Flatten,
+                LayerSpec::Dense {
+                    units: 64,
+                    activation: ActivationSpec::Relu,
+                    kernel_init: Initializer::GlorotUniform,
+                },
+                LayerSpec::Dense {
+                    units: 10,
+                    activation: ActivationSpec::Softmax,
+                    kernel_init: Initializer::GlorotUniform,
+                },
+            ],
+        }
+    }
+
     /// A built-in model by name.
     pub fn builtin(name: &str) -> Result<Self> {
         match name {
             "mlp" => Ok(Self::mlp()),
+            "cnn" => Ok(Self::cnn()),
             other => Err(Error::invalid(format!(
-                "unknown model `{other}`: the built-in models are: mlp"
+                "unknown model `{other}`: the built-in models are mlp and cnn; \
+                 or give a model spec file (--model path/to/model.toml)"
             ))),
         }
+    }
+
+    /// Parses a spec from TOML: `name`, `input` and one `[[layers]]` table
+    /// per layer with its `type` (`conv2d`, `maxpool2d`, `dropout`,
+    /// `flatten`, `dense`, `relu`, …). Unknown fields and layer types are
+    /// errors; the spec is then [planned](ModelSpec::plan).
+    pub fn from_toml(s: &str) -> Result<Self> {
+        let spec: ModelSpec =
+            toml::from_str(s).map_err(|e| Error::invalid(format!("model spec: {e}")))?;
+        spec.plan()?;
+        Ok(spec)
+    }
+
+    /// The spec as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a ModelSpec always serialises")
     }
 
     /// Checks the spec without allocating anything: every layer fits the
@@ -122,6 +281,62 @@ impl ModelSpec {
                 LayerSpec::Flatten => vec![shape.iter().product()],
                 LayerSpec::Relu | LayerSpec::Sigmoid | LayerSpec::Tanh | LayerSpec::Softmax => {
                     shape
+                }
+                LayerSpec::Dropout { rate } => {
+                    if !(0.0..1.0).contains(&rate) {
+                        return Err(at(format!("Dropout rate {rate} must be in [0, 1)")));
+                    }
+                    shape
+                }
+                LayerSpec::Conv2d {
+                    filters,
+                    activation,
+                    ..
+                } => {
+                    let [c, h, w] = shape[..] else {
+                        return Err(at(format!(
+                            "Conv2D gets shape {shape:?}; it needs [channels, height, width]"
+                        )));
+                    };
+                    if filters == 0 {
+                        return Err(at("Conv2D needs at least one filter".into()));
+                    }
+                    if activation == ActivationSpec::Softmax {
+                        return Err(at(
+                            "Conv2D cannot end in softmax (add Flatten and Dense)".into()
+                        ));
+                    }
+                    let win = layer.window([h, w]).expect("a window layer");
+                    let [oh, ow] = win
+                        .output("Conv2D", [h, w])
+                        .map_err(|e| at(e.to_string()))?;
+                    let [kh, kw] = win.kernel;
+                    let p = c
+                        .checked_mul(kh)
+                        .and_then(|v| v.checked_mul(kw))
+                        .and_then(|v| v.checked_add(1))
+                        .and_then(|v| v.checked_mul(filters))
+                        .and_then(|v| v.checked_add(params))
+                        .filter(|&total| total <= MAX_PARAMS)
+                        .ok_or_else(|| {
+                            at(format!(
+                                "the model would have more than {MAX_PARAMS} parameters"
+                            ))
+                        })?;
+                    params = p;
+                    vec![filters, oh, ow]
+                }
+                LayerSpec::MaxPool2d { .. } => {
+                    let [c, h, w] = shape[..] else {
+                        return Err(at(format!(
+                            "MaxPool2D gets shape {shape:?}; it needs [channels, height, width]"
+                        )));
+                    };
+                    let win = layer.window([h, w]).expect("a window layer");
+                    let [oh, ow] = win
+                        .output("MaxPool2D", [h, w])
+                        .map_err(|e| at(e.to_string()))?;
+                    vec![c, oh, ow]
                 }
                 LayerSpec::Dense { units, .. } => {
                     let [inputs] = shape[..] else {

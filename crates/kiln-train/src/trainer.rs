@@ -206,6 +206,7 @@ impl<B: Backend> Trainer<B> {
             let progress = EpochProgress::start(cfg.verbosity, epoch, cfg.epochs, loader.batches());
             let start = Instant::now();
             let mut tally = Tally::default();
+            self.model.set_training(true);
             for batch in loader.epoch(epoch as u64 - 1) {
                 let n = batch.len;
                 let (x, y, labels) = self.upload(batch.images, batch.labels, n)?;
@@ -230,6 +231,7 @@ impl<B: Backend> Trainer<B> {
                     tally.seen as f64 / start.elapsed().as_secs_f64(),
                 );
             }
+            self.model.set_training(false);
             self.backend.synchronize()?;
             let seconds = start.elapsed().as_secs_f64();
             let val = validation

@@ -130,6 +130,26 @@ impl Geometry {
     }
 }
 
+/// Adds each output channel's bias and applies the activation, one loop
+/// per activation so each compiles to straight vector code.
+fn finish(y: &mut [f32], cells: usize, bias: Option<&[f32]>, activation: Activation) {
+    macro_rules! each {
+        ($($act:ident),*) => {
+            match activation {
+                $(Activation::$act => {
+                    for (oc, row) in y.chunks_exact_mut(cells).enumerate() {
+                        let add = bias.map_or(0.0, |b| b[oc]);
+                        for v in row {
+                            *v = activate(Activation::$act, *v + add);
+                        }
+                    }
+                })*
+            }
+        };
+    }
+    each!(None, Relu, Sigmoid, Tanh);
+}
+
 pub(crate) fn conv2d(
     set: KernelSet,
     pool: &rayon::ThreadPool,
@@ -174,12 +194,7 @@ pub(crate) fn conv2d(
                 g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
                 let b = Matrix::from_slice(cols, 0, cells, 1);
                 accumulate(set, &filters, &b, (o, patch, cells), y);
-                for (oc, row) in y.chunks_exact_mut(cells).enumerate() {
-                    let add = bs.as_ref().map_or(0.0, |b| b[oc]);
-                    for v in row {
-                        *v = activate(activation, *v + add);
-                    }
-                }
+                finish(y, cells, bs.as_deref(), activation);
             },
         )
     });

@@ -22,6 +22,7 @@
 mod conv;
 pub mod features;
 mod gemm;
+mod pool;
 mod reference;
 mod storage;
 mod threads;
@@ -300,7 +301,10 @@ impl Backend for CpuBackend {
     }
 
     fn max_pool2d(&self, x: View<'_, HostData>, window: &Window2d) -> Result<(HostData, HostData)> {
-        reference::conv::max_pool2d(x, window)
+        match self.simd() {
+            Some(set) => pool::max_pool2d(set, &self.pool, x, window),
+            None => reference::conv::max_pool2d(x, window),
+        }
     }
 
     fn max_pool2d_backward(
@@ -310,7 +314,10 @@ impl Backend for CpuBackend {
         window: &Window2d,
         input: [usize; 2],
     ) -> Result<HostData> {
-        reference::conv::max_pool2d_backward(dy, argmax, window, input)
+        match self.simd() {
+            Some(_) => pool::max_pool2d_backward(&self.pool, dy, argmax, window, input),
+            None => reference::conv::max_pool2d_backward(dy, argmax, window, input),
+        }
     }
 
     fn sgd_update(

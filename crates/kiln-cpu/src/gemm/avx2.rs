@@ -17,6 +17,26 @@ impl MicroKernel for Avx2 {
         unsafe { packed(kc, a, b, c) }
     }
 
+    unsafe fn tile_add(
+        kc: usize,
+        a: *const f32,
+        rsa: usize,
+        csa: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // SAFETY: forwarded from the caller (features present, A in
+        // bounds, C holds 6 rows of 16 floats, ldc apart).
+        unsafe {
+            if (rsa, csa) == (1, Self::MR) {
+                add_packed(kc, a, b, c, ldc)
+            } else {
+                add_into(kc, a, rsa, csa, b, c, ldc)
+            }
+        }
+    }
+
     unsafe fn tile_strided(
         kc: usize,
         a: *const f32,
@@ -27,22 +47,54 @@ impl MicroKernel for Avx2 {
     ) {
         // SAFETY: forwarded from the caller (AVX2 and FMA present, A's elements
         // in bounds, buffer sizes).
-        unsafe { kernel(kc, a, rsa, csa, b, c) }
+        unsafe { kernel(kc, a, rsa, csa, b, c, 16, false) }
     }
+}
+
+/// `C += tile`, with C's rows `ldc` apart.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn add_into(
+    kc: usize,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    // SAFETY: forwarded from `tile_add`'s caller.
+    unsafe { kernel(kc, a, rsa, csa, b, c, ldc, true) }
+}
+
+/// `C += tile` from a packed A panel (constant strides).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn add_packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+    // SAFETY: forwarded from `tile_add`'s caller.
+    unsafe { kernel(kc, a, 1, 6, b, c, ldc, true) }
 }
 
 /// The packed form: A's panel holds step `p`, row `i` at `p·6 + i`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
     // SAFETY: forwarded; with these strides the reads stay in the panel.
-    unsafe { kernel(kc, a, 1, 6, b, c) }
+    unsafe { kernel(kc, a, 1, 6, b, c, 16, false) }
 }
 
 /// The tile with A's element `(i, p)` at `a[i·rsa + p·csa]`; inlined into
 /// [`packed`] with constant strides.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn kernel(kc: usize, a: *const f32, rsa: usize, csa: usize, b: *const f32, c: *mut f32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel(
+    kc: usize,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
     let mut acc = [[_mm256_setzero_ps(); 2]; 6];
     for p in 0..kc {
         // SAFETY: b holds kc·16 floats (the MicroKernel contract).
@@ -60,10 +112,16 @@ unsafe fn kernel(kc: usize, a: *const f32, rsa: usize, csa: usize, b: *const f32
         }
     }
     for (i, row) in acc.iter().enumerate() {
-        // SAFETY: c has room for 6·16 floats.
+        // SAFETY: c has room for 6 rows of 16 floats, ldc apart.
         unsafe {
-            _mm256_storeu_ps(c.add(i * 16), row[0]);
-            _mm256_storeu_ps(c.add(i * 16 + 8), row[1]);
+            let (c0, c1) = (c.add(i * ldc), c.add(i * ldc + 8));
+            if add {
+                _mm256_storeu_ps(c0, _mm256_add_ps(_mm256_loadu_ps(c0), row[0]));
+                _mm256_storeu_ps(c1, _mm256_add_ps(_mm256_loadu_ps(c1), row[1]));
+            } else {
+                _mm256_storeu_ps(c0, row[0]);
+                _mm256_storeu_ps(c1, row[1]);
+            }
         }
     }
 }

@@ -62,6 +62,34 @@ pub(crate) trait MicroKernel {
     /// `kc·MR` floats, `b` holds `kc·NR`, `c` has room for `MR·NR`.
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32);
 
+    /// `c[i·ldc + j] += tile(i, j)` for a whole tile, with A read as in
+    /// [`MicroKernel::tile_strided`] (`rsa = 1, csa = MR` for a packed
+    /// panel). The default goes through a buffer.
+    ///
+    /// # Safety
+    /// As for [`MicroKernel::tile_strided`], and `c` holds `MR` rows of `NR`
+    /// floats, `ldc` apart.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_add(
+        kc: usize,
+        a: *const f32,
+        rsa: usize,
+        csa: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut tile = [0f32; MAX_TILE];
+        // SAFETY: forwarded; the buffer holds MAX_TILE ≥ MR·NR floats.
+        unsafe { Self::tile_strided(kc, a, rsa, csa, b, tile.as_mut_ptr()) };
+        for i in 0..Self::MR {
+            for j in 0..Self::NR {
+                // SAFETY: c holds MR rows of NR floats, ldc apart.
+                unsafe { *c.add(i * ldc + j) += tile[i * Self::NR + j] };
+            }
+        }
+    }
+
     /// The same tile with A read in place: element `(i, p)` of the
     /// `MR × kc` block at `a[i·rsa + p·csa]`, no packing. The default
     /// gathers the block into a packed panel on the stack and calls
@@ -78,6 +106,11 @@ pub(crate) trait MicroKernel {
         b: *const f32,
         c: *mut f32,
     ) {
+        if (rsa, csa) == (1, Self::MR) {
+            // Already a packed panel.
+            // SAFETY: forwarded.
+            return unsafe { Self::tile(kc, a, b, c) };
+        }
         let mut panel = [0f32; KC * 8];
         debug_assert!(kc <= KC && Self::MR <= 8);
         for p in 0..kc {
@@ -309,31 +342,48 @@ fn blocked<K: MicroKernel>(
                     let b_panel = &b_packed[(jr / K::NR) * K::NR * kc..][..K::NR * kc];
                     for ir in (0..mcb).step_by(K::MR) {
                         let mr = K::MR.min(mcb - ir);
-                        if ir < full {
+                        // A's block: in place (direct mode) or a packed panel.
+                        let (a_ptr, rsa, csa) = if ir < full {
                             let start = a.index(ic + ir, pc);
-                            // SAFETY: the kernel set was checked against this
-                            // processor when the backend was built; the layout
-                            // was bounds-checked, and rows ic+ir.. ic+ir+MR,
-                            // columns pc..pc+kc are all inside the matrix; the
-                            // B panel is kc·NR floats, the tile MAX_TILE ≥ MR·NR.
-                            unsafe {
-                                K::tile_strided(
-                                    kc,
-                                    a.data().as_ptr().add(start),
-                                    a.rs(),
-                                    a.cs(),
-                                    b_panel.as_ptr(),
-                                    tile.as_mut_ptr(),
-                                )
-                            };
+                            (a.data()[start..].as_ptr(), a.rs(), a.cs())
                         } else {
                             let panel = (ir - full) / K::MR;
                             let a_panel = &a_packed[panel * K::MR * kc..][..K::MR * kc];
-                            // SAFETY: as above; the A panel is kc·MR floats.
+                            (a_panel.as_ptr(), 1, K::MR)
+                        };
+                        if mr == K::MR && nr == K::NR {
+                            // A whole tile: accumulate straight into C.
+                            let c_tile = &mut rows[ir * n + jc + jr..];
+                            debug_assert!(c_tile.len() >= (K::MR - 1) * n + K::NR);
+                            // SAFETY: the kernel set was checked against this
+                            // processor when the backend was built; A's MR×kc
+                            // block is inside its (bounds-checked) matrix or
+                            // packed panel; the B panel is kc·NR floats; C's
+                            // MR rows of NR floats, n apart, are inside `rows`.
                             unsafe {
-                                K::tile(kc, a_panel.as_ptr(), b_panel.as_ptr(), tile.as_mut_ptr())
+                                K::tile_add(
+                                    kc,
+                                    a_ptr,
+                                    rsa,
+                                    csa,
+                                    b_panel.as_ptr(),
+                                    c_tile.as_mut_ptr(),
+                                    n,
+                                )
                             };
+                            continue;
                         }
+                        // SAFETY: as above; the tile buffer holds MAX_TILE ≥ MR·NR.
+                        unsafe {
+                            K::tile_strided(
+                                kc,
+                                a_ptr,
+                                rsa,
+                                csa,
+                                b_panel.as_ptr(),
+                                tile.as_mut_ptr(),
+                            )
+                        };
                         for i in 0..mr {
                             let row = &mut rows[(ir + i) * n + jc + jr..][..nr];
                             for (cv, &t) in row.iter_mut().zip(&tile[i * K::NR..i * K::NR + nr]) {

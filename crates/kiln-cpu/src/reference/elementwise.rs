@@ -37,6 +37,7 @@ pub(crate) fn unary_f32(op: UnaryOp, x: f32) -> f32 {
 }
 
 /// An epilogue activation for one f32.
+#[inline]
 pub(crate) fn activate(act: Activation, x: f32) -> f32 {
     act.as_unary().map_or(x, |op| unary_f32(op, x))
 }

@@ -37,14 +37,17 @@ macro_rules! per_set {
         ///
         /// `set` must have been checked against this processor (every
         /// `CpuBackend` checks its set when it is built).
+        #[allow(clippy::too_many_arguments)]
         pub(crate) fn $name(set: KernelSet, $($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 fn avx2($($arg: $ty),*) -> $ret {
                     $body($($arg),*)
                 }
                 #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 fn avx512($($arg: $ty),*) -> $ret {
                     $body($($arg),*)
                 }
@@ -85,6 +88,56 @@ fn zip_rows_loop(a: &[f32], row: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32
         out.extend(chunk.iter().zip(row).map(|(&x, &y)| f(x, y)));
     }
     out
+}
+
+/// One output row of an unpadded max-pool: for each window offset in
+/// row-major order, every output column takes the offset's cell if it beats
+/// the best so far (`!best.is_nan() && (v.is_nan() || v > best)`, the
+/// reference's rule). Branch-free, so it vectorises across columns.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pool_row_loop(
+    x: &[f32],
+    w: usize,
+    top: usize,
+    kernel: [usize; 2],
+    sw: usize,
+    best: &mut [f32],
+    at: &mut [u32],
+) {
+    let ow = best.len();
+    for di in 0..kernel[0] {
+        let row = (top + di) * w;
+        for dj in 0..kernel[1] {
+            let cells = &x[row + dj..];
+            for (j, (b, a)) in best.iter_mut().zip(at.iter_mut()).enumerate().take(ow) {
+                let v = cells[j * sw];
+                let idx = (row + dj + j * sw) as u32;
+                if di == 0 && dj == 0 {
+                    *b = v;
+                    *a = idx;
+                    continue;
+                }
+                let take = !b.is_nan() & (v.is_nan() | (v > *b));
+                *b = if take { v } else { *b };
+                *a = if take { idx } else { *a };
+            }
+        }
+    }
+}
+
+per_set! {
+    /// An unpadded max-pool's output row whose windows start at input row
+    /// `top`: maxima into `best`, their plane indices into `at`.
+    fn pool_row(
+        x: &[f32],
+        w: usize,
+        top: usize,
+        kernel: [usize; 2],
+        sw: usize,
+        best: &mut [f32],
+        at: &mut [u32]
+    ) -> () = pool_row_loop;
 }
 
 #[inline(always)]

@@ -1,0 +1,152 @@
+//! Max-pooling for the SIMD kernel sets: the reference's semantics (first
+//! maximum in row-major window order, NaN maximal, padding never chosen)
+//! with the planes split over the worker pool and a tight loop for windows
+//! without padding. Exact, like the reference: results are bitwise equal.
+
+use kiln_core::conv::pool2d_output;
+use kiln_core::{Error, HostData, Result, View, Window2d};
+use rayon::prelude::*;
+
+use crate::reference::conv::source;
+use crate::storage::{read_f32, read_u32, store_f32};
+use crate::vector::wide;
+use crate::KernelSet;
+
+/// Whether `v` replaces the best value `b` so far.
+#[inline(always)]
+fn better(v: f32, b: f32) -> bool {
+    !b.is_nan() && (v.is_nan() || v > b)
+}
+
+/// One plane: maxima and their indices for every output cell.
+#[allow(clippy::too_many_arguments)]
+fn plane(
+    set: KernelSet,
+    x: &[f32],
+    [h, w]: [usize; 2],
+    win: &Window2d,
+    [oh, ow]: [usize; 2],
+    out: &mut [f32],
+    at: &mut [u32],
+) {
+    let ([kh, kw], [sh, sw], [pt, _, pl, _]) = (win.kernel, win.stride, win.padding);
+    if win.padding == [0; 4] {
+        // Every window cell is inside the plane: whole output rows at once.
+        let rows = out
+            .chunks_exact_mut(ow.max(1))
+            .zip(at.chunks_exact_mut(ow.max(1)));
+        for (i, (o, a)) in rows.enumerate() {
+            wide::pool_row(set, x, w, i * sh, win.kernel, sw, o, a);
+        }
+        return;
+    }
+    for i in 0..oh {
+        for j in 0..ow {
+            let k = i * ow + j;
+            {
+                let mut best: Option<(f32, usize)> = None;
+                for di in 0..kh {
+                    let Some(y) = source(i, di, sh, pt, h) else {
+                        continue;
+                    };
+                    for dj in 0..kw {
+                        if let Some(xx) = source(j, dj, sw, pl, w) {
+                            let v = x[y * w + xx];
+                            if best.is_none_or(|(b, _)| better(v, b)) {
+                                best = Some((v, y * w + xx));
+                            }
+                        }
+                    }
+                }
+                let (v, a) = best.expect("padding is smaller than the window");
+                out[k] = v;
+                at[k] = a as u32;
+            }
+        }
+    }
+}
+
+pub(crate) fn max_pool2d(
+    set: KernelSet,
+    pool: &rayon::ThreadPool,
+    x: View<'_, HostData>,
+    win: &Window2d,
+) -> Result<(HostData, HostData)> {
+    let [n, c, oh, ow] = pool2d_output(x.layout.dims(), win)?;
+    let [_, _, h, w] = x.layout.dims()[..] else {
+        unreachable!("checked by pool2d_output")
+    };
+    if h * w > u32::MAX as usize {
+        return Err(Error::shape(
+            "max_pool2d",
+            format!("an input plane of {h}×{w} cells does not fit u32 indices"),
+        ));
+    }
+    let xs = read_f32("max_pool2d", x)?;
+    let cells = oh * ow;
+    let mut out = vec![0f32; n * c * cells];
+    let mut at = vec![0u32; n * c * cells];
+    if !out.is_empty() {
+        pool.install(|| {
+            out.par_chunks_mut(cells)
+                .zip(at.par_chunks_mut(cells))
+                .enumerate()
+                .for_each(|(p, (o, a))| {
+                    plane(set, &xs[p * h * w..][..h * w], [h, w], win, [oh, ow], o, a)
+                })
+        });
+    }
+    Ok((
+        store_f32("max_pool2d", x.storage.dtype(), out)?,
+        HostData::U32(at),
+    ))
+}
+
+pub(crate) fn max_pool2d_backward(
+    pool: &rayon::ThreadPool,
+    dy: View<'_, HostData>,
+    argmax: View<'_, HostData>,
+    win: &Window2d,
+    input: [usize; 2],
+) -> Result<HostData> {
+    let dd = dy.layout.dims();
+    let &[n, c, _, _] = dd else {
+        return Err(Error::shape(
+            "max_pool2d_backward",
+            format!("expected dy [n, c, oh, ow], got {dd:?}"),
+        ));
+    };
+    let out = pool2d_output(&[n, c, input[0], input[1]], win)?;
+    if dd != out || argmax.layout.dims() != out {
+        return Err(Error::shape(
+            "max_pool2d_backward",
+            format!(
+                "dy {dd:?} and argmax {:?} must both be the pool's output {out:?}",
+                argmax.layout.dims()
+            ),
+        ));
+    }
+    let [h, w] = input;
+    let gs = read_f32("max_pool2d_backward", dy)?;
+    let at = read_u32("max_pool2d_backward", argmax)?;
+    if let Some(&bad) = at.iter().find(|&&a| a as usize >= h * w) {
+        return Err(Error::invalid(format!(
+            "max_pool2d_backward: argmax {bad} is outside the {h}×{w} input plane"
+        )));
+    }
+    let cells = out[2] * out[3];
+    let mut dx = vec![0f32; n * c * h * w];
+    if !dx.is_empty() {
+        pool.install(|| {
+            dx.par_chunks_mut(h * w).enumerate().for_each(|(p, plane)| {
+                for (&g, &a) in gs[p * cells..][..cells]
+                    .iter()
+                    .zip(&at[p * cells..][..cells])
+                {
+                    plane[a as usize] += g;
+                }
+            })
+        });
+    }
+    store_f32("max_pool2d_backward", dy.storage.dtype(), dx)
+}

@@ -193,7 +193,7 @@ pub(crate) fn conv2d(
             |cols, (img, y)| {
                 g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
                 let b = Matrix::from_slice(cols, 0, cells, 1);
-                accumulate(set, &filters, &b, (o, patch, cells), y);
+                accumulate(set, &filters, &b, (o, patch, cells), y, true);
                 finish(y, cells, bs.as_deref(), activation);
             },
         )
@@ -247,9 +247,8 @@ pub(crate) fn conv2d_backward_data(
         dx.par_chunks_mut(c * h * w).enumerate().for_each_init(
             || vec![0f32; patch * cells],
             |cols, (img, image)| {
-                cols.fill(0.0);
                 let grad = Matrix::from_slice(&gs, img * o * cells, cells, 1);
-                accumulate(set, &filters_t, &grad, (patch, o, cells), cols);
+                accumulate(set, &filters_t, &grad, (patch, o, cells), cols, true);
                 g.col2im(cols, image);
             },
         )
@@ -300,7 +299,14 @@ pub(crate) fn conv2d_backward_filter(
             g.im2col(&xs[img * c * h * w..][..c * h * w], &mut cols);
             let grad = Matrix::from_slice(&gs, img * o * cells, cells, 1);
             let cols_t = Matrix::from_slice(&cols, 0, 1, cells);
-            accumulate(set, &grad, &cols_t, (o, cells, patch), &mut dw);
+            accumulate(
+                set,
+                &grad,
+                &cols_t,
+                (o, cells, patch),
+                &mut dw,
+                img == first,
+            );
             for (b, row) in db
                 .iter_mut()
                 .zip(gs[img * o * cells..][..o * cells].chunks_exact(cells.max(1)))

@@ -38,7 +38,7 @@ fn sizes() -> impl Strategy<Value = Sizes> {
         1usize..=9,
         1usize..=9,
         (1usize..=3, 1usize..=3),
-        (1usize..=2, 1usize..=2),
+        (1usize..=3, 1usize..=3),
         prop::array::uniform4(0usize..3),
     )
         .prop_filter_map(

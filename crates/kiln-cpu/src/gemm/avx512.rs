@@ -17,7 +17,7 @@ impl MicroKernel for Avx512 {
         unsafe { packed(kc, a, b, c) }
     }
 
-    unsafe fn tile_add(
+    unsafe fn tile_into(
         kc: usize,
         a: *const f32,
         rsa: usize,
@@ -25,14 +25,15 @@ impl MicroKernel for Avx512 {
         b: *const f32,
         c: *mut f32,
         ldc: usize,
+        add: bool,
     ) {
         // SAFETY: forwarded from the caller (features present, A in
         // bounds, C holds 8 rows of 32 floats, ldc apart).
         unsafe {
             if (rsa, csa) == (1, Self::MR) {
-                add_packed(kc, a, b, c, ldc)
+                into_packed(kc, a, b, c, ldc, add)
             } else {
-                add_into(kc, a, rsa, csa, b, c, ldc)
+                into(kc, a, rsa, csa, b, c, ldc, add)
             }
         }
     }
@@ -51,9 +52,10 @@ impl MicroKernel for Avx512 {
     }
 }
 
-/// `C += tile`, with C's rows `ldc` apart.
+/// `C += tile` (`add`) or `C = tile`, with C's rows `ldc` apart.
 #[target_feature(enable = "avx512f")]
-unsafe fn add_into(
+#[allow(clippy::too_many_arguments)]
+unsafe fn into(
     kc: usize,
     a: *const f32,
     rsa: usize,
@@ -61,16 +63,17 @@ unsafe fn add_into(
     b: *const f32,
     c: *mut f32,
     ldc: usize,
+    add: bool,
 ) {
-    // SAFETY: forwarded from `tile_add`'s caller.
-    unsafe { kernel(kc, a, rsa, csa, b, c, ldc, true) }
+    // SAFETY: forwarded from `tile_into`'s caller.
+    unsafe { kernel(kc, a, rsa, csa, b, c, ldc, add) }
 }
 
-/// `C += tile` from a packed A panel (constant strides).
+/// [`into`] from a packed A panel (constant strides).
 #[target_feature(enable = "avx512f")]
-unsafe fn add_packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
-    // SAFETY: forwarded from `tile_add`'s caller.
-    unsafe { kernel(kc, a, 1, 8, b, c, ldc, true) }
+unsafe fn into_packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
+    // SAFETY: forwarded from `tile_into`'s caller.
+    unsafe { kernel(kc, a, 1, 8, b, c, ldc, add) }
 }
 
 /// The packed form: A's panel holds step `p`, row `i` at `p·8 + i`.

@@ -62,15 +62,19 @@ pub(crate) trait MicroKernel {
     /// `kc·MR` floats, `b` holds `kc·NR`, `c` has room for `MR·NR`.
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32);
 
-    /// `c[i·ldc + j] += tile(i, j)` for a whole tile, with A read as in
-    /// [`MicroKernel::tile_strided`] (`rsa = 1, csa = MR` for a packed
-    /// panel). The default goes through a buffer.
+    /// `c[i·ldc + j] += tile(i, j)` (`add`) or `c[i·ldc + j] = tile(i, j)`
+    /// for a whole tile, with A read as in [`MicroKernel::tile_strided`]
+    /// (`rsa = 1, csa = MR` for a packed panel). Storing without reading C
+    /// matters for fresh output buffers: reading a page first maps the
+    /// shared zero page, and the write that follows then costs a
+    /// copy-on-write fault and a TLB shootdown across every worker thread.
+    /// The default goes through a buffer.
     ///
     /// # Safety
     /// As for [`MicroKernel::tile_strided`], and `c` holds `MR` rows of `NR`
     /// floats, `ldc` apart.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile_add(
+    unsafe fn tile_into(
         kc: usize,
         a: *const f32,
         rsa: usize,
@@ -78,14 +82,19 @@ pub(crate) trait MicroKernel {
         b: *const f32,
         c: *mut f32,
         ldc: usize,
+        add: bool,
     ) {
         let mut tile = [0f32; MAX_TILE];
         // SAFETY: forwarded; the buffer holds MAX_TILE ≥ MR·NR floats.
         unsafe { Self::tile_strided(kc, a, rsa, csa, b, tile.as_mut_ptr()) };
         for i in 0..Self::MR {
             for j in 0..Self::NR {
+                let t = tile[i * Self::NR + j];
                 // SAFETY: c holds MR rows of NR floats, ldc apart.
-                unsafe { *c.add(i * ldc + j) += tile[i * Self::NR + j] };
+                unsafe {
+                    let cv = c.add(i * ldc + j);
+                    *cv = if add { *cv + t } else { t };
+                }
             }
         }
     }
@@ -246,16 +255,18 @@ pub(crate) fn gemm(
             let (ap, bp) = (a32.batch(p), b32.batch(p));
             match set {
                 #[cfg(target_arch = "x86_64")]
-                KernelSet::Avx2 => blocked::<avx2::Avx2>(&ap, &bp, m, k, n, c, Some(pool)),
+                KernelSet::Avx2 => blocked::<avx2::Avx2>(&ap, &bp, m, k, n, c, true, Some(pool)),
                 // A 32-wide tile would waste most of its lanes on narrow outputs.
                 #[cfg(target_arch = "x86_64")]
                 KernelSet::Avx512 if n <= 16 => {
-                    blocked::<avx2::Avx2>(&ap, &bp, m, k, n, c, Some(pool))
+                    blocked::<avx2::Avx2>(&ap, &bp, m, k, n, c, true, Some(pool))
                 }
                 #[cfg(target_arch = "x86_64")]
-                KernelSet::Avx512 => blocked::<avx512::Avx512>(&ap, &bp, m, k, n, c, Some(pool)),
+                KernelSet::Avx512 => {
+                    blocked::<avx512::Avx512>(&ap, &bp, m, k, n, c, true, Some(pool))
+                }
                 #[cfg(target_arch = "aarch64")]
-                KernelSet::Neon => blocked::<neon::Neon>(&ap, &bp, m, k, n, c, Some(pool)),
+                KernelSet::Neon => blocked::<neon::Neon>(&ap, &bp, m, k, n, c, true, Some(pool)),
                 other => {
                     return Err(Error::invalid(format!(
                         "no packed GEMM for kernel set {}",
@@ -268,28 +279,33 @@ pub(crate) fn gemm(
     prob.finish(out, ep.alpha, ep.activation)
 }
 
-/// `c += a·b` for an `m × k` and a `k × n` strided f32 matrix into the
-/// row-major `m × n` slice `c`, with `set`'s micro-kernel on the calling
-/// thread (convolutions split their work over images themselves).
+/// `c += a·b` — or `c = a·b` when `fresh`, without reading `c` — for an
+/// `m × k` and a `k × n` strided f32 matrix into the row-major `m × n`
+/// slice `c`, with `set`'s micro-kernel on the calling thread (convolutions
+/// split their work over images themselves).
 pub(crate) fn accumulate(
     set: KernelSet,
     a: &Matrix<'_>,
     b: &Matrix<'_>,
     (m, k, n): (usize, usize, usize),
     c: &mut [f32],
+    fresh: bool,
 ) {
+    if fresh && k == 0 {
+        c[..m * n].fill(0.0);
+    }
     if m == 0 || n == 0 {
         return;
     }
     match set {
         #[cfg(target_arch = "x86_64")]
-        KernelSet::Avx2 => blocked::<avx2::Avx2>(a, b, m, k, n, c, None),
+        KernelSet::Avx2 => blocked::<avx2::Avx2>(a, b, m, k, n, c, fresh, None),
         #[cfg(target_arch = "x86_64")]
-        KernelSet::Avx512 if n <= 16 => blocked::<avx2::Avx2>(a, b, m, k, n, c, None),
+        KernelSet::Avx512 if n <= 16 => blocked::<avx2::Avx2>(a, b, m, k, n, c, fresh, None),
         #[cfg(target_arch = "x86_64")]
-        KernelSet::Avx512 => blocked::<avx512::Avx512>(a, b, m, k, n, c, None),
+        KernelSet::Avx512 => blocked::<avx512::Avx512>(a, b, m, k, n, c, fresh, None),
         #[cfg(target_arch = "aarch64")]
-        KernelSet::Neon => blocked::<neon::Neon>(a, b, m, k, n, c, None),
+        KernelSet::Neon => blocked::<neon::Neon>(a, b, m, k, n, c, fresh, None),
         _ => {
             // The scalar set never gets here; be correct anyway.
             for i in 0..m {
@@ -298,7 +314,8 @@ pub(crate) fn accumulate(
                     for p in 0..k {
                         acc += a.at(i, p) * b.at(p, j);
                     }
-                    c[i * n + j] += acc;
+                    let cv = &mut c[i * n + j];
+                    *cv = if fresh { acc } else { *cv + acc };
                 }
             }
         }
@@ -307,6 +324,7 @@ pub(crate) fn accumulate(
 
 /// One `m × k` by `k × n` product accumulated into the row-major `c`, on
 /// `pool` when given and the product is worth splitting.
+#[allow(clippy::too_many_arguments)]
 fn blocked<K: MicroKernel>(
     a: &Matrix<'_>,
     b: &Matrix<'_>,
@@ -314,6 +332,7 @@ fn blocked<K: MicroKernel>(
     k: usize,
     n: usize,
     c: &mut [f32],
+    fresh: bool,
     pool: Option<&rayon::ThreadPool>,
 ) {
     // Row blocks: enough for every thread, whole tiles, at most MC_MAX rows.
@@ -328,6 +347,8 @@ fn blocked<K: MicroKernel>(
         let nc = NC.min(n - jc);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
+            // The first k block of a fresh C stores instead of adding.
+            let add = !(fresh && pc == 0);
             pack_b(b, pc, kc, jc, nc, K::NR, &mut b_packed);
             let b_packed = &b_packed;
             let task = |(block, rows): (usize, &mut [f32])| {
@@ -361,7 +382,7 @@ fn blocked<K: MicroKernel>(
                             // packed panel; the B panel is kc·NR floats; C's
                             // MR rows of NR floats, n apart, are inside `rows`.
                             unsafe {
-                                K::tile_add(
+                                K::tile_into(
                                     kc,
                                     a_ptr,
                                     rsa,
@@ -369,6 +390,7 @@ fn blocked<K: MicroKernel>(
                                     b_panel.as_ptr(),
                                     c_tile.as_mut_ptr(),
                                     n,
+                                    add,
                                 )
                             };
                             continue;
@@ -386,8 +408,13 @@ fn blocked<K: MicroKernel>(
                         };
                         for i in 0..mr {
                             let row = &mut rows[(ir + i) * n + jc + jr..][..nr];
-                            for (cv, &t) in row.iter_mut().zip(&tile[i * K::NR..i * K::NR + nr]) {
-                                *cv += t;
+                            let part = &tile[i * K::NR..i * K::NR + nr];
+                            if add {
+                                for (cv, &t) in row.iter_mut().zip(part) {
+                                    *cv += t;
+                                }
+                            } else {
+                                row.copy_from_slice(part);
                             }
                         }
                     }

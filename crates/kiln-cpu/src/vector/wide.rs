@@ -90,10 +90,11 @@ fn zip_rows_loop(a: &[f32], row: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32
     out
 }
 
-/// One output row of an unpadded max-pool: for each window offset in
-/// row-major order, every output column takes the offset's cell if it beats
-/// the best so far (`!best.is_nan() && (v.is_nan() || v > best)`, the
-/// reference's rule). Branch-free, so it vectorises across columns.
+/// One output row of an unpadded max-pool: the first window offset seeds
+/// every column, then for each later offset in row-major order a column
+/// takes the offset's cell if it beats the best so far
+/// (`!best.is_nan() && (v.is_nan() || v > best)`, the reference's rule).
+/// Branch-free over slices, so it vectorises across columns.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn pool_row_loop(
@@ -106,21 +107,33 @@ fn pool_row_loop(
     at: &mut [u32],
 ) {
     let ow = best.len();
+    if ow == 0 {
+        return;
+    }
+    let span = (ow - 1) * sw + 1;
     for di in 0..kernel[0] {
         let row = (top + di) * w;
         for dj in 0..kernel[1] {
-            let cells = &x[row + dj..];
-            for (j, (b, a)) in best.iter_mut().zip(at.iter_mut()).enumerate().take(ow) {
-                let v = cells[j * sw];
-                let idx = (row + dj + j * sw) as u32;
-                if di == 0 && dj == 0 {
-                    *b = v;
-                    *a = idx;
-                    continue;
-                }
-                let take = !b.is_nan() & (v.is_nan() | (v > *b));
+            let start = row + dj;
+            let cells = &x[start..start + span];
+            let first = di == 0 && dj == 0;
+            let update = |(j, ((b, a), &v)): (usize, ((&mut f32, &mut u32), &f32))| {
+                let idx = (start + j * sw) as u32;
+                let take = first | (!b.is_nan() & (v.is_nan() | (v > *b)));
                 *b = if take { v } else { *b };
                 *a = if take { idx } else { *a };
+            };
+            let slots = best.iter_mut().zip(at.iter_mut());
+            match sw {
+                1 => slots.zip(cells).enumerate().for_each(update),
+                2 => slots
+                    .zip(cells.chunks(2).map(|c| &c[0]))
+                    .enumerate()
+                    .for_each(update),
+                _ => slots
+                    .zip(cells.iter().step_by(sw))
+                    .enumerate()
+                    .for_each(update),
             }
         }
     }

@@ -1,7 +1,12 @@
 //! Max-pooling for the SIMD kernel sets: the reference's semantics (first
 //! maximum in row-major window order, NaN maximal, padding never chosen)
-//! with the planes split over the worker pool and a tight loop for windows
-//! without padding. Exact, like the reference: results are bitwise equal.
+//! with the planes split over the worker pool; unpadded windows go a row of
+//! outputs at a time through a branch-free kernel (hand-written for
+//! AVX-512 in `avx512.rs`, compiled per set from `vector::wide` for the
+//! others). Exact, like the reference: results are bitwise equal.
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 use kiln_core::conv::pool2d_output;
 use kiln_core::{Error, HostData, Result, View, Window2d};
@@ -36,7 +41,14 @@ fn plane(
             .chunks_exact_mut(ow.max(1))
             .zip(at.chunks_exact_mut(ow.max(1)));
         for (i, (o, a)) in rows.enumerate() {
-            wide::pool_row(set, x, w, i * sh, win.kernel, sw, o, a);
+            match set {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the set was checked against this processor; the
+                // windows of output row i end at row i·sh + kh − 1 < h and
+                // column (ow − 1)·sw + kw − 1 < w (the pool geometry).
+                KernelSet::Avx512 => unsafe { avx512::row(x, w, i * sh, win.kernel, sw, o, a) },
+                _ => wide::pool_row(set, x, w, i * sh, win.kernel, sw, o, a),
+            }
         }
         return;
     }

@@ -284,6 +284,7 @@ macro_rules! __with_checks {
             conv2d: F32 F16 BF16;
             conv2d_backward_data: F32 F16 BF16;
             conv2d_backward_filter: F32 F16 BF16;
+            conv2d_pool: F32 F16 BF16;
             max_pool2d: F32 F16 BF16;
             max_pool2d_backward: F32 F16 BF16;
             sgd_update: F32;

@@ -122,6 +122,16 @@ pub(crate) enum Op<B: Backend> {
         activation: Activation,
         window: Window2d,
     },
+    /// `y = max_pool(act(conv(x, weight) + bias))`, fused.
+    Conv2dPool {
+        x: Tensor<B>,
+        weight: Tensor<B>,
+        bias: Option<Tensor<B>>,
+        activation: Activation,
+        conv: Window2d,
+        pool: Window2d,
+        argmax: Arc<B::Storage>,
+    },
     /// Max-pooling, with where each maximum came from.
     MaxPool2d {
         x: Tensor<B>,
@@ -145,6 +155,9 @@ impl<B: Backend> Op<B> {
             | Op::Cast { x }
             | Op::MaxPool2d { x, .. } => vec![x],
             Op::Conv2d {
+                x, weight, bias, ..
+            }
+            | Op::Conv2dPool {
                 x, weight, bias, ..
             } => {
                 let mut v = vec![x, weight];
@@ -391,6 +404,38 @@ fn propagate<B: Backend>(
                 if let Some(b) = bias {
                     accumulate(pending, b, stored(db, b.dims(), backend)?)?;
                 }
+            }
+            Ok(())
+        }
+        Op::Conv2dPool {
+            x,
+            weight,
+            bias,
+            activation,
+            conv,
+            pool,
+            argmax,
+        } => {
+            let g = g.contiguous()?;
+            let backend = x.backend();
+            let at_layout = Layout::contiguous(Shape::new(g.dims())?);
+            let (dx, dw, db) = backend.conv2d_pool_backward(
+                x.view(),
+                weight.view(),
+                y.view(),
+                crate::View::new(argmax, &at_layout),
+                g.view(),
+                *activation,
+                conv,
+                pool,
+                x.requires_grad(),
+            )?;
+            if let Some(dx) = dx {
+                accumulate(pending, x, stored(dx, x.dims(), backend)?)?;
+            }
+            accumulate(pending, weight, stored(dw, weight.dims(), backend)?)?;
+            if let Some(b) = bias {
+                accumulate(pending, b, stored(db, b.dims(), backend)?)?;
             }
             Ok(())
         }

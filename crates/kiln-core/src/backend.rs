@@ -310,6 +310,9 @@ impl Activation {
     }
 }
 
+/// The gradients of a convolution: input (when asked for), weight, bias.
+pub type ConvGrads<S> = (Option<S>, S, S);
+
 /// The epilogue of a GEMM: `C := act(α·A·B + β·C₀ + bias)`.
 ///
 /// When `beta_c` is `None`, β = 0 and no `C₀` is read (so it may hold NaN).
@@ -566,6 +569,79 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
         window: &Window2d,
         input: [usize; 2],
     ) -> Result<Self::Storage>;
+
+    /// Convolution, activation and max-pooling in one:
+    /// `max_pool2d(conv2d(x, weight, bias, activation, conv), pool)` — the
+    /// pooled maxima and where each came from (its index in the
+    /// convolution's output plane). A backend may fuse them so the
+    /// convolution's output never leaves its caches; the default composes
+    /// [`Backend::conv2d`] and [`Backend::max_pool2d`]. Either way the result
+    /// is bitwise that composition on the same backend.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_pool(
+        &self,
+        x: View<'_, Self::Storage>,
+        weight: View<'_, Self::Storage>,
+        bias: Option<View<'_, Self::Storage>>,
+        activation: Activation,
+        conv: &Window2d,
+        pool: &Window2d,
+    ) -> Result<(Self::Storage, Self::Storage)> {
+        let dims = crate::conv::conv2d_output(
+            x.layout.dims(),
+            weight.layout.dims(),
+            bias.map(|b| b.layout.dims()),
+            conv,
+        )?;
+        let y = self.conv2d(x, weight, bias, activation, conv)?;
+        let layout = Layout::contiguous(crate::Shape::new(&dims)?);
+        self.max_pool2d(View::new(&y, &layout), pool)
+    }
+
+    /// The gradients of [`Backend::conv2d_pool`] from `dpooled` and the
+    /// forward's `pooled` and `argmax`: `dx` (only if `need_dx`), `dw` and
+    /// `db`. The activation's derivative is taken at the pooled values —
+    /// each routed cell's own output — so the convolution's output is not
+    /// needed. The default composes the unfused backward ops.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_pool_backward(
+        &self,
+        x: View<'_, Self::Storage>,
+        weight: View<'_, Self::Storage>,
+        pooled: View<'_, Self::Storage>,
+        argmax: View<'_, Self::Storage>,
+        dpooled: View<'_, Self::Storage>,
+        activation: Activation,
+        conv: &Window2d,
+        pool: &Window2d,
+        need_dx: bool,
+    ) -> Result<ConvGrads<Self::Storage>> {
+        let dims = crate::conv::conv2d_output(x.layout.dims(), weight.layout.dims(), None, conv)?;
+        let routed = match activation.as_unary() {
+            // The activation's derivative reads only its output.
+            Some(u) => self.unary_backward(u, pooled, pooled, dpooled)?,
+            None => self.affine(dpooled, 1.0, 0.0)?,
+        };
+        let dz = self.max_pool2d_backward(
+            View::new(
+                &routed,
+                &Layout::contiguous(crate::Shape::new(dpooled.layout.dims())?),
+            ),
+            argmax,
+            pool,
+            [dims[2], dims[3]],
+        )?;
+        let dz_layout = Layout::contiguous(crate::Shape::new(&dims)?);
+        let dzv = View::new(&dz, &dz_layout);
+        let xd = x.layout.dims();
+        let dx = if need_dx {
+            Some(self.conv2d_backward_data(dzv, weight, conv, [xd[2], xd[3]])?)
+        } else {
+            None
+        };
+        let (dw, db) = self.conv2d_backward_filter(x, dzv, conv)?;
+        Ok((dx, dw, db))
+    }
 
     /// One fused SGD step on contiguous `param`, `grad` and optional
     /// `velocity` (required when momentum ≠ 0), updated in place.

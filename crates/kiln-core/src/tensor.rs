@@ -722,6 +722,40 @@ impl<B: Backend> Tensor<B> {
         })
     }
 
+    /// [`Tensor::conv2d`] then [`Tensor::max_pool2d`] as one op: the same
+    /// result, bitwise, without keeping the convolution's output (the
+    /// backend may fuse the two; the backward pass needs only the pooled
+    /// values and where they came from).
+    pub fn conv2d_pool(
+        &self,
+        weight: &Self,
+        bias: Option<&Self>,
+        activation: Activation,
+        conv: &Window2d,
+        pool: &Window2d,
+    ) -> Result<Self> {
+        let conv_dims =
+            crate::conv::conv2d_output(self.dims(), weight.dims(), bias.map(|b| b.dims()), conv)?;
+        let dims = crate::conv::pool2d_output(&conv_dims, pool)?;
+        let (s, argmax) = self.backend().conv2d_pool(
+            self.view(),
+            weight.view(),
+            bias.map(|b| b.view()),
+            activation,
+            conv,
+            pool,
+        )?;
+        self.result(s, &dims, || Op::Conv2dPool {
+            x: self.clone(),
+            weight: weight.clone(),
+            bias: bias.cloned(),
+            activation,
+            conv: *conv,
+            pool: *pool,
+            argmax: Arc::new(argmax),
+        })
+    }
+
     /// Max-pooling of this `[n, c, h, w]` tensor over `window`.
     pub fn max_pool2d(&self, window: &Window2d) -> Result<Self> {
         let dims = crate::conv::pool2d_output(self.dims(), window)?;

@@ -334,3 +334,230 @@ pub(crate) fn conv2d_backward_filter(
         store_f32("conv2d_backward_filter", dtype, db)?,
     ))
 }
+
+/// Convolution, activation and max-pooling fused per image: the image's
+/// convolution output (`o × oh·ow`, 86 KB for the seed CNN) is produced,
+/// finished and pooled while it sits in the core's cache, and never
+/// written out. Bitwise the unfused composition (the same GEMM, epilogue
+/// and pooling code per image).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv2d_pool(
+    set: KernelSet,
+    pool: &rayon::ThreadPool,
+    x: View<'_, HostData>,
+    weight: View<'_, HostData>,
+    bias: Option<View<'_, HostData>>,
+    activation: Activation,
+    conv: &Window2d,
+    pooling: &Window2d,
+) -> Result<(HostData, HostData)> {
+    let [n, o, oh, ow] = conv2d_output(
+        x.layout.dims(),
+        weight.layout.dims(),
+        bias.map(|b| b.layout.dims()),
+        conv,
+    )?;
+    let [_, _, ph, pw] = kiln_core::conv::pool2d_output(&[n, o, oh, ow], pooling)?;
+    let mut views = vec![x, weight];
+    views.extend(bias);
+    let dtype = common_dtype("conv2d_pool", &views)?;
+    let [_, c, h, w] = x.layout.dims()[..] else {
+        unreachable!("checked by conv2d_output")
+    };
+    if oh * ow > u32::MAX as usize {
+        return Err(Error::shape(
+            "conv2d_pool",
+            format!("a convolution output plane of {oh}×{ow} does not fit u32 indices"),
+        ));
+    }
+    let g = Geometry {
+        c,
+        h,
+        w,
+        oh,
+        ow,
+        win: *conv,
+    };
+    let (xs, ws) = (
+        read_f32("conv2d_pool", x)?,
+        read_f32("conv2d_pool", weight)?,
+    );
+    let bs = bias.map(|b| read_f32("conv2d_pool", b)).transpose()?;
+    let (patch, cells, pcells) = (g.patch(), g.cells(), ph * pw);
+    let mut pooled = vec![0f32; n * o * pcells];
+    let mut argmax = vec![0u32; n * o * pcells];
+    if pooled.is_empty() {
+        return Ok((
+            store_f32("conv2d_pool", dtype, pooled)?,
+            HostData::U32(argmax),
+        ));
+    }
+    let filters = Matrix::from_slice(&ws, 0, patch, 1);
+    pool.install(|| {
+        pooled
+            .par_chunks_mut(o * pcells)
+            .zip(argmax.par_chunks_mut(o * pcells))
+            .enumerate()
+            .for_each_init(
+                || (vec![0f32; patch * cells], vec![0f32; o * cells]),
+                |(cols, y), (img, (p, a))| {
+                    g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
+                    let b = Matrix::from_slice(cols, 0, cells, 1);
+                    accumulate(set, &filters, &b, (o, patch, cells), y, true);
+                    finish(y, cells, bs.as_deref(), activation);
+                    // Pool what the unfused convolution would have stored.
+                    round_to_storage(dtype, y);
+                    let planes = y.chunks_exact(cells).zip(p.chunks_exact_mut(pcells));
+                    for ((plane, pp), pa) in planes.zip(a.chunks_exact_mut(pcells)) {
+                        crate::pool::plane(set, plane, [oh, ow], pooling, [ph, pw], pp, pa);
+                    }
+                },
+            )
+    });
+    Ok((
+        store_f32("conv2d_pool", dtype, pooled)?,
+        HostData::U32(argmax),
+    ))
+}
+
+/// Rounds f32 values to what `dtype` would store (a no-op for f32).
+fn round_to_storage(dtype: kiln_core::DType, v: &mut [f32]) {
+    match dtype {
+        kiln_core::DType::F16 => v
+            .iter_mut()
+            .for_each(|x| *x = kiln_core::f16::from_f32(*x).to_f32()),
+        kiln_core::DType::BF16 => v
+            .iter_mut()
+            .for_each(|x| *x = kiln_core::bf16::from_f32(*x).to_f32()),
+        _ => {}
+    }
+}
+
+/// The backward pass of [`conv2d_pool`], per image with the gradient of the
+/// convolution's output built in cache: `dpooled` times the activation's
+/// derivative at the pooled value, added at `argmax`; then the filter
+/// gradient (fixed groups of [`GROUP`] images, summed in order) and, if
+/// asked, the input gradient.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv2d_pool_backward(
+    set: KernelSet,
+    pool: &rayon::ThreadPool,
+    x: View<'_, HostData>,
+    weight: View<'_, HostData>,
+    pooled: View<'_, HostData>,
+    argmax: View<'_, HostData>,
+    dpooled: View<'_, HostData>,
+    activation: Activation,
+    conv: &Window2d,
+    pooling: &Window2d,
+    need_dx: bool,
+) -> Result<kiln_core::ConvGrads<HostData>> {
+    let op = "conv2d_pool_backward";
+    let dtype = common_dtype(op, &[x, weight, pooled, dpooled])?;
+    let conv_dims = conv2d_output(x.layout.dims(), weight.layout.dims(), None, conv)?;
+    let [n, o, oh, ow] = conv_dims;
+    let pdims = kiln_core::conv::pool2d_output(&conv_dims, pooling)?;
+    for (what, v) in [("pooled", pooled), ("argmax", argmax), ("dpooled", dpooled)] {
+        if v.layout.dims() != pdims {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "{what} has shape {}, the pool's output is {pdims:?}",
+                    v.layout.shape()
+                ),
+            ));
+        }
+    }
+    let [_, c, h, w] = x.layout.dims()[..] else {
+        unreachable!("checked by conv2d_output")
+    };
+    let g = Geometry {
+        c,
+        h,
+        w,
+        oh,
+        ow,
+        win: *conv,
+    };
+    let xs = read_f32(op, x)?;
+    let ws = read_f32(op, weight)?;
+    let ys = read_f32(op, pooled)?;
+    let gs = read_f32(op, dpooled)?;
+    let at = crate::storage::read_u32(op, argmax)?;
+    if let Some(&bad) = at.iter().find(|&&a| a as usize >= oh * ow) {
+        return Err(Error::invalid(format!(
+            "{op}: argmax {bad} is outside the {oh}×{ow} convolution output plane"
+        )));
+    }
+    let (patch, cells, pcells) = (g.patch(), g.cells(), pdims[2] * pdims[3]);
+    let derivative = activation.as_unary();
+    // The convolution output's gradient for one image, into `dz`.
+    let route = |img: usize, dz: &mut [f32]| {
+        dz.fill(0.0);
+        let range = img * o * pcells..(img + 1) * o * pcells;
+        let cells_of = dz.chunks_exact_mut(cells);
+        for (p, plane) in cells_of.enumerate() {
+            let k0 = range.start + p * pcells;
+            for k in k0..k0 + pcells {
+                let d = match derivative {
+                    Some(u) => crate::reference::elementwise::backward_f32(u, 0.0, ys[k], gs[k]),
+                    None => gs[k],
+                };
+                plane[at[k] as usize] += d;
+            }
+        }
+    };
+    let filters_t = Matrix::from_slice(&ws, 0, 1, patch);
+    let group = |first: usize, dx: Option<&mut [f32]>| {
+        let mut dw = vec![0f32; o * patch];
+        let mut db = vec![0f32; o];
+        let mut cols = vec![0f32; patch * cells];
+        let mut dz = vec![0f32; o * cells];
+        let mut dx = dx;
+        for img in first..(first + GROUP).min(n) {
+            route(img, &mut dz);
+            g.im2col(&xs[img * c * h * w..][..c * h * w], &mut cols);
+            let grad = Matrix::from_slice(&dz, 0, cells, 1);
+            let cols_t = Matrix::from_slice(&cols, 0, 1, cells);
+            accumulate(
+                set,
+                &grad,
+                &cols_t,
+                (o, cells, patch),
+                &mut dw,
+                img == first,
+            );
+            for (b, row) in db.iter_mut().zip(dz.chunks_exact(cells.max(1))) {
+                *b += row.iter().sum::<f32>();
+            }
+            if let Some(dx) = dx.as_deref_mut() {
+                let image = &mut dx[(img - first) * c * h * w..][..c * h * w];
+                accumulate(set, &filters_t, &grad, (patch, o, cells), &mut cols, true);
+                g.col2im(&cols, image);
+            }
+        }
+        (dw, db)
+    };
+    let firsts: Vec<usize> = (0..n).step_by(GROUP).collect();
+    let mut dx = need_dx.then(|| vec![0f32; n * c * h * w]);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = pool.install(|| match dx.as_mut() {
+        Some(dx) if !dx.is_empty() => dx
+            .par_chunks_mut(GROUP * c * h * w)
+            .zip(firsts.par_iter())
+            .map(|(chunk, &f)| group(f, Some(chunk)))
+            .collect(),
+        _ => firsts.par_iter().map(|&f| group(f, None)).collect(),
+    });
+    let mut dw = vec![0f32; o * patch];
+    let mut db = vec![0f32; o];
+    for (pw, pb) in partials {
+        for (a, b) in dw.iter_mut().zip(pw) {
+            *a += b;
+        }
+        for (a, b) in db.iter_mut().zip(pb) {
+            *a += b;
+        }
+    }
+    let dx = dx.map(|d| store_f32(op, dtype, d)).transpose()?;
+    Ok((dx, store_f32(op, dtype, dw)?, store_f32(op, dtype, db)?))
+}

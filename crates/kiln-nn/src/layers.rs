@@ -33,6 +33,19 @@ pub trait Layer<B: Backend>: Send + Sync {
         Vec::new()
     }
 
+    /// For a layer that can absorb a max-pooling that follows it (Conv2D):
+    /// both at once — the same result, computed without keeping the
+    /// intermediate. `None` if the layer cannot.
+    fn forward_pooled(&self, x: &Tensor<B>, pool: &Window2d) -> Option<Result<Tensor<B>>> {
+        let _ = (x, pool);
+        None
+    }
+
+    /// The window of a max-pooling layer (so the layer before may absorb it).
+    fn pool_window(&self) -> Option<Window2d> {
+        None
+    }
+
     /// Switches training behaviour (dropout) on or off; most layers have none.
     fn set_training(&self, training: bool) {
         let _ = training;
@@ -337,6 +350,15 @@ impl<B: Backend> Layer<B> for Conv2D<B> {
             &self.window,
         )
     }
+    fn forward_pooled(&self, x: &Tensor<B>, pool: &Window2d) -> Option<Result<Tensor<B>>> {
+        Some(x.conv2d_pool(
+            &self.weight.as_tensor(),
+            Some(&self.bias.as_tensor()),
+            self.epilogue(),
+            &self.window,
+            pool,
+        ))
+    }
     fn params(&self) -> Vec<&Var<B>> {
         vec![&self.weight, &self.bias]
     }
@@ -391,6 +413,9 @@ impl<B: Backend> Layer<B> for MaxPool2D {
     }
     fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
         x.max_pool2d(&self.window)
+    }
+    fn pool_window(&self) -> Option<Window2d> {
+        Some(self.window)
     }
     fn spec(&self) -> LayerSpec {
         self.spec.clone()

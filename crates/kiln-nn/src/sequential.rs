@@ -129,7 +129,7 @@ impl<B: Backend> Sequential<B> {
     /// The model's output for a batch.
     pub fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
         self.check_input(x)?;
-        self.layers.iter().try_fold(x.clone(), |h, l| l.forward(&h))
+        run(&self.layers, x)
     }
 
     /// Whether the output is a softmax.
@@ -144,8 +144,7 @@ impl<B: Backend> Sequential<B> {
         let Some((last, body)) = self.layers.split_last() else {
             return Ok(x.clone());
         };
-        let h = body.iter().try_fold(x.clone(), |h, l| l.forward(&h))?;
-        last.forward_logits(&h)
+        last.forward_logits(&run(body, x)?)
     }
 
     /// Every trainable parameter, in a fixed order.
@@ -226,6 +225,24 @@ impl<B: Backend> Sequential<B> {
         out += "Non-trainable params: 0\n";
         out
     }
+}
+
+/// Applies `layers` in order, letting a layer absorb the max-pooling that
+/// follows it (Conv2D → MaxPool2D runs as one fused op).
+fn run<B: Backend>(layers: &[Box<dyn Layer<B>>], x: &Tensor<B>) -> Result<Tensor<B>> {
+    let mut h = x.clone();
+    let mut i = 0;
+    while i < layers.len() {
+        let pool = layers.get(i + 1).and_then(|l| l.pool_window());
+        if let Some(fused) = pool.and_then(|p| layers[i].forward_pooled(&h, &p)) {
+            h = fused?;
+            i += 2;
+        } else {
+            h = layers[i].forward(&h)?;
+            i += 1;
+        }
+    }
+    Ok(h)
 }
 
 /// `50240` → `50,240`.

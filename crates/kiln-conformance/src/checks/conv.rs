@@ -434,3 +434,223 @@ pub(crate) fn max_pool2d_backward<B: Backend>(backend: &B, dtype: DType, cfg: &C
         },
     )
 }
+
+#[derive(Debug, Clone)]
+struct Fused {
+    s: Sizes,
+    pool: Window2d,
+    pooled_dims: [usize; 4],
+    x: Operand,
+    weight: Operand,
+    bias: Option<Operand>,
+    dpooled: Operand,
+    relu: bool,
+}
+
+fn fused_strategy(dtype: DType) -> impl Strategy<Value = Fused> {
+    (sizes(), (1usize..=3, 1usize..=3, 1usize..=2, 1usize..=2))
+        .prop_filter_map(
+            "pool fits the convolution's output",
+            |(s, (kh, kw, sh, sw))| {
+                let pool = Window2d::valid([kh, kw], [sh, sw]);
+                let [ph, pw] = pool.output("conformance", s.out).ok()?;
+                Some((s, pool, [s.n, s.o, ph, pw]))
+            },
+        )
+        .prop_flat_map(move |(s, pool, pooled_dims)| {
+            let [kh, kw] = s.win.kernel;
+            (
+                operand(
+                    dtype,
+                    vec![s.n, s.c, s.h, s.w],
+                    Domain::Moderate(2.0),
+                    false,
+                ),
+                operand(dtype, vec![s.o, s.c, kh, kw], Domain::Moderate(2.0), false),
+                prop::option::of(contiguous(dtype, vec![s.o], Domain::Moderate(1.0))),
+                contiguous(dtype, pooled_dims.to_vec(), Domain::Moderate(2.0)),
+                any::<bool>(),
+            )
+                .prop_map(move |(x, weight, bias, dpooled, relu)| Fused {
+                    s,
+                    pool,
+                    pooled_dims,
+                    x,
+                    weight,
+                    bias,
+                    dpooled,
+                    relu,
+                })
+        })
+}
+
+/// The bound of a sum of `len` products with a routed gradient: the dot
+/// product's own, plus the routed values' roundings — each may have been
+/// stored in the operands' dtype and summed from overlapping windows
+/// (a few units of that dtype's roundoff, relative).
+fn routed_bound(dtype: DType, mass: f64, len: usize) -> f64 {
+    let u = match dtype {
+        DType::F16 => 1.0 / 2048.0,
+        DType::BF16 => 1.0 / 256.0,
+        _ => U,
+    };
+    dot_bound(mass, len.max(1)) + 4.0 * u * mass
+}
+
+/// The fused convolution + activation + max-pool: forward bitwise equal to
+/// the backend's own `max_pool2d(conv2d(…))`; backward against the f64
+/// oracle of the gradient it routes (`dpooled` times the activation's
+/// derivative at the pooled value, at `argmax`), through the filter, bias
+/// and input gradients.
+pub(crate) fn conv2d_pool<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -> Report {
+    run_cases("conv2d_pool", dtype, cfg, fused_strategy(dtype), |c| {
+        let s = c.s;
+        let (sx, sw) = (c.x.upload(backend)?, c.weight.upload(backend)?);
+        let sb = c.bias.as_ref().map(|b| b.upload(backend)).transpose()?;
+        let bias = || {
+            c.bias
+                .as_ref()
+                .zip(sb.as_ref())
+                .map(|(b, st)| View::new(st, &b.layout))
+        };
+        let act = if c.relu {
+            Activation::Relu
+        } else {
+            Activation::None
+        };
+        let (xv, wv) = (
+            View::new(&sx, &c.x.layout),
+            View::new(&sw, &c.weight.layout),
+        );
+        let (pooled, argmax) = backend.conv2d_pool(xv, wv, bias(), act, &s.win, &c.pool)?;
+        let y = backend.conv2d(xv, wv, bias(), act, &s.win)?;
+        let ydims = [s.n, s.o, s.out[0], s.out[1]];
+        let ylayout = Layout::contiguous(Shape::new(&ydims).map_err(CaseError::from)?);
+        let (want_p, want_a) = backend.max_pool2d(View::new(&y, &ylayout), &c.pool)?;
+        let pd = c.pooled_dims;
+        let got_p = fetch_all(backend, &pooled, &pd)?;
+        let got_a = fetch_all(backend, &argmax, &pd)?;
+        let exact = |v: Vec<f64>| v.into_iter().map(|v| (v, Bound::Exact)).collect::<Vec<_>>();
+        compare(
+            "conv2d_pool (pooled)",
+            dtype,
+            &pd,
+            &got_p,
+            &exact(fetch_all(backend, &want_p, &pd)?),
+        )?;
+        compare(
+            "conv2d_pool (argmax)",
+            DType::U32,
+            &pd,
+            &got_a,
+            &exact(fetch_all(backend, &want_a, &pd)?),
+        )?;
+
+        let sd = c.dpooled.upload(backend)?;
+        let pl = Layout::contiguous(Shape::new(&pd).map_err(CaseError::from)?);
+        let (dx, dw, db) = backend.conv2d_pool_backward(
+            xv,
+            wv,
+            View::new(&pooled, &pl),
+            View::new(&argmax, &pl),
+            View::new(&sd, &c.dpooled.layout),
+            act,
+            &s.win,
+            &c.pool,
+            true,
+        )?;
+        // The routed gradient of the convolution's output, exactly.
+        let cells = s.out[0] * s.out[1];
+        let mut dz = vec![0f64; s.n * s.o * cells];
+        let pcells = pd[2] * pd[3];
+        for (k, &g) in c.dpooled.logical().iter().enumerate() {
+            let d = if c.relu && got_p[k] <= 0.0 { 0.0 } else { g };
+            dz[(k / pcells) * cells + got_a[k] as usize] += d;
+        }
+        let [kh, kw] = s.win.kernel;
+        let (xl, wl) = (c.x.logical(), c.weight.logical());
+        let mut want_w = Vec::new();
+        for oc in 0..s.o {
+            for ic in 0..s.c {
+                for di in 0..kh {
+                    for dj in 0..kw {
+                        let (mut dot, mut mass) = (0f64, 0f64);
+                        for img in 0..s.n {
+                            for i in 0..s.out[0] {
+                                for j in 0..s.out[1] {
+                                    let g = dz[(img * s.o + oc) * cells + i * s.out[1] + j];
+                                    let plane = (img * s.c + ic) * s.h * s.w;
+                                    let xval =
+                                        read(&xl, plane, &s, i, j, di, dj).map_or(0.0, |at| xl[at]);
+                                    dot += g * xval;
+                                    mass += (g * xval).abs();
+                                }
+                            }
+                        }
+                        want_w.push((dot, Bound::Abs(routed_bound(dtype, mass, s.n * cells))));
+                    }
+                }
+            }
+        }
+        let want_b: Vec<_> = (0..s.o)
+            .map(|oc| {
+                let terms = (0..s.n).flat_map(|img| dz[(img * s.o + oc) * cells..][..cells].iter());
+                let (sum, mass) = terms.fold((0f64, 0f64), |(a, m), &g| (a + g, m + g.abs()));
+                (sum, Bound::Abs(routed_bound(dtype, mass, s.n * cells)))
+            })
+            .collect();
+        let mut acc = vec![(0f64, 0f64, 0usize); s.n * s.c * s.h * s.w];
+        for img in 0..s.n {
+            for oc in 0..s.o {
+                for i in 0..s.out[0] {
+                    for j in 0..s.out[1] {
+                        let g = dz[(img * s.o + oc) * cells + i * s.out[1] + j];
+                        for ic in 0..s.c {
+                            let plane = (img * s.c + ic) * s.h * s.w;
+                            for di in 0..kh {
+                                for dj in 0..kw {
+                                    if let Some(at) = read(&[], plane, &s, i, j, di, dj) {
+                                        let p = g * wl[((oc * s.c + ic) * kh + di) * kw + dj];
+                                        acc[at].0 += p;
+                                        acc[at].1 += p.abs();
+                                        acc[at].2 += 1;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let want_x: Vec<_> = acc
+            .into_iter()
+            .map(|(v, mass, len)| (v, Bound::Abs(routed_bound(dtype, mass, len))))
+            .collect();
+        let wdims = [s.o, s.c, kh, kw];
+        let xdims = [s.n, s.c, s.h, s.w];
+        let dx =
+            dx.ok_or_else(|| CaseError::Fail("conv2d_pool_backward: no dx though asked".into()))?;
+        let a = compare(
+            "conv2d_pool_backward (weight)",
+            dtype,
+            &wdims,
+            &fetch_all(backend, &dw, &wdims)?,
+            &want_w,
+        )?;
+        let b = compare(
+            "conv2d_pool_backward (bias)",
+            dtype,
+            &[s.o],
+            &fetch_all(backend, &db, &[s.o])?,
+            &want_b,
+        )?;
+        let x = compare(
+            "conv2d_pool_backward (input)",
+            dtype,
+            &xdims,
+            &fetch_all(backend, &dx, &xdims)?,
+            &want_x,
+        )?;
+        Ok(a.max(b).max(x))
+    })
+}

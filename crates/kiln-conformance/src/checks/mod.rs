@@ -83,6 +83,7 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, dtype: DType, cfg: &Config) -> Re
         "conv2d" => conv::conv2d(b, dtype, cfg),
         "conv2d_backward_data" => conv::conv2d_backward_data(b, dtype, cfg),
         "conv2d_backward_filter" => conv::conv2d_backward_filter(b, dtype, cfg),
+        "conv2d_pool" => conv::conv2d_pool(b, dtype, cfg),
         "max_pool2d" => conv::max_pool2d(b, dtype, cfg),
         "max_pool2d_backward" => conv::max_pool2d_backward(b, dtype, cfg),
         "sgd_update" => optim::sgd(b, cfg),

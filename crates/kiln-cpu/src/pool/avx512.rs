@@ -49,12 +49,7 @@ pub(crate) unsafe fn row(
                             let hi = _mm512_maskz_loadu_ps(hi_mask, base.wrapping_add(16));
                             _mm512_permutex2var_ps(lo, even, hi)
                         }
-                        _ => _mm512_mask_i32gather_ps::<4>(
-                            _mm512_setzero_ps(),
-                            mask,
-                            steps,
-                            base,
-                        ),
+                        _ => _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, steps, base),
                     }
                 };
                 let idx = _mm512_add_epi32(_mm512_set1_epi32(start as i32), steps);

@@ -23,9 +23,10 @@ fn better(v: f32, b: f32) -> bool {
     !b.is_nan() && (v.is_nan() || v > b)
 }
 
-/// One plane: maxima and their indices for every output cell.
+/// One plane: maxima and their indices (into the plane) for every output
+/// cell.
 #[allow(clippy::too_many_arguments)]
-fn plane(
+pub(crate) fn plane(
     set: KernelSet,
     x: &[f32],
     [h, w]: [usize; 2],

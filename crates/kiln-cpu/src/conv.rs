@@ -311,7 +311,7 @@ pub(crate) fn conv2d_backward_filter(
                 .iter_mut()
                 .zip(gs[img * o * cells..][..o * cells].chunks_exact(cells.max(1)))
             {
-                *b += row.iter().sum::<f32>();
+                *b += crate::vector::wide::sum(set, row);
             }
         }
         (dw, db)
@@ -490,22 +490,35 @@ pub(crate) fn conv2d_pool_backward(
         )));
     }
     let (patch, cells, pcells) = (g.patch(), g.cells(), pdims[2] * pdims[3]);
-    let derivative = activation.as_unary();
-    // The convolution output's gradient for one image, into `dz`.
+    // The convolution output's gradient for one image, into `dz`: one loop
+    // per activation, so the derivative is inlined.
     let route = |img: usize, dz: &mut [f32]| {
         dz.fill(0.0);
-        let range = img * o * pcells..(img + 1) * o * pcells;
-        let cells_of = dz.chunks_exact_mut(cells);
-        for (p, plane) in cells_of.enumerate() {
-            let k0 = range.start + p * pcells;
-            for k in k0..k0 + pcells {
-                let d = match derivative {
-                    Some(u) => crate::reference::elementwise::backward_f32(u, 0.0, ys[k], gs[k]),
-                    None => gs[k],
-                };
-                plane[at[k] as usize] += d;
-            }
+        let k0 = img * o * pcells;
+        let (ys, gs, at) = (
+            &ys[k0..][..o * pcells],
+            &gs[k0..][..o * pcells],
+            &at[k0..][..o * pcells],
+        );
+        macro_rules! each {
+            ($($act:ident),*) => {
+                match activation {
+                    $(Activation::$act => {
+                        for (p, plane) in dz.chunks_exact_mut(cells).enumerate() {
+                            let r = p * pcells..(p + 1) * pcells;
+                            for ((&y, &g), &a) in ys[r.clone()].iter().zip(&gs[r.clone()]).zip(&at[r]) {
+                                let d = match Activation::$act.as_unary() {
+                                    Some(u) => crate::reference::elementwise::backward_f32(u, 0.0, y, g),
+                                    None => g,
+                                };
+                                plane[a as usize] += d;
+                            }
+                        }
+                    })*
+                }
+            };
         }
+        each!(None, Relu, Sigmoid, Tanh);
     };
     let filters_t = Matrix::from_slice(&ws, 0, 1, patch);
     let group = |first: usize, dx: Option<&mut [f32]>| {
@@ -528,7 +541,7 @@ pub(crate) fn conv2d_pool_backward(
                 img == first,
             );
             for (b, row) in db.iter_mut().zip(dz.chunks_exact(cells.max(1))) {
-                *b += row.iter().sum::<f32>();
+                *b += crate::vector::wide::sum(set, row);
             }
             if let Some(dx) = dx.as_deref_mut() {
                 let image = &mut dx[(img - first) * c * h * w..][..c * h * w];

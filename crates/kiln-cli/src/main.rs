@@ -81,6 +81,10 @@ struct TrainArgs {
     /// Skip the per-epoch evaluation on the test split.
     #[arg(long)]
     no_validation: bool,
+    /// Augment training images with a random affine warp per image (Keras'
+    /// ImageDataGenerator: rotation ±20°, shifts ±10 %, zoom ±10 %).
+    #[arg(long)]
+    augment: bool,
     /// Output folder for model.safetensors and history.jsonl [default: runs/MODEL-DATASET].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -276,6 +280,9 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
             Verbosity::Auto
         },
         history_path: Some(history_path.clone()),
+        augment: a
+            .augment
+            .then(|| kiln_data::Augment::keras_default(a.seed ^ 0x6175_676d)),
     };
     let validation = (!a.no_validation).then_some(&test_set);
     let history = trainer.fit(&train_set, validation, &cfg)?;

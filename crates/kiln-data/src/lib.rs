@@ -4,10 +4,12 @@
 //! [`Dataset`]s found on disk or bundled, and a [`DataLoader`] that shuffles
 //! with a seed and assembles batches on a background thread.
 
+pub mod augment;
 pub mod dataset;
 pub mod idx;
 pub mod loader;
 
+pub use augment::{Affine, Augment};
 pub use dataset::{Dataset, Split};
 pub use idx::{parse_idx, read_idx, IdxArray};
 pub use loader::{Batch, DataLoader};

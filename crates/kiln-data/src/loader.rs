@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 
 use kiln_core::rng::Philox;
 
-use crate::Dataset;
+use crate::{Augment, Dataset};
 
 /// One batch, ready to upload: pixels scaled to `[0, 1]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -27,6 +27,7 @@ pub struct DataLoader {
     batch_size: usize,
     shuffle_seed: Option<u64>,
     prefetch: usize,
+    augment: Option<Augment>,
 }
 
 impl DataLoader {
@@ -37,7 +38,15 @@ impl DataLoader {
             batch_size: batch_size.max(1),
             shuffle_seed: None,
             prefetch: 2,
+            augment: None,
         }
+    }
+
+    /// Applies a random affine warp to every training image (see
+    /// [`Augment`]), on the worker thread, as batches are assembled.
+    pub fn augment(mut self, augment: Augment) -> Self {
+        self.augment = Some(augment);
+        self
     }
 
     /// Shuffles every epoch: the order of epoch `e` is a Fisher–Yates
@@ -79,11 +88,16 @@ impl DataLoader {
         let ds = Arc::clone(&self.dataset);
         let order = self.order(epoch);
         let bs = self.batch_size;
+        let augment = self.augment;
         let worker = std::thread::Builder::new()
             .name("kiln-loader".into())
             .spawn(move || {
                 for chunk in order.chunks(bs) {
-                    if tx.send(assemble(&ds, chunk)).is_err() {
+                    let mut batch = assemble(&ds, chunk);
+                    if let Some(a) = &augment {
+                        warp(&ds, a, epoch, chunk, &mut batch.images);
+                    }
+                    if tx.send(batch).is_err() {
                         return; // the consumer stopped early
                     }
                 }
@@ -92,6 +106,21 @@ impl DataLoader {
         Batches {
             rx,
             worker: Some(worker),
+        }
+    }
+}
+
+/// Replaces each assembled image by its augmented version (every channel
+/// warped by the example's transform).
+fn warp(ds: &Dataset, a: &Augment, epoch: u64, indices: &[u32], images: &mut [f32]) {
+    let [c, h, w] = ds.example_shape();
+    let px = ds.pixels().max(1);
+    let mut plane = vec![0f32; h * w];
+    for (&i, image) in indices.iter().zip(images.chunks_exact_mut(px)) {
+        let t = a.transform(epoch, u64::from(i), h, w);
+        for ch in image.chunks_exact_mut((h * w).max(1)).take(c) {
+            t.apply(ch, h, w, &mut plane);
+            ch.copy_from_slice(&plane);
         }
     }
 }

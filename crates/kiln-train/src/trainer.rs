@@ -26,6 +26,8 @@ pub struct FitConfig {
     pub verbosity: Verbosity,
     /// Append each epoch's record to this JSON-lines file.
     pub history_path: Option<PathBuf>,
+    /// Random affine augmentation of the training images, if any.
+    pub augment: Option<kiln_data::Augment>,
 }
 
 impl Default for FitConfig {
@@ -37,6 +39,7 @@ impl Default for FitConfig {
             shuffle: true,
             verbosity: Verbosity::Auto,
             history_path: None,
+            augment: None,
         }
     }
 }
@@ -200,6 +203,9 @@ impl<B: Backend> Trainer<B> {
         let mut loader = DataLoader::new(Arc::new(train.clone()), cfg.batch_size);
         if cfg.shuffle {
             loader = loader.shuffle(cfg.seed);
+        }
+        if let Some(a) = cfg.augment {
+            loader = loader.augment(a);
         }
         let mut history = History::default();
         for epoch in 1..=cfg.epochs {

@@ -193,7 +193,7 @@ impl<B: Backend> Sequential<B> {
             shape = l.output_shape(&shape).unwrap_or_default();
             let kind = l.kind();
             let n = counts.entry(kind).or_default();
-            let lname = kind.to_ascii_lowercase();
+            let lname = snake_case(kind);
             let lname = if *n == 0 {
                 lname
             } else {
@@ -243,6 +243,20 @@ fn run<B: Backend>(layers: &[Box<dyn Layer<B>>], x: &Tensor<B>) -> Result<Tensor
         }
     }
     Ok(h)
+}
+
+/// Keras' layer names: `MaxPooling2D` → `max_pooling2d`, `Conv2D` → `conv2d`.
+fn snake_case(kind: &str) -> String {
+    let mut out = String::new();
+    let mut prev_lower = false;
+    for ch in kind.chars() {
+        if ch.is_ascii_uppercase() && prev_lower {
+            out.push('_');
+        }
+        prev_lower = ch.is_ascii_lowercase();
+        out.push(ch.to_ascii_lowercase());
+    }
+    out
 }
 
 /// `50240` → `50,240`.

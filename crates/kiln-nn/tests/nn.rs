@@ -121,3 +121,109 @@ fn bad_specs_and_inputs_are_clear_errors() {
     let spec_json = ModelSpec::mlp().to_json();
     assert_eq!(ModelSpec::from_json(&spec_json).unwrap(), ModelSpec::mlp());
 }
+
+#[test]
+fn cnn_summary_matches_keras() {
+    let m = Sequential::from_spec(&ModelSpec::cnn(), 0, &backend()).unwrap();
+    let s = m.summary();
+    for want in [
+        "conv2d (Conv2D)",
+        "(None, 32, 26, 26)",
+        "max_pooling2d (MaxPooling2D)",
+        "(None, 32, 13, 13)",
+        "(None, 5408)",
+        "346,176",
+        "Total params: 347,146",
+    ] {
+        assert!(s.contains(want), "missing {want:?} in\n{s}");
+    }
+}
+
+#[test]
+fn the_shipped_model_files_are_the_builtin_models() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models");
+    for (file, builtin) in [
+        ("mlp.toml", ModelSpec::mlp()),
+        ("cnn.toml", ModelSpec::cnn()),
+    ] {
+        let text = std::fs::read_to_string(format!("{dir}/{file}")).unwrap();
+        assert_eq!(ModelSpec::from_toml(&text).unwrap(), builtin, "{file}");
+    }
+    // And a spec survives TOML both ways.
+    let cnn = ModelSpec::cnn();
+    assert_eq!(ModelSpec::from_toml(&cnn.to_toml()).unwrap(), cnn);
+}
+
+#[test]
+fn toml_specs_with_mistakes_are_clear_errors() {
+    let spec = |layers: &str| format!("name = \"t\"\ninput = [1, 28, 28]\n{layers}");
+    let err = |layers: &str| ModelSpec::from_toml(&spec(layers)).unwrap_err().to_string();
+
+    let e = err("[[layers]]\ntype = \"conv3d\"\nfilters = 4\n");
+    assert!(
+        e.contains("conv3d") && e.contains("conv2d"),
+        "unknown layer: {e}"
+    );
+
+    let e = err("[[layers]]\ntype = \"conv2d\"\nkernel_size = 3\n");
+    assert!(e.contains("missing field `filters`"), "missing field: {e}");
+
+    let e = err("[[layers]]\ntype = \"conv2d\"\nfilters = 4\nkernel_size = 3\nstride = 2\n");
+    assert!(e.contains("unknown field `stride`"), "misspelt field: {e}");
+
+    let e = err("[[layers]]\ntype = \"conv2d\"\nfilters = 4\nkernel_size = 30\n");
+    assert!(
+        e.contains("layer 0") && e.contains("smaller than the window"),
+        "window too big: {e}"
+    );
+
+    let e = err("[[layers]]\ntype = \"dense\"\nunits = 4\n");
+    assert!(e.contains("add a Flatten layer"), "dense on an image: {e}");
+
+    let e =
+        err("[[layers]]\ntype = \"flatten\"\n[[layers]]\ntype = \"maxpool2d\"\npool_size = 2\n");
+    assert!(
+        e.contains("layer 1") && e.contains("[channels, height, width]"),
+        "pool on flat: {e}"
+    );
+
+    let e = err("[[layers]]\ntype = \"dropout\"\nrate = 1.5\n");
+    assert!(e.contains("Dropout rate 1.5"), "bad rate: {e}");
+
+    // `same` padding keeps the size; a rectangular window is a pair.
+    let ok = ModelSpec::from_toml(&spec(
+        "[[layers]]\ntype = \"conv2d\"\nfilters = 8\nkernel_size = [3, 5]\npadding = \"same\"\n",
+    ))
+    .unwrap();
+    assert_eq!(ok.plan().unwrap().0, vec![8, 28, 28]);
+}
+
+#[test]
+fn dropout_is_active_only_while_training_and_reproducible() {
+    let b = backend();
+    let spec = ModelSpec {
+        name: "d".into(),
+        input: vec![1000],
+        layers: vec![kiln_nn::LayerSpec::Dropout { rate: 0.25 }],
+    };
+    let m = Sequential::from_spec(&spec, 3, &b).unwrap();
+    let x = Tensor::ones(&[1, 1000], kiln_core::DType::F32, &b).unwrap();
+    assert_eq!(
+        m.forward(&x).unwrap().to_vec_f32().unwrap(),
+        vec![1.0; 1000]
+    );
+    m.set_training(true);
+    let y = m.forward(&x).unwrap().to_vec_f32().unwrap();
+    let kept = y.iter().filter(|&&v| v != 0.0).count();
+    assert!(
+        (700..800).contains(&kept),
+        "kept {kept} of 1000 at rate 0.25"
+    );
+    assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+    // A new draw each call, the same sequence for the same seed.
+    let y2 = m.forward(&x).unwrap().to_vec_f32().unwrap();
+    assert_ne!(y, y2);
+    let again = Sequential::from_spec(&spec, 3, &b).unwrap();
+    again.set_training(true);
+    assert_eq!(again.forward(&x).unwrap().to_vec_f32().unwrap(), y);
+}

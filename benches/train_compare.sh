@@ -1,32 +1,45 @@
 #!/usr/bin/env bash
-# Trains the seed's MLP (Flatten → Dense 64 ReLU → Dense 10 softmax, Adam 1e-3
-# ε 1e-7, batch 128) for EPOCHS epochs (default 3) on Fashion-MNIST with kiln
-# and with PyTorch CPU (2 threads each; kiln also with 1), and prints the
-# seconds per epoch, the ratio and both test accuracies.
+# Trains the seed's models for EPOCHS epochs (default 3) on Fashion-MNIST with
+# kiln and with PyTorch CPU, same model, initial weights aside (Adam 1e-3
+# ε 1e-7, batch 128, 2 threads each; kiln also with 1), and prints seconds
+# per epoch, test accuracy and inference throughput (test set, batches of
+# 1000, no autograd), with kiln's ratio to PyTorch for each.
+#
+#   MLP: Flatten → Dense 64 ReLU → Dense 10 softmax
+#   CNN: Conv2D 32 3×3 ReLU → MaxPool 2×2 → Flatten → Dense 64 ReLU → Dense 10 softmax
 #
 # PyTorch comes from PyPI (`pip install torch`, about 3 GB with its CUDA
 # wheels): fine for a benchmark, not for CI.
 #
-#   benches/train_compare.sh [EPOCHS]
+#   benches/train_compare.sh [EPOCHS] [mlp|cnn ...]     (default: 3 mlp cnn)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 epochs="${1:-3}"
+shift || true
+models=("$@")
+[ ${#models[@]} -gt 0 ] || models=(mlp cnn)
 data=/usr/share/datasets/fashion-mnist
 [ -f "$data/train-images-idx3-ubyte.gz" ] || { echo "needs Fashion-MNIST: apt-get install dataset-fashion-mnist" >&2; exit 1; }
 python3 -c 'import torch, numpy' 2>/dev/null || python3 -m pip install -q torch numpy
 cargo build --release -q -p kiln-cli
 
-kiln() { # threads → "s/epoch accuracy"
-  KILN_THREADS=$1 ./target/release/kiln train --model mlp --dataset fashion-mnist --epochs "$epochs" \
-    --no-validation --plain --seed 1 --out "$(mktemp -d)" \
-    | sed -n 's/^test: .*accuracy \([0-9.]*\)%.*(\([0-9.]*\)s\/epoch).*/\2 \1/p'
+kiln() { # model threads → "s/epoch accuracy images/s"
+  local out; out="$(mktemp -d)"
+  local fit
+  fit="$(KILN_THREADS=$2 ./target/release/kiln train --model "$1" --dataset fashion-mnist \
+    --epochs "$epochs" --no-validation --plain --seed 1 --out "$out" \
+    | sed -n 's/^test: .*accuracy \([0-9.]*\)%.*(\([0-9.]*\)s\/epoch).*/\2 \1/p')"
+  local ips
+  ips="$(KILN_THREADS=$2 ./target/release/kiln eval --model "$out" --dataset fashion-mnist \
+    | sed -n 's/.*examples, \([0-9]*\) images\/s.*/\1/p')"
+  echo "$fit $ips"
 }
 
-torch_run() { # threads → "s/epoch accuracy"
-  python3 - "$data" "$epochs" "$1" <<'PY'
+torch_run() { # model threads → "s/epoch accuracy images/s"
+  python3 - "$data" "$epochs" "$1" "$2" <<'PY'
 import gzip, sys, time
 import numpy as np, torch
-data, epochs, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+data, epochs, model_name, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 torch.set_num_threads(threads); torch.manual_seed(1)
 def idx(name, off):
     return np.frombuffer(gzip.open(f"{data}/{name}").read(), np.uint8, offset=off)
@@ -34,9 +47,14 @@ x = torch.tensor(idx("train-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28), d
 y = torch.tensor(idx("train-labels-idx1-ubyte.gz", 8), dtype=torch.long)
 xt = torch.tensor(idx("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28), dtype=torch.float32) / 255
 yt = torch.tensor(idx("t10k-labels-idx1-ubyte.gz", 8), dtype=torch.long)
-model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+nn = torch.nn
+if model_name == "mlp":
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+else:
+    model = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(32 * 13 * 13, 64), nn.ReLU(), nn.Linear(64, 10))
 opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7)
-loss_fn = torch.nn.CrossEntropyLoss()
+loss_fn = nn.CrossEntropyLoss()
 times = []
 for _ in range(epochs):
     t0 = time.perf_counter()
@@ -48,16 +66,24 @@ for _ in range(epochs):
         opt.step()
     times.append(time.perf_counter() - t0)
 with torch.no_grad():
-    acc = (model(xt).argmax(1) == yt).float().mean().item() * 100
-print(f"{sum(times) / len(times):.3f} {acc:.2f}")
+    model(xt[:1000])
+    t0 = time.perf_counter()
+    correct = sum((model(xt[i:i + 1000]).argmax(1) == yt[i:i + 1000]).sum().item()
+                  for i in range(0, len(xt), 1000))
+    ips = len(xt) / (time.perf_counter() - t0)
+print(f"{sum(times) / len(times):.3f} {100 * correct / len(xt):.2f} {ips:.0f}")
 PY
 }
 
-read -r k1 a1 <<<"$(kiln 1)"
-read -r k2 a2 <<<"$(kiln 2)"
-read -r t2 ta <<<"$(torch_run 2)"
-echo "seed MLP on Fashion-MNIST, $epochs epochs, batch 128, Adam 1e-3 (torch $(python3 -c 'import torch; print(torch.__version__)'))"
-printf '%-22s %10s %10s %14s\n' "run" "s/epoch" "accuracy" "vs PyTorch"
-printf '%-22s %10s %9s%% %14s\n' "PyTorch CPU, 2 threads" "$t2" "$ta" "1.00×"
-printf '%-22s %10s %9s%% %13.2f×\n' "kiln, 2 threads" "$k2" "$a2" "$(echo "$t2 / $k2" | bc -l)"
-printf '%-22s %10s %9s%% %13.2f×\n' "kiln, 1 thread" "$k1" "$a1" "$(echo "$t2 / $k1" | bc -l)"
+echo "Fashion-MNIST, $epochs epochs, batch 128, Adam 1e-3 (torch $(python3 -c 'import torch; print(torch.__version__)'), $(nproc) cores)"
+printf '%-5s %-22s %9s %9s %10s %12s %10s\n' model run s/epoch accuracy "epoch ×" "inference/s" "infer ×"
+for m in "${models[@]}"; do
+  read -r t2 ta ti <<<"$(torch_run "$m" 2)"
+  read -r k2 a2 i2 <<<"$(kiln "$m" 2)"
+  read -r k1 a1 i1 <<<"$(kiln "$m" 1)"
+  printf '%-5s %-22s %9s %8s%% %10s %12s %10s\n' "$m" "PyTorch CPU, 2 threads" "$t2" "$ta" "1.00×" "$ti" "1.00×"
+  printf '%-5s %-22s %9s %8s%% %9.2f× %12s %9.2f×\n' "$m" "kiln, 2 threads" "$k2" "$a2" \
+    "$(echo "$t2 / $k2" | bc -l)" "$i2" "$(echo "$i2 / $ti" | bc -l)"
+  printf '%-5s %-22s %9s %8s%% %9.2f× %12s %9.2f×\n' "$m" "kiln, 1 thread" "$k1" "$a1" \
+    "$(echo "$t2 / $k1" | bc -l)" "$i1" "$(echo "$i1 / $ti" | bc -l)"
+done

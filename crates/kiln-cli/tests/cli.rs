@@ -167,3 +167,44 @@ fn conformance_report_for_the_reference_backend() {
         stderr(&o)
     );
 }
+
+#[test]
+fn train_the_cnn_from_its_spec_file_with_augmentation() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/cnn.toml");
+    let o = kiln(&[
+        "train",
+        "--model",
+        spec,
+        "--epochs",
+        "1",
+        "--limit",
+        "512",
+        "--augment",
+        "--out",
+        out,
+        "--plain",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    assert!(
+        s.contains("Total params: 347,146") && s.contains("epoch 1/1"),
+        "{s}"
+    );
+    let o = kiln(&["eval", "--model", out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // A spec with a mistake: one line naming the file and the problem.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"b\"\ninput = [1, 28, 28]\n[[layers]]\ntype = \"dense\"\nunits = 3\n",
+    )
+    .unwrap();
+    let o = kiln(&["train", "--model", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("bad.toml") && e.contains("Flatten"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+}

@@ -44,6 +44,16 @@ pub fn model_file(data: &[u8]) {
     }
 }
 
+/// Checkpoints (model file + optimiser tensors + progress JSON): any bytes
+/// load or fail cleanly, and a loaded optimiser state fits its model.
+pub fn checkpoint(data: &[u8]) {
+    let b = kiln_cpu::CpuBackend::reference().with_threads(1);
+    if let Ok((model, state, _)) = kiln_train::checkpoint::from_bytes(data, &b) {
+        let mut adam = kiln_nn::Adam::<kiln_cpu::CpuBackend>::new(1e-3).expect("a valid rate");
+        let _ = kiln_nn::Optimizer::load_state(&mut adam, &state, &model.params());
+    }
+}
+
 /// Shape, broadcast and layout arithmetic on arbitrary extents, strides and offsets.
 pub fn layout(data: &[u8]) {
     use kiln_core::{Layout, Shape};

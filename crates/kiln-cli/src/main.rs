@@ -3,13 +3,15 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kiln_core::{Backend, Error, Result};
 use kiln_cpu::{features, CpuBackend, KernelSet};
 use kiln_data::{Dataset, Split};
 use kiln_nn::{Adam, Loss, ModelSpec, Optimizer, Sequential, Sgd};
-use kiln_train::{model_file, FitConfig, Trainer, Verbosity};
+use kiln_train::{checkpoint, model_file, CheckpointPolicy, FitConfig, Trainer, Verbosity};
 
 #[derive(Parser)]
 #[command(
@@ -42,9 +44,10 @@ enum OptimizerName {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// Model: a built-in name (mlp, cnn) or a model spec file (.toml, as in models/).
-    #[arg(long, default_value = "mlp")]
-    model: String,
+    /// Model: a built-in name (mlp, cnn) or a model spec file (.toml, as in
+    /// models/) [default: mlp, or the checkpoint's with --resume].
+    #[arg(long)]
+    model: Option<String>,
     /// Dataset: mnist-sample (bundled), mnist or fashion-mnist.
     #[arg(long, default_value = "mnist-sample")]
     dataset: String,
@@ -91,6 +94,19 @@ struct TrainArgs {
     /// One plain line per epoch instead of a progress bar.
     #[arg(long)]
     plain: bool,
+    /// Write a checkpoint every N epochs to OUT/checkpoints (Ctrl-C or
+    /// SIGTERM always writes one).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    checkpoint_every: usize,
+    /// How many checkpoints to keep (the newest).
+    #[arg(long, value_name = "K", default_value_t = 3)]
+    keep: usize,
+    /// Continue the run saved in a checkpoint (a file, or a folder: its
+    /// newest), bit for bit as if it had not stopped. Give the same
+    /// --dataset, --seed, --batch-size, --optimizer and --augment; --epochs
+    /// is the run's total.
+    #[arg(long, value_name = "CHECKPOINT")]
+    resume: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -153,11 +169,31 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Interrupted(what)) => {
+            eprintln!("interrupted: {what}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// A flag that the first Ctrl-C (SIGINT) or SIGTERM sets, so training
+/// stops after its current step and saves a checkpoint; a second signal
+/// exits at once with status 130.
+fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::flag;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        // Registered first, so it sees the flag before this signal sets it.
+        flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))
+            .and_then(|_| flag::register(sig, Arc::clone(&stop)))
+            .map_err(|e| Error::io("installing the Ctrl-C handler".to_string(), e))?;
+    }
+    Ok(stop)
 }
 
 /// Builds the backend a `--backend` flag names.
@@ -234,7 +270,27 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
             "--epochs and --batch-size must be at least 1",
         ));
     }
-    let spec = model_spec(&a.model)?;
+    let restored = a
+        .resume
+        .as_deref()
+        .map(|p| checkpoint::load(p, &backend))
+        .transpose()?;
+    let spec = match (&restored, &a.model) {
+        (Some(r), Some(m)) => {
+            let asked = model_spec(m)?;
+            let saved = r.model.spec();
+            if asked != saved {
+                return Err(Error::invalid(format!(
+                    "{} holds model `{}`, not the --model `{m}` asked for (leave --model out to resume it)",
+                    r.path.display(),
+                    saved.name
+                )));
+            }
+            saved
+        }
+        (Some(r), None) => r.model.spec(),
+        (None, m) => model_spec(m.as_deref().unwrap_or("mlp"))?,
+    };
     let mut train_set = Dataset::load(&a.dataset, Split::Train, a.data.as_deref())?;
     if let Some(n) = a.limit {
         train_set = train_set.take(n);
@@ -252,10 +308,28 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
             .map_err(|e| Error::io(format!("replacing {}", history_path.display()), e))?;
     }
 
-    let model = Sequential::from_spec(&spec, a.seed, &backend)?;
-    let optimizer: Box<dyn Optimizer<B>> = match a.optimizer {
+    let mut optimizer: Box<dyn Optimizer<B>> = match a.optimizer {
         OptimizerName::Adam => Box::new(Adam::new(a.lr)?),
         OptimizerName::Sgd => Box::new(Sgd::new(a.lr, a.momentum)?),
+    };
+    let (model, progress) = match restored {
+        Some(r) => {
+            optimizer
+                .load_state(&r.optimizer, &r.model.params())
+                .map_err(|e| Error::invalid(format!("{}: {e}", r.path.display())))?;
+            println!(
+                "resuming from {} (epoch {}, batch {})",
+                r.path.display(),
+                r.progress.epoch + 1,
+                r.progress.batch
+            );
+            // The history file holds the whole run.
+            for record in &r.progress.history {
+                kiln_train::History::append_jsonl(&history_path, record)?;
+            }
+            (r.model, Some(r.progress))
+        }
+        None => (Sequential::from_spec(&spec, a.seed, &backend)?, None),
     };
     print!("{}", model.summary());
     println!(
@@ -283,9 +357,18 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         augment: a
             .augment
             .then(|| kiln_data::Augment::keras_default(a.seed ^ 0x6175_676d)),
+        checkpoint: Some(CheckpointPolicy {
+            dir: out.join("checkpoints"),
+            every: a.checkpoint_every,
+            keep: a.keep,
+        }),
+        stop: Some(stop_on_signals()?),
     };
     let validation = (!a.no_validation).then_some(&test_set);
-    let history = trainer.fit(&train_set, validation, &cfg)?;
+    let history = match &progress {
+        Some(p) => trainer.resume(&train_set, validation, &cfg, p)?,
+        None => trainer.fit(&train_set, validation, &cfg)?,
+    };
     let test = trainer.evaluate(&test_set, 1000)?;
     let total: f64 = history.epochs.iter().map(|e| e.seconds).sum();
     println!(

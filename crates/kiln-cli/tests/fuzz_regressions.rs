@@ -38,6 +38,11 @@ fn model_file_inputs() {
 }
 
 #[test]
+fn checkpoint_inputs() {
+    replay("checkpoint", targets::checkpoint);
+}
+
+#[test]
 fn layout_inputs() {
     replay("layout", targets::layout);
 }

@@ -62,6 +62,9 @@ pub enum Error {
     /// A backend-specific failure (device lost, out of memory, driver error).
     #[error("{0}")]
     Backend(String),
+    /// Work stopped on request (Ctrl-C, SIGTERM) after saving what it had.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
 }
 
 impl Error {

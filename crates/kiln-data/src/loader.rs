@@ -84,9 +84,16 @@ impl DataLoader {
 
     /// The batches of `epoch`, assembled on a background thread.
     pub fn epoch(&self, epoch: u64) -> Batches {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` after the first `skip` (to resume mid-epoch):
+    /// the same batches, with the same augmentation, as the full epoch's.
+    pub fn epoch_from(&self, epoch: u64, skip: usize) -> Batches {
         let (tx, rx) = sync_channel(self.prefetch);
         let ds = Arc::clone(&self.dataset);
-        let order = self.order(epoch);
+        let mut order = self.order(epoch);
+        order.drain(..(skip.saturating_mul(self.batch_size)).min(order.len()));
         let bs = self.batch_size;
         let augment = self.augment;
         let worker = std::thread::Builder::new()

@@ -46,6 +46,17 @@ pub trait Layer<B: Backend>: Send + Sync {
         None
     }
 
+    /// How far the layer's own random stream has advanced (dropout), for
+    /// checkpoints; `None` for layers without one.
+    fn rng_position(&self) -> Option<u64> {
+        None
+    }
+
+    /// Restores the position [`Layer::rng_position`] reported.
+    fn set_rng_position(&self, position: u64) {
+        let _ = position;
+    }
+
     /// Switches training behaviour (dropout) on or off; most layers have none.
     fn set_training(&self, training: bool) {
         let _ = training;
@@ -479,6 +490,12 @@ impl<B: Backend> Layer<B> for Dropout {
     }
     fn set_training(&self, training: bool) {
         self.training.store(training, Ordering::Relaxed);
+    }
+    fn rng_position(&self) -> Option<u64> {
+        Some(self.drawn())
+    }
+    fn set_rng_position(&self, position: u64) {
+        self.set_drawn(position);
     }
     fn spec(&self) -> LayerSpec {
         LayerSpec::Dropout { rate: self.rate }

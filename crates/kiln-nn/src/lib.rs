@@ -15,6 +15,6 @@ pub mod spec;
 pub use init::Initializer;
 pub use layers::{Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, Nonlinearity};
 pub use loss::Loss;
-pub use optim::{Adam, Optimizer, Sgd};
+pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
 pub use sequential::Sequential;
 pub use spec::{ActivationSpec, LayerSpec, ModelSpec, Padding, Pair, MAX_PARAMS};

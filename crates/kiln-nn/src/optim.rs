@@ -4,10 +4,76 @@
 //! [`crate::Sequential::params`]), so it can be saved and restored with the
 //! weights.
 
-use kiln_core::{AdamStep, Backend, Error, GradStore, Result, SgdStep, Tensor, Var};
+use kiln_core::{
+    AdamStep, Backend, BackendStorage, Error, GradStore, HostData, Layout, Result, SgdStep, Shape,
+    Tensor, Var, View,
+};
+
+/// An optimiser's state in host memory, for checkpoints: what it is, its
+/// step count and learning rate, and its per-parameter slots.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerState {
+    /// `adam`, `adamw` or `sgd` — a checkpoint resumes only with the same kind.
+    pub kind: String,
+    /// Steps taken.
+    pub step: u64,
+    /// The learning rate.
+    pub lr: f32,
+    /// Slot tensors: slot name (`m`, `v`, `velocity`), parameter position,
+    /// contents (contiguous, the parameter's element count).
+    pub slots: Vec<(String, usize, HostData)>,
+}
+
+/// Downloads a whole contiguous storage of `numel` elements.
+fn to_host<B: Backend>(backend: &B, s: &B::Storage, numel: usize) -> Result<HostData> {
+    backend.download(View::new(s, &Layout::contiguous(Shape::new(&[numel])?)))
+}
+
+/// The slot `name` of parameter `pos` in `state`, checked against it.
+fn slot<B: Backend>(
+    state: &OptimizerState,
+    name: &str,
+    pos: usize,
+    p: &Var<B>,
+) -> Result<Option<B::Storage>> {
+    let Some((_, _, data)) = state.slots.iter().find(|(n, i, _)| n == name && *i == pos) else {
+        return Ok(None);
+    };
+    if data.len() != p.numel() || data.dtype() != p.dtype() {
+        return Err(Error::invalid(format!(
+            "optimizer state `{name}` of parameter {pos} has {} {} elements, the parameter {} {}",
+            data.len(),
+            data.dtype(),
+            p.numel(),
+            p.dtype()
+        )));
+    }
+    p.backend().upload(data).map(Some)
+}
+
+/// Checks that `state` is of `kind` and names only existing parameters.
+fn check_state(state: &OptimizerState, kind: &str, params: usize) -> Result<()> {
+    if state.kind != kind {
+        return Err(Error::invalid(format!(
+            "the checkpoint's optimizer is {}, this run's is {kind}",
+            state.kind
+        )));
+    }
+    if let Some((n, i, _)) = state.slots.iter().find(|(_, i, _)| *i >= params) {
+        return Err(Error::invalid(format!(
+            "optimizer state `{n}` names parameter {i}; the model has {params}"
+        )));
+    }
+    Ok(())
+}
 
 /// Updates parameters from their gradients.
 pub trait Optimizer<B: Backend>: Send {
+    /// The state to checkpoint, downloaded through `backend`.
+    fn state(&self, backend: &B) -> Result<OptimizerState>;
+    /// Restores a state saved by [`Optimizer::state`] for `params` (the
+    /// model's parameters, in order): same kind, shapes checked.
+    fn load_state(&mut self, state: &OptimizerState, params: &[&Var<B>]) -> Result<()>;
     /// Applies one step. Parameters without a gradient are left alone.
     fn step(&mut self, params: &mut [&mut Var<B>], grads: &GradStore<B>) -> Result<()>;
     /// The learning rate.
@@ -77,6 +143,30 @@ impl<B: Backend> Sgd<B> {
 }
 
 impl<B: Backend> Optimizer<B> for Sgd<B> {
+    fn state(&self, backend: &B) -> Result<OptimizerState> {
+        let mut slots = Vec::new();
+        for (i, v) in self.velocity.iter().enumerate() {
+            if let Some(v) = v {
+                slots.push(("velocity".into(), i, to_host(backend, v, v.len())?));
+            }
+        }
+        Ok(OptimizerState {
+            kind: "sgd".into(),
+            step: 0,
+            lr: self.hyper.lr,
+            slots,
+        })
+    }
+    fn load_state(&mut self, state: &OptimizerState, params: &[&Var<B>]) -> Result<()> {
+        check_state(state, "sgd", params.len())?;
+        self.velocity = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| slot(state, "velocity", i, p))
+            .collect::<Result<_>>()?;
+        self.hyper.lr = state.lr;
+        Ok(())
+    }
     fn step(&mut self, params: &mut [&mut Var<B>], grads: &GradStore<B>) -> Result<()> {
         self.velocity.resize_with(params.len(), || None);
         for (p, vel) in params.iter_mut().zip(&mut self.velocity) {
@@ -167,7 +257,43 @@ impl<B: Backend> Adam<B> {
     }
 }
 
+impl<B: Backend> Adam<B> {
+    fn kind(&self) -> &'static str {
+        if self.hyper.decoupled {
+            "adamw"
+        } else {
+            "adam"
+        }
+    }
+}
+
 impl<B: Backend> Optimizer<B> for Adam<B> {
+    fn state(&self, backend: &B) -> Result<OptimizerState> {
+        let mut slots = Vec::new();
+        for (i, mv) in self.moments.iter().enumerate() {
+            if let Some((m, v)) = mv {
+                slots.push(("m".into(), i, to_host(backend, m, m.len())?));
+                slots.push(("v".into(), i, to_host(backend, v, v.len())?));
+            }
+        }
+        Ok(OptimizerState {
+            kind: self.kind().into(),
+            step: self.hyper.step,
+            lr: self.hyper.lr,
+            slots,
+        })
+    }
+    fn load_state(&mut self, state: &OptimizerState, params: &[&Var<B>]) -> Result<()> {
+        check_state(state, self.kind(), params.len())?;
+        self.moments = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Ok(slot(state, "m", i, p)?.zip(slot(state, "v", i, p)?)))
+            .collect::<Result<_>>()?;
+        self.hyper.step = state.step;
+        self.hyper.lr = state.lr;
+        Ok(())
+    }
     fn step(&mut self, params: &mut [&mut Var<B>], grads: &GradStore<B>) -> Result<()> {
         self.hyper.step += 1;
         self.moments.resize_with(params.len(), || None);

@@ -12,6 +12,7 @@ use crate::spec::{LayerSpec, ModelSpec};
 /// A stack of layers applied in order to batches of shape `[n, input…]`.
 pub struct Sequential<B: Backend> {
     name: String,
+    seed: u64,
     input: Vec<usize>,
     layers: Vec<Box<dyn Layer<B>>>,
 }
@@ -64,6 +65,7 @@ impl<B: Backend> Sequential<B> {
         }
         Ok(Sequential {
             name: spec.name.clone(),
+            seed,
             input: spec.input.clone(),
             layers,
         })
@@ -74,6 +76,42 @@ impl<B: Backend> Sequential<B> {
         for l in &self.layers {
             l.set_training(training);
         }
+    }
+
+    /// The positions of the layers' random streams (dropout), in layer
+    /// order, for checkpoints.
+    pub fn rng_positions(&self) -> Vec<u64> {
+        self.layers
+            .iter()
+            .filter_map(|l| l.rng_position())
+            .collect()
+    }
+
+    /// Restores positions saved by [`Sequential::rng_positions`].
+    pub fn set_rng_positions(&self, positions: &[u64]) -> Result<()> {
+        let layers: Vec<_> = self
+            .layers
+            .iter()
+            .filter(|l| l.rng_position().is_some())
+            .collect();
+        if layers.len() != positions.len() {
+            return Err(Error::invalid(format!(
+                "model `{}` has {} random streams, the checkpoint {}",
+                self.name,
+                layers.len(),
+                positions.len()
+            )));
+        }
+        for (l, &p) in layers.into_iter().zip(positions) {
+            l.set_rng_position(p);
+        }
+        Ok(())
+    }
+
+    /// The seed the model was built from (its initial weights and its
+    /// dropout streams).
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 
     /// The model's name.

@@ -5,6 +5,7 @@
 //! [`History`] written as JSON lines, progress output, and model files
 //! ([`model_file`]) written atomically in safetensors.
 
+pub mod checkpoint;
 pub mod history;
 pub mod model_file;
 pub mod progress;
@@ -12,4 +13,4 @@ pub mod trainer;
 
 pub use history::{EpochRecord, History};
 pub use progress::Verbosity;
-pub use trainer::{Evaluation, FitConfig, Trainer};
+pub use trainer::{CheckpointPolicy, Evaluation, FitConfig, Trainer};

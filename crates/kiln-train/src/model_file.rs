@@ -16,6 +16,9 @@ use safetensors::{tensor::TensorView, SafeTensors};
 pub const SPEC_KEY: &str = "kiln.spec";
 /// The metadata key holding the kiln version that wrote the file.
 pub const VERSION_KEY: &str = "kiln.version";
+/// The metadata key holding the seed the model was built from (its dropout
+/// streams depend on it).
+pub const MODEL_SEED_KEY: &str = "kiln.model_seed";
 
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync of the folder).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -57,11 +60,23 @@ pub fn save<B: Backend>(
     model: &Sequential<B>,
     extra: &HashMap<String, String>,
 ) -> Result<()> {
+    save_with(path, model, extra, &[])
+}
+
+/// [`save`] with more tensors beside the weights (a checkpoint's
+/// optimiser state): `(name, dims, data)`.
+pub fn save_with<B: Backend>(
+    path: &Path,
+    model: &Sequential<B>,
+    extra: &HashMap<String, String>,
+    tensors: &[(String, Vec<usize>, HostData)],
+) -> Result<()> {
     let mut host = Vec::new();
     for (name, p) in model.named_params() {
         let data = p.value().to_host()?;
         host.push((name, p.shape().dims().to_vec(), data));
     }
+    host.extend(tensors.iter().cloned());
     let views: Vec<(String, TensorView<'_>)> = host
         .iter()
         .map(|(name, dims, data)| {
@@ -79,6 +94,7 @@ pub fn save<B: Backend>(
     let mut meta = extra.clone();
     meta.insert(SPEC_KEY.into(), model.spec().to_json());
     meta.insert(VERSION_KEY.into(), env!("CARGO_PKG_VERSION").into());
+    meta.insert(MODEL_SEED_KEY.into(), model.seed().to_string());
     let bytes = safetensors::serialize(views, &Some(meta))
         .map_err(|e| Error::invalid(format!("serialising {}: {e}", path.display())))?;
     write_atomic(path, &bytes)
@@ -107,8 +123,51 @@ pub fn load<B: Backend>(path: &Path, backend: &B) -> Result<Loaded<B>> {
 
 /// Loads a model from the bytes of a model file.
 pub fn from_bytes<B: Backend>(bytes: &[u8], backend: &B) -> Result<Loaded<B>> {
-    let (_, header) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| Error::invalid(format!("not a kiln model file (safetensors: {e})")))?;
+    let l = from_bytes_with_extra(bytes, backend, "\0")?;
+    Ok(Loaded {
+        model: l.model,
+        metadata: l.metadata,
+    })
+}
+
+/// A model file's contents with the tensors beyond the weights.
+pub struct LoadedWithExtra<B: Backend> {
+    /// The rebuilt model with the saved weights.
+    pub model: Sequential<B>,
+    /// Every metadata entry of the file.
+    pub metadata: HashMap<String, String>,
+    /// The tensors whose names start with the prefix asked for, flattened.
+    pub extra: Vec<(String, HostData)>,
+}
+
+/// Loads a model and, besides its weights, every tensor named
+/// `extra_prefix…` (any other tensor is an error).
+pub fn from_bytes_with_extra<B: Backend>(
+    bytes: &[u8],
+    backend: &B,
+    extra_prefix: &str,
+) -> Result<LoadedWithExtra<B>> {
+    // The safetensors framing first, for errors that say what is wrong.
+    let Some(head) = bytes.get(..8) else {
+        return Err(Error::invalid(format!(
+            "truncated: {} bytes, not even a safetensors header length",
+            bytes.len()
+        )));
+    };
+    let header_len = u64::from_le_bytes(head.try_into().expect("8 bytes"));
+    if header_len > (bytes.len() - 8) as u64 {
+        return Err(Error::invalid(format!(
+            "truncated, or not a safetensors file: the header claims {header_len} bytes, the file holds {}",
+            bytes.len()
+        )));
+    }
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| match e {
+        safetensors::SafeTensorError::MetadataIncompleteBuffer => Error::invalid(format!(
+            "truncated (or with trailing bytes): {} bytes of tensor data after the header do not match its offsets",
+            bytes.len() as u64 - 8 - header_len
+        )),
+        e => Error::invalid(format!("not a kiln model file (safetensors: {e})")),
+    })?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let spec_json = metadata.get(SPEC_KEY).ok_or_else(|| {
         Error::invalid(format!(
@@ -127,15 +186,36 @@ pub fn from_bytes<B: Backend>(bytes: &[u8], backend: &B) -> Result<Loaded<B>> {
     }
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::invalid(format!("corrupt model file: {e}")))?;
-    let mut model = Sequential::from_spec(&spec, 0, backend)?;
+    let seed = match metadata.get(MODEL_SEED_KEY) {
+        Some(s) => s
+            .parse()
+            .map_err(|_| Error::invalid(format!("`{MODEL_SEED_KEY}` is `{s}`, not a seed")))?,
+        None => 0,
+    };
+    let mut model = Sequential::from_spec(&spec, seed, backend)?;
     let names: Vec<String> = model.named_params().into_iter().map(|(n, _)| n).collect();
-    if st.len() != names.len() {
-        return Err(Error::invalid(format!(
-            "model `{}` has {} parameters but the file holds {} tensors",
-            spec.name,
-            names.len(),
-            st.len()
-        )));
+    let mut extra = Vec::new();
+    for (name, view) in st.tensors() {
+        if names.contains(&name) {
+            continue;
+        }
+        if !name.starts_with(extra_prefix) {
+            return Err(Error::invalid(format!(
+                "unexpected tensor `{name}`: model `{}` has {} parameters ({})",
+                spec.name,
+                names.len(),
+                names.join(", ")
+            )));
+        }
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            other => {
+                return Err(Error::invalid(format!(
+                    "tensor `{name}` is {other:?}, not f32"
+                )))
+            }
+        };
+        extra.push((name, HostData::from_bytes(dtype, view.data())?));
     }
     for (name, p) in names.iter().zip(model.params_mut()) {
         let view = st
@@ -158,5 +238,9 @@ pub fn from_bytes<B: Backend>(bytes: &[u8], backend: &B) -> Result<Loaded<B>> {
         )?;
         p.set(&t)?;
     }
-    Ok(Loaded { model, metadata })
+    Ok(LoadedWithExtra {
+        model,
+        metadata,
+        extra,
+    })
 }

@@ -1,6 +1,7 @@
 //! `Trainer`: fit, evaluate and predict.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -8,6 +9,7 @@ use kiln_core::{no_grad, Backend, DType, Error, HostData, Result, Tensor};
 use kiln_data::{loader::assemble, DataLoader, Dataset};
 use kiln_nn::{Loss, Optimizer, Sequential};
 
+use crate::checkpoint::{self, Progress};
 use crate::progress::EpochProgress;
 use crate::{EpochRecord, History, Verbosity};
 
@@ -28,6 +30,23 @@ pub struct FitConfig {
     pub history_path: Option<PathBuf>,
     /// Random affine augmentation of the training images, if any.
     pub augment: Option<kiln_data::Augment>,
+    /// Where and how often to write checkpoints, if at all.
+    pub checkpoint: Option<CheckpointPolicy>,
+    /// Set (by a signal handler) to stop: the current step finishes, a
+    /// checkpoint is written (if a policy is set) and `fit` returns
+    /// [`Error::Interrupted`] naming it.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+/// When [`Trainer::fit`] writes checkpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointPolicy {
+    /// The folder they go to.
+    pub dir: PathBuf,
+    /// Every this many epochs (0: only when interrupted).
+    pub every: usize,
+    /// How many to keep (the newest).
+    pub keep: usize,
 }
 
 impl Default for FitConfig {
@@ -40,6 +59,8 @@ impl Default for FitConfig {
             verbosity: Verbosity::Auto,
             history_path: None,
             augment: None,
+            checkpoint: None,
+            stop: None,
         }
     }
 }
@@ -114,6 +135,12 @@ impl<B: Backend> Trainer<B> {
     /// The optimiser.
     pub fn optimizer(&self) -> &dyn Optimizer<B> {
         self.optimizer.as_ref()
+    }
+
+    /// Loads a checkpoint's optimiser state into this trainer's optimiser
+    /// (same kind, shapes checked against the model's parameters).
+    pub fn load_optimizer_state(&mut self, state: &kiln_nn::OptimizerState) -> Result<()> {
+        self.optimizer.load_state(state, &self.model.params())
     }
 
     fn check_dataset(&self, ds: &Dataset) -> Result<()> {
@@ -193,6 +220,106 @@ impl<B: Backend> Trainer<B> {
         validation: Option<&Dataset>,
         cfg: &FitConfig,
     ) -> Result<History> {
+        self.run(train, validation, cfg, None)
+    }
+
+    /// Continues the run a checkpoint saved (its model and optimiser state
+    /// already loaded into this trainer): the same data order, augmentation
+    /// and dropout draws as if it had never stopped, so the weights and the
+    /// history's losses and accuracies come out bit for bit those of an
+    /// uninterrupted run. `cfg` must keep the checkpoint's seed, batch size
+    /// and augmentation; the dataset must be the same (its fingerprint is
+    /// checked). Returns the whole history, the checkpoint's epochs first.
+    pub fn resume(
+        &mut self,
+        train: &Dataset,
+        validation: Option<&Dataset>,
+        cfg: &FitConfig,
+        progress: &Progress,
+    ) -> Result<History> {
+        let mismatch = |what: &str, was: String, now: String| {
+            Error::invalid(format!(
+                "cannot resume: the checkpoint was trained with {what} {was}, this run has {now}"
+            ))
+        };
+        if progress.seed != cfg.seed {
+            return Err(mismatch(
+                "seed",
+                progress.seed.to_string(),
+                cfg.seed.to_string(),
+            ));
+        }
+        if progress.batch_size != cfg.batch_size {
+            return Err(mismatch(
+                "batch size",
+                progress.batch_size.to_string(),
+                cfg.batch_size.to_string(),
+            ));
+        }
+        if progress.augment != cfg.augment.is_some() {
+            return Err(mismatch(
+                "augmentation",
+                progress.augment.to_string(),
+                cfg.augment.is_some().to_string(),
+            ));
+        }
+        let fingerprint = train.fingerprint();
+        if progress.dataset_fingerprint != fingerprint {
+            return Err(Error::invalid(format!(
+                "cannot resume: the checkpoint was trained on `{}` ({}), this is `{}` ({fingerprint})",
+                progress.dataset,
+                progress.dataset_fingerprint,
+                train.name()
+            )));
+        }
+        self.run(train, validation, cfg, Some(progress))
+    }
+
+    /// A checkpoint of the run at `(epoch, batch)`.
+    #[allow(clippy::too_many_arguments)]
+    fn checkpoint(
+        &self,
+        policy: &CheckpointPolicy,
+        train: &Dataset,
+        cfg: &FitConfig,
+        epoch: usize,
+        batch: usize,
+        tally: &Tally,
+        history: &History,
+    ) -> Result<PathBuf> {
+        let state = self.optimizer.state(&self.backend)?;
+        let progress = Progress {
+            epoch,
+            batch,
+            seed: cfg.seed,
+            batch_size: cfg.batch_size,
+            dataset: train.name().to_string(),
+            dataset_fingerprint: train.fingerprint(),
+            augment: cfg.augment.is_some(),
+            optimizer: state.kind,
+            optimizer_step: state.step,
+            lr: state.lr,
+            rng_positions: self.model.rng_positions(),
+            partial: (tally.loss, tally.correct, tally.seen),
+            history: history.epochs.clone(),
+        };
+        checkpoint::save(
+            &policy.dir,
+            &self.model,
+            self.optimizer.as_ref(),
+            &self.backend,
+            &progress,
+            policy.keep,
+        )
+    }
+
+    fn run(
+        &mut self,
+        train: &Dataset,
+        validation: Option<&Dataset>,
+        cfg: &FitConfig,
+        from: Option<&Progress>,
+    ) -> Result<History> {
         self.check_dataset(train)?;
         if let Some(v) = validation {
             self.check_dataset(v)?;
@@ -207,13 +334,25 @@ impl<B: Backend> Trainer<B> {
         if let Some(a) = cfg.augment {
             loader = loader.augment(a);
         }
-        let mut history = History::default();
-        for epoch in 1..=cfg.epochs {
+        let mut history = History {
+            epochs: from.map(|p| p.history.clone()).unwrap_or_default(),
+        };
+        let first = from.map_or(1, |p| p.epoch + 1);
+        for epoch in first..=cfg.epochs {
             let progress = EpochProgress::start(cfg.verbosity, epoch, cfg.epochs, loader.batches());
             let start = Instant::now();
             let mut tally = Tally::default();
+            // A checkpoint taken mid-epoch resumes after its last batch.
+            let skip = match from {
+                Some(p) if p.epoch + 1 == epoch => {
+                    (tally.loss, tally.correct, tally.seen) = p.partial;
+                    p.batch
+                }
+                _ => 0,
+            };
             self.model.set_training(true);
-            for batch in loader.epoch(epoch as u64 - 1) {
+            for (done, batch) in loader.epoch_from(epoch as u64 - 1, skip).enumerate() {
+                let done = skip + done + 1;
                 let n = batch.len;
                 let (x, y, labels) = self.upload(batch.images, batch.labels, n)?;
                 let out = self.outputs(&x)?;
@@ -236,6 +375,31 @@ impl<B: Backend> Trainer<B> {
                     tally.accuracy(),
                     tally.seen as f64 / start.elapsed().as_secs_f64(),
                 );
+                let stopping = cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+                if stopping {
+                    self.model.set_training(false);
+                    let what = match &cfg.checkpoint {
+                        Some(policy) => {
+                            let at = self.checkpoint(
+                                policy,
+                                train,
+                                cfg,
+                                epoch - 1,
+                                done,
+                                &tally,
+                                &history,
+                            )?;
+                            format!(
+                                "checkpoint written to {} (epoch {epoch}, batch {done} of {}); continue with --resume {}",
+                                at.display(),
+                                loader.batches(),
+                                policy.dir.display()
+                            )
+                        }
+                        None => "no checkpoint folder was set, nothing saved".to_string(),
+                    };
+                    return Err(Error::Interrupted(what));
+                }
             }
             self.model.set_training(false);
             self.backend.synchronize()?;
@@ -258,6 +422,11 @@ impl<B: Backend> Trainer<B> {
                 History::append_jsonl(p, &record)?;
             }
             history.epochs.push(record);
+            if let Some(policy) = cfg.checkpoint.as_ref().filter(|p| p.every > 0) {
+                if epoch % policy.every == 0 || epoch == cfg.epochs {
+                    self.checkpoint(policy, train, cfg, epoch, 0, &Tally::default(), &history)?;
+                }
+            }
         }
         Ok(history)
     }

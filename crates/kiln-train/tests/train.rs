@@ -268,3 +268,183 @@ fn cnn_training_with_augmentation_is_reproducible() {
     assert!(a == run(1, true), "1 and 2 threads differ");
     assert!(a != run(2, false), "augmentation changed nothing");
 }
+
+fn history_numbers(h: &kiln_train::History) -> Vec<(usize, u64, u64, Option<u64>)> {
+    h.epochs
+        .iter()
+        .map(|e| {
+            (
+                e.epoch,
+                e.loss.to_bits(),
+                e.accuracy.to_bits(),
+                e.val_loss.map(f64::to_bits),
+            )
+        })
+        .collect()
+}
+
+/// 4 epochs straight, against 2 epochs + a checkpoint + a resumed run to 4
+/// (a fresh trainer, model and optimiser rebuilt from the file), and against
+/// a run stopped after its first step and resumed: the same weights and the
+/// same history, bit for bit — with dropout and augmentation in play.
+#[test]
+fn resume_from_a_checkpoint_is_bit_identical() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let train = Dataset::load("mnist-sample", Split::Train, None)
+        .unwrap()
+        .take(700);
+    let test = Dataset::load("mnist-sample", Split::Test, None)
+        .unwrap()
+        .take(200);
+    let b = CpuBackend::with_kernels(kiln_cpu::KernelSet::best())
+        .unwrap()
+        .with_threads(2);
+    let mut spec = ModelSpec::cnn();
+    spec.layers
+        .insert(3, kiln_nn::LayerSpec::Dropout { rate: 0.3 });
+    let fresh = |model| {
+        Trainer::new(
+            model,
+            Box::new(Adam::new(1e-3).unwrap()),
+            Loss::CategoricalCrossEntropy,
+            b.clone(),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_for = |epochs, sub: &str| {
+        let mut c = cfg(epochs, 11);
+        c.augment = Some(kiln_data::Augment::keras_default(5));
+        c.checkpoint = Some(kiln_train::CheckpointPolicy {
+            dir: dir.path().join(sub),
+            every: 2,
+            keep: 1,
+        });
+        c
+    };
+
+    let mut straight = fresh(Sequential::from_spec(&spec, 11, &b).unwrap());
+    let full = straight.fit(&train, Some(&test), &cfg_for(4, "a")).unwrap();
+
+    let mut first = fresh(Sequential::from_spec(&spec, 11, &b).unwrap());
+    first.fit(&train, Some(&test), &cfg_for(2, "b")).unwrap();
+    drop(first);
+    let r = kiln_train::checkpoint::load(&dir.path().join("b"), &b).unwrap();
+    assert_eq!((r.progress.epoch, r.progress.batch), (2, 0));
+    let mut second = fresh(r.model);
+    second.load_optimizer_state(&r.optimizer).unwrap();
+    let resumed = second
+        .resume(&train, Some(&test), &cfg_for(4, "b"), &r.progress)
+        .unwrap();
+    assert!(
+        weights(&second) == weights(&straight),
+        "2 + 2 epochs differ from 4"
+    );
+    assert_eq!(history_numbers(&resumed), history_numbers(&full));
+
+    // Stopped after one step (the flag is already up), then resumed mid-epoch.
+    let mut c = cfg_for(4, "c");
+    c.stop = Some(Arc::new(AtomicBool::new(true)));
+    let mut stopped = fresh(Sequential::from_spec(&spec, 11, &b).unwrap());
+    let e = stopped.fit(&train, Some(&test), &c).unwrap_err();
+    assert!(
+        matches!(e, Error::Interrupted(_)) && e.to_string().contains("--resume"),
+        "{e}"
+    );
+    let r = kiln_train::checkpoint::load(&dir.path().join("c"), &b).unwrap();
+    assert_eq!((r.progress.epoch, r.progress.batch), (0, 1));
+    let mut again = fresh(r.model);
+    again.load_optimizer_state(&r.optimizer).unwrap();
+    let resumed = again
+        .resume(&train, Some(&test), &cfg_for(4, "c"), &r.progress)
+        .unwrap();
+    assert!(
+        weights(&again) == weights(&straight),
+        "a mid-epoch resume differs"
+    );
+    assert_eq!(history_numbers(&resumed), history_numbers(&full));
+
+    // A resumed run must keep the data and settings.
+    let mut other = cfg_for(4, "c");
+    other.seed = 12;
+    let r = kiln_train::checkpoint::load(&dir.path().join("c"), &b).unwrap();
+    let mut t = fresh(r.model);
+    let e = t
+        .resume(&train, None, &other, &r.progress)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("seed 11"), "{e}");
+    let e = t
+        .resume(&train.take(600), None, &cfg_for(4, "c"), &r.progress)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot resume") && e.contains("mnist-sample"),
+        "{e}"
+    );
+}
+
+#[test]
+fn broken_checkpoints_are_specific_errors() {
+    let b = CpuBackend::with_kernels(kiln_cpu::KernelSet::best()).unwrap();
+    let train = Dataset::load("mnist-sample", Split::Train, None)
+        .unwrap()
+        .take(300);
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = trainer_on(b.clone(), 1);
+    let mut c = cfg(1, 1);
+    c.checkpoint = Some(kiln_train::CheckpointPolicy {
+        dir: dir.path().to_path_buf(),
+        every: 1,
+        keep: 2,
+    });
+    t.fit(&train, None, &c).unwrap();
+    let path = kiln_train::checkpoint::list(dir.path())
+        .unwrap()
+        .pop()
+        .unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let err = |bytes: &[u8]| match kiln_train::checkpoint::from_bytes(bytes, &b) {
+        Ok(_) => panic!("accepted a broken checkpoint"),
+        Err(e) => e.to_string(),
+    };
+    let e = err(&good[..good.len() / 2]);
+    assert!(
+        e.contains("truncated"),
+        "truncated: {e}"
+    );
+    let mut flipped = good.clone();
+    flipped[10..40].copy_from_slice(&[b'#'; 30]);
+    let e = err(&flipped);
+    assert!(
+        e.contains("not a kiln model file") || e.contains("corrupt"),
+        "header: {e}"
+    );
+    // A model file is not a checkpoint.
+    let model_path = dir.path().join("model.safetensors");
+    model_file::save(&model_path, t.model(), &HashMap::new()).unwrap();
+    let e = err(&std::fs::read(&model_path).unwrap());
+    assert!(e.contains("not a checkpoint"), "model file: {e}");
+    // The CNN's optimiser state does not fit the MLP.
+    let r = kiln_train::checkpoint::load(&path, &b).unwrap();
+    let cnn = Sequential::from_spec(&ModelSpec::cnn(), 0, &b).unwrap();
+    let mut adam = Adam::<CpuBackend>::new(1e-3).unwrap();
+    let e = kiln_nn::Optimizer::load_state(&mut adam, &r.optimizer, &cnn.params())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("elements"), "wrong shapes: {e}");
+    let mut sgd = kiln_nn::Sgd::<CpuBackend>::new(0.1, 0.9).unwrap();
+    let e = kiln_nn::Optimizer::load_state(&mut sgd, &r.optimizer, &r.model.params())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("optimizer is adam"), "wrong optimiser: {e}");
+    // Only the newest `keep` checkpoints stay.
+    let mut c = cfg(3, 1);
+    c.checkpoint = Some(kiln_train::CheckpointPolicy {
+        dir: dir.path().to_path_buf(),
+        every: 1,
+        keep: 2,
+    });
+    trainer_on(b.clone(), 1).fit(&train, None, &c).unwrap();
+    assert_eq!(kiln_train::checkpoint::list(dir.path()).unwrap().len(), 2);
+}

@@ -208,3 +208,106 @@ fn train_the_cnn_from_its_spec_file_with_augmentation() {
     assert!(e.contains("bad.toml") && e.contains("Flatten"), "{e}");
     assert_eq!(e.trim().lines().count(), 1, "{e}");
 }
+
+/// Ctrl-C during `kiln train`: the step finishes, a checkpoint is written
+/// and named, the exit status is 130; `--resume` then completes the run to
+/// the same weights as one never interrupted.
+#[test]
+fn sigint_checkpoints_and_resume_finishes_the_run() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let args = |out: &std::path::Path| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            "cnn",
+            "--epochs",
+            "3",
+            "--limit",
+            "4000",
+            "--seed",
+            "5",
+            "--no-validation",
+            "--plain",
+            "--out",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([out.to_str().unwrap().to_string()])
+        .collect()
+    };
+    let straight = kiln(&args(&a).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(straight.status.success(), "{}", stderr(&straight));
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args(&b))
+        .env("KILN_THREADS", "2")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training runs (its first epoch line), then interrupt.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(
+        lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.starts_with("epoch 1/3")),
+        "no epoch line"
+    );
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("checkpoint written to") && err.contains("--resume"),
+        "{err}"
+    );
+
+    let resume = kiln(&[
+        "train",
+        "--resume",
+        b.join("checkpoints").to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--limit",
+        "4000",
+        "--seed",
+        "5",
+        "--no-validation",
+        "--plain",
+        "--out",
+        b.to_str().unwrap(),
+    ]);
+    assert!(resume.status.success(), "{}", stderr(&resume));
+    assert!(
+        stdout(&resume).contains("resuming from"),
+        "{}",
+        stdout(&resume)
+    );
+    let tensors = |p: &std::path::Path| {
+        let bytes = std::fs::read(p.join("model.safetensors")).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        bytes[8 + n..].to_vec()
+    };
+    assert!(
+        tensors(&a) == tensors(&b),
+        "the resumed run's weights differ"
+    );
+
+    // Resuming with another model is refused, naming both.
+    let o = kiln(&[
+        "train",
+        "--resume",
+        b.join("checkpoints").to_str().unwrap(),
+        "--model",
+        "mlp",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("holds model `cnn`"), "{}", stderr(&o));
+}

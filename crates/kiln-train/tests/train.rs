@@ -409,10 +409,7 @@ fn broken_checkpoints_are_specific_errors() {
         Err(e) => e.to_string(),
     };
     let e = err(&good[..good.len() / 2]);
-    assert!(
-        e.contains("truncated"),
-        "truncated: {e}"
-    );
+    assert!(e.contains("truncated"), "truncated: {e}");
     let mut flipped = good.clone();
     flipped[10..40].copy_from_slice(&[b'#'; 30]);
     let e = err(&flipped);

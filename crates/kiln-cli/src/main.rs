@@ -1,7 +1,7 @@
 //! `kiln`: train, evaluate and inspect models from the command line.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -132,6 +132,9 @@ struct EvalArgs {
     /// Worker threads.
     #[arg(long)]
     threads: Option<usize>,
+    /// Also write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -416,31 +419,26 @@ fn eval(a: EvalArgs) -> Result<()> {
         Split::Test
     };
     let ds = Dataset::load(&a.dataset, split, a.data.as_deref())?;
-    print_eval(&path, loaded.model, &ds, a.batch_size, backend)
-}
-
-fn print_eval<B: Backend>(
-    path: &Path,
-    model: Sequential<B>,
-    ds: &Dataset,
-    batch: usize,
-    backend: B,
-) -> Result<()> {
-    let name = model.name().to_string();
-    let opt: Box<dyn Optimizer<B>> = Box::new(Adam::new(1e-3)?);
-    let trainer = Trainer::new(model, opt, Loss::CategoricalCrossEntropy, backend);
+    let name = loaded.model.name().to_string();
+    let opt: Box<dyn Optimizer<CpuBackend>> = Box::new(Adam::new(1e-3)?);
+    let trainer = Trainer::new(loaded.model, opt, Loss::CategoricalCrossEntropy, backend);
     let start = std::time::Instant::now();
-    let r = trainer.evaluate(ds, batch)?;
+    let report = trainer.report(&ds, a.batch_size, &[1, 3, 5])?;
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "{} (model `{name}`) on {}: loss {:.4} accuracy {:.2}% ({} examples, {:.0} images/s)",
+        "{} (model `{name}`) on {}: loss {:.4} accuracy {:.2}% ({} examples, {:.0} images/s)\n",
         path.display(),
         ds.name(),
-        r.loss,
-        100.0 * r.accuracy,
-        r.examples,
-        r.examples as f64 / secs.max(1e-9)
+        report.loss,
+        100.0 * report.accuracy(),
+        report.examples,
+        report.examples as f64 / secs.max(1e-9)
     );
+    print!("{}", report.render());
+    if let Some(json) = &a.json {
+        model_file::write_atomic(json, report.to_json().as_bytes())?;
+        println!("\nwrote {}", json.display());
+    }
     Ok(())
 }
 

@@ -35,9 +35,19 @@ fn train_then_eval_on_the_bundled_sample() {
     assert_eq!(history.lines().count(), 1);
     assert!(history.contains("\"val_accuracy\""));
 
-    let o = kiln(&["eval", "--model", out]);
+    let json = dir.path().join("report.json");
+    let o = kiln(&["eval", "--model", out, "--json", json.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("accuracy"), "{}", stdout(&o));
+    let s = stdout(&o);
+    assert!(
+        s.contains("accuracy") && s.contains("macro avg") && s.contains("confusion matrix"),
+        "{s}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["examples"], 2000);
+    assert_eq!(report["confusion"].as_array().unwrap().len(), 10);
+    assert_eq!(report["per_class"].as_array().unwrap().len(), 10);
 }
 
 #[test]

@@ -213,6 +213,29 @@ impl Dataset {
         &self.labels
     }
 
+    /// The classes' names, in label order: Fashion-MNIST's article names,
+    /// else the label numbers (MNIST's digits).
+    pub fn class_names(&self) -> Vec<String> {
+        const FASHION: [&str; 10] = [
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ];
+        (0..self.classes())
+            .map(|c| match (self.name.as_str(), FASHION.get(c)) {
+                ("fashion-mnist", Some(n)) => n.to_string(),
+                _ => c.to_string(),
+            })
+            .collect()
+    }
+
     /// The first `n` examples (or all, if fewer).
     pub fn take(&self, n: usize) -> Self {
         let n = n.min(self.len());

@@ -7,10 +7,12 @@
 
 pub mod checkpoint;
 pub mod history;
+pub mod metrics;
 pub mod model_file;
 pub mod progress;
 pub mod trainer;
 
 pub use history::{EpochRecord, History};
+pub use metrics::{ClassificationReport, RegressionReport};
 pub use progress::Verbosity;
 pub use trainer::{CheckpointPolicy, Evaluation, FitConfig, Trainer};

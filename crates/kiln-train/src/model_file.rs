@@ -150,14 +150,14 @@ pub fn from_bytes_with_extra<B: Backend>(
     // The safetensors framing first, for errors that say what is wrong.
     let Some(head) = bytes.get(..8) else {
         return Err(Error::invalid(format!(
-            "truncated: {} bytes, not even a safetensors header length",
+            "not a kiln model file, or truncated: {} bytes, not even a safetensors header length",
             bytes.len()
         )));
     };
     let header_len = u64::from_le_bytes(head.try_into().expect("8 bytes"));
     if header_len > (bytes.len() - 8) as u64 {
         return Err(Error::invalid(format!(
-            "truncated, or not a safetensors file: the header claims {header_len} bytes, the file holds {}",
+            "not a kiln model file, or truncated: its header claims {header_len} bytes, the file holds {}",
             bytes.len()
         )));
     }

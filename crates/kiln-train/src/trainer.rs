@@ -11,7 +11,7 @@ use kiln_nn::{Loss, Optimizer, Sequential};
 
 use crate::checkpoint::{self, Progress};
 use crate::progress::EpochProgress;
-use crate::{EpochRecord, History, Verbosity};
+use crate::{ClassificationReport, EpochRecord, History, Verbosity};
 
 /// Settings of [`Trainer::fit`].
 #[derive(Clone, Debug)]
@@ -449,6 +449,30 @@ impl<B: Backend> Trainer<B> {
             accuracy: tally.accuracy(),
             examples: tally.seen,
         })
+    }
+
+    /// A classification report over `ds`: accuracy, top-`ks` accuracy,
+    /// per-class precision / recall / F1 and the confusion matrix, without
+    /// recording any graph.
+    pub fn report(
+        &self,
+        ds: &Dataset,
+        batch_size: usize,
+        ks: &[usize],
+    ) -> Result<ClassificationReport> {
+        self.check_dataset(ds)?;
+        let _g = kiln_core::NoGradGuard::new();
+        let mut report = ClassificationReport::new(ds.name(), ds.class_names(), ks);
+        let order: Vec<u32> = (0..ds.len() as u32).collect();
+        for chunk in order.chunks(batch_size.max(1)) {
+            let b = assemble(ds, chunk);
+            let (x, y, labels) = self.upload(b.images, b.labels, b.len)?;
+            let out = self.outputs(&x)?;
+            let loss = f64::from(self.loss.compute(&out, &y)?.to_scalar_f32()?);
+            report.add(&out.to_vec_f32()?, &labels, loss);
+        }
+        report.finish();
+        Ok(report)
     }
 
     /// Class probabilities `[n, classes]` for `n` examples of pixels in `[0, 1]`.

@@ -94,6 +94,10 @@ struct TrainArgs {
     /// One plain line per epoch instead of a progress bar.
     #[arg(long)]
     plain: bool,
+    /// `json`: each epoch's record as one JSON line on stdout (everything
+    /// else goes to stderr), for programs that follow a run.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
     /// Write a checkpoint every N epochs to OUT/checkpoints (Ctrl-C or
     /// SIGTERM always writes one).
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -268,6 +272,15 @@ fn train(a: TrainArgs) -> Result<()> {
 }
 
 fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
+    let json = a.log_format == "json";
+    // With JSON logs, stdout carries only the epoch records.
+    let say = |s: String| {
+        if json {
+            eprintln!("{s}");
+        } else {
+            println!("{s}");
+        }
+    };
     if a.epochs == 0 || a.batch_size == 0 {
         return Err(Error::invalid(
             "--epochs and --batch-size must be at least 1",
@@ -320,12 +333,12 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
             optimizer
                 .load_state(&r.optimizer, &r.model.params())
                 .map_err(|e| Error::invalid(format!("{}: {e}", r.path.display())))?;
-            println!(
+            say(format!(
                 "resuming from {} (epoch {}, batch {})",
                 r.path.display(),
                 r.progress.epoch + 1,
                 r.progress.batch
-            );
+            ));
             // The history file holds the whole run.
             for record in &r.progress.history {
                 kiln_train::History::append_jsonl(&history_path, record)?;
@@ -334,8 +347,8 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         }
         None => (Sequential::from_spec(&spec, a.seed, &backend)?, None),
     };
-    print!("{}", model.summary());
-    println!(
+    say(model.summary().trim_end().to_string());
+    say(format!(
         "training on {} ({} train, {} test) with {}, {}, batch {}, seed {}",
         a.dataset,
         train_set.len(),
@@ -344,14 +357,16 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         optimizer.describe(),
         a.batch_size,
         a.seed
-    );
+    ));
     let mut trainer = Trainer::new(model, optimizer, Loss::CategoricalCrossEntropy, backend);
     let cfg = FitConfig {
         epochs: a.epochs,
         batch_size: a.batch_size,
         seed: a.seed,
         shuffle: true,
-        verbosity: if a.plain {
+        verbosity: if json {
+            Verbosity::Json
+        } else if a.plain {
             Verbosity::Lines
         } else {
             Verbosity::Auto
@@ -374,14 +389,14 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     };
     let test = trainer.evaluate(&test_set, 1000)?;
     let total: f64 = history.epochs.iter().map(|e| e.seconds).sum();
-    println!(
+    say(format!(
         "test: loss {:.4} accuracy {:.2}% ({} examples); training {:.1}s ({:.2}s/epoch)",
         test.loss,
         100.0 * test.accuracy,
         test.examples,
         total,
         total / history.epochs.len() as f64
-    );
+    ));
     let meta = HashMap::from([
         ("kiln.dataset".to_string(), a.dataset.clone()),
         (
@@ -397,11 +412,11 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     ]);
     let model_path = out.join("model.safetensors");
     model_file::save(&model_path, trainer.model(), &meta)?;
-    println!(
+    say(format!(
         "saved {} and {}",
         model_path.display(),
         history_path.display()
-    );
+    ));
     Ok(())
 }
 

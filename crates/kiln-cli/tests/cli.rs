@@ -321,3 +321,38 @@ fn sigint_checkpoints_and_resume_finishes_the_run() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("holds model `cnn`"), "{}", stderr(&o));
 }
+
+#[test]
+fn json_logs_are_one_record_per_epoch_on_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = kiln(&[
+        "train",
+        "--epochs",
+        "2",
+        "--limit",
+        "1000",
+        "--log-format",
+        "json",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let records: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert_eq!(records.len(), 2);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["epoch"], i + 1);
+        assert!(r["images_per_sec"].as_f64().unwrap() > 0.0);
+        assert!(r["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+        assert!(
+            r.get("energy_joules").is_some(),
+            "energy is reported, or null"
+        );
+    }
+    assert!(
+        stderr(&o).contains("Total params"),
+        "the summary goes to stderr"
+    );
+}

@@ -27,6 +27,14 @@ pub struct EpochRecord {
     pub seconds: f64,
     /// Training examples per second.
     pub images_per_sec: f64,
+    /// The process's peak resident memory at the epoch's end, in bytes
+    /// (`null` where the platform does not report it).
+    #[serde(default)]
+    pub peak_rss_bytes: Option<u64>,
+    /// Energy the CPU packages used during the training pass, in joules
+    /// (`null` where the machine exposes no RAPL counters).
+    #[serde(default)]
+    pub energy_joules: Option<f64>,
 }
 
 /// Every epoch of a run.

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod history;
 pub mod metrics;
 pub mod model_file;
+pub mod observe;
 pub mod progress;
 pub mod trainer;
 

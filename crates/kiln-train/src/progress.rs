@@ -17,12 +17,15 @@ pub enum Verbosity {
     Auto,
     /// A line per epoch, even on a terminal.
     Lines,
+    /// One JSON object (the epoch's record) per line.
+    Json,
 }
 
 /// The progress display of one epoch.
 pub(crate) struct EpochProgress {
     bar: Option<ProgressBar>,
     lines: bool,
+    json: bool,
     prefix: String,
 }
 
@@ -51,17 +54,26 @@ impl EpochProgress {
                 EpochProgress {
                     bar: Some(bar),
                     lines: false,
+                    json: false,
                     prefix,
                 }
             }
             Verbosity::Silent => EpochProgress {
                 bar: None,
                 lines: false,
+                json: false,
+                prefix,
+            },
+            Verbosity::Json => EpochProgress {
+                bar: None,
+                lines: false,
+                json: true,
                 prefix,
             },
             _ => EpochProgress {
                 bar: None,
                 lines: true,
+                json: false,
                 prefix,
             },
         }
@@ -82,6 +94,20 @@ impl EpochProgress {
             line += &format!(" val_loss {vl:.4} val_acc {va:.4}");
         }
         line += &format!(" {:.2}s {:.0} img/s", r.seconds, r.images_per_sec);
+        if let Some(rss) = r.peak_rss_bytes {
+            line += &format!(" {:.0} MiB peak", rss as f64 / (1 << 20) as f64);
+        }
+        line += &match r.energy_joules {
+            Some(j) => format!(" {j:.1} J"),
+            None => " energy n/a".to_string(),
+        };
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string(r).expect("a record always serialises")
+            );
+            return;
+        }
         if let Some(bar) = self.bar {
             bar.finish_and_clear();
             println!("{line}");

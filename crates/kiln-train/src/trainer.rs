@@ -338,9 +338,11 @@ impl<B: Backend> Trainer<B> {
             epochs: from.map(|p| p.history.clone()).unwrap_or_default(),
         };
         let first = from.map_or(1, |p| p.epoch + 1);
+        let meter = crate::observe::EnergyMeter::new();
         for epoch in first..=cfg.epochs {
             let progress = EpochProgress::start(cfg.verbosity, epoch, cfg.epochs, loader.batches());
             let start = Instant::now();
+            let energy_start = meter.as_ref().and_then(|m| m.read());
             let mut tally = Tally::default();
             // A checkpoint taken mid-epoch resumes after its last batch.
             let skip = match from {
@@ -404,6 +406,10 @@ impl<B: Backend> Trainer<B> {
             self.model.set_training(false);
             self.backend.synchronize()?;
             let seconds = start.elapsed().as_secs_f64();
+            let energy_joules = meter
+                .as_ref()
+                .zip(energy_start)
+                .and_then(|(m, from)| m.read().map(|to| m.joules(&from, &to)));
             let val = validation
                 .map(|v| self.evaluate(v, cfg.batch_size.max(256)))
                 .transpose()?;
@@ -416,6 +422,8 @@ impl<B: Backend> Trainer<B> {
                 lr: f64::from(self.optimizer.lr()),
                 seconds,
                 images_per_sec: tally.seen as f64 / seconds.max(1e-9),
+                peak_rss_bytes: crate::observe::peak_rss_bytes(),
+                energy_joules,
             };
             progress.finish(&record);
             if let Some(p) = &cfg.history_path {

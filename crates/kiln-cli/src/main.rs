@@ -11,6 +11,8 @@ use kiln_core::{Backend, Error, Result};
 use kiln_cpu::{features, CpuBackend, KernelSet};
 use kiln_data::{Dataset, Split};
 use kiln_nn::{Adam, Loss, ModelSpec, Optimizer, Sequential, Sgd};
+mod predict;
+
 use kiln_train::{checkpoint, model_file, CheckpointPolicy, FitConfig, Trainer, Verbosity};
 
 #[derive(Parser)]
@@ -34,6 +36,8 @@ enum Command {
     Eval(EvalArgs),
     /// Run the conformance suite on a backend and print the per-op report.
     Conformance(ConformanceArgs),
+    /// Classify images (PNG or IDX files) with a trained model.
+    Predict(predict::PredictArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -173,6 +177,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train(a),
         Command::Eval(a) => eval(a),
         Command::Conformance(a) => conformance(a),
+        Command::Predict(a) => cpu_backend(&a.backend, None).and_then(|b| predict::predict(a, b)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

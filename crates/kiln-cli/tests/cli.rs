@@ -356,3 +356,102 @@ fn json_logs_are_one_record_per_epoch_on_stdout() {
         "the summary goes to stderr"
     );
 }
+
+/// Writes a gray PNG of `w × h` from `pixels` (row-major bytes).
+fn write_png(path: &std::path::Path, w: u32, h: u32, pixels: &[u8]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+    enc.set_color(png::ColorType::Grayscale);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header()
+        .unwrap()
+        .write_image_data(pixels)
+        .unwrap();
+}
+
+#[test]
+fn predict_classifies_png_and_idx_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = kiln(&[
+        "train",
+        "--epochs",
+        "3",
+        "--limit",
+        "3000",
+        "--out",
+        out.to_str().unwrap(),
+        "--plain",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The first test digit of the bundled sample, as a PNG and as IDX.
+    let test = kiln_data::Dataset::load("mnist-sample", kiln_data::Split::Test, None).unwrap();
+    let image = test.image(0).to_vec();
+    let png28 = dir.path().join("digit.png");
+    write_png(&png28, 28, 28, &image);
+    // The same digit at 56×56 (each pixel doubled): resized, with a warning.
+    let big: Vec<u8> = (0..56 * 56)
+        .map(|i| image[(i / 56 / 2) * 28 + (i % 56) / 2])
+        .collect();
+    let png56 = dir.path().join("big.png");
+    write_png(&png56, 56, 56, &big);
+    let idx = dir.path().join("images.idx");
+    let mut raw = vec![0, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 28, 0, 0, 0, 28];
+    raw.extend_from_slice(&image);
+    std::fs::write(&idx, raw).unwrap();
+
+    let o = kiln(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--json",
+        "--input",
+        png28.to_str().unwrap(),
+        png56.to_str().unwrap(),
+        idx.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resized to 28×28"), "{}", stderr(&o));
+    let preds: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let preds = preds.as_array().unwrap();
+    assert_eq!(preds.len(), 3);
+    for p in preds {
+        assert_eq!(p["probabilities"].as_array().unwrap().len(), 10, "{p}");
+        let sum: f64 = p["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        assert!((sum - 1.0).abs() < 1e-4, "{sum}");
+    }
+    // One image three ways — PNG, a 2× PNG resized back (each output pixel
+    // falls between two equal ones) and IDX: the same probabilities.
+    assert_eq!(preds[0]["probabilities"], preds[1]["probabilities"]);
+    assert_eq!(preds[0]["probabilities"], preds[2]["probabilities"]);
+
+    // A table by default; a broken PNG is one clear error.
+    let o = kiln(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--input",
+        png28.to_str().unwrap(),
+    ]);
+    assert!(
+        stdout(&o).contains("prediction") && stdout(&o).contains('%'),
+        "{}",
+        stdout(&o)
+    );
+    let bad = dir.path().join("bad.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let o = kiln(&[
+        "predict",
+        "--model",
+        out.to_str().unwrap(),
+        "--input",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not a readable PNG"), "{}", stderr(&o));
+}

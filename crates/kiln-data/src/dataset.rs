@@ -213,27 +213,9 @@ impl Dataset {
         &self.labels
     }
 
-    /// The classes' names, in label order: Fashion-MNIST's article names,
-    /// else the label numbers (MNIST's digits).
+    /// The classes' names, in label order (see [`class_names`]).
     pub fn class_names(&self) -> Vec<String> {
-        const FASHION: [&str; 10] = [
-            "T-shirt/top",
-            "Trouser",
-            "Pullover",
-            "Dress",
-            "Coat",
-            "Sandal",
-            "Shirt",
-            "Sneaker",
-            "Bag",
-            "Ankle boot",
-        ];
-        (0..self.classes())
-            .map(|c| match (self.name.as_str(), FASHION.get(c)) {
-                ("fashion-mnist", Some(n)) => n.to_string(),
-                _ => c.to_string(),
-            })
-            .collect()
+        class_names(&self.name, self.classes())
     }
 
     /// The first `n` examples (or all, if fewer).
@@ -288,4 +270,27 @@ fn find_file(dir: &Path, stem: &str) -> Result<PathBuf> {
         "{}: no {stem}[.gz] there",
         dir.display()
     )))
+}
+
+/// The names of `classes` classes of the dataset `name`: Fashion-MNIST's
+/// article names, else the label numbers (MNIST's digits).
+pub fn class_names(name: &str, classes: usize) -> Vec<String> {
+    const FASHION: [&str; 10] = [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ];
+    (0..classes)
+        .map(|c| match (name, FASHION.get(c)) {
+            ("fashion-mnist", Some(n)) => n.to_string(),
+            _ => c.to_string(),
+        })
+        .collect()
 }

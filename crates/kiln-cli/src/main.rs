@@ -12,6 +12,7 @@ use kiln_cpu::{features, CpuBackend, KernelSet};
 use kiln_data::{Dataset, Split};
 use kiln_nn::{Adam, Loss, ModelSpec, Optimizer, Sequential, Sgd};
 mod predict;
+mod serve;
 
 use kiln_train::{checkpoint, model_file, CheckpointPolicy, FitConfig, Trainer, Verbosity};
 
@@ -38,6 +39,8 @@ enum Command {
     Conformance(ConformanceArgs),
     /// Classify images (PNG or IDX files) with a trained model.
     Predict(predict::PredictArgs),
+    /// Serve a trained model over HTTP (POST /v1/predict, GET /healthz, GET /metrics).
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -178,6 +181,8 @@ fn main() -> ExitCode {
         Command::Eval(a) => eval(a),
         Command::Conformance(a) => conformance(a),
         Command::Predict(a) => cpu_backend(&a.backend, None).and_then(|b| predict::predict(a, b)),
+        Command::Serve(a) => cpu_backend(&a.backend, None)
+            .and_then(|b| stop_on_signals().and_then(|stop| serve::serve(a, b, stop))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

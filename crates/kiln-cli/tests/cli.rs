@@ -455,3 +455,118 @@ fn predict_classifies_png_and_idx_images() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("not a readable PNG"), "{}", stderr(&o));
 }
+
+/// One HTTP/1.1 request over a fresh connection: (status, body).
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (code, body)
+}
+
+#[test]
+fn serve_answers_concurrent_requests_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = kiln(&[
+        "train",
+        "--epochs",
+        "1",
+        "--limit",
+        "1000",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "serve",
+            "--model",
+            out.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+            "--max-body",
+            "100000",
+        ])
+        .env("KILN_THREADS", "2")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let port: u16 = first
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {first:?}"));
+
+    let (code, body) = http(port, "GET", "/healthz", "");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"ok\""), "{body}");
+
+    // Eight clients, five requests each, two images per request.
+    let image: Vec<String> = (0..784)
+        .map(|i| format!("{}", (i % 7) as f32 / 7.0))
+        .collect();
+    let body = format!("{{\"images\": [[{0}], [{0}]]}}", image.join(","));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                (0..5)
+                    .map(|_| http(port, "POST", "/v1/predict", &body))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for c in clients {
+        for (code, body) in c.join().unwrap() {
+            assert_eq!(code, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["predictions"].as_array().unwrap().len(), 2, "{body}");
+        }
+    }
+
+    // Bad requests: a JSON error and a 4xx each.
+    let (code, body) = http(port, "POST", "/v1/predict", "{not json");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("\"error\""), "{body}");
+    let (code, body) = http(port, "POST", "/v1/predict", "{\"image\": [1, 2, 3]}");
+    assert_eq!((code, body.contains("784")), (400, true), "{body}");
+    let (code, _) = http(port, "POST", "/v1/predict", &" ".repeat(100_001));
+    assert_eq!(code, 413);
+    assert_eq!(http(port, "GET", "/v1/predict", "").0, 405);
+    assert_eq!(http(port, "GET", "/nope", "").0, 404);
+
+    let (code, metrics) = http(port, "GET", "/metrics", "");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("kiln_requests_total{code=\"200\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("kiln_images_total 80"), "{metrics}");
+
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve exited with {status}");
+    assert!(lines.any(|l| l.is_ok_and(|l| l == "stopped")));
+}

@@ -17,12 +17,16 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 step() { printf '\n== %s\n' "$*"; }
 
 # --- system packages --------------------------------------------------------
-# Fashion-MNIST from Debian (installs to /usr/share/datasets/fashion-mnist).
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  step "installing dataset-fashion-mnist"
+# Fashion-MNIST from Debian (installs to /usr/share/datasets/fashion-mnist),
+# and the TrueType font the plots' text is laid out with.
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
+   || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  step "installing dataset-fashion-mnist and fonts-dejavu-core"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    dataset-fashion-mnist fonts-dejavu-core
 fi
+export KILN_REQUIRE_PLOTS=1
 
 # --- Rust components --------------------------------------------------------
 if [ "$quick" = 0 ]; then

@@ -41,6 +41,17 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Serve a trained model over HTTP (POST /v1/predict, GET /healthz, GET /metrics).
     Serve(serve::ServeArgs),
+    /// Plot a run's training curves (loss and accuracy) from its history.jsonl.
+    Plot(PlotArgs),
+}
+
+#[derive(clap::Args)]
+struct PlotArgs {
+    /// The history written by `kiln train` (history.jsonl), or its folder.
+    history: PathBuf,
+    /// Where to write curves.svg and curves.png [default: beside the history].
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -181,6 +192,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => eval(a),
         Command::Conformance(a) => conformance(a),
         Command::Predict(a) => cpu_backend(&a.backend, None).and_then(|b| predict::predict(a, b)),
+        Command::Plot(a) => plot(a),
         Command::Serve(a) => cpu_backend(&a.backend, None)
             .and_then(|b| stop_on_signals().and_then(|stop| serve::serve(a, b, stop))),
     };
@@ -427,6 +439,46 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         model_path.display(),
         history_path.display()
     ));
+    // Plots beside the history: the curves, and the test confusion matrix.
+    let report = trainer.report(&test_set, 1000, &[1])?;
+    for w in [
+        kiln_train::plots::training_curves(&history.epochs, &out.join("curves"))?,
+        kiln_train::plots::confusion_matrix(&report, &out.join("confusion"))?,
+    ] {
+        let files: Vec<String> = w.files.iter().map(|f| f.display().to_string()).collect();
+        say(format!("plots: {}", files.join(", ")));
+        if let Some(why) = w.skipped {
+            eprintln!("note: {why}");
+        }
+    }
+    Ok(())
+}
+
+/// Prints what a plot call wrote (and why a PNG was skipped).
+fn report_plots(w: &kiln_train::plots::Written) {
+    for f in &w.files {
+        println!("wrote {}", f.display());
+    }
+    if let Some(why) = &w.skipped {
+        eprintln!("note: {why}");
+    }
+}
+
+fn plot(a: PlotArgs) -> Result<()> {
+    let path = if a.history.is_dir() {
+        a.history.join("history.jsonl")
+    } else {
+        a.history.clone()
+    };
+    let history = kiln_train::History::read_jsonl(&path)?;
+    let dir = a
+        .out
+        .or_else(|| path.parent().map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let w = kiln_train::plots::training_curves(&history.epochs, &dir.join("curves"))?;
+    report_plots(&w);
     Ok(())
 }
 
@@ -460,6 +512,13 @@ fn eval(a: EvalArgs) -> Result<()> {
         report.examples as f64 / secs.max(1e-9)
     );
     print!("{}", report.render());
+    let dir = path
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let stem = dir.join(format!("confusion-{}", ds.name()));
+    println!();
+    report_plots(&kiln_train::plots::confusion_matrix(&report, &stem)?);
     if let Some(json) = &a.json {
         model_file::write_atomic(json, report.to_json().as_bytes())?;
         println!("\nwrote {}", json.display());

@@ -34,6 +34,31 @@ fn train_then_eval_on_the_bundled_sample() {
     let history = std::fs::read_to_string(dir.path().join("history.jsonl")).unwrap();
     assert_eq!(history.lines().count(), 1);
     assert!(history.contains("\"val_accuracy\""));
+    // Plots beside the history (ci/test.sh installs their font and asks
+    // for them; elsewhere a missing font only skips them, with a note).
+    let fonts = std::env::var_os("KILN_REQUIRE_PLOTS").is_some()
+        || kiln_train::plots::FONT_PATHS
+            .iter()
+            .any(|p| std::path::Path::new(p).exists());
+    if fonts {
+        for f in ["curves.svg", "curves.png", "confusion.svg", "confusion.png"] {
+            let bytes = std::fs::read(dir.path().join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert!(bytes.len() > 1000, "{f} is {} bytes", bytes.len());
+        }
+        let png = std::fs::read(dir.path().join("curves.png")).unwrap();
+        assert!(png.starts_with(b"\x89PNG"));
+        let o = kiln(&[
+            "plot",
+            dir.path().join("history.jsonl").to_str().unwrap(),
+            "--out",
+            &format!("{out}/again"),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let svg = std::fs::read_to_string(dir.path().join("again/curves.svg")).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("validation"), "{svg}");
+    } else {
+        assert!(stderr(&o).contains("fonts-dejavu-core"), "{}", stderr(&o));
+    }
 
     let json = dir.path().join("report.json");
     let o = kiln(&["eval", "--model", out, "--json", json.to_str().unwrap()]);

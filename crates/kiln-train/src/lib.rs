@@ -10,6 +10,7 @@ pub mod history;
 pub mod metrics;
 pub mod model_file;
 pub mod observe;
+pub mod plots;
 pub mod progress;
 pub mod trainer;
 

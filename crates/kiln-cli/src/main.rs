@@ -133,7 +133,8 @@ struct TrainArgs {
 
 #[derive(clap::Args)]
 struct EvalArgs {
-    /// The model file written by `kiln train` (model.safetensors), or its folder.
+    /// The model file written by `kiln train` (model.safetensors), or its
+    /// folder, or a checkpoint.
     #[arg(long)]
     model: PathBuf,
     /// Dataset: mnist-sample (bundled), mnist or fashion-mnist.
@@ -489,7 +490,11 @@ fn eval(a: EvalArgs) -> Result<()> {
     } else {
         a.model.clone()
     };
-    let loaded = model_file::load(&path, &backend)?;
+    // Model files and checkpoints alike (a checkpoint's optimiser state is ignored).
+    let bytes = std::fs::read(&path)
+        .map_err(|e| Error::io(format!("reading model file {}", path.display()), e))?;
+    let loaded = model_file::from_bytes_with_extra(&bytes, &backend, "optimizer.")
+        .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
     let split = if a.split == "train" {
         Split::Train
     } else {

@@ -335,6 +335,16 @@ fn sigint_checkpoints_and_resume_finishes_the_run() {
         "the resumed run's weights differ"
     );
 
+    // `kiln eval` reads a checkpoint as well as a model file.
+    let ckpt = std::fs::read_dir(b.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .unwrap();
+    let o = kiln(&["eval", "--model", ckpt.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("macro avg"), "{}", stdout(&o));
+
     // Resuming with another model is refused, naming both.
     let o = kiln(&[
         "train",

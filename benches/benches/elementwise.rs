@@ -1,9 +1,10 @@
 //! Criterion benchmarks of the non-GEMM kernels per kernel set, one thread:
 //! unary maps, a binary op (same shape and a broadcast row), a column sum
-//! (bias gradients) and the fused softmax cross-entropy, on 1M floats.
+//! (bias gradients), the fused softmax cross-entropy and the f16/bf16
+//! conversions, on 1M floats.
 
 use criterion::{criterion_main, Criterion, Throughput};
-use kiln_core::{Backend, BinaryOp, HostData, Layout, ReduceOp, Shape, UnaryOp, View};
+use kiln_core::{Backend, BinaryOp, DType, HostData, Layout, ReduceOp, Shape, UnaryOp, View};
 use kiln_cpu::{CpuBackend, KernelSet};
 
 const ROWS: usize = 1024;
@@ -101,10 +102,34 @@ fn others(c: &mut Criterion) {
     }
 }
 
+fn casts(c: &mut Criterion) {
+    let n = ROWS * COLS;
+    let layout = Layout::contiguous(Shape::new(&[n]).expect("1M elements"));
+    for (set, b) in backends() {
+        let x = b.upload(&values(n)).expect("upload");
+        let half = b.cast(View::new(&x, &layout), DType::F16).expect("cast");
+        let brain = b.cast(View::new(&x, &layout), DType::BF16).expect("cast");
+        let mut group = c.benchmark_group(format!("cast/{}", set.name()));
+        group.sample_size(20);
+        group.throughput(Throughput::Elements(n as u64));
+        for (name, src, to) in [
+            ("f32_to_f16", &x, DType::F16),
+            ("f16_to_f32", &half, DType::F32),
+            ("f32_to_bf16", &x, DType::BF16),
+            ("bf16_to_f32", &brain, DType::F32),
+        ] {
+            group.bench_function(name, |bench| {
+                bench.iter(|| b.cast(View::new(src, &layout), to).expect("cast"))
+            });
+        }
+        group.finish();
+    }
+}
+
 // criterion_group! generates an undocumented function.
 #[allow(missing_docs)]
 mod group {
     use super::*;
-    criterion::criterion_group!(benches, unary, others);
+    criterion::criterion_group!(benches, unary, others, casts);
 }
 criterion_main!(group::benches);

@@ -156,6 +156,11 @@ impl Backend for CpuBackend {
     }
 
     fn cast(&self, src: View<'_, HostData>, dtype: DType) -> Result<HostData> {
+        if let Some(set) = self.simd() {
+            if let Some(out) = vector::ops::cast(set, src, dtype) {
+                return Ok(out);
+            }
+        }
         storage::cast(src, dtype)
     }
 

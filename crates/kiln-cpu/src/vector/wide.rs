@@ -7,7 +7,7 @@
 //! reference's. On aarch64 NEON is part of the baseline ISA: the plain loop
 //! already is NEON code.
 
-use kiln_core::{AdamStep, HostData, Result, SgdStep};
+use kiln_core::{bf16, AdamStep, HostData, Result, SgdStep};
 
 use crate::KernelSet;
 
@@ -282,4 +282,14 @@ per_set! {
         v: &mut HostData,
         step: &AdamStep
     ) -> Result<()> = crate::reference::optim::adam;
+}
+
+per_set! {
+    /// f32 → bf16 ([`super::convert::to_bf16_loop`]) compiled for the set.
+    fn to_bf16(x: &[f32]) -> Vec<bf16> = super::convert::to_bf16_loop;
+}
+
+per_set! {
+    /// bf16 → f32 ([`super::convert::from_bf16_loop`]) compiled for the set.
+    fn from_bf16(x: &[bf16]) -> Vec<f32> = super::convert::from_bf16_loop;
 }

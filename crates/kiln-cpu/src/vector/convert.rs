@@ -1,0 +1,165 @@
+//! Vectorised conversions between f32 and the 16-bit floats, bitwise equal
+//! to the scalar ones (`half`'s, which the conformance suite checks
+//! against the correctly rounded f64 result):
+//!
+//! - f32 → f16 and f16 → f32 with F16C (`vcvtps2ph` rounding to nearest
+//!   even, `vcvtph2ps` exact) on x86 processors that have it, eight lanes
+//!   at a time;
+//! - f32 → bf16 (round to nearest even on the bit pattern, NaN kept quiet)
+//!   and bf16 → f32 (a shift), as branch-free loops compiled per kernel set.
+
+use kiln_core::{bf16, f16};
+
+use super::wide;
+use crate::KernelSet;
+
+/// The f32 → bf16 loop (see the module doc).
+#[inline(always)]
+pub(crate) fn to_bf16_loop(x: &[f32]) -> Vec<bf16> {
+    x.iter()
+        .map(|&v| {
+            let b = v.to_bits();
+            let rounded = if v.is_nan() {
+                // Keep NaN a NaN: truncate and set the quiet bit.
+                (b >> 16) | 0x0040
+            } else {
+                (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            };
+            bf16::from_bits(rounded as u16)
+        })
+        .collect()
+}
+
+/// The bf16 → f32 loop.
+#[inline(always)]
+pub(crate) fn from_bf16_loop(x: &[bf16]) -> Vec<f32> {
+    x.iter()
+        .map(|v| f32::from_bits(u32::from(v.to_bits()) << 16))
+        .collect()
+}
+
+/// f32 → bf16, round to nearest even.
+pub(crate) fn to_bf16(set: KernelSet, x: &[f32]) -> Vec<bf16> {
+    wide::to_bf16(set, x)
+}
+
+/// bf16 → f32, exact.
+pub(crate) fn from_bf16(set: KernelSet, x: &[bf16]) -> Vec<f32> {
+    wide::from_bf16(set, x)
+}
+
+/// f32 → f16 with F16C, if this is an x86 processor that has it.
+pub(crate) fn to_f16(x: &[f32]) -> Option<Vec<f16>> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") {
+        let mut out = vec![f16::ZERO; x.len()];
+        // SAFETY: F16C was just detected.
+        unsafe { f16c::to_f16(x, &mut out) };
+        return Some(out);
+    }
+    let _ = x;
+    None
+}
+
+/// f16 → f32 with F16C, if this is an x86 processor that has it.
+pub(crate) fn from_f16(x: &[f16]) -> Option<Vec<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") {
+        let mut out = vec![0f32; x.len()];
+        // SAFETY: F16C was just detected.
+        unsafe { f16c::from_f16(x, &mut out) };
+        return Some(out);
+    }
+    let _ = x;
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+mod f16c {
+    use std::arch::x86_64::*;
+
+    use kiln_core::f16;
+
+    /// # Safety
+    /// The processor supports F16C and AVX; `out` is as long as `x`.
+    #[target_feature(enable = "f16c,avx")]
+    pub(super) unsafe fn to_f16(x: &[f32], out: &mut [f16]) {
+        let n = x.len().min(out.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 ≤ n elements of both slices; f16 is a u16.
+            unsafe {
+                let v = _mm256_loadu_ps(x.as_ptr().add(i));
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut __m128i, h);
+            }
+            i += 8;
+        }
+        for (o, &v) in out[i..n].iter_mut().zip(&x[i..n]) {
+            *o = f16::from_f32(v);
+        }
+    }
+
+    /// # Safety
+    /// The processor supports F16C and AVX; `out` is as long as `x`.
+    #[target_feature(enable = "f16c,avx")]
+    pub(super) unsafe fn from_f16(x: &[f16], out: &mut [f32]) {
+        let n = x.len().min(out.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 ≤ n elements of both slices; f16 is a u16.
+            unsafe {
+                let h = _mm_loadu_si128(x.as_ptr().add(i) as *const __m128i);
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        for (o, v) in out[i..n].iter_mut().zip(&x[i..n]) {
+            *o = v.to_f32();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every 61st f32 bit pattern (≈ 70 M: all exponents, ±0, subnormals,
+    /// ±∞, NaNs) converts to the scalar result, bitwise.
+    #[test]
+    fn conversions_match_the_scalar_ones_bitwise() {
+        let xs: Vec<f32> = (0..u32::MAX).step_by(61).map(f32::from_bits).collect();
+        let set = KernelSet::best();
+        let b = to_bf16(set, &xs);
+        for (&x, &y) in xs.iter().zip(&b) {
+            let want = bf16::from_f32(x);
+            assert!(
+                y.to_bits() == want.to_bits() || (x.is_nan() && y.is_nan()),
+                "bf16({x:e}): {:#06x} vs {:#06x}",
+                y.to_bits(),
+                want.to_bits()
+            );
+        }
+        let back = from_bf16(set, &b);
+        assert!(back
+            .iter()
+            .zip(&b)
+            .all(|(f, h)| f.to_bits() == h.to_f32().to_bits()));
+        if let Some(h) = to_f16(&xs) {
+            for (&x, &y) in xs.iter().zip(&h) {
+                let want = f16::from_f32(x);
+                assert!(
+                    y.to_bits() == want.to_bits() || (x.is_nan() && y.is_nan()),
+                    "f16({x:e}): {:#06x} vs {:#06x}",
+                    y.to_bits(),
+                    want.to_bits()
+                );
+            }
+            let back = from_f16(&h).unwrap();
+            assert!(back
+                .iter()
+                .zip(&h)
+                .all(|(f, v)| f.to_bits() == v.to_f32().to_bits() || f.is_nan()));
+        }
+    }
+}

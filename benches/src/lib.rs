@@ -65,6 +65,13 @@ impl KilnGemm {
         })
     }
 
+    /// The same operands in `dtype` (f32, f16 or bf16; rounded once).
+    pub fn with_dtype(mut self, dtype: kiln_core::DType) -> kiln_core::Result<Self> {
+        self.a = self.backend.cast(View::new(&self.a, &self.la), dtype)?;
+        self.b = self.backend.cast(View::new(&self.b, &self.lb), dtype)?;
+        Ok(self)
+    }
+
     /// One product (the result is discarded).
     pub fn run(&self) {
         let out = self.backend.gemm(

@@ -4,7 +4,9 @@
 //! u = 2⁻²⁴, whatever the storage type), carried through the epilogue: α
 //! scales it, each of the three epilogue additions adds a rounding, and the
 //! activation multiplies it by its Lipschitz constant and adds its own few
-//! ulps.
+//! ulps. For bf16, whose fast CPU and GPU paths (AVX-512 BF16's
+//! `vdpbf16ps`, tensor cores) flush subnormal intermediate sums, each of
+//! the k steps may also lose up to 2⁻¹²⁶.
 
 use kiln_core::{Activation, Backend, DType, GemmEpilogue, View};
 use proptest::prelude::*;
@@ -126,8 +128,13 @@ pub(crate) fn gemm<B: Backend>(backend: &B, dtype: DType, cfg: &Config, epilogue
                         mass += prod.abs();
                     }
                     let mut pre = c.alpha * dot;
+                    let flush = if dtype == DType::BF16 {
+                        k as f64 * 2f64.powi(-126)
+                    } else {
+                        0.0
+                    };
                     let mut err = c.alpha.abs()
-                        * ((gamma(k, U) + k as f64 * U64) * mass + k as f64 * ETA_F32);
+                        * ((gamma(k, U) + k as f64 * U64) * mass + k as f64 * ETA_F32 + flush);
                     let mut terms = (c.alpha * dot).abs();
                     if let Some((beta, c0)) = &c0v {
                         let t = beta * c0[(p * m + i) * n + j];

@@ -20,6 +20,8 @@ mod pack;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod bf16;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -250,6 +252,17 @@ pub(crate) fn gemm(
 ) -> Result<HostData> {
     let prob = Problem::new(a, b, ep)?;
     let (batch, m, k, n) = (prob.batch, prob.m, prob.k, prob.n);
+    // bf16 on AVX-512 BF16: pairs of products per instruction, f32 sums.
+    #[cfg(target_arch = "x86_64")]
+    if set == KernelSet::Avx512 && prob.dtype == kiln_core::DType::BF16 && bf16::available() {
+        let mut out = vec![0f32; batch * m * n];
+        if m == 0 || n == 0 || k == 0 {
+            return prob.finish(out, ep.alpha, ep.activation);
+        }
+        if bf16::gemm(a, b, (batch, m, k, n), &mut out, pool).is_some() {
+            return prob.finish(out, ep.alpha, ep.activation);
+        }
+    }
     // f32 operands are packed straight from their strided storage; f16 and
     // bf16 are widened to f32 first (exact).
     let (a32, b32) = (Matrix::batched(a)?, Matrix::batched(b)?);

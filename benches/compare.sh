@@ -56,6 +56,9 @@ PY
 done
 
 if [ "$write" = 1 ]; then
+  # Sections after the marker line are measured by other benches; keep them.
+  marker='<!-- below: kept by compare.sh -->'
+  kept="$(sed -n "/^$marker\$/,\$p" benches/RESULTS.md 2>/dev/null || true)"
   {
     echo "# Benchmark results"
     echo
@@ -68,6 +71,10 @@ if [ "$write" = 1 ]; then
       echo
       cat "$out/table-$t.md"
     done
+    if [ -n "$kept" ]; then
+      echo
+      echo "$kept"
+    fi
   } > benches/RESULTS.md
   echo "wrote benches/RESULTS.md"
 fi

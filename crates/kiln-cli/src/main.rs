@@ -485,16 +485,8 @@ fn plot(a: PlotArgs) -> Result<()> {
 
 fn eval(a: EvalArgs) -> Result<()> {
     let backend = cpu_backend(&a.backend, a.threads)?;
-    let path = if a.model.is_dir() {
-        a.model.join("model.safetensors")
-    } else {
-        a.model.clone()
-    };
     // Model files and checkpoints alike (a checkpoint's optimiser state is ignored).
-    let bytes = std::fs::read(&path)
-        .map_err(|e| Error::io(format!("reading model file {}", path.display()), e))?;
-    let loaded = model_file::from_bytes_with_extra(&bytes, &backend, "optimizer.")
-        .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+    let (loaded, path) = model_file::load_for_inference(&a.model, &backend)?;
     let split = if a.split == "train" {
         Split::Train
     } else {
@@ -502,8 +494,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     };
     let ds = Dataset::load(&a.dataset, split, a.data.as_deref())?;
     let name = loaded.model.name().to_string();
-    let opt: Box<dyn Optimizer<CpuBackend>> = Box::new(Adam::new(1e-3)?);
-    let trainer = Trainer::new(loaded.model, opt, Loss::CategoricalCrossEntropy, backend);
+    let trainer = Trainer::for_inference(loaded.model, backend)?;
     let start = std::time::Instant::now();
     let report = trainer.report(&ds, a.batch_size, &[1, 3, 5])?;
     let secs = start.elapsed().as_secs_f64();

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_core::{Error, Result};
 use kiln_cpu::CpuBackend;
-use kiln_nn::{Adam, Loss, Optimizer, Sequential};
+use kiln_nn::Sequential;
 use kiln_train::{model_file, Trainer};
 
 /// The arguments of `kiln predict`.
@@ -143,16 +143,8 @@ fn read_idx_images(path: &Path, want: [usize; 2]) -> Result<Vec<Image>> {
 
 /// Runs `kiln predict`.
 pub fn predict(a: PredictArgs, backend: CpuBackend) -> Result<()> {
-    let path = if a.model.is_dir() {
-        a.model.join("model.safetensors")
-    } else {
-        a.model.clone()
-    };
-    let bytes = std::fs::read(&path)
-        .map_err(|e| Error::io(format!("reading model file {}", path.display()), e))?;
-    // Model files and checkpoints alike (a checkpoint's optimiser tensors are ignored).
-    let loaded = model_file::from_bytes_with_extra(&bytes, &backend, "optimizer.")
-        .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+    // Model files and checkpoints alike (a checkpoint's optimiser state is ignored).
+    let (loaded, _) = model_file::load_for_inference(&a.model, &backend)?;
     let model: Sequential<CpuBackend> = loaded.model;
     let input = model.input_shape().to_vec();
     let &[1, h, w] = &input[..] else {
@@ -177,8 +169,7 @@ pub fn predict(a: PredictArgs, backend: CpuBackend) -> Result<()> {
             images.extend(read_idx_images(file, [h, w])?);
         }
     }
-    let opt: Box<dyn Optimizer<CpuBackend>> = Box::new(Adam::new(1e-3)?);
-    let trainer = Trainer::new(model, opt, Loss::CategoricalCrossEntropy, backend.clone());
+    let trainer = Trainer::for_inference(model, backend)?;
     let flat: Vec<f32> = images
         .iter()
         .flat_map(|i| i.pixels.iter().copied())

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use kiln_core::{Error, Result};
 use kiln_cpu::CpuBackend;
-use kiln_nn::{Adam, Loss, Optimizer};
 use kiln_train::{model_file, Trainer};
 use serde_json::{json, Value};
 
@@ -324,15 +323,8 @@ fn handle(
 
 /// Runs `kiln serve` until SIGTERM or Ctrl-C.
 pub fn serve(a: ServeArgs, backend: CpuBackend, stop: Arc<AtomicBool>) -> Result<()> {
-    let path = if a.model.is_dir() {
-        a.model.join("model.safetensors")
-    } else {
-        a.model.clone()
-    };
-    let bytes = std::fs::read(&path)
-        .map_err(|e| Error::io(format!("reading model file {}", path.display()), e))?;
-    let loaded = model_file::from_bytes_with_extra(&bytes, &backend, "optimizer.")
-        .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+    // Model files and checkpoints alike (a checkpoint's optimiser state is ignored).
+    let (loaded, _) = model_file::load_for_inference(&a.model, &backend)?;
     let pixels: usize = loaded.model.input_shape().iter().product();
     let model_name = loaded.model.name().to_string();
     let classes: usize = loaded.model.output_shape()?.iter().product();
@@ -342,8 +334,7 @@ pub fn serve(a: ServeArgs, backend: CpuBackend, stop: Arc<AtomicBool>) -> Result
         .cloned()
         .unwrap_or_default();
     let names = Arc::new(kiln_data::dataset::class_names(&dataset, classes));
-    let opt: Box<dyn Optimizer<CpuBackend>> = Box::new(Adam::new(1e-3)?);
-    let trainer = Trainer::new(loaded.model, opt, Loss::CategoricalCrossEntropy, backend);
+    let trainer = Trainer::for_inference(loaded.model, backend)?;
 
     let server = tiny_http::Server::http(a.addr)
         .map_err(|e| Error::invalid(format!("cannot listen on {}: {e}", a.addr)))?;

@@ -310,6 +310,72 @@ impl Activation {
     }
 }
 
+/// [`Backend::conv2d_pool`] composed of [`Backend::conv2d`] and
+/// [`Backend::max_pool2d`]: the trait's default, for backends (or kernel
+/// sets) without a fused version.
+#[allow(clippy::too_many_arguments)]
+pub fn compose_conv2d_pool<B: Backend>(
+    b: &B,
+    x: View<'_, B::Storage>,
+    weight: View<'_, B::Storage>,
+    bias: Option<View<'_, B::Storage>>,
+    activation: Activation,
+    conv: &Window2d,
+    pool: &Window2d,
+) -> Result<(B::Storage, B::Storage)> {
+    let dims = crate::conv::conv2d_output(
+        x.layout.dims(),
+        weight.layout.dims(),
+        bias.map(|b| b.layout.dims()),
+        conv,
+    )?;
+    let y = b.conv2d(x, weight, bias, activation, conv)?;
+    let layout = Layout::contiguous(crate::Shape::new(&dims)?);
+    b.max_pool2d(View::new(&y, &layout), pool)
+}
+
+/// [`Backend::conv2d_pool_backward`] composed of the unfused backward ops:
+/// the trait's default, for backends (or kernel sets) without a fused version.
+#[allow(clippy::too_many_arguments)]
+pub fn compose_conv2d_pool_backward<B: Backend>(
+    b: &B,
+    x: View<'_, B::Storage>,
+    weight: View<'_, B::Storage>,
+    pooled: View<'_, B::Storage>,
+    argmax: View<'_, B::Storage>,
+    dpooled: View<'_, B::Storage>,
+    activation: Activation,
+    conv: &Window2d,
+    pool: &Window2d,
+    need_dx: bool,
+) -> Result<ConvGrads<B::Storage>> {
+    let dims = crate::conv::conv2d_output(x.layout.dims(), weight.layout.dims(), None, conv)?;
+    let routed = match activation.as_unary() {
+        // The activation's derivative reads only its output.
+        Some(u) => b.unary_backward(u, pooled, pooled, dpooled)?,
+        None => b.affine(dpooled, 1.0, 0.0)?,
+    };
+    let dz = b.max_pool2d_backward(
+        View::new(
+            &routed,
+            &Layout::contiguous(crate::Shape::new(dpooled.layout.dims())?),
+        ),
+        argmax,
+        pool,
+        [dims[2], dims[3]],
+    )?;
+    let dz_layout = Layout::contiguous(crate::Shape::new(&dims)?);
+    let dzv = View::new(&dz, &dz_layout);
+    let xd = x.layout.dims();
+    let dx = if need_dx {
+        Some(b.conv2d_backward_data(dzv, weight, conv, [xd[2], xd[3]])?)
+    } else {
+        None
+    };
+    let (dw, db) = b.conv2d_backward_filter(x, dzv, conv)?;
+    Ok((dx, dw, db))
+}
+
 /// The gradients of a convolution: input (when asked for), weight, bias.
 pub type ConvGrads<S> = (Option<S>, S, S);
 
@@ -587,15 +653,7 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
         conv: &Window2d,
         pool: &Window2d,
     ) -> Result<(Self::Storage, Self::Storage)> {
-        let dims = crate::conv::conv2d_output(
-            x.layout.dims(),
-            weight.layout.dims(),
-            bias.map(|b| b.layout.dims()),
-            conv,
-        )?;
-        let y = self.conv2d(x, weight, bias, activation, conv)?;
-        let layout = Layout::contiguous(crate::Shape::new(&dims)?);
-        self.max_pool2d(View::new(&y, &layout), pool)
+        compose_conv2d_pool(self, x, weight, bias, activation, conv, pool)
     }
 
     /// The gradients of [`Backend::conv2d_pool`] from `dpooled` and the
@@ -616,31 +674,9 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
         pool: &Window2d,
         need_dx: bool,
     ) -> Result<ConvGrads<Self::Storage>> {
-        let dims = crate::conv::conv2d_output(x.layout.dims(), weight.layout.dims(), None, conv)?;
-        let routed = match activation.as_unary() {
-            // The activation's derivative reads only its output.
-            Some(u) => self.unary_backward(u, pooled, pooled, dpooled)?,
-            None => self.affine(dpooled, 1.0, 0.0)?,
-        };
-        let dz = self.max_pool2d_backward(
-            View::new(
-                &routed,
-                &Layout::contiguous(crate::Shape::new(dpooled.layout.dims())?),
-            ),
-            argmax,
-            pool,
-            [dims[2], dims[3]],
-        )?;
-        let dz_layout = Layout::contiguous(crate::Shape::new(&dims)?);
-        let dzv = View::new(&dz, &dz_layout);
-        let xd = x.layout.dims();
-        let dx = if need_dx {
-            Some(self.conv2d_backward_data(dzv, weight, conv, [xd[2], xd[3]])?)
-        } else {
-            None
-        };
-        let (dw, db) = self.conv2d_backward_filter(x, dzv, conv)?;
-        Ok((dx, dw, db))
+        compose_conv2d_pool_backward(
+            self, x, weight, pooled, argmax, dpooled, activation, conv, pool, need_dx,
+        )
     }
 
     /// One fused SGD step on contiguous `param`, `grad` and optional

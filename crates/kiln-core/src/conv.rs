@@ -137,6 +137,85 @@ pub fn pool2d_output(x: &[usize], window: &Window2d) -> Result<[usize; 4]> {
     Ok([n, c, oh, ow])
 }
 
+/// Checks a convolution's input-gradient operands — `dy` `[n, o, oh, ow]`,
+/// the output of convolving an input of `input = [h, w]` with `weight`
+/// `[o, c, kh, kw]` — and returns the input gradient's shape `[n, c, h, w]`.
+pub fn conv2d_backward_data_shape(
+    dy: &[usize],
+    weight: &[usize],
+    window: &Window2d,
+    input: [usize; 2],
+) -> Result<[usize; 4]> {
+    let op = "conv2d_backward_data";
+    let (&[_, c, _, _], &[n, ..]) = (weight, dy) else {
+        return Err(Error::shape(
+            op,
+            format!(
+                "expected dy [n, o, oh, ow] and weight [o, c, kh, kw], got {dy:?} and {weight:?}"
+            ),
+        ));
+    };
+    let out = conv2d_output(&[n, c, input[0], input[1]], weight, None, window)?;
+    if dy != out {
+        return Err(Error::shape(
+            op,
+            format!("dy has shape {dy:?}, the convolution's output is {out:?}"),
+        ));
+    }
+    Ok([n, c, input[0], input[1]])
+}
+
+/// Checks a convolution's filter-gradient operands — `x` `[n, c, h, w]`
+/// and `dy` `[n, o, oh, ow]`, the output of convolving `x` over `window` —
+/// and returns the convolution's output shape `[n, o, oh, ow]`.
+pub fn conv2d_backward_filter_shape(
+    x: &[usize],
+    dy: &[usize],
+    window: &Window2d,
+) -> Result<[usize; 4]> {
+    let op = "conv2d_backward_filter";
+    let (&[n, _, h, w], &[dn, o, dyh, dyw]) = (x, dy) else {
+        return Err(Error::shape(
+            op,
+            format!("expected x [n, c, h, w] and dy [n, o, oh, ow], got {x:?} and {dy:?}"),
+        ));
+    };
+    let [oh, ow] = window.output(op, [h, w])?;
+    if [dn, dyh, dyw] != [n, oh, ow] {
+        return Err(Error::shape(
+            op,
+            format!("dy has shape {dy:?}, the convolution's output is [{n}, {o}, {oh}, {ow}]"),
+        ));
+    }
+    Ok([n, o, oh, ow])
+}
+
+/// Checks a max-pool gradient's operands — `dy` and `argmax`, both the
+/// output of pooling an input of `input = [h, w]` — and returns that
+/// output's shape `[n, c, oh, ow]`.
+pub fn pool2d_backward_shape(
+    dy: &[usize],
+    argmax: &[usize],
+    window: &Window2d,
+    input: [usize; 2],
+) -> Result<[usize; 4]> {
+    let op = "max_pool2d_backward";
+    let &[n, c, _, _] = dy else {
+        return Err(Error::shape(
+            op,
+            format!("expected dy [n, c, oh, ow], got {dy:?}"),
+        ));
+    };
+    let out = pool2d_output(&[n, c, input[0], input[1]], window)?;
+    if dy != out || argmax != out {
+        return Err(Error::shape(
+            op,
+            format!("dy {dy:?} and argmax {argmax:?} must both be the pool's output {out:?}"),
+        ));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

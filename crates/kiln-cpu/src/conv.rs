@@ -12,7 +12,7 @@
 //! groups of [`GROUP`] images and then the groups in order, so every result
 //! is independent of the thread count.
 
-use kiln_core::conv::conv2d_output;
+use kiln_core::conv::{conv2d_backward_data_shape, conv2d_backward_filter_shape, conv2d_output};
 use kiln_core::{Activation, Error, HostData, Result, View, Window2d};
 use rayon::prelude::*;
 
@@ -150,6 +150,26 @@ fn finish(y: &mut [f32], cells: usize, bias: Option<&[f32]>, activation: Activat
     each!(None, Relu, Sigmoid, Tanh);
 }
 
+/// The filter and bias gradients summed over the image groups' partial
+/// sums, in group order (so the thread count never changes the result).
+fn sum_groups(
+    partials: Vec<(Vec<f32>, Vec<f32>)>,
+    weights: usize,
+    biases: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut dw = vec![0f32; weights];
+    let mut db = vec![0f32; biases];
+    for (pw, pb) in partials {
+        for (a, b) in dw.iter_mut().zip(pw) {
+            *a += b;
+        }
+        for (a, b) in db.iter_mut().zip(pb) {
+            *a += b;
+        }
+    }
+    (dw, db)
+}
+
 pub(crate) fn conv2d(
     set: KernelSet,
     pool: &rayon::ThreadPool,
@@ -210,27 +230,17 @@ pub(crate) fn conv2d_backward_data(
     input: [usize; 2],
 ) -> Result<HostData> {
     let dtype = common_dtype("conv2d_backward_data", &[dy, weight])?;
-    let (wd, dd) = (weight.layout.dims(), dy.layout.dims());
-    let (&[o, c, _, _], &[n, ..]) = (wd, dd) else {
-        return Err(Error::shape(
-            "conv2d_backward_data",
-            format!("expected dy [n, o, oh, ow] and weight [o, c, kh, kw], got {dd:?} and {wd:?}"),
-        ));
+    let [n, c, h, w] =
+        conv2d_backward_data_shape(dy.layout.dims(), weight.layout.dims(), win, input)?;
+    let [_, o, oh, ow] = dy.layout.dims()[..] else {
+        unreachable!("checked above")
     };
-    let out = conv2d_output(&[n, c, input[0], input[1]], wd, None, win)?;
-    if dd != out {
-        return Err(Error::shape(
-            "conv2d_backward_data",
-            format!("dy has shape {dd:?}, the convolution's output is {out:?}"),
-        ));
-    }
-    let [h, w] = input;
     let g = Geometry {
         c,
         h,
         w,
-        oh: out[2],
-        ow: out[3],
+        oh,
+        ow,
         win: *win,
     };
     let (gs, ws) = (
@@ -264,20 +274,10 @@ pub(crate) fn conv2d_backward_filter(
     win: &Window2d,
 ) -> Result<(HostData, HostData)> {
     let dtype = common_dtype("conv2d_backward_filter", &[x, dy])?;
-    let (xd, dd) = (x.layout.dims(), dy.layout.dims());
-    let (&[n, c, h, w], &[dn, o, dyh, dyw]) = (xd, dd) else {
-        return Err(Error::shape(
-            "conv2d_backward_filter",
-            format!("expected x [n, c, h, w] and dy [n, o, oh, ow], got {xd:?} and {dd:?}"),
-        ));
+    let [n, o, oh, ow] = conv2d_backward_filter_shape(x.layout.dims(), dy.layout.dims(), win)?;
+    let [_, c, h, w] = x.layout.dims()[..] else {
+        unreachable!("checked above")
     };
-    let [oh, ow] = win.output("conv2d_backward_filter", [h, w])?;
-    if [dn, dyh, dyw] != [n, oh, ow] {
-        return Err(Error::shape(
-            "conv2d_backward_filter",
-            format!("dy has shape {dd:?}, the convolution's output is [{n}, {o}, {oh}, {ow}]"),
-        ));
-    }
     let g = Geometry {
         c,
         h,
@@ -319,16 +319,7 @@ pub(crate) fn conv2d_backward_filter(
     let firsts: Vec<usize> = (0..n).step_by(GROUP).collect();
     let partials: Vec<(Vec<f32>, Vec<f32>)> =
         pool.install(|| firsts.par_iter().map(|&f| group(f)).collect());
-    let mut dw = vec![0f32; o * patch];
-    let mut db = vec![0f32; o];
-    for (pw, pb) in partials {
-        for (a, b) in dw.iter_mut().zip(pw) {
-            *a += b;
-        }
-        for (a, b) in db.iter_mut().zip(pb) {
-            *a += b;
-        }
-    }
+    let (dw, db) = sum_groups(partials, o * patch, o);
     Ok((
         store_f32("conv2d_backward_filter", dtype, dw)?,
         store_f32("conv2d_backward_filter", dtype, db)?,
@@ -561,16 +552,7 @@ pub(crate) fn conv2d_pool_backward(
             .collect(),
         _ => firsts.par_iter().map(|&f| group(f, None)).collect(),
     });
-    let mut dw = vec![0f32; o * patch];
-    let mut db = vec![0f32; o];
-    for (pw, pb) in partials {
-        for (a, b) in dw.iter_mut().zip(pw) {
-            *a += b;
-        }
-        for (a, b) in db.iter_mut().zip(pb) {
-            *a += b;
-        }
-    }
+    let (dw, db) = sum_groups(partials, o * patch, o);
     let dx = dx.map(|d| store_f32(op, dtype, d)).transpose()?;
     Ok((dx, store_f32(op, dtype, dw)?, store_f32(op, dtype, db)?))
 }

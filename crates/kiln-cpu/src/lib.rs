@@ -318,18 +318,10 @@ impl Backend for CpuBackend {
             Some(set) => {
                 conv::conv2d_pool(set, &self.pool, x, weight, bias, activation, conv, pool)
             }
-            None => {
-                // The reference composes the two reference ops.
-                let dims = kiln_core::conv::conv2d_output(
-                    x.layout.dims(),
-                    weight.layout.dims(),
-                    bias.map(|b| b.layout.dims()),
-                    conv,
-                )?;
-                let y = reference::conv::conv2d(x, weight, bias, activation, conv)?;
-                let layout = Layout::contiguous(kiln_core::Shape::new(&dims)?);
-                reference::conv::max_pool2d(View::new(&y, &layout), pool)
-            }
+            // The reference composes the two reference ops.
+            None => kiln_core::backend::compose_conv2d_pool(
+                self, x, weight, bias, activation, conv, pool,
+            ),
         }
     }
 
@@ -350,7 +342,7 @@ impl Backend for CpuBackend {
                 set, &self.pool, x, weight, pooled, argmax, dpooled, activation, conv, pool,
                 need_dx,
             ),
-            None => reference_pool_backward(
+            None => kiln_core::backend::compose_conv2d_pool_backward(
                 self, x, weight, pooled, argmax, dpooled, activation, conv, pool, need_dx,
             ),
         }
@@ -407,44 +399,6 @@ impl Backend for CpuBackend {
     ) -> Result<HostData> {
         reference::random::random(dist, numel, dtype, seed, offset)
     }
-}
-
-/// The scalar set's fused conv-pool backward: the trait's composition of
-/// the unfused reference ops (spelled out, since an overriding method
-/// cannot call the trait's default).
-#[allow(clippy::too_many_arguments)]
-fn reference_pool_backward(
-    b: &CpuBackend,
-    x: View<'_, HostData>,
-    weight: View<'_, HostData>,
-    pooled: View<'_, HostData>,
-    argmax: View<'_, HostData>,
-    dpooled: View<'_, HostData>,
-    activation: Activation,
-    conv: &Window2d,
-    pool: &Window2d,
-    need_dx: bool,
-) -> Result<kiln_core::ConvGrads<HostData>> {
-    let dims = kiln_core::conv::conv2d_output(x.layout.dims(), weight.layout.dims(), None, conv)?;
-    let routed = match activation.as_unary() {
-        Some(u) => b.unary_backward(u, pooled, pooled, dpooled)?,
-        None => b.affine(dpooled, 1.0, 0.0)?,
-    };
-    let routed_layout = Layout::contiguous(kiln_core::Shape::new(dpooled.layout.dims())?);
-    let dz = b.max_pool2d_backward(
-        View::new(&routed, &routed_layout),
-        argmax,
-        pool,
-        [dims[2], dims[3]],
-    )?;
-    let dz_layout = Layout::contiguous(kiln_core::Shape::new(&dims)?);
-    let dzv = View::new(&dz, &dz_layout);
-    let xd = x.layout.dims();
-    let dx = need_dx
-        .then(|| b.conv2d_backward_data(dzv, weight, conv, [xd[2], xd[3]]))
-        .transpose()?;
-    let (dw, db) = b.conv2d_backward_filter(x, dzv, conv)?;
-    Ok((dx, dw, db))
 }
 
 /// The error for an op given an operand of a dtype it does not accept.

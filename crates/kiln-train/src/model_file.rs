@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kiln_core::{Backend, DType, DataError, Error, HostData, Layout, Result, Shape, Tensor};
@@ -119,6 +119,29 @@ pub fn load<B: Backend>(path: &Path, backend: &B) -> Result<Loaded<B>> {
         },
         other => other,
     })
+}
+
+/// Loads a model to evaluate or serve from `path`: a model file, the folder
+/// `kiln train` wrote it to (its `model.safetensors`), or a checkpoint (its
+/// optimiser state ignored). Returns the model and the file read; errors
+/// name the file.
+pub fn load_for_inference<B: Backend>(path: &Path, backend: &B) -> Result<(Loaded<B>, PathBuf)> {
+    let file = if path.is_dir() {
+        path.join("model.safetensors")
+    } else {
+        path.to_path_buf()
+    };
+    let bytes = std::fs::read(&file)
+        .map_err(|e| Error::io(format!("reading model file {}", file.display()), e))?;
+    let loaded = from_bytes_with_extra(&bytes, backend, "optimizer.")
+        .map_err(|e| Error::invalid(format!("{}: {e}", file.display())))?;
+    Ok((
+        Loaded {
+            model: loaded.model,
+            metadata: loaded.metadata,
+        },
+        file,
+    ))
 }
 
 /// Loads a model from the bytes of a model file.

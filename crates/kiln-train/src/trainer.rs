@@ -122,6 +122,18 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
+    /// A trainer that only evaluates, reports and predicts (`kiln eval`,
+    /// `predict`, `serve`): cross-entropy, and an optimiser never stepped.
+    pub fn for_inference(model: Sequential<B>, backend: B) -> Result<Self> {
+        let optimizer: Box<dyn Optimizer<B>> = Box::new(kiln_nn::Adam::new(1e-3)?);
+        Ok(Self::new(
+            model,
+            optimizer,
+            Loss::CategoricalCrossEntropy,
+            backend,
+        ))
+    }
+
     /// The model.
     pub fn model(&self) -> &Sequential<B> {
         &self.model

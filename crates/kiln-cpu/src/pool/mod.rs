@@ -8,20 +8,14 @@
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
-use kiln_core::conv::pool2d_output;
+use kiln_core::conv::{pool2d_backward_shape, pool2d_output};
 use kiln_core::{Error, HostData, Result, View, Window2d};
 use rayon::prelude::*;
 
-use crate::reference::conv::source;
+use crate::reference::conv::window_max;
 use crate::storage::{read_f32, read_u32, store_f32};
 use crate::vector::wide;
 use crate::KernelSet;
-
-/// Whether `v` replaces the best value `b` so far.
-#[inline(always)]
-fn better(v: f32, b: f32) -> bool {
-    !b.is_nan() && (v.is_nan() || v > b)
-}
 
 /// One plane: maxima and their indices (into the plane) for every output
 /// cell.
@@ -35,7 +29,7 @@ pub(crate) fn plane(
     out: &mut [f32],
     at: &mut [u32],
 ) {
-    let ([kh, kw], [sh, sw], [pt, _, pl, _]) = (win.kernel, win.stride, win.padding);
+    let [sh, sw] = win.stride;
     if win.padding == [0; 4] {
         // Every window cell is inside the plane: whole output rows at once.
         let rows = out
@@ -55,26 +49,9 @@ pub(crate) fn plane(
     }
     for i in 0..oh {
         for j in 0..ow {
-            let k = i * ow + j;
-            {
-                let mut best: Option<(f32, usize)> = None;
-                for di in 0..kh {
-                    let Some(y) = source(i, di, sh, pt, h) else {
-                        continue;
-                    };
-                    for dj in 0..kw {
-                        if let Some(xx) = source(j, dj, sw, pl, w) {
-                            let v = x[y * w + xx];
-                            if best.is_none_or(|(b, _)| better(v, b)) {
-                                best = Some((v, y * w + xx));
-                            }
-                        }
-                    }
-                }
-                let (v, a) = best.expect("padding is smaller than the window");
-                out[k] = v;
-                at[k] = a as u32;
-            }
+            let (v, a) = window_max(x, [h, w], win, [i, j]);
+            out[i * ow + j] = v;
+            at[i * ow + j] = a as u32;
         }
     }
 }
@@ -122,23 +99,8 @@ pub(crate) fn max_pool2d_backward(
     win: &Window2d,
     input: [usize; 2],
 ) -> Result<HostData> {
-    let dd = dy.layout.dims();
-    let &[n, c, _, _] = dd else {
-        return Err(Error::shape(
-            "max_pool2d_backward",
-            format!("expected dy [n, c, oh, ow], got {dd:?}"),
-        ));
-    };
-    let out = pool2d_output(&[n, c, input[0], input[1]], win)?;
-    if dd != out || argmax.layout.dims() != out {
-        return Err(Error::shape(
-            "max_pool2d_backward",
-            format!(
-                "dy {dd:?} and argmax {:?} must both be the pool's output {out:?}",
-                argmax.layout.dims()
-            ),
-        ));
-    }
+    let out = pool2d_backward_shape(dy.layout.dims(), argmax.layout.dims(), win, input)?;
+    let [n, c, ..] = out;
     let [h, w] = input;
     let gs = read_f32("max_pool2d_backward", dy)?;
     let at = read_u32("max_pool2d_backward", argmax)?;

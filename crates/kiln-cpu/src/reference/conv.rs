@@ -4,7 +4,10 @@
 //! for the filter gradient. Convolution padding is zeros that take part in
 //! the products, as im2col makes them.
 
-use kiln_core::conv::{conv2d_output, pool2d_output};
+use kiln_core::conv::{
+    conv2d_backward_data_shape, conv2d_backward_filter_shape, conv2d_output, pool2d_backward_shape,
+    pool2d_output,
+};
 use kiln_core::{Activation, DType, Error, HostData, Result, View, Window2d};
 
 use super::elementwise::activate;
@@ -92,23 +95,14 @@ pub(crate) fn conv2d_backward_data(
     input: [usize; 2],
 ) -> Result<HostData> {
     let dtype = common_dtype("conv2d_backward_data", &[dy, weight])?;
-    let (wd, dd) = (weight.layout.dims(), dy.layout.dims());
-    let (&[o, c, kh, kw], &[n, dyo, dyh, dyw]) = (wd, dd) else {
-        return Err(Error::shape(
-            "conv2d_backward_data",
-            format!("expected dy [n, o, oh, ow] and weight [o, c, kh, kw], got {dd:?} and {wd:?}"),
-        ));
+    let [n, c, h, w] =
+        conv2d_backward_data_shape(dy.layout.dims(), weight.layout.dims(), win, input)?;
+    let [o, _, kh, kw] = weight.layout.dims()[..] else {
+        unreachable!("checked above")
     };
-    let [oh, ow] = conv2d_output(&[n, c, input[0], input[1]], wd, None, win)?[2..] else {
-        unreachable!()
+    let [_, _, oh, ow] = dy.layout.dims()[..] else {
+        unreachable!("checked above")
     };
-    if [dyo, dyh, dyw] != [o, oh, ow] {
-        return Err(Error::shape(
-            "conv2d_backward_data",
-            format!("dy has shape {dd:?}, the convolution's output is [{n}, {o}, {oh}, {ow}]"),
-        ));
-    }
-    let [h, w] = input;
     let (gs, ws) = (
         read_f32("conv2d_backward_data", dy)?,
         read_f32("conv2d_backward_data", weight)?,
@@ -147,20 +141,10 @@ pub(crate) fn conv2d_backward_filter(
     win: &Window2d,
 ) -> Result<(HostData, HostData)> {
     let dtype = common_dtype("conv2d_backward_filter", &[x, dy])?;
-    let (xd, dd) = (x.layout.dims(), dy.layout.dims());
-    let (&[n, c, h, w], &[dn, o, dyh, dyw]) = (xd, dd) else {
-        return Err(Error::shape(
-            "conv2d_backward_filter",
-            format!("expected x [n, c, h, w] and dy [n, o, oh, ow], got {xd:?} and {dd:?}"),
-        ));
+    let [n, o, oh, ow] = conv2d_backward_filter_shape(x.layout.dims(), dy.layout.dims(), win)?;
+    let [_, c, h, w] = x.layout.dims()[..] else {
+        unreachable!("checked above")
     };
-    let [oh, ow] = win.output("conv2d_backward_filter", [h, w])?;
-    if [dn, dyh, dyw] != [n, oh, ow] {
-        return Err(Error::shape(
-            "conv2d_backward_filter",
-            format!("dy has shape {dd:?}, the convolution's output is [{n}, {o}, {oh}, {ow}]"),
-        ));
-    }
     let (xs, gs) = (
         read_f32("conv2d_backward_filter", x)?,
         read_f32("conv2d_backward_filter", dy)?,
@@ -203,6 +187,34 @@ pub(crate) fn conv2d_backward_filter(
     ))
 }
 
+/// The maximum of output cell `(i, j)`'s window over one `h × w` plane and
+/// its index in the plane: the first maximum in row-major window order,
+/// NaN counting as maximal, padding never chosen.
+pub(crate) fn window_max(
+    plane: &[f32],
+    [h, w]: [usize; 2],
+    win: &Window2d,
+    [i, j]: [usize; 2],
+) -> (f32, usize) {
+    let ([kh, kw], [sh, sw], [pt, _, pl, _]) = (win.kernel, win.stride, win.padding);
+    let mut best: Option<(f32, usize)> = None;
+    for di in 0..kh {
+        let Some(y) = source(i, di, sh, pt, h) else {
+            continue;
+        };
+        for dj in 0..kw {
+            if let Some(xx) = source(j, dj, sw, pl, w) {
+                let v = plane[y * w + xx];
+                if best.is_none_or(|(b, _)| !b.is_nan() && (v.is_nan() || v > b)) {
+                    best = Some((v, y * w + xx));
+                }
+            }
+        }
+    }
+    // Padding is smaller than the window, so every window holds a cell.
+    best.expect("a window always covers an input cell")
+}
+
 pub(crate) fn max_pool2d(x: View<'_, HostData>, win: &Window2d) -> Result<(HostData, HostData)> {
     let [n, c, oh, ow] = pool2d_output(x.layout.dims(), win)?;
     let [_, _, h, w] = x.layout.dims()[..] else {
@@ -216,32 +228,12 @@ pub(crate) fn max_pool2d(x: View<'_, HostData>, win: &Window2d) -> Result<(HostD
     }
     let dtype = x.storage.dtype();
     let xs = read_f32("max_pool2d", x)?;
-    let ([kh, kw], [sh, sw], [pt, _, pl, _]) = (win.kernel, win.stride, win.padding);
     let mut out = Vec::with_capacity(n * c * oh * ow);
     let mut idx = Vec::with_capacity(n * c * oh * ow);
     for plane in xs.chunks_exact((h * w).max(1)).take(n * c) {
         for i in 0..oh {
             for j in 0..ow {
-                let mut best: Option<(f32, usize)> = None;
-                for di in 0..kh {
-                    let Some(y) = source(i, di, sh, pt, h) else {
-                        continue;
-                    };
-                    for dj in 0..kw {
-                        if let Some(xx) = source(j, dj, sw, pl, w) {
-                            let v = plane[y * w + xx];
-                            let better = match best {
-                                None => true,
-                                Some((b, _)) => !b.is_nan() && (v.is_nan() || v > b),
-                            };
-                            if better {
-                                best = Some((v, y * w + xx));
-                            }
-                        }
-                    }
-                }
-                // Padding is smaller than the window, so every window holds a cell.
-                let (v, at) = best.expect("a window always covers an input cell");
+                let (v, at) = window_max(plane, [h, w], win, [i, j]);
                 out.push(v);
                 idx.push(at as u32);
             }
@@ -256,23 +248,8 @@ pub(crate) fn max_pool2d_backward(
     win: &Window2d,
     input: [usize; 2],
 ) -> Result<HostData> {
-    let dd = dy.layout.dims();
-    let &[n, c, _, _] = dd else {
-        return Err(Error::shape(
-            "max_pool2d_backward",
-            format!("expected dy [n, c, oh, ow], got {dd:?}"),
-        ));
-    };
-    let out = pool2d_output(&[n, c, input[0], input[1]], win)?;
-    if dd != out || argmax.layout.dims() != out {
-        return Err(Error::shape(
-            "max_pool2d_backward",
-            format!(
-                "dy {dd:?} and argmax {:?} must both be the pool's output {out:?}",
-                argmax.layout.dims()
-            ),
-        ));
-    }
+    let out = pool2d_backward_shape(dy.layout.dims(), argmax.layout.dims(), win, input)?;
+    let [n, c, ..] = out;
     let [h, w] = input;
     let gs = read_f32("max_pool2d_backward", dy)?;
     let at = read_u32("max_pool2d_backward", argmax)?;

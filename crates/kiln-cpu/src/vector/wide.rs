@@ -230,17 +230,12 @@ per_set! {
 
 per_set! {
     /// The sum of `x` in sixteen interleaved lanes (as [`sum_runs`]).
-    fn sum(x: &[f32]) -> f32 = sum_loop;
+    fn sum(x: &[f32]) -> f32 = sum_run;
 }
 
 per_set! {
     /// `x[i] /= divisor`, in place.
     fn scale(x: &mut [f32], divisor: f32) -> () = scale_loop;
-}
-
-#[inline(always)]
-fn sum_loop(x: &[f32]) -> f32 {
-    sum_run(x)
 }
 
 per_set! {

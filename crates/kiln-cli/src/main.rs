@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kiln_core::{Backend, Error, Result};
 use kiln_cpu::{features, CpuBackend, KernelSet};
 use kiln_data::{Dataset, Split};
-use kiln_nn::{Adam, Loss, ModelSpec, Optimizer, Sequential, Sgd};
+use kiln_nn::{Adam, Loss, ModelSpec, Optimizer, Precision, Sequential, Sgd};
 mod predict;
 mod serve;
 
@@ -129,6 +129,11 @@ struct TrainArgs {
     /// is the run's total.
     #[arg(long, value_name = "CHECKPOINT")]
     resume: Option<PathBuf>,
+    /// Numeric precision: f32, or mixed precision with f32 master weights
+    /// and bf16 or f16 activations and GEMM inputs (f16 scales the loss
+    /// dynamically) [default: f32, or the checkpoint's with --resume].
+    #[arg(long, value_parser = ["f32", "bf16", "f16"])]
+    precision: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -158,6 +163,9 @@ struct EvalArgs {
     /// Also write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Compute in f32, bf16 or f16 (the weights are read as stored).
+    #[arg(long, value_parser = ["f32", "bf16", "f16"], default_value = "f32")]
+    precision: String,
 }
 
 #[derive(clap::Args)]
@@ -351,7 +359,12 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         OptimizerName::Adam => Box::new(Adam::new(a.lr)?),
         OptimizerName::Sgd => Box::new(Sgd::new(a.lr, a.momentum)?),
     };
-    let (model, progress) = match restored {
+    let precision: Precision = match (&a.precision, &restored) {
+        (Some(p), _) => p.parse()?,
+        (None, Some(r)) => r.progress.precision.parse()?,
+        (None, None) => Precision::F32,
+    };
+    let (mut model, progress) = match restored {
         Some(r) => {
             optimizer
                 .load_state(&r.optimizer, &r.model.params())
@@ -370,16 +383,18 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         }
         None => (Sequential::from_spec(&spec, a.seed, &backend)?, None),
     };
+    model.set_precision(precision);
     say(model.summary().trim_end().to_string());
     say(format!(
-        "training on {} ({} train, {} test) with {}, {}, batch {}, seed {}",
+        "training on {} ({} train, {} test) with {}, {}, batch {}, seed {}, precision {}",
         a.dataset,
         train_set.len(),
         test_set.len(),
         backend.name(),
         optimizer.describe(),
         a.batch_size,
-        a.seed
+        a.seed,
+        precision_description(precision)
     ));
     let mut trainer = Trainer::new(model, optimizer, Loss::CategoricalCrossEntropy, backend);
     let cfg = FitConfig {
@@ -404,6 +419,7 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
             keep: a.keep,
         }),
         stop: Some(stop_on_signals()?),
+        loss_scale: kiln_train::LossScaler::default(),
     };
     let validation = (!a.no_validation).then_some(&test_set);
     let history = match &progress {
@@ -428,6 +444,7 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         ),
         ("kiln.epochs".to_string(), a.epochs.to_string()),
         ("kiln.seed".to_string(), a.seed.to_string()),
+        ("kiln.precision".to_string(), precision.name().to_string()),
         (
             "kiln.test_accuracy".to_string(),
             format!("{:.6}", test.accuracy),
@@ -453,6 +470,15 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How the run header names a precision.
+fn precision_description(p: Precision) -> String {
+    match p {
+        Precision::F32 => "f32".to_string(),
+        Precision::Bf16 => "bf16 (f32 master weights)".to_string(),
+        Precision::F16 => "f16 (f32 master weights, dynamic loss scaling)".to_string(),
+    }
 }
 
 /// Prints what a plot call wrote (and why a PNG was skipped).
@@ -494,7 +520,9 @@ fn eval(a: EvalArgs) -> Result<()> {
     };
     let ds = Dataset::load(&a.dataset, split, a.data.as_deref())?;
     let name = loaded.model.name().to_string();
-    let trainer = Trainer::for_inference(loaded.model, backend)?;
+    let mut model = loaded.model;
+    model.set_precision(a.precision.parse()?);
+    let trainer = Trainer::for_inference(model, backend)?;
     let start = std::time::Instant::now();
     let report = trainer.report(&ds, a.batch_size, &[1, 3, 5])?;
     let secs = start.elapsed().as_secs_f64();

@@ -197,6 +197,35 @@ impl<B: Backend> GradStore<B> {
         self.grads.remove(&id)
     }
 
+    /// Whether every gradient is finite (no ±∞ or NaN): one f32 sum per
+    /// gradient, added on the device, one scalar read back. A sum that
+    /// overflows although each element is finite also reads as not finite —
+    /// for loss scaling, which asks this, that is an overflow too.
+    pub fn all_finite(&self) -> Result<bool> {
+        let _guard = NoGradGuard::new();
+        let mut total: Option<Tensor<B>> = None;
+        for g in self.grads.values() {
+            let s = g.cast(crate::DType::F32)?.sum_all()?;
+            total = Some(match total {
+                Some(t) => t.add(&s)?,
+                None => s,
+            });
+        }
+        match total {
+            Some(t) => Ok(t.to_scalar_f32()?.is_finite()),
+            None => Ok(true),
+        }
+    }
+
+    /// Multiplies every gradient by `factor` (to undo a loss scale).
+    pub fn scale(&mut self, factor: f32) -> Result<()> {
+        let _guard = NoGradGuard::new();
+        for g in self.grads.values_mut() {
+            *g = g.affine(factor, 0.0)?;
+        }
+        Ok(())
+    }
+
     /// Number of gradients held.
     pub fn len(&self) -> usize {
         self.grads.len()

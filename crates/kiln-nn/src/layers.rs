@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use kiln_core::{Activation, Backend, Error, Result, Tensor, Var, Window2d};
 
+use crate::precision::param_for;
 use crate::spec::{ActivationSpec, LayerSpec};
 use crate::Initializer;
 
@@ -217,8 +218,8 @@ impl<B: Backend> Dense<B> {
             ));
         }
         x.linear(
-            &self.weight.as_tensor(),
-            Some(&self.bias.as_tensor()),
+            &param_for(&self.weight, x)?,
+            Some(&param_for(&self.bias, x)?),
             self.epilogue(),
         )
     }
@@ -355,20 +356,23 @@ impl<B: Backend> Layer<B> for Conv2D<B> {
     }
     fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
         x.conv2d(
-            &self.weight.as_tensor(),
-            Some(&self.bias.as_tensor()),
+            &param_for(&self.weight, x)?,
+            Some(&param_for(&self.bias, x)?),
             self.epilogue(),
             &self.window,
         )
     }
     fn forward_pooled(&self, x: &Tensor<B>, pool: &Window2d) -> Option<Result<Tensor<B>>> {
-        Some(x.conv2d_pool(
-            &self.weight.as_tensor(),
-            Some(&self.bias.as_tensor()),
-            self.epilogue(),
-            &self.window,
-            pool,
-        ))
+        let run = || {
+            x.conv2d_pool(
+                &param_for(&self.weight, x)?,
+                Some(&param_for(&self.bias, x)?),
+                self.epilogue(),
+                &self.window,
+                pool,
+            )
+        };
+        Some(run())
     }
     fn params(&self) -> Vec<&Var<B>> {
         vec![&self.weight, &self.bias]

@@ -9,6 +9,7 @@ pub mod init;
 pub mod layers;
 pub mod loss;
 pub mod optim;
+pub mod precision;
 pub mod sequential;
 pub mod spec;
 
@@ -16,5 +17,6 @@ pub use init::Initializer;
 pub use layers::{Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, Nonlinearity};
 pub use loss::Loss;
 pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
+pub use precision::Precision;
 pub use sequential::Sequential;
 pub use spec::{ActivationSpec, LayerSpec, ModelSpec, Padding, Pair, MAX_PARAMS};

@@ -3,6 +3,7 @@
 use kiln_core::{Backend, Error, Result, Tensor, Var};
 
 use crate::layers::{Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, Nonlinearity};
+use crate::precision::{to_compute, Precision};
 
 /// Dropout masks draw from the model seed's Philox key with this mask, a
 /// stream apart from the initial weights'.
@@ -15,6 +16,7 @@ pub struct Sequential<B: Backend> {
     seed: u64,
     input: Vec<usize>,
     layers: Vec<Box<dyn Layer<B>>>,
+    precision: Precision,
 }
 
 impl<B: Backend> Sequential<B> {
@@ -68,7 +70,20 @@ impl<B: Backend> Sequential<B> {
             seed,
             input: spec.input.clone(),
             layers,
+            precision: Precision::F32,
         })
+    }
+
+    /// Sets the type the model computes in (see [`crate::precision`]): the
+    /// weights stay f32; inputs are cast to the compute type on entry and
+    /// every layer computes in it.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
+    /// The type the model computes in.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Switches training behaviour (dropout) on or off for every layer.
@@ -167,7 +182,10 @@ impl<B: Backend> Sequential<B> {
     /// The model's output for a batch.
     pub fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
         self.check_input(x)?;
-        run(&self.layers, x)
+        run(
+            &self.layers,
+            &to_compute(x, self.precision.compute_dtype())?,
+        )
     }
 
     /// Whether the output is a softmax.
@@ -179,10 +197,11 @@ impl<B: Backend> Sequential<B> {
     /// the plain output if the model does not end in softmax.
     pub fn forward_logits(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
         self.check_input(x)?;
+        let x = to_compute(x, self.precision.compute_dtype())?;
         let Some((last, body)) = self.layers.split_last() else {
-            return Ok(x.clone());
+            return Ok(x);
         };
-        last.forward_logits(&run(body, x)?)
+        last.forward_logits(&run(body, &x)?)
     }
 
     /// Every trainable parameter, in a fixed order.

@@ -55,6 +55,12 @@ pub struct Progress {
     pub partial: (f64, usize, usize),
     /// The epochs completed so far.
     pub history: Vec<EpochRecord>,
+    /// The precision trained in (a resumed run must keep it).
+    #[serde(default = "crate::history::default_precision")]
+    pub precision: String,
+    /// The loss scaler's state (f16 training).
+    #[serde(default)]
+    pub loss_scale: Option<crate::LossScaler>,
 }
 
 /// A checkpoint read back: the model (with its weights), the optimiser
@@ -206,6 +212,8 @@ pub fn from_bytes<B: Backend>(
         lr: progress.lr,
         slots,
     };
-    loaded.model.set_rng_positions(&progress.rng_positions)?;
-    Ok((loaded.model, state, progress))
+    let mut model = loaded.model;
+    model.set_rng_positions(&progress.rng_positions)?;
+    model.set_precision(progress.precision.parse()?);
+    Ok((model, state, progress))
 }

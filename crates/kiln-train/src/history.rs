@@ -35,6 +35,21 @@ pub struct EpochRecord {
     /// (`null` where the machine exposes no RAPL counters).
     #[serde(default)]
     pub energy_joules: Option<f64>,
+    /// The precision the epoch was trained in (`f32`, `bf16`, `f16`).
+    #[serde(default = "default_precision")]
+    pub precision: String,
+    /// The loss scale at the epoch's end (f16 training only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub loss_scale: Option<f64>,
+    /// Steps skipped in the epoch because a scaled gradient overflowed
+    /// (f16 training only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub skipped_steps: Option<u64>,
+}
+
+/// What records and checkpoints from before mixed precision were trained in.
+pub(crate) fn default_precision() -> String {
+    "f32".to_string()
 }
 
 /// Every epoch of a run.

@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod history;
+pub mod loss_scale;
 pub mod metrics;
 pub mod model_file;
 pub mod observe;
@@ -15,6 +16,7 @@ pub mod progress;
 pub mod trainer;
 
 pub use history::{EpochRecord, History};
+pub use loss_scale::LossScaler;
 pub use metrics::{ClassificationReport, RegressionReport};
 pub use progress::Verbosity;
 pub use trainer::{CheckpointPolicy, Evaluation, FitConfig, Trainer};

@@ -93,6 +93,9 @@ impl EpochProgress {
         if let (Some(vl), Some(va)) = (r.val_loss, r.val_accuracy) {
             line += &format!(" val_loss {vl:.4} val_acc {va:.4}");
         }
+        if let (Some(scale), Some(skipped)) = (r.loss_scale, r.skipped_steps) {
+            line += &format!(" loss_scale {scale} skipped {skipped}");
+        }
         line += &format!(" {:.2}s {:.0} img/s", r.seconds, r.images_per_sec);
         if let Some(rss) = r.peak_rss_bytes {
             line += &format!(" {:.0} MiB peak", rss as f64 / (1 << 20) as f64);

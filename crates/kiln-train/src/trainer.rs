@@ -11,7 +11,7 @@ use kiln_nn::{Loss, Optimizer, Sequential};
 
 use crate::checkpoint::{self, Progress};
 use crate::progress::EpochProgress;
-use crate::{ClassificationReport, EpochRecord, History, Verbosity};
+use crate::{ClassificationReport, EpochRecord, History, LossScaler, Verbosity};
 
 /// Settings of [`Trainer::fit`].
 #[derive(Clone, Debug)]
@@ -36,6 +36,9 @@ pub struct FitConfig {
     /// checkpoint is written (if a policy is set) and `fit` returns
     /// [`Error::Interrupted`] naming it.
     pub stop: Option<Arc<AtomicBool>>,
+    /// The loss scaler f16 training starts with (ignored in f32 and bf16;
+    /// a resumed run continues the checkpoint's).
+    pub loss_scale: LossScaler,
 }
 
 /// When [`Trainer::fit`] writes checkpoints.
@@ -61,6 +64,7 @@ impl Default for FitConfig {
             augment: None,
             checkpoint: None,
             stop: None,
+            loss_scale: LossScaler::default(),
         }
     }
 }
@@ -210,12 +214,15 @@ impl<B: Backend> Trainer<B> {
         Ok((x, y, labels))
     }
 
+    /// The model's outputs for the loss, in f32 whatever the model computes
+    /// in (the loss and its softmax run in f32).
     fn outputs(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
-        if self.loss.wants_logits() {
-            self.model.forward_logits(x)
+        let out = if self.loss.wants_logits() {
+            self.model.forward_logits(x)?
         } else {
-            self.model.forward(x)
-        }
+            self.model.forward(x)?
+        };
+        out.cast(DType::F32)
     }
 
     fn correct(out: &Tensor<B>, labels: &[u32]) -> Result<usize> {
@@ -275,6 +282,14 @@ impl<B: Backend> Trainer<B> {
                 cfg.augment.is_some().to_string(),
             ));
         }
+        let precision = self.model.precision().name();
+        if progress.precision != precision {
+            return Err(mismatch(
+                "precision",
+                progress.precision.clone(),
+                precision.to_string(),
+            ));
+        }
         let fingerprint = train.fingerprint();
         if progress.dataset_fingerprint != fingerprint {
             return Err(Error::invalid(format!(
@@ -298,6 +313,7 @@ impl<B: Backend> Trainer<B> {
         batch: usize,
         tally: &Tally,
         history: &History,
+        scaler: Option<LossScaler>,
     ) -> Result<PathBuf> {
         let state = self.optimizer.state(&self.backend)?;
         let progress = Progress {
@@ -314,6 +330,8 @@ impl<B: Backend> Trainer<B> {
             rng_positions: self.model.rng_positions(),
             partial: (tally.loss, tally.correct, tally.seen),
             history: history.epochs.clone(),
+            precision: self.model.precision().name().to_string(),
+            loss_scale: scaler,
         };
         checkpoint::save(
             &policy.dir,
@@ -350,6 +368,13 @@ impl<B: Backend> Trainer<B> {
             epochs: from.map(|p| p.history.clone()).unwrap_or_default(),
         };
         let first = from.map_or(1, |p| p.epoch + 1);
+        // f16 gradients need the loss scaled; the scaler continues from a
+        // checkpoint's state.
+        let mut scaler = self
+            .model
+            .precision()
+            .needs_loss_scaling()
+            .then(|| from.and_then(|p| p.loss_scale).unwrap_or(cfg.loss_scale));
         let meter = crate::observe::EnergyMeter::new();
         for epoch in first..=cfg.epochs {
             let progress = EpochProgress::start(cfg.verbosity, epoch, cfg.epochs, loader.batches());
@@ -364,6 +389,11 @@ impl<B: Backend> Trainer<B> {
                 }
                 _ => 0,
             };
+            if skip == 0 {
+                if let Some(s) = scaler.as_mut() {
+                    s.start_epoch();
+                }
+            }
             self.model.set_training(true);
             for (done, batch) in loader.epoch_from(epoch as u64 - 1, skip).enumerate() {
                 let done = skip + done + 1;
@@ -371,7 +401,10 @@ impl<B: Backend> Trainer<B> {
                 let (x, y, labels) = self.upload(batch.images, batch.labels, n)?;
                 let out = self.outputs(&x)?;
                 let loss = self.loss.compute(&out, &y)?;
-                let grads = loss.backward()?;
+                let mut grads = match &scaler {
+                    Some(s) => loss.affine(s.scale, 0.0)?.backward()?,
+                    None => loss.backward()?,
+                };
                 let batch_loss = f64::from(loss.to_scalar_f32()?);
                 if !batch_loss.is_finite() {
                     return Err(Error::invalid(format!(
@@ -382,7 +415,19 @@ impl<B: Backend> Trainer<B> {
                 let correct = Self::correct(&out, &labels)?;
                 // Release the graph so parameters are updated in place, not copied.
                 drop((out, loss, x));
-                self.optimizer.step(&mut self.model.params_mut(), &grads)?;
+                let apply = match scaler.as_mut() {
+                    Some(s) => {
+                        let finite = grads.all_finite()?;
+                        if finite {
+                            grads.scale(1.0 / s.scale)?;
+                        }
+                        s.update(finite)?
+                    }
+                    None => true,
+                };
+                if apply {
+                    self.optimizer.step(&mut self.model.params_mut(), &grads)?;
+                }
                 tally.add(batch_loss, correct, n);
                 progress.update(
                     tally.loss(),
@@ -402,6 +447,7 @@ impl<B: Backend> Trainer<B> {
                                 done,
                                 &tally,
                                 &history,
+                                scaler,
                             )?;
                             format!(
                                 "checkpoint written to {} (epoch {epoch}, batch {done} of {}); continue with --resume {}",
@@ -436,6 +482,9 @@ impl<B: Backend> Trainer<B> {
                 images_per_sec: tally.seen as f64 / seconds.max(1e-9),
                 peak_rss_bytes: crate::observe::peak_rss_bytes(),
                 energy_joules,
+                precision: self.model.precision().name().to_string(),
+                loss_scale: scaler.map(|s| f64::from(s.scale)),
+                skipped_steps: scaler.map(|s| s.skipped_this_epoch),
             };
             progress.finish(&record);
             if let Some(p) = &cfg.history_path {
@@ -444,7 +493,16 @@ impl<B: Backend> Trainer<B> {
             history.epochs.push(record);
             if let Some(policy) = cfg.checkpoint.as_ref().filter(|p| p.every > 0) {
                 if epoch % policy.every == 0 || epoch == cfg.epochs {
-                    self.checkpoint(policy, train, cfg, epoch, 0, &Tally::default(), &history)?;
+                    self.checkpoint(
+                        policy,
+                        train,
+                        cfg,
+                        epoch,
+                        0,
+                        &Tally::default(),
+                        &history,
+                        scaler,
+                    )?;
                 }
             }
         }
@@ -501,8 +559,8 @@ impl<B: Backend> Trainer<B> {
         let mut dims = vec![n];
         dims.extend_from_slice(self.model.input_shape());
         let x = Tensor::from_host(HostData::F32(images.to_vec()), &dims, &self.backend)?;
-        let out = self.model.forward(&x)?;
-        if self.model.ends_in_softmax() || out.dtype() != DType::F32 {
+        let out = self.model.forward(&x)?.cast(DType::F32)?;
+        if self.model.ends_in_softmax() {
             Ok(out)
         } else {
             out.softmax()

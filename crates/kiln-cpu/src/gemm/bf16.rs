@@ -55,16 +55,21 @@ fn subnormal(v: bf16) -> bool {
     b & 0x7F80 == 0 && b & 0x007F != 0
 }
 
-/// The elements a view covers hold a subnormal.
+/// The elements a view covers hold a subnormal. A view that fills most of
+/// the storage it spans (a transpose, a slice of rows) has the whole span
+/// scanned in one branch-free pass (a subnormal outside the view only sends
+/// the product to the exact path); a sparse one is walked element by element.
 fn has_subnormal(data: &[bf16], layout: &Layout) -> bool {
-    match layout.contiguous_range() {
-        Some(r) => data[r].iter().any(|&v| subnormal(v)),
-        None => {
-            let mut found = false;
-            layout.for_each_offset(|o| found |= subnormal(data[o]));
-            found
-        }
+    let end = layout.span().unwrap_or(usize::MAX);
+    let start = layout.offset();
+    if end <= data.len() && end - start.min(end) <= 2 * layout.numel() {
+        return data[start.min(end)..end]
+            .iter()
+            .fold(false, |found, &v| found | subnormal(v));
     }
+    let mut found = false;
+    layout.for_each_offset(|o| found |= subnormal(data[o]));
+    found
 }
 
 /// `C = A·B` for bf16 `[batch, m, k]` and `[batch, k, n]` views into the

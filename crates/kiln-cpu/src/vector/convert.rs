@@ -3,8 +3,9 @@
 //! against the correctly rounded f64 result):
 //!
 //! - f32 → f16 and f16 → f32 with F16C (`vcvtps2ph` rounding to nearest
-//!   even, `vcvtph2ps` exact) on x86 processors that have it, eight lanes
-//!   at a time;
+//!   even, `vcvtph2ps` exact) on x86 processors that have it, and with
+//!   NEON's `fcvtn`/`fcvtl` (baseline on aarch64; round to nearest even
+//!   under the default FPCR), eight lanes at a time;
 //! - f32 → bf16 (round to nearest even on the bit pattern, NaN kept quiet)
 //!   and bf16 → f32 (a shift), as branch-free loops compiled per kernel set.
 
@@ -48,7 +49,8 @@ pub(crate) fn from_bf16(set: KernelSet, x: &[bf16]) -> Vec<f32> {
     wide::from_bf16(set, x)
 }
 
-/// f32 → f16 with F16C, if this is an x86 processor that has it.
+/// f32 → f16 with F16C (an x86 processor that has it) or NEON; `None`
+/// where neither is available.
 pub(crate) fn to_f16(x: &[f32]) -> Option<Vec<f16>> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("f16c") {
@@ -57,11 +59,21 @@ pub(crate) fn to_f16(x: &[f32]) -> Option<Vec<f16>> {
         unsafe { f16c::to_f16(x, &mut out) };
         return Some(out);
     }
-    let _ = x;
-    None
+    #[cfg(target_arch = "aarch64")]
+    {
+        let mut out = vec![f16::ZERO; x.len()];
+        fcvt::to_f16(x, &mut out);
+        return Some(out);
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = x;
+        None
+    }
 }
 
-/// f16 → f32 with F16C, if this is an x86 processor that has it.
+/// f16 → f32 with F16C (an x86 processor that has it) or NEON; `None`
+/// where neither is available.
 pub(crate) fn from_f16(x: &[f16]) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("f16c") {
@@ -70,8 +82,82 @@ pub(crate) fn from_f16(x: &[f16]) -> Option<Vec<f32>> {
         unsafe { f16c::from_f16(x, &mut out) };
         return Some(out);
     }
-    let _ = x;
-    None
+    #[cfg(target_arch = "aarch64")]
+    {
+        let mut out = vec![0f32; x.len()];
+        fcvt::from_f16(x, &mut out);
+        return Some(out);
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = x;
+        None
+    }
+}
+
+/// NEON's conversions between f32 and f16 (`fcvtn`/`fcvtn2` narrowing
+/// four lanes into each half of a register, `fcvtl`/`fcvtl2` widening).
+/// They are part of base AArch64 SIMD (no FP16 extension needed); Rust's
+/// f16 vector intrinsics are not stable, so they are written as `asm!`.
+#[cfg(target_arch = "aarch64")]
+mod fcvt {
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    use kiln_core::f16;
+
+    pub(super) fn to_f16(x: &[f32], out: &mut [f16]) {
+        let n = x.len().min(out.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 ≤ n elements of both slices; f16 is a u16;
+            // NEON is baseline on aarch64; the asm only converts registers.
+            unsafe {
+                let lo = vld1q_f32(x.as_ptr().add(i));
+                let hi = vld1q_f32(x.as_ptr().add(i + 4));
+                let h: uint16x8_t;
+                asm!(
+                    "fcvtn {h:v}.4h, {lo:v}.4s",
+                    "fcvtn2 {h:v}.8h, {hi:v}.4s",
+                    h = out(vreg) h,
+                    lo = in(vreg) lo,
+                    hi = in(vreg) hi,
+                    options(pure, nomem, nostack),
+                );
+                vst1q_u16(out.as_mut_ptr().add(i) as *mut u16, h);
+            }
+            i += 8;
+        }
+        for (o, &v) in out[i..n].iter_mut().zip(&x[i..n]) {
+            *o = f16::from_f32(v);
+        }
+    }
+
+    pub(super) fn from_f16(x: &[f16], out: &mut [f32]) {
+        let n = x.len().min(out.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: as in `to_f16`.
+            unsafe {
+                let h = vld1q_u16(x.as_ptr().add(i) as *const u16);
+                let (lo, hi): (float32x4_t, float32x4_t);
+                asm!(
+                    "fcvtl {lo:v}.4s, {h:v}.4h",
+                    "fcvtl2 {hi:v}.4s, {h:v}.8h",
+                    lo = out(vreg) lo,
+                    hi = out(vreg) hi,
+                    h = in(vreg) h,
+                    options(pure, nomem, nostack),
+                );
+                vst1q_f32(out.as_mut_ptr().add(i), lo);
+                vst1q_f32(out.as_mut_ptr().add(i + 4), hi);
+            }
+            i += 8;
+        }
+        for (o, v) in out[i..n].iter_mut().zip(&x[i..n]) {
+            *o = v.to_f32();
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -145,6 +231,9 @@ mod tests {
             .iter()
             .zip(&b)
             .all(|(f, h)| f.to_bits() == h.to_f32().to_bits()));
+        // NEON always converts; x86 does wherever it has F16C.
+        #[cfg(target_arch = "aarch64")]
+        assert!(to_f16(&xs[..1]).is_some() && from_f16(&[f16::ONE]).is_some());
         if let Some(h) = to_f16(&xs) {
             for (&x, &y) in xs.iter().zip(&h) {
                 let want = f16::from_f32(x);

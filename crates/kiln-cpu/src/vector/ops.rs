@@ -1,9 +1,17 @@
 //! The SIMD kernel sets' elementwise, reduction, softmax and optimiser
-//! paths. Each entry handles the common case — contiguous f32 operands —
-//! and returns `None` for anything else, which the caller sends to the
-//! reference kernel (strided views, f16/bf16, shape errors).
+//! paths. Each entry handles the common case — contiguous operands of one
+//! float type — and returns `None` for anything else, which the caller
+//! sends to the reference kernel (strided views, mixed types, shape
+//! errors).
+//!
+//! f16 and bf16 operands are widened to f32 with the vector conversions
+//! (exact), run through the same f32 loops, and the result is rounded to
+//! the operand type once on the way out — what the reference kernels
+//! compute, so mixed-precision training runs on the vector paths too.
 
-use kiln_core::{BinaryOp, HostData, ReduceOp, UnaryOp, View};
+use std::borrow::Cow;
+
+use kiln_core::{BinaryOp, DType, HostData, ReduceOp, UnaryOp, View};
 
 use super::wide;
 use crate::reference::elementwise::{backward_f32, binary_f32, unary_f32};
@@ -12,25 +20,50 @@ use crate::KernelSet;
 /// A vector kernel `out[i] = f(x[i])` (the transcendentals).
 type MapKernel = unsafe fn(&[f32], &mut [f32]);
 
-/// The contiguous f32 elements a view covers, if it is such a view.
-fn contiguous<'a>(v: View<'a, HostData>) -> Option<&'a [f32]> {
-    match v.storage {
-        HostData::F32(d) => v
-            .layout
-            .contiguous_range()
-            .filter(|r| r.end <= d.len())
-            .map(|r| &d[r]),
-        _ => None,
-    }
+/// The elements of a contiguous view as f32: borrowed for f32, widened
+/// (exactly) for f16 and bf16; `None` for other views.
+fn contiguous<'a>(set: KernelSet, v: View<'a, HostData>) -> Option<Cow<'a, [f32]>> {
+    let r = v
+        .layout
+        .contiguous_range()
+        .filter(|r| r.end <= v.storage.len())?;
+    widen(set, v.storage, r)
+}
+
+/// Elements `r` of `data` as f32 (see [`contiguous`]).
+fn widen<'a>(
+    set: KernelSet,
+    data: &'a HostData,
+    r: std::ops::Range<usize>,
+) -> Option<Cow<'a, [f32]>> {
+    Some(match data {
+        HostData::F32(d) => Cow::Borrowed(&d[r]),
+        HostData::BF16(d) => Cow::Owned(super::convert::from_bf16(set, &d[r])),
+        HostData::F16(d) => Cow::Owned(super::convert::from_f16(&d[r])?),
+        _ => return None,
+    })
+}
+
+/// f32 results stored as `dtype` (rounded to nearest even for f16/bf16).
+fn narrow(set: KernelSet, dtype: DType, v: Vec<f32>) -> Option<HostData> {
+    Some(match dtype {
+        DType::F32 => HostData::F32(v),
+        DType::BF16 => HostData::BF16(super::convert::to_bf16(set, &v)),
+        DType::F16 => HostData::F16(super::convert::to_f16(&v)?),
+        _ => return None,
+    })
+}
+
+/// The type shared by all `views`, if they share one.
+fn common(views: &[View<'_, HostData>]) -> Option<DType> {
+    let t = views.first()?.storage.dtype();
+    views.iter().all(|v| v.storage.dtype() == t).then_some(t)
 }
 
 /// A view that repeats one contiguous block: zero strides on its leading
 /// axes, row-major strides on the rest (a bias broadcast over rows). Returns
-/// the block.
-fn periodic<'a>(v: View<'a, HostData>) -> Option<&'a [f32]> {
-    let HostData::F32(d) = v.storage else {
-        return None;
-    };
+/// the block, as f32 (see [`contiguous`]).
+fn periodic<'a>(set: KernelSet, v: View<'a, HostData>) -> Option<Cow<'a, [f32]>> {
     let (dims, strides) = (v.layout.dims(), v.layout.strides());
     let mut expect = 1;
     let mut split = dims.len();
@@ -42,7 +75,11 @@ fn periodic<'a>(v: View<'a, HostData>) -> Option<&'a [f32]> {
         return None;
     }
     let start = v.layout.offset();
-    d.get(start..start.checked_add(expect)?)
+    let end = start.checked_add(expect)?;
+    if end > v.storage.len() {
+        return None;
+    }
+    widen(set, v.storage, start..end)
 }
 
 /// The vector transcendental of `set` for `op`, if it has one.
@@ -107,7 +144,8 @@ macro_rules! specialise {
 
 /// `op(x)`.
 pub(crate) fn unary(set: KernelSet, op: UnaryOp, x: View<'_, HostData>) -> Option<HostData> {
-    let xs = contiguous(x)?;
+    let xs = contiguous(set, x)?;
+    let xs = &xs[..];
     let out = match transcendental(set, op) {
         Some(kernel) => apply(set, kernel, xs),
         None => {
@@ -115,7 +153,7 @@ pub(crate) fn unary(set: KernelSet, op: UnaryOp, x: View<'_, HostData>) -> Optio
             OP => wide::map(set, xs, |v| unary_f32(OP, v)))
         }
     };
-    Some(HostData::F32(out))
+    narrow(set, x.storage.dtype(), out)
 }
 
 /// The gradient of `op` at `x` (with `y = op(x)`) times `dy`.
@@ -130,16 +168,17 @@ pub(crate) fn unary_backward(
     if y.layout.shape() != shape || dy.layout.shape() != shape {
         return None;
     }
-    let (ys, dys) = (contiguous(y)?, contiguous(dy)?);
+    let dtype = common(&[x, y, dy])?;
+    let (ys, dys) = (contiguous(set, y)?, contiguous(set, dy)?);
     let out = if op.backward_reads_only_output() {
         specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh],
-            OP => wide::zip(set, ys, dys, |y, d| backward_f32(OP, 0.0, y, d)))
+            OP => wide::zip(set, &ys, &dys, |y, d| backward_f32(OP, 0.0, y, d)))
     } else {
-        let xs = contiguous(x)?;
+        let xs = contiguous(set, x)?;
         specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh],
-            OP => wide::zip3(set, xs, ys, dys, |x, y, d| backward_f32(OP, x, y, d)))
+            OP => wide::zip3(set, &xs, &ys, &dys, |x, y, d| backward_f32(OP, x, y, d)))
     };
-    Some(HostData::F32(out))
+    narrow(set, dtype, out)
 }
 
 /// `x·mul + add`, fused.
@@ -149,8 +188,12 @@ pub(crate) fn affine(
     mul: f32,
     add: f32,
 ) -> Option<HostData> {
-    let xs = contiguous(x)?;
-    Some(HostData::F32(wide::map(set, xs, |v| v.mul_add(mul, add))))
+    let xs = contiguous(set, x)?;
+    narrow(
+        set,
+        x.storage.dtype(),
+        wide::map(set, &xs, |v| v.mul_add(mul, add)),
+    )
 }
 
 /// `op(a, b)` for operands of one shape, either contiguous or one of them a
@@ -164,24 +207,25 @@ pub(crate) fn binary(
     if a.layout.shape() != b.layout.shape() {
         return None;
     }
-    let out = match (contiguous(a), contiguous(b)) {
+    let dtype = common(&[a, b])?;
+    let out = match (contiguous(set, a), contiguous(set, b)) {
         (Some(x), Some(y)) => {
             specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
-            OP => wide::zip(set, x, y, |p, q| binary_f32(OP, p, q)))
+            OP => wide::zip(set, &x, &y, |p, q| binary_f32(OP, p, q)))
         }
         (Some(x), None) => {
-            let row = periodic(b)?;
+            let row = periodic(set, b)?;
             specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
-                OP => wide::zip_rows(set, x, row, |p, q| binary_f32(OP, p, q)))
+                OP => wide::zip_rows(set, &x, &row, |p, q| binary_f32(OP, p, q)))
         }
         (None, Some(y)) => {
-            let row = periodic(a)?;
+            let row = periodic(set, a)?;
             specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
-                OP => wide::zip_rows(set, y, row, |q, p| binary_f32(OP, p, q)))
+                OP => wide::zip_rows(set, &y, &row, |q, p| binary_f32(OP, p, q)))
         }
         (None, None) => return None,
     };
-    Some(HostData::F32(out))
+    narrow(set, dtype, out)
 }
 
 /// Sum or mean of a contiguous operand over leading axes `0..p` (summed in
@@ -196,7 +240,8 @@ pub(crate) fn reduce(
     if !matches!(op, ReduceOp::Sum | ReduceOp::Mean) || axes.is_empty() {
         return None;
     }
-    let xs = contiguous(x)?;
+    let xs = contiguous(set, x)?;
+    let xs = &xs[..];
     let dims = x.layout.dims();
     let rank = dims.len();
     let leading = axes.iter().enumerate().all(|(i, &a)| a == i);
@@ -222,13 +267,14 @@ pub(crate) fn reduce(
         let n = run as f32;
         out = wide::map(set, &out, |v| v / n);
     }
-    Some(HostData::F32(out))
+    narrow(set, x.storage.dtype(), out)
 }
 
 /// Softmax (or log-softmax) over the last axis of a contiguous operand,
 /// with the set's vector exp.
 pub(crate) fn softmax(set: KernelSet, x: View<'_, HostData>, log: bool) -> Option<HostData> {
-    let xs = contiguous(x)?;
+    let xs = contiguous(set, x)?;
+    let xs = &xs[..];
     let c = *x.layout.dims().last()?;
     let exp = transcendental(set, UnaryOp::Exp)?;
     if c == 0 {
@@ -247,7 +293,7 @@ pub(crate) fn softmax(set: KernelSet, x: View<'_, HostData>, log: bool) -> Optio
             wide::scale(set, o, sum);
         }
     }
-    Some(HostData::F32(out))
+    narrow(set, x.storage.dtype(), out)
 }
 
 /// The row's max and `Σ exp(x − max)`; leaves `exp(x − max)` in `exps`.
@@ -275,7 +321,8 @@ pub(crate) fn softmax_cross_entropy(
     logits: View<'_, HostData>,
     labels: &[u32],
 ) -> Option<(HostData, HostData)> {
-    let xs = contiguous(logits)?;
+    let xs = contiguous(set, logits)?;
+    let xs = &xs[..];
     let c = *logits.layout.dims().last()?;
     let exp = transcendental(set, UnaryOp::Exp)?;
     if c == 0 || labels.len() * c != xs.len() {
@@ -295,7 +342,8 @@ pub(crate) fn softmax_cross_entropy(
         wide::scale(set, g, sum);
         g[label] -= 1.0;
     }
-    Some((HostData::F32(loss), HostData::F32(grad)))
+    let dtype = logits.storage.dtype();
+    Some((narrow(set, dtype, loss)?, narrow(set, dtype, grad)?))
 }
 
 /// Casts between f32 and f16/bf16 of contiguous operands, bitwise the

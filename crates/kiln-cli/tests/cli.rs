@@ -605,3 +605,70 @@ fn serve_answers_concurrent_requests_and_stops_on_sigterm() {
     assert!(status.success(), "serve exited with {status}");
     assert!(lines.any(|l| l.is_ok_and(|l| l == "stopped")));
 }
+
+#[test]
+fn mixed_precision_training_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let o = kiln(&[
+        "train",
+        "--model",
+        "mlp",
+        "--epochs",
+        "1",
+        "--limit",
+        "1000",
+        "--precision",
+        "f16",
+        "--out",
+        out,
+        "--plain",
+        "--checkpoint-every",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    assert!(
+        s.contains("precision f16 (f32 master weights, dynamic loss scaling)")
+            && s.contains("loss_scale 65536 skipped 0"),
+        "{s}"
+    );
+    let history = std::fs::read_to_string(dir.path().join("history.jsonl")).unwrap();
+    assert!(
+        history.contains("\"precision\":\"f16\"") && history.contains("\"loss_scale\":65536"),
+        "{history}"
+    );
+    // A resume keeps the checkpoint's precision, and refuses another.
+    let ckpt = dir.path().join("checkpoints");
+    let ckpt = ckpt.to_str().unwrap();
+    let o = kiln(&[
+        "train", "--epochs", "2", "--limit", "1000", "--out", out, "--plain", "--resume", ckpt,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("precision f16"), "{}", stdout(&o));
+    let o = kiln(&[
+        "train",
+        "--epochs",
+        "3",
+        "--limit",
+        "1000",
+        "--out",
+        out,
+        "--resume",
+        ckpt,
+        "--precision",
+        "bf16",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("precision f16, this run has bf16"),
+        "{}",
+        stderr(&o)
+    );
+    // Evaluation in bf16 reads the f32 weights.
+    let o = kiln(&["eval", "--model", out, "--precision", "bf16"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = kiln(&["train", "--precision", "fp8"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("fp8"), "{}", stderr(&o));
+}

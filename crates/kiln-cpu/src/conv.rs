@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use crate::gemm::{accumulate, Matrix};
 use crate::reference::conv::{common_dtype, source};
 use crate::reference::elementwise::activate;
-use crate::storage::{read_f32, store_f32};
+use crate::vector::convert;
 use crate::KernelSet;
 
 /// Images per partial sum of the filter gradient.
@@ -199,12 +199,17 @@ pub(crate) fn conv2d(
         ow,
         win: *win,
     };
-    let (xs, ws) = (read_f32("conv2d", x)?, read_f32("conv2d", weight)?);
-    let bs = bias.map(|b| read_f32("conv2d", b)).transpose()?;
+    let (xs, ws) = (
+        convert::read_f32(set, "conv2d", x)?,
+        convert::read_f32(set, "conv2d", weight)?,
+    );
+    let bs = bias
+        .map(|b| convert::read_f32(set, "conv2d", b))
+        .transpose()?;
     let (patch, cells) = (g.patch(), g.cells());
     let mut out = vec![0f32; n * o * cells];
     if out.is_empty() {
-        return store_f32("conv2d", dtype, out);
+        return convert::store_f32(set, "conv2d", dtype, out);
     }
     let filters = Matrix::from_slice(&ws, 0, patch, 1);
     pool.install(|| {
@@ -218,7 +223,7 @@ pub(crate) fn conv2d(
             },
         )
     });
-    store_f32("conv2d", dtype, out)
+    convert::store_f32(set, "conv2d", dtype, out)
 }
 
 pub(crate) fn conv2d_backward_data(
@@ -244,13 +249,13 @@ pub(crate) fn conv2d_backward_data(
         win: *win,
     };
     let (gs, ws) = (
-        read_f32("conv2d_backward_data", dy)?,
-        read_f32("conv2d_backward_data", weight)?,
+        convert::read_f32(set, "conv2d_backward_data", dy)?,
+        convert::read_f32(set, "conv2d_backward_data", weight)?,
     );
     let (patch, cells) = (g.patch(), g.cells());
     let mut dx = vec![0f32; n * c * h * w];
     if dx.is_empty() {
-        return store_f32("conv2d_backward_data", dtype, dx);
+        return convert::store_f32(set, "conv2d_backward_data", dtype, dx);
     }
     let filters_t = Matrix::from_slice(&ws, 0, 1, patch);
     pool.install(|| {
@@ -263,7 +268,7 @@ pub(crate) fn conv2d_backward_data(
             },
         )
     });
-    store_f32("conv2d_backward_data", dtype, dx)
+    convert::store_f32(set, "conv2d_backward_data", dtype, dx)
 }
 
 pub(crate) fn conv2d_backward_filter(
@@ -287,8 +292,8 @@ pub(crate) fn conv2d_backward_filter(
         win: *win,
     };
     let (xs, gs) = (
-        read_f32("conv2d_backward_filter", x)?,
-        read_f32("conv2d_backward_filter", dy)?,
+        convert::read_f32(set, "conv2d_backward_filter", x)?,
+        convert::read_f32(set, "conv2d_backward_filter", dy)?,
     );
     let (patch, cells) = (g.patch(), g.cells());
     let group = |first: usize| {
@@ -321,8 +326,8 @@ pub(crate) fn conv2d_backward_filter(
         pool.install(|| firsts.par_iter().map(|&f| group(f)).collect());
     let (dw, db) = sum_groups(partials, o * patch, o);
     Ok((
-        store_f32("conv2d_backward_filter", dtype, dw)?,
-        store_f32("conv2d_backward_filter", dtype, db)?,
+        convert::store_f32(set, "conv2d_backward_filter", dtype, dw)?,
+        convert::store_f32(set, "conv2d_backward_filter", dtype, db)?,
     ))
 }
 
@@ -370,16 +375,18 @@ pub(crate) fn conv2d_pool(
         win: *conv,
     };
     let (xs, ws) = (
-        read_f32("conv2d_pool", x)?,
-        read_f32("conv2d_pool", weight)?,
+        convert::read_f32(set, "conv2d_pool", x)?,
+        convert::read_f32(set, "conv2d_pool", weight)?,
     );
-    let bs = bias.map(|b| read_f32("conv2d_pool", b)).transpose()?;
+    let bs = bias
+        .map(|b| convert::read_f32(set, "conv2d_pool", b))
+        .transpose()?;
     let (patch, cells, pcells) = (g.patch(), g.cells(), ph * pw);
     let mut pooled = vec![0f32; n * o * pcells];
     let mut argmax = vec![0u32; n * o * pcells];
     if pooled.is_empty() {
         return Ok((
-            store_f32("conv2d_pool", dtype, pooled)?,
+            convert::store_f32(set, "conv2d_pool", dtype, pooled)?,
             HostData::U32(argmax),
         ));
     }
@@ -397,7 +404,7 @@ pub(crate) fn conv2d_pool(
                     accumulate(set, &filters, &b, (o, patch, cells), y, true);
                     finish(y, cells, bs.as_deref(), activation);
                     // Pool what the unfused convolution would have stored.
-                    round_to_storage(dtype, y);
+                    convert::round_to(set, dtype, y);
                     let planes = y.chunks_exact(cells).zip(p.chunks_exact_mut(pcells));
                     for ((plane, pp), pa) in planes.zip(a.chunks_exact_mut(pcells)) {
                         crate::pool::plane(set, plane, [oh, ow], pooling, [ph, pw], pp, pa);
@@ -406,22 +413,9 @@ pub(crate) fn conv2d_pool(
             )
     });
     Ok((
-        store_f32("conv2d_pool", dtype, pooled)?,
+        convert::store_f32(set, "conv2d_pool", dtype, pooled)?,
         HostData::U32(argmax),
     ))
-}
-
-/// Rounds f32 values to what `dtype` would store (a no-op for f32).
-fn round_to_storage(dtype: kiln_core::DType, v: &mut [f32]) {
-    match dtype {
-        kiln_core::DType::F16 => v
-            .iter_mut()
-            .for_each(|x| *x = kiln_core::f16::from_f32(*x).to_f32()),
-        kiln_core::DType::BF16 => v
-            .iter_mut()
-            .for_each(|x| *x = kiln_core::bf16::from_f32(*x).to_f32()),
-        _ => {}
-    }
 }
 
 /// The backward pass of [`conv2d_pool`], per image with the gradient of the
@@ -470,10 +464,10 @@ pub(crate) fn conv2d_pool_backward(
         ow,
         win: *conv,
     };
-    let xs = read_f32(op, x)?;
-    let ws = read_f32(op, weight)?;
-    let ys = read_f32(op, pooled)?;
-    let gs = read_f32(op, dpooled)?;
+    let xs = convert::read_f32(set, op, x)?;
+    let ws = convert::read_f32(set, op, weight)?;
+    let ys = convert::read_f32(set, op, pooled)?;
+    let gs = convert::read_f32(set, op, dpooled)?;
     let at = crate::storage::read_u32(op, argmax)?;
     if let Some(&bad) = at.iter().find(|&&a| a as usize >= oh * ow) {
         return Err(Error::invalid(format!(
@@ -553,6 +547,12 @@ pub(crate) fn conv2d_pool_backward(
         _ => firsts.par_iter().map(|&f| group(f, None)).collect(),
     });
     let (dw, db) = sum_groups(partials, o * patch, o);
-    let dx = dx.map(|d| store_f32(op, dtype, d)).transpose()?;
-    Ok((dx, store_f32(op, dtype, dw)?, store_f32(op, dtype, db)?))
+    let dx = dx
+        .map(|d| convert::store_f32(set, op, dtype, d))
+        .transpose()?;
+    Ok((
+        dx,
+        convert::store_f32(set, op, dtype, dw)?,
+        convert::store_f32(set, op, dtype, db)?,
+    ))
 }

@@ -363,7 +363,7 @@ impl Backend for CpuBackend {
         input: [usize; 2],
     ) -> Result<HostData> {
         match self.simd() {
-            Some(_) => pool::max_pool2d_backward(&self.pool, dy, argmax, window, input),
+            Some(set) => pool::max_pool2d_backward(set, &self.pool, dy, argmax, window, input),
             None => reference::conv::max_pool2d_backward(dy, argmax, window, input),
         }
     }

@@ -31,7 +31,8 @@ use kiln_core::{Activation, Error, GemmEpilogue, HostData, Result, View};
 use rayon::prelude::*;
 
 use crate::reference::elementwise::activate;
-use crate::storage::{check_bounds, read_f32, store_f32};
+use crate::storage::{check_bounds, read_f32};
+use crate::vector::convert;
 use crate::KernelSet;
 pub(crate) use pack::Matrix;
 use pack::{pack_a, pack_b};
@@ -212,13 +213,14 @@ impl<'a> Problem<'a> {
     /// stores the result in the operands' dtype.
     pub(crate) fn finish(
         &self,
+        set: KernelSet,
         mut out: Vec<f32>,
         alpha: f32,
         act: Activation,
     ) -> Result<HostData> {
         if alpha == 1.0 && self.c0.is_none() && self.bias.is_none() && act == Activation::None {
             // Nothing to apply: skip a pass over the output.
-            return store_f32("gemm", self.dtype, out);
+            return convert::store_f32(set, "gemm", self.dtype, out);
         }
         let n = self.n.max(1);
         for (row_index, row) in out.chunks_mut(n).enumerate() {
@@ -237,7 +239,7 @@ impl<'a> Problem<'a> {
                 };
             }
         }
-        store_f32("gemm", self.dtype, out)
+        convert::store_f32(set, "gemm", self.dtype, out)
     }
 }
 
@@ -257,15 +259,15 @@ pub(crate) fn gemm(
     if set == KernelSet::Avx512 && prob.dtype == kiln_core::DType::BF16 && bf16::available() {
         let mut out = vec![0f32; batch * m * n];
         if m == 0 || n == 0 || k == 0 {
-            return prob.finish(out, ep.alpha, ep.activation);
+            return prob.finish(set, out, ep.alpha, ep.activation);
         }
         if bf16::gemm(a, b, (batch, m, k, n), &mut out, pool).is_some() {
-            return prob.finish(out, ep.alpha, ep.activation);
+            return prob.finish(set, out, ep.alpha, ep.activation);
         }
     }
     // f32 operands are packed straight from their strided storage; f16 and
     // bf16 are widened to f32 first (exact).
-    let (a32, b32) = (Matrix::batched(a)?, Matrix::batched(b)?);
+    let (a32, b32) = (Matrix::batched(set, a)?, Matrix::batched(set, b)?);
     let mut out = vec![0f32; batch * m * n];
     if m > 0 && n > 0 {
         for (p, c) in out.chunks_mut(m * n).enumerate() {
@@ -293,7 +295,7 @@ pub(crate) fn gemm(
             }
         }
     }
-    prob.finish(out, ep.alpha, ep.activation)
+    prob.finish(set, out, ep.alpha, ep.activation)
 }
 
 /// `c += a·b` — or `c = a·b` when `fresh`, without reading `c` — for an

@@ -6,6 +6,8 @@ use std::borrow::Cow;
 use kiln_core::{HostData, Result, View};
 
 use crate::storage::read_f32;
+use crate::vector::convert;
+use crate::KernelSet;
 
 /// A strided f32 matrix: element `(i, j)` is `data[offset + i·rs + j·cs]`.
 pub(crate) struct Matrix<'a> {
@@ -18,19 +20,40 @@ pub(crate) struct Matrix<'a> {
 
 impl<'a> Matrix<'a> {
     /// A `[batch, rows, cols]` operand: f32 storage is used in place with its
-    /// strides; other dtypes are widened into a contiguous copy.
-    pub(crate) fn batched(v: View<'a, HostData>) -> Result<Self> {
+    /// strides; f16 and bf16 are widened — the storage the view spans, with
+    /// the set's vector conversions, keeping the strides, when the view
+    /// fills most of it (a transpose); otherwise into a contiguous copy.
+    pub(crate) fn batched(set: KernelSet, v: View<'a, HostData>) -> Result<Self> {
         let l = v.layout;
         let (s, d) = (l.strides(), l.dims());
-        Ok(match v.storage {
-            HostData::F32(data) => Matrix {
+        if let HostData::F32(data) = v.storage {
+            return Ok(Matrix {
                 data: Cow::Borrowed(data),
                 offset: l.offset(),
                 rs: s[1],
                 cs: s[2],
                 batch_stride: s[0],
+            });
+        }
+        let spanned = l
+            .span()
+            .ok()
+            .filter(|&end| {
+                set != KernelSet::Scalar
+                    && l.numel() > 0
+                    && end <= v.storage.len()
+                    && end - l.offset() <= 2 * l.numel()
+            })
+            .and_then(|end| convert::widen(set, v.storage, l.offset()..end));
+        Ok(match spanned {
+            Some(data) => Matrix {
+                data,
+                offset: 0,
+                rs: s[1],
+                cs: s[2],
+                batch_stride: s[0],
             },
-            _ => Matrix {
+            None => Matrix {
                 data: read_f32("gemm", v)?,
                 offset: 0,
                 rs: d[2],

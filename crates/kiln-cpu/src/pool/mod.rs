@@ -13,7 +13,8 @@ use kiln_core::{Error, HostData, Result, View, Window2d};
 use rayon::prelude::*;
 
 use crate::reference::conv::window_max;
-use crate::storage::{read_f32, read_u32, store_f32};
+use crate::storage::read_u32;
+use crate::vector::convert;
 use crate::vector::wide;
 use crate::KernelSet;
 
@@ -72,7 +73,7 @@ pub(crate) fn max_pool2d(
             format!("an input plane of {h}×{w} cells does not fit u32 indices"),
         ));
     }
-    let xs = read_f32("max_pool2d", x)?;
+    let xs = convert::read_f32(set, "max_pool2d", x)?;
     let cells = oh * ow;
     let mut out = vec![0f32; n * c * cells];
     let mut at = vec![0u32; n * c * cells];
@@ -87,12 +88,13 @@ pub(crate) fn max_pool2d(
         });
     }
     Ok((
-        store_f32("max_pool2d", x.storage.dtype(), out)?,
+        convert::store_f32(set, "max_pool2d", x.storage.dtype(), out)?,
         HostData::U32(at),
     ))
 }
 
 pub(crate) fn max_pool2d_backward(
+    set: KernelSet,
     pool: &rayon::ThreadPool,
     dy: View<'_, HostData>,
     argmax: View<'_, HostData>,
@@ -102,7 +104,7 @@ pub(crate) fn max_pool2d_backward(
     let out = pool2d_backward_shape(dy.layout.dims(), argmax.layout.dims(), win, input)?;
     let [n, c, ..] = out;
     let [h, w] = input;
-    let gs = read_f32("max_pool2d_backward", dy)?;
+    let gs = convert::read_f32(set, "max_pool2d_backward", dy)?;
     let at = read_u32("max_pool2d_backward", argmax)?;
     if let Some(&bad) = at.iter().find(|&&a| a as usize >= h * w) {
         return Err(Error::invalid(format!(
@@ -123,5 +125,5 @@ pub(crate) fn max_pool2d_backward(
             })
         });
     }
-    store_f32("max_pool2d_backward", dy.storage.dtype(), dx)
+    convert::store_f32(set, "max_pool2d_backward", dy.storage.dtype(), dx)
 }

@@ -9,10 +9,13 @@
 //! - f32 → bf16 (round to nearest even on the bit pattern, NaN kept quiet)
 //!   and bf16 → f32 (a shift), as branch-free loops compiled per kernel set.
 
-use kiln_core::{bf16, f16};
+use std::borrow::Cow;
+use std::ops::Range;
+
+use kiln_core::{bf16, f16, DType, HostData, Result, View};
 
 use super::wide;
-use crate::KernelSet;
+use crate::{storage, KernelSet};
 
 /// The f32 → bf16 loop (see the module doc).
 #[inline(always)]
@@ -47,6 +50,69 @@ pub(crate) fn to_bf16(set: KernelSet, x: &[f32]) -> Vec<bf16> {
 /// bf16 → f32, exact.
 pub(crate) fn from_bf16(set: KernelSet, x: &[bf16]) -> Vec<f32> {
     wide::from_bf16(set, x)
+}
+
+/// Storage elements `r` of a float operand as f32: borrowed for f32,
+/// widened with the vector conversions (exact) for f16 and bf16; `None` for
+/// u32, or f16 where there is no vector conversion.
+pub(crate) fn widen(set: KernelSet, data: &HostData, r: Range<usize>) -> Option<Cow<'_, [f32]>> {
+    Some(match data {
+        HostData::F32(d) => Cow::Borrowed(&d[r]),
+        HostData::BF16(d) => Cow::Owned(from_bf16(set, &d[r])),
+        HostData::F16(d) => Cow::Owned(from_f16(&d[r])?),
+        HostData::U32(_) => return None,
+    })
+}
+
+/// [`storage::read_f32`] for the SIMD sets: a contiguous f16/bf16 operand
+/// is widened with the vector conversions (bitwise the same values). The
+/// scalar set keeps the reference's plain loops.
+pub(crate) fn read_f32<'a>(
+    set: KernelSet,
+    op: &'static str,
+    v: View<'a, HostData>,
+) -> Result<Cow<'a, [f32]>> {
+    let range = v
+        .layout
+        .contiguous_range()
+        .filter(|r| r.end <= v.storage.len() && set != KernelSet::Scalar);
+    match range.and_then(|r| widen(set, v.storage, r)) {
+        Some(data) => Ok(data),
+        None => storage::read_f32(op, v),
+    }
+}
+
+/// [`storage::store_f32`] for the SIMD sets: f32 results rounded to f16 or
+/// bf16 with the vector conversions (bitwise the same values).
+pub(crate) fn store_f32(
+    set: KernelSet,
+    op: &'static str,
+    dtype: DType,
+    v: Vec<f32>,
+) -> Result<HostData> {
+    if set == KernelSet::Scalar {
+        return storage::store_f32(op, dtype, v);
+    }
+    match dtype {
+        DType::BF16 => Ok(HostData::BF16(to_bf16(set, &v))),
+        DType::F16 => match to_f16(&v) {
+            Some(h) => Ok(HostData::F16(h)),
+            None => storage::store_f32(op, dtype, v),
+        },
+        _ => storage::store_f32(op, dtype, v),
+    }
+}
+
+/// Rounds f32 values in place to what `dtype` would store (a no-op for f32).
+pub(crate) fn round_to(set: KernelSet, dtype: DType, v: &mut [f32]) {
+    match dtype {
+        DType::BF16 => v.copy_from_slice(&from_bf16(set, &to_bf16(set, v))),
+        DType::F16 => match to_f16(v).and_then(|h| from_f16(&h)) {
+            Some(r) => v.copy_from_slice(&r),
+            None => v.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
+        },
+        _ => {}
+    }
 }
 
 /// f32 → f16 with F16C (an x86 processor that has it) or NEON; `None`

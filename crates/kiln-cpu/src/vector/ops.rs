@@ -27,21 +27,7 @@ fn contiguous<'a>(set: KernelSet, v: View<'a, HostData>) -> Option<Cow<'a, [f32]
         .layout
         .contiguous_range()
         .filter(|r| r.end <= v.storage.len())?;
-    widen(set, v.storage, r)
-}
-
-/// Elements `r` of `data` as f32 (see [`contiguous`]).
-fn widen<'a>(
-    set: KernelSet,
-    data: &'a HostData,
-    r: std::ops::Range<usize>,
-) -> Option<Cow<'a, [f32]>> {
-    Some(match data {
-        HostData::F32(d) => Cow::Borrowed(&d[r]),
-        HostData::BF16(d) => Cow::Owned(super::convert::from_bf16(set, &d[r])),
-        HostData::F16(d) => Cow::Owned(super::convert::from_f16(&d[r])?),
-        _ => return None,
-    })
+    super::convert::widen(set, v.storage, r)
 }
 
 /// f32 results stored as `dtype` (rounded to nearest even for f16/bf16).
@@ -79,7 +65,7 @@ fn periodic<'a>(set: KernelSet, v: View<'a, HostData>) -> Option<Cow<'a, [f32]>>
     if end > v.storage.len() {
         return None;
     }
-    widen(set, v.storage, start..end)
+    super::convert::widen(set, v.storage, start..end)
 }
 
 /// The vector transcendental of `set` for `op`, if it has one.

@@ -1,0 +1,133 @@
+// Shared by every kiln kernel: element types, conversions, strided
+// indexing, grid-stride loops and warp reductions. Self-contained (no CUDA
+// headers), so NVRTC compiles it with nothing but the wheel.
+#pragma once
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+// Element types, as kiln_cuda::kernels::DTYPE_* numbers them.
+#define KILN_F32 0
+#define KILN_F16 1
+#define KILN_BF16 2
+#define KILN_U32 3
+
+#define KILN_MAX_RANK 6
+
+// A view: element i (row-major over dims) lives at offset + Σ index·stride.
+// Mirrors kiln_cuda::launch::Strided (#[repr(C)]).
+struct Strided {
+    int rank;
+    int pad;
+    i64 offset;
+    i64 dims[KILN_MAX_RANK];
+    i64 strides[KILN_MAX_RANK];
+};
+
+__device__ __forceinline__ i64 strided_offset(const Strided& s, i64 i) {
+    i64 o = s.offset;
+    for (int d = s.rank - 1; d >= 0; --d) {
+        i64 q = i % s.dims[d];
+        i /= s.dims[d];
+        o += q * s.strides[d];
+    }
+    return o;
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// Round to nearest even; a NaN stays a (quiet) NaN.
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 b = __float_as_uint(f);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (u16)((b >> 16) | 0x40u);
+    return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float load_f32(const void* p, int dtype, i64 i) {
+    switch (dtype) {
+        case KILN_F16: return f16_to_f32(((const u16*)p)[i]);
+        case KILN_BF16: return bf16_to_f32(((const u16*)p)[i]);
+        case KILN_U32: return (float)((const u32*)p)[i];
+        default: return ((const float*)p)[i];
+    }
+}
+
+__device__ __forceinline__ void store_f32(void* p, int dtype, i64 i, float v) {
+    switch (dtype) {
+        case KILN_F16: ((u16*)p)[i] = f32_to_f16(v); break;
+        case KILN_BF16: ((u16*)p)[i] = f32_to_bf16(v); break;
+        case KILN_U32: {
+            // Truncation toward zero, saturating; NaN → 0.
+            float t = v != v ? 0.0f : fminf(fmaxf(truncf(v), 0.0f), 4294967295.0f);
+            ((u32*)p)[i] = (u32)t;
+            break;
+        }
+        default: ((float*)p)[i] = v;
+    }
+}
+
+#define GRID_STRIDE(i, n) \
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
+
+// max/min that propagate NaN (IEEE maximum), as the CPU kernels do.
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fc00000) : fmaxf(a, b); }
+__device__ __forceinline__ float nan_min(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fc00000) : fminf(a, b); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_min(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = nan_min(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Activations and unary ops, numbered as kiln_core's UnaryOp.
+#define OP_NEG 0
+#define OP_ABS 1
+#define OP_EXP 2
+#define OP_LOG 3
+#define OP_SQRT 4
+#define OP_SQUARE 5
+#define OP_RECIP 6
+#define OP_RELU 7
+#define OP_SIGMOID 8
+#define OP_TANH 9
+#define OP_NONE 255
+
+__device__ __forceinline__ float unary_f32(int op, float x) {
+    switch (op) {
+        case OP_NEG: return -x;
+        case OP_ABS: return fabsf(x);
+        case OP_EXP: return expf(x);
+        case OP_LOG: return logf(x);
+        case OP_SQRT: return sqrtf(x);
+        case OP_SQUARE: return x * x;
+        case OP_RECIP: return 1.0f / x;
+        case OP_RELU: return (x != x || x > 0.0f) ? x : 0.0f;
+        case OP_SIGMOID:
+            // e^-x overflows for x < -88 while the result is still a number.
+            if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+            else { float e = expf(x); return e / (1.0f + e); }
+        case OP_TANH: return tanhf(x);
+        default: return x;
+    }
+}

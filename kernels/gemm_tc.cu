@@ -1,0 +1,219 @@
+// Tensor-core GEMMs for Ampere and later (sm_80+): BF16 with
+// mma.sync.m16n8k16 and TF32 with mma.sync.m16n8k8, f32 accumulation,
+// shared-memory tiles filled by cp.async with double buffering, BF16
+// fragments read with ldmatrix, and the fused epilogue of simt_gemm.cuh.
+//
+// Operands: contiguous row-major A [batch, m, k] and B [batch, k, n] (bf16
+// for the BF16 kernel, f32 for TF32, which rounds to tf32 on the way into
+// the tensor cores); k and n multiples of 8 (BF16) or 4 (TF32) so every
+// 16-byte cp.async is aligned — the host checks and otherwise takes the
+// SIMT kernel. Tiles: 128×128 per 256-thread block, 8 warps as 2 (m) × 4
+// (n), each warp 64×32 = 4×4 MMA tiles. Hopper's wgmma is a later step.
+#include "simt_gemm.cuh"
+
+#define TC_BM 128
+#define TC_BN 128
+#define TC_THREADS 256
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// 16 bytes global → shared; zero-filled when `valid` is false (then nothing is read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Writes one warp's 64×32 accumulator tile through the epilogue.
+__device__ __forceinline__ void store_warp_tile(const StoreMatrix& st, int batch, float acc[4][4][4],
+                                                i64 row0, i64 col0, i64 m, i64 n) {
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                i64 row = row0 + i * 16 + lane / 4 + (r >= 2 ? 8 : 0);
+                i64 col = col0 + j * 8 + (lane % 4) * 2 + (r & 1);
+                if (row < m && col < n) st(batch, row, col, acc[i][j][r]);
+            }
+}
+
+// ----- BF16 ----------------------------------------------------------------
+#define BF_BK 32
+#define BF_AS (BF_BK + 8)   // padded row strides (in bf16): ldmatrix rows
+#define BF_BS (TC_BN + 8)   // stay 16-byte aligned and avoid bank conflicts
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+kiln_gemm_bf16(const u16* A, const u16* B, EpilogueArg ep, i64 m, i64 n, i64 k) {
+    __shared__ __align__(16) u16 As[2][TC_BM][BF_AS];
+    __shared__ __align__(16) u16 Bs[2][BF_BK][BF_BS];
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const int wm = warp / 4, wn = warp % 4;
+    const int batch = blockIdx.z;
+    const i64 m0 = (i64)blockIdx.y * TC_BM, n0 = (i64)blockIdx.x * TC_BN;
+    const u16* a = A + (i64)batch * m * k;
+    const u16* b = B + (i64)batch * k * n;
+
+    auto load = [&](int buf, i64 k0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            int c = t + r * TC_THREADS;
+            int row = c / 4, col = (c % 4) * 8;  // A: 128 rows × 4 chunks
+            bool ok = m0 + row < m && k0 + col < k;
+            cp_async16(&As[buf][row][col], ok ? a + (m0 + row) * k + k0 + col : a, ok);
+            int brow = c / 16, bcol = (c % 16) * 8;  // B: 32 rows × 16 chunks
+            bool okb = k0 + brow < k && n0 + bcol < n;
+            cp_async16(&Bs[buf][brow][bcol], okb ? b + (k0 + brow) * n + n0 + bcol : b, okb);
+        }
+        cp_async_commit();
+    };
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+
+    const i64 tiles = (k + BF_BK - 1) / BF_BK;
+    load(0, 0);
+    for (i64 kt = 0; kt < tiles; ++kt) {
+        int buf = kt & 1;
+        if (kt + 1 < tiles) {
+            load(buf ^ 1, (kt + 1) * BF_BK);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+#pragma unroll
+        for (int ks = 0; ks < BF_BK; ks += 16) {
+            u32 af[4][4], bfr[4][2];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const u16* p = &As[buf][wm * 64 + i * 16 + lane % 16][ks + (lane / 16) * 8];
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                             : "=r"(af[i][0]), "=r"(af[i][1]), "=r"(af[i][2]), "=r"(af[i][3])
+                             : "r"(smem_addr(p)));
+            }
+#pragma unroll
+            for (int j2 = 0; j2 < 2; ++j2) {
+                const u16* p = &Bs[buf][ks + lane % 16][wn * 32 + j2 * 16 + (lane / 16) * 8];
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                             : "=r"(bfr[2 * j2][0]), "=r"(bfr[2 * j2][1]), "=r"(bfr[2 * j2 + 1][0]),
+                               "=r"(bfr[2 * j2 + 1][1])
+                             : "r"(smem_addr(p)));
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    asm volatile(
+                        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                        : "+f"(acc[i][j][0]), "+f"(acc[i][j][1]), "+f"(acc[i][j][2]), "+f"(acc[i][j][3])
+                        : "r"(af[i][0]), "r"(af[i][1]), "r"(af[i][2]), "r"(af[i][3]), "r"(bfr[j][0]),
+                          "r"(bfr[j][1]));
+        }
+        __syncthreads();
+    }
+    store_warp_tile(StoreMatrix{ep}, batch, acc, m0 + wm * 64, n0 + wn * 32, m, n);
+}
+
+// ----- TF32 ----------------------------------------------------------------
+#define TF_BK 16
+#define TF_AS (TF_BK + 4)   // padded strides (in f32) for conflict-free
+#define TF_BS (TC_BN + 8)   // fragment reads
+
+__device__ __forceinline__ u32 to_tf32(float x) {
+    u32 r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+kiln_gemm_tf32(const float* A, const float* B, EpilogueArg ep, i64 m, i64 n, i64 k) {
+    __shared__ __align__(16) float As[2][TC_BM][TF_AS];
+    __shared__ __align__(16) float Bs[2][TF_BK][TF_BS];
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const int wm = warp / 4, wn = warp % 4;
+    const int g = lane / 4, q = lane % 4;
+    const int batch = blockIdx.z;
+    const i64 m0 = (i64)blockIdx.y * TC_BM, n0 = (i64)blockIdx.x * TC_BN;
+    const float* a = A + (i64)batch * m * k;
+    const float* b = B + (i64)batch * k * n;
+
+    auto load = [&](int buf, i64 k0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            int c = t + r * TC_THREADS;
+            int row = c / 4, col = (c % 4) * 4;  // A: 128 rows × 4 chunks of 4 f32
+            bool ok = m0 + row < m && k0 + col < k;
+            cp_async16(&As[buf][row][col], ok ? a + (m0 + row) * k + k0 + col : a, ok);
+            int brow = c / 32, bcol = (c % 32) * 4;  // B: 16 rows × 32 chunks
+            bool okb = k0 + brow < k && n0 + bcol < n;
+            cp_async16(&Bs[buf][brow][bcol], okb ? b + (k0 + brow) * n + n0 + bcol : b, okb);
+        }
+        cp_async_commit();
+    };
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+
+    const i64 tiles = (k + TF_BK - 1) / TF_BK;
+    load(0, 0);
+    for (i64 kt = 0; kt < tiles; ++kt) {
+        int buf = kt & 1;
+        if (kt + 1 < tiles) {
+            load(buf ^ 1, (kt + 1) * TF_BK);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+#pragma unroll
+        for (int ks = 0; ks < TF_BK; ks += 8) {
+            u32 af[4][4], bfr[4][2];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                int r0 = wm * 64 + i * 16 + g;
+                af[i][0] = to_tf32(As[buf][r0][ks + q]);
+                af[i][1] = to_tf32(As[buf][r0 + 8][ks + q]);
+                af[i][2] = to_tf32(As[buf][r0][ks + q + 4]);
+                af[i][3] = to_tf32(As[buf][r0 + 8][ks + q + 4]);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                int c0 = wn * 32 + j * 8 + g;
+                bfr[j][0] = to_tf32(Bs[buf][ks + q][c0]);
+                bfr[j][1] = to_tf32(Bs[buf][ks + q + 4][c0]);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    asm volatile(
+                        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                        : "+f"(acc[i][j][0]), "+f"(acc[i][j][1]), "+f"(acc[i][j][2]), "+f"(acc[i][j][3])
+                        : "r"(af[i][0]), "r"(af[i][1]), "r"(af[i][2]), "r"(af[i][3]), "r"(bfr[j][0]),
+                          "r"(bfr[j][1]));
+        }
+        __syncthreads();
+    }
+    store_warp_tile(StoreMatrix{ep}, batch, acc, m0 + wm * 64, n0 + wn * 32, m, n);
+}

@@ -1,0 +1,38 @@
+// Memory kernels: fills and the strided, converting copy every other op
+// relies on (a view of any layout and type → a contiguous buffer of any
+// float type; f16/bf16 go through f32, which is exact, and round once).
+#include "common.cuh"
+
+extern "C" __global__ void kiln_fill_b32(u32* dst, i64 n, u32 bits) {
+    GRID_STRIDE(i, n) dst[i] = bits;
+}
+
+extern "C" __global__ void kiln_fill_b16(u16* dst, i64 n, u16 bits) {
+    GRID_STRIDE(i, n) dst[i] = bits;
+}
+
+// dst[i] = convert(src[view(i)]) for i < n.
+extern "C" __global__ void kiln_copy(const void* src, int src_dtype, Strided view, void* dst,
+                                     int dst_dtype, i64 n) {
+    GRID_STRIDE(i, n) {
+        i64 o = strided_offset(view, i);
+        if (src_dtype == dst_dtype) {
+            if (src_dtype == KILN_F32 || src_dtype == KILN_U32) ((u32*)dst)[i] = ((const u32*)src)[o];
+            else ((u16*)dst)[i] = ((const u16*)src)[o];
+        } else if (src_dtype == KILN_U32 && dst_dtype != KILN_U32) {
+            // u32 → float, rounded once: exact in f64, then to f32 rounding
+            // to odd (truncate, set the last bit if inexact), so a second
+            // rounding to f16/bf16 is still correct.
+            double d = (double)((const u32*)src)[o];
+            if (dst_dtype == KILN_F32) {
+                ((float*)dst)[i] = (float)d;
+            } else {
+                float t = __double2float_rz(d);
+                if ((double)t != d) t = __uint_as_float(__float_as_uint(t) | 1u);
+                store_f32(dst, dst_dtype, i, t);
+            }
+        } else {
+            store_f32(dst, dst_dtype, i, load_f32(src, src_dtype, o));
+        }
+    }
+}

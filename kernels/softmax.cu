@@ -1,0 +1,71 @@
+// Softmax, log-softmax and fused softmax-cross-entropy over the last axis
+// of contiguous f32 rows: one block per row (grid-stride over rows), the
+// row's max and Σ exp(x − max) folded with warp shuffles.
+#include "common.cuh"
+
+__device__ float block_max(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    v = lane < warps ? scratch[lane] : -__int_as_float(0x7f800000);
+    return warp_max(v);
+}
+
+__device__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    v = lane < warps ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+// The row's max and Σ exp(x − max).
+__device__ void row_stats(const float* row, i64 c, float* scratch, float* max_out, float* sum_out) {
+    float m = -__int_as_float(0x7f800000);
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) m = nan_max(m, row[j]);
+    m = block_max(m, scratch);
+    float s = 0.0f;
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) s += expf(row[j] - m);
+    s = block_sum(s, scratch);
+    *max_out = m;
+    *sum_out = s;
+}
+
+extern "C" __global__ void kiln_softmax_rows(const float* x, float* y, i64 rows, i64 c, int log) {
+    __shared__ float scratch[32];
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* row = x + r * c;
+        float* out = y + r * c;
+        float m, s;
+        row_stats(row, c, scratch, &m, &s);
+        if (log) {
+            float lse = logf(s);
+            for (i64 j = threadIdx.x; j < c; j += blockDim.x) out[j] = row[j] - m - lse;
+        } else {
+            for (i64 j = threadIdx.x; j < c; j += blockDim.x) out[j] = expf(row[j] - m) / s;
+        }
+    }
+}
+
+// loss[r] = logsumexp(row) − row[label]; grad = softmax(row) − onehot(label).
+// Labels were checked on the host (< c).
+extern "C" __global__ void kiln_softmax_xent(const float* logits, const u32* labels, float* loss,
+                                             float* grad, i64 rows, i64 c) {
+    __shared__ float scratch[32];
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* row = logits + r * c;
+        float* g = grad + r * c;
+        float m, s;
+        row_stats(row, c, scratch, &m, &s);
+        i64 label = labels[r];
+        if (threadIdx.x == 0) loss[r] = (m + logf(s)) - row[label];
+        for (i64 j = threadIdx.x; j < c; j += blockDim.x)
+            g[j] = expf(row[j] - m) / s - (j == label ? 1.0f : 0.0f);
+    }
+}

@@ -11,11 +11,14 @@ extern "C" __global__ void kiln_fill_b16(u16* dst, i64 n, u16 bits) {
     GRID_STRIDE(i, n) dst[i] = bits;
 }
 
-// dst[i] = convert(src[view(i)]) for i < n.
+// dst[dst_view(i)] = convert(src[src_view(i)]) for i < n: a gather into a
+// contiguous buffer (dst_view the identity), a scatter into a strided one,
+// or both.
 extern "C" __global__ void kiln_copy(const void* src, int src_dtype, Strided view, void* dst,
-                                     int dst_dtype, i64 n) {
-    GRID_STRIDE(i, n) {
-        i64 o = strided_offset(view, i);
+                                     int dst_dtype, Strided dst_view, i64 n) {
+    GRID_STRIDE(j, n) {
+        i64 o = strided_offset(view, j);
+        i64 i = strided_offset(dst_view, j);
         if (src_dtype == dst_dtype) {
             if (src_dtype == KILN_F32 || src_dtype == KILN_U32) ((u32*)dst)[i] = ((const u32*)src)[o];
             else ((u16*)dst)[i] = ((const u16*)src)[o];

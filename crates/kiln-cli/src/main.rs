@@ -90,7 +90,8 @@ struct TrainArgs {
     /// Seed for the initial weights and the example order.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Backend: cpu, or cpu:KERNELS to force a kernel set (cpu:scalar).
+    /// Backend: cpu, cpu:KERNELS to force a kernel set (cpu:scalar), or
+    /// cuda / cuda:N for a GPU.
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// Worker threads (default: KILN_THREADS, else all cores).
@@ -154,7 +155,7 @@ struct EvalArgs {
     /// Examples per forward pass.
     #[arg(long, default_value_t = 1000)]
     batch_size: usize,
-    /// Backend: cpu, or cpu:KERNELS.
+    /// Backend: cpu, cpu:KERNELS, or cuda / cuda:N.
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// Worker threads.
@@ -170,7 +171,7 @@ struct EvalArgs {
 
 #[derive(clap::Args)]
 struct ConformanceArgs {
-    /// Backend: cpu, or cpu:KERNELS to check one kernel set (cpu:scalar).
+    /// Backend: cpu, cpu:KERNELS to check one kernel set (cpu:scalar), or cuda / cuda:N.
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// Random cases per check [default: KILN_CONFORMANCE_CASES, else 48].
@@ -240,21 +241,52 @@ fn cpu_backend(spec: &str, threads: Option<usize>) -> Result<CpuBackend> {
         None if spec == "cpu" => CpuBackend::new()?,
         Some(("cpu", kernels)) => CpuBackend::with_kernels(KernelSet::parse(kernels)?)?,
         _ if spec.starts_with("cuda") => {
-            return Err(Error::invalid(
-                "the CUDA backend is not part of this build yet; use --backend cpu",
-            ))
-        }
-        _ => {
             return Err(Error::invalid(format!(
-                "unknown backend `{spec}`: expected cpu or cpu:KERNELS (e.g. cpu:scalar)"
+                "this command runs on the CPU only; `{spec}` is for train, eval and conformance"
             )))
         }
+        _ => return Err(unknown_backend(spec)),
     };
     Ok(match threads {
         Some(0) => return Err(Error::invalid("--threads must be at least 1")),
         Some(n) => backend.with_threads(n),
         None => backend,
     })
+}
+
+fn unknown_backend(spec: &str) -> Error {
+    Error::invalid(format!(
+        "unknown backend `{spec}`: expected cpu, cpu:KERNELS (e.g. cpu:scalar), cuda or cuda:N"
+    ))
+}
+
+/// The GPU a `cuda` or `cuda:N` spec names, if it is one.
+fn cuda_ordinal(spec: &str) -> Result<Option<usize>> {
+    match spec.split_once(':') {
+        None if spec == "cuda" => Ok(Some(0)),
+        Some(("cuda", n)) => n.parse().map(Some).map_err(|_| {
+            Error::invalid(format!(
+                "`{spec}`: expected cuda:N with N a GPU number (see kiln info)"
+            ))
+        }),
+        _ => Ok(None),
+    }
+}
+
+/// Runs `$body` with `$b` bound to the backend `$spec` names (CPU or CUDA).
+macro_rules! with_backend {
+    ($spec:expr, $threads:expr, |$b:ident| $body:expr) => {{
+        match cuda_ordinal($spec)? {
+            Some(ordinal) => {
+                let $b = kiln_cuda::CudaBackend::new(ordinal)?;
+                $body
+            }
+            None => {
+                let $b = cpu_backend($spec, $threads)?;
+                $body
+            }
+        }
+    }};
 }
 
 fn info() -> Result<()> {
@@ -276,7 +308,24 @@ fn info() -> Result<()> {
         .map(|k| k.name())
         .collect();
     println!("backends:   cpu ({})", sets.join(", "));
-    println!("            cuda: not part of this build");
+    match kiln_cuda::list_devices() {
+        Ok(gpus) if gpus.is_empty() => {
+            println!("gpus:       none (the CUDA driver sees no device)")
+        }
+        Ok(gpus) => {
+            for (i, g) in gpus.iter().enumerate() {
+                println!(
+                    "{}{g}",
+                    if i == 0 {
+                        "gpus:       "
+                    } else {
+                        "            "
+                    }
+                );
+            }
+        }
+        Err(e) => println!("gpus:       none ({e})"),
+    }
     Ok(())
 }
 
@@ -298,8 +347,8 @@ fn model_spec(model: &str) -> Result<ModelSpec> {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    let backend = cpu_backend(&a.backend, a.threads)?;
-    run_train(a, backend)
+    let spec = a.backend.clone();
+    with_backend!(&spec, a.threads, |b| run_train(a, b))
 }
 
 fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
@@ -510,7 +559,11 @@ fn plot(a: PlotArgs) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let backend = cpu_backend(&a.backend, a.threads)?;
+    let spec = a.backend.clone();
+    with_backend!(&spec, a.threads, |b| run_eval(a, b))
+}
+
+fn run_eval<B: Backend>(a: EvalArgs, backend: B) -> Result<()> {
     // Model files and checkpoints alike (a checkpoint's optimiser state is ignored).
     let (loaded, path) = model_file::load_for_inference(&a.model, &backend)?;
     let split = if a.split == "train" {
@@ -551,7 +604,11 @@ fn eval(a: EvalArgs) -> Result<()> {
 }
 
 fn conformance(a: ConformanceArgs) -> Result<()> {
-    let backend = cpu_backend(&a.backend, a.threads)?;
+    let spec = a.backend.clone();
+    with_backend!(&spec, a.threads, |b| run_conformance(a, b))
+}
+
+fn run_conformance<B: Backend>(a: ConformanceArgs, backend: B) -> Result<()> {
     let mut cfg = kiln_conformance::Config::from_env(&backend.name());
     cfg.backend = a.backend.clone();
     if let Some(c) = a.cases {

@@ -1,0 +1,1093 @@
+//! # kiln-cuda
+//!
+//! The CUDA backend: [`CudaBackend`] implements [`kiln_core::Backend`] with
+//! kiln's own kernels (`kernels/*.cu`, compiled to PTX by `ci/kernels.sh`
+//! and embedded here), launched through `cudarc` on one context and stream
+//! per device.
+//!
+//! - **No toolkit needed to build.** cudarc loads `libcuda.so.1` at run
+//!   time; this crate builds, and its tests run, on a machine without CUDA.
+//!   [`CudaBackend::new`] then returns a clear error.
+//! - **Memory** comes from a caching allocator ([`alloc`]): after the first
+//!   training step, no step calls `cuMemAlloc`. Uploads and downloads are
+//!   stream-ordered; a download waits for the work before it.
+//! - **Layouts and types.** Kernels compute on contiguous f32 (reading f16
+//!   and bf16 widened, exactly); the strided, converting copy kernel gathers
+//!   other views first, and results are rounded once to the operands' type —
+//!   the CPU backend's semantics. GEMMs read strided operands of any float
+//!   type directly; bf16 GEMMs use tensor cores (`mma.sync`) on compute
+//!   capability 8.0+, and f32 GEMMs use TF32 tensor cores only when
+//!   `KILN_CUDA_TF32=1` (TF32 rounds the inputs to 10-bit mantissas, which
+//!   the f32 conformance bound does not allow).
+//! - **Errors** from the driver become [`kiln_core::Error`]s naming the op.
+
+pub mod alloc;
+pub mod device;
+pub mod kernels;
+pub mod launch;
+
+use std::sync::Arc;
+
+use cudarc::driver::{result, CudaContext, CudaStream, PushKernelArg};
+use kiln_core::{
+    conv, Activation, AdamStep, Backend, BackendStorage, BinaryOp, DType, Distribution, Error,
+    GemmEpilogue, HostData, Layout, ReduceOp, Result, SgdStep, Shape, UnaryOp, View, Window2d,
+};
+
+use crate::alloc::{Allocator, Block};
+use crate::device::{driver_error, DeviceInfo, DeviceMemory};
+use crate::kernels::Kernels;
+use crate::launch::{
+    activation_code, binary_code, dtype_code, elementwise, gemm_kernel, gemm_tiles, per_row,
+    reduce_code, split_k, unary_code, ConvArg, EpilogueArg, GemmKernel, MatrixArg, PoolArg,
+    Strided,
+};
+
+pub use device::{list as list_devices, DeviceInfo as Gpu};
+
+/// Device memory holding `len` elements of one dtype.
+#[derive(Clone)]
+pub struct CudaStorage {
+    block: Arc<Block<DeviceMemory>>,
+    dtype: DType,
+    len: usize,
+}
+
+impl CudaStorage {
+    /// The device address of element 0, for handing the buffer to other
+    /// libraries on the backend's stream (the benchmarks' cuBLAS yardstick).
+    pub fn device_ptr(&self) -> u64 {
+        self.block.ptr()
+    }
+
+    /// The device address of element `i`.
+    fn at(&self, i: usize) -> u64 {
+        self.block.ptr() + (i * self.dtype.size_in_bytes()) as u64
+    }
+}
+
+impl std::fmt::Debug for CudaStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaStorage({} × {}, {:?})",
+            self.len, self.dtype, self.block
+        )
+    }
+}
+
+impl BackendStorage for CudaStorage {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+struct Inner {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    alloc: Arc<Allocator<DeviceMemory>>,
+    kernels: Kernels,
+    info: DeviceInfo,
+}
+
+/// A GPU: its context, stream, kernels and memory. Clones share them.
+#[derive(Clone)]
+pub struct CudaBackend {
+    inner: Arc<Inner>,
+    tf32: bool,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBackend({})", self.inner.info)
+    }
+}
+
+/// Launches kernel `$name` with the given locals as arguments, mapping a
+/// failure to an error naming `$op`.
+macro_rules! launch {
+    ($self:expr, $op:expr, $name:expr, $cfg:expr; $($arg:ident),* $(,)?) => {{
+        let f = $self.inner.kernels.get($name)?;
+        let mut b = $self.inner.stream.launch_builder(f);
+        $( b.arg(&$arg); )*
+        // SAFETY: every kernel's parameters are, in order, the types passed
+        // here (device addresses as u64, #[repr(C)] structs mirrored from
+        // the .cuh files, scalars); the addresses point into live blocks
+        // sized for the launch, which checked shapes and bounds.
+        unsafe { b.launch($cfg) }
+            .map(|_| ())
+            .map_err(|e| driver_error($op, e))
+    }};
+}
+
+/// A contiguous run of elements on the device, and what keeps it alive.
+struct Dense {
+    ptr: u64,
+    _keep: CudaStorage,
+}
+
+impl CudaBackend {
+    /// The GPU `ordinal`. Errors: no driver ("no CUDA driver found
+    /// (libcuda.so.1)…"), no such device, or a driver failure.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !device::driver_present() {
+            return Err(device::no_driver());
+        }
+        let count =
+            CudaContext::device_count().map_err(|e| driver_error("counting GPUs", e))? as usize;
+        if ordinal >= count {
+            return Err(Error::Backend(format!(
+                "cuda:{ordinal}: this machine has {count} CUDA device{}",
+                if count == 1 { "" } else { "s" }
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_error("opening the GPU", e))?;
+        let stream = ctx.default_stream();
+        let info = device::describe(&ctx)?;
+        let kernels = Kernels::load(&ctx)?;
+        let alloc = Allocator::new(DeviceMemory {
+            ctx: Arc::clone(&ctx),
+            stream: Arc::clone(&stream),
+        });
+        Ok(CudaBackend {
+            inner: Arc::new(Inner {
+                ctx,
+                stream,
+                alloc,
+                kernels,
+                info,
+            }),
+            tf32: std::env::var("KILN_CUDA_TF32").is_ok_and(|v| v == "1"),
+        })
+    }
+
+    /// The same device with f32 GEMMs on TF32 tensor cores (`on`) or exact
+    /// f32 SIMT (the default, unless `KILN_CUDA_TF32=1`).
+    pub fn with_tf32(mut self, on: bool) -> Self {
+        self.tf32 = on;
+        self
+    }
+
+    /// The device this backend runs on.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.inner.info
+    }
+
+    /// The stream every op of this backend is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    /// The caching allocator's counters.
+    pub fn memory_stats(&self) -> alloc::Stats {
+        self.inner.alloc.stats()
+    }
+
+    fn sms(&self) -> u32 {
+        self.inner.info.sms
+    }
+
+    fn bind(&self, op: &str) -> Result<()> {
+        self.inner
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| driver_error(op, e))
+    }
+
+    fn empty(&self, op: &str, dtype: DType, len: usize) -> Result<CudaStorage> {
+        let block = self
+            .inner
+            .alloc
+            .alloc(op, len.saturating_mul(dtype.size_in_bytes()))?;
+        Ok(CudaStorage {
+            block: Arc::new(block),
+            dtype,
+            len,
+        })
+    }
+
+    fn check_view(op: &str, v: View<'_, CudaStorage>) -> Result<()> {
+        let end = v.layout.span()?;
+        if end > v.storage.len {
+            return Err(Error::invalid(format!(
+                "{op}: the view reaches element {end} of a storage of {}",
+                v.storage.len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Copies `src` (any layout) into `dst` (through `dst_view`) converting
+    /// types: the one data-movement kernel.
+    fn copy(
+        &self,
+        op: &str,
+        src: View<'_, CudaStorage>,
+        dst: &CudaStorage,
+        dst_view: Strided,
+    ) -> Result<()> {
+        let n = src.layout.numel();
+        let Some(cfg) = elementwise(n, self.sms()) else {
+            return Ok(());
+        };
+        let (sp, sd) = (src.storage.block.ptr(), dtype_code(src.storage.dtype));
+        let view = Strided::from_layout(op, src.layout)?;
+        let (dp, dd) = (dst.block.ptr(), dtype_code(dst.dtype));
+        let n = n as i64;
+        launch!(self, op, "kiln_copy", cfg; sp, sd, view, dp, dd, dst_view, n)
+    }
+
+    fn identity(n: usize) -> Strided {
+        let mut s = Strided {
+            rank: 1,
+            pad: 0,
+            offset: 0,
+            dims: [1; launch::MAX_RANK],
+            strides: [0; launch::MAX_RANK],
+        };
+        s.dims[0] = n as i64;
+        s.strides[0] = 1;
+        s
+    }
+
+    /// `v`'s elements, row-major, as a contiguous `dtype` run: the storage
+    /// itself when it already is one, else a converted copy.
+    fn dense(&self, op: &str, v: View<'_, CudaStorage>, dtype: DType) -> Result<Dense> {
+        Self::check_view(op, v)?;
+        if v.storage.dtype == dtype {
+            if let Some(r) = v.layout.contiguous_range() {
+                return Ok(Dense {
+                    ptr: v.storage.at(r.start),
+                    _keep: v.storage.clone(),
+                });
+            }
+        }
+        let n = v.layout.numel();
+        let out = self.empty(op, dtype, n)?;
+        self.copy(op, v, &out, Self::identity(n))?;
+        Ok(Dense {
+            ptr: out.block.ptr(),
+            _keep: out,
+        })
+    }
+
+    /// Runs `f` with a fresh f32 buffer of `n` elements and returns it as
+    /// `dtype` (converted once if `dtype` is not f32).
+    fn f32_result(
+        &self,
+        op: &str,
+        dtype: DType,
+        n: usize,
+        f: impl FnOnce(u64) -> Result<()>,
+    ) -> Result<CudaStorage> {
+        let out = self.empty(op, DType::F32, n)?;
+        f(out.block.ptr())?;
+        self.convert(op, out, dtype)
+    }
+
+    fn convert(&self, op: &str, s: CudaStorage, dtype: DType) -> Result<CudaStorage> {
+        if s.dtype == dtype {
+            return Ok(s);
+        }
+        let layout = Layout::contiguous(Shape::new(&[s.len])?);
+        let out = self.empty(op, dtype, s.len)?;
+        self.copy(op, View::new(&s, &layout), &out, Self::identity(s.len))?;
+        Ok(out)
+    }
+
+    fn float_dtype(op: &'static str, d: DType) -> Result<DType> {
+        if d.is_float() {
+            Ok(d)
+        } else {
+            Err(Error::Unsupported {
+                op,
+                dtype: d,
+                backend: "cuda".into(),
+            })
+        }
+    }
+
+    fn same_dtype(op: &'static str, a: DType, b: DType) -> Result<DType> {
+        if a != b {
+            return Err(Error::DType {
+                op,
+                expected: a,
+                got: b,
+            });
+        }
+        Self::float_dtype(op, a)
+    }
+
+    /// Reduces contiguous f32 `[rows, run]` rows into `rows` values.
+    fn reduce_rows(
+        &self,
+        op: &str,
+        x: u64,
+        rows: usize,
+        run: usize,
+        code: i32,
+    ) -> Result<CudaStorage> {
+        let out = self.empty(op, DType::F32, rows)?;
+        if let Some(cfg) = per_row(rows) {
+            let y = out.block.ptr();
+            let (rows, run) = (rows as i64, run as i64);
+            launch!(self, op, "kiln_reduce_rows", cfg; x, y, rows, run, code)?;
+        }
+        Ok(out)
+    }
+
+    fn pool_arg(x: [usize; 4], window: &Window2d, out: [usize; 2]) -> PoolArg {
+        PoolArg {
+            planes: (x[0] * x[1]) as i64,
+            h: x[2] as i64,
+            w: x[3] as i64,
+            kh: window.kernel[0] as i64,
+            kw: window.kernel[1] as i64,
+            sh: window.stride[0] as i64,
+            sw: window.stride[1] as i64,
+            pt: window.padding[0] as i64,
+            pl: window.padding[2] as i64,
+            oh: out[0] as i64,
+            ow: out[1] as i64,
+        }
+    }
+}
+
+fn dims4(op: &'static str, d: &[usize]) -> Result<[usize; 4]> {
+    d.try_into()
+        .map_err(|_| Error::shape(op, format!("expected 4 dimensions, got {d:?}")))
+}
+
+impl Backend for CudaBackend {
+    type Storage = CudaStorage;
+
+    fn name(&self) -> String {
+        format!(
+            "cuda:{} ({})",
+            self.inner.info.ordinal, self.inner.info.name
+        )
+    }
+
+    fn full(&self, numel: usize, dtype: DType, value: f64) -> Result<CudaStorage> {
+        let op = "full";
+        let out = self.empty(op, dtype, numel)?;
+        let Some(cfg) = elementwise(numel, self.sms()) else {
+            return Ok(out);
+        };
+        let (p, n) = (out.block.ptr(), numel as i64);
+        match dtype {
+            DType::F32 | DType::U32 => {
+                let bits = if dtype == DType::F32 {
+                    (value as f32).to_bits()
+                } else {
+                    value as u32
+                };
+                launch!(self, op, "kiln_fill_b32", cfg; p, n, bits)?;
+            }
+            DType::F16 | DType::BF16 => {
+                let bits = if dtype == DType::F16 {
+                    kiln_core::f16_from_f64(value).to_bits()
+                } else {
+                    kiln_core::bf16_from_f64(value).to_bits()
+                };
+                launch!(self, op, "kiln_fill_b16", cfg; p, n, bits)?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn upload(&self, data: &HostData) -> Result<CudaStorage> {
+        let op = "upload";
+        let out = self.empty(op, data.dtype(), data.len())?;
+        if !data.is_empty() {
+            self.bind(op)?;
+            // SAFETY: the block holds at least `as_bytes().len()` bytes; the
+            // source is pageable host memory, which the driver stages before
+            // the call returns.
+            unsafe {
+                result::memcpy_htod_async(
+                    out.block.ptr(),
+                    data.as_bytes(),
+                    self.inner.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| driver_error(op, e))?;
+        }
+        Ok(out)
+    }
+
+    fn download(&self, src: View<'_, CudaStorage>) -> Result<HostData> {
+        let op = "download";
+        let dtype = src.storage.dtype;
+        let n = src.layout.numel();
+        let dense = self.dense(op, src, dtype)?;
+        let mut bytes = vec![0u8; n * dtype.size_in_bytes()];
+        if n > 0 {
+            self.bind(op)?;
+            // SAFETY: `dense` holds n contiguous elements; `bytes` is that
+            // long; the stream is synchronised before `bytes` is read.
+            unsafe {
+                result::memcpy_dtoh_async(&mut bytes[..], dense.ptr, self.inner.stream.cu_stream())
+            }
+            .map_err(|e| driver_error(op, e))?;
+        }
+        self.synchronize()?;
+        HostData::from_bytes(dtype, &bytes)
+    }
+
+    fn copy_strided(
+        &self,
+        src: View<'_, CudaStorage>,
+        dst: &mut CudaStorage,
+        dst_layout: &Layout,
+    ) -> Result<()> {
+        let op = "copy_strided";
+        if src.layout.dims() != dst_layout.dims() || src.storage.dtype != dst.dtype {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "source {} {}, destination {} {}",
+                    src.layout.shape(),
+                    src.storage.dtype,
+                    dst_layout.shape(),
+                    dst.dtype
+                ),
+            ));
+        }
+        Self::check_view(op, src)?;
+        Self::check_view(op, View::new(dst, dst_layout))?;
+        let dview = Strided::from_layout(op, dst_layout)?;
+        self.copy(op, src, dst, dview)
+    }
+
+    fn cast(&self, src: View<'_, CudaStorage>, dtype: DType) -> Result<CudaStorage> {
+        let op = "cast";
+        Self::check_view(op, src)?;
+        let n = src.layout.numel();
+        let out = self.empty(op, dtype, n)?;
+        self.copy(op, src, &out, Self::identity(n))?;
+        Ok(out)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.inner
+            .stream
+            .synchronize()
+            .map_err(|e| driver_error("synchronize", e))
+    }
+
+    fn gemm(
+        &self,
+        a: View<'_, CudaStorage>,
+        b: View<'_, CudaStorage>,
+        ep: &GemmEpilogue<'_, CudaStorage>,
+    ) -> Result<CudaStorage> {
+        let op = "gemm";
+        let (ad, bd) = (a.layout.dims(), b.layout.dims());
+        if ad.len() != 3 || bd.len() != 3 || ad[0] != bd[0] || ad[2] != bd[1] {
+            return Err(Error::shape(
+                op,
+                format!("expected [batch, m, k] and [batch, k, n], got {ad:?} and {bd:?}"),
+            ));
+        }
+        let dtype = Self::same_dtype(op, a.storage.dtype, b.storage.dtype)?;
+        Self::check_view(op, a)?;
+        Self::check_view(op, b)?;
+        let (batch, m, k, n) = (ad[0], ad[1], ad[2], bd[2]);
+        let bias = match ep.bias {
+            Some(v) if v.layout.dims() == [n] => Some(self.dense(op, v, DType::F32)?),
+            Some(v) => {
+                return Err(Error::shape(
+                    op,
+                    format!("bias has shape {}, expected [{n}]", v.layout.shape()),
+                ))
+            }
+            None => None,
+        };
+        let c0 = match ep.beta_c {
+            Some((beta, v)) if v.layout.dims() == [batch, m, n] => {
+                Some((beta, self.dense(op, v, DType::F32)?))
+            }
+            Some((_, v)) => {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "C has shape {}, expected [{batch}, {m}, {n}]",
+                        v.layout.shape()
+                    ),
+                ))
+            }
+            None => None,
+        };
+        let out = self.empty(op, dtype, batch * m * n)?;
+        let Some(cfg) = gemm_tiles(op, m, n, batch)? else {
+            return Ok(out);
+        };
+        let epa = EpilogueArg {
+            out: out.block.ptr(),
+            c0: c0.as_ref().map_or(0, |(_, d)| d.ptr),
+            bias: bias.as_ref().map_or(0, |d| d.ptr),
+            alpha: ep.alpha,
+            beta: c0.as_ref().map_or(0.0, |(beta, _)| *beta),
+            act: activation_code(ep.activation),
+            dtype: dtype_code(dtype),
+            m: m as i64,
+            n: n as i64,
+        };
+        let (mi, ni, ki) = (m as i64, n as i64, k as i64);
+        let kernel = if k == 0 {
+            GemmKernel::Simt
+        } else {
+            gemm_kernel(dtype, k, n, self.inner.info.compute_capability, self.tf32)
+        };
+        match kernel {
+            GemmKernel::Simt => {
+                let matrix = |v: View<'_, CudaStorage>| {
+                    let s = v.layout.strides();
+                    MatrixArg {
+                        data: v.storage.block.ptr(),
+                        dtype: dtype_code(dtype),
+                        pad: 0,
+                        offset: v.layout.offset() as i64,
+                        bs: s[0] as i64,
+                        rs: s[1] as i64,
+                        cs: s[2] as i64,
+                    }
+                };
+                let (ma, mb) = (matrix(a), matrix(b));
+                launch!(self, op, "kiln_gemm_simt", cfg; ma, mb, epa, mi, ni, ki)?;
+            }
+            GemmKernel::Bf16 | GemmKernel::Tf32 => {
+                let (da, db) = (self.dense(op, a, dtype)?, self.dense(op, b, dtype)?);
+                let (pa, pb) = (da.ptr, db.ptr);
+                let name = if kernel == GemmKernel::Bf16 {
+                    "kiln_gemm_bf16"
+                } else {
+                    "kiln_gemm_tf32"
+                };
+                launch!(self, op, name, cfg; pa, pb, epa, mi, ni, ki)?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn unary(&self, op: UnaryOp, x: View<'_, CudaStorage>) -> Result<CudaStorage> {
+        let name = op.name();
+        let dtype = Self::float_dtype(name, x.storage.dtype)?;
+        let n = x.layout.numel();
+        let xs = self.dense(name, x, DType::F32)?;
+        self.f32_result(name, dtype, n, |y| {
+            let Some(cfg) = elementwise(n, self.sms()) else {
+                return Ok(());
+            };
+            let (xp, ni, code) = (xs.ptr, n as i64, unary_code(op));
+            launch!(self, name, "kiln_unary", cfg; xp, y, ni, code)
+        })
+    }
+
+    fn unary_backward(
+        &self,
+        op: UnaryOp,
+        x: View<'_, CudaStorage>,
+        y: View<'_, CudaStorage>,
+        dy: View<'_, CudaStorage>,
+    ) -> Result<CudaStorage> {
+        let name = "unary_backward";
+        let shape = x.layout.shape();
+        if y.layout.shape() != shape || dy.layout.shape() != shape {
+            return Err(Error::shape(
+                name,
+                format!(
+                    "x {}, y {}, dy {}",
+                    shape,
+                    y.layout.shape(),
+                    dy.layout.shape()
+                ),
+            ));
+        }
+        let dtype = Self::same_dtype(name, x.storage.dtype, dy.storage.dtype)?;
+        let n = x.layout.numel();
+        let (xs, ys, ds) = (
+            self.dense(name, x, DType::F32)?,
+            self.dense(name, y, DType::F32)?,
+            self.dense(name, dy, DType::F32)?,
+        );
+        self.f32_result(name, dtype, n, |dx| {
+            let Some(cfg) = elementwise(n, self.sms()) else {
+                return Ok(());
+            };
+            let (xp, yp, dp, ni, code) = (xs.ptr, ys.ptr, ds.ptr, n as i64, unary_code(op));
+            launch!(self, name, "kiln_unary_backward", cfg; xp, yp, dp, dx, ni, code)
+        })
+    }
+
+    fn affine(&self, x: View<'_, CudaStorage>, mul: f32, add: f32) -> Result<CudaStorage> {
+        let name = "affine";
+        let dtype = Self::float_dtype(name, x.storage.dtype)?;
+        let n = x.layout.numel();
+        let xs = self.dense(name, x, DType::F32)?;
+        self.f32_result(name, dtype, n, |y| {
+            let Some(cfg) = elementwise(n, self.sms()) else {
+                return Ok(());
+            };
+            let (xp, ni) = (xs.ptr, n as i64);
+            launch!(self, name, "kiln_affine", cfg; xp, y, ni, mul, add)
+        })
+    }
+
+    fn binary(
+        &self,
+        op: BinaryOp,
+        a: View<'_, CudaStorage>,
+        b: View<'_, CudaStorage>,
+    ) -> Result<CudaStorage> {
+        let name = op.name();
+        if a.layout.shape() != b.layout.shape() {
+            return Err(Error::shape(
+                name,
+                format!("operands {} and {}", a.layout.shape(), b.layout.shape()),
+            ));
+        }
+        let dtype = Self::same_dtype(name, a.storage.dtype, b.storage.dtype)?;
+        let n = a.layout.numel();
+        let (xa, xb) = (
+            self.dense(name, a, DType::F32)?,
+            self.dense(name, b, DType::F32)?,
+        );
+        self.f32_result(name, dtype, n, |y| {
+            let Some(cfg) = elementwise(n, self.sms()) else {
+                return Ok(());
+            };
+            let (pa, pb, ni, code) = (xa.ptr, xb.ptr, n as i64, binary_code(op));
+            launch!(self, name, "kiln_binary", cfg; pa, pb, y, ni, code)
+        })
+    }
+
+    fn reduce(
+        &self,
+        op: ReduceOp,
+        x: View<'_, CudaStorage>,
+        axes: &[usize],
+    ) -> Result<CudaStorage> {
+        let name = op.name();
+        let dtype = Self::float_dtype(name, x.storage.dtype)?;
+        let rank = x.layout.rank();
+        if axes.windows(2).any(|w| w[0] >= w[1]) || axes.iter().any(|&a| a >= rank) {
+            return Err(Error::invalid(format!(
+                "{name}: axes {axes:?} must be sorted, unique and below the rank {rank}"
+            )));
+        }
+        // Kept axes first, reduced axes last: every reduction is rows × run.
+        let perm: Vec<usize> = (0..rank)
+            .filter(|a| !axes.contains(a))
+            .chain(axes.iter().copied())
+            .collect();
+        let permuted = x.layout.permute(&perm)?;
+        let run: usize = axes.iter().map(|&a| x.layout.dims()[a]).product();
+        let rows: usize = (0..rank)
+            .filter(|a| !axes.contains(a))
+            .map(|a| x.layout.dims()[a])
+            .product();
+        let xs = self.dense(name, View::new(x.storage, &permuted), DType::F32)?;
+        let out = self.reduce_rows(name, xs.ptr, rows, run, reduce_code(op))?;
+        self.convert(name, out, dtype)
+    }
+
+    fn argmax(&self, x: View<'_, CudaStorage>) -> Result<CudaStorage> {
+        let name = "argmax";
+        let dims = x.layout.dims();
+        let Some(&c) = dims.last() else {
+            return Err(Error::shape(name, "a scalar has no last axis"));
+        };
+        if c == 0 || c > u32::MAX as usize {
+            return Err(Error::shape(
+                name,
+                format!("last axis has extent {c}; need 1..=2³²−1"),
+            ));
+        }
+        Self::float_dtype(name, x.storage.dtype)?;
+        let rows = x.layout.numel() / c;
+        let xs = self.dense(name, x, DType::F32)?;
+        let out = self.empty(name, DType::U32, rows)?;
+        if let Some(cfg) = per_row(rows) {
+            let (xp, y, r, cc) = (xs.ptr, out.block.ptr(), rows as i64, c as i64);
+            launch!(self, name, "kiln_argmax_rows", cfg; xp, y, r, cc)?;
+        }
+        Ok(out)
+    }
+
+    fn softmax(&self, x: View<'_, CudaStorage>, log: bool) -> Result<CudaStorage> {
+        let name = if log { "log_softmax" } else { "softmax" };
+        let dtype = Self::float_dtype(name, x.storage.dtype)?;
+        let Some(&c) = x.layout.dims().last() else {
+            return Err(Error::shape(name, "a scalar has no last axis"));
+        };
+        let n = x.layout.numel();
+        let rows = n.checked_div(c).unwrap_or(0);
+        let xs = self.dense(name, x, DType::F32)?;
+        self.f32_result(name, dtype, n, |y| {
+            let Some(cfg) = per_row(rows) else {
+                return Ok(());
+            };
+            let (xp, r, cc, lg) = (xs.ptr, rows as i64, c as i64, i32::from(log));
+            launch!(self, name, "kiln_softmax_rows", cfg; xp, y, r, cc, lg)
+        })
+    }
+
+    fn softmax_cross_entropy(
+        &self,
+        logits: View<'_, CudaStorage>,
+        labels: View<'_, CudaStorage>,
+    ) -> Result<(CudaStorage, CudaStorage)> {
+        let name = "softmax_cross_entropy";
+        let dtype = Self::float_dtype(name, logits.storage.dtype)?;
+        let (ld, yd) = (logits.layout.dims(), labels.layout.dims());
+        if ld.len() != 2 || yd != [ld[0]] || labels.storage.dtype != DType::U32 {
+            return Err(Error::shape(
+                name,
+                format!(
+                    "expected logits [n, c] and u32 labels [n], got {:?} and {} {:?}",
+                    ld, labels.storage.dtype, yd
+                ),
+            ));
+        }
+        let (rows, c) = (ld[0], ld[1]);
+        // Labels are checked on the host (n × 4 bytes): a bad one is an
+        // error, not a read past the row.
+        let host = self.download(labels)?;
+        if let HostData::U32(ls) = &host {
+            if let Some((i, &l)) = ls.iter().enumerate().find(|(_, &l)| l as usize >= c) {
+                return Err(Error::invalid(format!(
+                    "{name}: label {l} of row {i} is out of range for {c} classes"
+                )));
+            }
+        }
+        let xs = self.dense(name, logits, DType::F32)?;
+        let ys = self.dense(name, labels, DType::U32)?;
+        let loss = self.empty(name, DType::F32, rows)?;
+        let grad = self.empty(name, DType::F32, rows * c)?;
+        if let Some(cfg) = per_row(rows).filter(|_| c > 0) {
+            let (xp, yp, lp, gp, r, cc) = (
+                xs.ptr,
+                ys.ptr,
+                loss.block.ptr(),
+                grad.block.ptr(),
+                rows as i64,
+                c as i64,
+            );
+            launch!(self, name, "kiln_softmax_xent", cfg; xp, yp, lp, gp, r, cc)?;
+        }
+        Ok((
+            self.convert(name, loss, dtype)?,
+            self.convert(name, grad, dtype)?,
+        ))
+    }
+
+    fn conv2d(
+        &self,
+        x: View<'_, CudaStorage>,
+        weight: View<'_, CudaStorage>,
+        bias: Option<View<'_, CudaStorage>>,
+        activation: Activation,
+        window: &Window2d,
+    ) -> Result<CudaStorage> {
+        let name = "conv2d";
+        let [n, o, oh, ow] = conv::conv2d_output(
+            x.layout.dims(),
+            weight.layout.dims(),
+            bias.map(|b| b.layout.dims()),
+            window,
+        )?;
+        let dtype = Self::same_dtype(name, x.storage.dtype, weight.storage.dtype)?;
+        let xd = dims4(name, x.layout.dims())?;
+        let (xs, ws) = (
+            self.dense(name, x, DType::F32)?,
+            self.dense(name, weight, DType::F32)?,
+        );
+        let bs = bias.map(|b| self.dense(name, b, DType::F32)).transpose()?;
+        let out = self.empty(name, dtype, n * o * oh * ow)?;
+        let p = ConvArg::new(xd, o, window, [oh, ow]);
+        if let Some(cfg) = gemm_tiles(name, o, n * oh * ow, 1)? {
+            let (xp, wp, bp) = (xs.ptr, ws.ptr, bs.as_ref().map_or(0u64, |b| b.ptr));
+            let (act, op, dt) = (
+                activation_code(activation),
+                out.block.ptr(),
+                dtype_code(dtype),
+            );
+            launch!(self, name, "kiln_conv2d", cfg; xp, wp, bp, act, op, dt, p)?;
+        }
+        Ok(out)
+    }
+
+    fn conv2d_backward_data(
+        &self,
+        dy: View<'_, CudaStorage>,
+        weight: View<'_, CudaStorage>,
+        window: &Window2d,
+        input: [usize; 2],
+    ) -> Result<CudaStorage> {
+        let name = "conv2d_backward_data";
+        let [n, c, h, w] = conv::conv2d_backward_data_shape(
+            dy.layout.dims(),
+            weight.layout.dims(),
+            window,
+            input,
+        )?;
+        let dtype = Self::same_dtype(name, dy.storage.dtype, weight.storage.dtype)?;
+        let dyd = dims4(name, dy.layout.dims())?;
+        let (ds, ws) = (
+            self.dense(name, dy, DType::F32)?,
+            self.dense(name, weight, DType::F32)?,
+        );
+        let out = self.empty(name, dtype, n * c * h * w)?;
+        let p = ConvArg::new([n, c, h, w], dyd[1], window, [dyd[2], dyd[3]]);
+        if let Some(cfg) = gemm_tiles(name, c, n * h * w, 1)? {
+            let (dp, wp, op, dt) = (ds.ptr, ws.ptr, out.block.ptr(), dtype_code(dtype));
+            launch!(self, name, "kiln_conv2d_backward_data", cfg; dp, wp, op, dt, p)?;
+        }
+        Ok(out)
+    }
+
+    fn conv2d_backward_filter(
+        &self,
+        x: View<'_, CudaStorage>,
+        dy: View<'_, CudaStorage>,
+        window: &Window2d,
+    ) -> Result<(CudaStorage, CudaStorage)> {
+        let name = "conv2d_backward_filter";
+        let [o, c, kh, kw] =
+            conv::conv2d_backward_filter_shape(x.layout.dims(), dy.layout.dims(), window)?;
+        let dtype = Self::same_dtype(name, x.storage.dtype, dy.storage.dtype)?;
+        let xd = dims4(name, x.layout.dims())?;
+        let dyd = dims4(name, dy.layout.dims())?;
+        let (xs, ds) = (
+            self.dense(name, x, DType::F32)?,
+            self.dense(name, dy, DType::F32)?,
+        );
+        let p = ConvArg::new(xd, o, window, [dyd[2], dyd[3]]);
+        let cols = c * kh * kw;
+        let k = xd[0] * dyd[2] * dyd[3];
+        let (slices, chunk) = split_k(o, cols, k, self.sms());
+        let ws = self.empty(name, DType::F32, slices * o * cols)?;
+        let dw = self.empty(name, dtype, o * cols)?;
+        if let Some(cfg) = gemm_tiles(name, o, cols, slices)? {
+            let (xp, dp, wsp, ch) = (xs.ptr, ds.ptr, ws.block.ptr(), chunk as i64);
+            launch!(self, name, "kiln_conv2d_backward_filter", cfg; xp, dp, wsp, ch, p)?;
+            let cfg = elementwise(o * cols, self.sms()).expect("o·cols > 0 here");
+            let (s, len, out, dt) = (
+                slices as i64,
+                (o * cols) as i64,
+                dw.block.ptr(),
+                dtype_code(dtype),
+            );
+            launch!(self, name, "kiln_sum_splits", cfg; wsp, s, len, out, dt)?;
+        }
+        // The bias gradient: Σ dy over images and pixels, per filter.
+        let permuted = dy.layout.permute(&[1, 0, 2, 3])?;
+        let dyo = self.dense(name, View::new(dy.storage, &permuted), DType::F32)?;
+        let db = self.reduce_rows(name, dyo.ptr, o, k, reduce_code(ReduceOp::Sum))?;
+        Ok((dw, self.convert(name, db, dtype)?))
+    }
+
+    fn max_pool2d(
+        &self,
+        x: View<'_, CudaStorage>,
+        window: &Window2d,
+    ) -> Result<(CudaStorage, CudaStorage)> {
+        let name = "max_pool2d";
+        let [n, c, oh, ow] = conv::pool2d_output(x.layout.dims(), window)?;
+        let dtype = Self::float_dtype(name, x.storage.dtype)?;
+        let xd = dims4(name, x.layout.dims())?;
+        if xd[2] * xd[3] > u32::MAX as usize {
+            return Err(Error::shape(
+                name,
+                format!(
+                    "an input plane of {}×{} cells does not fit u32 indices",
+                    xd[2], xd[3]
+                ),
+            ));
+        }
+        let xs = self.dense(name, x, DType::F32)?;
+        let cells = n * c * oh * ow;
+        let y = self.empty(name, dtype, cells)?;
+        let at = self.empty(name, DType::U32, cells)?;
+        if let Some(cfg) = elementwise(cells, self.sms()) {
+            let p = Self::pool_arg(xd, window, [oh, ow]);
+            let (xp, yp, dt, ap) = (xs.ptr, y.block.ptr(), dtype_code(dtype), at.block.ptr());
+            launch!(self, name, "kiln_max_pool2d", cfg; xp, yp, dt, ap, p)?;
+        }
+        Ok((y, at))
+    }
+
+    fn max_pool2d_backward(
+        &self,
+        dy: View<'_, CudaStorage>,
+        argmax: View<'_, CudaStorage>,
+        window: &Window2d,
+        input: [usize; 2],
+    ) -> Result<CudaStorage> {
+        let name = "max_pool2d_backward";
+        let [n, c, h, w] =
+            conv::pool2d_backward_shape(dy.layout.dims(), argmax.layout.dims(), window, input)?;
+        let dtype = Self::float_dtype(name, dy.storage.dtype)?;
+        if argmax.storage.dtype != DType::U32 {
+            return Err(Error::DType {
+                op: name,
+                expected: DType::U32,
+                got: argmax.storage.dtype,
+            });
+        }
+        let dyd = dims4(name, dy.layout.dims())?;
+        let (ds, am) = (
+            self.dense(name, dy, DType::F32)?,
+            self.dense(name, argmax, DType::U32)?,
+        );
+        let cells = n * c * h * w;
+        let dx = self.empty(name, dtype, cells)?;
+        if let Some(cfg) = elementwise(cells, self.sms()) {
+            let p = Self::pool_arg([n, c, h, w], window, [dyd[2], dyd[3]]);
+            let (dp, ap, xp, dt) = (ds.ptr, am.ptr, dx.block.ptr(), dtype_code(dtype));
+            launch!(self, name, "kiln_max_pool2d_backward", cfg; dp, ap, xp, dt, p)?;
+        }
+        Ok(dx)
+    }
+
+    fn sgd_update(
+        &self,
+        param: &mut CudaStorage,
+        grad: &CudaStorage,
+        velocity: Option<&mut CudaStorage>,
+        step: &SgdStep,
+    ) -> Result<()> {
+        let name = "sgd_update";
+        optim_check(name, param, grad, velocity.as_deref())?;
+        if velocity.is_none() && step.momentum != 0.0 {
+            return Err(Error::invalid(
+                "sgd_update: momentum needs a velocity buffer",
+            ));
+        }
+        let Some(cfg) = elementwise(param.len, self.sms()) else {
+            return Ok(());
+        };
+        let (p, g, v) = (
+            param.block.ptr(),
+            grad.block.ptr(),
+            velocity.map_or(0u64, |v| v.block.ptr()),
+        );
+        let (n, lr, mo, wd, ne) = (
+            param.len as i64,
+            step.lr,
+            step.momentum,
+            step.weight_decay,
+            i32::from(step.nesterov),
+        );
+        launch!(self, name, "kiln_sgd", cfg; p, g, v, n, lr, mo, wd, ne)
+    }
+
+    fn adam_update(
+        &self,
+        param: &mut CudaStorage,
+        grad: &CudaStorage,
+        m: &mut CudaStorage,
+        v: &mut CudaStorage,
+        step: &AdamStep,
+    ) -> Result<()> {
+        let name = "adam_update";
+        if step.step == 0 {
+            return Err(Error::invalid("adam_update: the step number starts at 1"));
+        }
+        optim_check(name, param, grad, Some(m))?;
+        optim_check(name, param, grad, Some(v))?;
+        let Some(cfg) = elementwise(param.len, self.sms()) else {
+            return Ok(());
+        };
+        // As the CPU: the bias correction in f64, rounded once.
+        let t = step.step.min(i32::MAX as u64) as i32;
+        let (b1, b2) = (f64::from(step.beta1), f64::from(step.beta2));
+        let lr_t = (f64::from(step.lr) * (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t))) as f32;
+        let decay = if step.decoupled {
+            step.lr * step.weight_decay
+        } else {
+            0.0
+        };
+        let l2 = if step.decoupled {
+            0.0
+        } else {
+            step.weight_decay
+        };
+        let (p, g, mp, vp, n) = (
+            param.block.ptr(),
+            grad.block.ptr(),
+            m.block.ptr(),
+            v.block.ptr(),
+            param.len as i64,
+        );
+        let (beta1, beta2, eps) = (step.beta1, step.beta2, step.eps);
+        launch!(self, name, "kiln_adam", cfg; p, g, mp, vp, n, lr_t, beta1, beta2, eps, decay, l2)
+    }
+
+    fn random(
+        &self,
+        dist: Distribution,
+        numel: usize,
+        dtype: DType,
+        seed: u64,
+        offset: u64,
+    ) -> Result<CudaStorage> {
+        let name = "random";
+        let dtype = Self::float_dtype(name, dtype)?;
+        let out = self.empty(name, dtype, numel)?;
+        let (p, dt, n) = (out.block.ptr(), dtype_code(dtype), numel as i64);
+        match dist {
+            Distribution::Uniform { low, high } => {
+                if !(low.is_finite() && high.is_finite() && low <= high) {
+                    return Err(Error::invalid(format!(
+                        "uniform: need finite low ≤ high, got [{low}, {high})"
+                    )));
+                }
+                if let Some(cfg) = elementwise(numel, self.sms()) {
+                    launch!(self, name, "kiln_uniform", cfg; p, dt, n, seed, offset, low, high)?;
+                }
+            }
+            Distribution::Normal { mean, std } => {
+                if !(mean.is_finite() && std.is_finite() && std >= 0.0) {
+                    return Err(Error::invalid(format!(
+                        "normal: need finite mean and std ≥ 0, got {mean}, {std}"
+                    )));
+                }
+                if let Some(cfg) = elementwise(numel, self.sms()) {
+                    launch!(self, name, "kiln_normal", cfg; p, dt, n, seed, offset, mean, std)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Optimiser operands: f32, one length.
+fn optim_check(
+    op: &'static str,
+    p: &CudaStorage,
+    g: &CudaStorage,
+    slot: Option<&CudaStorage>,
+) -> Result<()> {
+    for s in [Some(p), Some(g), slot].into_iter().flatten() {
+        if s.dtype != DType::F32 {
+            return Err(Error::DType {
+                op,
+                expected: DType::F32,
+                got: s.dtype,
+            });
+        }
+        if s.len != p.len {
+            return Err(Error::invalid(format!(
+                "{op}: operands of {} and {} elements",
+                p.len, s.len
+            )));
+        }
+    }
+    Ok(())
+}

@@ -3,7 +3,8 @@
 # machine, then runs the formatting and lint gates and every test.
 #
 #   ci/test.sh            everything
-#   ci/test.sh --quick    skip fmt, clippy, the NEON run and the fuzz smoke
+#   ci/test.sh --quick    skip fmt, clippy, the NEON run, the CUDA kernel
+#                         build check and the fuzz smoke
 #
 # KILN_FUZZ_SECONDS (default 20) sets the fuzz smoke's time per target.
 set -euo pipefail
@@ -64,6 +65,16 @@ cargo run -q -p kiln-bench --bin kiln-bench-compare --profile ci --locked -- --q
 if [ "$quick" = 0 ]; then
   step "NEON kernels under qemu-aarch64"
   ci/neon.sh
+fi
+
+# --- CUDA kernels, offline -----------------------------------------------------
+# NVRTC and ptxas from PyPI wheels (no GPU, no toolkit): the committed PTX
+# must be what kernels/*.cu compile to, and no kernel may spill on sm_80 or
+# sm_90. (The kiln-cuda crate's own tests ran above; without a GPU its
+# conformance suite reports itself skipped.)
+if [ "$quick" = 0 ]; then
+  step "CUDA kernels: NVRTC → PTX, ptxas sm_80/sm_90, no spills, PTX up to date"
+  ci/kernels.sh --check
 fi
 
 # --- fuzz smoke ---------------------------------------------------------------

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# kiln on a GPU machine that has no Rust toolchain and no network.
+#
+#   ci/gpu.sh build [DIR]   (here, on the CPU machine) builds the test and
+#                           bench binaries into DIR (default gpu-bin/):
+#                           kiln, kiln-gpu-bench, cuda-conformance (the
+#                           kiln-cuda test binary: the conformance suite),
+#                           stripped, plus Fashion-MNIST if installed
+#   ci/gpu.sh run [DIR]     (on the GPU machine, from the repository root)
+#                           runs, each under a time limit, in well under 8
+#                           minutes: the CUDA conformance suite against the
+#                           f64 oracle; GEMM 4096³ (SGEMM, TF32, BF16) against
+#                           cuBLAS in the same process; conv and softmax-CE
+#                           step times; one epoch of the MLP and the CNN with
+#                           --backend cuda; and the PyTorch yardsticks
+#                           (ci/torch_yardstick.py). Output goes to stdout and
+#                           to $OUT/gpu-run.txt when OUT is set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+cmd="${1:-}"
+dir="${2:-gpu-bin}"
+
+build() {
+  set -e
+  cargo build --release --locked -p kiln-cli -p kiln-cuda --bins
+  local test_exe
+  test_exe="$(cargo test --release --locked -p kiln-cuda --test cuda --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
+        print(m["executable"])' | tail -1)"
+  [ -n "$test_exe" ] || { echo "gpu.sh: could not find the kiln-cuda test binary" >&2; exit 1; }
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  strip -o "$dir/kiln" target/release/kiln
+  strip -o "$dir/kiln-gpu-bench" target/release/kiln-gpu-bench
+  strip -o "$dir/cuda-conformance" "$test_exe"
+  local fm=/usr/share/datasets/fashion-mnist
+  if [ -f "$fm/train-images-idx3-ubyte.gz" ]; then
+    mkdir -p "$dir/data/fashion-mnist"
+    cp "$fm"/*-ubyte.gz "$dir/data/fashion-mnist/"
+  fi
+  du -sh "$dir"
+  echo "built $dir: carry it to the GPU machine and run ci/gpu.sh run $dir"
+}
+
+step() { # name seconds command...
+  local name="$1" limit="$2"
+  shift 2
+  echo
+  echo "=== $name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "=== $name: exit $rc in $((SECONDS - t0))s"
+  [ $rc = 0 ] || failures+=("$name (exit $rc)")
+}
+
+run() {
+  [ -x "$dir/kiln" ] || { echo "gpu.sh: no binaries in $dir; run ci/gpu.sh build first (on the build machine)" >&2; exit 1; }
+  failures=()
+  echo "kiln GPU run, $(date -u +%Y-%m-%dT%H:%MZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null \
+    || echo "nvidia-smi: not available"
+  "$dir/kiln" info
+  local data="$dir/data/fashion-mnist"
+  step "CUDA conformance suite" 150 env KILN_REQUIRE_CUDA=1 "$dir/cuda-conformance" --test-threads 4
+  step "GEMM vs cuBLAS, conv, softmax-CE" 120 "$dir/kiln-gpu-bench" --size 4096 --reps 20
+  if [ -d "$data" ]; then
+    step "MLP epoch, --backend cuda" 60 "$dir/kiln" train --backend cuda --model mlp \
+      --dataset fashion-mnist --data "$data" --epochs 2 --plain --out "$dir/runs/mlp"
+    step "CNN epoch, --backend cuda" 90 "$dir/kiln" train --backend cuda --model cnn \
+      --dataset fashion-mnist --data "$data" --epochs 2 --plain --out "$dir/runs/cnn"
+  else
+    step "CNN epoch on the bundled sample, --backend cuda" 90 "$dir/kiln" train --backend cuda \
+      --model cnn --epochs 2 --plain --out "$dir/runs/cnn"
+  fi
+  if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+    step "PyTorch yardsticks" 120 python3 ci/torch_yardstick.py "$data" 4096
+  else
+    echo "PyTorch with CUDA not found: yardsticks skipped"
+  fi
+  echo
+  if [ ${#failures[@]} = 0 ]; then
+    echo "gpu.sh: every step passed"
+  else
+    printf 'gpu.sh: FAILED: %s\n' "${failures[@]}"
+    return 1
+  fi
+}
+
+case "$cmd" in
+  build) build ;;
+  run)
+    if [ -n "${OUT:-}" ]; then
+      run 2>&1 | tee "$OUT/gpu-run.txt"
+      exit "${PIPESTATUS[0]}"
+    fi
+    run
+    ;;
+  *) echo "usage: ci/gpu.sh build|run [DIR]" >&2; exit 2 ;;
+esac

@@ -32,7 +32,7 @@ mkdir -p "$out"
 report="$out/REPORT.txt"
 {
   echo "# ptxas $("$ptxas" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), PTX from NVRTC $CUDA_WHEELS_VERSION for $ARCH"
-  echo "# kernel                              arch   registers  smem(B)  spill-stores  spill-loads"
+  echo "# kernel                              arch   registers  smem(B)  spill-stores  spill-loads  stack(B)"
 } > "$report"
 
 failed=0
@@ -46,6 +46,7 @@ for src in kernels/*.cu; do
     echo "$log" | awk -v sm="$sm" '
       /Compiling entry function/ { split($0, q, "'"'"'"); fn = q[2] }
       /spill stores/ {
+        match($0, /[0-9]+ bytes stack frame/); fr = substr($0, RSTART, RLENGTH) + 0
         match($0, /[0-9]+ bytes spill stores/); st = substr($0, RSTART, RLENGTH) + 0
         match($0, /[0-9]+ bytes spill loads/); ld = substr($0, RSTART, RLENGTH) + 0
       }
@@ -53,7 +54,7 @@ for src in kernels/*.cu; do
         match($0, /Used [0-9]+ registers/); regs = substr($0, RSTART + 5, RLENGTH - 15) + 0
         smem = 0
         if (match($0, /[0-9]+ bytes smem/)) smem = substr($0, RSTART, RLENGTH) + 0
-        printf "%-38s %-6s %9d %8d %13d %12d\n", fn, sm, regs, smem, st, ld
+        printf "%-38s %-6s %9d %8d %13d %12d %9d\n", fn, sm, regs, smem, st, ld, fr
       }' >> "$report"
   done
 done

@@ -26,12 +26,18 @@ struct Strided {
     i64 strides[KILN_MAX_RANK];
 };
 
+// Fully unrolled, so the struct's arrays are indexed by constants and stay
+// in registers / the parameter bank (a loop over `rank` would copy them to
+// local memory).
 __device__ __forceinline__ i64 strided_offset(const Strided& s, i64 i) {
     i64 o = s.offset;
-    for (int d = s.rank - 1; d >= 0; --d) {
-        i64 q = i % s.dims[d];
-        i /= s.dims[d];
-        o += q * s.strides[d];
+#pragma unroll
+    for (int d = KILN_MAX_RANK - 1; d >= 0; --d) {
+        if (d < s.rank) {
+            i64 q = i % s.dims[d];
+            i /= s.dims[d];
+            o += q * s.strides[d];
+        }
     }
     return o;
 }

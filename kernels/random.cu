@@ -27,7 +27,9 @@ extern "C" __global__ void kiln_uniform(void* dst, int dtype, i64 n, u64 seed, u
     GRID_STRIDE(i, n) {
         u32 w[4];
         block_words(seed, offset + (u64)i / 4, w);
-        float u = (float)(w[i % 4] >> 8) * (1.0f / 16777216.0f);
+        int j = (int)(i % 4);  // a select, not an indexed load: w stays in registers
+        u32 word = j == 0 ? w[0] : j == 1 ? w[1] : j == 2 ? w[2] : w[3];
+        float u = (float)(word >> 8) * (1.0f / 16777216.0f);
         store_f32(dst, dtype, i, (float)(low + (high - low) * (double)u));
     }
 }

@@ -356,8 +356,12 @@ pub enum GemmKernel {
 pub fn gemm_kernel(dtype: DType, k: usize, n: usize, cc: (i32, i32), tf32: bool) -> GemmKernel {
     let tensor_cores = cc.0 >= 8;
     match dtype {
-        DType::BF16 if tensor_cores && k.is_multiple_of(8) && n.is_multiple_of(8) => GemmKernel::Bf16,
-        DType::F32 if tf32 && tensor_cores && k.is_multiple_of(4) && n.is_multiple_of(4) => GemmKernel::Tf32,
+        DType::BF16 if tensor_cores && k.is_multiple_of(8) && n.is_multiple_of(8) => {
+            GemmKernel::Bf16
+        }
+        DType::F32 if tf32 && tensor_cores && k.is_multiple_of(4) && n.is_multiple_of(4) => {
+            GemmKernel::Tf32
+        }
         _ => GemmKernel::Simt,
     }
 }

@@ -339,6 +339,22 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// If `v` is one contiguous row repeated over its leading axes (zero
+    /// strides there), the layout of that row in the same storage.
+    fn repeated_row(v: View<'_, CudaStorage>) -> Result<Option<Layout>> {
+        let s = Strided::from_layout("binary", v.layout)?;
+        if s.rank != 2 || s.strides[0] != 0 || s.strides[1] != 1 {
+            return Ok(None);
+        }
+        Self::check_view("binary", v)?;
+        let row = Layout::new(
+            Shape::new(&[s.dims[1] as usize])?,
+            vec![1],
+            s.offset as usize,
+        )?;
+        Ok(Some(row))
+    }
+
     fn pool_arg(x: [usize; 4], window: &Window2d, out: [usize; 2]) -> PoolArg {
         PoolArg {
             planes: (x[0] * x[1]) as i64,
@@ -653,6 +669,25 @@ impl Backend for CudaBackend {
         }
         let dtype = Self::same_dtype(name, a.storage.dtype, b.storage.dtype)?;
         let n = a.layout.numel();
+        // One operand a row repeated over the leading axes (a bias): read
+        // the row in place instead of materialising the broadcast.
+        let row = match (Self::repeated_row(b)?, Self::repeated_row(a)?) {
+            (Some(r), _) => Some((a, b.storage, r, 0)),
+            (None, Some(r)) => Some((b, a.storage, r, 1)),
+            (None, None) => None,
+        };
+        if let Some((x, storage, row_layout, row_first)) = row {
+            let len = row_layout.numel() as i64;
+            let xs = self.dense(name, x, DType::F32)?;
+            let rs = self.dense(name, View::new(storage, &row_layout), DType::F32)?;
+            return self.f32_result(name, dtype, n, |y| {
+                let Some(cfg) = elementwise(n, self.sms()) else {
+                    return Ok(());
+                };
+                let (px, pr, ni, code) = (xs.ptr, rs.ptr, n as i64, binary_code(op));
+                launch!(self, name, "kiln_binary_row", cfg; px, pr, y, ni, len, code, row_first)
+            });
+        }
         let (xa, xb) = (
             self.dense(name, a, DType::F32)?,
             self.dense(name, b, DType::F32)?,

@@ -443,6 +443,47 @@ pub struct AdamStep {
     pub step: u64,
 }
 
+/// The per-step constants of an [`AdamStep`] every backend applies the same
+/// way: the bias-corrected rate `lr·√(1−β₂ᵗ)/(1−β₁ᵗ)` (computed in f64,
+/// rounded once), the decoupled decay factor `lr·wd` (AdamW, else 0) and
+/// the L2 coefficient `wd` (Adam, else 0).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamSchedule {
+    /// The bias-corrected learning rate.
+    pub lr_t: f32,
+    /// `p ← p − decay·p` before the step.
+    pub decay: f32,
+    /// `g ← g + l2·p` before the moments.
+    pub l2: f32,
+}
+
+impl AdamStep {
+    /// This step's constants; an error for step 0 (steps count from 1).
+    pub fn schedule(&self) -> Result<AdamSchedule> {
+        if self.step == 0 {
+            return Err(crate::Error::invalid(
+                "adam_update: the step number starts at 1",
+            ));
+        }
+        let t = self.step.min(i32::MAX as u64) as i32;
+        let (b1, b2) = (f64::from(self.beta1), f64::from(self.beta2));
+        let lr_t = (f64::from(self.lr) * (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t))) as f32;
+        Ok(AdamSchedule {
+            lr_t,
+            decay: if self.decoupled {
+                self.lr * self.weight_decay
+            } else {
+                0.0
+            },
+            l2: if self.decoupled {
+                0.0
+            } else {
+                self.weight_decay
+            },
+        })
+    }
+}
+
 /// A distribution for [`Backend::random`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Distribution {
@@ -460,6 +501,68 @@ pub enum Distribution {
         /// Standard deviation.
         std: f64,
     },
+}
+
+impl Distribution {
+    /// Checks the parameters: finite, `low ≤ high`, `std ≥ 0`.
+    pub fn validate(&self) -> Result<()> {
+        match *self {
+            Distribution::Uniform { low, high } => {
+                if !(low.is_finite() && high.is_finite() && low <= high) {
+                    return Err(crate::Error::invalid(format!(
+                        "uniform: need finite low ≤ high, got [{low}, {high})"
+                    )));
+                }
+            }
+            Distribution::Normal { mean, std } => {
+                if !(mean.is_finite() && std.is_finite() && std >= 0.0) {
+                    return Err(crate::Error::invalid(format!(
+                        "normal: need finite mean and std ≥ 0, got {mean}, {std}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a reduction over `axes` walks its operand: the layout with the kept
+/// axes first and the reduced ones last (so it is `rows` runs of `run`
+/// elements, row-major), checked once for every backend.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReducePlan {
+    /// The operand's layout, permuted.
+    pub permuted: Layout,
+    /// Results: the product of the kept extents.
+    pub rows: usize,
+    /// Elements folded into each result: the product of the reduced extents.
+    pub run: usize,
+}
+
+impl ReducePlan {
+    /// The plan for reducing `layout` over `axes` (sorted, unique, in range).
+    pub fn new(op: ReduceOp, layout: &Layout, axes: &[usize]) -> Result<Self> {
+        let rank = layout.rank();
+        if axes.windows(2).any(|w| w[0] >= w[1]) || axes.iter().any(|&a| a >= rank) {
+            return Err(crate::Error::invalid(format!(
+                "{}: axes {axes:?} must be sorted, unique and below the rank {rank}",
+                op.name()
+            )));
+        }
+        let perm: Vec<usize> = (0..rank)
+            .filter(|a| !axes.contains(a))
+            .chain(axes.iter().copied())
+            .collect();
+        let dims = layout.dims();
+        Ok(ReducePlan {
+            permuted: layout.permute(&perm)?,
+            rows: (0..rank)
+                .filter(|a| !axes.contains(a))
+                .map(|a| dims[a])
+                .product(),
+            run: axes.iter().map(|&a| dims[a]).product(),
+        })
+    }
 }
 
 /// A compute device: memory plus the primitive ops kiln is built from.

@@ -28,8 +28,8 @@ pub mod var;
 
 pub use autograd::{is_grad_enabled, no_grad, GradStore, NoGradGuard};
 pub use backend::{
-    Activation, AdamStep, Backend, BackendStorage, BinaryOp, ConvGrads, Distribution, GemmEpilogue,
-    ReduceOp, SgdStep, UnaryOp, View,
+    Activation, AdamSchedule, AdamStep, Backend, BackendStorage, BinaryOp, ConvGrads, Distribution,
+    GemmEpilogue, ReduceOp, ReducePlan, SgdStep, UnaryOp, View,
 };
 pub use conv::Window2d;
 pub use dtype::{bf16_from_f64, f16_from_f64, round_to_format, DType, HostData};

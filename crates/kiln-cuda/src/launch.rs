@@ -221,6 +221,26 @@ pub struct PoolArg {
 // SAFETY: #[repr(C)], eleven i64s, as the kernels' `PoolArg`.
 unsafe impl DeviceRepr for PoolArg {}
 
+impl PoolArg {
+    /// Pooling `[n, c, h, w]` planes over `window` into `[oh, ow]`.
+    pub fn new(x: [usize; 4], window: &Window2d, out: [usize; 2]) -> Self {
+        let [n, c, h, w] = x.map(|v| v as i64);
+        PoolArg {
+            planes: n * c,
+            h,
+            w,
+            kh: window.kernel[0] as i64,
+            kw: window.kernel[1] as i64,
+            sh: window.stride[0] as i64,
+            sw: window.stride[1] as i64,
+            pt: window.padding[0] as i64,
+            pl: window.padding[2] as i64,
+            oh: out[0] as i64,
+            ow: out[1] as i64,
+        }
+    }
+}
+
 /// The kernels' element type code.
 pub fn dtype_code(d: DType) -> i32 {
     match d {

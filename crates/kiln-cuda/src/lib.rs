@@ -354,22 +354,6 @@ impl CudaBackend {
         )?;
         Ok(Some(row))
     }
-
-    fn pool_arg(x: [usize; 4], window: &Window2d, out: [usize; 2]) -> PoolArg {
-        PoolArg {
-            planes: (x[0] * x[1]) as i64,
-            h: x[2] as i64,
-            w: x[3] as i64,
-            kh: window.kernel[0] as i64,
-            kw: window.kernel[1] as i64,
-            sh: window.stride[0] as i64,
-            sw: window.stride[1] as i64,
-            pt: window.padding[0] as i64,
-            pl: window.padding[2] as i64,
-            oh: out[0] as i64,
-            ow: out[1] as i64,
-        }
-    }
 }
 
 fn dims4(op: &'static str, d: &[usize]) -> Result<[usize; 4]> {
@@ -709,23 +693,11 @@ impl Backend for CudaBackend {
     ) -> Result<CudaStorage> {
         let name = op.name();
         let dtype = Self::float_dtype(name, x.storage.dtype)?;
-        let rank = x.layout.rank();
-        if axes.windows(2).any(|w| w[0] >= w[1]) || axes.iter().any(|&a| a >= rank) {
-            return Err(Error::invalid(format!(
-                "{name}: axes {axes:?} must be sorted, unique and below the rank {rank}"
-            )));
-        }
-        // Kept axes first, reduced axes last: every reduction is rows × run.
-        let perm: Vec<usize> = (0..rank)
-            .filter(|a| !axes.contains(a))
-            .chain(axes.iter().copied())
-            .collect();
-        let permuted = x.layout.permute(&perm)?;
-        let run: usize = axes.iter().map(|&a| x.layout.dims()[a]).product();
-        let rows: usize = (0..rank)
-            .filter(|a| !axes.contains(a))
-            .map(|a| x.layout.dims()[a])
-            .product();
+        let kiln_core::ReducePlan {
+            permuted,
+            rows,
+            run,
+        } = kiln_core::ReducePlan::new(op, x.layout, axes)?;
         let xs = self.dense(name, View::new(x.storage, &permuted), DType::F32)?;
         let out = self.reduce_rows(name, xs.ptr, rows, run, reduce_code(op))?;
         self.convert(name, out, dtype)
@@ -950,7 +922,7 @@ impl Backend for CudaBackend {
         let y = self.empty(name, dtype, cells)?;
         let at = self.empty(name, DType::U32, cells)?;
         if let Some(cfg) = elementwise(cells, self.sms()) {
-            let p = Self::pool_arg(xd, window, [oh, ow]);
+            let p = PoolArg::new(xd, window, [oh, ow]);
             let (xp, yp, dt, ap) = (xs.ptr, y.block.ptr(), dtype_code(dtype), at.block.ptr());
             launch!(self, name, "kiln_max_pool2d", cfg; xp, yp, dt, ap, p)?;
         }
@@ -983,7 +955,7 @@ impl Backend for CudaBackend {
         let cells = n * c * h * w;
         let dx = self.empty(name, dtype, cells)?;
         if let Some(cfg) = elementwise(cells, self.sms()) {
-            let p = Self::pool_arg([n, c, h, w], window, [dyd[2], dyd[3]]);
+            let p = PoolArg::new([n, c, h, w], window, [dyd[2], dyd[3]]);
             let (dp, ap, xp, dt) = (ds.ptr, am.ptr, dx.block.ptr(), dtype_code(dtype));
             launch!(self, name, "kiln_max_pool2d_backward", cfg; dp, ap, xp, dt, p)?;
         }
@@ -1031,27 +1003,11 @@ impl Backend for CudaBackend {
         step: &AdamStep,
     ) -> Result<()> {
         let name = "adam_update";
-        if step.step == 0 {
-            return Err(Error::invalid("adam_update: the step number starts at 1"));
-        }
+        let kiln_core::AdamSchedule { lr_t, decay, l2 } = step.schedule()?;
         optim_check(name, param, grad, Some(m))?;
         optim_check(name, param, grad, Some(v))?;
         let Some(cfg) = elementwise(param.len, self.sms()) else {
             return Ok(());
-        };
-        // As the CPU: the bias correction in f64, rounded once.
-        let t = step.step.min(i32::MAX as u64) as i32;
-        let (b1, b2) = (f64::from(step.beta1), f64::from(step.beta2));
-        let lr_t = (f64::from(step.lr) * (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t))) as f32;
-        let decay = if step.decoupled {
-            step.lr * step.weight_decay
-        } else {
-            0.0
-        };
-        let l2 = if step.decoupled {
-            0.0
-        } else {
-            step.weight_decay
         };
         let (p, g, mp, vp, n) = (
             param.block.ptr(),
@@ -1074,28 +1030,18 @@ impl Backend for CudaBackend {
     ) -> Result<CudaStorage> {
         let name = "random";
         let dtype = Self::float_dtype(name, dtype)?;
+        dist.validate()?;
         let out = self.empty(name, dtype, numel)?;
         let (p, dt, n) = (out.block.ptr(), dtype_code(dtype), numel as i64);
+        let Some(cfg) = elementwise(numel, self.sms()) else {
+            return Ok(out);
+        };
         match dist {
             Distribution::Uniform { low, high } => {
-                if !(low.is_finite() && high.is_finite() && low <= high) {
-                    return Err(Error::invalid(format!(
-                        "uniform: need finite low ≤ high, got [{low}, {high})"
-                    )));
-                }
-                if let Some(cfg) = elementwise(numel, self.sms()) {
-                    launch!(self, name, "kiln_uniform", cfg; p, dt, n, seed, offset, low, high)?;
-                }
+                launch!(self, name, "kiln_uniform", cfg; p, dt, n, seed, offset, low, high)?;
             }
             Distribution::Normal { mean, std } => {
-                if !(mean.is_finite() && std.is_finite() && std >= 0.0) {
-                    return Err(Error::invalid(format!(
-                        "normal: need finite mean and std ≥ 0, got {mean}, {std}"
-                    )));
-                }
-                if let Some(cfg) = elementwise(numel, self.sms()) {
-                    launch!(self, name, "kiln_normal", cfg; p, dt, n, seed, offset, mean, std)?;
-                }
+                launch!(self, name, "kiln_normal", cfg; p, dt, n, seed, offset, mean, std)?;
             }
         }
         Ok(out)

@@ -75,9 +75,7 @@ pub(crate) fn adam(
     v: &mut HostData,
     s: &AdamStep,
 ) -> Result<()> {
-    if s.step == 0 {
-        return Err(Error::invalid("adam_update: the step number starts at 1"));
-    }
+    let kiln_core::AdamSchedule { lr_t, decay, l2 } = s.schedule()?;
     let p = f32_mut("adam_update", param)?;
     let g = f32_ref("adam_update", grad)?;
     let m = f32_mut("adam_update", m)?;
@@ -85,15 +83,6 @@ pub(crate) fn adam(
     check_len("adam_update", p.len(), g.len(), "gradient")?;
     check_len("adam_update", p.len(), m.len(), "first moment")?;
     check_len("adam_update", p.len(), v.len(), "second moment")?;
-    let t = s.step.min(i32::MAX as u64) as i32;
-    let (b1, b2) = (f64::from(s.beta1), f64::from(s.beta2));
-    let lr_t = (f64::from(s.lr) * (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t))) as f32;
-    let decay = if s.decoupled {
-        s.lr * s.weight_decay
-    } else {
-        0.0
-    };
-    let l2 = if s.decoupled { 0.0 } else { s.weight_decay };
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
         *p -= decay * *p;
         let g = g + l2 * *p;

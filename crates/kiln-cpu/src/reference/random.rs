@@ -1,6 +1,6 @@
 //! Draws from the shared Philox streams (see `kiln_core::rng`).
 
-use kiln_core::{rng, DType, Distribution, Error, HostData, Result};
+use kiln_core::{rng, DType, Distribution, HostData, Result};
 
 use crate::storage::store_f32;
 
@@ -11,27 +11,14 @@ pub(crate) fn random(
     seed: u64,
     offset: u64,
 ) -> Result<HostData> {
+    dist.validate()?;
     let values: Vec<f32> = match dist {
-        Distribution::Uniform { low, high } => {
-            if !(low.is_finite() && high.is_finite() && low <= high) {
-                return Err(Error::invalid(format!(
-                    "uniform: need finite low ≤ high, got [{low}, {high})"
-                )));
-            }
-            (0..numel as u64)
-                .map(|i| (low + (high - low) * f64::from(rng::uniform(seed, offset, i))) as f32)
-                .collect()
-        }
-        Distribution::Normal { mean, std } => {
-            if !(mean.is_finite() && std.is_finite() && std >= 0.0) {
-                return Err(Error::invalid(format!(
-                    "normal: need finite mean and std ≥ 0, got {mean}, {std}"
-                )));
-            }
-            (0..numel as u64)
-                .map(|i| (mean + std * rng::normal(seed, offset, i)) as f32)
-                .collect()
-        }
+        Distribution::Uniform { low, high } => (0..numel as u64)
+            .map(|i| (low + (high - low) * f64::from(rng::uniform(seed, offset, i))) as f32)
+            .collect(),
+        Distribution::Normal { mean, std } => (0..numel as u64)
+            .map(|i| (mean + std * rng::normal(seed, offset, i)) as f32)
+            .collect(),
     };
     store_f32("random", dtype, values)
 }

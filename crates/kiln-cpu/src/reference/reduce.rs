@@ -7,26 +7,11 @@ use crate::storage::{read_f32, store_f32};
 /// Reduces `x` over `axes`: the reduced axes are moved innermost, so each
 /// output element folds one contiguous run, in row-major order.
 pub(crate) fn reduce(op: ReduceOp, x: View<'_, HostData>, axes: &[usize]) -> Result<HostData> {
-    let rank = x.layout.rank();
-    if axes.windows(2).any(|w| w[0] >= w[1]) || axes.iter().any(|&a| a >= rank) {
-        return Err(Error::invalid(format!(
-            "{}: axes {axes:?} must be sorted, unique and below the rank {rank}",
-            op.name()
-        )));
-    }
-    let perm: Vec<usize> = (0..rank)
-        .filter(|a| !axes.contains(a))
-        .chain(axes.iter().copied())
-        .collect();
-    let permuted = x.layout.permute(&perm)?;
-    let run: usize = axes.iter().map(|&a| x.layout.dims()[a]).product();
-    let outputs = x.layout.numel().checked_div(run).unwrap_or_else(|| {
-        // An empty reduced axis: one output per kept position.
-        (0..rank)
-            .filter(|a| !axes.contains(a))
-            .map(|a| x.layout.dims()[a])
-            .product()
-    });
+    let kiln_core::ReducePlan {
+        permuted,
+        rows: outputs,
+        run,
+    } = kiln_core::ReducePlan::new(op, x.layout, axes)?;
     let values = read_f32(op.name(), View::new(x.storage, &permuted))?;
     let out: Vec<f32> = (0..outputs)
         .map(|o| {

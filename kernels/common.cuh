@@ -106,6 +106,23 @@ __device__ __forceinline__ float warp_min(float v) {
     return v;
 }
 
+// Folds `v` over the block with `fold_warp` (a warp_* above), `identity`
+// for the lanes past the last warp; every thread gets the result. `scratch`
+// holds one float per warp.
+template <class FoldWarp>
+__device__ __forceinline__ float block_fold(float v, float identity, float* scratch, FoldWarp fold_warp) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = fold_warp(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    v = lane < warps ? scratch[lane] : identity;
+    return fold_warp(v);
+}
+
+#define KILN_INF __int_as_float(0x7f800000)
+
 // Activations and unary ops, numbered as kiln_core's UnaryOp.
 #define OP_NEG 0
 #define OP_ABS 1

@@ -19,6 +19,19 @@ struct ConvArg {
     i64 n, c, h, w, o, kh, kw, sh, sw, pt, pl, oh, ow;
 };
 
+// The im2col matrix's element at patch index (c, ky, kx) and output pixel
+// (img, oy, ox): x[img, c, oy·sh + ky − pt, ox·sw + kx − pl], or 0 in the
+// padding.
+__device__ __forceinline__ float im2col(const float* x, const ConvArg& p, i64 patch, i64 pixel) {
+    i64 kx = patch % p.kw, t = patch / p.kw, ky = t % p.kh, c = t / p.kh;
+    i64 ox = pixel % p.ow;
+    t = pixel / p.ow;
+    i64 oy = t % p.oh, img = t / p.oh;
+    i64 iy = oy * p.sh + ky - p.pt, ix = ox * p.sw + kx - p.pl;
+    if (iy < 0 || iy >= p.h || ix < 0 || ix >= p.w) return 0.0f;
+    return x[((img * p.c + c) * p.h + iy) * p.w + ix];
+}
+
 // ----- forward ---------------------------------------------------------
 struct FwdA {
     const float* w; i64 K;
@@ -26,14 +39,7 @@ struct FwdA {
 };
 struct FwdB {
     const float* x; ConvArg p;
-    __device__ __forceinline__ float operator()(int, i64 kk, i64 col) const {
-        i64 kx = kk % p.kw, t = kk / p.kw, ky = t % p.kh, c = t / p.kh;
-        i64 ox = col % p.ow; t = col / p.ow;
-        i64 oy = t % p.oh, img = t / p.oh;
-        i64 iy = oy * p.sh + ky - p.pt, ix = ox * p.sw + kx - p.pl;
-        if (iy < 0 || iy >= p.h || ix < 0 || ix >= p.w) return 0.0f;
-        return x[((img * p.c + c) * p.h + iy) * p.w + ix];
-    }
+    __device__ __forceinline__ float operator()(int, i64 kk, i64 col) const { return im2col(x, p, kk, col); }
 };
 struct FwdStore {
     void* out; int dtype; const float* bias; int act; ConvArg p;
@@ -97,14 +103,7 @@ struct FiltA {
 };
 struct FiltB {
     const float* x; ConvArg p;
-    __device__ __forceinline__ float operator()(int, i64 kk, i64 col) const {
-        i64 kx = col % p.kw, t = col / p.kw, ky = t % p.kh, c = t / p.kh;
-        i64 ox = kk % p.ow; t = kk / p.ow;
-        i64 oy = t % p.oh, img = t / p.oh;
-        i64 iy = oy * p.sh + ky - p.pt, ix = ox * p.sw + kx - p.pl;
-        if (iy < 0 || iy >= p.h || ix < 0 || ix >= p.w) return 0.0f;
-        return x[((img * p.c + c) * p.h + iy) * p.w + ix];
-    }
+    __device__ __forceinline__ float operator()(int, i64 kk, i64 col) const { return im2col(x, p, col, kk); }
 };
 struct FiltStore {
     float* ws; i64 len, cols;

@@ -14,31 +14,20 @@ __device__ __forceinline__ float fold(int op, float a, float b) {
     return op == R_MAX ? nan_max(a, b) : op == R_MIN ? nan_min(a, b) : a + b;
 }
 
-__device__ __forceinline__ float fold_warp(int op, float v) {
-    return op == R_MAX ? warp_max(v) : op == R_MIN ? warp_min(v) : warp_sum(v);
-}
-
-// Folds `v` over the block; every thread gets the result.
-__device__ float block_fold(int op, float v, float* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = fold_warp(op, v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    int warps = (blockDim.x + 31) >> 5;
-    float identity = op == R_MAX ? -__int_as_float(0x7f800000) : op == R_MIN ? __int_as_float(0x7f800000) : 0.0f;
-    v = lane < warps ? scratch[lane] : identity;
-    return fold_warp(op, v);
+__device__ __forceinline__ float identity_of(int op) {
+    return op == R_MAX ? -KILN_INF : op == R_MIN ? KILN_INF : 0.0f;
 }
 
 extern "C" __global__ void kiln_reduce_rows(const float* x, float* y, i64 rows, i64 run, int op) {
     __shared__ float scratch[32];
-    float identity = op == R_MAX ? -__int_as_float(0x7f800000) : op == R_MIN ? __int_as_float(0x7f800000) : 0.0f;
+    const float identity = identity_of(op);
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const float* row = x + r * run;
         float acc = identity;
         for (i64 j = threadIdx.x; j < run; j += blockDim.x) acc = fold(op, acc, row[j]);
-        acc = block_fold(op, acc, scratch);
+        acc = op == R_MAX   ? block_fold(acc, identity, scratch, [](float v) { return warp_max(v); })
+              : op == R_MIN ? block_fold(acc, identity, scratch, [](float v) { return warp_min(v); })
+                            : block_fold(acc, identity, scratch, [](float v) { return warp_sum(v); });
         if (threadIdx.x == 0) y[r] = op == R_MEAN ? acc / (float)run : acc;
     }
 }

@@ -3,36 +3,14 @@
 // row's max and Σ exp(x − max) folded with warp shuffles.
 #include "common.cuh"
 
-__device__ float block_max(float v, float* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    int warps = (blockDim.x + 31) >> 5;
-    v = lane < warps ? scratch[lane] : -__int_as_float(0x7f800000);
-    return warp_max(v);
-}
-
-__device__ float block_sum(float v, float* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    int warps = (blockDim.x + 31) >> 5;
-    v = lane < warps ? scratch[lane] : 0.0f;
-    return warp_sum(v);
-}
-
 // The row's max and Σ exp(x − max).
 __device__ void row_stats(const float* row, i64 c, float* scratch, float* max_out, float* sum_out) {
-    float m = -__int_as_float(0x7f800000);
+    float m = -KILN_INF;
     for (i64 j = threadIdx.x; j < c; j += blockDim.x) m = nan_max(m, row[j]);
-    m = block_max(m, scratch);
+    m = block_fold(m, -KILN_INF, scratch, [](float v) { return warp_max(v); });
     float s = 0.0f;
     for (i64 j = threadIdx.x; j < c; j += blockDim.x) s += expf(row[j] - m);
-    s = block_sum(s, scratch);
+    s = block_fold(s, 0.0f, scratch, [](float v) { return warp_sum(v); });
     *max_out = m;
     *sum_out = s;
 }

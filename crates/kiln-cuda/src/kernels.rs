@@ -47,7 +47,7 @@ pub const MODULES: &[(&str, &str, &[&str])] = &[
     (
         "gemm_tc",
         include_str!("../../../kernels/ptx/gemm_tc.ptx"),
-        &["kiln_gemm_bf16", "kiln_gemm_tf32"],
+        &["kiln_gemm_bf16", "kiln_gemm_f16", "kiln_gemm_tf32"],
     ),
     (
         "conv",

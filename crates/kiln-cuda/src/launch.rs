@@ -357,15 +357,17 @@ pub fn split_k(m: usize, n: usize, k: usize, sms: u32) -> (usize, usize) {
 }
 
 /// Which GEMM kernel runs: the tensor-core kernels need contiguous
-/// row-major operands with `k` and `n` multiples of 8 (BF16, 16-byte
-/// cp.async of 8 elements) or 4 (TF32), and a device of compute capability
-/// 8.0 or newer.
+/// row-major operands with `k` and `n` multiples of 8 (BF16 and F16,
+/// 16-byte cp.async of 8 elements) or 4 (TF32), and a device of compute
+/// capability 8.0 or newer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmKernel {
     /// `kiln_gemm_simt`: any layout and type, f32 FMA.
     Simt,
     /// `kiln_gemm_bf16`: bf16 tensor cores.
     Bf16,
+    /// `kiln_gemm_f16`: f16 tensor cores.
+    F16,
     /// `kiln_gemm_tf32`: f32 operands rounded to tf32 on tensor cores.
     Tf32,
 }
@@ -379,6 +381,7 @@ pub fn gemm_kernel(dtype: DType, k: usize, n: usize, cc: (i32, i32), tf32: bool)
         DType::BF16 if tensor_cores && k.is_multiple_of(8) && n.is_multiple_of(8) => {
             GemmKernel::Bf16
         }
+        DType::F16 if tensor_cores && k.is_multiple_of(8) && n.is_multiple_of(8) => GemmKernel::F16,
         DType::F32 if tf32 && tensor_cores && k.is_multiple_of(4) && n.is_multiple_of(4) => {
             GemmKernel::Tf32
         }
@@ -517,7 +520,11 @@ mod tests {
             GemmKernel::Simt
         );
         assert_eq!(
-            gemm_kernel(DType::F16, 4096, 4096, h100, true),
+            gemm_kernel(DType::F16, 4096, 4096, h100, false),
+            GemmKernel::F16
+        );
+        assert_eq!(
+            gemm_kernel(DType::F16, 4096, 12, h100, false),
             GemmKernel::Simt
         );
     }

@@ -15,7 +15,7 @@
 //!   and bf16 widened, exactly); the strided, converting copy kernel gathers
 //!   other views first, and results are rounded once to the operands' type —
 //!   the CPU backend's semantics. GEMMs read strided operands of any float
-//!   type directly; bf16 GEMMs use tensor cores (`mma.sync`) on compute
+//!   type directly; bf16 and f16 GEMMs use tensor cores (`mma.sync`) on compute
 //!   capability 8.0+, and f32 GEMMs use TF32 tensor cores only when
 //!   `KILN_CUDA_TF32=1` (TF32 rounds the inputs to 10-bit mantissas, which
 //!   the f32 conformance bound does not allow).
@@ -560,13 +560,13 @@ impl Backend for CudaBackend {
                 let (ma, mb) = (matrix(a), matrix(b));
                 launch!(self, op, "kiln_gemm_simt", cfg; ma, mb, epa, mi, ni, ki)?;
             }
-            GemmKernel::Bf16 | GemmKernel::Tf32 => {
+            GemmKernel::Bf16 | GemmKernel::F16 | GemmKernel::Tf32 => {
                 let (da, db) = (self.dense(op, a, dtype)?, self.dense(op, b, dtype)?);
                 let (pa, pb) = (da.ptr, db.ptr);
-                let name = if kernel == GemmKernel::Bf16 {
-                    "kiln_gemm_bf16"
-                } else {
-                    "kiln_gemm_tf32"
+                let name = match kernel {
+                    GemmKernel::Bf16 => "kiln_gemm_bf16",
+                    GemmKernel::F16 => "kiln_gemm_f16",
+                    _ => "kiln_gemm_tf32",
                 };
                 launch!(self, op, name, cfg; pa, pb, epa, mi, ni, ki)?;
             }

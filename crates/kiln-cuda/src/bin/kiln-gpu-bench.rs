@@ -1,5 +1,5 @@
 //! `kiln-gpu-bench`: kiln's CUDA kernels against cuBLAS on the same GPU, in
-//! one process — SGEMM (f32 SIMT), TF32 and BF16 tensor-core GEMMs at
+//! one process — SGEMM (f32 SIMT), TF32, BF16 and F16 tensor-core GEMMs at
 //! `--size`³ — plus the CNN's convolution and softmax-cross-entropy step
 //! times. Each of kiln's results is checked against cuBLAS's before its
 //! time is printed (a kernel is never faster-but-unchecked).
@@ -92,6 +92,7 @@ fn run() -> Result<()> {
         ("sgemm (f32 SIMT)", DType::F32, false),
         ("tf32 tensor cores", DType::F32, true),
         ("bf16 tensor cores", DType::BF16, false),
+        ("f16 tensor cores", DType::F16, false),
     ] {
         let b = base.clone().with_tf32(tf32);
         let dist = Distribution::Uniform {
@@ -113,6 +114,10 @@ fn run() -> Result<()> {
         let (in_type, compute) = match (dtype, tf32) {
             (DType::BF16, _) => (
                 cudaDataType::CUDA_R_16BF,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            ),
+            (DType::F16, _) => (
+                cudaDataType::CUDA_R_16F,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
             ),
             (_, true) => (
@@ -164,6 +169,7 @@ fn run() -> Result<()> {
         // bf16: 10- and 8-bit inputs, and kiln's bf16 output is rounded.
         let tol = match (dtype, tf32) {
             (DType::BF16, _) => 1e-2,
+            (DType::F16, _) => 2e-3,
             (_, true) => 5e-3,
             _ => 1e-4,
         };

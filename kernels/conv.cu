@@ -45,8 +45,7 @@ struct FwdStore {
     void* out; int dtype; const float* bias; int act; ConvArg p;
     __device__ __forceinline__ void operator()(int, i64 o, i64 col, float acc) const {
         i64 cells = p.oh * p.ow, img = col / cells, cell = col % cells;
-        float v = bias ? acc + bias[o] : acc;
-        store_f32(out, dtype, (img * p.o + o) * cells + cell, act == OP_NONE ? v : epilogue_activation(act, v));
+        epilogue_store(out, nullptr, bias, 1.0f, 0.0f, act, dtype, (img * p.o + o) * cells + cell, o, acc);
     }
 };
 
@@ -83,7 +82,7 @@ struct DataStore {
     void* dx; int dtype; ConvArg p;
     __device__ __forceinline__ void operator()(int, i64 c, i64 col, float acc) const {
         i64 cells = p.h * p.w, img = col / cells, cell = col % cells;
-        store_f32(dx, dtype, (img * p.c + c) * cells + cell, acc);
+        epilogue_store(dx, nullptr, nullptr, 1.0f, 0.0f, OP_NONE, dtype, (img * p.c + c) * cells + cell, 0, acc);
     }
 };
 

@@ -126,17 +126,24 @@ struct EpilogueArg {
     i64 m, n;
 };
 
-// The activation, out of line: inlined into every unrolled store of a
-// tile it would multiply the kernel's code many times over.
-__device__ __noinline__ float epilogue_activation(int act, float v) { return unary_f32(act, v); }
+// One output element, out of line: inlined, a tile's 64 unrolled stores
+// would be 64 copies of the activation and the type switch (it made the
+// GEMM kernels' PTX 6× larger and their JIT 40× slower); as a call each is
+// a handful of instructions, once per output at the end of the kernel.
+// Stores act(α·acc + β·c0[at] + bias[bias_at]) as `dtype` at out[at].
+__device__ __noinline__ void epilogue_store(void* out, const float* c0, const float* bias, float alpha,
+                                            float beta, int act, int dtype, i64 at, i64 bias_at,
+                                            float acc) {
+    float v = alpha * acc;
+    if (c0) v += beta * c0[at];
+    if (bias) v += bias[bias_at];
+    store_f32(out, dtype, at, act == OP_NONE ? v : unary_f32(act, v));
+}
 
 struct StoreMatrix {
     EpilogueArg e;
     __device__ __forceinline__ void operator()(int b, i64 row, i64 col, float acc) const {
-        i64 at = ((i64)b * e.m + row) * e.n + col;
-        float v = e.alpha * acc;
-        if (e.c0) v += e.beta * e.c0[at];
-        if (e.bias) v += e.bias[col];
-        store_f32(e.out, e.dtype, at, e.act == OP_NONE ? v : epilogue_activation(e.act, v));
+        epilogue_store(e.out, e.c0, e.bias, e.alpha, e.beta, e.act, e.dtype,
+                       ((i64)b * e.m + row) * e.n + col, col, acc);
     }
 };

@@ -13,8 +13,10 @@ fn ordinal() -> usize {
         .unwrap_or(0)
 }
 
+/// One backend for the whole run (its kernels load once), or `None`.
 fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(ordinal()) {
+    static GPU: std::sync::OnceLock<Option<CudaBackend>> = std::sync::OnceLock::new();
+    GPU.get_or_init(|| match CudaBackend::new(ordinal()) {
         Ok(b) => Some(b),
         Err(e) => {
             assert!(
@@ -23,7 +25,8 @@ fn gpu() -> Option<CudaBackend> {
             );
             None
         }
-    }
+    })
+    .clone()
 }
 
 #[test]

@@ -21,7 +21,9 @@ template <class LoadA, class LoadB, class Epi>
 __device__ __forceinline__ void simt_gemm_tile(const LoadA& la, const LoadB& lb, const Epi& ep,
                                                int batch, i64 m, i64 n, i64 k_begin,
                                                i64 k) {
-    __shared__ __align__(16) float As[2][SG_BK][SG_BM];
+    // A is stored transposed (k-major); its rows are padded by 4 floats so
+    // the 8 threads that stash one A row's 8 k values hit 8 different banks.
+    __shared__ __align__(16) float As[2][SG_BK][SG_BM + 4];
     __shared__ __align__(16) float Bs[2][SG_BK][SG_BN];
     const int t = threadIdx.x;
     const int tx = t % 16, ty = t / 16;

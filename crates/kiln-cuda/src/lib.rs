@@ -543,34 +543,36 @@ impl Backend for CudaBackend {
         } else {
             gemm_kernel(dtype, k, n, self.inner.info.compute_capability, self.tf32)
         };
-        match kernel {
-            GemmKernel::Simt => {
-                let matrix = |v: View<'_, CudaStorage>| {
-                    let s = v.layout.strides();
-                    MatrixArg {
-                        data: v.storage.block.ptr(),
-                        dtype: dtype_code(dtype),
-                        pad: 0,
-                        offset: v.layout.offset() as i64,
-                        bs: s[0] as i64,
-                        rs: s[1] as i64,
-                        cs: s[2] as i64,
-                    }
-                };
-                let (ma, mb) = (matrix(a), matrix(b));
-                launch!(self, op, "kiln_gemm_simt", cfg; ma, mb, epa, mi, ni, ki)?;
-            }
-            GemmKernel::Bf16 | GemmKernel::F16 | GemmKernel::Tf32 => {
-                let (da, db) = (self.dense(op, a, dtype)?, self.dense(op, b, dtype)?);
+        let tensor_core = match kernel {
+            GemmKernel::Bf16 => Some("kiln_gemm_bf16"),
+            GemmKernel::F16 => Some("kiln_gemm_f16"),
+            GemmKernel::Tf32 => Some("kiln_gemm_tf32"),
+            GemmKernel::Simt => None,
+        };
+        if let Some(name) = tensor_core {
+            let (da, db) = (self.dense(op, a, dtype)?, self.dense(op, b, dtype)?);
+            // The tensor-core kernels copy 16-byte chunks: operands starting
+            // at an unaligned offset go to the SIMT kernel instead.
+            if (da.ptr | db.ptr) % 16 == 0 {
                 let (pa, pb) = (da.ptr, db.ptr);
-                let name = match kernel {
-                    GemmKernel::Bf16 => "kiln_gemm_bf16",
-                    GemmKernel::F16 => "kiln_gemm_f16",
-                    _ => "kiln_gemm_tf32",
-                };
                 launch!(self, op, name, cfg; pa, pb, epa, mi, ni, ki)?;
+                return Ok(out);
             }
         }
+        let matrix = |v: View<'_, CudaStorage>| {
+            let s = v.layout.strides();
+            MatrixArg {
+                data: v.storage.block.ptr(),
+                dtype: dtype_code(dtype),
+                pad: 0,
+                offset: v.layout.offset() as i64,
+                bs: s[0] as i64,
+                rs: s[1] as i64,
+                cs: s[2] as i64,
+            }
+        };
+        let (ma, mb) = (matrix(a), matrix(b));
+        launch!(self, op, "kiln_gemm_simt", cfg; ma, mb, epa, mi, ni, ki)?;
         Ok(out)
     }
 

@@ -57,9 +57,35 @@ step() { # name seconds command...
   [ $rc = 0 ] || failures+=("$name (exit $rc)")
 }
 
+# cudarc looks for libcublas.so / libcublas.so.12 (and libcublasLt); a CUDA
+# 13 machine may have only .so.13 (in the toolkit or PyTorch's wheels).
+# Link the newest found under the names cudarc tries, in a folder put first
+# on the loader's path (the v12 entry points kiln uses are in v13 too).
+find_cublas() {
+  local links=/tmp/kiln-cuda-libs lib d
+  mkdir -p "$links"
+  for lib in libcublas libcublasLt; do
+    local found=""
+    for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu \
+             $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
+      [ -d "$d" ] || continue
+      found="$(find "$d" -maxdepth 4 -name "$lib.so*" 2>/dev/null | sort -V | tail -1)"
+      [ -n "$found" ] && break
+    done
+    if [ -n "$found" ]; then
+      ln -sf "$found" "$links/$lib.so"
+      echo "using $found for $lib"
+      # Its own folder too, for the libraries it loads by their .so.13 names.
+      LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
+  done
+  export LD_LIBRARY_PATH="$links${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+}
+
 run() {
   [ -x "$dir/kiln" ] || { echo "gpu.sh: no binaries in $dir; run ci/gpu.sh build first (on the build machine)" >&2; exit 1; }
   failures=()
+  find_cublas
   echo "kiln GPU run, $(date -u +%Y-%m-%dT%H:%MZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null \
     || echo "nvidia-smi: not available"

@@ -44,7 +44,9 @@ fi
 
 # --- tests ------------------------------------------------------------------
 # The `ci` profile is optimised (the training tests need it) with overflow
-# checks and debug assertions on. Datasets are required: a missing one fails.
+# checks and debug assertions on. Datasets are required: a missing one fails,
+# as does a g++ that cannot build the CUDA kernels' CPU emulation
+# (kernels/host/, crates/kiln-cuda/tests/host_emulation.rs).
 # Every SIMD kernel set this processor has must run its conformance suite
 # (a set the processor lacks would be skipped, so name them explicitly).
 required=""
@@ -53,7 +55,8 @@ if [ "$(uname -m)" = x86_64 ]; then
   grep -qw avx512f /proc/cpuinfo && required="$required,avx512"
 fi
 step "cargo test (kernel sets required: scalar${required:+,$required})"
-KILN_REQUIRE_DATASETS=1 KILN_REQUIRE_KERNELS="$required" cargo test --workspace --profile ci --locked
+KILN_REQUIRE_DATASETS=1 KILN_REQUIRE_KERNELS="$required" KILN_REQUIRE_HOST_EMULATION=1 \
+  cargo test --workspace --profile ci --locked
 
 # Benchmarks as a smoke only (numbers come from benches/compare.sh): each
 # criterion bench once, and the comparison binary on two small shapes.

@@ -51,6 +51,10 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
     return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
 
+#ifdef KILN_HOST  // host/shim.h: the kernels run on the CPU in tests
+__device__ __forceinline__ float f16_to_f32(u16 h) { return kiln_host_f16_to_f32(h); }
+__device__ __forceinline__ u16 f32_to_f16(float f) { return kiln_host_f32_to_f16(f); }
+#else
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -62,6 +66,7 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#endif
 
 __device__ __forceinline__ float load_f32(const void* p, int dtype, i64 i) {
     switch (dtype) {
@@ -77,9 +82,11 @@ __device__ __forceinline__ void store_f32(void* p, int dtype, i64 i, float v) {
         case KILN_F16: ((u16*)p)[i] = f32_to_f16(v); break;
         case KILN_BF16: ((u16*)p)[i] = f32_to_bf16(v); break;
         case KILN_U32: {
-            // Truncation toward zero, saturating; NaN → 0.
-            float t = v != v ? 0.0f : fminf(fmaxf(truncf(v), 0.0f), 4294967295.0f);
-            ((u32*)p)[i] = (u32)t;
+            // Truncation toward zero, saturating; NaN → 0. (2³² − 1 is not
+            // an f32: the largest f32 below 2³² converts, anything at or
+            // above 2³² saturates.)
+            float t = v != v ? 0.0f : fmaxf(truncf(v), 0.0f);
+            ((u32*)p)[i] = t >= 4294967296.0f ? 0xffffffffu : (u32)t;
             break;
         }
         default: ((float*)p)[i] = v;

@@ -5,12 +5,16 @@
 //   harness random uniform|normal SEED OFFSET N DTYPE P1 P2
 //   harness copy SRC_DTYPE DST_DTYPE SRC_LEN RANK OFFSET DIMS... STRIDES...   (stdin: source)
 //   harness pool PLANES H W KH KW SH SW PT PL OH OW                           (stdin: x, dy)
+//   harness unary OP N | unary_backward OP N | binary OP N | affine N MUL ADD  (stdin: operands)
+//   harness adam N LR_T BETA1 BETA2 EPS DECAY L2                              (stdin: p, g, m, v)
 #include <cstdio>
 #include <string>
 #include <vector>
 
 #include "shim.h"
+#include "../elementwise.cu"
 #include "../memory.cu"
+#include "../optim.cu"
 #include "../pool.cu"
 #include "../random.cu"
 
@@ -102,6 +106,34 @@ int main(int argc, char** argv) {
         print_bits(y.data(), cells, KILN_F32);
         print_bits(at.data(), cells, KILN_U32);
         print_bits(dx.data(), in_cells, KILN_F32);
+    } else if (mode == "unary" || mode == "unary_backward" || mode == "binary" || mode == "affine") {
+        // Operands: one for unary and affine, x, y, dy for unary_backward, a, b for binary.
+        int op = mode == "affine" ? 0 : (int)arg(2);
+        i64 n = arg(3);
+        int k = mode == "unary_backward" ? 3 : mode == "binary" ? 2 : 1;
+        std::vector<std::vector<unsigned char>> in;
+        for (int j = 0; j < k; ++j) in.push_back(read_bits(n, KILN_F32));
+        auto f = [&](int j) { return (const float*)in[j].data(); };
+        std::vector<float> out(n + 1);
+        if (mode == "unary") kiln_launch(grid_for(n), 256, kiln_unary, f(0), out.data(), n, op);
+        if (mode == "unary_backward")
+            kiln_launch(grid_for(n), 256, kiln_unary_backward, f(0), f(1), f(2), out.data(), n, op);
+        if (mode == "binary") kiln_launch(grid_for(n), 256, kiln_binary, f(0), f(1), out.data(), n, op);
+        if (mode == "affine")
+            kiln_launch(grid_for(n), 256, kiln_affine, f(0), out.data(), n, std::strtof(argv[4], nullptr),
+                        std::strtof(argv[5], nullptr));
+        print_bits(out.data(), n, KILN_F32);
+    } else if (mode == "adam") {
+        i64 n = arg(2);
+        float c[6];
+        for (int j = 0; j < 6; ++j) c[j] = std::strtof(argv[3 + j], nullptr);
+        auto p = read_bits(n, KILN_F32), g = read_bits(n, KILN_F32), m = read_bits(n, KILN_F32),
+             v = read_bits(n, KILN_F32);
+        kiln_launch(grid_for(n), 256, kiln_adam, (float*)p.data(), (const float*)g.data(), (float*)m.data(),
+                    (float*)v.data(), n, c[0], c[1], c[2], c[3], c[4], c[5]);
+        print_bits(p.data(), n, KILN_F32);
+        print_bits(m.data(), n, KILN_F32);
+        print_bits(v.data(), n, KILN_F32);
     } else {
         return 2;
     }

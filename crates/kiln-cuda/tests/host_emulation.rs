@@ -1,8 +1,9 @@
 //! kiln's grid-stride CUDA kernels, compiled for the CPU with g++ through
 //! `kernels/host/shim.h` and run serially, against the CPU backend, bit
 //! for bit: the Philox draws, the strided converting copy (every pair of
-//! types, transposed, sliced and broadcast views) and max-pooling forward
-//! and backward (padding, overlapping windows, ties and NaN). This checks
+//! types, transposed, sliced and broadcast views), max-pooling forward
+//! and backward (padding, overlapping windows, ties and NaN), every unary
+//! op and its gradient, every binary op, affine, and Adam. This checks
 //! the kernels' logic on a machine without a GPU; what it cannot check —
 //! block-wide kernels, tensor cores, the GPU's own math library — the
 //! conformance suite checks on a GPU (`ci/gpu.sh run`).
@@ -306,5 +307,163 @@ fn max_pooling_forward_and_backward_match_the_cpu() {
             same(DType::F32, gdx, &bits(&dx)),
             "{dims:?} {win:?}: gradient"
         );
+    }
+}
+
+/// Awkward f32 inputs: ±0, subnormals, ±1, large, ±∞, NaN, then a spread.
+fn awkward(n: usize, salt: u32) -> Vec<f32> {
+    let mut v = vec![
+        0.0,
+        -0.0,
+        1e-40,
+        -1e-39,
+        1.0,
+        -1.0,
+        0.5,
+        -89.0,
+        89.0,
+        1e30,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ];
+    let mut x = salt;
+    while v.len() < n {
+        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        v.push(((x >> 8) as f32 / 16_777_216.0 - 0.5) * 20.0);
+    }
+    v.truncate(n);
+    v
+}
+
+#[test]
+fn elementwise_kernels_match_the_cpu() {
+    use kiln_core::{BinaryOp, UnaryOp};
+    use kiln_cuda::launch::{binary_code, unary_code};
+    if harness().is_none() {
+        return;
+    }
+    let b = cpu();
+    let n = 700;
+    let l = Layout::contiguous(Shape::new(&[n]).unwrap());
+    let (xh, zh) = (HostData::F32(awkward(n, 1)), HostData::F32(awkward(n, 2)));
+    for op in [
+        UnaryOp::Neg,
+        UnaryOp::Abs,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Square,
+        UnaryOp::Recip,
+        UnaryOp::Relu,
+        UnaryOp::Sigmoid,
+        UnaryOp::Tanh,
+    ] {
+        let y = b.unary(op, View::new(&xh, &l)).unwrap();
+        let got = run(
+            &["unary".into(), unary_code(op).to_string(), n.to_string()],
+            &bits(&xh),
+        );
+        assert!(same(DType::F32, &got, &bits(&y)), "{op:?}");
+        let dx = b
+            .unary_backward(
+                op,
+                View::new(&xh, &l),
+                View::new(&y, &l),
+                View::new(&zh, &l),
+            )
+            .unwrap();
+        let mut input = bits(&xh);
+        input.extend(bits(&y));
+        input.extend(bits(&zh));
+        let got = run(
+            &[
+                "unary_backward".into(),
+                unary_code(op).to_string(),
+                n.to_string(),
+            ],
+            &input,
+        );
+        assert!(same(DType::F32, &got, &bits(&dx)), "{op:?} backward");
+    }
+    for op in [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Maximum,
+        BinaryOp::Minimum,
+        BinaryOp::Eq,
+        BinaryOp::Gt,
+        BinaryOp::Ge,
+    ] {
+        let y = b
+            .binary(op, View::new(&xh, &l), View::new(&zh, &l))
+            .unwrap();
+        let mut input = bits(&xh);
+        input.extend(bits(&zh));
+        let got = run(
+            &["binary".into(), binary_code(op).to_string(), n.to_string()],
+            &input,
+        );
+        assert!(same(DType::F32, &got, &bits(&y)), "{op:?}");
+    }
+    let y = b.affine(View::new(&xh, &l), -1.5, 0.25).unwrap();
+    let got = run(
+        &[
+            "affine".into(),
+            "0".into(),
+            n.to_string(),
+            "-1.5".into(),
+            "0.25".into(),
+        ],
+        &bits(&xh),
+    );
+    assert!(same(DType::F32, &got, &bits(&y)), "affine");
+}
+
+#[test]
+fn adam_matches_the_cpu() {
+    use kiln_core::AdamStep;
+    if harness().is_none() {
+        return;
+    }
+    let b = cpu();
+    let n = 600;
+    let finite = |salt| awkward(n + 13, salt)[13..].to_vec();
+    for (step, decoupled, wd) in [(1u64, false, 0.0f32), (7, false, 0.01), (1000, true, 0.05)] {
+        let s = AdamStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-7,
+            weight_decay: wd,
+            decoupled,
+            step,
+        };
+        let (p0, g) = (HostData::F32(finite(3)), HostData::F32(finite(4)));
+        let m0 = HostData::F32(finite(5).iter().map(|v| v * 0.01).collect());
+        let v0 = HostData::F32(finite(6).iter().map(|v| v * v * 1e-4).collect());
+        let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
+        b.adam_update(&mut p, &g, &mut m, &mut v, &s).unwrap();
+        let c = s.schedule().unwrap();
+        let mut input = bits(&p0);
+        for h in [&g, &m0, &v0] {
+            input.extend(bits(h));
+        }
+        let args: Vec<String> = [
+            "adam".to_string(),
+            n.to_string(),
+            c.lr_t.to_string(),
+            s.beta1.to_string(),
+            s.beta2.to_string(),
+            s.eps.to_string(),
+            c.decay.to_string(),
+            c.l2.to_string(),
+        ]
+        .to_vec();
+        let got = run(&args, &input);
+        let want: Vec<u64> = [bits(&p), bits(&m), bits(&v)].concat();
+        assert!(same(DType::F32, &got, &want), "adam step {step}");
     }
 }

@@ -7,16 +7,27 @@
 //   harness pool PLANES H W KH KW SH SW PT PL OH OW                           (stdin: x, dy)
 //   harness unary OP N | unary_backward OP N | binary OP N | affine N MUL ADD  (stdin: operands)
 //   harness adam N LR_T BETA1 BETA2 EPS DECAY L2                              (stdin: p, g, m, v)
+//   harness reduce OP ROWS RUN | argmax ROWS RUN | softmax LOG ROWS C          (stdin: x)
+//   harness xent ROWS C                                                        (stdin: logits, labels)
+//   harness gemm DTYPE BATCH M N K (OFF BS RS CS LEN)×2 ALPHA BETA ACT OUT_DTYPE HAS_BIAS HAS_C0
+//                                                                  (stdin: A, B[, bias][, C0])
+//   harness conv|conv_data|conv_filter N C H W O KH KW SH SW PT PL OH OW X1 X2
+//       conv: X1 = activation, X2 = has bias (stdin: x, w[, bias]); conv_data (stdin: dy, w);
+//       conv_filter: X1 = split-K chunk (stdin: x, dy)
 #include <cstdio>
 #include <string>
 #include <vector>
 
 #include "shim.h"
+#include "../conv.cu"
 #include "../elementwise.cu"
+#include "../gemm_simt.cu"
 #include "../memory.cu"
 #include "../optim.cu"
 #include "../pool.cu"
 #include "../random.cu"
+#include "../reduce.cu"
+#include "../softmax.cu"
 
 static unsigned grid_for(i64 n) {
     // Few blocks, so the grid-stride loops take more than one lap.
@@ -134,6 +145,95 @@ int main(int argc, char** argv) {
         print_bits(p.data(), n, KILN_F32);
         print_bits(m.data(), n, KILN_F32);
         print_bits(v.data(), n, KILN_F32);
+    } else if (mode == "reduce" || mode == "argmax" || mode == "softmax") {
+        int op = mode == "argmax" ? 0 : (int)arg(2);
+        int base = mode == "argmax" ? 2 : 3;
+        i64 rows = arg(base), run = arg(base + 1);
+        auto x = read_bits(rows * run, KILN_F32);
+        const float* xp = (const float*)x.data();
+        unsigned grid = (unsigned)(rows < 1 ? 1 : rows > 65535 ? 65535 : rows);
+        if (mode == "reduce") {
+            std::vector<float> y(rows + 1);
+            kiln_launch_blocks({grid, 1, 1}, 256, kiln_reduce_rows, xp, y.data(), rows, run, op);
+            print_bits(y.data(), rows, KILN_F32);
+        } else if (mode == "argmax") {
+            std::vector<u32> y(rows + 1);
+            kiln_launch_blocks({grid, 1, 1}, 256, kiln_argmax_rows, xp, y.data(), rows, run);
+            print_bits(y.data(), rows, KILN_U32);
+        } else {
+            std::vector<float> y(rows * run + 1);
+            kiln_launch_blocks({grid, 1, 1}, 256, kiln_softmax_rows, xp, y.data(), rows, run, op);
+            print_bits(y.data(), rows * run, KILN_F32);
+        }
+    } else if (mode == "xent") {
+        i64 rows = arg(2), c = arg(3);
+        auto x = read_bits(rows * c, KILN_F32);
+        auto labels = read_bits(rows, KILN_U32);
+        std::vector<float> loss(rows + 1), grad(rows * c + 1);
+        unsigned grid = (unsigned)(rows < 1 ? 1 : rows);
+        kiln_launch_blocks({grid, 1, 1}, 256, kiln_softmax_xent, (const float*)x.data(), (const u32*)labels.data(),
+                           loss.data(), grad.data(), rows, c);
+        print_bits(loss.data(), rows, KILN_F32);
+        print_bits(grad.data(), rows * c, KILN_F32);
+    } else if (mode == "gemm") {
+        int dtype = (int)arg(2);
+        i64 batch = arg(3), m = arg(4), n = arg(5), k = arg(6);
+        MatrixArg a{nullptr, dtype, 0, arg(7), arg(8), arg(9), arg(10)};
+        i64 alen = arg(11);
+        MatrixArg b{nullptr, dtype, 0, arg(12), arg(13), arg(14), arg(15)};
+        i64 blen = arg(16);
+        float alpha = std::strtof(argv[17], nullptr), beta = std::strtof(argv[18], nullptr);
+        int act = (int)arg(19), out_dtype = (int)arg(20);
+        bool has_bias = arg(21) != 0, has_c0 = arg(22) != 0;
+        auto ad = read_bits(alen, dtype), bd = read_bits(blen, dtype);
+        std::vector<unsigned char> bias, c0;
+        if (has_bias) bias = read_bits(n, KILN_F32);
+        if (has_c0) c0 = read_bits(batch * m * n, KILN_F32);
+        a.data = ad.data();
+        b.data = bd.data();
+        std::vector<unsigned char> out(batch * m * n * width(out_dtype) + 4);
+        EpilogueArg ep{out.data(), has_c0 ? (const float*)c0.data() : nullptr,
+                       has_bias ? (const float*)bias.data() : nullptr, alpha, beta, act, out_dtype, m, n};
+        KilnDim3 grid{(unsigned)((n + 127) / 128), (unsigned)((m + 127) / 128), (unsigned)batch};
+        if (m > 0 && n > 0 && batch > 0) kiln_launch_blocks(grid, 256, kiln_gemm_simt, a, b, ep, m, n, k);
+        print_bits(out.data(), batch * m * n, out_dtype);
+    } else if (mode == "conv" || mode == "conv_data" || mode == "conv_filter") {
+        ConvArg p{arg(2), arg(3), arg(4), arg(5), arg(6), arg(7), arg(8), arg(9), arg(10), arg(11), arg(12), arg(13), arg(14)};
+        i64 x1 = arg(15), x2 = arg(16);
+        i64 xs = p.n * p.c * p.h * p.w, ws = p.o * p.c * p.kh * p.kw, ys = p.n * p.o * p.oh * p.ow;
+        auto tiles = [](i64 rows, i64 cols, i64 z) {
+            return KilnDim3{(unsigned)((cols + 127) / 128), (unsigned)((rows + 127) / 128), (unsigned)z};
+        };
+        if (mode == "conv") {
+            auto x = read_bits(xs, KILN_F32), w = read_bits(ws, KILN_F32);
+            std::vector<unsigned char> bias;
+            if (x2) bias = read_bits(p.o, KILN_F32);
+            std::vector<float> y(ys + 1);
+            if (ys > 0)
+                kiln_launch_blocks(tiles(p.o, p.n * p.oh * p.ow, 1), 256, kiln_conv2d, (const float*)x.data(),
+                                   (const float*)w.data(), x2 ? (const float*)bias.data() : nullptr, (int)x1,
+                                   (void*)y.data(), KILN_F32, p);
+            print_bits(y.data(), ys, KILN_F32);
+        } else if (mode == "conv_data") {
+            auto dy = read_bits(ys, KILN_F32), w = read_bits(ws, KILN_F32);
+            std::vector<float> dx(xs + 1);
+            if (xs > 0)
+                kiln_launch_blocks(tiles(p.c, p.n * p.h * p.w, 1), 256, kiln_conv2d_backward_data,
+                                   (const float*)dy.data(), (const float*)w.data(), (void*)dx.data(), KILN_F32, p);
+            print_bits(dx.data(), xs, KILN_F32);
+        } else {
+            auto x = read_bits(xs, KILN_F32), dy = read_bits(ys, KILN_F32);
+            i64 k = p.n * p.oh * p.ow, chunk = x1, cols = p.c * p.kh * p.kw;
+            i64 slices = k > 0 ? (k + chunk - 1) / chunk : 1;
+            std::vector<float> wsp(slices * ws + 1), dw(ws + 1);
+            if (ws > 0) {
+                kiln_launch_blocks(tiles(p.o, cols, slices), 256, kiln_conv2d_backward_filter, (const float*)x.data(),
+                                   (const float*)dy.data(), wsp.data(), chunk, p);
+                kiln_launch(grid_for(ws), 256, kiln_sum_splits, (const float*)wsp.data(), slices, ws,
+                            (void*)dw.data(), KILN_F32);
+            }
+            print_bits(dw.data(), ws, KILN_F32);
+        }
     } else {
         return 2;
     }

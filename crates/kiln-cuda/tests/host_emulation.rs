@@ -3,7 +3,10 @@
 //! for bit: the Philox draws, the strided converting copy (every pair of
 //! types, transposed, sliced and broadcast views), max-pooling forward
 //! and backward (padding, overlapping windows, ties and NaN), every unary
-//! op and its gradient, every binary op, affine, and Adam. This checks
+//! op and its gradient, every binary op, affine, and Adam; and, with each
+//! block's threads run as real threads (barriers, shuffles), the row
+//! reductions, argmax, softmax, softmax-CE, the SIMT GEMM and the three
+//! implicit-GEMM convolutions, within their error bounds. This checks
 //! the kernels' logic on a machine without a GPU; what it cannot check —
 //! block-wide kernels, tensor cores, the GPU's own math library — the
 //! conformance suite checks on a GPU (`ci/gpu.sh run`).
@@ -27,7 +30,15 @@ fn harness() -> Option<&'static PathBuf> {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../kernels");
         let out = std::env::temp_dir().join(format!("kiln-host-kernels-{}", std::process::id()));
         let status = Command::new("g++")
-            .args(["-std=c++20", "-O1", "-Wall", "-Wno-unknown-pragmas", "-I"])
+            .args([
+                "-std=c++20",
+                "-O1",
+                "-pthread",
+                "-Wall",
+                "-Wno-unknown-pragmas",
+                "-Wno-sign-compare",
+                "-I",
+            ])
             .arg(&root)
             .arg(root.join("host/harness.cpp"))
             .arg("-o")
@@ -465,5 +476,469 @@ fn adam_matches_the_cpu() {
         let got = run(&args, &input);
         let want: Vec<u64> = [bits(&p), bits(&m), bits(&v)].concat();
         assert!(same(DType::F32, &got, &want), "adam step {step}");
+    }
+}
+
+fn f32s(bits: &[u64]) -> Vec<f32> {
+    bits.iter().map(|&b| f32::from_bits(b as u32)).collect()
+}
+
+fn host_f32(h: &HostData) -> Vec<f32> {
+    h.to_f32_vec()
+}
+
+/// Every `got` within `tol[i]` of `want` (NaN matching NaN).
+fn close(what: &str, got: &[f32], want: &[f32], tol: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, ((&g, &w), &t)) in got.iter().zip(want).zip(tol).enumerate() {
+        let ok = (g.is_nan() && w.is_nan()) || g == w || (g - w).abs() <= t;
+        assert!(ok, "{what}: element {i}: {g} vs {w} (tolerance {t})");
+    }
+}
+
+const EPS: f32 = 1.0 / 8_388_608.0; // 2⁻²³
+
+#[test]
+fn block_reductions_softmax_and_softmax_ce_match_the_cpu() {
+    use kiln_core::ReduceOp;
+    use kiln_cuda::launch::reduce_code;
+    if harness().is_none() {
+        return;
+    }
+    let b = cpu();
+    for (rows, run) in [(1usize, 1usize), (3, 5), (2, 300), (5, 1000), (1, 4099)] {
+        let mut xs = awkward(rows * run + 13, rows as u32)[13..].to_vec();
+        if rows * run > 7 {
+            xs[7] = 3.0; // a tie with itself is no tie; a repeated max:
+            xs[5] = 3.0;
+        }
+        let l = Layout::contiguous(Shape::new(&[rows, run]).unwrap());
+        let xh = HostData::F32(xs.clone());
+        for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] {
+            let want = host_f32(&b.reduce(op, View::new(&xh, &l), &[1]).unwrap());
+            let got = f32s(&run_args(
+                &[
+                    "reduce",
+                    &reduce_code(op).to_string(),
+                    &rows.to_string(),
+                    &run.to_string(),
+                ],
+                &bits(&xh),
+            ));
+            let tol: Vec<f32> = xs
+                .chunks(run)
+                .map(|r| match op {
+                    ReduceOp::Sum => {
+                        2.0 * run as f32 * EPS * r.iter().map(|v| v.abs()).sum::<f32>()
+                    }
+                    ReduceOp::Mean => 2.0 * EPS * r.iter().map(|v| v.abs()).sum::<f32>(),
+                    _ => 0.0,
+                })
+                .collect();
+            close(&format!("{op:?} {rows}×{run}"), &got, &want, &tol);
+        }
+        let want = bits(&b.argmax(View::new(&xh, &l)).unwrap());
+        let got = run_args(&["argmax", &rows.to_string(), &run.to_string()], &bits(&xh));
+        assert_eq!(got, want, "argmax {rows}×{run}");
+        for log in [false, true] {
+            let want = host_f32(&b.softmax(View::new(&xh, &l), log).unwrap());
+            let got = f32s(&run_args(
+                &[
+                    "softmax",
+                    &u8::from(log).to_string(),
+                    &rows.to_string(),
+                    &run.to_string(),
+                ],
+                &bits(&xh),
+            ));
+            let tol: Vec<f32> = want
+                .iter()
+                .map(|w| (run as f32 + 8.0) * EPS * w.abs().max(if log { 1.0 } else { 0.0 }))
+                .collect();
+            close(
+                &format!("softmax(log={log}) {rows}×{run}"),
+                &got,
+                &want,
+                &tol,
+            );
+        }
+    }
+    // Softmax-CE on finite logits.
+    for (rows, c) in [(1usize, 1usize), (4, 10), (3, 1000)] {
+        let xs: Vec<f32> = awkward(rows * c + 13, 9)[13..].to_vec();
+        let labels: Vec<u32> = (0..rows as u32).map(|i| (i * 7) % c as u32).collect();
+        let (xh, yh) = (HostData::F32(xs.clone()), HostData::U32(labels.clone()));
+        let (lx, ly) = (
+            Layout::contiguous(Shape::new(&[rows, c]).unwrap()),
+            Layout::contiguous(Shape::new(&[rows]).unwrap()),
+        );
+        let (loss, grad) = b
+            .softmax_cross_entropy(View::new(&xh, &lx), View::new(&yh, &ly))
+            .unwrap();
+        let mut input = bits(&xh);
+        input.extend(bits(&yh));
+        let got = f32s(&run_args(
+            &["xent", &rows.to_string(), &c.to_string()],
+            &input,
+        ));
+        let (gl, gg) = got.split_at(rows);
+        let scale = (c as f32 + 8.0) * EPS;
+        let want_loss = host_f32(&loss);
+        let tol: Vec<f32> = xs
+            .chunks(c)
+            .map(|r| scale * (4.0 + r.iter().fold(0f32, |m, v| m.max(v.abs()))))
+            .collect();
+        close("softmax-CE loss", gl, &want_loss, &tol);
+        let want_grad = host_f32(&grad);
+        let tol: Vec<f32> = want_grad.iter().map(|w| scale * (1.0 + w.abs())).collect();
+        close("softmax-CE gradient", gg, &want_grad, &tol);
+    }
+}
+
+fn run_args(args: &[&str], input: &[u64]) -> Vec<u64> {
+    let owned: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    run(&owned, input)
+}
+
+#[test]
+fn the_simt_gemm_matches_the_cpu_within_its_bound() {
+    use kiln_core::{Activation, GemmEpilogue};
+    use kiln_cuda::launch::activation_code;
+    if harness().is_none() {
+        return;
+    }
+    let b = cpu();
+    // (batch, m, n, k, transpose A, transpose B, dtype, bias, c0, activation)
+    let cases = [
+        (
+            1usize,
+            1usize,
+            1usize,
+            1usize,
+            false,
+            false,
+            DType::F32,
+            false,
+            false,
+            Activation::None,
+        ),
+        (
+            1,
+            130,
+            70,
+            37,
+            false,
+            false,
+            DType::F32,
+            true,
+            false,
+            Activation::Relu,
+        ),
+        (
+            2,
+            17,
+            129,
+            9,
+            true,
+            false,
+            DType::F32,
+            false,
+            true,
+            Activation::None,
+        ),
+        (
+            1,
+            64,
+            5,
+            300,
+            false,
+            true,
+            DType::F32,
+            true,
+            true,
+            Activation::Tanh,
+        ),
+        (
+            1,
+            33,
+            40,
+            21,
+            true,
+            true,
+            DType::BF16,
+            true,
+            false,
+            Activation::Sigmoid,
+        ),
+        (
+            1,
+            20,
+            24,
+            16,
+            false,
+            false,
+            DType::F16,
+            false,
+            false,
+            Activation::None,
+        ),
+        (
+            1,
+            8,
+            8,
+            0,
+            false,
+            false,
+            DType::F32,
+            true,
+            false,
+            Activation::None,
+        ),
+    ];
+    for (batch, m, n, k, ta, tb, dtype, has_bias, has_c0, act) in cases {
+        let mk = |rows: usize, cols: usize, t: bool, salt: u32| {
+            let v: Vec<f32> = (0..batch * rows * cols)
+                .map(|i| {
+                    (((i as u32).wrapping_mul(2_654_435_761) ^ salt) >> 9) as f32 / 8_388_608.0
+                        - 0.5
+                })
+                .collect();
+            // Stored transposed when `t`: the view swaps the last two axes.
+            let stored = if t {
+                [batch, cols, rows]
+            } else {
+                [batch, rows, cols]
+            };
+            let l = Layout::contiguous(Shape::new(&stored).unwrap());
+            let l = if t { l.transpose(1, 2).unwrap() } else { l };
+            let h = b
+                .cast(
+                    View::new(
+                        &HostData::F32(v),
+                        &Layout::contiguous(Shape::new(&[batch * rows * cols]).unwrap()),
+                    ),
+                    dtype,
+                )
+                .unwrap();
+            (h, l)
+        };
+        let (ah, la) = mk(m, k, ta, 1);
+        let (bh, lb) = mk(k, n, tb, 2);
+        let bias = HostData::F32((0..n).map(|i| i as f32 * 0.25 - 1.0).collect());
+        let lbias = Layout::contiguous(Shape::new(&[n]).unwrap());
+        let c0 = HostData::F32((0..batch * m * n).map(|i| (i % 7) as f32 - 3.0).collect());
+        let lc0 = Layout::contiguous(Shape::new(&[batch, m, n]).unwrap());
+        let (alpha, beta) = (0.75f32, -0.5f32);
+        let ep = GemmEpilogue {
+            alpha,
+            beta_c: has_c0.then(|| (beta, View::new(&c0, &lc0))),
+            bias: has_bias.then(|| View::new(&bias, &lbias)),
+            activation: act,
+        };
+        let want = host_f32(
+            &b.gemm(View::new(&ah, &la), View::new(&bh, &lb), &ep)
+                .unwrap(),
+        );
+        // The bound: Σ|a||b| per output (a GEMM of absolute values).
+        let abs = |h: &HostData| HostData::F32(h.to_f32_vec().iter().map(|v| v.abs()).collect());
+        let sum_abs = host_f32(
+            &b.gemm(
+                View::new(&abs(&ah), &la),
+                View::new(&abs(&bh), &lb),
+                &GemmEpilogue::default(),
+            )
+            .unwrap(),
+        );
+        let out_round = match dtype {
+            DType::BF16 => 1.0 / 128.0,
+            DType::F16 => 1.0 / 1024.0,
+            _ => 0.0,
+        };
+        let tol: Vec<f32> = sum_abs
+            .iter()
+            .zip(&want)
+            .map(|(s, w)| 2.0 * (k as f32 + 2.0) * EPS * (alpha * s + 4.0) + out_round * w.abs())
+            .collect();
+        let (ls, bs) = (la.strides(), lb.strides());
+        let mut args: Vec<String> = vec![
+            "gemm".into(),
+            dtype_code(dtype).to_string(),
+            batch.to_string(),
+            m.to_string(),
+            n.to_string(),
+            k.to_string(),
+        ];
+        for (l, s, len) in [(&la, ls, ah.len()), (&lb, bs, bh.len())] {
+            args.push(l.offset().to_string());
+            args.extend(s.iter().map(usize::to_string));
+            args.push(len.to_string());
+        }
+        args.extend([
+            alpha.to_string(),
+            beta.to_string(),
+            activation_code(act).to_string(),
+            dtype_code(dtype).to_string(),
+            u8::from(has_bias).to_string(),
+            u8::from(has_c0).to_string(),
+        ]);
+        let mut input = bits(&ah);
+        input.extend(bits(&bh));
+        if has_bias {
+            input.extend(bits(&bias));
+        }
+        if has_c0 {
+            input.extend(bits(&c0));
+        }
+        let got_bits = run(&args, &input);
+        let got = host_f32(&HostData::from_bytes(dtype, &to_bytes(dtype, &got_bits)).unwrap());
+        close(
+            &format!("gemm {batch}×{m}×{n}×{k} {dtype} tA={ta} tB={tb}"),
+            &got,
+            &want,
+            &tol,
+        );
+    }
+}
+
+fn to_bytes(dtype: DType, bits: &[u64]) -> Vec<u8> {
+    match dtype {
+        DType::F16 | DType::BF16 => bits
+            .iter()
+            .flat_map(|&b| (b as u16).to_le_bytes())
+            .collect(),
+        _ => bits
+            .iter()
+            .flat_map(|&b| (b as u32).to_le_bytes())
+            .collect(),
+    }
+}
+
+#[test]
+fn the_implicit_gemm_convolutions_match_the_cpu_within_their_bounds() {
+    use kiln_core::Activation;
+    use kiln_cuda::launch::{activation_code, ConvArg};
+    if harness().is_none() {
+        return;
+    }
+    let b = cpu();
+    let cases = [
+        ([2usize, 1, 9, 9], 4usize, Window2d::valid([3, 3], [1, 1])),
+        (
+            [1, 3, 8, 7],
+            5,
+            Window2d {
+                kernel: [3, 2],
+                stride: [2, 1],
+                padding: [1, 1, 0, 1],
+            },
+        ),
+        (
+            [3, 2, 5, 6],
+            2,
+            Window2d {
+                kernel: [2, 3],
+                stride: [1, 2],
+                padding: [1, 0, 1, 1],
+            },
+        ),
+    ];
+    let vals = |n: usize, salt: u32| -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2_654_435_761) ^ salt) >> 9) as f32 / 8_388_608.0 - 0.5
+            })
+            .collect()
+    };
+    for (xd, o, win) in cases {
+        let wd = [o, xd[1], win.kernel[0], win.kernel[1]];
+        let (xs, ws) = (vals(xd.iter().product(), 3), vals(wd.iter().product(), 4));
+        let (xh, wh) = (HostData::F32(xs.clone()), HostData::F32(ws.clone()));
+        let bias = HostData::F32((0..o).map(|i| i as f32 - 1.0).collect());
+        let (lx, lw) = (
+            Layout::contiguous(Shape::new(&xd).unwrap()),
+            Layout::contiguous(Shape::new(&wd).unwrap()),
+        );
+        let lb = Layout::contiguous(Shape::new(&[o]).unwrap());
+        let y = b
+            .conv2d(
+                View::new(&xh, &lx),
+                View::new(&wh, &lw),
+                Some(View::new(&bias, &lb)),
+                Activation::Relu,
+                &win,
+            )
+            .unwrap();
+        let yd = kiln_core::conv::conv2d_output(&xd, &wd, Some(&[o]), &win).unwrap();
+        let p = ConvArg::new(xd, o, &win, [yd[2], yd[3]]);
+        let geometry: Vec<String> = [
+            p.n, p.c, p.h, p.w, p.o, p.kh, p.kw, p.sh, p.sw, p.pt, p.pl, p.oh, p.ow,
+        ]
+        .iter()
+        .map(i64::to_string)
+        .collect();
+        let patch = (xd[1] * wd[2] * wd[3]) as f32;
+        // Inputs in [−0.5, 0.5]: each dot product's bound is below patch·2⁻²²·(1/4 + |bias|).
+        let tol_for = |len: f32, want: &[f32]| -> Vec<f32> {
+            want.iter()
+                .map(|w| 2.0 * (len + 2.0) * EPS * (0.25 * len + 2.0 + w.abs()))
+                .collect()
+        };
+        let mut args = vec!["conv".to_string()];
+        args.extend(geometry.clone());
+        args.extend([activation_code(Activation::Relu).to_string(), "1".into()]);
+        let mut input = bits(&xh);
+        input.extend(bits(&wh));
+        input.extend(bits(&bias));
+        let want = host_f32(&y);
+        close(
+            &format!("conv2d {xd:?} {win:?}"),
+            &f32s(&run(&args, &input)),
+            &want,
+            &tol_for(patch, &want),
+        );
+
+        // Backward: a gradient of the output's shape.
+        let dy = HostData::F32(vals(yd.iter().product(), 5));
+        let ly = Layout::contiguous(Shape::new(&yd).unwrap());
+        let dx = b
+            .conv2d_backward_data(
+                View::new(&dy, &ly),
+                View::new(&wh, &lw),
+                &win,
+                [xd[2], xd[3]],
+            )
+            .unwrap();
+        let mut args = vec!["conv_data".to_string()];
+        args.extend(geometry.clone());
+        args.extend(["0".into(), "0".into()]);
+        let mut input = bits(&dy);
+        input.extend(bits(&wh));
+        let want = host_f32(&dx);
+        let len = (o * wd[2] * wd[3]) as f32;
+        close(
+            &format!("conv2d_backward_data {xd:?} {win:?}"),
+            &f32s(&run(&args, &input)),
+            &want,
+            &tol_for(len, &want),
+        );
+
+        let (dw, _db) = b
+            .conv2d_backward_filter(View::new(&xh, &lx), View::new(&dy, &ly), &win)
+            .unwrap();
+        let k = (xd[0] * yd[2] * yd[3]) as i64;
+        for chunk in [8i64, 24, k.max(8)] {
+            let mut args = vec!["conv_filter".to_string()];
+            args.extend(geometry.clone());
+            args.extend([chunk.to_string(), "0".into()]);
+            let mut input = bits(&xh);
+            input.extend(bits(&dy));
+            let want = host_f32(&dw);
+            close(
+                &format!("conv2d_backward_filter {xd:?} {win:?} chunk {chunk}"),
+                &f32s(&run(&args, &input)),
+                &want,
+                &tol_for(k as f32, &want),
+            );
+        }
     }
 }

@@ -10,25 +10,11 @@
 // SIMT kernel. Tiles: 128×128 per 256-thread block, 8 warps as 2 (m) × 4
 // (n), each warp 64×32 = 4×4 MMA tiles. Hopper's wgmma is a later step.
 #include "simt_gemm.cuh"
+#include "tc_ops.cuh"
 
 #define TC_BM 128
 #define TC_BN 128
 #define TC_THREADS 256
-
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u32 r;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-    return r;
-}
-
-// 16 bytes global → shared; zero-filled when `valid` is false (then nothing is read).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Writes one warp's 64×32 accumulator tile through the epilogue.
 __device__ __forceinline__ void store_warp_tile(const StoreMatrix& st, int batch, float acc[4][4][4],
@@ -110,26 +96,6 @@ __device__ __forceinline__ void tc_main_loop(const Load& load, const Multiply& m
 #define BF_AS (BF_BK + 8)   // padded row strides (in 16-bit elements): ldmatrix
 #define BF_BS (TC_BN + 8)   // rows stay 16-byte aligned, without bank conflicts
 
-struct MmaBf16 {
-    __device__ __forceinline__ static void mma(float (&c)[4], const u32 (&a)[4], const u32 (&b)[2]) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-};
-
-struct MmaF16 {
-    __device__ __forceinline__ static void mma(float (&c)[4], const u32 (&a)[4], const u32 (&b)[2]) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-};
-
 template <class Mma>
 __device__ __forceinline__ void gemm_16bit(const u16* A, const u16* B, const EpilogueArg& ep, i64 m,
                                            i64 n, i64 k) {
@@ -149,19 +115,17 @@ __device__ __forceinline__ void gemm_16bit(const u16* A, const u16* B, const Epi
         for (int ks = 0; ks < BF_BK; ks += 16) {
             u32 af[4][4], bfr[4][2];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const u16* p = &As[buf][wm * 64 + i * 16 + lane % 16][ks + (lane / 16) * 8];
-                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                             : "=r"(af[i][0]), "=r"(af[i][1]), "=r"(af[i][2]), "=r"(af[i][3])
-                             : "r"(smem_addr(p)));
-            }
+            for (int i = 0; i < 4; ++i)
+                ldmatrix_x4(af[i], &As[buf][wm * 64 + i * 16 + lane % 16][ks + (lane / 16) * 8]);
 #pragma unroll
             for (int j2 = 0; j2 < 2; ++j2) {
-                const u16* p = &Bs[buf][ks + lane % 16][wn * 32 + j2 * 16 + (lane / 16) * 8];
-                asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                             : "=r"(bfr[2 * j2][0]), "=r"(bfr[2 * j2][1]), "=r"(bfr[2 * j2 + 1][0]),
-                               "=r"(bfr[2 * j2 + 1][1])
-                             : "r"(smem_addr(p)));
+                // Matrices 0, 1: k 0–7 and 8–15 of n-tile 2·j2; 2, 3: of n-tile 2·j2 + 1.
+                u32 r[4];
+                ldmatrix_x4_trans(r, &Bs[buf][ks + lane % 16][wn * 32 + j2 * 16 + (lane / 16) * 8]);
+                bfr[2 * j2][0] = r[0];
+                bfr[2 * j2][1] = r[1];
+                bfr[2 * j2 + 1][0] = r[2];
+                bfr[2 * j2 + 1][1] = r[3];
             }
 #pragma unroll
             for (int i = 0; i < 4; ++i)
@@ -186,12 +150,6 @@ kiln_gemm_f16(const u16* A, const u16* B, EpilogueArg ep, i64 m, i64 n, i64 k) {
 #define TF_BK 16
 #define TF_AS (TF_BK + 4)   // padded strides (in f32) for conflict-free
 #define TF_BS (TC_BN + 8)   // fragment reads
-
-__device__ __forceinline__ u32 to_tf32(float x) {
-    u32 r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-    return r;
-}
 
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
 kiln_gemm_tf32(const float* A, const float* B, EpilogueArg ep, i64 m, i64 n, i64 k) {
@@ -228,13 +186,7 @@ kiln_gemm_tf32(const float* A, const float* B, EpilogueArg ep, i64 m, i64 n, i64
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
-                for (int j = 0; j < 4; ++j)
-                    asm volatile(
-                        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
-                        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                        : "+f"(acc[i][j][0]), "+f"(acc[i][j][1]), "+f"(acc[i][j][2]), "+f"(acc[i][j][3])
-                        : "r"(af[i][0]), "r"(af[i][1]), "r"(af[i][2]), "r"(af[i][3]), "r"(bfr[j][0]),
-                          "r"(bfr[j][1]));
+                for (int j = 0; j < 4; ++j) MmaTf32::mma(acc[i][j], af[i], bfr[j]);
         }
     };
     tc_main_loop<TF_BK>(load, multiply, ep, m, n, k);

@@ -9,7 +9,8 @@
 //   harness adam N LR_T BETA1 BETA2 EPS DECAY L2                              (stdin: p, g, m, v)
 //   harness reduce OP ROWS RUN | argmax ROWS RUN | softmax LOG ROWS C          (stdin: x)
 //   harness xent ROWS C                                                        (stdin: logits, labels)
-//   harness gemm DTYPE BATCH M N K (OFF BS RS CS LEN)×2 ALPHA BETA ACT OUT_DTYPE HAS_BIAS HAS_C0
+//   harness gemm|gemm_tc DTYPE BATCH M N K (OFF BS RS CS LEN)×2 ALPHA BETA ACT OUT_DTYPE HAS_BIAS HAS_C0
+//       (gemm_tc: the tensor-core kernel of DTYPE, f32 meaning TF32; contiguous operands)
 //                                                                  (stdin: A, B[, bias][, C0])
 //   harness conv|conv_data|conv_filter N C H W O KH KW SH SW PT PL OH OW X1 X2
 //       conv: X1 = activation, X2 = has bias (stdin: x, w[, bias]); conv_data (stdin: dy, w);
@@ -22,6 +23,7 @@
 #include "../conv.cu"
 #include "../elementwise.cu"
 #include "../gemm_simt.cu"
+#include "../gemm_tc.cu"
 #include "../memory.cu"
 #include "../optim.cu"
 #include "../pool.cu"
@@ -175,7 +177,7 @@ int main(int argc, char** argv) {
                            loss.data(), grad.data(), rows, c);
         print_bits(loss.data(), rows, KILN_F32);
         print_bits(grad.data(), rows * c, KILN_F32);
-    } else if (mode == "gemm") {
+    } else if (mode == "gemm" || mode == "gemm_tc") {
         int dtype = (int)arg(2);
         i64 batch = arg(3), m = arg(4), n = arg(5), k = arg(6);
         MatrixArg a{nullptr, dtype, 0, arg(7), arg(8), arg(9), arg(10)};
@@ -195,7 +197,17 @@ int main(int argc, char** argv) {
         EpilogueArg ep{out.data(), has_c0 ? (const float*)c0.data() : nullptr,
                        has_bias ? (const float*)bias.data() : nullptr, alpha, beta, act, out_dtype, m, n};
         KilnDim3 grid{(unsigned)((n + 127) / 128), (unsigned)((m + 127) / 128), (unsigned)batch};
-        if (m > 0 && n > 0 && batch > 0) kiln_launch_blocks(grid, 256, kiln_gemm_simt, a, b, ep, m, n, k);
+        if (m > 0 && n > 0 && batch > 0) {
+            if (mode == "gemm") {
+                kiln_launch_blocks(grid, 256, kiln_gemm_simt, a, b, ep, m, n, k);
+            } else if (dtype == KILN_BF16) {  // contiguous row-major operands
+                kiln_launch_blocks(grid, 256, kiln_gemm_bf16, (const u16*)ad.data(), (const u16*)bd.data(), ep, m, n, k);
+            } else if (dtype == KILN_F16) {
+                kiln_launch_blocks(grid, 256, kiln_gemm_f16, (const u16*)ad.data(), (const u16*)bd.data(), ep, m, n, k);
+            } else {
+                kiln_launch_blocks(grid, 256, kiln_gemm_tf32, (const float*)ad.data(), (const float*)bd.data(), ep, m, n, k);
+            }
+        }
         print_bits(out.data(), batch * m * n, out_dtype);
     } else if (mode == "conv" || mode == "conv_data" || mode == "conv_filter") {
         ConvArg p{arg(2), arg(3), arg(4), arg(5), arg(6), arg(7), arg(8), arg(9), arg(10), arg(11), arg(12), arg(13), arg(14)};

@@ -6,7 +6,8 @@
 // barrier, __shared__ a static (blocks run one after another) and warp
 // shuffles exchanged through a slot per thread between two barriers — so
 // every thread of a block must reach each shuffle, as kiln's kernels do.
-// Tensor-core kernels (inline PTX) cannot run here.
+// The tensor-core primitives (inline PTX on the GPU) have software versions
+// in tc_emulation.h.
 #pragma once
 #include <barrier>
 #include <cmath>

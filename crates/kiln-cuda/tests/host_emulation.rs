@@ -6,10 +6,13 @@
 //! op and its gradient, every binary op, affine, and Adam; and, with each
 //! block's threads run as real threads (barriers, shuffles), the row
 //! reductions, argmax, softmax, softmax-CE, the SIMT GEMM and the three
-//! implicit-GEMM convolutions, within their error bounds. This checks
-//! the kernels' logic on a machine without a GPU; what it cannot check —
-//! block-wide kernels, tensor cores, the GPU's own math library — the
-//! conformance suite checks on a GPU (`ci/gpu.sh run`).
+//! implicit-GEMM convolutions, within their error bounds; and the BF16,
+//! F16 and TF32 tensor-core GEMMs with `mma.sync`/`ldmatrix`/`cp.async`
+//! emulated from the PTX ISA. This checks the kernels' logic on a machine
+//! without a GPU; what it cannot check — a misreading of the ISA shared by
+//! kernel and emulation, races a serial copy hides, the GPU's own math
+//! library and FMA contraction — the conformance suite checks on a GPU
+//! (`ci/gpu.sh run`).
 //!
 //! Skipped (with a note) where g++ is missing, unless
 //! `KILN_REQUIRE_HOST_EMULATION=1`.
@@ -938,6 +941,116 @@ fn the_implicit_gemm_convolutions_match_the_cpu_within_their_bounds() {
                 &f32s(&run(&args, &input)),
                 &want,
                 &tol_for(k as f32, &want),
+            );
+        }
+    }
+}
+
+/// The tensor-core GEMMs, with `mma.sync`, `ldmatrix` and `cp.async`
+/// emulated from the PTX ISA's fragment layouts (`kernels/host/tc_emulation.h`):
+/// tiling, pipelining, addressing and the epilogue mapping, against the CPU.
+/// (An emulation written from the same reading of the ISA cannot catch a
+/// misreading of it; the GPU conformance run can.)
+#[test]
+fn the_tensor_core_gemms_match_the_cpu_under_emulation() {
+    use kiln_core::{Activation, GemmEpilogue};
+    use kiln_cuda::launch::activation_code;
+    if harness().is_none() {
+        return;
+    }
+    let b = cpu();
+    // (batch, m, n, k): one full tile, partial tiles in m, n and k, batch 2.
+    let shapes = [
+        (1usize, 128usize, 128usize, 32usize),
+        (2, 130, 136, 40),
+        (1, 8, 8, 8),
+        (1, 40, 16, 72),
+    ];
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        for (batch, m, n, k) in shapes {
+            let mk = |rows: usize, cols: usize, salt: u32| {
+                let v: Vec<f32> = (0..batch * rows * cols)
+                    .map(|i| {
+                        (((i as u32).wrapping_mul(2_654_435_761) ^ salt) >> 9) as f32 / 8_388_608.0
+                            - 0.5
+                    })
+                    .collect();
+                let flat = Layout::contiguous(Shape::new(&[v.len()]).unwrap());
+                let h = b.cast(View::new(&HostData::F32(v), &flat), dtype).unwrap();
+                (
+                    h,
+                    Layout::contiguous(Shape::new(&[batch, rows, cols]).unwrap()),
+                )
+            };
+            let (ah, la) = mk(m, k, 11);
+            let (bh, lb) = mk(k, n, 12);
+            let bias = HostData::F32((0..n).map(|i| i as f32 * 0.125 - 1.0).collect());
+            let lbias = Layout::contiguous(Shape::new(&[n]).unwrap());
+            let act = Activation::Relu;
+            let ep = GemmEpilogue {
+                alpha: 1.0,
+                beta_c: None,
+                bias: Some(View::new(&bias, &lbias)),
+                activation: act,
+            };
+            let want = host_f32(
+                &b.gemm(View::new(&ah, &la), View::new(&bh, &lb), &ep)
+                    .unwrap(),
+            );
+            let abs =
+                |h: &HostData| HostData::F32(h.to_f32_vec().iter().map(|v| v.abs()).collect());
+            let sum_abs = host_f32(
+                &b.gemm(
+                    View::new(&abs(&ah), &la),
+                    View::new(&abs(&bh), &lb),
+                    &GemmEpilogue::default(),
+                )
+                .unwrap(),
+            );
+            // TF32 rounds each input to 10 mantissa bits; 16-bit outputs round once more.
+            let (input_round, out_round) = match dtype {
+                DType::BF16 => (0.0, 1.0 / 128.0),
+                DType::F16 => (0.0, 1.0 / 1024.0),
+                _ => (2.0 / 1024.0, 0.0),
+            };
+            let tol: Vec<f32> = sum_abs
+                .iter()
+                .zip(&want)
+                .map(|(s, w)| {
+                    (2.0 * (k as f32 + 2.0) * EPS + input_round) * (s + 2.0) + out_round * w.abs()
+                })
+                .collect();
+            let mut args: Vec<String> = vec![
+                "gemm_tc".into(),
+                dtype_code(dtype).to_string(),
+                batch.to_string(),
+                m.to_string(),
+                n.to_string(),
+                k.to_string(),
+            ];
+            for (l, len) in [(&la, ah.len()), (&lb, bh.len())] {
+                args.push(l.offset().to_string());
+                args.extend(l.strides().iter().map(usize::to_string));
+                args.push(len.to_string());
+            }
+            args.extend([
+                "1".into(),
+                "0".into(),
+                activation_code(act).to_string(),
+                dtype_code(dtype).to_string(),
+                "1".into(),
+                "0".into(),
+            ]);
+            let mut input = bits(&ah);
+            input.extend(bits(&bh));
+            input.extend(bits(&bias));
+            let got_bits = run(&args, &input);
+            let got = host_f32(&HostData::from_bytes(dtype, &to_bytes(dtype, &got_bits)).unwrap());
+            close(
+                &format!("tensor-core gemm {dtype} {batch}×{m}×{n}×{k}"),
+                &got,
+                &want,
+                &tol,
             );
         }
     }

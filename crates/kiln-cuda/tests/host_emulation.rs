@@ -603,21 +603,166 @@ fn run_args(args: &[&str], input: &[u64]) -> Vec<u64> {
     run(&owned, input)
 }
 
+/// One GEMM case: `[batch, m, k]·[batch, k, n]` in `dtype` (A or B stored
+/// transposed when `ta`/`tb`), with bias, `β·C₀` and `act` as asked, run by
+/// the harness `mode` (`gemm`: SIMT; `gemm_tc`: the tensor-core kernel of
+/// `dtype`, f32 meaning TF32) and compared with the CPU within the dot
+/// product's bound (plus TF32's input rounding, plus the 16-bit output's).
+struct GemmCase {
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    dtype: DType,
+    bias: bool,
+    c0: bool,
+    act: kiln_core::Activation,
+}
+
+fn check_gemm(mode: &str, c: GemmCase) {
+    use kiln_core::GemmEpilogue;
+    use kiln_cuda::launch::activation_code;
+    let b = cpu();
+    let GemmCase {
+        batch,
+        m,
+        n,
+        k,
+        ta,
+        tb,
+        dtype,
+        ..
+    } = c;
+    let mk = |rows: usize, cols: usize, t: bool, salt: u32| {
+        let v: Vec<f32> = (0..batch * rows * cols)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2_654_435_761) ^ salt) >> 9) as f32 / 8_388_608.0 - 0.5
+            })
+            .collect();
+        // Stored transposed when `t`: the view swaps the last two axes.
+        let stored = if t {
+            [batch, cols, rows]
+        } else {
+            [batch, rows, cols]
+        };
+        let l = Layout::contiguous(Shape::new(&stored).unwrap());
+        let l = if t { l.transpose(1, 2).unwrap() } else { l };
+        let flat = Layout::contiguous(Shape::new(&[v.len()]).unwrap());
+        (
+            b.cast(View::new(&HostData::F32(v), &flat), dtype).unwrap(),
+            l,
+        )
+    };
+    let (ah, la) = mk(m, k, ta, 1);
+    let (bh, lb) = mk(k, n, tb, 2);
+    let bias = HostData::F32((0..n).map(|i| i as f32 * 0.25 - 1.0).collect());
+    let lbias = Layout::contiguous(Shape::new(&[n]).unwrap());
+    let c0 = HostData::F32((0..batch * m * n).map(|i| (i % 7) as f32 - 3.0).collect());
+    let lc0 = Layout::contiguous(Shape::new(&[batch, m, n]).unwrap());
+    let (alpha, beta) = if mode == "gemm" {
+        (0.75f32, -0.5f32)
+    } else {
+        (1.0, 0.0)
+    };
+    let ep = GemmEpilogue {
+        alpha,
+        beta_c: c.c0.then(|| (beta, View::new(&c0, &lc0))),
+        bias: c.bias.then(|| View::new(&bias, &lbias)),
+        activation: c.act,
+    };
+    let want = host_f32(
+        &b.gemm(View::new(&ah, &la), View::new(&bh, &lb), &ep)
+            .unwrap(),
+    );
+    // The bound: Σ|a||b| per output (a GEMM of absolute values).
+    let abs = |h: &HostData| HostData::F32(h.to_f32_vec().iter().map(|v| v.abs()).collect());
+    let sum_abs = host_f32(
+        &b.gemm(
+            View::new(&abs(&ah), &la),
+            View::new(&abs(&bh), &lb),
+            &GemmEpilogue::default(),
+        )
+        .unwrap(),
+    );
+    let tf32 = mode == "gemm_tc" && dtype == DType::F32;
+    let input_round = if tf32 { 2.0 / 1024.0 } else { 0.0 };
+    let out_round = match dtype {
+        DType::BF16 => 1.0 / 128.0,
+        DType::F16 => 1.0 / 1024.0,
+        _ => 0.0,
+    };
+    let tol: Vec<f32> = sum_abs
+        .iter()
+        .zip(&want)
+        .map(|(s, w)| {
+            (2.0 * (k as f32 + 2.0) * EPS + input_round) * (alpha * s + 4.0) + out_round * w.abs()
+        })
+        .collect();
+    let mut args: Vec<String> = vec![
+        mode.into(),
+        dtype_code(dtype).to_string(),
+        batch.to_string(),
+        m.to_string(),
+        n.to_string(),
+        k.to_string(),
+    ];
+    for (l, len) in [(&la, ah.len()), (&lb, bh.len())] {
+        args.push(l.offset().to_string());
+        args.extend(l.strides().iter().map(usize::to_string));
+        args.push(len.to_string());
+    }
+    args.extend([
+        alpha.to_string(),
+        beta.to_string(),
+        activation_code(c.act).to_string(),
+        dtype_code(dtype).to_string(),
+        u8::from(c.bias).to_string(),
+        u8::from(c.c0).to_string(),
+    ]);
+    let mut input = bits(&ah);
+    input.extend(bits(&bh));
+    if c.bias {
+        input.extend(bits(&bias));
+    }
+    if c.c0 {
+        input.extend(bits(&c0));
+    }
+    let got_bits = run(&args, &input);
+    let got = host_f32(&HostData::from_bytes(dtype, &to_bytes(dtype, &got_bits)).unwrap());
+    close(
+        &format!("{mode} {batch}×{m}×{n}×{k} {dtype} tA={ta} tB={tb}"),
+        &got,
+        &want,
+        &tol,
+    );
+}
+
 #[test]
 fn the_simt_gemm_matches_the_cpu_within_its_bound() {
-    use kiln_core::{Activation, GemmEpilogue};
-    use kiln_cuda::launch::activation_code;
+    use kiln_core::Activation;
     if harness().is_none() {
         return;
     }
-    let b = cpu();
-    // (batch, m, n, k, transpose A, transpose B, dtype, bias, c0, activation)
-    let cases = [
-        (
-            1usize,
-            1usize,
-            1usize,
-            1usize,
+    let case = |batch, m, n, k, ta, tb, dtype, bias, c0, act| GemmCase {
+        batch,
+        m,
+        n,
+        k,
+        ta,
+        tb,
+        dtype,
+        bias,
+        c0,
+        act,
+    };
+    for c in [
+        case(
+            1,
+            1,
+            1,
+            1,
             false,
             false,
             DType::F32,
@@ -625,7 +770,7 @@ fn the_simt_gemm_matches_the_cpu_within_its_bound() {
             false,
             Activation::None,
         ),
-        (
+        case(
             1,
             130,
             70,
@@ -637,7 +782,7 @@ fn the_simt_gemm_matches_the_cpu_within_its_bound() {
             false,
             Activation::Relu,
         ),
-        (
+        case(
             2,
             17,
             129,
@@ -649,7 +794,7 @@ fn the_simt_gemm_matches_the_cpu_within_its_bound() {
             true,
             Activation::None,
         ),
-        (
+        case(
             1,
             64,
             5,
@@ -661,7 +806,7 @@ fn the_simt_gemm_matches_the_cpu_within_its_bound() {
             true,
             Activation::Tanh,
         ),
-        (
+        case(
             1,
             33,
             40,
@@ -673,7 +818,7 @@ fn the_simt_gemm_matches_the_cpu_within_its_bound() {
             false,
             Activation::Sigmoid,
         ),
-        (
+        case(
             1,
             20,
             24,
@@ -685,7 +830,7 @@ fn the_simt_gemm_matches_the_cpu_within_its_bound() {
             false,
             Activation::None,
         ),
-        (
+        case(
             1,
             8,
             8,
@@ -697,109 +842,8 @@ fn the_simt_gemm_matches_the_cpu_within_its_bound() {
             false,
             Activation::None,
         ),
-    ];
-    for (batch, m, n, k, ta, tb, dtype, has_bias, has_c0, act) in cases {
-        let mk = |rows: usize, cols: usize, t: bool, salt: u32| {
-            let v: Vec<f32> = (0..batch * rows * cols)
-                .map(|i| {
-                    (((i as u32).wrapping_mul(2_654_435_761) ^ salt) >> 9) as f32 / 8_388_608.0
-                        - 0.5
-                })
-                .collect();
-            // Stored transposed when `t`: the view swaps the last two axes.
-            let stored = if t {
-                [batch, cols, rows]
-            } else {
-                [batch, rows, cols]
-            };
-            let l = Layout::contiguous(Shape::new(&stored).unwrap());
-            let l = if t { l.transpose(1, 2).unwrap() } else { l };
-            let h = b
-                .cast(
-                    View::new(
-                        &HostData::F32(v),
-                        &Layout::contiguous(Shape::new(&[batch * rows * cols]).unwrap()),
-                    ),
-                    dtype,
-                )
-                .unwrap();
-            (h, l)
-        };
-        let (ah, la) = mk(m, k, ta, 1);
-        let (bh, lb) = mk(k, n, tb, 2);
-        let bias = HostData::F32((0..n).map(|i| i as f32 * 0.25 - 1.0).collect());
-        let lbias = Layout::contiguous(Shape::new(&[n]).unwrap());
-        let c0 = HostData::F32((0..batch * m * n).map(|i| (i % 7) as f32 - 3.0).collect());
-        let lc0 = Layout::contiguous(Shape::new(&[batch, m, n]).unwrap());
-        let (alpha, beta) = (0.75f32, -0.5f32);
-        let ep = GemmEpilogue {
-            alpha,
-            beta_c: has_c0.then(|| (beta, View::new(&c0, &lc0))),
-            bias: has_bias.then(|| View::new(&bias, &lbias)),
-            activation: act,
-        };
-        let want = host_f32(
-            &b.gemm(View::new(&ah, &la), View::new(&bh, &lb), &ep)
-                .unwrap(),
-        );
-        // The bound: Σ|a||b| per output (a GEMM of absolute values).
-        let abs = |h: &HostData| HostData::F32(h.to_f32_vec().iter().map(|v| v.abs()).collect());
-        let sum_abs = host_f32(
-            &b.gemm(
-                View::new(&abs(&ah), &la),
-                View::new(&abs(&bh), &lb),
-                &GemmEpilogue::default(),
-            )
-            .unwrap(),
-        );
-        let out_round = match dtype {
-            DType::BF16 => 1.0 / 128.0,
-            DType::F16 => 1.0 / 1024.0,
-            _ => 0.0,
-        };
-        let tol: Vec<f32> = sum_abs
-            .iter()
-            .zip(&want)
-            .map(|(s, w)| 2.0 * (k as f32 + 2.0) * EPS * (alpha * s + 4.0) + out_round * w.abs())
-            .collect();
-        let (ls, bs) = (la.strides(), lb.strides());
-        let mut args: Vec<String> = vec![
-            "gemm".into(),
-            dtype_code(dtype).to_string(),
-            batch.to_string(),
-            m.to_string(),
-            n.to_string(),
-            k.to_string(),
-        ];
-        for (l, s, len) in [(&la, ls, ah.len()), (&lb, bs, bh.len())] {
-            args.push(l.offset().to_string());
-            args.extend(s.iter().map(usize::to_string));
-            args.push(len.to_string());
-        }
-        args.extend([
-            alpha.to_string(),
-            beta.to_string(),
-            activation_code(act).to_string(),
-            dtype_code(dtype).to_string(),
-            u8::from(has_bias).to_string(),
-            u8::from(has_c0).to_string(),
-        ]);
-        let mut input = bits(&ah);
-        input.extend(bits(&bh));
-        if has_bias {
-            input.extend(bits(&bias));
-        }
-        if has_c0 {
-            input.extend(bits(&c0));
-        }
-        let got_bits = run(&args, &input);
-        let got = host_f32(&HostData::from_bytes(dtype, &to_bytes(dtype, &got_bits)).unwrap());
-        close(
-            &format!("gemm {batch}×{m}×{n}×{k} {dtype} tA={ta} tB={tb}"),
-            &got,
-            &want,
-            &tol,
-        );
+    ] {
+        check_gemm("gemm", c);
     }
 }
 
@@ -950,107 +994,36 @@ fn the_implicit_gemm_convolutions_match_the_cpu_within_their_bounds() {
 /// emulated from the PTX ISA's fragment layouts (`kernels/host/tc_emulation.h`):
 /// tiling, pipelining, addressing and the epilogue mapping, against the CPU.
 /// (An emulation written from the same reading of the ISA cannot catch a
-/// misreading of it; the GPU conformance run can.)
+/// misreading of it; the GPU conformance run can.) Contiguous operands, k
+/// and n multiples of 8, as the backend sends them.
 #[test]
 fn the_tensor_core_gemms_match_the_cpu_under_emulation() {
-    use kiln_core::{Activation, GemmEpilogue};
-    use kiln_cuda::launch::activation_code;
     if harness().is_none() {
         return;
     }
-    let b = cpu();
-    // (batch, m, n, k): one full tile, partial tiles in m, n and k, batch 2.
+    // One full tile, partial tiles in m, n and k, batch 2.
     let shapes = [
-        (1usize, 128usize, 128usize, 32usize),
+        (1, 128, 128, 32),
         (2, 130, 136, 40),
         (1, 8, 8, 8),
         (1, 40, 16, 72),
     ];
     for dtype in [DType::BF16, DType::F16, DType::F32] {
         for (batch, m, n, k) in shapes {
-            let mk = |rows: usize, cols: usize, salt: u32| {
-                let v: Vec<f32> = (0..batch * rows * cols)
-                    .map(|i| {
-                        (((i as u32).wrapping_mul(2_654_435_761) ^ salt) >> 9) as f32 / 8_388_608.0
-                            - 0.5
-                    })
-                    .collect();
-                let flat = Layout::contiguous(Shape::new(&[v.len()]).unwrap());
-                let h = b.cast(View::new(&HostData::F32(v), &flat), dtype).unwrap();
-                (
-                    h,
-                    Layout::contiguous(Shape::new(&[batch, rows, cols]).unwrap()),
-                )
-            };
-            let (ah, la) = mk(m, k, 11);
-            let (bh, lb) = mk(k, n, 12);
-            let bias = HostData::F32((0..n).map(|i| i as f32 * 0.125 - 1.0).collect());
-            let lbias = Layout::contiguous(Shape::new(&[n]).unwrap());
-            let act = Activation::Relu;
-            let ep = GemmEpilogue {
-                alpha: 1.0,
-                beta_c: None,
-                bias: Some(View::new(&bias, &lbias)),
-                activation: act,
-            };
-            let want = host_f32(
-                &b.gemm(View::new(&ah, &la), View::new(&bh, &lb), &ep)
-                    .unwrap(),
-            );
-            let abs =
-                |h: &HostData| HostData::F32(h.to_f32_vec().iter().map(|v| v.abs()).collect());
-            let sum_abs = host_f32(
-                &b.gemm(
-                    View::new(&abs(&ah), &la),
-                    View::new(&abs(&bh), &lb),
-                    &GemmEpilogue::default(),
-                )
-                .unwrap(),
-            );
-            // TF32 rounds each input to 10 mantissa bits; 16-bit outputs round once more.
-            let (input_round, out_round) = match dtype {
-                DType::BF16 => (0.0, 1.0 / 128.0),
-                DType::F16 => (0.0, 1.0 / 1024.0),
-                _ => (2.0 / 1024.0, 0.0),
-            };
-            let tol: Vec<f32> = sum_abs
-                .iter()
-                .zip(&want)
-                .map(|(s, w)| {
-                    (2.0 * (k as f32 + 2.0) * EPS + input_round) * (s + 2.0) + out_round * w.abs()
-                })
-                .collect();
-            let mut args: Vec<String> = vec![
-                "gemm_tc".into(),
-                dtype_code(dtype).to_string(),
-                batch.to_string(),
-                m.to_string(),
-                n.to_string(),
-                k.to_string(),
-            ];
-            for (l, len) in [(&la, ah.len()), (&lb, bh.len())] {
-                args.push(l.offset().to_string());
-                args.extend(l.strides().iter().map(usize::to_string));
-                args.push(len.to_string());
-            }
-            args.extend([
-                "1".into(),
-                "0".into(),
-                activation_code(act).to_string(),
-                dtype_code(dtype).to_string(),
-                "1".into(),
-                "0".into(),
-            ]);
-            let mut input = bits(&ah);
-            input.extend(bits(&bh));
-            input.extend(bits(&bias));
-            let got_bits = run(&args, &input);
-            let got = host_f32(&HostData::from_bytes(dtype, &to_bytes(dtype, &got_bits)).unwrap());
-            close(
-                &format!("tensor-core gemm {dtype} {batch}×{m}×{n}×{k}"),
-                &got,
-                &want,
-                &tol,
+            check_gemm(
+                "gemm_tc",
+                GemmCase {
+                    batch,
+                    m,
+                    n,
+                    k,
+                    ta: false,
+                    tb: false,
+                    dtype,
+                    bias: true,
+                    c0: false,
+                    act: kiln_core::Activation::Relu,
+                },
             );
         }
     }

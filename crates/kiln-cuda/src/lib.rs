@@ -895,10 +895,8 @@ impl Backend for CudaBackend {
             launch!(self, name, "kiln_sum_splits", cfg; wsp, s, len, out, dt)?;
         }
         // The bias gradient: Σ dy over images and pixels, per filter.
-        let permuted = dy.layout.permute(&[1, 0, 2, 3])?;
-        let dyo = self.dense(name, View::new(dy.storage, &permuted), DType::F32)?;
-        let db = self.reduce_rows(name, dyo.ptr, o, k, reduce_code(ReduceOp::Sum))?;
-        Ok((dw, self.convert(name, db, dtype)?))
+        let db = self.reduce(ReduceOp::Sum, dy, &[0, 2, 3])?;
+        Ok((dw, db))
     }
 
     fn max_pool2d(

@@ -361,18 +361,7 @@ fn elementwise_kernels_match_the_cpu() {
     let n = 700;
     let l = Layout::contiguous(Shape::new(&[n]).unwrap());
     let (xh, zh) = (HostData::F32(awkward(n, 1)), HostData::F32(awkward(n, 2)));
-    for op in [
-        UnaryOp::Neg,
-        UnaryOp::Abs,
-        UnaryOp::Exp,
-        UnaryOp::Log,
-        UnaryOp::Sqrt,
-        UnaryOp::Square,
-        UnaryOp::Recip,
-        UnaryOp::Relu,
-        UnaryOp::Sigmoid,
-        UnaryOp::Tanh,
-    ] {
+    for op in UnaryOp::ALL {
         let y = b.unary(op, View::new(&xh, &l)).unwrap();
         let got = run(
             &["unary".into(), unary_code(op).to_string(), n.to_string()],
@@ -400,17 +389,7 @@ fn elementwise_kernels_match_the_cpu() {
         );
         assert!(same(DType::F32, &got, &bits(&dx)), "{op:?} backward");
     }
-    for op in [
-        BinaryOp::Add,
-        BinaryOp::Sub,
-        BinaryOp::Mul,
-        BinaryOp::Div,
-        BinaryOp::Maximum,
-        BinaryOp::Minimum,
-        BinaryOp::Eq,
-        BinaryOp::Gt,
-        BinaryOp::Ge,
-    ] {
+    for op in BinaryOp::ALL {
         let y = b
             .binary(op, View::new(&xh, &l), View::new(&zh, &l))
             .unwrap();

@@ -8,7 +8,10 @@ use kiln_core::{DType, Tensor};
 use kiln_cpu::{CpuBackend, KernelSet};
 use kiln_data::{Dataset, Split};
 use kiln_nn::{Adam, Loss, ModelSpec, Precision, Sequential};
-use kiln_train::{loss_scale, FitConfig, LossScaler, Trainer, Verbosity};
+use kiln_train::{loss_scale, FitConfig, LossScaler, Trainer};
+
+mod common;
+use common::weights;
 
 fn backend() -> CpuBackend {
     CpuBackend::with_kernels(KernelSet::best())
@@ -28,22 +31,9 @@ fn trainer(spec: &ModelSpec, precision: Precision, seed: u64) -> Trainer<CpuBack
     )
 }
 
+/// The fits here order examples by seed 7.
 fn cfg(epochs: usize) -> FitConfig {
-    FitConfig {
-        epochs,
-        batch_size: 128,
-        seed: 7,
-        verbosity: Verbosity::Silent,
-        ..FitConfig::default()
-    }
-}
-
-fn weights(t: &Trainer<CpuBackend>) -> Vec<Vec<u8>> {
-    t.model()
-        .params()
-        .iter()
-        .map(|p| p.value().to_host().unwrap().as_bytes().to_vec())
-        .collect()
+    common::cfg(epochs, 7)
 }
 
 #[test]

@@ -6,7 +6,10 @@ use kiln_core::{DataError, Error, HostData};
 use kiln_cpu::CpuBackend;
 use kiln_data::{Dataset, Split};
 use kiln_nn::{Adam, Loss, ModelSpec, Sequential};
-use kiln_train::{model_file, FitConfig, Trainer, Verbosity};
+use kiln_train::{model_file, Trainer};
+
+mod common;
+use common::{cfg, weights};
 
 fn trainer(seed: u64, threads: usize) -> Trainer<CpuBackend> {
     trainer_on(CpuBackend::reference().with_threads(threads), seed)
@@ -20,24 +23,6 @@ fn trainer_on(b: CpuBackend, seed: u64) -> Trainer<CpuBackend> {
         Loss::CategoricalCrossEntropy,
         b,
     )
-}
-
-fn cfg(epochs: usize, seed: u64) -> FitConfig {
-    FitConfig {
-        epochs,
-        batch_size: 128,
-        seed,
-        verbosity: Verbosity::Silent,
-        ..FitConfig::default()
-    }
-}
-
-fn weights(t: &Trainer<CpuBackend>) -> Vec<Vec<u8>> {
-    t.model()
-        .params()
-        .iter()
-        .map(|p| p.value().to_host().unwrap().as_bytes().to_vec())
-        .collect()
 }
 
 /// The seed's MLP, Adam 1e-3, batch 128, 10 epochs on the bundled sample:

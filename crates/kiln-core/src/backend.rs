@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use crate::{DType, HostData, Layout, Result, Window2d};
+use crate::{Capabilities, DType, HostData, Layout, Result, Window2d};
 
 /// What a backend's storage must be able to tell about itself.
 pub trait BackendStorage: Clone + Send + Sync + 'static {
@@ -814,4 +814,14 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
         seed: u64,
         offset: u64,
     ) -> Result<Self::Storage>;
+
+    // ----- self-description ---------------------------------------------
+
+    /// What the backend declares about itself: where its kernels switch
+    /// algorithm (the conformance suite aims at those sizes), which checks
+    /// it does not support and which it expects to fail. The default is
+    /// kiln's own kernels' switch points, everything supported.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
 }

@@ -17,6 +17,7 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod capabilities;
 pub mod conv;
 pub mod dtype;
 pub mod error;
@@ -31,6 +32,7 @@ pub use backend::{
     Activation, AdamSchedule, AdamStep, Backend, BackendStorage, BinaryOp, ConvGrads, Distribution,
     GemmEpilogue, ReduceOp, ReducePlan, SgdStep, UnaryOp, View,
 };
+pub use capabilities::{Capabilities, SwitchPoints};
 pub use conv::Window2d;
 pub use dtype::{bf16_from_f64, f16_from_f64, round_to_format, DType, HostData};
 pub use error::{DataError, Error, Result};

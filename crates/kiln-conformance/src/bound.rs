@@ -14,7 +14,9 @@
 //! In every case NaN must meet NaN, and an infinite `want` the same infinity.
 //! When an [`Bound::Abs`] bound is itself beyond the format's range, the
 //! result may also overflow to ±∞ or NaN (the error analysis assumes no
-//! overflow, so nothing tighter can be promised).
+//! overflow, so nothing tighter can be promised). Where a sum's partial
+//! sums can leave the f32 range, [`Bound::Overflowing`] also admits what
+//! the op makes of ±∞ and NaN (a ReLU epilogue turns −∞ into 0).
 
 use half::{bf16, f16};
 use kiln_core::DType;
@@ -30,6 +32,33 @@ pub enum Bound {
     Ulps(u32),
     /// Within this absolute error, plus the final rounding.
     Abs(f64),
+    /// As [`Bound::Abs`], for a value `f(s)` of a sum `s` whose partial
+    /// sums may leave the f32 range (their magnitudes add up past
+    /// `f32::MAX`). IEEE arithmetic may then make `s` ±∞ or NaN whatever
+    /// its exact value, so NaN and `f(−∞)`, `f(+∞)` — the `images`, e.g. 0
+    /// and +∞ under ReLU — are admitted too. [`Bound::accumulated`] picks
+    /// this or `Abs`.
+    Overflowing {
+        /// The absolute error when nothing overflows.
+        abs: f64,
+        /// `f(−∞)` and `f(+∞)`.
+        images: [f64; 2],
+    },
+}
+
+impl Bound {
+    /// The bound of `f(s)` for a sum `s` of `n` terms accumulated in f32,
+    /// off by at most `err` when no partial sum overflows: [`Bound::Abs`]
+    /// when the terms' magnitudes `mass` keep every partial sum inside the
+    /// f32 range, else [`Bound::Overflowing`] with `images` = `[f(−∞), f(+∞)]`.
+    pub fn accumulated(err: f64, mass: f64, n: usize, images: [f64; 2]) -> Bound {
+        let u = 1.0 / 16_777_216.0;
+        if mass * (1.0 + gamma(n, u)) >= f64::from(f32::MAX) || mass.is_nan() {
+            Bound::Overflowing { abs: err, images }
+        } else {
+            Bound::Abs(err)
+        }
+    }
 }
 
 /// η: the absolute error one f32 operation may add when its result is
@@ -134,6 +163,19 @@ pub fn judge(bound: Bound, dtype: DType, want: f64, got: f64) -> Verdict {
     if want.is_nan() {
         return if got.is_nan() { pass } else { fail };
     }
+    let bound = match bound {
+        Bound::Overflowing { abs, images } => {
+            if got.is_nan() || images.contains(&got) {
+                return pass;
+            }
+            // An infinity the op cannot make of ±∞ (−∞ after a ReLU) is wrong.
+            if got.is_infinite() {
+                return fail;
+            }
+            Bound::Abs(abs)
+        }
+        other => other,
+    };
     // An absolute bound beyond the format's range admits overflow (±∞, or
     // NaN from ∞ − ∞): the error analysis assumes none, so it promises nothing.
     let abs_total = match bound {
@@ -171,7 +213,7 @@ pub fn judge(bound: Bound, dtype: DType, want: f64, got: f64) -> Verdict {
             abs_error,
             ulps,
         ),
-        Bound::Abs(_) => {
+        Bound::Abs(_) | Bound::Overflowing { .. } => {
             let fraction = if abs_total > 0.0 {
                 abs_error / abs_total
             } else if abs_error == 0.0 {
@@ -234,5 +276,22 @@ mod tests {
         assert!(!judge(Bound::Abs(1e-6), DType::F32, 1.0, 1.0 + 1e-5).ok);
         assert!(judge(Bound::Abs(1e39), DType::F32, 1.0, f64::INFINITY).ok);
         assert!(!judge(Bound::Abs(1.0), DType::F32, 1.0, f64::INFINITY).ok);
+    }
+
+    #[test]
+    fn overflowing_sums_admit_what_ieee_arithmetic_gives() {
+        // relu(s) where s = 1.8e60 exactly, but the f32 partial sums went to −∞.
+        let relu = [0.0, f64::INFINITY];
+        let b = Bound::accumulated(1e54, 2e60, 4, relu);
+        assert!(matches!(b, Bound::Overflowing { .. }));
+        for got in [0.0, f64::INFINITY, f64::NAN] {
+            assert!(judge(b, DType::F32, 1.8e60, got).ok, "{got}");
+        }
+        assert!(!judge(b, DType::F32, 1.8e60, 5.0).ok);
+        assert!(!judge(b, DType::F32, 1.8e60, f64::NEG_INFINITY).ok);
+        // Within range the plain bound holds: 0 is no answer for 3.
+        let b = Bound::accumulated(1e-6, 3.0, 4, relu);
+        assert_eq!(b, Bound::Abs(1e-6));
+        assert!(!judge(b, DType::F32, 3.0, 0.0).ok);
     }
 }

@@ -14,7 +14,7 @@ use kiln_core::{
 use kiln_nn::{ActivationSpec, Initializer, LayerSpec, Loss, ModelSpec, Sequential};
 use proptest::prelude::*;
 
-use crate::{run_cases, CaseError, Config, Report};
+use crate::{run_edge_cases as run_cases, CaseError, Config, Report};
 
 type Input = (Vec<f32>, Vec<usize>);
 
@@ -110,8 +110,8 @@ pub(crate) fn check<B: Backend>(
     Ok(())
 }
 
-fn small_shape() -> impl Strategy<Value = Vec<usize>> {
-    prop::collection::vec(1usize..5, 1..4)
+fn small_shape() -> BoxedStrategy<Vec<usize>> {
+    prop::collection::vec(1usize..5, 1..4).boxed()
 }
 
 /// Runs the gradient check `op` (one of the `grad_*` entries of [`crate::CHECKS`]).
@@ -329,7 +329,7 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, cfg: &Config) -> Report {
             model_gradients(b, seed)?;
             Ok(0.0)
         }),
-        _ => crate::checks_unknown(op, cfg),
+        _ => crate::checks::unknown(op, f32, cfg),
     }
 }
 

@@ -6,78 +6,279 @@
 //! and broadcast layouts, ±0, subnormals, huge and tiny magnitudes, ±∞, NaN.
 //!
 //! Every check is an op × dtype pair listed in [`CHECKS`]. A backend crate
-//! runs them all from its own tests with one line:
+//! runs them all from its own tests with one line (in a file under
+//! `tests/`; here with kiln's CPU backend):
 //!
-//! ```ignore
-//! kiln_conformance::suite!(|| MyBackend::new().unwrap());
+//! ```
+//! use kiln_cpu::CpuBackend;
+//! kiln_conformance::suite!(|| CpuBackend::reference());
+//! # fn main() {}
 //! ```
 //!
-//! which expands to one `#[test]` per op and dtype (`gemm::f32`, …); outside
+//! which expands to one `#[test]` per op and dtype (`gemm::F32`, …); outside
 //! a test harness, [`run_check`] runs one check and returns a [`Report`]
-//! (the `kiln conformance` command prints them as a table).
+//! (the `kiln conformance` command prints them as a table):
 //!
-//! Case counts: `KILN_CONFORMANCE_CASES` (or `PROPTEST_CASES`) sets how many
-//! random cases each check runs (default 48); `KILN_CONFORMANCE_SEED` fixes
-//! the seed a failure report names.
+//! ```
+//! use kiln_conformance::{run_check, Config, Depth};
+//! use kiln_core::DType;
+//! let backend = kiln_cpu::CpuBackend::reference();
+//! let mut cfg = Config::new("cpu:scalar");
+//! cfg.cases = 8;
+//! cfg.depth = Depth::Edge;
+//! let report = run_check(&backend, "softmax", DType::F32, &cfg);
+//! assert!(report.passed(), "{:?}", report.failure);
+//! ```
+//!
+//! Sizes come in tiers ([`tier`]): `edge` (0, 1, primes, tile ± 1),
+//! `blocked` (every blocking boundary the backend declares in its
+//! [`kiln_core::SwitchPoints`], long rows) and `large` (1024–2048 per
+//! dimension, k ≥ 4096). The default depth runs edge and blocked.
+//!
+//! Environment: `KILN_CONFORMANCE_CASES` (or `PROPTEST_CASES`) sets the edge
+//! tier's cases per check (default 48), `KILN_CONFORMANCE_BLOCKED_CASES`
+//! (24) and `KILN_CONFORMANCE_LARGE_CASES` (2) the others';
+//! `KILN_CONFORMANCE_TIER` the depth; `KILN_CONFORMANCE_BUDGET` the seconds
+//! a check may spend per tier (or `none`); `KILN_CONFORMANCE_SEED` fixes the
+//! seed a failure report names. A failure prints a line that reruns it
+//! exactly.
 
 pub mod bound;
 mod checks;
 mod gradcheck;
+pub mod tier;
 pub mod values;
 
 use std::cell::Cell;
 use std::fmt::Debug;
+use std::time::{Duration, Instant};
 
-use kiln_core::{Backend, DType};
-use proptest::strategy::Strategy;
+use kiln_core::{Backend, DType, SwitchPoints};
+use proptest::strategy::BoxedStrategy;
 use proptest::test_runner::{
     Config as PropConfig, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner,
 };
 use serde::Serialize;
 
 pub use bound::Bound;
+pub use tier::{Depth, Sizer, Tier};
 
-/// How a run of the suite is set up.
+/// How a run of the suite is set up. Build one with [`Config::new`] or
+/// [`Config::from_env`] and adjust its fields.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Random cases per check.
+    /// Random cases per check in the edge tier.
     pub cases: u32,
+    /// Random cases per check in the blocked tier.
+    pub blocked_cases: u32,
+    /// Random cases per check in the large tier.
+    pub large_cases: u32,
     /// The seed every check derives its inputs from.
     pub seed: u64,
     /// How to name the backend in reproduction lines (`cpu:scalar`).
     pub backend: String,
+    /// Which size tiers run.
+    pub depth: Depth,
+    /// Wall-clock time per check and tier after which no new cases start
+    /// (`None`: each tier's [`Tier::default_budget`]; `Duration::MAX`:
+    /// unlimited). At least [`Tier::min_cases`] cases always run.
+    pub budget: Option<Duration>,
+    /// How a failure's reproduction line reruns the check.
+    pub rerun: Rerun,
+    /// The backend's switch points (set by [`run_check`]).
+    points: Option<SwitchPoints>,
+}
+
+/// The command a reproduction line names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rerun {
+    /// A command line such as `kiln conformance`, completed with
+    /// `--backend`, `--op`, `--dtype` and `--tier`.
+    Command(String),
+    /// A test of the `suite!` macro: `cargo test -p PACKAGE TARGET --
+    /// FILTER::op::DTYPE --exact`.
+    CargoTest {
+        /// The package (`-p`).
+        package: String,
+        /// The test target's selector: `--lib`, `--test NAME`, …
+        target: String,
+        /// The path of the module holding the suite, without the crate name.
+        filter: String,
+    },
+}
+
+fn env_u64(k: &str) -> Option<u64> {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.trim().replace('_', "").parse::<u64>().ok())
 }
 
 impl Config {
-    /// Cases and seed from the environment (`KILN_CONFORMANCE_CASES` or
-    /// `PROPTEST_CASES`, default 48; `KILN_CONFORMANCE_SEED`, default fixed).
-    pub fn from_env(backend: &str) -> Self {
-        let env_u64 = |k: &str| {
-            std::env::var(k)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        let cases = env_u64("KILN_CONFORMANCE_CASES")
-            .or_else(|| env_u64("PROPTEST_CASES"))
-            .unwrap_or(48);
+    /// Defaults: 48 edge cases, 24 blocked, 2 large, a fixed seed, the
+    /// `blocked` depth, each tier's own time budget, and `kiln conformance`
+    /// as the rerun command.
+    pub fn new(backend: &str) -> Self {
         Config {
-            cases: cases.clamp(1, u64::from(u32::MAX)) as u32,
-            seed: env_u64("KILN_CONFORMANCE_SEED").unwrap_or(0x6b69_6c6e),
+            cases: 48,
+            blocked_cases: 24,
+            large_cases: 2,
+            seed: 0x6b69_6c6e,
             backend: backend.to_string(),
+            depth: Depth::default(),
+            budget: None,
+            rerun: Rerun::Command("kiln conformance".into()),
+            points: None,
+        }
+    }
+
+    /// [`Config::new`] with what the environment sets:
+    /// `KILN_CONFORMANCE_CASES` (or `PROPTEST_CASES`),
+    /// `KILN_CONFORMANCE_BLOCKED_CASES`, `KILN_CONFORMANCE_LARGE_CASES`,
+    /// `KILN_CONFORMANCE_SEED`, `KILN_CONFORMANCE_TIER`
+    /// (`edge|blocked|large|all`) and `KILN_CONFORMANCE_BUDGET` (seconds
+    /// per check and tier, or `none`). A malformed value is an error that
+    /// names the variable.
+    pub fn from_env(backend: &str) -> Result<Self, String> {
+        let mut cfg = Config::new(backend);
+        let cases = |k: &str| -> Result<Option<u32>, String> {
+            match std::env::var(k) {
+                Err(_) => Ok(None),
+                Ok(v) => match env_u64(k) {
+                    Some(n) if (1..=u64::from(u32::MAX)).contains(&n) => Ok(Some(n as u32)),
+                    _ => Err(format!("{k}={v}: expected a number of cases ≥ 1")),
+                },
+            }
+        };
+        if let Some(n) = cases("KILN_CONFORMANCE_CASES")?.or(cases("PROPTEST_CASES")?) {
+            cfg.cases = n;
+        }
+        if let Some(n) = cases("KILN_CONFORMANCE_BLOCKED_CASES")? {
+            cfg.blocked_cases = n;
+        }
+        if let Some(n) = cases("KILN_CONFORMANCE_LARGE_CASES")? {
+            cfg.large_cases = n;
+        }
+        if let Ok(v) = std::env::var("KILN_CONFORMANCE_SEED") {
+            cfg.seed = env_u64("KILN_CONFORMANCE_SEED").ok_or_else(|| {
+                format!("KILN_CONFORMANCE_SEED={v}: expected an unsigned integer")
+            })?;
+        }
+        if let Ok(v) = std::env::var("KILN_CONFORMANCE_TIER") {
+            cfg.depth = Depth::parse(&v).map_err(|e| format!("KILN_CONFORMANCE_TIER: {e}"))?;
+        }
+        if let Ok(v) = std::env::var("KILN_CONFORMANCE_BUDGET") {
+            cfg.budget =
+                Some(parse_budget(&v).map_err(|e| format!("KILN_CONFORMANCE_BUDGET: {e}"))?);
+        }
+        Ok(cfg)
+    }
+
+    /// The cases a tier runs.
+    pub fn cases_for(&self, tier: Tier) -> u32 {
+        match tier {
+            Tier::Edge => self.cases,
+            Tier::Blocked => self.blocked_cases,
+            Tier::Large => self.large_cases,
+        }
+    }
+
+    /// The time budget of one check in `tier`.
+    pub fn budget_for(&self, tier: Tier) -> Duration {
+        self.budget.unwrap_or(tier.default_budget())
+    }
+
+    /// The command line that reruns exactly `op`/`dtype` at `tier`, with
+    /// the same seed and case count and no time budget.
+    pub fn reproduce(&self, op: &str, dtype: DType, tier: Tier) -> String {
+        let env = format!(
+            "KILN_CONFORMANCE_SEED={} {}={} KILN_CONFORMANCE_BUDGET=none",
+            self.seed,
+            tier.cases_var(),
+            self.cases_for(tier)
+        );
+        match &self.rerun {
+            Rerun::Command(cmd) => format!(
+                "{env} {cmd} --backend {} --op {op} --dtype {dtype} --tier {tier}",
+                self.backend
+            ),
+            Rerun::CargoTest {
+                package,
+                target,
+                filter,
+            } => {
+                let dt = dtype.as_str().to_uppercase();
+                let path = if filter.is_empty() {
+                    format!("{op}::{dt}")
+                } else {
+                    format!("{filter}::{op}::{dt}")
+                };
+                format!(
+                    "{env} KILN_CONFORMANCE_TIER={tier} cargo test -p {package} {target} -- {path} --exact"
+                )
+            }
         }
     }
 }
 
+/// Parses a time budget: seconds (`2.5`) or `none` for no limit.
+pub fn parse_budget(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "none" {
+        return Ok(Duration::MAX);
+    }
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 1e6 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!(
+            "`{s}`: expected seconds (0 < s ≤ 1000000) or `none`"
+        )),
+    }
+}
+
 /// The outcome of one check.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Every case was within its bound.
     Pass,
     /// A case was not; see [`Report::failure`].
     Fail,
-    /// The backend reported the op/dtype as unsupported.
+    /// The backend does not support the op/dtype (declared in its
+    /// [`kiln_core::Capabilities`], or an `Unsupported` error).
     Unsupported,
+    /// It failed, and the backend declared that it would.
+    ExpectedFailure,
+    /// It passed although the backend declared that it would fail.
+    UnexpectedPass,
+}
+
+impl Status {
+    /// Lowercase words for tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Status::Pass => "pass",
+            Status::Fail => "FAIL",
+            Status::Unsupported => "unsupported",
+            Status::ExpectedFailure => "expected failure",
+            Status::UnexpectedPass => "unexpected pass",
+        }
+    }
+}
+
+/// What one tier of a check found.
+#[derive(Clone, Debug, Serialize)]
+pub struct TierReport {
+    /// The tier.
+    pub tier: Tier,
+    /// Pass, fail or unsupported.
+    pub status: Status,
+    /// Cases run.
+    pub cases: u32,
+    /// Cases not run because the time budget ran out.
+    pub over_budget: u32,
+    /// The largest error seen, as a fraction of its bound.
+    pub worst: f64,
+    /// Wall-clock seconds, shrinking included.
+    pub seconds: f64,
 }
 
 /// What one check found.
@@ -87,84 +288,242 @@ pub struct Report {
     pub op: String,
     /// The dtype.
     pub dtype: DType,
-    /// Pass, fail or unsupported.
+    /// The verdict over every tier that ran.
     pub status: Status,
-    /// Cases run.
+    /// Cases run, over every tier.
     pub cases: u32,
     /// The largest error seen, as a fraction of its bound (0 = exact).
     pub worst: f64,
-    /// For a failure: the shrunk minimal case, the bound, the observed error.
+    /// For a failure: the tier, the shrunk minimal case, the bound, the observed error.
     pub failure: Option<String>,
-    /// A command that reruns exactly this check.
+    /// A command that reruns exactly this check (the failing tier, if any).
     pub reproduce: String,
+    /// Each tier's own result, smallest first.
+    pub tiers: Vec<TierReport>,
+    /// Anything else worth saying (why a tier did not run, say).
+    pub note: Option<String>,
 }
 
 impl Report {
-    /// Whether the check passed.
+    /// Whether the check passed (including an unexpected pass).
     pub fn passed(&self) -> bool {
-        self.status == Status::Pass
+        matches!(self.status, Status::Pass | Status::UnexpectedPass)
+    }
+
+    /// Whether the check counts as a failure: it failed and no expected
+    /// failure was declared.
+    pub fn is_failure(&self) -> bool {
+        self.status == Status::Fail
+    }
+
+    /// Seconds spent, over every tier.
+    pub fn seconds(&self) -> f64 {
+        self.tiers.iter().map(|t| t.seconds).sum()
+    }
+
+    pub(crate) fn without_cases(
+        op: &str,
+        dtype: DType,
+        cfg: &Config,
+        status: Status,
+        note: String,
+    ) -> Self {
+        Report {
+            op: op.to_string(),
+            dtype,
+            status,
+            cases: 0,
+            worst: 0.0,
+            failure: None,
+            reproduce: cfg.reproduce(op, dtype, Tier::Edge),
+            tiers: Vec::new(),
+            note: Some(note),
+        }
     }
 }
 
-/// Runs `test` on `cases` inputs drawn from `strategy` (seeded by the
-/// config and the check's name), shrinking any failure to a minimal input.
-/// `test` returns the worst error of its case as a fraction of the bound.
-pub(crate) fn run_cases<S, F>(op: &str, dtype: DType, cfg: &Config, strategy: S, test: F) -> Report
+/// Runs `test` on inputs drawn from `strategy`, once per tier of the
+/// config's depth (seeded by the config, the check's name and the tier),
+/// shrinking any failure to a minimal input; stops at the first failing
+/// tier. `test` returns the worst error of its case as a fraction of the
+/// bound.
+pub(crate) fn run_cases<V, G, F>(
+    op: &str,
+    dtype: DType,
+    cfg: &Config,
+    strategy: G,
+    test: F,
+) -> Report
 where
-    S: Strategy,
+    V: Debug,
+    G: Fn(&Sizer) -> BoxedStrategy<V>,
+    F: Fn(V) -> Result<f64, CaseError>,
+{
+    run_tiers(op, dtype, cfg, cfg.depth.tiers(), strategy, test)
+}
+
+/// [`run_cases`] for a check whose subject does not change with size (a
+/// gradient check composes kernels the other checks size): it runs the
+/// edge tier only, and says so.
+pub(crate) fn run_edge_cases<S, F>(
+    op: &str,
+    dtype: DType,
+    cfg: &Config,
+    strategy: S,
+    test: F,
+) -> Report
+where
+    S: proptest::strategy::Strategy + Clone + 'static,
     S::Value: Debug,
     F: Fn(S::Value) -> Result<f64, CaseError>,
 {
+    let tiers: &[Tier] = if cfg.depth.tiers().contains(&Tier::Edge) {
+        &[Tier::Edge]
+    } else {
+        &[]
+    };
+    let mut r = run_tiers(
+        op,
+        dtype,
+        cfg,
+        tiers,
+        |_| proptest::strategy::Strategy::boxed(strategy.clone()),
+        test,
+    );
+    r.note = Some("size-independent: runs in the edge tier only".into());
+    r
+}
+
+fn run_tiers<V, G, F>(
+    op: &str,
+    dtype: DType,
+    cfg: &Config,
+    tiers: &[Tier],
+    strategy: G,
+    test: F,
+) -> Report
+where
+    V: Debug,
+    G: Fn(&Sizer) -> BoxedStrategy<V>,
+    F: Fn(V) -> Result<f64, CaseError>,
+{
+    let points = cfg.points.clone().unwrap_or_default();
+    let mut report = Report {
+        op: op.to_string(),
+        dtype,
+        status: Status::Pass,
+        cases: 0,
+        worst: 0.0,
+        failure: None,
+        reproduce: cfg.reproduce(op, dtype, tiers.last().copied().unwrap_or(Tier::Edge)),
+        tiers: Vec::new(),
+        note: None,
+    };
+    for &tier in tiers {
+        let sizer = Sizer {
+            tier,
+            points: points.clone(),
+        };
+        let (t, failure) = run_tier(op, dtype, cfg, tier, strategy(&sizer), &test);
+        report.cases += t.cases;
+        report.worst = report.worst.max(t.worst);
+        let status = t.status;
+        report.tiers.push(t);
+        if status != Status::Pass {
+            report.status = status;
+            report.failure = failure;
+            report.reproduce = cfg.reproduce(op, dtype, tier);
+            break;
+        }
+    }
+    report
+}
+
+fn run_tier<V, F>(
+    op: &str,
+    dtype: DType,
+    cfg: &Config,
+    tier: Tier,
+    strategy: BoxedStrategy<V>,
+    test: &F,
+) -> (TierReport, Option<String>)
+where
+    V: Debug,
+    F: Fn(V) -> Result<f64, CaseError>,
+{
     let mut seed = [0u8; 32];
-    let tag = format!("{op}/{dtype}");
+    let tag = match tier {
+        Tier::Edge => format!("{op}/{dtype}"),
+        _ => format!("{op}/{dtype}/{tier}"),
+    };
     let h = tag.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
     seed[..8].copy_from_slice(&cfg.seed.to_le_bytes());
     seed[8..16].copy_from_slice(&h.to_le_bytes());
+    let budget = cfg.budget_for(tier);
     let config = PropConfig {
-        cases: cfg.cases,
+        cases: cfg.cases_for(tier),
         failure_persistence: None,
         max_shrink_iters: 8192,
+        // Shrinking a large case re-runs it: bound that by the budget too.
+        max_shrink_time: budget.min(Duration::from_secs(60)).as_millis() as u32,
         ..PropConfig::default()
     };
     let mut runner =
         TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &seed));
-    let worst = Cell::new(0f64);
-    let unsupported = Cell::new(false);
-    let result = runner.run(&strategy, |input| match test(input) {
-        Ok(w) => {
-            worst.set(worst.get().max(w));
-            Ok(())
-        }
-        Err(CaseError::Unsupported) => {
-            unsupported.set(true);
-            Ok(())
-        }
-        Err(CaseError::Fail(msg)) => Err(TestCaseError::fail(msg)),
-    });
-    let reproduce = format!(
-        "KILN_CONFORMANCE_SEED={} KILN_CONFORMANCE_CASES={} kiln conformance --backend {} --op {op} --dtype {dtype}",
-        cfg.seed, cfg.cases, cfg.backend
+    let start = Instant::now();
+    let (worst, unsupported, ran, skipped) = (
+        Cell::new(0f64),
+        Cell::new(false),
+        Cell::new(0u32),
+        Cell::new(0u32),
     );
+    let shrinking = Cell::new(false);
+    let result = runner.run(&strategy, |input| {
+        if !shrinking.get() && ran.get() >= tier.min_cases() && start.elapsed() > budget {
+            skipped.set(skipped.get() + 1);
+            return Ok(());
+        }
+        if !shrinking.get() {
+            ran.set(ran.get() + 1);
+        }
+        match test(input) {
+            Ok(w) => {
+                worst.set(worst.get().max(w));
+                Ok(())
+            }
+            Err(CaseError::Unsupported) => {
+                unsupported.set(true);
+                Ok(())
+            }
+            Err(CaseError::Fail(msg)) => {
+                shrinking.set(true);
+                Err(TestCaseError::fail(msg))
+            }
+        }
+    });
     let (status, failure) = match result {
         _ if unsupported.get() => (Status::Unsupported, None),
         Ok(()) => (Status::Pass, None),
         Err(TestError::Fail(reason, input)) => (
             Status::Fail,
-            Some(format!("{reason}\nminimal case: {input:#?}")),
+            Some(format!("[{tier} tier] {reason}\nminimal case: {input:#?}")),
         ),
-        Err(TestError::Abort(reason)) => (Status::Fail, Some(format!("aborted: {reason}"))),
+        Err(TestError::Abort(reason)) => (
+            Status::Fail,
+            Some(format!("[{tier} tier] aborted: {reason}")),
+        ),
     };
-    Report {
-        op: op.to_string(),
-        dtype,
+    let t = TierReport {
+        tier,
         status,
-        cases: cfg.cases,
+        cases: ran.get(),
+        over_budget: skipped.get(),
         worst: worst.get(),
-        failure,
-        reproduce,
-    }
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    (t, failure)
 }
 
 /// Why a case did not pass.
@@ -343,7 +702,16 @@ macro_rules! __suite_tests_optional {
                     fn $dt() {
                         let make = $make;
                         match make() {
-                            Some(b) => $crate::assert_check(&b, stringify!($name), kiln_core::DType::$dt),
+                            Some(b) => $crate::assert_check_as(
+                                &b,
+                                stringify!($name),
+                                kiln_core::DType::$dt,
+                                $crate::cargo_test_rerun(
+                                    env!("CARGO_PKG_NAME"),
+                                    env!("CARGO_CRATE_NAME"),
+                                    module_path!(),
+                                ),
+                            ),
                             None => eprintln!("skipped: backend not available here"),
                         }
                     }
@@ -353,31 +721,110 @@ macro_rules! __suite_tests_optional {
     };
 }
 
-pub(crate) fn checks_unknown(op: &str, cfg: &Config) -> Report {
-    checks::unknown(op, DType::F32, cfg)
+/// The [`Rerun`] of a `suite!` test, from the package, the test target's
+/// crate name and the module path of the test (`crate::…::suite::op`).
+#[doc(hidden)]
+pub fn cargo_test_rerun(package: &str, crate_name: &str, module_path: &str) -> Rerun {
+    let segments: Vec<&str> = module_path.split("::").collect();
+    // Drop the crate name and the op's own module.
+    let filter = segments[1..segments.len().saturating_sub(1).max(1)].join("::");
+    let target = if crate_name == package.replace('-', "_") {
+        "--lib".to_string()
+    } else {
+        format!("--test {crate_name}")
+    };
+    Rerun::CargoTest {
+        package: package.to_string(),
+        target,
+        filter,
+    }
 }
 
-/// Runs one check on `backend`.
+/// Runs one check on `backend`. What the backend declares
+/// ([`Backend::capabilities`]) decides how it runs: the blocked tier aims at
+/// its switch points; a check it declares unsupported is not run and is
+/// reported [`Status::Unsupported`]; a declared expected failure that fails
+/// is reported [`Status::ExpectedFailure`], and one that passes
+/// [`Status::UnexpectedPass`].
 pub fn run_check<B: Backend>(backend: &B, op: &str, dtype: DType, cfg: &Config) -> Report {
-    checks::run(backend, op, dtype, cfg)
+    let caps = backend.capabilities();
+    if let Err(e) = caps.validate() {
+        let mut r = checks::unknown(op, dtype, cfg);
+        r.failure = Some(format!("the backend's capabilities are malformed: {e}"));
+        return r;
+    }
+    if !caps.supports(op, dtype) {
+        return Report::without_cases(
+            op,
+            dtype,
+            cfg,
+            Status::Unsupported,
+            "declared unsupported by the backend".into(),
+        );
+    }
+    let mut cfg = cfg.clone();
+    cfg.points = Some(caps.switch_points.clone());
+    let mut r = checks::run(backend, op, dtype, &cfg);
+    if caps.expects_failure(op, dtype) {
+        r.status = match r.status {
+            Status::Fail => Status::ExpectedFailure,
+            Status::Pass => Status::UnexpectedPass,
+            other => other,
+        };
+        r.note = Some("declared an expected failure by the backend".into());
+    }
+    r
 }
 
-/// Runs one check and panics with the full report unless it passed.
+/// Runs one check with the configuration from the environment and panics
+/// with the full report if it fails; an unsupported check or an expected
+/// failure is noted on stderr and passes.
 pub fn assert_check<B: Backend>(backend: &B, op: &str, dtype: DType) {
-    let cfg = Config::from_env(&backend.name());
+    assert_check_as(
+        backend,
+        op,
+        dtype,
+        Rerun::Command("kiln conformance".into()),
+    )
+}
+
+/// [`assert_check`], naming `rerun` in the reproduction line.
+pub fn assert_check_as<B: Backend>(backend: &B, op: &str, dtype: DType, rerun: Rerun) {
+    let mut cfg = match Config::from_env(&backend.name()) {
+        Ok(c) => c,
+        Err(e) => panic!("conformance configuration: {e}"),
+    };
+    cfg.rerun = rerun;
     let r = run_check(backend, op, dtype, &cfg);
+    let tiers: Vec<String> = r
+        .tiers
+        .iter()
+        .map(|t| {
+            let budget = if t.over_budget > 0 {
+                format!(", {} over budget", t.over_budget)
+            } else {
+                String::new()
+            };
+            format!("{} {} cases{budget} in {:.2} s", t.tier, t.cases, t.seconds)
+        })
+        .collect();
     eprintln!(
-        "{op}/{dtype}: {:?}, {} cases, worst {:.3} of bound",
-        r.status, r.cases, r.worst
+        "{op}/{dtype}: {}, {} cases ({}), worst {:.3} of bound{}",
+        r.status.label(),
+        r.cases,
+        tiers.join("; "),
+        r.worst,
+        r.note
+            .as_deref()
+            .map(|n| format!(" — {n}"))
+            .unwrap_or_default()
     );
-    if !r.passed() {
+    if r.is_failure() {
         panic!(
-            "conformance check {op}/{dtype} on {}: {:?}\n{}\nreproduce: {}",
+            "conformance check {op}/{dtype} on {}: {}\n{}\nreproduce: {}",
             backend.name(),
-            r.status,
-            r.failure
-                .as_deref()
-                .unwrap_or("the backend does not support this op/dtype"),
+            r.status.label(),
+            r.failure.as_deref().unwrap_or("no failure recorded"),
             r.reproduce
         );
     }

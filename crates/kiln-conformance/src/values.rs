@@ -118,8 +118,10 @@ pub enum Arrangement {
 }
 
 /// An operand: storage values (already representable in the dtype) and the
-/// layout through which the op reads them.
-#[derive(Clone, Debug)]
+/// layout through which the op reads them. Its `Debug` form lists short
+/// storages in full and summarises long ones (a failure report stays
+/// readable when the case is a 2048 × 4096 matrix).
+#[derive(Clone)]
 pub struct Operand {
     /// The element type.
     pub dtype: DType,
@@ -161,6 +163,105 @@ impl Operand {
     /// Uploads the storage to a backend.
     pub fn upload<B: Backend>(&self, b: &B) -> Result<B::Storage> {
         b.upload(&self.host())
+    }
+}
+
+impl std::fmt::Debug for Operand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("Operand");
+        d.field("dtype", &self.dtype)
+            .field("dims", &self.layout.dims())
+            .field("strides", &self.layout.strides())
+            .field("offset", &self.layout.offset());
+        if self.storage.len() <= SHOWN {
+            d.field("storage", &self.storage);
+        } else {
+            let count = |p: fn(&f64) -> bool| self.storage.iter().filter(|v| p(v)).count();
+            let finite = self.storage.iter().filter(|v| v.is_finite());
+            let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+            d.field(
+                "storage",
+                &format_args!(
+                    "{} values in [{lo:e}, {hi:e}] with {} NaN and {} ±∞, starting {:?}",
+                    self.storage.len(),
+                    count(|v| v.is_nan()),
+                    count(|v| v.is_infinite()),
+                    &self.storage[..8]
+                ),
+            );
+        }
+        d.finish()
+    }
+}
+
+/// Storages up to this length are shown in full in failure reports.
+const SHOWN: usize = 32;
+
+/// Operands with more storage elements than this are filled from one
+/// drawn seed instead of element by element: generating (and shrinking)
+/// hundreds of thousands of proptest values would dominate the run.
+pub const DENSE_MAX: usize = 4096;
+
+/// `len` values of `domain` in `dtype`, from `seed`: the domain's main
+/// distribution, with about four of its special values (±0, ±∞, NaN,
+/// subnormals, huge and tiny magnitudes, as the domain allows) at random
+/// places, so that long rows and dot products still mostly hold finite
+/// results the bounds can judge.
+pub fn seeded_values(domain: Domain, dtype: DType, len: usize, seed: u64) -> Vec<f64> {
+    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        // SplitMix64.
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let unit = |bits: u64| (bits >> 11) as f64 / (1u64 << 53) as f64;
+    if dtype == DType::U32 {
+        return (0..len).map(|_| f64::from(next() as u32)).collect();
+    }
+    let specials: Vec<f64> = match domain {
+        Domain::General => SPECIALS.to_vec(),
+        Domain::Finite => SPECIALS.iter().copied().filter(|v| v.is_finite()).collect(),
+        Domain::Moderate(_) => Vec::new(),
+        Domain::Positive => vec![0.0, 1e-40, 1e-30, 1e30, f64::INFINITY, 1.0],
+    };
+    let special_odds = 4.0 / len.max(1) as f64;
+    let clamp = !matches!(domain, Domain::General | Domain::Positive);
+    (0..len)
+        .map(|_| {
+            let r = next();
+            let v = if !specials.is_empty() && unit(next()) < special_odds {
+                specials[(r % specials.len() as u64) as usize]
+            } else {
+                match domain {
+                    Domain::General | Domain::Finite => -4.0 + 8.0 * unit(r),
+                    Domain::Moderate(m) => m * (2.0 * unit(r) - 1.0),
+                    Domain::Positive => 8.0 * unit(r),
+                }
+            };
+            let v = round_to(dtype, v);
+            if clamp && v.is_infinite() {
+                crate::bound::max_finite(dtype).copysign(v)
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+/// `len` storage values of `domain`: drawn one by one for short storages,
+/// from one seed ([`seeded_values`]) past [`DENSE_MAX`].
+pub fn storage(domain: Domain, dtype: DType, len: usize) -> BoxedStrategy<Vec<f64>> {
+    if len > DENSE_MAX {
+        any::<u64>()
+            .prop_map(move |seed| seeded_values(domain, dtype, len, seed))
+            .boxed()
+    } else {
+        prop::collection::vec(value(domain, dtype), len).boxed()
     }
 }
 
@@ -238,7 +339,7 @@ pub fn operand(
     arrangement(&dims, broadcast)
         .prop_flat_map(move |a| {
             let (len, layout) = arrange(&dims, &a);
-            prop::collection::vec(value(domain, dtype), len).prop_map(move |storage| Operand {
+            storage(domain, dtype, len).prop_map(move |storage| Operand {
                 dtype,
                 storage,
                 layout: layout.clone(),
@@ -250,7 +351,7 @@ pub fn operand(
 /// A contiguous operand of shape `dims`.
 pub fn contiguous(dtype: DType, dims: Vec<usize>, domain: Domain) -> BoxedStrategy<Operand> {
     let n: usize = dims.iter().product();
-    prop::collection::vec(value(domain, dtype), n)
+    storage(domain, dtype, n)
         .prop_map(move |v| Operand::contiguous(dtype, &dims, v))
         .boxed()
 }

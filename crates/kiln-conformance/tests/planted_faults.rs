@@ -2,7 +2,7 @@
 //! fault at a time must fail the checks that cover it, while the unwrapped
 //! backend passes the same checks.
 
-use kiln_conformance::{run_check, Config, Status};
+use kiln_conformance::{run_check, Config, Depth, Status};
 use kiln_core::{
     Activation, AdamStep, Backend, BinaryOp, DType, Distribution, GemmEpilogue, HostData, Layout,
     ReduceOp, Result, SgdStep, UnaryOp, View, Window2d,
@@ -21,6 +21,23 @@ enum Fault {
     /// A broadcast operand is read with a wrong stride: the dimension next to
     /// a broadcast one is broadcast too.
     BroadcastWrongStride,
+    // Faults that only show at size (the blocked tier's business):
+    /// Rows longer than 64 are normalised by their first 64 terms only (a
+    /// multi-block row whose blocks' partial sums are never combined).
+    SoftmaxPast64,
+    /// In rows longer than 1000 the last element is left unnormalised (an
+    /// epilogue that misses the tail block).
+    SoftmaxPast1000,
+    /// A GEMM drops every term past k = 256 (the second k block is lost).
+    GemmPastK256,
+    /// Every element of a full 64 × 64 output tile is off by 1e-3 (the
+    /// full-tile fast path, not the edge path).
+    GemmFullTile,
+    /// A sum ignores everything past element 4096 of its last reduced axis.
+    ReducePast4096,
+    /// The filter gradient adds the last image twice when its reduction
+    /// over `batch·oh·ow` is long enough to be split (past 512).
+    ConvSplitK,
 }
 
 #[derive(Clone, Debug)]
@@ -63,8 +80,28 @@ impl Backend for Faulty {
         b: View<'_, HostData>,
         ep: &GemmEpilogue<'_, HostData>,
     ) -> Result<HostData> {
-        let out = self.inner.gemm(a, b, ep)?;
         let (m, k, n) = (a.layout.dims()[1], a.layout.dims()[2], b.layout.dims()[2]);
+        if self.fault == Fault::GemmPastK256 && k > 256 {
+            let (short_a, short_b) = (a.layout.narrow(2, 0, 256)?, b.layout.narrow(1, 0, 256)?);
+            return self.inner.gemm(
+                View::new(a.storage, &short_a),
+                View::new(b.storage, &short_b),
+                ep,
+            );
+        }
+        let out = self.inner.gemm(a, b, ep)?;
+        if self.fault == Fault::GemmFullTile && out.dtype() == DType::F32 {
+            let mut c = f32s(&out);
+            let (full_m, full_n) = (m / 64 * 64, n / 64 * 64);
+            for p in 0..a.layout.dims()[0] {
+                for i in 0..full_m {
+                    for j in 0..full_n {
+                        c[(p * m + i) * n + j] += 1e-3;
+                    }
+                }
+            }
+            return Ok(HostData::F32(c));
+        }
         if self.fault != Fault::GemmEdgeTile
             || n % 4 == 0
             || k == 0
@@ -136,6 +173,14 @@ impl Backend for Faulty {
         self.inner.binary(op, a, b)
     }
     fn reduce(&self, op: ReduceOp, x: View<'_, HostData>, axes: &[usize]) -> Result<HostData> {
+        if self.fault == Fault::ReducePast4096 && op == ReduceOp::Sum {
+            if let Some(&last) = axes.last() {
+                if x.layout.dims()[last] > 4096 {
+                    let short = x.layout.narrow(last, 0, 4096)?;
+                    return self.inner.reduce(op, View::new(x.storage, &short), axes);
+                }
+            }
+        }
         if self.fault == Fault::ReduceDropsLast && op == ReduceOp::Sum {
             if let Some(&last) = axes.last() {
                 let extent = x.layout.dims()[last];
@@ -151,7 +196,38 @@ impl Backend for Faulty {
         self.inner.argmax(x)
     }
     fn softmax(&self, x: View<'_, HostData>, log: bool) -> Result<HostData> {
-        self.inner.softmax(x, log)
+        let out = self.inner.softmax(x, log)?;
+        let c = x.layout.dims().last().copied().unwrap_or(0);
+        let wrong_from = match self.fault {
+            Fault::SoftmaxPast64 if c > 64 => 64,
+            Fault::SoftmaxPast1000 if c > 1000 => 1000,
+            _ => return Ok(out),
+        };
+        let HostData::F32(mut y) = out else {
+            return Ok(out);
+        };
+        let xs = f32s(&self.inner.download(x)?);
+        for (row, yr) in xs.chunks(c).zip(y.chunks_mut(c)) {
+            let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            if wrong_from == 64 {
+                let head: f32 = row[..64].iter().map(|&v| (v - m).exp()).sum();
+                for (o, &v) in yr.iter_mut().zip(row) {
+                    *o = if log {
+                        v - m - head.ln()
+                    } else {
+                        (v - m).exp() / head
+                    };
+                }
+            } else {
+                let last = c - 1;
+                yr[last] = if log {
+                    row[last] - m
+                } else {
+                    (row[last] - m).exp()
+                };
+            }
+        }
+        Ok(HostData::F32(y))
     }
     fn softmax_cross_entropy(
         &self,
@@ -185,7 +261,25 @@ impl Backend for Faulty {
         dy: View<'_, HostData>,
         win: &Window2d,
     ) -> Result<(HostData, HostData)> {
-        self.inner.conv2d_backward_filter(x, dy, win)
+        let (dw, db) = self.inner.conv2d_backward_filter(x, dy, win)?;
+        let d = dy.layout.dims();
+        if self.fault != Fault::ConvSplitK || d[0] * d[2] * d[3] <= 512 || dw.dtype() != DType::F32
+        {
+            return Ok((dw, db));
+        }
+        let (lx, ld) = (
+            x.layout.narrow(0, d[0] - 1, 1)?,
+            dy.layout.narrow(0, d[0] - 1, 1)?,
+        );
+        let (w2, b2) = self.inner.conv2d_backward_filter(
+            View::new(x.storage, &lx),
+            View::new(dy.storage, &ld),
+            win,
+        )?;
+        let add = |a: &HostData, b: &HostData| {
+            HostData::F32(f32s(a).iter().zip(f32s(b)).map(|(p, q)| p + q).collect())
+        };
+        Ok((add(&dw, &w2), add(&db, &b2)))
     }
     fn max_pool2d(&self, x: View<'_, HostData>, win: &Window2d) -> Result<(HostData, HostData)> {
         self.inner.max_pool2d(x, win)
@@ -223,29 +317,19 @@ impl Backend for Faulty {
     }
 }
 
+/// The check's status on the scalar reference backend with `fault` planted,
+/// at default settings (the default depth: edge and blocked tiers).
 fn status(fault: Fault, op: &str) -> (Status, Option<String>) {
     let b = Faulty {
         inner: CpuBackend::reference().with_threads(1),
         fault,
     };
-    let cfg = Config {
-        cases: 64,
-        seed: 1,
-        backend: b.name(),
-    };
-    let r = run_check(&b, op, DType::F32, &cfg);
+    let r = run_check(&b, op, DType::F32, &Config::new(&b.name()));
     (r.status, r.failure)
 }
 
-#[test]
-fn every_planted_fault_is_caught_and_the_clean_backend_passes() {
-    let cases = [
-        (Fault::GemmEdgeTile, "gemm"),
-        (Fault::ExpRelative, "unary_exp"),
-        (Fault::ReduceDropsLast, "reduce_sum"),
-        (Fault::BroadcastWrongStride, "binary_add"),
-    ];
-    for (fault, op) in cases {
+fn caught(cases: &[(Fault, &str)]) {
+    for &(fault, op) in cases {
         let (clean, why) = status(Fault::None, op);
         assert_eq!(clean, Status::Pass, "{op} fails without a fault: {why:?}");
         let (s, failure) = status(fault, op);
@@ -257,6 +341,69 @@ fn every_planted_fault_is_caught_and_the_clean_backend_passes() {
         );
         eprintln!("{fault:?} caught by {op}: {}", msg.lines().next().unwrap());
     }
+}
+
+#[test]
+fn every_planted_fault_is_caught_and_the_clean_backend_passes() {
+    caught(&[
+        (Fault::GemmEdgeTile, "gemm"),
+        (Fault::ExpRelative, "unary_exp"),
+        (Fault::ReduceDropsLast, "reduce_sum"),
+        (Fault::BroadcastWrongStride, "binary_add"),
+    ]);
+}
+
+#[test]
+fn faults_that_only_show_at_size_are_caught_by_the_blocked_tier() {
+    caught(&[
+        (Fault::SoftmaxPast64, "softmax"),
+        (Fault::SoftmaxPast64, "log_softmax"),
+        (Fault::SoftmaxPast1000, "softmax"),
+        (Fault::GemmPastK256, "gemm"),
+        (Fault::GemmPastK256, "gemm_epilogue"),
+        (Fault::GemmFullTile, "gemm"),
+        (Fault::ReducePast4096, "reduce_sum"),
+        (Fault::ConvSplitK, "conv2d_backward_filter"),
+    ]);
+}
+
+#[test]
+fn the_edge_tier_alone_misses_them() {
+    // Why the tiers exist: small sizes never reach these paths.
+    for (fault, op) in [
+        (Fault::SoftmaxPast64, "softmax"),
+        (Fault::GemmPastK256, "gemm"),
+        (Fault::GemmFullTile, "gemm"),
+        (Fault::ReducePast4096, "reduce_sum"),
+        (Fault::ConvSplitK, "conv2d_backward_filter"),
+    ] {
+        let b = Faulty {
+            inner: CpuBackend::reference().with_threads(1),
+            fault,
+        };
+        let mut cfg = Config::new(&b.name());
+        cfg.depth = Depth::Edge;
+        let r = run_check(&b, op, DType::F32, &cfg);
+        assert_eq!(r.status, Status::Pass, "{fault:?}: {:?}", r.failure);
+    }
+}
+
+#[test]
+fn a_failure_names_its_tier_and_a_line_that_reruns_it() {
+    let b = Faulty {
+        inner: CpuBackend::reference().with_threads(1),
+        fault: Fault::GemmPastK256,
+    };
+    let r = run_check(&b, "gemm", DType::F32, &Config::new("cpu:scalar"));
+    assert!(r.failure.unwrap().starts_with("[blocked tier]"));
+    assert_eq!(r.tiers.len(), 2);
+    assert_eq!(r.tiers[0].status, Status::Pass);
+    assert!(
+        r.reproduce.contains("KILN_CONFORMANCE_BLOCKED_CASES=12")
+            && r.reproduce.contains("--op gemm --dtype f32 --tier blocked"),
+        "{}",
+        r.reproduce
+    );
 }
 
 #[test]
@@ -272,7 +419,7 @@ fn a_faulty_kernel_also_fails_the_gradient_checks_built_on_it() {
 #[test]
 fn unknown_checks_are_reported_not_ignored() {
     let b = CpuBackend::reference();
-    let r = run_check(&b, "gemm", DType::U32, &Config::from_env("cpu"));
+    let r = run_check(&b, "gemm", DType::U32, &Config::new("cpu"));
     assert_eq!(r.status, Status::Fail);
     assert!(r.failure.unwrap().contains("no check is named"));
 }

@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use super::fetch_all;
 use crate::bound::{gamma, ETA_F32};
 use crate::values::{contiguous, operand, Domain, Operand};
-use crate::{compare, run_cases, Bound, CaseError, Config, Report};
+use crate::{compare, run_cases, Bound, CaseError, Config, Report, Sizer, Tier};
 
 const U: f64 = 1.0 / 16_777_216.0; // 2⁻²⁴
 const U64: f64 = 1.0 / 9_007_199_254_740_992.0; // 2⁻⁵³
@@ -30,17 +30,98 @@ struct Sizes {
     out: [usize; 2],
 }
 
-fn sizes() -> impl Strategy<Value = Sizes> {
-    (
-        0usize..=2,
-        1usize..=3,
-        1usize..=4,
-        1usize..=9,
-        1usize..=9,
-        (1usize..=3, 1usize..=3),
-        (1usize..=3, 1usize..=3),
-        prop::array::uniform4(0usize..3),
-    )
+/// One batch/channel/spatial/window draw, before its geometry is checked.
+type Draw = (
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    (usize, usize),
+    (usize, usize),
+    [usize; 4],
+);
+
+/// A problem of each tier. Blocked problems come in three families: patch
+/// lengths `c·kh·kw` across the [`kiln_core::SwitchPoints::conv_patch`]
+/// (the implicit GEMM's k blocks), batches across the filter gradient's
+/// image groups with `batch·oh·ow` past its split-K chunks, and output
+/// channels across the [`kiln_core::SwitchPoints::conv_channels`] (tiles).
+fn sizes(z: &Sizer) -> BoxedStrategy<Sizes> {
+    let p = &z.points;
+    let pad = || prop::array::uniform4(0usize..3);
+    let draws: BoxedStrategy<Draw> = match z.tier {
+        Tier::Edge => (
+            0usize..=2,
+            1usize..=3,
+            1usize..=4,
+            1usize..=9,
+            1usize..=9,
+            (1usize..=3, 1usize..=3),
+            (1usize..=3, 1usize..=3),
+            pad(),
+        )
+            .boxed(),
+        Tier::Blocked => {
+            // Channels whose patch length sits at a switch point, for 1×1
+            // and 3×3 windows.
+            let patch = Sizer::near(&p.conv_patch, &[]);
+            let c3: Vec<usize> = patch
+                .iter()
+                .flat_map(|&q| [q / 9, q.div_ceil(9)])
+                .filter(|&c| c >= 1)
+                .collect();
+            let long_patch = prop_oneof![
+                (Sizer::pick(patch), Just((1usize, 1usize))),
+                (Sizer::pick(c3), Just((3usize, 3usize))),
+            ];
+            prop_oneof![
+                (
+                    1usize..=2,
+                    long_patch,
+                    1usize..=9,
+                    5usize..=12,
+                    5usize..=12,
+                    (1usize..=2, 1usize..=2),
+                    pad()
+                )
+                    .prop_map(|(n, (c, k), o, h, w, st, pd)| (n, c, o, h, w, k, st, pd)),
+                (
+                    Sizer::pick(Sizer::near(&p.conv_batch, &[])),
+                    1usize..=3,
+                    1usize..=4,
+                    6usize..=14,
+                    6usize..=14,
+                    (1usize..=3, 1usize..=3),
+                    Just((1usize, 1usize)),
+                    pad()
+                ),
+                (
+                    1usize..=2,
+                    1usize..=2,
+                    Sizer::pick(Sizer::near(&p.conv_channels, &[])),
+                    10usize..=16,
+                    10usize..=16,
+                    (1usize..=3, 1usize..=3),
+                    (1usize..=2, 1usize..=2),
+                    pad()
+                ),
+            ]
+            .boxed()
+        }
+        Tier::Large => (
+            16usize..=32,
+            8usize..=16,
+            16usize..=32,
+            28usize..=32,
+            28usize..=32,
+            prop::sample::select(vec![(3usize, 3usize), (5, 5)]),
+            Just((1usize, 1usize)),
+            pad(),
+        )
+            .boxed(),
+    };
+    draws
         .prop_filter_map(
             "window fits the input",
             |(n, c, o, h, w, (kh, kw), (sh, sw), p)| {
@@ -61,6 +142,7 @@ fn sizes() -> impl Strategy<Value = Sizes> {
                 })
             },
         )
+        .boxed()
 }
 
 /// The input value a window offset reads, zero in the padding.
@@ -88,6 +170,15 @@ fn dot_bound(mass: f64, len: usize) -> f64 {
     (gamma(len, U) + len as f64 * U64) * mass + len as f64 * ETA_F32
 }
 
+/// `f(±∞)` for the identity: what an overflowing plain sum may give.
+const UNMAPPED: [f64; 2] = [f64::NEG_INFINITY, f64::INFINITY];
+
+/// A sum of `len` terms of absolute mass `mass` within `err`, or, where its
+/// partial sums may overflow, what IEEE arithmetic makes of that.
+fn summed(err: f64, mass: f64, len: usize) -> Bound {
+    Bound::accumulated(err, mass, len, UNMAPPED)
+}
+
 #[derive(Debug, Clone)]
 struct Forward {
     s: Sizes,
@@ -98,22 +189,26 @@ struct Forward {
 }
 
 pub(crate) fn conv2d<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -> Report {
-    let strategy = sizes().prop_flat_map(move |s| {
-        let [kh, kw] = s.win.kernel;
-        (
-            operand(dtype, vec![s.n, s.c, s.h, s.w], Domain::General, false),
-            operand(dtype, vec![s.o, s.c, kh, kw], Domain::General, false),
-            prop::option::of(contiguous(dtype, vec![s.o], Domain::Moderate(4.0))),
-            any::<bool>(),
-        )
-            .prop_map(move |(x, weight, bias, relu)| Forward {
-                s,
-                x,
-                weight,
-                bias,
-                relu,
+    let strategy = move |z: &Sizer| {
+        sizes(z)
+            .prop_flat_map(move |s| {
+                let [kh, kw] = s.win.kernel;
+                (
+                    operand(dtype, vec![s.n, s.c, s.h, s.w], Domain::General, false),
+                    operand(dtype, vec![s.o, s.c, kh, kw], Domain::General, false),
+                    prop::option::of(contiguous(dtype, vec![s.o], Domain::Moderate(4.0))),
+                    any::<bool>(),
+                )
+                    .prop_map(move |(x, weight, bias, relu)| Forward {
+                        s,
+                        x,
+                        weight,
+                        bias,
+                        relu,
+                    })
             })
-    });
+            .boxed()
+    };
     run_cases("conv2d", dtype, cfg, strategy, |c| {
         let s = c.s;
         let (sx, sw) = (c.x.upload(backend)?, c.weight.upload(backend)?);
@@ -168,7 +263,12 @@ pub(crate) fn conv2d<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -> Rep
                         } else {
                             pre
                         };
-                        want.push((y, Bound::Abs(err)));
+                        let images = if c.relu {
+                            [0.0, f64::INFINITY]
+                        } else {
+                            UNMAPPED
+                        };
+                        want.push((y, Bound::accumulated(err, mass, len, images)));
                     }
                 }
             }
@@ -185,21 +285,23 @@ struct Backward {
     dy: Operand,
 }
 
-fn backward_strategy(dtype: DType) -> impl Strategy<Value = Backward> {
-    sizes().prop_flat_map(move |s| {
-        let [kh, kw] = s.win.kernel;
-        (
-            operand(dtype, vec![s.n, s.c, s.h, s.w], Domain::General, false),
-            operand(dtype, vec![s.o, s.c, kh, kw], Domain::General, false),
-            operand(
-                dtype,
-                vec![s.n, s.o, s.out[0], s.out[1]],
-                Domain::General,
-                false,
-            ),
-        )
-            .prop_map(move |(x, weight, dy)| Backward { s, x, weight, dy })
-    })
+fn backward_strategy(z: &Sizer, dtype: DType) -> BoxedStrategy<Backward> {
+    sizes(z)
+        .prop_flat_map(move |s| {
+            let [kh, kw] = s.win.kernel;
+            (
+                operand(dtype, vec![s.n, s.c, s.h, s.w], Domain::General, false),
+                operand(dtype, vec![s.o, s.c, kh, kw], Domain::General, false),
+                operand(
+                    dtype,
+                    vec![s.n, s.o, s.out[0], s.out[1]],
+                    Domain::General,
+                    false,
+                ),
+            )
+                .prop_map(move |(x, weight, dy)| Backward { s, x, weight, dy })
+        })
+        .boxed()
 }
 
 pub(crate) fn conv2d_backward_data<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -> Report {
@@ -207,7 +309,7 @@ pub(crate) fn conv2d_backward_data<B: Backend>(backend: &B, dtype: DType, cfg: &
         "conv2d_backward_data",
         dtype,
         cfg,
-        backward_strategy(dtype),
+        |z| backward_strategy(z, dtype),
         |c| {
             let s = c.s;
             let (sw, sd) = (c.weight.upload(backend)?, c.dy.upload(backend)?);
@@ -246,7 +348,7 @@ pub(crate) fn conv2d_backward_data<B: Backend>(backend: &B, dtype: DType, cfg: &
             }
             let want: Vec<(f64, Bound)> = acc
                 .into_iter()
-                .map(|(v, mass, len)| (v, Bound::Abs(dot_bound(mass, len.max(1)))))
+                .map(|(v, mass, len)| (v, summed(dot_bound(mass, len.max(1)), mass, len)))
                 .collect();
             compare("conv2d_backward_data", dtype, &dims, &got, &want)
         },
@@ -262,7 +364,7 @@ pub(crate) fn conv2d_backward_filter<B: Backend>(
         "conv2d_backward_filter",
         dtype,
         cfg,
-        backward_strategy(dtype),
+        |z| backward_strategy(z, dtype),
         |c| {
             let s = c.s;
             let (sx, sd) = (c.x.upload(backend)?, c.dy.upload(backend)?);
@@ -295,7 +397,10 @@ pub(crate) fn conv2d_backward_filter<B: Backend>(
                                     }
                                 }
                             }
-                            want_w.push((dot, Bound::Abs(dot_bound(mass, (s.n * cells).max(1)))));
+                            want_w.push((
+                                dot,
+                                summed(dot_bound(mass, (s.n * cells).max(1)), mass, s.n * cells),
+                            ));
                         }
                     }
                 }
@@ -305,7 +410,10 @@ pub(crate) fn conv2d_backward_filter<B: Backend>(
                     let terms =
                         (0..s.n).flat_map(|img| gv[(img * s.o + oc) * cells..][..cells].iter());
                     let (sum, mass) = terms.fold((0f64, 0f64), |(a, m), &g| (a + g, m + g.abs()));
-                    (sum, Bound::Abs(dot_bound(mass, (s.n * cells).max(1))))
+                    (
+                        sum,
+                        summed(dot_bound(mass, (s.n * cells).max(1)), mass, s.n * cells),
+                    )
                 })
                 .collect();
             let w = compare(
@@ -363,36 +471,44 @@ struct Pool {
     dy: Operand,
 }
 
-fn pool_strategy(dtype: DType) -> impl Strategy<Value = Pool> {
-    sizes().prop_flat_map(move |s| {
-        (
-            operand(dtype, vec![s.n, s.c, s.h, s.w], Domain::General, false),
-            operand(
-                dtype,
-                vec![s.n, s.c, s.out[0], s.out[1]],
-                Domain::General,
-                false,
-            ),
-        )
-            .prop_map(move |(x, dy)| Pool { s, x, dy })
-    })
+fn pool_strategy(z: &Sizer, dtype: DType) -> BoxedStrategy<Pool> {
+    sizes(z)
+        .prop_flat_map(move |s| {
+            (
+                operand(dtype, vec![s.n, s.c, s.h, s.w], Domain::General, false),
+                operand(
+                    dtype,
+                    vec![s.n, s.c, s.out[0], s.out[1]],
+                    Domain::General,
+                    false,
+                ),
+            )
+                .prop_map(move |(x, dy)| Pool { s, x, dy })
+        })
+        .boxed()
 }
 
 pub(crate) fn max_pool2d<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -> Report {
-    run_cases("max_pool2d", dtype, cfg, pool_strategy(dtype), |c| {
-        let s = c.s;
-        let sx = c.x.upload(backend)?;
-        let (y, at) = backend.max_pool2d(View::new(&sx, &c.x.layout), &s.win)?;
-        let dims = [s.n, s.c, s.out[0], s.out[1]];
-        let got = fetch_all(backend, &y, &dims)?;
-        let got_at = fetch_all(backend, &at, &dims)?;
-        let (vals, idx) = pool_oracle(&c.x.logical(), &s);
-        let want: Vec<_> = vals.into_iter().map(|v| (v, Bound::Exact)).collect();
-        let want_at: Vec<_> = idx.into_iter().map(|i| (i as f64, Bound::Exact)).collect();
-        let a = compare("max_pool2d", dtype, &dims, &got, &want)?;
-        let b = compare("max_pool2d (argmax)", DType::U32, &dims, &got_at, &want_at)?;
-        Ok(a.max(b))
-    })
+    run_cases(
+        "max_pool2d",
+        dtype,
+        cfg,
+        |z| pool_strategy(z, dtype),
+        |c| {
+            let s = c.s;
+            let sx = c.x.upload(backend)?;
+            let (y, at) = backend.max_pool2d(View::new(&sx, &c.x.layout), &s.win)?;
+            let dims = [s.n, s.c, s.out[0], s.out[1]];
+            let got = fetch_all(backend, &y, &dims)?;
+            let got_at = fetch_all(backend, &at, &dims)?;
+            let (vals, idx) = pool_oracle(&c.x.logical(), &s);
+            let want: Vec<_> = vals.into_iter().map(|v| (v, Bound::Exact)).collect();
+            let want_at: Vec<_> = idx.into_iter().map(|i| (i as f64, Bound::Exact)).collect();
+            let a = compare("max_pool2d", dtype, &dims, &got, &want)?;
+            let b = compare("max_pool2d (argmax)", DType::U32, &dims, &got_at, &want_at)?;
+            Ok(a.max(b))
+        },
+    )
 }
 
 pub(crate) fn max_pool2d_backward<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -> Report {
@@ -400,7 +516,7 @@ pub(crate) fn max_pool2d_backward<B: Backend>(backend: &B, dtype: DType, cfg: &C
         "max_pool2d_backward",
         dtype,
         cfg,
-        pool_strategy(dtype),
+        |z| pool_strategy(z, dtype),
         |c| {
             let s = c.s;
             let (_, idx) = pool_oracle(&c.x.logical(), &s);
@@ -428,7 +544,7 @@ pub(crate) fn max_pool2d_backward<B: Backend>(backend: &B, dtype: DType, cfg: &C
             }
             let want: Vec<_> = acc
                 .into_iter()
-                .map(|(v, mass, len)| (v, Bound::Abs(dot_bound(mass, len.max(1)))))
+                .map(|(v, mass, len)| (v, summed(dot_bound(mass, len.max(1)), mass, len)))
                 .collect();
             compare("max_pool2d_backward", dtype, &xdims, &got, &want)
         },
@@ -447,8 +563,8 @@ struct Fused {
     relu: bool,
 }
 
-fn fused_strategy(dtype: DType) -> impl Strategy<Value = Fused> {
-    (sizes(), (1usize..=3, 1usize..=3, 1usize..=2, 1usize..=2))
+fn fused_strategy(z: &Sizer, dtype: DType) -> BoxedStrategy<Fused> {
+    (sizes(z), (1usize..=3, 1usize..=3, 1usize..=2, 1usize..=2))
         .prop_filter_map(
             "pool fits the convolution's output",
             |(s, (kh, kw, sh, sw))| {
@@ -482,19 +598,23 @@ fn fused_strategy(dtype: DType) -> impl Strategy<Value = Fused> {
                     relu,
                 })
         })
+        .boxed()
 }
 
 /// The bound of a sum of `len` products with a routed gradient: the dot
-/// product's own, plus the routed values' roundings — each may have been
-/// stored in the operands' dtype and summed from overlapping windows
-/// (a few units of that dtype's roundoff, relative).
-fn routed_bound(dtype: DType, mass: f64, len: usize) -> f64 {
+/// product's own (`mass` = Σ|terms| with the routed values exact), plus the
+/// routed values' roundings — each is a sum of up to `overlap` pooled
+/// gradients (overlapping pool windows) and may have been stored in the
+/// operands' dtype, so it is off by (γ_overlap + 4u)·Σ|pooled gradients|;
+/// `routed_mass` is Σ|terms| with each routed value replaced by that sum of
+/// magnitudes.
+fn routed_bound(dtype: DType, mass: f64, routed_mass: f64, len: usize, overlap: usize) -> f64 {
     let u = match dtype {
         DType::F16 => 1.0 / 2048.0,
         DType::BF16 => 1.0 / 256.0,
         _ => U,
     };
-    dot_bound(mass, len.max(1)) + 4.0 * u * mass
+    dot_bound(mass, len.max(1)) + (gamma(overlap, U) + 4.0 * u) * routed_mass
 }
 
 /// The fused convolution + activation + max-pool: forward bitwise equal to
@@ -503,117 +623,141 @@ fn routed_bound(dtype: DType, mass: f64, len: usize) -> f64 {
 /// derivative at the pooled value, at `argmax`), through the filter, bias
 /// and input gradients.
 pub(crate) fn conv2d_pool<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -> Report {
-    run_cases("conv2d_pool", dtype, cfg, fused_strategy(dtype), |c| {
-        let s = c.s;
-        let (sx, sw) = (c.x.upload(backend)?, c.weight.upload(backend)?);
-        let sb = c.bias.as_ref().map(|b| b.upload(backend)).transpose()?;
-        let bias = || {
-            c.bias
-                .as_ref()
-                .zip(sb.as_ref())
-                .map(|(b, st)| View::new(st, &b.layout))
-        };
-        let act = if c.relu {
-            Activation::Relu
-        } else {
-            Activation::None
-        };
-        let (xv, wv) = (
-            View::new(&sx, &c.x.layout),
-            View::new(&sw, &c.weight.layout),
-        );
-        let (pooled, argmax) = backend.conv2d_pool(xv, wv, bias(), act, &s.win, &c.pool)?;
-        let y = backend.conv2d(xv, wv, bias(), act, &s.win)?;
-        let ydims = [s.n, s.o, s.out[0], s.out[1]];
-        let ylayout = Layout::contiguous(Shape::new(&ydims).map_err(CaseError::from)?);
-        let (want_p, want_a) = backend.max_pool2d(View::new(&y, &ylayout), &c.pool)?;
-        let pd = c.pooled_dims;
-        let got_p = fetch_all(backend, &pooled, &pd)?;
-        let got_a = fetch_all(backend, &argmax, &pd)?;
-        let exact = |v: Vec<f64>| v.into_iter().map(|v| (v, Bound::Exact)).collect::<Vec<_>>();
-        compare(
-            "conv2d_pool (pooled)",
-            dtype,
-            &pd,
-            &got_p,
-            &exact(fetch_all(backend, &want_p, &pd)?),
-        )?;
-        compare(
-            "conv2d_pool (argmax)",
-            DType::U32,
-            &pd,
-            &got_a,
-            &exact(fetch_all(backend, &want_a, &pd)?),
-        )?;
+    run_cases(
+        "conv2d_pool",
+        dtype,
+        cfg,
+        |z| fused_strategy(z, dtype),
+        |c| {
+            let s = c.s;
+            let (sx, sw) = (c.x.upload(backend)?, c.weight.upload(backend)?);
+            let sb = c.bias.as_ref().map(|b| b.upload(backend)).transpose()?;
+            let bias = || {
+                c.bias
+                    .as_ref()
+                    .zip(sb.as_ref())
+                    .map(|(b, st)| View::new(st, &b.layout))
+            };
+            let act = if c.relu {
+                Activation::Relu
+            } else {
+                Activation::None
+            };
+            let (xv, wv) = (
+                View::new(&sx, &c.x.layout),
+                View::new(&sw, &c.weight.layout),
+            );
+            let (pooled, argmax) = backend.conv2d_pool(xv, wv, bias(), act, &s.win, &c.pool)?;
+            let y = backend.conv2d(xv, wv, bias(), act, &s.win)?;
+            let ydims = [s.n, s.o, s.out[0], s.out[1]];
+            let ylayout = Layout::contiguous(Shape::new(&ydims).map_err(CaseError::from)?);
+            let (want_p, want_a) = backend.max_pool2d(View::new(&y, &ylayout), &c.pool)?;
+            let pd = c.pooled_dims;
+            let got_p = fetch_all(backend, &pooled, &pd)?;
+            let got_a = fetch_all(backend, &argmax, &pd)?;
+            let exact = |v: Vec<f64>| v.into_iter().map(|v| (v, Bound::Exact)).collect::<Vec<_>>();
+            compare(
+                "conv2d_pool (pooled)",
+                dtype,
+                &pd,
+                &got_p,
+                &exact(fetch_all(backend, &want_p, &pd)?),
+            )?;
+            compare(
+                "conv2d_pool (argmax)",
+                DType::U32,
+                &pd,
+                &got_a,
+                &exact(fetch_all(backend, &want_a, &pd)?),
+            )?;
 
-        let sd = c.dpooled.upload(backend)?;
-        let pl = Layout::contiguous(Shape::new(&pd).map_err(CaseError::from)?);
-        let (dx, dw, db) = backend.conv2d_pool_backward(
-            xv,
-            wv,
-            View::new(&pooled, &pl),
-            View::new(&argmax, &pl),
-            View::new(&sd, &c.dpooled.layout),
-            act,
-            &s.win,
-            &c.pool,
-            true,
-        )?;
-        // The routed gradient of the convolution's output, exactly.
-        let cells = s.out[0] * s.out[1];
-        let mut dz = vec![0f64; s.n * s.o * cells];
-        let pcells = pd[2] * pd[3];
-        for (k, &g) in c.dpooled.logical().iter().enumerate() {
-            let d = if c.relu && got_p[k] <= 0.0 { 0.0 } else { g };
-            dz[(k / pcells) * cells + got_a[k] as usize] += d;
-        }
-        let [kh, kw] = s.win.kernel;
-        let (xl, wl) = (c.x.logical(), c.weight.logical());
-        let mut want_w = Vec::new();
-        for oc in 0..s.o {
-            for ic in 0..s.c {
-                for di in 0..kh {
-                    for dj in 0..kw {
-                        let (mut dot, mut mass) = (0f64, 0f64);
-                        for img in 0..s.n {
-                            for i in 0..s.out[0] {
-                                for j in 0..s.out[1] {
-                                    let g = dz[(img * s.o + oc) * cells + i * s.out[1] + j];
-                                    let plane = (img * s.c + ic) * s.h * s.w;
-                                    let xval =
-                                        read(&xl, plane, &s, i, j, di, dj).map_or(0.0, |at| xl[at]);
-                                    dot += g * xval;
-                                    mass += (g * xval).abs();
+            let sd = c.dpooled.upload(backend)?;
+            let pl = Layout::contiguous(Shape::new(&pd).map_err(CaseError::from)?);
+            let (dx, dw, db) = backend.conv2d_pool_backward(
+                xv,
+                wv,
+                View::new(&pooled, &pl),
+                View::new(&argmax, &pl),
+                View::new(&sd, &c.dpooled.layout),
+                act,
+                &s.win,
+                &c.pool,
+                true,
+            )?;
+            // The routed gradient of the convolution's output, exactly.
+            let cells = s.out[0] * s.out[1];
+            // dzm: the magnitudes routed to each cell, for the bound.
+            let mut dz = vec![0f64; s.n * s.o * cells];
+            let mut dzm = vec![0f64; s.n * s.o * cells];
+            let pcells = pd[2] * pd[3];
+            for (k, &g) in c.dpooled.logical().iter().enumerate() {
+                let d = if c.relu && got_p[k] <= 0.0 { 0.0 } else { g };
+                dz[(k / pcells) * cells + got_a[k] as usize] += d;
+                dzm[(k / pcells) * cells + got_a[k] as usize] += d.abs();
+            }
+            let overlap = c.pool.kernel[0].div_ceil(c.pool.stride[0])
+                * c.pool.kernel[1].div_ceil(c.pool.stride[1]);
+            let [kh, kw] = s.win.kernel;
+            let (xl, wl) = (c.x.logical(), c.weight.logical());
+            let mut want_w = Vec::new();
+            for oc in 0..s.o {
+                for ic in 0..s.c {
+                    for di in 0..kh {
+                        for dj in 0..kw {
+                            let (mut dot, mut mass, mut routed) = (0f64, 0f64, 0f64);
+                            for img in 0..s.n {
+                                for i in 0..s.out[0] {
+                                    for j in 0..s.out[1] {
+                                        let at = (img * s.o + oc) * cells + i * s.out[1] + j;
+                                        let plane = (img * s.c + ic) * s.h * s.w;
+                                        let xval = read(&xl, plane, &s, i, j, di, dj)
+                                            .map_or(0.0, |at| xl[at]);
+                                        dot += dz[at] * xval;
+                                        mass += (dz[at] * xval).abs();
+                                        routed += (dzm[at] * xval).abs();
+                                    }
                                 }
                             }
+                            let len = s.n * cells;
+                            let err = routed_bound(dtype, mass, routed, len, overlap);
+                            want_w.push((dot, summed(err, mass, len)));
                         }
-                        want_w.push((dot, Bound::Abs(routed_bound(dtype, mass, s.n * cells))));
                     }
                 }
             }
-        }
-        let want_b: Vec<_> = (0..s.o)
-            .map(|oc| {
-                let terms = (0..s.n).flat_map(|img| dz[(img * s.o + oc) * cells..][..cells].iter());
-                let (sum, mass) = terms.fold((0f64, 0f64), |(a, m), &g| (a + g, m + g.abs()));
-                (sum, Bound::Abs(routed_bound(dtype, mass, s.n * cells)))
-            })
-            .collect();
-        let mut acc = vec![(0f64, 0f64, 0usize); s.n * s.c * s.h * s.w];
-        for img in 0..s.n {
-            for oc in 0..s.o {
-                for i in 0..s.out[0] {
-                    for j in 0..s.out[1] {
-                        let g = dz[(img * s.o + oc) * cells + i * s.out[1] + j];
-                        for ic in 0..s.c {
-                            let plane = (img * s.c + ic) * s.h * s.w;
-                            for di in 0..kh {
-                                for dj in 0..kw {
-                                    if let Some(at) = read(&[], plane, &s, i, j, di, dj) {
-                                        let p = g * wl[((oc * s.c + ic) * kh + di) * kw + dj];
-                                        acc[at].0 += p;
-                                        acc[at].1 += p.abs();
-                                        acc[at].2 += 1;
+            let want_b: Vec<_> = (0..s.o)
+                .map(|oc| {
+                    let at = |img: usize| (img * s.o + oc) * cells;
+                    let terms = (0..s.n).flat_map(|img| dz[at(img)..][..cells].iter());
+                    let (sum, mass) = terms.fold((0f64, 0f64), |(a, m), &g| (a + g, m + g.abs()));
+                    let routed: f64 = (0..s.n)
+                        .flat_map(|img| dzm[at(img)..][..cells].iter())
+                        .sum();
+                    let len = s.n * cells;
+                    (
+                        sum,
+                        summed(routed_bound(dtype, mass, routed, len, overlap), mass, len),
+                    )
+                })
+                .collect();
+            let mut acc = vec![(0f64, 0f64, 0f64, 0usize); s.n * s.c * s.h * s.w];
+            for img in 0..s.n {
+                for oc in 0..s.o {
+                    for i in 0..s.out[0] {
+                        for j in 0..s.out[1] {
+                            let cell = (img * s.o + oc) * cells + i * s.out[1] + j;
+                            let (g, gm) = (dz[cell], dzm[cell]);
+                            for ic in 0..s.c {
+                                let plane = (img * s.c + ic) * s.h * s.w;
+                                for di in 0..kh {
+                                    for dj in 0..kw {
+                                        if let Some(at) = read(&[], plane, &s, i, j, di, dj) {
+                                            let wv = wl[((oc * s.c + ic) * kh + di) * kw + dj];
+                                            acc[at].0 += g * wv;
+                                            acc[at].1 += (g * wv).abs();
+                                            acc[at].2 += (gm * wv).abs();
+                                            acc[at].3 += 1;
+                                        }
                                     }
                                 }
                             }
@@ -621,36 +765,40 @@ pub(crate) fn conv2d_pool<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -
                     }
                 }
             }
-        }
-        let want_x: Vec<_> = acc
-            .into_iter()
-            .map(|(v, mass, len)| (v, Bound::Abs(routed_bound(dtype, mass, len))))
-            .collect();
-        let wdims = [s.o, s.c, kh, kw];
-        let xdims = [s.n, s.c, s.h, s.w];
-        let dx =
-            dx.ok_or_else(|| CaseError::Fail("conv2d_pool_backward: no dx though asked".into()))?;
-        let a = compare(
-            "conv2d_pool_backward (weight)",
-            dtype,
-            &wdims,
-            &fetch_all(backend, &dw, &wdims)?,
-            &want_w,
-        )?;
-        let b = compare(
-            "conv2d_pool_backward (bias)",
-            dtype,
-            &[s.o],
-            &fetch_all(backend, &db, &[s.o])?,
-            &want_b,
-        )?;
-        let x = compare(
-            "conv2d_pool_backward (input)",
-            dtype,
-            &xdims,
-            &fetch_all(backend, &dx, &xdims)?,
-            &want_x,
-        )?;
-        Ok(a.max(b).max(x))
-    })
+            let want_x: Vec<_> = acc
+                .into_iter()
+                .map(|(v, mass, routed, len)| {
+                    let err = routed_bound(dtype, mass, routed, len, overlap);
+                    (v, summed(err, mass, len))
+                })
+                .collect();
+            let wdims = [s.o, s.c, kh, kw];
+            let xdims = [s.n, s.c, s.h, s.w];
+            let dx = dx.ok_or_else(|| {
+                CaseError::Fail("conv2d_pool_backward: no dx though asked".into())
+            })?;
+            let a = compare(
+                "conv2d_pool_backward (weight)",
+                dtype,
+                &wdims,
+                &fetch_all(backend, &dw, &wdims)?,
+                &want_w,
+            )?;
+            let b = compare(
+                "conv2d_pool_backward (bias)",
+                dtype,
+                &[s.o],
+                &fetch_all(backend, &db, &[s.o])?,
+                &want_b,
+            )?;
+            let x = compare(
+                "conv2d_pool_backward (input)",
+                dtype,
+                &xdims,
+                &fetch_all(backend, &dx, &xdims)?,
+                &want_x,
+            )?;
+            Ok(a.max(b).max(x))
+        },
+    )
 }

@@ -5,8 +5,8 @@ use proptest::prelude::*;
 
 use super::fetch_all;
 use crate::bound::round_to;
-use crate::values::{operand, shape, value, Domain};
-use crate::{compare, run_cases, Bound, Config, Report};
+use crate::values::{operand, value, Domain};
+use crate::{compare, run_cases, Bound, Config, Report, Sizer};
 
 const U: f64 = 1.0 / 16_777_216.0; // 2⁻²⁴: every op computes in at least f32
 
@@ -25,7 +25,11 @@ pub fn unary_bound(op: UnaryOp, dtype: DType) -> Bound {
 }
 
 pub(crate) fn unary<B: Backend>(b: &B, op: UnaryOp, dtype: DType, cfg: &Config) -> Report {
-    let s = shape(4, 17).prop_flat_map(move |d| operand(dtype, d, Domain::General, true));
+    let s = move |z: &Sizer| {
+        z.elementwise(4, 17)
+            .prop_flat_map(move |d| operand(dtype, d, Domain::General, true))
+            .boxed()
+    };
     let name = format!("unary_{}", op.name());
     run_cases(&name, dtype, cfg, s, |x| {
         let st = x.upload(b)?;
@@ -61,12 +65,16 @@ pub(crate) fn unary_backward<B: Backend>(b: &B, op: UnaryOp, dtype: DType, cfg: 
     } else {
         Domain::Moderate(4.0)
     };
-    let s = shape(3, 17).prop_flat_map(move |d| {
-        (
-            operand(dtype, d.clone(), xdomain, true),
-            operand(dtype, d, Domain::Moderate(4.0), true),
-        )
-    });
+    let s = move |z: &Sizer| {
+        z.elementwise(3, 17)
+            .prop_flat_map(move |d| {
+                (
+                    operand(dtype, d.clone(), xdomain, true),
+                    operand(dtype, d, Domain::Moderate(4.0), true),
+                )
+            })
+            .boxed()
+    };
     let name = format!("unary_backward_{}", op.name());
     run_cases(&name, dtype, cfg, s, |(x, dy)| {
         let xs = x.logical();
@@ -150,14 +158,17 @@ pub fn fma_rounded_f32(x: f64, m: f64, a: f64) -> f64 {
 }
 
 pub(crate) fn affine<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
-    let s = (
-        shape(3, 17),
-        value(Domain::Finite, DType::F32),
-        value(Domain::Finite, DType::F32),
-    )
-        .prop_flat_map(move |(d, m, a)| {
-            (operand(dtype, d, Domain::General, true), Just(m), Just(a))
-        });
+    let s = move |z: &Sizer| {
+        (
+            z.elementwise(3, 17),
+            value(Domain::Finite, DType::F32),
+            value(Domain::Finite, DType::F32),
+        )
+            .prop_flat_map(move |(d, m, a)| {
+                (operand(dtype, d, Domain::General, true), Just(m), Just(a))
+            })
+            .boxed()
+    };
     run_cases("affine", dtype, cfg, s, |(x, mul, add)| {
         let st = x.upload(b)?;
         let out = b.affine(View::new(&st, &x.layout), mul as f32, add as f32)?;
@@ -179,12 +190,16 @@ pub(crate) fn affine<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
 }
 
 pub(crate) fn binary<B: Backend>(b: &B, op: BinaryOp, dtype: DType, cfg: &Config) -> Report {
-    let s = shape(4, 13).prop_flat_map(move |d| {
-        (
-            operand(dtype, d.clone(), Domain::General, true),
-            operand(dtype, d, Domain::General, true),
-        )
-    });
+    let s = move |z: &Sizer| {
+        z.elementwise(4, 13)
+            .prop_flat_map(move |d| {
+                (
+                    operand(dtype, d.clone(), Domain::General, true),
+                    operand(dtype, d, Domain::General, true),
+                )
+            })
+            .boxed()
+    };
     let name = format!("binary_{}", op.name());
     run_cases(&name, dtype, cfg, s, |(x, y)| {
         let (sx, sy) = (x.upload(b)?, y.upload(b)?);

@@ -5,11 +5,15 @@ use proptest::prelude::*;
 
 use super::{fetch, fetch_all};
 use crate::bound::round_to;
-use crate::values::{extent, operand, shape, value, Domain};
-use crate::{compare, run_cases, Bound, Config, Report};
+use crate::values::{operand, value, Domain};
+use crate::{compare, run_cases, Bound, Config, Report, Sizer};
 
 pub(crate) fn upload_download<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
-    let s = shape(4, 9).prop_flat_map(move |d| operand(dtype, d, Domain::General, true));
+    let s = move |z: &Sizer| {
+        z.elementwise(4, 9)
+            .prop_flat_map(move |d| operand(dtype, d, Domain::General, true))
+            .boxed()
+    };
     run_cases("upload_download", dtype, cfg, s, |x| {
         let st = x.upload(b)?;
         let got = fetch(b, &st, &x.layout)?;
@@ -20,14 +24,18 @@ pub(crate) fn upload_download<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> 
 
 pub(crate) fn copy_strided<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
     // A source in any arrangement, copied into a window of a larger buffer.
-    let s = shape(3, 9).prop_flat_map(move |d| {
-        let window = prop::collection::vec((0usize..3, 0usize..3), d.len());
-        (
-            operand(dtype, d, Domain::General, true),
-            window,
-            any::<bool>(),
-        )
-    });
+    let s = move |z: &Sizer| {
+        z.elementwise(3, 9)
+            .prop_flat_map(move |d| {
+                let window = prop::collection::vec((0usize..3, 0usize..3), d.len());
+                (
+                    operand(dtype, d, Domain::General, true),
+                    window,
+                    any::<bool>(),
+                )
+            })
+            .boxed()
+    };
     run_cases(
         "copy_strided",
         dtype,
@@ -63,10 +71,14 @@ pub(crate) fn copy_strided<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Rep
 }
 
 pub(crate) fn full<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
-    let s = (
-        extent(70),
-        value(Domain::General, DType::F32).prop_union(value(Domain::General, dtype).boxed()),
-    );
+    let s = move |z: &Sizer| {
+        (
+            z.elementwise(1, 70)
+                .prop_map(|d| d.iter().product::<usize>()),
+            value(Domain::General, DType::F32).prop_union(value(Domain::General, dtype).boxed()),
+        )
+            .boxed()
+    };
     run_cases("full", dtype, cfg, s, |(n, v)| {
         let st = b.full(n, dtype, v)?;
         let got = fetch_all(b, &st, &[n])?;
@@ -82,7 +94,11 @@ pub(crate) fn full<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
 
 /// Casts from `dtype` to every other dtype.
 pub(crate) fn cast<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
-    let s = shape(3, 9).prop_flat_map(move |d| operand(dtype, d, Domain::General, true));
+    let s = move |z: &Sizer| {
+        z.elementwise(3, 9)
+            .prop_flat_map(move |d| operand(dtype, d, Domain::General, true))
+            .boxed()
+    };
     run_cases("cast", dtype, cfg, s, |x| {
         let st = x.upload(b)?;
         let mut worst = 0f64;

@@ -33,17 +33,12 @@ pub(crate) fn fetch_all<B: Backend>(
 }
 
 pub(crate) fn unknown(op: &str, dtype: DType, cfg: &Config) -> Report {
-    Report {
-        op: op.to_string(),
-        dtype,
-        status: Status::Fail,
-        cases: 0,
-        worst: 0.0,
-        failure: Some(format!(
-            "no check is named `{op}` for {dtype}; see kiln_conformance::CHECKS"
-        )),
-        reproduce: format!("kiln conformance --backend {}", cfg.backend),
-    }
+    let mut r = Report::without_cases(op, dtype, cfg, Status::Fail, "no such check".into());
+    r.failure = Some(format!(
+        "no check is named `{op}` for {dtype}; see kiln_conformance::CHECKS"
+    ));
+    r.reproduce = format!("kiln conformance --backend {}", cfg.backend);
+    r
 }
 
 pub(crate) fn run<B: Backend>(b: &B, op: &str, dtype: DType, cfg: &Config) -> Report {

@@ -4,13 +4,14 @@ use kiln_core::{AdamStep, Backend, DType, SgdStep};
 use proptest::prelude::*;
 
 use super::fetch_all;
-use crate::values::{contiguous, extent, Domain, Operand};
-use crate::{compare, run_cases, Bound, Config, Report};
+use crate::values::{contiguous, Domain, Operand};
+use crate::{compare, run_cases, Bound, Config, Report, Sizer};
 
 const U: f64 = 1.0 / 16_777_216.0;
 
-fn vectors(k: usize) -> impl Strategy<Value = Vec<Operand>> {
-    extent(70).prop_flat_map(move |n| {
+fn vectors(z: &Sizer, k: usize) -> impl Strategy<Value = Vec<Operand>> {
+    z.elementwise(1, 70).prop_flat_map(move |d| {
+        let n = d.iter().product();
         prop::collection::vec(contiguous(DType::F32, vec![n], Domain::Moderate(3.0)), k)
     })
 }
@@ -26,7 +27,7 @@ pub(crate) fn sgd<B: Backend>(b: &B, cfg: &Config) -> Report {
         "sgd_update",
         DType::F32,
         cfg,
-        (vectors(3), hyper),
+        move |z: &Sizer| (vectors(z, 3), hyper.clone()).boxed(),
         |(v, (lr, mu, wd, nesterov))| {
             let (p0, g, v0) = (v[0].logical(), v[1].logical(), v[2].logical());
             let n = p0.len();
@@ -103,7 +104,7 @@ pub(crate) fn adam<B: Backend>(b: &B, cfg: &Config) -> Report {
         "adam_update",
         DType::F32,
         cfg,
-        (vectors(4), hyper),
+        move |z: &Sizer| (vectors(z, 4), hyper.clone()).boxed(),
         |(v, (lr, t, wd, decoupled))| {
             let (p0, g, m0) = (v[0].logical(), v[1].logical(), v[2].logical());
             // The second moment is non-negative.

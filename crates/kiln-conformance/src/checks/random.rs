@@ -6,8 +6,7 @@ use kiln_core::{rng, Backend, DType, Distribution};
 use proptest::prelude::*;
 
 use super::fetch_all;
-use crate::values::extent;
-use crate::{compare, run_cases, Bound, Config, Report};
+use crate::{compare, run_cases, Bound, Config, Report, Sizer};
 
 pub(crate) fn random<B: Backend>(b: &B, dtype: DType, cfg: &Config, normal: bool) -> Report {
     let name = if normal {
@@ -15,13 +14,17 @@ pub(crate) fn random<B: Backend>(b: &B, dtype: DType, cfg: &Config, normal: bool
     } else {
         "random_uniform"
     };
-    let s = (
-        extent(300),
-        any::<u64>(),
-        any::<u64>(),
-        -10.0f64..10.0,
-        0.0f64..10.0,
-    );
+    let s = |z: &Sizer| {
+        (
+            z.elementwise(1, 300)
+                .prop_map(|d| d.iter().product::<usize>()),
+            any::<u64>(),
+            any::<u64>(),
+            -10.0f64..10.0,
+            0.0f64..10.0,
+        )
+            .boxed()
+    };
     run_cases(name, dtype, cfg, s, |(n, seed, offset, a, w)| {
         let dist = if normal {
             Distribution::Normal { mean: a, std: w }

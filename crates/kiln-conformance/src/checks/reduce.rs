@@ -6,19 +6,54 @@ use proptest::prelude::*;
 use super::fetch_all;
 use crate::bound::{gamma, ETA_F32};
 use crate::values::{operand, shape, Domain};
-use crate::{compare, run_cases, Bound, Config, Report};
+use crate::{compare, run_cases, Bound, Config, Report, Sizer, Tier};
 
 const U: f64 = 1.0 / 16_777_216.0;
 const U64: f64 = 1.0 / 9_007_199_254_740_992.0;
 
+/// Shapes of the blocked and large tiers for row ops: `[row]`,
+/// `[rows, row]` or `[2, rows, row]`, the row long.
+pub(crate) fn row_shapes(z: &Sizer) -> BoxedStrategy<Vec<usize>> {
+    let z = z.clone();
+    (z.row(0), 0usize..3)
+        .prop_flat_map(move |(row, rank)| {
+            z.rows(row, 0).prop_map(move |r| match rank {
+                0 => vec![row],
+                1 => vec![r, row],
+                _ => vec![2, r.div_ceil(2), row],
+            })
+        })
+        .boxed()
+}
+
+/// Whether an operand's rows (its last axis) are longer than 64.
+fn long_row(x: &crate::values::Operand) -> bool {
+    x.dims().last().is_some_and(|&d| d > 64)
+}
+
 pub(crate) fn reduce<B: Backend>(b: &B, op: ReduceOp, dtype: DType, cfg: &Config) -> Report {
-    let s = shape(4, 17).prop_flat_map(move |d| {
-        let rank = d.len();
-        (
-            operand(dtype, d, Domain::General, true),
-            prop::collection::vec(any::<bool>(), rank),
-        )
-    });
+    let s = move |z: &Sizer| {
+        let dims = match z.tier {
+            Tier::Edge => shape(4, 17),
+            _ => row_shapes(z),
+        };
+        dims.prop_flat_map(move |d| {
+            let rank = d.len();
+            (
+                operand(dtype, d, Domain::General, true),
+                prop::collection::vec(any::<bool>(), rank),
+                // Long rows are mostly reduced along their length.
+                prop::bool::weighted(0.75),
+            )
+                .prop_map(move |(x, mut mask, along)| {
+                    if long_row(&x) && along {
+                        mask[rank - 1] = true;
+                    }
+                    (x, mask)
+                })
+        })
+        .boxed()
+    };
     let name = format!("reduce_{}", op.name());
     run_cases(&name, dtype, cfg, s, |(x, mask)| {
         let axes: Vec<usize> = (0..mask.len()).filter(|&i| mask[i]).collect();
@@ -88,16 +123,27 @@ pub(crate) fn reduce<B: Backend>(b: &B, op: ReduceOp, dtype: DType, cfg: &Config
 
 pub(crate) fn argmax<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
     // Ties are common in small-range values; NaN counts as the maximum.
-    let s = (shape(2, 9), 1usize..40).prop_flat_map(move |(mut d, c)| {
-        d.push(c);
-        prop_oneof![
-            operand(dtype, d.clone(), Domain::General, true),
-            operand(dtype, d, Domain::Moderate(2.0), true).prop_map(|mut o| {
-                o.storage.iter_mut().for_each(|v| *v = v.round());
-                o
-            }),
-        ]
-    });
+    let s = move |z: &Sizer| {
+        let dims = match z.tier {
+            Tier::Edge => (shape(2, 9), 1usize..40)
+                .prop_map(|(mut d, c)| {
+                    d.push(c);
+                    d
+                })
+                .boxed(),
+            _ => row_shapes(z),
+        };
+        dims.prop_flat_map(move |d| {
+            prop_oneof![
+                operand(dtype, d.clone(), Domain::General, true),
+                operand(dtype, d, Domain::Moderate(2.0), true).prop_map(|mut o| {
+                    o.storage.iter_mut().for_each(|v| *v = v.round());
+                    o
+                }),
+            ]
+        })
+        .boxed()
+    };
     run_cases("argmax", dtype, cfg, s, |x| {
         let dims = x.dims().to_vec();
         let c = *dims.last().expect("rank ≥ 1");

@@ -11,9 +11,10 @@ use kiln_core::{Backend, DType, HostData, View};
 use proptest::prelude::*;
 
 use super::fetch_all;
+use super::reduce::row_shapes;
 use crate::bound::{gamma, ETA_F32};
 use crate::values::{contiguous, operand, shape, Domain, Operand};
-use crate::{compare, run_cases, Bound, CaseError, Config, Report};
+use crate::{compare, run_cases, Bound, CaseError, Config, Report, Sizer, Tier};
 
 const U: f64 = 1.0 / 16_777_216.0;
 
@@ -79,7 +80,15 @@ fn logits() -> BoxedStrategy<Domain> {
 }
 
 pub(crate) fn softmax<B: Backend>(b: &B, dtype: DType, cfg: &Config, log: bool) -> Report {
-    let s = (shape(3, 17), logits()).prop_flat_map(move |(d, dom)| operand(dtype, d, dom, true));
+    let s = move |z: &Sizer| {
+        let dims = match z.tier {
+            Tier::Edge => shape(3, 17),
+            _ => row_shapes(z),
+        };
+        (dims, logits())
+            .prop_flat_map(move |(d, dom)| operand(dtype, d, dom, true))
+            .boxed()
+    };
     let name = if log { "log_softmax" } else { "softmax" };
     run_cases(name, dtype, cfg, s, |x| {
         let dims = x.dims().to_vec();
@@ -106,14 +115,27 @@ struct CeCase {
 }
 
 pub(crate) fn cross_entropy<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
-    let s = (0usize..20, 1usize..40, logits()).prop_flat_map(move |(n, c, dom)| {
-        let x = prop_oneof![
-            operand(dtype, vec![n, c], dom, true),
-            contiguous(dtype, vec![n, c], dom)
-        ];
-        (x, prop::collection::vec(0..c as u32, n))
-            .prop_map(|(logits, labels)| CeCase { logits, labels })
-    });
+    let s = move |z: &Sizer| {
+        let nc = match z.tier {
+            Tier::Edge => (0usize..20, 1usize..40).boxed(),
+            _ => {
+                let z = z.clone();
+                z.row(0)
+                    .prop_flat_map(move |c| (z.rows(c, 0), Just(c)))
+                    .boxed()
+            }
+        };
+        (nc, logits())
+            .prop_flat_map(move |((n, c), dom)| {
+                let x = prop_oneof![
+                    operand(dtype, vec![n, c], dom, true),
+                    contiguous(dtype, vec![n, c], dom)
+                ];
+                (x, prop::collection::vec(0..c as u32, n))
+                    .prop_map(|(logits, labels)| CeCase { logits, labels })
+            })
+            .boxed()
+    };
     run_cases("softmax_cross_entropy", dtype, cfg, s, |case| {
         let dims = case.logits.dims().to_vec();
         let (n, c) = (dims[0], dims[1]);

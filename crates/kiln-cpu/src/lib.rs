@@ -20,6 +20,7 @@
 //! rows, so results never depend on the thread count or on scheduling.
 
 mod conv;
+mod fallback;
 pub mod features;
 mod gemm;
 mod pool;
@@ -35,6 +36,7 @@ use kiln_core::{
     Layout, ReduceOp, Result, SgdStep, UnaryOp, View, Window2d,
 };
 
+pub use fallback::Fallback;
 pub use features::KernelSet;
 
 /// The CPU backend: a kernel set, a thread count and a persistent pool of

@@ -58,7 +58,7 @@ use proptest::strategy::BoxedStrategy;
 use proptest::test_runner::{
     Config as PropConfig, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use bound::Bound;
 pub use tier::{Depth, Sizer, Tier};
@@ -235,7 +235,7 @@ pub fn parse_budget(s: &str) -> Result<Duration, String> {
 }
 
 /// The outcome of one check.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Every case was within its bound.
@@ -265,7 +265,7 @@ impl Status {
 }
 
 /// What one tier of a check found.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TierReport {
     /// The tier.
     pub tier: Tier,
@@ -277,12 +277,15 @@ pub struct TierReport {
     pub over_budget: u32,
     /// The largest error seen, as a fraction of its bound.
     pub worst: f64,
+    /// The error of the element closest to its bound, in units in the last
+    /// place of the result.
+    pub worst_ulps: f64,
     /// Wall-clock seconds, shrinking included.
     pub seconds: f64,
 }
 
 /// What one check found.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     /// The op (`gemm`, `unary_exp`, …).
     pub op: String,
@@ -294,6 +297,8 @@ pub struct Report {
     pub cases: u32,
     /// The largest error seen, as a fraction of its bound (0 = exact).
     pub worst: f64,
+    /// The error of the element closest to its bound, in ulps of the result.
+    pub worst_ulps: f64,
     /// For a failure: the tier, the shrunk minimal case, the bound, the observed error.
     pub failure: Option<String>,
     /// A command that reruns exactly this check (the failing tier, if any).
@@ -334,6 +339,7 @@ impl Report {
             status,
             cases: 0,
             worst: 0.0,
+            worst_ulps: 0.0,
             failure: None,
             reproduce: cfg.reproduce(op, dtype, Tier::Edge),
             tiers: Vec::new(),
@@ -414,6 +420,7 @@ where
         status: Status::Pass,
         cases: 0,
         worst: 0.0,
+        worst_ulps: 0.0,
         failure: None,
         reproduce: cfg.reproduce(op, dtype, tiers.last().copied().unwrap_or(Tier::Edge)),
         tiers: Vec::new(),
@@ -426,7 +433,10 @@ where
         };
         let (t, failure) = run_tier(op, dtype, cfg, tier, strategy(&sizer), &test);
         report.cases += t.cases;
-        report.worst = report.worst.max(t.worst);
+        if t.worst >= report.worst {
+            report.worst = t.worst;
+            report.worst_ulps = t.worst_ulps;
+        }
         let status = t.status;
         report.tiers.push(t);
         if status != Status::Pass {
@@ -473,6 +483,7 @@ where
     let mut runner =
         TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &seed));
     let start = Instant::now();
+    WORST.with(|w| w.set((0.0, 0.0)));
     let (worst, unsupported, ran, skipped) = (
         Cell::new(0f64),
         Cell::new(false),
@@ -521,6 +532,7 @@ where
         cases: ran.get(),
         over_budget: skipped.get(),
         worst: worst.get(),
+        worst_ulps: WORST.with(|w| w.get().1),
         seconds: start.elapsed().as_secs_f64(),
     };
     (t, failure)
@@ -575,8 +587,23 @@ pub(crate) fn compare(
             )));
         }
         worst = worst.max(v.fraction);
+        WORST.with(|w| {
+            if v.fraction > w.get().0 && v.ulps.is_finite() {
+                w.set((v.fraction, v.ulps));
+            }
+        });
     }
     Ok(worst)
+}
+
+thread_local! {
+    /// The element [`compare`] has accepted closest to its bound on this
+    /// thread since the tier running here began (cases run on the thread
+    /// that runs the tier): its fraction of the bound and its distance in
+    /// ulps. (The largest distance in ulps overall means little for dot
+    /// products: a result near 0 is many ulps from a tiny exact value
+    /// while well inside its absolute bound.)
+    static WORST: Cell<(f64, f64)> = const { Cell::new((0.0, 0.0)) };
 }
 
 fn unravel(mut i: usize, dims: &[usize]) -> Vec<usize> {

@@ -423,3 +423,64 @@ fn unknown_checks_are_reported_not_ignored() {
     assert_eq!(r.status, Status::Fail);
     assert!(r.failure.unwrap().contains("no check is named"));
 }
+
+#[test]
+fn an_overflowing_dot_product_is_judged_by_what_ieee_arithmetic_allows() {
+    use kiln_conformance::bound::{judge, Bound};
+    use kiln_cpu::KernelSet;
+    // relu(a·b) with a·b = 2e60 − 6e38 exactly: the first two products
+    // (−3e38 each) overflow the f32 partial sum to −∞; an FMA chain keeps
+    // −∞ through the two 1e60 products (ReLU gives 0), a multiply-then-add
+    // gets ∞ − ∞ = NaN. Both are what IEEE arithmetic makes of this sum.
+    let (a, b) = (
+        [2e19f32, 2e19, 1e30, 1e30],
+        [-1.5e19f32, -1.5e19, 1e30, 1e30],
+    );
+    let exact: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .sum();
+    let mass: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(&x, &y)| (f64::from(x) * f64::from(y)).abs())
+        .sum();
+    let bound = Bound::accumulated(1e-7 * mass, mass, 4, [0.0, f64::INFINITY]);
+    assert!(matches!(bound, Bound::Overflowing { .. }));
+    let la = Layout::contiguous(kiln_core::Shape::new(&[1, 1, 4]).unwrap());
+    let lb = Layout::contiguous(kiln_core::Shape::new(&[1, 4, 1]).unwrap());
+    let ep = GemmEpilogue {
+        activation: Activation::Relu,
+        ..GemmEpilogue::default()
+    };
+    for set in [
+        KernelSet::Scalar,
+        KernelSet::Avx2,
+        KernelSet::Avx512,
+        KernelSet::Neon,
+    ] {
+        let Ok(cpu) = CpuBackend::with_kernels(set) else {
+            continue;
+        };
+        let (sa, sb) = (
+            cpu.upload(&HostData::F32(a.to_vec())).unwrap(),
+            cpu.upload(&HostData::F32(b.to_vec())).unwrap(),
+        );
+        let out = cpu
+            .gemm(View::new(&sa, &la), View::new(&sb, &lb), &ep)
+            .unwrap();
+        let got = f64::from(out.to_f32_vec()[0]);
+        eprintln!("{}: relu(a·b) = {got}", set.name());
+        assert!(got == 0.0 || got.is_nan(), "{}: {got}", set.name());
+        assert!(
+            judge(bound, DType::F32, exact.max(0.0), got).ok,
+            "{}: {got}",
+            set.name()
+        );
+        // The plain bound refuses the FMA chain's 0 (the failure this fixes).
+        if got == 0.0 {
+            assert!(!judge(Bound::Abs(1e-7 * mass), DType::F32, exact, got).ok);
+        }
+    }
+}

@@ -4,7 +4,10 @@
 //! benches: the machine's peak FMA throughput ([`peak`]), timing by median
 //! ([`median_seconds`]), and kiln's GEMM on a given kernel set ([`KilnGemm`]).
 
+pub mod comparators;
 pub mod peak;
+pub mod roofline;
+pub mod suite;
 
 use std::time::Instant;
 

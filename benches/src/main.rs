@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use kiln_bench::{median_seconds, peak, reps_for, KilnGemm};
+use kiln_bench::{comparators, median_seconds, peak, reps_for, KilnGemm};
 use kiln_cpu::KernelSet;
 
 struct Args {
@@ -48,71 +48,6 @@ fn parse() -> Result<Args, String> {
 
 fn gflops(m: usize, k: usize, n: usize, secs: f64) -> f64 {
     2.0 * (m * k * n) as f64 / secs / 1e9
-}
-
-fn matrixmultiply_secs(m: usize, k: usize, n: usize, reps: usize) -> f64 {
-    let a = vec![0.25f32; m * k];
-    let b = vec![0.5f32; k * n];
-    let mut c = vec![0f32; m * n];
-    median_seconds(reps, || {
-        // SAFETY: the pointers and row-major strides describe the three
-        // buffers above, of exactly m·k, k·n and m·n elements.
-        unsafe {
-            matrixmultiply::sgemm(
-                m,
-                k,
-                n,
-                1.0,
-                a.as_ptr(),
-                k as isize,
-                1,
-                b.as_ptr(),
-                n as isize,
-                1,
-                0.0,
-                c.as_mut_ptr(),
-                n as isize,
-                1,
-            );
-        }
-    })
-}
-
-fn gemm_crate_secs(m: usize, k: usize, n: usize, threads: usize, reps: usize) -> f64 {
-    let a = vec![0.25f32; m * k];
-    let b = vec![0.5f32; k * n];
-    let mut c = vec![0f32; m * n];
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    median_seconds(reps, || {
-        // SAFETY: as above; column stride 1, row stride = row length.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                c.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                a.as_ptr(),
-                1,
-                k as isize,
-                b.as_ptr(),
-                1,
-                n as isize,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
-    })
 }
 
 fn main() {
@@ -186,8 +121,13 @@ fn main() {
             })
             .collect();
         let best = kiln.iter().copied().fold(0.0, f64::max);
-        let mm = gflops(m, k, n, matrixmultiply_secs(m, k, n, reps));
-        let gc = gflops(m, k, n, gemm_crate_secs(m, k, n, args.threads, reps));
+        let mm = gflops(m, k, n, comparators::matrixmultiply(m, k, n, budget));
+        let gc = gflops(
+            m,
+            k,
+            n,
+            comparators::gemm_crate(m, k, n, args.threads, budget),
+        );
         let np = args
             .numpy
             .get(&format!("{m},{k},{n},{}", args.threads))

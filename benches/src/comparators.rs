@@ -1,0 +1,185 @@
+//! The SGEMMs a user would otherwise pick, timed on row-major operands:
+//! the matrixmultiply and gemm crates, and OpenBLAS's `cblas_sgemm` loaded
+//! at run time (`KILN_OPENBLAS` names the library, else the usual names
+//! and Debian's `openblas-pthread` folder are tried).
+
+use libloading::Library;
+
+use crate::suite::time_op;
+
+/// Median seconds of matrixmultiply's `sgemm` for `[m, k]·[k, n]`.
+pub fn matrixmultiply(m: usize, k: usize, n: usize, budget_s: f64) -> f64 {
+    let a = vec![0.25f32; m * k];
+    let b = vec![0.5f32; k * n];
+    let mut c = vec![0f32; m * n];
+    median(budget_s, || {
+        // SAFETY: the pointers and row-major strides describe the three
+        // buffers above, of exactly m·k, k·n and m·n elements.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr(),
+                k as isize,
+                1,
+                b.as_ptr(),
+                n as isize,
+                1,
+                0.0,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+    })
+}
+
+/// Median seconds of the gemm crate for `[m, k]·[k, n]` on `threads`.
+pub fn gemm_crate(m: usize, k: usize, n: usize, threads: usize, budget_s: f64) -> f64 {
+    let a = vec![0.25f32; m * k];
+    let b = vec![0.5f32; k * n];
+    let mut c = vec![0f32; m * n];
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    median(budget_s, || {
+        // SAFETY: as above; column stride 1, row stride = row length.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    })
+}
+
+fn median(budget_s: f64, mut f: impl FnMut()) -> f64 {
+    time_op(budget_s, || {
+        f();
+        Ok(())
+    })
+    .map_or(f64::NAN, |t| t.0)
+}
+
+type Sgemm = unsafe extern "C" fn(
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    f32,
+    *const f32,
+    i32,
+    *const f32,
+    i32,
+    f32,
+    *mut f32,
+    i32,
+);
+
+/// OpenBLAS, loaded at run time.
+pub struct OpenBlas {
+    lib: Library,
+    core: String,
+}
+
+const ROW_MAJOR: i32 = 101;
+const NO_TRANS: i32 = 111;
+
+impl OpenBlas {
+    /// Loads OpenBLAS and sets its thread count; `None` where it is not
+    /// installed (or the library found is another BLAS).
+    pub fn load(threads: usize) -> Option<Self> {
+        let mut names: Vec<String> = std::env::var("KILN_OPENBLAS").into_iter().collect();
+        names.extend(
+            [
+                "libopenblas.so.0",
+                "libopenblas.so",
+                "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+                "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+            ]
+            .map(String::from),
+        );
+        let lib = names.iter().find_map(|n| {
+            // SAFETY: loading a shared library runs its initialisers;
+            // OpenBLAS's only set up its thread pool and read the CPU type.
+            unsafe { Library::new(n) }.ok()
+        })?;
+        // SAFETY: the symbols are looked up with the C signatures OpenBLAS
+        // exports (cblas.h, openblas_config.h).
+        let core = unsafe {
+            let set: libloading::Symbol<unsafe extern "C" fn(i32)> =
+                lib.get(b"openblas_set_num_threads\0").ok()?;
+            set(threads as i32);
+            let name: libloading::Symbol<unsafe extern "C" fn() -> *const std::ffi::c_char> =
+                lib.get(b"openblas_get_corename\0").ok()?;
+            lib.get::<Sgemm>(b"cblas_sgemm\0").ok()?;
+            std::ffi::CStr::from_ptr(name())
+                .to_string_lossy()
+                .into_owned()
+        };
+        Some(OpenBlas { lib, core })
+    }
+
+    /// `openblas (CORE)`, naming the kernel it runs (an `OPENBLAS_CORETYPE`
+    /// override in the environment shows here).
+    pub fn label(&self) -> String {
+        format!("openblas ({})", self.core)
+    }
+
+    /// Median seconds of `cblas_sgemm` for `[m, k]·[k, n]`.
+    pub fn sgemm(&self, m: usize, k: usize, n: usize, budget_s: f64) -> f64 {
+        let a = vec![0.25f32; m * k];
+        let b = vec![0.5f32; k * n];
+        let mut c = vec![0f32; m * n];
+        // SAFETY: checked present in `load`, with this signature.
+        let Ok(f) = (unsafe { self.lib.get::<Sgemm>(b"cblas_sgemm\0") }) else {
+            return f64::NAN;
+        };
+        let (mi, ki, ni) = (m as i32, k as i32, n as i32);
+        median(budget_s, || {
+            // SAFETY: row-major operands of exactly m·k, k·n and m·n floats
+            // with leading dimensions k, n and n.
+            unsafe {
+                f(
+                    ROW_MAJOR,
+                    NO_TRANS,
+                    NO_TRANS,
+                    mi,
+                    ni,
+                    ki,
+                    1.0,
+                    a.as_ptr(),
+                    ki,
+                    b.as_ptr(),
+                    ni,
+                    0.0,
+                    c.as_mut_ptr(),
+                    ni,
+                )
+            }
+        })
+    }
+}

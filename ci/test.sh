@@ -19,15 +19,22 @@ step() { printf '\n== %s\n' "$*"; }
 
 # --- system packages --------------------------------------------------------
 # Fashion-MNIST from Debian (installs to /usr/share/datasets/fashion-mnist),
-# and the TrueType font the plots' text is laid out with.
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
-   || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
-  step "installing dataset-fashion-mnist and fonts-dejavu-core"
+# the TrueType font the plots' text is laid out with, OpenBLAS (a
+# comparator `kiln bench` loads at run time) and Chromium (the headless
+# browser that renders `kiln report`'s HTML page in the CLI tests).
+missing_packages() {
+  [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && return 0
+  [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && return 0
+  [ ! -e /usr/lib/"$(uname -m)"-linux-gnu/openblas-pthread/libopenblas.so.0 ] && return 0
+  ! command -v chromium >/dev/null
+}
+if missing_packages; then
+  step "installing dataset-fashion-mnist, fonts-dejavu-core, libopenblas0-pthread and chromium"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    dataset-fashion-mnist fonts-dejavu-core
+    dataset-fashion-mnist fonts-dejavu-core libopenblas0-pthread chromium
 fi
-export KILN_REQUIRE_PLOTS=1
+export KILN_REQUIRE_PLOTS=1 KILN_REQUIRE_OPENBLAS=1 KILN_REQUIRE_BROWSER=1
 
 # --- Rust components --------------------------------------------------------
 if [ "$quick" = 0 ]; then

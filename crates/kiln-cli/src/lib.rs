@@ -28,7 +28,9 @@ use kiln_core::{Backend, Error, Result};
 use kiln_cpu::{features, CpuBackend, KernelSet};
 use kiln_data::{Dataset, Split};
 use kiln_nn::{Adam, Loss, ModelSpec, Optimizer, Precision, Sequential, Sgd};
+mod bench;
 mod predict;
+mod report;
 mod serve;
 
 use kiln_train::{checkpoint, model_file, CheckpointPolicy, FitConfig, Trainer, Verbosity};
@@ -54,6 +56,10 @@ enum Command {
     Eval(EvalArgs),
     /// Run the conformance suite on a backend and print the per-op report.
     Conformance(ConformanceArgs),
+    /// Time the standard op set on a backend against the machine's measured peaks.
+    Bench(bench::BenchArgs),
+    /// Write one report for a backend (conformance, bench, roofline) as Markdown and HTML.
+    Report(ReportArgs),
     /// Classify images (PNG or IDX files) with a trained model.
     Predict(predict::PredictArgs),
     /// Serve a trained model over HTTP (POST /v1/predict, GET /healthz, GET /metrics).
@@ -220,6 +226,27 @@ struct ConformanceArgs {
     threads: Option<usize>,
 }
 
+#[derive(clap::Args)]
+struct ReportArgs {
+    #[command(flatten)]
+    check: ConformanceArgs,
+    /// Bench with small shapes and short timings (a smoke run).
+    #[arg(long)]
+    quick: bool,
+    /// Folder for report.md, report.html, roofline.svg, conformance.json and bench.json.
+    #[arg(long, default_value = "kiln-report")]
+    out: PathBuf,
+    /// Use this saved run of `kiln conformance --json` instead of running the suite.
+    #[arg(long, value_name = "FILE")]
+    conformance_json: Option<PathBuf>,
+    /// Use this saved run of `kiln bench --json` instead of running the bench.
+    #[arg(long, value_name = "FILE")]
+    bench_json: Option<PathBuf>,
+    /// Do not time matrixmultiply, the gemm crate and OpenBLAS beside a CPU backend.
+    #[arg(long)]
+    no_comparators: bool,
+}
+
 /// The name this program was started as, for the command lines it prints.
 fn program_name() -> String {
     // As it was typed (`kiln`, `target/release/kiln`), so the line runs as printed.
@@ -276,7 +303,7 @@ impl<B: Backend, F: Fn() -> Result<B>> Device for F {
 fn run<D: Device>(device: &D, device_default: bool) -> ExitCode {
     let mut command = Cli::command().bin_name(program_name());
     if device_default {
-        for sub in ["train", "eval", "conformance"] {
+        for sub in ["train", "eval", "conformance", "bench", "report"] {
             command = command
                 .mut_subcommand(sub, |s| s.mut_arg("backend", |a| a.default_value("device")));
         }
@@ -290,6 +317,8 @@ fn run<D: Device>(device: &D, device_default: bool) -> ExitCode {
         Command::Train(a) => train(a, device),
         Command::Eval(a) => eval(a, device),
         Command::Conformance(a) => conformance(a, device),
+        Command::Bench(a) => bench_command(a, device),
+        Command::Report(a) => report_command(a, device),
         Command::Predict(a) => cpu_backend(&a.backend, None).and_then(|b| predict::predict(a, b)),
         Command::Plot(a) => plot(a),
         Command::Serve(a) => cpu_backend(&a.backend, None)
@@ -709,8 +738,15 @@ fn conformance<D: Device>(a: ConformanceArgs, device: &D) -> Result<()> {
     with_backend!(spec.as_str(), a.threads, device, |b| run_conformance(a, b))
 }
 
-fn run_conformance<B: Backend>(a: ConformanceArgs, backend: B) -> Result<()> {
-    let mut cfg = kiln_conformance::Config::from_env(&backend.name()).map_err(Error::invalid)?;
+/// The suite's configuration and the checks `a` selects.
+fn conformance_plan(
+    a: &ConformanceArgs,
+    backend_name: &str,
+) -> Result<(
+    kiln_conformance::Config,
+    Vec<(&'static str, kiln_core::DType)>,
+)> {
+    let mut cfg = kiln_conformance::Config::from_env(backend_name).map_err(Error::invalid)?;
     cfg.backend = a.backend.clone();
     cfg.rerun = kiln_conformance::Rerun::Command(format!("{} conformance", program_name()));
     if let Some(c) = a.cases {
@@ -738,7 +774,7 @@ fn run_conformance<B: Backend>(a: ConformanceArgs, backend: B) -> Result<()> {
     let exact =
         a.op.as_deref()
             .is_some_and(|o| kiln_conformance::CHECKS.iter().any(|(n, _)| *n == o));
-    let selected: Vec<(&str, kiln_core::DType)> = kiln_conformance::CHECKS
+    let selected: Vec<(&'static str, kiln_core::DType)> = kiln_conformance::CHECKS
         .iter()
         .filter(|(name, _)| {
             a.op.as_deref()
@@ -752,6 +788,16 @@ fn run_conformance<B: Backend>(a: ConformanceArgs, backend: B) -> Result<()> {
             "no conformance check matches --op/--dtype (see kiln_conformance::CHECKS)",
         ));
     }
+    Ok((cfg, selected))
+}
+
+/// Runs `selected` checks on `backend`, printing a table row per check
+/// and, for each failure, its case and rerun line.
+fn run_suite<B: Backend>(
+    backend: &B,
+    cfg: &kiln_conformance::Config,
+    selected: Vec<(&'static str, kiln_core::DType)>,
+) -> Vec<kiln_conformance::Report> {
     let tiers: Vec<String> = cfg
         .depth
         .tiers()
@@ -760,7 +806,7 @@ fn run_conformance<B: Backend>(a: ConformanceArgs, backend: B) -> Result<()> {
         .collect();
     println!(
         "kiln conformance: backend {} ({}), tiers {} (cases per check: {}), seed {}",
-        a.backend,
+        cfg.backend,
         backend.name(),
         cfg.depth,
         tiers.join(", "),
@@ -773,7 +819,7 @@ fn run_conformance<B: Backend>(a: ConformanceArgs, backend: B) -> Result<()> {
     let start = std::time::Instant::now();
     let mut reports = Vec::new();
     for (name, d) in selected {
-        let r = kiln_conformance::run_check(&backend, name, d, &cfg);
+        let r = kiln_conformance::run_check(backend, name, d, cfg);
         println!(
             "{:<26} {:<5} {:<16} {:>6} {:>12.3} {:>8.2}",
             r.op,
@@ -807,19 +853,140 @@ fn run_conformance<B: Backend>(a: ConformanceArgs, backend: B) -> Result<()> {
         count(S::UnexpectedPass),
         start.elapsed().as_secs_f64()
     );
+    reports
+}
+
+fn run_conformance<B: Backend>(a: ConformanceArgs, backend: B) -> Result<()> {
+    let (cfg, selected) = conformance_plan(&a, &backend.name())?;
+    let reports = run_suite(&backend, &cfg, selected);
+    let failed = reports.iter().filter(|r| r.is_failure()).count();
     if let Some(path) = &a.json {
         let json =
             serde_json::to_string_pretty(&reports).map_err(|e| Error::invalid(e.to_string()))?;
         model_file::write_atomic(path, json.as_bytes())?;
         println!("wrote {}", path.display());
     }
-    if failed.is_empty() {
+    if failed == 0 {
         Ok(())
     } else {
         Err(Error::invalid(format!(
-            "{} conformance checks failed on {}",
-            failed.len(),
+            "{failed} conformance checks failed on {}",
             a.backend
         )))
     }
+}
+
+fn bench_command<D: Device>(a: bench::BenchArgs, device: &D) -> Result<()> {
+    let spec = a.backend.clone();
+    with_backend!(spec.as_str(), a.threads, device, |b| bench::bench(a, b))
+}
+
+fn report_command<D: Device>(a: ReportArgs, device: &D) -> Result<()> {
+    let spec = a.check.backend.clone();
+    with_backend!(spec.as_str(), a.check.threads, device, |b| run_report(a, b))
+}
+
+fn run_report<B: Backend>(a: ReportArgs, backend: B) -> Result<()> {
+    let out = &a.out;
+    std::fs::create_dir_all(out)
+        .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
+    let (cfg, selected) = conformance_plan(&a.check, &backend.name())?;
+    let reports: Vec<kiln_conformance::Report> = match &a.conformance_json {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+            serde_json::from_str(&text).map_err(|e| {
+                Error::invalid(format!(
+                    "{}: not a kiln conformance run ({e}); write one with kiln conformance --json FILE",
+                    path.display()
+                ))
+            })?
+        }
+        None => run_suite(&backend, &cfg, selected),
+    };
+    let bench = match &a.bench_json {
+        Some(path) => bench::load(path)?,
+        None => {
+            let threads = a
+                .check
+                .threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let mut bc = kiln_bench::suite::BenchConfig::new(a.quick, threads);
+            bc.comparators = !a.no_comparators;
+            let r = kiln_bench::suite::run(&backend, &bc)?;
+            print!("\n{}", bench::table(&r, None));
+            r
+        }
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let meta = report::Meta {
+        backend: if cfg.backend == backend.name() {
+            cfg.backend.clone()
+        } else {
+            format!("{} ({})", cfg.backend, backend.name())
+        },
+        machine: format!("{} ({cores} cores)", features::cpu_model()),
+        conformance: match &a.conformance_json {
+            Some(p) => format!("from {}", p.display()),
+            None => {
+                let tiers: Vec<String> = cfg
+                    .depth
+                    .tiers()
+                    .iter()
+                    .map(|&t| format!("{t} {}", cfg.cases_for(t)))
+                    .collect();
+                format!(
+                    "tiers {} (cases per check: {}), seed {}",
+                    cfg.depth,
+                    tiers.join(", "),
+                    cfg.seed
+                )
+            }
+        },
+        date: utc_date(),
+    };
+    let files: [(&str, String); 5] = [
+        ("conformance.json", pretty_json(&reports)?),
+        ("bench.json", pretty_json(&bench)?),
+        ("roofline.svg", kiln_bench::roofline::svg(&bench)),
+        (
+            "report.md",
+            report::markdown(&meta, &reports, &bench, "roofline.svg"),
+        ),
+        ("report.html", report::html(&meta, &reports, &bench)),
+    ];
+    println!();
+    for (name, text) in &files {
+        let path = out.join(name);
+        model_file::write_atomic(&path, text.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn pretty_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string_pretty(v).map_err(|e| Error::invalid(e.to_string()))
+}
+
+/// Today's date and time in UTC, `YYYY-MM-DD HH:MM UTC`.
+fn utc_date() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (the proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
 }

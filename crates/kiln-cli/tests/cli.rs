@@ -178,8 +178,10 @@ fn conformance_report_for_the_reference_backend() {
         "cpu:scalar",
         "--cases",
         "8",
+        "--tier",
+        "edge",
         "--op",
-        "gemm",
+        "gem",
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -189,6 +191,32 @@ fn conformance_report_for_the_reference_backend() {
         s.contains("gemm_epilogue") && s.contains("6 checks: 6 passed, 0 failed"),
         "{s}"
     );
+    // A check's exact name selects it alone, here with the blocked tier.
+    let o = kiln(&[
+        "conformance",
+        "--backend",
+        "cpu:scalar",
+        "--op",
+        "gemm",
+        "--dtype",
+        "f32",
+    ]);
+    let s = stdout(&o);
+    assert!(o.status.success(), "{s}{}", stderr(&o));
+    assert!(
+        s.contains("1 checks: 1 passed")
+            && s.contains("tiers blocked (cases per check: edge 48, blocked 24)"),
+        "{s}"
+    );
+    for (flag, value, says) in [
+        ("--tier", "huge", "expected edge, blocked, large or all"),
+        ("--budget", "0", "expected seconds"),
+        ("--cases", "0", "at least one case"),
+    ] {
+        let o = kiln(&["conformance", "--op", "gemm", flag, value]);
+        assert_eq!(o.status.code(), Some(1), "{flag} {value}");
+        assert!(stderr(&o).contains(says), "{flag} {value}: {}", stderr(&o));
+    }
     let reports: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(reports.as_array().unwrap().len(), 6);
@@ -677,4 +705,183 @@ fn mixed_precision_training_from_the_command_line() {
     let o = kiln(&["train", "--precision", "fp8"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("fp8"), "{}", stderr(&o));
+}
+
+#[test]
+fn bench_times_the_op_set_against_measured_peaks_and_a_saved_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, svg) = (
+        dir.path().join("bench.json"),
+        dir.path().join("roofline.svg"),
+    );
+    let o = kiln(&[
+        "bench",
+        "--quick",
+        "--json",
+        json.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    let s = stdout(&o);
+    assert!(o.status.success(), "{s}{}", stderr(&o));
+    for want in [
+        "compute peak",
+        "FMA loop",
+        "triad",
+        "gemm",
+        "conv2d_backward_filter",
+        "softmax_cross_entropy",
+        "adam_update",
+        "matrixmultiply",
+        "gemm crate",
+    ] {
+        assert!(s.contains(want), "{want} missing from\n{s}");
+    }
+    if std::env::var_os("KILN_REQUIRE_OPENBLAS").is_some() {
+        assert!(s.contains("openblas ("), "no OpenBLAS column:\n{s}");
+    }
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(run["rows"].as_array().unwrap().len() >= 10);
+    assert!(run["compute_peak"]["value"].as_f64().unwrap() > 0.0);
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        picture.starts_with("<svg") && picture.contains("GFLOP/s peak"),
+        "{picture}"
+    );
+    // Against the saved run: a ratio on every row.
+    let o = kiln(&[
+        "bench",
+        "--quick",
+        "--backend",
+        "cpu:scalar",
+        "--no-comparators",
+        "--compare",
+        json.to_str().unwrap(),
+    ]);
+    let s = stdout(&o);
+    assert!(
+        o.status.success() && s.contains("× cpu:"),
+        "{s}{}",
+        stderr(&o)
+    );
+    assert!(!s.contains("matrixmultiply"), "{s}");
+    // Bad input is a clear error.
+    let o = kiln(&["bench", "--quick", "--budget", "1e9"]);
+    assert!(
+        stderr(&o).contains("--budget 1000000000: expected seconds"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(&json, "{ not json").unwrap();
+    let o = kiln(&["bench", "--quick", "--compare", json.to_str().unwrap()]);
+    assert!(
+        stderr(&o).contains("not a kiln bench run"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn report_writes_markdown_and_a_page_a_real_browser_renders() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let o = kiln(&[
+        "report",
+        "--backend",
+        "cpu:scalar",
+        "--tier",
+        "edge",
+        "--cases",
+        "4",
+        "--quick",
+        "--no-comparators",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for want in [
+        "# kiln report: cpu:scalar",
+        "| gemm | pass",
+        "| softmax_cross_entropy |",
+        "## Bench",
+        "roofline.svg",
+    ] {
+        assert!(md.contains(want), "{want} missing from\n{md}");
+    }
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        html.starts_with("<!DOCTYPE html>")
+            && html.contains("<svg")
+            && !html.contains("src=\"http")
+    );
+    // Rebuilt from the saved runs, without running anything.
+    let again = dir.path().join("again");
+    let o = kiln(&[
+        "report",
+        "--backend",
+        "cpu:scalar",
+        "--conformance-json",
+        out.join("conformance.json").to_str().unwrap(),
+        "--bench-json",
+        out.join("bench.json").to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read_to_string(again.join("report.md"))
+        .unwrap()
+        .contains("| gemm | pass"));
+
+    // A real headless browser lays the page out (ci/test.sh installs
+    // Debian's chromium and requires this part).
+    let chromium = ["chromium", "chromium-browser"].into_iter().find(|c| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let Some(chromium) = chromium else {
+        assert!(
+            std::env::var_os("KILN_REQUIRE_BROWSER").is_none(),
+            "KILN_REQUIRE_BROWSER is set but no chromium is installed"
+        );
+        eprintln!("skipped the browser check: no chromium");
+        return;
+    };
+    let url = format!("file://{}", out.join("report.html").display());
+    let shot = dir.path().join("shot.png");
+    let common = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+    ];
+    let o = Command::new(chromium)
+        .args(common)
+        .args([
+            "--window-size=1200,2400",
+            &format!("--screenshot={}", shot.display()),
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "{} bytes",
+        png.len()
+    );
+    let o = Command::new(chromium)
+        .args(common)
+        .args(["--dump-dom", &url])
+        .output()
+        .unwrap();
+    let dom = stdout(&o);
+    assert!(
+        dom.contains("<td class=\"pass\">pass") && dom.contains("</svg>"),
+        "{dom}"
+    );
 }

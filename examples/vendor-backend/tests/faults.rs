@@ -107,3 +107,50 @@ fn an_unknown_fault_name_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn the_vendor_binary_trains_and_writes_a_report() {
+    let dir = std::env::temp_dir().join(format!("pretend-device-{}", std::process::id()));
+    let runs = dir.join("mlp");
+    let o = pretend_device(
+        &[
+            "train",
+            "--model",
+            "mlp",
+            "--epochs",
+            "1",
+            "--limit",
+            "1000",
+            "--plain",
+            "--out",
+            runs.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(runs.join("model.safetensors").exists());
+
+    let out = dir.join("report");
+    let o = pretend_device(
+        &[
+            "report",
+            "--tier",
+            "edge",
+            "--cases",
+            "4",
+            "--quick",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("# kiln report: device (pretend)"), "{md}");
+    assert!(
+        md.contains("| conv2d | pass") && md.contains("| unsupported |"),
+        "{md}"
+    );
+    assert!(md.contains("the device's best GEMM"), "{md}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,158 @@
+//! `kiln bench`: the standard op set on a backend, as a table, JSON and a
+//! roofline picture, optionally against a saved run.
+
+use std::path::PathBuf;
+
+use kiln_bench::suite::{self, BenchConfig, BenchReport};
+use kiln_core::{Backend, Error, Result};
+use kiln_train::model_file;
+
+/// Options of `kiln bench`.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Backend: cpu, cpu:KERNELS, cuda / cuda:N, or device (a program's own).
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
+    /// Worker threads (and threads of the peak measurements and comparators).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Small shapes and short timings: a smoke run.
+    #[arg(long)]
+    pub quick: bool,
+    /// Seconds each op is timed for, after one warm-up run [default: 0.3, 0.02 with --quick].
+    #[arg(long, value_name = "SECONDS")]
+    pub budget: Option<f64>,
+    /// Do not time matrixmultiply, the gemm crate and OpenBLAS beside a CPU backend.
+    #[arg(long)]
+    pub no_comparators: bool,
+    /// Write the run as JSON (for --compare and kiln report).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write the roofline picture as SVG.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+    /// Print each op's speed against a run saved with --json.
+    #[arg(long, value_name = "FILE")]
+    pub compare: Option<PathBuf>,
+}
+
+/// The bench configuration `a` asks for.
+pub fn config(a: &BenchArgs) -> Result<BenchConfig> {
+    let threads = match a.threads {
+        Some(0) => return Err(Error::invalid("--threads must be at least 1")),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let mut cfg = BenchConfig::new(a.quick, threads);
+    if let Some(b) = a.budget {
+        if !(b.is_finite() && b > 0.0 && b <= 60.0) {
+            return Err(Error::invalid(format!(
+                "--budget {b}: expected seconds per op, more than 0 and at most 60"
+            )));
+        }
+        cfg.budget_s = b;
+    }
+    cfg.comparators = !a.no_comparators;
+    Ok(cfg)
+}
+
+/// Reads a run saved with `--json`.
+pub fn load(path: &std::path::Path) -> Result<BenchReport> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    serde_json::from_str(&text).map_err(|e| {
+        Error::invalid(format!(
+            "{}: not a kiln bench run ({e}); write one with kiln bench --json FILE",
+            path.display()
+        ))
+    })
+}
+
+/// Runs the bench on `backend` and prints, writes and compares as `a` says.
+pub fn bench<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
+    let cfg = config(&a)?;
+    let baseline = a.compare.as_deref().map(load).transpose()?;
+    eprintln!(
+        "kiln bench: {} on {} ({} s per op{})",
+        backend.name(),
+        kiln_cpu::features::cpu_model(),
+        cfg.budget_s,
+        if cfg.quick { ", quick" } else { "" }
+    );
+    let report = suite::run(&backend, &cfg)?;
+    print!("{}", table(&report, baseline.as_ref()));
+    if let Some(path) = &a.json {
+        let json =
+            serde_json::to_string_pretty(&report).map_err(|e| Error::invalid(e.to_string()))?;
+        model_file::write_atomic(path, json.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &a.svg {
+        model_file::write_atomic(path, kiln_bench::roofline::svg(&report).as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The run as a text table: one row per op, the comparators after each GEMM.
+pub fn table(r: &BenchReport, baseline: Option<&BenchReport>) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "backend {} on {}\ncompute peak {:.1} GFLOP/s ({}); bandwidth {:.1} GB/s ({})\n",
+        r.backend,
+        r.cpu,
+        r.compute_peak.value,
+        r.compute_peak.how,
+        r.bandwidth.value,
+        r.bandwidth.how
+    );
+    let _ = writeln!(
+        s,
+        "{:<24} {:<28} {:>10} {:>19} {:>9} {:>8} {:>7} {:>7}{}",
+        "op",
+        "shape",
+        "median ms",
+        "min–max ms",
+        "GFLOP/s",
+        "GB/s",
+        "%peak",
+        "%bw",
+        baseline.map_or(String::new(), |b| format!("   × {}", b.backend))
+    );
+    for m in &r.rows {
+        let vs = baseline
+            .and_then(|b| b.find(&m.op, &m.shape))
+            .map(|b| format!("   {:.2}×", b.median_s / m.median_s))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "{:<24} {:<28} {:>10.3} {:>9.3}–{:<9.3} {:>9.1} {:>8.1} {:>6.0}% {:>6.0}%{vs}",
+            m.op,
+            m.shape,
+            1e3 * m.median_s,
+            1e3 * m.min_s,
+            1e3 * m.max_s,
+            m.gflops,
+            m.gbs,
+            100.0 * m.of_compute_peak,
+            100.0 * m.of_bandwidth
+        );
+        for c in &m.compared {
+            let _ = writeln!(
+                s,
+                "{:<24} {:<28} {:>10} {:>19} {:>9.1} {:>8} {:>6.0}%   kiln is {:.2}×",
+                format!("  {}", c.library),
+                "",
+                "",
+                "",
+                c.gflops,
+                "",
+                100.0 * c.gflops / r.compute_peak.value.max(f64::MIN_POSITIVE),
+                m.gflops / c.gflops
+            );
+        }
+    }
+    s
+}

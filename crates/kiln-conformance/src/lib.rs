@@ -723,6 +723,9 @@ macro_rules! __suite_tests_optional {
         $(
             #[allow(non_snake_case)]
             mod $name {
+                // The closure names what the caller's module imports.
+                #[allow(unused_imports)]
+                use super::*;
                 $(
                     #[test]
                     #[allow(non_snake_case)]
@@ -854,5 +857,31 @@ pub fn assert_check_as<B: Backend>(backend: &B, op: &str, dtype: DType, rerun: R
             r.failure.as_deref().unwrap_or("no failure recorded"),
             r.reproduce
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rerun_lines_name_the_test_that_failed() {
+        let mut cfg = Config::new("cpu:avx512");
+        cfg.rerun = cargo_test_rerun("kiln-cpu", "conformance", "conformance::avx512::gemm");
+        assert_eq!(
+            cfg.reproduce("gemm", DType::F32, Tier::Blocked),
+            "KILN_CONFORMANCE_SEED=1802071150 KILN_CONFORMANCE_BLOCKED_CASES=24 \
+             KILN_CONFORMANCE_BUDGET=none KILN_CONFORMANCE_TIER=blocked \
+             cargo test -p kiln-cpu --test conformance -- avx512::gemm::F32 --exact"
+        );
+        let lib = cargo_test_rerun("my-device", "my_device", "my_device::tests::softmax");
+        assert!(
+            matches!(lib, Rerun::CargoTest { ref target, ref filter, .. }
+            if target == "--lib" && filter == "tests")
+        );
+        cfg.rerun = Rerun::Command("target/release/kiln conformance".into());
+        assert!(cfg
+            .reproduce("softmax", DType::BF16, Tier::Large)
+            .ends_with("target/release/kiln conformance --backend cpu:avx512 --op softmax --dtype bf16 --tier large"));
     }
 }

@@ -14,8 +14,10 @@ fn backend(set: KernelSet) -> Option<CpuBackend> {
     }
 }
 
+/// The reference set, written as the README shows a backend crate doing it.
 mod scalar {
-    kiln_conformance::suite!(optional: || crate::backend(kiln_cpu::KernelSet::Scalar));
+    use kiln_cpu::CpuBackend;
+    kiln_conformance::suite!(|| CpuBackend::reference());
 }
 
 #[cfg(target_arch = "x86_64")]

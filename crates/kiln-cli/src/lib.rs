@@ -798,19 +798,11 @@ fn run_suite<B: Backend>(
     cfg: &kiln_conformance::Config,
     selected: Vec<(&'static str, kiln_core::DType)>,
 ) -> Vec<kiln_conformance::Report> {
-    let tiers: Vec<String> = cfg
-        .depth
-        .tiers()
-        .iter()
-        .map(|&t| format!("{t} {}", cfg.cases_for(t)))
-        .collect();
     println!(
-        "kiln conformance: backend {} ({}), tiers {} (cases per check: {}), seed {}",
+        "kiln conformance: backend {} ({}), {}",
         cfg.backend,
         backend.name(),
-        cfg.depth,
-        tiers.join(", "),
-        cfg.seed
+        cfg.describe()
     );
     println!(
         "{:<26} {:<5} {:<16} {:>6} {:>12} {:>8}",
@@ -928,20 +920,7 @@ fn run_report<B: Backend>(a: ReportArgs, backend: B) -> Result<()> {
         machine: format!("{} ({cores} cores)", features::cpu_model()),
         conformance: match &a.conformance_json {
             Some(p) => format!("from {}", p.display()),
-            None => {
-                let tiers: Vec<String> = cfg
-                    .depth
-                    .tiers()
-                    .iter()
-                    .map(|&t| format!("{t} {}", cfg.cases_for(t)))
-                    .collect();
-                format!(
-                    "tiers {} (cases per check: {}), seed {}",
-                    cfg.depth,
-                    tiers.join(", "),
-                    cfg.seed
-                )
-            }
+            None => cfg.describe(),
         },
         date: utc_date(),
     };

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use kiln_bench::roofline::{self, xml};
-use kiln_bench::suite::BenchReport;
+use kiln_bench::suite::{BenchReport, Measurement};
 use kiln_conformance::{Report, Status};
 use kiln_core::DType;
 
@@ -123,18 +123,6 @@ pub fn markdown(meta: &Meta, reports: &[Report], bench: &BenchReport, svg_file: 
         "| op | shape | median ms | min–max ms | GFLOP/s | GB/s | % peak | % bandwidth | others (GFLOP/s) |\n|---|---|---|---|---|---|---|---|---|"
     );
     for m in &bench.rows {
-        let others: Vec<String> = m
-            .compared
-            .iter()
-            .map(|c| {
-                format!(
-                    "{} {:.1} (kiln {:.2}×)",
-                    c.library,
-                    c.gflops,
-                    m.gflops / c.gflops
-                )
-            })
-            .collect();
         let _ = writeln!(
             s,
             "| {} | {} | {:.3} | {:.3}–{:.3} | {:.1} | {:.1} | {:.0}% | {:.0}% | {} |",
@@ -147,11 +135,28 @@ pub fn markdown(meta: &Meta, reports: &[Report], bench: &BenchReport, svg_file: 
             m.gbs,
             100.0 * m.of_compute_peak,
             100.0 * m.of_bandwidth,
-            others.join("; ")
+            others(m)
         );
     }
     let _ = writeln!(s, "\n## Roofline\n\n![roofline]({svg_file})");
     s
+}
+
+/// The other libraries' GFLOP/s on a row's problem, and kiln's ratio to each.
+fn others(m: &Measurement) -> String {
+    let v: Vec<String> = m
+        .compared
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {:.1} (kiln {:.2}×)",
+                c.library,
+                c.gflops,
+                m.gflops / c.gflops
+            )
+        })
+        .collect();
+    v.join("; ")
 }
 
 const STYLE: &str = "body{font-family:'DejaVu Sans',sans-serif;margin:2em auto;max-width:1100px;color:#222}\
@@ -245,18 +250,6 @@ pub fn html(meta: &Meta, reports: &[Report], bench: &BenchReport) -> String {
     );
     s.push_str("<table><tr><th>op</th><th>shape</th><th>median ms</th><th>min–max ms</th><th>GFLOP/s</th><th>GB/s</th><th>% peak</th><th>% bandwidth</th><th>others (GFLOP/s)</th></tr>\n");
     for m in &bench.rows {
-        let others: Vec<String> = m
-            .compared
-            .iter()
-            .map(|c| {
-                format!(
-                    "{} {:.1} (kiln {:.2}×)",
-                    c.library,
-                    c.gflops,
-                    m.gflops / c.gflops
-                )
-            })
-            .collect();
         let _ = writeln!(
             s,
             "<tr><td>{}</td><td>{}</td><td class=\"num\">{:.3}</td><td class=\"num\">{:.3}–{:.3}</td><td class=\"num\">{:.1}</td><td class=\"num\">{:.1}</td><td class=\"num\">{:.0}%</td><td class=\"num\">{:.0}%</td><td>{}</td></tr>",
@@ -269,7 +262,7 @@ pub fn html(meta: &Meta, reports: &[Report], bench: &BenchReport) -> String {
             m.gbs,
             100.0 * m.of_compute_peak,
             100.0 * m.of_bandwidth,
-            xml(&others.join("; "))
+            xml(&others(m))
         );
     }
     s.push_str("</table>\n<h2>Roofline</h2>\n");

@@ -182,6 +182,23 @@ impl Config {
         }
     }
 
+    /// The depth, each tier's cases and the seed, as run headers print them:
+    /// `tiers blocked (cases per check: edge 48, blocked 24), seed 1802071150`.
+    pub fn describe(&self) -> String {
+        let tiers: Vec<String> = self
+            .depth
+            .tiers()
+            .iter()
+            .map(|&t| format!("{t} {}", self.cases_for(t)))
+            .collect();
+        format!(
+            "tiers {} (cases per check: {}), seed {}",
+            self.depth,
+            tiers.join(", "),
+            self.seed
+        )
+    }
+
     /// The time budget of one check in `tier`.
     pub fn budget_for(&self, tier: Tier) -> Duration {
         self.budget.unwrap_or(tier.default_budget())

@@ -65,8 +65,17 @@ impl ClassificationReport {
             });
             if label < c {
                 self.confusion[label][pred] += 1;
-                // Rank of the label: how many classes score strictly higher.
-                let rank = row.iter().filter(|&&v| v > row[label]).count();
+                // Rank of the label in argmax's order: the classes that
+                // score higher, or as high at a lower index (NaN highest),
+                // so that top-1 is exactly the accuracy, ties included.
+                let l = row[label];
+                let ahead = |(j, &v): &(usize, &f32)| match (v.is_nan(), l.is_nan()) {
+                    (true, true) => *j < label,
+                    (true, false) => true,
+                    (false, true) => false,
+                    (false, false) => v > l || (v == l && *j < label),
+                };
+                let rank = row.iter().enumerate().filter(ahead).count();
                 for (k, hits) in &mut self.top_k {
                     if rank < *k {
                         *hits += 1.0;
@@ -278,6 +287,24 @@ mod tests {
         assert!(r.render().contains("macro avg"));
         let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(json["confusion"][2][0], 1);
+    }
+
+    #[test]
+    fn ties_rank_as_argmax_breaks_them_so_top_1_is_the_accuracy() {
+        // An all-zero model: every score ties. Argmax picks class 0, so only
+        // the label-0 examples are hits, at top-1 as in the accuracy.
+        let names: Vec<String> = (0..4).map(|i| i.to_string()).collect();
+        let mut r = ClassificationReport::new("t", names, &[1, 2, 4]);
+        r.add(&[0.0; 16], &[0, 1, 2, 3], 0.0);
+        // NaN counts as the maximum, first NaN first.
+        r.add(&[0.5, f32::NAN, 0.9, f32::NAN], &[3], 0.0);
+        r.add(&[0.5, f32::NAN, 0.9, f32::NAN], &[1], 0.0);
+        r.finish();
+        assert!((r.accuracy() - 2.0 / 6.0).abs() < 1e-12);
+        assert_eq!(r.top_k[0], (1, r.accuracy()));
+        // Label 1 of the all-zero rows ranks second; label 3 of the NaN row too.
+        assert_eq!(r.top_k[1], (2, 4.0 / 6.0));
+        assert_eq!(r.top_k[2], (4, 1.0));
     }
 
     #[test]

@@ -39,8 +39,7 @@ pub struct BenchArgs {
 /// The bench configuration `a` asks for.
 pub fn config(a: &BenchArgs) -> Result<BenchConfig> {
     let threads = match a.threads {
-        Some(0) => return Err(Error::invalid("--threads must be at least 1")),
-        Some(n) => n,
+        Some(n) => kiln_cpu::check_threads("--threads", n)?,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     let mut cfg = BenchConfig::new(a.quick, threads);

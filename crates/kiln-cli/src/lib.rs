@@ -312,6 +312,9 @@ fn run<D: Device>(device: &D, device_default: bool) -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    if !matches!(cli.command, Command::Serve(_)) {
+        die_quietly_on_broken_pipes();
+    }
     let result = match cli.command {
         Command::Info => info(),
         Command::Train(a) => train(a, device),
@@ -334,6 +337,18 @@ fn run<D: Device>(device: &D, device_default: bool) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Writing to a closed pipe (`kiln eval … | head -1`) then ends the process
+/// quietly, as it does other Unix tools, instead of making `println!` panic.
+/// Not for `serve`, whose sockets must outlive clients that go away.
+fn die_quietly_on_broken_pipes() {
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal; no handler
+    // code is installed, so nothing can run in signal context.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
@@ -366,8 +381,7 @@ fn cpu_backend(spec: &str, threads: Option<usize>) -> Result<CpuBackend> {
         _ => return Err(unknown_backend(spec)),
     };
     Ok(match threads {
-        Some(0) => return Err(Error::invalid("--threads must be at least 1")),
-        Some(n) => backend.with_threads(n),
+        Some(n) => backend.with_threads(kiln_cpu::check_threads("--threads", n)?),
         None => backend,
     })
 }

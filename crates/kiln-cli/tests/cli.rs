@@ -885,3 +885,63 @@ fn report_writes_markdown_and_a_page_a_real_browser_renders() {
         "{dom}"
     );
 }
+
+#[test]
+fn a_closed_pipe_ends_kiln_quietly() {
+    use std::process::Stdio;
+    // `kiln info | head -0`: the reader is gone before kiln writes.
+    for args in [
+        &["info"][..],
+        &[
+            "conformance",
+            "--op",
+            "gem",
+            "--tier",
+            "edge",
+            "--cases",
+            "2",
+        ],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = stderr(&out);
+        assert!(
+            !err.contains("panicked") && out.status.code() != Some(101),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn thread_counts_past_four_per_core_are_refused() {
+    let o = kiln(&["conformance", "--op", "gemm", "--threads", "100000"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("--threads 100000: expected 1 to"),
+        "{}",
+        stderr(&o)
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["conformance", "--op", "gemm"])
+        .env("KILN_THREADS", "100000")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("KILN_THREADS=\"100000\": expected 1 to"),
+        "{}",
+        stderr(&o)
+    );
+    let o = kiln(&["bench", "--quick", "--threads", "0"]);
+    assert!(
+        stderr(&o).contains("--threads 0: expected 1 to"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -38,6 +38,7 @@ use kiln_core::{
 
 pub use fallback::Fallback;
 pub use features::KernelSet;
+pub use threads::{check as check_threads, max_threads};
 
 /// The CPU backend: a kernel set, a thread count and a persistent pool of
 /// that many worker threads (shared by clones).

@@ -1,12 +1,36 @@
-//! Thread count and the deterministic row-parallel loop.
+//! Worker threads: how many, and splitting row-parallel work among them.
 
 use kiln_core::{Error, Result};
 
-/// Threads from `KILN_THREADS`, or all available cores.
+/// The most worker threads a CPU backend accepts: 4 per core the process
+/// may run on (oversubscription past that only costs memory and start-up
+/// time — tens of thousands of threads stall a machine for minutes).
+pub fn max_threads() -> usize {
+    4 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `n` if it is a usable thread count, else an error saying what is: at
+/// least 1 and at most [`max_threads`]. `what` names the setting.
+pub fn check(what: &str, n: usize) -> Result<usize> {
+    let max = max_threads();
+    if n == 0 || n > max {
+        return Err(Error::invalid(format!(
+            "{what} {n}: expected 1 to {max} worker threads (4 per core; this machine has {})",
+            max / 4
+        )));
+    }
+    Ok(n)
+}
+
 pub(crate) fn from_env() -> Result<usize> {
     match std::env::var("KILN_THREADS") {
         Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
+            Ok(n) => check("KILN_THREADS=", n).map_err(|_| {
+                Error::invalid(format!(
+                    "KILN_THREADS={v:?}: expected 1 to {} worker threads (4 per core)",
+                    max_threads()
+                ))
+            }),
             _ => Err(Error::invalid(format!(
                 "KILN_THREADS={v:?} is not a positive whole number"
             ))),

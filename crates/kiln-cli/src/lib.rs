@@ -340,6 +340,27 @@ fn run<D: Device>(device: &D, device_default: bool) -> ExitCode {
     }
 }
 
+/// `name` as one path component: letters, digits, `-`, `_` and `.` kept,
+/// anything else (`/`, `..` as a whole, spaces) replaced by `_`, so a model
+/// or dataset name cannot lead a default output path out of `runs/`.
+fn path_safe(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    match s.trim_matches('.') {
+        "" => "model".into(),
+        _ if s.starts_with('.') => format!("_{s}"),
+        _ => s,
+    }
+}
+
 /// Writing to a closed pipe (`kiln eval … | head -1`) then ends the process
 /// quietly, as it does other Unix tools, instead of making `println!` panic.
 /// Not for `serve`, whose sockets must outlive clients that go away.
@@ -532,16 +553,33 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         (None, m) => model_spec(m.as_deref().unwrap_or("mlp"))?,
     };
     let mut train_set = Dataset::load(&a.dataset, Split::Train, a.data.as_deref())?;
+    if a.limit == Some(0) {
+        return Err(Error::invalid("--limit 0: train on at least one example"));
+    }
     if let Some(n) = a.limit {
         train_set = train_set.take(n);
     }
     let test_set = Dataset::load(&a.dataset, Split::Test, a.data.as_deref())?;
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", spec.name, a.dataset)));
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "{}-{}",
+            path_safe(&spec.name),
+            path_safe(&a.dataset)
+        ))
+    });
     std::fs::create_dir_all(&out)
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
+    // Temporaries of writes a killed run never finished.
+    for dir in [out.clone(), out.join("checkpoints")] {
+        let stale = model_file::remove_stale_temporaries(&dir)?;
+        if !stale.is_empty() {
+            eprintln!(
+                "note: removed {} temporary file(s) an interrupted run left in {}",
+                stale.len(),
+                dir.display()
+            );
+        }
+    }
     let history_path = out.join("history.jsonl");
     if history_path.exists() {
         std::fs::remove_file(&history_path)

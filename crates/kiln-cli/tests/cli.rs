@@ -104,7 +104,9 @@ fn errors_are_one_clear_line_and_a_nonzero_exit() {
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(
-        e.starts_with("error: dataset `mnist` not found") && e.lines().count() == 1,
+        e.starts_with("error: --data ")
+            && e.contains("no train-images-idx3-ubyte")
+            && e.lines().count() == 1,
         "{e}"
     );
 
@@ -944,4 +946,47 @@ fn thread_counts_past_four_per_core_are_refused() {
         "{}",
         stderr(&o)
     );
+}
+
+#[test]
+fn a_model_name_cannot_lead_the_default_output_out_of_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../models/mlp.toml"
+    ))
+    .unwrap()
+    .replace("name = \"mlp\"", "name = \"../../../escaped\"");
+    let path = dir.path().join("evil.toml");
+    std::fs::write(&path, spec).unwrap();
+    let work = dir.path().join("a/b/c");
+    std::fs::create_dir_all(&work).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "train",
+            "--model",
+            path.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--limit",
+            "300",
+            "--plain",
+        ])
+        .current_dir(&work)
+        .env("KILN_THREADS", "2")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let runs: Vec<_> = std::fs::read_dir(work.join("runs"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(runs.len(), 1);
+    let name = runs[0].file_name().into_string().unwrap();
+    assert!(
+        !name.contains('/') && name.ends_with("escaped-mnist-sample"),
+        "{name}"
+    );
+    assert!(runs[0].path().join("model.safetensors").exists());
+    assert!(!dir.path().join("a/escaped-mnist-sample").exists());
 }

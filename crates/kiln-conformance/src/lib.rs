@@ -11,7 +11,7 @@
 //!
 //! ```
 //! use kiln_cpu::CpuBackend;
-//! kiln_conformance::suite!(|| CpuBackend::reference());
+//! kiln_conformance::suite!(CpuBackend::reference);
 //! # fn main() {}
 //! ```
 //!

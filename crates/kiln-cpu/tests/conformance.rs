@@ -17,7 +17,7 @@ fn backend(set: KernelSet) -> Option<CpuBackend> {
 /// The reference set, written as the README shows a backend crate doing it.
 mod scalar {
     use kiln_cpu::CpuBackend;
-    kiln_conformance::suite!(|| CpuBackend::reference());
+    kiln_conformance::suite!(CpuBackend::reference);
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -75,6 +75,11 @@ impl Dataset {
                 "images of {rows}×{cols} pixels"
             )));
         }
+        if n == 0 {
+            return Err(DataError::BadDimensions(
+                "the images file holds 0 images: nothing to train or evaluate on".into(),
+            ));
+        }
         let &[m] = labels.dims.as_slice() else {
             return Err(DataError::BadDimensions(format!(
                 "a labels file needs 1 dimension [n], this one has {:?}",
@@ -141,9 +146,11 @@ impl Dataset {
         .map_err(wrap)
     }
 
-    /// Loads a dataset by name (see [`KNOWN`]), searching `data_dir` (either
-    /// the dataset's folder itself or a folder holding `<name>/`), then
-    /// `$KILN_DATA/<name>`, then `/usr/share/datasets/<name>`. The
+    /// Loads a dataset by name (see [`KNOWN`]). With `data_dir`, from there
+    /// alone — the dataset's folder itself or a folder holding `<name>/` —
+    /// and an error naming the missing file if neither has the split (an
+    /// explicit folder is never silently replaced by another). Without it,
+    /// from `$KILN_DATA/<name>`, then `/usr/share/datasets/<name>`; the
     /// `mnist-sample` falls back to the copy bundled in the binary.
     pub fn load(name: &str, split: Split, data_dir: Option<&Path>) -> Result<Self> {
         if !KNOWN.contains(&name) {
@@ -152,7 +159,10 @@ impl Dataset {
                 KNOWN.join(", ")
             )));
         }
-        let candidates = candidate_dirs(name, data_dir);
+        if let Some(d) = data_dir {
+            return Self::load_from(name, d, split);
+        }
+        let candidates = candidate_dirs(name);
         for dir in &candidates {
             if has_split(dir, split) {
                 return Self::from_dir(name, dir, split);
@@ -170,6 +180,38 @@ impl Dataset {
         Err(Error::invalid(format!(
             "dataset `{name}` not found (looked in {}): {hint}",
             looked.join(", ")
+        )))
+    }
+
+    /// `split` from an explicit folder `d` (or `d/<name>`), or an error
+    /// that says what is missing.
+    fn load_from(name: &str, d: &Path, split: Split) -> Result<Self> {
+        if !d.is_dir() {
+            let what = if d.exists() {
+                "is not a folder"
+            } else {
+                "does not exist"
+            };
+            return Err(Error::invalid(format!(
+                "--data {}: {what}; pass the folder holding the IDX files",
+                d.display()
+            )));
+        }
+        for dir in [d.to_path_buf(), d.join(name)] {
+            if has_split(&dir, split) {
+                return Self::from_dir(name, &dir, split);
+            }
+        }
+        let p = split.prefix();
+        Err(Error::invalid(format!(
+            "--data {}: no {p}-images-idx3-ubyte[.gz] there or in {}/ (the {} split of `{name}` needs \
+             {p}-images-idx3-ubyte.gz and {p}-labels-idx1-ubyte.gz)",
+            d.display(),
+            d.join(name).display(),
+            match split {
+                Split::Train => "train",
+                Split::Test => "test",
+            }
         )))
     }
 
@@ -242,12 +284,8 @@ impl Dataset {
     }
 }
 
-fn candidate_dirs(name: &str, data_dir: Option<&Path>) -> Vec<PathBuf> {
+fn candidate_dirs(name: &str) -> Vec<PathBuf> {
     let mut v = Vec::new();
-    if let Some(d) = data_dir {
-        v.push(d.to_path_buf());
-        v.push(d.join(name));
-    }
     if let Some(d) = std::env::var_os("KILN_DATA") {
         v.push(PathBuf::from(d).join(name));
     }

@@ -110,25 +110,60 @@ fn on_disk_files_load_and_each_defect_is_named() {
 
 #[test]
 fn missing_and_unknown_datasets_say_what_to_do() {
-    let dir = tempfile::tempdir().unwrap();
-    let e = Dataset::load("mnist", Split::Train, Some(dir.path()))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("dataset `mnist` not found") && e.contains("--data DIR"),
-        "{e}"
-    );
     let e = Dataset::load("cifar", Split::Train, None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("unknown dataset `cifar`"), "{e}");
-    // The sample is always there.
+    // Without --data the sample is always there.
     assert_eq!(
-        Dataset::load("mnist-sample", Split::Test, Some(dir.path()))
+        Dataset::load("mnist-sample", Split::Test, None)
             .unwrap()
             .len(),
         2000
     );
+}
+
+#[test]
+fn an_explicit_data_folder_is_used_exactly_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = |name: &str, split: Split, d: &Path| {
+        Dataset::load(name, split, Some(d)).unwrap_err().to_string()
+    };
+    // Missing, a file, empty: each says so, and nothing else is loaded in
+    // its place (not the system's copy, not the bundled sample).
+    let e = err("fashion-mnist", Split::Train, &dir.path().join("absent"));
+    assert!(e.contains("absent: does not exist"), "{e}");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let e = err("mnist", Split::Train, &file);
+    assert!(e.contains("a-file: is not a folder"), "{e}");
+    let e = err("mnist-sample", Split::Train, dir.path());
+    assert!(
+        e.contains("no train-images-idx3-ubyte[.gz] there")
+            && e.contains("train-labels-idx1-ubyte.gz"),
+        "{e}"
+    );
+    // A folder with only the train split: train loads, test is refused
+    // (not mixed in from elsewhere).
+    write_split(dir.path(), idx(&[2, 2, 2], &[0; 8]), idx(&[2], &[1, 2]));
+    assert_eq!(
+        Dataset::load("mnist", Split::Train, Some(dir.path()))
+            .unwrap()
+            .len(),
+        2
+    );
+    let e = err("mnist", Split::Test, dir.path());
+    assert!(e.contains("no t10k-images-idx3-ubyte[.gz]"), "{e}");
+}
+
+#[test]
+fn a_dataset_of_no_images_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_split(dir.path(), idx(&[0, 28, 28], &[]), idx(&[0], &[]));
+    match data_error(Dataset::load("mnist", Split::Train, Some(dir.path()))) {
+        DataError::BadDimensions(m) => assert!(m.contains("0 images"), "{m}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

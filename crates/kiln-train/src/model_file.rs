@@ -54,6 +54,54 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// Removes the temporary files [`write_atomic`] leaves in `dir` when its
+/// process is killed mid-write (`.NAME.tmp-PID`), and returns them. A
+/// temporary whose process still runs is kept (on Linux, by `/proc`;
+/// elsewhere, one modified within the last hour). A missing `dir` has none.
+pub fn remove_stale_temporaries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix('.'))
+            .and_then(|n| n.rsplit_once(".tmp-"))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        if pid == std::process::id() || writer_may_live(pid, &entry) {
+            continue;
+        }
+        let path = entry.path();
+        std::fs::remove_file(&path).map_err(|e| {
+            Error::io(
+                format!("removing the stale temporary {}", path.display()),
+                e,
+            )
+        })?;
+        removed.push(path);
+    }
+    Ok(removed)
+}
+
+/// Whether the process that wrote a temporary may still be writing it.
+fn writer_may_live(pid: u32, entry: &std::fs::DirEntry) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age.as_secs() < 3600)
+    }
+}
+
 /// Saves `model`'s weights and spec to `path`, with `extra` metadata.
 pub fn save<B: Backend>(
     path: &Path,
@@ -97,7 +145,32 @@ pub fn save_with<B: Backend>(
     meta.insert(MODEL_SEED_KEY.into(), model.seed().to_string());
     let bytes = safetensors::serialize(views, &Some(meta))
         .map_err(|e| Error::invalid(format!("serialising {}: {e}", path.display())))?;
-    write_atomic(path, &bytes)
+    write_atomic(path, &canonical_header(bytes)?)
+}
+
+/// The same safetensors bytes with the JSON header's keys in sorted order
+/// (the crate writes its metadata in hash-map order, so identical models
+/// gave different files): identical runs now give identical files, and a
+/// file's sha256 identifies it. The header keeps its length (only the
+/// order of its entries changes) and so every data offset.
+fn canonical_header(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let bad = || Error::invalid("safetensors wrote a header it cannot read back".to_string());
+    let n = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| 8 + n <= bytes.len())
+        .ok_or_else(bad)?;
+    // serde_json's maps are sorted (no `preserve_order`), recursively.
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).map_err(|_| bad())?;
+    let sorted = serde_json::to_vec(&header).map_err(|_| bad())?;
+    if sorted.len() > n {
+        return Err(bad());
+    }
+    bytes[8..8 + sorted.len()].copy_from_slice(&sorted);
+    bytes[8 + sorted.len()..8 + n].fill(b' ');
+    Ok(bytes)
 }
 
 /// A model loaded from disk, with the file's metadata.

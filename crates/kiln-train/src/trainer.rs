@@ -354,6 +354,12 @@ impl<B: Backend> Trainer<B> {
         if let Some(v) = validation {
             self.check_dataset(v)?;
         }
+        if train.is_empty() {
+            return Err(Error::invalid(format!(
+                "the training set `{}` has no examples: nothing to train on",
+                train.name()
+            )));
+        }
         if cfg.batch_size == 0 {
             return Err(Error::invalid("batch size must be at least 1"));
         }

@@ -430,3 +430,47 @@ fn broken_checkpoints_are_specific_errors() {
     trainer_on(b.clone(), 1).fit(&train, None, &c).unwrap();
     assert_eq!(kiln_train::checkpoint::list(dir.path()).unwrap().len(), 2);
 }
+
+#[test]
+fn identical_models_give_identical_files() {
+    // The metadata is written in sorted order, so the bytes (and a sha256
+    // of them) identify the model; hash-map order had made every save differ.
+    let dir = tempfile::tempdir().unwrap();
+    let t = trainer(5, 1);
+    let meta: HashMap<String, String> = (0..6)
+        .map(|i| (format!("kiln.extra{i}"), i.to_string()))
+        .collect();
+    let files: Vec<Vec<u8>> = (0..6)
+        .map(|i| {
+            let path = dir.path().join(format!("m{i}.safetensors"));
+            model_file::save(&path, t.model(), &meta.clone().into_iter().collect()).unwrap();
+            std::fs::read(&path).unwrap()
+        })
+        .collect();
+    assert!(files.windows(2).all(|w| w[0] == w[1]), "saves differ");
+    // Still a valid file with every entry.
+    let loaded =
+        model_file::load(&dir.path().join("m0.safetensors"), &CpuBackend::reference()).unwrap();
+    assert_eq!(loaded.metadata["kiln.extra5"], "5");
+}
+
+#[test]
+fn temporaries_of_killed_writers_are_removed_and_live_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let stale = dir.path().join(".model.safetensors.tmp-4000000000");
+    let mine = dir
+        .path()
+        .join(format!(".ckpt-3.safetensors.tmp-{}", std::process::id()));
+    let other = dir.path().join("notes.tmp-12");
+    for p in [&stale, &mine, &other] {
+        std::fs::write(p, b"partial").unwrap();
+    }
+    let removed = model_file::remove_stale_temporaries(dir.path()).unwrap();
+    assert_eq!(removed, vec![stale.clone()]);
+    assert!(!stale.exists() && mine.exists() && other.exists());
+    assert!(
+        model_file::remove_stale_temporaries(&dir.path().join("absent"))
+            .unwrap()
+            .is_empty()
+    );
+}

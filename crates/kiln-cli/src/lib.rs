@@ -29,6 +29,7 @@ use kiln_cpu::{features, CpuBackend, KernelSet};
 use kiln_data::{Dataset, Split};
 use kiln_nn::{Adam, Loss, ModelSpec, Optimizer, Precision, Sequential, Sgd};
 mod bench;
+mod http;
 mod predict;
 mod report;
 mod serve;

@@ -7,15 +7,19 @@
 //! - `GET /metrics` → Prometheus text: requests by status, images
 //!   classified, batches run, request latency.
 //!
-//! Connections are read by a few handler threads; the requests' images go
-//! to one batcher thread, which runs everything waiting (up to
-//! `--max-batch` images) through the model at once, so concurrent clients
-//! share forward passes. Bodies over `--max-body` bytes, malformed JSON,
-//! wrong image sizes and non-finite pixels get a 4xx with a JSON error.
-//! Binds 127.0.0.1 unless told otherwise; SIGTERM or Ctrl-C stops it
-//! cleanly (in-flight requests finish).
+//! The HTTP side is [`crate::http`]: a thread per connection reads whole
+//! requests within time and size limits and hands them to `--workers`
+//! threads; the requests' images go to one batcher thread, which runs
+//! everything waiting (up to `--max-batch` images) through the model at
+//! once, so concurrent clients share forward passes. Bodies over
+//! `--max-body` bytes, malformed JSON, wrong image sizes and pixels beyond
+//! f32 get a 4xx with a JSON error, as does an output that is not finite
+//! (never a 200 with NaN). Binds 127.0.0.1 unless told otherwise; any
+//! other address needs `--token-file` (a bearer token on every endpoint but
+//! `/healthz`) or an explicit `--no-auth`. SIGTERM or Ctrl-C drains: no new
+//! connections, every request already read is answered, idle and half-read
+//! connections are closed, and the server exits within `--grace` seconds.
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +30,8 @@ use std::time::{Duration, Instant};
 use kiln_core::{Error, Result};
 use kiln_cpu::CpuBackend;
 use kiln_train::{model_file, Trainer};
+
+use crate::http::{Request, Response, Server};
 use serde_json::{json, Value};
 
 /// The arguments of `kiln serve`.
@@ -43,12 +49,87 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 8 << 20)]
     pub max_body: usize,
-    /// Connection-handling threads.
+    /// Threads that handle complete requests (parse, batch, answer).
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
+    /// Connections open at once; more get a 503.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: usize,
+    /// Seconds to receive a whole request from its first byte (a 408 past it).
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub read_timeout: f64,
+    /// Seconds an open connection may wait for its next request.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    pub idle_timeout: f64,
+    /// Seconds to drain after SIGTERM before exiting regardless.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    pub grace: f64,
+    /// A file holding the bearer token every request but GET /healthz must
+    /// send (`Authorization: Bearer TOKEN`); needed to bind a non-loopback address.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Serve a non-loopback address without a token (anyone who can reach it may use it).
+    #[arg(long)]
+    pub no_auth: bool,
     /// Backend: cpu, or cpu:KERNELS.
     #[arg(long, default_value = "cpu")]
     pub backend: String,
+}
+
+impl ServeArgs {
+    /// The HTTP limits the flags ask for, each checked.
+    fn limits(&self) -> Result<crate::http::Limits> {
+        let seconds = |flag: &str, v: f64| {
+            if v.is_finite() && v > 0.0 && v <= 3600.0 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(Error::invalid(format!(
+                    "{flag} {v}: expected seconds, more than 0 and at most 3600"
+                )))
+            }
+        };
+        let count = |flag: &str, v: usize, max: usize| {
+            if (1..=max).contains(&v) {
+                Ok(v)
+            } else {
+                Err(Error::invalid(format!("{flag} {v}: expected 1 to {max}")))
+            }
+        };
+        count("--max-batch", self.max_batch, 1 << 16)?;
+        Ok(crate::http::Limits {
+            body_bytes: count("--max-body", self.max_body, 1 << 30)?,
+            header_bytes: 16 * 1024,
+            read_timeout: seconds("--read-timeout", self.read_timeout)?,
+            idle_timeout: seconds("--idle-timeout", self.idle_timeout)?,
+            connections: count("--max-connections", self.max_connections, 100_000)?,
+            workers: kiln_cpu::check_threads("--workers", self.workers)?,
+            grace: seconds("--grace", self.grace)?,
+        })
+    }
+
+    /// The bearer token, if any; refuses an open non-loopback bind.
+    fn token(&self) -> Result<Option<Vec<u8>>> {
+        if let Some(path) = &self.token_file {
+            let text = std::fs::read(path)
+                .map_err(|e| Error::io(format!("reading the token file {}", path.display()), e))?;
+            let token = text.trim_ascii().to_vec();
+            if token.len() < 16 || token.iter().any(|b| !b.is_ascii_graphic()) {
+                return Err(Error::invalid(format!(
+                    "{}: a token is at least 16 printable characters on one line (e.g. `openssl rand -hex 32`)",
+                    path.display()
+                )));
+            }
+            return Ok(Some(token));
+        }
+        if !self.addr.ip().is_loopback() && !self.no_auth {
+            return Err(Error::invalid(format!(
+                "binding {} serves anyone who can reach it: pass --token-file FILE \
+                 (clients then send `Authorization: Bearer TOKEN`) or --no-auth",
+                self.addr
+            )));
+        }
+        Ok(None)
+    }
 }
 
 /// Images of one request, and where its answer goes.
@@ -150,23 +231,6 @@ fn batcher(
     }
 }
 
-/// A JSON response.
-fn respond(
-    req: tiny_http::Request,
-    status: u16,
-    body: &Value,
-    metrics: &Metrics,
-    started: Instant,
-) {
-    let header =
-        tiny_http::Header::from_bytes("Content-Type", "application/json").expect("a valid header");
-    let r = tiny_http::Response::from_string(body.to_string())
-        .with_status_code(status)
-        .with_header(header);
-    let _ = req.respond(r);
-    metrics.record(status, started);
-}
-
 fn error_body(msg: impl Into<String>) -> Value {
     json!({ "error": msg.into() })
 }
@@ -194,129 +258,121 @@ fn parse_images(body: &[u8], pixels: usize) -> std::result::Result<(Vec<f32>, us
                 px.len()
             ));
         }
-        for p in px {
-            match p.as_f64() {
-                Some(x) if x.is_finite() => flat.push(x as f32),
-                _ => return Err(format!("image {i} holds {p}, not a finite number")),
+        for (j, p) in px.iter().enumerate() {
+            // Checked in f32, the type the model computes in: 1e39 is a
+            // finite JSON number but ∞ there.
+            match p.as_f64().map(|x| x as f32) {
+                Some(x) if x.is_finite() => flat.push(x),
+                Some(_) => {
+                    return Err(format!(
+                        "image {i} pixel {j} is {p}, beyond the f32 range the model computes in (pixels are 0..1)"
+                    ))
+                }
+                None => return Err(format!("image {i} pixel {j} is {p}, not a number")),
             }
         }
     }
     Ok((flat, list.len()))
 }
 
-/// Handles requests until `stop` is set.
-#[allow(clippy::too_many_arguments)]
-fn handle(
-    server: Arc<tiny_http::Server>,
-    jobs: Sender<Job>,
+/// What every request needs: the batcher's queue, the counters, the model's facts.
+struct App {
+    jobs: Mutex<Sender<Job>>,
     metrics: Arc<Metrics>,
-    stop: Arc<AtomicBool>,
     pixels: usize,
-    names: Arc<Vec<String>>,
+    names: Vec<String>,
     model_name: String,
-    max_body: usize,
-) {
-    while !stop.load(Ordering::SeqCst) {
-        let mut req = match server.recv_timeout(Duration::from_millis(100)) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(_) => break,
-        };
+    token: Option<Vec<u8>>,
+}
+
+impl App {
+    /// Answers one request, counting it.
+    fn handle(&self, req: Request) -> Response {
         let started = Instant::now();
-        let url = req.url().split('?').next().unwrap_or("").to_string();
-        match (req.method(), url.as_str()) {
-            (tiny_http::Method::Get, "/healthz") => {
-                let body = json!({"status": "ok", "model": model_name});
-                respond(req, 200, &body, &metrics, started);
-            }
-            (tiny_http::Method::Get, "/metrics") => {
-                let text = metrics.prometheus();
-                let header =
-                    tiny_http::Header::from_bytes("Content-Type", "text/plain; version=0.0.4")
-                        .expect("a valid header");
-                let _ = req.respond(tiny_http::Response::from_string(text).with_header(header));
-                metrics.record(200, started);
-            }
-            (tiny_http::Method::Post, "/v1/predict") => {
-                if req.body_length().is_some_and(|n| n > max_body) {
-                    let msg = format!("the body is over the {max_body}-byte limit");
-                    respond(req, 413, &error_body(msg), &metrics, started);
-                    continue;
-                }
-                let mut body = Vec::new();
-                let read = req
-                    .as_reader()
-                    .take(max_body as u64 + 1)
-                    .read_to_end(&mut body);
-                if read.is_err() {
-                    respond(
-                        req,
-                        400,
-                        &error_body("could not read the body"),
-                        &metrics,
-                        started,
-                    );
-                    continue;
-                }
-                if body.len() > max_body {
-                    let msg = format!("the body is over the {max_body}-byte limit");
-                    respond(req, 413, &error_body(msg), &metrics, started);
-                    continue;
-                }
-                let (images, count) = match parse_images(&body, pixels) {
-                    Ok(x) => x,
-                    Err(msg) => {
-                        respond(req, 400, &error_body(msg), &metrics, started);
-                        continue;
-                    }
-                };
-                let (tx, rx) = channel();
-                let sent = jobs.send(Job {
-                    images,
-                    count,
-                    reply: tx,
-                });
-                match sent.ok().and_then(|_| rx.recv().ok()) {
-                    Some(Ok(probs)) => {
-                        let classes = probs.len() / count.max(1);
-                        let preds: Vec<Value> = probs
-                            .chunks_exact(classes.max(1))
-                            .map(|p| {
-                                let best =
-                                    (0..p.len()).fold(0, |b, j| if p[j] > p[b] { j } else { b });
-                                json!({"class": best, "label": names.get(best), "probabilities": p})
-                            })
-                            .collect();
-                        respond(
-                            req,
-                            200,
-                            &json!({ "predictions": preds }),
-                            &metrics,
-                            started,
-                        );
-                    }
-                    Some(Err(e)) => {
-                        respond(req, 500, &error_body(e.to_string()), &metrics, started)
-                    }
-                    None => respond(req, 503, &error_body("shutting down"), &metrics, started),
+        let r = self.route(req);
+        self.metrics.record(r.status, started);
+        r
+    }
+
+    fn route(&self, req: Request) -> Response {
+        let err = |status, msg: String| Response::json(status, &error_body(msg));
+        let known = matches!(req.path.as_str(), "/healthz" | "/metrics" | "/v1/predict");
+        if req.path != "/healthz" {
+            if let Some(token) = &self.token {
+                let given = req
+                    .headers
+                    .get("authorization")
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .map(str::trim);
+                if !given.is_some_and(|g| crate::http::constant_time_eq(g.as_bytes(), token)) {
+                    let mut r = err(401, "a valid bearer token is required".into());
+                    r.headers.push(("WWW-Authenticate", "Bearer".into()));
+                    return r;
                 }
             }
-            (_, "/healthz" | "/metrics" | "/v1/predict") => {
-                respond(
-                    req,
-                    405,
-                    &error_body("method not allowed"),
-                    &metrics,
-                    started,
-                );
+        }
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET", "/healthz") => {
+                Response::json(200, &json!({"status": "ok", "model": self.model_name}))
             }
-            _ => respond(
-                req,
+            ("GET", "/metrics") => Response {
+                status: 200,
+                content_type: "text/plain; version=0.0.4",
+                headers: Vec::new(),
+                body: self.metrics.prometheus().into_bytes(),
+            },
+            ("POST", "/v1/predict") => self.predict(&req.body),
+            _ if known => err(405, "method not allowed".into()),
+            // The path is not echoed back.
+            _ => err(
                 404,
-                &error_body(format!("no endpoint {url}")),
-                &metrics,
-                started,
+                "no such endpoint: try POST /v1/predict, GET /healthz or GET /metrics".into(),
             ),
+        }
+    }
+
+    fn predict(&self, body: &[u8]) -> Response {
+        let err = |status, msg: String| Response::json(status, &error_body(msg));
+        let (images, count) = match parse_images(body, self.pixels) {
+            Ok(x) => x,
+            Err(msg) => return err(400, msg),
+        };
+        let (tx, rx) = channel();
+        let sent = self.jobs.lock().is_ok_and(|j| {
+            j.send(Job {
+                images,
+                count,
+                reply: tx,
+            })
+            .is_ok()
+        });
+        match sent.then(|| rx.recv().ok()).flatten() {
+            // Huge (finite) pixels can overflow inside the model: never
+            // answer 200 with NaN.
+            Some(Ok(probs)) if probs.iter().any(|p| !p.is_finite()) => {
+                let classes = (probs.len() / count.max(1)).max(1);
+                let bad = probs
+                    .chunks(classes)
+                    .position(|p| p.iter().any(|v| !v.is_finite()))
+                    .unwrap_or(0);
+                err(
+                    422,
+                    format!("image {bad}: the model's output is not finite for these pixels (they are far outside 0..1)"),
+                )
+            }
+            Some(Ok(probs)) => {
+                let classes = (probs.len() / count.max(1)).max(1);
+                let preds: Vec<Value> = probs
+                    .chunks_exact(classes)
+                    .map(|p| {
+                        let best = (0..p.len()).fold(0, |b, j| if p[j] > p[b] { j } else { b });
+                        json!({"class": best, "label": self.names.get(best), "probabilities": p})
+                    })
+                    .collect();
+                Response::json(200, &json!({ "predictions": preds }))
+            }
+            Some(Err(e)) => err(500, e.to_string()),
+            None => err(503, "shutting down".into()),
         }
     }
 }
@@ -336,45 +392,38 @@ pub fn serve(a: ServeArgs, backend: CpuBackend, stop: Arc<AtomicBool>) -> Result
     let names = Arc::new(kiln_data::dataset::class_names(&dataset, classes));
     let trainer = Trainer::for_inference(loaded.model, backend)?;
 
-    let server = tiny_http::Server::http(a.addr)
-        .map_err(|e| Error::invalid(format!("cannot listen on {}: {e}", a.addr)))?;
-    let local = server
-        .server_addr()
-        .to_ip()
-        .map_or_else(|| a.addr.to_string(), |s| s.to_string());
-    let server = Arc::new(server);
+    let limits = a.limits()?;
+    let token = a.token()?;
+    let server = Server::bind(a.addr, limits)?;
+    let local = server.local_addr()?;
     let metrics = Arc::new(Metrics::default());
     let (jobs, queue) = channel();
     let batch_metrics = Arc::clone(&metrics);
-    let max_batch = a.max_batch.max(1);
+    let max_batch = a.max_batch;
     let batch_thread = std::thread::Builder::new()
         .name("kiln-batcher".into())
         .spawn(move || batcher(trainer, queue, max_batch, batch_metrics))
         .map_err(|e| Error::io("starting the batcher thread".to_string(), e))?;
-    let handlers: Vec<_> = (0..a.workers.max(1))
-        .map(|i| {
-            let (server, jobs, metrics, stop, names) = (
-                Arc::clone(&server),
-                jobs.clone(),
-                Arc::clone(&metrics),
-                Arc::clone(&stop),
-                Arc::clone(&names),
-            );
-            let (name, max_body) = (model_name.clone(), a.max_body);
-            std::thread::Builder::new()
-                .name(format!("kiln-http-{i}"))
-                .spawn(move || handle(server, jobs, metrics, stop, pixels, names, name, max_body))
-                .map_err(|e| Error::io("starting an HTTP thread".to_string(), e))
-        })
-        .collect::<Result<_>>()?;
-    drop(jobs);
-    println!("serving model `{model_name}` on http://{local} (POST /v1/predict, GET /healthz, GET /metrics)");
+    let app = Arc::new(App {
+        jobs: Mutex::new(jobs),
+        metrics,
+        pixels,
+        names: names.to_vec(),
+        model_name: model_name.clone(),
+        token,
+    });
+    let auth = if app.token.is_some() {
+        ", bearer token required"
+    } else {
+        ""
+    };
+    println!("serving model `{model_name}` on http://{local} (POST /v1/predict, GET /healthz, GET /metrics{auth})");
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    for h in handlers {
-        let _ = h.join();
-    }
-    // Every sender is gone: the batcher finishes what it has and returns.
+    let handler_app = Arc::clone(&app);
+    server.run(Arc::new(move |req| handler_app.handle(req)), stop)?;
+    // Every request is answered; dropping the queue's sender ends the batcher.
+    drop(app);
     let _ = batch_thread.join();
     println!("stopped");
     Ok(())

@@ -399,7 +399,7 @@ fn a_failure_names_its_tier_and_a_line_that_reruns_it() {
     assert_eq!(r.tiers.len(), 2);
     assert_eq!(r.tiers[0].status, Status::Pass);
     assert!(
-        r.reproduce.contains("KILN_CONFORMANCE_BLOCKED_CASES=12")
+        r.reproduce.contains("KILN_CONFORMANCE_BLOCKED_CASES=24")
             && r.reproduce.contains("--op gemm --dtype f32 --tier blocked"),
         "{}",
         r.reproduce

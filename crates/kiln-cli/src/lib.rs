@@ -102,9 +102,9 @@ struct TrainArgs {
     /// Examples per step.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
-    /// Learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f32,
+    /// Learning rate [default: 1e-3, or the checkpoint's with --resume].
+    #[arg(long)]
+    lr: Option<f32>,
     /// Optimiser (Keras defaults).
     #[arg(long, value_enum, default_value = "adam")]
     optimizer: OptimizerName,
@@ -188,6 +188,9 @@ struct EvalArgs {
     /// Also write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Folder for the confusion-matrix plots [default: the model's folder].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
     /// Compute in f32, bf16 or f16 (the weights are read as stored).
     #[arg(long, value_parser = ["f32", "bf16", "f16"], default_value = "f32")]
     precision: String,
@@ -587,9 +590,22 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
             .map_err(|e| Error::io(format!("replacing {}", history_path.display()), e))?;
     }
 
+    // A resumed run keeps its learning rate; a different one is refused
+    // rather than silently ignored.
+    if let (Some(lr), Some(r)) = (a.lr, &restored) {
+        if lr != r.progress.lr {
+            return Err(Error::invalid(format!(
+                "--lr {lr}: the checkpoint trains at {} and a resumed run keeps its learning rate (leave --lr out)",
+                r.progress.lr
+            )));
+        }
+    }
+    let lr =
+        a.lr.or(restored.as_ref().map(|r| r.progress.lr))
+            .unwrap_or(1e-3);
     let mut optimizer: Box<dyn Optimizer<B>> = match a.optimizer {
-        OptimizerName::Adam => Box::new(Adam::new(a.lr)?),
-        OptimizerName::Sgd => Box::new(Sgd::new(a.lr, a.momentum)?),
+        OptimizerName::Adam => Box::new(Adam::new(lr)?),
+        OptimizerName::Sgd => Box::new(Sgd::new(lr, a.momentum)?),
     };
     let precision: Precision = match (&a.precision, &restored) {
         (Some(p), _) => p.parse()?,
@@ -772,16 +788,31 @@ fn run_eval<B: Backend>(a: EvalArgs, backend: B) -> Result<()> {
         report.examples as f64 / secs.max(1e-9)
     );
     print!("{}", report.render());
-    let dir = path
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let dir = match &a.out {
+        Some(d) => {
+            std::fs::create_dir_all(d)
+                .map_err(|e| Error::io(format!("creating the plot folder {}", d.display()), e))?;
+            d.clone()
+        }
+        None => path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), PathBuf::from),
+    };
     let stem = dir.join(format!("confusion-{}", ds.name()));
-    println!();
-    report_plots(&kiln_train::plots::confusion_matrix(&report, &stem)?);
     if let Some(json) = &a.json {
         model_file::write_atomic(json, report.to_json().as_bytes())?;
         println!("\nwrote {}", json.display());
+    }
+    println!();
+    // The plot is a by-product beside the model: where it cannot be drawn
+    // there, say so and keep the report; a folder the user named must work.
+    match kiln_train::plots::confusion_matrix(&report, &stem) {
+        Ok(w) => report_plots(&w),
+        Err(e) if a.out.is_none() => {
+            eprintln!("note: no confusion-matrix plot: {e} (pass --out DIR to write it elsewhere)")
+        }
+        Err(e) => return Err(e),
     }
     Ok(())
 }

@@ -391,6 +391,22 @@ fn sigint_checkpoints_and_resume_finishes_the_run() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("holds model `cnn`"), "{}", stderr(&o));
+    // A different --lr is refused, not silently ignored.
+    let o = kiln(&[
+        "train",
+        "--model",
+        "cnn",
+        "--resume",
+        b.join("checkpoints").to_str().unwrap(),
+        "--lr",
+        "0.5",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("--lr 0.5: the checkpoint trains at 0.001"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -989,4 +1005,68 @@ fn a_model_name_cannot_lead_the_default_output_out_of_runs() {
     );
     assert!(runs[0].path().join("model.safetensors").exists());
     assert!(!dir.path().join("a/escaped-mnist-sample").exists());
+}
+
+#[test]
+fn eval_keeps_its_report_where_the_plot_cannot_be_drawn_and_plots_where_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = kiln(&[
+        "train",
+        "--epochs",
+        "1",
+        "--limit",
+        "300",
+        "--plain",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A folder squats on the plot's name beside the model (root ignores
+    // read-only modes, so this is how the test makes the spot unwritable).
+    let squat = run.join("confusion-mnist-sample.svg");
+    std::fs::create_dir_all(&squat).unwrap();
+    let json = dir.path().join("report.json");
+    let o = kiln(&[
+        "eval",
+        "--model",
+        run.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("macro avg") && json.exists());
+    assert!(
+        stderr(&o).contains("no confusion-matrix plot")
+            && stderr(&o).contains("confusion-mnist-sample.svg"),
+        "{}",
+        stderr(&o)
+    );
+    // --out puts the plots where the user says; a folder that cannot be
+    // made is an error naming it.
+    let plots = dir.path().join("plots");
+    let o = kiln(&[
+        "eval",
+        "--model",
+        run.to_str().unwrap(),
+        "--out",
+        plots.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    if std::env::var_os("KILN_REQUIRE_PLOTS").is_some() {
+        assert!(plots.join("confusion-mnist-sample.png").exists());
+    }
+    let o = kiln(&[
+        "eval",
+        "--model",
+        run.to_str().unwrap(),
+        "--out",
+        "/proc/kiln-no-such/plots",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("/proc/kiln-no-such/plots"),
+        "{}",
+        stderr(&o)
+    );
 }

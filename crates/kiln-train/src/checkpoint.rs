@@ -63,6 +63,51 @@ pub struct Progress {
     pub loss_scale: Option<crate::LossScaler>,
 }
 
+impl Progress {
+    /// Checks that the fields are in range and agree with each other (a
+    /// tampered or corrupted checkpoint is refused, not trained on): a batch
+    /// size of 1 to 2²⁴, one history record per completed epoch, a partial
+    /// epoch no longer than `batch` full batches with at most as many
+    /// correct answers as examples and a finite, non-negative loss sum, a
+    /// finite positive learning rate, finite history numbers.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::invalid(format!("checkpoint progress: {what}")));
+        if self.batch_size == 0 || self.batch_size > 1 << 24 {
+            return bad(format!("batch size {} is out of range", self.batch_size));
+        }
+        if self.history.len() != self.epoch {
+            return bad(format!(
+                "it claims {} completed epochs but holds {} epoch records",
+                self.epoch,
+                self.history.len()
+            ));
+        }
+        let (loss, correct, seen) = self.partial;
+        let most = (self.batch as u128) * (self.batch_size as u128);
+        if (seen as u128) > most || correct > seen || !loss.is_finite() || loss < 0.0 {
+            return bad(format!(
+                "the partial epoch ({seen} examples, {correct} correct, loss sum {loss}) does not fit {} batches of {}",
+                self.batch, self.batch_size
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!(
+                "learning rate {} is not a positive number",
+                self.lr
+            ));
+        }
+        if let Some(r) = self.history.iter().find(|r| {
+            !(r.loss.is_finite() && r.accuracy.is_finite() && (0.0..=1.0).contains(&r.accuracy))
+        }) {
+            return bad(format!(
+                "epoch {} has loss {} and accuracy {}",
+                r.epoch, r.loss, r.accuracy
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A checkpoint read back: the model (with its weights), the optimiser
 /// state and the progress.
 pub struct Restored<B: Backend> {
@@ -191,6 +236,7 @@ pub fn from_bytes<B: Backend>(
     })?;
     let progress: Progress = serde_json::from_str(json)
         .map_err(|e| Error::invalid(format!("checkpoint progress: {e}")))?;
+    progress.validate()?;
     let mut slots = Vec::new();
     for (name, data) in loaded.extra {
         let rest = name.strip_prefix("optimizer.").unwrap_or(&name);

@@ -20,6 +20,19 @@ pub const VERSION_KEY: &str = "kiln.version";
 /// streams depend on it).
 pub const MODEL_SEED_KEY: &str = "kiln.model_seed";
 
+/// The metadata key holding each tensor's checksum (JSON: name → hex
+/// FNV-1a-64 of its bytes), verified on load.
+pub const CHECKSUMS_KEY: &str = "kiln.checksums";
+
+/// FNV-1a, 64-bit, of `bytes`, as 16 hex digits: catches flipped bytes in
+/// a tensor's data (it is no defence against deliberate tampering).
+pub fn checksum(bytes: &[u8]) -> String {
+    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{h:016x}")
+}
+
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync of the folder).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
@@ -140,6 +153,14 @@ pub fn save_with<B: Backend>(
         })
         .collect::<Result<_>>()?;
     let mut meta = extra.clone();
+    let sums: std::collections::BTreeMap<&str, String> = host
+        .iter()
+        .map(|(name, _, data)| (name.as_str(), checksum(data.as_bytes())))
+        .collect();
+    meta.insert(
+        CHECKSUMS_KEY.into(),
+        serde_json::to_string(&sums).map_err(|e| Error::invalid(e.to_string()))?,
+    );
     meta.insert(SPEC_KEY.into(), model.spec().to_json());
     meta.insert(VERSION_KEY.into(), env!("CARGO_PKG_VERSION").into());
     meta.insert(MODEL_SEED_KEY.into(), model.seed().to_string());
@@ -288,6 +309,44 @@ pub fn from_bytes_with_extra<B: Backend>(
             .map_err(|_| Error::invalid(format!("`{MODEL_SEED_KEY}` is `{s}`, not a seed")))?,
         None => 0,
     };
+    // Every tensor's bytes as written (files from before checksums were
+    // kept have none to check), and finite values throughout.
+    let sums: Option<HashMap<String, String>> = metadata
+        .get(CHECKSUMS_KEY)
+        .map(|j| {
+            serde_json::from_str(j).map_err(|e| {
+                Error::invalid(format!("`{CHECKSUMS_KEY}` metadata does not parse: {e}"))
+            })
+        })
+        .transpose()?;
+    for (name, view) in st.tensors() {
+        if let Some(sums) = &sums {
+            let want = sums.get(&name).ok_or_else(|| {
+                Error::invalid(format!(
+                    "tensor `{name}` has no checksum: the file was altered after it was written"
+                ))
+            })?;
+            let got = checksum(view.data());
+            if &got != want {
+                return Err(Error::invalid(format!(
+                    "tensor `{name}` is corrupted: its data's checksum is {got}, the file recorded {want}"
+                )));
+            }
+        }
+        if view.dtype() == safetensors::Dtype::F32 {
+            let bad = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .enumerate()
+                .find(|(_, v)| !v.is_finite());
+            if let Some((i, v)) = bad {
+                return Err(Error::invalid(format!(
+                    "tensor `{name}` holds {v} at element {i}: refusing a model with non-finite weights"
+                )));
+            }
+        }
+    }
     let mut model = Sequential::from_spec(&spec, seed, backend)?;
     let names: Vec<String> = model.named_params().into_iter().map(|(n, _)| n).collect();
     let mut extra = Vec::new();

@@ -53,8 +53,8 @@ fn font() -> std::result::Result<(), String> {
     .clone()
 }
 
-fn plot_error(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::invalid(format!("drawing {what}: {e}"))
+fn plot_error(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("drawing {what} to {}: {e}", path.display()))
 }
 
 /// The training curves of `history` (loss and accuracy, with validation
@@ -71,17 +71,17 @@ pub fn training_curves(history: &[EpochRecord], stem: &Path) -> Result<Written> 
     let svg = stem.with_extension("svg");
     {
         let root = SVGBackend::new(&svg, (1000, 420)).into_drawing_area();
-        curves(&root, history).map_err(|e| plot_error("training curves", e))?;
+        curves(&root, history).map_err(|e| plot_error("training curves", &svg, e))?;
         root.present()
-            .map_err(|e| plot_error("training curves", e))?;
+            .map_err(|e| plot_error("training curves", &svg, e))?;
     }
     written.files.push(svg);
     let png = stem.with_extension("png");
     {
         let root = BitMapBackend::new(&png, (1000, 420)).into_drawing_area();
-        curves(&root, history).map_err(|e| plot_error("training curves", e))?;
+        curves(&root, history).map_err(|e| plot_error("training curves", &png, e))?;
         root.present()
-            .map_err(|e| plot_error("training curves", e))?;
+            .map_err(|e| plot_error("training curves", &png, e))?;
     }
     written.files.push(png);
     Ok(written)
@@ -168,17 +168,17 @@ pub fn confusion_matrix(report: &ClassificationReport, stem: &Path) -> Result<Wr
     let svg = stem.with_extension("svg");
     {
         let root = SVGBackend::new(&svg, (720, 680)).into_drawing_area();
-        heat(&root, report).map_err(|e| plot_error("the confusion matrix", e))?;
+        heat(&root, report).map_err(|e| plot_error("the confusion matrix", &svg, e))?;
         root.present()
-            .map_err(|e| plot_error("the confusion matrix", e))?;
+            .map_err(|e| plot_error("the confusion matrix", &svg, e))?;
     }
     written.files.push(svg);
     let png = stem.with_extension("png");
     {
         let root = BitMapBackend::new(&png, (720, 680)).into_drawing_area();
-        heat(&root, report).map_err(|e| plot_error("the confusion matrix", e))?;
+        heat(&root, report).map_err(|e| plot_error("the confusion matrix", &png, e))?;
         root.present()
-            .map_err(|e| plot_error("the confusion matrix", e))?;
+            .map_err(|e| plot_error("the confusion matrix", &png, e))?;
     }
     written.files.push(png);
     Ok(written)

@@ -299,6 +299,20 @@ impl<B: Backend> Trainer<B> {
                 train.name()
             )));
         }
+        if cfg.epochs <= progress.epoch {
+            return Err(Error::invalid(format!(
+                "nothing to resume: the checkpoint has trained {} epochs and the run asks for {} in all \
+                 (the epoch count is the whole run's: ask for more than {})",
+                progress.epoch, cfg.epochs, progress.epoch
+            )));
+        }
+        let batches = train.len().div_ceil(cfg.batch_size.max(1));
+        if progress.batch >= batches {
+            return Err(Error::invalid(format!(
+                "cannot resume: the checkpoint is at batch {} of an epoch of {batches}",
+                progress.batch
+            )));
+        }
         self.run(train, validation, cfg, Some(progress))
     }
 

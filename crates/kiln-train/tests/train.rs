@@ -367,6 +367,15 @@ fn resume_from_a_checkpoint_is_bit_identical() {
         e.contains("cannot resume") && e.contains("mnist-sample"),
         "{e}"
     );
+    // The run is complete: resuming it to the same total trains nothing.
+    let e = t
+        .resume(&train, None, &cfg_for(4, "c"), &r.progress)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("nothing to resume") && e.contains("more than 4"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -473,4 +482,87 @@ fn temporaries_of_killed_writers_are_removed_and_live_ones_kept() {
             .unwrap()
             .is_empty()
     );
+}
+
+#[test]
+fn corrupted_tensor_data_and_non_finite_weights_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let mut t = trainer(7, 1);
+    model_file::save(&path, t.model(), &HashMap::new()).unwrap();
+    let b = CpuBackend::reference();
+    // One flipped byte in the last tensor's data.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x40;
+    let e = model_file::from_bytes(&bytes, &b)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("is corrupted") && e.contains("checksum"), "{e}");
+    // NaN and ∞ weights: the file is intact, the model is not.
+    for bad in [f32::NAN, f32::INFINITY] {
+        let p = &mut t.model_mut().params_mut()[0];
+        let mut v = p.value().to_vec_f32().unwrap();
+        v[5] = bad;
+        let dims = p.shape().dims().to_vec();
+        p.set(&kiln_core::Tensor::from_slice(&v, &dims, &b).unwrap())
+            .unwrap();
+        model_file::save(&path, t.model(), &HashMap::new()).unwrap();
+        let e = model_file::load(&path, &b).err().unwrap().to_string();
+        assert!(
+            e.contains("non-finite weights") && e.contains("element 5") && e.contains("weight"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn tampered_checkpoint_progress_is_refused() {
+    use kiln_train::checkpoint::Progress;
+    let good = Progress {
+        epoch: 1,
+        batch: 3,
+        seed: 1,
+        batch_size: 32,
+        dataset: "mnist-sample".into(),
+        dataset_fingerprint: "0".into(),
+        augment: false,
+        optimizer: "adam".into(),
+        optimizer_step: 40,
+        lr: 1e-3,
+        rng_positions: Vec::new(),
+        partial: (50.0, 60, 96),
+        history: vec![serde_json::from_str(
+            r#"{"epoch": 1, "loss": 0.5, "accuracy": 0.8, "lr": 0.001, "seconds": 1.0, "images_per_sec": 100.0}"#,
+        )
+        .unwrap()],
+        precision: "f32".into(),
+        loss_scale: None,
+    };
+    good.validate().unwrap();
+    type Tamper = Box<dyn Fn(&mut Progress)>;
+    let tampered: [(&str, Tamper); 6] = [
+        ("batch size", Box::new(|p| p.batch_size = 1 << 30)),
+        (
+            "epoch records",
+            Box::new(|p| p.epoch = 1_000_000_000_000_000),
+        ),
+        (
+            "partial epoch",
+            Box::new(|p| p.partial = (1e300, 10, 1 << 40)),
+        ),
+        ("partial epoch", Box::new(|p| p.partial = (1.0, 97, 96))),
+        ("learning rate", Box::new(|p| p.lr = f32::NAN)),
+        (
+            "epoch 1 has loss",
+            Box::new(|p| p.history[0].loss = f64::INFINITY),
+        ),
+    ];
+    for (says, tamper) in tampered {
+        let mut p = good.clone();
+        tamper(&mut p);
+        let e = p.validate().unwrap_err().to_string();
+        assert!(e.contains(says), "{says}: {e}");
+    }
 }

@@ -535,6 +535,12 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
             "--epochs and --batch-size must be at least 1",
         ));
     }
+    // A Ctrl-C always writes a checkpoint, so one must be kept.
+    if a.keep == 0 {
+        return Err(Error::invalid(
+            "--keep 0: keep at least the newest checkpoint",
+        ));
+    }
     let restored = a
         .resume
         .as_deref()
@@ -556,6 +562,9 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         (Some(r), None) => r.model.spec(),
         (None, m) => model_spec(m.as_deref().unwrap_or("mlp"))?,
     };
+    // Planned from the spec, before the model or any batch is allocated.
+    let plan = spec.memory(a.batch_size)?;
+    plan.check(&spec.name, a.batch_size, kiln_nn::memory_limit()?)?;
     let mut train_set = Dataset::load(&a.dataset, Split::Train, a.data.as_deref())?;
     if a.limit == Some(0) {
         return Err(Error::invalid("--limit 0: train on at least one example"));
@@ -633,6 +642,14 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     };
     model.set_precision(precision);
     say(model.summary().trim_end().to_string());
+    say(format!(
+        "Estimated memory at batch {}: {} (parameters and optimiser {}, activations {}, workspace {})",
+        a.batch_size,
+        kiln_nn::spec::gib(plan.total()),
+        kiln_nn::spec::gib(plan.params),
+        kiln_nn::spec::gib(plan.activations),
+        kiln_nn::spec::gib(plan.workspace)
+    ));
     say(format!(
         "training on {} ({} train, {} test) with {}, {}, batch {}, seed {}, precision {}",
         a.dataset,
@@ -763,6 +780,11 @@ fn eval<D: Device>(a: EvalArgs, device: &D) -> Result<()> {
 }
 
 fn run_eval<B: Backend>(a: EvalArgs, backend: B) -> Result<()> {
+    if a.batch_size == 0 {
+        return Err(Error::invalid(
+            "--batch-size 0: evaluate at least one example per pass",
+        ));
+    }
     // Model files and checkpoints alike (a checkpoint's optimiser state is ignored).
     let (loaded, path) = model_file::load_for_inference(&a.model, &backend)?;
     let split = if a.split == "train" {

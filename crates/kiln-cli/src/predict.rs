@@ -35,6 +35,11 @@ struct Image {
     pixels: Vec<f32>,
 }
 
+/// The most pixels a PNG may have (4096 × 4096).
+const MAX_PNG_PIXELS: u64 = 1 << 24;
+/// The most bytes decoding a PNG may take (RGBA at 8 bits for 4096 × 4096).
+const MAX_PNG_BYTES: usize = 64 << 20;
+
 /// Reads a PNG as `h × w` gray pixels in [0, 1]: colour averaged by
 /// luminance (Rec. 601), alpha composited onto black, 16-bit scaled.
 fn read_png(path: &Path, want: [usize; 2]) -> Result<Image> {
@@ -45,9 +50,28 @@ fn read_png(path: &Path, want: [usize; 2]) -> Result<Image> {
     let bad = |e: png::DecodingError| {
         Error::invalid(format!("{}: not a readable PNG ({e})", path.display()))
     };
+    // Bounded before anything is decoded: the header's size is checked
+    // first (a tiny file can claim 100000 × 100000 pixels), then the
+    // decoder's own allocations are capped.
+    decoder.set_limits(png::Limits {
+        bytes: MAX_PNG_BYTES,
+    });
     let mut reader = decoder.read_info().map_err(bad)?;
-    // The decoder's limits (64 MiB by default) bound this allocation.
-    let mut buf = vec![0; reader.output_buffer_size()];
+    let (w, h) = (reader.info().width as u64, reader.info().height as u64);
+    if w * h > MAX_PNG_PIXELS {
+        return Err(Error::invalid(format!(
+            "{}: {w}×{h} pixels; images of at most {MAX_PNG_PIXELS} pixels (4096×4096) are read",
+            path.display()
+        )));
+    }
+    let size = reader.output_buffer_size();
+    if size > MAX_PNG_BYTES {
+        return Err(Error::invalid(format!(
+            "{}: decoding it takes {size} bytes, more than the {MAX_PNG_BYTES}-byte limit",
+            path.display()
+        )));
+    }
+    let mut buf = vec![0; size];
     let info = reader.next_frame(&mut buf).map_err(bad)?;
     let (w, h) = (info.width as usize, info.height as usize);
     let channels = info.color_type.samples();

@@ -379,6 +379,9 @@ impl App {
 
 /// Runs `kiln serve` until SIGTERM or Ctrl-C.
 pub fn serve(a: ServeArgs, backend: CpuBackend, stop: Arc<AtomicBool>) -> Result<()> {
+    // The flags first, so a mistake costs no model load.
+    let limits = a.limits()?;
+    let token = a.token()?;
     // Model files and checkpoints alike (a checkpoint's optimiser state is ignored).
     let (loaded, _) = model_file::load_for_inference(&a.model, &backend)?;
     let pixels: usize = loaded.model.input_shape().iter().product();
@@ -392,8 +395,6 @@ pub fn serve(a: ServeArgs, backend: CpuBackend, stop: Arc<AtomicBool>) -> Result
     let names = Arc::new(kiln_data::dataset::class_names(&dataset, classes));
     let trainer = Trainer::for_inference(loaded.model, backend)?;
 
-    let limits = a.limits()?;
-    let token = a.token()?;
     let server = Server::bind(a.addr, limits)?;
     let local = server.local_addr()?;
     let metrics = Arc::new(Metrics::default());

@@ -962,6 +962,24 @@ fn thread_counts_past_four_per_core_are_refused() {
         "{}",
         stderr(&o)
     );
+    // The other counts that have no useful zero.
+    for (args, says) in [
+        (&["train", "--keep", "0"][..], "--keep 0"),
+        (&["train", "--limit", "0"][..], "--limit 0"),
+        (&["train", "--epochs", "0"][..], "--epochs and --batch-size"),
+        (
+            &["eval", "--model", "nowhere", "--batch-size", "0"][..],
+            "--batch-size 0",
+        ),
+        (
+            &["serve", "--model", "nowhere", "--max-batch", "0"][..],
+            "--max-batch 0",
+        ),
+    ] {
+        let o = kiln(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
 }
 
 #[test]
@@ -1068,5 +1086,121 @@ fn eval_keeps_its_report_where_the_plot_cannot_be_drawn_and_plots_where_told() {
         stderr(&o).contains("/proc/kiln-no-such/plots"),
         "{}",
         stderr(&o)
+    );
+}
+
+#[test]
+fn huge_png_headers_are_refused_before_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = kiln(&[
+        "train",
+        "--epochs",
+        "1",
+        "--limit",
+        "300",
+        "--plain",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A few dozen bytes claiming 100000 × 100000 gray pixels (10 GB decoded).
+    let big = dir.path().join("big.png");
+    {
+        let f = std::fs::File::create(&big).unwrap();
+        let mut enc = png::Encoder::new(f, 100_000, 100_000);
+        enc.set_color(png::ColorType::Grayscale);
+        let mut w = enc.write_header().unwrap();
+        // One IDAT chunk holding an empty zlib stream: the header is all
+        // a decoder needs to plan its buffer.
+        w.write_chunk(
+            png::chunk::IDAT,
+            &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        )
+        .unwrap();
+        drop(w);
+    }
+    assert!(std::fs::metadata(&big).unwrap().len() < 100);
+    let t = std::time::Instant::now();
+    let o = kiln(&[
+        "predict",
+        "--model",
+        run.to_str().unwrap(),
+        "--input",
+        big.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("100000×100000 pixels; images of at most 16777216 pixels"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[test]
+fn models_too_big_for_memory_are_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("bigconv.toml");
+    std::fs::write(
+        &spec,
+        "name = \"bigconv\"\ninput = [1, 28, 28]\n\n[[layers]]\ntype = \"conv2d\"\nfilters = 32\n\
+         kernel_size = 3000\npadding = \"same\"\nactivation = \"relu\"\n\n[[layers]]\ntype = \"flatten\"\n\n\
+         [[layers]]\ntype = \"dense\"\nunits = 10\nactivation = \"softmax\"\n",
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let o = kiln(&[
+        "train",
+        "--model",
+        spec.to_str().unwrap(),
+        "--out",
+        dir.path().join("r").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("needs about")
+            && e.contains("convolution workspace")
+            && e.contains("KILN_MEMORY_LIMIT"),
+        "{e}"
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    // The limit is the user's to set; a malformed one is an error.
+    for (limit, says) in [
+        ("1M", "over the 1.0 MiB limit"),
+        ("lots", "KILN_MEMORY_LIMIT=\"lots\""),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "train",
+                "--epochs",
+                "1",
+                "--limit",
+                "100",
+                "--out",
+                dir.path().join("m").to_str().unwrap(),
+            ])
+            .env("KILN_MEMORY_LIMIT", limit)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        assert!(stderr(&o).contains(says), "{limit}: {}", stderr(&o));
+    }
+    // The summary states the estimate.
+    let o = kiln(&[
+        "train",
+        "--epochs",
+        "1",
+        "--limit",
+        "100",
+        "--plain",
+        "--out",
+        dir.path().join("ok").to_str().unwrap(),
+    ]);
+    assert!(
+        stdout(&o).contains("Estimated memory at batch 128:"),
+        "{}",
+        stdout(&o)
     );
 }

@@ -19,4 +19,6 @@ pub use loss::Loss;
 pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
 pub use precision::Precision;
 pub use sequential::Sequential;
-pub use spec::{ActivationSpec, LayerSpec, ModelSpec, Padding, Pair, MAX_PARAMS};
+pub use spec::{
+    memory_limit, ActivationSpec, LayerSpec, MemoryPlan, ModelSpec, Padding, Pair, MAX_PARAMS,
+};

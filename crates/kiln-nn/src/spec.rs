@@ -135,6 +135,108 @@ pub enum LayerSpec {
     Softmax,
 }
 
+/// Images whose convolution patch matrices may exist at once (the CPU
+/// backend's filter-gradient group, and its threads' images).
+const CONV_IMAGES_AT_ONCE: u128 = 8;
+
+/// The output shape of `layer` for an input of `shape`, for a spec that
+/// [`ModelSpec::plan`] accepted.
+fn layer_output(layer: &LayerSpec, shape: &[usize]) -> Vec<usize> {
+    match (layer, shape) {
+        (LayerSpec::Flatten, _) => vec![shape.iter().product()],
+        (LayerSpec::Dense { units, .. }, _) => vec![*units],
+        (LayerSpec::Conv2d { filters, .. }, &[_, h, w]) => layer
+            .window([h, w])
+            .and_then(|win| win.output("Conv2D", [h, w]).ok())
+            .map_or_else(|| shape.to_vec(), |[oh, ow]| vec![*filters, oh, ow]),
+        (LayerSpec::MaxPool2d { .. }, &[c, h, w]) => layer
+            .window([h, w])
+            .and_then(|win| win.output("MaxPool2D", [h, w]).ok())
+            .map_or_else(|| shape.to_vec(), |[oh, ow]| vec![c, oh, ow]),
+        _ => shape.to_vec(),
+    }
+}
+
+/// A training run's memory, estimated by [`ModelSpec::memory`], in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Parameters, gradients and optimiser state.
+    pub params: u64,
+    /// Activations and their gradients for one batch.
+    pub activations: u64,
+    /// The largest convolution workspace.
+    pub workspace: u64,
+}
+
+impl MemoryPlan {
+    /// The estimate's total.
+    pub fn total(&self) -> u64 {
+        self.params
+            .saturating_add(self.activations)
+            .saturating_add(self.workspace)
+    }
+
+    /// An error if the total exceeds `limit` bytes, saying what takes the
+    /// room and what to change.
+    pub fn check(&self, model: &str, batch: usize, limit: u64) -> Result<()> {
+        if self.total() <= limit {
+            return Ok(());
+        }
+        Err(Error::invalid(format!(
+            "model `{model}` at batch {batch} needs about {} (parameters and optimiser {}, activations {}, \
+             convolution workspace {}), over the {} limit: use a smaller batch or model, or raise KILN_MEMORY_LIMIT",
+            gib(self.total()),
+            gib(self.params),
+            gib(self.activations),
+            gib(self.workspace),
+            gib(limit)
+        )))
+    }
+}
+
+/// Bytes as GiB (or MiB when small), for messages and summaries.
+pub fn gib(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+/// The memory a run may plan for: `KILN_MEMORY_LIMIT` (bytes, or with a
+/// `K`, `M`, `G` or `T` suffix), else 80 % of the machine's physical memory
+/// (`/proc/meminfo`), else 16 GiB.
+pub fn memory_limit() -> Result<u64> {
+    if let Ok(v) = std::env::var("KILN_MEMORY_LIMIT") {
+        let t = v.trim();
+        let (num, mult) = match t.char_indices().last() {
+            Some((i, c)) if c.is_ascii_alphabetic() => {
+                let m: u64 = match c.to_ascii_uppercase() {
+                    'K' => 1 << 10,
+                    'M' => 1 << 20,
+                    'G' => 1 << 30,
+                    'T' => 1 << 40,
+                    _ => 0,
+                };
+                (&t[..i], m)
+            }
+            _ => (t, 1),
+        };
+        return match num.trim().parse::<f64>() {
+            Ok(n) if mult > 0 && n.is_finite() && n > 0.0 => Ok((n * mult as f64) as u64),
+            _ => Err(Error::invalid(format!(
+                "KILN_MEMORY_LIMIT={v:?}: expected bytes, e.g. 8G or 512M"
+            ))),
+        };
+    }
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    Ok(total.map_or(16 << 30, |kb| kb * 1024 / 10 * 8))
+}
+
 impl LayerSpec {
     /// The window of a convolution or pooling layer for an input of
     /// `[h, w]`.
@@ -365,6 +467,39 @@ impl ModelSpec {
         Ok((shape, params))
     }
 
+    /// What training this model at `batch` examples per step takes in
+    /// memory, estimated from the spec alone (nothing is allocated): the
+    /// parameters with their gradients and two optimiser slots (16 bytes
+    /// each), every layer's activations and their gradients (8 bytes per
+    /// element and example), and the largest convolution's patch matrix for
+    /// the images unfolded at once. Errors as [`ModelSpec::plan`] does.
+    pub fn memory(&self, batch: usize) -> Result<MemoryPlan> {
+        let (_, params) = self.plan()?;
+        let batch = batch.max(1) as u128;
+        let mut shape = self.input.clone();
+        let mut activations: u128 = shape.iter().map(|&d| d as u128).product::<u128>() * batch * 4;
+        let mut workspace: u128 = 0;
+        for layer in &self.layers {
+            if let (LayerSpec::Conv2d { .. }, &[c, h, w]) = (layer, shape.as_slice()) {
+                if let Some(win) = layer.window([h, w]) {
+                    if let Ok([oh, ow]) = win.output("Conv2D", [h, w]) {
+                        let [kh, kw] = win.kernel;
+                        let patch = (c * kh * kw) as u128 * (oh * ow) as u128 * 4;
+                        workspace = workspace.max(patch * batch.min(CONV_IMAGES_AT_ONCE));
+                    }
+                }
+            }
+            shape = layer_output(layer, &shape);
+            activations += shape.iter().map(|&d| d as u128).product::<u128>() * batch * 8;
+        }
+        let clamp = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
+        Ok(MemoryPlan {
+            params: clamp(params as u128 * 16),
+            activations: clamp(activations),
+            workspace: clamp(workspace),
+        })
+    }
+
     /// Parses a spec from JSON (as stored in checkpoints).
     pub fn from_json(s: &str) -> Result<Self> {
         serde_json::from_str(s).map_err(|e| Error::invalid(format!("model spec: {e}")))
@@ -373,5 +508,25 @@ impl ModelSpec {
     /// The spec as JSON.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a ModelSpec always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_estimates_follow_the_spec() {
+        let m = ModelSpec::mlp().memory(100).unwrap();
+        assert_eq!(m.params, 50_890 * 16);
+        // The input (4 bytes) and flatten, dense 64, dense 10 (8 bytes each), per example.
+        assert_eq!(m.activations, 100 * (784 * 4 + (784 + 64 + 10) * 8));
+        assert_eq!(m.workspace, 0);
+        let c = ModelSpec::cnn().memory(100).unwrap();
+        // Conv 32 3×3 on 28×28: a 9 × 676 patch matrix per image, 8 at once.
+        assert_eq!(c.workspace, 9 * 676 * 4 * 8);
+        let e = c.check("cnn", 100, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("over the 1.0 MiB limit"), "{e}");
+        assert!(c.check("cnn", 100, 1 << 30).is_ok());
     }
 }

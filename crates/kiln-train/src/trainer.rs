@@ -377,6 +377,12 @@ impl<B: Backend> Trainer<B> {
         if cfg.batch_size == 0 {
             return Err(Error::invalid("batch size must be at least 1"));
         }
+        // Planned from the spec before the first batch is allocated.
+        self.model.spec().memory(cfg.batch_size)?.check(
+            self.model.name(),
+            cfg.batch_size,
+            kiln_nn::memory_limit()?,
+        )?;
         let mut loader = DataLoader::new(Arc::new(train.clone()), cfg.batch_size);
         if cfg.shuffle {
             loader = loader.shuffle(cfg.seed);

@@ -19,7 +19,7 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
 fi
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(idx model_spec model_file checkpoint layout)
+[ ${#targets[@]} -gt 0 ] || targets=(idx model_spec model_file model_header checkpoint layout)
 
 cd fuzz
 cargo +nightly fuzz build -O -a

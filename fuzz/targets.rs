@@ -94,3 +94,20 @@ pub fn layout(data: &[u8]) {
         }
     }
 }
+
+/// Safetensors headers as structure: the input is the header's JSON, a
+/// 0xFF byte, then the tensor data; the target frames them (the 8-byte
+/// length) so mutations explore the JSON — names, dtypes, shapes,
+/// offsets, the spec, checksums and progress metadata — instead of dying
+/// on the framing. Seeded from a valid model's and checkpoint's headers.
+pub fn model_header(data: &[u8]) {
+    let split = data.iter().position(|&b| b == 0xFF).unwrap_or(data.len());
+    let (header, rest) = data.split_at(split);
+    let tensors = rest.get(1..).unwrap_or(&[]);
+    let mut file = Vec::with_capacity(8 + data.len());
+    file.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    file.extend_from_slice(header);
+    file.extend_from_slice(tensors);
+    model_file(&file);
+    checkpoint(&file);
+}

@@ -38,6 +38,11 @@ fn model_file_inputs() {
 }
 
 #[test]
+fn model_header_inputs() {
+    replay("model_header", targets::model_header);
+}
+
+#[test]
 fn checkpoint_inputs() {
     replay("checkpoint", targets::checkpoint);
 }
@@ -45,4 +50,28 @@ fn checkpoint_inputs() {
 #[test]
 fn layout_inputs() {
     replay("layout", targets::layout);
+}
+
+/// The seeds the fuzzers start from must get past the header: a small
+/// valid model file and checkpoint (under the fuzzers' 64 KiB input
+/// limit), which load. (`fuzz/README.md` says how they were made.)
+#[test]
+fn the_seeds_are_small_valid_files_that_load() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions");
+    let b = kiln_cpu::CpuBackend::reference().with_threads(1);
+    let model = std::fs::read(dir.join("model_file/tiny.safetensors")).unwrap();
+    assert!(model.len() < 65536);
+    kiln_train::model_file::from_bytes(&model, &b).expect("the model seed loads");
+    let ckpt = std::fs::read(dir.join("checkpoint/tiny-ckpt.safetensors")).unwrap();
+    assert!(ckpt.len() < 65536);
+    kiln_train::checkpoint::from_bytes(&ckpt, &b).expect("the checkpoint seed loads");
+    // The structured seeds frame back into the same files.
+    for (seed, file) in [("tiny-model", &model), ("tiny-checkpoint", &ckpt)] {
+        let s = std::fs::read(dir.join("model_header").join(seed)).unwrap();
+        let split = s.iter().position(|&b| b == 0xFF).unwrap();
+        let mut framed = (split as u64).to_le_bytes().to_vec();
+        framed.extend_from_slice(&s[..split]);
+        framed.extend_from_slice(&s[split + 1..]);
+        assert_eq!(&framed, file, "{seed}");
+    }
 }

@@ -55,22 +55,14 @@ pub fn config(a: &BenchArgs) -> Result<BenchConfig> {
     Ok(cfg)
 }
 
-/// Reads a run saved with `--json`.
-pub fn load(path: &std::path::Path) -> Result<BenchReport> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-    serde_json::from_str(&text).map_err(|e| {
-        Error::invalid(format!(
-            "{}: not a kiln bench run ({e}); write one with kiln bench --json FILE",
-            path.display()
-        ))
-    })
-}
-
 /// Runs the bench on `backend` and prints, writes and compares as `a` says.
 pub fn bench<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
     let cfg = config(&a)?;
-    let baseline = a.compare.as_deref().map(load).transpose()?;
+    let baseline: Option<BenchReport> = a
+        .compare
+        .as_deref()
+        .map(|p| crate::read_json(p, "kiln bench"))
+        .transpose()?;
     eprintln!(
         "kiln bench: {} on {} ({} s per op{})",
         backend.name(),

@@ -990,20 +990,11 @@ fn run_report<B: Backend>(a: ReportArgs, backend: B) -> Result<()> {
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
     let (cfg, selected) = conformance_plan(&a.check, &backend.name())?;
     let reports: Vec<kiln_conformance::Report> = match &a.conformance_json {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-            serde_json::from_str(&text).map_err(|e| {
-                Error::invalid(format!(
-                    "{}: not a kiln conformance run ({e}); write one with kiln conformance --json FILE",
-                    path.display()
-                ))
-            })?
-        }
+        Some(path) => read_json(path, "kiln conformance")?,
         None => run_suite(&backend, &cfg, selected),
     };
     let bench = match &a.bench_json {
-        Some(path) => bench::load(path)?,
+        Some(path) => read_json(path, "kiln bench")?,
         None => {
             let threads = a
                 .check
@@ -1047,6 +1038,18 @@ fn run_report<B: Backend>(a: ReportArgs, backend: B) -> Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// A run saved by `COMMAND --json FILE`, read back.
+fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path, command: &str) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    serde_json::from_str(&text).map_err(|e| {
+        Error::invalid(format!(
+            "{}: not a {command} run ({e}); write one with {command} --json FILE",
+            path.display()
+        ))
+    })
 }
 
 fn pretty_json<T: serde::Serialize>(v: &T) -> Result<String> {

@@ -39,6 +39,14 @@ fn grid(reports: &[Report]) -> Vec<(&str, BTreeMap<usize, &Report>)> {
     rows
 }
 
+/// The first line of a failure's description (its verdict).
+fn first_line(r: &Report) -> &str {
+    r.failure
+        .as_deref()
+        .and_then(|f| f.lines().next())
+        .unwrap_or("")
+}
+
 fn cell(r: &Report) -> String {
     match r.status {
         Status::Pass | Status::UnexpectedPass => {
@@ -96,13 +104,7 @@ pub fn markdown(meta: &Meta, reports: &[Report], bench: &BenchReport, svg_file: 
     if !failures.is_empty() {
         let _ = writeln!(s, "\n### Failures\n");
         for r in failures {
-            let first = r
-                .failure
-                .as_deref()
-                .unwrap_or("")
-                .lines()
-                .next()
-                .unwrap_or("");
+            let first = first_line(r);
             let _ = writeln!(
                 s,
                 "- **{}/{}**: {}\n  reproduce: `{}`",
@@ -222,13 +224,7 @@ pub fn html(meta: &Meta, reports: &[Report], bench: &BenchReport) -> String {
     if !failures.is_empty() {
         s.push_str("<h3>Failures</h3><ul>");
         for r in failures {
-            let first = r
-                .failure
-                .as_deref()
-                .unwrap_or("")
-                .lines()
-                .next()
-                .unwrap_or("");
+            let first = first_line(r);
             let _ = write!(
                 s,
                 "<li><b>{}/{}</b>: {}<br>reproduce: <code>{}</code></li>",

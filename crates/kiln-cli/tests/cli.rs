@@ -14,6 +14,23 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The seed MLP trained one epoch on 300 examples into `dir/run`.
+fn trained(dir: &std::path::Path) -> std::path::PathBuf {
+    let run = dir.join("run");
+    let o = kiln(&[
+        "train",
+        "--epochs",
+        "1",
+        "--limit",
+        "300",
+        "--plain",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    run
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -1028,18 +1045,7 @@ fn a_model_name_cannot_lead_the_default_output_out_of_runs() {
 #[test]
 fn eval_keeps_its_report_where_the_plot_cannot_be_drawn_and_plots_where_told() {
     let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    let o = kiln(&[
-        "train",
-        "--epochs",
-        "1",
-        "--limit",
-        "300",
-        "--plain",
-        "--out",
-        run.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let run = trained(dir.path());
     // A folder squats on the plot's name beside the model (root ignores
     // read-only modes, so this is how the test makes the spot unwritable).
     let squat = run.join("confusion-mnist-sample.svg");
@@ -1092,18 +1098,7 @@ fn eval_keeps_its_report_where_the_plot_cannot_be_drawn_and_plots_where_told() {
 #[test]
 fn huge_png_headers_are_refused_before_decoding() {
     let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    let o = kiln(&[
-        "train",
-        "--epochs",
-        "1",
-        "--limit",
-        "300",
-        "--plain",
-        "--out",
-        run.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let run = trained(dir.path());
     // A few dozen bytes claiming 100000 × 100000 gray pixels (10 GB decoded).
     let big = dir.path().join("big.png");
     {

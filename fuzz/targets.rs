@@ -4,6 +4,15 @@
 // Each must return normally for any input: a clean `Err` is fine; a panic,
 // an overflow or an out-of-bounds access is a bug.
 
+/// One single-threaded reference backend for every input: a backend per
+/// input started (and dropped) a worker thread each time, which is slow and
+/// which LeakSanitizer reports as a leak (the thread-local destructor
+/// record of a thread still exiting).
+fn backend() -> kiln_cpu::CpuBackend {
+    static B: std::sync::OnceLock<kiln_cpu::CpuBackend> = std::sync::OnceLock::new();
+    B.get_or_init(|| kiln_cpu::CpuBackend::reference().with_threads(1)).clone()
+}
+
 /// The IDX reader, raw or gzip, and dataset assembly from what it decodes.
 pub fn idx(data: &[u8]) {
     if let Ok(a) = kiln_data::idx::decode(data) {
@@ -27,7 +36,7 @@ pub fn model_spec(data: &[u8]) {
     if params > 1 << 16 || pixels > 1 << 12 || out.iter().product::<usize>() > 1 << 16 {
         return; // valid, but too big to build on every fuzz iteration
     }
-    let b = kiln_cpu::CpuBackend::reference().with_threads(1);
+    let b = backend();
     let model = kiln_nn::Sequential::from_spec(&spec, 0, &b).expect("a spec that plans builds");
     let mut dims = vec![2];
     dims.extend_from_slice(&spec.input);
@@ -38,7 +47,7 @@ pub fn model_spec(data: &[u8]) {
 
 /// Model files (safetensors with a kiln spec): any bytes load or fail cleanly.
 pub fn model_file(data: &[u8]) {
-    let b = kiln_cpu::CpuBackend::reference().with_threads(1);
+    let b = backend();
     if let Ok(loaded) = kiln_train::model_file::from_bytes(data, &b) {
         assert!(loaded.model.num_params() * 4 <= data.len());
     }
@@ -47,7 +56,7 @@ pub fn model_file(data: &[u8]) {
 /// Checkpoints (model file + optimiser tensors + progress JSON): any bytes
 /// load or fail cleanly, and a loaded optimiser state fits its model.
 pub fn checkpoint(data: &[u8]) {
-    let b = kiln_cpu::CpuBackend::reference().with_threads(1);
+    let b = backend();
     if let Ok((model, state, _)) = kiln_train::checkpoint::from_bytes(data, &b) {
         let mut adam = kiln_nn::Adam::<kiln_cpu::CpuBackend>::new(1e-3).expect("a valid rate");
         let _ = kiln_nn::Optimizer::load_state(&mut adam, &state, &model.params());

@@ -378,7 +378,8 @@ fn die_quietly_on_broken_pipes() {
 }
 
 /// A flag that the first Ctrl-C (SIGINT) or SIGTERM sets, so training
-/// stops after its current step and saves a checkpoint; a second signal
+/// abandons the step in progress (between ops) and saves a checkpoint of
+/// the last completed one; a second signal
 /// exits at once with status 130.
 fn stop_on_signals() -> Result<Arc<AtomicBool>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
@@ -685,6 +686,7 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         }),
         stop: Some(stop_on_signals()?),
         loss_scale: kiln_train::LossScaler::default(),
+        on_step: None,
     };
     let validation = (!a.no_validation).then_some(&test_set);
     let history = match &progress {

@@ -284,6 +284,28 @@ impl<B: Backend> Tensor<B> {
     /// (for a scalar loss: d loss / d loss = 1), and returns the gradient of
     /// every leaf it depends on.
     pub fn backward(&self) -> Result<GradStore<B>> {
+        let grads = self.backward_until(|| false)?;
+        Ok(grads.expect("backward with no stop condition completes"))
+    }
+
+    /// [`Tensor::backward`], abandoned as soon as `stop` says so: `stop` is
+    /// asked before each node's gradient is computed, and `Ok(None)` means
+    /// it answered `true` (no gradient is returned; nothing was changed but
+    /// temporaries). A long backward pass can so be interrupted between
+    /// ops, for example by a signal handler's flag.
+    ///
+    /// ```
+    /// use kiln_core::{Tensor, Var};
+    /// use kiln_cpu::CpuBackend;
+    ///
+    /// let b = CpuBackend::reference();
+    /// let w = Var::from_tensor(&Tensor::from_slice(&[1.0, 2.0], &[2], &b)?)?;
+    /// let loss = w.as_tensor().sum_all()?;
+    /// assert!(loss.backward_until(|| true)?.is_none());
+    /// assert!(loss.backward_until(|| false)?.is_some());
+    /// # Ok::<(), kiln_core::Error>(())
+    /// ```
+    pub fn backward_until(&self, stop: impl Fn() -> bool) -> Result<Option<GradStore<B>>> {
         if !self.requires_grad() {
             return Err(Error::invalid(
                 "backward: this tensor does not require gradients (it depends on no Var, or was computed under no_grad)",
@@ -298,6 +320,9 @@ impl<B: Backend> Tensor<B> {
             let Some(g) = pending.remove(&node.id()) else {
                 continue;
             };
+            if stop() {
+                return Ok(None);
+            }
             match node.op() {
                 None => {
                     leaves.insert(node.id(), g);
@@ -305,7 +330,7 @@ impl<B: Backend> Tensor<B> {
                 Some(op) => propagate(node, op, g, &mut pending)?,
             }
         }
-        Ok(GradStore { grads: leaves })
+        Ok(Some(GradStore { grads: leaves }))
     }
 }
 

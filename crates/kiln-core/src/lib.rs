@@ -6,13 +6,17 @@
 //! trainable [`Var`]s, the shared counter-based RNG ([`rng`]) and the one
 //! [`Error`] type.
 //!
-//! ```ignore
+//! ```
 //! use kiln_core::{Tensor, Var};
+//! use kiln_cpu::CpuBackend;
+//!
+//! let backend = CpuBackend::reference();
 //! let w = Var::from_tensor(&Tensor::from_slice(&[1.0, 2.0], &[2, 1], &backend)?)?;
 //! let x = Tensor::from_slice(&[3.0, 4.0], &[1, 2], &backend)?;
 //! let loss = x.matmul(&w.as_tensor())?.sum_all()?;
 //! let grads = loss.backward()?;
 //! assert_eq!(grads.get_id(w.id()).unwrap().to_vec_f32()?, vec![3.0, 4.0]);
+//! # Ok::<(), kiln_core::Error>(())
 //! ```
 
 pub mod autograd;

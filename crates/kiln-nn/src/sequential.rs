@@ -181,10 +181,24 @@ impl<B: Backend> Sequential<B> {
 
     /// The model's output for a batch.
     pub fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
+        let out = self.forward_until(x, || false)?;
+        Ok(out.expect("a forward pass with no stop condition completes"))
+    }
+
+    /// [`Sequential::forward`], abandoned as soon as `stop` says so: it is
+    /// asked before each layer, and `Ok(None)` means it answered `true`.
+    /// The trainer passes its stop flag, so a signal interrupts a long step
+    /// between layers.
+    pub fn forward_until(
+        &self,
+        x: &Tensor<B>,
+        stop: impl Fn() -> bool,
+    ) -> Result<Option<Tensor<B>>> {
         self.check_input(x)?;
         run(
             &self.layers,
             &to_compute(x, self.precision.compute_dtype())?,
+            &stop,
         )
     }
 
@@ -196,12 +210,26 @@ impl<B: Backend> Sequential<B> {
     /// The output before a final softmax (logits), for losses that fuse it;
     /// the plain output if the model does not end in softmax.
     pub fn forward_logits(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
+        let out = self.forward_logits_until(x, || false)?;
+        Ok(out.expect("a forward pass with no stop condition completes"))
+    }
+
+    /// [`Sequential::forward_logits`], abandoned between layers as
+    /// [`Sequential::forward_until`] is.
+    pub fn forward_logits_until(
+        &self,
+        x: &Tensor<B>,
+        stop: impl Fn() -> bool,
+    ) -> Result<Option<Tensor<B>>> {
         self.check_input(x)?;
         let x = to_compute(x, self.precision.compute_dtype())?;
         let Some((last, body)) = self.layers.split_last() else {
-            return Ok(x);
+            return Ok(Some(x));
         };
-        last.forward_logits(&run(body, &x)?)
+        match run(body, &x, &stop)? {
+            Some(h) if !stop() => last.forward_logits(&h).map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// Every trainable parameter, in a fixed order.
@@ -286,10 +314,19 @@ impl<B: Backend> Sequential<B> {
 
 /// Applies `layers` in order, letting a layer absorb the max-pooling that
 /// follows it (Conv2D → MaxPool2D runs as one fused op).
-fn run<B: Backend>(layers: &[Box<dyn Layer<B>>], x: &Tensor<B>) -> Result<Tensor<B>> {
+/// Runs `layers` on `x` (fusing a convolution with the pooling after it),
+/// asking `stop` before each; `None` when it said stop.
+fn run<B: Backend>(
+    layers: &[Box<dyn Layer<B>>],
+    x: &Tensor<B>,
+    stop: &impl Fn() -> bool,
+) -> Result<Option<Tensor<B>>> {
     let mut h = x.clone();
     let mut i = 0;
     while i < layers.len() {
+        if stop() {
+            return Ok(None);
+        }
         let pool = layers.get(i + 1).and_then(|l| l.pool_window());
         if let Some(fused) = pool.and_then(|p| layers[i].forward_pooled(&h, &p)) {
             h = fused?;
@@ -299,7 +336,7 @@ fn run<B: Backend>(layers: &[Box<dyn Layer<B>>], x: &Tensor<B>) -> Result<Tensor
             i += 1;
         }
     }
-    Ok(h)
+    Ok(Some(h))
 }
 
 /// Keras' layer names: `MaxPooling2D` → `max_pooling2d`, `Conv2D` → `conv2d`.

@@ -227,3 +227,56 @@ fn dropout_is_active_only_while_training_and_reproducible() {
     again.set_training(true);
     assert_eq!(again.forward(&x).unwrap().to_vec_f32().unwrap(), y);
 }
+
+/// A forward or backward pass asked to stop is abandoned where it stands —
+/// between layers, between graph nodes — and one never asked to stop is the
+/// plain pass, bit for bit.
+#[test]
+fn forward_and_backward_stop_between_ops_when_asked() {
+    use std::cell::Cell;
+    let b = backend();
+    let m = Sequential::from_spec(&ModelSpec::cnn(), 1, &b).unwrap();
+    let x = Tensor::random(
+        &[2, 1, 28, 28],
+        kiln_core::Distribution::Uniform {
+            low: 0.0,
+            high: 1.0,
+        },
+        kiln_core::DType::F32,
+        3,
+        0,
+        &b,
+    )
+    .unwrap();
+    let plain = m.forward(&x).unwrap().to_vec_f32().unwrap();
+    let never = m.forward_until(&x, || false).unwrap().unwrap();
+    assert_eq!(never.to_vec_f32().unwrap(), plain);
+
+    // Asked before each layer: stopping at the third runs two.
+    let asked = &Cell::new(0);
+    let stop_at = |n: usize| {
+        asked.set(0);
+        move || {
+            asked.set(asked.get() + 1);
+            asked.get() > n
+        }
+    };
+    assert!(m.forward_until(&x, stop_at(2)).unwrap().is_none());
+    assert_eq!(asked.get(), 3);
+    assert!(m.forward_logits_until(&x, stop_at(2)).unwrap().is_none());
+    assert_eq!(asked.get(), 3);
+
+    // Backward: asked once per node with a gradient; a stop at any of them
+    // returns nothing.
+    let loss = m.forward(&x).unwrap().sum_all().unwrap();
+    let all = loss.backward_until(stop_at(usize::MAX)).unwrap().unwrap();
+    let nodes = asked.get();
+    assert!(nodes > 5, "{nodes} nodes");
+    assert!(loss.backward_until(stop_at(nodes / 2)).unwrap().is_none());
+    assert_eq!(asked.get(), nodes / 2 + 1);
+    let again = loss.backward().unwrap();
+    for p in m.params() {
+        let (a, g) = (all.get_id(p.id()).unwrap(), again.get_id(p.id()).unwrap());
+        assert_eq!(a.to_vec_f32().unwrap(), g.to_vec_f32().unwrap());
+    }
+}

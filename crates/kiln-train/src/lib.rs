@@ -19,4 +19,4 @@ pub use history::{EpochRecord, History};
 pub use loss_scale::LossScaler;
 pub use metrics::{ClassificationReport, RegressionReport};
 pub use progress::Verbosity;
-pub use trainer::{CheckpointPolicy, Evaluation, FitConfig, Trainer};
+pub use trainer::{CheckpointPolicy, Evaluation, FitConfig, StepEnd, StepHook, Trainer};

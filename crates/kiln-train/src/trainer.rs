@@ -32,13 +32,86 @@ pub struct FitConfig {
     pub augment: Option<kiln_data::Augment>,
     /// Where and how often to write checkpoints, if at all.
     pub checkpoint: Option<CheckpointPolicy>,
-    /// Set (by a signal handler) to stop: the current step finishes, a
-    /// checkpoint is written (if a policy is set) and `fit` returns
-    /// [`Error::Interrupted`] naming it.
+    /// Set (by a signal handler) to stop. The flag is read before each
+    /// layer of a step's forward pass, before each node of its backward
+    /// pass and after its update: a step still computing is abandoned (its
+    /// update never applied, its dropout draws given back), so a long step
+    /// delays the stop by one op at most. A checkpoint of the last completed step
+    /// is then written (if a policy is set) and `fit` returns
+    /// [`Error::Interrupted`] naming it; resuming from it is exact.
     pub stop: Option<Arc<AtomicBool>>,
     /// The loss scaler f16 training starts with (ignored in f32 and bf16;
     /// a resumed run continues the checkpoint's).
     pub loss_scale: LossScaler,
+    /// Called after every completed step (its update applied), before the
+    /// stop flag is read: for callers that follow a run step by step, or
+    /// stop it after a given step.
+    pub on_step: Option<StepHook>,
+}
+
+/// A completed training step, as [`FitConfig::on_step`] sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepEnd {
+    /// The epoch, from 1.
+    pub epoch: usize,
+    /// Steps of this epoch done, this one included.
+    pub batch: usize,
+    /// Steps in an epoch.
+    pub batches: usize,
+    /// This step's mean loss per example.
+    pub loss: f64,
+}
+
+/// A function [`Trainer::fit`] calls after each step ([`FitConfig::on_step`]).
+///
+/// ```
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use std::sync::Arc;
+/// use kiln_train::{FitConfig, StepHook};
+///
+/// // Stop a run after its tenth step (a checkpoint of it is written when
+/// // a checkpoint policy is set).
+/// let stop = Arc::new(AtomicBool::new(false));
+/// let flag = Arc::clone(&stop);
+/// let cfg = FitConfig {
+///     stop: Some(stop),
+///     on_step: Some(StepHook::new(move |s| {
+///         if s.batch == 10 {
+///             flag.store(true, Ordering::SeqCst);
+///         }
+///     })),
+///     ..FitConfig::default()
+/// };
+/// # let _ = cfg;
+/// ```
+#[derive(Clone)]
+pub struct StepHook(Arc<dyn Fn(&StepEnd) + Send + Sync>);
+
+impl StepHook {
+    /// Wraps `f`.
+    pub fn new(f: impl Fn(&StepEnd) + Send + Sync + 'static) -> Self {
+        StepHook(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for StepHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StepHook(..)")
+    }
+}
+
+/// Where an interrupted run stops: `batch` steps of `epoch` (of `batches`)
+/// are done.
+#[derive(Clone, Copy)]
+struct Stop {
+    epoch: usize,
+    batch: usize,
+    batches: usize,
+}
+
+/// Whether `cfg.stop` has been set.
+fn stopping(cfg: &FitConfig) -> bool {
+    cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
 }
 
 /// When [`Trainer::fit`] writes checkpoints.
@@ -65,6 +138,7 @@ impl Default for FitConfig {
             checkpoint: None,
             stop: None,
             loss_scale: LossScaler::default(),
+            on_step: None,
         }
     }
 }
@@ -217,12 +291,18 @@ impl<B: Backend> Trainer<B> {
     /// The model's outputs for the loss, in f32 whatever the model computes
     /// in (the loss and its softmax run in f32).
     fn outputs(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
+        let out = self.outputs_until(x, || false)?;
+        Ok(out.expect("a forward pass with no stop condition completes"))
+    }
+
+    /// [`Trainer::outputs`], abandoned between layers when `stop` says so.
+    fn outputs_until(&self, x: &Tensor<B>, stop: impl Fn() -> bool) -> Result<Option<Tensor<B>>> {
         let out = if self.loss.wants_logits() {
-            self.model.forward_logits(x)?
+            self.model.forward_logits_until(x, stop)?
         } else {
-            self.model.forward(x)?
+            self.model.forward_until(x, stop)?
         };
-        out.cast(DType::F32)
+        out.map(|o| o.cast(DType::F32)).transpose()
     }
 
     fn correct(out: &Tensor<B>, labels: &[u32]) -> Result<usize> {
@@ -357,6 +437,39 @@ impl<B: Backend> Trainer<B> {
         )
     }
 
+    /// Stops a run at `stop`: saves a checkpoint there (if a policy is
+    /// set) and returns the [`Error::Interrupted`] that says how to go on.
+    #[allow(clippy::too_many_arguments)]
+    fn interrupted(
+        &mut self,
+        stop: Stop,
+        train: &Dataset,
+        cfg: &FitConfig,
+        tally: &Tally,
+        history: &History,
+        scaler: Option<LossScaler>,
+    ) -> Result<Error> {
+        self.model.set_training(false);
+        let Stop {
+            epoch,
+            batch,
+            batches,
+        } = stop;
+        let what = match &cfg.checkpoint {
+            Some(policy) => {
+                let at =
+                    self.checkpoint(policy, train, cfg, epoch - 1, batch, tally, history, scaler)?;
+                format!(
+                    "checkpoint written to {} (epoch {epoch}, batch {batch} of {batches}); continue with --resume {}",
+                    at.display(),
+                    policy.dir.display()
+                )
+            }
+            None => "no checkpoint folder was set, nothing saved".to_string(),
+        };
+        Ok(Error::Interrupted(what))
+    }
+
     fn run(
         &mut self,
         train: &Dataset,
@@ -424,12 +537,33 @@ impl<B: Backend> Trainer<B> {
             for (done, batch) in loader.epoch_from(epoch as u64 - 1, skip).enumerate() {
                 let done = skip + done + 1;
                 let n = batch.len;
+                // Where dropout's streams stand before this step, to give
+                // its draws back if the step is abandoned.
+                let rng_before = self.model.rng_positions();
+                let abandon = |trainer: &mut Self| -> Result<Error> {
+                    trainer.model.set_rng_positions(&rng_before)?;
+                    let stop = Stop {
+                        epoch,
+                        batch: done - 1,
+                        batches: loader.batches(),
+                    };
+                    trainer.interrupted(stop, train, cfg, &tally, &history, scaler)
+                };
                 let (x, y, labels) = self.upload(batch.images, batch.labels, n)?;
-                let out = self.outputs(&x)?;
+                // The step is abandoned, before its update, at the first
+                // layer or graph node that finds the stop flag up.
+                let Some(out) = self.outputs_until(&x, || stopping(cfg))? else {
+                    return Err(abandon(self)?);
+                };
                 let loss = self.loss.compute(&out, &y)?;
-                let mut grads = match &scaler {
-                    Some(s) => loss.affine(s.scale, 0.0)?.backward()?,
-                    None => loss.backward()?,
+                let grads = match &scaler {
+                    Some(s) => loss
+                        .affine(s.scale, 0.0)?
+                        .backward_until(|| stopping(cfg))?,
+                    None => loss.backward_until(|| stopping(cfg))?,
+                };
+                let Some(mut grads) = grads else {
+                    return Err(abandon(self)?);
                 };
                 let batch_loss = f64::from(loss.to_scalar_f32()?);
                 if !batch_loss.is_finite() {
@@ -460,31 +594,21 @@ impl<B: Backend> Trainer<B> {
                     tally.accuracy(),
                     tally.seen as f64 / start.elapsed().as_secs_f64(),
                 );
-                let stopping = cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
-                if stopping {
-                    self.model.set_training(false);
-                    let what = match &cfg.checkpoint {
-                        Some(policy) => {
-                            let at = self.checkpoint(
-                                policy,
-                                train,
-                                cfg,
-                                epoch - 1,
-                                done,
-                                &tally,
-                                &history,
-                                scaler,
-                            )?;
-                            format!(
-                                "checkpoint written to {} (epoch {epoch}, batch {done} of {}); continue with --resume {}",
-                                at.display(),
-                                loader.batches(),
-                                policy.dir.display()
-                            )
-                        }
-                        None => "no checkpoint folder was set, nothing saved".to_string(),
+                if let Some(hook) = &cfg.on_step {
+                    (hook.0)(&StepEnd {
+                        epoch,
+                        batch: done,
+                        batches: loader.batches(),
+                        loss: batch_loss,
+                    });
+                }
+                if stopping(cfg) {
+                    let stop = Stop {
+                        epoch,
+                        batch: done,
+                        batches: loader.batches(),
                     };
-                    return Err(Error::Interrupted(what));
+                    return Err(self.interrupted(stop, train, cfg, &tally, &history, scaler)?);
                 }
             }
             self.model.set_training(false);

@@ -1,9 +1,6 @@
 //! Mixed-precision training: f32 master weights with bf16/f16 compute,
 //! dynamic loss scaling for f16, and exact resume of both.
 
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-
 use kiln_core::{DType, Tensor};
 use kiln_cpu::{CpuBackend, KernelSet};
 use kiln_data::{Dataset, Split};
@@ -158,7 +155,7 @@ fn the_scaler_grows_after_a_run_of_finite_steps() {
     assert_eq!(h.epochs[0].loss_scale, Some(512.0));
 }
 
-/// An f16 run stopped after one step and resumed ends bit for bit where an
+/// An f16 run stopped during its second step and resumed ends bit for bit where an
 /// uninterrupted one does — loss scale, skip counts and weights included;
 /// a resume at another precision is refused.
 #[test]
@@ -185,7 +182,7 @@ fn f16_resume_is_bit_identical_and_keeps_its_precision() {
     assert!(full.epochs[0].skipped_steps.unwrap() > 0);
 
     let mut c = with("b");
-    c.stop = Some(Arc::new(AtomicBool::new(true)));
+    common::stop_after(&mut c, 1);
     let mut stopped = trainer(&ModelSpec::mlp(), Precision::F16, 5);
     stopped.fit(&train, None, &c).unwrap_err();
     let r = kiln_train::checkpoint::load(&dir.path().join("b"), &backend()).unwrap();

@@ -9,7 +9,7 @@ use kiln_nn::{Adam, Loss, ModelSpec, Sequential};
 use kiln_train::{model_file, Trainer};
 
 mod common;
-use common::{cfg, weights};
+use common::{cfg, stop_after, weights};
 
 fn trainer(seed: u64, threads: usize) -> Trainer<CpuBackend> {
     trainer_on(CpuBackend::reference().with_threads(threads), seed)
@@ -269,9 +269,11 @@ fn history_numbers(h: &kiln_train::History) -> Vec<(usize, u64, u64, Option<u64>
 }
 
 /// 4 epochs straight, against 2 epochs + a checkpoint + a resumed run to 4
-/// (a fresh trainer, model and optimiser rebuilt from the file), and against
-/// a run stopped after its first step and resumed: the same weights and the
-/// same history, bit for bit — with dropout and augmentation in play.
+/// (a fresh trainer, model and optimiser rebuilt from the file), against a
+/// run stopped during its second step (abandoned after its forward pass,
+/// dropout draws and all) and resumed, and against one stopped before its
+/// first step finished: the same weights and the same history, bit for bit
+/// — with dropout and augmentation in play.
 #[test]
 fn resume_from_a_checkpoint_is_bit_identical() {
     use std::sync::atomic::AtomicBool;
@@ -327,9 +329,10 @@ fn resume_from_a_checkpoint_is_bit_identical() {
     );
     assert_eq!(history_numbers(&resumed), history_numbers(&full));
 
-    // Stopped after one step (the flag is already up), then resumed mid-epoch.
+    // Stopped during the second step (the flag goes up as the first ends),
+    // then resumed mid-epoch: the abandoned step left no trace.
     let mut c = cfg_for(4, "c");
-    c.stop = Some(Arc::new(AtomicBool::new(true)));
+    stop_after(&mut c, 1);
     let mut stopped = fresh(Sequential::from_spec(&spec, 11, &b).unwrap());
     let e = stopped.fit(&train, Some(&test), &c).unwrap_err();
     assert!(
@@ -338,6 +341,10 @@ fn resume_from_a_checkpoint_is_bit_identical() {
     );
     let r = kiln_train::checkpoint::load(&dir.path().join("c"), &b).unwrap();
     assert_eq!((r.progress.epoch, r.progress.batch), (0, 1));
+    assert_eq!(
+        r.progress.optimizer_step, 1,
+        "the abandoned step was applied"
+    );
     let mut again = fresh(r.model);
     again.load_optimizer_state(&r.optimizer).unwrap();
     let resumed = again
@@ -346,6 +353,30 @@ fn resume_from_a_checkpoint_is_bit_identical() {
     assert!(
         weights(&again) == weights(&straight),
         "a mid-epoch resume differs"
+    );
+    assert_eq!(history_numbers(&resumed), history_numbers(&full));
+
+    // The flag already up: the first step is abandoned, the checkpoint holds
+    // the initial weights, and resuming from it is a whole run.
+    let mut c = cfg_for(4, "d");
+    c.stop = Some(Arc::new(AtomicBool::new(true)));
+    let mut stopped = fresh(Sequential::from_spec(&spec, 11, &b).unwrap());
+    let initial = weights(&stopped);
+    stopped.fit(&train, Some(&test), &c).unwrap_err();
+    assert!(
+        weights(&stopped) == initial,
+        "the abandoned step moved weights"
+    );
+    let r = kiln_train::checkpoint::load(&dir.path().join("d"), &b).unwrap();
+    assert_eq!((r.progress.epoch, r.progress.batch), (0, 0));
+    let mut again = fresh(r.model);
+    again.load_optimizer_state(&r.optimizer).unwrap();
+    let resumed = again
+        .resume(&train, Some(&test), &cfg_for(4, "d"), &r.progress)
+        .unwrap();
+    assert!(
+        weights(&again) == weights(&straight),
+        "resuming at 0 differs"
     );
     assert_eq!(history_numbers(&resumed), history_numbers(&full));
 

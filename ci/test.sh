@@ -69,6 +69,11 @@ KILN_REQUIRE_DATASETS=1 KILN_REQUIRE_KERNELS="$required" KILN_REQUIRE_HOST_EMULA
 # criterion bench once, and the comparison binary on two small shapes.
 step "benchmark smoke"
 cargo test -p kiln-bench --benches --profile ci --locked
+
+step "CUDA host code: planted faults fail the suite on the emulated device"
+KILN_REQUIRE_HOST_EMULATION=1 \
+  cargo test -p kiln-cuda --features planted-faults --test planted_host_faults --profile ci --locked
+cargo clippy -p kiln-cuda --features planted-faults --all-targets --locked -- -D warnings
 cargo run -q -p kiln-bench --bin kiln-bench-compare --profile ci --locked -- --quick
 
 # NEON: the aarch64 build of kiln-cpu's tests under qemu-aarch64.

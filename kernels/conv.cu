@@ -1,11 +1,12 @@
-// Convolutions as implicit GEMMs on the SIMT core of simt_gemm.cuh: the
+// Convolutions: forward and filter gradient as implicit GEMMs on the SIMT
+// core of simt_gemm.cuh, the input gradient as a gather. The
 // im2col matrix is never built — the B loader computes each element's
 // source pixel (or a zero in the padding) on the fly. Operands are
 // contiguous f32 NCHW (the host gathers others); results are stored as
 // `dtype`.
 //
 //   forward:         out[o, (img,oy,ox)]  = Σ_(c,ky,kx) w[o,(c,ky,kx)] · x[img,c,iy,ix]
-//   backward-data:   dx[c, (img,iy,ix)]   = Σ_(o,ky,kx) w[o,c,ky,kx] · dy[img,o,oy,ox]
+//   backward-data:   dx[img,c,iy,ix]      = Σ_(o,ky,kx) w[o,c,ky,kx] · dy[img,o,oy,ox]  (a gather)
 //   backward-filter: dw[o, (c,ky,kx)]     = Σ_(img,oy,ox) dy[img,o,oy,ox] · x[img,c,iy,ix]
 //
 // with iy = oy·sh + ky − pad_top, ix = ox·sw + kx − pad_left. The filter
@@ -58,38 +59,32 @@ kiln_conv2d(const float* x, const float* w, const float* bias, int act, void* ou
 }
 
 // ----- backward-data ---------------------------------------------------
-struct DataA {
-    const float* w; ConvArg p;
-    __device__ __forceinline__ float operator()(int, i64 c, i64 kk) const {
-        i64 kx = kk % p.kw, t = kk / p.kw, ky = t % p.kh, o = t / p.kh;
-        return w[((o * p.c + c) * p.kh + ky) * p.kw + kx];
+// A gather, one input cell per thread: dx sums w · dy over the (o, ky, kx)
+// whose window covers the cell, and only those. (As an implicit GEMM the
+// uncovered terms would be w · 0, which is NaN for an infinite weight where
+// the gradient is finite.)
+extern "C" __global__ void kiln_conv2d_backward_data(const float* dy, const float* w, void* dx, int dtype,
+                                                     ConvArg p) {
+    i64 cells = p.h * p.w;
+    GRID_STRIDE(i, p.n * p.c * cells) {
+        i64 cell = i % cells, t = i / cells, c = t % p.c, img = t / p.c;
+        i64 iy = cell / p.w, ix = cell % p.w;
+        float acc = 0.0f;
+        for (i64 ky = 0; ky < p.kh; ++ky) {
+            i64 ty = iy + p.pt - ky;
+            if (ty < 0 || ty % p.sh || ty / p.sh >= p.oh) continue;
+            i64 oy = ty / p.sh;
+            for (i64 kx = 0; kx < p.kw; ++kx) {
+                i64 tx = ix + p.pl - kx;
+                if (tx < 0 || tx % p.sw || tx / p.sw >= p.ow) continue;
+                i64 ox = tx / p.sw;
+                for (i64 o = 0; o < p.o; ++o)
+                    acc = fmaf(w[((o * p.c + c) * p.kh + ky) * p.kw + kx],
+                               dy[((img * p.o + o) * p.oh + oy) * p.ow + ox], acc);
+            }
+        }
+        store_f32(dx, dtype, i, acc);
     }
-};
-struct DataB {
-    const float* dy; ConvArg p;
-    __device__ __forceinline__ float operator()(int, i64 kk, i64 col) const {
-        i64 kx = kk % p.kw, t = kk / p.kw, ky = t % p.kh, o = t / p.kh;
-        i64 ix = col % p.w; t = col / p.w;
-        i64 iy = t % p.h, img = t / p.h;
-        i64 ty = iy + p.pt - ky, tx = ix + p.pl - kx;
-        if (ty < 0 || tx < 0 || ty % p.sh || tx % p.sw) return 0.0f;
-        i64 oy = ty / p.sh, ox = tx / p.sw;
-        if (oy >= p.oh || ox >= p.ow) return 0.0f;
-        return dy[((img * p.o + o) * p.oh + oy) * p.ow + ox];
-    }
-};
-struct DataStore {
-    void* dx; int dtype; ConvArg p;
-    __device__ __forceinline__ void operator()(int, i64 c, i64 col, float acc) const {
-        i64 cells = p.h * p.w, img = col / cells, cell = col % cells;
-        epilogue_store(dx, nullptr, nullptr, 1.0f, 0.0f, OP_NONE, dtype, (img * p.c + c) * cells + cell, 0, acc);
-    }
-};
-
-extern "C" __global__ void __launch_bounds__(SG_THREADS)
-kiln_conv2d_backward_data(const float* dy, const float* w, void* dx, int dtype, ConvArg p) {
-    simt_gemm_tile(DataA{w, p}, DataB{dy, p}, DataStore{dx, dtype, p}, 0, p.c, p.n * p.h * p.w, 0,
-                   p.o * p.kh * p.kw);
 }
 
 // ----- backward-filter (split-K) ----------------------------------------

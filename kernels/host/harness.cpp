@@ -230,8 +230,8 @@ int main(int argc, char** argv) {
             auto dy = read_bits(ys, KILN_F32), w = read_bits(ws, KILN_F32);
             std::vector<float> dx(xs + 1);
             if (xs > 0)
-                kiln_launch_blocks(tiles(p.c, p.n * p.h * p.w, 1), 256, kiln_conv2d_backward_data,
-                                   (const float*)dy.data(), (const float*)w.data(), (void*)dx.data(), KILN_F32, p);
+                kiln_launch(grid_for(xs), 256, kiln_conv2d_backward_data, (const float*)dy.data(),
+                            (const float*)w.data(), (void*)dx.data(), KILN_F32, p);
             print_bits(dx.data(), xs, KILN_F32);
         } else {
             auto x = read_bits(xs, KILN_F32), dy = read_bits(ys, KILN_F32);

@@ -44,6 +44,18 @@ pub trait RawMemory: Send + Sync + 'static {
     fn mem_info(&self) -> Option<(usize, usize)>;
 }
 
+impl RawMemory for Box<dyn RawMemory> {
+    fn alloc(&self, bytes: usize) -> std::result::Result<u64, RawError> {
+        (**self).alloc(bytes)
+    }
+    fn free(&self, ptr: u64, bytes: usize) {
+        (**self).free(ptr, bytes)
+    }
+    fn mem_info(&self) -> Option<(usize, usize)> {
+        (**self).mem_info()
+    }
+}
+
 /// Why the device refused an allocation.
 #[derive(Debug)]
 pub enum RawError {

@@ -23,32 +23,39 @@
 
 pub mod alloc;
 pub mod device;
+pub mod driver;
+pub mod emulator;
 pub mod kernels;
 pub mod launch;
+pub mod launcher;
+pub mod launchers;
+#[cfg(feature = "planted-faults")]
+pub mod planted;
 
 use std::sync::Arc;
 
-use cudarc::driver::{result, CudaContext, CudaStream, PushKernelArg};
+use cudarc::driver::CudaStream;
 use kiln_core::{
     conv, Activation, AdamStep, Backend, BackendStorage, BinaryOp, DType, Distribution, Error,
     GemmEpilogue, HostData, Layout, ReduceOp, Result, SgdStep, Shape, UnaryOp, View, Window2d,
 };
 
-use crate::alloc::{Allocator, Block};
-use crate::device::{driver_error, DeviceInfo, DeviceMemory};
-use crate::kernels::Kernels;
+use crate::alloc::{Allocator, Block, RawMemory};
+use crate::device::DeviceInfo;
 use crate::launch::{
     activation_code, binary_code, dtype_code, elementwise, gemm_kernel, gemm_tiles, per_row,
     reduce_code, split_k, unary_code, ConvArg, EpilogueArg, GemmKernel, MatrixArg, PoolArg,
     Strided,
 };
+use crate::launcher::Launcher;
+use crate::launchers as k;
 
 pub use device::{list as list_devices, DeviceInfo as Gpu};
 
 /// Device memory holding `len` elements of one dtype.
 #[derive(Clone)]
 pub struct CudaStorage {
-    block: Arc<Block<DeviceMemory>>,
+    block: Arc<Block<Box<dyn RawMemory>>>,
     dtype: DType,
     len: usize,
 }
@@ -86,41 +93,26 @@ impl BackendStorage for CudaStorage {
 }
 
 struct Inner {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    alloc: Arc<Allocator<DeviceMemory>>,
-    kernels: Kernels,
-    info: DeviceInfo,
+    // First: blocks return to it, and it to the device, before the
+    // launcher goes.
+    alloc: Arc<Allocator<Box<dyn RawMemory>>>,
+    device: Box<dyn Launcher>,
 }
 
-/// A GPU: its context, stream, kernels and memory. Clones share them.
+/// A GPU — or the host emulation of one — with kiln's kernels and memory.
+/// Clones share them.
 #[derive(Clone)]
 pub struct CudaBackend {
     inner: Arc<Inner>,
     tf32: bool,
+    #[cfg(feature = "planted-faults")]
+    fault: Option<planted::Fault>,
 }
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CudaBackend({})", self.inner.info)
+        write!(f, "CudaBackend({})", self.info())
     }
-}
-
-/// Launches kernel `$name` with the given locals as arguments, mapping a
-/// failure to an error naming `$op`.
-macro_rules! launch {
-    ($self:expr, $op:expr, $name:expr, $cfg:expr; $($arg:ident),* $(,)?) => {{
-        let f = $self.inner.kernels.get($name)?;
-        let mut b = $self.inner.stream.launch_builder(f);
-        $( b.arg(&$arg); )*
-        // SAFETY: every kernel's parameters are, in order, the types passed
-        // here (device addresses as u64, #[repr(C)] structs mirrored from
-        // the .cuh files, scalars); the addresses point into live blocks
-        // sized for the launch, which checked shapes and bounds.
-        unsafe { b.launch($cfg) }
-            .map(|_| ())
-            .map_err(|e| driver_error($op, e))
-    }};
 }
 
 /// A contiguous run of elements on the device, and what keeps it alive.
@@ -130,38 +122,48 @@ struct Dense {
 }
 
 impl CudaBackend {
-    /// The GPU `ordinal`. Errors: no driver ("no CUDA driver found
-    /// (libcuda.so.1)…"), no such device, or a driver failure.
+    /// The GPU `ordinal`, through the CUDA driver. Errors: no driver ("no
+    /// CUDA driver found (libcuda.so.1)…"), no such device, or a driver
+    /// failure.
     pub fn new(ordinal: usize) -> Result<Self> {
-        if !device::driver_present() {
-            return Err(device::no_driver());
-        }
-        let count =
-            CudaContext::device_count().map_err(|e| driver_error("counting GPUs", e))? as usize;
-        if ordinal >= count {
-            return Err(Error::Backend(format!(
-                "cuda:{ordinal}: this machine has {count} CUDA device{}",
-                if count == 1 { "" } else { "s" }
-            )));
-        }
-        let ctx = CudaContext::new(ordinal).map_err(|e| driver_error("opening the GPU", e))?;
-        let stream = ctx.default_stream();
-        let info = device::describe(&ctx)?;
-        let kernels = Kernels::load(&ctx)?;
-        let alloc = Allocator::new(DeviceMemory {
-            ctx: Arc::clone(&ctx),
-            stream: Arc::clone(&stream),
-        });
-        Ok(CudaBackend {
+        Ok(Self::on(Box::new(driver::Driver::new(ordinal)?)))
+    }
+
+    /// The backend on the host emulation of a GPU
+    /// ([`emulator::Emulator::build`]: kiln's kernels compiled for the CPU
+    /// by g++), for testing every line of this backend without a GPU.
+    pub fn emulated() -> Result<Self> {
+        Ok(Self::on(Box::new(emulator::Emulator::build()?)))
+    }
+
+    /// The backend on any [`Launcher`].
+    pub fn on(device: Box<dyn Launcher>) -> Self {
+        CudaBackend {
             inner: Arc::new(Inner {
-                ctx,
-                stream,
-                alloc,
-                kernels,
-                info,
+                alloc: Allocator::new(device.memory()),
+                device,
             }),
             tf32: std::env::var("KILN_CUDA_TF32").is_ok_and(|v| v == "1"),
-        })
+            #[cfg(feature = "planted-faults")]
+            fault: None,
+        }
+    }
+
+    /// The same backend with `fault` planted in its host code.
+    #[cfg(feature = "planted-faults")]
+    pub fn with_planted_fault(mut self, fault: planted::Fault) -> Self {
+        self.fault = Some(fault);
+        self
+    }
+
+    /// Whether the fault `name` is planted (never, without the feature).
+    #[inline(always)]
+    fn planted(&self, _name: &str) -> bool {
+        #[cfg(feature = "planted-faults")]
+        if let Some(f) = self.fault {
+            return f.name() == _name;
+        }
+        false
     }
 
     /// The same device with f32 GEMMs on TF32 tensor cores (`on`) or exact
@@ -173,12 +175,17 @@ impl CudaBackend {
 
     /// The device this backend runs on.
     pub fn info(&self) -> &DeviceInfo {
-        &self.inner.info
+        self.inner.device.info()
     }
 
-    /// The stream every op of this backend is queued on.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.inner.stream
+    /// The driver's stream every op is queued on; `None` on the host
+    /// emulation.
+    pub fn stream(&self) -> Option<&Arc<CudaStream>> {
+        self.inner
+            .device
+            .as_any()
+            .downcast_ref::<driver::Driver>()
+            .map(driver::Driver::stream)
     }
 
     /// The caching allocator's counters.
@@ -186,15 +193,12 @@ impl CudaBackend {
         self.inner.alloc.stats()
     }
 
-    fn sms(&self) -> u32 {
-        self.inner.info.sms
+    fn device(&self) -> &dyn Launcher {
+        self.inner.device.as_ref()
     }
 
-    fn bind(&self, op: &str) -> Result<()> {
-        self.inner
-            .ctx
-            .bind_to_thread()
-            .map_err(|e| driver_error(op, e))
+    fn sms(&self) -> u32 {
+        self.info().sms
     }
 
     fn empty(&self, op: &str, dtype: DType, len: usize) -> Result<CudaStorage> {
@@ -233,11 +237,17 @@ impl CudaBackend {
         let Some(cfg) = elementwise(n, self.sms()) else {
             return Ok(());
         };
-        let (sp, sd) = (src.storage.block.ptr(), dtype_code(src.storage.dtype));
-        let view = Strided::from_layout(op, src.layout)?;
-        let (dp, dd) = (dst.block.ptr(), dtype_code(dst.dtype));
-        let n = n as i64;
-        launch!(self, op, "kiln_copy", cfg; sp, sd, view, dp, dd, dst_view, n)
+        let args = k::Copy {
+            src: src.storage.block.ptr(),
+            src_dtype: dtype_code(src.storage.dtype),
+            view: Strided::from_layout(op, src.layout)?,
+            dst: dst.block.ptr(),
+            dst_dtype: dtype_code(dst.dtype),
+            dst_view,
+            n: n as i64,
+        };
+        // SAFETY: both views were checked against their storages.
+        unsafe { args.launch(self.device(), op, &cfg) }
     }
 
     fn identity(n: usize) -> Strided {
@@ -332,9 +342,15 @@ impl CudaBackend {
     ) -> Result<CudaStorage> {
         let out = self.empty(op, DType::F32, rows)?;
         if let Some(cfg) = per_row(rows) {
-            let y = out.block.ptr();
-            let (rows, run) = (rows as i64, run as i64);
-            launch!(self, op, "kiln_reduce_rows", cfg; x, y, rows, run, code)?;
+            let args = k::ReduceRows {
+                x,
+                y: out.block.ptr(),
+                rows: rows as i64,
+                run: run as i64,
+                op: code,
+            };
+            // SAFETY: `x` holds rows·run f32s (the caller's), `out` rows.
+            unsafe { args.launch(self.device(), op, &cfg) }?;
         }
         Ok(out)
     }
@@ -365,10 +381,7 @@ impl Backend for CudaBackend {
     type Storage = CudaStorage;
 
     fn name(&self) -> String {
-        format!(
-            "cuda:{} ({})",
-            self.inner.info.ordinal, self.inner.info.name
-        )
+        format!("cuda:{} ({})", self.info().ordinal, self.info().name)
     }
 
     fn full(&self, numel: usize, dtype: DType, value: f64) -> Result<CudaStorage> {
@@ -377,7 +390,7 @@ impl Backend for CudaBackend {
         let Some(cfg) = elementwise(numel, self.sms()) else {
             return Ok(out);
         };
-        let (p, n) = (out.block.ptr(), numel as i64);
+        let (dst, n) = (out.block.ptr(), numel as i64);
         match dtype {
             DType::F32 | DType::U32 => {
                 let bits = if dtype == DType::F32 {
@@ -385,7 +398,9 @@ impl Backend for CudaBackend {
                 } else {
                     value as u32
                 };
-                launch!(self, op, "kiln_fill_b32", cfg; p, n, bits)?;
+                let args = k::FillB32 { dst, n, bits };
+                // SAFETY: `out` holds `numel` 32-bit elements.
+                unsafe { args.launch(self.device(), op, &cfg) }?;
             }
             DType::F16 | DType::BF16 => {
                 let bits = if dtype == DType::F16 {
@@ -393,7 +408,9 @@ impl Backend for CudaBackend {
                 } else {
                     kiln_core::bf16_from_f64(value).to_bits()
                 };
-                launch!(self, op, "kiln_fill_b16", cfg; p, n, bits)?;
+                let args = k::FillB16 { dst, n, bits };
+                // SAFETY: `out` holds `numel` 16-bit elements.
+                unsafe { args.launch(self.device(), op, &cfg) }?;
             }
         }
         Ok(out)
@@ -402,20 +419,8 @@ impl Backend for CudaBackend {
     fn upload(&self, data: &HostData) -> Result<CudaStorage> {
         let op = "upload";
         let out = self.empty(op, data.dtype(), data.len())?;
-        if !data.is_empty() {
-            self.bind(op)?;
-            // SAFETY: the block holds at least `as_bytes().len()` bytes; the
-            // source is pageable host memory, which the driver stages before
-            // the call returns.
-            unsafe {
-                result::memcpy_htod_async(
-                    out.block.ptr(),
-                    data.as_bytes(),
-                    self.inner.stream.cu_stream(),
-                )
-            }
-            .map_err(|e| driver_error(op, e))?;
-        }
+        // SAFETY: the block holds at least `as_bytes().len()` bytes.
+        unsafe { self.device().upload(op, out.block.ptr(), data.as_bytes()) }?;
         Ok(out)
     }
 
@@ -425,16 +430,8 @@ impl Backend for CudaBackend {
         let n = src.layout.numel();
         let dense = self.dense(op, src, dtype)?;
         let mut bytes = vec![0u8; n * dtype.size_in_bytes()];
-        if n > 0 {
-            self.bind(op)?;
-            // SAFETY: `dense` holds n contiguous elements; `bytes` is that
-            // long; the stream is synchronised before `bytes` is read.
-            unsafe {
-                result::memcpy_dtoh_async(&mut bytes[..], dense.ptr, self.inner.stream.cu_stream())
-            }
-            .map_err(|e| driver_error(op, e))?;
-        }
-        self.synchronize()?;
+        // SAFETY: `dense` holds n contiguous elements, `bytes` is that long.
+        unsafe { self.device().download(op, dense.ptr, &mut bytes) }?;
         HostData::from_bytes(dtype, &bytes)
     }
 
@@ -473,10 +470,7 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.inner
-            .stream
-            .synchronize()
-            .map_err(|e| driver_error("synchronize", e))
+        self.device().synchronize()
     }
 
     fn gemm(
@@ -523,9 +517,12 @@ impl Backend for CudaBackend {
             None => None,
         };
         let out = self.empty(op, dtype, batch * m * n)?;
-        let Some(cfg) = gemm_tiles(op, m, n, batch)? else {
+        let Some(mut cfg) = gemm_tiles(op, m, n, batch)? else {
             return Ok(out);
         };
+        if self.planted("short-gemm-grid") && cfg.grid_dim.1 > 1 {
+            cfg.grid_dim.1 -= 1;
+        }
         let epa = EpilogueArg {
             out: out.block.ptr(),
             c0: c0.as_ref().map_or(0, |(_, d)| d.ptr),
@@ -541,21 +538,25 @@ impl Backend for CudaBackend {
         let kernel = if k == 0 {
             GemmKernel::Simt
         } else {
-            gemm_kernel(dtype, k, n, self.inner.info.compute_capability, self.tf32)
+            gemm_kernel(dtype, k, n, self.info().compute_capability, self.tf32)
         };
-        let tensor_core = match kernel {
-            GemmKernel::Bf16 => Some("kiln_gemm_bf16"),
-            GemmKernel::F16 => Some("kiln_gemm_f16"),
-            GemmKernel::Tf32 => Some("kiln_gemm_tf32"),
-            GemmKernel::Simt => None,
-        };
-        if let Some(name) = tensor_core {
+        if kernel != GemmKernel::Simt {
             let (da, db) = (self.dense(op, a, dtype)?, self.dense(op, b, dtype)?);
             // The tensor-core kernels copy 16-byte chunks: operands starting
             // at an unaligned offset go to the SIMT kernel instead.
             if (da.ptr | db.ptr) % 16 == 0 {
-                let (pa, pb) = (da.ptr, db.ptr);
-                launch!(self, op, name, cfg; pa, pb, epa, mi, ni, ki)?;
+                let (a, b, ep) = (da.ptr, db.ptr, epa);
+                let (m, n, k) = (mi, ni, ki);
+                let dev = self.device();
+                // SAFETY: `da` and `db` are contiguous m×k and k×n runs of
+                // `dtype`, the epilogue's buffers batch·m·n (checked above).
+                unsafe {
+                    match kernel {
+                        GemmKernel::Bf16 => k::GemmBf16 { a, b, ep, m, n, k }.launch(dev, op, &cfg),
+                        GemmKernel::F16 => k::GemmF16 { a, b, ep, m, n, k }.launch(dev, op, &cfg),
+                        _ => k::GemmTf32 { a, b, ep, m, n, k }.launch(dev, op, &cfg),
+                    }
+                }?;
                 return Ok(out);
             }
         }
@@ -568,11 +569,24 @@ impl Backend for CudaBackend {
                 offset: v.layout.offset() as i64,
                 bs: s[0] as i64,
                 rs: s[1] as i64,
-                cs: s[2] as i64,
+                cs: if self.planted("gemm-column-stride") {
+                    s[1] as i64
+                } else {
+                    s[2] as i64
+                },
             }
         };
-        let (ma, mb) = (matrix(a), matrix(b));
-        launch!(self, op, "kiln_gemm_simt", cfg; ma, mb, epa, mi, ni, ki)?;
+        let args = k::GemmSimt {
+            a: matrix(a),
+            b: matrix(b),
+            ep: epa,
+            m: mi,
+            n: ni,
+            k: ki,
+        };
+        // SAFETY: both views were checked against their storages; the
+        // epilogue's buffers hold batch·m·n elements.
+        unsafe { args.launch(self.device(), op, &cfg) }?;
         Ok(out)
     }
 
@@ -585,8 +599,14 @@ impl Backend for CudaBackend {
             let Some(cfg) = elementwise(n, self.sms()) else {
                 return Ok(());
             };
-            let (xp, ni, code) = (xs.ptr, n as i64, unary_code(op));
-            launch!(self, name, "kiln_unary", cfg; xp, y, ni, code)
+            let args = k::Unary {
+                x: xs.ptr,
+                y,
+                n: n as i64,
+                op: unary_code(op),
+            };
+            // SAFETY: `xs` and `y` hold n f32s.
+            unsafe { args.launch(self.device(), name, &cfg) }
         })
     }
 
@@ -621,8 +641,16 @@ impl Backend for CudaBackend {
             let Some(cfg) = elementwise(n, self.sms()) else {
                 return Ok(());
             };
-            let (xp, yp, dp, ni, code) = (xs.ptr, ys.ptr, ds.ptr, n as i64, unary_code(op));
-            launch!(self, name, "kiln_unary_backward", cfg; xp, yp, dp, dx, ni, code)
+            let args = k::UnaryBackward {
+                x: xs.ptr,
+                y: ys.ptr,
+                dy: ds.ptr,
+                dx,
+                n: n as i64,
+                op: unary_code(op),
+            };
+            // SAFETY: every operand holds n f32s.
+            unsafe { args.launch(self.device(), name, &cfg) }
         })
     }
 
@@ -635,8 +663,15 @@ impl Backend for CudaBackend {
             let Some(cfg) = elementwise(n, self.sms()) else {
                 return Ok(());
             };
-            let (xp, ni) = (xs.ptr, n as i64);
-            launch!(self, name, "kiln_affine", cfg; xp, y, ni, mul, add)
+            let args = k::Affine {
+                x: xs.ptr,
+                y,
+                n: n as i64,
+                mul,
+                add,
+            };
+            // SAFETY: `xs` and `y` hold n f32s.
+            unsafe { args.launch(self.device(), name, &cfg) }
         })
     }
 
@@ -670,8 +705,17 @@ impl Backend for CudaBackend {
                 let Some(cfg) = elementwise(n, self.sms()) else {
                     return Ok(());
                 };
-                let (px, pr, ni, code) = (xs.ptr, rs.ptr, n as i64, binary_code(op));
-                launch!(self, name, "kiln_binary_row", cfg; px, pr, y, ni, len, code, row_first)
+                let args = k::BinaryRow {
+                    a: xs.ptr,
+                    row: rs.ptr,
+                    y,
+                    n: n as i64,
+                    len,
+                    op: binary_code(op),
+                    row_first,
+                };
+                // SAFETY: `xs` and `y` hold n f32s, `rs` len.
+                unsafe { args.launch(self.device(), name, &cfg) }
             });
         }
         let (xa, xb) = (
@@ -682,8 +726,20 @@ impl Backend for CudaBackend {
             let Some(cfg) = elementwise(n, self.sms()) else {
                 return Ok(());
             };
-            let (pa, pb, ni, code) = (xa.ptr, xb.ptr, n as i64, binary_code(op));
-            launch!(self, name, "kiln_binary", cfg; pa, pb, y, ni, code)
+            let (a, b) = if self.planted("swapped-binary-operands") {
+                (xb.ptr, xa.ptr)
+            } else {
+                (xa.ptr, xb.ptr)
+            };
+            let args = k::Binary {
+                a,
+                b,
+                y,
+                n: n as i64,
+                op: binary_code(op),
+            };
+            // SAFETY: every operand holds n f32s.
+            unsafe { args.launch(self.device(), name, &cfg) }
         })
     }
 
@@ -722,8 +778,14 @@ impl Backend for CudaBackend {
         let xs = self.dense(name, x, DType::F32)?;
         let out = self.empty(name, DType::U32, rows)?;
         if let Some(cfg) = per_row(rows) {
-            let (xp, y, r, cc) = (xs.ptr, out.block.ptr(), rows as i64, c as i64);
-            launch!(self, name, "kiln_argmax_rows", cfg; xp, y, r, cc)?;
+            let args = k::ArgmaxRows {
+                x: xs.ptr,
+                y: out.block.ptr(),
+                rows: rows as i64,
+                run: c as i64,
+            };
+            // SAFETY: `xs` holds rows·c f32s, `out` rows u32s.
+            unsafe { args.launch(self.device(), name, &cfg) }?;
         }
         Ok(out)
     }
@@ -741,8 +803,15 @@ impl Backend for CudaBackend {
             let Some(cfg) = per_row(rows) else {
                 return Ok(());
             };
-            let (xp, r, cc, lg) = (xs.ptr, rows as i64, c as i64, i32::from(log));
-            launch!(self, name, "kiln_softmax_rows", cfg; xp, y, r, cc, lg)
+            let args = k::SoftmaxRows {
+                x: xs.ptr,
+                y,
+                rows: rows as i64,
+                c: c as i64,
+                log: i32::from(log),
+            };
+            // SAFETY: `xs` and `y` hold rows·c f32s.
+            unsafe { args.launch(self.device(), name, &cfg) }
         })
     }
 
@@ -779,15 +848,16 @@ impl Backend for CudaBackend {
         let loss = self.empty(name, DType::F32, rows)?;
         let grad = self.empty(name, DType::F32, rows * c)?;
         if let Some(cfg) = per_row(rows).filter(|_| c > 0) {
-            let (xp, yp, lp, gp, r, cc) = (
-                xs.ptr,
-                ys.ptr,
-                loss.block.ptr(),
-                grad.block.ptr(),
-                rows as i64,
-                c as i64,
-            );
-            launch!(self, name, "kiln_softmax_xent", cfg; xp, yp, lp, gp, r, cc)?;
+            let args = k::SoftmaxXent {
+                logits: xs.ptr,
+                labels: ys.ptr,
+                loss: loss.block.ptr(),
+                grad: grad.block.ptr(),
+                rows: rows as i64,
+                c: c as i64,
+            };
+            // SAFETY: logits and grad hold rows·c f32s, labels and loss rows.
+            unsafe { args.launch(self.device(), name, &cfg) }?;
         }
         Ok((
             self.convert(name, loss, dtype)?,
@@ -820,13 +890,17 @@ impl Backend for CudaBackend {
         let out = self.empty(name, dtype, n * o * oh * ow)?;
         let p = ConvArg::new(xd, o, window, [oh, ow]);
         if let Some(cfg) = gemm_tiles(name, o, n * oh * ow, 1)? {
-            let (xp, wp, bp) = (xs.ptr, ws.ptr, bs.as_ref().map_or(0u64, |b| b.ptr));
-            let (act, op, dt) = (
-                activation_code(activation),
-                out.block.ptr(),
-                dtype_code(dtype),
-            );
-            launch!(self, name, "kiln_conv2d", cfg; xp, wp, bp, act, op, dt, p)?;
+            let args = k::Conv2d {
+                x: xs.ptr,
+                w: ws.ptr,
+                bias: bs.as_ref().map_or(0, |b| b.ptr),
+                act: activation_code(activation),
+                out: out.block.ptr(),
+                dtype: dtype_code(dtype),
+                p,
+            };
+            // SAFETY: the buffers hold the sizes `conv2d_output` checked.
+            unsafe { args.launch(self.device(), name, &cfg) }?;
         }
         Ok(out)
     }
@@ -853,9 +927,16 @@ impl Backend for CudaBackend {
         );
         let out = self.empty(name, dtype, n * c * h * w)?;
         let p = ConvArg::new([n, c, h, w], dyd[1], window, [dyd[2], dyd[3]]);
-        if let Some(cfg) = gemm_tiles(name, c, n * h * w, 1)? {
-            let (dp, wp, op, dt) = (ds.ptr, ws.ptr, out.block.ptr(), dtype_code(dtype));
-            launch!(self, name, "kiln_conv2d_backward_data", cfg; dp, wp, op, dt, p)?;
+        if let Some(cfg) = elementwise(n * c * h * w, self.sms()) {
+            let args = k::Conv2dBackwardData {
+                dy: ds.ptr,
+                w: ws.ptr,
+                dx: out.block.ptr(),
+                dtype: dtype_code(dtype),
+                p,
+            };
+            // SAFETY: the buffers hold the sizes the shape check derived.
+            unsafe { args.launch(self.device(), name, &cfg) }?;
         }
         Ok(out)
     }
@@ -867,8 +948,10 @@ impl Backend for CudaBackend {
         window: &Window2d,
     ) -> Result<(CudaStorage, CudaStorage)> {
         let name = "conv2d_backward_filter";
-        let [o, c, kh, kw] =
+        // The shape check returns the convolution's output [n, o, oh, ow].
+        let [_, o, _, _] =
             conv::conv2d_backward_filter_shape(x.layout.dims(), dy.layout.dims(), window)?;
+        let (c, [kh, kw]) = (x.layout.dims()[1], window.kernel);
         let dtype = Self::same_dtype(name, x.storage.dtype, dy.storage.dtype)?;
         let xd = dims4(name, x.layout.dims())?;
         let dyd = dims4(name, dy.layout.dims())?;
@@ -883,16 +966,26 @@ impl Backend for CudaBackend {
         let ws = self.empty(name, DType::F32, slices * o * cols)?;
         let dw = self.empty(name, dtype, o * cols)?;
         if let Some(cfg) = gemm_tiles(name, o, cols, slices)? {
-            let (xp, dp, wsp, ch) = (xs.ptr, ds.ptr, ws.block.ptr(), chunk as i64);
-            launch!(self, name, "kiln_conv2d_backward_filter", cfg; xp, dp, wsp, ch, p)?;
+            let args = k::Conv2dBackwardFilter {
+                x: xs.ptr,
+                dy: ds.ptr,
+                ws: ws.block.ptr(),
+                chunk: chunk as i64,
+                p,
+            };
+            // SAFETY: `ws` holds one o×cols slice per grid z; x and dy the
+            // sizes the shape check derived.
+            unsafe { args.launch(self.device(), name, &cfg) }?;
             let cfg = elementwise(o * cols, self.sms()).expect("o·cols > 0 here");
-            let (s, len, out, dt) = (
-                slices as i64,
-                (o * cols) as i64,
-                dw.block.ptr(),
-                dtype_code(dtype),
-            );
-            launch!(self, name, "kiln_sum_splits", cfg; wsp, s, len, out, dt)?;
+            let args = k::SumSplits {
+                ws: ws.block.ptr(),
+                splits: slices as i64,
+                len: (o * cols) as i64,
+                out: dw.block.ptr(),
+                dtype: dtype_code(dtype),
+            };
+            // SAFETY: `ws` holds slices·len f32s, `dw` len elements.
+            unsafe { args.launch(self.device(), name, &cfg) }?;
         }
         // The bias gradient: Σ dy over images and pixels, per filter.
         let db = self.reduce(ReduceOp::Sum, dy, &[0, 2, 3])?;
@@ -923,8 +1016,15 @@ impl Backend for CudaBackend {
         let at = self.empty(name, DType::U32, cells)?;
         if let Some(cfg) = elementwise(cells, self.sms()) {
             let p = PoolArg::new(xd, window, [oh, ow]);
-            let (xp, yp, dt, ap) = (xs.ptr, y.block.ptr(), dtype_code(dtype), at.block.ptr());
-            launch!(self, name, "kiln_max_pool2d", cfg; xp, yp, dt, ap, p)?;
+            let args = k::MaxPool2d {
+                x: xs.ptr,
+                y: y.block.ptr(),
+                dtype: dtype_code(dtype),
+                argmax: at.block.ptr(),
+                p,
+            };
+            // SAFETY: `xs` holds the input planes, `y` and `at` the cells.
+            unsafe { args.launch(self.device(), name, &cfg) }?;
         }
         Ok((y, at))
     }
@@ -937,8 +1037,10 @@ impl Backend for CudaBackend {
         input: [usize; 2],
     ) -> Result<CudaStorage> {
         let name = "max_pool2d_backward";
-        let [n, c, h, w] =
+        // The shape check returns the pool's output; dx is the input's.
+        let [n, c, _, _] =
             conv::pool2d_backward_shape(dy.layout.dims(), argmax.layout.dims(), window, input)?;
+        let [h, w] = input;
         let dtype = Self::float_dtype(name, dy.storage.dtype)?;
         if argmax.storage.dtype != DType::U32 {
             return Err(Error::DType {
@@ -956,8 +1058,15 @@ impl Backend for CudaBackend {
         let dx = self.empty(name, dtype, cells)?;
         if let Some(cfg) = elementwise(cells, self.sms()) {
             let p = PoolArg::new([n, c, h, w], window, [dyd[2], dyd[3]]);
-            let (dp, ap, xp, dt) = (ds.ptr, am.ptr, dx.block.ptr(), dtype_code(dtype));
-            launch!(self, name, "kiln_max_pool2d_backward", cfg; dp, ap, xp, dt, p)?;
+            let args = k::MaxPool2dBackward {
+                dy: ds.ptr,
+                argmax: am.ptr,
+                dx: dx.block.ptr(),
+                dtype: dtype_code(dtype),
+                p,
+            };
+            // SAFETY: `ds` and `am` hold the output cells, `dx` the input's.
+            unsafe { args.launch(self.device(), name, &cfg) }?;
         }
         Ok(dx)
     }
@@ -979,19 +1088,18 @@ impl Backend for CudaBackend {
         let Some(cfg) = elementwise(param.len, self.sms()) else {
             return Ok(());
         };
-        let (p, g, v) = (
-            param.block.ptr(),
-            grad.block.ptr(),
-            velocity.map_or(0u64, |v| v.block.ptr()),
-        );
-        let (n, lr, mo, wd, ne) = (
-            param.len as i64,
-            step.lr,
-            step.momentum,
-            step.weight_decay,
-            i32::from(step.nesterov),
-        );
-        launch!(self, name, "kiln_sgd", cfg; p, g, v, n, lr, mo, wd, ne)
+        let args = k::Sgd {
+            p: param.block.ptr(),
+            g: grad.block.ptr(),
+            vel: velocity.map_or(0, |v| v.block.ptr()),
+            n: param.len as i64,
+            lr: step.lr,
+            momentum: step.momentum,
+            weight_decay: step.weight_decay,
+            nesterov: i32::from(step.nesterov),
+        };
+        // SAFETY: every operand holds param.len f32s (`optim_check`).
+        unsafe { args.launch(self.device(), name, &cfg) }
     }
 
     fn adam_update(
@@ -1009,15 +1117,21 @@ impl Backend for CudaBackend {
         let Some(cfg) = elementwise(param.len, self.sms()) else {
             return Ok(());
         };
-        let (p, g, mp, vp, n) = (
-            param.block.ptr(),
-            grad.block.ptr(),
-            m.block.ptr(),
-            v.block.ptr(),
-            param.len as i64,
-        );
-        let (beta1, beta2, eps) = (step.beta1, step.beta2, step.eps);
-        launch!(self, name, "kiln_adam", cfg; p, g, mp, vp, n, lr_t, beta1, beta2, eps, decay, l2)
+        let args = k::Adam {
+            p: param.block.ptr(),
+            g: grad.block.ptr(),
+            m: m.block.ptr(),
+            v: v.block.ptr(),
+            n: param.len as i64,
+            lr_t,
+            beta1: step.beta1,
+            beta2: step.beta2,
+            eps: step.eps,
+            decay,
+            l2,
+        };
+        // SAFETY: every operand holds param.len f32s (`optim_check`).
+        unsafe { args.launch(self.device(), name, &cfg) }
     }
 
     fn random(
@@ -1032,16 +1146,38 @@ impl Backend for CudaBackend {
         let dtype = Self::float_dtype(name, dtype)?;
         dist.validate()?;
         let out = self.empty(name, dtype, numel)?;
-        let (p, dt, n) = (out.block.ptr(), dtype_code(dtype), numel as i64);
+        let (dst, n) = (out.block.ptr(), numel as i64);
         let Some(cfg) = elementwise(numel, self.sms()) else {
             return Ok(out);
         };
+        let dtype = dtype_code(dtype);
+        let dev = self.device();
         match dist {
             Distribution::Uniform { low, high } => {
-                launch!(self, name, "kiln_uniform", cfg; p, dt, n, seed, offset, low, high)?;
+                let args = k::Uniform {
+                    dst,
+                    dtype,
+                    n,
+                    seed,
+                    offset,
+                    low,
+                    high,
+                };
+                // SAFETY: `out` holds numel elements of `dtype`.
+                unsafe { args.launch(dev, name, &cfg) }?;
             }
             Distribution::Normal { mean, std } => {
-                launch!(self, name, "kiln_normal", cfg; p, dt, n, seed, offset, mean, std)?;
+                let args = k::Normal {
+                    dst,
+                    dtype,
+                    n,
+                    seed,
+                    offset,
+                    mean,
+                    std,
+                };
+                // SAFETY: `out` holds numel elements of `dtype`.
+                unsafe { args.launch(dev, name, &cfg) }?;
             }
         }
         Ok(out)

@@ -165,3 +165,124 @@ fn argument_structs_have_their_c_twins_fields_in_order() {
         assert_eq!(fields(src, name), rust_fields.to_vec(), "struct {name}");
     }
 }
+
+/// Every `extern "C" __global__` kernel in `kernels/*.cu`, as `(name,
+/// [(type, parameter)])` with the C types written without spaces before
+/// `*` (e.g. `const float*`).
+fn kernel_signatures() -> Vec<(String, Vec<(String, String)>)> {
+    let sources = [
+        include_str!("../../../kernels/conv.cu"),
+        include_str!("../../../kernels/elementwise.cu"),
+        include_str!("../../../kernels/gemm_simt.cu"),
+        include_str!("../../../kernels/gemm_tc.cu"),
+        include_str!("../../../kernels/memory.cu"),
+        include_str!("../../../kernels/optim.cu"),
+        include_str!("../../../kernels/pool.cu"),
+        include_str!("../../../kernels/random.cu"),
+        include_str!("../../../kernels/reduce.cu"),
+        include_str!("../../../kernels/softmax.cu"),
+    ];
+    let mut out = Vec::new();
+    for src in sources {
+        for (at, _) in src.match_indices("extern \"C\" __global__ void") {
+            let decl = &src[at..];
+            let open = decl.find('(').unwrap();
+            // The name is the last word before the parameter list (after
+            // any __launch_bounds__(…), which has its own parentheses).
+            let mut head = &decl[..open];
+            let mut rest = &decl[open..];
+            if head.contains("__launch_bounds__") {
+                let close = rest.find(')').unwrap();
+                rest = &rest[close + 1..];
+                let open = rest.find('(').unwrap();
+                head = &rest[..open];
+                rest = &rest[open..];
+            }
+            let name = head.split_whitespace().last().unwrap().to_string();
+            let params = &rest[1..rest.find(')').unwrap()];
+            let params = params
+                .split(',')
+                .map(|p| {
+                    let p = p.split_whitespace().collect::<Vec<_>>().join(" ");
+                    let split = p.rfind([' ', '*']).unwrap();
+                    let (ty, name) = p.split_at(split + 1);
+                    (ty.trim().replace(" *", "*"), name.trim().to_string())
+                })
+                .collect();
+            out.push((name, params));
+        }
+    }
+    out
+}
+
+/// Whether the typed launcher's Rust field type passes what the C
+/// parameter type takes.
+fn passes(rust: &str, c: &str) -> bool {
+    match rust {
+        // Device addresses: read-only pointers are `const`, written ones not.
+        "In" => c.starts_with("const ") && c.ends_with('*'),
+        "Out" => !c.starts_with("const ") && c.ends_with('*'),
+        "i32" => c == "int",
+        "f32" => c == "float",
+        "f64" => c == "double",
+        "i64" | "u64" | "u32" | "u16" => c == rust,
+        // The #[repr(C)] twins, checked field by field above.
+        "Strided" | "MatrixArg" | "EpilogueArg" | "ConvArg" | "PoolArg" => c == rust,
+        _ => false,
+    }
+}
+
+/// Each typed launcher passes its kernel's parameters in the kernel's
+/// order, with the kernel's names and types; every kernel has a launcher.
+#[test]
+fn every_launcher_matches_its_kernels_c_signature() {
+    let kernels = kernel_signatures();
+    assert_eq!(
+        kernels.len(),
+        26,
+        "{:?}",
+        kernels.iter().map(|k| &k.0).collect::<Vec<_>>()
+    );
+    for (name, params) in &kernels {
+        let (_, rust) = kiln_cuda::launchers::SIGNATURES
+            .iter()
+            .find(|(k, _)| k == name)
+            .unwrap_or_else(|| panic!("{name} has no typed launcher"));
+        assert_eq!(rust.len(), params.len(), "{name}: parameter count");
+        for (i, ((field, ty), (c_ty, c_name))) in rust.iter().zip(params).enumerate() {
+            assert!(
+                field.eq_ignore_ascii_case(c_name),
+                "{name} parameter {i}: the launcher's `{field}` is the kernel's `{c_name}`"
+            );
+            assert!(
+                passes(ty, c_ty),
+                "{name} parameter {i} `{c_name}`: the launcher passes {ty}, the kernel takes {c_ty}"
+            );
+        }
+    }
+    assert_eq!(kiln_cuda::launchers::SIGNATURES.len(), kernels.len());
+    // And the PTX the driver loads has exactly these entry points.
+    let mut loaded: Vec<&str> = kiln_cuda::kernels::MODULES
+        .iter()
+        .flat_map(|(_, _, names)| names.iter().copied())
+        .collect();
+    let mut launched: Vec<&str> = kiln_cuda::launchers::SIGNATURES
+        .iter()
+        .map(|(k, _)| *k)
+        .collect();
+    loaded.sort();
+    launched.sort();
+    assert_eq!(loaded, launched);
+}
+
+/// The checker itself: a swapped or retyped parameter is caught.
+#[test]
+fn the_signature_check_catches_swaps_and_wrong_types() {
+    let kernels = kernel_signatures();
+    let (_, copy) = kernels.iter().find(|(n, _)| n == "kiln_copy").unwrap();
+    assert_eq!(copy[0], ("const void*".to_string(), "src".to_string()));
+    assert_eq!(copy[3], ("void*".to_string(), "dst".to_string()));
+    assert!(passes("In", "const float*") && !passes("In", "float*"));
+    assert!(passes("Out", "u32*") && !passes("Out", "const u32*"));
+    assert!(!passes("f32", "double") && !passes("i32", "i64"));
+}

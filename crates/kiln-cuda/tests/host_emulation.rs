@@ -4,7 +4,7 @@
 //! types, transposed, sliced and broadcast views), max-pooling forward
 //! and backward (padding, overlapping windows, ties and NaN), every unary
 //! op and its gradient, every binary op, affine, and Adam; and, with each
-//! block's threads run as real threads (barriers, shuffles), the row
+//! block's threads run as fibers (barriers, shuffles), the row
 //! reductions, argmax, softmax, softmax-CE, the SIMT GEMM and the three
 //! implicit-GEMM convolutions, within their error bounds; and the BF16,
 //! F16 and TF32 tensor-core GEMMs with `mma.sync`/`ldmatrix`/`cp.async`

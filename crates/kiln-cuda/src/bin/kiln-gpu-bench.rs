@@ -88,7 +88,7 @@ fn run() -> Result<()> {
     // use without it.
     let blas = if unsafe { cudarc::cublas::sys::is_culib_present() } {
         Some(
-            CudaBlas::new(base.stream().clone())
+            CudaBlas::new(base.stream().expect("a driver backend").clone())
                 .map_err(|e| kiln_core::Error::Backend(format!("cuBLAS: {e:?}")))?,
         )
     } else {

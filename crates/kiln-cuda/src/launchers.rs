@@ -1,0 +1,184 @@
+//! Typed launchers: one struct per kernel entry point, its fields the
+//! kernel's parameters in order — named, typed, and checked against the C
+//! parameter lists in `kernels/*.cu` by `tests/abi.rs` — so a call site
+//! names every argument it passes and no launch is positional.
+//!
+//! Device addresses are [`In`] (the kernel only reads: `const T*`) or
+//! [`Out`] (it writes: `T*`); both are `u64`s, 0 for an absent optional
+//! operand.
+
+use std::ffi::c_void;
+
+use cudarc::driver::LaunchConfig;
+use kiln_core::Result;
+
+use crate::launch::{ConvArg, EpilogueArg, MatrixArg, PoolArg, Strided};
+use crate::launcher::Launcher;
+
+/// The device address of memory the kernel reads (`const T*`).
+pub type In = u64;
+/// The device address of memory the kernel writes (`T*`).
+pub type Out = u64;
+
+/// Defines each kernel's argument struct and its `launch`, and
+/// [`SIGNATURES`].
+macro_rules! kernels {
+    ($(
+        $(#[$doc:meta])*
+        $name:ident = $kernel:literal {
+            $( $(#[$fdoc:meta])* $field:ident : $ty:ident ),* $(,)?
+        }
+    )*) => {
+        $(
+            $(#[$doc])*
+            #[derive(Clone, Copy, Debug)]
+            pub struct $name {
+                $(
+                    #[doc = concat!("The kernel's `", stringify!($field), "` parameter.")]
+                    $(#[$fdoc])*
+                    pub $field: $ty,
+                )*
+            }
+
+            impl $name {
+                /// The kernel's entry point.
+                pub const KERNEL: &'static str = $kernel;
+
+                /// `(name, type)` of each parameter, in the kernel's order.
+                pub const PARAMS: &'static [(&'static str, &'static str)] =
+                    &[$((stringify!($field), stringify!($ty))),*];
+
+                /// Queues the kernel on `device` over `cfg`'s grid; errors
+                /// name `op`.
+                ///
+                /// # Safety
+                ///
+                /// Every device address must be valid for what the kernel
+                /// reads and writes over `cfg`'s grid with these sizes.
+                pub unsafe fn launch(
+                    &self,
+                    device: &dyn Launcher,
+                    op: &str,
+                    cfg: &LaunchConfig,
+                ) -> Result<()> {
+                    let mut args = [$(
+                        std::ptr::from_ref(&self.$field).cast_mut().cast::<c_void>()
+                    ),*];
+                    // SAFETY: `args` points to this struct's fields, which
+                    // have the kernel's parameter types in its order (the
+                    // ABI test), and live until the call returns (the
+                    // driver copies them when it queues the launch); the
+                    // addresses are the caller's to vouch for.
+                    unsafe { device.launch(op, Self::KERNEL, cfg, &mut args) }
+                }
+            }
+        )*
+
+        /// Every kernel and its `(name, type)` parameters.
+        pub const SIGNATURES: &[(&str, &[(&str, &str)])] = &[$(($kernel, $name::PARAMS)),*];
+    };
+}
+
+kernels! {
+    /// `kiln_fill_b32`: `dst[i] = bits` for 32-bit elements.
+    FillB32 = "kiln_fill_b32" { dst: Out, n: i64, bits: u32 }
+
+    /// `kiln_fill_b16`: `dst[i] = bits` for 16-bit elements.
+    FillB16 = "kiln_fill_b16" { dst: Out, n: i64, bits: u16 }
+
+    /// `kiln_copy`: `dst[dst_view(i)] = convert(src[view(i)])`, `i < n`.
+    Copy = "kiln_copy" {
+        src: In, src_dtype: i32, view: Strided, dst: Out, dst_dtype: i32, dst_view: Strided, n: i64,
+    }
+
+    /// `kiln_unary`: `y = op(x)` on contiguous f32.
+    Unary = "kiln_unary" { x: In, y: Out, n: i64, op: i32 }
+
+    /// `kiln_unary_backward`: `dx = op'(x) · dy`.
+    UnaryBackward = "kiln_unary_backward" { x: In, y: In, dy: In, dx: Out, n: i64, op: i32 }
+
+    /// `kiln_affine`: `y = x · mul + add`.
+    Affine = "kiln_affine" { x: In, y: Out, n: i64, mul: f32, add: f32 }
+
+    /// `kiln_binary`: `y = op(a, b)`, same shapes.
+    Binary = "kiln_binary" { a: In, b: In, y: Out, n: i64, op: i32 }
+
+    /// `kiln_binary_row`: `y[i] = op(a[i], row[i % len])`, or
+    /// `op(row[..], a[i])` when `row_first`.
+    BinaryRow = "kiln_binary_row" {
+        a: In, row: In, y: Out, n: i64, len: i64, op: i32, row_first: i32,
+    }
+
+    /// `kiln_reduce_rows`: each of `rows` contiguous runs of `run` reduced.
+    ReduceRows = "kiln_reduce_rows" { x: In, y: Out, rows: i64, run: i64, op: i32 }
+
+    /// `kiln_argmax_rows`: the first maximum of each row.
+    ArgmaxRows = "kiln_argmax_rows" { x: In, y: Out, rows: i64, run: i64 }
+
+    /// `kiln_softmax_rows`: softmax (or log-softmax, `log = 1`) of each row.
+    SoftmaxRows = "kiln_softmax_rows" { x: In, y: Out, rows: i64, c: i64, log: i32 }
+
+    /// `kiln_softmax_xent`: per-row cross-entropy and its logit gradient.
+    SoftmaxXent = "kiln_softmax_xent" {
+        logits: In, labels: In, loss: Out, grad: Out, rows: i64, c: i64,
+    }
+
+    /// `kiln_gemm_simt`: strided operands of any float type, f32 FMA.
+    GemmSimt = "kiln_gemm_simt" { a: MatrixArg, b: MatrixArg, ep: EpilogueArg, m: i64, n: i64, k: i64 }
+
+    /// `kiln_gemm_bf16`: contiguous bf16 operands on tensor cores.
+    GemmBf16 = "kiln_gemm_bf16" { a: In, b: In, ep: EpilogueArg, m: i64, n: i64, k: i64 }
+
+    /// `kiln_gemm_f16`: contiguous f16 operands on tensor cores.
+    GemmF16 = "kiln_gemm_f16" { a: In, b: In, ep: EpilogueArg, m: i64, n: i64, k: i64 }
+
+    /// `kiln_gemm_tf32`: contiguous f32 operands rounded to TF32.
+    GemmTf32 = "kiln_gemm_tf32" { a: In, b: In, ep: EpilogueArg, m: i64, n: i64, k: i64 }
+
+    /// `kiln_conv2d`: implicit-GEMM convolution with bias and activation.
+    Conv2d = "kiln_conv2d" {
+        x: In, w: In, bias: In, act: i32, out: Out, dtype: i32, p: ConvArg,
+    }
+
+    /// `kiln_conv2d_backward_data`: the input gradient.
+    Conv2dBackwardData = "kiln_conv2d_backward_data" {
+        dy: In, w: In, dx: Out, dtype: i32, p: ConvArg,
+    }
+
+    /// `kiln_conv2d_backward_filter`: per-slice filter gradients (split-K).
+    Conv2dBackwardFilter = "kiln_conv2d_backward_filter" {
+        x: In, dy: In, ws: Out, chunk: i64, p: ConvArg,
+    }
+
+    /// `kiln_sum_splits`: sums the split-K slices into the result.
+    SumSplits = "kiln_sum_splits" { ws: In, splits: i64, len: i64, out: Out, dtype: i32 }
+
+    /// `kiln_max_pool2d`: the maxima and where they were.
+    MaxPool2d = "kiln_max_pool2d" { x: In, y: Out, dtype: i32, argmax: Out, p: PoolArg }
+
+    /// `kiln_max_pool2d_backward`: routes `dy` to the maxima.
+    MaxPool2dBackward = "kiln_max_pool2d_backward" {
+        dy: In, argmax: In, dx: Out, dtype: i32, p: PoolArg,
+    }
+
+    /// `kiln_sgd`: one SGD step in place (`vel` 0 without momentum).
+    Sgd = "kiln_sgd" {
+        p: Out, g: In, vel: Out, n: i64, lr: f32, momentum: f32, weight_decay: f32, nesterov: i32,
+    }
+
+    /// `kiln_adam`: one Adam step in place.
+    Adam = "kiln_adam" {
+        p: Out, g: In, m: Out, v: Out, n: i64, lr_t: f32, beta1: f32, beta2: f32, eps: f32,
+        decay: f32, l2: f32,
+    }
+
+    /// `kiln_uniform`: Philox draws in `[low, high)`.
+    Uniform = "kiln_uniform" {
+        dst: Out, dtype: i32, n: i64, seed: u64, offset: u64, low: f64, high: f64,
+    }
+
+    /// `kiln_normal`: Philox normal draws.
+    Normal = "kiln_normal" {
+        dst: Out, dtype: i32, n: i64, seed: u64, offset: u64, mean: f64, std: f64,
+    }
+}

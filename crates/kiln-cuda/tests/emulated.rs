@@ -1,0 +1,144 @@
+//! The whole CUDA backend — its typed launchers, grids, views and dtype
+//! plumbing, not only the kernels — on the host emulation of a GPU
+//! (`kiln_cuda::emulator`): the conformance suite at the suite's own
+//! bounds, and training against the CPU backend.
+//!
+//! Skipped (with a note) where g++ cannot build the emulation, unless
+//! `KILN_REQUIRE_HOST_EMULATION=1`.
+
+use std::sync::OnceLock;
+
+use kiln_cuda::CudaBackend;
+
+/// One emulated device for the whole test binary.
+fn emulated() -> Option<CudaBackend> {
+    static DEVICE: OnceLock<Option<CudaBackend>> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| match CudaBackend::emulated() {
+            Ok(b) => Some(b),
+            Err(e) => {
+                assert!(
+                    std::env::var("KILN_REQUIRE_HOST_EMULATION").is_err(),
+                    "the CUDA host emulation is required here: {e}"
+                );
+                eprintln!("skipped: {e}");
+                None
+            }
+        })
+        .clone()
+}
+
+#[test]
+fn the_emulated_device_describes_itself() {
+    let Some(b) = emulated() else { return };
+    let info = b.info();
+    assert_eq!(info.compute_capability, (8, 0));
+    assert!(info.name.contains("emulation"), "{info}");
+    assert!(b.stream().is_none());
+}
+
+kiln_conformance::suite!(optional: crate::emulated);
+
+/// The emulation runs exactly the kernels the typed launchers launch, and
+/// refuses a launch with the wrong number of parameters or a bad grid.
+#[test]
+fn the_emulation_holds_every_kernel_and_checks_launches() {
+    use kiln_cuda::launcher::Launcher;
+    let Some(b) = emulated() else { return };
+    drop(b);
+    let e = kiln_cuda::emulator::Emulator::build().unwrap();
+    let mut held: Vec<&str> = e.kernels().iter().map(String::as_str).collect();
+    let mut launched: Vec<&str> = kiln_cuda::launchers::SIGNATURES
+        .iter()
+        .map(|(k, _)| *k)
+        .collect();
+    held.sort();
+    launched.sort();
+    assert_eq!(held, launched);
+    let cfg = cudarc::driver::LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let n = 0i64;
+    let mut args = [std::ptr::from_ref(&n).cast_mut().cast()];
+    // SAFETY: refused before any parameter is read.
+    let err = unsafe { e.launch("test", "kiln_unary", &cfg, &mut args) }
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("takes 4 parameters") && err.contains("passed 1"),
+        "{err}"
+    );
+    let bad = cudarc::driver::LaunchConfig {
+        grid_dim: (0, 1, 1),
+        ..cfg
+    };
+    let mut none: [*mut std::ffi::c_void; 0] = [];
+    // SAFETY: refused before anything runs.
+    let err = unsafe { e.launch("test", "kiln_missing", &bad, &mut none) }
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no kernel `kiln_missing`"), "{err}");
+}
+
+/// The seed's MLP and CNN train three SGD steps on the emulated device and
+/// on the CPU: the same losses and weights, within float rounding.
+#[test]
+fn the_mlp_and_the_cnn_train_as_on_the_cpu() {
+    use kiln_core::Backend;
+    use kiln_data::{Dataset, Split};
+    use kiln_nn::{Loss, ModelSpec, Sequential, Sgd};
+    use kiln_train::{FitConfig, Trainer, Verbosity};
+    let Some(gpu) = emulated() else { return };
+    let cpu = kiln_cpu::CpuBackend::reference();
+    let train = Dataset::load("mnist-sample", Split::Train, None)
+        .unwrap()
+        .take(96);
+    let cfg = FitConfig {
+        epochs: 1,
+        batch_size: 32,
+        seed: 5,
+        verbosity: Verbosity::Silent,
+        ..FitConfig::default()
+    };
+    fn fit<B: Backend>(
+        spec: &ModelSpec,
+        b: B,
+        train: &Dataset,
+        cfg: &FitConfig,
+    ) -> (f64, Vec<Vec<f32>>) {
+        let model = Sequential::from_spec(spec, 3, &b).unwrap();
+        let sgd = Box::new(Sgd::new(0.05, 0.9).unwrap());
+        let mut t = Trainer::new(model, sgd, Loss::CategoricalCrossEntropy, b);
+        let h = t.fit(train, None, cfg).unwrap();
+        let w = t
+            .model()
+            .params()
+            .iter()
+            .map(|p| p.value().to_vec_f32().unwrap())
+            .collect();
+        (h.epochs[0].loss, w)
+    }
+    for spec in [ModelSpec::mlp(), ModelSpec::cnn()] {
+        let (gl, gw) = fit(&spec, gpu.clone(), &train, &cfg);
+        let (cl, cw) = fit(&spec, cpu.clone(), &train, &cfg);
+        assert!(
+            (gl - cl).abs() <= 1e-5 * cl.abs(),
+            "{}: loss {gl} on the emulated device, {cl} on the CPU",
+            spec.name
+        );
+        for (i, (g, c)) in gw.iter().zip(&cw).enumerate() {
+            let worst = g
+                .iter()
+                .zip(c)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-5,
+                "{}: parameter {i} differs by {worst}",
+                spec.name
+            );
+        }
+    }
+}

@@ -32,9 +32,10 @@ extern "C" __global__ void kiln_softmax_rows(const float* x, float* y, i64 rows,
 }
 
 // loss[r] = logsumexp(row) − row[label]; grad = softmax(row) − onehot(label).
-// Labels were checked on the host (< c).
+// A label ≥ c makes the row NaN and writes r + 1 to *bad (any such row: the
+// host reports one at its next synchronisation), without reading past the row.
 extern "C" __global__ void kiln_softmax_xent(const float* logits, const u32* labels, float* loss,
-                                             float* grad, i64 rows, i64 c) {
+                                             float* grad, i64 rows, i64 c, u64* bad) {
     __shared__ float scratch[32];
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const float* row = logits + r * c;
@@ -42,6 +43,14 @@ extern "C" __global__ void kiln_softmax_xent(const float* logits, const u32* lab
         float m, s;
         row_stats(row, c, scratch, &m, &s);
         i64 label = labels[r];
+        if (label >= c) {
+            if (threadIdx.x == 0) {
+                loss[r] = __int_as_float(0x7fc00000);
+                *bad = (u64)r + 1;
+            }
+            for (i64 j = threadIdx.x; j < c; j += blockDim.x) g[j] = __int_as_float(0x7fc00000);
+            continue;
+        }
         if (threadIdx.x == 0) loss[r] = (m + logf(s)) - row[label];
         for (i64 j = threadIdx.x; j < c; j += blockDim.x)
             g[j] = expf(row[j] - m) / s - (j == label ? 1.0f : 0.0f);

@@ -173,8 +173,10 @@ int main(int argc, char** argv) {
         auto labels = read_bits(rows, KILN_U32);
         std::vector<float> loss(rows + 1), grad(rows * c + 1);
         unsigned grid = (unsigned)(rows < 1 ? 1 : rows);
+        u64 bad = 0;
         kiln_launch_blocks({grid, 1, 1}, 256, kiln_softmax_xent, (const float*)x.data(), (const u32*)labels.data(),
-                           loss.data(), grad.data(), rows, c);
+                           loss.data(), grad.data(), rows, c, &bad);
+        if (bad != 0) return 4;
         print_bits(loss.data(), rows, KILN_F32);
         print_bits(grad.data(), rows * c, KILN_F32);
     } else if (mode == "gemm" || mode == "gemm_tc") {

@@ -673,7 +673,10 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
     /// `[n]` with values in `0..c`. Returns the per-row loss
     /// `−log softmax(x)[label]` (`[n]`) and its gradient with respect to the
     /// logits, `softmax(x) − onehot(label)` (`[n, c]`). A label out of range
-    /// is an error.
+    /// is an error: from this call, or — on a device that checks labels
+    /// where they live instead of copying them to the host — from the next
+    /// [`Backend::synchronize`] or [`Backend::download`], which then
+    /// returns it instead of data.
     fn softmax_cross_entropy(
         &self,
         logits: View<'_, Self::Storage>,

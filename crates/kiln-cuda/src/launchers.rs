@@ -121,6 +121,8 @@ kernels! {
     /// `kiln_softmax_xent`: per-row cross-entropy and its logit gradient.
     SoftmaxXent = "kiln_softmax_xent" {
         logits: In, labels: In, loss: Out, grad: Out, rows: i64, c: i64,
+        /// A u64 the kernel sets to 1 + a row whose label is out of range.
+        bad: Out,
     }
 
     /// `kiln_gemm_simt`: strided operands of any float type, f32 FMA.

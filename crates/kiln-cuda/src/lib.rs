@@ -32,6 +32,7 @@ pub mod launchers;
 #[cfg(feature = "planted-faults")]
 pub mod planted;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
@@ -97,6 +98,17 @@ struct Inner {
     // launcher goes.
     alloc: Arc<Allocator<Box<dyn RawMemory>>>,
     device: Box<dyn Launcher>,
+    labels: LabelCheck,
+}
+
+/// Softmax-CE checks its labels on the device: the kernel writes 1 + the
+/// row of a label out of range into `word`, and the next synchronisation or
+/// download reports it — no copy of the labels to the host, no wait.
+struct LabelCheck {
+    word: Block<Box<dyn RawMemory>>,
+    /// The class count of a softmax-CE launched since the last check (0:
+    /// none, nothing to read back).
+    classes: AtomicU64,
 }
 
 /// A GPU — or the host emulation of one — with kiln's kernels and memory.
@@ -126,27 +138,61 @@ impl CudaBackend {
     /// CUDA driver found (libcuda.so.1)…"), no such device, or a driver
     /// failure.
     pub fn new(ordinal: usize) -> Result<Self> {
-        Ok(Self::on(Box::new(driver::Driver::new(ordinal)?)))
+        Self::on(Box::new(driver::Driver::new(ordinal)?))
     }
 
     /// The backend on the host emulation of a GPU
     /// ([`emulator::Emulator::build`]: kiln's kernels compiled for the CPU
     /// by g++), for testing every line of this backend without a GPU.
     pub fn emulated() -> Result<Self> {
-        Ok(Self::on(Box::new(emulator::Emulator::build()?)))
+        Self::on(Box::new(emulator::Emulator::build()?))
     }
 
-    /// The backend on any [`Launcher`].
-    pub fn on(device: Box<dyn Launcher>) -> Self {
-        CudaBackend {
+    /// The backend on any [`Launcher`]. Errors: the device cannot give the
+    /// backend its 8 bytes of bookkeeping memory.
+    pub fn on(device: Box<dyn Launcher>) -> Result<Self> {
+        let alloc = Allocator::new(device.memory());
+        let word = alloc.alloc("starting the CUDA backend", 8)?;
+        // SAFETY: the block holds at least 8 bytes.
+        unsafe { device.upload("starting the CUDA backend", word.ptr(), &[0; 8]) }?;
+        Ok(CudaBackend {
             inner: Arc::new(Inner {
-                alloc: Allocator::new(device.memory()),
+                alloc,
                 device,
+                labels: LabelCheck {
+                    word,
+                    classes: AtomicU64::new(0),
+                },
             }),
             tf32: std::env::var("KILN_CUDA_TF32").is_ok_and(|v| v == "1"),
             #[cfg(feature = "planted-faults")]
             fault: None,
+        })
+    }
+
+    /// After a synchronisation: the error of a softmax-CE label out of
+    /// range since the last check, if any (the flag is then cleared).
+    fn check_labels(&self) -> Result<()> {
+        let check = &self.inner.labels;
+        let classes = check.classes.swap(0, Ordering::SeqCst);
+        if classes == 0 {
+            return Ok(());
         }
+        let op = "softmax_cross_entropy";
+        let mut word = [0u8; 8];
+        // SAFETY: the block holds 8 bytes.
+        unsafe { self.device().download(op, check.word.ptr(), &mut word) }?;
+        let bad = u64::from_le_bytes(word);
+        if bad == 0 {
+            return Ok(());
+        }
+        // SAFETY: as above.
+        unsafe { self.device().upload(op, check.word.ptr(), &[0; 8]) }?;
+        Err(Error::invalid(format!(
+            "{op}: the label of row {} is out of range for {classes} classes (found on the device; \
+             its loss and gradient are NaN)",
+            bad - 1
+        )))
     }
 
     /// The same backend with `fault` planted in its host code.
@@ -432,6 +478,7 @@ impl Backend for CudaBackend {
         let mut bytes = vec![0u8; n * dtype.size_in_bytes()];
         // SAFETY: `dense` holds n contiguous elements, `bytes` is that long.
         unsafe { self.device().download(op, dense.ptr, &mut bytes) }?;
+        self.check_labels()?;
         HostData::from_bytes(dtype, &bytes)
     }
 
@@ -470,7 +517,8 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.device().synchronize()
+        self.device().synchronize()?;
+        self.check_labels()
     }
 
     fn gemm(
@@ -833,16 +881,6 @@ impl Backend for CudaBackend {
             ));
         }
         let (rows, c) = (ld[0], ld[1]);
-        // Labels are checked on the host (n × 4 bytes): a bad one is an
-        // error, not a read past the row.
-        let host = self.download(labels)?;
-        if let HostData::U32(ls) = &host {
-            if let Some((i, &l)) = ls.iter().enumerate().find(|(_, &l)| l as usize >= c) {
-                return Err(Error::invalid(format!(
-                    "{name}: label {l} of row {i} is out of range for {c} classes"
-                )));
-            }
-        }
         let xs = self.dense(name, logits, DType::F32)?;
         let ys = self.dense(name, labels, DType::U32)?;
         let loss = self.empty(name, DType::F32, rows)?;
@@ -855,9 +893,12 @@ impl Backend for CudaBackend {
                 grad: grad.block.ptr(),
                 rows: rows as i64,
                 c: c as i64,
+                bad: self.inner.labels.word.ptr(),
             };
-            // SAFETY: logits and grad hold rows·c f32s, labels and loss rows.
+            // SAFETY: logits and grad hold rows·c f32s, labels and loss
+            // rows, the label word 8 bytes.
             unsafe { args.launch(self.device(), name, &cfg) }?;
+            self.inner.labels.classes.store(c as u64, Ordering::SeqCst);
         }
         Ok((
             self.convert(name, loss, dtype)?,

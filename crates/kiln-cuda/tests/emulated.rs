@@ -10,22 +10,23 @@ use std::sync::OnceLock;
 
 use kiln_cuda::CudaBackend;
 
-/// One emulated device for the whole test binary.
+/// A fresh emulated device (the library is built once): each test has its
+/// own, since a device reports a bad softmax-CE label to whichever caller
+/// synchronises it next.
 fn emulated() -> Option<CudaBackend> {
-    static DEVICE: OnceLock<Option<CudaBackend>> = OnceLock::new();
-    DEVICE
-        .get_or_init(|| match CudaBackend::emulated() {
-            Ok(b) => Some(b),
-            Err(e) => {
-                assert!(
-                    std::env::var("KILN_REQUIRE_HOST_EMULATION").is_err(),
-                    "the CUDA host emulation is required here: {e}"
-                );
-                eprintln!("skipped: {e}");
-                None
-            }
-        })
-        .clone()
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    let available = AVAILABLE.get_or_init(|| match CudaBackend::emulated() {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("KILN_REQUIRE_HOST_EMULATION").is_err(),
+                "the CUDA host emulation is required here: {e}"
+            );
+            eprintln!("skipped: {e}");
+            false
+        }
+    });
+    available.then(|| CudaBackend::emulated().expect("built before"))
 }
 
 #[test]
@@ -141,4 +142,38 @@ fn the_mlp_and_the_cnn_train_as_on_the_cpu() {
             );
         }
     }
+}
+
+/// Softmax-CE checks labels on the device, without copying them to the
+/// host: a label out of range is reported by the next download (or
+/// synchronisation), once, and the device goes on working.
+#[test]
+fn a_bad_label_is_reported_at_the_next_synchronisation() {
+    use kiln_core::{Backend, HostData, Layout, Shape, View};
+    let Some(b) = emulated() else { return };
+    let logits = b.upload(&HostData::F32(vec![0.5; 6])).unwrap();
+    let labels = b.upload(&HostData::U32(vec![1, 3])).unwrap();
+    let (lx, ly) = (
+        Layout::contiguous(Shape::new(&[2, 3]).unwrap()),
+        Layout::contiguous(Shape::new(&[2]).unwrap()),
+    );
+    let (loss, _grad) = b
+        .softmax_cross_entropy(View::new(&logits, &lx), View::new(&labels, &ly))
+        .unwrap();
+    let e = b.download(View::new(&loss, &ly)).unwrap_err().to_string();
+    assert!(
+        e.contains("row 1") && e.contains("out of range for 3 classes"),
+        "{e}"
+    );
+    // Reported once; good labels work again.
+    b.synchronize().unwrap();
+    let good = b.upload(&HostData::U32(vec![1, 2])).unwrap();
+    let (loss, _) = b
+        .softmax_cross_entropy(View::new(&logits, &lx), View::new(&good, &ly))
+        .unwrap();
+    let l = b.download(View::new(&loss, &ly)).unwrap();
+    assert!(
+        l.to_f32_vec().iter().all(|v| (v - 3f32.ln()).abs() < 1e-6),
+        "{l:?}"
+    );
 }

@@ -185,10 +185,13 @@ pub(crate) fn cross_entropy<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Re
             let mut bad = case.labels.clone();
             bad[n - 1] = c as u32;
             let bad = b.upload(&HostData::U32(bad))?;
+            // The error may come from the call or, on a device that checks
+            // labels where they are, from the next synchronisation.
             if b.softmax_cross_entropy(
                 View::new(&st, &case.logits.layout),
                 View::new(&bad, &lab_layout),
             )
+            .and_then(|_| b.synchronize())
             .is_ok()
             {
                 return Err(CaseError::Fail(format!(

@@ -10,14 +10,7 @@ use crate::unsupported;
 
 /// Errors unless `layout` stays inside a storage of `len` elements.
 pub(crate) fn check_bounds(op: &'static str, layout: &Layout, len: usize) -> Result<()> {
-    let span = layout.span()?;
-    if span > len {
-        return Err(Error::invalid(format!(
-            "{op}: layout of shape {} reaches element {span}, but the storage holds {len}",
-            layout.shape()
-        )));
-    }
-    Ok(())
+    kiln_core::plan::check_span(op, layout, len)
 }
 
 fn gather_typed<T: Copy>(data: &[T], layout: &Layout) -> Vec<T> {

@@ -188,11 +188,12 @@ impl CudaBackend {
         }
         // SAFETY: as above.
         unsafe { self.device().upload(op, check.word.ptr(), &[0; 8]) }?;
-        Err(Error::invalid(format!(
-            "{op}: the label of row {} is out of range for {classes} classes (found on the device; \
-             its loss and gradient are NaN)",
-            bad - 1
-        )))
+        let plan = kiln_core::SoftmaxCePlan {
+            rows: 0,
+            classes: classes as usize,
+            dtype: DType::F32,
+        };
+        Err(plan.bad_label((bad - 1) as usize, None))
     }
 
     /// The same backend with `fault` planted in its host code.
@@ -260,14 +261,7 @@ impl CudaBackend {
     }
 
     fn check_view(op: &str, v: View<'_, CudaStorage>) -> Result<()> {
-        let end = v.layout.span()?;
-        if end > v.storage.len {
-            return Err(Error::invalid(format!(
-                "{op}: the view reaches element {end} of a storage of {}",
-                v.storage.len
-            )));
-        }
-        Ok(())
+        kiln_core::plan::check_view(op, v)
     }
 
     /// Copies `src` (any layout) into `dst` (through `dst_view`) converting
@@ -528,42 +522,19 @@ impl Backend for CudaBackend {
         ep: &GemmEpilogue<'_, CudaStorage>,
     ) -> Result<CudaStorage> {
         let op = "gemm";
-        let (ad, bd) = (a.layout.dims(), b.layout.dims());
-        if ad.len() != 3 || bd.len() != 3 || ad[0] != bd[0] || ad[2] != bd[1] {
-            return Err(Error::shape(
-                op,
-                format!("expected [batch, m, k] and [batch, k, n], got {ad:?} and {bd:?}"),
-            ));
-        }
-        let dtype = Self::same_dtype(op, a.storage.dtype, b.storage.dtype)?;
-        Self::check_view(op, a)?;
-        Self::check_view(op, b)?;
-        let (batch, m, k, n) = (ad[0], ad[1], ad[2], bd[2]);
-        let bias = match ep.bias {
-            Some(v) if v.layout.dims() == [n] => Some(self.dense(op, v, DType::F32)?),
-            Some(v) => {
-                return Err(Error::shape(
-                    op,
-                    format!("bias has shape {}, expected [{n}]", v.layout.shape()),
-                ))
-            }
-            None => None,
-        };
-        let c0 = match ep.beta_c {
-            Some((beta, v)) if v.layout.dims() == [batch, m, n] => {
-                Some((beta, self.dense(op, v, DType::F32)?))
-            }
-            Some((_, v)) => {
-                return Err(Error::shape(
-                    op,
-                    format!(
-                        "C has shape {}, expected [{batch}, {m}, {n}]",
-                        v.layout.shape()
-                    ),
-                ))
-            }
-            None => None,
-        };
+        let kiln_core::GemmPlan {
+            batch,
+            m,
+            k,
+            n,
+            dtype,
+        } = kiln_core::GemmPlan::new(a, b, ep)?;
+        let dtype = Self::float_dtype(op, dtype)?;
+        let bias = ep.bias.map(|v| self.dense(op, v, DType::F32)).transpose()?;
+        let c0 = ep
+            .beta_c
+            .map(|(beta, v)| self.dense(op, v, DType::F32).map(|d| (beta, d)))
+            .transpose()?;
         let out = self.empty(op, dtype, batch * m * n)?;
         let Some(mut cfg) = gemm_tiles(op, m, n, batch)? else {
             return Ok(out);
@@ -869,18 +840,9 @@ impl Backend for CudaBackend {
         labels: View<'_, CudaStorage>,
     ) -> Result<(CudaStorage, CudaStorage)> {
         let name = "softmax_cross_entropy";
-        let dtype = Self::float_dtype(name, logits.storage.dtype)?;
-        let (ld, yd) = (logits.layout.dims(), labels.layout.dims());
-        if ld.len() != 2 || yd != [ld[0]] || labels.storage.dtype != DType::U32 {
-            return Err(Error::shape(
-                name,
-                format!(
-                    "expected logits [n, c] and u32 labels [n], got {:?} and {} {:?}",
-                    ld, labels.storage.dtype, yd
-                ),
-            ));
-        }
-        let (rows, c) = (ld[0], ld[1]);
+        let plan = kiln_core::SoftmaxCePlan::new(logits, labels)?;
+        let dtype = Self::float_dtype(name, plan.dtype)?;
+        let (rows, c) = (plan.rows, plan.classes);
         let xs = self.dense(name, logits, DType::F32)?;
         let ys = self.dense(name, labels, DType::U32)?;
         let loss = self.empty(name, DType::F32, rows)?;
@@ -1120,12 +1082,7 @@ impl Backend for CudaBackend {
         step: &SgdStep,
     ) -> Result<()> {
         let name = "sgd_update";
-        optim_check(name, param, grad, velocity.as_deref())?;
-        if velocity.is_none() && step.momentum != 0.0 {
-            return Err(Error::invalid(
-                "sgd_update: momentum needs a velocity buffer",
-            ));
-        }
+        kiln_core::OptimizerPlan::sgd(&*param, grad, velocity.as_deref(), step)?;
         let Some(cfg) = elementwise(param.len, self.sms()) else {
             return Ok(());
         };
@@ -1152,9 +1109,8 @@ impl Backend for CudaBackend {
         step: &AdamStep,
     ) -> Result<()> {
         let name = "adam_update";
-        let kiln_core::AdamSchedule { lr_t, decay, l2 } = step.schedule()?;
-        optim_check(name, param, grad, Some(m))?;
-        optim_check(name, param, grad, Some(v))?;
+        let (_, kiln_core::AdamSchedule { lr_t, decay, l2 }) =
+            kiln_core::OptimizerPlan::adam(&*param, grad, &*m, &*v, step)?;
         let Some(cfg) = elementwise(param.len, self.sms()) else {
             return Ok(());
         };
@@ -1223,29 +1179,4 @@ impl Backend for CudaBackend {
         }
         Ok(out)
     }
-}
-
-/// Optimiser operands: f32, one length.
-fn optim_check(
-    op: &'static str,
-    p: &CudaStorage,
-    g: &CudaStorage,
-    slot: Option<&CudaStorage>,
-) -> Result<()> {
-    for s in [Some(p), Some(g), slot].into_iter().flatten() {
-        if s.dtype != DType::F32 {
-            return Err(Error::DType {
-                op,
-                expected: DType::F32,
-                got: s.dtype,
-            });
-        }
-        if s.len != p.len {
-            return Err(Error::invalid(format!(
-                "{op}: operands of {} and {} elements",
-                p.len, s.len
-            )));
-        }
-    }
-    Ok(())
 }

@@ -161,10 +161,7 @@ fn a_bad_label_is_reported_at_the_next_synchronisation() {
         .softmax_cross_entropy(View::new(&logits, &lx), View::new(&labels, &ly))
         .unwrap();
     let e = b.download(View::new(&loss, &ly)).unwrap_err().to_string();
-    assert!(
-        e.contains("row 1") && e.contains("out of range for 3 classes"),
-        "{e}"
-    );
+    assert!(e.contains("row 1") && e.contains("outside 0..3"), "{e}");
     // Reported once; good labels work again.
     b.synchronize().unwrap();
     let good = b.upload(&HostData::U32(vec![1, 2])).unwrap();

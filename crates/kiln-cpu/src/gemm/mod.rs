@@ -31,7 +31,7 @@ use kiln_core::{Activation, Error, GemmEpilogue, HostData, Result, View};
 use rayon::prelude::*;
 
 use crate::reference::elementwise::activate;
-use crate::storage::{check_bounds, read_f32};
+use crate::storage::read_f32;
 use crate::vector::convert;
 use crate::KernelSet;
 pub(crate) use pack::Matrix;
@@ -155,49 +155,18 @@ impl<'a> Problem<'a> {
         b: View<'_, HostData>,
         ep: &GemmEpilogue<'a, HostData>,
     ) -> Result<Self> {
-        let (ad, bd) = (a.layout.dims(), b.layout.dims());
-        if ad.len() != 3 || bd.len() != 3 || ad[0] != bd[0] || ad[2] != bd[1] {
-            return Err(Error::shape(
-                "gemm",
-                format!("expected [batch, m, k] and [batch, k, n], got {ad:?} and {bd:?}"),
-            ));
-        }
-        let dtype = a.storage.dtype();
-        if b.storage.dtype() != dtype {
-            return Err(Error::DType {
-                op: "gemm",
-                expected: dtype,
-                got: b.storage.dtype(),
-            });
-        }
-        check_bounds("gemm", a.layout, a.storage.len())?;
-        check_bounds("gemm", b.layout, b.storage.len())?;
-        let (batch, m, k, n) = (ad[0], ad[1], ad[2], bd[2]);
-        let bias = match ep.bias {
-            Some(v) if v.layout.dims() == [n] => Some(read_f32("gemm", v)?),
-            Some(v) => {
-                return Err(Error::shape(
-                    "gemm",
-                    format!("bias has shape {}, expected [{n}]", v.layout.shape()),
-                ))
-            }
-            None => None,
-        };
-        let c0 = match ep.beta_c {
-            Some((beta, v)) if v.layout.dims() == [batch, m, n] => {
-                Some((beta, read_f32("gemm", v)?))
-            }
-            Some((_, v)) => {
-                return Err(Error::shape(
-                    "gemm",
-                    format!(
-                        "C has shape {}, expected [{batch}, {m}, {n}]",
-                        v.layout.shape()
-                    ),
-                ))
-            }
-            None => None,
-        };
+        let kiln_core::GemmPlan {
+            batch,
+            m,
+            k,
+            n,
+            dtype,
+        } = kiln_core::GemmPlan::new(a, b, ep)?;
+        let bias = ep.bias.map(|v| read_f32("gemm", v)).transpose()?;
+        let c0 = ep
+            .beta_c
+            .map(|(beta, v)| read_f32("gemm", v).map(|c| (beta, c)))
+            .transpose()?;
         Ok(Problem {
             batch,
             m,

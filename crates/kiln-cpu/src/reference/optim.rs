@@ -1,6 +1,6 @@
 //! Reference fused optimiser updates (f32 parameters and state).
 
-use kiln_core::{AdamStep, Error, HostData, Result, SgdStep};
+use kiln_core::{AdamStep, HostData, Result, SgdStep};
 
 use crate::unsupported;
 
@@ -18,16 +18,6 @@ fn f32_ref<'a>(op: &'static str, s: &'a HostData) -> Result<&'a [f32]> {
     }
 }
 
-fn check_len(op: &'static str, want: usize, got: usize, what: &str) -> Result<()> {
-    if want != got {
-        return Err(Error::shape(
-            op,
-            format!("{what} has {got} elements, the parameter {want}"),
-        ));
-    }
-    Ok(())
-}
-
 /// SGD with optional momentum (Nesterov or not) and L2 weight decay;
 /// inlined so `vector::wide::run` can compile it for a SIMD set.
 #[inline(always)]
@@ -37,13 +27,10 @@ pub(crate) fn sgd(
     velocity: Option<&mut HostData>,
     s: &SgdStep,
 ) -> Result<()> {
+    kiln_core::OptimizerPlan::sgd(&*param, grad, velocity.as_deref(), s)?;
     let p = f32_mut("sgd_update", param)?;
     let g = f32_ref("sgd_update", grad)?;
-    check_len("sgd_update", p.len(), g.len(), "gradient")?;
     match velocity {
-        None if s.momentum != 0.0 => Err(Error::invalid(
-            "sgd_update: momentum needs a velocity buffer",
-        )),
         None => {
             for (p, &g) in p.iter_mut().zip(g) {
                 let g = g + s.weight_decay * *p;
@@ -53,7 +40,6 @@ pub(crate) fn sgd(
         }
         Some(v) => {
             let v = f32_mut("sgd_update", v)?;
-            check_len("sgd_update", p.len(), v.len(), "velocity")?;
             for ((p, &g), v) in p.iter_mut().zip(g).zip(v.iter_mut()) {
                 let g = g + s.weight_decay * *p;
                 *v = s.momentum * *v + g;
@@ -75,14 +61,12 @@ pub(crate) fn adam(
     v: &mut HostData,
     s: &AdamStep,
 ) -> Result<()> {
-    let kiln_core::AdamSchedule { lr_t, decay, l2 } = s.schedule()?;
+    let (_, kiln_core::AdamSchedule { lr_t, decay, l2 }) =
+        kiln_core::OptimizerPlan::adam(&*param, grad, &*m, &*v, s)?;
     let p = f32_mut("adam_update", param)?;
     let g = f32_ref("adam_update", grad)?;
     let m = f32_mut("adam_update", m)?;
     let v = f32_mut("adam_update", v)?;
-    check_len("adam_update", p.len(), g.len(), "gradient")?;
-    check_len("adam_update", p.len(), m.len(), "first moment")?;
-    check_len("adam_update", p.len(), v.len(), "second moment")?;
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
         *p -= decay * *p;
         let g = g + l2 * *p;

@@ -47,23 +47,14 @@ pub(crate) fn checked_labels<'a>(
     logits: View<'_, HostData>,
     labels: View<'a, HostData>,
 ) -> Result<std::borrow::Cow<'a, [u32]>> {
-    let dims = logits.layout.dims();
-    if dims.len() != 2 || labels.layout.dims() != [dims[0]] {
-        return Err(Error::shape(
-            "softmax_cross_entropy",
-            format!(
-                "logits {} and labels {} do not fit (expected [n, classes] and [n])",
-                logits.layout.shape(),
-                labels.layout.shape()
-            ),
-        ));
-    }
-    let c = dims[1];
+    let plan = kiln_core::SoftmaxCePlan::new(logits, labels)?;
     let y = read_u32("softmax_cross_entropy", labels)?;
-    if let Some((i, &l)) = y.iter().enumerate().find(|(_, &l)| l as usize >= c) {
-        return Err(Error::invalid(format!(
-            "softmax_cross_entropy: label {l} at row {i} is outside 0..{c}"
-        )));
+    if let Some((i, &l)) = y
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l as usize >= plan.classes)
+    {
+        return Err(plan.bad_label(i, Some(l)));
     }
     Ok(y)
 }
@@ -72,20 +63,10 @@ pub(crate) fn softmax_cross_entropy(
     logits: View<'_, HostData>,
     labels: View<'_, HostData>,
 ) -> Result<(HostData, HostData)> {
-    let dims = logits.layout.dims();
-    if dims.len() != 2 || labels.layout.dims() != [dims[0]] {
-        return Err(Error::shape(
-            "softmax_cross_entropy",
-            format!(
-                "logits {} and labels {} do not fit (expected [n, classes] and [n])",
-                logits.layout.shape(),
-                labels.layout.shape()
-            ),
-        ));
-    }
-    let (n, c) = (dims[0], dims[1]);
-    let x = read_f32("softmax_cross_entropy", logits)?;
+    // Checks the shapes (through the shared plan) and the labels.
     let y = checked_labels(logits, labels)?;
+    let (n, c) = (logits.layout.dims()[0], logits.layout.dims()[1]);
+    let x = read_f32("softmax_cross_entropy", logits)?;
     let mut loss = vec![0f32; n];
     let mut grad = vec![0f32; n * c];
     for i in 0..n {

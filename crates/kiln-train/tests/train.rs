@@ -313,21 +313,24 @@ fn resume_from_a_checkpoint_is_bit_identical() {
     let mut straight = fresh(Sequential::from_spec(&spec, 11, &b).unwrap());
     let full = straight.fit(&train, Some(&test), &cfg_for(4, "a")).unwrap();
 
+    // Resumes the checkpoint in `sub` (taken at `(epoch, batch)`) in a
+    // fresh trainer to 4 epochs: the straight run's weights and history.
+    let resume_matches = |sub: &str, at: (usize, usize), what: &str| {
+        let r = kiln_train::checkpoint::load(&dir.path().join(sub), &b).unwrap();
+        assert_eq!((r.progress.epoch, r.progress.batch), at, "{what}");
+        let mut again = fresh(r.model);
+        again.load_optimizer_state(&r.optimizer).unwrap();
+        let resumed = again
+            .resume(&train, Some(&test), &cfg_for(4, sub), &r.progress)
+            .unwrap();
+        assert!(weights(&again) == weights(&straight), "{what} differs");
+        assert_eq!(history_numbers(&resumed), history_numbers(&full), "{what}");
+    };
+
     let mut first = fresh(Sequential::from_spec(&spec, 11, &b).unwrap());
     first.fit(&train, Some(&test), &cfg_for(2, "b")).unwrap();
     drop(first);
-    let r = kiln_train::checkpoint::load(&dir.path().join("b"), &b).unwrap();
-    assert_eq!((r.progress.epoch, r.progress.batch), (2, 0));
-    let mut second = fresh(r.model);
-    second.load_optimizer_state(&r.optimizer).unwrap();
-    let resumed = second
-        .resume(&train, Some(&test), &cfg_for(4, "b"), &r.progress)
-        .unwrap();
-    assert!(
-        weights(&second) == weights(&straight),
-        "2 + 2 epochs differ from 4"
-    );
-    assert_eq!(history_numbers(&resumed), history_numbers(&full));
+    resume_matches("b", (2, 0), "2 + 2 epochs against 4");
 
     // Stopped during the second step (the flag goes up as the first ends),
     // then resumed mid-epoch: the abandoned step left no trace.
@@ -340,21 +343,11 @@ fn resume_from_a_checkpoint_is_bit_identical() {
         "{e}"
     );
     let r = kiln_train::checkpoint::load(&dir.path().join("c"), &b).unwrap();
-    assert_eq!((r.progress.epoch, r.progress.batch), (0, 1));
     assert_eq!(
         r.progress.optimizer_step, 1,
         "the abandoned step was applied"
     );
-    let mut again = fresh(r.model);
-    again.load_optimizer_state(&r.optimizer).unwrap();
-    let resumed = again
-        .resume(&train, Some(&test), &cfg_for(4, "c"), &r.progress)
-        .unwrap();
-    assert!(
-        weights(&again) == weights(&straight),
-        "a mid-epoch resume differs"
-    );
-    assert_eq!(history_numbers(&resumed), history_numbers(&full));
+    resume_matches("c", (0, 1), "a mid-epoch resume");
 
     // The flag already up: the first step is abandoned, the checkpoint holds
     // the initial weights, and resuming from it is a whole run.
@@ -367,18 +360,7 @@ fn resume_from_a_checkpoint_is_bit_identical() {
         weights(&stopped) == initial,
         "the abandoned step moved weights"
     );
-    let r = kiln_train::checkpoint::load(&dir.path().join("d"), &b).unwrap();
-    assert_eq!((r.progress.epoch, r.progress.batch), (0, 0));
-    let mut again = fresh(r.model);
-    again.load_optimizer_state(&r.optimizer).unwrap();
-    let resumed = again
-        .resume(&train, Some(&test), &cfg_for(4, "d"), &r.progress)
-        .unwrap();
-    assert!(
-        weights(&again) == weights(&straight),
-        "resuming at 0 differs"
-    );
-    assert_eq!(history_numbers(&resumed), history_numbers(&full));
+    resume_matches("d", (0, 0), "resuming at 0");
 
     // A resumed run must keep the data and settings.
     let mut other = cfg_for(4, "c");

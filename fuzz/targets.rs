@@ -10,7 +10,12 @@
 /// record of a thread still exiting).
 fn backend() -> kiln_cpu::CpuBackend {
     static B: std::sync::OnceLock<kiln_cpu::CpuBackend> = std::sync::OnceLock::new();
-    B.get_or_init(|| kiln_cpu::CpuBackend::reference().with_threads(1)).clone()
+    B.get_or_init(|| {
+        kiln_cpu::CpuBackend::reference()
+            .with_threads(1)
+            .expect("the reference starts no worker pool")
+    })
+    .clone()
 }
 
 /// The IDX reader, raw or gzip, and dataset assembly from what it decodes.

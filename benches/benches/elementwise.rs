@@ -17,7 +17,8 @@ fn backends() -> impl Iterator<Item = (KernelSet, CpuBackend)> {
         .map(|set| {
             let b = CpuBackend::with_kernels(set)
                 .expect("available")
-                .with_threads(1);
+                .with_threads(1)
+                .expect("one worker thread");
             (set, b)
         })
 }

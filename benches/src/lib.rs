@@ -52,7 +52,7 @@ impl KilnGemm {
         k: usize,
         n: usize,
     ) -> kiln_core::Result<Self> {
-        let backend = CpuBackend::with_kernels(set)?.with_threads(threads);
+        let backend = CpuBackend::with_kernels(set)?.with_threads(threads)?;
         let a = backend.upload(&HostData::F32(
             (0..m * k).map(|i| (i % 7) as f32 * 0.25).collect(),
         ))?;

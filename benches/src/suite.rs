@@ -16,6 +16,7 @@
 
 use std::time::Instant;
 
+use kiln_core::slow_path::{self, SlowPath};
 use kiln_core::{
     Activation, AdamStep, Backend, BinaryOp, DType, GemmEpilogue, HostData, Layout, Result, Shape,
     UnaryOp, View, Window2d,
@@ -99,6 +100,10 @@ pub struct Measurement {
     pub of_bandwidth: f64,
     /// Other libraries on the same problem (CPU GEMMs).
     pub compared: Vec<Comparison>,
+    /// Calls of this row's timing that took a slow path
+    /// ([`Backend::slow_paths`]): a scalar fallback, a host round trip.
+    #[serde(default)]
+    pub slow_paths: Vec<SlowPath>,
 }
 
 /// A whole run.
@@ -249,10 +254,12 @@ pub fn run<B: Backend>(backend: &B, cfg: &BenchConfig) -> Result<BenchReport> {
                    bytes: f64,
                    f: &mut dyn FnMut() -> Result<()>|
      -> Result<()> {
+        let before = backend.slow_paths();
         let (median_s, min_s, max_s, reps) = time_op(cfg.budget_s, || {
             f()?;
             backend.synchronize()
         })?;
+        let slow_paths = slow_path::since(&before, &backend.slow_paths());
         rows.push(Measurement {
             op: op.into(),
             shape,
@@ -267,6 +274,7 @@ pub fn run<B: Backend>(backend: &B, cfg: &BenchConfig) -> Result<BenchReport> {
             of_compute_peak: 0.0,
             of_bandwidth: 0.0,
             compared: Vec::new(),
+            slow_paths,
         });
         Ok(())
     };
@@ -398,6 +406,27 @@ pub fn run<B: Backend>(backend: &B, cfg: &BenchConfig) -> Result<BenchReport> {
             .binary(BinaryOp::Add, View::new(&x, &lx), View::new(&y, &ly))
             .map(drop)
     })?;
+    // The same sum with one operand transposed: what a layout the backend's
+    // fast path does not take costs (its slow path is listed under the row).
+    let side = (e as f64).sqrt() as usize;
+    let square = Layout::contiguous(Shape::new(&[side, side])?);
+    let transposed = square.transpose(0, 1)?;
+    let sf = (side * side) as f64;
+    add(
+        "binary_add",
+        format!("[{side},{side}] + [{side},{side}]ᵀ"),
+        sf,
+        12.0 * sf,
+        &mut || {
+            backend
+                .binary(
+                    BinaryOp::Add,
+                    View::new(&x, &square),
+                    View::new(&y, &transposed),
+                )
+                .map(drop)
+        },
+    )?;
     add("affine", format!("[{e}]"), 2.0 * ef, 8.0 * ef, &mut || {
         backend.affine(View::new(&x, &lx), 1.5, 0.25).map(drop)
     })?;

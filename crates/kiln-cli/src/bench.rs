@@ -130,6 +130,9 @@ pub fn table(r: &BenchReport, baseline: Option<&BenchReport>) -> String {
             100.0 * m.of_compute_peak,
             100.0 * m.of_bandwidth
         );
+        for p in &m.slow_paths {
+            let _ = writeln!(s, "{:<24} slow path: {p}", "");
+        }
         for c in &m.compared {
             let _ = writeln!(
                 s,

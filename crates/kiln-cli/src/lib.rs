@@ -407,7 +407,7 @@ fn cpu_backend(spec: &str, threads: Option<usize>) -> Result<CpuBackend> {
         _ => return Err(unknown_backend(spec)),
     };
     Ok(match threads {
-        Some(n) => backend.with_threads(kiln_cpu::check_threads("--threads", n)?),
+        Some(n) => backend.with_threads(kiln_cpu::check_threads("--threads", n)?)?,
         None => backend,
     })
 }
@@ -662,6 +662,8 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         a.seed,
         precision_description(precision)
     ));
+    // A clone shares the backend's slow-path counts, read at the end.
+    let counted = backend.clone();
     let mut trainer = Trainer::new(model, optimizer, Loss::CategoricalCrossEntropy, backend);
     let cfg = FitConfig {
         epochs: a.epochs,
@@ -735,6 +737,15 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         if let Some(why) = w.skipped {
             eprintln!("note: {why}");
         }
+    }
+    let slow = counted.slow_paths();
+    if !slow.is_empty() {
+        let list: Vec<String> = slow.iter().map(|p| p.to_string()).collect();
+        eprintln!(
+            "note: calls that took a slow path (same results, less speed; KILN_LOG=slow-paths \
+             logs each kind as it first happens): {}",
+            list.join("; ")
+        );
     }
     Ok(())
 }

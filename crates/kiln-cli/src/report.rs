@@ -122,7 +122,7 @@ pub fn markdown(meta: &Meta, reports: &[Report], bench: &BenchReport, svg_file: 
     );
     let _ = writeln!(
         s,
-        "| op | shape | median ms | min–max ms | GFLOP/s | GB/s | % peak | % bandwidth | others (GFLOP/s) |\n|---|---|---|---|---|---|---|---|---|"
+        "| op | shape | median ms | min–max ms | GFLOP/s | GB/s | % peak | % bandwidth | others (GFLOP/s); slow paths |\n|---|---|---|---|---|---|---|---|---|"
     );
     for m in &bench.rows {
         let _ = writeln!(
@@ -144,7 +144,8 @@ pub fn markdown(meta: &Meta, reports: &[Report], bench: &BenchReport, svg_file: 
     s
 }
 
-/// The other libraries' GFLOP/s on a row's problem, and kiln's ratio to each.
+/// The other libraries' GFLOP/s on a row's problem and kiln's ratio to
+/// each, then the row's slow paths.
 fn others(m: &Measurement) -> String {
     let v: Vec<String> = m
         .compared
@@ -157,6 +158,7 @@ fn others(m: &Measurement) -> String {
                 m.gflops / c.gflops
             )
         })
+        .chain(m.slow_paths.iter().map(|p| format!("slow path: {p}")))
         .collect();
     v.join("; ")
 }
@@ -244,7 +246,7 @@ pub fn html(meta: &Meta, reports: &[Report], bench: &BenchReport) -> String {
         bench.bandwidth.value,
         xml(&bench.bandwidth.how)
     );
-    s.push_str("<table><tr><th>op</th><th>shape</th><th>median ms</th><th>min–max ms</th><th>GFLOP/s</th><th>GB/s</th><th>% peak</th><th>% bandwidth</th><th>others (GFLOP/s)</th></tr>\n");
+    s.push_str("<table><tr><th>op</th><th>shape</th><th>median ms</th><th>min–max ms</th><th>GFLOP/s</th><th>GB/s</th><th>% peak</th><th>% bandwidth</th><th>others (GFLOP/s); slow paths</th></tr>\n");
     for m in &bench.rows {
         let _ = writeln!(
             s,

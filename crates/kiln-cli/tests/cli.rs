@@ -775,9 +775,23 @@ fn bench_times_the_op_set_against_measured_peaks_and_a_saved_run() {
     if std::env::var_os("KILN_REQUIRE_OPENBLAS").is_some() {
         assert!(s.contains("openblas ("), "no OpenBLAS column:\n{s}");
     }
+    // The transposed add is not the SIMD sets' fast path, and says so.
+    if !stdout(&kiln(&["info"])).contains("kernels:    scalar") {
+        assert!(
+            s.contains("slow path: binary:") && s.contains("(strided operand: scalar loops)"),
+            "no slow path under the transposed add:\n{s}"
+        );
+    }
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(run["rows"].as_array().unwrap().len() >= 10);
+    let strided = run["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["shape"].as_str().unwrap().ends_with('ᵀ'))
+        .expect("a transposed row");
+    assert!(strided["slow_paths"].is_array(), "{strided}");
     assert!(run["compute_peak"]["value"].as_f64().unwrap() > 0.0);
     let picture = std::fs::read_to_string(&svg).unwrap();
     assert!(

@@ -58,7 +58,9 @@ fn layout_inputs() {
 #[test]
 fn the_seeds_are_small_valid_files_that_load() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions");
-    let b = kiln_cpu::CpuBackend::reference().with_threads(1);
+    let b = kiln_cpu::CpuBackend::reference()
+        .with_threads(1)
+        .expect("worker threads");
     let model = std::fs::read(dir.join("model_file/tiny.safetensors")).unwrap();
     assert!(model.len() < 65536);
     kiln_train::model_file::from_bytes(&model, &b).expect("the model seed loads");

@@ -1,4 +1,7 @@
-//! The error-bound model: what "correct" means for each kind of op.
+//! Judging an element against its bound. The bounds themselves — what
+//! "correct" means for each op — live in [`kiln_core::bounds`], the single
+//! source this suite, the kernels' own tests and the docs read; this module
+//! holds the comparison.
 //!
 //! A backend's element `got` is compared with the exact (f64) value `want`:
 //!
@@ -21,60 +24,7 @@
 use half::{bf16, f16};
 use kiln_core::DType;
 
-/// How far a computed element may be from the exact value.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Bound {
-    /// Bitwise equal to the exact value (which the format holds).
-    Exact,
-    /// Equal to the exact value rounded to nearest-even.
-    CorrectlyRounded,
-    /// Within this many ulps of the correctly rounded value.
-    Ulps(u32),
-    /// Within this absolute error, plus the final rounding.
-    Abs(f64),
-    /// As [`Bound::Abs`], for a value `f(s)` of a sum `s` whose partial
-    /// sums may leave the f32 range (their magnitudes add up past
-    /// `f32::MAX`). IEEE arithmetic may then make `s` ±∞ or NaN whatever
-    /// its exact value, so NaN and `f(−∞)`, `f(+∞)` — the `images`, e.g. 0
-    /// and +∞ under ReLU — are admitted too. [`Bound::accumulated`] picks
-    /// this or `Abs`.
-    Overflowing {
-        /// The absolute error when nothing overflows.
-        abs: f64,
-        /// `f(−∞)` and `f(+∞)`.
-        images: [f64; 2],
-    },
-}
-
-impl Bound {
-    /// The bound of `f(s)` for a sum `s` of `n` terms accumulated in f32,
-    /// off by at most `err` when no partial sum overflows: [`Bound::Abs`]
-    /// when the terms' magnitudes `mass` keep every partial sum inside the
-    /// f32 range, else [`Bound::Overflowing`] with `images` = `[f(−∞), f(+∞)]`.
-    pub fn accumulated(err: f64, mass: f64, n: usize, images: [f64; 2]) -> Bound {
-        let u = 1.0 / 16_777_216.0;
-        if mass * (1.0 + gamma(n, u)) >= f64::from(f32::MAX) || mass.is_nan() {
-            Bound::Overflowing { abs: err, images }
-        } else {
-            Bound::Abs(err)
-        }
-    }
-}
-
-/// η: the absolute error one f32 operation may add when its result is
-/// subnormal (half the subnormal spacing 2⁻¹⁴⁹). γₙ-style bounds assume no
-/// underflow; adding `n·η` covers gradual underflow in `n` operations.
-pub const ETA_F32: f64 = 1.0 / (1u128 << 100) as f64 / (1u64 << 50) as f64;
-
-/// `γₙ = n·u/(1 − n·u)`, the classic bound factor for n roundings.
-pub fn gamma(n: usize, u: f64) -> f64 {
-    let nu = n as f64 * u;
-    if nu >= 1.0 {
-        f64::INFINITY
-    } else {
-        nu / (1.0 - nu)
-    }
-}
+pub use kiln_core::bounds::{gamma, Bound, ETA_F32};
 
 /// Rounds an f64 to the storage type (nearest-even) and widens it back.
 pub fn round_to(dtype: DType, x: f64) -> f64 {
@@ -229,11 +179,6 @@ pub fn judge(bound: Bound, dtype: DType, want: f64, got: f64) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn eta_is_half_the_f32_subnormal_spacing() {
-        assert_eq!(ETA_F32, f64::from(f32::from_bits(1)) / 2.0);
-    }
 
     #[test]
     fn rounding_and_ulps() {

@@ -321,7 +321,9 @@ impl Backend for Faulty {
 /// at default settings (the default depth: edge and blocked tiers).
 fn status(fault: Fault, op: &str) -> (Status, Option<String>) {
     let b = Faulty {
-        inner: CpuBackend::reference().with_threads(1),
+        inner: CpuBackend::reference()
+            .with_threads(1)
+            .expect("worker threads"),
         fault,
     };
     let r = run_check(&b, op, DType::F32, &Config::new(&b.name()));
@@ -378,7 +380,9 @@ fn the_edge_tier_alone_misses_them() {
         (Fault::ConvSplitK, "conv2d_backward_filter"),
     ] {
         let b = Faulty {
-            inner: CpuBackend::reference().with_threads(1),
+            inner: CpuBackend::reference()
+                .with_threads(1)
+                .expect("worker threads"),
             fault,
         };
         let mut cfg = Config::new(&b.name());
@@ -391,7 +395,9 @@ fn the_edge_tier_alone_misses_them() {
 #[test]
 fn a_failure_names_its_tier_and_a_line_that_reruns_it() {
     let b = Faulty {
-        inner: CpuBackend::reference().with_threads(1),
+        inner: CpuBackend::reference()
+            .with_threads(1)
+            .expect("worker threads"),
         fault: Fault::GemmPastK256,
     };
     let r = run_check(&b, "gemm", DType::F32, &Config::new("cpu:scalar"));

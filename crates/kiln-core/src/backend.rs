@@ -51,10 +51,11 @@ impl<'a, S> View<'a, S> {
 
 /// Elementwise maps of one operand.
 ///
-/// Bounds: `Neg`, `Abs`, `Relu` are exact; `Sqrt`, `Square` and `Recip` are
-/// correctly rounded; `Exp`, `Log`, `Tanh`, `Sigmoid` are within the number of
-/// ulps the backend states for its kernel set (the reference: the platform's
-/// libm, ≤ 2 ulp in f32).
+/// Bounds ([`bounds::unary`](crate::bounds::unary)): `Neg`, `Abs`, `Relu`
+/// are exact; `Sqrt`, `Square` and `Recip` are correctly rounded; in f32
+/// `Exp` and `Log` are within 2 ulps, `Tanh` 3 and `Sigmoid` 4
+/// ([`bounds::unary_ulps`](crate::bounds::unary_ulps)); in f16/bf16 every
+/// transcendental is within 1 ulp.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum UnaryOp {
     /// −x
@@ -826,5 +827,14 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
     /// kiln's own kernels' switch points, everything supported.
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
+    }
+
+    /// The calls so far (by this backend and its clones) that ran on a
+    /// slower path than the op's fast kernel — a SIMD set's scalar loops
+    /// for a strided or mixed-dtype operand, a host fallback — per op and
+    /// reason, counted with a [`SlowPaths`](crate::slow_path::SlowPaths).
+    /// `kiln bench` and `kiln train` print them. The default: none.
+    fn slow_paths(&self) -> Vec<crate::slow_path::SlowPath> {
+        Vec::new()
     }
 }

@@ -3,8 +3,10 @@
 //! The device-independent half of kiln: [`Shape`] and strided [`Layout`]s,
 //! [`DType`]s, the [`Backend`] trait every device implements, [`Tensor`]
 //! with zero-copy views, reverse-mode autograd ([`Tensor::backward`]),
-//! trainable [`Var`]s, the shared counter-based RNG ([`rng`]) and the one
-//! [`Error`] type.
+//! trainable [`Var`]s, the shared counter-based RNG ([`rng`]), the plans that
+//! validate each op once ([`plan`]), the error bound every op is held to
+//! ([`bounds`]), the count of calls that took a slow path ([`slow_path`])
+//! and the one [`Error`] type.
 //!
 //! ```
 //! use kiln_core::{Tensor, Var};
@@ -21,6 +23,7 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod bounds;
 pub mod capabilities;
 pub mod conv;
 pub mod dtype;
@@ -29,6 +32,7 @@ pub mod layout;
 pub mod plan;
 pub mod rng;
 pub mod shape;
+pub mod slow_path;
 pub mod tensor;
 pub mod var;
 

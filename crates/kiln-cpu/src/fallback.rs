@@ -613,4 +613,21 @@ impl<D: Backend> Backend for Fallback<D> {
         caps.expected_failures.dedup();
         caps
     }
+
+    /// The device's own slow paths, each op the device declined (reason
+    /// `ran on the CPU (the device declined it)`), and the CPU backend's
+    /// own slow paths on those.
+    fn slow_paths(&self) -> Vec<kiln_core::slow_path::SlowPath> {
+        let mut all = self.device.slow_paths();
+        all.extend(self.fallbacks().into_iter().map(|(op, calls)| {
+            kiln_core::slow_path::SlowPath {
+                op: op.into(),
+                reason: "ran on the CPU (the device declined it)".into(),
+                calls,
+            }
+        }));
+        all.extend(self.cpu.slow_paths());
+        all.sort();
+        all
+    }
 }

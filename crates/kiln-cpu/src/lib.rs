@@ -25,12 +25,14 @@ pub mod features;
 mod gemm;
 mod pool;
 mod reference;
+mod slow_path;
 mod storage;
 mod threads;
 mod vector;
 
 use std::sync::Arc;
 
+use kiln_core::slow_path::SlowPaths;
 use kiln_core::{
     Activation, AdamStep, Backend, BinaryOp, DType, Distribution, Error, GemmEpilogue, HostData,
     Layout, ReduceOp, Result, SgdStep, UnaryOp, View, Window2d,
@@ -40,13 +42,17 @@ pub use fallback::Fallback;
 pub use features::KernelSet;
 pub use threads::{check as check_threads, max_threads};
 
-/// The CPU backend: a kernel set, a thread count and a persistent pool of
-/// that many worker threads (shared by clones).
+/// The CPU backend: a kernel set, a thread count, a persistent pool of
+/// that many worker threads for the SIMD sets, and the count of calls that
+/// fell to the scalar loops (the pool and the count shared by clones).
 #[derive(Clone, Debug)]
 pub struct CpuBackend {
     kernels: KernelSet,
     threads: usize,
-    pool: Arc<rayon::ThreadPool>,
+    /// The SIMD sets' workers; `None` for the scalar reference, whose
+    /// row-parallel loops start scoped threads of their own.
+    pool: Option<Arc<rayon::ThreadPool>>,
+    slow: SlowPaths,
 }
 
 fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
@@ -55,7 +61,11 @@ fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
         .thread_name(|i| format!("kiln-cpu-{i}"))
         .build()
         .map(Arc::new)
-        .map_err(|e| Error::Backend(format!("starting {threads} CPU worker threads: {e}")))
+        .map_err(|e| {
+            Error::Backend(format!(
+                "starting {threads} CPU worker threads: {e} (fewer with --threads or KILN_THREADS)"
+            ))
+        })
 }
 
 impl CpuBackend {
@@ -74,40 +84,41 @@ impl CpuBackend {
     }
 
     /// The scalar reference backend (threads from `KILN_THREADS`, else 1 if
-    /// that is malformed).
+    /// that is malformed). It starts no worker pool, so it cannot fail.
     pub fn reference() -> Self {
-        let threads = threads::from_env().unwrap_or(1);
-        Self::build(KernelSet::Scalar, threads).unwrap_or_else(|_| CpuBackend {
+        CpuBackend {
             kernels: KernelSet::Scalar,
-            threads: 1,
-            pool: Arc::new(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .build()
-                    .expect("one thread"),
-            ),
-        })
+            threads: threads::from_env().unwrap_or(1),
+            pool: None,
+            slow: SlowPaths::new("cpu:scalar"),
+        }
     }
 
     fn build(kernels: KernelSet, threads: usize) -> Result<Self> {
         Ok(CpuBackend {
             kernels,
             threads,
-            pool: pool(threads)?,
+            pool: Self::pool_for(kernels, threads)?,
+            slow: SlowPaths::new(&format!("cpu:{}", kernels.name())),
         })
     }
 
-    /// The same backend with `threads` worker threads (at least 1).
-    pub fn with_threads(self, threads: usize) -> Self {
-        let threads = threads.max(1);
-        match pool(threads) {
-            Ok(pool) => CpuBackend {
-                threads,
-                pool,
-                ..self
-            },
-            Err(_) => self,
+    fn pool_for(kernels: KernelSet, threads: usize) -> Result<Option<Arc<rayon::ThreadPool>>> {
+        match kernels {
+            KernelSet::Scalar => Ok(None),
+            _ => pool(threads).map(Some),
         }
+    }
+
+    /// The same backend with `threads` worker threads (at least 1), or the
+    /// error the operating system gave for starting them.
+    pub fn with_threads(self, threads: usize) -> Result<Self> {
+        let threads = threads.max(1);
+        Ok(CpuBackend {
+            threads,
+            pool: Self::pool_for(self.kernels, threads)?,
+            ..self
+        })
     }
 
     /// The kernel set in use.
@@ -120,9 +131,26 @@ impl CpuBackend {
         self.threads
     }
 
-    /// The SIMD kernel set, or `None` for the scalar reference.
-    fn simd(&self) -> Option<KernelSet> {
-        (self.kernels != KernelSet::Scalar).then_some(self.kernels)
+    /// The SIMD kernel set and its worker pool, or `None` for the scalar
+    /// reference.
+    fn simd(&self) -> Option<(KernelSet, &rayon::ThreadPool)> {
+        self.pool.as_deref().map(|p| (self.kernels, p))
+    }
+
+    /// `result` of an op `op` the SIMD set declined and the reference
+    /// loops ran: counted as a slow path (when it succeeded) with the
+    /// reason `operands` give.
+    fn scalar<T>(
+        &self,
+        op: &'static str,
+        operands: &[View<'_, HostData>],
+        result: Result<T>,
+    ) -> Result<T> {
+        let empty = operands.iter().all(|v| v.layout.numel() == 0);
+        if result.is_ok() && self.pool.is_some() && !empty {
+            self.slow.record(op, slow_path::reason(operands));
+        }
+        result
     }
 }
 
@@ -159,12 +187,12 @@ impl Backend for CpuBackend {
     }
 
     fn cast(&self, src: View<'_, HostData>, dtype: DType) -> Result<HostData> {
-        if let Some(set) = self.simd() {
+        if let Some((set, _)) = self.simd() {
             if let Some(out) = vector::ops::cast(set, src, dtype) {
                 return Ok(out);
             }
         }
-        storage::cast(src, dtype)
+        self.scalar("cast", &[src], storage::cast(src, dtype))
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -179,15 +207,21 @@ impl Backend for CpuBackend {
     ) -> Result<HostData> {
         match self.kernels {
             KernelSet::Scalar => reference::gemm::gemm(a, b, epilogue, self.threads),
-            simd => gemm::gemm(simd, a, b, epilogue, &self.pool),
+            simd => match &self.pool {
+                Some(pool) => gemm::gemm(simd, a, b, epilogue, pool),
+                None => reference::gemm::gemm(a, b, epilogue, self.threads),
+            },
         }
     }
 
     fn unary(&self, op: UnaryOp, x: View<'_, HostData>) -> Result<HostData> {
-        if let Some(out) = self.simd().and_then(|set| vector::ops::unary(set, op, x)) {
+        if let Some(out) = self
+            .simd()
+            .and_then(|(set, _)| vector::ops::unary(set, op, x))
+        {
             return Ok(out);
         }
-        reference::elementwise::unary(op, x)
+        self.scalar("unary", &[x], reference::elementwise::unary(op, x))
     }
 
     fn unary_backward(
@@ -199,21 +233,22 @@ impl Backend for CpuBackend {
     ) -> Result<HostData> {
         if let Some(out) = self
             .simd()
-            .and_then(|set| vector::ops::unary_backward(set, op, x, y, dy))
+            .and_then(|(set, _)| vector::ops::unary_backward(set, op, x, y, dy))
         {
             return Ok(out);
         }
-        reference::elementwise::unary_backward(op, x, y, dy)
+        let out = reference::elementwise::unary_backward(op, x, y, dy);
+        self.scalar("unary_backward", &[x, y, dy], out)
     }
 
     fn affine(&self, x: View<'_, HostData>, mul: f32, add: f32) -> Result<HostData> {
         if let Some(out) = self
             .simd()
-            .and_then(|set| vector::ops::affine(set, x, mul, add))
+            .and_then(|(set, _)| vector::ops::affine(set, x, mul, add))
         {
             return Ok(out);
         }
-        reference::elementwise::affine(x, mul, add)
+        self.scalar("affine", &[x], reference::elementwise::affine(x, mul, add))
     }
 
     fn binary(
@@ -224,21 +259,26 @@ impl Backend for CpuBackend {
     ) -> Result<HostData> {
         if let Some(out) = self
             .simd()
-            .and_then(|set| vector::ops::binary(set, op, a, b))
+            .and_then(|(set, _)| vector::ops::binary(set, op, a, b))
         {
             return Ok(out);
         }
-        reference::elementwise::binary(op, a, b)
+        self.scalar("binary", &[a, b], reference::elementwise::binary(op, a, b))
     }
 
     fn reduce(&self, op: ReduceOp, x: View<'_, HostData>, axes: &[usize]) -> Result<HostData> {
         if let Some(out) = self
             .simd()
-            .and_then(|set| vector::ops::reduce(set, op, x, axes))
+            .and_then(|(set, _)| vector::ops::reduce(set, op, x, axes))
         {
             return Ok(out);
         }
-        reference::reduce::reduce(op, x, axes)
+        let out = reference::reduce::reduce(op, x, axes);
+        if out.is_ok() && self.pool.is_some() && x.layout.numel() > 0 {
+            self.slow
+                .record("reduce", slow_path::reduce_reason(op, x, axes));
+        }
+        out
     }
 
     fn argmax(&self, x: View<'_, HostData>) -> Result<HostData> {
@@ -248,11 +288,11 @@ impl Backend for CpuBackend {
     fn softmax(&self, x: View<'_, HostData>, log: bool) -> Result<HostData> {
         if let Some(out) = self
             .simd()
-            .and_then(|set| vector::ops::softmax(set, x, log))
+            .and_then(|(set, _)| vector::ops::softmax(set, x, log))
         {
             return Ok(out);
         }
-        reference::softmax::softmax(x, log)
+        self.scalar("softmax", &[x], reference::softmax::softmax(x, log))
     }
 
     fn softmax_cross_entropy(
@@ -260,13 +300,14 @@ impl Backend for CpuBackend {
         logits: View<'_, HostData>,
         labels: View<'_, HostData>,
     ) -> Result<(HostData, HostData)> {
-        if let Some(set) = self.simd() {
+        if let Some((set, _)) = self.simd() {
             let y = reference::softmax::checked_labels(logits, labels)?;
             if let Some(out) = vector::ops::softmax_cross_entropy(set, logits, &y) {
                 return Ok(out);
             }
         }
-        reference::softmax::softmax_cross_entropy(logits, labels)
+        let out = reference::softmax::softmax_cross_entropy(logits, labels);
+        self.scalar("softmax_cross_entropy", &[logits], out)
     }
 
     fn conv2d(
@@ -278,7 +319,7 @@ impl Backend for CpuBackend {
         window: &Window2d,
     ) -> Result<HostData> {
         match self.simd() {
-            Some(set) => conv::conv2d(set, &self.pool, x, weight, bias, activation, window),
+            Some((set, workers)) => conv::conv2d(set, workers, x, weight, bias, activation, window),
             None => reference::conv::conv2d(x, weight, bias, activation, window),
         }
     }
@@ -291,7 +332,9 @@ impl Backend for CpuBackend {
         input: [usize; 2],
     ) -> Result<HostData> {
         match self.simd() {
-            Some(set) => conv::conv2d_backward_data(set, &self.pool, dy, weight, window, input),
+            Some((set, workers)) => {
+                conv::conv2d_backward_data(set, workers, dy, weight, window, input)
+            }
             None => reference::conv::conv2d_backward_data(dy, weight, window, input),
         }
     }
@@ -303,7 +346,7 @@ impl Backend for CpuBackend {
         window: &Window2d,
     ) -> Result<(HostData, HostData)> {
         match self.simd() {
-            Some(set) => conv::conv2d_backward_filter(set, &self.pool, x, dy, window),
+            Some((set, workers)) => conv::conv2d_backward_filter(set, workers, x, dy, window),
             None => reference::conv::conv2d_backward_filter(x, dy, window),
         }
     }
@@ -318,8 +361,8 @@ impl Backend for CpuBackend {
         pool: &Window2d,
     ) -> Result<(HostData, HostData)> {
         match self.simd() {
-            Some(set) => {
-                conv::conv2d_pool(set, &self.pool, x, weight, bias, activation, conv, pool)
+            Some((set, workers)) => {
+                conv::conv2d_pool(set, workers, x, weight, bias, activation, conv, pool)
             }
             // The reference composes the two reference ops.
             None => kiln_core::backend::compose_conv2d_pool(
@@ -341,9 +384,8 @@ impl Backend for CpuBackend {
         need_dx: bool,
     ) -> Result<kiln_core::ConvGrads<HostData>> {
         match self.simd() {
-            Some(set) => conv::conv2d_pool_backward(
-                set, &self.pool, x, weight, pooled, argmax, dpooled, activation, conv, pool,
-                need_dx,
+            Some((set, workers)) => conv::conv2d_pool_backward(
+                set, workers, x, weight, pooled, argmax, dpooled, activation, conv, pool, need_dx,
             ),
             None => kiln_core::backend::compose_conv2d_pool_backward(
                 self, x, weight, pooled, argmax, dpooled, activation, conv, pool, need_dx,
@@ -353,7 +395,7 @@ impl Backend for CpuBackend {
 
     fn max_pool2d(&self, x: View<'_, HostData>, window: &Window2d) -> Result<(HostData, HostData)> {
         match self.simd() {
-            Some(set) => pool::max_pool2d(set, &self.pool, x, window),
+            Some((set, workers)) => pool::max_pool2d(set, workers, x, window),
             None => reference::conv::max_pool2d(x, window),
         }
     }
@@ -366,7 +408,9 @@ impl Backend for CpuBackend {
         input: [usize; 2],
     ) -> Result<HostData> {
         match self.simd() {
-            Some(set) => pool::max_pool2d_backward(set, &self.pool, dy, argmax, window, input),
+            Some((set, workers)) => {
+                pool::max_pool2d_backward(set, workers, dy, argmax, window, input)
+            }
             None => reference::conv::max_pool2d_backward(dy, argmax, window, input),
         }
     }
@@ -390,6 +434,10 @@ impl Backend for CpuBackend {
         step: &AdamStep,
     ) -> Result<()> {
         vector::wide::adam(self.kernels, param, grad, m, v, step)
+    }
+
+    fn slow_paths(&self) -> Vec<kiln_core::slow_path::SlowPath> {
+        self.slow.snapshot()
     }
 
     fn random(

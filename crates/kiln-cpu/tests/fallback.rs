@@ -453,6 +453,15 @@ fn gemm_with_epilogue_on_strided_operands_falls_back_bitwise() {
     // Each call: a, b, C₀ and the bias down, the product up.
     assert_eq!(dev.transfers(), (8, 2));
     assert_eq!(fb.fallbacks(), vec![("gemm", 2)]);
+    // …and they are the adapter's slow paths, for `kiln bench` to show.
+    assert_eq!(
+        fb.slow_paths(),
+        vec![kiln_core::slow_path::SlowPath {
+            op: "gemm".into(),
+            reason: "ran on the CPU (the device declined it)".into(),
+            calls: 2
+        }]
+    );
 }
 
 #[test]

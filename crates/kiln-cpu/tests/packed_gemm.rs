@@ -80,7 +80,10 @@ fn check(b: &CpuBackend, m: usize, k: usize, n: usize, bt: bool, dtype: DType) -
 #[test]
 fn large_and_awkward_shapes_within_the_bound() {
     for set in sets() {
-        let b = CpuBackend::with_kernels(set).unwrap().with_threads(2);
+        let b = CpuBackend::with_kernels(set)
+            .unwrap()
+            .with_threads(2)
+            .expect("worker threads");
         for &(m, k, n) in &[
             (1, 1, 1),
             (7, 300, 33),
@@ -106,7 +109,10 @@ fn large_and_awkward_shapes_within_the_bound() {
 fn results_do_not_depend_on_the_thread_count() {
     for set in sets() {
         let one = check(
-            &CpuBackend::with_kernels(set).unwrap().with_threads(1),
+            &CpuBackend::with_kernels(set)
+                .unwrap()
+                .with_threads(1)
+                .expect("worker threads"),
             300,
             600,
             90,
@@ -114,7 +120,10 @@ fn results_do_not_depend_on_the_thread_count() {
             DType::F32,
         );
         let two = check(
-            &CpuBackend::with_kernels(set).unwrap().with_threads(2),
+            &CpuBackend::with_kernels(set)
+                .unwrap()
+                .with_threads(2)
+                .expect("worker threads"),
             300,
             600,
             90,
@@ -122,7 +131,10 @@ fn results_do_not_depend_on_the_thread_count() {
             DType::F32,
         );
         let three = check(
-            &CpuBackend::with_kernels(set).unwrap().with_threads(3),
+            &CpuBackend::with_kernels(set)
+                .unwrap()
+                .with_threads(3)
+                .expect("worker threads"),
             300,
             600,
             90,

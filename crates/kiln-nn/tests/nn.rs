@@ -5,7 +5,9 @@ use kiln_cpu::CpuBackend;
 use kiln_nn::{Adam, Initializer, ModelSpec, Optimizer, Sequential, Sgd};
 
 fn backend() -> CpuBackend {
-    CpuBackend::reference().with_threads(1)
+    CpuBackend::reference()
+        .with_threads(1)
+        .expect("worker threads")
 }
 
 #[test]

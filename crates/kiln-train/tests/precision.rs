@@ -14,6 +14,7 @@ fn backend() -> CpuBackend {
     CpuBackend::with_kernels(KernelSet::best())
         .unwrap()
         .with_threads(2)
+        .expect("worker threads")
 }
 
 fn trainer(spec: &ModelSpec, precision: Precision, seed: u64) -> Trainer<CpuBackend> {

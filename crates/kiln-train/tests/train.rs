@@ -12,7 +12,12 @@ mod common;
 use common::{cfg, stop_after, weights};
 
 fn trainer(seed: u64, threads: usize) -> Trainer<CpuBackend> {
-    trainer_on(CpuBackend::reference().with_threads(threads), seed)
+    trainer_on(
+        CpuBackend::reference()
+            .with_threads(threads)
+            .expect("worker threads"),
+        seed,
+    )
 }
 
 fn trainer_on(b: CpuBackend, seed: u64) -> Trainer<CpuBackend> {
@@ -93,7 +98,8 @@ fn same_seed_and_threads_give_bit_identical_weights() {
     let fast = |threads| {
         let b = CpuBackend::with_kernels(kiln_cpu::KernelSet::best())
             .unwrap()
-            .with_threads(threads);
+            .with_threads(threads)
+            .expect("worker threads");
         let mut t = trainer_on(b, 7);
         t.fit(&train, None, &cfg(2, 7)).unwrap();
         weights(&t)
@@ -210,7 +216,8 @@ fn bad_inputs_are_errors_not_panics() {
 fn fast_cnn(seed: u64, threads: usize) -> Trainer<CpuBackend> {
     let b = CpuBackend::with_kernels(kiln_cpu::KernelSet::best())
         .unwrap()
-        .with_threads(threads);
+        .with_threads(threads)
+        .expect("worker threads");
     let model = Sequential::from_spec(&ModelSpec::cnn(), seed, &b).unwrap();
     Trainer::new(
         model,
@@ -286,7 +293,8 @@ fn resume_from_a_checkpoint_is_bit_identical() {
         .take(200);
     let b = CpuBackend::with_kernels(kiln_cpu::KernelSet::best())
         .unwrap()
-        .with_threads(2);
+        .with_threads(2)
+        .expect("worker threads");
     let mut spec = ModelSpec::cnn();
     spec.layers
         .insert(3, kiln_nn::LayerSpec::Dropout { rate: 0.3 });

@@ -93,7 +93,7 @@ impl PretendDevice {
     /// A healthy device.
     pub fn new() -> Result<Self> {
         Ok(PretendDevice {
-            cpu: CpuBackend::reference().with_threads(1),
+            cpu: CpuBackend::reference().with_threads(1)?,
             fault: None,
         })
     }

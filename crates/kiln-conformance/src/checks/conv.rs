@@ -7,16 +7,12 @@
 //! accumulation) plus the bias addition; max-pooling is exact, value and
 //! index; its gradient sums the `dy` cells routed to one input cell.
 
-use kiln_core::{Activation, Backend, DType, HostData, Layout, Shape, View, Window2d};
+use kiln_core::{bounds, Activation, Backend, DType, HostData, Layout, Shape, View, Window2d};
 use proptest::prelude::*;
 
 use super::fetch_all;
-use crate::bound::{gamma, ETA_F32};
 use crate::values::{contiguous, operand, Domain, Operand};
 use crate::{compare, run_cases, Bound, CaseError, Config, Report, Sizer, Tier};
-
-const U: f64 = 1.0 / 16_777_216.0; // 2⁻²⁴
-const U64: f64 = 1.0 / 9_007_199_254_740_992.0; // 2⁻⁵³
 
 /// A problem's sizes: batch, channels in and out, input, window.
 #[derive(Clone, Copy, Debug)]
@@ -165,20 +161,6 @@ fn read(
     Some(plane + y * s.w + xx)
 }
 
-/// A dot product's bound from its exact value's absolute mass and length.
-fn dot_bound(mass: f64, len: usize) -> f64 {
-    (gamma(len, U) + len as f64 * U64) * mass + len as f64 * ETA_F32
-}
-
-/// `f(±∞)` for the identity: what an overflowing plain sum may give.
-const UNMAPPED: [f64; 2] = [f64::NEG_INFINITY, f64::INFINITY];
-
-/// A sum of `len` terms of absolute mass `mass` within `err`, or, where its
-/// partial sums may overflow, what IEEE arithmetic makes of that.
-fn summed(err: f64, mass: f64, len: usize) -> Bound {
-    Bound::accumulated(err, mass, len, UNMAPPED)
-}
-
 #[derive(Debug, Clone)]
 struct Forward {
     s: Sizes,
@@ -252,23 +234,18 @@ pub(crate) fn conv2d<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -> Rep
                             }
                         }
                         let len = s.c * kh * kw;
-                        let mut err = dot_bound(mass, len);
+                        let mut err = bounds::dot(len, mass);
                         let add = bv.as_ref().map_or(0.0, |b| b[oc]);
                         let pre = dot + add;
                         if bv.is_some() {
-                            err += gamma(1, U) * (dot.abs() + add.abs() + err) + ETA_F32;
+                            err = bounds::epilogue(1, dot.abs() + add.abs(), err);
                         }
                         let y = if c.relu && !pre.is_nan() {
                             pre.max(0.0)
                         } else {
                             pre
                         };
-                        let images = if c.relu {
-                            [0.0, f64::INFINITY]
-                        } else {
-                            UNMAPPED
-                        };
-                        want.push((y, Bound::accumulated(err, mass, len, images)));
+                        want.push((y, bounds::activated(act, y, err, mass, len)));
                     }
                 }
             }
@@ -348,7 +325,7 @@ pub(crate) fn conv2d_backward_data<B: Backend>(backend: &B, dtype: DType, cfg: &
             }
             let want: Vec<(f64, Bound)> = acc
                 .into_iter()
-                .map(|(v, mass, len)| (v, summed(dot_bound(mass, len.max(1)), mass, len)))
+                .map(|(v, mass, len)| (v, Bound::summed(bounds::dot(len.max(1), mass), mass, len)))
                 .collect();
             compare("conv2d_backward_data", dtype, &dims, &got, &want)
         },
@@ -399,7 +376,11 @@ pub(crate) fn conv2d_backward_filter<B: Backend>(
                             }
                             want_w.push((
                                 dot,
-                                summed(dot_bound(mass, (s.n * cells).max(1)), mass, s.n * cells),
+                                Bound::summed(
+                                    bounds::dot((s.n * cells).max(1), mass),
+                                    mass,
+                                    s.n * cells,
+                                ),
                             ));
                         }
                     }
@@ -412,7 +393,7 @@ pub(crate) fn conv2d_backward_filter<B: Backend>(
                     let (sum, mass) = terms.fold((0f64, 0f64), |(a, m), &g| (a + g, m + g.abs()));
                     (
                         sum,
-                        summed(dot_bound(mass, (s.n * cells).max(1)), mass, s.n * cells),
+                        Bound::summed(bounds::dot((s.n * cells).max(1), mass), mass, s.n * cells),
                     )
                 })
                 .collect();
@@ -544,7 +525,7 @@ pub(crate) fn max_pool2d_backward<B: Backend>(backend: &B, dtype: DType, cfg: &C
             }
             let want: Vec<_> = acc
                 .into_iter()
-                .map(|(v, mass, len)| (v, summed(dot_bound(mass, len.max(1)), mass, len)))
+                .map(|(v, mass, len)| (v, Bound::summed(bounds::dot(len.max(1), mass), mass, len)))
                 .collect();
             compare("max_pool2d_backward", dtype, &xdims, &got, &want)
         },
@@ -599,22 +580,6 @@ fn fused_strategy(z: &Sizer, dtype: DType) -> BoxedStrategy<Fused> {
                 })
         })
         .boxed()
-}
-
-/// The bound of a sum of `len` products with a routed gradient: the dot
-/// product's own (`mass` = Σ|terms| with the routed values exact), plus the
-/// routed values' roundings — each is a sum of up to `overlap` pooled
-/// gradients (overlapping pool windows) and may have been stored in the
-/// operands' dtype, so it is off by (γ_overlap + 4u)·Σ|pooled gradients|;
-/// `routed_mass` is Σ|terms| with each routed value replaced by that sum of
-/// magnitudes.
-fn routed_bound(dtype: DType, mass: f64, routed_mass: f64, len: usize, overlap: usize) -> f64 {
-    let u = match dtype {
-        DType::F16 => 1.0 / 2048.0,
-        DType::BF16 => 1.0 / 256.0,
-        _ => U,
-    };
-    dot_bound(mass, len.max(1)) + (gamma(overlap, U) + 4.0 * u) * routed_mass
 }
 
 /// The fused convolution + activation + max-pool: forward bitwise equal to
@@ -719,8 +684,8 @@ pub(crate) fn conv2d_pool<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -
                                 }
                             }
                             let len = s.n * cells;
-                            let err = routed_bound(dtype, mass, routed, len, overlap);
-                            want_w.push((dot, summed(err, mass, len)));
+                            let err = bounds::routed(dtype, mass, routed, len, overlap);
+                            want_w.push((dot, Bound::summed(err, mass, len)));
                         }
                     }
                 }
@@ -736,7 +701,7 @@ pub(crate) fn conv2d_pool<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -
                     let len = s.n * cells;
                     (
                         sum,
-                        summed(routed_bound(dtype, mass, routed, len, overlap), mass, len),
+                        Bound::summed(bounds::routed(dtype, mass, routed, len, overlap), mass, len),
                     )
                 })
                 .collect();
@@ -768,8 +733,8 @@ pub(crate) fn conv2d_pool<B: Backend>(backend: &B, dtype: DType, cfg: &Config) -
             let want_x: Vec<_> = acc
                 .into_iter()
                 .map(|(v, mass, routed, len)| {
-                    let err = routed_bound(dtype, mass, routed, len, overlap);
-                    (v, summed(err, mass, len))
+                    let err = bounds::routed(dtype, mass, routed, len, overlap);
+                    (v, Bound::summed(err, mass, len))
                 })
                 .collect();
             let wdims = [s.o, s.c, kh, kw];

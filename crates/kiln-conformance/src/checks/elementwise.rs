@@ -1,28 +1,12 @@
 //! Elementwise ops: unary maps and their derivatives, affine, binary ops.
 
-use kiln_core::{Backend, BinaryOp, DType, UnaryOp, View};
+use kiln_core::{bounds, Backend, BinaryOp, DType, UnaryOp, View};
 use proptest::prelude::*;
 
 use super::fetch_all;
 use crate::bound::round_to;
 use crate::values::{operand, value, Domain};
-use crate::{compare, run_cases, Bound, Config, Report, Sizer};
-
-const U: f64 = 1.0 / 16_777_216.0; // 2⁻²⁴: every op computes in at least f32
-
-/// The stated bound of each unary op. Transcendentals: the ulps each f32
-/// kernel may be off; in f16/bf16 (computed in f32, rounded once) 1 ulp.
-pub fn unary_bound(op: UnaryOp, dtype: DType) -> Bound {
-    let reduced = dtype != DType::F32;
-    match op {
-        UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu => Bound::Exact,
-        UnaryOp::Sqrt | UnaryOp::Square | UnaryOp::Recip => Bound::CorrectlyRounded,
-        _ if reduced => Bound::Ulps(1),
-        UnaryOp::Exp | UnaryOp::Log => Bound::Ulps(2),
-        UnaryOp::Tanh => Bound::Ulps(3),
-        UnaryOp::Sigmoid => Bound::Ulps(4),
-    }
-}
+use crate::{compare, run_cases, Config, Report, Sizer};
 
 pub(crate) fn unary<B: Backend>(b: &B, op: UnaryOp, dtype: DType, cfg: &Config) -> Report {
     let s = move |z: &Sizer| {
@@ -35,7 +19,7 @@ pub(crate) fn unary<B: Backend>(b: &B, op: UnaryOp, dtype: DType, cfg: &Config) 
         let st = x.upload(b)?;
         let out = b.unary(op, View::new(&st, &x.layout))?;
         let got = fetch_all(b, &out, x.dims())?;
-        let bound = unary_bound(op, dtype);
+        let bound = bounds::unary(op, dtype);
         let want: Vec<_> = x
             .logical()
             .into_iter()
@@ -43,20 +27,6 @@ pub(crate) fn unary<B: Backend>(b: &B, op: UnaryOp, dtype: DType, cfg: &Config) 
             .collect();
         compare(op.name(), dtype, x.dims(), &got, &want)
     })
-}
-
-/// The magnitude a derivative's rounding errors scale with.
-fn backward_mass(op: UnaryOp, x: f64, y: f64, dy: f64) -> f64 {
-    match op {
-        UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu => 0.0,
-        UnaryOp::Exp => (dy * y).abs(),
-        UnaryOp::Log => (dy / x).abs(),
-        UnaryOp::Sqrt => (dy * 0.5 / y).abs(),
-        UnaryOp::Square => (2.0 * dy * x).abs(),
-        UnaryOp::Recip => (dy * y * y).abs(),
-        UnaryOp::Sigmoid => (dy * y).abs() * ((1.0 - y).abs() + 2.0 * U),
-        UnaryOp::Tanh => dy.abs() * ((1.0 - y * y).abs() + y * y),
-    }
 }
 
 pub(crate) fn unary_backward<B: Backend>(b: &B, op: UnaryOp, dtype: DType, cfg: &Config) -> Report {
@@ -97,15 +67,9 @@ pub(crate) fn unary_backward<B: Backend>(b: &B, op: UnaryOp, dtype: DType, cfg: 
             .zip(&ys)
             .zip(dy.logical())
             .map(|((&xv, &yv), dv)| {
-                let w = op.backward_f64(xv, yv, dv);
-                let m = backward_mass(op, xv, yv, dv);
                 (
-                    w,
-                    if m == 0.0 {
-                        Bound::Exact
-                    } else {
-                        Bound::Abs(4.0 * U * m)
-                    },
+                    op.backward_f64(xv, yv, dv),
+                    bounds::unary_backward(op, xv, yv, dv),
                 )
             })
             .collect();
@@ -177,12 +141,13 @@ pub(crate) fn affine<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
             .logical()
             .into_iter()
             .map(|v| {
-                if dtype == DType::F32 {
-                    (fma_rounded_f32(v, mul, add), Bound::CorrectlyRounded)
+                let exact = if dtype == DType::F32 {
+                    fma_rounded_f32(v, mul, add)
                 } else {
                     // One f32 fma, then rounded to the storage type.
-                    (v * mul + add, Bound::Ulps(1))
-                }
+                    v * mul + add
+                };
+                (exact, bounds::affine(dtype))
             })
             .collect();
         compare("affine", dtype, x.dims(), &got, &want)
@@ -205,12 +170,7 @@ pub(crate) fn binary<B: Backend>(b: &B, op: BinaryOp, dtype: DType, cfg: &Config
         let (sx, sy) = (x.upload(b)?, y.upload(b)?);
         let out = b.binary(op, View::new(&sx, &x.layout), View::new(&sy, &y.layout))?;
         let got = fetch_all(b, &out, x.dims())?;
-        // Arithmetic is correctly rounded; max/min and comparisons are exact
-        // (max/min of +0 and −0 may return either zero, hence CorrectlyRounded).
-        let bound = match op {
-            BinaryOp::Eq | BinaryOp::Gt | BinaryOp::Ge => Bound::Exact,
-            _ => Bound::CorrectlyRounded,
-        };
+        let bound = bounds::binary(op);
         let want: Vec<_> = x
             .logical()
             .into_iter()

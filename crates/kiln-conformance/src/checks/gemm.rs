@@ -8,16 +8,12 @@
 //! `vdpbf16ps`, tensor cores) flush subnormal intermediate sums, each of
 //! the k steps may also lose up to 2⁻¹²⁶.
 
-use kiln_core::{Activation, Backend, DType, GemmEpilogue, View};
+use kiln_core::{bounds, Activation, Backend, DType, GemmEpilogue, View};
 use proptest::prelude::*;
 
 use super::fetch_all;
-use crate::bound::{gamma, ETA_F32};
 use crate::values::{contiguous, extent, operand, value, Domain, Operand};
-use crate::{compare, run_cases, Bound, Config, Report, Sizer, Tier};
-
-const U: f64 = 1.0 / 16_777_216.0; // 2⁻²⁴
-const U64: f64 = 1.0 / 9_007_199_254_740_992.0; // 2⁻⁵³, the oracle's own rounding
+use crate::{compare, run_cases, Config, Report, Sizer, Tier};
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -193,12 +189,6 @@ pub(crate) fn gemm<B: Backend>(backend: &B, dtype: DType, cfg: &Config, epilogue
             let (av, bv) = (c.a.logical(), c.b.logical());
             let c0v = c.c0.as_ref().map(|(beta, o)| (*beta, o.logical()));
             let biasv = c.bias.as_ref().map(|o| o.logical());
-            let (lipschitz, act_ulps) = match c.activation {
-                Activation::None => (1.0, 0.0),
-                Activation::Relu => (1.0, 0.0),
-                Activation::Sigmoid => (0.25, 4.0),
-                Activation::Tanh => (1.0, 4.0),
-            };
             // B transposed, so the oracle's dot products read both rows in order.
             let mut bt = vec![0f64; bv.len()];
             for p in 0..batch {
@@ -208,10 +198,6 @@ pub(crate) fn gemm<B: Backend>(backend: &B, dtype: DType, cfg: &Config, epilogue
                     }
                 }
             }
-            let images = [
-                activate(c.activation, f64::NEG_INFINITY),
-                activate(c.activation, f64::INFINITY),
-            ];
             let mut want = Vec::with_capacity(batch * m * n);
             for p in 0..batch {
                 for i in 0..m {
@@ -225,13 +211,8 @@ pub(crate) fn gemm<B: Backend>(backend: &B, dtype: DType, cfg: &Config, epilogue
                             mass += prod.abs();
                         }
                         let mut pre = c.alpha * dot;
-                        let flush = if dtype == DType::BF16 {
-                            k as f64 * 2f64.powi(-126)
-                        } else {
-                            0.0
-                        };
-                        let mut err = c.alpha.abs()
-                            * ((gamma(k, U) + k as f64 * U64) * mass + k as f64 * ETA_F32 + flush);
+                        let mut err =
+                            c.alpha.abs() * (bounds::dot(k, mass) + bounds::flush(dtype, k));
                         let mut terms = (c.alpha * dot).abs();
                         if let Some((beta, c0)) = &c0v {
                             let t = beta * c0[(p * m + i) * n + j];
@@ -243,16 +224,10 @@ pub(crate) fn gemm<B: Backend>(backend: &B, dtype: DType, cfg: &Config, epilogue
                             terms += bias[j].abs();
                         }
                         if epilogue {
-                            err += gamma(3, U) * (terms + err) + 3.0 * ETA_F32;
+                            err = bounds::epilogue(3, terms, err);
                         }
                         let y = activate(c.activation, pre);
-                        let e = lipschitz * err
-                            + if act_ulps > 0.0 {
-                                act_ulps * 2.0 * U * y.abs()
-                            } else {
-                                0.0
-                            };
-                        want.push((y, Bound::accumulated(e, mass, k, images)));
+                        want.push((y, bounds::activated(c.activation, y, err, mass, k)));
                     }
                 }
             }

@@ -1,13 +1,11 @@
 //! The fused optimiser updates, against the same formulas in f64.
 
-use kiln_core::{AdamStep, Backend, DType, SgdStep};
+use kiln_core::{bounds, AdamStep, Backend, DType, SgdStep};
 use proptest::prelude::*;
 
 use super::fetch_all;
 use crate::values::{contiguous, Domain, Operand};
 use crate::{compare, run_cases, Bound, Config, Report, Sizer};
-
-const U: f64 = 1.0 / 16_777_216.0;
 
 fn vectors(z: &Sizer, k: usize) -> impl Strategy<Value = Vec<Operand>> {
     z.elementwise(1, 70).prop_flat_map(move |d| {
@@ -48,29 +46,9 @@ pub(crate) fn sgd<B: Backend>(b: &B, cfg: &Config) -> Report {
             b.sgd_update(&mut p, &gs, (mu != 0.0).then_some(&mut vel), &step)?;
             let (mut want_p, mut want_v) = (Vec::new(), Vec::new());
             for i in 0..n {
-                let gi = g[i] + wd * p0[i];
-                let ge = (g[i].abs() + (wd * p0[i]).abs()) * 2.0 * U;
-                if mu == 0.0 {
-                    let d = lr * gi;
-                    want_p.push((
-                        p0[i] - d,
-                        Bound::Abs(4.0 * U * (p0[i].abs() + d.abs()) + lr * ge),
-                    ));
-                } else {
-                    let vi = mu * v0[i] + gi;
-                    let ve = 3.0 * U * ((mu * v0[i]).abs() + gi.abs()) + ge;
-                    want_v.push((vi, Bound::Abs(ve)));
-                    let d = if nesterov { gi + mu * vi } else { vi };
-                    let de = if nesterov {
-                        ge + mu * ve + 3.0 * U * (gi.abs() + (mu * vi).abs())
-                    } else {
-                        ve
-                    };
-                    want_p.push((
-                        p0[i] - lr * d,
-                        Bound::Abs(4.0 * U * (p0[i].abs() + (lr * d).abs()) + lr * de),
-                    ));
-                }
+                let [p, pe, v, ve] = bounds::sgd(p0[i], g[i], v0[i], lr, mu, wd, nesterov);
+                want_p.push((p, Bound::Abs(pe)));
+                want_v.push((v, Bound::Abs(ve)));
             }
             let mut worst = compare(
                 "sgd parameter",
@@ -130,31 +108,21 @@ pub(crate) fn adam<B: Backend>(b: &B, cfg: &Config) -> Report {
             let mut ms = v[2].upload(b)?;
             let mut vs = b.upload(&crate::values::to_host(DType::F32, &v0))?;
             b.adam_update(&mut p, &gs, &mut ms, &mut vs, &step)?;
-            let lr_t = lr * (1.0 - b2.powi(t as i32)).sqrt() / (1.0 - b1.powi(t as i32));
+            let h = bounds::AdamHyper {
+                lr,
+                beta1: b1,
+                beta2: b2,
+                eps,
+                weight_decay: wd,
+                decoupled,
+                step: t,
+            };
             let (mut wp, mut wm, mut wv) = (Vec::new(), Vec::new(), Vec::new());
             for i in 0..n {
-                let pd = if decoupled {
-                    p0[i] - lr * wd * p0[i]
-                } else {
-                    p0[i]
-                };
-                let gi = g[i] + if decoupled { 0.0 } else { wd * pd };
-                let mi = b1 * m0[i] + (1.0 - b1) * gi;
-                let vi = b2 * v0[i] + (1.0 - b2) * gi * gi;
-                let upd = lr_t * mi / (vi.sqrt() + eps);
-                // Each moment: 3 roundings of its terms (β's themselves are f32 values).
-                let me = 4.0 * U * ((b1 * m0[i]).abs() + ((1.0 - b1) * gi).abs() + gi.abs());
-                let ve = 4.0 * U * ((b2 * v0[i]).abs() + ((1.0 - b2) * gi * gi).abs());
-                wm.push((mi, Bound::Abs(me)));
-                wv.push((vi, Bound::Abs(ve)));
-                // The step: relative errors of m, √v and the ops, plus lr_t's f32 rounding.
-                let rel = me / mi.abs().max(f64::MIN_POSITIVE)
-                    + 0.5 * ve / vi.max(f64::MIN_POSITIVE)
-                    + 8.0 * U;
-                let pe = 4.0 * U * (p0[i].abs() + pd.abs())
-                    + upd.abs() * rel.min(1.0)
-                    + lr_t * me / (vi.sqrt() + eps);
-                wp.push((pd - upd, Bound::Abs(pe)));
+                let [p, pe, m, me, v, ve] = bounds::adam(p0[i], g[i], m0[i], v0[i], &h);
+                wp.push((p, Bound::Abs(pe)));
+                wm.push((m, Bound::Abs(me)));
+                wv.push((v, Bound::Abs(ve)));
             }
             let w = compare(
                 "adam parameter",

@@ -1,15 +1,11 @@
 //! Reductions over axes, and argmax.
 
-use kiln_core::{Backend, DType, ReduceOp, View};
+use kiln_core::{bounds, Backend, DType, ReduceOp, View};
 use proptest::prelude::*;
 
 use super::fetch_all;
-use crate::bound::{gamma, ETA_F32};
 use crate::values::{operand, shape, Domain};
 use crate::{compare, run_cases, Bound, Config, Report, Sizer, Tier};
-
-const U: f64 = 1.0 / 16_777_216.0;
-const U64: f64 = 1.0 / 9_007_199_254_740_992.0;
 
 /// Shapes of the blocked and large tiers for row ops: `[row]`,
 /// `[rows, row]` or `[2, rows, row]`, the row long.
@@ -93,7 +89,7 @@ pub(crate) fn reduce<B: Backend>(b: &B, op: ReduceOp, dtype: DType, cfg: &Config
                 let n = g.len();
                 let sum: f64 = g.iter().sum();
                 let mass: f64 = g.iter().map(|v| v.abs()).sum();
-                let err = (gamma(n, U) + n as f64 * U64) * mass + n as f64 * ETA_F32;
+                let bound = bounds::reduce(op, n, mass);
                 let extreme = |pick: fn(f64, f64) -> f64, start: f64| {
                     g.iter().fold(start, |m, &v| {
                         if m.is_nan() || v.is_nan() {
@@ -103,18 +99,13 @@ pub(crate) fn reduce<B: Backend>(b: &B, op: ReduceOp, dtype: DType, cfg: &Config
                         }
                     })
                 };
-                match op {
-                    ReduceOp::Sum => (sum, Bound::Abs(err)),
-                    ReduceOp::Mean => (
-                        sum / n as f64,
-                        Bound::Abs((gamma(n + 1, U) * mass + err) / n as f64 + ETA_F32),
-                    ),
-                    ReduceOp::Max => (
-                        extreme(f64::max, f64::NEG_INFINITY),
-                        Bound::CorrectlyRounded,
-                    ),
-                    ReduceOp::Min => (extreme(f64::min, f64::INFINITY), Bound::CorrectlyRounded),
-                }
+                let exact = match op {
+                    ReduceOp::Sum => sum,
+                    ReduceOp::Mean => sum / n as f64,
+                    ReduceOp::Max => extreme(f64::max, f64::NEG_INFINITY),
+                    ReduceOp::Min => extreme(f64::min, f64::INFINITY),
+                };
+                (exact, bound)
             })
             .collect();
         compare(&name, dtype, &out_dims, &got, &want)

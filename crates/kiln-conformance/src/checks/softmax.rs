@@ -1,76 +1,22 @@
 //! Softmax, log-softmax and fused softmax cross-entropy along the last axis.
 //!
-//! Bounds follow the computation `m = max x`, `eⱼ = exp(xⱼ − m)`, `S = Σ eⱼ`:
-//! `xⱼ − m` is off by u·|xⱼ − m| (which `exp` turns into a relative error),
-//! each `exp` by 2 ulps, and the sum by γₙ; so `S` carries the relative
-//! error `δ_S = Σ eⱼ·(u|xⱼ − m| + 4u)/S + γₙ`, and
-//! softmax: `|Δyᵢ| ≤ yᵢ·(u|xᵢ − m| + 4u + δ_S + 2u)`,
-//! log-softmax: `|Δyᵢ| ≤ u|xᵢ − m| + δ_S + 4u·|ln S| + u·|yᵢ|`.
+//! Bounds: [`kiln_core::bounds::SoftmaxRow`].
 
+use kiln_core::bounds::SoftmaxRow;
 use kiln_core::{Backend, DType, HostData, View};
 use proptest::prelude::*;
 
 use super::fetch_all;
 use super::reduce::row_shapes;
-use crate::bound::{gamma, ETA_F32};
 use crate::values::{contiguous, operand, shape, Domain, Operand};
 use crate::{compare, run_cases, Bound, CaseError, Config, Report, Sizer, Tier};
 
-const U: f64 = 1.0 / 16_777_216.0;
-
-struct Row {
-    max: f64,
-    sum: f64,
-    delta: f64,
-}
-
-fn row_stats(row: &[f64]) -> Row {
-    let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| {
-        if m.is_nan() || v.is_nan() {
-            f64::NAN
-        } else {
-            m.max(v)
-        }
-    });
-    let sum: f64 = row.iter().map(|&v| (v - max).exp()).sum();
-    // Terms that underflow to 0 carry no relative error (and would give 0·∞).
-    let weighted: f64 = row
-        .iter()
-        .map(|&v| {
-            let e = (v - max).exp();
-            if e == 0.0 {
-                0.0
-            } else {
-                e * (U * (v - max).abs() + 4.0 * U)
-            }
-        })
-        .sum();
-    Row {
-        max,
-        sum,
-        delta: weighted / sum + gamma(row.len(), U),
-    }
-}
-
 fn softmax_want(row: &[f64], log: bool) -> Vec<(f64, Bound)> {
-    let r = row_stats(row);
-    row.iter()
-        .map(|&v| {
-            let d = (v - r.max).abs();
-            if log {
-                let y = v - r.max - r.sum.ln();
-                (
-                    y,
-                    Bound::Abs(U * d + r.delta + 4.0 * U * r.sum.ln().abs() + U * y.abs()),
-                )
-            } else {
-                let y = (v - r.max).exp() / r.sum;
-                // exp and the division may underflow: add their η.
-                (
-                    y,
-                    Bound::Abs(y * (U * d + 6.0 * U + r.delta) + (row.len() + 4) as f64 * ETA_F32),
-                )
-            }
+    let r = SoftmaxRow::new(row);
+    (0..row.len())
+        .map(|i| {
+            let (y, e) = if log { r.log_prob(i) } else { r.prob(i) };
+            (y, Bound::Abs(e))
         })
         .collect()
 }
@@ -151,19 +97,13 @@ pub(crate) fn cross_entropy<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Re
         let x = case.logits.logical();
         let (mut want_loss, mut want_grad) = (Vec::new(), Vec::new());
         for (i, row) in x.chunks(c).enumerate() {
-            let r = row_stats(row);
+            let r = SoftmaxRow::new(row);
             let l = case.labels[i] as usize;
-            let lse = r.sum.ln();
-            let loss = r.max + lse - row[l];
-            let e = U * (2.0 * r.max.abs() + 4.0 * lse.abs() + 2.0 * row[l].abs() + loss.abs())
-                + r.delta;
+            let (loss, e) = r.loss(l);
             want_loss.push((loss, Bound::Abs(e)));
-            for (j, (p, bound)) in softmax_want(row, false).into_iter().enumerate() {
-                let Bound::Abs(pe) = bound else {
-                    unreachable!("softmax bounds are absolute")
-                };
-                let g = p - if j == l { 1.0 } else { 0.0 };
-                want_grad.push((g, Bound::Abs(pe + U * g.abs())));
+            for j in 0..c {
+                let (g, e) = r.grad(j, l);
+                want_grad.push((g, Bound::Abs(e)));
             }
         }
         let w1 = compare(

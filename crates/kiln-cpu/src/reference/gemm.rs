@@ -40,6 +40,6 @@ pub(crate) fn gemm(
                 }
             }
         },
-    );
+    )?;
     prob.finish(crate::KernelSet::Scalar, out, ep.alpha, ep.activation)
 }

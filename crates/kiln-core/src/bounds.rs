@@ -1,0 +1,471 @@
+//! The error bounds every backend is held to, in one place.
+//!
+//! Each op of [`Backend`](crate::Backend) promises its results within a
+//! stated distance of the exact (real-number) value. This module states
+//! those promises as functions: the conformance suite (`kiln-conformance`)
+//! judges every backend with them, the CPU kernel sets' own sweeps read
+//! their ulp budgets from them, and the table below is their summary. A
+//! vendor backend is held to exactly these numbers.
+//!
+//! | op | bound |
+//! |---|---|
+//! | `neg`, `abs`, `relu`, `max`/`min` reductions, comparisons, copies, casts to a wider type | exact |
+//! | `sqrt`, `square`, `recip`, `add`/`sub`/`mul`/`div`/`maximum`/`minimum`, f32 `affine` (one fma) | correctly rounded |
+//! | `exp`, `log` (f32) | [`unary_ulps`]: 2 ulps |
+//! | `tanh` (f32) | 3 ulps |
+//! | `sigmoid` (f32) | 4 ulps |
+//! | any transcendental, f16/bf16 `affine` (computed in f32, rounded once) | 1 ulp of the storage type |
+//! | sum of n terms, dot product of length n (GEMM, convolution) | [`dot`]: `(γₙ + n·2⁻⁵³)·Σ|termᵢ| + n·η` |
+//! | mean | [`mean`] |
+//! | GEMM / conv epilogue (α, β·C₀, bias, activation) | [`epilogue`] over [`dot`] |
+//! | softmax, log-softmax, cross-entropy | [`SoftmaxRow`] |
+//! | unary derivatives | [`unary_backward`] |
+//! | SGD, Adam | [`sgd`], [`adam`] |
+//!
+//! Here `u = 2⁻²⁴` is the unit roundoff of f32 — every op accumulates in at
+//! least f32, whatever the storage type — `γₙ = n·u/(1 − n·u)` ([`gamma`]),
+//! `η` the error of one operation whose result is subnormal ([`ETA_F32`]),
+//! and `2⁻⁵³` the f64 oracle's own rounding. An [`Bound::Abs`] bound also
+//! admits half an ulp of the storage type for the final store.
+
+use crate::{Activation, BinaryOp, DType, ReduceOp, UnaryOp};
+
+/// How far a computed element may be from the exact value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Bound {
+    /// Bitwise equal to the exact value (which the format holds).
+    Exact,
+    /// Equal to the exact value rounded to nearest-even.
+    CorrectlyRounded,
+    /// Within this many ulps of the correctly rounded value.
+    Ulps(u32),
+    /// Within this absolute error, plus the final rounding.
+    Abs(f64),
+    /// As [`Bound::Abs`], for a value `f(s)` of a sum `s` whose partial
+    /// sums may leave the f32 range (their magnitudes add up past
+    /// `f32::MAX`). IEEE arithmetic may then make `s` ±∞ or NaN whatever
+    /// its exact value, so NaN and `f(−∞)`, `f(+∞)` — the `images`, e.g. 0
+    /// and +∞ under ReLU — are admitted too. [`Bound::accumulated`] picks
+    /// this or `Abs`.
+    Overflowing {
+        /// The absolute error when nothing overflows.
+        abs: f64,
+        /// `f(−∞)` and `f(+∞)`.
+        images: [f64; 2],
+    },
+}
+
+impl Bound {
+    /// The bound of `f(s)` for a sum `s` of `n` terms accumulated in f32,
+    /// off by at most `err` when no partial sum overflows: [`Bound::Abs`]
+    /// when the terms' magnitudes `mass` keep every partial sum inside the
+    /// f32 range, else [`Bound::Overflowing`] with `images` = `[f(−∞), f(+∞)]`.
+    pub fn accumulated(err: f64, mass: f64, n: usize, images: [f64; 2]) -> Bound {
+        if mass * (1.0 + gamma(n, U)) >= f64::from(f32::MAX) || mass.is_nan() {
+            Bound::Overflowing { abs: err, images }
+        } else {
+            Bound::Abs(err)
+        }
+    }
+
+    /// A plain sum (the identity after it): `f(±∞) = ±∞`.
+    pub fn summed(err: f64, mass: f64, n: usize) -> Bound {
+        Bound::accumulated(err, mass, n, [f64::NEG_INFINITY, f64::INFINITY])
+    }
+}
+
+/// `u`, the unit roundoff of f32 (2⁻²⁴): every op computes in at least f32.
+pub const U: f64 = 1.0 / 16_777_216.0;
+
+/// The f64 oracle's own unit roundoff (2⁻⁵³), charged once per term of a
+/// sum so that the oracle's error is not blamed on the backend.
+pub const U_ORACLE: f64 = 1.0 / 9_007_199_254_740_992.0;
+
+/// η: the absolute error one f32 operation may add when its result is
+/// subnormal (half the subnormal spacing 2⁻¹⁴⁹). γₙ-style bounds assume no
+/// underflow; adding `n·η` covers gradual underflow in `n` operations.
+pub const ETA_F32: f64 = 1.0 / (1u128 << 100) as f64 / (1u64 << 50) as f64;
+
+/// The unit roundoff of a storage type (f32's for the integer type).
+pub fn unit_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 1.0 / 2048.0,
+        DType::BF16 => 1.0 / 256.0,
+        DType::F32 | DType::U32 => U,
+    }
+}
+
+/// `γₙ = n·u/(1 − n·u)`, the classic bound factor for n roundings
+/// (∞ once `n·u ≥ 1`).
+pub fn gamma(n: usize, u: f64) -> f64 {
+    let nu = n as f64 * u;
+    if nu >= 1.0 {
+        f64::INFINITY
+    } else {
+        nu / (1.0 - nu)
+    }
+}
+
+/// The ulps an f32 transcendental may be off (the CPU kernel sets and the
+/// CUDA kernels are built to these; the reference uses the platform's libm,
+/// within 2); 0 for the ops with an exact or correctly rounded result.
+pub const fn unary_ulps(op: UnaryOp) -> u32 {
+    match op {
+        UnaryOp::Exp | UnaryOp::Log => 2,
+        UnaryOp::Tanh => 3,
+        UnaryOp::Sigmoid => 4,
+        _ => 0,
+    }
+}
+
+/// The bound of `op(x)` stored as `dtype`. Transcendentals: [`unary_ulps`]
+/// in f32; in f16/bf16 (computed in f32, rounded once) 1 ulp.
+pub fn unary(op: UnaryOp, dtype: DType) -> Bound {
+    match op {
+        UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu => Bound::Exact,
+        UnaryOp::Sqrt | UnaryOp::Square | UnaryOp::Recip => Bound::CorrectlyRounded,
+        _ if dtype != DType::F32 => Bound::Ulps(1),
+        _ => Bound::Ulps(unary_ulps(op)),
+    }
+}
+
+/// The bound of a unary op's derivative `dy·f′(x)` (exact for the
+/// piecewise-linear ops, else four roundings of its terms' magnitude).
+pub fn unary_backward(op: UnaryOp, x: f64, y: f64, dy: f64) -> Bound {
+    let mass = match op {
+        UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu => return Bound::Exact,
+        UnaryOp::Exp => (dy * y).abs(),
+        UnaryOp::Log => (dy / x).abs(),
+        UnaryOp::Sqrt => (dy * 0.5 / y).abs(),
+        UnaryOp::Square => (2.0 * dy * x).abs(),
+        UnaryOp::Recip => (dy * y * y).abs(),
+        UnaryOp::Sigmoid => (dy * y).abs() * ((1.0 - y).abs() + 2.0 * U),
+        UnaryOp::Tanh => dy.abs() * ((1.0 - y * y).abs() + y * y),
+    };
+    if mass == 0.0 {
+        Bound::Exact
+    } else {
+        Bound::Abs(4.0 * U * mass)
+    }
+}
+
+/// The bound of `op(a, b)`: arithmetic correctly rounded; comparisons
+/// exact; maximum and minimum correctly rounded (of +0 and −0 either zero
+/// may come back).
+pub fn binary(op: BinaryOp) -> Bound {
+    match op {
+        BinaryOp::Eq | BinaryOp::Gt | BinaryOp::Ge => Bound::Exact,
+        _ => Bound::CorrectlyRounded,
+    }
+}
+
+/// `x·mul + add`: one fma, so correctly rounded in f32; in f16/bf16 that
+/// f32 result is rounded again to the storage type (1 ulp).
+pub fn affine(dtype: DType) -> Bound {
+    if dtype == DType::F32 {
+        Bound::CorrectlyRounded
+    } else {
+        Bound::Ulps(1)
+    }
+}
+
+/// The error of a sum or dot product of `n` terms, accumulated in f32 in
+/// any order, whose terms' magnitudes add up to `mass`:
+/// `(γₙ + n·2⁻⁵³)·mass + n·η`.
+pub fn dot(n: usize, mass: f64) -> f64 {
+    (gamma(n, U) + n as f64 * U_ORACLE) * mass + n as f64 * ETA_F32
+}
+
+/// The bound of a reduction of `n` terms of magnitudes `mass`: sums within [`dot`], means within that divided by `n` plus
+/// the division's rounding, max and min correctly rounded (they pick an
+/// element).
+pub fn reduce(op: ReduceOp, n: usize, mass: f64) -> Bound {
+    let err = dot(n, mass);
+    match op {
+        ReduceOp::Sum => Bound::Abs(err),
+        ReduceOp::Mean => Bound::Abs(mean(n, mass)),
+        ReduceOp::Max | ReduceOp::Min => Bound::CorrectlyRounded,
+    }
+}
+
+/// The error of the mean of `n` terms of magnitudes `mass`.
+pub fn mean(n: usize, mass: f64) -> f64 {
+    (gamma(n + 1, U) * mass + dot(n, mass)) / n as f64 + ETA_F32
+}
+
+/// The error after `steps` more f32 roundings (epilogue additions) of a
+/// value already off by `err`, whose terms' magnitudes add up to `terms`.
+pub fn epilogue(steps: usize, terms: f64, err: f64) -> f64 {
+    err + gamma(steps, U) * (terms + err) + steps as f64 * ETA_F32
+}
+
+/// An activation's effect on a bound: `(L, ulps)` — the Lipschitz constant
+/// that multiplies the error of its argument, and the ulps of the result
+/// its own evaluation adds (fused epilogues evaluate the transcendental
+/// once more, so one ulp above [`unary_ulps`] for tanh).
+pub fn activation(act: Activation) -> (f64, f64) {
+    match act {
+        Activation::None | Activation::Relu => (1.0, 0.0),
+        Activation::Sigmoid => (0.25, 4.0),
+        Activation::Tanh => (1.0, 4.0),
+    }
+}
+
+/// The bound of `act(pre)` where `pre`, the result of a sum of `n` terms
+/// of magnitudes `mass`, is off by `err`: the activation's Lipschitz
+/// constant times `err`, plus its own ulps at the result `y`.
+pub fn activated(act: Activation, y: f64, err: f64, mass: f64, n: usize) -> Bound {
+    let (lipschitz, ulps) = activation(act);
+    let e = lipschitz * err + ulps * 2.0 * U * y.abs();
+    let image = |x: f64| act.as_unary().map_or(x, |u| u.eval_f64(x));
+    Bound::accumulated(e, mass, n, [image(f64::NEG_INFINITY), image(f64::INFINITY)])
+}
+
+/// The error a bf16 product-accumulate path may add by flushing subnormal
+/// intermediate sums (AVX-512 BF16's `vdpbf16ps`, tensor cores): 2⁻¹²⁶ per
+/// step, for `k` steps; 0 for other types.
+pub fn flush(dtype: DType, k: usize) -> f64 {
+    if dtype == DType::BF16 {
+        k as f64 * 2f64.powi(-126)
+    } else {
+        0.0
+    }
+}
+
+/// The bound of a gradient routed through max-pool windows and then summed
+/// in a dot product of `len` terms: the dot product's own (`mass` = Σ|terms|
+/// with the routed values exact), plus the routed values' roundings — each
+/// is a sum of up to `overlap` pooled gradients (overlapping windows) and
+/// may have been stored as `dtype`, so off by `(γ_overlap + 4u_dtype)` times
+/// `routed_mass` (Σ|terms| with each routed value replaced by its sum of
+/// magnitudes).
+pub fn routed(dtype: DType, mass: f64, routed_mass: f64, len: usize, overlap: usize) -> f64 {
+    dot(len.max(1), mass) + (gamma(overlap, U) + 4.0 * unit_roundoff(dtype)) * routed_mass
+}
+
+/// One row of a softmax along the last axis, and the bounds of what is
+/// computed from it.
+///
+/// The model follows the computation `m = max x`, `eⱼ = exp(xⱼ − m)`,
+/// `S = Σ eⱼ`: `xⱼ − m` is off by `u·|xⱼ − m|` (which `exp` turns into a
+/// relative error), each `exp` by 2 ulps, and the sum by γₙ; so `S` carries
+/// the relative error `δ_S = Σ eⱼ·(u|xⱼ − m| + 4u)/S + γₙ`, and
+/// - softmax: `|Δyᵢ| ≤ yᵢ·(u|xᵢ − m| + 6u + δ_S) + (n + 4)·η`;
+/// - log-softmax: `|Δyᵢ| ≤ u|xᵢ − m| + δ_S + 4u·|ln S| + u·|yᵢ|`;
+/// - cross-entropy `m + ln S − x_l`: `u·(2|m| + 4|ln S| + 2|x_l| + |loss|) + δ_S`;
+/// - its gradient `yⱼ − [j = l]`: the softmax bound plus `u·|gⱼ|`.
+#[derive(Clone, Debug)]
+pub struct SoftmaxRow<'a> {
+    row: &'a [f64],
+    /// The row's maximum (NaN if any element is NaN).
+    pub max: f64,
+    /// `S = Σ exp(xⱼ − max)`, exactly.
+    pub sum: f64,
+    /// `δ_S`, the relative error of the computed `S`.
+    pub delta: f64,
+}
+
+impl<'a> SoftmaxRow<'a> {
+    /// The statistics of the exact row `row`.
+    pub fn new(row: &'a [f64]) -> Self {
+        let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| {
+            if m.is_nan() || v.is_nan() {
+                f64::NAN
+            } else {
+                m.max(v)
+            }
+        });
+        let sum: f64 = row.iter().map(|&v| (v - max).exp()).sum();
+        // Terms that underflow to 0 carry no relative error (and would give 0·∞).
+        let weighted: f64 = row
+            .iter()
+            .map(|&v| {
+                let e = (v - max).exp();
+                if e == 0.0 {
+                    0.0
+                } else {
+                    e * (U * (v - max).abs() + 4.0 * U)
+                }
+            })
+            .sum();
+        SoftmaxRow {
+            row,
+            max,
+            sum,
+            delta: weighted / sum + gamma(row.len(), U),
+        }
+    }
+
+    /// Element `i` of the softmax and its error bound.
+    pub fn prob(&self, i: usize) -> (f64, f64) {
+        let v = self.row[i];
+        let y = (v - self.max).exp() / self.sum;
+        // exp and the division may underflow: add their η.
+        let e = y * (U * (v - self.max).abs() + 6.0 * U + self.delta)
+            + (self.row.len() + 4) as f64 * ETA_F32;
+        (y, e)
+    }
+
+    /// Element `i` of the log-softmax and its error bound.
+    pub fn log_prob(&self, i: usize) -> (f64, f64) {
+        let v = self.row[i];
+        let lse = self.sum.ln();
+        let y = v - self.max - lse;
+        let e = U * (v - self.max).abs() + self.delta + 4.0 * U * lse.abs() + U * y.abs();
+        (y, e)
+    }
+
+    /// The cross-entropy loss for class `label` and its error bound.
+    pub fn loss(&self, label: usize) -> (f64, f64) {
+        let lse = self.sum.ln();
+        let x = self.row[label];
+        let loss = self.max + lse - x;
+        let e =
+            U * (2.0 * self.max.abs() + 4.0 * lse.abs() + 2.0 * x.abs() + loss.abs()) + self.delta;
+        (loss, e)
+    }
+
+    /// Element `j` of the loss's gradient (`softmax − one-hot`) for class
+    /// `label`, and its error bound.
+    pub fn grad(&self, j: usize, label: usize) -> (f64, f64) {
+        let (p, e) = self.prob(j);
+        let g = p - if j == label { 1.0 } else { 0.0 };
+        (g, e + U * g.abs())
+    }
+}
+
+/// One element of an SGD step, exactly and with its error bound.
+///
+/// `g ← grad + wd·p`; without momentum `p ← p − lr·g`; with it
+/// `v ← μ·v + g` and `p ← p − lr·v` (Nesterov: `p ← p − lr·(g + μ·v)`).
+/// Returns `(p, p_err, v, v_err)` (`v` = 0 without momentum).
+pub fn sgd(
+    p: f64,
+    grad: f64,
+    v: f64,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+    nesterov: bool,
+) -> [f64; 4] {
+    let gi = grad + weight_decay * p;
+    let ge = (grad.abs() + (weight_decay * p).abs()) * 2.0 * U;
+    if momentum == 0.0 {
+        let d = lr * gi;
+        return [p - d, 4.0 * U * (p.abs() + d.abs()) + lr * ge, 0.0, 0.0];
+    }
+    let vi = momentum * v + gi;
+    let ve = 3.0 * U * ((momentum * v).abs() + gi.abs()) + ge;
+    let (d, de) = if nesterov {
+        (
+            gi + momentum * vi,
+            ge + momentum * ve + 3.0 * U * (gi.abs() + (momentum * vi).abs()),
+        )
+    } else {
+        (vi, ve)
+    };
+    [
+        p - lr * d,
+        4.0 * U * (p.abs() + (lr * d).abs()) + lr * de,
+        vi,
+        ve,
+    ]
+}
+
+/// The hyper-parameters of one Adam step, as f64, for [`adam`].
+#[derive(Clone, Copy, Debug)]
+pub struct AdamHyper {
+    /// Learning rate.
+    pub lr: f64,
+    /// β₁.
+    pub beta1: f64,
+    /// β₂.
+    pub beta2: f64,
+    /// ε, added to the uncorrected `√v` (Keras' form).
+    pub eps: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// Decoupled (AdamW) rather than L2 weight decay.
+    pub decoupled: bool,
+    /// The step number, from 1.
+    pub step: u64,
+}
+
+/// One element of an Adam step, exactly and with its error bounds, in the
+/// formulation of [`Backend::adam_update`](crate::Backend::adam_update):
+/// returns `[p, p_err, m, m_err, v, v_err]`.
+pub fn adam(p: f64, grad: f64, m: f64, v: f64, h: &AdamHyper) -> [f64; 6] {
+    let t = h.step as i32;
+    let lr_t = h.lr * (1.0 - h.beta2.powi(t)).sqrt() / (1.0 - h.beta1.powi(t));
+    let pd = if h.decoupled {
+        p - h.lr * h.weight_decay * p
+    } else {
+        p
+    };
+    let gi = grad
+        + if h.decoupled {
+            0.0
+        } else {
+            h.weight_decay * pd
+        };
+    let mi = h.beta1 * m + (1.0 - h.beta1) * gi;
+    let vi = h.beta2 * v + (1.0 - h.beta2) * gi * gi;
+    let upd = lr_t * mi / (vi.sqrt() + h.eps);
+    // Each moment: 3 roundings of its terms (β's themselves are f32 values).
+    let me = 4.0 * U * ((h.beta1 * m).abs() + ((1.0 - h.beta1) * gi).abs() + gi.abs());
+    let ve = 4.0 * U * ((h.beta2 * v).abs() + ((1.0 - h.beta2) * gi * gi).abs());
+    // The step: relative errors of m, √v and the ops, plus lr_t's f32 rounding.
+    let rel = me / mi.abs().max(f64::MIN_POSITIVE) + 0.5 * ve / vi.max(f64::MIN_POSITIVE) + 8.0 * U;
+    let pe =
+        4.0 * U * (p.abs() + pd.abs()) + upd.abs() * rel.min(1.0) + lr_t * me / (vi.sqrt() + h.eps);
+    [pd - upd, pe, mi, me, vi, ve]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eta_is_half_the_f32_subnormal_spacing() {
+        assert_eq!(ETA_F32, f64::from(f32::from_bits(1)) / 2.0);
+    }
+
+    #[test]
+    fn gamma_grows_with_n_and_saturates() {
+        assert_eq!(gamma(0, U), 0.0);
+        assert!((gamma(1, U) - U).abs() < U * U * 2.0);
+        assert!(gamma(1000, U) > 1000.0 * U);
+        assert_eq!(gamma(1 << 24, U), f64::INFINITY);
+    }
+
+    #[test]
+    fn transcendental_budgets_are_the_stated_ones() {
+        assert_eq!(unary(UnaryOp::Exp, DType::F32), Bound::Ulps(2));
+        assert_eq!(unary(UnaryOp::Sigmoid, DType::F32), Bound::Ulps(4));
+        assert_eq!(unary(UnaryOp::Tanh, DType::BF16), Bound::Ulps(1));
+        assert_eq!(unary(UnaryOp::Relu, DType::F16), Bound::Exact);
+        assert_eq!(unary(UnaryOp::Sqrt, DType::F32), Bound::CorrectlyRounded);
+    }
+
+    #[test]
+    fn sums_that_may_overflow_admit_infinities() {
+        assert!(matches!(
+            Bound::summed(1.0, 1e39, 4),
+            Bound::Overflowing { .. }
+        ));
+        assert_eq!(Bound::summed(1e-6, 3.0, 4), Bound::Abs(1e-6));
+    }
+
+    #[test]
+    fn softmax_row_is_a_distribution_with_small_bounds() {
+        let row = [1.0, 2.0, 3.0];
+        let r = SoftmaxRow::new(&row);
+        let total: f64 = (0..3).map(|i| r.prob(i).0).sum();
+        assert!((total - 1.0).abs() < 1e-15);
+        for i in 0..3 {
+            assert!(r.prob(i).1 < 1e-5 && r.log_prob(i).1 < 1e-5);
+        }
+        let (loss, _) = r.loss(2);
+        assert!((loss + r.log_prob(2).0).abs() < 1e-15);
+    }
+}

@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 /// How many calls of one op took one slow path.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SlowPath {
-    /// The op: the [`Backend`](crate::Backend) method's name.
+    /// The op: the [`Backend`](crate::Backend) method's name, or a finer
+    /// one (the CUDA backend names unary and binary ops, e.g. `exp`).
     pub op: String,
     /// Why it was slow, e.g. `strided operand`, `mixed dtypes`, `ran on
     /// the CPU`.

@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
+use kiln_core::slow_path::SlowPaths;
 use kiln_core::{
     conv, Activation, AdamStep, Backend, BackendStorage, BinaryOp, DType, Distribution, Error,
     GemmEpilogue, HostData, Layout, ReduceOp, Result, SgdStep, Shape, UnaryOp, View, Window2d,
@@ -99,6 +100,7 @@ struct Inner {
     alloc: Arc<Allocator<Box<dyn RawMemory>>>,
     device: Box<dyn Launcher>,
     labels: LabelCheck,
+    slow: SlowPaths,
 }
 
 /// Softmax-CE checks its labels on the device: the kernel writes 1 + the
@@ -163,6 +165,7 @@ impl CudaBackend {
                     word,
                     classes: AtomicU64::new(0),
                 },
+                slow: SlowPaths::new("cuda"),
             }),
             tf32: std::env::var("KILN_CUDA_TF32").is_ok_and(|v| v == "1"),
             #[cfg(feature = "planted-faults")]
@@ -305,10 +308,13 @@ impl CudaBackend {
 
     /// `v`'s elements, row-major, as a contiguous `dtype` run: the storage
     /// itself when it already is one, else a converted copy.
-    fn dense(&self, op: &str, v: View<'_, CudaStorage>, dtype: DType) -> Result<Dense> {
+    /// A strided operand costs that extra pass over memory, and is counted
+    /// as a slow path ([`Backend::slow_paths`]).
+    fn dense(&self, op: &'static str, v: View<'_, CudaStorage>, dtype: DType) -> Result<Dense> {
         Self::check_view(op, v)?;
+        let range = v.layout.contiguous_range();
         if v.storage.dtype == dtype {
-            if let Some(r) = v.layout.contiguous_range() {
+            if let Some(r) = range.clone() {
                 return Ok(Dense {
                     ptr: v.storage.at(r.start),
                     _keep: v.storage.clone(),
@@ -316,6 +322,11 @@ impl CudaBackend {
             }
         }
         let n = v.layout.numel();
+        if range.is_none() && n > 0 {
+            self.inner
+                .slow
+                .record(op, "strided operand: compacted by a copy kernel first");
+        }
         let out = self.empty(op, dtype, n)?;
         self.copy(op, v, &out, Self::identity(n))?;
         Ok(Dense {
@@ -422,6 +433,10 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.info().ordinal, self.info().name)
+    }
+
+    fn slow_paths(&self) -> Vec<kiln_core::slow_path::SlowPath> {
+        self.inner.slow.snapshot()
     }
 
     fn full(&self, numel: usize, dtype: DType, value: f64) -> Result<CudaStorage> {

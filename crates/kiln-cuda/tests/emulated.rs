@@ -174,3 +174,21 @@ fn a_bad_label_is_reported_at_the_next_synchronisation() {
         "{l:?}"
     );
 }
+
+/// A strided operand is compacted by a copy kernel before the op runs: an
+/// extra pass over memory that the backend counts as a slow path.
+#[test]
+fn a_strided_operand_is_counted_as_a_slow_path() {
+    use kiln_core::{Backend, HostData, Layout, Shape, UnaryOp, View};
+    let Some(b) = emulated() else { return };
+    let x = b.upload(&HostData::F32(vec![0.25; 12])).unwrap();
+    let l = Layout::contiguous(Shape::new(&[3, 4]).unwrap());
+    b.unary(UnaryOp::Exp, View::new(&x, &l)).unwrap();
+    assert_eq!(b.slow_paths(), vec![]);
+    let t = l.transpose(0, 1).unwrap();
+    b.unary(UnaryOp::Exp, View::new(&x, &t)).unwrap();
+    let seen = b.slow_paths();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!((seen[0].op.as_str(), seen[0].calls), ("exp", 1));
+    assert!(seen[0].reason.contains("strided"), "{seen:?}");
+}

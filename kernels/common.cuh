@@ -141,7 +141,20 @@ __device__ __forceinline__ float block_fold(float v, float identity, float* scra
 #define OP_RELU 7
 #define OP_SIGMOID 8
 #define OP_TANH 9
+#define OP_GELU 10
 #define OP_NONE 255
+
+// e^-x overflows for x < -88 while the result is still a number.
+__device__ __forceinline__ float sigmoid_f32(float x) {
+    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+    float e = expf(x);
+    return e / (1.0f + e);
+}
+
+// GELU (tanh form): x·σ(s) with s = 2√(2/π)·(x + 0.044715x³).
+#define GELU_K2 1.5957691216057308f
+#define GELU_C 0.044715f
+__device__ __forceinline__ float gelu_s(float x) { return GELU_K2 * x * (1.0f + GELU_C * x * x); }
 
 __device__ __forceinline__ float unary_f32(int op, float x) {
     switch (op) {
@@ -153,11 +166,20 @@ __device__ __forceinline__ float unary_f32(int op, float x) {
         case OP_SQUARE: return x * x;
         case OP_RECIP: return 1.0f / x;
         case OP_RELU: return (x != x || x > 0.0f) ? x : 0.0f;
-        case OP_SIGMOID:
-            // e^-x overflows for x < -88 while the result is still a number.
-            if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
-            else { float e = expf(x); return e / (1.0f + e); }
+        case OP_SIGMOID: return sigmoid_f32(x);
         case OP_TANH: return tanhf(x);
+        case OP_GELU: {
+            // x·σ(s), the tanh form without its cancellation; GELU(−∞) = −0.
+            float g = sigmoid_f32(gelu_s(x));
+            return g == 0.0f ? -0.0f : x * g;
+        }
         default: return x;
     }
+}
+
+// GELU's derivative times dy, given σ(s) (no ∞·0 where σ(1 − σ) is 0).
+__device__ __forceinline__ float gelu_backward(float x, float g, float dy) {
+    float t = g * (1.0f - g);
+    float slope = t == 0.0f ? 0.0f : x * t * GELU_K2 * (1.0f + 3.0f * GELU_C * x * x);
+    return dy * (g + slope);
 }

@@ -24,6 +24,11 @@ extern "C" __global__ void kiln_unary_backward(const float* x, const float* y, c
             case OP_RELU: r = y[i] > 0.0f ? d : 0.0f * d; break;
             case OP_SIGMOID: { float v = y[i]; r = d * v * (1.0f - v); break; }
             case OP_TANH: { float v = y[i]; r = d * (1.0f - v * v); break; }
+            case OP_GELU: {
+                float v = x[i];
+                r = gelu_backward(v, sigmoid_f32(gelu_s(v)), d);
+                break;
+            }
             default: r = d;
         }
         dx[i] = r;

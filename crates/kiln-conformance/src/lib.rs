@@ -656,6 +656,7 @@ macro_rules! __with_checks {
             unary_relu: F32 F16 BF16;
             unary_sigmoid: F32 F16 BF16;
             unary_tanh: F32 F16 BF16;
+            unary_gelu: F32 F16 BF16;
             unary_backward_neg: F32 F16 BF16;
             unary_backward_abs: F32 F16 BF16;
             unary_backward_exp: F32 F16 BF16;
@@ -666,6 +667,7 @@ macro_rules! __with_checks {
             unary_backward_relu: F32 F16 BF16;
             unary_backward_sigmoid: F32 F16 BF16;
             unary_backward_tanh: F32 F16 BF16;
+            unary_backward_gelu: F32 F16 BF16;
             affine: F32 F16 BF16;
             binary_add: F32 F16 BF16;
             binary_sub: F32 F16 BF16;

@@ -78,11 +78,27 @@ pub enum UnaryOp {
     Sigmoid,
     /// tanh x
     Tanh,
+    /// GELU in the tanh form GPT-2 uses,
+    /// `½x·(1 + tanh(√(2/π)·(x + 0.044715x³)))`, computed as the identical
+    /// `x·σ(2√(2/π)·(x + 0.044715x³))`, which has no cancellation for
+    /// negative x; GELU(−∞) = −0. Its derivative reads `x`.
+    Gelu,
+}
+
+/// √(2/π)·2 and 0.044715: GELU's tanh form is `x·σ(GELU_K2·(x + GELU_C·x³))`.
+pub const GELU_K2: f64 = 1.595_769_121_605_730_7;
+/// The cubic coefficient of GELU's tanh form.
+pub const GELU_C: f64 = 0.044_715;
+
+/// `σ(s)` and `s` of GELU at `x`, in f64 (for the oracles and bounds).
+pub fn gelu_parts_f64(x: f64) -> (f64, f64) {
+    let s = GELU_K2 * x * (1.0 + GELU_C * x * x);
+    (1.0 / (1.0 + (-s).exp()), s)
 }
 
 impl UnaryOp {
     /// Every unary op.
-    pub const ALL: [UnaryOp; 10] = [
+    pub const ALL: [UnaryOp; 11] = [
         UnaryOp::Neg,
         UnaryOp::Abs,
         UnaryOp::Exp,
@@ -93,6 +109,7 @@ impl UnaryOp {
         UnaryOp::Relu,
         UnaryOp::Sigmoid,
         UnaryOp::Tanh,
+        UnaryOp::Gelu,
     ];
 
     /// Lowercase name.
@@ -108,6 +125,7 @@ impl UnaryOp {
             UnaryOp::Relu => "relu",
             UnaryOp::Sigmoid => "sigmoid",
             UnaryOp::Tanh => "tanh",
+            UnaryOp::Gelu => "gelu",
         }
     }
 
@@ -140,6 +158,13 @@ impl UnaryOp {
             }
             UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
             UnaryOp::Tanh => x.tanh(),
+            UnaryOp::Gelu => {
+                if x == f64::NEG_INFINITY {
+                    -0.0
+                } else {
+                    x * gelu_parts_f64(x).0
+                }
+            }
         }
     }
 
@@ -170,6 +195,16 @@ impl UnaryOp {
             }
             UnaryOp::Sigmoid => dy * y * (1.0 - y),
             UnaryOp::Tanh => dy * (1.0 - y * y),
+            UnaryOp::Gelu => {
+                let (sig, _) = gelu_parts_f64(x);
+                let t = sig * (1.0 - sig);
+                let slope = if t == 0.0 {
+                    0.0
+                } else {
+                    x * t * GELU_K2 * (1.0 + 3.0 * GELU_C * x * x)
+                };
+                dy * (sig + slope)
+            }
         }
     }
 }

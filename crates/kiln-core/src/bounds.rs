@@ -14,6 +14,7 @@
 //! | `exp`, `log` (f32) | [`unary_ulps`]: 2 ulps |
 //! | `tanh` (f32) | 3 ulps |
 //! | `sigmoid` (f32) | 4 ulps |
+//! | `gelu` (f32; tanh form) | [`gelu`]: `|y|·(9u + 6u·(1 − σ)·|s|)` plus underflow |
 //! | any transcendental, f16/bf16 `affine` (computed in f32, rounded once) | 1 ulp of the storage type |
 //! | sum of n terms, dot product of length n (GEMM, convolution) | [`dot`]: `(γₙ + n·2⁻⁵³)·Σ|termᵢ| + n·η` |
 //! | mean | [`mean`] |
@@ -28,6 +29,7 @@
 //! and `2⁻⁵³` the f64 oracle's own rounding. An [`Bound::Abs`] bound also
 //! admits half an ulp of the storage type for the final store.
 
+use crate::backend::{gelu_parts_f64, GELU_C, GELU_K2};
 use crate::{Activation, BinaryOp, DType, ReduceOp, UnaryOp};
 
 /// How far a computed element may be from the exact value.
@@ -108,29 +110,50 @@ pub fn gamma(n: usize, u: f64) -> f64 {
 
 /// The ulps an f32 transcendental may be off (the CPU kernel sets and the
 /// CUDA kernels are built to these; the reference uses the platform's libm,
-/// within 2); 0 for the ops with an exact or correctly rounded result.
-pub const fn unary_ulps(op: UnaryOp) -> u32 {
+/// within 2); `None` for the ops whose bound is not a number of ulps (exact,
+/// correctly rounded, or GELU's, see [`gelu`]).
+pub const fn unary_ulps(op: UnaryOp) -> Option<u32> {
     match op {
-        UnaryOp::Exp | UnaryOp::Log => 2,
-        UnaryOp::Tanh => 3,
-        UnaryOp::Sigmoid => 4,
-        _ => 0,
+        UnaryOp::Exp | UnaryOp::Log => Some(2),
+        UnaryOp::Tanh => Some(3),
+        UnaryOp::Sigmoid => Some(4),
+        _ => None,
     }
 }
 
 /// The bound of `op(x)` stored as `dtype`. Transcendentals: [`unary_ulps`]
-/// in f32; in f16/bf16 (computed in f32, rounded once) 1 ulp.
-pub fn unary(op: UnaryOp, dtype: DType) -> Bound {
+/// in f32; in f16/bf16 (computed in f32, rounded once) 1 ulp; GELU: [`gelu`].
+pub fn unary(op: UnaryOp, dtype: DType, x: f64) -> Bound {
     match op {
         UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu => Bound::Exact,
         UnaryOp::Sqrt | UnaryOp::Square | UnaryOp::Recip => Bound::CorrectlyRounded,
         _ if dtype != DType::F32 => Bound::Ulps(1),
-        _ => Bound::Ulps(unary_ulps(op)),
+        UnaryOp::Gelu => gelu(x),
+        _ => Bound::Ulps(unary_ulps(op).unwrap_or(0)),
     }
 }
 
+/// GELU's bound in f32 at `x`. It is computed as `x·σ(s)` with
+/// `s = K·x·(1 + C·x²)`: `s` carries about 6 roundings (the two constants
+/// included), which σ turns into a relative error `(1 − σ)·|Δs|`; σ itself
+/// is within 4 ulps and the product adds one rounding. So
+/// `|Δy| ≤ |y|·(9u + 6u·(1 − σ)·|s|) + (|x| + 1)·4η` — the last term for a
+/// σ that underflows into the subnormals (x below about −10). Not a fixed
+/// number of ulps: for x near −10, `(1 − σ)·|s|` is about 87.
+pub fn gelu(x: f64) -> Bound {
+    if !x.is_finite() {
+        return Bound::Exact;
+    }
+    let (sig, s) = gelu_parts_f64(x);
+    let y = x * sig;
+    Bound::Abs(
+        y.abs() * (9.0 * U + 6.0 * U * (1.0 - sig) * s.abs()) + (x.abs() + 1.0) * 4.0 * ETA_F32,
+    )
+}
+
 /// The bound of a unary op's derivative `dy·f′(x)` (exact for the
-/// piecewise-linear ops, else four roundings of its terms' magnitude).
+/// piecewise-linear ops, else four roundings of its terms' magnitude;
+/// GELU's also grows with `|s|` as [`gelu`]'s does).
 pub fn unary_backward(op: UnaryOp, x: f64, y: f64, dy: f64) -> Bound {
     let mass = match op {
         UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu => return Bound::Exact,
@@ -141,6 +164,18 @@ pub fn unary_backward(op: UnaryOp, x: f64, y: f64, dy: f64) -> Bound {
         UnaryOp::Recip => (dy * y * y).abs(),
         UnaryOp::Sigmoid => (dy * y).abs() * ((1.0 - y).abs() + 2.0 * U),
         UnaryOp::Tanh => dy.abs() * ((1.0 - y * y).abs() + y * y),
+        // σ + x·σ(1 − σ)·s′: σ's relative error grows with |s| as GELU's.
+        UnaryOp::Gelu => {
+            let (sig, s) = gelu_parts_f64(x);
+            let slope = x * sig * (1.0 - sig) * GELU_K2 * (1.0 + 3.0 * GELU_C * x * x);
+            let mass = dy.abs() * (sig + slope.abs());
+            if !mass.is_finite() {
+                return Bound::Exact;
+            }
+            return Bound::Abs(
+                mass * (16.0 * U + 6.0 * U * s.abs()) + (dy.abs() + 1.0) * 8.0 * ETA_F32,
+            );
+        }
     };
     if mass == 0.0 {
         Bound::Exact
@@ -440,11 +475,27 @@ mod tests {
 
     #[test]
     fn transcendental_budgets_are_the_stated_ones() {
-        assert_eq!(unary(UnaryOp::Exp, DType::F32), Bound::Ulps(2));
-        assert_eq!(unary(UnaryOp::Sigmoid, DType::F32), Bound::Ulps(4));
-        assert_eq!(unary(UnaryOp::Tanh, DType::BF16), Bound::Ulps(1));
-        assert_eq!(unary(UnaryOp::Relu, DType::F16), Bound::Exact);
-        assert_eq!(unary(UnaryOp::Sqrt, DType::F32), Bound::CorrectlyRounded);
+        assert_eq!(unary(UnaryOp::Exp, DType::F32, 1.0), Bound::Ulps(2));
+        assert_eq!(unary(UnaryOp::Sigmoid, DType::F32, 1.0), Bound::Ulps(4));
+        assert_eq!(unary(UnaryOp::Tanh, DType::BF16, 1.0), Bound::Ulps(1));
+        assert_eq!(unary(UnaryOp::Relu, DType::F16, 1.0), Bound::Exact);
+        assert_eq!(
+            unary(UnaryOp::Sqrt, DType::F32, 1.0),
+            Bound::CorrectlyRounded
+        );
+        // GELU near 1 is within a few ulps; near −10 the bound widens.
+        let Bound::Abs(e) = unary(UnaryOp::Gelu, DType::F32, 1.0) else {
+            panic!("GELU's bound is absolute")
+        };
+        assert!(e < 20.0 * U);
+        let Bound::Abs(far) = gelu(-10.0) else {
+            panic!("GELU's bound is absolute")
+        };
+        let y = UnaryOp::Gelu.eval_f64(-10.0).abs();
+        assert!(
+            far > 100.0 * U * y && far < 1000.0 * U * y + 1e-43,
+            "{far:e} {y:e}"
+        );
     }
 
     #[test]

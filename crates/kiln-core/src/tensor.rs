@@ -524,6 +524,11 @@ impl<B: Backend> Tensor<B> {
         self.unary(UnaryOp::Tanh)
     }
 
+    /// GELU, the tanh form GPT-2 uses ([`UnaryOp::Gelu`]).
+    pub fn gelu(&self) -> Result<Self> {
+        self.unary(UnaryOp::Gelu)
+    }
+
     /// `x·mul + add`, elementwise.
     pub fn affine(&self, mul: f32, add: f32) -> Result<Self> {
         let s = self.backend().affine(self.view(), mul, add)?;

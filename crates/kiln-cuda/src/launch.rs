@@ -264,6 +264,7 @@ pub fn unary_code(op: UnaryOp) -> i32 {
         UnaryOp::Relu => 7,
         UnaryOp::Sigmoid => 8,
         UnaryOp::Tanh => 9,
+        UnaryOp::Gelu => 10,
     }
 }
 

@@ -88,6 +88,7 @@ fn codes_are_the_kernels_defines() {
         (UnaryOp::Relu, "OP_RELU"),
         (UnaryOp::Sigmoid, "OP_SIGMOID"),
         (UnaryOp::Tanh, "OP_TANH"),
+        (UnaryOp::Gelu, "OP_GELU"),
     ] {
         assert_eq!(unary_code(op), define(COMMON, name), "{name}");
     }

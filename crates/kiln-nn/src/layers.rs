@@ -107,6 +107,8 @@ pub enum Nonlinearity {
     Sigmoid,
     /// Hyperbolic tangent.
     Tanh,
+    /// GELU, the tanh form GPT-2 uses.
+    Gelu,
     /// Softmax over the last axis.
     Softmax,
 }
@@ -117,6 +119,7 @@ impl<B: Backend> Layer<B> for Nonlinearity {
             Nonlinearity::Relu => "ReLU",
             Nonlinearity::Sigmoid => "Sigmoid",
             Nonlinearity::Tanh => "Tanh",
+            Nonlinearity::Gelu => "GELU",
             Nonlinearity::Softmax => "Softmax",
         }
     }
@@ -128,6 +131,7 @@ impl<B: Backend> Layer<B> for Nonlinearity {
             Nonlinearity::Relu => x.relu(),
             Nonlinearity::Sigmoid => x.sigmoid(),
             Nonlinearity::Tanh => x.tanh(),
+            Nonlinearity::Gelu => x.gelu(),
             Nonlinearity::Softmax => x.softmax(),
         }
     }
@@ -136,6 +140,7 @@ impl<B: Backend> Layer<B> for Nonlinearity {
             Nonlinearity::Relu => LayerSpec::Relu,
             Nonlinearity::Sigmoid => LayerSpec::Sigmoid,
             Nonlinearity::Tanh => LayerSpec::Tanh,
+            Nonlinearity::Gelu => LayerSpec::Gelu,
             Nonlinearity::Softmax => LayerSpec::Softmax,
         }
     }

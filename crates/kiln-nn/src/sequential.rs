@@ -42,6 +42,7 @@ impl<B: Backend> Sequential<B> {
                 LayerSpec::Relu => Box::new(Nonlinearity::Relu),
                 LayerSpec::Sigmoid => Box::new(Nonlinearity::Sigmoid),
                 LayerSpec::Tanh => Box::new(Nonlinearity::Tanh),
+                LayerSpec::Gelu => Box::new(Nonlinearity::Gelu),
                 LayerSpec::Softmax => Box::new(Nonlinearity::Softmax),
                 LayerSpec::Dense {
                     units,

@@ -131,6 +131,8 @@ pub enum LayerSpec {
     Sigmoid,
     /// Hyperbolic tangent.
     Tanh,
+    /// GELU, the tanh form GPT-2 uses.
+    Gelu,
     /// Softmax over the last axis.
     Softmax,
 }
@@ -381,9 +383,11 @@ impl ModelSpec {
                 |msg: String| Error::invalid(format!("model `{}`, layer {i}: {msg}", self.name));
             shape = match *layer {
                 LayerSpec::Flatten => vec![shape.iter().product()],
-                LayerSpec::Relu | LayerSpec::Sigmoid | LayerSpec::Tanh | LayerSpec::Softmax => {
-                    shape
-                }
+                LayerSpec::Relu
+                | LayerSpec::Sigmoid
+                | LayerSpec::Tanh
+                | LayerSpec::Gelu
+                | LayerSpec::Softmax => shape,
                 LayerSpec::Dropout { rate } => {
                     if !(0.0..1.0).contains(&rate) {
                         return Err(at(format!("Dropout rate {rate} must be in [0, 1)")));

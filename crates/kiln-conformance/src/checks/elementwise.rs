@@ -19,11 +19,11 @@ pub(crate) fn unary<B: Backend>(b: &B, op: UnaryOp, dtype: DType, cfg: &Config) 
         let st = x.upload(b)?;
         let out = b.unary(op, View::new(&st, &x.layout))?;
         let got = fetch_all(b, &out, x.dims())?;
-        let bound = bounds::unary(op, dtype);
+        let bound = |v: f64| bounds::unary(op, dtype, v);
         let want: Vec<_> = x
             .logical()
             .into_iter()
-            .map(|v| (op.eval_f64(v), bound))
+            .map(|v| (op.eval_f64(v), bound(v)))
             .collect();
         compare(op.name(), dtype, x.dims(), &got, &want)
     })

@@ -33,7 +33,42 @@ pub(crate) fn unary_f32(op: UnaryOp, x: f32) -> f32 {
             }
         }
         UnaryOp::Tanh => x.tanh(),
+        UnaryOp::Gelu => {
+            let (sig, _) = gelu_parts_f32(x);
+            // σ underflows to 0 only for negative x, where x·0 would be NaN
+            // for x = −∞.
+            if sig == 0.0 {
+                -0.0
+            } else {
+                x * sig
+            }
+        }
     }
+}
+
+/// GELU's `σ(s)` and `s = K·x·(1 + C·x²)` in f32 (see [`UnaryOp::Gelu`]).
+#[inline]
+pub(crate) fn gelu_parts_f32(x: f32) -> (f32, f32) {
+    let s = GELU_K2_F32 * x * (1.0 + GELU_C_F32 * x * x);
+    (unary_f32(UnaryOp::Sigmoid, s), s)
+}
+
+/// GELU's constants in f32.
+pub(crate) const GELU_K2_F32: f32 = kiln_core::backend::GELU_K2 as f32;
+/// See [`GELU_K2_F32`].
+pub(crate) const GELU_C_F32: f32 = kiln_core::backend::GELU_C as f32;
+
+/// GELU's derivative at `x` times `dy`, given `σ(s)` (the slope term is
+/// left out where `σ(1 − σ)` is 0, so that huge |x| give no ∞·0).
+#[inline]
+pub(crate) fn gelu_backward_f32(x: f32, sig: f32, dy: f32) -> f32 {
+    let t = sig * (1.0 - sig);
+    let slope = if t == 0.0 {
+        0.0
+    } else {
+        x * t * GELU_K2_F32 * (1.0 + 3.0 * GELU_C_F32 * x * x)
+    };
+    dy * (sig + slope)
 }
 
 /// An epilogue activation for one f32.
@@ -70,6 +105,7 @@ pub(crate) fn backward_f32(op: UnaryOp, x: f32, y: f32, dy: f32) -> f32 {
         }
         UnaryOp::Sigmoid => dy * y * (1.0 - y),
         UnaryOp::Tanh => dy * (1.0 - y * y),
+        UnaryOp::Gelu => gelu_backward_f32(x, gelu_parts_f32(x).0, dy),
     }
 }
 

@@ -14,7 +14,9 @@ use std::borrow::Cow;
 use kiln_core::{BinaryOp, DType, HostData, ReduceOp, UnaryOp, View};
 
 use super::wide;
-use crate::reference::elementwise::{backward_f32, binary_f32, unary_f32};
+use crate::reference::elementwise::{
+    backward_f32, binary_f32, gelu_backward_f32, unary_f32, GELU_C_F32, GELU_K2_F32,
+};
 use crate::KernelSet;
 
 /// A vector kernel `out[i] = f(x[i])` (the transcendentals).
@@ -134,12 +136,24 @@ pub(crate) fn unary(set: KernelSet, op: UnaryOp, x: View<'_, HostData>) -> Optio
     let xs = &xs[..];
     let out = match transcendental(set, op) {
         Some(kernel) => apply(set, kernel, xs),
+        None if op == UnaryOp::Gelu => {
+            let sig = gelu_sigmoid(set, xs)?;
+            wide::zip(set, xs, &sig, |x, g| if g == 0.0 { -0.0 } else { x * g })
+        }
         None => {
-            specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh],
+            specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh, Gelu],
             OP => wide::map(set, xs, |v| unary_f32(OP, v)))
         }
     };
     narrow(set, x.storage.dtype(), out)
+}
+
+/// GELU's `σ(K·x·(1 + C·x²))` for every x, with the set's vector sigmoid
+/// (the same f32 operations as the reference's `gelu_parts_f32`).
+fn gelu_sigmoid(set: KernelSet, xs: &[f32]) -> Option<Vec<f32>> {
+    let sigmoid = transcendental(set, UnaryOp::Sigmoid)?;
+    let s = wide::map(set, xs, |x| GELU_K2_F32 * x * (1.0 + GELU_C_F32 * x * x));
+    Some(apply(set, sigmoid, &s))
 }
 
 /// The gradient of `op` at `x` (with `y = op(x)`) times `dy`.
@@ -156,12 +170,16 @@ pub(crate) fn unary_backward(
     }
     let dtype = common(&[x, y, dy])?;
     let (ys, dys) = (contiguous(set, y)?, contiguous(set, dy)?);
-    let out = if op.backward_reads_only_output() {
-        specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh],
+    let out = if op == UnaryOp::Gelu {
+        let xs = contiguous(set, x)?;
+        let sig = gelu_sigmoid(set, &xs)?;
+        wide::zip3(set, &xs, &sig, &dys, gelu_backward_f32)
+    } else if op.backward_reads_only_output() {
+        specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh, Gelu],
             OP => wide::zip(set, &ys, &dys, |y, d| backward_f32(OP, 0.0, y, d)))
     } else {
         let xs = contiguous(set, x)?;
-        specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh],
+        specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh, Gelu],
             OP => wide::zip3(set, &xs, &ys, &dys, |x, y, d| backward_f32(OP, x, y, d)))
     };
     narrow(set, dtype, out)

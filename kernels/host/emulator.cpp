@@ -21,6 +21,7 @@
 #include "../gemm_simt.cu"
 #include "../gemm_tc.cu"
 #include "../memory.cu"
+#include "../norm.cu"
 #include "../optim.cu"
 #include "../pool.cu"
 #include "../random.cu"
@@ -73,6 +74,9 @@ const Entry KERNELS[] = {
     BLOCKS(kiln_argmax_rows),
     BLOCKS(kiln_softmax_rows),
     BLOCKS(kiln_softmax_xent),
+    BLOCKS(kiln_layer_norm),
+    BLOCKS(kiln_layer_norm_backward_dx),
+    SERIAL(kiln_layer_norm_backward_params),
     BLOCKS(kiln_gemm_simt),
     BLOCKS(kiln_gemm_bf16),
     BLOCKS(kiln_gemm_f16),

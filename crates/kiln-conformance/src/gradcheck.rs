@@ -225,6 +225,28 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, cfg: &Config) -> Report {
                 Ok(0.0)
             },
         ),
+        "grad_norm" => run_cases(
+            op,
+            f32,
+            cfg,
+            (1usize..5, 1usize..40, 0u64..1000),
+            |(rows, cols, seed)| {
+                let a = [
+                    input(seed, &[rows, cols], -3.0, 3.0, 0.0),
+                    input(seed + 1, &[cols], 0.5, 2.0, 0.0),
+                    input(seed + 2, &[cols], -1.0, 1.0, 0.0),
+                ];
+                check(b, &a, &|t| t[0].layer_norm(&t[1], &t[2], 1e-3))?;
+                // Through a 3-D input, as a transformer's [batch, time, width].
+                let x3 = [
+                    input(seed + 3, &[2, rows, cols], -3.0, 3.0, 0.0),
+                    a[1].clone(),
+                    a[2].clone(),
+                ];
+                check(b, &x3, &|t| t[0].layer_norm(&t[1], &t[2], 1e-3)?.gelu())?;
+                Ok(0.0)
+            },
+        ),
         "grad_linear" => run_cases(
             op,
             f32,

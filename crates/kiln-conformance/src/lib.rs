@@ -686,6 +686,8 @@ macro_rules! __with_checks {
             softmax: F32 F16 BF16;
             log_softmax: F32 F16 BF16;
             softmax_cross_entropy: F32 F16 BF16;
+            layer_norm: F32 F16 BF16;
+            layer_norm_backward: F32 F16 BF16;
             conv2d: F32 F16 BF16;
             conv2d_backward_data: F32 F16 BF16;
             conv2d_backward_filter: F32 F16 BF16;
@@ -701,6 +703,7 @@ macro_rules! __with_checks {
             grad_views: F32;
             grad_reduce: F32;
             grad_softmax: F32;
+            grad_norm: F32;
             grad_linear: F32;
             grad_conv: F32;
             grad_model: F32;

@@ -132,6 +132,14 @@ pub(crate) enum Op<B: Backend> {
         pool: Window2d,
         argmax: Arc<B::Storage>,
     },
+    /// Layer normalisation over the last axis, with the row statistics.
+    LayerNorm {
+        x: Tensor<B>,
+        gamma: Tensor<B>,
+        beta: Tensor<B>,
+        mean: Arc<B::Storage>,
+        rstd: Arc<B::Storage>,
+    },
     /// Max-pooling, with where each maximum came from.
     MaxPool2d {
         x: Tensor<B>,
@@ -165,6 +173,7 @@ impl<B: Backend> Op<B> {
                 v
             }
             Op::SoftmaxCrossEntropy { logits, .. } => vec![logits],
+            Op::LayerNorm { x, gamma, beta, .. } => vec![x, gamma, beta],
             Op::Binary { a, b, .. } => vec![a, b],
             Op::Gemm { a, b, bias, .. } => {
                 let mut v = vec![a, b];
@@ -492,6 +501,27 @@ fn propagate<B: Backend>(
                 accumulate(pending, b, stored(db, b.dims(), backend)?)?;
             }
             Ok(())
+        }
+        Op::LayerNorm {
+            x,
+            gamma,
+            beta,
+            mean,
+            rstd,
+        } => {
+            let g = g.contiguous()?;
+            let backend = x.backend();
+            let rows = Layout::contiguous(Shape::new(&[crate::BackendStorage::len(&**mean)])?);
+            let grads = backend.layer_norm_backward(
+                x.view(),
+                gamma.view(),
+                crate::View::new(mean, &rows),
+                crate::View::new(rstd, &rows),
+                g.view(),
+            )?;
+            accumulate(pending, x, stored(grads.dx, x.dims(), backend)?)?;
+            accumulate(pending, gamma, stored(grads.dgamma, gamma.dims(), backend)?)?;
+            accumulate(pending, beta, stored(grads.dbeta, beta.dims(), backend)?)
         }
         Op::MaxPool2d { x, argmax, window } => {
             let g = g.contiguous()?;

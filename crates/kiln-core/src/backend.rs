@@ -705,6 +705,39 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
     /// the row maximum subtracted.
     fn softmax(&self, x: View<'_, Self::Storage>, log: bool) -> Result<Self::Storage>;
 
+    /// Layer normalisation over the last axis (see [`crate::norm`]):
+    /// `y = (x − μ)·rstd·γ + β` per row with `rstd = 1/√(σ² + ε)`, the
+    /// statistics in f32 whatever `x`'s type, returned for the backward
+    /// pass. `γ`, `β` are `[cols]` of `x`'s type; `eps` finite, positive
+    /// ([`crate::plan::LayerNormPlan`]). Bound:
+    /// [`bounds::LayerNormRow`](crate::bounds::LayerNormRow). The default
+    /// composes primitive ops ([`crate::norm::compose_layer_norm`]).
+    fn layer_norm(
+        &self,
+        x: View<'_, Self::Storage>,
+        gamma: View<'_, Self::Storage>,
+        beta: View<'_, Self::Storage>,
+        eps: f32,
+    ) -> Result<crate::norm::LayerNormOut<Self::Storage>> {
+        crate::norm::compose_layer_norm(self, x, gamma, beta, eps)
+    }
+
+    /// The gradients of [`Backend::layer_norm`] given `dy`, from the
+    /// forward pass's `mean` and `rstd` (f32, one per row). `dγ` and `dβ`
+    /// sum over rows in a fixed order: no result depends on thread timing.
+    /// The default composes primitive ops
+    /// ([`crate::norm::compose_layer_norm_backward`]).
+    fn layer_norm_backward(
+        &self,
+        x: View<'_, Self::Storage>,
+        gamma: View<'_, Self::Storage>,
+        mean: View<'_, Self::Storage>,
+        rstd: View<'_, Self::Storage>,
+        dy: View<'_, Self::Storage>,
+    ) -> Result<crate::norm::LayerNormGrads<Self::Storage>> {
+        crate::norm::compose_layer_norm_backward(self, x, gamma, mean, rstd, dy)
+    }
+
     /// Fused softmax cross-entropy: `logits` is `[n, c]`, `labels` is u32
     /// `[n]` with values in `0..c`. Returns the per-row loss
     /// `−log softmax(x)[label]` (`[n]`) and its gradient with respect to the

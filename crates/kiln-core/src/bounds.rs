@@ -20,6 +20,7 @@
 //! | mean | [`mean`] |
 //! | GEMM / conv epilogue (α, β·C₀, bias, activation) | [`epilogue`] over [`dot`] |
 //! | softmax, log-softmax, cross-entropy | [`SoftmaxRow`] |
+//! | layer norm, its backward | [`LayerNormRow`], [`LayerNormBackwardRow`] |
 //! | unary derivatives | [`unary_backward`] |
 //! | SGD, Adam | [`sgd`], [`adam`] |
 //!
@@ -366,6 +367,134 @@ impl<'a> SoftmaxRow<'a> {
         let (p, e) = self.prob(j);
         let g = p - if j == label { 1.0 } else { 0.0 };
         (g, e + U * g.abs())
+    }
+}
+
+/// One row of a layer normalisation (see [`crate::norm`]) and the bounds
+/// of what the forward pass computes from it.
+///
+/// The model follows the two-pass computation in f32 (any summation
+/// order): `μ̂` is off by `Δμ = dot(C, Σ|x|)/C + u·|μ| + η`; the centred
+/// squares, their sum and the division give
+/// `Δσ² = (γ_{C+3} + C·2⁻⁵³)·(σ² + Δμ²) + Δμ² + (C + 3)·η` (the cross term of
+/// `Σ(d − Δμ)²` vanishes, as `Σd = 0`); `+ ε`, `√` and the reciprocal give
+/// `rstd` a relative error `ρ = ½·(Δσ² + u·(σ² + ε))/(σ² + ε) + 2u`; then
+/// `x̂ᵢ = (xᵢ − μ̂)·rstd` is off by `(Δμ + u|dᵢ|)·r + |dᵢ|·r·(ρ + u)` and
+/// `yᵢ = x̂ᵢγᵢ + βᵢ` adds two roundings. A one-pass variance
+/// (`E[x²] − μ²`) does not meet this bound for rows with a large mean.
+#[derive(Clone, Debug)]
+pub struct LayerNormRow {
+    /// The exact mean.
+    pub mean: f64,
+    /// The exact `1/√(σ² + ε)`.
+    pub rstd: f64,
+    /// `Δμ`.
+    pub mean_err: f64,
+    /// `rstd·ρ`.
+    pub rstd_err: f64,
+    d: Vec<f64>,
+    rho: f64,
+}
+
+impl LayerNormRow {
+    /// The statistics of the exact row `x` with `eps`.
+    pub fn new(x: &[f64], eps: f64) -> Self {
+        let c = x.len().max(1);
+        let n = c as f64;
+        let mean = x.iter().sum::<f64>() / n;
+        let mass: f64 = x.iter().map(|v| v.abs()).sum();
+        let mean_err = dot(c, mass) / n + U * mean.abs() + ETA_F32;
+        let d: Vec<f64> = x.iter().map(|v| v - mean).collect();
+        let var = d.iter().map(|v| v * v).sum::<f64>() / n;
+        let dm2 = mean_err * mean_err;
+        let var_err = (gamma(c + 3, U) + n * U_ORACLE) * (var + dm2) + dm2 + (n + 3.0) * ETA_F32;
+        let v = var + eps;
+        let rho = 0.5 * (var_err + U * v) / v + 2.0 * U;
+        let rstd = 1.0 / v.sqrt();
+        LayerNormRow {
+            mean,
+            rstd,
+            mean_err,
+            rstd_err: rstd * rho * 1.01,
+            d,
+            rho,
+        }
+    }
+
+    /// `x̂ᵢ` exactly, and its error bound.
+    pub fn xhat(&self, i: usize) -> (f64, f64) {
+        let (d, r) = (self.d[i], self.rstd);
+        let e = (self.mean_err + U * d.abs()) * r + d.abs() * r * (self.rho + U);
+        (d * r, e * 1.01 + ETA_F32)
+    }
+
+    /// `yᵢ = x̂ᵢ·γᵢ + βᵢ` exactly, and its error bound.
+    pub fn y(&self, i: usize, gamma: f64, beta: f64) -> (f64, f64) {
+        let (xh, e) = self.xhat(i);
+        let scaled = xh * gamma;
+        let y = scaled + beta;
+        let err =
+            gamma.abs() * e + U * scaled.abs() + U * (scaled.abs() + beta.abs()) + 2.0 * ETA_F32;
+        (y, err)
+    }
+}
+
+/// One row of a layer normalisation's backward pass, from the `mean` and
+/// `rstd` it is given (taken as exact: the contract is the gradient formula
+/// at those statistics), with the bounds of `dx` and of the row's terms of
+/// `dγ`, `dβ`.
+///
+/// With `d̂ᵢ = xᵢ − μ` (one rounding), `x̂ᵢ = d̂ᵢ·r` (off by `2u|x̂ᵢ|`),
+/// `gᵢ = dyᵢγᵢ`, `A = Σg/C`, `B = Σ g x̂/C` (sums within [`dot`]), and
+/// `dxᵢ = r·(gᵢ − A − x̂ᵢ·B)`: the error of each term, carried through, plus
+/// three roundings of the bracket and one of the product.
+#[derive(Clone, Debug)]
+pub struct LayerNormBackwardRow {
+    /// `dxᵢ` exactly, and its error bound.
+    pub dx: Vec<(f64, f64)>,
+    /// `dyᵢ·x̂ᵢ` (the row's term of `dγᵢ`) exactly, `|dyᵢ·x̂ᵢ|`, and the
+    /// error `x̂ᵢ`'s rounding brings to it.
+    pub dgamma_terms: Vec<(f64, f64, f64)>,
+}
+
+impl LayerNormBackwardRow {
+    /// The row `x` with its `gamma`, `dy` and the given statistics.
+    pub fn new(x: &[f64], gamma: &[f64], dy: &[f64], mean: f64, rstd: f64) -> Self {
+        let c = x.len().max(1);
+        let n = c as f64;
+        let xhat: Vec<f64> = x.iter().map(|v| (v - mean) * rstd).collect();
+        let xhat_err: Vec<f64> = xhat.iter().map(|v| 2.0 * U * v.abs() + ETA_F32).collect();
+        let g: Vec<f64> = dy.iter().zip(gamma).map(|(d, w)| d * w).collect();
+        let g_mass: f64 = g.iter().map(|v| v.abs()).sum();
+        let a = g.iter().sum::<f64>() / n;
+        let a_err = (dot(c, g_mass) + U * g_mass) / n + U * a.abs() + ETA_F32;
+        let t: Vec<f64> = g.iter().zip(&xhat).map(|(g, h)| g * h).collect();
+        let t_mass: f64 = t.iter().map(|v| v.abs()).sum();
+        let t_err: f64 = g.iter().zip(&xhat_err).map(|(g, e)| g.abs() * e).sum();
+        let bm = t.iter().sum::<f64>() / n;
+        let bm_err = (dot(c, t_mass) + 2.0 * U * t_mass + t_err) / n + U * bm.abs() + ETA_F32;
+        let dx = (0..x.len())
+            .map(|i| {
+                let inner = g[i] - a - xhat[i] * bm;
+                let e = U * g[i].abs()
+                    + a_err
+                    + xhat_err[i] * bm.abs()
+                    + xhat[i].abs() * bm_err
+                    + 3.0 * U * (g[i].abs() + a.abs() + (xhat[i] * bm).abs());
+                let v = rstd * inner;
+                (
+                    v,
+                    (rstd * e * (1.0 + U) + U * v.abs()) * 1.01 + 2.0 * ETA_F32,
+                )
+            })
+            .collect();
+        let dgamma_terms = dy
+            .iter()
+            .zip(&xhat)
+            .zip(&xhat_err)
+            .map(|((d, h), e)| (d * h, (d * h).abs(), d.abs() * e))
+            .collect();
+        LayerNormBackwardRow { dx, dgamma_terms }
     }
 }
 

@@ -245,3 +245,166 @@ impl OptimizerPlan {
         Ok((plan, schedule))
     }
 }
+
+/// Layer normalisation over the last axis of `x` (`rows` × `cols`), checked:
+/// `γ` and `β` of shape `[cols]` and `x`'s float type, `eps` finite and
+/// positive. The backward plan also checks the statistics (f32, one per
+/// row) and `dy` (`x`'s shape and type).
+///
+/// ```
+/// use kiln_core::{plan::LayerNormPlan, Backend, DType, Layout, Shape, View};
+/// use kiln_cpu::CpuBackend;
+///
+/// let b = CpuBackend::reference();
+/// let x = b.full(6, DType::F32, 1.0)?;
+/// let g = b.full(3, DType::F32, 1.0)?;
+/// let (lx, lg) = (Layout::contiguous(Shape::new(&[2, 3])?), Layout::contiguous(Shape::new(&[3])?));
+/// let plan = LayerNormPlan::new(View::new(&x, &lx), View::new(&g, &lg), View::new(&g, &lg), 1e-5)?;
+/// assert_eq!((plan.rows, plan.cols), (2, 3));
+/// let e = LayerNormPlan::new(View::new(&x, &lx), View::new(&g, &lg), View::new(&g, &lg), 0.0);
+/// assert!(e.unwrap_err().to_string().contains("eps"));
+/// # Ok::<(), kiln_core::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerNormPlan {
+    /// Rows normalised independently (the product of all but the last axis).
+    pub rows: usize,
+    /// The normalised length (the last axis).
+    pub cols: usize,
+    /// The type of `x`, `γ`, `β`, `y` (and of `dy`, `dx`, `dγ`, `dβ`).
+    pub dtype: DType,
+}
+
+impl LayerNormPlan {
+    /// Checks a forward pass's operands.
+    pub fn new<S: BackendStorage>(
+        x: View<'_, S>,
+        gamma: View<'_, S>,
+        beta: View<'_, S>,
+        eps: f32,
+    ) -> Result<Self> {
+        let op = "layer_norm";
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(Error::invalid(format!(
+                "layer_norm: eps {eps} must be finite and positive (1e-5 is usual)"
+            )));
+        }
+        let plan = Self::shapes(op, x, gamma)?;
+        plan.check_param(op, "β", beta)?;
+        Ok(plan)
+    }
+
+    /// Checks a backward pass's operands.
+    pub fn backward<S: BackendStorage>(
+        x: View<'_, S>,
+        gamma: View<'_, S>,
+        mean: View<'_, S>,
+        rstd: View<'_, S>,
+        dy: View<'_, S>,
+    ) -> Result<Self> {
+        let op = "layer_norm_backward";
+        let plan = Self::shapes(op, x, gamma)?;
+        if dy.layout.shape() != x.layout.shape() {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "dy {} is not x's shape {}",
+                    dy.layout.shape(),
+                    x.layout.shape()
+                ),
+            ));
+        }
+        plan.check_type(op, dy)?;
+        check_view(op, dy)?;
+        for (what, s) in [("mean", mean), ("rstd", rstd)] {
+            if s.layout.numel() != plan.rows {
+                return Err(Error::shape(
+                    op,
+                    format!(
+                        "{what} {} does not hold one value per row ({} rows)",
+                        s.layout.shape(),
+                        plan.rows
+                    ),
+                ));
+            }
+            if s.storage.dtype() != DType::F32 {
+                return Err(Error::DType {
+                    op,
+                    expected: DType::F32,
+                    got: s.storage.dtype(),
+                });
+            }
+            check_view(op, s)?;
+        }
+        Ok(plan)
+    }
+
+    fn shapes<S: BackendStorage>(
+        op: &'static str,
+        x: View<'_, S>,
+        gamma: View<'_, S>,
+    ) -> Result<Self> {
+        let dims = x.layout.dims();
+        let Some(&cols) = dims.last() else {
+            return Err(Error::shape(
+                op,
+                "x is a scalar: it needs an axis to normalise",
+            ));
+        };
+        if cols == 0 {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "x {}: the normalised (last) axis is empty",
+                    x.layout.shape()
+                ),
+            ));
+        }
+        let plan = LayerNormPlan {
+            rows: dims[..dims.len() - 1].iter().product(),
+            cols,
+            dtype: x.storage.dtype(),
+        };
+        if !plan.dtype.is_float() {
+            return Err(Error::DType {
+                op,
+                expected: DType::F32,
+                got: plan.dtype,
+            });
+        }
+        check_view(op, x)?;
+        plan.check_param(op, "γ", gamma)?;
+        Ok(plan)
+    }
+
+    fn check_param<S: BackendStorage>(
+        &self,
+        op: &'static str,
+        what: &str,
+        p: View<'_, S>,
+    ) -> Result<()> {
+        if p.layout.dims() != [self.cols] {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "{what} {} does not match the normalised axis (expected [{}])",
+                    p.layout.shape(),
+                    self.cols
+                ),
+            ));
+        }
+        self.check_type(op, p)?;
+        check_view(op, p)
+    }
+
+    fn check_type<S: BackendStorage>(&self, op: &'static str, v: View<'_, S>) -> Result<()> {
+        if v.storage.dtype() != self.dtype {
+            return Err(Error::DType {
+                op,
+                expected: self.dtype,
+                got: v.storage.dtype(),
+            });
+        }
+        Ok(())
+    }
+}

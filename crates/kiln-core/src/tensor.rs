@@ -761,6 +761,22 @@ impl<B: Backend> Tensor<B> {
         })
     }
 
+    /// Layer normalisation over the last axis ([`Backend::layer_norm`]):
+    /// `(x − μ)/√(σ² + eps)·gamma + beta` per row, `gamma` and `beta` of
+    /// shape `[last]`.
+    pub fn layer_norm(&self, gamma: &Self, beta: &Self, eps: f32) -> Result<Self> {
+        let out = self
+            .backend()
+            .layer_norm(self.view(), gamma.view(), beta.view(), eps)?;
+        self.result(out.y, self.dims(), || Op::LayerNorm {
+            x: self.clone(),
+            gamma: gamma.clone(),
+            beta: beta.clone(),
+            mean: Arc::new(out.mean),
+            rstd: Arc::new(out.rstd),
+        })
+    }
+
     /// Max-pooling of this `[n, c, h, w]` tensor over `window`.
     pub fn max_pool2d(&self, window: &Window2d) -> Result<Self> {
         let dims = crate::conv::pool2d_output(self.dims(), window)?;

@@ -23,6 +23,7 @@ mod conv;
 mod fallback;
 pub mod features;
 mod gemm;
+mod norm;
 mod pool;
 mod reference;
 mod slow_path;
@@ -308,6 +309,28 @@ impl Backend for CpuBackend {
         }
         let out = reference::softmax::softmax_cross_entropy(logits, labels);
         self.scalar("softmax_cross_entropy", &[logits], out)
+    }
+
+    fn layer_norm(
+        &self,
+        x: View<'_, HostData>,
+        gamma: View<'_, HostData>,
+        beta: View<'_, HostData>,
+        eps: f32,
+    ) -> Result<kiln_core::LayerNormOut<HostData>> {
+        norm::layer_norm(self.kernels, self.pool.as_deref(), x, gamma, beta, eps)
+    }
+
+    fn layer_norm_backward(
+        &self,
+        x: View<'_, HostData>,
+        gamma: View<'_, HostData>,
+        mean: View<'_, HostData>,
+        rstd: View<'_, HostData>,
+        dy: View<'_, HostData>,
+    ) -> Result<kiln_core::LayerNormGrads<HostData>> {
+        let pool = self.pool.as_deref();
+        norm::layer_norm_backward(self.kernels, pool, x, gamma, mean, rstd, dy)
     }
 
     fn conv2d(

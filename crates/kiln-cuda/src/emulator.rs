@@ -64,6 +64,7 @@ const SOURCES: &[(&str, &str)] = &[
     ),
     ("gemm_tc.cu", include_str!("../../../kernels/gemm_tc.cu")),
     ("memory.cu", include_str!("../../../kernels/memory.cu")),
+    ("norm.cu", include_str!("../../../kernels/norm.cu")),
     ("optim.cu", include_str!("../../../kernels/optim.cu")),
     ("pool.cu", include_str!("../../../kernels/pool.cu")),
     ("random.cu", include_str!("../../../kernels/random.cu")),

@@ -40,6 +40,15 @@ pub const MODULES: &[(&str, &str, &[&str])] = &[
         &["kiln_softmax_rows", "kiln_softmax_xent"],
     ),
     (
+        "norm",
+        include_str!("../../../kernels/ptx/norm.ptx"),
+        &[
+            "kiln_layer_norm",
+            "kiln_layer_norm_backward_dx",
+            "kiln_layer_norm_backward_params",
+        ],
+    ),
+    (
         "gemm_simt",
         include_str!("../../../kernels/ptx/gemm_simt.ptx"),
         &["kiln_gemm_simt"],

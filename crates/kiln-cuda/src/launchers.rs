@@ -125,6 +125,21 @@ kernels! {
         bad: Out,
     }
 
+    /// `kiln_layer_norm`: each row normalised, its mean and rstd kept.
+    LayerNorm = "kiln_layer_norm" {
+        x: In, gamma: In, beta: In, y: Out, mean: Out, rstd: Out, rows: i64, c: i64, eps: f32,
+    }
+
+    /// `kiln_layer_norm_backward_dx`: the input gradient, one block a row.
+    LayerNormBackwardDx = "kiln_layer_norm_backward_dx" {
+        x: In, gamma: In, dy: In, mean: In, rstd: In, dx: Out, rows: i64, c: i64,
+    }
+
+    /// `kiln_layer_norm_backward_params`: dγ and dβ, one thread a column.
+    LayerNormBackwardParams = "kiln_layer_norm_backward_params" {
+        x: In, dy: In, mean: In, rstd: In, dgamma: Out, dbeta: Out, rows: i64, c: i64,
+    }
+
     /// `kiln_gemm_simt`: strided operands of any float type, f32 FMA.
     GemmSimt = "kiln_gemm_simt" { a: MatrixArg, b: MatrixArg, ep: EpilogueArg, m: i64, n: i64, k: i64 }
 

@@ -849,6 +849,100 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn layer_norm(
+        &self,
+        x: View<'_, CudaStorage>,
+        gamma: View<'_, CudaStorage>,
+        beta: View<'_, CudaStorage>,
+        eps: f32,
+    ) -> Result<kiln_core::LayerNormOut<CudaStorage>> {
+        let name = "layer_norm";
+        let plan = kiln_core::LayerNormPlan::new(x, gamma, beta, eps)?;
+        let (rows, c) = (plan.rows, plan.cols);
+        let xs = self.dense(name, x, DType::F32)?;
+        let gs = self.dense(name, gamma, DType::F32)?;
+        let bs = self.dense(name, beta, DType::F32)?;
+        let mean = self.empty(name, DType::F32, rows)?;
+        let rstd = self.empty(name, DType::F32, rows)?;
+        let y = self.f32_result(name, plan.dtype, rows * c, |y| {
+            let Some(cfg) = per_row(rows) else {
+                return Ok(());
+            };
+            let args = k::LayerNorm {
+                x: xs.ptr,
+                gamma: gs.ptr,
+                beta: bs.ptr,
+                y,
+                mean: mean.block.ptr(),
+                rstd: rstd.block.ptr(),
+                rows: rows as i64,
+                c: c as i64,
+                eps,
+            };
+            // SAFETY: x and y hold rows·c f32s, γ and β c, mean and rstd rows.
+            unsafe { args.launch(self.device(), name, &cfg) }
+        })?;
+        Ok(kiln_core::LayerNormOut { y, mean, rstd })
+    }
+
+    fn layer_norm_backward(
+        &self,
+        x: View<'_, CudaStorage>,
+        gamma: View<'_, CudaStorage>,
+        mean: View<'_, CudaStorage>,
+        rstd: View<'_, CudaStorage>,
+        dy: View<'_, CudaStorage>,
+    ) -> Result<kiln_core::LayerNormGrads<CudaStorage>> {
+        let name = "layer_norm_backward";
+        let plan = kiln_core::LayerNormPlan::backward(x, gamma, mean, rstd, dy)?;
+        let (rows, c) = (plan.rows, plan.cols);
+        let xs = self.dense(name, x, DType::F32)?;
+        let gs = self.dense(name, gamma, DType::F32)?;
+        let ms = self.dense(name, mean, DType::F32)?;
+        let rs = self.dense(name, rstd, DType::F32)?;
+        let ds = self.dense(name, dy, DType::F32)?;
+        let dx = self.f32_result(name, plan.dtype, rows * c, |dx| {
+            let Some(cfg) = per_row(rows) else {
+                return Ok(());
+            };
+            let args = k::LayerNormBackwardDx {
+                x: xs.ptr,
+                gamma: gs.ptr,
+                dy: ds.ptr,
+                mean: ms.ptr,
+                rstd: rs.ptr,
+                dx,
+                rows: rows as i64,
+                c: c as i64,
+            };
+            // SAFETY: x, dy and dx hold rows·c f32s, γ c, mean and rstd rows.
+            unsafe { args.launch(self.device(), name, &cfg) }
+        })?;
+        let dbeta = self.empty(name, DType::F32, c)?;
+        let dgamma = self.f32_result(name, DType::F32, c, |dgamma| {
+            let Some(cfg) = elementwise(c, self.sms()) else {
+                return Ok(());
+            };
+            let args = k::LayerNormBackwardParams {
+                x: xs.ptr,
+                dy: ds.ptr,
+                mean: ms.ptr,
+                rstd: rs.ptr,
+                dgamma,
+                dbeta: dbeta.block.ptr(),
+                rows: rows as i64,
+                c: c as i64,
+            };
+            // SAFETY: x and dy hold rows·c f32s, mean and rstd rows, dγ and dβ c.
+            unsafe { args.launch(self.device(), name, &cfg) }
+        })?;
+        Ok(kiln_core::LayerNormGrads {
+            dx,
+            dgamma: self.convert(name, dgamma, plan.dtype)?,
+            dbeta: self.convert(name, dbeta, plan.dtype)?,
+        })
+    }
+
     fn softmax_cross_entropy(
         &self,
         logits: View<'_, CudaStorage>,

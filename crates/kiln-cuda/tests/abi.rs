@@ -177,6 +177,7 @@ fn kernel_signatures() -> Vec<(String, Vec<(String, String)>)> {
         include_str!("../../../kernels/gemm_simt.cu"),
         include_str!("../../../kernels/gemm_tc.cu"),
         include_str!("../../../kernels/memory.cu"),
+        include_str!("../../../kernels/norm.cu"),
         include_str!("../../../kernels/optim.cu"),
         include_str!("../../../kernels/pool.cu"),
         include_str!("../../../kernels/random.cu"),
@@ -240,7 +241,7 @@ fn every_launcher_matches_its_kernels_c_signature() {
     let kernels = kernel_signatures();
     assert_eq!(
         kernels.len(),
-        26,
+        29,
         "{:?}",
         kernels.iter().map(|k| &k.0).collect::<Vec<_>>()
     );
@@ -286,4 +287,35 @@ fn the_signature_check_catches_swaps_and_wrong_types() {
     assert!(passes("In", "const float*") && !passes("In", "float*"));
     assert!(passes("Out", "u32*") && !passes("Out", "const u32*"));
     assert!(!passes("f32", "double") && !passes("i32", "i64"));
+}
+
+/// A new `kernels/*.cu` cannot be left out of the signature check above,
+/// of the emulation's sources or of the emulation's kernel table.
+#[test]
+fn every_kernel_file_is_checked_and_emulated() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../kernels");
+    let (this, emulator, table) = (
+        include_str!("abi.rs"),
+        include_str!("../src/emulator.rs"),
+        include_str!("../../../kernels/host/emulator.cpp"),
+    );
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if !name.ends_with(".cu") {
+            continue;
+        }
+        seen += 1;
+        let path = format!("kernels/{name}\")");
+        assert!(this.contains(&path), "{name} is not in kernel_signatures()");
+        assert!(
+            emulator.contains(&path),
+            "{name} is not in the emulation's SOURCES"
+        );
+        assert!(
+            table.contains(&format!("#include \"../{name}\"")),
+            "{name} is not in emulator.cpp"
+        );
+    }
+    assert!(seen >= 11, "{seen} kernel files");
 }

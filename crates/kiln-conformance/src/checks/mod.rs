@@ -4,6 +4,7 @@ mod conv;
 mod elementwise;
 mod gemm;
 mod memory;
+mod norm;
 mod optim;
 mod random;
 mod reduce;
@@ -73,6 +74,8 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, dtype: DType, cfg: &Config) -> Re
         "reduce_min" => reduce::reduce(b, ReduceOp::Min, dtype, cfg),
         "argmax" => reduce::argmax(b, dtype, cfg),
         "softmax" => softmax::softmax(b, dtype, cfg, false),
+        "layer_norm" => norm::layer_norm(b, dtype, cfg),
+        "layer_norm_backward" => norm::layer_norm_backward(b, dtype, cfg),
         "log_softmax" => softmax::softmax(b, dtype, cfg, true),
         "softmax_cross_entropy" => softmax::cross_entropy(b, dtype, cfg),
         "conv2d" => conv::conv2d(b, dtype, cfg),

@@ -66,6 +66,9 @@ macro_rules! per_set {
     };
 }
 
+/// Also for kernels outside this module (`crate::norm`).
+pub(crate) use per_set;
+
 per_set! {
     /// `f` applied to every element of `x`.
     fn map(x: &[f32], f: impl Fn(f32) -> f32) -> Vec<f32> = map_loop;

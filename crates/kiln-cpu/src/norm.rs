@@ -1,0 +1,201 @@
+//! Layer normalisation on the CPU: one fused pass per row (two-pass
+//! statistics in f32), the same loops for every kernel set — compiled with
+//! each SIMD set's features by [`wide`](crate::vector::wide) — so results
+//! are bitwise the reference's whatever the set or the thread count.
+//!
+//! Every sum runs in [`LANES`] interleaved partial sums combined in a fixed
+//! order: an order the compiler can vectorise without reassociating.
+//! Rows are split among threads for `y` and `dx`; `dγ` and `dβ` sum over
+//! rows in row order, split among threads by column.
+
+use kiln_core::norm::{LayerNormGrads, LayerNormOut};
+use kiln_core::plan::LayerNormPlan;
+use kiln_core::{HostData, Result, View};
+use rayon::prelude::*;
+
+use crate::storage::{read_f32, store_f32};
+use crate::vector::wide;
+use crate::KernelSet;
+
+/// Partial sums per row sum.
+pub(crate) const LANES: usize = 16;
+
+/// Rows handed to one task at a time.
+const ROWS_PER_TASK: usize = 16;
+
+/// `Σ f(i)` over `0..n` in [`LANES`] partial sums, combined pairwise.
+#[inline(always)]
+fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let full = n - n % LANES;
+    for base in (0..full).step_by(LANES) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(base + l);
+        }
+    }
+    for (l, i) in (full..n).enumerate() {
+        acc[l] += f(i);
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    acc[0]
+}
+
+/// One row: its mean and rstd, and `y`.
+#[inline(always)]
+fn forward_row_loop(x: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [f32]) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = lane_sum(x.len(), |i| x[i]) / n;
+    let var = lane_sum(x.len(), |i| {
+        let d = x[i] - mean;
+        d * d
+    }) / n;
+    let rstd = 1.0 / (var + eps).sqrt();
+    for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(g).zip(b) {
+        *y = (x - mean) * rstd * g + b;
+    }
+    (mean, rstd)
+}
+
+/// One row of `dx`.
+#[inline(always)]
+fn backward_row_loop(x: &[f32], g: &[f32], dy: &[f32], mean: f32, rstd: f32, dx: &mut [f32]) {
+    let n = x.len() as f32;
+    let a = lane_sum(x.len(), |i| dy[i] * g[i]) / n;
+    let bm = lane_sum(x.len(), |i| dy[i] * g[i] * ((x[i] - mean) * rstd)) / n;
+    for i in 0..x.len() {
+        let xhat = (x[i] - mean) * rstd;
+        dx[i] = rstd * (dy[i] * g[i] - a - xhat * bm);
+    }
+}
+
+/// Columns `first..first + dg.len()` of `dγ` and `dβ`, summed over rows in
+/// row order.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn column_sums_loop(
+    x: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    cols: usize,
+    first: usize,
+    dg: &mut [f32],
+    db: &mut [f32],
+) {
+    let width = dg.len();
+    for (r, (&m, &s)) in mean.iter().zip(rstd).enumerate() {
+        let row = r * cols + first;
+        let (xr, dyr) = (&x[row..row + width], &dy[row..row + width]);
+        for j in 0..width {
+            dg[j] += dyr[j] * ((xr[j] - m) * s);
+            db[j] += dyr[j];
+        }
+    }
+}
+
+wide::per_set! {
+    /// One row of the forward pass.
+    fn forward_row(x: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [f32]) -> (f32, f32) = forward_row_loop;
+}
+
+wide::per_set! {
+    /// One row of `dx`.
+    fn backward_row(x: &[f32], g: &[f32], dy: &[f32], mean: f32, rstd: f32, dx: &mut [f32]) -> () = backward_row_loop;
+}
+
+wide::per_set! {
+    /// A block of `dγ`, `dβ` columns.
+    fn column_sums(x: &[f32], dy: &[f32], mean: &[f32], rstd: &[f32], cols: usize, first: usize, dg: &mut [f32], db: &mut [f32]) -> () = column_sums_loop;
+}
+
+/// Runs `f` over `jobs` on `pool`, or on this thread without one.
+fn each<T: Send>(pool: Option<&rayon::ThreadPool>, jobs: Vec<T>, f: impl Fn(T) + Sync + Send) {
+    match pool {
+        Some(p) if jobs.len() > 1 => p.install(|| jobs.into_par_iter().for_each(f)),
+        _ => jobs.into_iter().for_each(f),
+    }
+}
+
+/// [`kiln_core::Backend::layer_norm`] for kernel set `set`.
+pub(crate) fn layer_norm(
+    set: KernelSet,
+    pool: Option<&rayon::ThreadPool>,
+    x: View<'_, HostData>,
+    gamma: View<'_, HostData>,
+    beta: View<'_, HostData>,
+    eps: f32,
+) -> Result<LayerNormOut<HostData>> {
+    let plan = LayerNormPlan::new(x, gamma, beta, eps)?;
+    let op = "layer_norm";
+    let (xs, gs, bs) = (read_f32(op, x)?, read_f32(op, gamma)?, read_f32(op, beta)?);
+    let (rows, cols) = (plan.rows, plan.cols);
+    let mut y = vec![0f32; rows * cols];
+    let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+    let jobs: Vec<_> = y
+        .chunks_mut(ROWS_PER_TASK * cols)
+        .zip(mean.chunks_mut(ROWS_PER_TASK))
+        .zip(rstd.chunks_mut(ROWS_PER_TASK))
+        .enumerate()
+        .collect();
+    each(pool, jobs, |(t, ((y, m), s))| {
+        let first = t * ROWS_PER_TASK;
+        for (r, ((y, m), s)) in y.chunks_mut(cols).zip(m).zip(s).enumerate() {
+            let at = (first + r) * cols;
+            (*m, *s) = forward_row(set, &xs[at..at + cols], &gs, &bs, eps, y);
+        }
+    });
+    Ok(LayerNormOut {
+        y: store_f32(op, plan.dtype, y)?,
+        mean: HostData::F32(mean),
+        rstd: HostData::F32(rstd),
+    })
+}
+
+/// [`kiln_core::Backend::layer_norm_backward`] for kernel set `set`.
+pub(crate) fn layer_norm_backward(
+    set: KernelSet,
+    pool: Option<&rayon::ThreadPool>,
+    x: View<'_, HostData>,
+    gamma: View<'_, HostData>,
+    mean: View<'_, HostData>,
+    rstd: View<'_, HostData>,
+    dy: View<'_, HostData>,
+) -> Result<LayerNormGrads<HostData>> {
+    let plan = LayerNormPlan::backward(x, gamma, mean, rstd, dy)?;
+    let op = "layer_norm_backward";
+    let (xs, gs, dys) = (read_f32(op, x)?, read_f32(op, gamma)?, read_f32(op, dy)?);
+    let (ms, rs) = (read_f32(op, mean)?, read_f32(op, rstd)?);
+    let (rows, cols) = (plan.rows, plan.cols);
+    let mut dx = vec![0f32; rows * cols];
+    let jobs: Vec<_> = dx.chunks_mut(ROWS_PER_TASK * cols).enumerate().collect();
+    each(pool, jobs, |(t, dx)| {
+        let first = t * ROWS_PER_TASK;
+        for (r, dx) in dx.chunks_mut(cols).enumerate() {
+            let (row, at) = (first + r, (first + r) * cols);
+            let (xr, dyr) = (&xs[at..at + cols], &dys[at..at + cols]);
+            backward_row(set, xr, &gs, dyr, ms[row], rs[row], dx);
+        }
+    });
+    // Column blocks of dγ, dβ: each sums its columns over every row in order.
+    const BLOCK: usize = 64;
+    let (mut dg, mut db) = (vec![0f32; cols], vec![0f32; cols]);
+    let jobs: Vec<_> = dg
+        .chunks_mut(BLOCK)
+        .zip(db.chunks_mut(BLOCK))
+        .enumerate()
+        .collect();
+    each(pool, jobs, |(t, (dg, db))| {
+        column_sums(set, &xs, &dys, &ms, &rs, cols, t * BLOCK, dg, db);
+    });
+    Ok(LayerNormGrads {
+        dx: store_f32(op, plan.dtype, dx)?,
+        dgamma: store_f32(op, plan.dtype, dg)?,
+        dbeta: store_f32(op, plan.dtype, db)?,
+    })
+}

@@ -18,6 +18,7 @@
 #include "shim.h"
 #include "../conv.cu"
 #include "../elementwise.cu"
+#include "../embedding.cu"
 #include "../gemm_simt.cu"
 #include "../gemm_tc.cu"
 #include "../memory.cu"
@@ -74,6 +75,8 @@ const Entry KERNELS[] = {
     BLOCKS(kiln_argmax_rows),
     BLOCKS(kiln_softmax_rows),
     BLOCKS(kiln_softmax_xent),
+    SERIAL(kiln_embedding),
+    SERIAL(kiln_embedding_backward),
     BLOCKS(kiln_layer_norm),
     BLOCKS(kiln_layer_norm_backward_dx),
     SERIAL(kiln_layer_norm_backward_params),

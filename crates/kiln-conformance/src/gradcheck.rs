@@ -247,6 +247,24 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, cfg: &Config) -> Report {
                 Ok(0.0)
             },
         ),
+        "grad_embedding" => run_cases(
+            op,
+            f32,
+            cfg,
+            (1usize..6, 1usize..9, 1usize..12, 0u64..1000),
+            |(vocab, dim, n, seed)| {
+                let ids: Vec<u32> = (0..n as u64)
+                    .map(|i| rng::Philox::new(seed, i).below(vocab as u32))
+                    .collect();
+                let a = [input(seed, &[vocab, dim], -2.0, 2.0, 0.0)];
+                // Repeated ids: their gradients add up in the table's row.
+                check(b, &a, &|t| {
+                    let ids = Tensor::from_host(HostData::U32(ids.clone()), &[n], b)?;
+                    t[0].embedding(&ids)?.tanh()
+                })?;
+                Ok(0.0)
+            },
+        ),
         "grad_linear" => run_cases(
             op,
             f32,

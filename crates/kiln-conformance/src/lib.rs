@@ -687,6 +687,8 @@ macro_rules! __with_checks {
             log_softmax: F32 F16 BF16;
             softmax_cross_entropy: F32 F16 BF16;
             layer_norm: F32 F16 BF16;
+            embedding: F32 F16 BF16;
+            embedding_backward: F32 F16 BF16;
             layer_norm_backward: F32 F16 BF16;
             conv2d: F32 F16 BF16;
             conv2d_backward_data: F32 F16 BF16;
@@ -704,6 +706,7 @@ macro_rules! __with_checks {
             grad_reduce: F32;
             grad_softmax: F32;
             grad_norm: F32;
+            grad_embedding: F32;
             grad_linear: F32;
             grad_conv: F32;
             grad_model: F32;

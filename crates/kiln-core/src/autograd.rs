@@ -132,6 +132,11 @@ pub(crate) enum Op<B: Backend> {
         pool: Window2d,
         argmax: Arc<B::Storage>,
     },
+    /// Rows of `table` picked by the u32 `ids`.
+    Embedding {
+        table: Tensor<B>,
+        ids: Tensor<B>,
+    },
     /// Layer normalisation over the last axis, with the row statistics.
     LayerNorm {
         x: Tensor<B>,
@@ -174,6 +179,7 @@ impl<B: Backend> Op<B> {
             }
             Op::SoftmaxCrossEntropy { logits, .. } => vec![logits],
             Op::LayerNorm { x, gamma, beta, .. } => vec![x, gamma, beta],
+            Op::Embedding { table, .. } => vec![table],
             Op::Binary { a, b, .. } => vec![a, b],
             Op::Gemm { a, b, bias, .. } => {
                 let mut v = vec![a, b];
@@ -501,6 +507,13 @@ fn propagate<B: Backend>(
                 accumulate(pending, b, stored(db, b.dims(), backend)?)?;
             }
             Ok(())
+        }
+        Op::Embedding { table, ids } => {
+            let g = g.contiguous()?;
+            let backend = table.backend();
+            let vocab = table.dims()[0];
+            let dt = backend.embedding_backward(ids.view(), g.view(), vocab)?;
+            accumulate(pending, table, stored(dt, table.dims(), backend)?)
         }
         Op::LayerNorm {
             x,

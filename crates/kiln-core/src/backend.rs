@@ -705,6 +705,38 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
     /// the row maximum subtracted.
     fn softmax(&self, x: View<'_, Self::Storage>, log: bool) -> Result<Self::Storage>;
 
+    /// Rows of `table` (`[vocab, dim]`) picked by the u32 `ids` (any
+    /// shape): the ids' shape plus `[dim]`, in the table's type, equal in
+    /// value to the table's entries (kiln's kernels copy the bits; the
+    /// default composition may turn −0 into +0, and needs a finite table). An
+    /// id ≥ vocab is an error ([`crate::plan::EmbeddingPlan::bad_id`]) —
+    /// from this call or, on a device that checks ids where they live, from
+    /// the next [`Backend::synchronize`] or [`Backend::download`]. The
+    /// default composes primitive ops
+    /// ([`crate::embedding::compose_embedding`]; it synchronises to check
+    /// the ids).
+    fn embedding(
+        &self,
+        table: View<'_, Self::Storage>,
+        ids: View<'_, Self::Storage>,
+    ) -> Result<Self::Storage> {
+        crate::embedding::compose_embedding(self, table, ids)
+    }
+
+    /// The gradient of [`Backend::embedding`] with respect to the table:
+    /// `[vocab, dim]` in `dy`'s type, row `v` the sum of the `dy` rows
+    /// whose id is `v`, in position order — a deterministic scatter-add (no
+    /// result may depend on thread timing). Bound: a sum of that many terms
+    /// ([`bounds::dot`](crate::bounds::dot)).
+    fn embedding_backward(
+        &self,
+        ids: View<'_, Self::Storage>,
+        dy: View<'_, Self::Storage>,
+        vocab: usize,
+    ) -> Result<Self::Storage> {
+        crate::embedding::compose_embedding_backward(self, ids, dy, vocab)
+    }
+
     /// Layer normalisation over the last axis (see [`crate::norm`]):
     /// `y = (x − μ)·rstd·γ + β` per row with `rstd = 1/√(σ² + ε)`, the
     /// statistics in f32 whatever `x`'s type, returned for the backward

@@ -408,3 +408,106 @@ impl LayerNormPlan {
         Ok(())
     }
 }
+
+/// An embedding lookup: rows of a `[vocab, dim]` table picked by u32 ids
+/// of any shape, checked (the ids' values are the backend's to check, on
+/// the host or where they live: [`EmbeddingPlan::bad_id`] is the message).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EmbeddingPlan {
+    /// Rows of the table.
+    pub vocab: usize,
+    /// The width of a row.
+    pub dim: usize,
+    /// Ids looked up (the product of the ids' shape).
+    pub positions: usize,
+    /// The table's (and the result's) type; for the backward pass, `dy`'s.
+    pub dtype: DType,
+}
+
+impl EmbeddingPlan {
+    /// Checks a lookup's operands.
+    pub fn new<S: BackendStorage>(table: View<'_, S>, ids: View<'_, S>) -> Result<Self> {
+        let op = "embedding";
+        let dims = table.layout.dims();
+        if dims.len() != 2 {
+            return Err(Error::shape(
+                op,
+                format!("the table {} is not [vocab, dim]", table.layout.shape()),
+            ));
+        }
+        let plan = EmbeddingPlan {
+            vocab: dims[0],
+            dim: dims[1],
+            positions: ids.layout.numel(),
+            dtype: table.storage.dtype(),
+        };
+        Self::check_ids(op, ids)?;
+        Self::check_float(op, plan.dtype)?;
+        check_view(op, table)?;
+        Ok(plan)
+    }
+
+    /// Checks a backward pass's operands: `dy` is the ids' shape plus
+    /// `[dim]`; the result is `[vocab, dim]`.
+    pub fn backward<S: BackendStorage>(
+        ids: View<'_, S>,
+        dy: View<'_, S>,
+        vocab: usize,
+    ) -> Result<Self> {
+        let op = "embedding_backward";
+        Self::check_ids(op, ids)?;
+        let (idims, ddims) = (ids.layout.dims(), dy.layout.dims());
+        if ddims.len() != idims.len() + 1 || ddims[..idims.len()] != *idims {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "dy {} is not the ids' shape {} plus a row width",
+                    dy.layout.shape(),
+                    ids.layout.shape()
+                ),
+            ));
+        }
+        let plan = EmbeddingPlan {
+            vocab,
+            dim: ddims[idims.len()],
+            positions: ids.layout.numel(),
+            dtype: dy.storage.dtype(),
+        };
+        Self::check_float(op, plan.dtype)?;
+        check_view(op, dy)?;
+        Ok(plan)
+    }
+
+    fn check_ids<S: BackendStorage>(op: &'static str, ids: View<'_, S>) -> Result<()> {
+        if ids.storage.dtype() != DType::U32 {
+            return Err(Error::DType {
+                op,
+                expected: DType::U32,
+                got: ids.storage.dtype(),
+            });
+        }
+        check_view(op, ids)
+    }
+
+    fn check_float(op: &'static str, dtype: DType) -> Result<()> {
+        if dtype.is_float() {
+            Ok(())
+        } else {
+            Err(Error::DType {
+                op,
+                expected: DType::F32,
+                got: dtype,
+            })
+        }
+    }
+
+    /// The error for an id out of range, found at `position` (row-major in
+    /// the ids' shape).
+    pub fn bad_id(&self, position: usize, id: Option<u32>) -> Error {
+        let what = id.map_or(String::new(), |i| format!(" ({i})"));
+        Error::invalid(format!(
+            "embedding: the id at position {position}{what} is outside 0..{} (the table's rows)",
+            self.vocab
+        ))
+    }
+}

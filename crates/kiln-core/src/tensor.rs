@@ -761,6 +761,19 @@ impl<B: Backend> Tensor<B> {
         })
     }
 
+    /// Rows of this `[vocab, dim]` table picked by the u32 `ids` (any
+    /// shape; [`Backend::embedding`]): the ids' shape plus `[dim]`. The
+    /// table's gradient sums the rows' gradients in position order.
+    pub fn embedding(&self, ids: &Self) -> Result<Self> {
+        let s = self.backend().embedding(self.view(), ids.view())?;
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.dims().get(1).copied().unwrap_or(0));
+        self.result(s, &dims, || Op::Embedding {
+            table: self.clone(),
+            ids: ids.clone(),
+        })
+    }
+
     /// Layer normalisation over the last axis ([`Backend::layer_norm`]):
     /// `(x − μ)/√(σ² + eps)·gamma + beta` per row, `gamma` and `beta` of
     /// shape `[last]`.

@@ -20,6 +20,7 @@
 //! rows, so results never depend on the thread count or on scheduling.
 
 mod conv;
+mod embedding;
 mod fallback;
 pub mod features;
 mod gemm;
@@ -309,6 +310,19 @@ impl Backend for CpuBackend {
         }
         let out = reference::softmax::softmax_cross_entropy(logits, labels);
         self.scalar("softmax_cross_entropy", &[logits], out)
+    }
+
+    fn embedding(&self, table: View<'_, HostData>, ids: View<'_, HostData>) -> Result<HostData> {
+        embedding::embedding(table, ids)
+    }
+
+    fn embedding_backward(
+        &self,
+        ids: View<'_, HostData>,
+        dy: View<'_, HostData>,
+        vocab: usize,
+    ) -> Result<HostData> {
+        embedding::embedding_backward(self.pool.as_deref(), ids, dy, vocab)
     }
 
     fn layer_norm(

@@ -63,6 +63,10 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../kernels/gemm_simt.cu"),
     ),
     ("gemm_tc.cu", include_str!("../../../kernels/gemm_tc.cu")),
+    (
+        "embedding.cu",
+        include_str!("../../../kernels/embedding.cu"),
+    ),
     ("memory.cu", include_str!("../../../kernels/memory.cu")),
     ("norm.cu", include_str!("../../../kernels/norm.cu")),
     ("optim.cu", include_str!("../../../kernels/optim.cu")),

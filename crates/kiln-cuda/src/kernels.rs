@@ -40,6 +40,11 @@ pub const MODULES: &[(&str, &str, &[&str])] = &[
         &["kiln_softmax_rows", "kiln_softmax_xent"],
     ),
     (
+        "embedding",
+        include_str!("../../../kernels/ptx/embedding.ptx"),
+        &["kiln_embedding", "kiln_embedding_backward"],
+    ),
+    (
         "norm",
         include_str!("../../../kernels/ptx/norm.ptx"),
         &[

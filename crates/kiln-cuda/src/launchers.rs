@@ -125,6 +125,20 @@ kernels! {
         bad: Out,
     }
 
+    /// `kiln_embedding`: table rows by id (NaN rows and `bad` for ids out of range).
+    Embedding = "kiln_embedding" {
+        table: In, ids: In, out: Out, positions: i64, dim: i64, vocab: i64,
+        /// A u64 the kernel sets to 1 + a position whose id is out of range.
+        bad: Out,
+    }
+
+    /// `kiln_embedding_backward`: the table's gradient, one thread a column.
+    EmbeddingBackward = "kiln_embedding_backward" {
+        ids: In, dy: In, dtable: Out, positions: i64, dim: i64, vocab: i64,
+        /// As for [`Embedding`].
+        bad: Out,
+    }
+
     /// `kiln_layer_norm`: each row normalised, its mean and rstd kept.
     LayerNorm = "kiln_layer_norm" {
         x: In, gamma: In, beta: In, y: Out, mean: Out, rstd: Out, rows: i64, c: i64, eps: f32,

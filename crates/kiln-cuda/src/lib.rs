@@ -99,18 +99,52 @@ struct Inner {
     // launcher goes.
     alloc: Arc<Allocator<Box<dyn RawMemory>>>,
     device: Box<dyn Launcher>,
-    labels: LabelCheck,
+    labels: IndexCheck,
+    ids: IndexCheck,
     slow: SlowPaths,
 }
 
-/// Softmax-CE checks its labels on the device: the kernel writes 1 + the
-/// row of a label out of range into `word`, and the next synchronisation or
-/// download reports it — no copy of the labels to the host, no wait.
-struct LabelCheck {
+/// Softmax-CE checks its labels, and the embedding ops their ids, on the
+/// device: the kernel writes 1 + the position of an index out of range into
+/// `word`, and the next synchronisation or download reports it — no copy
+/// of the indices to the host, no wait. One check per op family, so the
+/// report names the right op.
+struct IndexCheck {
     word: Block<Box<dyn RawMemory>>,
-    /// The class count of a softmax-CE launched since the last check (0:
-    /// none, nothing to read back).
-    classes: AtomicU64,
+    /// The bound (classes, or table rows) of an op launched since the last
+    /// check (0: none, nothing to read back).
+    bound: AtomicU64,
+}
+
+impl IndexCheck {
+    fn new(alloc: &Arc<Allocator<Box<dyn RawMemory>>>, device: &dyn Launcher) -> Result<Self> {
+        let word = alloc.alloc("starting the CUDA backend", 8)?;
+        // SAFETY: the block holds at least 8 bytes.
+        unsafe { device.upload("starting the CUDA backend", word.ptr(), &[0; 8]) }?;
+        Ok(IndexCheck {
+            word,
+            bound: AtomicU64::new(0),
+        })
+    }
+
+    /// After a synchronisation: `(position, bound)` of an index out of
+    /// range since the last check, if any (the flag is then cleared).
+    fn take(&self, device: &dyn Launcher, op: &str) -> Result<Option<(usize, usize)>> {
+        let bound = self.bound.swap(0, Ordering::SeqCst);
+        if bound == 0 {
+            return Ok(None);
+        }
+        let mut word = [0u8; 8];
+        // SAFETY: the block holds 8 bytes.
+        unsafe { device.download(op, self.word.ptr(), &mut word) }?;
+        let bad = u64::from_le_bytes(word);
+        if bad == 0 {
+            return Ok(None);
+        }
+        // SAFETY: as above.
+        unsafe { device.upload(op, self.word.ptr(), &[0; 8]) }?;
+        Ok(Some(((bad - 1) as usize, bound as usize)))
+    }
 }
 
 /// A GPU — or the host emulation of one — with kiln's kernels and memory.
@@ -154,17 +188,14 @@ impl CudaBackend {
     /// backend its 8 bytes of bookkeeping memory.
     pub fn on(device: Box<dyn Launcher>) -> Result<Self> {
         let alloc = Allocator::new(device.memory());
-        let word = alloc.alloc("starting the CUDA backend", 8)?;
-        // SAFETY: the block holds at least 8 bytes.
-        unsafe { device.upload("starting the CUDA backend", word.ptr(), &[0; 8]) }?;
+        let labels = IndexCheck::new(&alloc, &*device)?;
+        let ids = IndexCheck::new(&alloc, &*device)?;
         Ok(CudaBackend {
             inner: Arc::new(Inner {
                 alloc,
                 device,
-                labels: LabelCheck {
-                    word,
-                    classes: AtomicU64::new(0),
-                },
+                labels,
+                ids,
                 slow: SlowPaths::new("cuda"),
             }),
             tf32: std::env::var("KILN_CUDA_TF32").is_ok_and(|v| v == "1"),
@@ -173,30 +204,31 @@ impl CudaBackend {
         })
     }
 
-    /// After a synchronisation: the error of a softmax-CE label out of
-    /// range since the last check, if any (the flag is then cleared).
+    /// After a synchronisation: the error of a softmax-CE label or an
+    /// embedding id out of range since the last check, if any (the flags
+    /// are then cleared).
     fn check_labels(&self) -> Result<()> {
-        let check = &self.inner.labels;
-        let classes = check.classes.swap(0, Ordering::SeqCst);
-        if classes == 0 {
-            return Ok(());
+        let device = self.device();
+        let labels = self.inner.labels.take(device, "softmax_cross_entropy")?;
+        let ids = self.inner.ids.take(device, "embedding")?;
+        if let Some((row, classes)) = labels {
+            let plan = kiln_core::SoftmaxCePlan {
+                rows: 0,
+                classes,
+                dtype: DType::F32,
+            };
+            return Err(plan.bad_label(row, None));
         }
-        let op = "softmax_cross_entropy";
-        let mut word = [0u8; 8];
-        // SAFETY: the block holds 8 bytes.
-        unsafe { self.device().download(op, check.word.ptr(), &mut word) }?;
-        let bad = u64::from_le_bytes(word);
-        if bad == 0 {
-            return Ok(());
+        if let Some((position, vocab)) = ids {
+            let plan = kiln_core::EmbeddingPlan {
+                vocab,
+                dim: 0,
+                positions: 0,
+                dtype: DType::F32,
+            };
+            return Err(plan.bad_id(position, None));
         }
-        // SAFETY: as above.
-        unsafe { self.device().upload(op, check.word.ptr(), &[0; 8]) }?;
-        let plan = kiln_core::SoftmaxCePlan {
-            rows: 0,
-            classes: classes as usize,
-            dtype: DType::F32,
-        };
-        Err(plan.bad_label((bad - 1) as usize, None))
+        Ok(())
     }
 
     /// The same backend with `fault` planted in its host code.
@@ -849,6 +881,75 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn embedding(
+        &self,
+        table: View<'_, CudaStorage>,
+        ids: View<'_, CudaStorage>,
+    ) -> Result<CudaStorage> {
+        let name = "embedding";
+        let plan = kiln_core::EmbeddingPlan::new(table, ids)?;
+        let (n, d, v) = (plan.positions, plan.dim, plan.vocab);
+        let ts = self.dense(name, table, DType::F32)?;
+        let is = self.dense(name, ids, DType::U32)?;
+        let out = self.f32_result(name, plan.dtype, n * d, |out| {
+            // Width-0 rows still have their ids checked, a thread each.
+            let Some(cfg) = elementwise(n * d.max(1), self.sms()) else {
+                return Ok(());
+            };
+            let args = k::Embedding {
+                table: ts.ptr,
+                ids: is.ptr,
+                out,
+                positions: n as i64,
+                dim: d as i64,
+                vocab: v as i64,
+                bad: self.inner.ids.word.ptr(),
+            };
+            // SAFETY: the table holds vocab·dim f32s, ids n u32s, out n·dim
+            // f32s, the id word 8 bytes; ids ≥ vocab are not read through.
+            unsafe { args.launch(self.device(), name, &cfg) }?;
+            self.inner
+                .ids
+                .bound
+                .store(v.max(1) as u64, Ordering::SeqCst);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn embedding_backward(
+        &self,
+        ids: View<'_, CudaStorage>,
+        dy: View<'_, CudaStorage>,
+        vocab: usize,
+    ) -> Result<CudaStorage> {
+        let name = "embedding_backward";
+        let plan = kiln_core::EmbeddingPlan::backward(ids, dy, vocab)?;
+        let (n, d) = (plan.positions, plan.dim);
+        let is = self.dense(name, ids, DType::U32)?;
+        let ds = self.dense(name, dy, DType::F32)?;
+        let dtable = self.full(vocab * d, DType::F32, 0.0)?;
+        if let Some(cfg) = elementwise(d.max(1), self.sms()).filter(|_| n > 0) {
+            let args = k::EmbeddingBackward {
+                ids: is.ptr,
+                dy: ds.ptr,
+                dtable: dtable.block.ptr(),
+                positions: n as i64,
+                dim: d as i64,
+                vocab: vocab as i64,
+                bad: self.inner.ids.word.ptr(),
+            };
+            // SAFETY: ids hold n u32s, dy n·dim f32s, dtable vocab·dim f32s,
+            // the id word 8 bytes; ids ≥ vocab are skipped.
+            unsafe { args.launch(self.device(), name, &cfg) }?;
+            self.inner
+                .ids
+                .bound
+                .store(vocab.max(1) as u64, Ordering::SeqCst);
+        }
+        self.convert(name, dtable, plan.dtype)
+    }
+
     fn layer_norm(
         &self,
         x: View<'_, CudaStorage>,
@@ -969,7 +1070,7 @@ impl Backend for CudaBackend {
             // SAFETY: logits and grad hold rows·c f32s, labels and loss
             // rows, the label word 8 bytes.
             unsafe { args.launch(self.device(), name, &cfg) }?;
-            self.inner.labels.classes.store(c as u64, Ordering::SeqCst);
+            self.inner.labels.bound.store(c as u64, Ordering::SeqCst);
         }
         Ok((
             self.convert(name, loss, dtype)?,

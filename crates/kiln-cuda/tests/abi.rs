@@ -176,6 +176,7 @@ fn kernel_signatures() -> Vec<(String, Vec<(String, String)>)> {
         include_str!("../../../kernels/elementwise.cu"),
         include_str!("../../../kernels/gemm_simt.cu"),
         include_str!("../../../kernels/gemm_tc.cu"),
+        include_str!("../../../kernels/embedding.cu"),
         include_str!("../../../kernels/memory.cu"),
         include_str!("../../../kernels/norm.cu"),
         include_str!("../../../kernels/optim.cu"),
@@ -241,7 +242,7 @@ fn every_launcher_matches_its_kernels_c_signature() {
     let kernels = kernel_signatures();
     assert_eq!(
         kernels.len(),
-        29,
+        31,
         "{:?}",
         kernels.iter().map(|k| &k.0).collect::<Vec<_>>()
     );

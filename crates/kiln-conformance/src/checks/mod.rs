@@ -2,6 +2,7 @@
 
 mod conv;
 mod elementwise;
+mod embedding;
 mod gemm;
 mod memory;
 mod norm;
@@ -75,6 +76,8 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, dtype: DType, cfg: &Config) -> Re
         "argmax" => reduce::argmax(b, dtype, cfg),
         "softmax" => softmax::softmax(b, dtype, cfg, false),
         "layer_norm" => norm::layer_norm(b, dtype, cfg),
+        "embedding" => embedding::embedding(b, dtype, cfg),
+        "embedding_backward" => embedding::embedding_backward(b, dtype, cfg),
         "layer_norm_backward" => norm::layer_norm_backward(b, dtype, cfg),
         "log_softmax" => softmax::softmax(b, dtype, cfg, true),
         "softmax_cross_entropy" => softmax::cross_entropy(b, dtype, cfg),

@@ -389,6 +389,8 @@ fn model_gradients<B: Backend>(b: &B, seed: u64) -> Result<(), CaseError> {
             dense(5, ActivationSpec::Tanh, Initializer::HeNormal),
             LayerSpec::Sigmoid,
             dense(4, ActivationSpec::Linear, Initializer::HeUniform),
+            LayerSpec::LayerNorm { eps: 1e-3 },
+            LayerSpec::Gelu,
             LayerSpec::Tanh,
             dense(3, ActivationSpec::Sigmoid, Initializer::GlorotUniform),
             LayerSpec::Relu,

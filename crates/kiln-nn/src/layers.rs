@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use kiln_core::{Activation, Backend, Error, Result, Tensor, Var, Window2d};
+use kiln_core::{Activation, Backend, DType, Error, Result, Tensor, Var, Window2d};
 
 use crate::precision::param_for;
 use crate::spec::{ActivationSpec, LayerSpec};
@@ -95,6 +95,66 @@ impl<B: Backend> Layer<B> for Flatten {
     }
     fn spec(&self) -> LayerSpec {
         LayerSpec::Flatten
+    }
+}
+
+/// Layer normalisation over the last axis with a learned per-feature scale
+/// `gamma` (initially 1) and shift `beta` (initially 0):
+/// `(x − μ)/√(σ² + eps)·gamma + beta` ([`Tensor::layer_norm`]). In mixed
+/// precision the parameters are cast to the input's type, the statistics
+/// are computed in f32.
+pub struct LayerNorm<B: Backend> {
+    gamma: Var<B>,
+    beta: Var<B>,
+    eps: f32,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    /// A layer over `width` features; `eps` finite and positive.
+    pub fn new(width: usize, eps: f32, backend: &B) -> Result<Self> {
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(Error::invalid(format!(
+                "LayerNorm eps {eps} must be finite and positive (1e-5 is usual)"
+            )));
+        }
+        let gamma = Var::from_tensor(&Tensor::full(&[width], 1.0, DType::F32, backend)?)?;
+        let beta = Var::from_tensor(&Tensor::full(&[width], 0.0, DType::F32, backend)?)?;
+        Ok(LayerNorm { gamma, beta, eps })
+    }
+}
+
+impl<B: Backend> Layer<B> for LayerNorm<B> {
+    fn kind(&self) -> &'static str {
+        "LayerNorm"
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let width = self.gamma.shape().dims()[0];
+        if input.last() != Some(&width) {
+            return Err(Error::shape(
+                "LayerNorm",
+                format!("input has shape {input:?}, expected a last axis of {width}"),
+            ));
+        }
+        Ok(input.to_vec())
+    }
+    fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
+        x.layer_norm(
+            &param_for(&self.gamma, x)?,
+            &param_for(&self.beta, x)?,
+            self.eps,
+        )
+    }
+    fn params(&self) -> Vec<&Var<B>> {
+        vec![&self.gamma, &self.beta]
+    }
+    fn params_mut(&mut self) -> Vec<&mut Var<B>> {
+        vec![&mut self.gamma, &mut self.beta]
+    }
+    fn param_names(&self) -> Vec<&'static str> {
+        vec!["gamma", "beta"]
+    }
+    fn spec(&self) -> LayerSpec {
+        LayerSpec::LayerNorm { eps: self.eps }
     }
 }
 

@@ -14,7 +14,7 @@ pub mod sequential;
 pub mod spec;
 
 pub use init::Initializer;
-pub use layers::{Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, Nonlinearity};
+pub use layers::{Conv2D, Dense, Dropout, Flatten, Layer, LayerNorm, MaxPool2D, Nonlinearity};
 pub use loss::Loss;
 pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
 pub use precision::Precision;

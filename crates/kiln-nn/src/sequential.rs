@@ -2,7 +2,7 @@
 
 use kiln_core::{Backend, Error, Result, Tensor, Var};
 
-use crate::layers::{Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, Nonlinearity};
+use crate::layers::{Conv2D, Dense, Dropout, Flatten, Layer, LayerNorm, MaxPool2D, Nonlinearity};
 use crate::precision::{to_compute, Precision};
 
 /// Dropout masks draw from the model seed's Philox key with this mask, a
@@ -43,6 +43,10 @@ impl<B: Backend> Sequential<B> {
                 LayerSpec::Sigmoid => Box::new(Nonlinearity::Sigmoid),
                 LayerSpec::Tanh => Box::new(Nonlinearity::Tanh),
                 LayerSpec::Gelu => Box::new(Nonlinearity::Gelu),
+                LayerSpec::LayerNorm { eps } => {
+                    let width = *shape.last().expect("shapes are never empty");
+                    Box::new(LayerNorm::new(width, eps, backend)?)
+                }
                 LayerSpec::Softmax => Box::new(Nonlinearity::Softmax),
                 LayerSpec::Dense {
                     units,

@@ -10,6 +10,10 @@ use kiln_core::{Error, Result};
 /// asking for more is rejected before anything is allocated.
 pub const MAX_PARAMS: usize = 1 << 30;
 
+fn default_layer_norm_eps() -> f32 {
+    1e-5
+}
+
 /// The activation a dense layer applies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -124,6 +128,14 @@ pub enum LayerSpec {
     Dropout {
         /// Fraction of the inputs zeroed, in [0, 1).
         rate: f32,
+    },
+    /// Layer normalisation over the last axis, with a learned scale γ
+    /// (initially 1) and shift β (initially 0) per feature.
+    #[serde(rename = "layernorm")]
+    LayerNorm {
+        /// Added to the variance (default 1e-5, as PyTorch and GPT-2).
+        #[serde(default = "default_layer_norm_eps")]
+        eps: f32,
     },
     /// max(x, 0)
     Relu,
@@ -392,6 +404,24 @@ impl ModelSpec {
                     if !(0.0..1.0).contains(&rate) {
                         return Err(at(format!("Dropout rate {rate} must be in [0, 1)")));
                     }
+                    shape
+                }
+                LayerSpec::LayerNorm { eps } => {
+                    if !(eps.is_finite() && eps > 0.0) {
+                        return Err(at(format!(
+                            "LayerNorm eps {eps} must be finite and positive (1e-5 is usual)"
+                        )));
+                    }
+                    let width = *shape.last().expect("shapes are never empty");
+                    params = width
+                        .checked_mul(2)
+                        .and_then(|p| p.checked_add(params))
+                        .filter(|&total| total <= MAX_PARAMS)
+                        .ok_or_else(|| {
+                            at(format!(
+                                "the model would have more than {MAX_PARAMS} parameters"
+                            ))
+                        })?;
                     shape
                 }
                 LayerSpec::Conv2d {

@@ -282,3 +282,39 @@ fn forward_and_backward_stop_between_ops_when_asked() {
         assert_eq!(a.to_vec_f32().unwrap(), g.to_vec_f32().unwrap());
     }
 }
+
+#[test]
+fn a_layernorm_gelu_block_normalises_and_counts_its_parameters() {
+    let toml = "name = \"block\"\ninput = [12]\n\
+        [[layers]]\ntype = \"dense\"\nunits = 16\n\
+        [[layers]]\ntype = \"layernorm\"\n\
+        [[layers]]\ntype = \"gelu\"\n\
+        [[layers]]\ntype = \"layernorm\"\neps = 1e-3\n";
+    let spec = ModelSpec::from_toml(toml).unwrap();
+    let m = Sequential::from_spec(&spec, 7, &backend()).unwrap();
+    assert_eq!(m.num_params(), 12 * 16 + 16 + 2 * 16 + 2 * 16);
+    let s = m.summary();
+    assert!(s.contains("(LayerNorm)") && s.contains("(GELU)"), "{s}");
+    // The spec round-trips, eps included.
+    let again = ModelSpec::from_toml(&spec.to_toml()).unwrap();
+    assert_eq!(again.to_toml(), spec.to_toml());
+    // γ = 1 and β = 0 at first: every output row has mean 0 and variance
+    // σ²/(σ² + eps), just under 1.
+    let x: Vec<f32> = (0..3 * 12).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+    let y = m
+        .forward(&Tensor::from_slice(&x, &[3, 12], &backend()).unwrap())
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
+    for row in y.chunks(16) {
+        let mean = row.iter().sum::<f32>() / 16.0;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / 16.0;
+        assert!(mean.abs() < 1e-5 && var < 1.0 && var > 0.9, "{mean} {var}");
+    }
+    // Absurd eps values are refused when the spec is read.
+    for eps in ["0.0", "-1e-5", "nan"] {
+        let bad = toml.replace("eps = 1e-3", &format!("eps = {eps}"));
+        let e = ModelSpec::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("LayerNorm eps"), "{eps}: {e}");
+    }
+}

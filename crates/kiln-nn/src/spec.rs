@@ -10,6 +10,15 @@ use kiln_core::{Error, Result};
 /// asking for more is rejected before anything is allocated.
 pub const MAX_PARAMS: usize = 1 << 30;
 
+/// `total + layer` parameters (`layer` `None` when its count overflowed),
+/// or why that is too many.
+fn add_params(total: usize, layer: Option<usize>) -> std::result::Result<usize, String> {
+    layer
+        .and_then(|p| p.checked_add(total))
+        .filter(|&t| t <= MAX_PARAMS)
+        .ok_or_else(|| format!("the model would have more than {MAX_PARAMS} parameters"))
+}
+
 fn default_layer_norm_eps() -> f32 {
     1e-5
 }
@@ -413,15 +422,7 @@ impl ModelSpec {
                         )));
                     }
                     let width = *shape.last().expect("shapes are never empty");
-                    params = width
-                        .checked_mul(2)
-                        .and_then(|p| p.checked_add(params))
-                        .filter(|&total| total <= MAX_PARAMS)
-                        .ok_or_else(|| {
-                            at(format!(
-                                "the model would have more than {MAX_PARAMS} parameters"
-                            ))
-                        })?;
+                    params = add_params(params, width.checked_mul(2)).map_err(at)?;
                     shape
                 }
                 LayerSpec::Conv2d {
@@ -447,19 +448,12 @@ impl ModelSpec {
                         .output("Conv2D", [h, w])
                         .map_err(|e| at(e.to_string()))?;
                     let [kh, kw] = win.kernel;
-                    let p = c
+                    let layer = c
                         .checked_mul(kh)
                         .and_then(|v| v.checked_mul(kw))
                         .and_then(|v| v.checked_add(1))
-                        .and_then(|v| v.checked_mul(filters))
-                        .and_then(|v| v.checked_add(params))
-                        .filter(|&total| total <= MAX_PARAMS)
-                        .ok_or_else(|| {
-                            at(format!(
-                                "the model would have more than {MAX_PARAMS} parameters"
-                            ))
-                        })?;
-                    params = p;
+                        .and_then(|v| v.checked_mul(filters));
+                    params = add_params(params, layer).map_err(at)?;
                     vec![filters, oh, ow]
                 }
                 LayerSpec::MaxPool2d { .. } => {
@@ -483,17 +477,8 @@ impl ModelSpec {
                     if units == 0 {
                         return Err(at("Dense needs at least one unit".into()));
                     }
-                    let p = inputs
-                        .checked_mul(units)
-                        .and_then(|w| w.checked_add(units))
-                        .and_then(|w| w.checked_add(params))
-                        .filter(|&total| total <= MAX_PARAMS)
-                        .ok_or_else(|| {
-                            at(format!(
-                                "the model would have more than {MAX_PARAMS} parameters"
-                            ))
-                        })?;
-                    params = p;
+                    let layer = inputs.checked_mul(units).and_then(|w| w.checked_add(units));
+                    params = add_params(params, layer).map_err(at)?;
                     vec![units]
                 }
             };

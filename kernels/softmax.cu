@@ -56,3 +56,19 @@ extern "C" __global__ void kiln_softmax_xent(const float* logits, const u32* lab
             g[j] = expf(row[j] - m) / s - (j == label ? 1.0f : 0.0f);
     }
 }
+
+// Causal-masked softmax over rows of `keys` scores, `queries` rows per
+// matrix: row r (query i = r mod queries) sees keys 0..=i + keys − queries;
+// the rest are 0 and not read.
+extern "C" __global__ void kiln_softmax_causal(const float* x, float* y, i64 rows, i64 queries,
+                                               i64 keys) {
+    __shared__ float scratch[32];
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* row = x + r * keys;
+        float* out = y + r * keys;
+        i64 seen = r % queries + keys - queries + 1;
+        float m, s;
+        row_stats(row, seen, scratch, &m, &s);
+        for (i64 j = threadIdx.x; j < keys; j += blockDim.x) out[j] = j < seen ? expf(row[j] - m) / s : 0.0f;
+    }
+}

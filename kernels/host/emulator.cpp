@@ -75,6 +75,7 @@ const Entry KERNELS[] = {
     BLOCKS(kiln_argmax_rows),
     BLOCKS(kiln_softmax_rows),
     BLOCKS(kiln_softmax_xent),
+    BLOCKS(kiln_softmax_causal),
     SERIAL(kiln_embedding),
     SERIAL(kiln_embedding_backward),
     BLOCKS(kiln_layer_norm),

@@ -210,6 +210,10 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, cfg: &Config) -> Report {
                 let a = [input(seed, &[rows, cols], -3.0, 3.0, 0.0)];
                 check(b, &a, &|t| t[0].softmax())?;
                 check(b, &a, &|t| t[0].log_softmax())?;
+                // Causal: `rows` queries over `cols + rows − 1` keys, so
+                // every row sees a different number of them.
+                let scores = [input(seed + 5, &[2, rows, cols + rows - 1], -3.0, 3.0, 0.0)];
+                check(b, &scores, &|t| t[0].softmax_causal())?;
                 let labels: Vec<u32> = (0..rows as u64)
                     .map(|i| rng::Philox::new(seed, i).below(cols as u32))
                     .collect();

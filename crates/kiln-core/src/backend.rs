@@ -737,6 +737,18 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
         crate::embedding::compose_embedding_backward(self, ids, dy, vocab)
     }
 
+    /// Softmax over the last axis of `[…, T, S]` scores with a causal
+    /// mask: query row `i` sees keys `0..=i + S − T` (`S ≥ T`; `S − T`
+    /// earlier keys, as from a cache), the rest get probability 0 and are
+    /// not read ([`crate::plan::CausalSoftmaxPlan`]). Bound: the softmax's
+    /// over the visible keys ([`bounds::SoftmaxRow`](crate::bounds::SoftmaxRow)),
+    /// the masked entries exactly 0. Its gradient is the softmax's (the
+    /// masked probabilities are 0). The default composes primitive ops
+    /// ([`crate::attention::compose_softmax_causal`]).
+    fn softmax_causal(&self, x: View<'_, Self::Storage>) -> Result<Self::Storage> {
+        crate::attention::compose_softmax_causal(self, x)
+    }
+
     /// Layer normalisation over the last axis (see [`crate::norm`]):
     /// `y = (x − μ)·rstd·γ + β` per row with `rstd = 1/√(σ² + ε)`, the
     /// statistics in f32 whatever `x`'s type, returned for the backward

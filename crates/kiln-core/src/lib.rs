@@ -21,6 +21,7 @@
 //! # Ok::<(), kiln_core::Error>(())
 //! ```
 
+pub mod attention;
 pub mod autograd;
 pub mod backend;
 pub mod bounds;
@@ -49,7 +50,9 @@ pub use dtype::{bf16_from_f64, f16_from_f64, round_to_format, DType, HostData};
 pub use error::{DataError, Error, Result};
 pub use layout::Layout;
 pub use norm::{LayerNormGrads, LayerNormOut};
-pub use plan::{EmbeddingPlan, GemmPlan, LayerNormPlan, OptimizerPlan, SoftmaxCePlan};
+pub use plan::{
+    CausalSoftmaxPlan, EmbeddingPlan, GemmPlan, LayerNormPlan, OptimizerPlan, SoftmaxCePlan,
+};
 pub use shape::Shape;
 pub use tensor::{Tensor, TensorId};
 pub use var::Var;

@@ -511,3 +511,58 @@ impl EmbeddingPlan {
         ))
     }
 }
+
+/// A causal-masked softmax over the last axis of `[…, T, S]` scores,
+/// checked: query row `i` (of `T`) sees keys `0..=i + S − T` — the last
+/// `T` of `S` positions, as with a cache of `S − T` earlier keys — so
+/// `S ≥ T` and every row sees at least one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CausalSoftmaxPlan {
+    /// Independent `[T, S]` matrices (the product of the leading axes).
+    pub batch: usize,
+    /// Query rows per matrix.
+    pub queries: usize,
+    /// Keys per row.
+    pub keys: usize,
+    /// The scores' (and the result's) type.
+    pub dtype: DType,
+}
+
+impl CausalSoftmaxPlan {
+    /// Checks the scores' shape, type and view.
+    pub fn new<S: BackendStorage>(x: View<'_, S>) -> Result<Self> {
+        let op = "softmax_causal";
+        let dims = x.layout.dims();
+        if dims.len() < 2 || dims[dims.len() - 1] < dims[dims.len() - 2] {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "scores {} are not [.., queries, keys] with keys ≥ queries",
+                    x.layout.shape()
+                ),
+            ));
+        }
+        let dtype = x.storage.dtype();
+        if !dtype.is_float() {
+            return Err(Error::DType {
+                op,
+                expected: DType::F32,
+                got: dtype,
+            });
+        }
+        check_view(op, x)?;
+        let r = dims.len();
+        Ok(CausalSoftmaxPlan {
+            batch: dims[..r - 2].iter().product(),
+            queries: dims[r - 2],
+            keys: dims[r - 1],
+            dtype,
+        })
+    }
+
+    /// How many keys (from the first) row `row` — counted over all the
+    /// matrices, row-major — sees.
+    pub fn visible(&self, row: usize) -> usize {
+        row % self.queries.max(1) + self.keys - self.queries + 1
+    }
+}

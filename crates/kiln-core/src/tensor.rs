@@ -774,6 +774,18 @@ impl<B: Backend> Tensor<B> {
         })
     }
 
+    /// Causal-masked softmax over the last axis of `[…, T, S]` scores
+    /// ([`Backend::softmax_causal`]): row `i` sees keys `0..=i + S − T`.
+    pub fn softmax_causal(&self) -> Result<Self> {
+        let s = self.backend().softmax_causal(self.view())?;
+        // The softmax's gradient, y·(g − Σ g·y), is right as it is: the
+        // masked probabilities are 0, so are their gradients.
+        self.result(s, self.dims(), || Op::Softmax {
+            x: self.clone(),
+            log: false,
+        })
+    }
+
     /// Layer normalisation over the last axis ([`Backend::layer_norm`]):
     /// `(x − μ)/√(σ² + eps)·gamma + beta` per row, `gamma` and `beta` of
     /// shape `[last]`.

@@ -297,6 +297,17 @@ impl Backend for CpuBackend {
         self.scalar("softmax", &[x], reference::softmax::softmax(x, log))
     }
 
+    fn softmax_causal(&self, x: View<'_, HostData>) -> Result<HostData> {
+        if let Some(out) = self
+            .simd()
+            .and_then(|(set, _)| vector::ops::softmax_causal(set, x))
+        {
+            return Ok(out);
+        }
+        let out = reference::softmax::softmax_causal(x);
+        self.scalar("softmax_causal", &[x], out)
+    }
+
     fn softmax_cross_entropy(
         &self,
         logits: View<'_, HostData>,

@@ -37,7 +37,11 @@ pub const MODULES: &[(&str, &str, &[&str])] = &[
     (
         "softmax",
         include_str!("../../../kernels/ptx/softmax.ptx"),
-        &["kiln_softmax_rows", "kiln_softmax_xent"],
+        &[
+            "kiln_softmax_rows",
+            "kiln_softmax_xent",
+            "kiln_softmax_causal",
+        ],
     ),
     (
         "embedding",

@@ -118,6 +118,9 @@ kernels! {
     /// `kiln_softmax_rows`: softmax (or log-softmax, `log = 1`) of each row.
     SoftmaxRows = "kiln_softmax_rows" { x: In, y: Out, rows: i64, c: i64, log: i32 }
 
+    /// `kiln_softmax_causal`: each row's softmax over the keys it sees.
+    SoftmaxCausal = "kiln_softmax_causal" { x: In, y: Out, rows: i64, queries: i64, keys: i64 }
+
     /// `kiln_softmax_xent`: per-row cross-entropy and its logit gradient.
     SoftmaxXent = "kiln_softmax_xent" {
         logits: In, labels: In, loss: Out, grad: Out, rows: i64, c: i64,

@@ -1044,6 +1044,27 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn softmax_causal(&self, x: View<'_, CudaStorage>) -> Result<CudaStorage> {
+        let name = "softmax_causal";
+        let plan = kiln_core::CausalSoftmaxPlan::new(x)?;
+        let rows = plan.batch * plan.queries;
+        let xs = self.dense(name, x, DType::F32)?;
+        self.f32_result(name, plan.dtype, rows * plan.keys, |y| {
+            let Some(cfg) = per_row(rows) else {
+                return Ok(());
+            };
+            let args = k::SoftmaxCausal {
+                x: xs.ptr,
+                y,
+                rows: rows as i64,
+                queries: plan.queries as i64,
+                keys: plan.keys as i64,
+            };
+            // SAFETY: `xs` and `y` hold rows·keys f32s.
+            unsafe { args.launch(self.device(), name, &cfg) }
+        })
+    }
+
     fn softmax_cross_entropy(
         &self,
         logits: View<'_, CudaStorage>,

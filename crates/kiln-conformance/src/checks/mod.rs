@@ -75,6 +75,7 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, dtype: DType, cfg: &Config) -> Re
         "reduce_min" => reduce::reduce(b, ReduceOp::Min, dtype, cfg),
         "argmax" => reduce::argmax(b, dtype, cfg),
         "softmax" => softmax::softmax(b, dtype, cfg, false),
+        "softmax_causal" => softmax::softmax_causal(b, dtype, cfg),
         "layer_norm" => norm::layer_norm(b, dtype, cfg),
         "embedding" => embedding::embedding(b, dtype, cfg),
         "embedding_backward" => embedding::embedding_backward(b, dtype, cfg),

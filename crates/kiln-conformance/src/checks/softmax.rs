@@ -142,3 +142,43 @@ pub(crate) fn cross_entropy<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Re
         Ok(w1.max(w2))
     })
 }
+
+/// The causal-masked softmax over `[…, T, S]` scores: each row's softmax
+/// over the keys it sees (the bound of [`SoftmaxRow`] on that prefix), the
+/// masked probabilities exactly 0. Rows at the `blocked` tier reach 4k keys.
+pub(crate) fn softmax_causal<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
+    let s = move |z: &Sizer| {
+        let dims = match z.tier {
+            Tier::Edge => (shape(2, 3), 0usize..9, 0usize..6).boxed(),
+            Tier::Blocked => (Just(vec![1]).boxed(), 1usize..40, 0usize..4000).boxed(),
+            Tier::Large => (Just(vec![2]).boxed(), 500usize..520, 0usize..300).boxed(),
+        };
+        (dims, logits())
+            .prop_flat_map(move |((mut lead, t, extra), dom)| {
+                lead.truncate(1);
+                lead.extend([t, t + extra]);
+                operand(dtype, lead, dom, true)
+            })
+            .boxed()
+    };
+    run_cases("softmax_causal", dtype, cfg, s, |x| {
+        let dims = x.dims().to_vec();
+        let (t, keys) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let st = x.upload(b)?;
+        let out = b.softmax_causal(View::new(&st, &x.layout))?;
+        let got = fetch_all(b, &out, &dims)?;
+        let mut want = Vec::with_capacity(got.len());
+        if keys > 0 {
+            for (r, row) in x.logical().chunks(keys).enumerate() {
+                let seen = r % t.max(1) + keys - t + 1;
+                let stats = SoftmaxRow::new(&row[..seen]);
+                want.extend((0..seen).map(|j| {
+                    let (y, e) = stats.prob(j);
+                    (y, Bound::Abs(e))
+                }));
+                want.extend((seen..keys).map(|_| (0.0, Bound::Exact)));
+            }
+        }
+        compare("softmax_causal", dtype, &dims, &got, &want)
+    })
+}

@@ -41,6 +41,28 @@ pub(crate) fn softmax(x: View<'_, HostData>, log: bool) -> Result<HostData> {
     store_f32("softmax", x.storage.dtype(), out)
 }
 
+/// The causal-masked softmax ([`kiln_core::Backend::softmax_causal`]):
+/// each row's softmax over the keys it sees, zeros after.
+pub(crate) fn softmax_causal(x: View<'_, HostData>) -> Result<HostData> {
+    let plan = kiln_core::CausalSoftmaxPlan::new(x)?;
+    let s = plan.keys;
+    let values = read_f32("softmax_causal", x)?;
+    let mut out = vec![0f32; values.len()];
+    // No keys means no queries either (keys ≥ queries): nothing to do.
+    for (r, (row, o)) in values
+        .chunks(s.max(1))
+        .zip(out.chunks_mut(s.max(1)))
+        .enumerate()
+    {
+        let seen = plan.visible(r);
+        let (max, sum) = row_stats(&row[..seen]);
+        for (o, &v) in o[..seen].iter_mut().zip(row) {
+            *o = (v - max).exp() / sum;
+        }
+    }
+    store_f32("softmax_causal", plan.dtype, out)
+}
+
 /// The labels of a softmax cross-entropy, checked: `[n]` u32 for `[n, c]`
 /// logits, each below `c`.
 pub(crate) fn checked_labels<'a>(

@@ -300,6 +300,30 @@ pub(crate) fn softmax(set: KernelSet, x: View<'_, HostData>, log: bool) -> Optio
     narrow(set, x.storage.dtype(), out)
 }
 
+/// The causal-masked softmax of a contiguous operand with the set's
+/// vector exp: each row over the keys it sees, zeros after.
+pub(crate) fn softmax_causal(set: KernelSet, x: View<'_, HostData>) -> Option<HostData> {
+    let plan = kiln_core::CausalSoftmaxPlan::new(x).ok()?;
+    let xs = contiguous(set, x)?;
+    let exp = transcendental(set, UnaryOp::Exp)?;
+    let s = plan.keys;
+    let mut out = vec![0f32; xs.len()];
+    let mut shifted = vec![0f32; s];
+    // No keys means no queries either (keys ≥ queries): nothing to do.
+    let width = s.max(1);
+    for (r, (row, o)) in xs
+        .chunks_exact(width)
+        .zip(out.chunks_exact_mut(width))
+        .enumerate()
+    {
+        let seen = plan.visible(r);
+        let o = &mut o[..seen];
+        let (_, sum) = row_stats(set, exp, &row[..seen], &mut shifted[..seen], o);
+        wide::scale(set, o, sum);
+    }
+    narrow(set, plan.dtype, out)
+}
+
 /// The row's max and `Σ exp(x − max)`; leaves `exp(x − max)` in `exps`.
 fn row_stats(
     set: KernelSet,

@@ -360,6 +360,92 @@ impl<D: Backend> Backend for Fallback<D> {
         )
     }
 
+    fn softmax_causal(&self, x: View<'_, D::Storage>) -> Result<D::Storage> {
+        self.or_cpu("softmax_causal", self.device.softmax_causal(x), || {
+            let x = self.stage(x)?;
+            self.put(self.cpu.softmax_causal(x.view())?)
+        })
+    }
+
+    fn layer_norm(
+        &self,
+        x: View<'_, D::Storage>,
+        gamma: View<'_, D::Storage>,
+        beta: View<'_, D::Storage>,
+        eps: f32,
+    ) -> Result<kiln_core::LayerNormOut<D::Storage>> {
+        self.or_cpu(
+            "layer_norm",
+            self.device.layer_norm(x, gamma, beta, eps),
+            || {
+                let (x, g, b) = (self.stage(x)?, self.stage(gamma)?, self.stage(beta)?);
+                let out = self.cpu.layer_norm(x.view(), g.view(), b.view(), eps)?;
+                Ok(kiln_core::LayerNormOut {
+                    y: self.put(out.y)?,
+                    mean: self.put(out.mean)?,
+                    rstd: self.put(out.rstd)?,
+                })
+            },
+        )
+    }
+
+    fn layer_norm_backward(
+        &self,
+        x: View<'_, D::Storage>,
+        gamma: View<'_, D::Storage>,
+        mean: View<'_, D::Storage>,
+        rstd: View<'_, D::Storage>,
+        dy: View<'_, D::Storage>,
+    ) -> Result<kiln_core::LayerNormGrads<D::Storage>> {
+        self.or_cpu(
+            "layer_norm_backward",
+            self.device.layer_norm_backward(x, gamma, mean, rstd, dy),
+            || {
+                let (x, g) = (self.stage(x)?, self.stage(gamma)?);
+                let (m, r, d) = (self.stage(mean)?, self.stage(rstd)?, self.stage(dy)?);
+                let grads = self.cpu.layer_norm_backward(
+                    x.view(),
+                    g.view(),
+                    m.view(),
+                    r.view(),
+                    d.view(),
+                )?;
+                Ok(kiln_core::LayerNormGrads {
+                    dx: self.put(grads.dx)?,
+                    dgamma: self.put(grads.dgamma)?,
+                    dbeta: self.put(grads.dbeta)?,
+                })
+            },
+        )
+    }
+
+    fn embedding(
+        &self,
+        table: View<'_, D::Storage>,
+        ids: View<'_, D::Storage>,
+    ) -> Result<D::Storage> {
+        self.or_cpu("embedding", self.device.embedding(table, ids), || {
+            let (t, i) = (self.stage(table)?, self.stage(ids)?);
+            self.put(self.cpu.embedding(t.view(), i.view())?)
+        })
+    }
+
+    fn embedding_backward(
+        &self,
+        ids: View<'_, D::Storage>,
+        dy: View<'_, D::Storage>,
+        vocab: usize,
+    ) -> Result<D::Storage> {
+        self.or_cpu(
+            "embedding_backward",
+            self.device.embedding_backward(ids, dy, vocab),
+            || {
+                let (i, d) = (self.stage(ids)?, self.stage(dy)?);
+                self.put(self.cpu.embedding_backward(i.view(), d.view(), vocab)?)
+            },
+        )
+    }
+
     fn conv2d(
         &self,
         x: View<'_, D::Storage>,

@@ -124,6 +124,16 @@ impl Backend for Partial {
         Err(declined("gemm", a.storage.dtype()))
     }
 
+    fn layer_norm(
+        &self,
+        x: View<'_, Buf>,
+        _: View<'_, Buf>,
+        _: View<'_, Buf>,
+        _: f32,
+    ) -> Result<kiln_core::LayerNormOut<Buf>> {
+        Err(declined("layer_norm", x.storage.dtype()))
+    }
+
     fn unary(&self, op: UnaryOp, x: View<'_, Buf>) -> Result<Buf> {
         wrap(self.cpu.unary(op, h(x)))
     }
@@ -476,6 +486,23 @@ fn softmax_cross_entropy_falls_back_bitwise() {
         .unwrap();
     assert_bits(&loss.0, &want_loss);
     assert_bits(&grad.0, &want_grad);
+}
+
+#[test]
+fn a_declined_layer_norm_runs_on_the_cpu_bitwise() {
+    let fb = Fallback::new(Partial::new());
+    // x: [4, 5] read transposed from [5, 4]; γ and β contiguous.
+    let x = Operand::random(&[5, 4], 8, |l| l.transpose(0, 1).unwrap());
+    let g = Operand::random(&[5], 9, |l| l.clone());
+    let b = Operand::random(&[5], 10, |l| l.clone());
+    let out = fb.layer_norm(x.dev(), g.dev(), b.dev(), 1e-5).unwrap();
+    let want = CpuBackend::reference()
+        .layer_norm(x.host(), g.host(), b.host(), 1e-5)
+        .unwrap();
+    assert_bits(&out.y.0, &want.y);
+    assert_bits(&out.mean.0, &want.mean);
+    assert_bits(&out.rstd.0, &want.rstd);
+    assert_eq!(fb.fallbacks(), vec![("layer_norm", 1)]);
 }
 
 #[test]

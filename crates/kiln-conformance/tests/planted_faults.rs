@@ -4,8 +4,8 @@
 
 use kiln_conformance::{run_check, Config, Depth, Status};
 use kiln_core::{
-    Activation, AdamStep, Backend, BinaryOp, DType, Distribution, GemmEpilogue, HostData, Layout,
-    ReduceOp, Result, SgdStep, UnaryOp, View, Window2d,
+    Activation, AdamStep, Backend, BinaryOp, DType, Distribution, GemmEpilogue, HostData,
+    LayerNormGrads, LayerNormOut, Layout, ReduceOp, Result, SgdStep, UnaryOp, View, Window2d,
 };
 use kiln_cpu::CpuBackend;
 
@@ -38,6 +38,16 @@ enum Fault {
     /// The filter gradient adds the last image twice when its reduction
     /// over `batch·oh·ow` is long enough to be split (past 512).
     ConvSplitK,
+    // Faults in the transformer ops:
+    /// GELU in the textbook form ½x(1 + tanh(…)), which cancels for x < 0.
+    GeluTanhForm,
+    /// Layer norm's variance in one pass, E[x²] − μ² (cancels for a large mean).
+    LayerNormOnePass,
+    /// The embedding backward keeps the last gradient of a repeated id
+    /// instead of summing them (a racy scatter "fixed" by overwriting).
+    EmbeddingLastWins,
+    /// The causal mask lets each query see one key too many.
+    CausalOffByOne,
 }
 
 #[derive(Clone, Debug)]
@@ -126,6 +136,18 @@ impl Backend for Faulty {
         Ok(HostData::F32(c))
     }
     fn unary(&self, op: UnaryOp, x: View<'_, HostData>) -> Result<HostData> {
+        if self.fault == Fault::GeluTanhForm
+            && op == UnaryOp::Gelu
+            && x.storage.dtype() == DType::F32
+        {
+            let xs = f32s(&self.inner.download(x)?);
+            let (k, c) = (0.797_884_6f32, 0.044_715f32);
+            return Ok(HostData::F32(
+                xs.iter()
+                    .map(|&v| 0.5 * v * (1.0 + (k * (v + c * v * v * v)).tanh()))
+                    .collect(),
+            ));
+        }
         let out = self.inner.unary(op, x)?;
         if self.fault == Fault::ExpRelative && op == UnaryOp::Exp {
             if let HostData::F32(v) = out {
@@ -315,6 +337,96 @@ impl Backend for Faulty {
     fn random(&self, d: Distribution, n: usize, t: DType, seed: u64, off: u64) -> Result<HostData> {
         self.inner.random(d, n, t, seed, off)
     }
+    fn layer_norm(
+        &self,
+        x: View<'_, HostData>,
+        gamma: View<'_, HostData>,
+        beta: View<'_, HostData>,
+        eps: f32,
+    ) -> Result<LayerNormOut<HostData>> {
+        let mut out = self.inner.layer_norm(x, gamma, beta, eps)?;
+        if self.fault == Fault::LayerNormOnePass && x.storage.dtype() == DType::F32 {
+            let (xs, g, b) = (
+                f32s(&self.inner.download(x)?),
+                f32s(&self.inner.download(gamma)?),
+                f32s(&self.inner.download(beta)?),
+            );
+            let c = g.len();
+            let (mut y, mut rstd) = (Vec::new(), Vec::new());
+            for row in xs.chunks(c) {
+                let n = c as f32;
+                let mean = row.iter().sum::<f32>() / n;
+                let var = row.iter().map(|v| v * v).sum::<f32>() / n - mean * mean;
+                let r = 1.0 / (var.max(0.0) + eps).sqrt();
+                rstd.push(r);
+                y.extend(
+                    row.iter()
+                        .zip(&g)
+                        .zip(&b)
+                        .map(|((v, g), b)| (v - mean) * r * g + b),
+                );
+            }
+            out.y = HostData::F32(y);
+            out.rstd = HostData::F32(rstd);
+        }
+        Ok(out)
+    }
+    fn layer_norm_backward(
+        &self,
+        x: View<'_, HostData>,
+        gamma: View<'_, HostData>,
+        mean: View<'_, HostData>,
+        rstd: View<'_, HostData>,
+        dy: View<'_, HostData>,
+    ) -> Result<LayerNormGrads<HostData>> {
+        self.inner.layer_norm_backward(x, gamma, mean, rstd, dy)
+    }
+    fn embedding(&self, table: View<'_, HostData>, ids: View<'_, HostData>) -> Result<HostData> {
+        self.inner.embedding(table, ids)
+    }
+    fn embedding_backward(
+        &self,
+        ids: View<'_, HostData>,
+        dy: View<'_, HostData>,
+        vocab: usize,
+    ) -> Result<HostData> {
+        if self.fault != Fault::EmbeddingLastWins || dy.storage.dtype() != DType::F32 {
+            return self.inner.embedding_backward(ids, dy, vocab);
+        }
+        let dim = *dy.layout.dims().last().expect("dy has a row axis");
+        let (ids, dy) = (self.inner.download(ids)?, f32s(&self.inner.download(dy)?));
+        let HostData::U32(ids) = ids else {
+            unreachable!("u32 ids")
+        };
+        let mut out = vec![0f32; vocab * dim];
+        for (p, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            out[id * dim..(id + 1) * dim].copy_from_slice(&dy[p * dim..(p + 1) * dim]);
+        }
+        Ok(HostData::F32(out))
+    }
+    fn softmax_causal(&self, x: View<'_, HostData>) -> Result<HostData> {
+        if self.fault != Fault::CausalOffByOne || x.storage.dtype() != DType::F32 {
+            return self.inner.softmax_causal(x);
+        }
+        let dims = x.layout.dims();
+        let (t, keys) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let xs = f32s(&self.inner.download(x)?);
+        let mut out = vec![0f32; xs.len()];
+        for (r, (row, o)) in xs
+            .chunks(keys.max(1))
+            .zip(out.chunks_mut(keys.max(1)))
+            .enumerate()
+        {
+            let seen = (r % t.max(1) + keys - t + 2).min(keys);
+            let m = row[..seen].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let sum: f32 = row[..seen].iter().map(|v| (v - m).exp()).sum();
+            for (o, v) in o[..seen].iter_mut().zip(row) {
+                *o = (v - m).exp() / sum;
+            }
+        }
+        Ok(HostData::F32(out))
+    }
 }
 
 /// The check's status on the scalar reference backend with `fault` planted,
@@ -352,6 +464,10 @@ fn every_planted_fault_is_caught_and_the_clean_backend_passes() {
         (Fault::ExpRelative, "unary_exp"),
         (Fault::ReduceDropsLast, "reduce_sum"),
         (Fault::BroadcastWrongStride, "binary_add"),
+        (Fault::GeluTanhForm, "unary_gelu"),
+        (Fault::LayerNormOnePass, "layer_norm"),
+        (Fault::EmbeddingLastWins, "embedding_backward"),
+        (Fault::CausalOffByOne, "softmax_causal"),
     ]);
 }
 

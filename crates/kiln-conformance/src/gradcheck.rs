@@ -11,7 +11,7 @@
 use kiln_core::{
     no_grad, rng, Activation, Backend, DType, HostData, Result, Tensor, UnaryOp, Var, Window2d,
 };
-use kiln_nn::{ActivationSpec, Initializer, LayerSpec, Loss, ModelSpec, Sequential};
+use kiln_nn::{ActivationSpec, GptConfig, Initializer, LayerSpec, Loss, ModelSpec, Sequential};
 use proptest::prelude::*;
 
 use crate::{run_edge_cases as run_cases, CaseError, Config, Report};
@@ -384,6 +384,7 @@ fn model_gradients<B: Backend>(b: &B, seed: u64) -> Result<(), CaseError> {
         units,
         activation,
         kernel_init,
+        bias: true,
     };
     let spec = ModelSpec {
         name: "all-layers".into(),
@@ -393,7 +394,10 @@ fn model_gradients<B: Backend>(b: &B, seed: u64) -> Result<(), CaseError> {
             dense(5, ActivationSpec::Tanh, Initializer::HeNormal),
             LayerSpec::Sigmoid,
             dense(4, ActivationSpec::Linear, Initializer::HeUniform),
-            LayerSpec::LayerNorm { eps: 1e-3 },
+            LayerSpec::LayerNorm {
+                eps: 1e-3,
+                bias: true,
+            },
             LayerSpec::Gelu,
             LayerSpec::Tanh,
             dense(3, ActivationSpec::Sigmoid, Initializer::GlorotUniform),
@@ -401,25 +405,58 @@ fn model_gradients<B: Backend>(b: &B, seed: u64) -> Result<(), CaseError> {
             dense(4, ActivationSpec::Softmax, Initializer::GlorotUniform),
         ],
     };
-    let mut model = Sequential::from_spec(&spec, seed, b)?;
+    let model = Sequential::from_spec(&spec, seed, b)?;
     let n = 5;
     let x = Tensor::from_slice(&values(seed + 11, n * 6, -1.0, 1.0, 0.0), &[n, 2, 3], b)?;
     let labels: Vec<u32> = (0..n as u64)
         .map(|i| rng::Philox::new(seed, i).below(4))
         .collect();
     let y = Tensor::from_host(HostData::U32(labels), &[n], b)?;
-    let loss_of = |m: &Sequential<B>| -> Result<f64> {
-        no_grad(|| {
-            Ok(f64::from(
-                Loss::CategoricalCrossEntropy
-                    .compute(&m.forward_logits(&x)?, &y)?
-                    .to_scalar_f32()?,
-            ))
-        })
+    check_model(model, 1e-2, |m| {
+        Loss::CategoricalCrossEntropy.compute(&m.forward_logits(&x)?, &y)
+    })?;
+
+    // A one-block GPT with biases (embeddings, position table, residuals,
+    // attention, the tied head): the next-token loss over every position.
+    let gpt = GptConfig {
+        name: "gpt-gradcheck".into(),
+        n_layer: 1,
+        n_head: 2,
+        n_embd: 8,
+        block_size: 5,
+        dropout: 0.0,
+        bias: true,
     };
-    let grads = Loss::CategoricalCrossEntropy
-        .compute(&model.forward_logits(&x)?, &y)?
-        .backward()?;
+    let vocab = 7;
+    let model = Sequential::from_spec(&gpt.spec(vocab)?, seed, b)?;
+    let (n, t) = (2, 5);
+    let draw = |stream: u64| -> Vec<u32> {
+        (0..(n * t) as u64)
+            .map(|i| rng::Philox::new(seed ^ stream, i).below(vocab as u32))
+            .collect()
+    };
+    let ids = Tensor::from_host(HostData::U32(draw(1)), &[n, t], b)?;
+    let next = Tensor::from_host(HostData::U32(draw(2)), &[n * t], b)?;
+    // Its weights are N(0, 0.02²) under layer norms: a smaller step.
+    check_model(model, 1e-3, |m| {
+        m.forward_logits(&ids)?
+            .reshape(&[n * t, vocab])?
+            .softmax_cross_entropy(&next)
+    })
+}
+
+/// Each parameter's gradient of `loss(model)` (a scalar) by autograd
+/// against central differences of step `h`.
+fn check_model<B: Backend>(
+    mut model: Sequential<B>,
+    h: f32,
+    loss: impl Fn(&Sequential<B>) -> Result<Tensor<B>>,
+) -> Result<(), CaseError> {
+    let b = model.params()[0].backend().clone();
+    let b = &b;
+    let loss_of =
+        |m: &Sequential<B>| -> Result<f64> { no_grad(|| Ok(f64::from(loss(m)?.to_scalar_f32()?))) };
+    let grads = loss(&model)?.backward()?;
     let analytic: Vec<Vec<f32>> = model
         .params()
         .iter()
@@ -434,7 +471,6 @@ fn model_gradients<B: Backend>(b: &B, seed: u64) -> Result<(), CaseError> {
         let original = model.params()[pi].value();
         let vals = original.to_vec_f32()?;
         for j in 0..ga.len() {
-            let h = 1e-2f32;
             let mut eval = |d: f32| -> Result<f64> {
                 let mut v = vals.clone();
                 v[j] += d;

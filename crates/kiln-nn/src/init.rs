@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// How a weight tensor starts out. `fan_in`/`fan_out` are a dense kernel's
 /// input and output sizes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Initializer {
     /// All zeros (biases).
@@ -16,6 +16,13 @@ pub enum Initializer {
     HeUniform,
     /// He normal: N(0, 2 / fan_in).
     HeNormal,
+    /// N(0, std²) whatever the fans — GPT-2's 0.02 for every weight, and
+    /// 0.02/√(2·layers) for the projections into the residual stream. In a
+    /// TOML spec: `kernel_init = { normal = { std = 0.02 } }`.
+    Normal {
+        /// The standard deviation, finite and positive.
+        std: f32,
+    },
 }
 
 impl Initializer {
@@ -45,6 +52,17 @@ impl Initializer {
                 mean: 0.0,
                 std: (2.0 / fi).sqrt(),
             },
+            Initializer::Normal { std } => {
+                if !(std.is_finite() && std > 0.0) {
+                    return Err(kiln_core::Error::invalid(format!(
+                        "normal initialiser: std {std} must be finite and positive"
+                    )));
+                }
+                Distribution::Normal {
+                    mean: 0.0,
+                    std: f64::from(std),
+                }
+            }
         };
         Tensor::random(dims, dist, DType::F32, seed, offset, backend)
     }

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use kiln_core::{Activation, Backend, DType, Error, Result, Tensor, Var, Window2d};
 
+use crate::decode::DecodeState;
 use crate::precision::param_for;
 use crate::spec::{ActivationSpec, LayerSpec};
 use crate::Initializer;
@@ -29,9 +30,39 @@ pub trait Layer<B: Backend>: Send + Sync {
         Vec::new()
     }
 
-    /// Names of the parameters, matching [`Layer::params`].
-    fn param_names(&self) -> Vec<&'static str> {
+    /// Names of the parameters, matching [`Layer::params`] (`weight`; a
+    /// residual's `1.attention.qkv_weight`).
+    fn param_names(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// The `[vocab, dim]` table of an Embedding layer, which a tied
+    /// [`crate::LmHead`] reads; `None` for other layers.
+    fn table(&self) -> Option<&Var<B>> {
+        None
+    }
+
+    /// Applies the layer given the model's embedding table (`None` if it
+    /// has none). Only a layer that reads the table (the tied LM head)
+    /// differs from [`Layer::forward`]; [`crate::Sequential`] calls this.
+    fn forward_with(&self, x: &Tensor<B>, table: Option<&Var<B>>) -> Result<Tensor<B>> {
+        let _ = table;
+        self.forward(x)
+    }
+
+    /// Incremental decoding: applies the layer to `x`, the `[n, t, …]`
+    /// examples' next `t` positions, starting at `state.position()`, with
+    /// what earlier calls left in `state` (attention's key/value cache).
+    /// Position-wise layers need nothing more than [`Layer::forward_with`],
+    /// the default.
+    fn decode(
+        &self,
+        x: &Tensor<B>,
+        table: Option<&Var<B>>,
+        state: &mut DecodeState<B>,
+    ) -> Result<Tensor<B>> {
+        let _ = state;
+        self.forward_with(x, table)
     }
 
     /// For a layer that can absorb a max-pooling that follows it (Conv2D):
@@ -47,15 +78,17 @@ pub trait Layer<B: Backend>: Send + Sync {
         None
     }
 
-    /// How far the layer's own random stream has advanced (dropout), for
-    /// checkpoints; `None` for layers without one.
-    fn rng_position(&self) -> Option<u64> {
-        None
+    /// How far the layer's random streams (dropout) have advanced, for
+    /// checkpoints; empty for layers without any.
+    fn rng_positions(&self) -> Vec<u64> {
+        Vec::new()
     }
 
-    /// Restores the position [`Layer::rng_position`] reported.
-    fn set_rng_position(&self, position: u64) {
-        let _ = position;
+    /// Restores positions [`Layer::rng_positions`] reported (as many as it
+    /// returns, taken from the front of `positions`); returns how many it used.
+    fn set_rng_positions(&self, positions: &[u64]) -> usize {
+        let _ = positions;
+        0
     }
 
     /// Switches training behaviour (dropout) on or off; most layers have none.
@@ -99,26 +132,36 @@ impl<B: Backend> Layer<B> for Flatten {
 }
 
 /// Layer normalisation over the last axis with a learned per-feature scale
-/// `gamma` (initially 1) and shift `beta` (initially 0):
+/// `gamma` (initially 1) and shift `beta` (initially 0; or none, β = 0):
 /// `(x − μ)/√(σ² + eps)·gamma + beta` ([`Tensor::layer_norm`]). In mixed
 /// precision the parameters are cast to the input's type, the statistics
 /// are computed in f32.
 pub struct LayerNorm<B: Backend> {
     gamma: Var<B>,
-    beta: Var<B>,
+    beta: Option<Var<B>>,
     eps: f32,
 }
 
 impl<B: Backend> LayerNorm<B> {
-    /// A layer over `width` features; `eps` finite and positive.
-    pub fn new(width: usize, eps: f32, backend: &B) -> Result<Self> {
+    /// A layer over `width` features; `eps` finite and positive; `bias`:
+    /// whether β is learned.
+    pub fn new(width: usize, eps: f32, bias: bool, backend: &B) -> Result<Self> {
         if !(eps.is_finite() && eps > 0.0) {
             return Err(Error::invalid(format!(
                 "LayerNorm eps {eps} must be finite and positive (1e-5 is usual)"
             )));
         }
         let gamma = Var::from_tensor(&Tensor::full(&[width], 1.0, DType::F32, backend)?)?;
-        let beta = Var::from_tensor(&Tensor::full(&[width], 0.0, DType::F32, backend)?)?;
+        let beta = if bias {
+            Some(Var::from_tensor(&Tensor::full(
+                &[width],
+                0.0,
+                DType::F32,
+                backend,
+            )?)?)
+        } else {
+            None
+        };
         Ok(LayerNorm { gamma, beta, eps })
     }
 }
@@ -138,23 +181,32 @@ impl<B: Backend> Layer<B> for LayerNorm<B> {
         Ok(input.to_vec())
     }
     fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
-        x.layer_norm(
-            &param_for(&self.gamma, x)?,
-            &param_for(&self.beta, x)?,
-            self.eps,
-        )
+        let beta = match &self.beta {
+            Some(b) => param_for(b, x)?,
+            None => Tensor::zeros(self.gamma.shape().dims(), x.dtype(), x.backend())?,
+        };
+        x.layer_norm(&param_for(&self.gamma, x)?, &beta, self.eps)
     }
     fn params(&self) -> Vec<&Var<B>> {
-        vec![&self.gamma, &self.beta]
+        std::iter::once(&self.gamma).chain(&self.beta).collect()
     }
     fn params_mut(&mut self) -> Vec<&mut Var<B>> {
-        vec![&mut self.gamma, &mut self.beta]
+        std::iter::once(&mut self.gamma)
+            .chain(&mut self.beta)
+            .collect()
     }
-    fn param_names(&self) -> Vec<&'static str> {
-        vec!["gamma", "beta"]
+    fn param_names(&self) -> Vec<String> {
+        let mut names = vec!["gamma".to_string()];
+        if self.beta.is_some() {
+            names.push("beta".into());
+        }
+        names
     }
     fn spec(&self) -> LayerSpec {
-        LayerSpec::LayerNorm { eps: self.eps }
+        LayerSpec::LayerNorm {
+            eps: self.eps,
+            bias: self.beta.is_some(),
+        }
     }
 }
 
@@ -216,11 +268,12 @@ impl<B: Backend> Layer<B> for Nonlinearity {
     }
 }
 
-/// A fully connected layer `act(x·W + b)`, one fused GEMM (softmax, which is
-/// not an elementwise epilogue, runs after it).
+/// A fully connected layer `act(x·W + b)` over the last axis, one fused
+/// GEMM (softmax, which is not an elementwise epilogue, runs after it).
+/// Examples are `[features]` or `[positions, features]`.
 pub struct Dense<B: Backend> {
     weight: Var<B>,
-    bias: Var<B>,
+    bias: Option<Var<B>>,
     activation: ActivationSpec,
     kernel_init: Initializer,
 }
@@ -246,10 +299,16 @@ impl<B: Backend> Dense<B> {
         let b = Initializer::Zeros.init(&[units], inputs, units, seed, offset, backend)?;
         Ok(Dense {
             weight: Var::from_tensor(&w)?,
-            bias: Var::from_tensor(&b)?,
+            bias: Some(Var::from_tensor(&b)?),
             activation,
             kernel_init,
         })
+    }
+
+    /// The same layer without a bias (`x·W` only).
+    pub fn without_bias(mut self) -> Self {
+        self.bias = None;
+        self
     }
 
     /// The `[inputs, units]` kernel.
@@ -257,9 +316,9 @@ impl<B: Backend> Dense<B> {
         &self.weight
     }
 
-    /// The `[units]` bias.
-    pub fn bias(&self) -> &Var<B> {
-        &self.bias
+    /// The `[units]` bias, if the layer has one.
+    pub fn bias(&self) -> Option<&Var<B>> {
+        self.bias.as_ref()
     }
 
     fn epilogue(&self) -> Activation {
@@ -272,21 +331,26 @@ impl<B: Backend> Dense<B> {
     }
 
     fn linear(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
-        let inputs = self.weight.shape().dims()[0];
-        if x.rank() != 2 || x.dims()[1] != inputs {
+        let (inputs, units) = (self.weight.shape().dims()[0], self.weight.shape().dims()[1]);
+        if !(x.rank() == 2 || x.rank() == 3) || x.dims().last() != Some(&inputs) {
             return Err(Error::shape(
                 "Dense",
                 format!(
-                    "input has shape {}, expected [batch, {inputs}] (add a Flatten layer before Dense?)",
+                    "input has shape {}, expected [batch, {inputs}] or [batch, positions, {inputs}] (add a Flatten layer before Dense?)",
                     x.shape()
                 ),
             ));
         }
-        x.linear(
+        let rows = x.numel() / inputs;
+        let bias = self.bias.as_ref().map(|b| param_for(b, x)).transpose()?;
+        let y = x.reshape(&[rows, inputs])?.linear(
             &param_for(&self.weight, x)?,
-            Some(&param_for(&self.bias, x)?),
+            bias.as_ref(),
             self.epilogue(),
-        )
+        )?;
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank 2 or 3") = units;
+        y.reshape(&dims)
     }
 }
 
@@ -296,13 +360,15 @@ impl<B: Backend> Layer<B> for Dense<B> {
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         let (inputs, units) = (self.weight.shape().dims()[0], self.weight.shape().dims()[1]);
-        if input != [inputs] {
+        if input.len() > 2 || input.last() != Some(&inputs) {
             return Err(Error::shape(
                 "Dense",
-                format!("input has shape {input:?}, expected [{inputs}] (add a Flatten layer before Dense?)"),
+                format!("input has shape {input:?}, expected [{inputs}] or [positions, {inputs}] (add a Flatten layer before Dense?)"),
             ));
         }
-        Ok(vec![units])
+        let mut out = input.to_vec();
+        *out.last_mut().expect("checked above") = units;
+        Ok(out)
     }
     fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
         let y = self.linear(x)?;
@@ -313,19 +379,26 @@ impl<B: Backend> Layer<B> for Dense<B> {
         }
     }
     fn params(&self) -> Vec<&Var<B>> {
-        vec![&self.weight, &self.bias]
+        std::iter::once(&self.weight).chain(&self.bias).collect()
     }
     fn params_mut(&mut self) -> Vec<&mut Var<B>> {
-        vec![&mut self.weight, &mut self.bias]
+        std::iter::once(&mut self.weight)
+            .chain(&mut self.bias)
+            .collect()
     }
-    fn param_names(&self) -> Vec<&'static str> {
-        vec!["weight", "bias"]
+    fn param_names(&self) -> Vec<String> {
+        let mut names = vec!["weight".to_string()];
+        if self.bias.is_some() {
+            names.push("bias".into());
+        }
+        names
     }
     fn spec(&self) -> LayerSpec {
         LayerSpec::Dense {
             units: self.weight.shape().dims()[1],
             activation: self.activation,
             kernel_init: self.kernel_init,
+            bias: self.bias.is_some(),
         }
     }
     fn ends_in_softmax(&self) -> bool {
@@ -445,8 +518,8 @@ impl<B: Backend> Layer<B> for Conv2D<B> {
     fn params_mut(&mut self) -> Vec<&mut Var<B>> {
         vec![&mut self.weight, &mut self.bias]
     }
-    fn param_names(&self) -> Vec<&'static str> {
-        vec!["weight", "bias"]
+    fn param_names(&self) -> Vec<String> {
+        vec!["weight".into(), "bias".into()]
     }
     fn spec(&self) -> LayerSpec {
         self.spec.clone()
@@ -560,11 +633,17 @@ impl<B: Backend> Layer<B> for Dropout {
     fn set_training(&self, training: bool) {
         self.training.store(training, Ordering::Relaxed);
     }
-    fn rng_position(&self) -> Option<u64> {
-        Some(self.drawn())
+    fn rng_positions(&self) -> Vec<u64> {
+        vec![self.drawn()]
     }
-    fn set_rng_position(&self, position: u64) {
-        self.set_drawn(position);
+    fn set_rng_positions(&self, positions: &[u64]) -> usize {
+        match positions.first() {
+            Some(&p) => {
+                self.set_drawn(p);
+                1
+            }
+            None => 0,
+        }
     }
     fn spec(&self) -> LayerSpec {
         LayerSpec::Dropout { rate: self.rate }

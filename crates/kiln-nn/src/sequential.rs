@@ -2,8 +2,12 @@
 
 use kiln_core::{Backend, Error, Result, Tensor, Var};
 
+use crate::attention::CausalSelfAttention;
+use crate::decode::DecodeState;
+use crate::embedding::{Embedding, LmHead, PositionEmbedding};
 use crate::layers::{Conv2D, Dense, Dropout, Flatten, Layer, LayerNorm, MaxPool2D, Nonlinearity};
 use crate::precision::{to_compute, Precision};
+use crate::residual::Residual;
 
 /// Dropout masks draw from the model seed's Philox key with this mask, a
 /// stream apart from the initial weights'.
@@ -28,46 +32,12 @@ impl<B: Backend> Sequential<B> {
         spec.plan()?;
         let mut layers: Vec<Box<dyn Layer<B>>> = Vec::with_capacity(spec.layers.len());
         let mut shape = spec.input.clone();
+        let mut table = None;
         for (i, ls) in spec.layers.iter().enumerate() {
-            let offset = (i as u64) << 40;
-            let layer: Box<dyn Layer<B>> = match *ls {
-                LayerSpec::Conv2d { .. } => {
-                    Box::new(Conv2D::new(ls, &shape, seed, offset, backend)?)
-                }
-                LayerSpec::MaxPool2d { .. } => Box::new(MaxPool2D::new(ls, &shape)?),
-                LayerSpec::Dropout { rate } => {
-                    Box::new(Dropout::new(rate, seed ^ DROPOUT_STREAM, offset)?)
-                }
-                LayerSpec::Flatten => Box::new(Flatten),
-                LayerSpec::Relu => Box::new(Nonlinearity::Relu),
-                LayerSpec::Sigmoid => Box::new(Nonlinearity::Sigmoid),
-                LayerSpec::Tanh => Box::new(Nonlinearity::Tanh),
-                LayerSpec::Gelu => Box::new(Nonlinearity::Gelu),
-                LayerSpec::LayerNorm { eps } => {
-                    let width = *shape.last().expect("shapes are never empty");
-                    Box::new(LayerNorm::new(width, eps, backend)?)
-                }
-                LayerSpec::Softmax => Box::new(Nonlinearity::Softmax),
-                LayerSpec::Dense {
-                    units,
-                    activation,
-                    kernel_init,
-                } => {
-                    // `plan` checked that Dense gets a flat input.
-                    Box::new(Dense::new(
-                        shape[0],
-                        units,
-                        activation,
-                        kernel_init,
-                        seed,
-                        offset,
-                        backend,
-                    )?)
-                }
-            };
-            shape = layer
-                .output_shape(&shape)
-                .map_err(|e| Error::invalid(format!("model `{}`, layer {i}: {e}", spec.name)))?;
+            let at = |e: Error| Error::invalid(format!("model `{}`, layer {i}: {e}", spec.name));
+            let layer =
+                build(ls, &shape, seed, (i as u64) << 40, &mut table, backend).map_err(at)?;
+            shape = layer.output_shape(&shape).map_err(at)?;
             layers.push(layer);
         }
         Ok(Sequential {
@@ -101,29 +71,22 @@ impl<B: Backend> Sequential<B> {
     /// The positions of the layers' random streams (dropout), in layer
     /// order, for checkpoints.
     pub fn rng_positions(&self) -> Vec<u64> {
-        self.layers
-            .iter()
-            .filter_map(|l| l.rng_position())
-            .collect()
+        self.layers.iter().flat_map(|l| l.rng_positions()).collect()
     }
 
     /// Restores positions saved by [`Sequential::rng_positions`].
     pub fn set_rng_positions(&self, positions: &[u64]) -> Result<()> {
-        let layers: Vec<_> = self
-            .layers
-            .iter()
-            .filter(|l| l.rng_position().is_some())
-            .collect();
-        if layers.len() != positions.len() {
+        let have = self.rng_positions().len();
+        if have != positions.len() {
             return Err(Error::invalid(format!(
-                "model `{}` has {} random streams, the checkpoint {}",
+                "model `{}` has {have} random streams, the checkpoint {}",
                 self.name,
-                layers.len(),
                 positions.len()
             )));
         }
-        for (l, &p) in layers.into_iter().zip(positions) {
-            l.set_rng_position(p);
+        let mut used = 0;
+        for l in &self.layers {
+            used += l.set_rng_positions(&positions[used..]);
         }
         Ok(())
     }
@@ -165,23 +128,105 @@ impl<B: Backend> Sequential<B> {
         }
     }
 
+    /// Whether the model reads token ids (its first layer is an Embedding).
+    pub fn takes_tokens(&self) -> bool {
+        self.layers.first().is_some_and(|l| l.table().is_some())
+    }
+
+    /// The model's embedding table, which a tied LM head reads.
+    fn table(&self) -> Option<&Var<B>> {
+        self.layers.first().and_then(|l| l.table())
+    }
+
     fn check_input(&self, x: &Tensor<B>) -> Result<()> {
-        if x.rank() != self.input.len() + 1 || x.dims()[1..] != self.input[..] {
+        let fits = if self.takes_tokens() {
+            // Token models take any context up to the one they were built for.
+            x.rank() == 2 && (1..=self.input[0]).contains(&x.dims()[1])
+        } else {
+            x.rank() == self.input.len() + 1 && x.dims()[1..] == self.input[..]
+        };
+        if !fits {
+            let dims = self
+                .input
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let expected = if self.takes_tokens() {
+                format!("token ids [n, positions ≤ {dims}]")
+            } else {
+                format!("[n, {dims}]")
+            };
             return Err(Error::shape(
                 "Sequential",
                 format!(
-                    "model `{}` takes batches of shape [n, {}], got {}",
+                    "model `{}` takes batches of shape {expected}, got {}",
                     self.name,
-                    self.input
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", "),
                     x.shape()
                 ),
             ));
         }
         Ok(())
+    }
+
+    /// The input as the first layer takes it: token ids as they are, numbers
+    /// in the compute type.
+    fn entry(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
+        if self.takes_tokens() {
+            Ok(x.clone())
+        } else {
+            to_compute(x, self.precision.compute_dtype())
+        }
+    }
+
+    /// Runs `layers` (a prefix of the model's) on `x`, asking `stop` before
+    /// each; the embedding's output is cast to the compute type.
+    fn run(
+        &self,
+        layers: &[Box<dyn Layer<B>>],
+        x: &Tensor<B>,
+        stop: &impl Fn() -> bool,
+    ) -> Result<Option<Tensor<B>>> {
+        run(
+            layers,
+            &self.entry(x)?,
+            self.table(),
+            self.precision.compute_dtype(),
+            stop,
+        )
+    }
+
+    /// Incremental decoding for generation: the model's output (logits)
+    /// for `ids` `[n, t]`, the next `t` positions of `n` sequences whose
+    /// earlier positions `state` holds (keys and values cached by each
+    /// attention layer), so a new token costs one step over the cache.
+    /// Runs without recording gradients, in inference mode (no dropout).
+    pub fn decode(&self, ids: &Tensor<B>, state: &mut DecodeState<B>) -> Result<Tensor<B>> {
+        if !self.takes_tokens() || ids.rank() != 2 {
+            return Err(Error::invalid(format!(
+                "decode: model `{}` {}",
+                self.name,
+                if self.takes_tokens() {
+                    format!("takes [n, t] token ids, got {}", ids.shape())
+                } else {
+                    "does not read token ids (its first layer is not an Embedding)".into()
+                }
+            )));
+        }
+        state.begin(ids.dims()[1])?;
+        let table = self.table();
+        let out = kiln_core::no_grad(|| {
+            let mut h = self.entry(ids)?;
+            for (i, l) in self.layers.iter().enumerate() {
+                h = l.decode(&h, table, state)?;
+                if i == 0 {
+                    h = to_compute(&h, self.precision.compute_dtype())?;
+                }
+            }
+            Ok::<_, Error>(h)
+        })?;
+        state.finish(ids.dims()[1]);
+        Ok(out)
     }
 
     /// The model's output for a batch.
@@ -200,11 +245,7 @@ impl<B: Backend> Sequential<B> {
         stop: impl Fn() -> bool,
     ) -> Result<Option<Tensor<B>>> {
         self.check_input(x)?;
-        run(
-            &self.layers,
-            &to_compute(x, self.precision.compute_dtype())?,
-            &stop,
-        )
+        self.run(&self.layers, x, &stop)
     }
 
     /// Whether the output is a softmax.
@@ -227,11 +268,13 @@ impl<B: Backend> Sequential<B> {
         stop: impl Fn() -> bool,
     ) -> Result<Option<Tensor<B>>> {
         self.check_input(x)?;
-        let x = to_compute(x, self.precision.compute_dtype())?;
         let Some((last, body)) = self.layers.split_last() else {
-            return Ok(Some(x));
+            return Ok(Some(self.entry(x)?));
         };
-        match run(body, &x, &stop)? {
+        if !last.ends_in_softmax() {
+            return self.run(&self.layers, x, &stop);
+        }
+        match self.run(body, x, &stop)? {
             Some(h) if !stop() => last.forward_logits(&h).map(Some),
             _ => Ok(None),
         }
@@ -317,13 +360,15 @@ impl<B: Backend> Sequential<B> {
     }
 }
 
-/// Applies `layers` in order, letting a layer absorb the max-pooling that
-/// follows it (Conv2D → MaxPool2D runs as one fused op).
 /// Runs `layers` on `x` (fusing a convolution with the pooling after it),
-/// asking `stop` before each; `None` when it said stop.
+/// asking `stop` before each; `None` when it said stop. `table` is the
+/// model's embedding table (for a tied head); an embedding's output is
+/// cast to `compute`.
 fn run<B: Backend>(
     layers: &[Box<dyn Layer<B>>],
     x: &Tensor<B>,
+    table: Option<&Var<B>>,
+    compute: kiln_core::DType,
     stop: &impl Fn() -> bool,
 ) -> Result<Option<Tensor<B>>> {
     let mut h = x.clone();
@@ -337,11 +382,85 @@ fn run<B: Backend>(
             h = fused?;
             i += 2;
         } else {
-            h = layers[i].forward(&h)?;
+            h = layers[i].forward_with(&h, table)?;
+            if i == 0 && layers[i].table().is_some() {
+                // Token ids went in; the rest computes in the model's type.
+                h = to_compute(&h, compute)?;
+            }
             i += 1;
         }
     }
     Ok(Some(h))
+}
+
+/// Builds the layer `ls` for examples of `shape`, drawing its weights at
+/// `offset` of the model's Philox stream (layers inside a residual at
+/// `offset + (j + 1)·2³⁴`); `table` is the embedding's `[vocab, dim]`
+/// once built, for the tied head.
+fn build<B: Backend>(
+    ls: &LayerSpec,
+    shape: &[usize],
+    seed: u64,
+    offset: u64,
+    table: &mut Option<[usize; 2]>,
+    backend: &B,
+) -> Result<Box<dyn Layer<B>>> {
+    let width = *shape.last().expect("shapes are never empty");
+    Ok(match *ls {
+        LayerSpec::Conv2d { .. } => Box::new(Conv2D::new(ls, shape, seed, offset, backend)?),
+        LayerSpec::MaxPool2d { .. } => Box::new(MaxPool2D::new(ls, shape)?),
+        LayerSpec::Dropout { rate } => Box::new(Dropout::new(rate, seed ^ DROPOUT_STREAM, offset)?),
+        LayerSpec::Flatten => Box::new(Flatten),
+        LayerSpec::Relu => Box::new(Nonlinearity::Relu),
+        LayerSpec::Sigmoid => Box::new(Nonlinearity::Sigmoid),
+        LayerSpec::Tanh => Box::new(Nonlinearity::Tanh),
+        LayerSpec::Gelu => Box::new(Nonlinearity::Gelu),
+        LayerSpec::Softmax => Box::new(Nonlinearity::Softmax),
+        LayerSpec::LayerNorm { eps, bias } => Box::new(LayerNorm::new(width, eps, bias, backend)?),
+        LayerSpec::Dense {
+            units,
+            activation,
+            kernel_init,
+            bias,
+        } => {
+            let d = Dense::new(width, units, activation, kernel_init, seed, offset, backend)?;
+            Box::new(if bias { d } else { d.without_bias() })
+        }
+        LayerSpec::Embedding { vocab, dim, init } => {
+            *table = Some([vocab, dim]);
+            Box::new(Embedding::new(vocab, dim, init, seed, offset, backend)?)
+        }
+        LayerSpec::PositionEmbedding { block, init } => Box::new(PositionEmbedding::new(
+            block, width, init, seed, offset, backend,
+        )?),
+        LayerSpec::Attention { .. } => Box::new(CausalSelfAttention::new(
+            ls,
+            width,
+            seed,
+            seed ^ DROPOUT_STREAM,
+            offset,
+            backend,
+        )?),
+        LayerSpec::LmHead => {
+            let [vocab, dim] = table.ok_or_else(|| {
+                Error::invalid(
+                    "LmHead reads the Embedding layer's table; the model has none before it",
+                )
+            })?;
+            Box::new(LmHead::new(vocab, dim))
+        }
+        LayerSpec::Residual { ref layers } => {
+            let mut inner: Vec<Box<dyn Layer<B>>> = Vec::with_capacity(layers.len());
+            let mut s = shape.to_vec();
+            for (j, l) in layers.iter().enumerate() {
+                let layer = build(l, &s, seed, offset + ((j as u64 + 1) << 34), table, backend)
+                    .map_err(|e| Error::invalid(format!("inside the residual, layer {j}: {e}")))?;
+                s = layer.output_shape(&s)?;
+                inner.push(layer);
+            }
+            Box::new(Residual::new(inner))
+        }
+    })
 }
 
 /// Keras' layer names: `MaxPooling2D` → `max_pooling2d`, `Conv2D` → `conv2d`.

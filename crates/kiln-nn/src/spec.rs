@@ -23,6 +23,19 @@ fn default_layer_norm_eps() -> f32 {
     1e-5
 }
 
+fn default_embedding_init() -> Initializer {
+    Initializer::Normal { std: 0.02 }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_yes(v: &bool) -> bool {
+    *v
+}
+
 /// The activation a dense layer applies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -91,6 +104,10 @@ pub enum LayerSpec {
     /// Collapses every dimension but the batch.
     Flatten,
     /// A fully connected layer.
+    ///
+    /// It acts on the last axis of a `[features]` or `[positions,
+    /// features]` example; an image (`[channels, height, width]`) needs a
+    /// Flatten first.
     Dense {
         /// Output features.
         units: usize,
@@ -100,6 +117,9 @@ pub enum LayerSpec {
         /// Kernel initialiser (default Glorot uniform, as Keras).
         #[serde(default = "default_kernel_init")]
         kernel_init: Initializer,
+        /// Whether the layer adds a learned bias (default yes).
+        #[serde(default = "yes", skip_serializing_if = "is_yes")]
+        bias: bool,
     },
     /// 2-D convolution over `[channels, height, width]` examples, with a
     /// bias per filter and a fused activation.
@@ -145,7 +165,65 @@ pub enum LayerSpec {
         /// Added to the variance (default 1e-5, as PyTorch and GPT-2).
         #[serde(default = "default_layer_norm_eps")]
         eps: f32,
+        /// Whether the shift β is learned (default yes; no: β = 0).
+        #[serde(default = "yes", skip_serializing_if = "is_yes")]
+        bias: bool,
     },
+    /// Token embedding: an example of `positions` u32 token ids becomes
+    /// `[positions, dim]`, the rows of a learned `[vocab, dim]` table. Only
+    /// as a model's first layer (its input is ids, not numbers).
+    Embedding {
+        /// Rows of the table (ids must be below it).
+        vocab: usize,
+        /// Width of each row.
+        dim: usize,
+        /// How the table starts (default N(0, 0.02²), as GPT-2).
+        #[serde(default = "default_embedding_init")]
+        init: Initializer,
+    },
+    /// Adds a learned vector per position to `[positions, width]` (the
+    /// first `positions` rows of a `[block, width]` table).
+    #[serde(rename = "position_embedding")]
+    PositionEmbedding {
+        /// The most positions an example may have (the context length).
+        block: usize,
+        /// How the table starts (default N(0, 0.02²), as GPT-2).
+        #[serde(default = "default_embedding_init")]
+        init: Initializer,
+    },
+    /// Causal multi-head self-attention over `[positions, width]`: one
+    /// projection to queries, keys and values (`width → 3·width`), `heads`
+    /// heads of `width / heads` each, position `i` attending to positions
+    /// `0..=i` with softmax(q·kᵀ/√d), then a projection back to `width`.
+    Attention {
+        /// Number of heads; must divide the width.
+        heads: usize,
+        /// Dropout on the attention weights while training (default 0).
+        #[serde(default)]
+        dropout: f32,
+        /// Whether both projections add a learned bias (default yes).
+        #[serde(default = "yes", skip_serializing_if = "is_yes")]
+        bias: bool,
+        /// The query/key/value projection's initialiser (default N(0, 0.02²)).
+        #[serde(default = "default_embedding_init")]
+        kernel_init: Initializer,
+        /// The output projection's initialiser (default N(0, 0.02²); GPT-2
+        /// scales it by 1/√(2·layers)).
+        #[serde(default = "default_embedding_init")]
+        proj_init: Initializer,
+    },
+    /// `x + f(x)`, where `f` is the layers inside applied in order; they
+    /// must keep the shape. The pre-norm transformer block is two of these.
+    Residual {
+        /// The layers of `f`.
+        layers: Vec<LayerSpec>,
+    },
+    /// Logits over the vocabulary, `[positions, width] → [positions,
+    /// vocab]`, by the transposed table of the model's Embedding layer
+    /// (weight tying, as GPT-2): no parameters of its own. An untied head is
+    /// a Dense layer (`bias = false`).
+    #[serde(rename = "lm_head")]
+    LmHead,
     /// max(x, 0)
     Relu,
     /// Logistic sigmoid.
@@ -167,7 +245,12 @@ const CONV_IMAGES_AT_ONCE: u128 = 8;
 fn layer_output(layer: &LayerSpec, shape: &[usize]) -> Vec<usize> {
     match (layer, shape) {
         (LayerSpec::Flatten, _) => vec![shape.iter().product()],
-        (LayerSpec::Dense { units, .. }, _) => vec![*units],
+        (LayerSpec::Dense { units, .. }, _) => {
+            let mut out = shape.to_vec();
+            *out.last_mut().expect("shapes are never empty") = *units;
+            out
+        }
+        (LayerSpec::Embedding { dim, .. }, &[positions]) => vec![positions, *dim],
         (LayerSpec::Conv2d { filters, .. }, &[_, h, w]) => layer
             .window([h, w])
             .and_then(|win| win.output("Conv2D", [h, w]).ok())
@@ -177,6 +260,56 @@ fn layer_output(layer: &LayerSpec, shape: &[usize]) -> Vec<usize> {
             .and_then(|win| win.output("MaxPool2D", [h, w]).ok())
             .map_or_else(|| shape.to_vec(), |[oh, ow]| vec![c, oh, ow]),
         _ => shape.to_vec(),
+    }
+}
+
+/// What [`ModelSpec::memory`] adds up, layer by layer.
+struct MemoryTally {
+    /// Activation elements kept per example.
+    elements: u128,
+    /// The largest convolution workspace, in bytes.
+    workspace: u128,
+    /// The Embedding layer's `[vocab, dim]`.
+    table: Option<[usize; 2]>,
+    /// Examples per step.
+    batch: u128,
+}
+
+impl MemoryTally {
+    /// Adds `layers` run on `shape`; returns the output shape.
+    fn layers(&mut self, layers: &[LayerSpec], mut shape: Vec<usize>) -> Vec<usize> {
+        let count = |s: &[usize]| s.iter().map(|&d| d as u128).product::<u128>();
+        for layer in layers {
+            match (layer, shape.as_slice()) {
+                (LayerSpec::Conv2d { .. }, &[c, h, w]) => {
+                    if let Some(win) = layer.window([h, w]) {
+                        if let Ok([oh, ow]) = win.output("Conv2D", [h, w]) {
+                            let [kh, kw] = win.kernel;
+                            let patch = (c * kh * kw) as u128 * (oh * ow) as u128 * 4;
+                            self.workspace = self
+                                .workspace
+                                .max(patch * self.batch.min(CONV_IMAGES_AT_ONCE));
+                        }
+                    }
+                }
+                (LayerSpec::Embedding { vocab, dim, .. }, _) => self.table = Some([*vocab, *dim]),
+                // The projections (4 of the width), the scores and the
+                // attention weights (heads × positions² each).
+                (LayerSpec::Attention { heads, .. }, &[t, c]) => {
+                    self.elements += 4 * (t * c) as u128 + 2 * (*heads * t * t) as u128;
+                }
+                (LayerSpec::Residual { layers }, _) => {
+                    self.layers(layers, shape.clone());
+                }
+                _ => {}
+            }
+            shape = match (layer, shape.as_slice(), self.table) {
+                (LayerSpec::LmHead, &[t, _], Some([vocab, _])) => vec![t, vocab],
+                _ => layer_output(layer, &shape),
+            };
+            self.elements += count(&shape);
+        }
+        shape
     }
 }
 
@@ -289,6 +422,215 @@ fn default_kernel_init() -> Initializer {
     Initializer::GlorotUniform
 }
 
+/// What [`ModelSpec::plan`] carries from layer to layer.
+struct Planner {
+    /// Parameters so far.
+    params: usize,
+    /// The Embedding layer's `[vocab, dim]`, once one has been planned.
+    table: Option<[usize; 2]>,
+}
+
+/// A planning error: the layer's path (`3`, or `2.1` inside a residual)
+/// and what is wrong.
+type PlanError = (String, String);
+
+impl Planner {
+    /// Plans `layers` on `shape`; `prefix` is the path of the enclosing
+    /// residual (`""` at the top).
+    fn layers(
+        &mut self,
+        layers: &[LayerSpec],
+        mut shape: Vec<usize>,
+        prefix: &str,
+    ) -> std::result::Result<Vec<usize>, PlanError> {
+        for (i, layer) in layers.iter().enumerate() {
+            let at = format!("{prefix}{i}");
+            shape = self.layer(layer, shape, &at, prefix.is_empty() && i == 0)?;
+        }
+        Ok(shape)
+    }
+
+    /// Plans one layer at path `at`; `first` when it is the model's first.
+    fn layer(
+        &mut self,
+        layer: &LayerSpec,
+        shape: Vec<usize>,
+        at: &str,
+        first: bool,
+    ) -> std::result::Result<Vec<usize>, PlanError> {
+        let fail = |msg: String| (at.to_string(), msg);
+        let width = *shape.last().expect("shapes are never empty");
+        Ok(match *layer {
+            LayerSpec::Flatten => vec![shape.iter().product()],
+            LayerSpec::Relu
+            | LayerSpec::Sigmoid
+            | LayerSpec::Tanh
+            | LayerSpec::Gelu
+            | LayerSpec::Softmax => shape,
+            LayerSpec::Dropout { rate } => {
+                if !(0.0..1.0).contains(&rate) {
+                    return Err(fail(format!("Dropout rate {rate} must be in [0, 1)")));
+                }
+                shape
+            }
+            LayerSpec::LayerNorm { eps, bias } => {
+                if !(eps.is_finite() && eps > 0.0) {
+                    return Err(fail(format!(
+                        "LayerNorm eps {eps} must be finite and positive (1e-5 is usual)"
+                    )));
+                }
+                let count = width.checked_mul(1 + usize::from(bias));
+                self.params = add_params(self.params, count).map_err(fail)?;
+                shape
+            }
+            LayerSpec::Conv2d {
+                filters,
+                activation,
+                ..
+            } => {
+                let [c, h, w] = shape[..] else {
+                    return Err(fail(format!(
+                        "Conv2D gets shape {shape:?}; it needs [channels, height, width]"
+                    )));
+                };
+                if filters == 0 {
+                    return Err(fail("Conv2D needs at least one filter".into()));
+                }
+                if activation == ActivationSpec::Softmax {
+                    return Err(fail(
+                        "Conv2D cannot end in softmax (add Flatten and Dense)".into(),
+                    ));
+                }
+                let win = layer.window([h, w]).expect("a window layer");
+                let [oh, ow] = win
+                    .output("Conv2D", [h, w])
+                    .map_err(|e| fail(e.to_string()))?;
+                let [kh, kw] = win.kernel;
+                let count = c
+                    .checked_mul(kh)
+                    .and_then(|v| v.checked_mul(kw))
+                    .and_then(|v| v.checked_add(1))
+                    .and_then(|v| v.checked_mul(filters));
+                self.params = add_params(self.params, count).map_err(fail)?;
+                vec![filters, oh, ow]
+            }
+            LayerSpec::MaxPool2d { .. } => {
+                let [c, h, w] = shape[..] else {
+                    return Err(fail(format!(
+                        "MaxPool2D gets shape {shape:?}; it needs [channels, height, width]"
+                    )));
+                };
+                let win = layer.window([h, w]).expect("a window layer");
+                let [oh, ow] = win
+                    .output("MaxPool2D", [h, w])
+                    .map_err(|e| fail(e.to_string()))?;
+                vec![c, oh, ow]
+            }
+            LayerSpec::Dense { units, bias, .. } => {
+                if shape.len() > 2 {
+                    return Err(fail(format!(
+                        "Dense gets shape {shape:?}; it needs [features] or [positions, features] (add a Flatten layer before it)"
+                    )));
+                }
+                if units == 0 {
+                    return Err(fail("Dense needs at least one unit".into()));
+                }
+                let count = width
+                    .checked_mul(units)
+                    .and_then(|w| w.checked_add(if bias { units } else { 0 }));
+                self.params = add_params(self.params, count).map_err(fail)?;
+                let mut out = shape;
+                *out.last_mut().expect("shapes are never empty") = units;
+                out
+            }
+            LayerSpec::Embedding { vocab, dim, .. } => {
+                if !first || shape.len() != 1 {
+                    return Err(fail(format!(
+                        "Embedding must be the model's first layer, on an input of [positions] token ids (it gets {shape:?})"
+                    )));
+                }
+                if vocab == 0 || dim == 0 {
+                    return Err(fail(format!(
+                        "Embedding needs a vocabulary and a width, got {vocab} × {dim}"
+                    )));
+                }
+                self.params = add_params(self.params, vocab.checked_mul(dim)).map_err(fail)?;
+                self.table = Some([vocab, dim]);
+                vec![shape[0], dim]
+            }
+            LayerSpec::PositionEmbedding { block, .. } => {
+                let [positions, _] = shape[..] else {
+                    return Err(fail(format!(
+                        "PositionEmbedding gets shape {shape:?}; it needs [positions, width]"
+                    )));
+                };
+                if positions > block {
+                    return Err(fail(format!(
+                        "PositionEmbedding holds {block} positions; the input has {positions}"
+                    )));
+                }
+                self.params = add_params(self.params, block.checked_mul(width)).map_err(fail)?;
+                shape
+            }
+            LayerSpec::Attention {
+                heads,
+                dropout,
+                bias,
+                ..
+            } => {
+                if shape.len() != 2 {
+                    return Err(fail(format!(
+                        "Attention gets shape {shape:?}; it needs [positions, width]"
+                    )));
+                }
+                if heads == 0 || !width.is_multiple_of(heads) {
+                    return Err(fail(format!(
+                        "Attention: {heads} heads do not divide the width {width}"
+                    )));
+                }
+                if !(0.0..1.0).contains(&dropout) {
+                    return Err(fail(format!(
+                        "Attention dropout {dropout} must be in [0, 1)"
+                    )));
+                }
+                let b = if bias { 4 * width } else { 0 };
+                let count = width
+                    .checked_mul(width)
+                    .and_then(|w| w.checked_mul(4))
+                    .and_then(|w| w.checked_add(b));
+                self.params = add_params(self.params, count).map_err(fail)?;
+                shape
+            }
+            LayerSpec::Residual { ref layers } => {
+                if layers.is_empty() {
+                    return Err(fail("Residual needs at least one layer inside".into()));
+                }
+                let out = self.layers(layers, shape.clone(), &format!("{at}."))?;
+                if out != shape {
+                    return Err(fail(format!(
+                        "the layers inside Residual turn {shape:?} into {out:?}; they must keep the shape"
+                    )));
+                }
+                shape
+            }
+            LayerSpec::LmHead => {
+                let Some([vocab, dim]) = self.table else {
+                    return Err(fail(
+                        "LmHead reads the Embedding layer's table; the model has none before it"
+                            .into(),
+                    ));
+                };
+                if shape.len() != 2 || width != dim {
+                    return Err(fail(format!(
+                        "LmHead gets shape {shape:?}; it needs [positions, {dim}] (the embedding width)"
+                    )));
+                }
+                vec![shape[0], vocab]
+            }
+        })
+    }
+}
+
 /// A sequential model: the shape of one input example and the layers in order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -313,11 +655,13 @@ impl ModelSpec {
                     units: 64,
                     activation: ActivationSpec::Relu,
                     kernel_init: Initializer::GlorotUniform,
+                    bias: true,
                 },
                 LayerSpec::Dense {
                     units: 10,
                     activation: ActivationSpec::Softmax,
                     kernel_init: Initializer::GlorotUniform,
+                    bias: true,
                 },
             ],
         }
@@ -348,11 +692,13 @@ impl ModelSpec {
                     units: 64,
                     activation: ActivationSpec::Relu,
                     kernel_init: Initializer::GlorotUniform,
+                    bias: true,
                 },
                 LayerSpec::Dense {
                     units: 10,
                     activation: ActivationSpec::Softmax,
                     kernel_init: Initializer::GlorotUniform,
+                    bias: true,
                 },
             ],
         }
@@ -397,93 +743,16 @@ impl ModelSpec {
             )));
         }
         kiln_core::Shape::new(&self.input)?;
-        let mut shape = self.input.clone();
-        let mut params: usize = 0;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let at =
-                |msg: String| Error::invalid(format!("model `{}`, layer {i}: {msg}", self.name));
-            shape = match *layer {
-                LayerSpec::Flatten => vec![shape.iter().product()],
-                LayerSpec::Relu
-                | LayerSpec::Sigmoid
-                | LayerSpec::Tanh
-                | LayerSpec::Gelu
-                | LayerSpec::Softmax => shape,
-                LayerSpec::Dropout { rate } => {
-                    if !(0.0..1.0).contains(&rate) {
-                        return Err(at(format!("Dropout rate {rate} must be in [0, 1)")));
-                    }
-                    shape
-                }
-                LayerSpec::LayerNorm { eps } => {
-                    if !(eps.is_finite() && eps > 0.0) {
-                        return Err(at(format!(
-                            "LayerNorm eps {eps} must be finite and positive (1e-5 is usual)"
-                        )));
-                    }
-                    let width = *shape.last().expect("shapes are never empty");
-                    params = add_params(params, width.checked_mul(2)).map_err(at)?;
-                    shape
-                }
-                LayerSpec::Conv2d {
-                    filters,
-                    activation,
-                    ..
-                } => {
-                    let [c, h, w] = shape[..] else {
-                        return Err(at(format!(
-                            "Conv2D gets shape {shape:?}; it needs [channels, height, width]"
-                        )));
-                    };
-                    if filters == 0 {
-                        return Err(at("Conv2D needs at least one filter".into()));
-                    }
-                    if activation == ActivationSpec::Softmax {
-                        return Err(at(
-                            "Conv2D cannot end in softmax (add Flatten and Dense)".into()
-                        ));
-                    }
-                    let win = layer.window([h, w]).expect("a window layer");
-                    let [oh, ow] = win
-                        .output("Conv2D", [h, w])
-                        .map_err(|e| at(e.to_string()))?;
-                    let [kh, kw] = win.kernel;
-                    let layer = c
-                        .checked_mul(kh)
-                        .and_then(|v| v.checked_mul(kw))
-                        .and_then(|v| v.checked_add(1))
-                        .and_then(|v| v.checked_mul(filters));
-                    params = add_params(params, layer).map_err(at)?;
-                    vec![filters, oh, ow]
-                }
-                LayerSpec::MaxPool2d { .. } => {
-                    let [c, h, w] = shape[..] else {
-                        return Err(at(format!(
-                            "MaxPool2D gets shape {shape:?}; it needs [channels, height, width]"
-                        )));
-                    };
-                    let win = layer.window([h, w]).expect("a window layer");
-                    let [oh, ow] = win
-                        .output("MaxPool2D", [h, w])
-                        .map_err(|e| at(e.to_string()))?;
-                    vec![c, oh, ow]
-                }
-                LayerSpec::Dense { units, .. } => {
-                    let [inputs] = shape[..] else {
-                        return Err(at(format!(
-                            "Dense gets shape {shape:?}; it needs a flat input (add a Flatten layer before it)"
-                        )));
-                    };
-                    if units == 0 {
-                        return Err(at("Dense needs at least one unit".into()));
-                    }
-                    let layer = inputs.checked_mul(units).and_then(|w| w.checked_add(units));
-                    params = add_params(params, layer).map_err(at)?;
-                    vec![units]
-                }
-            };
-        }
-        Ok((shape, params))
+        let mut planner = Planner {
+            params: 0,
+            table: None,
+        };
+        let shape = planner
+            .layers(&self.layers, self.input.clone(), "")
+            .map_err(|(at, msg)| {
+                Error::invalid(format!("model `{}`, layer {at}: {msg}", self.name))
+            })?;
+        Ok((shape, planner.params))
     }
 
     /// What training this model at `batch` examples per step takes in
@@ -495,27 +764,19 @@ impl ModelSpec {
     pub fn memory(&self, batch: usize) -> Result<MemoryPlan> {
         let (_, params) = self.plan()?;
         let batch = batch.max(1) as u128;
-        let mut shape = self.input.clone();
-        let mut activations: u128 = shape.iter().map(|&d| d as u128).product::<u128>() * batch * 4;
-        let mut workspace: u128 = 0;
-        for layer in &self.layers {
-            if let (LayerSpec::Conv2d { .. }, &[c, h, w]) = (layer, shape.as_slice()) {
-                if let Some(win) = layer.window([h, w]) {
-                    if let Ok([oh, ow]) = win.output("Conv2D", [h, w]) {
-                        let [kh, kw] = win.kernel;
-                        let patch = (c * kh * kw) as u128 * (oh * ow) as u128 * 4;
-                        workspace = workspace.max(patch * batch.min(CONV_IMAGES_AT_ONCE));
-                    }
-                }
-            }
-            shape = layer_output(layer, &shape);
-            activations += shape.iter().map(|&d| d as u128).product::<u128>() * batch * 8;
-        }
+        let input: u128 = self.input.iter().map(|&d| d as u128).product();
+        let mut tally = MemoryTally {
+            elements: 0,
+            workspace: 0,
+            table: None,
+            batch,
+        };
+        tally.layers(&self.layers, self.input.clone());
         let clamp = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
         Ok(MemoryPlan {
             params: clamp(params as u128 * 16),
-            activations: clamp(activations),
-            workspace: clamp(workspace),
+            activations: clamp(input * batch * 4 + tally.elements * batch * 8),
+            workspace: clamp(tally.workspace),
         })
     }
 

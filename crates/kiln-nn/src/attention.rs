@@ -1,0 +1,272 @@
+//! Causal multi-head self-attention, the transformer's mixing layer.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use kiln_core::{Activation, Backend, Error, Result, Tensor, Var};
+
+use crate::decode::DecodeState;
+use crate::layers::Layer;
+use crate::precision::param_for;
+use crate::spec::LayerSpec;
+use crate::Initializer;
+
+/// Offset between the two projections' draws in a layer's Philox stream.
+const PROJ_DRAWS: u64 = 1 << 33;
+
+/// Causal multi-head self-attention over `[n, positions, width]`.
+///
+/// One GEMM projects to queries, keys and values (`width → 3·width`); a
+/// single copy lays them out head-major (`[3, heads·n, positions, head
+/// width]`), after which every per-head product is one batched GEMM over
+/// `heads·n` matrices that reads its operands in place: `q·kᵀ/√d` (the
+/// transpose is a strided view), the causal softmax
+/// ([`Tensor::softmax_causal`]), dropout on the weights while training,
+/// then `·v`. One more copy merges the heads for the output projection.
+///
+/// [`Layer::decode`] keeps each step's keys and values in the
+/// [`DecodeState`], so a new token attends over the cache in one step.
+pub struct CausalSelfAttention<B: Backend> {
+    heads: usize,
+    qkv: Var<B>,
+    qkv_bias: Option<Var<B>>,
+    proj: Var<B>,
+    proj_bias: Option<Var<B>>,
+    dropout: f32,
+    kernel_init: Initializer,
+    proj_init: Initializer,
+    seed: u64,
+    base: u64,
+    drawn: AtomicU64,
+    training: AtomicBool,
+}
+
+impl<B: Backend> CausalSelfAttention<B> {
+    /// Attention of `heads` heads over `width` features (`heads` divides
+    /// it), described by `spec` (a [`LayerSpec::Attention`]); weights from
+    /// the Philox stream `(seed, offset)`, dropout masks from `(mask_seed,
+    /// offset)`.
+    pub fn new(
+        spec: &LayerSpec,
+        width: usize,
+        seed: u64,
+        mask_seed: u64,
+        offset: u64,
+        backend: &B,
+    ) -> Result<Self> {
+        let &LayerSpec::Attention {
+            heads,
+            dropout,
+            bias,
+            kernel_init,
+            proj_init,
+        } = spec
+        else {
+            return Err(Error::invalid(format!(
+                "CausalSelfAttention needs an attention spec, got {spec:?}"
+            )));
+        };
+        if heads == 0 || width == 0 || !width.is_multiple_of(heads) {
+            return Err(Error::invalid(format!(
+                "Attention: {heads} heads do not divide the width {width}"
+            )));
+        }
+        if !(0.0..1.0).contains(&dropout) {
+            return Err(Error::invalid(format!(
+                "Attention dropout {dropout} must be in [0, 1)"
+            )));
+        }
+        let qkv = kernel_init.init(&[width, 3 * width], width, 3 * width, seed, offset, backend)?;
+        let proj = proj_init.init(
+            &[width, width],
+            width,
+            width,
+            seed,
+            offset + PROJ_DRAWS,
+            backend,
+        )?;
+        let zeros = |n: usize| -> Result<Option<Var<B>>> {
+            if bias {
+                let z = Initializer::Zeros.init(&[n], n, n, seed, offset, backend)?;
+                Ok(Some(Var::from_tensor(&z)?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(CausalSelfAttention {
+            heads,
+            qkv: Var::from_tensor(&qkv)?,
+            qkv_bias: zeros(3 * width)?,
+            proj: Var::from_tensor(&proj)?,
+            proj_bias: zeros(width)?,
+            dropout,
+            kernel_init,
+            proj_init,
+            seed: mask_seed,
+            base: offset,
+            drawn: AtomicU64::new(0),
+            training: AtomicBool::new(false),
+        })
+    }
+
+    fn width(&self) -> usize {
+        self.proj.shape().dims()[0]
+    }
+
+    /// The layer on `x` `[n, t, width]`; with `state`, the keys and values
+    /// are appended to its cache and the queries attend over all of them.
+    fn attend(&self, x: &Tensor<B>, state: Option<&mut DecodeState<B>>) -> Result<Tensor<B>> {
+        let c = self.width();
+        let &[n, t, w] = x.dims() else {
+            return Err(Error::shape(
+                "Attention",
+                format!(
+                    "input has shape {}, expected [n, positions, {c}]",
+                    x.shape()
+                ),
+            ));
+        };
+        if w != c || t == 0 {
+            return Err(Error::shape(
+                "Attention",
+                format!(
+                    "input has shape {}, expected [n, positions, {c}]",
+                    x.shape()
+                ),
+            ));
+        }
+        let (h, d) = (self.heads, c / self.heads);
+        let bias = self
+            .qkv_bias
+            .as_ref()
+            .map(|b| param_for(b, x))
+            .transpose()?;
+        let qkv = x.reshape(&[n * t, c])?.linear(
+            &param_for(&self.qkv, x)?,
+            bias.as_ref(),
+            Activation::None,
+        )?;
+        // [n, t, 3, h, d] → [3, h, n, t, d]: batch index head·n + example.
+        let split = qkv
+            .reshape(&[n, t, 3, h, d])?
+            .permute(&[2, 3, 0, 1, 4])?
+            .contiguous()?
+            .reshape(&[3, h * n, t, d])?;
+        let part = |i: usize| split.narrow(0, i, 1)?.reshape(&[h * n, t, d]);
+        let (q, mut k, mut v) = (part(0)?, part(1)?, part(2)?);
+        if let Some(state) = state {
+            (k, v) = state.append(&k, &v)?;
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut weights = q
+            .gemm(&k.transpose(1, 2)?, scale, None, Activation::None)?
+            .softmax_causal()?;
+        if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
+            let at = self
+                .drawn
+                .fetch_add(weights.numel() as u64, Ordering::Relaxed);
+            weights = weights.dropout(self.dropout, self.seed, self.base + at)?;
+        }
+        let y = weights.matmul(&v)?; // [h·n, t, d]
+        let merged = y
+            .reshape(&[h, n, t, d])?
+            .permute(&[1, 2, 0, 3])?
+            .contiguous()?
+            .reshape(&[n * t, c])?;
+        let bias = self
+            .proj_bias
+            .as_ref()
+            .map(|b| param_for(b, x))
+            .transpose()?;
+        merged
+            .linear(&param_for(&self.proj, x)?, bias.as_ref(), Activation::None)?
+            .reshape(&[n, t, c])
+    }
+}
+
+impl<B: Backend> Layer<B> for CausalSelfAttention<B> {
+    fn kind(&self) -> &'static str {
+        "Attention"
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        match input {
+            &[_, w] if w == self.width() => Ok(input.to_vec()),
+            _ => Err(Error::shape(
+                "Attention",
+                format!(
+                    "input has shape {input:?}, expected [positions, {}]",
+                    self.width()
+                ),
+            )),
+        }
+    }
+    fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
+        self.attend(x, None)
+    }
+    fn decode(
+        &self,
+        x: &Tensor<B>,
+        _table: Option<&Var<B>>,
+        state: &mut DecodeState<B>,
+    ) -> Result<Tensor<B>> {
+        self.attend(x, Some(state))
+    }
+    fn params(&self) -> Vec<&Var<B>> {
+        [
+            Some(&self.qkv),
+            self.qkv_bias.as_ref(),
+            Some(&self.proj),
+            self.proj_bias.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+    fn params_mut(&mut self) -> Vec<&mut Var<B>> {
+        [
+            Some(&mut self.qkv),
+            self.qkv_bias.as_mut(),
+            Some(&mut self.proj),
+            self.proj_bias.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+    fn param_names(&self) -> Vec<String> {
+        let bias = self.qkv_bias.is_some();
+        [
+            Some("qkv_weight"),
+            bias.then_some("qkv_bias"),
+            Some("proj_weight"),
+            bias.then_some("proj_bias"),
+        ]
+        .into_iter()
+        .flatten()
+        .map(String::from)
+        .collect()
+    }
+    fn set_training(&self, training: bool) {
+        self.training.store(training, Ordering::Relaxed);
+    }
+    fn rng_positions(&self) -> Vec<u64> {
+        vec![self.drawn.load(Ordering::Relaxed)]
+    }
+    fn set_rng_positions(&self, positions: &[u64]) -> usize {
+        match positions.first() {
+            Some(&p) => {
+                self.drawn.store(p, Ordering::Relaxed);
+                1
+            }
+            None => 0,
+        }
+    }
+    fn spec(&self) -> LayerSpec {
+        LayerSpec::Attention {
+            heads: self.heads,
+            dropout: self.dropout,
+            bias: self.qkv_bias.is_some(),
+            kernel_init: self.kernel_init,
+            proj_init: self.proj_init,
+        }
+    }
+}

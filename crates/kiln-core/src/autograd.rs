@@ -195,6 +195,15 @@ pub struct GradStore<B: Backend> {
     grads: HashMap<TensorId, Tensor<B>>,
 }
 
+impl<B: Backend> Default for GradStore<B> {
+    /// No gradients (a start to [`GradStore::accumulate`] into).
+    fn default() -> Self {
+        GradStore {
+            grads: HashMap::new(),
+        }
+    }
+}
+
 impl<B: Backend> GradStore<B> {
     /// The gradient of `id` (a [`crate::Var`]'s id or a leaf tensor's), if it
     /// was reached.
@@ -237,6 +246,41 @@ impl<B: Backend> GradStore<B> {
         let _guard = NoGradGuard::new();
         for g in self.grads.values_mut() {
             *g = g.affine(factor, 0.0)?;
+        }
+        Ok(())
+    }
+
+    /// The Euclidean norm of the gradients of `ids` taken together,
+    /// √(Σ g²) — what clipping by global norm compares with its limit.
+    /// Summed in the order of `ids` (one f32 sum of squares per gradient,
+    /// added on the device, one scalar read back), so the same gradients
+    /// always give the same bits; ids without a gradient count as zero.
+    pub fn global_norm(&self, ids: &[TensorId]) -> Result<f32> {
+        let _guard = NoGradGuard::new();
+        let mut total: Option<Tensor<B>> = None;
+        for g in ids.iter().filter_map(|id| self.grads.get(id)) {
+            let s = g.cast(crate::DType::F32)?.square()?.sum_all()?;
+            total = Some(match total {
+                Some(t) => t.add(&s)?,
+                None => s,
+            });
+        }
+        match total {
+            Some(t) => Ok(t.to_scalar_f32()?.sqrt()),
+            None => Ok(0.0),
+        }
+    }
+
+    /// Adds `other`'s gradients to these, leaf by leaf (gradient
+    /// accumulation over micro-batches).
+    pub fn accumulate(&mut self, other: GradStore<B>) -> Result<()> {
+        let _guard = NoGradGuard::new();
+        for (id, g) in other.grads {
+            let g = match self.grads.remove(&id) {
+                Some(prev) => prev.add(&g)?,
+                None => g,
+            };
+            self.grads.insert(id, g);
         }
         Ok(())
     }

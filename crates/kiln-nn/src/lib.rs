@@ -15,6 +15,7 @@ pub mod loss;
 pub mod optim;
 pub mod precision;
 pub mod residual;
+pub mod schedule;
 pub mod sequential;
 pub mod spec;
 
@@ -25,9 +26,10 @@ pub use gpt::GptConfig;
 pub use init::Initializer;
 pub use layers::{Conv2D, Dense, Dropout, Flatten, Layer, LayerNorm, MaxPool2D, Nonlinearity};
 pub use loss::Loss;
-pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
+pub use optim::{Adam, AdamForm, Optimizer, OptimizerState, Sgd};
 pub use precision::Precision;
 pub use residual::Residual;
+pub use schedule::{clip_grad_norm, LrSchedule};
 pub use sequential::Sequential;
 pub use spec::{
     memory_limit, ActivationSpec, LayerSpec, MemoryPlan, ModelSpec, Padding, Pair, MAX_PARAMS,

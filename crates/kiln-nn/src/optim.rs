@@ -201,10 +201,30 @@ impl<B: Backend> Optimizer<B> for Sgd<B> {
     }
 }
 
-/// Adam (and AdamW with decoupled weight decay), Keras formulation and defaults.
+/// Where Adam adds ε: the two formulations in use differ by orders of
+/// magnitude for gradients near ε, so a model trains as its reference
+/// framework does only in that framework's form.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AdamForm {
+    /// Keras/TensorFlow: `p ← p − lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v + ε)`, ε added
+    /// to the uncorrected √v. The seed's Keras MLP and CNN use it.
+    #[default]
+    Keras,
+    /// PyTorch: `p ← p − lr/(1−β₁ᵗ) · m/(√v̂ + ε)` with `v̂ = v/(1−β₂ᵗ)`, ε
+    /// added to the bias-corrected √v̂. The GPT uses it (as nanoGPT). The
+    /// same fused kernel runs it, with `ε·√(1−β₂ᵗ)` in place of ε (an
+    /// identity, computed in f64 and rounded once per step).
+    PyTorch,
+}
+
+/// Adam (and AdamW with decoupled weight decay): Keras formulation and
+/// defaults unless [`Adam::with_form`] says otherwise, weight decay on every
+/// parameter unless [`Adam::with_decay_mask`] exempts some.
 #[derive(Debug)]
 pub struct Adam<B: Backend> {
     hyper: AdamStep,
+    form: AdamForm,
+    decay_mask: Option<Vec<bool>>,
     moments: Vec<Option<(B::Storage, B::Storage)>>,
 }
 
@@ -222,8 +242,48 @@ impl<B: Backend> Adam<B> {
                 decoupled: false,
                 step: 0,
             },
+            form: AdamForm::Keras,
+            decay_mask: None,
             moments: Vec::new(),
         })
+    }
+
+    /// PyTorch's `torch.optim.AdamW`: decoupled decay `wd`, β₁ 0.9, β₂
+    /// 0.999, ε 1e-8, in [`AdamForm::PyTorch`] (change the betas with
+    /// [`Adam::with_betas`]).
+    ///
+    /// ```
+    /// use kiln_nn::{Adam, Optimizer};
+    /// let opt = Adam::<kiln_cpu::CpuBackend>::pytorch_adamw(1e-3, 0.1)?
+    ///     .with_betas(0.9, 0.99, 1e-8)?
+    ///     .with_decay_mask(vec![true, false]);
+    /// assert_eq!(opt.describe(), "adamw_torch(lr=0.001, β₁=0.9, β₂=0.99, ε=0.00000001, wd=0.1)");
+    /// # Ok::<(), kiln_core::Error>(())
+    /// ```
+    pub fn pytorch_adamw(lr: f32, wd: f32) -> Result<Self> {
+        if !(wd.is_finite() && wd >= 0.0) {
+            return Err(Error::invalid(format!(
+                "weight decay must be finite and ≥ 0, got {wd}"
+            )));
+        }
+        let mut a = Self::new(lr)?.with_betas(0.9, 0.999, 1e-8)?;
+        a.hyper.weight_decay = wd;
+        a.hyper.decoupled = true;
+        a.form = AdamForm::PyTorch;
+        Ok(a)
+    }
+
+    /// Chooses where ε goes ([`AdamForm`]).
+    pub fn with_form(mut self, form: AdamForm) -> Self {
+        self.form = form;
+        self
+    }
+
+    /// Which parameters (by position) weight decay applies to; the others
+    /// (biases, norms, embeddings, by the usual rule) are not decayed.
+    pub fn with_decay_mask(mut self, mask: Vec<bool>) -> Self {
+        self.decay_mask = Some(mask);
+        self
     }
 
     /// AdamW: decoupled weight decay `wd` (Keras default 0.004).
@@ -259,10 +319,11 @@ impl<B: Backend> Adam<B> {
 
 impl<B: Backend> Adam<B> {
     fn kind(&self) -> &'static str {
-        if self.hyper.decoupled {
-            "adamw"
-        } else {
-            "adam"
+        match (self.hyper.decoupled, self.form) {
+            (true, AdamForm::Keras) => "adamw",
+            (false, AdamForm::Keras) => "adam",
+            (true, AdamForm::PyTorch) => "adamw_torch",
+            (false, AdamForm::PyTorch) => "adam_torch",
         }
     }
 }
@@ -297,7 +358,27 @@ impl<B: Backend> Optimizer<B> for Adam<B> {
     fn step(&mut self, params: &mut [&mut Var<B>], grads: &GradStore<B>) -> Result<()> {
         self.hyper.step += 1;
         self.moments.resize_with(params.len(), || None);
-        for (p, state) in params.iter_mut().zip(&mut self.moments) {
+        if let Some(mask) = &self.decay_mask {
+            if mask.len() != params.len() {
+                return Err(Error::invalid(format!(
+                    "the weight-decay mask covers {} parameters, the model has {}",
+                    mask.len(),
+                    params.len()
+                )));
+            }
+        }
+        let mut hyper = self.hyper;
+        if self.form == AdamForm::PyTorch {
+            let t = i32::try_from(hyper.step).unwrap_or(i32::MAX);
+            let correction = (1.0 - f64::from(hyper.beta2).powi(t)).sqrt();
+            hyper.eps = (f64::from(hyper.eps) * correction) as f32;
+        }
+        for (i, (p, state)) in params.iter_mut().zip(&mut self.moments).enumerate() {
+            let decays = self.decay_mask.as_ref().is_none_or(|m| m[i]);
+            let step = AdamStep {
+                weight_decay: if decays { hyper.weight_decay } else { 0.0 },
+                ..hyper
+            };
             let Some(g) = grad_of(p, grads)? else {
                 continue;
             };
@@ -309,7 +390,7 @@ impl<B: Backend> Optimizer<B> for Adam<B> {
                 ));
             }
             let (m, v) = state.as_mut().expect("initialised above");
-            backend.adam_update(p.storage_mut(), g.storage(), m, v, &self.hyper)?;
+            backend.adam_update(p.storage_mut(), g.storage(), m, v, &step)?;
         }
         Ok(())
     }
@@ -320,14 +401,18 @@ impl<B: Backend> Optimizer<B> for Adam<B> {
         self.hyper.lr = lr;
     }
     fn describe(&self) -> String {
-        let name = if self.hyper.decoupled {
-            "adamw"
+        let wd = if self.hyper.weight_decay > 0.0 {
+            format!(", wd={}", self.hyper.weight_decay)
         } else {
-            "adam"
+            String::new()
         };
         format!(
-            "{name}(lr={}, β₁={}, β₂={}, ε={})",
-            self.hyper.lr, self.hyper.beta1, self.hyper.beta2, self.hyper.eps
+            "{}(lr={}, β₁={}, β₂={}, ε={}{wd})",
+            self.kind(),
+            self.hyper.lr,
+            self.hyper.beta1,
+            self.hyper.beta2,
+            self.hyper.eps
         )
     }
 }

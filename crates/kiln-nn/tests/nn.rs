@@ -318,3 +318,111 @@ fn a_layernorm_gelu_block_normalises_and_counts_its_parameters() {
         assert!(e.contains("LayerNorm eps"), "{eps}: {e}");
     }
 }
+
+#[test]
+fn pytorch_adamw_matches_torch_formula_and_skips_masked_decay() {
+    let b = backend();
+    let p0 = [0.5f32, -1.0, 2.0];
+    // Gradients near ε, where the Keras and PyTorch forms differ most.
+    let grads_seq = [
+        [1e-8f32, -2e-8, 3e-3],
+        [5e-9, 4e-8, -1e-3],
+        [1e-8, 1e-8, 1e-8],
+    ];
+    let mut decayed = Var::from_tensor(&Tensor::from_slice(&p0, &[3], &b).unwrap()).unwrap();
+    let mut kept = Var::from_tensor(&Tensor::from_slice(&p0, &[3], &b).unwrap()).unwrap();
+    let (lr, wd, b1, b2, eps) = (1e-3f64, 0.1f64, 0.9f64, 0.99f64, 1e-8f64);
+    let mut opt = Adam::pytorch_adamw(lr as f32, wd as f32)
+        .unwrap()
+        .with_betas(b1 as f32, b2 as f32, eps as f32)
+        .unwrap()
+        .with_decay_mask(vec![true, false]);
+    let mut keras = Adam::adamw(lr as f32, wd as f32)
+        .unwrap()
+        .with_betas(b1 as f32, b2 as f32, eps as f32)
+        .unwrap();
+    let mut keras_var = Var::from_tensor(&Tensor::from_slice(&p0, &[3], &b).unwrap()).unwrap();
+    // torch.optim.AdamW, in f64.
+    let mut want = [p0.map(f64::from), p0.map(f64::from)];
+    let (mut m, mut v) = ([[0f64; 3]; 2], [[0f64; 3]; 2]);
+    for (t, g) in grads_seq.iter().enumerate() {
+        let gt = Tensor::from_slice(g, &[3], &b).unwrap();
+        let loss = decayed
+            .as_tensor()
+            .mul(&gt)
+            .unwrap()
+            .add(&kept.as_tensor().mul(&gt).unwrap())
+            .unwrap()
+            .add(&keras_var.as_tensor().mul(&gt).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        opt.step(&mut [&mut decayed, &mut kept], &grads).unwrap();
+        keras.step(&mut [&mut keras_var], &grads).unwrap();
+        let t = (t + 1) as i32;
+        for (k, p) in want.iter_mut().enumerate() {
+            for i in 0..3 {
+                let gi = f64::from(g[i]);
+                if k == 0 {
+                    p[i] *= 1.0 - lr * wd;
+                }
+                m[k][i] = b1 * m[k][i] + (1.0 - b1) * gi;
+                v[k][i] = b2 * v[k][i] + (1.0 - b2) * gi * gi;
+                let m_hat = m[k][i] / (1.0 - b1.powi(t));
+                let v_hat = v[k][i] / (1.0 - b2.powi(t));
+                p[i] -= lr * m_hat / (v_hat.sqrt() + eps);
+            }
+        }
+    }
+    for (var, want) in [(&decayed, want[0]), (&kept, want[1])] {
+        let got = var.value().to_vec_f32().unwrap();
+        for i in 0..3 {
+            assert!(
+                (f64::from(got[i]) - want[i]).abs() < 2e-6,
+                "{got:?} vs {want:?}"
+            );
+        }
+    }
+    // The Keras form moves the tiny-gradient elements far less.
+    let k = keras_var.value().to_vec_f32().unwrap();
+    let moved =
+        |x: f32, i: usize| (f64::from(x) - f64::from(p0[i]) * (1.0 - lr * wd).powi(3)).abs();
+    assert!(moved(k[0], 0) * 3.0 < (want[0][0] - f64::from(p0[0]) * (1.0 - lr * wd).powi(3)).abs());
+    assert_eq!(opt.state(&b).unwrap().kind, "adamw_torch");
+    let e = opt
+        .step(&mut [&mut decayed], &kiln_core::GradStore::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("mask covers 2 parameters"), "{e}");
+}
+
+#[test]
+fn clipping_by_global_norm_and_accumulating_gradients() {
+    let b = backend();
+    let a = Var::from_tensor(&Tensor::from_slice(&[1.0, 2.0], &[2], &b).unwrap()).unwrap();
+    let c = Var::from_tensor(&Tensor::from_slice(&[3.0], &[1], &b).unwrap()).unwrap();
+    let grads_of = |ga: [f32; 2], gc: f32| {
+        let ta = Tensor::from_slice(&ga, &[2], &b).unwrap();
+        let tc = Tensor::from_slice(&[gc], &[1], &b).unwrap();
+        a.as_tensor()
+            .mul(&ta)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .add(&c.as_tensor().mul(&tc).unwrap().sum_all().unwrap())
+            .unwrap()
+            .backward()
+            .unwrap()
+    };
+    let mut g = grads_of([3.0, 0.0], 2.0);
+    g.accumulate(grads_of([0.0, 0.0], 2.0)).unwrap(); // [3, 0], [4]: norm 5
+    let norm = kiln_nn::clip_grad_norm(&mut g, &[&a, &c], 1.0).unwrap();
+    assert_eq!(norm, 5.0);
+    let ga = g.get_id(a.id()).unwrap().to_vec_f32().unwrap();
+    assert!((ga[0] - 0.6).abs() < 1e-6 && ga[1] == 0.0, "{ga:?}");
+    // Under the limit nothing changes.
+    let mut g = grads_of([0.3, 0.0], 0.4);
+    assert!((kiln_nn::clip_grad_norm(&mut g, &[&a, &c], 1.0).unwrap() - 0.5).abs() < 1e-6);
+    assert_eq!(g.get_id(c.id()).unwrap().to_vec_f32().unwrap(), [0.4]);
+    assert!(kiln_nn::clip_grad_norm(&mut g, &[&a], f32::NAN).is_err());
+}

@@ -3,10 +3,13 @@
 //! Keras-style training on top of `kiln-nn`: a [`Trainer`] with
 //! [`Trainer::fit`], [`Trainer::evaluate`] and [`Trainer::predict`], epoch
 //! [`History`] written as JSON lines, progress output, and model files
-//! ([`model_file`]) written atomically in safetensors.
+//! ([`model_file`]) written atomically in safetensors; [`lm`] trains
+//! language models by iterations over a text corpus.
 
 pub mod checkpoint;
+pub mod generate;
 pub mod history;
+pub mod lm;
 pub mod loss_scale;
 pub mod metrics;
 pub mod model_file;
@@ -15,7 +18,9 @@ pub mod plots;
 pub mod progress;
 pub mod trainer;
 
+pub use generate::{generate, Generated, SampleConfig};
 pub use history::{EpochRecord, History};
+pub use lm::{LmCheckpointPolicy, LmFitConfig, LmRecord, LmTrainer};
 pub use loss_scale::LossScaler;
 pub use metrics::{ClassificationReport, RegressionReport};
 pub use progress::Verbosity;

@@ -108,53 +108,108 @@ fn curves<DB: DrawingBackend>(
                 (r.epoch as f64, t, v)
             })
             .collect();
-        let values = points
-            .iter()
-            .flat_map(|&(_, t, v)| std::iter::once(t).chain(v));
-        let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-            (a.min(v), b.max(v))
-        });
-        let pad = ((hi - lo) * 0.1).max(1e-3);
-        let mut chart = ChartBuilder::on(panel)
-            .caption(name, ("sans-serif", 22))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(56)
-            .build_cartesian_2d(0.5..epochs + 0.5, (lo - pad)..(hi + pad))
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .x_label_formatter(&|e| format!("{e:.0}"))
-            .y_desc(name)
-            .draw()
-            .map_err(err)?;
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().map(|&(e, t, _)| (e, t)),
-                BLUE.stroke_width(2),
-            ))
-            .map_err(err)?
-            .label("training")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE.stroke_width(2)));
-        if points.iter().all(|p| p.2.is_some()) {
-            chart
-                .draw_series(LineSeries::new(
-                    points.iter().map(|&(e, _, v)| (e, v.unwrap_or(f64::NAN))),
-                    RED.stroke_width(2),
-                ))
-                .map_err(err)?
-                .label("validation")
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED.stroke_width(2)));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+        draw_panel(panel, name, "epoch", &points, 0.5..epochs + 0.5)?;
     }
     Ok(())
+}
+
+/// One chart of `name` against `x_desc`: the training series in blue and,
+/// where every point has one, the validation series in red.
+fn draw_panel<DB: DrawingBackend>(
+    panel: &DrawingArea<DB, Shift>,
+    name: &str,
+    x_desc: &str,
+    points: &[(f64, f64, Option<f64>)],
+    x: std::ops::Range<f64>,
+) -> std::result::Result<(), String> {
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let values = points
+        .iter()
+        .flat_map(|&(_, t, v)| std::iter::once(t).chain(v));
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+        (a.min(v), b.max(v))
+    });
+    let pad = ((hi - lo) * 0.1).max(1e-3);
+    let mut chart = ChartBuilder::on(panel)
+        .caption(name, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x, (lo - pad)..(hi + pad))
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .x_label_formatter(&|e| format!("{e:.0}"))
+        .y_desc(name)
+        .draw()
+        .map_err(err)?;
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().map(|&(e, t, _)| (e, t)),
+            BLUE.stroke_width(2),
+        ))
+        .map_err(err)?
+        .label("training")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE.stroke_width(2)));
+    if points.iter().all(|p| p.2.is_some()) {
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|&(e, _, v)| (e, v.unwrap_or(f64::NAN))),
+                RED.stroke_width(2),
+            ))
+            .map_err(err)?
+            .label("validation")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+/// A language model's loss curves (`history`'s evaluations: training and
+/// validation loss against the iteration) to `stem.svg` and `stem.png`.
+pub fn lm_curves(history: &[crate::lm::LmRecord], stem: &Path) -> Result<Written> {
+    if history.is_empty() {
+        return Err(Error::invalid("no evaluations to plot"));
+    }
+    let mut written = Written::default();
+    if let Err(why) = font() {
+        written.skipped = Some(why);
+        return Ok(written);
+    }
+    let points: Vec<(f64, f64, Option<f64>)> = history
+        .iter()
+        .map(|r| (r.iter as f64, r.train_loss, Some(r.val_loss)))
+        .collect();
+    let last = points.last().map_or(1.0, |p| p.0).max(1.0);
+    let svg = stem.with_extension("svg");
+    {
+        let root = SVGBackend::new(&svg, (700, 420)).into_drawing_area();
+        root.fill(&WHITE)
+            .map_err(|e| plot_error("loss curves", &svg, e))?;
+        draw_panel(&root, "loss", "iteration", &points, 0.0..last)
+            .map_err(|e| plot_error("loss curves", &svg, e))?;
+        root.present()
+            .map_err(|e| plot_error("loss curves", &svg, e))?;
+    }
+    written.files.push(svg);
+    let png = stem.with_extension("png");
+    {
+        let root = BitMapBackend::new(&png, (700, 420)).into_drawing_area();
+        root.fill(&WHITE)
+            .map_err(|e| plot_error("loss curves", &png, e))?;
+        draw_panel(&root, "loss", "iteration", &points, 0.0..last)
+            .map_err(|e| plot_error("loss curves", &png, e))?;
+        root.present()
+            .map_err(|e| plot_error("loss curves", &png, e))?;
+    }
+    written.files.push(png);
+    Ok(written)
 }
 
 /// The confusion matrix of `report` as a heat map with counts, to

@@ -119,3 +119,86 @@ impl EpochProgress {
         }
     }
 }
+
+/// The progress display of an iteration-based (language-model) run: a bar
+/// over the steps on a terminal, one line per evaluation otherwise.
+pub(crate) struct IterProgress {
+    bar: Option<ProgressBar>,
+    lines: bool,
+    json: bool,
+    width: usize,
+    iters: u64,
+}
+
+impl IterProgress {
+    pub(crate) fn start(verbosity: Verbosity, done: u64, iters: u64) -> Self {
+        let tty = std::io::stdout().is_terminal();
+        let width = iters.to_string().len();
+        let mut p = IterProgress {
+            bar: None,
+            lines: matches!(verbosity, Verbosity::Lines | Verbosity::Auto),
+            json: verbosity == Verbosity::Json,
+            width,
+            iters,
+        };
+        if verbosity == Verbosity::Auto && tty {
+            let bar = ProgressBar::with_draw_target(Some(iters), ProgressDrawTarget::stdout());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "iter [{bar:30.cyan/blue}] {pos}/{len} {msg} ETA {eta}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_position(done);
+            bar.enable_steady_tick(Duration::from_millis(200));
+            p.bar = Some(bar);
+        }
+        p
+    }
+
+    pub(crate) fn update(&self, iter: u64, loss: f64, tokens_per_sec: f64) {
+        if let Some(bar) = &self.bar {
+            let rss = crate::observe::peak_rss_bytes().map_or(String::new(), |b| {
+                format!(" {:.0} MiB", b as f64 / (1 << 20) as f64)
+            });
+            bar.set_message(format!("loss {loss:.4} {tokens_per_sec:>7.0} tok/s{rss}"));
+            bar.set_position(iter);
+        }
+    }
+
+    pub(crate) fn record(&self, r: &crate::lm::LmRecord) {
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string(r).expect("a record always serialises")
+            );
+            return;
+        }
+        let mut line = format!(
+            "iter {:>w$}/{} train_loss {:.4} val_loss {:.4} lr {:.2e} {:.2} it/s {:.0} tok/s",
+            r.iter,
+            self.iters,
+            r.train_loss,
+            r.val_loss,
+            r.lr,
+            r.iters_per_sec,
+            r.tokens_per_sec,
+            w = self.width
+        );
+        if let Some(rss) = r.peak_rss_bytes {
+            line += &format!(" {:.0} MiB peak", rss as f64 / (1 << 20) as f64);
+        }
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None if self.lines => println!("{line}"),
+            None => {}
+        }
+    }
+
+    pub(crate) fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}

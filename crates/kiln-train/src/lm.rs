@@ -1,0 +1,711 @@
+//! Training language models: iteration-based runs over a [`TextCorpus`]
+//! with periodic evaluation, AdamW, clipping, a learning-rate schedule and
+//! gradient accumulation, checkpoints that resume bit for bit.
+//!
+//! A run is a function of its settings: batch `i` of the training split is
+//! drawn from the Philox stream of `(seed, i)` ([`TextCorpus::batch`]), the
+//! rate of step `i` is the schedule's, and a checkpoint stores the weights,
+//! the optimiser's moments, the dropout streams' positions and the history.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kiln_core::{no_grad, Backend, DType, DataError, Error, GradStore, HostData, Result, Tensor};
+use kiln_data::text::{TextCorpus, TextSplit, Vocab};
+use kiln_nn::{clip_grad_norm, Adam, LrSchedule, Optimizer, OptimizerState, Precision, Sequential};
+use serde::{Deserialize, Serialize};
+
+use crate::model_file::{self, SPEC_KEY};
+use crate::observe::peak_rss_bytes;
+use crate::Verbosity;
+
+/// The metadata key holding an LM checkpoint's [`LmProgress`] (JSON).
+pub const LM_PROGRESS_KEY: &str = "kiln.lm_checkpoint";
+/// The metadata key holding a language model's vocabulary (a JSON string
+/// of its characters in token order), in model files and checkpoints.
+pub const VOCAB_KEY: &str = "kiln.vocab";
+
+/// Settings of [`LmTrainer::fit`].
+#[derive(Clone, Debug)]
+pub struct LmFitConfig {
+    /// Optimiser steps in the whole run.
+    pub iters: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed into one step (1: none).
+    pub accumulate: usize,
+    /// Seeds the batches (the weights are seeded when the model is built).
+    pub seed: u64,
+    /// Evaluate every this many steps (and after the last).
+    pub eval_every: u64,
+    /// Batches per evaluation, on each split.
+    pub eval_iters: u64,
+    /// The learning rate of each step.
+    pub schedule: LrSchedule,
+    /// Clip gradients to this global norm (`None`: no clipping).
+    pub grad_clip: Option<f32>,
+    /// What to print.
+    pub verbosity: Verbosity,
+    /// Append each evaluation's record to this JSON-lines file.
+    pub history_path: Option<PathBuf>,
+    /// Where checkpoints go and every how many steps (0: only when stopped).
+    pub checkpoint: Option<LmCheckpointPolicy>,
+    /// Set (by a signal handler) to stop: the step in flight is abandoned
+    /// between ops, a checkpoint of the last completed step written (with
+    /// a policy) and [`Error::Interrupted`] returned.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl Default for LmFitConfig {
+    fn default() -> Self {
+        LmFitConfig {
+            iters: 2000,
+            batch_size: 12,
+            accumulate: 1,
+            seed: 1337,
+            eval_every: 250,
+            eval_iters: 20,
+            schedule: LrSchedule::WarmupCosine {
+                peak: 1e-3,
+                min: 1e-4,
+                warmup: 100,
+                decay: 2000,
+            },
+            grad_clip: Some(1.0),
+            verbosity: Verbosity::Auto,
+            history_path: None,
+            checkpoint: None,
+            stop: None,
+        }
+    }
+}
+
+impl LmFitConfig {
+    /// Checks the numbers, with errors that say what to change.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::invalid(m));
+        if self.iters == 0 || self.iters > 1 << 40 {
+            return bad(format!("--iters {} must be 1 to 2⁴⁰", self.iters));
+        }
+        if self.batch_size == 0 || self.batch_size > 1 << 16 {
+            return bad(format!(
+                "--batch-size {} must be 1 to 65536",
+                self.batch_size
+            ));
+        }
+        if self.accumulate == 0 || self.accumulate > 1 << 12 {
+            return bad(format!(
+                "--accumulate {} must be 1 to 4096",
+                self.accumulate
+            ));
+        }
+        if self.eval_every == 0 {
+            return bad("--eval-every must be at least 1".into());
+        }
+        if self.eval_iters == 0 || self.eval_iters > 1 << 20 {
+            return bad(format!("--eval-iters {} must be 1 to 2²⁰", self.eval_iters));
+        }
+        if let Some(c) = self.grad_clip {
+            if !(c.is_finite() && c > 0.0) {
+                return bad(format!("--grad-clip {c} must be finite and positive"));
+            }
+        }
+        self.schedule.check()
+    }
+}
+
+/// When [`LmTrainer::fit`] writes checkpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LmCheckpointPolicy {
+    /// The folder they go to.
+    pub dir: PathBuf,
+    /// Every this many steps (0: only when interrupted).
+    pub every: u64,
+    /// How many to keep (the newest).
+    pub keep: usize,
+}
+
+/// One evaluation of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LmRecord {
+    /// Steps completed.
+    pub iter: u64,
+    /// Mean loss (nats per token) on `eval_iters` training batches.
+    pub train_loss: f64,
+    /// Mean loss on `eval_iters` validation batches.
+    pub val_loss: f64,
+    /// Mean loss of the steps since the previous evaluation.
+    pub step_loss: f64,
+    /// The learning rate of the last step.
+    pub lr: f64,
+    /// Training seconds since the previous evaluation (evaluation excluded).
+    pub seconds: f64,
+    /// Steps per second over those seconds.
+    pub iters_per_sec: f64,
+    /// Training tokens per second over those seconds.
+    pub tokens_per_sec: f64,
+    /// The process's peak resident memory, in bytes.
+    #[serde(default)]
+    pub peak_rss_bytes: Option<u64>,
+    /// The precision trained in.
+    pub precision: String,
+}
+
+/// Where an LM run stands, and what it must match to continue.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LmProgress {
+    /// Steps completed.
+    pub iter: u64,
+    /// The run's length.
+    pub iters: u64,
+    /// The batch seed.
+    pub seed: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per step.
+    pub accumulate: usize,
+    /// The corpus' name.
+    pub dataset: String,
+    /// The corpus' fingerprint.
+    pub dataset_fingerprint: String,
+    /// The optimiser's kind.
+    pub optimizer: String,
+    /// Optimiser steps taken.
+    pub optimizer_step: u64,
+    /// The last learning rate.
+    pub lr: f32,
+    /// Positions of the model's dropout streams.
+    pub rng_positions: Vec<u64>,
+    /// Sum and count of the step losses since the last evaluation.
+    pub partial: (f64, u64),
+    /// The evaluations so far.
+    pub history: Vec<LmRecord>,
+    /// The precision trained in.
+    pub precision: String,
+}
+
+impl LmProgress {
+    /// Checks that the fields are in range and agree (a tampered or
+    /// corrupted checkpoint is refused, not trained on).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::invalid(format!("checkpoint progress: {m}")));
+        if self.iter > self.iters || self.batch_size == 0 || self.accumulate == 0 {
+            return bad(format!(
+                "step {} of {}, batch {} × {}",
+                self.iter, self.iters, self.batch_size, self.accumulate
+            ));
+        }
+        let (sum, n) = self.partial;
+        if !sum.is_finite() || sum < 0.0 || n > self.iter {
+            return bad(format!("a partial loss sum of {sum} over {n} steps"));
+        }
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return bad(format!("learning rate {}", self.lr));
+        }
+        if self
+            .history
+            .iter()
+            .any(|r| !(r.train_loss.is_finite() && r.val_loss.is_finite()) || r.iter > self.iter)
+        {
+            return bad("a history record out of range".into());
+        }
+        Ok(())
+    }
+}
+
+/// Trains a token model (a [`Sequential`] starting with an Embedding and
+/// ending in logits) on a [`TextCorpus`].
+pub struct LmTrainer<B: Backend> {
+    model: Sequential<B>,
+    optimizer: Adam<B>,
+    backend: B,
+    vocab: Vocab,
+    progress: Option<LmProgress>,
+}
+
+/// The usual rule for which parameters weight decay applies to: the
+/// matrices of dense and attention layers (names ending in `weight`), not
+/// biases, norms or embedding tables.
+pub fn decay_mask<B: Backend>(model: &Sequential<B>) -> Vec<bool> {
+    model
+        .named_params()
+        .iter()
+        .map(|(name, _)| name.ends_with("weight"))
+        .collect()
+}
+
+impl<B: Backend> LmTrainer<B> {
+    /// A trainer for `model` (which must read token ids) over `vocab`.
+    pub fn new(model: Sequential<B>, optimizer: Adam<B>, vocab: Vocab, backend: B) -> Result<Self> {
+        if !model.takes_tokens() {
+            return Err(Error::invalid(format!(
+                "model `{}` does not read token ids: a language model starts with an Embedding layer",
+                model.name()
+            )));
+        }
+        let out = model.output_shape()?;
+        if out.last() != Some(&vocab.len()) {
+            return Err(Error::invalid(format!(
+                "model `{}` predicts {:?} per position; the corpus has {} tokens",
+                model.name(),
+                out,
+                vocab.len()
+            )));
+        }
+        let mask = decay_mask(&model);
+        Ok(LmTrainer {
+            model,
+            optimizer: optimizer.with_decay_mask(mask),
+            backend,
+            vocab,
+            progress: None,
+        })
+    }
+
+    /// Continues the run `checkpoint` holds (a file, or the newest in a
+    /// folder): the model, the optimiser's state and where the run stood.
+    /// `optimizer` must be of the checkpoint's kind.
+    pub fn resume(path: &Path, optimizer: Adam<B>, backend: B) -> Result<Self> {
+        let file = newest_checkpoint(path)?;
+        let bytes = std::fs::read(&file)
+            .map_err(|e| Error::io(format!("reading checkpoint {}", file.display()), e))?;
+        let named = |e: Error| match e {
+            Error::InvalidArgument(msg) => Error::Data {
+                path: file.clone(),
+                source: DataError::Invalid(msg),
+            },
+            other => other,
+        };
+        let (model, state, progress, vocab) = from_bytes(&bytes, &backend).map_err(named)?;
+        let mut optimizer = optimizer;
+        optimizer
+            .load_state(&state, &model.params())
+            .map_err(named)?;
+        let mut t = LmTrainer::new(model, optimizer, vocab, backend)?;
+        t.progress = Some(progress);
+        Ok(t)
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Sequential<B> {
+        &self.model
+    }
+
+    /// The vocabulary.
+    pub fn vocab(&self) -> &Vocab {
+        &self.vocab
+    }
+
+    /// Where a resumed run stood (`None` for a fresh one).
+    pub fn progress(&self) -> Option<&LmProgress> {
+        self.progress.as_ref()
+    }
+
+    /// The context length the model was built for.
+    fn block(&self) -> usize {
+        self.model.input_shape()[0]
+    }
+
+    /// Mean next-token loss of `batch` sequences of tokens `x` against `y`
+    /// (both `batch·block` long), as a scalar tensor (in the graph).
+    fn loss(
+        &self,
+        x: Vec<u32>,
+        y: Vec<u32>,
+        batch: usize,
+        stop: &impl Fn() -> bool,
+    ) -> Result<Option<Tensor<B>>> {
+        let block = self.block();
+        let xs = Tensor::from_host(HostData::U32(x), &[batch, block], &self.backend)?;
+        let ys = Tensor::from_host(HostData::U32(y), &[batch * block], &self.backend)?;
+        let Some(logits) = self.model.forward_logits_until(&xs, stop)? else {
+            return Ok(None);
+        };
+        let v = self.vocab.len();
+        logits
+            .reshape(&[batch * block, v])?
+            .cast(DType::F32)?
+            .softmax_cross_entropy(&ys)
+            .map(Some)
+    }
+
+    /// Mean loss over `iters` batches of `split` (no gradients, no dropout),
+    /// batch `i` drawn from `(seed, first + i)`.
+    pub fn evaluate(
+        &self,
+        corpus: &TextCorpus,
+        split: TextSplit,
+        batch: usize,
+        seed: u64,
+        first: u64,
+        iters: u64,
+    ) -> Result<f64> {
+        self.model.set_training(false);
+        let mut sum = 0.0;
+        for i in 0..iters {
+            let (x, y) = corpus.batch(split, batch, self.block(), seed, first + i)?;
+            let l = no_grad(|| self.loss(x, y, batch, &|| false))?
+                .expect("an evaluation is never stopped");
+            sum += f64::from(l.to_scalar_f32()?);
+        }
+        Ok(sum / iters.max(1) as f64)
+    }
+
+    /// Trains for `cfg.iters` steps (from where a resumed run stood),
+    /// evaluating every `cfg.eval_every` steps and after the last. Returns
+    /// the evaluations.
+    pub fn fit(&mut self, corpus: &TextCorpus, cfg: &LmFitConfig) -> Result<Vec<LmRecord>> {
+        cfg.check()?;
+        corpus.check_block(self.block())?;
+        if corpus.vocab() != &self.vocab {
+            return Err(Error::invalid(format!(
+                "the corpus `{}` has a vocabulary of {} characters, the model {} (a model trains and resumes on the corpus it was built for)",
+                corpus.name(),
+                corpus.vocab().len(),
+                self.vocab.len()
+            )));
+        }
+        let precision = self.model.precision();
+        if precision == Precision::F16 {
+            return Err(Error::invalid(
+                "language models train in f32 or bf16 (f16 needs loss scaling, which the LM loop does not do); use --precision bf16",
+            ));
+        }
+        let mut progress = match self.progress.take() {
+            Some(p) => {
+                check_resume(&p, corpus, cfg, precision)?;
+                p
+            }
+            None => LmProgress {
+                iter: 0,
+                iters: cfg.iters,
+                seed: cfg.seed,
+                batch_size: cfg.batch_size,
+                accumulate: cfg.accumulate,
+                dataset: corpus.name().to_string(),
+                dataset_fingerprint: corpus.fingerprint(),
+                optimizer: String::new(),
+                optimizer_step: 0,
+                lr: cfg.schedule.at(0),
+                rng_positions: Vec::new(),
+                partial: (0.0, 0),
+                history: Vec::new(),
+                precision: precision.name().to_string(),
+            },
+        };
+        let stop_flag = cfg.stop.clone();
+        let stopping = move || stop_flag.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        // The optimiser steps outside `self` while the step closure borrows it.
+        let mut optimizer = std::mem::replace(&mut self.optimizer, Adam::new(1.0)?);
+        let tokens_per_step = (cfg.batch_size * cfg.accumulate * self.block()) as f64;
+        let mut bar = crate::progress::IterProgress::start(cfg.verbosity, progress.iter, cfg.iters);
+        let mut clock = Instant::now();
+        let mut trained = 0.0f64;
+        let mut since = 0u64;
+        let result = (|| -> Result<()> {
+            while progress.iter < cfg.iters {
+                let it = progress.iter;
+                let lr = cfg.schedule.at(it);
+                optimizer.set_lr(lr);
+                self.model.set_training(true);
+                let drawn = self.model.rng_positions();
+                let mut grads = GradStore::default();
+                let mut step_loss = 0.0;
+                for micro in 0..cfg.accumulate {
+                    let index = it * cfg.accumulate as u64 + micro as u64;
+                    let (x, y) = corpus.batch(
+                        TextSplit::Train,
+                        cfg.batch_size,
+                        self.block(),
+                        cfg.seed,
+                        index,
+                    )?;
+                    let Some(loss) = self.loss(x, y, cfg.batch_size, &stopping)? else {
+                        self.model.set_rng_positions(&drawn)?;
+                        return Err(Error::Interrupted(String::new()));
+                    };
+                    step_loss += f64::from(loss.to_scalar_f32()?) / cfg.accumulate as f64;
+                    let loss = if cfg.accumulate > 1 {
+                        loss.affine(1.0 / cfg.accumulate as f32, 0.0)?
+                    } else {
+                        loss
+                    };
+                    let Some(g) = loss.backward_until(&stopping)? else {
+                        self.model.set_rng_positions(&drawn)?;
+                        return Err(Error::Interrupted(String::new()));
+                    };
+                    grads.accumulate(g)?;
+                }
+                if !step_loss.is_finite() {
+                    return Err(Error::invalid(format!(
+                        "the loss became {step_loss} at step {}: lower the learning rate, or clip gradients (--grad-clip)",
+                        it + 1
+                    )));
+                }
+                if let Some(max) = cfg.grad_clip {
+                    let params = self.model.params();
+                    clip_grad_norm(&mut grads, &params, max)?;
+                }
+                optimizer.step(&mut self.model.params_mut(), &grads)?;
+                progress.iter += 1;
+                progress.lr = lr;
+                progress.partial.0 += step_loss;
+                progress.partial.1 += 1;
+                since += 1;
+                bar.update(
+                    progress.iter,
+                    step_loss,
+                    since as f64 * tokens_per_step
+                        / (trained + clock.elapsed().as_secs_f64()).max(1e-9),
+                );
+                let done = progress.iter == cfg.iters;
+                if progress.iter.is_multiple_of(cfg.eval_every) || done {
+                    trained += clock.elapsed().as_secs_f64();
+                    let round = progress.history.len() as u64;
+                    let first = round * cfg.eval_iters;
+                    let train_loss = self.evaluate(
+                        corpus,
+                        TextSplit::Train,
+                        cfg.batch_size,
+                        cfg.seed ^ 0x5eed_e7a1,
+                        first,
+                        cfg.eval_iters,
+                    )?;
+                    let val_loss = self.evaluate(
+                        corpus,
+                        TextSplit::Val,
+                        cfg.batch_size,
+                        cfg.seed,
+                        first,
+                        cfg.eval_iters,
+                    )?;
+                    let (sum, n) = progress.partial;
+                    let record = LmRecord {
+                        iter: progress.iter,
+                        train_loss,
+                        val_loss,
+                        step_loss: sum / n.max(1) as f64,
+                        lr: f64::from(lr),
+                        seconds: trained,
+                        iters_per_sec: since as f64 / trained.max(1e-9),
+                        tokens_per_sec: since as f64 * tokens_per_step / trained.max(1e-9),
+                        peak_rss_bytes: peak_rss_bytes(),
+                        precision: precision.name().to_string(),
+                    };
+                    bar.record(&record);
+                    if let Some(path) = &cfg.history_path {
+                        append_jsonl(path, &record)?;
+                    }
+                    progress.history.push(record);
+                    progress.partial = (0.0, 0);
+                    trained = 0.0;
+                    since = 0;
+                    clock = Instant::now();
+                }
+                if let Some(policy) = &cfg.checkpoint {
+                    if policy.every > 0 && (progress.iter.is_multiple_of(policy.every) || done) {
+                        self.save_checkpoint(policy, &optimizer, &mut progress)?;
+                    }
+                }
+                if stopping() && !done {
+                    return Err(Error::Interrupted(String::new()));
+                }
+            }
+            Ok(())
+        })();
+        bar.finish();
+        let outcome = match result {
+            Err(Error::Interrupted(_)) => {
+                let at = match &cfg.checkpoint {
+                    Some(policy) => {
+                        let path = self.save_checkpoint(policy, &optimizer, &mut progress)?;
+                        format!(
+                            "stopped after step {}; resume with --resume {}",
+                            progress.iter,
+                            path.display()
+                        )
+                    }
+                    None => format!(
+                        "stopped after step {} (no checkpoint folder was set)",
+                        progress.iter
+                    ),
+                };
+                Err(Error::Interrupted(at))
+            }
+            other => other,
+        };
+        self.optimizer = optimizer;
+        let history = progress.history.clone();
+        self.progress = Some(progress);
+        outcome.map(|()| history)
+    }
+
+    fn save_checkpoint(
+        &self,
+        policy: &LmCheckpointPolicy,
+        optimizer: &Adam<B>,
+        progress: &mut LmProgress,
+    ) -> Result<PathBuf> {
+        let state = optimizer.state(&self.backend)?;
+        progress.optimizer = state.kind.clone();
+        progress.optimizer_step = state.step;
+        progress.rng_positions = self.model.rng_positions();
+        std::fs::create_dir_all(&policy.dir).map_err(|e| {
+            Error::io(
+                format!("creating the checkpoint folder {}", policy.dir.display()),
+                e,
+            )
+        })?;
+        let tensors: Vec<(String, Vec<usize>, HostData)> = state
+            .slots
+            .into_iter()
+            .map(|(slot, pos, data)| (format!("optimizer.{slot}.{pos}"), vec![data.len()], data))
+            .collect();
+        let mut meta = self.metadata();
+        let json = serde_json::to_string(&*progress)
+            .map_err(|e| Error::invalid(format!("serialising checkpoint progress: {e}")))?;
+        meta.insert(LM_PROGRESS_KEY.to_string(), json);
+        let path = policy
+            .dir
+            .join(format!("ckpt-{:09}.safetensors", progress.iter));
+        model_file::save_with(&path, &self.model, &meta, &tensors)?;
+        let files = crate::checkpoint::list(&policy.dir)?;
+        for old in &files[..files.len().saturating_sub(policy.keep.max(1))] {
+            std::fs::remove_file(old)
+                .map_err(|e| Error::io(format!("removing old checkpoint {}", old.display()), e))?;
+        }
+        Ok(path)
+    }
+
+    /// The metadata a model file of this model carries: its vocabulary.
+    pub fn metadata(&self) -> HashMap<String, String> {
+        let chars: String = self.vocab.chars().iter().collect();
+        let mut meta = HashMap::new();
+        meta.insert(
+            VOCAB_KEY.to_string(),
+            serde_json::to_string(&chars).expect("a string always serialises"),
+        );
+        meta
+    }
+
+    /// Saves the model and its vocabulary to `path` (atomically).
+    pub fn save_model(&self, path: &Path) -> Result<()> {
+        model_file::save(path, &self.model, &self.metadata())
+    }
+}
+
+/// The vocabulary a model file or checkpoint stores under [`VOCAB_KEY`].
+pub fn vocab_of(metadata: &HashMap<String, String>) -> Result<Vocab> {
+    let json = metadata.get(VOCAB_KEY).ok_or_else(|| {
+        Error::invalid(format!(
+            "no `{VOCAB_KEY}` metadata: not a language model (train one with --model gpt)"
+        ))
+    })?;
+    let chars: String = serde_json::from_str(json)
+        .map_err(|e| Error::invalid(format!("the model's vocabulary: {e}")))?;
+    Vocab::from_chars(chars.chars().collect())
+}
+
+fn newest_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.is_dir() {
+        crate::checkpoint::list(path)?.pop().ok_or_else(|| {
+            Error::invalid(format!(
+                "{} holds no checkpoint (ckpt-*.safetensors); train with --checkpoint-every N first",
+                path.display()
+            ))
+        })
+    } else {
+        Ok(path.to_path_buf())
+    }
+}
+
+/// Parses an LM checkpoint: model, optimiser state, progress, vocabulary.
+fn from_bytes<B: Backend>(
+    bytes: &[u8],
+    backend: &B,
+) -> Result<(Sequential<B>, OptimizerState, LmProgress, Vocab)> {
+    let loaded = model_file::from_bytes_with_extra(bytes, backend, "optimizer.")?;
+    let json = loaded.metadata.get(LM_PROGRESS_KEY).ok_or_else(|| {
+        Error::invalid(format!(
+            "no `{LM_PROGRESS_KEY}` metadata: not a language-model checkpoint (it has `{SPEC_KEY}`{})",
+            if loaded.metadata.contains_key(crate::checkpoint::PROGRESS_KEY) {
+                ", and is an image model's checkpoint"
+            } else {
+                " only: a model file"
+            }
+        ))
+    })?;
+    let progress: LmProgress = serde_json::from_str(json)
+        .map_err(|e| Error::invalid(format!("checkpoint progress: {e}")))?;
+    progress.validate()?;
+    let vocab = vocab_of(&loaded.metadata)?;
+    let mut slots = Vec::new();
+    for (name, data) in loaded.extra {
+        let rest = name.strip_prefix("optimizer.").unwrap_or(&name);
+        let (slot, pos) = rest
+            .rsplit_once('.')
+            .and_then(|(s, p)| Some((s.to_string(), p.parse::<usize>().ok()?)))
+            .ok_or_else(|| Error::invalid(format!("unexpected tensor `{name}` in checkpoint")))?;
+        slots.push((slot, pos, data));
+    }
+    slots.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+    let state = OptimizerState {
+        kind: progress.optimizer.clone(),
+        step: progress.optimizer_step,
+        lr: progress.lr.max(f32::MIN_POSITIVE),
+        slots,
+    };
+    let mut model = loaded.model;
+    model.set_rng_positions(&progress.rng_positions)?;
+    model.set_precision(progress.precision.parse()?);
+    Ok((model, state, progress, vocab))
+}
+
+/// A resumed run must continue the same run.
+fn check_resume(
+    p: &LmProgress,
+    corpus: &TextCorpus,
+    cfg: &LmFitConfig,
+    precision: Precision,
+) -> Result<()> {
+    let differs = |what: &str, was: String, now: String| {
+        Err(Error::invalid(format!(
+            "the checkpoint's run used {what} {was}, this one {now}: resume with the same settings"
+        )))
+    };
+    if p.dataset_fingerprint != corpus.fingerprint() {
+        return differs("the corpus", p.dataset.clone(), corpus.name().to_string());
+    }
+    if (p.seed, p.batch_size, p.accumulate) != (cfg.seed, cfg.batch_size, cfg.accumulate) {
+        return differs(
+            "seed/batch/accumulate",
+            format!("{}/{}/{}", p.seed, p.batch_size, p.accumulate),
+            format!("{}/{}/{}", cfg.seed, cfg.batch_size, cfg.accumulate),
+        );
+    }
+    if p.iters != cfg.iters {
+        return differs("--iters", p.iters.to_string(), cfg.iters.to_string());
+    }
+    if p.precision != precision.name() {
+        return differs(
+            "precision",
+            p.precision.clone(),
+            precision.name().to_string(),
+        );
+    }
+    Ok(())
+}
+
+fn append_jsonl(path: &Path, record: &LmRecord) -> Result<()> {
+    use std::io::Write;
+    let line = serde_json::to_string(record).expect("a record always serialises");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    writeln!(f, "{line}").map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}

@@ -1,0 +1,195 @@
+//! Language-model training: it learns, it resumes bit for bit, it samples
+//! the same text with and without the key/value cache.
+
+use kiln_cpu::CpuBackend;
+use kiln_data::text::TextCorpus;
+use kiln_nn::{Adam, GptConfig, LrSchedule, Sequential};
+use kiln_train::lm::{LmCheckpointPolicy, LmFitConfig, LmTrainer};
+use kiln_train::{generate, SampleConfig, Verbosity};
+
+fn corpus() -> TextCorpus {
+    // A text with structure a tiny model learns in a few dozen steps.
+    let verse =
+        "the quick brown fox jumps over the lazy dog.\nsphinx of black quartz, judge my vow.\n";
+    TextCorpus::from_text("pangrams", &verse.repeat(40)).unwrap()
+}
+
+fn cfg() -> GptConfig {
+    GptConfig {
+        name: "gpt-test".into(),
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 32,
+        block_size: 16,
+        dropout: 0.1,
+        bias: false,
+    }
+}
+
+fn fit_cfg(iters: u64) -> LmFitConfig {
+    LmFitConfig {
+        iters,
+        batch_size: 8,
+        accumulate: 2,
+        seed: 3,
+        eval_every: 50,
+        eval_iters: 2,
+        schedule: LrSchedule::WarmupCosine {
+            peak: 3e-3,
+            min: 3e-4,
+            warmup: iters.min(5),
+            decay: iters,
+        },
+        grad_clip: Some(1.0),
+        verbosity: Verbosity::Silent,
+        ..LmFitConfig::default()
+    }
+}
+
+fn trainer(b: &CpuBackend, c: &TextCorpus) -> LmTrainer<CpuBackend> {
+    let model = Sequential::from_spec(&cfg().spec(c.vocab().len()).unwrap(), 7, b).unwrap();
+    let opt = Adam::pytorch_adamw(3e-3, 0.1)
+        .unwrap()
+        .with_betas(0.9, 0.99, 1e-8)
+        .unwrap();
+    LmTrainer::new(model, opt, c.vocab().clone(), b.clone()).unwrap()
+}
+
+fn weights(t: &LmTrainer<CpuBackend>) -> Vec<Vec<f32>> {
+    t.model()
+        .params()
+        .iter()
+        .map(|p| p.value().to_vec_f32().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_tiny_gpt_learns_and_resumes_bit_for_bit() {
+    let b = CpuBackend::new().unwrap();
+    let c = corpus();
+    let dir = tempfile::tempdir().unwrap();
+    let mut whole = trainer(&b, &c);
+    let mut fc = fit_cfg(100);
+    fc.checkpoint = Some(LmCheckpointPolicy {
+        dir: dir.path().to_path_buf(),
+        every: 50,
+        keep: 5,
+    });
+    let history = whole.fit(&c, &fc).unwrap();
+    assert_eq!(history.len(), 2);
+    let ln_vocab = (c.vocab().len() as f64).ln();
+    assert!(history[1].val_loss < 0.5 * ln_vocab, "{history:?}");
+    assert!(history[1].tokens_per_sec > 0.0 && history[1].step_loss.is_finite());
+
+    // Resume from step 50 and finish: the same weights, bit for bit.
+    let ckpt = dir.path().join("ckpt-000000050.safetensors");
+    let opt = Adam::pytorch_adamw(3e-3, 0.1)
+        .unwrap()
+        .with_betas(0.9, 0.99, 1e-8)
+        .unwrap();
+    let mut resumed = LmTrainer::resume(&ckpt, opt, b.clone()).unwrap();
+    assert_eq!(resumed.progress().unwrap().iter, 50);
+    let again = resumed.fit(&c, &fc).unwrap();
+    assert_eq!(weights(&resumed), weights(&whole));
+    assert_eq!(again.len(), 2);
+    assert_eq!(again[1].val_loss, history[1].val_loss);
+
+    // Other settings on resume are refused, not silently used.
+    let opt = Adam::pytorch_adamw(3e-3, 0.1).unwrap();
+    let mut other = LmTrainer::resume(&ckpt, opt, b.clone()).unwrap();
+    let mut changed = fc.clone();
+    changed.batch_size = 4;
+    let e = other.fit(&c, &changed).unwrap_err().to_string();
+    assert!(e.contains("resume with the same settings"), "{e}");
+    // A truncated checkpoint is a clear error.
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let opt = Adam::pytorch_adamw(3e-3, 0.1).unwrap();
+    let e = LmTrainer::resume(&cut, opt, b.clone())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("cut.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+
+    // Sampling: the cache picks what recomputation picks, within a block.
+    let greedy = SampleConfig {
+        tokens: 12,
+        temperature: 0.0,
+        ..SampleConfig::default()
+    };
+    let fast = generate(whole.model(), whole.vocab(), "the ", &greedy).unwrap();
+    let slow = generate(
+        whole.model(),
+        whole.vocab(),
+        "the ",
+        &SampleConfig {
+            cache: false,
+            ..greedy.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(fast.completion, slow.completion);
+    assert_eq!(fast.completion.chars().count(), 12);
+    // Past the block, and sampled: reproducible from the seed.
+    let sampled = SampleConfig {
+        tokens: 40,
+        ..SampleConfig::default()
+    };
+    let one = generate(whole.model(), whole.vocab(), "sphinx", &sampled).unwrap();
+    let two = generate(whole.model(), whole.vocab(), "sphinx", &sampled).unwrap();
+    assert_eq!(one.text, two.text);
+    assert!(one.text.starts_with("sphinx") && one.new_tokens == 40);
+    // Characters the model never saw, an empty prompt, absurd settings.
+    let e = generate(whole.model(), whole.vocab(), "ZEBRA", &sampled)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'Z'") && e.contains("vocabulary"), "{e}");
+    assert!(generate(whole.model(), whole.vocab(), "", &sampled).is_err());
+    let bad = SampleConfig {
+        temperature: f32::NAN,
+        ..sampled.clone()
+    };
+    assert!(generate(whole.model(), whole.vocab(), "the", &bad).is_err());
+    let bad = SampleConfig {
+        top_k: Some(0),
+        ..sampled
+    };
+    assert!(generate(whole.model(), whole.vocab(), "the", &bad).is_err());
+}
+
+#[test]
+fn bad_runs_are_clear_errors() {
+    let b = CpuBackend::reference();
+    let c = corpus();
+    let mut t = trainer(&b, &c);
+    let mut fc = fit_cfg(4);
+    fc.eval_every = 0;
+    assert!(t
+        .fit(&c, &fc)
+        .unwrap_err()
+        .to_string()
+        .contains("--eval-every"));
+    // A corpus with another vocabulary.
+    let other = TextCorpus::from_text("digits", &"0123456789".repeat(50)).unwrap();
+    let e = t.fit(&other, &fit_cfg(4)).unwrap_err().to_string();
+    assert!(e.contains("vocabulary"), "{e}");
+    // A text shorter than a block.
+    let short = TextCorpus::from_text("short", "abc").unwrap();
+    let m = Sequential::from_spec(&cfg().spec(3).unwrap(), 0, &b).unwrap();
+    let mut t = LmTrainer::new(
+        m,
+        Adam::new(1e-3).unwrap(),
+        short.vocab().clone(),
+        b.clone(),
+    )
+    .unwrap();
+    let e = t.fit(&short, &fit_cfg(4)).unwrap_err().to_string();
+    assert!(e.contains("at least 17"), "{e}");
+    // A model that does not read tokens.
+    let mlp = Sequential::from_spec(&kiln_nn::ModelSpec::mlp(), 0, &b).unwrap();
+    assert!(LmTrainer::new(mlp, Adam::new(1e-3).unwrap(), c.vocab().clone(), b).is_err());
+}

@@ -30,6 +30,7 @@ use kiln_data::{Dataset, Split};
 use kiln_nn::{Adam, Loss, ModelSpec, Optimizer, Precision, Sequential, Sgd};
 mod bench;
 mod http;
+mod lm;
 mod predict;
 mod report;
 mod serve;
@@ -67,6 +68,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Plot a run's training curves (loss and accuracy) from its history.jsonl.
     Plot(PlotArgs),
+    /// Sample text from a trained GPT (with a key/value cache).
+    Generate(lm::GenerateArgs),
 }
 
 #[derive(clap::Args)]
@@ -86,22 +89,52 @@ enum OptimizerName {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// Model: a built-in name (mlp, cnn) or a model spec file (.toml, as in
-    /// models/) [default: mlp, or the checkpoint's with --resume].
+    /// Model: a built-in name (mlp, cnn, gpt) or a model spec file (.toml,
+    /// as in models/; a `[gpt]` table makes a GPT) [default: mlp, or the
+    /// checkpoint's with --resume].
     #[arg(long)]
     model: Option<String>,
-    /// Dataset: mnist-sample (bundled), mnist or fashion-mnist.
-    #[arg(long, default_value = "mnist-sample")]
-    dataset: String,
+    /// Dataset: mnist-sample (bundled), mnist or fashion-mnist; for a GPT,
+    /// shakespeare (bundled) or text:FILE (any UTF-8 file) [default:
+    /// mnist-sample, or shakespeare for a GPT].
+    #[arg(long)]
+    dataset: Option<String>,
     /// Folder holding the dataset's IDX files (or a folder with a DATASET/ folder inside).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Passes over the training set.
-    #[arg(long, default_value_t = 10)]
-    epochs: usize,
-    /// Examples per step.
-    #[arg(long, default_value_t = 128)]
-    batch_size: usize,
+    /// Passes over the training set [default: 10] (image models).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Examples per step [default: 128; a GPT: 12 sequences].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Optimiser steps of a GPT run [default: 2000].
+    #[arg(long)]
+    iters: Option<u64>,
+    /// Evaluate a GPT on both splits every N steps.
+    #[arg(long, value_name = "N", default_value_t = 250)]
+    eval_every: u64,
+    /// Batches per GPT evaluation.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    eval_iters: u64,
+    /// GPT: learning-rate warm-up steps, before the cosine decay to --min-lr.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    warmup: u64,
+    /// GPT: the rate the cosine decay ends at [default: --lr / 10].
+    #[arg(long)]
+    min_lr: Option<f32>,
+    /// GPT: AdamW's decoupled weight decay (not on biases, norms or tables).
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f32,
+    /// GPT: AdamW's β₂.
+    #[arg(long, default_value_t = 0.99)]
+    beta2: f32,
+    /// GPT: clip gradients to this global norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f32,
+    /// GPT: micro-batches summed into each step (gradient accumulation).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    accumulate: usize,
     /// Learning rate [default: 1e-3, or the checkpoint's with --resume].
     #[arg(long)]
     lr: Option<f32>,
@@ -307,7 +340,7 @@ impl<B: Backend, F: Fn() -> Result<B>> Device for F {
 fn run<D: Device>(device: &D, device_default: bool) -> ExitCode {
     let mut command = Cli::command().bin_name(program_name());
     if device_default {
-        for sub in ["train", "eval", "conformance", "bench", "report"] {
+        for sub in ["train", "eval", "conformance", "bench", "report", "generate"] {
             command = command
                 .mut_subcommand(sub, |s| s.mut_arg("backend", |a| a.default_value("device")));
         }
@@ -328,6 +361,7 @@ fn run<D: Device>(device: &D, device_default: bool) -> ExitCode {
         Command::Report(a) => report_command(a, device),
         Command::Predict(a) => cpu_backend(&a.backend, None).and_then(|b| predict::predict(a, b)),
         Command::Plot(a) => plot(a),
+        Command::Generate(a) => generate_command(a, device),
         Command::Serve(a) => cpu_backend(&a.backend, None)
             .and_then(|b| stop_on_signals().and_then(|stop| serve::serve(a, b, stop))),
     };
@@ -522,6 +556,19 @@ fn train<D: Device>(a: TrainArgs, device: &D) -> Result<()> {
 }
 
 fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
+    if lm::is_lm_run(&a)? {
+        return lm::run_train_lm(a, backend);
+    }
+    for (flag, given) in [("--iters", a.iters.is_some())] {
+        if given {
+            return Err(Error::invalid(format!(
+                "{flag} is for GPT runs (--model gpt); image models train for --epochs"
+            )));
+        }
+    }
+    let epochs = a.epochs.unwrap_or(10);
+    let batch_size = a.batch_size.unwrap_or(128);
+    let dataset = a.dataset.clone().unwrap_or_else(|| "mnist-sample".into());
     let json = a.log_format == "json";
     // With JSON logs, stdout carries only the epoch records.
     let say = |s: String| {
@@ -531,7 +578,7 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
             println!("{s}");
         }
     };
-    if a.epochs == 0 || a.batch_size == 0 {
+    if epochs == 0 || batch_size == 0 {
         return Err(Error::invalid(
             "--epochs and --batch-size must be at least 1",
         ));
@@ -564,21 +611,21 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         (None, m) => model_spec(m.as_deref().unwrap_or("mlp"))?,
     };
     // Planned from the spec, before the model or any batch is allocated.
-    let plan = spec.memory(a.batch_size)?;
-    plan.check(&spec.name, a.batch_size, kiln_nn::memory_limit()?)?;
-    let mut train_set = Dataset::load(&a.dataset, Split::Train, a.data.as_deref())?;
+    let plan = spec.memory(batch_size)?;
+    plan.check(&spec.name, batch_size, kiln_nn::memory_limit()?)?;
+    let mut train_set = Dataset::load(&dataset, Split::Train, a.data.as_deref())?;
     if a.limit == Some(0) {
         return Err(Error::invalid("--limit 0: train on at least one example"));
     }
     if let Some(n) = a.limit {
         train_set = train_set.take(n);
     }
-    let test_set = Dataset::load(&a.dataset, Split::Test, a.data.as_deref())?;
+    let test_set = Dataset::load(&dataset, Split::Test, a.data.as_deref())?;
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "{}-{}",
             path_safe(&spec.name),
-            path_safe(&a.dataset)
+            path_safe(&dataset)
         ))
     });
     std::fs::create_dir_all(&out)
@@ -645,7 +692,7 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     say(model.summary().trim_end().to_string());
     say(format!(
         "Estimated memory at batch {}: {} (parameters and optimiser {}, activations {}, workspace {})",
-        a.batch_size,
+        batch_size,
         kiln_nn::spec::gib(plan.total()),
         kiln_nn::spec::gib(plan.params),
         kiln_nn::spec::gib(plan.activations),
@@ -653,12 +700,12 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     ));
     say(format!(
         "training on {} ({} train, {} test) with {}, {}, batch {}, seed {}, precision {}",
-        a.dataset,
+        dataset,
         train_set.len(),
         test_set.len(),
         backend.name(),
         optimizer.describe(),
-        a.batch_size,
+        batch_size,
         a.seed,
         precision_description(precision)
     ));
@@ -666,8 +713,8 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     let counted = backend.clone();
     let mut trainer = Trainer::new(model, optimizer, Loss::CategoricalCrossEntropy, backend);
     let cfg = FitConfig {
-        epochs: a.epochs,
-        batch_size: a.batch_size,
+        epochs,
+        batch_size: batch_size,
         seed: a.seed,
         shuffle: true,
         verbosity: if json {
@@ -706,12 +753,12 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         total / history.epochs.len() as f64
     ));
     let meta = HashMap::from([
-        ("kiln.dataset".to_string(), a.dataset.clone()),
+        ("kiln.dataset".to_string(), dataset.clone()),
         (
             "kiln.dataset.fingerprint".to_string(),
             train_set.fingerprint(),
         ),
-        ("kiln.epochs".to_string(), a.epochs.to_string()),
+        ("kiln.epochs".to_string(), epochs.to_string()),
         ("kiln.seed".to_string(), a.seed.to_string()),
         ("kiln.precision".to_string(), precision.name().to_string()),
         (
@@ -738,7 +785,13 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
             eprintln!("note: {why}");
         }
     }
-    let slow = counted.slow_paths();
+    note_slow_paths(&counted);
+    Ok(())
+}
+
+/// Prints the calls that took a slow path on `backend` (and its clones).
+fn note_slow_paths<B: Backend>(backend: &B) {
+    let slow = backend.slow_paths();
     if !slow.is_empty() {
         let list: Vec<String> = slow.iter().map(|p| p.to_string()).collect();
         eprintln!(
@@ -747,7 +800,11 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
             list.join("; ")
         );
     }
-    Ok(())
+}
+
+fn generate_command<D: Device>(a: lm::GenerateArgs, device: &D) -> Result<()> {
+    let spec = a.backend.clone();
+    with_backend!(spec.as_str(), a.threads, device, |b| lm::run_generate(&a, b))
 }
 
 /// How the run header names a precision.

@@ -710,7 +710,7 @@ impl ModelSpec {
             "mlp" => Ok(Self::mlp()),
             "cnn" => Ok(Self::cnn()),
             other => Err(Error::invalid(format!(
-                "unknown model `{other}`: the built-in models are mlp and cnn; \
+                "unknown model `{other}`: the built-in models are mlp, cnn and gpt (a language model); \
                  or give a model spec file (--model path/to/model.toml)"
             ))),
         }

@@ -289,6 +289,12 @@ impl<B: Backend> LmTrainer<B> {
         Ok(t)
     }
 
+    /// Sets the type the model computes in (f32 or bf16; f16 is refused
+    /// by [`LmTrainer::fit`]).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.model.set_precision(precision);
+    }
+
     /// The model.
     pub fn model(&self) -> &Sequential<B> {
         &self.model
@@ -607,6 +613,18 @@ pub fn vocab_of(metadata: &HashMap<String, String>) -> Result<Vocab> {
     let chars: String = serde_json::from_str(json)
         .map_err(|e| Error::invalid(format!("the model's vocabulary: {e}")))?;
     Vocab::from_chars(chars.chars().collect())
+}
+
+/// Whether `path` (a checkpoint file, or a folder: its newest) is a
+/// language-model checkpoint; a file that cannot be read is an error.
+pub fn is_lm_checkpoint(path: &Path) -> Result<bool> {
+    let file = newest_checkpoint(path)?;
+    let bytes = std::fs::read(&file)
+        .map_err(|e| Error::io(format!("reading checkpoint {}", file.display()), e))?;
+    Ok(safetensors::SafeTensors::read_metadata(&bytes)
+        .ok()
+        .and_then(|(_, m)| m.metadata().as_ref().map(|m| m.contains_key(LM_PROGRESS_KEY)))
+        .unwrap_or(false))
 }
 
 fn newest_checkpoint(path: &Path) -> Result<PathBuf> {

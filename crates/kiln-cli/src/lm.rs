@@ -1,0 +1,333 @@
+//! `kiln train --model gpt` and `kiln generate`: the language-model side
+//! of the command line.
+
+use std::path::{Path, PathBuf};
+
+use kiln_core::{Backend, Error, Result};
+use kiln_data::text::TextCorpus;
+use kiln_nn::{Adam, GptConfig, LrSchedule, ModelSpec, Precision, Sequential};
+use kiln_train::lm::{self as trainer_lm, LmCheckpointPolicy, LmFitConfig, LmTrainer};
+use kiln_train::{generate, model_file, SampleConfig, Verbosity};
+
+use crate::{path_safe, precision_description, report_plots, stop_on_signals, TrainArgs};
+
+/// Whether `kiln train` was asked for a language model: `--model gpt` or
+/// a GPT spec, a text dataset, or a checkpoint of an LM run.
+pub(crate) fn is_lm_run(a: &TrainArgs) -> Result<bool> {
+    if let Some(m) = &a.model {
+        if m == "gpt" {
+            return Ok(true);
+        }
+        if m.ends_with(".toml") {
+            if let Ok(text) = std::fs::read_to_string(m) {
+                if GptConfig::is_gpt_toml(&text) {
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    if let Some(d) = &a.dataset {
+        if d == "shakespeare" || d.starts_with("text:") {
+            return Ok(true);
+        }
+    }
+    match &a.resume {
+        Some(p) => trainer_lm::is_lm_checkpoint(p),
+        None => Ok(false),
+    }
+}
+
+/// The GPT `--model` names: `gpt` (nanoGPT's small character model) or a
+/// spec file with a `[gpt]` table.
+fn gpt_config(model: Option<&str>) -> Result<GptConfig> {
+    match model {
+        None | Some("gpt") => Ok(GptConfig::char_small()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::io(format!("reading the model spec {path}"), e))?;
+            if !GptConfig::is_gpt_toml(&text) {
+                return Err(Error::invalid(format!(
+                    "{path} is not a GPT spec (no [gpt] table, as in models/gpt-char.toml); a text dataset trains a GPT"
+                )));
+            }
+            GptConfig::from_toml(&text).map_err(|e| Error::invalid(format!("{path}: {e}")))
+        }
+    }
+}
+
+pub(crate) fn run_train_lm<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
+    let json = a.log_format == "json";
+    let say = |s: String| {
+        if json {
+            eprintln!("{s}");
+        } else {
+            println!("{s}");
+        }
+    };
+    for (flag, given) in [
+        ("--epochs", a.epochs.is_some()),
+        ("--augment", a.augment),
+        ("--limit", a.limit.is_some()),
+        ("--no-validation", a.no_validation),
+    ] {
+        if given {
+            return Err(Error::invalid(format!(
+                "{flag} is for image models; a GPT trains for --iters steps and evaluates every --eval-every"
+            )));
+        }
+    }
+    if !matches!(a.optimizer, crate::OptimizerName::Adam) {
+        return Err(Error::invalid(
+            "a GPT trains with AdamW (PyTorch's form); leave --optimizer out",
+        ));
+    }
+    if a.keep == 0 {
+        return Err(Error::invalid(
+            "--keep 0: keep at least the newest checkpoint",
+        ));
+    }
+    let dataset = a.dataset.clone().unwrap_or_else(|| "shakespeare".into());
+    let corpus = TextCorpus::load(&dataset)?;
+    let iters = a.iters.unwrap_or(2000);
+    let batch_size = a.batch_size.unwrap_or(12);
+    let lr = a.lr.unwrap_or(1e-3);
+    let schedule = LrSchedule::WarmupCosine {
+        peak: lr,
+        min: a.min_lr.unwrap_or(lr / 10.0),
+        warmup: a.warmup.min(iters),
+        decay: iters,
+    };
+    let optimizer = || -> Result<Adam<B>> {
+        Adam::pytorch_adamw(lr, a.weight_decay)?.with_betas(0.9, a.beta2, 1e-8)
+    };
+    let cfg = LmFitConfig {
+        iters,
+        batch_size,
+        accumulate: a.accumulate,
+        seed: a.seed,
+        eval_every: a.eval_every,
+        eval_iters: a.eval_iters,
+        schedule,
+        grad_clip: (a.grad_clip != 0.0).then_some(a.grad_clip),
+        verbosity: if json {
+            Verbosity::Json
+        } else if a.plain {
+            Verbosity::Lines
+        } else {
+            Verbosity::Auto
+        },
+        history_path: None,
+        checkpoint: None,
+        stop: Some(stop_on_signals()?),
+    };
+    cfg.check()?;
+    let mut trainer = match &a.resume {
+        Some(path) => {
+            let t = LmTrainer::resume(path, optimizer()?, backend.clone())?;
+            if let Some(m) = &a.model {
+                let asked = gpt_config(Some(m))?.spec(t.vocab().len())?;
+                if asked != t.model().spec() {
+                    return Err(Error::invalid(format!(
+                        "{} holds model `{}`, not the --model `{m}` asked for (leave --model out to resume it)",
+                        path.display(),
+                        t.model().name()
+                    )));
+                }
+            }
+            let p = t.progress().expect("a resumed trainer has progress");
+            say(format!("resuming from {} (step {} of {})", path.display(), p.iter, p.iters));
+            t
+        }
+        None => {
+            let gpt = gpt_config(a.model.as_deref())?;
+            let spec = gpt.spec(corpus.vocab().len())?;
+            let model = Sequential::from_spec(&spec, a.seed, &backend)?;
+            LmTrainer::new(model, optimizer()?, corpus.vocab().clone(), backend.clone())?
+        }
+    };
+    let precision: Precision = match (&a.precision, trainer.progress()) {
+        (Some(p), _) => p.parse()?,
+        (None, Some(p)) => p.precision.parse()?,
+        (None, None) => Precision::F32,
+    };
+    trainer.set_precision(precision);
+    let spec: ModelSpec = trainer.model().spec();
+    let plan = spec.memory(batch_size)?;
+    plan.check(&spec.name, batch_size, kiln_nn::memory_limit()?)?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!("{}-{}", path_safe(&spec.name), path_safe(&dataset)))
+    });
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
+    for dir in [out.clone(), out.join("checkpoints")] {
+        model_file::remove_stale_temporaries(&dir)?;
+    }
+    let history_path = out.join("history.jsonl");
+    if history_path.exists() {
+        std::fs::remove_file(&history_path)
+            .map_err(|e| Error::io(format!("replacing {}", history_path.display()), e))?;
+    }
+    if let Some(p) = trainer.progress() {
+        for r in &p.history {
+            append(&history_path, r)?;
+        }
+    }
+    say(trainer.model().summary().trim_end().to_string());
+    say(format!(
+        "Estimated memory at batch {batch_size}: {} (parameters and optimiser {}, activations {})",
+        kiln_nn::spec::gib(plan.total()),
+        kiln_nn::spec::gib(plan.params),
+        kiln_nn::spec::gib(plan.activations),
+    ));
+    let train_tokens = corpus.tokens(kiln_data::TextSplit::Train).len();
+    let val_tokens = corpus.tokens(kiln_data::TextSplit::Val).len();
+    say(format!(
+        "training on {dataset} ({train_tokens} train / {val_tokens} validation tokens, {} characters) with {}, adamw_torch(lr={lr}, β₂={}, wd={}) warm-up {} + cosine to {}, batch {batch_size}×{}×{}, clip {}, seed {}, precision {}",
+        corpus.vocab().len(),
+        backend.name(),
+        a.beta2,
+        a.weight_decay,
+        a.warmup.min(iters),
+        a.min_lr.unwrap_or(lr / 10.0),
+        spec.input[0],
+        a.accumulate,
+        cfg.grad_clip.map_or("off".to_string(), |c| c.to_string()),
+        a.seed,
+        precision_description(precision)
+    ));
+    let cfg = LmFitConfig {
+        history_path: Some(history_path.clone()),
+        checkpoint: Some(LmCheckpointPolicy {
+            dir: out.join("checkpoints"),
+            every: a.checkpoint_every as u64,
+            keep: a.keep,
+        }),
+        ..cfg
+    };
+    let counted = backend.clone();
+    let history = trainer.fit(&corpus, &cfg)?;
+    let last = history.last().expect("a run evaluates after its last step");
+    let seconds: f64 = history.iter().map(|r| r.seconds).sum();
+    let steps = trainer.progress().map_or(0, |p| p.iter);
+    say(format!(
+        "validation loss {:.4} (training {:.4}) after {steps} steps; training {seconds:.1}s, {:.2} it/s, {:.0} tok/s",
+        last.val_loss,
+        last.train_loss,
+        last.iters_per_sec,
+        last.tokens_per_sec
+    ));
+    let mut meta = trainer.metadata();
+    for (k, v) in [
+        ("kiln.dataset", dataset.clone()),
+        ("kiln.dataset.fingerprint", corpus.fingerprint()),
+        ("kiln.iters", iters.to_string()),
+        ("kiln.seed", a.seed.to_string()),
+        ("kiln.precision", precision.name().to_string()),
+        ("kiln.val_loss", format!("{:.6}", last.val_loss)),
+    ] {
+        meta.insert(k.to_string(), v);
+    }
+    let model_path = out.join("model.safetensors");
+    model_file::save(&model_path, trainer.model(), &meta)?;
+    say(format!("saved {} and {}", model_path.display(), history_path.display()));
+    report_plots(&kiln_train::plots::lm_curves(&history, &out.join("curves"))?);
+    let sample = generate(
+        trainer.model(),
+        trainer.vocab(),
+        "\n",
+        &SampleConfig {
+            tokens: 200,
+            ..SampleConfig::default()
+        },
+    )?;
+    say(format!("sample (200 tokens, temperature 0.8, top-k 200, seed 1):\n{}", sample.text.trim()));
+    crate::note_slow_paths(&counted);
+    Ok(())
+}
+
+fn append(path: &Path, r: &kiln_train::LmRecord) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let line = serde_json::to_string(r).map_err(|e| Error::invalid(e.to_string()))?;
+    writeln!(f, "{line}").map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+/// `kiln generate`: continue a prompt with a trained GPT.
+#[derive(clap::Args)]
+pub(crate) struct GenerateArgs {
+    /// The model: a run folder (its model.safetensors), a model file, or a checkpoint.
+    #[arg(long)]
+    model: PathBuf,
+    /// The text to continue.
+    #[arg(long, default_value = "\n")]
+    prompt: String,
+    /// Tokens (characters) to generate.
+    #[arg(long, default_value_t = 500)]
+    tokens: usize,
+    /// Divides the logits before sampling (0: always the most likely character).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Sample among the K most likely characters only (0: all).
+    #[arg(long, value_name = "K", default_value_t = 200)]
+    top_k: usize,
+    /// Seed of the draws.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Recompute the whole context for every token instead of keeping a
+    /// key/value cache (slower; for comparison).
+    #[arg(long)]
+    no_cache: bool,
+    /// `json`: one JSON object with the text and the timings on stdout.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+    format: String,
+    /// Backend, as for `kiln train`.
+    #[arg(long, default_value = "cpu")]
+    pub(crate) backend: String,
+    /// Worker threads (default: KILN_THREADS, else all cores).
+    #[arg(long)]
+    pub(crate) threads: Option<usize>,
+}
+
+/// A trained language model and its vocabulary, from a run folder, model
+/// file or checkpoint.
+pub(crate) fn load_lm<B: Backend>(
+    path: &Path,
+    backend: &B,
+) -> Result<(Sequential<B>, kiln_data::Vocab, PathBuf)> {
+    let (loaded, file) = model_file::load_for_inference(path, backend)?;
+    let vocab = trainer_lm::vocab_of(&loaded.metadata)
+        .map_err(|e| Error::invalid(format!("{}: {e}", file.display())))?;
+    Ok((loaded.model, vocab, file))
+}
+
+pub(crate) fn run_generate<B: Backend>(a: &GenerateArgs, backend: B) -> Result<()> {
+    let (model, vocab, file) = load_lm(&a.model, &backend)?;
+    let cfg = SampleConfig {
+        tokens: a.tokens,
+        temperature: a.temperature,
+        top_k: (a.top_k > 0).then_some(a.top_k),
+        seed: a.seed,
+        cache: !a.no_cache,
+    };
+    let out = generate(&model, &vocab, &a.prompt, &cfg)
+        .map_err(|e| Error::invalid(format!("{}: {e}", file.display())))?;
+    if a.format == "json" {
+        let mut v = serde_json::to_value(&out).map_err(|e| Error::invalid(e.to_string()))?;
+        v["backend"] = serde_json::Value::String(backend.name());
+        println!("{v}");
+    } else {
+        println!("{}", out.text);
+        eprintln!(
+            "{} tokens in {:.2} s: {:.0} tokens/s ({}, {})",
+            out.new_tokens,
+            out.seconds,
+            out.tokens_per_sec,
+            if out.cached { "key/value cache" } else { "context recomputed per token" },
+            backend.name()
+        );
+    }
+    Ok(())
+}

@@ -340,7 +340,14 @@ impl<B: Backend, F: Fn() -> Result<B>> Device for F {
 fn run<D: Device>(device: &D, device_default: bool) -> ExitCode {
     let mut command = Cli::command().bin_name(program_name());
     if device_default {
-        for sub in ["train", "eval", "conformance", "bench", "report", "generate"] {
+        for sub in [
+            "train",
+            "eval",
+            "conformance",
+            "bench",
+            "report",
+            "generate",
+        ] {
             command = command
                 .mut_subcommand(sub, |s| s.mut_arg("backend", |a| a.default_value("device")));
         }
@@ -622,11 +629,7 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     }
     let test_set = Dataset::load(&dataset, Split::Test, a.data.as_deref())?;
     let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!(
-            "{}-{}",
-            path_safe(&spec.name),
-            path_safe(&dataset)
-        ))
+        PathBuf::from("runs").join(format!("{}-{}", path_safe(&spec.name), path_safe(&dataset)))
     });
     std::fs::create_dir_all(&out)
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
@@ -804,7 +807,9 @@ fn note_slow_paths<B: Backend>(backend: &B) {
 
 fn generate_command<D: Device>(a: lm::GenerateArgs, device: &D) -> Result<()> {
     let spec = a.backend.clone();
-    with_backend!(spec.as_str(), a.threads, device, |b| lm::run_generate(&a, b))
+    with_backend!(spec.as_str(), a.threads, device, |b| lm::run_generate(
+        &a, b
+    ))
 }
 
 /// How the run header names a precision.

@@ -135,7 +135,12 @@ pub(crate) fn run_train_lm<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
                 }
             }
             let p = t.progress().expect("a resumed trainer has progress");
-            say(format!("resuming from {} (step {} of {})", path.display(), p.iter, p.iters));
+            say(format!(
+                "resuming from {} (step {} of {})",
+                path.display(),
+                p.iter,
+                p.iters
+            ));
             t
         }
         None => {
@@ -157,7 +162,8 @@ pub(crate) fn run_train_lm<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!("{}-{}", path_safe(&spec.name), path_safe(&dataset)))
     });
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
+    std::fs::create_dir_all(&out)
+        .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
     for dir in [out.clone(), out.join("checkpoints")] {
         model_file::remove_stale_temporaries(&dir)?;
     }
@@ -228,8 +234,15 @@ pub(crate) fn run_train_lm<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     }
     let model_path = out.join("model.safetensors");
     model_file::save(&model_path, trainer.model(), &meta)?;
-    say(format!("saved {} and {}", model_path.display(), history_path.display()));
-    report_plots(&kiln_train::plots::lm_curves(&history, &out.join("curves"))?);
+    say(format!(
+        "saved {} and {}",
+        model_path.display(),
+        history_path.display()
+    ));
+    report_plots(&kiln_train::plots::lm_curves(
+        &history,
+        &out.join("curves"),
+    )?);
     let sample = generate(
         trainer.model(),
         trainer.vocab(),
@@ -239,7 +252,10 @@ pub(crate) fn run_train_lm<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
             ..SampleConfig::default()
         },
     )?;
-    say(format!("sample (200 tokens, temperature 0.8, top-k 200, seed 1):\n{}", sample.text.trim()));
+    say(format!(
+        "sample (200 tokens, temperature 0.8, top-k 200, seed 1):\n{}",
+        sample.text.trim()
+    ));
     crate::note_slow_paths(&counted);
     Ok(())
 }
@@ -325,7 +341,11 @@ pub(crate) fn run_generate<B: Backend>(a: &GenerateArgs, backend: B) -> Result<(
             out.new_tokens,
             out.seconds,
             out.tokens_per_sec,
-            if out.cached { "key/value cache" } else { "context recomputed per token" },
+            if out.cached {
+                "key/value cache"
+            } else {
+                "context recomputed per token"
+            },
             backend.name()
         );
     }

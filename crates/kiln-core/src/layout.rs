@@ -225,11 +225,31 @@ impl Layout {
 
     /// Calls `f` with the storage index of every logical element, in row-major order.
     pub fn for_each_offset(&self, mut f: impl FnMut(usize)) {
-        if self.numel() == 0 {
-            return;
-        }
         if let Some(r) = self.contiguous_range() {
             r.for_each(f);
+            return;
+        }
+        self.for_each_run(|base, len, stride| {
+            for j in 0..len {
+                f(base + j * stride);
+            }
+        });
+    }
+
+    /// The innermost rows of the layout in row-major order, as `(first
+    /// storage index, length, stride)`: a copy whose rows have stride 1
+    /// moves them as slices.
+    ///
+    /// ```
+    /// use kiln_core::{Layout, Shape};
+    /// let t = Layout::contiguous(Shape::new(&[2, 3])?).permute(&[1, 0])?;
+    /// let mut runs = Vec::new();
+    /// t.for_each_run(|o, n, s| runs.push((o, n, s)));
+    /// assert_eq!(runs, [(0, 2, 3), (1, 2, 3), (2, 2, 3)]);
+    /// # Ok::<(), kiln_core::Error>(())
+    /// ```
+    pub fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize)) {
+        if self.numel() == 0 {
             return;
         }
         let rank = self.rank();
@@ -237,9 +257,7 @@ impl Layout {
         let mut index = vec![0usize; rank - 1];
         let mut base = self.offset;
         loop {
-            for j in 0..inner_len {
-                f(base + j * inner_stride);
-            }
+            f(base, inner_len, inner_stride);
             // Odometer increment over the outer dimensions.
             let mut d = rank - 1;
             loop {

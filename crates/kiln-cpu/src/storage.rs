@@ -18,7 +18,13 @@ fn gather_typed<T: Copy>(data: &[T], layout: &Layout) -> Vec<T> {
         Some(r) => data[r].to_vec(),
         None => {
             let mut out = Vec::with_capacity(layout.numel());
-            layout.for_each_offset(|o| out.push(data[o]));
+            layout.for_each_run(|o, len, stride| {
+                if stride == 1 {
+                    out.extend_from_slice(&data[o..o + len]);
+                } else {
+                    out.extend((0..len).map(|j| data[o + j * stride]));
+                }
+            });
             out
         }
     }
@@ -99,9 +105,15 @@ fn scatter_typed<T: Copy>(src: &[T], dst: &mut [T], layout: &Layout) {
         Some(r) => dst[r].copy_from_slice(src),
         None => {
             let mut i = 0;
-            layout.for_each_offset(|o| {
-                dst[o] = src[i];
-                i += 1;
+            layout.for_each_run(|o, len, stride| {
+                if stride == 1 {
+                    dst[o..o + len].copy_from_slice(&src[i..i + len]);
+                } else {
+                    for j in 0..len {
+                        dst[o + j * stride] = src[i + j];
+                    }
+                }
+                i += len;
             });
         }
     }

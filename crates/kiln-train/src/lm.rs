@@ -623,7 +623,11 @@ pub fn is_lm_checkpoint(path: &Path) -> Result<bool> {
         .map_err(|e| Error::io(format!("reading checkpoint {}", file.display()), e))?;
     Ok(safetensors::SafeTensors::read_metadata(&bytes)
         .ok()
-        .and_then(|(_, m)| m.metadata().as_ref().map(|m| m.contains_key(LM_PROGRESS_KEY)))
+        .and_then(|(_, m)| {
+            m.metadata()
+                .as_ref()
+                .map(|m| m.contains_key(LM_PROGRESS_KEY))
+        })
         .unwrap_or(false))
 }
 

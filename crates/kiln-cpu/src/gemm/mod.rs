@@ -44,7 +44,10 @@ pub(crate) const NC: usize = 2048;
 /// Largest row block of A a task packs.
 pub(crate) const MC_MAX: usize = 192;
 /// Multiply-adds below which a block is not split among threads.
-const PARALLEL_MIN_WORK: usize = 1 << 24;
+const PARALLEL_MIN_WORK: usize = 1 << 21;
+/// Multiply-adds of a whole batch of small products below which its
+/// products are not spread over threads (forking costs microseconds).
+const BATCH_PARALLEL_MIN_WORK: usize = 1 << 18;
 /// The largest tile of any micro-kernel (AVX-512: 8 × 32).
 const MAX_TILE: usize = 8 * 32;
 /// Outputs at most this many micro-panels wide read A in place instead of
@@ -239,32 +242,55 @@ pub(crate) fn gemm(
     let (a32, b32) = (Matrix::batched(set, a)?, Matrix::batched(set, b)?);
     let mut out = vec![0f32; batch * m * n];
     if m > 0 && n > 0 {
-        for (p, c) in out.chunks_mut(m * n).enumerate() {
-            let (ap, bp) = (a32.batch(p), b32.batch(p));
-            match set {
-                #[cfg(target_arch = "x86_64")]
-                KernelSet::Avx2 => blocked::<avx2::Avx2>(&ap, &bp, m, k, n, c, true, Some(pool)),
-                // A 32-wide tile would waste most of its lanes on narrow outputs.
-                #[cfg(target_arch = "x86_64")]
-                KernelSet::Avx512 if n <= 16 => {
-                    blocked::<avx2::Avx2>(&ap, &bp, m, k, n, c, true, Some(pool))
-                }
-                #[cfg(target_arch = "x86_64")]
-                KernelSet::Avx512 => {
-                    blocked::<avx512::Avx512>(&ap, &bp, m, k, n, c, true, Some(pool))
-                }
-                #[cfg(target_arch = "aarch64")]
-                KernelSet::Neon => blocked::<neon::Neon>(&ap, &bp, m, k, n, c, true, Some(pool)),
-                other => {
-                    return Err(Error::invalid(format!(
-                        "no packed GEMM for kernel set {}",
-                        other.name()
-                    )))
-                }
-            }
+        // Small products of a batch (attention's per-head matrices) go to
+        // the threads whole, each on one thread; a large one is split by
+        // rows instead. Either way every element sums in the same order.
+        let per = m * k.max(1) * n;
+        let by_batch = batch > 1
+            && pool.current_num_threads() > 1
+            && per < PARALLEL_MIN_WORK
+            && batch * per >= BATCH_PARALLEL_MIN_WORK;
+        let one = |(p, c): (usize, &mut [f32])| {
+            let inner = (!by_batch).then_some(pool);
+            product(set, &a32.batch(p), &b32.batch(p), (m, k, n), c, inner)
+        };
+        if by_batch {
+            pool.install(|| out.par_chunks_mut(m * n).enumerate().try_for_each(one))?;
+        } else {
+            out.chunks_mut(m * n).enumerate().try_for_each(one)?;
         }
     }
     prob.finish(set, out, ep.alpha, ep.activation)
+}
+
+/// `c = a·b` for one product of a batch with `set`'s micro-kernel, split
+/// among `pool`'s threads when given and worth it.
+fn product(
+    set: KernelSet,
+    a: &Matrix<'_>,
+    b: &Matrix<'_>,
+    (m, k, n): (usize, usize, usize),
+    c: &mut [f32],
+    pool: Option<&rayon::ThreadPool>,
+) -> Result<()> {
+    match set {
+        #[cfg(target_arch = "x86_64")]
+        KernelSet::Avx2 => blocked::<avx2::Avx2>(a, b, m, k, n, c, true, pool),
+        // A 32-wide tile would waste most of its lanes on narrow outputs.
+        #[cfg(target_arch = "x86_64")]
+        KernelSet::Avx512 if n <= 16 => blocked::<avx2::Avx2>(a, b, m, k, n, c, true, pool),
+        #[cfg(target_arch = "x86_64")]
+        KernelSet::Avx512 => blocked::<avx512::Avx512>(a, b, m, k, n, c, true, pool),
+        #[cfg(target_arch = "aarch64")]
+        KernelSet::Neon => blocked::<neon::Neon>(a, b, m, k, n, c, true, pool),
+        other => {
+            return Err(Error::invalid(format!(
+                "no packed GEMM for kernel set {}",
+                other.name()
+            )))
+        }
+    }
+    Ok(())
 }
 
 /// `c += a·b` — or `c = a·b` when `fresh`, without reading `c` — for an

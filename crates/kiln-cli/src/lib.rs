@@ -717,7 +717,7 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     let mut trainer = Trainer::new(model, optimizer, Loss::CategoricalCrossEntropy, backend);
     let cfg = FitConfig {
         epochs,
-        batch_size: batch_size,
+        batch_size,
         seed: a.seed,
         shuffle: true,
         verbosity: if json {

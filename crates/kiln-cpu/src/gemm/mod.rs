@@ -44,10 +44,7 @@ pub(crate) const NC: usize = 2048;
 /// Largest row block of A a task packs.
 pub(crate) const MC_MAX: usize = 192;
 /// Multiply-adds below which a block is not split among threads.
-const PARALLEL_MIN_WORK: usize = 1 << 21;
-/// Multiply-adds of a whole batch of small products below which its
-/// products are not spread over threads (forking costs microseconds).
-const BATCH_PARALLEL_MIN_WORK: usize = 1 << 18;
+const PARALLEL_MIN_WORK: usize = 1 << 24;
 /// The largest tile of any micro-kernel (AVX-512: 8 × 32).
 const MAX_TILE: usize = 8 * 32;
 /// Outputs at most this many micro-panels wide read A in place instead of
@@ -242,22 +239,11 @@ pub(crate) fn gemm(
     let (a32, b32) = (Matrix::batched(set, a)?, Matrix::batched(set, b)?);
     let mut out = vec![0f32; batch * m * n];
     if m > 0 && n > 0 {
-        // Small products of a batch (attention's per-head matrices) go to
-        // the threads whole, each on one thread; a large one is split by
-        // rows instead. Either way every element sums in the same order.
-        let per = m * k.max(1) * n;
-        let by_batch = batch > 1
-            && pool.current_num_threads() > 1
-            && per < PARALLEL_MIN_WORK
-            && batch * per >= BATCH_PARALLEL_MIN_WORK;
-        let one = |(p, c): (usize, &mut [f32])| {
-            let inner = (!by_batch).then_some(pool);
-            product(set, &a32.batch(p), &b32.batch(p), (m, k, n), c, inner)
-        };
-        if by_batch {
-            pool.install(|| out.par_chunks_mut(m * n).enumerate().try_for_each(one))?;
-        } else {
-            out.chunks_mut(m * n).enumerate().try_for_each(one)?;
+        // Spreading a batch of small products (attention's per-head
+        // matrices) over the threads measured slower: waking a parked
+        // worker costs more than such a product (benches/RESULTS.md).
+        for (p, c) in out.chunks_mut(m * n).enumerate() {
+            product(set, &a32.batch(p), &b32.batch(p), (m, k, n), c, Some(pool))?;
         }
     }
     prob.finish(set, out, ep.alpha, ep.activation)

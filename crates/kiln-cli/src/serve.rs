@@ -3,6 +3,13 @@
 //! - `POST /v1/predict` with `{"images": [[…784 pixels in 0..1…], …]}` (or
 //!   `{"image": […]}`) → `{"predictions": [{"class", "label",
 //!   "probabilities"}, …]}`;
+//! - for a language model (`kiln train --model gpt`), `POST /v1/generate`
+//!   with `{"prompt": "ROMEO:", "tokens": 200, "temperature": 0.8,
+//!   "top_k": 200, "seed": 1}` (all but the prompt optional) → `{"text",
+//!   "completion", "prompt_tokens", "new_tokens", "seconds",
+//!   "tokens_per_sec"}`, sampled with the key/value cache; prompts over
+//!   `--max-prompt` characters, more than `--max-tokens` tokens, characters
+//!   outside the model's vocabulary and unknown fields get a 400;
 //! - `GET /healthz` → `{"status": "ok", …}`;
 //! - `GET /metrics` → Prometheus text: requests by status, images
 //!   classified, batches run, request latency.
@@ -29,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use kiln_core::{Error, Result};
 use kiln_cpu::CpuBackend;
+use kiln_nn::Sequential;
 use kiln_train::{model_file, Trainer};
 
 use crate::http::{Request, Response, Server};
@@ -74,6 +82,12 @@ pub struct ServeArgs {
     /// Backend: cpu, or cpu:KERNELS.
     #[arg(long, default_value = "cpu")]
     pub backend: String,
+    /// Language models: the most tokens one request may generate.
+    #[arg(long, default_value_t = 1024)]
+    pub max_tokens: usize,
+    /// Language models: the longest prompt accepted, in characters.
+    #[arg(long, default_value_t = 4096)]
+    pub max_prompt: usize,
 }
 
 impl ServeArgs {
@@ -96,6 +110,12 @@ impl ServeArgs {
             }
         };
         count("--max-batch", self.max_batch, 1 << 16)?;
+        count(
+            "--max-tokens",
+            self.max_tokens,
+            kiln_train::generate::MAX_NEW_TOKENS,
+        )?;
+        count("--max-prompt", self.max_prompt, 1 << 20)?;
         Ok(crate::http::Limits {
             body_bytes: count("--max-body", self.max_body, 1 << 30)?,
             header_bytes: 16 * 1024,
@@ -145,6 +165,7 @@ struct Metrics {
     requests: Mutex<std::collections::BTreeMap<u16, u64>>,
     images: AtomicU64,
     batches: AtomicU64,
+    tokens: AtomicU64,
     latency_us_sum: AtomicU64,
     latency_count: AtomicU64,
 }
@@ -172,6 +193,10 @@ impl Metrics {
         out += &format!(
             "# HELP kiln_images_total Images classified.\n# TYPE kiln_images_total counter\nkiln_images_total {}\n",
             self.images.load(Ordering::Relaxed)
+        );
+        out += &format!(
+            "# HELP kiln_generated_tokens_total Tokens generated (language models).\n# TYPE kiln_generated_tokens_total counter\nkiln_generated_tokens_total {}\n",
+            self.tokens.load(Ordering::Relaxed)
         );
         out += &format!(
             "# HELP kiln_batches_total Forward passes run (each may serve several requests).\n# TYPE kiln_batches_total counter\nkiln_batches_total {}\n",
@@ -275,9 +300,46 @@ fn parse_images(body: &[u8], pixels: usize) -> std::result::Result<(Vec<f32>, us
     Ok((flat, list.len()))
 }
 
-/// What every request needs: the batcher's queue, the counters, the model's facts.
+/// A language model being served: one generation at a time (each is
+/// already as parallel as the backend makes it).
+struct TextModel {
+    model: Mutex<Sequential<CpuBackend>>,
+    vocab: kiln_data::Vocab,
+    max_tokens: usize,
+    max_prompt: usize,
+}
+
+/// A `POST /v1/generate` body.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerateRequest {
+    prompt: String,
+    /// Default: 200, or the server's `--max-tokens` if lower.
+    #[serde(default)]
+    tokens: Option<usize>,
+    #[serde(default = "default_temperature")]
+    temperature: f32,
+    #[serde(default = "default_top_k")]
+    top_k: usize,
+    #[serde(default = "default_seed")]
+    seed: u64,
+}
+
+fn default_temperature() -> f32 {
+    0.8
+}
+fn default_top_k() -> usize {
+    200
+}
+fn default_seed() -> u64 {
+    1
+}
+
+/// What every request needs: the batcher's queue (image models) or the
+/// language model, the counters, the model's facts.
 struct App {
     jobs: Mutex<Sender<Job>>,
+    text: Option<TextModel>,
     metrics: Arc<Metrics>,
     pixels: usize,
     names: Vec<String>,
@@ -296,7 +358,10 @@ impl App {
 
     fn route(&self, req: Request) -> Response {
         let err = |status, msg: String| Response::json(status, &error_body(msg));
-        let known = matches!(req.path.as_str(), "/healthz" | "/metrics" | "/v1/predict");
+        let known = matches!(
+            req.path.as_str(),
+            "/healthz" | "/metrics" | "/v1/predict" | "/v1/generate"
+        );
         if req.path != "/healthz" {
             if let Some(token) = &self.token {
                 let given = req
@@ -321,13 +386,75 @@ impl App {
                 headers: Vec::new(),
                 body: self.metrics.prometheus().into_bytes(),
             },
+            ("POST", "/v1/predict") if self.text.is_some() => err(
+                404,
+                format!("model `{}` generates text: POST /v1/generate", self.model_name),
+            ),
             ("POST", "/v1/predict") => self.predict(&req.body),
+            ("POST", "/v1/generate") => match &self.text {
+                Some(text) => self.generate(text, &req.body),
+                None => err(
+                    404,
+                    format!("model `{}` classifies images: POST /v1/predict", self.model_name),
+                ),
+            },
             _ if known => err(405, "method not allowed".into()),
             // The path is not echoed back.
             _ => err(
                 404,
-                "no such endpoint: try POST /v1/predict, GET /healthz or GET /metrics".into(),
+                "no such endpoint: try POST /v1/predict (or /v1/generate), GET /healthz or GET /metrics".into(),
             ),
+        }
+    }
+
+    fn generate(&self, text: &TextModel, body: &[u8]) -> Response {
+        let err = |status, msg: String| Response::json(status, &error_body(msg));
+        let r: GenerateRequest = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => return err(400, format!("expected {{\"prompt\": \"…\", \"tokens\": N, \"temperature\": T, \"top_k\": K, \"seed\": S}}: {e}")),
+        };
+        let chars = r.prompt.chars().count();
+        if chars > text.max_prompt {
+            return err(
+                400,
+                format!("the prompt has {chars} characters; this server takes at most {} (--max-prompt)", text.max_prompt),
+            );
+        }
+        let tokens = r.tokens.unwrap_or(200.min(text.max_tokens));
+        if tokens > text.max_tokens {
+            return err(
+                400,
+                format!("{tokens} tokens asked for; this server generates at most {} per request (--max-tokens)", text.max_tokens),
+            );
+        }
+        let cfg = kiln_train::SampleConfig {
+            tokens,
+            temperature: r.temperature,
+            top_k: (r.top_k > 0).then_some(r.top_k),
+            seed: r.seed,
+            cache: true,
+        };
+        if let Err(e) = cfg.check() {
+            return err(400, e.to_string());
+        }
+        if let Err(e) = text.vocab.encode(&r.prompt) {
+            return err(400, e.to_string());
+        }
+        let Ok(model) = text.model.lock() else {
+            return err(
+                500,
+                "the model is unavailable after an earlier failure".into(),
+            );
+        };
+        match kiln_train::generate(&model, &text.vocab, &r.prompt, &cfg) {
+            Ok(g) => {
+                self.metrics
+                    .tokens
+                    .fetch_add(g.new_tokens as u64, Ordering::Relaxed);
+                Response::json(200, &json!(g))
+            }
+            Err(Error::InvalidArgument(msg)) => err(400, msg),
+            Err(e) => err(500, e.to_string()),
         }
     }
 
@@ -384,6 +511,10 @@ pub fn serve(a: ServeArgs, backend: CpuBackend, stop: Arc<AtomicBool>) -> Result
     let token = a.token()?;
     // Model files and checkpoints alike (a checkpoint's optimiser state is ignored).
     let (loaded, _) = model_file::load_for_inference(&a.model, &backend)?;
+    let text = match loaded.model.takes_tokens() {
+        true => Some(kiln_train::lm::vocab_of(&loaded.metadata)?),
+        false => None,
+    };
     let pixels: usize = loaded.model.input_shape().iter().product();
     let model_name = loaded.model.name().to_string();
     let classes: usize = loaded.model.output_shape()?.iter().product();
@@ -393,7 +524,18 @@ pub fn serve(a: ServeArgs, backend: CpuBackend, stop: Arc<AtomicBool>) -> Result
         .cloned()
         .unwrap_or_default();
     let names = Arc::new(kiln_data::dataset::class_names(&dataset, classes));
-    let trainer = Trainer::for_inference(loaded.model, backend)?;
+    let (text, trainer) = match text {
+        Some(vocab) => (
+            Some(TextModel {
+                model: Mutex::new(loaded.model),
+                vocab,
+                max_tokens: a.max_tokens,
+                max_prompt: a.max_prompt,
+            }),
+            None,
+        ),
+        None => (None, Some(Trainer::for_inference(loaded.model, backend)?)),
+    };
 
     let server = Server::bind(a.addr, limits)?;
     let local = server.local_addr()?;
@@ -401,12 +543,22 @@ pub fn serve(a: ServeArgs, backend: CpuBackend, stop: Arc<AtomicBool>) -> Result
     let (jobs, queue) = channel();
     let batch_metrics = Arc::clone(&metrics);
     let max_batch = a.max_batch;
-    let batch_thread = std::thread::Builder::new()
-        .name("kiln-batcher".into())
-        .spawn(move || batcher(trainer, queue, max_batch, batch_metrics))
-        .map_err(|e| Error::io("starting the batcher thread".to_string(), e))?;
+    let batch_thread = trainer
+        .map(|trainer| {
+            std::thread::Builder::new()
+                .name("kiln-batcher".into())
+                .spawn(move || batcher(trainer, queue, max_batch, batch_metrics))
+                .map_err(|e| Error::io("starting the batcher thread".to_string(), e))
+        })
+        .transpose()?;
+    let endpoint = if text.is_some() {
+        "POST /v1/generate"
+    } else {
+        "POST /v1/predict"
+    };
     let app = Arc::new(App {
         jobs: Mutex::new(jobs),
+        text,
         metrics,
         pixels,
         names: names.to_vec(),
@@ -418,14 +570,16 @@ pub fn serve(a: ServeArgs, backend: CpuBackend, stop: Arc<AtomicBool>) -> Result
     } else {
         ""
     };
-    println!("serving model `{model_name}` on http://{local} (POST /v1/predict, GET /healthz, GET /metrics{auth})");
+    println!("serving model `{model_name}` on http://{local} ({endpoint}, GET /healthz, GET /metrics{auth})");
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let handler_app = Arc::clone(&app);
     server.run(Arc::new(move |req| handler_app.handle(req)), stop)?;
     // Every request is answered; dropping the queue's sender ends the batcher.
     drop(app);
-    let _ = batch_thread.join();
+    if let Some(t) = batch_thread {
+        let _ = t.join();
+    }
     println!("stopped");
     Ok(())
 }

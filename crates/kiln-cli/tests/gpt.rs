@@ -1,0 +1,292 @@
+//! The GPT from the command line: train on a text file, resume, generate
+//! with and without the cache, serve `/v1/generate`, and clear errors.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_THREADS", "2")
+        .output()
+        .expect("running kiln")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A tiny GPT spec and a text to train it on, in `dir`.
+fn setup(dir: &Path) -> (String, String) {
+    let spec = dir.join("tiny.toml");
+    std::fs::write(
+        &spec,
+        "name = \"gpt-tiny\"\n[gpt]\nn_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 16\n",
+    )
+    .unwrap();
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(
+        &corpus,
+        "to be, or not to be: that is the question.\n".repeat(60),
+    )
+    .unwrap();
+    (
+        spec.to_str().unwrap().to_string(),
+        format!("text:{}", corpus.display()),
+    )
+}
+
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (
+        code,
+        out.split_once("\r\n\r\n").map_or("", |x| x.1).to_string(),
+    )
+}
+
+#[test]
+fn train_resume_generate_and_serve_a_gpt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, dataset) = setup(dir.path());
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let args = [
+        "train",
+        "--model",
+        &spec,
+        "--dataset",
+        &dataset,
+        "--iters",
+        "40",
+        "--eval-every",
+        "20",
+        "--eval-iters",
+        "2",
+        "--batch-size",
+        "4",
+        "--warmup",
+        "4",
+        "--lr",
+        "3e-3",
+        "--checkpoint-every",
+        "20",
+        "--plain",
+        "--out",
+        run_s,
+    ];
+    let o = kiln(&args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    for want in [
+        "lm_head (LmHead)",
+        "iter 20/40 train_loss",
+        "tok/s",
+        "MiB peak",
+        "validation loss",
+        "sample (200 tokens",
+    ] {
+        assert!(out.contains(want), "{want:?} missing from\n{out}");
+    }
+    let history = std::fs::read_to_string(run.join("history.jsonl")).unwrap();
+    assert_eq!(history.lines().count(), 2);
+    assert!(run.join("checkpoints/ckpt-000000020.safetensors").exists());
+
+    // Resuming from step 20 ends where the whole run ended, bit for bit.
+    let whole = std::fs::read(run.join("model.safetensors")).unwrap();
+    let again = dir.path().join("again");
+    let mut resume: Vec<&str> = args.to_vec();
+    let ckpt = run.join("checkpoints/ckpt-000000020.safetensors");
+    let ckpt = ckpt.to_str().unwrap().to_string();
+    resume.splice(resume.len() - 1.., [again.to_str().unwrap()]);
+    resume.extend(["--resume", &ckpt]);
+    let o = kiln(&resume);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("resuming from") && out.contains("step 20 of 40"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read(again.join("model.safetensors")).unwrap(),
+        whole
+    );
+
+    // Generation: the same text from the cache and from recomputation
+    // (greedy, within the block), JSON timings.
+    let gen = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--model",
+            run_s,
+            "--prompt",
+            "to be",
+            "--tokens",
+            "10",
+            "--temperature",
+            "0",
+        ];
+        a.extend(extra);
+        let o = kiln(&a);
+        assert!(o.status.success(), "{}", text(&o).1);
+        text(&o)
+    };
+    let (cached, note) = gen(&[]);
+    let (recomputed, _) = gen(&["--no-cache"]);
+    assert_eq!(cached, recomputed);
+    assert!(
+        cached.starts_with("to be") && note.contains("tokens/s (key/value cache"),
+        "{note}"
+    );
+    let (json, _) = gen(&["--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["new_tokens"], 10);
+    assert!(v["tokens_per_sec"].as_f64().unwrap() > 0.0);
+    let o = kiln(&["generate", "--model", run_s, "--prompt", "ZEBRA"]);
+    assert!(
+        !o.status.success() && text(&o).1.contains("not in the model's vocabulary"),
+        "{}",
+        text(&o).1
+    );
+
+    // Serving: /v1/generate answers, bounds its inputs with 400s, and
+    // /v1/predict says where to go.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--max-tokens",
+            "50",
+            "--model",
+            run_s,
+        ])
+        .env("KILN_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader stays open: the server prints `stopped` as it exits.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("POST /v1/generate"), "{first}");
+    let port: u16 = first
+        .split("127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (code, body) = http(
+        port,
+        "POST",
+        "/v1/generate",
+        r#"{"prompt": "to be", "tokens": 10, "temperature": 0}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["text"].as_str().unwrap(), cached.trim_end_matches('\n'));
+    for (req, want) in [
+        (r#"{"prompt": "to be", "tokens": 51}"#, "at most 50"),
+        (r#"{"prompt": "ZEBRA"}"#, "vocabulary"),
+        (r#"{"prompt": ""}"#, "empty"),
+        (r#"{"prompt": "to", "temperature": -1}"#, "temperature"),
+        (r#"{"prompt": "to", "tokens": 0}"#, "tokens 0 must be"),
+        (r#"{"prompt": "to", "top_p": 0.9}"#, "unknown field"),
+        ("not json", "expected"),
+    ] {
+        let (code, body) = http(port, "POST", "/v1/generate", req);
+        assert_eq!(code, 400, "{req}: {body}");
+        assert!(body.contains(want), "{req}: {body}");
+    }
+    let (code, body) = http(port, "POST", "/v1/predict", r#"{"image": [0]}"#);
+    assert!(code == 404 && body.contains("/v1/generate"), "{body}");
+    let (code, body) = http(port, "GET", "/metrics", "");
+    assert!(
+        code == 200 && body.contains("kiln_generated_tokens_total 10"),
+        "{body}"
+    );
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(lines.next().unwrap().unwrap(), "stopped");
+}
+
+#[test]
+fn bad_gpt_runs_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, dataset) = setup(dir.path());
+    let bin = dir.path().join("bin.txt");
+    std::fs::write(&bin, [b'a', 0xff, b'b']).unwrap();
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "abcdefgh").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec![format!("text:{}", bin.display())], "not UTF-8"),
+        (vec![format!("text:{}", empty.display())], "is empty"),
+        (
+            vec![format!("text:{}", short.display())],
+            "needs at least 17",
+        ),
+        (
+            vec![dataset.clone(), "--epochs".into(), "2".into()],
+            "--epochs is for image models",
+        ),
+        (
+            vec![dataset.clone(), "--eval-every".into(), "0".into()],
+            "--eval-every",
+        ),
+        (
+            vec![dataset.clone(), "--grad-clip=-1".into()],
+            "--grad-clip",
+        ),
+        (
+            vec![dataset.clone(), "--precision".into(), "f16".into()],
+            "use --precision bf16",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut a = vec![
+            "train",
+            "--model",
+            &spec,
+            "--iters",
+            "2",
+            "--plain",
+            "--dataset",
+        ];
+        let out = dir.path().join("out");
+        a.extend(extra.iter().map(String::as_str));
+        a.extend(["--out", out.to_str().unwrap()]);
+        let o = kiln(&a);
+        let (_, err) = text(&o);
+        assert!(
+            !o.status.success() && err.contains(want),
+            "{extra:?}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let o = kiln(&["train", "--iters", "3"]);
+    assert!(
+        text(&o).1.contains("--iters is for GPT runs"),
+        "{}",
+        text(&o).1
+    );
+}

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Trains the same character-level GPT with kiln and with PyTorch CPU on the
+# bundled Shakespeare corpus — same model, split, batches (kiln's Philox
+# windows, which benches/gpt_compare.py draws too) and settings; initial
+# weights aside — and prints, side by side, the validation loss at every
+# evaluation, iterations/s and tokens/s of training, and tokens/s of
+# generating 500 characters (kiln with its key/value cache and without;
+# PyTorch recomputing the context, as nanoGPT does).
+#
+# Config A (the default) is nanoGPT's CPU example: 4 layers, 4 heads, 128
+# wide, block 64, batch 12, 2,000 iterations, lr 1e-3 warm-up 100 + cosine
+# to 1e-4, AdamW β₂ 0.99 wd 0.1, clip 1, no dropout.
+#
+# PyTorch comes from PyPI (`pip install torch`, about 3 GB with its CUDA
+# wheels): fine for a benchmark, not for CI.
+#
+#   benches/gpt_compare.sh [ITERS] [THREADS]     (default: 2000 2)
+#   PRECISIONS="f32 bf16" benches/gpt_compare.sh  (kiln in bf16 too)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+iters="${1:-2000}"
+threads="${2:-2}"
+precisions="${PRECISIONS:-f32}"
+every=$(( iters < 250 ? iters : 250 ))
+python3 -c 'import torch, numpy' 2>/dev/null || python3 -m pip install -q torch numpy
+cargo build --release -q -p kiln-cli
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+
+common=(--iters "$iters" --eval-every "$every" --eval-iters 20 --batch-size 12
+        --lr 1e-3 --min-lr 1e-4 --warmup 100 --beta2 0.99 --weight-decay 0.1 --seed 1337)
+for p in $precisions; do
+  KILN_THREADS=$threads ./target/release/kiln train --model gpt --dataset shakespeare "${common[@]}" \
+    --precision "$p" --log-format json --out "$out/kiln-$p" > "$out/kiln-$p.jsonl" 2> "$out/kiln-$p.log"
+done
+python3 benches/gpt_compare.py --iters "$iters" --eval-every "$every" --eval-iters 20 \
+  --threads "$threads" --seed 1337 > "$out/torch.jsonl"
+gen() { # extra flags → tokens/s
+  KILN_THREADS=$threads ./target/release/kiln generate --model "$out/kiln-f32" --prompt $'\n' \
+    --tokens 500 --temperature 0.8 --top-k 200 --seed 1 --format json "$@" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_sec"])'
+}
+cached="$(gen)"
+recomputed="$(gen --no-cache)"
+
+python3 - "$out" "$iters" "$threads" "$precisions" "$cached" "$recomputed" <<'PY'
+import json, platform, sys, torch
+out, iters, threads, precisions, cached, recomputed = sys.argv[1:]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
+load = lambda p: [json.loads(l) for l in open(p) if l.startswith("{")]
+torch_runs = load(f"{out}/torch.jsonl")
+t_gen = torch_runs.pop()["generate_tokens_per_sec"]
+kiln = {p: load(f"{out}/kiln-{p}.jsonl") for p in precisions.split()}
+print(f"GPT config A on Shakespeare ({iters} iterations, {threads} threads each, {cpu}, torch {torch.__version__})")
+head = f"{'iter':>6} {'PyTorch val':>12}" + "".join(f" {'kiln ' + p + ' val':>14}" for p in kiln)
+print(head)
+for i, t in enumerate(torch_runs):
+    row = f"{t['iter']:>6} {t['val_loss']:>12.4f}"
+    for p, runs in kiln.items():
+        row += f" {runs[i]['val_loss']:>14.4f}" if i < len(runs) else f" {'—':>14}"
+    print(row)
+median = lambda xs: sorted(xs)[len(xs) // 2]
+t_ips = median([t["iters_per_sec"] for t in torch_runs])
+print(f"\n{'run':<22} {'it/s':>8} {'tokens/s':>10} {'× PyTorch':>10}")
+print(f"{'PyTorch CPU':<22} {t_ips:>8.2f} {t_ips * 768:>10.0f} {1:>9.2f}×")
+for p, runs in kiln.items():
+    k = median([r["iters_per_sec"] for r in runs])
+    print(f"{'kiln ' + p:<22} {k:>8.2f} {k * 768:>10.0f} {k / t_ips:>9.2f}×")
+print(f"\ngeneration, 500 tokens: PyTorch (recompute) {t_gen:.0f} tok/s; kiln KV cache {float(cached):.0f} tok/s "
+      f"({float(cached) / t_gen:.2f}× PyTorch, {float(cached) / float(recomputed):.2f}× kiln recomputing, {float(recomputed):.0f} tok/s)")
+PY

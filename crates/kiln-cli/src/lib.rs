@@ -577,14 +577,7 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     let batch_size = a.batch_size.unwrap_or(128);
     let dataset = a.dataset.clone().unwrap_or_else(|| "mnist-sample".into());
     let json = a.log_format == "json";
-    // With JSON logs, stdout carries only the epoch records.
-    let say = |s: String| {
-        if json {
-            eprintln!("{s}");
-        } else {
-            println!("{s}");
-        }
-    };
+    let say = say(json);
     if epochs == 0 || batch_size == 0 {
         return Err(Error::invalid(
             "--epochs and --batch-size must be at least 1",
@@ -790,6 +783,18 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     }
     note_slow_paths(&counted);
     Ok(())
+}
+
+/// How `kiln train` prints its messages: on stdout, or on stderr with JSON
+/// logs (stdout then carries only the records).
+fn say(json: bool) -> impl Fn(String) {
+    move |s: String| {
+        if json {
+            eprintln!("{s}");
+        } else {
+            println!("{s}");
+        }
+    }
 }
 
 /// Prints the calls that took a slow path on `backend` (and its clones).

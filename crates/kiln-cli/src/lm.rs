@@ -9,7 +9,7 @@ use kiln_nn::{Adam, GptConfig, LrSchedule, ModelSpec, Precision, Sequential};
 use kiln_train::lm::{self as trainer_lm, LmCheckpointPolicy, LmFitConfig, LmTrainer};
 use kiln_train::{generate, model_file, SampleConfig, Verbosity};
 
-use crate::{path_safe, precision_description, report_plots, stop_on_signals, TrainArgs};
+use crate::{path_safe, precision_description, stop_on_signals, TrainArgs};
 
 /// Whether `kiln train` was asked for a language model: `--model gpt` or
 /// a GPT spec, a text dataset, or a checkpoint of an LM run.
@@ -57,13 +57,7 @@ fn gpt_config(model: Option<&str>) -> Result<GptConfig> {
 
 pub(crate) fn run_train_lm<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     let json = a.log_format == "json";
-    let say = |s: String| {
-        if json {
-            eprintln!("{s}");
-        } else {
-            println!("{s}");
-        }
-    };
+    let say = crate::say(json);
     for (flag, given) in [
         ("--epochs", a.epochs.is_some()),
         ("--augment", a.augment),
@@ -174,7 +168,7 @@ pub(crate) fn run_train_lm<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     }
     if let Some(p) = trainer.progress() {
         for r in &p.history {
-            append(&history_path, r)?;
+            trainer_lm::append_jsonl(&history_path, r)?;
         }
     }
     say(trainer.model().summary().trim_end().to_string());
@@ -239,10 +233,13 @@ pub(crate) fn run_train_lm<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         model_path.display(),
         history_path.display()
     ));
-    report_plots(&kiln_train::plots::lm_curves(
-        &history,
-        &out.join("curves"),
-    )?);
+    let plots = kiln_train::plots::lm_curves(&history, &out.join("curves"))?;
+    for f in &plots.files {
+        say(format!("wrote {}", f.display()));
+    }
+    if let Some(why) = &plots.skipped {
+        eprintln!("note: {why}");
+    }
     let sample = generate(
         trainer.model(),
         trainer.vocab(),
@@ -258,17 +255,6 @@ pub(crate) fn run_train_lm<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     ));
     crate::note_slow_paths(&counted);
     Ok(())
-}
-
-fn append(path: &Path, r: &kiln_train::LmRecord) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    let line = serde_json::to_string(r).map_err(|e| Error::invalid(e.to_string()))?;
-    writeln!(f, "{line}").map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
 /// `kiln generate`: continue a prompt with a trained GPT.

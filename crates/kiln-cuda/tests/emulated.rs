@@ -144,6 +144,87 @@ fn the_mlp_and_the_cnn_train_as_on_the_cpu() {
     }
 }
 
+#[test]
+fn a_gpt_trains_and_generates_as_on_the_cpu() {
+    use kiln_core::Backend;
+    use kiln_data::text::TextCorpus;
+    use kiln_nn::{Adam, GptConfig, LrSchedule, Sequential};
+    use kiln_train::lm::{LmFitConfig, LmTrainer};
+    use kiln_train::{generate, SampleConfig, Verbosity};
+    let Some(gpu) = emulated() else { return };
+    let cpu = kiln_cpu::CpuBackend::reference();
+    let corpus = TextCorpus::from_text(
+        "pangram",
+        &"the quick brown fox jumps over the lazy dog. ".repeat(8),
+    )
+    .unwrap();
+    let gpt = GptConfig {
+        name: "gpt-emulated".into(),
+        n_layer: 1,
+        n_head: 2,
+        n_embd: 16,
+        block_size: 8,
+        dropout: 0.1,
+        bias: true,
+    };
+    let cfg = LmFitConfig {
+        iters: 6,
+        batch_size: 3,
+        accumulate: 2,
+        eval_every: 3,
+        eval_iters: 1,
+        schedule: LrSchedule::WarmupCosine {
+            peak: 3e-3,
+            min: 3e-4,
+            warmup: 2,
+            decay: 6,
+        },
+        verbosity: Verbosity::Silent,
+        ..LmFitConfig::default()
+    };
+    fn fit<B: Backend>(
+        gpt: &GptConfig,
+        b: B,
+        corpus: &TextCorpus,
+        cfg: &LmFitConfig,
+    ) -> (f64, Vec<Vec<f32>>, String) {
+        let model = Sequential::from_spec(&gpt.spec(corpus.vocab().len()).unwrap(), 4, &b).unwrap();
+        let opt = Adam::pytorch_adamw(3e-3, 0.1).unwrap();
+        let mut t = LmTrainer::new(model, opt, corpus.vocab().clone(), b).unwrap();
+        let h = t.fit(corpus, cfg).unwrap();
+        let w = t
+            .model()
+            .params()
+            .iter()
+            .map(|p| p.value().to_vec_f32().unwrap())
+            .collect();
+        let greedy = SampleConfig {
+            tokens: 12,
+            temperature: 0.0,
+            ..SampleConfig::default()
+        };
+        let text = generate(t.model(), t.vocab(), "the ", &greedy)
+            .unwrap()
+            .text;
+        (h.last().unwrap().val_loss, w, text)
+    }
+    let (gl, gw, gtext) = fit(&gpt, gpu, &corpus, &cfg);
+    let (cl, cw, ctext) = fit(&gpt, cpu, &corpus, &cfg);
+    assert!(
+        (gl - cl).abs() <= 1e-4 * cl.abs(),
+        "loss {gl} on the emulated device, {cl} on the CPU"
+    );
+    for (i, (g, c)) in gw.iter().zip(&cw).enumerate() {
+        let worst = g
+            .iter()
+            .zip(c)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "parameter {i} differs by {worst}");
+    }
+    assert_eq!(gtext, ctext, "greedy samples differ");
+}
+
 /// Softmax-CE checks labels on the device, without copying them to the
 /// host: a label out of range is reported by the next download (or
 /// synchronisation), once, and the device goes on working.

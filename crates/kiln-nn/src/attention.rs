@@ -116,24 +116,18 @@ impl<B: Backend> CausalSelfAttention<B> {
     /// are appended to its cache and the queries attend over all of them.
     fn attend(&self, x: &Tensor<B>, state: Option<&mut DecodeState<B>>) -> Result<Tensor<B>> {
         let c = self.width();
-        let &[n, t, w] = x.dims() else {
-            return Err(Error::shape(
-                "Attention",
-                format!(
-                    "input has shape {}, expected [n, positions, {c}]",
-                    x.shape()
-                ),
-            ));
+        let (n, t) = match *x.dims() {
+            [n, t, w] if w == c && t > 0 => (n, t),
+            _ => {
+                return Err(Error::shape(
+                    "Attention",
+                    format!(
+                        "input has shape {}, expected [n, positions, {c}]",
+                        x.shape()
+                    ),
+                ))
+            }
         };
-        if w != c || t == 0 {
-            return Err(Error::shape(
-                "Attention",
-                format!(
-                    "input has shape {}, expected [n, positions, {c}]",
-                    x.shape()
-                ),
-            ));
-        }
         let (h, d) = (self.heads, c / self.heads);
         let bias = self
             .qkv_bias
@@ -252,13 +246,7 @@ impl<B: Backend> Layer<B> for CausalSelfAttention<B> {
         vec![self.drawn.load(Ordering::Relaxed)]
     }
     fn set_rng_positions(&self, positions: &[u64]) -> usize {
-        match positions.first() {
-            Some(&p) => {
-                self.drawn.store(p, Ordering::Relaxed);
-                1
-            }
-            None => 0,
-        }
+        crate::layers::restore_position(&self.drawn, positions)
     }
     fn spec(&self) -> LayerSpec {
         LayerSpec::Attention {

@@ -9,6 +9,23 @@ use crate::precision::param_for;
 use crate::spec::LayerSpec;
 use crate::Initializer;
 
+/// A learned `[rows, width]` table for `layer`, drawn by `init` from the
+/// Philox stream `(seed, offset)`; neither extent may be 0.
+fn table<B: Backend>(
+    layer: &str,
+    [rows, width]: [usize; 2],
+    init: Initializer,
+    (seed, offset): (u64, u64),
+    backend: &B,
+) -> Result<Var<B>> {
+    if rows == 0 || width == 0 {
+        return Err(Error::invalid(format!(
+            "{layer} needs rows and a width, got {rows} × {width}"
+        )));
+    }
+    Var::from_tensor(&init.init(&[rows, width], rows, width, seed, offset, backend)?)
+}
+
 /// Token embedding: `[n, positions]` u32 ids → `[n, positions, dim]`, rows
 /// of a learned `[vocab, dim]` table ([`Tensor::embedding`]; its gradient
 /// is a deterministic scatter-add). Ids at or above `vocab` are an error.
@@ -28,14 +45,8 @@ impl<B: Backend> Embedding<B> {
         offset: u64,
         backend: &B,
     ) -> Result<Self> {
-        if vocab == 0 || dim == 0 {
-            return Err(Error::invalid(format!(
-                "Embedding needs a vocabulary and a width, got {vocab} × {dim}"
-            )));
-        }
-        let t = init.init(&[vocab, dim], vocab, dim, seed, offset, backend)?;
         Ok(Embedding {
-            table: Var::from_tensor(&t)?,
+            table: table("Embedding", [vocab, dim], init, (seed, offset), backend)?,
             init,
         })
     }
@@ -103,14 +114,14 @@ impl<B: Backend> PositionEmbedding<B> {
         offset: u64,
         backend: &B,
     ) -> Result<Self> {
-        if block == 0 || width == 0 {
-            return Err(Error::invalid(format!(
-                "PositionEmbedding needs positions and a width, got {block} × {width}"
-            )));
-        }
-        let t = init.init(&[block, width], block, width, seed, offset, backend)?;
         Ok(PositionEmbedding {
-            table: Var::from_tensor(&t)?,
+            table: table(
+                "PositionEmbedding",
+                [block, width],
+                init,
+                (seed, offset),
+                backend,
+            )?,
             init,
         })
     }

@@ -575,6 +575,18 @@ impl<B: Backend> Layer<B> for MaxPool2D {
     }
 }
 
+/// Sets a layer's one random-stream position `counter` from the front of
+/// `positions` ([`Layer::set_rng_positions`]); returns how many it took.
+pub(crate) fn restore_position(counter: &AtomicU64, positions: &[u64]) -> usize {
+    match positions.first() {
+        Some(&p) => {
+            counter.store(p, Ordering::Relaxed);
+            1
+        }
+        None => 0,
+    }
+}
+
 /// Inverted dropout: while training, zeroes each input with probability
 /// `rate` and scales the rest by `1/(1 − rate)`; the identity otherwise.
 /// The masks come from the Philox stream of the model's seed, at a counter
@@ -637,13 +649,7 @@ impl<B: Backend> Layer<B> for Dropout {
         vec![self.drawn()]
     }
     fn set_rng_positions(&self, positions: &[u64]) -> usize {
-        match positions.first() {
-            Some(&p) => {
-                self.set_drawn(p);
-                1
-            }
-            None => 0,
-        }
+        restore_position(&self.drawn, positions)
     }
     fn spec(&self) -> LayerSpec {
         LayerSpec::Dropout { rate: self.rate }

@@ -75,16 +75,7 @@ impl<B: Backend> Layer<B> for Residual<B> {
             .collect()
     }
     fn param_names(&self) -> Vec<String> {
-        self.layers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, l)| {
-                let kind = l.kind().to_ascii_lowercase();
-                l.param_names()
-                    .into_iter()
-                    .map(move |n| format!("{i}.{kind}.{n}"))
-            })
-            .collect()
+        crate::sequential::param_names(&self.layers)
     }
     fn set_training(&self, training: bool) {
         for l in &self.layers {

@@ -295,17 +295,8 @@ impl<B: Backend> Sequential<B> {
 
     /// `(name, parameter)` pairs, names like `1.dense.weight`.
     pub fn named_params(&self) -> Vec<(String, &Var<B>)> {
-        self.layers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, l)| {
-                let kind = l.kind().to_ascii_lowercase();
-                l.param_names()
-                    .into_iter()
-                    .zip(l.params())
-                    .map(move |(n, p)| (format!("{i}.{kind}.{n}"), p))
-            })
-            .collect()
+        let params = self.layers.iter().flat_map(|l| l.params());
+        param_names(&self.layers).into_iter().zip(params).collect()
     }
 
     /// Total number of trainable scalars.
@@ -391,6 +382,21 @@ fn run<B: Backend>(
         }
     }
     Ok(Some(h))
+}
+
+/// The names of `layers`' parameters, in order: `{index}.{kind}.{name}`
+/// (`1.dense.weight`; inside a residual `3.residual.1.attention.qkv_weight`).
+pub(crate) fn param_names<B: Backend>(layers: &[Box<dyn Layer<B>>]) -> Vec<String> {
+    layers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, l)| {
+            let kind = l.kind().to_ascii_lowercase();
+            l.param_names()
+                .into_iter()
+                .map(move |n| format!("{i}.{kind}.{n}"))
+        })
+        .collect()
 }
 
 /// Builds the layer `ls` for examples of `shape`, drawing its weights at

@@ -221,6 +221,29 @@ pub fn load<B: Backend>(path: &Path, backend: &B) -> Result<Restored<B>> {
         })
 }
 
+/// The optimiser slots among a checkpoint's tensors (`optimizer.m.3`: slot
+/// `m` of parameter 3), each f32, sorted by parameter then slot.
+pub(crate) fn optimizer_slots(
+    extra: Vec<(String, HostData)>,
+) -> Result<Vec<(String, usize, HostData)>> {
+    let mut slots = Vec::new();
+    for (name, data) in extra {
+        let rest = name.strip_prefix("optimizer.").unwrap_or(&name);
+        let (slot, pos) = rest
+            .rsplit_once('.')
+            .and_then(|(s, p)| Some((s.to_string(), p.parse::<usize>().ok()?)))
+            .ok_or_else(|| Error::invalid(format!("unexpected tensor `{name}` in checkpoint")))?;
+        if data.dtype() != DType::F32 {
+            return Err(Error::invalid(format!(
+                "optimizer tensor `{name}` is not f32"
+            )));
+        }
+        slots.push((slot, pos, data));
+    }
+    slots.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+    Ok(slots)
+}
+
 /// Parses the bytes of a checkpoint file: the model, the optimiser state
 /// and the progress, each checked (a truncated or corrupted file, a missing
 /// or misshapen tensor, metadata that does not parse: each its own error).
@@ -237,21 +260,7 @@ pub fn from_bytes<B: Backend>(
     let progress: Progress = serde_json::from_str(json)
         .map_err(|e| Error::invalid(format!("checkpoint progress: {e}")))?;
     progress.validate()?;
-    let mut slots = Vec::new();
-    for (name, data) in loaded.extra {
-        let rest = name.strip_prefix("optimizer.").unwrap_or(&name);
-        let (slot, pos) = rest
-            .rsplit_once('.')
-            .and_then(|(s, p)| Some((s.to_string(), p.parse::<usize>().ok()?)))
-            .ok_or_else(|| Error::invalid(format!("unexpected tensor `{name}` in checkpoint")))?;
-        if data.dtype() != DType::F32 {
-            return Err(Error::invalid(format!(
-                "optimizer tensor `{name}` is not f32"
-            )));
-        }
-        slots.push((slot, pos, data));
-    }
-    slots.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+    let slots = optimizer_slots(loaded.extra)?;
     let state = OptimizerState {
         kind: progress.optimizer.clone(),
         step: progress.optimizer_step,

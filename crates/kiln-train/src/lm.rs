@@ -664,16 +664,7 @@ fn from_bytes<B: Backend>(
         .map_err(|e| Error::invalid(format!("checkpoint progress: {e}")))?;
     progress.validate()?;
     let vocab = vocab_of(&loaded.metadata)?;
-    let mut slots = Vec::new();
-    for (name, data) in loaded.extra {
-        let rest = name.strip_prefix("optimizer.").unwrap_or(&name);
-        let (slot, pos) = rest
-            .rsplit_once('.')
-            .and_then(|(s, p)| Some((s.to_string(), p.parse::<usize>().ok()?)))
-            .ok_or_else(|| Error::invalid(format!("unexpected tensor `{name}` in checkpoint")))?;
-        slots.push((slot, pos, data));
-    }
-    slots.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+    let slots = crate::checkpoint::optimizer_slots(loaded.extra)?;
     let state = OptimizerState {
         kind: progress.optimizer.clone(),
         step: progress.optimizer_step,
@@ -721,7 +712,8 @@ fn check_resume(
     Ok(())
 }
 
-fn append_jsonl(path: &Path, record: &LmRecord) -> Result<()> {
+/// Appends `record` to the JSON-lines history at `path`.
+pub fn append_jsonl(path: &Path, record: &LmRecord) -> Result<()> {
     use std::io::Write;
     let line = serde_json::to_string(record).expect("a record always serialises");
     let mut f = std::fs::OpenOptions::new()

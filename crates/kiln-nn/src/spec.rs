@@ -10,6 +10,9 @@ use kiln_core::{Error, Result};
 /// asking for more is rejected before anything is allocated.
 pub const MAX_PARAMS: usize = 1 << 30;
 
+/// How deep residuals may nest (a transformer needs one level).
+const MAX_NESTING: usize = 16;
+
 /// `total + layer` parameters (`layer` `None` when its count overflowed),
 /// or why that is too many.
 fn add_params(total: usize, layer: Option<usize>) -> std::result::Result<usize, String> {
@@ -604,6 +607,9 @@ impl Planner {
             LayerSpec::Residual { ref layers } => {
                 if layers.is_empty() {
                     return Err(fail("Residual needs at least one layer inside".into()));
+                }
+                if at.matches('.').count() >= MAX_NESTING {
+                    return Err(fail(format!("residuals nest at most {MAX_NESTING} deep")));
                 }
                 let out = self.layers(layers, shape.clone(), &format!("{at}."))?;
                 if out != shape {

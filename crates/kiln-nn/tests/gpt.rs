@@ -139,4 +139,16 @@ fn bad_gpt_specs_and_inputs_are_clear_errors() {
         e.contains("must keep the shape") && e.contains("layer 0"),
         "{e}"
     );
+    // Residuals nested past the limit are refused, not recursed into.
+    let mut layer = serde_json::json!({"type": "relu"});
+    for _ in 0..20 {
+        layer = serde_json::json!({"type": "residual", "layers": [layer]});
+    }
+    let spec = serde_json::json!({"name": "deep", "input": [4], "layers": [layer]}).to_string();
+    let e = ModelSpec::from_json(&spec)
+        .unwrap()
+        .plan()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nest at most 16"), "{e}");
 }

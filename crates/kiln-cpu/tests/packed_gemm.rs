@@ -157,3 +157,35 @@ fn forcing_a_missing_kernel_set_is_a_clear_error() {
     let e = CpuBackend::with_kernels(missing).unwrap_err().to_string();
     assert!(e.contains("needs") && e.contains(missing.name()), "{e}");
 }
+
+/// A few rows of A (decoding a token) skip packing and read B's rows in
+/// place; they must give the packed driver's bits: the first rows of a
+/// product with more rows, across the KC block, narrow and wide, and a
+/// transposed B (which stays on the packed path).
+#[test]
+fn few_row_products_give_the_packed_bits() {
+    for set in sets() {
+        let b = CpuBackend::with_kernels(set)
+            .unwrap()
+            .with_threads(2)
+            .expect("worker threads");
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (1, 128, 384),
+            (3, 300, 33),
+            (4, 513, 70),
+            (2, 64, 5),
+        ] {
+            for bt in [false, true] {
+                let few = check(&b, m, k, n, bt, DType::F32);
+                let many = check(&b, 12, k, n, bt, DType::F32);
+                // `check` draws A from one stream: the first m rows are shared.
+                assert_eq!(
+                    few[..],
+                    many[..m * n],
+                    "{set:?} [{m}×{k}]·[{k}×{n}] bt={bt}"
+                );
+            }
+        }
+    }
+}

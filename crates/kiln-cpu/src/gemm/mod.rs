@@ -15,6 +15,7 @@
 //! are independent of the number of threads.
 
 mod pack;
+mod rows;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -259,6 +260,10 @@ fn product(
     c: &mut [f32],
     pool: Option<&rayon::ThreadPool>,
 ) -> Result<()> {
+    if rows::applies(set, m, b) {
+        rows::gemm(set, a, b, (m, k, n), c);
+        return Ok(());
+    }
     match set {
         #[cfg(target_arch = "x86_64")]
         KernelSet::Avx2 => blocked::<avx2::Avx2>(a, b, m, k, n, c, true, pool),

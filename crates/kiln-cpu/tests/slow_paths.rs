@@ -105,3 +105,35 @@ fn a_shape_error_is_an_error_not_a_slow_path() {
         assert_eq!(b.slow_paths(), vec![], "{}", b.name());
     }
 }
+
+/// An operand broadcast along its trailing axes (a `[rows, 1]` sum widened
+/// to `[rows, n]`, as softmax's gradient has) runs on the vector path, with
+/// the reference's bits, either side of the op, at 2-D and 3-D.
+#[test]
+fn trailing_broadcasts_are_vector_calls_with_the_reference_bits() {
+    let reference = CpuBackend::reference();
+    for b in simd_sets() {
+        let before = b.slow_paths();
+        for dims in [vec![8usize, 16], vec![3, 5, 33]] {
+            let rows: usize = dims[..dims.len() - 1].iter().product();
+            let (x, _) = matrix(rows, dims[dims.len() - 1]);
+            let xl = Layout::contiguous(Shape::new(&dims).unwrap());
+            let col = HostData::F32((0..rows).map(|i| 1.5 - i as f32 * 0.375).collect());
+            let mut kept = dims.clone();
+            *kept.last_mut().unwrap() = 1;
+            let cl = Layout::contiguous(Shape::new(&kept).unwrap())
+                .broadcast_as(&Shape::new(&dims).unwrap())
+                .unwrap();
+            for op in [BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div] {
+                for swap in [false, true] {
+                    let (p, q) = (View::new(&x, &xl), View::new(&col, &cl));
+                    let (p, q) = if swap { (q, p) } else { (p, q) };
+                    let got = b.binary(op, p, q).unwrap();
+                    let want = reference.binary(op, p, q).unwrap();
+                    assert_eq!(got, want, "{} {op:?} swap={swap} {dims:?}", b.name());
+                }
+            }
+        }
+        assert_eq!(since(&before, &b.slow_paths()), vec![], "{}", b.name());
+    }
+}

@@ -1,7 +1,7 @@
 //! The layers at a language model's two ends: token and position
 //! embeddings, and the LM head tied to the token table.
 
-use kiln_core::{Activation, Backend, DType, Error, Result, Tensor, Var};
+use kiln_core::{Backend, DType, Error, Result, Tensor, Var};
 
 use crate::decode::DecodeState;
 use crate::layers::Layer;
@@ -252,8 +252,12 @@ impl<B: Backend> Layer<B> for LmHead {
                 ),
             ));
         }
-        x.reshape(&[n * t, w])?
-            .linear(&param_for(table, x)?.t()?, None, Activation::None)?
+        // table·xᵀ, then viewed transposed: the same products summed in the
+        // same order as x·tableᵀ, and the table's gradient comes out in the
+        // table's own layout (no strided sum with the embedding's gradient).
+        param_for(table, x)?
+            .matmul(&x.reshape(&[n * t, w])?.t()?)?
+            .t()?
             .reshape(&[n, t, vocab])
     }
     fn spec(&self) -> LayerSpec {

@@ -152,3 +152,21 @@ fn bad_gpt_specs_and_inputs_are_clear_errors() {
         .to_string();
     assert!(e.contains("nest at most 16"), "{e}");
 }
+
+#[test]
+fn a_gpt_step_takes_no_slow_path() {
+    let b = CpuBackend::new().unwrap();
+    let m = Sequential::from_spec(&tiny(true, 0.0).spec(13).unwrap(), 5, &b).unwrap();
+    let before = kiln_core::Backend::slow_paths(&b);
+    let labels = Tensor::from_host(HostData::U32(vec![1; 24]), &[24], &b).unwrap();
+    let loss = m
+        .forward(&ids(&b, 2, 12, 13))
+        .unwrap()
+        .reshape(&[24, 13])
+        .unwrap()
+        .softmax_cross_entropy(&labels)
+        .unwrap();
+    loss.backward().unwrap();
+    let after = kiln_core::Backend::slow_paths(&b);
+    assert_eq!(kiln_core::slow_path::since(&before, &after), vec![]);
+}

@@ -70,6 +70,35 @@ fn periodic<'a>(set: KernelSet, v: View<'a, HostData>) -> Option<Cow<'a, [f32]>>
     super::convert::widen(set, v.storage, start..end)
 }
 
+/// An operand broadcast along its trailing axes (stride 0 there, as a
+/// `[rows…, 1]` sum widened back to `[rows…, n]` is): one value per run of
+/// `n`, the leading axes compact. Returns the values and the run length.
+fn per_row<'a>(set: KernelSet, v: View<'a, HostData>) -> Option<(Cow<'a, [f32]>, usize)> {
+    let (dims, strides) = (v.layout.dims(), v.layout.strides());
+    let mut split = dims.len();
+    let mut inner = 1usize;
+    while split > 0 && (dims[split - 1] == 1 || strides[split - 1] == 0) {
+        inner *= dims[split - 1];
+        split -= 1;
+    }
+    if inner <= 1 {
+        return None;
+    }
+    let mut expect = 1usize;
+    for a in (0..split).rev() {
+        if dims[a] != 1 && strides[a] != expect {
+            return None;
+        }
+        expect *= dims[a];
+    }
+    let start = v.layout.offset();
+    let end = start.checked_add(expect)?;
+    if end > v.storage.len() {
+        return None;
+    }
+    Some((super::convert::widen(set, v.storage, start..end)?, inner))
+}
+
 /// The vector transcendental of `set` for `op`, if it has one.
 fn transcendental(set: KernelSet, op: UnaryOp) -> Option<MapKernel> {
     #[cfg(target_arch = "x86_64")]
@@ -217,16 +246,28 @@ pub(crate) fn binary(
             specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
             OP => wide::zip(set, &x, &y, |p, q| binary_f32(OP, p, q)))
         }
-        (Some(x), None) => {
-            let row = periodic(set, b)?;
-            specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
+        (Some(x), None) => match periodic(set, b) {
+            Some(row) => {
+                specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
                 OP => wide::zip_rows(set, &x, &row, |p, q| binary_f32(OP, p, q)))
-        }
-        (None, Some(y)) => {
-            let row = periodic(set, a)?;
-            specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
+            }
+            None => {
+                let (col, run) = per_row(set, b)?;
+                specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
+                    OP => wide::zip_cols(set, &x, &col, run, |p, q| binary_f32(OP, p, q)))
+            }
+        },
+        (None, Some(y)) => match periodic(set, a) {
+            Some(row) => {
+                specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
                 OP => wide::zip_rows(set, &y, &row, |q, p| binary_f32(OP, p, q)))
-        }
+            }
+            None => {
+                let (col, run) = per_row(set, a)?;
+                specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
+                    OP => wide::zip_cols(set, &y, &col, run, |q, p| binary_f32(OP, p, q)))
+            }
+        },
         (None, None) => return None,
     };
     narrow(set, dtype, out)

@@ -93,6 +93,15 @@ fn zip_rows_loop(a: &[f32], row: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32
     out
 }
 
+#[inline(always)]
+fn zip_cols_loop(a: &[f32], col: &[f32], run: usize, f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(a.len());
+    for (chunk, &y) in a.chunks(run.max(1)).zip(col) {
+        out.extend(chunk.iter().map(|&x| f(x, y)));
+    }
+    out
+}
+
 /// One output row of an unpadded max-pool: the first window offset seeds
 /// every column, then for each later offset in row-major order a column
 /// takes the offset's cell if it beats the best so far
@@ -245,6 +254,12 @@ per_set! {
     /// `f(a[i], row[i mod row.len()])`: `row` repeated along `a`, whose
     /// length is a multiple of it.
     fn zip_rows(a: &[f32], row: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> = zip_rows_loop;
+}
+
+per_set! {
+    /// `f(a[i], col[i / run])`: `a` against one value per run of `run`
+    /// elements (an operand broadcast along its trailing axes).
+    fn zip_cols(a: &[f32], col: &[f32], run: usize, f: impl Fn(f32, f32) -> f32) -> Vec<f32> = zip_cols_loop;
 }
 
 per_set! {

@@ -867,6 +867,7 @@ fn run_eval<B: Backend>(a: EvalArgs, backend: B) -> Result<()> {
     }
     // Model files and checkpoints alike (a checkpoint's optimiser state is ignored).
     let (loaded, path) = model_file::load_for_inference(&a.model, &backend)?;
+    lm::refuse_language_model(&loaded.model, &path, "kiln eval")?;
     let split = if a.split == "train" {
         Split::Train
     } else {

@@ -293,6 +293,23 @@ pub(crate) struct GenerateArgs {
     pub(crate) threads: Option<usize>,
 }
 
+/// The error for an image command (`kiln eval`, `kiln predict`) given a
+/// language model, saying what to use instead.
+pub(crate) fn refuse_language_model<B: Backend>(
+    model: &Sequential<B>,
+    file: &Path,
+    command: &str,
+) -> Result<()> {
+    if model.takes_tokens() {
+        return Err(Error::invalid(format!(
+            "{}: `{}` is a language model; {command} classifies images. Sample it with kiln generate, serve it with kiln serve (POST /v1/generate); its validation loss is in the run's history.jsonl",
+            file.display(),
+            model.name()
+        )));
+    }
+    Ok(())
+}
+
 /// A trained language model and its vocabulary, from a run folder, model
 /// file or checkpoint.
 pub(crate) fn load_lm<B: Backend>(

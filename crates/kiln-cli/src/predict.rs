@@ -168,7 +168,8 @@ fn read_idx_images(path: &Path, want: [usize; 2]) -> Result<Vec<Image>> {
 /// Runs `kiln predict`.
 pub fn predict(a: PredictArgs, backend: CpuBackend) -> Result<()> {
     // Model files and checkpoints alike (a checkpoint's optimiser state is ignored).
-    let (loaded, _) = model_file::load_for_inference(&a.model, &backend)?;
+    let (loaded, path) = model_file::load_for_inference(&a.model, &backend)?;
+    crate::lm::refuse_language_model(&loaded.model, &path, "kiln predict")?;
     let model: Sequential<CpuBackend> = loaded.model;
     let input = model.input_shape().to_vec();
     let &[1, h, w] = &input[..] else {

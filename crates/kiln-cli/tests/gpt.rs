@@ -154,6 +154,20 @@ fn train_resume_generate_and_serve_a_gpt() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["new_tokens"], 10);
     assert!(v["tokens_per_sec"].as_f64().unwrap() > 0.0);
+    for cmd in ["eval", "predict"] {
+        let mut a = vec![cmd, "--model", run_s];
+        if cmd == "predict" {
+            a.extend(["--input", "corpus.txt"]);
+        }
+        let o = kiln(&a);
+        let err = text(&o).1;
+        assert!(
+            !o.status.success()
+                && err.contains("is a language model")
+                && err.contains("kiln generate"),
+            "{cmd}: {err}"
+        );
+    }
     let o = kiln(&["generate", "--model", run_s, "--prompt", "ZEBRA"]);
     assert!(
         !o.status.success() && text(&o).1.contains("not in the model's vocabulary"),

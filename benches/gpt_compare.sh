@@ -61,11 +61,13 @@ for i, t in enumerate(torch_runs):
     print(row)
 median = lambda xs: sorted(xs)[len(xs) // 2]
 t_ips = median([t["iters_per_sec"] for t in torch_runs])
+t_tps = median([t["tokens_per_sec"] for t in torch_runs])
 print(f"\n{'run':<22} {'it/s':>8} {'tokens/s':>10} {'× PyTorch':>10}")
-print(f"{'PyTorch CPU':<22} {t_ips:>8.2f} {t_ips * 768:>10.0f} {1:>9.2f}×")
+print(f"{'PyTorch CPU':<22} {t_ips:>8.2f} {t_tps:>10.0f} {1:>9.2f}×")
 for p, runs in kiln.items():
     k = median([r["iters_per_sec"] for r in runs])
-    print(f"{'kiln ' + p:<22} {k:>8.2f} {k * 768:>10.0f} {k / t_ips:>9.2f}×")
+    tps = median([r["tokens_per_sec"] for r in runs])
+    print(f"{'kiln ' + p:<22} {k:>8.2f} {tps:>10.0f} {k / t_ips:>9.2f}×")
 print(f"\ngeneration, 500 tokens: PyTorch (recompute) {t_gen:.0f} tok/s; kiln KV cache {float(cached):.0f} tok/s "
       f"({float(cached) / t_gen:.2f}× PyTorch, {float(cached) / float(recomputed):.2f}× kiln recomputing, {float(recomputed):.0f} tok/s)")
 PY

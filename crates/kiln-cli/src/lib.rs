@@ -194,6 +194,19 @@ struct TrainArgs {
     precision: Option<String>,
 }
 
+impl TrainArgs {
+    /// What the run prints: JSON records, plain lines, or a bar on a terminal.
+    fn verbosity(&self) -> Verbosity {
+        if self.log_format == "json" {
+            Verbosity::Json
+        } else if self.plain {
+            Verbosity::Lines
+        } else {
+            Verbosity::Auto
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct EvalArgs {
     /// The model file written by `kiln train` (model.safetensors), or its
@@ -713,13 +726,7 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         batch_size,
         seed: a.seed,
         shuffle: true,
-        verbosity: if json {
-            Verbosity::Json
-        } else if a.plain {
-            Verbosity::Lines
-        } else {
-            Verbosity::Auto
-        },
+        verbosity: a.verbosity(),
         history_path: Some(history_path.clone()),
         augment: a
             .augment

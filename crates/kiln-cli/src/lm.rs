@@ -7,7 +7,7 @@ use kiln_core::{Backend, Error, Result};
 use kiln_data::text::TextCorpus;
 use kiln_nn::{Adam, GptConfig, LrSchedule, ModelSpec, Precision, Sequential};
 use kiln_train::lm::{self as trainer_lm, LmCheckpointPolicy, LmFitConfig, LmTrainer};
-use kiln_train::{generate, model_file, SampleConfig, Verbosity};
+use kiln_train::{generate, model_file, SampleConfig};
 
 use crate::{path_safe, precision_description, stop_on_signals, TrainArgs};
 
@@ -103,13 +103,7 @@ pub(crate) fn run_train_lm<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         eval_iters: a.eval_iters,
         schedule,
         grad_clip: (a.grad_clip != 0.0).then_some(a.grad_clip),
-        verbosity: if json {
-            Verbosity::Json
-        } else if a.plain {
-            Verbosity::Lines
-        } else {
-            Verbosity::Auto
-        },
+        verbosity: a.verbosity(),
         history_path: None,
         checkpoint: None,
         stop: Some(stop_on_signals()?),

@@ -139,6 +139,8 @@ impl<B: Backend> Layer<B> for Flatten {
 pub struct LayerNorm<B: Backend> {
     gamma: Var<B>,
     beta: Option<Var<B>>,
+    /// β = 0 for a layer without a learned shift, made once.
+    zero: Tensor<B>,
     eps: f32,
 }
 
@@ -152,17 +154,18 @@ impl<B: Backend> LayerNorm<B> {
             )));
         }
         let gamma = Var::from_tensor(&Tensor::full(&[width], 1.0, DType::F32, backend)?)?;
+        let zero = Tensor::zeros(&[width], DType::F32, backend)?;
         let beta = if bias {
-            Some(Var::from_tensor(&Tensor::full(
-                &[width],
-                0.0,
-                DType::F32,
-                backend,
-            )?)?)
+            Some(Var::from_tensor(&zero)?)
         } else {
             None
         };
-        Ok(LayerNorm { gamma, beta, eps })
+        Ok(LayerNorm {
+            gamma,
+            beta,
+            zero,
+            eps,
+        })
     }
 }
 
@@ -183,7 +186,7 @@ impl<B: Backend> Layer<B> for LayerNorm<B> {
     fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
         let beta = match &self.beta {
             Some(b) => param_for(b, x)?,
-            None => Tensor::zeros(self.gamma.shape().dims(), x.dtype(), x.backend())?,
+            None => crate::precision::to_compute(&self.zero, x.dtype())?,
         };
         x.layer_norm(&param_for(&self.gamma, x)?, &beta, self.eps)
     }

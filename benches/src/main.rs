@@ -4,7 +4,10 @@
 //!
 //! ```text
 //! kiln-bench-compare [--threads N] [--quick] [--numpy FILE.json] [--markdown]
+//!                    [--shapes M,K,N[;M,K,N…]] [--kiln-only]
 //! ```
+//! `--shapes` replaces the standard shape list; `--kiln-only` skips the
+//! comparator libraries (for quick experiments on kiln's kernels).
 //! `--numpy` takes `{"m,k,n,threads": gflops, ...}` as benches/compare.sh
 //! writes it. `matrixmultiply` takes its thread count from
 //! MATMUL_NUM_THREADS, which compare.sh sets to match.
@@ -19,6 +22,36 @@ struct Args {
     quick: bool,
     numpy: HashMap<String, f64>,
     markdown: bool,
+    shapes: Option<Vec<(usize, usize, usize)>>,
+    kiln_only: bool,
+}
+
+const USAGE: &str = "usage: kiln-bench-compare [--threads N] [--quick] [--numpy FILE.json] [--markdown] [--shapes M,K,N[;M,K,N...]] [--kiln-only]";
+
+/// `"256,256,256;128,784,64"` as shapes.
+fn parse_shapes(text: &str) -> Result<Vec<(usize, usize, usize)>, String> {
+    text.split(';')
+        .map(|s| {
+            let d: Vec<usize> = s
+                .split(',')
+                .map(|x| x.trim().parse::<usize>())
+                .collect::<Result<_, _>>()
+                .map_err(|_| format!("--shapes: {s:?} is not M,K,N in whole numbers"))?;
+            match d[..] {
+                [m, k, n]
+                    if m > 0
+                        && k > 0
+                        && n > 0
+                        && m.saturating_mul(k).saturating_mul(n) <= 1 << 40 =>
+                {
+                    Ok((m, k, n))
+                }
+                _ => Err(format!(
+                    "--shapes: {s:?} is not three positive extents M,K,N (product at most 2^40)"
+                )),
+            }
+        })
+        .collect()
 }
 
 fn parse() -> Result<Args, String> {
@@ -27,23 +60,66 @@ fn parse() -> Result<Args, String> {
         quick: false,
         numpy: HashMap::new(),
         markdown: false,
+        shapes: None,
+        kiln_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         match flag.as_str() {
-            "--threads" => a.threads = it.next().and_then(|v| v.parse().ok()).filter(|&n| n > 0).ok_or("--threads takes a positive number")?,
+            "--threads" => {
+                a.threads = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&n| n > 0)
+                    .ok_or("--threads takes a positive number")?
+            }
             "--quick" => a.quick = true,
             "--markdown" => a.markdown = true,
+            "--kiln-only" => a.kiln_only = true,
+            "--shapes" => {
+                a.shapes = Some(parse_shapes(
+                    &it.next().ok_or("--shapes takes M,K,N[;M,K,N...]")?,
+                )?)
+            }
             "--numpy" => {
                 let path = it.next().ok_or("--numpy takes a file")?;
                 let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
                 a.numpy = serde_json::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
             }
-            "-h" | "--help" => return Err("usage: kiln-bench-compare [--threads N] [--quick] [--numpy FILE.json] [--markdown]".into()),
+            "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown flag {other} (see --help)")),
         }
     }
     Ok(a)
+}
+
+/// The standard table: squares from 64³ to 4096³, then the layer shapes of
+/// the seed MLP and CNN (batch 128) and of GPT config A (12 × 64 positions,
+/// 128 wide, 4 heads of 32, a 73-character vocabulary), forward and
+/// backward.
+fn standard_shapes() -> Vec<(&'static str, usize, usize, usize)> {
+    let mut v: Vec<(&str, usize, usize, usize)> = [64, 128, 256, 512, 1024, 2048, 4096]
+        .iter()
+        .map(|&s| ("square", s, s, s))
+        .collect();
+    v.extend([
+        ("mlp fwd 1", 128, 784, 64),
+        ("mlp dW1", 784, 128, 64),
+        ("mlp fwd 2", 128, 64, 10),
+        ("mlp dh", 128, 10, 64),
+        ("mlp dW2", 64, 128, 10),
+        ("cnn conv (1 image)", 32, 9, 676),
+        ("cnn dense fwd", 128, 5408, 64),
+        ("cnn dense dW", 5408, 128, 64),
+        ("cnn dense dx", 128, 64, 5408),
+        ("gpt qkv", 768, 128, 384),
+        ("gpt mlp up", 768, 128, 512),
+        ("gpt mlp down", 768, 512, 128),
+        ("gpt mlp dW", 128, 768, 512),
+        ("gpt lm head", 768, 128, 73),
+        ("gpt q·kᵀ (1 head)", 64, 32, 64),
+    ]);
+    v
 }
 
 fn gflops(m: usize, k: usize, n: usize, secs: f64) -> f64 {
@@ -63,21 +139,12 @@ fn main() {
         .into_iter()
         .filter(|k| k.available())
         .collect();
-    let shapes: Vec<(&str, usize, usize, usize)> = if args.quick {
+    let shapes: Vec<(&str, usize, usize, usize)> = if let Some(list) = &args.shapes {
+        list.iter().map(|&(m, k, n)| ("given", m, k, n)).collect()
+    } else if args.quick {
         vec![("square", 64, 64, 64), ("mlp fwd", 128, 784, 64)]
     } else {
-        let mut v: Vec<(&str, usize, usize, usize)> = [64, 128, 256, 512, 1024, 2048]
-            .iter()
-            .map(|&s| ("square", s, s, s))
-            .collect();
-        v.extend([
-            ("mlp fwd 1", 128, 784, 64),
-            ("mlp dW1", 784, 128, 64),
-            ("mlp fwd 2", 128, 64, 10),
-            ("mlp dh", 128, 10, 64),
-            ("mlp dW2", 64, 128, 10),
-        ]);
-        v
+        standard_shapes()
     };
     let budget = if args.quick { 0.01 } else { 0.4 };
     println!(
@@ -121,13 +188,19 @@ fn main() {
             })
             .collect();
         let best = kiln.iter().copied().fold(0.0, f64::max);
-        let mm = gflops(m, k, n, comparators::matrixmultiply(m, k, n, budget));
-        let gc = gflops(
-            m,
-            k,
-            n,
-            comparators::gemm_crate(m, k, n, args.threads, budget),
-        );
+        let (mm, gc) = if args.kiln_only {
+            (f64::NAN, f64::NAN)
+        } else {
+            (
+                gflops(m, k, n, comparators::matrixmultiply(m, k, n, budget)),
+                gflops(
+                    m,
+                    k,
+                    n,
+                    comparators::gemm_crate(m, k, n, args.threads, budget),
+                ),
+            )
+        };
         let np = args
             .numpy
             .get(&format!("{m},{k},{n},{}", args.threads))

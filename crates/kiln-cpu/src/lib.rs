@@ -27,6 +27,7 @@ mod gemm;
 mod norm;
 mod pool;
 mod reference;
+mod scratch;
 mod slow_path;
 mod storage;
 mod threads;
@@ -97,6 +98,7 @@ impl CpuBackend {
     }
 
     fn build(kernels: KernelSet, threads: usize) -> Result<Self> {
+        gemm::blocking::check_env()?;
         Ok(CpuBackend {
             kernels,
             threads,

@@ -98,6 +98,16 @@ unsafe fn kernel(
     ldc: usize,
     add: bool,
 ) {
+    // Ask for C's 16 cache lines now, so the loads (or the stores' line
+    // fills) at the end do not wait on L2 or L3: C's rows are far apart
+    // and the hardware prefetchers do not follow them.
+    for i in 0..8 {
+        // SAFETY: prefetches never fault; the addresses are inside C anyway.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + 16) as *const i8);
+        }
+    }
     let mut acc = [[_mm512_setzero_ps(); 2]; 8];
     for p in 0..kc {
         // SAFETY: b holds kc·32 floats (the MicroKernel contract).

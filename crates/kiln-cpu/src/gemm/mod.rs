@@ -7,13 +7,15 @@
 //! outside their buffers; the driver copies only the valid part of an edge
 //! tile into C.
 //!
-//! Blocking: `NC` columns of B at a time, `KC` rows of the k dimension at a
-//! time (packed once, shared by all threads), and row blocks of A of `MC`
-//! rows (packed per task). Threads take whole row blocks of C; every C
-//! element is accumulated in the same order (k ascending within a `KC`
-//! block, blocks ascending) whatever the thread count or `MC`, so results
-//! are independent of the number of threads.
+//! Blocking ([`blocking`]): `NC` columns of B at a time, `KC` rows of the k
+//! dimension at a time (packed once, shared by all threads), and row blocks
+//! of A of at most `MC` rows (packed per task), sized from this processor's
+//! caches. Threads take whole row blocks of C; every C element is
+//! accumulated in the same order (k ascending within a `KC` block, blocks
+//! ascending) whatever the thread count or `MC`, so results are independent
+//! of the number of threads.
 
+pub(crate) mod blocking;
 mod pack;
 mod rows;
 
@@ -35,15 +37,10 @@ use crate::reference::elementwise::activate;
 use crate::storage::read_f32;
 use crate::vector::convert;
 use crate::KernelSet;
+use blocking::{Blocking, KC_MAX};
 pub(crate) use pack::Matrix;
 use pack::{pack_a, pack_b};
 
-/// Rows of the k dimension packed at once.
-pub(crate) const KC: usize = 256;
-/// Columns of B packed at once.
-pub(crate) const NC: usize = 2048;
-/// Largest row block of A a task packs.
-pub(crate) const MC_MAX: usize = 192;
 /// Multiply-adds below which a block is not split among threads.
 const PARALLEL_MIN_WORK: usize = 1 << 24;
 /// The largest tile of any micro-kernel (AVX-512: 8 × 32).
@@ -110,7 +107,7 @@ pub(crate) trait MicroKernel {
     ///
     /// # Safety
     /// As for [`MicroKernel::tile`], and every `a[i·rsa + p·csa]` with
-    /// `i < MR`, `p < kc ≤ KC` is in bounds.
+    /// `i < MR`, `p < kc ≤ KC_MAX` is in bounds.
     unsafe fn tile_strided(
         kc: usize,
         a: *const f32,
@@ -124,16 +121,16 @@ pub(crate) trait MicroKernel {
             // SAFETY: forwarded.
             return unsafe { Self::tile(kc, a, b, c) };
         }
-        let mut panel = [0f32; KC * 8];
-        debug_assert!(kc <= KC && Self::MR <= 8);
-        for p in 0..kc {
-            for i in 0..Self::MR {
+        debug_assert!(kc <= KC_MAX);
+        crate::scratch::with(|panel| {
+            panel.clear();
+            panel.extend((0..kc).flat_map(|p| {
                 // SAFETY: in bounds by the caller's contract.
-                panel[p * Self::MR + i] = unsafe { *a.add(i * rsa + p * csa) };
-            }
-        }
-        // SAFETY: the panel holds kc·MR floats; the rest is forwarded.
-        unsafe { Self::tile(kc, panel.as_ptr(), b, c) }
+                (0..Self::MR).map(move |i| unsafe { *a.add(i * rsa + p * csa) })
+            }));
+            // SAFETY: the panel holds kc·MR floats; the rest is forwarded.
+            unsafe { Self::tile(kc, panel.as_ptr(), b, c) }
+        })
     }
 }
 
@@ -260,20 +257,21 @@ fn product(
     c: &mut [f32],
     pool: Option<&rayon::ThreadPool>,
 ) -> Result<()> {
+    let blk = blocking_of(set);
     if rows::applies(set, m, b) {
-        rows::gemm(set, a, b, (m, k, n), c);
+        rows::gemm(set, blk.kc, a, b, (m, k, n), c);
         return Ok(());
     }
     match set {
         #[cfg(target_arch = "x86_64")]
-        KernelSet::Avx2 => blocked::<avx2::Avx2>(a, b, m, k, n, c, true, pool),
+        KernelSet::Avx2 => blocked::<avx2::Avx2>(blk, a, b, m, k, n, c, true, pool),
         // A 32-wide tile would waste most of its lanes on narrow outputs.
         #[cfg(target_arch = "x86_64")]
-        KernelSet::Avx512 if n <= 16 => blocked::<avx2::Avx2>(a, b, m, k, n, c, true, pool),
+        KernelSet::Avx512 if n <= 16 => blocked::<avx2::Avx2>(blk, a, b, m, k, n, c, true, pool),
         #[cfg(target_arch = "x86_64")]
-        KernelSet::Avx512 => blocked::<avx512::Avx512>(a, b, m, k, n, c, true, pool),
+        KernelSet::Avx512 => blocked::<avx512::Avx512>(blk, a, b, m, k, n, c, true, pool),
         #[cfg(target_arch = "aarch64")]
-        KernelSet::Neon => blocked::<neon::Neon>(a, b, m, k, n, c, true, pool),
+        KernelSet::Neon => blocked::<neon::Neon>(blk, a, b, m, k, n, c, true, pool),
         other => {
             return Err(Error::invalid(format!(
                 "no packed GEMM for kernel set {}",
@@ -302,15 +300,16 @@ pub(crate) fn accumulate(
     if m == 0 || n == 0 {
         return;
     }
+    let blk = blocking_of(set);
     match set {
         #[cfg(target_arch = "x86_64")]
-        KernelSet::Avx2 => blocked::<avx2::Avx2>(a, b, m, k, n, c, fresh, None),
+        KernelSet::Avx2 => blocked::<avx2::Avx2>(blk, a, b, m, k, n, c, fresh, None),
         #[cfg(target_arch = "x86_64")]
-        KernelSet::Avx512 if n <= 16 => blocked::<avx2::Avx2>(a, b, m, k, n, c, fresh, None),
+        KernelSet::Avx512 if n <= 16 => blocked::<avx2::Avx2>(blk, a, b, m, k, n, c, fresh, None),
         #[cfg(target_arch = "x86_64")]
-        KernelSet::Avx512 => blocked::<avx512::Avx512>(a, b, m, k, n, c, fresh, None),
+        KernelSet::Avx512 => blocked::<avx512::Avx512>(blk, a, b, m, k, n, c, fresh, None),
         #[cfg(target_arch = "aarch64")]
-        KernelSet::Neon => blocked::<neon::Neon>(a, b, m, k, n, c, fresh, None),
+        KernelSet::Neon => blocked::<neon::Neon>(blk, a, b, m, k, n, c, fresh, None),
         _ => {
             // The scalar set never gets here; be correct anyway.
             for i in 0..m {
@@ -327,10 +326,25 @@ pub(crate) fn accumulate(
     }
 }
 
+/// The blocking of `set`'s products: derived for the set's widest
+/// micro-kernel and used by all its kernels, so that `KC` — the summation
+/// order — is one per set ([`rows`] follows it too).
+pub(crate) fn blocking_of(set: KernelSet) -> Blocking {
+    static SETS: [std::sync::OnceLock<Blocking>; 4] = [const { std::sync::OnceLock::new() }; 4];
+    let (slot, mr, nr) = match set {
+        KernelSet::Avx512 => (0, 8, 32),
+        KernelSet::Avx2 => (1, 6, 16),
+        KernelSet::Neon => (2, 8, 8),
+        KernelSet::Scalar => (3, 8, 8),
+    };
+    *SETS[slot].get_or_init(|| Blocking::for_tile(mr, nr))
+}
+
 /// One `m × k` by `k × n` product accumulated into the row-major `c`, on
 /// `pool` when given and the product is worth splitting.
 #[allow(clippy::too_many_arguments)]
 fn blocked<K: MicroKernel>(
+    blk: Blocking,
     a: &Matrix<'_>,
     b: &Matrix<'_>,
     m: usize,
@@ -340,99 +354,103 @@ fn blocked<K: MicroKernel>(
     fresh: bool,
     pool: Option<&rayon::ThreadPool>,
 ) {
-    // Row blocks: enough for every thread, whole tiles, at most MC_MAX rows.
+    // Row blocks: enough for every thread, whole tiles, at most MC rows.
     let threads = pool.map_or(1, |p| p.current_num_threads().max(1));
+    let mc_max = (blk.mc / K::MR * K::MR).max(K::MR);
+    let nc_max = (blk.nc / K::NR * K::NR).max(K::NR);
     let mc = m
         .div_ceil(threads)
         .next_multiple_of(K::MR)
-        .clamp(K::MR, MC_MAX);
+        .clamp(K::MR, mc_max);
     let direct = n.div_ceil(K::NR) <= DIRECT_A_MAX_PANELS;
-    let mut b_packed = Vec::new();
-    for jc in (0..n).step_by(NC) {
-        let nc = NC.min(n - jc);
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
-            // The first k block of a fresh C stores instead of adding.
-            let add = !(fresh && pc == 0);
-            pack_b(b, pc, kc, jc, nc, K::NR, &mut b_packed);
-            let b_packed = &b_packed;
-            let task = |(block, rows): (usize, &mut [f32])| {
-                let (ic, mcb) = (block * mc, rows.len() / n);
-                // Direct mode packs only a partial last panel of rows.
-                let full = if direct { mcb / K::MR * K::MR } else { 0 };
-                let mut a_packed = Vec::new();
-                pack_a(a, ic + full, mcb - full, pc, kc, K::MR, &mut a_packed);
-                let mut tile = [0f32; MAX_TILE];
-                for jr in (0..nc).step_by(K::NR) {
-                    let nr = K::NR.min(nc - jr);
-                    let b_panel = &b_packed[(jr / K::NR) * K::NR * kc..][..K::NR * kc];
-                    for ir in (0..mcb).step_by(K::MR) {
-                        let mr = K::MR.min(mcb - ir);
-                        // A's block: in place (direct mode) or a packed panel.
-                        let (a_ptr, rsa, csa) = if ir < full {
-                            let start = a.index(ic + ir, pc);
-                            (a.data()[start..].as_ptr(), a.rs(), a.cs())
-                        } else {
-                            let panel = (ir - full) / K::MR;
-                            let a_panel = &a_packed[panel * K::MR * kc..][..K::MR * kc];
-                            (a_panel.as_ptr(), 1, K::MR)
-                        };
-                        if mr == K::MR && nr == K::NR {
-                            // A whole tile: accumulate straight into C.
-                            let c_tile = &mut rows[ir * n + jc + jr..];
-                            debug_assert!(c_tile.len() >= (K::MR - 1) * n + K::NR);
-                            // SAFETY: the kernel set was checked against this
-                            // processor when the backend was built; A's MR×kc
-                            // block is inside its (bounds-checked) matrix or
-                            // packed panel; the B panel is kc·NR floats; C's
-                            // MR rows of NR floats, n apart, are inside `rows`.
-                            unsafe {
-                                K::tile_into(
-                                    kc,
-                                    a_ptr,
-                                    rsa,
-                                    csa,
-                                    b_panel.as_ptr(),
-                                    c_tile.as_mut_ptr(),
-                                    n,
-                                    add,
-                                )
-                            };
-                            continue;
-                        }
-                        // SAFETY: as above; the tile buffer holds MAX_TILE ≥ MR·NR.
-                        unsafe {
-                            K::tile_strided(
-                                kc,
-                                a_ptr,
-                                rsa,
-                                csa,
-                                b_panel.as_ptr(),
-                                tile.as_mut_ptr(),
-                            )
-                        };
-                        for i in 0..mr {
-                            let row = &mut rows[(ir + i) * n + jc + jr..][..nr];
-                            let part = &tile[i * K::NR..i * K::NR + nr];
-                            if add {
-                                for (cv, &t) in row.iter_mut().zip(part) {
-                                    *cv += t;
+    crate::scratch::with(|b_packed| {
+        for jc in (0..n).step_by(nc_max) {
+            let nc = nc_max.min(n - jc);
+            for pc in (0..k).step_by(blk.kc) {
+                let kc = blk.kc.min(k - pc);
+                // The first k block of a fresh C stores instead of adding.
+                let add = !(fresh && pc == 0);
+                pack_b(b, pc, kc, jc, nc, K::NR, b_packed);
+                let b_packed = &*b_packed;
+                let task = |(block, rows): (usize, &mut [f32])| {
+                    let (ic, mcb) = (block * mc, rows.len() / n);
+                    // Direct mode packs only a partial last panel of rows.
+                    let full = if direct { mcb / K::MR * K::MR } else { 0 };
+                    crate::scratch::with(|a_packed| {
+                        pack_a(a, ic + full, mcb - full, pc, kc, K::MR, a_packed);
+                        let mut tile = [0f32; MAX_TILE];
+                        for jr in (0..nc).step_by(K::NR) {
+                            let nr = K::NR.min(nc - jr);
+                            let b_panel = &b_packed[(jr / K::NR) * K::NR * kc..][..K::NR * kc];
+                            for ir in (0..mcb).step_by(K::MR) {
+                                let mr = K::MR.min(mcb - ir);
+                                // A's block: in place (direct mode) or a packed panel.
+                                let (a_ptr, rsa, csa) = if ir < full {
+                                    let start = a.index(ic + ir, pc);
+                                    (a.data()[start..].as_ptr(), a.rs(), a.cs())
+                                } else {
+                                    let panel = (ir - full) / K::MR;
+                                    let a_panel = &a_packed[panel * K::MR * kc..][..K::MR * kc];
+                                    (a_panel.as_ptr(), 1, K::MR)
+                                };
+                                if mr == K::MR && nr == K::NR {
+                                    // A whole tile: accumulate straight into C.
+                                    let c_tile = &mut rows[ir * n + jc + jr..];
+                                    debug_assert!(c_tile.len() >= (K::MR - 1) * n + K::NR);
+                                    // SAFETY: the kernel set was checked against this
+                                    // processor when the backend was built; A's MR×kc
+                                    // block is inside its (bounds-checked) matrix or
+                                    // packed panel; the B panel is kc·NR floats; C's
+                                    // MR rows of NR floats, n apart, are inside `rows`.
+                                    unsafe {
+                                        K::tile_into(
+                                            kc,
+                                            a_ptr,
+                                            rsa,
+                                            csa,
+                                            b_panel.as_ptr(),
+                                            c_tile.as_mut_ptr(),
+                                            n,
+                                            add,
+                                        )
+                                    };
+                                    continue;
                                 }
-                            } else {
-                                row.copy_from_slice(part);
+                                // SAFETY: as above; the tile buffer holds MAX_TILE ≥ MR·NR.
+                                unsafe {
+                                    K::tile_strided(
+                                        kc,
+                                        a_ptr,
+                                        rsa,
+                                        csa,
+                                        b_panel.as_ptr(),
+                                        tile.as_mut_ptr(),
+                                    )
+                                };
+                                for i in 0..mr {
+                                    let row = &mut rows[(ir + i) * n + jc + jr..][..nr];
+                                    let part = &tile[i * K::NR..i * K::NR + nr];
+                                    if add {
+                                        for (cv, &t) in row.iter_mut().zip(part) {
+                                            *cv += t;
+                                        }
+                                    } else {
+                                        row.copy_from_slice(part);
+                                    }
+                                }
                             }
                         }
-                    }
+                    });
+                };
+                // Forking costs microseconds: only products worth more than that.
+                if let Some(pool) =
+                    pool.filter(|_| threads > 1 && m > mc && m * nc * kc >= PARALLEL_MIN_WORK)
+                {
+                    pool.install(|| c.par_chunks_mut(mc * n).enumerate().for_each(task));
+                } else {
+                    c.chunks_mut(mc * n).enumerate().for_each(task);
                 }
-            };
-            // Forking costs microseconds: only products worth more than that.
-            if let Some(pool) =
-                pool.filter(|_| threads > 1 && m > mc && m * nc * kc >= PARALLEL_MIN_WORK)
-            {
-                pool.install(|| c.par_chunks_mut(mc * n).enumerate().for_each(task));
-            } else {
-                c.chunks_mut(mc * n).enumerate().for_each(task);
             }
         }
-    }
+    });
 }

@@ -4,11 +4,10 @@
 //! With `m` this small the packed driver spends more time copying B into
 //! panels than multiplying (a 128 × 384 weight packed for one row of A).
 //! Here each row of C accumulates `a[i, p]·B[p, :]` for p in order, one
-//! fused multiply-add per element, in blocks of `KC` added into C — the
+//! fused multiply-add per element, in blocks of the set's `KC` added into C — the
 //! packed kernel's order exactly, so the two paths give the same bits.
 
 use super::pack::Matrix;
-use super::KC;
 use crate::vector::wide;
 use crate::KernelSet;
 
@@ -19,13 +18,21 @@ pub(crate) const MAX_ROWS: usize = 4;
 /// `b` (`k × n`) whose rows are contiguous (column stride 1), into the
 /// row-major `m × n` slice `c`.
 #[inline(always)]
-fn rows_loop(a: &Matrix<'_>, b: &Matrix<'_>, m: usize, k: usize, n: usize, c: &mut [f32]) {
+fn rows_loop(
+    kc_block: usize,
+    a: &Matrix<'_>,
+    b: &Matrix<'_>,
+    m: usize,
+    k: usize,
+    n: usize,
+    c: &mut [f32],
+) {
     let bd = b.data();
     let mut block = vec![0f32; n];
     for (i, row) in c.chunks_mut(n).take(m).enumerate() {
         row.fill(0.0);
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
+        for pc in (0..k).step_by(kc_block) {
+            let kc = kc_block.min(k - pc);
             // The first block stores, later ones add, as the packed driver.
             let acc: &mut [f32] = if pc == 0 { &mut *row } else { &mut block };
             if pc > 0 {
@@ -50,7 +57,7 @@ fn rows_loop(a: &Matrix<'_>, b: &Matrix<'_>, m: usize, k: usize, n: usize, c: &m
 
 wide::per_set! {
     /// [`rows_loop`] compiled for the kernel set.
-    fn rows(a: &Matrix<'_>, b: &Matrix<'_>, m: usize, k: usize, n: usize, c: &mut [f32]) -> () = rows_loop;
+    fn rows(kc_block: usize, a: &Matrix<'_>, b: &Matrix<'_>, m: usize, k: usize, n: usize, c: &mut [f32]) -> () = rows_loop;
 }
 
 /// Whether a product of `m` rows with `b` takes this path.
@@ -61,10 +68,11 @@ pub(crate) fn applies(set: KernelSet, m: usize, b: &Matrix<'_>) -> bool {
 /// Runs the path ([`applies`] must hold).
 pub(crate) fn gemm(
     set: KernelSet,
+    kc: usize,
     a: &Matrix<'_>,
     b: &Matrix<'_>,
     (m, k, n): (usize, usize, usize),
     c: &mut [f32],
 ) {
-    rows(set, a, b, m, k, n, c);
+    rows(set, kc, a, b, m, k, n, c);
 }

@@ -1,0 +1,258 @@
+//! Cache blocking of the packed GEMM, derived from this processor's caches
+//! when the process starts (not constants tuned for one machine).
+//!
+//! The driver's loops, outermost first: `NC` columns of B, `KC` steps of k
+//! (B's `KC × NC` block packed once, shared by all threads), row blocks of
+//! A of at most `MC` rows (packed per task), then micro-panels — B's
+//! `KC × NR` panel outside, A's `MC`-row block inside. So:
+//!
+//! - one B micro-panel (`KC·NR` floats) is reused by every A micro-panel of
+//!   the row block: `KC` makes it at most the size of L1D, and at most 256
+//!   deep (on a Zen 4, 128 and 256 measured alike within the noise; deeper
+//!   blocks mean fewer passes over C);
+//! - the packed A block (`MC·KC`) is reused by every B micro-panel and
+//!   should stay in L2 beside B's panels and C's tiles: `MC` fills about a
+//!   fifth of L2;
+//! - the packed B block (`KC·NC`) is shared by all threads from L3: `NC`
+//!   fills about a sixteenth of it (the share of one core of a large one).
+//!
+//! On a Zen 4 core (L1D 32 KiB, L2 1 MiB, L3 32 MiB) this gives the AVX-512
+//! kernel `KC = 256, MC = 200, NC = 2048`.
+//!
+//! `KILN_GEMM_BLOCKING=KC,MC,NC` overrides the derived values (for
+//! experiments; checked when a backend is built; empty means unset). `KC` sets the summation
+//! order of every product (k ascending within a block, blocks ascending),
+//! so it never depends on the thread count.
+
+use std::sync::OnceLock;
+
+use kiln_core::{Error, Result};
+
+/// The largest `KC` an override may set.
+pub(crate) const KC_MAX: usize = 1024;
+/// The deepest `KC` derived from the caches.
+const KC_DEEPEST: usize = 256;
+
+/// The cache sizes the blocking is derived from, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Caches {
+    /// Level 1 data cache of one core.
+    pub l1d: usize,
+    /// Level 2 cache of one core.
+    pub l2: usize,
+    /// Last-level cache (shared).
+    pub l3: usize,
+}
+
+impl Caches {
+    /// What most current x86-64 and Arm server cores have, for machines
+    /// that do not say (L1D 32 KiB, L2 1 MiB, L3 32 MiB).
+    const DEFAULT: Caches = Caches {
+        l1d: 32 << 10,
+        l2: 1 << 20,
+        l3: 32 << 20,
+    };
+
+    /// This machine's caches, read once from Linux's
+    /// `/sys/devices/system/cpu/cpu0/cache`; [`Caches::DEFAULT`] for any
+    /// level it does not report.
+    pub(crate) fn of_this_machine() -> Caches {
+        static CACHES: OnceLock<Caches> = OnceLock::new();
+        *CACHES.get_or_init(|| {
+            let mut c = Caches::DEFAULT;
+            let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+            for index in 0..8 {
+                let read = |name: &str| {
+                    std::fs::read_to_string(dir.join(format!("index{index}/{name}")))
+                        .map(|s| s.trim().to_string())
+                        .ok()
+                };
+                let (Some(level), Some(kind), Some(size)) =
+                    (read("level"), read("type"), read("size"))
+                else {
+                    continue;
+                };
+                let Some(bytes) = parse_size(&size) else {
+                    continue;
+                };
+                match (level.as_str(), kind.as_str()) {
+                    ("1", "Data") => c.l1d = bytes,
+                    ("2", "Unified" | "Data") => c.l2 = bytes,
+                    ("3", "Unified") => c.l3 = bytes,
+                    _ => {}
+                }
+            }
+            c
+        })
+    }
+}
+
+/// `"32K"`, `"1024K"`, `"32M"` or a plain byte count, as sysfs writes them.
+fn parse_size(s: &str) -> Option<usize> {
+    let (digits, unit) = match s.as_bytes().last()? {
+        b'K' => (&s[..s.len() - 1], 1 << 10),
+        b'M' => (&s[..s.len() - 1], 1 << 20),
+        b'G' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|v| v.checked_mul(unit))
+        .filter(|&v| v > 0)
+}
+
+/// The three block sizes of the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Blocking {
+    /// Steps of k per packed block.
+    pub kc: usize,
+    /// Most rows of A per packed block.
+    pub mc: usize,
+    /// Columns of B per packed block.
+    pub nc: usize,
+}
+
+impl Blocking {
+    /// The blocking for a micro-kernel of `mr × nr` on caches `c` (see the
+    /// module docs), before any override.
+    pub(crate) fn derive(c: Caches, mr: usize, nr: usize) -> Blocking {
+        let f = std::mem::size_of::<f32>();
+        let kc = (c.l1d / (nr * f)).clamp(64, KC_DEEPEST) / 16 * 16;
+        let mc = (c.l2 / 5 / (kc * f)).clamp(mr, 1024) / mr * mr;
+        let nc = (c.l3 / 16 / (kc * f)).clamp(4 * nr, 8192) / nr * nr;
+        Blocking { kc, mc, nc }
+    }
+
+    /// The blocking this process uses for an `mr × nr` micro-kernel: the
+    /// override if one is set, else [`Blocking::derive`] on this machine's
+    /// caches.
+    pub(crate) fn for_tile(mr: usize, nr: usize) -> Blocking {
+        match overridden() {
+            Some(b) => Blocking {
+                mc: b.mc.max(mr) / mr * mr,
+                nc: b.nc.max(nr) / nr * nr,
+                ..b
+            },
+            None => Blocking::derive(Caches::of_this_machine(), mr, nr),
+        }
+    }
+}
+
+/// `KILN_GEMM_BLOCKING`, parsed once (`None` when unset or malformed —
+/// [`check_env`] reports the latter when a backend is built).
+fn overridden() -> Option<Blocking> {
+    static OVERRIDE: OnceLock<Option<Blocking>> = OnceLock::new();
+    *OVERRIDE.get_or_init(|| check_env().ok().flatten())
+}
+
+/// The override in `KILN_GEMM_BLOCKING`, if set, or an error saying what is
+/// wrong with it.
+pub(crate) fn check_env() -> Result<Option<Blocking>> {
+    let Ok(text) = std::env::var("KILN_GEMM_BLOCKING") else {
+        return Ok(None);
+    };
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    parse_override(&text).map(Some)
+}
+
+fn parse_override(text: &str) -> Result<Blocking> {
+    let bad = || {
+        Error::invalid(format!(
+            "KILN_GEMM_BLOCKING={text:?}: expected KC,MC,NC as whole numbers \
+             (KC 1 to {KC_MAX}, MC and NC 1 to 65536), e.g. 256,192,2048; \
+             unset it to use the blocking derived from the caches"
+        ))
+    };
+    let v: Vec<usize> = text
+        .split(',')
+        .map(|s| s.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| bad())?;
+    match v[..] {
+        [kc, mc, nc]
+            if (1..=KC_MAX).contains(&kc)
+                && (1..=65536).contains(&mc)
+                && (1..=65536).contains(&nc) =>
+        {
+            Ok(Blocking { kc, mc, nc })
+        }
+        _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysfs_sizes_parse() {
+        assert_eq!(parse_size("32K"), Some(32 << 10));
+        assert_eq!(parse_size("1024K"), Some(1 << 20));
+        assert_eq!(parse_size("32M"), Some(32 << 20));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("K"), None);
+        assert_eq!(parse_size("0K"), None);
+        assert_eq!(parse_size(""), None);
+    }
+
+    #[test]
+    fn blocking_follows_the_caches_and_whole_tiles() {
+        let b = Blocking::derive(Caches::DEFAULT, 8, 32);
+        assert_eq!(
+            b,
+            Blocking {
+                kc: 256,
+                mc: 200,
+                nc: 2048
+            }
+        );
+        assert!(b.mc * b.kc * 4 <= Caches::DEFAULT.l2 / 2);
+        // A smaller L1 gets shallower k blocks.
+        let small = Caches {
+            l1d: 16 << 10,
+            ..Caches::DEFAULT
+        };
+        assert_eq!(Blocking::derive(small, 8, 32).kc, 128);
+        let huge = Caches {
+            l1d: 1 << 30,
+            l2: 1 << 30,
+            l3: 1 << 30,
+        };
+        let h = Blocking::derive(huge, 6, 16);
+        assert!(h.kc <= KC_DEEPEST && h.mc <= 1024 && h.nc <= 8192);
+        let tiny = Caches {
+            l1d: 1,
+            l2: 1,
+            l3: 1,
+        };
+        let t = Blocking::derive(tiny, 6, 16);
+        assert!(t.kc >= 64 && t.mc >= 6 && t.nc >= 64);
+    }
+
+    #[test]
+    fn overrides_are_checked() {
+        assert_eq!(
+            parse_override("256, 192,2048").unwrap(),
+            Blocking {
+                kc: 256,
+                mc: 192,
+                nc: 2048
+            }
+        );
+        for bad in [
+            "",
+            "1,2",
+            "0,1,1",
+            "2000,1,1",
+            "a,b,c",
+            "1,1,1,1",
+            "1,1,100000",
+        ] {
+            let e = parse_override(bad).unwrap_err().to_string();
+            assert!(e.contains("KILN_GEMM_BLOCKING"), "{bad}: {e}");
+        }
+    }
+}

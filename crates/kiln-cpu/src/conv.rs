@@ -12,9 +12,9 @@
 //! groups of [`GROUP`] images and then the groups in order, so every result
 //! is independent of the thread count.
 
+use crate::workers::Workers;
 use kiln_core::conv::{conv2d_backward_data_shape, conv2d_backward_filter_shape, conv2d_output};
 use kiln_core::{Activation, Error, HostData, Result, View, Window2d};
-use rayon::prelude::*;
 
 use crate::gemm::{accumulate, Matrix};
 use crate::reference::conv::{common_dtype, source};
@@ -172,7 +172,7 @@ fn sum_groups(
 
 pub(crate) fn conv2d(
     set: KernelSet,
-    pool: &rayon::ThreadPool,
+    pool: &Workers,
     x: View<'_, HostData>,
     weight: View<'_, HostData>,
     bias: Option<View<'_, HostData>>,
@@ -212,23 +212,32 @@ pub(crate) fn conv2d(
         return convert::store_f32(set, "conv2d", dtype, out);
     }
     let filters = Matrix::from_slice(&ws, 0, patch, 1);
-    pool.install(|| {
-        out.par_chunks_mut(o * cells).enumerate().for_each_init(
-            || vec![0f32; patch * cells],
-            |cols, (img, y)| {
+    pool.for_each(
+        out.chunks_mut(o * cells).enumerate().collect(),
+        |(img, y)| {
+            zeroed_scratch(patch * cells, |cols| {
                 g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
                 let b = Matrix::from_slice(cols, 0, cells, 1);
                 accumulate(set, &filters, &b, (o, patch, cells), y, true);
                 finish(y, cells, bs.as_deref(), activation);
-            },
-        )
-    });
+            })
+        },
+    );
     convert::store_f32(set, "conv2d", dtype, out)
+}
+
+/// Runs `f` with this thread's scratch buffer holding `len` zeros.
+fn zeroed_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    crate::scratch::with(|buf| {
+        buf.clear();
+        buf.resize(len, 0.0);
+        f(buf)
+    })
 }
 
 pub(crate) fn conv2d_backward_data(
     set: KernelSet,
-    pool: &rayon::ThreadPool,
+    pool: &Workers,
     dy: View<'_, HostData>,
     weight: View<'_, HostData>,
     win: &Window2d,
@@ -258,22 +267,22 @@ pub(crate) fn conv2d_backward_data(
         return convert::store_f32(set, "conv2d_backward_data", dtype, dx);
     }
     let filters_t = Matrix::from_slice(&ws, 0, 1, patch);
-    pool.install(|| {
-        dx.par_chunks_mut(c * h * w).enumerate().for_each_init(
-            || vec![0f32; patch * cells],
-            |cols, (img, image)| {
+    pool.for_each(
+        dx.chunks_mut(c * h * w).enumerate().collect(),
+        |(img, image)| {
+            zeroed_scratch(patch * cells, |cols| {
                 let grad = Matrix::from_slice(&gs, img * o * cells, cells, 1);
                 accumulate(set, &filters_t, &grad, (patch, o, cells), cols, true);
                 g.col2im(cols, image);
-            },
-        )
-    });
+            })
+        },
+    );
     convert::store_f32(set, "conv2d_backward_data", dtype, dx)
 }
 
 pub(crate) fn conv2d_backward_filter(
     set: KernelSet,
-    pool: &rayon::ThreadPool,
+    pool: &Workers,
     x: View<'_, HostData>,
     dy: View<'_, HostData>,
     win: &Window2d,
@@ -322,8 +331,7 @@ pub(crate) fn conv2d_backward_filter(
         (dw, db)
     };
     let firsts: Vec<usize> = (0..n).step_by(GROUP).collect();
-    let partials: Vec<(Vec<f32>, Vec<f32>)> =
-        pool.install(|| firsts.par_iter().map(|&f| group(f)).collect());
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = pool.map(firsts, group);
     let (dw, db) = sum_groups(partials, o * patch, o);
     Ok((
         convert::store_f32(set, "conv2d_backward_filter", dtype, dw)?,
@@ -339,7 +347,7 @@ pub(crate) fn conv2d_backward_filter(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv2d_pool(
     set: KernelSet,
-    pool: &rayon::ThreadPool,
+    pool: &Workers,
     x: View<'_, HostData>,
     weight: View<'_, HostData>,
     bias: Option<View<'_, HostData>>,
@@ -391,26 +399,24 @@ pub(crate) fn conv2d_pool(
         ));
     }
     let filters = Matrix::from_slice(&ws, 0, patch, 1);
-    pool.install(|| {
-        pooled
-            .par_chunks_mut(o * pcells)
-            .zip(argmax.par_chunks_mut(o * pcells))
-            .enumerate()
-            .for_each_init(
-                || (vec![0f32; patch * cells], vec![0f32; o * cells]),
-                |(cols, y), (img, (p, a))| {
-                    g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
-                    let b = Matrix::from_slice(cols, 0, cells, 1);
-                    accumulate(set, &filters, &b, (o, patch, cells), y, true);
-                    finish(y, cells, bs.as_deref(), activation);
-                    // Pool what the unfused convolution would have stored.
-                    convert::round_to(set, dtype, y);
-                    let planes = y.chunks_exact(cells).zip(p.chunks_exact_mut(pcells));
-                    for ((plane, pp), pa) in planes.zip(a.chunks_exact_mut(pcells)) {
-                        crate::pool::plane(set, plane, [oh, ow], pooling, [ph, pw], pp, pa);
-                    }
-                },
-            )
+    let images = pooled
+        .chunks_mut(o * pcells)
+        .zip(argmax.chunks_mut(o * pcells));
+    pool.for_each(images.enumerate().collect(), |(img, (p, a))| {
+        zeroed_scratch(patch * cells, |cols| {
+            zeroed_scratch(o * cells, |y| {
+                g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
+                let b = Matrix::from_slice(cols, 0, cells, 1);
+                accumulate(set, &filters, &b, (o, patch, cells), y, true);
+                finish(y, cells, bs.as_deref(), activation);
+                // Pool what the unfused convolution would have stored.
+                convert::round_to(set, dtype, y);
+                let planes = y.chunks_exact(cells).zip(p.chunks_exact_mut(pcells));
+                for ((plane, pp), pa) in planes.zip(a.chunks_exact_mut(pcells)) {
+                    crate::pool::plane(set, plane, [oh, ow], pooling, [ph, pw], pp, pa);
+                }
+            })
+        })
     });
     Ok((
         convert::store_f32(set, "conv2d_pool", dtype, pooled)?,
@@ -426,7 +432,7 @@ pub(crate) fn conv2d_pool(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv2d_pool_backward(
     set: KernelSet,
-    pool: &rayon::ThreadPool,
+    pool: &Workers,
     x: View<'_, HostData>,
     weight: View<'_, HostData>,
     pooled: View<'_, HostData>,
@@ -538,14 +544,13 @@ pub(crate) fn conv2d_pool_backward(
     };
     let firsts: Vec<usize> = (0..n).step_by(GROUP).collect();
     let mut dx = need_dx.then(|| vec![0f32; n * c * h * w]);
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = pool.install(|| match dx.as_mut() {
-        Some(dx) if !dx.is_empty() => dx
-            .par_chunks_mut(GROUP * c * h * w)
-            .zip(firsts.par_iter())
-            .map(|(chunk, &f)| group(f, Some(chunk)))
-            .collect(),
-        _ => firsts.par_iter().map(|&f| group(f, None)).collect(),
-    });
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = match dx.as_mut() {
+        Some(dx) if !dx.is_empty() => {
+            let jobs = dx.chunks_mut(GROUP * c * h * w).zip(firsts).collect();
+            pool.map(jobs, |(chunk, f)| group(f, Some(chunk)))
+        }
+        _ => pool.map(firsts, |f| group(f, None)),
+    };
     let (dw, db) = sum_groups(partials, o * patch, o);
     let dx = dx
         .map(|d| convert::store_f32(set, op, dtype, d))

@@ -5,9 +5,9 @@
 
 use kiln_core::plan::EmbeddingPlan;
 use kiln_core::{HostData, Layout, Result, View};
-use rayon::prelude::*;
 
 use crate::storage::{read_f32, store_f32};
+use crate::workers::Workers;
 
 /// The ids as host u32s, each checked against the table's rows.
 fn checked_ids(plan: &EmbeddingPlan, ids: View<'_, HostData>) -> Result<Vec<u32>> {
@@ -53,7 +53,7 @@ pub(crate) fn embedding(table: View<'_, HostData>, ids: View<'_, HostData>) -> R
 /// [`kiln_core::Backend::embedding_backward`]: column blocks, each summing
 /// its columns over the positions in order.
 pub(crate) fn embedding_backward(
-    pool: Option<&rayon::ThreadPool>,
+    pool: Option<&Workers>,
     ids: View<'_, HostData>,
     dy: View<'_, HostData>,
     vocab: usize,
@@ -65,7 +65,7 @@ pub(crate) fn embedding_backward(
     let d = plan.dim;
     // One [vocab, width] block of columns per task, scattered back after.
     let blocks: Vec<usize> = (0..d).step_by(BLOCK).collect();
-    let block = |&first: &usize| {
+    let block = |first: usize| {
         let width = BLOCK.min(d - first);
         let mut acc = vec![0f32; vocab * width];
         for (p, &id) in ids.iter().enumerate() {
@@ -78,8 +78,8 @@ pub(crate) fn embedding_backward(
         acc
     };
     let parts: Vec<Vec<f32>> = match pool {
-        Some(p) if blocks.len() > 1 => p.install(|| blocks.par_iter().map(block).collect()),
-        _ => blocks.iter().map(block).collect(),
+        Some(p) => p.map(blocks.clone(), block),
+        None => blocks.iter().map(|&f| block(f)).collect(),
     };
     let mut out = vec![0f32; vocab * d];
     for (&first, part) in blocks.iter().zip(&parts) {

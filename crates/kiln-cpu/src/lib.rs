@@ -32,6 +32,7 @@ mod slow_path;
 mod storage;
 mod threads;
 mod vector;
+mod workers;
 
 use std::sync::Arc;
 
@@ -40,6 +41,7 @@ use kiln_core::{
     Activation, AdamStep, Backend, BinaryOp, DType, Distribution, Error, GemmEpilogue, HostData,
     Layout, ReduceOp, Result, SgdStep, UnaryOp, View, Window2d,
 };
+use workers::Workers;
 
 pub use fallback::Fallback;
 pub use features::KernelSet;
@@ -54,21 +56,8 @@ pub struct CpuBackend {
     threads: usize,
     /// The SIMD sets' workers; `None` for the scalar reference, whose
     /// row-parallel loops start scoped threads of their own.
-    pool: Option<Arc<rayon::ThreadPool>>,
+    pool: Option<Arc<Workers>>,
     slow: SlowPaths,
-}
-
-fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("kiln-cpu-{i}"))
-        .build()
-        .map(Arc::new)
-        .map_err(|e| {
-            Error::Backend(format!(
-                "starting {threads} CPU worker threads: {e} (fewer with --threads or KILN_THREADS)"
-            ))
-        })
 }
 
 impl CpuBackend {
@@ -107,10 +96,10 @@ impl CpuBackend {
         })
     }
 
-    fn pool_for(kernels: KernelSet, threads: usize) -> Result<Option<Arc<rayon::ThreadPool>>> {
+    fn pool_for(kernels: KernelSet, threads: usize) -> Result<Option<Arc<Workers>>> {
         match kernels {
             KernelSet::Scalar => Ok(None),
-            _ => pool(threads).map(Some),
+            _ => Workers::new(threads).map(|w| Some(Arc::new(w))),
         }
     }
 
@@ -137,7 +126,7 @@ impl CpuBackend {
 
     /// The SIMD kernel set and its worker pool, or `None` for the scalar
     /// reference.
-    fn simd(&self) -> Option<(KernelSet, &rayon::ThreadPool)> {
+    fn simd(&self) -> Option<(KernelSet, &Workers)> {
         self.pool.as_deref().map(|p| (self.kernels, p))
     }
 

@@ -11,10 +11,10 @@
 use kiln_core::norm::{LayerNormGrads, LayerNormOut};
 use kiln_core::plan::LayerNormPlan;
 use kiln_core::{HostData, Result, View};
-use rayon::prelude::*;
 
 use crate::storage::{read_f32, store_f32};
 use crate::vector::wide;
+use crate::workers::Workers;
 use crate::KernelSet;
 
 /// Partial sums per row sum.
@@ -115,17 +115,17 @@ wide::per_set! {
 }
 
 /// Runs `f` over `jobs` on `pool`, or on this thread without one.
-fn each<T: Send>(pool: Option<&rayon::ThreadPool>, jobs: Vec<T>, f: impl Fn(T) + Sync + Send) {
+fn each<T: Send>(pool: Option<&Workers>, jobs: Vec<T>, f: impl Fn(T) + Sync) {
     match pool {
-        Some(p) if jobs.len() > 1 => p.install(|| jobs.into_par_iter().for_each(f)),
-        _ => jobs.into_iter().for_each(f),
+        Some(p) => p.for_each(jobs, f),
+        None => jobs.into_iter().for_each(f),
     }
 }
 
 /// [`kiln_core::Backend::layer_norm`] for kernel set `set`.
 pub(crate) fn layer_norm(
     set: KernelSet,
-    pool: Option<&rayon::ThreadPool>,
+    pool: Option<&Workers>,
     x: View<'_, HostData>,
     gamma: View<'_, HostData>,
     beta: View<'_, HostData>,
@@ -160,7 +160,7 @@ pub(crate) fn layer_norm(
 /// [`kiln_core::Backend::layer_norm_backward`] for kernel set `set`.
 pub(crate) fn layer_norm_backward(
     set: KernelSet,
-    pool: Option<&rayon::ThreadPool>,
+    pool: Option<&Workers>,
     x: View<'_, HostData>,
     gamma: View<'_, HostData>,
     mean: View<'_, HostData>,

@@ -16,8 +16,8 @@
 
 use std::arch::x86_64::*;
 
+use crate::workers::Workers;
 use kiln_core::{bf16, HostData, Layout, View};
-use rayon::prelude::*;
 
 /// Tile rows.
 const MR: usize = 8;
@@ -83,7 +83,7 @@ pub(crate) fn gemm(
     b: View<'_, HostData>,
     (batch, m, k, n): (usize, usize, usize, usize),
     out: &mut [f32],
-    pool: &rayon::ThreadPool,
+    pool: &Workers,
 ) -> Option<()> {
     let (HostData::BF16(ad), HostData::BF16(bd)) = (a.storage, b.storage) else {
         return None;
@@ -152,15 +152,7 @@ fn pack_a(a: Mat<'_>, r0: usize, m: usize, p0: usize, kc: usize, k: usize, out: 
     }
 }
 
-fn one(
-    a: Mat<'_>,
-    b: Mat<'_>,
-    m: usize,
-    k: usize,
-    n: usize,
-    c: &mut [f32],
-    pool: &rayon::ThreadPool,
-) {
+fn one(a: Mat<'_>, b: Mat<'_>, m: usize, k: usize, n: usize, c: &mut [f32], pool: &Workers) {
     let panels_n = n.div_ceil(NR);
     let mut b_packed = vec![0u32; panels_n * NR * KC / 2];
     for pc in (0..k).step_by(KC) {
@@ -207,8 +199,8 @@ fn one(
                 }
             }
         };
-        if m * n * kc >= 1 << 24 && pool.current_num_threads() > 1 {
-            pool.install(|| c.par_chunks_mut(MC * n).enumerate().for_each(task));
+        if m * n * kc >= 1 << 24 && pool.threads() > 1 {
+            pool.for_each(c.chunks_mut(MC * n).enumerate().collect(), task);
         } else {
             c.chunks_mut(MC * n).enumerate().for_each(task);
         }

@@ -30,8 +30,8 @@ mod neon;
 
 use std::borrow::Cow;
 
+use crate::workers::Workers;
 use kiln_core::{Activation, Error, GemmEpilogue, HostData, Result, View};
-use rayon::prelude::*;
 
 use crate::reference::elementwise::activate;
 use crate::storage::read_f32;
@@ -43,6 +43,8 @@ use pack::{pack_a, pack_b};
 
 /// Multiply-adds below which a block is not split among threads.
 const PARALLEL_MIN_WORK: usize = 1 << 24;
+/// Multiply-adds below which a batch of small products stays on one thread.
+const BATCH_MIN_WORK: usize = 1 << 18;
 /// The largest tile of any micro-kernel (AVX-512: 8 × 32).
 const MAX_TILE: usize = 8 * 32;
 /// Outputs at most this many micro-panels wide read A in place instead of
@@ -217,7 +219,7 @@ pub(crate) fn gemm(
     a: View<'_, HostData>,
     b: View<'_, HostData>,
     ep: &GemmEpilogue<'_, HostData>,
-    pool: &rayon::ThreadPool,
+    pool: &Workers,
 ) -> Result<HostData> {
     let prob = Problem::new(a, b, ep)?;
     let (batch, m, k, n) = (prob.batch, prob.m, prob.k, prob.n);
@@ -237,11 +239,20 @@ pub(crate) fn gemm(
     let (a32, b32) = (Matrix::batched(set, a)?, Matrix::batched(set, b)?);
     let mut out = vec![0f32; batch * m * n];
     if m > 0 && n > 0 {
-        // Spreading a batch of small products (attention's per-head
-        // matrices) over the threads measured slower: waking a parked
-        // worker costs more than such a product (benches/RESULTS.md).
-        for (p, c) in out.chunks_mut(m * n).enumerate() {
-            product(set, &a32.batch(p), &b32.batch(p), (m, k, n), c, Some(pool))?;
+        let each = m * k * n;
+        if batch > 1 && each < PARALLEL_MIN_WORK && batch * each >= BATCH_MIN_WORK {
+            // A batch of small products (attention's per-head matrices):
+            // whole products per task, each on one thread.
+            let jobs = out.chunks_mut(m * n).enumerate().collect();
+            pool.map(jobs, |(p, c)| {
+                product(set, &a32.batch(p), &b32.batch(p), (m, k, n), c, None)
+            })
+            .into_iter()
+            .collect::<Result<()>>()?;
+        } else {
+            for (p, c) in out.chunks_mut(m * n).enumerate() {
+                product(set, &a32.batch(p), &b32.batch(p), (m, k, n), c, Some(pool))?;
+            }
         }
     }
     prob.finish(set, out, ep.alpha, ep.activation)
@@ -255,7 +266,7 @@ fn product(
     b: &Matrix<'_>,
     (m, k, n): (usize, usize, usize),
     c: &mut [f32],
-    pool: Option<&rayon::ThreadPool>,
+    pool: Option<&Workers>,
 ) -> Result<()> {
     let blk = blocking_of(set);
     if rows::applies(set, m, b) {
@@ -352,10 +363,10 @@ fn blocked<K: MicroKernel>(
     n: usize,
     c: &mut [f32],
     fresh: bool,
-    pool: Option<&rayon::ThreadPool>,
+    pool: Option<&Workers>,
 ) {
     // Row blocks: enough for every thread, whole tiles, at most MC rows.
-    let threads = pool.map_or(1, |p| p.current_num_threads().max(1));
+    let threads = pool.map_or(1, Workers::threads);
     let mc_max = (blk.mc / K::MR * K::MR).max(K::MR);
     let nc_max = (blk.nc / K::NR * K::NR).max(K::NR);
     let mc = m
@@ -446,7 +457,7 @@ fn blocked<K: MicroKernel>(
                 if let Some(pool) =
                     pool.filter(|_| threads > 1 && m > mc && m * nc * kc >= PARALLEL_MIN_WORK)
                 {
-                    pool.install(|| c.par_chunks_mut(mc * n).enumerate().for_each(task));
+                    pool.for_each(c.chunks_mut(mc * n).enumerate().collect(), task);
                 } else {
                     c.chunks_mut(mc * n).enumerate().for_each(task);
                 }

@@ -8,9 +8,9 @@
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
+use crate::workers::Workers;
 use kiln_core::conv::{pool2d_backward_shape, pool2d_output};
 use kiln_core::{Error, HostData, Result, View, Window2d};
-use rayon::prelude::*;
 
 use crate::reference::conv::window_max;
 use crate::storage::read_u32;
@@ -59,7 +59,7 @@ pub(crate) fn plane(
 
 pub(crate) fn max_pool2d(
     set: KernelSet,
-    pool: &rayon::ThreadPool,
+    pool: &Workers,
     x: View<'_, HostData>,
     win: &Window2d,
 ) -> Result<(HostData, HostData)> {
@@ -78,13 +78,9 @@ pub(crate) fn max_pool2d(
     let mut out = vec![0f32; n * c * cells];
     let mut at = vec![0u32; n * c * cells];
     if !out.is_empty() {
-        pool.install(|| {
-            out.par_chunks_mut(cells)
-                .zip(at.par_chunks_mut(cells))
-                .enumerate()
-                .for_each(|(p, (o, a))| {
-                    plane(set, &xs[p * h * w..][..h * w], [h, w], win, [oh, ow], o, a)
-                })
+        let planes = out.chunks_mut(cells).zip(at.chunks_mut(cells));
+        pool.for_each(planes.enumerate().collect(), |(p, (o, a))| {
+            plane(set, &xs[p * h * w..][..h * w], [h, w], win, [oh, ow], o, a)
         });
     }
     Ok((
@@ -95,7 +91,7 @@ pub(crate) fn max_pool2d(
 
 pub(crate) fn max_pool2d_backward(
     set: KernelSet,
-    pool: &rayon::ThreadPool,
+    pool: &Workers,
     dy: View<'_, HostData>,
     argmax: View<'_, HostData>,
     win: &Window2d,
@@ -114,15 +110,13 @@ pub(crate) fn max_pool2d_backward(
     let cells = out[2] * out[3];
     let mut dx = vec![0f32; n * c * h * w];
     if !dx.is_empty() {
-        pool.install(|| {
-            dx.par_chunks_mut(h * w).enumerate().for_each(|(p, plane)| {
-                for (&g, &a) in gs[p * cells..][..cells]
-                    .iter()
-                    .zip(&at[p * cells..][..cells])
-                {
-                    plane[a as usize] += g;
-                }
-            })
+        pool.for_each(dx.chunks_mut(h * w).enumerate().collect(), |(p, plane)| {
+            for (&g, &a) in gs[p * cells..][..cells]
+                .iter()
+                .zip(&at[p * cells..][..cells])
+            {
+                plane[a as usize] += g;
+            }
         });
     }
     convert::store_f32(set, "max_pool2d_backward", dy.storage.dtype(), dx)

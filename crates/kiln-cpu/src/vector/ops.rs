@@ -274,8 +274,8 @@ pub(crate) fn binary(
 }
 
 /// Sum or mean of a contiguous operand over leading axes `0..p` (summed in
-/// row order, bitwise the reference) or trailing axes (each run summed in
-/// sixteen interleaved lanes, combined pairwise).
+/// row order, bitwise the reference) or trailing axes, every axis among
+/// them (each run summed in sixteen interleaved lanes, combined pairwise).
 pub(crate) fn reduce(
     set: KernelSet,
     op: ReduceOp,
@@ -301,10 +301,12 @@ pub(crate) fn reduce(
     if run == 0 || xs.is_empty() {
         return None;
     }
-    let mut out = if leading {
-        wide::sum_rows(set, xs, xs.len() / run)
-    } else if trailing {
+    // A reduction over every axis is both: it takes the interleaved lanes,
+    // not one chain of dependent adds down a single column.
+    let mut out = if trailing {
         wide::sum_runs(set, xs, run)
+    } else if leading {
+        wide::sum_rows(set, xs, xs.len() / run)
     } else {
         return None;
     };

@@ -215,7 +215,7 @@ pub(crate) fn conv2d(
     pool.for_each(
         out.chunks_mut(o * cells).enumerate().collect(),
         |(img, y)| {
-            zeroed_scratch(patch * cells, |cols| {
+            crate::scratch::zeroed(patch * cells, |cols| {
                 g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
                 let b = Matrix::from_slice(cols, 0, cells, 1);
                 accumulate(set, &filters, &b, (o, patch, cells), y, true);
@@ -224,15 +224,6 @@ pub(crate) fn conv2d(
         },
     );
     convert::store_f32(set, "conv2d", dtype, out)
-}
-
-/// Runs `f` with this thread's scratch buffer holding `len` zeros.
-fn zeroed_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    crate::scratch::with(|buf| {
-        buf.clear();
-        buf.resize(len, 0.0);
-        f(buf)
-    })
 }
 
 pub(crate) fn conv2d_backward_data(
@@ -270,7 +261,7 @@ pub(crate) fn conv2d_backward_data(
     pool.for_each(
         dx.chunks_mut(c * h * w).enumerate().collect(),
         |(img, image)| {
-            zeroed_scratch(patch * cells, |cols| {
+            crate::scratch::zeroed(patch * cells, |cols| {
                 let grad = Matrix::from_slice(&gs, img * o * cells, cells, 1);
                 accumulate(set, &filters_t, &grad, (patch, o, cells), cols, true);
                 g.col2im(cols, image);
@@ -403,8 +394,8 @@ pub(crate) fn conv2d_pool(
         .chunks_mut(o * pcells)
         .zip(argmax.chunks_mut(o * pcells));
     pool.for_each(images.enumerate().collect(), |(img, (p, a))| {
-        zeroed_scratch(patch * cells, |cols| {
-            zeroed_scratch(o * cells, |y| {
+        crate::scratch::zeroed(patch * cells, |cols| {
+            crate::scratch::zeroed(o * cells, |y| {
                 g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
                 let b = Matrix::from_slice(cols, 0, cells, 1);
                 accumulate(set, &filters, &b, (o, patch, cells), y, true);

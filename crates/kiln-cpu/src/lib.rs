@@ -210,7 +210,7 @@ impl Backend for CpuBackend {
     fn unary(&self, op: UnaryOp, x: View<'_, HostData>) -> Result<HostData> {
         if let Some(out) = self
             .simd()
-            .and_then(|(set, _)| vector::ops::unary(set, op, x))
+            .and_then(|(set, w)| vector::ops::unary(set, w, op, x))
         {
             return Ok(out);
         }
@@ -226,7 +226,7 @@ impl Backend for CpuBackend {
     ) -> Result<HostData> {
         if let Some(out) = self
             .simd()
-            .and_then(|(set, _)| vector::ops::unary_backward(set, op, x, y, dy))
+            .and_then(|(set, w)| vector::ops::unary_backward(set, w, op, x, y, dy))
         {
             return Ok(out);
         }
@@ -237,7 +237,7 @@ impl Backend for CpuBackend {
     fn affine(&self, x: View<'_, HostData>, mul: f32, add: f32) -> Result<HostData> {
         if let Some(out) = self
             .simd()
-            .and_then(|(set, _)| vector::ops::affine(set, x, mul, add))
+            .and_then(|(set, w)| vector::ops::affine(set, w, x, mul, add))
         {
             return Ok(out);
         }
@@ -252,7 +252,7 @@ impl Backend for CpuBackend {
     ) -> Result<HostData> {
         if let Some(out) = self
             .simd()
-            .and_then(|(set, _)| vector::ops::binary(set, op, a, b))
+            .and_then(|(set, w)| vector::ops::binary(set, w, op, a, b))
         {
             return Ok(out);
         }

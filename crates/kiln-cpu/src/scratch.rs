@@ -41,6 +41,15 @@ pub(crate) fn with<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
     result
 }
 
+/// Runs `f` with one of this thread's scratch buffers holding `len` zeros.
+pub(crate) fn zeroed<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with(|buf| {
+        buf.clear();
+        buf.resize(len, 0.0);
+        f(buf)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

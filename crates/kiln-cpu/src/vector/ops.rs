@@ -17,6 +17,7 @@ use super::wide;
 use crate::reference::elementwise::{
     backward_f32, binary_f32, gelu_backward_f32, unary_f32, GELU_C_F32, GELU_K2_F32,
 };
+use crate::workers::Workers;
 use crate::KernelSet;
 
 /// A vector kernel `out[i] = f(x[i])` (the transcendentals).
@@ -136,13 +137,31 @@ fn transcendental(set: KernelSet, op: UnaryOp) -> Option<MapKernel> {
     }
 }
 
-/// Runs `kernel` over `x` into a new vector.
-fn apply(set: KernelSet, kernel: MapKernel, x: &[f32]) -> Vec<f32> {
-    let _ = set;
-    let mut out = vec![0f32; x.len()];
+/// Runs `kernel` over `x` into `out` (of `x`'s length).
+fn apply(kernel: MapKernel, x: &[f32], out: &mut [f32]) {
     // SAFETY: kernels come from `transcendental` for a set that was checked
     // against this processor when its backend was built.
-    unsafe { kernel(x, &mut out) };
+    unsafe { kernel(x, out) };
+}
+
+/// Elements per task when an elementwise op is spread over the workers:
+/// tens of microseconds of work against a fork of one or two.
+const ELEMENTS_PER_TASK: usize = 1 << 15;
+
+/// `n` outputs, with `f(first, out)` writing elements `first..first +
+/// out.len()`: in tasks of about [`ELEMENTS_PER_TASK`] elements, cut at
+/// multiples of `align`, over `pool`'s threads when that makes more than
+/// one. Each element is computed the same way whatever the cut.
+fn fill(pool: &Workers, n: usize, align: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    let align = align.max(1);
+    let chunk = ELEMENTS_PER_TASK.div_ceil(align) * align;
+    if n <= chunk || pool.threads() == 1 {
+        f(0, &mut out);
+    } else {
+        let jobs = out.chunks_mut(chunk).enumerate().collect();
+        pool.for_each(jobs, |(i, o)| f(i * chunk, o));
+    }
     out
 }
 
@@ -160,34 +179,49 @@ macro_rules! specialise {
 }
 
 /// `op(x)`.
-pub(crate) fn unary(set: KernelSet, op: UnaryOp, x: View<'_, HostData>) -> Option<HostData> {
+pub(crate) fn unary(
+    set: KernelSet,
+    pool: &Workers,
+    op: UnaryOp,
+    x: View<'_, HostData>,
+) -> Option<HostData> {
     let xs = contiguous(set, x)?;
     let xs = &xs[..];
+    let n = xs.len();
     let out = match transcendental(set, op) {
-        Some(kernel) => apply(set, kernel, xs),
+        Some(kernel) => fill(pool, n, 1, |i, o| apply(kernel, &xs[i..i + o.len()], o)),
         None if op == UnaryOp::Gelu => {
-            let sig = gelu_sigmoid(set, xs)?;
-            wide::zip(set, xs, &sig, |x, g| if g == 0.0 { -0.0 } else { x * g })
+            let sigmoid = transcendental(set, UnaryOp::Sigmoid)?;
+            fill(pool, n, 1, |i, o| {
+                let x = &xs[i..i + o.len()];
+                crate::scratch::zeroed(x.len(), |sig| {
+                    gelu_sigmoid(set, sigmoid, x, sig);
+                    wide::zip(set, x, sig, o, |x, g| if g == 0.0 { -0.0 } else { x * g });
+                })
+            })
         }
         None => {
             specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh, Gelu],
-            OP => wide::map(set, xs, |v| unary_f32(OP, v)))
+            OP => fill(pool, n, 1, |i, o| wide::map(set, &xs[i..i + o.len()], o, |v| unary_f32(OP, v))))
         }
     };
     narrow(set, x.storage.dtype(), out)
 }
 
-/// GELU's `σ(K·x·(1 + C·x²))` for every x, with the set's vector sigmoid
-/// (the same f32 operations as the reference's `gelu_parts_f32`).
-fn gelu_sigmoid(set: KernelSet, xs: &[f32]) -> Option<Vec<f32>> {
-    let sigmoid = transcendental(set, UnaryOp::Sigmoid)?;
-    let s = wide::map(set, xs, |x| GELU_K2_F32 * x * (1.0 + GELU_C_F32 * x * x));
-    Some(apply(set, sigmoid, &s))
+/// GELU's `σ(K·x·(1 + C·x²))` for every x into `out`, with the set's
+/// vector `sigmoid` (the same f32 operations as the reference's
+/// `gelu_parts_f32`).
+fn gelu_sigmoid(set: KernelSet, sigmoid: MapKernel, xs: &[f32], out: &mut [f32]) {
+    crate::scratch::zeroed(xs.len(), |s| {
+        wide::map(set, xs, s, |x| GELU_K2_F32 * x * (1.0 + GELU_C_F32 * x * x));
+        apply(sigmoid, s, out);
+    })
 }
 
 /// The gradient of `op` at `x` (with `y = op(x)`) times `dy`.
 pub(crate) fn unary_backward(
     set: KernelSet,
+    pool: &Workers,
     op: UnaryOp,
     x: View<'_, HostData>,
     y: View<'_, HostData>,
@@ -199,17 +233,32 @@ pub(crate) fn unary_backward(
     }
     let dtype = common(&[x, y, dy])?;
     let (ys, dys) = (contiguous(set, y)?, contiguous(set, dy)?);
+    let n = dys.len();
     let out = if op == UnaryOp::Gelu {
         let xs = contiguous(set, x)?;
-        let sig = gelu_sigmoid(set, &xs)?;
-        wide::zip3(set, &xs, &sig, &dys, gelu_backward_f32)
+        let sigmoid = transcendental(set, UnaryOp::Sigmoid)?;
+        fill(pool, n, 1, |i, o| {
+            let (x, d) = (&xs[i..i + o.len()], &dys[i..i + o.len()]);
+            crate::scratch::zeroed(x.len(), |sig| {
+                gelu_sigmoid(set, sigmoid, x, sig);
+                wide::zip3(set, x, sig, d, o, gelu_backward_f32);
+            })
+        })
     } else if op.backward_reads_only_output() {
         specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh, Gelu],
-            OP => wide::zip(set, &ys, &dys, |y, d| backward_f32(OP, 0.0, y, d)))
+        OP => fill(pool, n, 1, |i, o| {
+            let r = i..i + o.len();
+            wide::zip(set, &ys[r.clone()], &dys[r], o, |y, d| backward_f32(OP, 0.0, y, d))
+        }))
     } else {
         let xs = contiguous(set, x)?;
         specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh, Gelu],
-            OP => wide::zip3(set, &xs, &ys, &dys, |x, y, d| backward_f32(OP, x, y, d)))
+        OP => fill(pool, n, 1, |i, o| {
+            let r = i..i + o.len();
+            wide::zip3(set, &xs[r.clone()], &ys[r.clone()], &dys[r], o, |x, y, d| {
+                backward_f32(OP, x, y, d)
+            })
+        }))
     };
     narrow(set, dtype, out)
 }
@@ -217,22 +266,23 @@ pub(crate) fn unary_backward(
 /// `x·mul + add`, fused.
 pub(crate) fn affine(
     set: KernelSet,
+    pool: &Workers,
     x: View<'_, HostData>,
     mul: f32,
     add: f32,
 ) -> Option<HostData> {
     let xs = contiguous(set, x)?;
-    narrow(
-        set,
-        x.storage.dtype(),
-        wide::map(set, &xs, |v| v.mul_add(mul, add)),
-    )
+    let out = fill(pool, xs.len(), 1, |i, o| {
+        wide::map(set, &xs[i..i + o.len()], o, |v| v.mul_add(mul, add))
+    });
+    narrow(set, x.storage.dtype(), out)
 }
 
 /// `op(a, b)` for operands of one shape, either contiguous or one of them a
 /// block repeated over leading axes (a broadcast row).
 pub(crate) fn binary(
     set: KernelSet,
+    pool: &Workers,
     op: BinaryOp,
     a: View<'_, HostData>,
     b: View<'_, HostData>,
@@ -241,31 +291,51 @@ pub(crate) fn binary(
         return None;
     }
     let dtype = common(&[a, b])?;
+    let n = a.layout.numel();
+    // `x` against `b` repeated per row (`flip`: the operands' roles swapped).
+    let rows = |x: &[f32], row: &[f32], flip: bool| {
+        specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
+        OP => fill(pool, n, row.len(), |i, o| {
+            let x = &x[i..i + o.len()];
+            if flip {
+                wide::zip_rows(set, x, row, o, |q, p| binary_f32(OP, p, q))
+            } else {
+                wide::zip_rows(set, x, row, o, |p, q| binary_f32(OP, p, q))
+            }
+        }))
+    };
+    // `x` against one value of `col` per run of `run` elements.
+    let cols = |x: &[f32], col: &[f32], run: usize, flip: bool| {
+        specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
+        OP => fill(pool, n, run, |i, o| {
+            let (x, col) = (&x[i..i + o.len()], &col[i / run.max(1)..]);
+            if flip {
+                wide::zip_cols(set, x, col, run, o, |q, p| binary_f32(OP, p, q))
+            } else {
+                wide::zip_cols(set, x, col, run, o, |p, q| binary_f32(OP, p, q))
+            }
+        }))
+    };
     let out = match (contiguous(set, a), contiguous(set, b)) {
         (Some(x), Some(y)) => {
             specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
-            OP => wide::zip(set, &x, &y, |p, q| binary_f32(OP, p, q)))
+            OP => fill(pool, n, 1, |i, o| {
+                let r = i..i + o.len();
+                wide::zip(set, &x[r.clone()], &y[r], o, |p, q| binary_f32(OP, p, q))
+            }))
         }
         (Some(x), None) => match periodic(set, b) {
-            Some(row) => {
-                specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
-                OP => wide::zip_rows(set, &x, &row, |p, q| binary_f32(OP, p, q)))
-            }
+            Some(row) => rows(&x, &row, false),
             None => {
                 let (col, run) = per_row(set, b)?;
-                specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
-                    OP => wide::zip_cols(set, &x, &col, run, |p, q| binary_f32(OP, p, q)))
+                cols(&x, &col, run, false)
             }
         },
         (None, Some(y)) => match periodic(set, a) {
-            Some(row) => {
-                specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
-                OP => wide::zip_rows(set, &y, &row, |q, p| binary_f32(OP, p, q)))
-            }
+            Some(row) => rows(&y, &row, true),
             None => {
                 let (col, run) = per_row(set, a)?;
-                specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
-                    OP => wide::zip_cols(set, &y, &col, run, |q, p| binary_f32(OP, p, q)))
+                cols(&y, &col, run, true)
             }
         },
         (None, None) => return None,
@@ -312,7 +382,9 @@ pub(crate) fn reduce(
     };
     if op == ReduceOp::Mean {
         let n = run as f32;
-        out = wide::map(set, &out, |v| v / n);
+        let sums = std::mem::take(&mut out);
+        out = vec![0f32; sums.len()];
+        wide::map(set, &sums, &mut out, |v| v / n);
     }
     narrow(set, x.storage.dtype(), out)
 }

@@ -12,22 +12,24 @@ use kiln_core::{bf16, AdamStep, HostData, Result, SgdStep};
 use crate::KernelSet;
 
 #[inline(always)]
-fn map_loop(x: &[f32], f: impl Fn(f32) -> f32) -> Vec<f32> {
-    x.iter().map(|&v| f(v)).collect()
+fn map_loop(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = f(v);
+    }
 }
 
 #[inline(always)]
-fn zip_loop(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
-    a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+fn zip_loop(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32) {
+    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        *o = f(x, y);
+    }
 }
 
 #[inline(always)]
-fn zip3_loop(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> Vec<f32> {
-    a.iter()
-        .zip(b)
-        .zip(c)
-        .map(|((&x, &y), &z)| f(x, y, z))
-        .collect()
+fn zip3_loop(a: &[f32], b: &[f32], c: &[f32], out: &mut [f32], f: impl Fn(f32, f32, f32) -> f32) {
+    for (((o, &x), &y), &z) in out.iter_mut().zip(a).zip(b).zip(c) {
+        *o = f(x, y, z);
+    }
 }
 
 /// Defines `$name(set, …)`, which runs `$body` compiled for `set`.
@@ -70,36 +72,34 @@ macro_rules! per_set {
 pub(crate) use per_set;
 
 per_set! {
-    /// `f` applied to every element of `x`.
-    fn map(x: &[f32], f: impl Fn(f32) -> f32) -> Vec<f32> = map_loop;
+    /// `out[i] = f(x[i])`.
+    fn map(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) -> () = map_loop;
 }
 
 per_set! {
-    /// `f` applied to every pair of elements of `a` and `b`.
-    fn zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> = zip_loop;
+    /// `out[i] = f(a[i], b[i])`.
+    fn zip(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32) -> () = zip_loop;
 }
 
 per_set! {
-    /// `f` applied to every triple of elements of `a`, `b` and `c`.
-    fn zip3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> Vec<f32> = zip3_loop;
+    /// `out[i] = f(a[i], b[i], c[i])`.
+    fn zip3(a: &[f32], b: &[f32], c: &[f32], out: &mut [f32], f: impl Fn(f32, f32, f32) -> f32) -> () = zip3_loop;
 }
 
 #[inline(always)]
-fn zip_rows_loop(a: &[f32], row: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
-    let mut out = Vec::with_capacity(a.len());
-    for chunk in a.chunks(row.len().max(1)) {
-        out.extend(chunk.iter().zip(row).map(|(&x, &y)| f(x, y)));
+fn zip_rows_loop(a: &[f32], row: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32) {
+    let len = row.len().max(1);
+    for (o, chunk) in out.chunks_mut(len).zip(a.chunks(len)) {
+        zip_loop(chunk, row, o, &f);
     }
-    out
 }
 
 #[inline(always)]
-fn zip_cols_loop(a: &[f32], col: &[f32], run: usize, f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
-    let mut out = Vec::with_capacity(a.len());
-    for (chunk, &y) in a.chunks(run.max(1)).zip(col) {
-        out.extend(chunk.iter().map(|&x| f(x, y)));
+fn zip_cols_loop(a: &[f32], col: &[f32], run: usize, out: &mut [f32], f: impl Fn(f32, f32) -> f32) {
+    let run = run.max(1);
+    for ((o, chunk), &y) in out.chunks_mut(run).zip(a.chunks(run)).zip(col) {
+        map_loop(chunk, o, |x| f(x, y));
     }
-    out
 }
 
 /// One output row of an unpadded max-pool: the first window offset seeds
@@ -251,15 +251,15 @@ per_set! {
 }
 
 per_set! {
-    /// `f(a[i], row[i mod row.len()])`: `row` repeated along `a`, whose
-    /// length is a multiple of it.
-    fn zip_rows(a: &[f32], row: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> = zip_rows_loop;
+    /// `out[i] = f(a[i], row[i mod row.len()])`: `row` repeated along `a`,
+    /// whose length is a multiple of it.
+    fn zip_rows(a: &[f32], row: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32) -> () = zip_rows_loop;
 }
 
 per_set! {
-    /// `f(a[i], col[i / run])`: `a` against one value per run of `run`
-    /// elements (an operand broadcast along its trailing axes).
-    fn zip_cols(a: &[f32], col: &[f32], run: usize, f: impl Fn(f32, f32) -> f32) -> Vec<f32> = zip_cols_loop;
+    /// `out[i] = f(a[i], col[i / run])`: `a` against one value per run of
+    /// `run` elements (an operand broadcast along its trailing axes).
+    fn zip_cols(a: &[f32], col: &[f32], run: usize, out: &mut [f32], f: impl Fn(f32, f32) -> f32) -> () = zip_cols_loop;
 }
 
 per_set! {

@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use kiln_core::{HostData, Result, View};
 
 use crate::storage::read_f32;
+use crate::workers::Workers;
 use crate::vector::convert;
 use crate::KernelSet;
 
@@ -174,8 +175,13 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
     }
 }
 
+/// Floats of packed B below which packing stays on the calling thread.
+const PARALLEL_PACK_MIN: usize = 1 << 15;
+
 /// Packs rows `p0..p0+kc`, columns `j0..j0+nc` of `b` into panels of `nr`
-/// columns: panel `q`, step `p`, column `j` at `q·nr·kc + p·nr + j`.
+/// columns: panel `q`, step `p`, column `j` at `q·nr·kc + p·nr + j`; the
+/// panels shared among `pool`'s threads when there are enough of them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn pack_b(
     b: &Matrix<'_>,
     p0: usize,
@@ -184,22 +190,40 @@ pub(crate) fn pack_b(
     nc: usize,
     nr: usize,
     out: &mut Vec<f32>,
+    pool: Option<&Workers>,
 ) {
     out.clear();
     out.resize(nc.div_ceil(nr) * nr * kc, 0.0);
-    for (panel, chunk) in out.chunks_mut(nr * kc).enumerate() {
-        let cols = nr.min(nc - panel * nr);
-        let c0 = j0 + panel * nr;
-        for p in 0..kc {
-            let dst = &mut chunk[p * nr..p * nr + cols];
-            if b.cs == 1 {
+    let panel = |(q, chunk): (usize, &mut [f32])| {
+        let cols = nr.min(nc - q * nr);
+        let c0 = j0 + q * nr;
+        if b.cs == 1 {
+            for p in 0..kc {
                 let start = b.offset + (p0 + p) * b.rs + c0;
-                dst.copy_from_slice(&b.data[start..start + cols]);
-            } else {
-                for (j, d) in dst.iter_mut().enumerate() {
+                chunk[p * nr..p * nr + cols].copy_from_slice(&b.data[start..start + cols]);
+            }
+        } else if b.rs == 1 {
+            // A transposed operand: each of the panel's columns is a
+            // contiguous run of memory.
+            for j in 0..cols {
+                let start = b.offset + (c0 + j) * b.cs + p0;
+                for (p, &v) in b.data[start..start + kc].iter().enumerate() {
+                    chunk[p * nr + j] = v;
+                }
+            }
+        } else {
+            for p in 0..kc {
+                for (j, d) in chunk[p * nr..p * nr + cols].iter_mut().enumerate() {
                     *d = b.get(p0 + p, c0 + j);
                 }
             }
         }
+    };
+    let panels = out.chunks_mut(nr * kc).enumerate();
+    match pool {
+        Some(pool) if pool.threads() > 1 && nc * kc >= PARALLEL_PACK_MIN => {
+            pool.for_each(panels.collect(), panel)
+        }
+        _ => panels.for_each(panel),
     }
 }

@@ -192,6 +192,18 @@ struct TrainArgs {
     /// dynamically) [default: f32, or the checkpoint's with --resume].
     #[arg(long, value_parser = ["f32", "bf16", "f16"])]
     precision: Option<String>,
+    /// Data-parallel training: `auto` (MPI when `mpirun` started kiln,
+    /// else this process alone), `local` or `mpi`. Every process takes a
+    /// shard of each --batch-size batch; rank 0 writes the files.
+    #[arg(long, value_name = "ENGINE", default_value = "auto")]
+    distributed: String,
+    /// Megabytes of gradient per all-reduce call in a distributed run.
+    #[arg(long, value_name = "MB", default_value_t = 25.0)]
+    bucket_mb: f64,
+    /// Check after every step of a distributed run that every process
+    /// holds bit-identical weights (a digest broadcast per step).
+    #[arg(long)]
+    verify_replicas: bool,
 }
 
 impl TrainArgs {
@@ -570,15 +582,63 @@ fn model_spec(model: &str) -> Result<ModelSpec> {
     parsed.map_err(|e| Error::invalid(format!("{}: {e}", path.display())))
 }
 
-fn train<D: Device>(a: TrainArgs, device: &D) -> Result<()> {
+fn train<D: Device>(mut a: TrainArgs, device: &D) -> Result<()> {
+    if !(a.bucket_mb.is_finite() && a.bucket_mb > 0.0 && a.bucket_mb <= 4096.0) {
+        return Err(Error::invalid(format!(
+            "--bucket-mb {}: expected a size in megabytes between 0 and 4096",
+            a.bucket_mb
+        )));
+    }
+    let world = kiln_dist::connect(a.distributed.parse()?)?;
+    if world.world() > 1 && a.threads.is_none() && std::env::var_os("KILN_THREADS").is_none() {
+        // The cores shared among this machine's ranks, not each rank all of them.
+        a.threads = Some(threads_per_local_rank(world.world()));
+    }
     let spec = a.backend.clone();
-    with_backend!(spec.as_str(), a.threads, device, |b| run_train(a, b))
+    let result = with_backend!(spec.as_str(), a.threads, device, |b| run_train(
+        a,
+        b,
+        Arc::clone(&world)
+    ));
+    match result {
+        // A rank that fails alone would leave the others waiting in a
+        // collective: it ends the whole job instead.
+        Err(e) if world.world() > 1 && !matches!(e, Error::Interrupted(_)) => {
+            eprintln!("error: rank {} of {}: {e}", world.rank(), world.world());
+            world.abort(1)
+        }
+        r => r,
+    }
 }
 
-fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
+/// This machine's cores divided among the ranks an MPI launcher started
+/// on it (at least one thread each).
+fn threads_per_local_rank(world: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let local = ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok())
+        .unwrap_or(world)
+        .max(1);
+    (cores / local).max(1)
+}
+
+fn run_train<B: Backend>(
+    a: TrainArgs,
+    backend: B,
+    world: Arc<dyn kiln_dist::Collective>,
+) -> Result<()> {
     if lm::is_lm_run(&a)? {
+        if world.world() > 1 {
+            return Err(Error::invalid(
+                "data-parallel training of a GPT is not built yet: train it in one process \
+                 (image models train data-parallel)",
+            ));
+        }
         return lm::run_train_lm(a, backend);
     }
+    // Rank 0 speaks and writes for a distributed run.
+    let lead = world.rank() == 0;
     for (flag, given) in [("--iters", a.iters.is_some())] {
         if given {
             return Err(Error::invalid(format!(
@@ -590,7 +650,12 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     let batch_size = a.batch_size.unwrap_or(128);
     let dataset = a.dataset.clone().unwrap_or_else(|| "mnist-sample".into());
     let json = a.log_format == "json";
-    let say = say(json);
+    let speak = say(json);
+    let say = move |s: String| {
+        if lead {
+            speak(s)
+        }
+    };
     if epochs == 0 || batch_size == 0 {
         return Err(Error::invalid(
             "--epochs and --batch-size must be at least 1",
@@ -640,7 +705,10 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     std::fs::create_dir_all(&out)
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
     // Temporaries of writes a killed run never finished.
-    for dir in [out.clone(), out.join("checkpoints")] {
+    for dir in [out.clone(), out.join("checkpoints")]
+        .into_iter()
+        .filter(|_| lead)
+    {
         let stale = model_file::remove_stale_temporaries(&dir)?;
         if !stale.is_empty() {
             eprintln!(
@@ -651,7 +719,7 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         }
     }
     let history_path = out.join("history.jsonl");
-    if history_path.exists() {
+    if lead && history_path.exists() {
         std::fs::remove_file(&history_path)
             .map_err(|e| Error::io(format!("replacing {}", history_path.display()), e))?;
     }
@@ -690,7 +758,7 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
                 r.progress.batch
             ));
             // The history file holds the whole run.
-            for record in &r.progress.history {
+            for record in r.progress.history.iter().filter(|_| lead) {
                 kiln_train::History::append_jsonl(&history_path, record)?;
             }
             (r.model, Some(r.progress))
@@ -718,6 +786,17 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         a.seed,
         precision_description(precision)
     ));
+    let distributed = (world.world() > 1).then(|| {
+        say(format!(
+            "data-parallel over {}: {} examples per process per step, {} MB all-reduce buckets",
+            world.describe(),
+            batch_size.div_ceil(world.world()),
+            a.bucket_mb
+        ));
+        kiln_train::DataParallel::new(Arc::clone(&world))
+            .bucket_bytes((a.bucket_mb * 1e6) as usize)
+            .verify_replicas(a.verify_replicas)
+    });
     // A clone shares the backend's slow-path counts, read at the end.
     let counted = backend.clone();
     let mut trainer = Trainer::new(model, optimizer, Loss::CategoricalCrossEntropy, backend);
@@ -739,12 +818,17 @@ fn run_train<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         stop: Some(stop_on_signals()?),
         loss_scale: kiln_train::LossScaler::default(),
         on_step: None,
+        distributed,
     };
     let validation = (!a.no_validation).then_some(&test_set);
     let history = match &progress {
         Some(p) => trainer.resume(&train_set, validation, &cfg, p)?,
         None => trainer.fit(&train_set, validation, &cfg)?,
     };
+    if !lead {
+        // Every replica holds the same model: rank 0 tests and saves it.
+        return Ok(());
+    }
     let test = trainer.evaluate(&test_set, 1000)?;
     let total: f64 = history.epochs.iter().map(|e| e.seconds).sum();
     say(format!(

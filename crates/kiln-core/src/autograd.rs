@@ -221,6 +221,12 @@ impl<B: Backend> GradStore<B> {
         self.grads.remove(&id)
     }
 
+    /// Sets the gradient of `id` — one averaged across processes, say —
+    /// and returns the one it replaces.
+    pub fn insert(&mut self, id: TensorId, grad: Tensor<B>) -> Option<Tensor<B>> {
+        self.grads.insert(id, grad)
+    }
+
     /// Whether every gradient is finite (no ±∞ or NaN): one f32 sum per
     /// gradient, added on the device, one scalar read back. A sum that
     /// overflows although each element is finite also reads as not finite —

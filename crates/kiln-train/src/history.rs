@@ -45,6 +45,13 @@ pub struct EpochRecord {
     /// (f16 training only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub skipped_steps: Option<u64>,
+    /// The processes a data-parallel run trained on (absent when alone).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub processes: Option<usize>,
+    /// Seconds of the training pass this rank spent exchanging gradients
+    /// and step totals with the others (data-parallel runs only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub comm_seconds: Option<f64>,
 }
 
 /// What records and checkpoints from before mixed precision were trained in.

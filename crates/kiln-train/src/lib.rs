@@ -7,6 +7,7 @@
 //! language models by iterations over a text corpus.
 
 pub mod checkpoint;
+pub mod data_parallel;
 pub mod generate;
 pub mod history;
 pub mod lm;
@@ -18,6 +19,7 @@ pub mod plots;
 pub mod progress;
 pub mod trainer;
 
+pub use data_parallel::DataParallel;
 pub use generate::{generate, Generated, SampleConfig};
 pub use history::{EpochRecord, History};
 pub use lm::{LmCheckpointPolicy, LmFitConfig, LmRecord, LmTrainer};

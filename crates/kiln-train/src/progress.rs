@@ -97,6 +97,9 @@ impl EpochProgress {
             line += &format!(" loss_scale {scale} skipped {skipped}");
         }
         line += &format!(" {:.2}s {:.0} img/s", r.seconds, r.images_per_sec);
+        if let (Some(n), Some(comm)) = (r.processes, r.comm_seconds) {
+            line += &format!(" ({n} processes, {comm:.2}s communicating)");
+        }
         if let Some(rss) = r.peak_rss_bytes {
             line += &format!(" {:.0} MiB peak", rss as f64 / (1 << 20) as f64);
         }

@@ -5,11 +5,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use kiln_core::{no_grad, Backend, DType, Error, HostData, Result, Tensor};
+use kiln_core::{no_grad, Backend, DType, Error, GradStore, HostData, Result, Tensor};
 use kiln_data::{loader::assemble, DataLoader, Dataset};
+use kiln_dist::replicas;
 use kiln_nn::{Loss, Optimizer, Sequential};
 
 use crate::checkpoint::{self, Progress};
+use crate::data_parallel::DataParallel;
 use crate::progress::EpochProgress;
 use crate::{ClassificationReport, EpochRecord, History, LossScaler, Verbosity};
 
@@ -47,6 +49,12 @@ pub struct FitConfig {
     /// stop flag is read: for callers that follow a run step by step, or
     /// stop it after a given step.
     pub on_step: Option<StepHook>,
+    /// Data-parallel training with other processes (`None`: this process
+    /// alone). Each global batch of `batch_size` is split among the ranks;
+    /// a stop request is honoured at the end of the step on every rank
+    /// together (not mid-step); rank 0 alone writes the history file and
+    /// checkpoints.
+    pub distributed: Option<DataParallel>,
 }
 
 /// A completed training step, as [`FitConfig::on_step`] sees it.
@@ -114,6 +122,16 @@ fn stopping(cfg: &FitConfig) -> bool {
     cfg.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
 }
 
+/// The data parallelism of a run with more than one process.
+fn parallel(cfg: &FitConfig) -> Option<&DataParallel> {
+    cfg.distributed.as_ref().filter(|d| d.world() > 1)
+}
+
+/// Whether this process writes the run's files (rank 0, or alone).
+fn writes_files(cfg: &FitConfig) -> bool {
+    parallel(cfg).is_none_or(|d| d.rank() == 0)
+}
+
 /// When [`Trainer::fit`] writes checkpoints.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckpointPolicy {
@@ -139,6 +157,7 @@ impl Default for FitConfig {
             stop: None,
             loss_scale: LossScaler::default(),
             on_step: None,
+            distributed: None,
         }
     }
 }
@@ -456,6 +475,10 @@ impl<B: Backend> Trainer<B> {
             batches,
         } = stop;
         let what = match &cfg.checkpoint {
+            Some(policy) if !writes_files(cfg) => format!(
+                "rank 0 writes the checkpoint to {} (epoch {epoch}, batch {batch} of {batches})",
+                policy.dir.display()
+            ),
             Some(policy) => {
                 let at =
                     self.checkpoint(policy, train, cfg, epoch - 1, batch, tally, history, scaler)?;
@@ -515,9 +538,34 @@ impl<B: Backend> Trainer<B> {
             .needs_loss_scaling()
             .then(|| from.and_then(|p| p.loss_scale).unwrap_or(cfg.loss_scale));
         let meter = crate::observe::EnergyMeter::new();
+        let dp = parallel(cfg);
+        if let Some(d) = dp {
+            let settings = format!(
+                "dataset {} ({} examples, fingerprint {}), model {}, batch {}, seed {}, epochs {}, \
+                 shuffle {}, augment {}, precision {}",
+                train.name(),
+                train.len(),
+                train.fingerprint(),
+                self.model.name(),
+                cfg.batch_size,
+                cfg.seed,
+                cfg.epochs,
+                cfg.shuffle,
+                cfg.augment.is_some(),
+                self.model.precision().name()
+            );
+            d.start(&mut self.model, cfg.batch_size, &settings)?;
+        }
+        // Rank 0 speaks for a distributed run.
+        let verbosity = if writes_files(cfg) {
+            cfg.verbosity
+        } else {
+            Verbosity::Silent
+        };
         for epoch in first..=cfg.epochs {
-            let progress = EpochProgress::start(cfg.verbosity, epoch, cfg.epochs, loader.batches());
+            let progress = EpochProgress::start(verbosity, epoch, cfg.epochs, loader.batches());
             let start = Instant::now();
+            let mut comm_seconds = 0.0;
             let energy_start = meter.as_ref().and_then(|m| m.read());
             let mut tally = Tally::default();
             // A checkpoint taken mid-epoch resumes after its last batch.
@@ -549,32 +597,69 @@ impl<B: Backend> Trainer<B> {
                     };
                     trainer.interrupted(stop, train, cfg, &tally, &history, scaler)
                 };
-                let (x, y, labels) = self.upload(batch.images, batch.labels, n)?;
+                // A distributed run's ranks each take a shard of the batch.
+                let (images, labels, local) = match dp {
+                    Some(d) => {
+                        let rows = replicas::shard(n, d.rank(), d.world());
+                        let per = batch.images.len() / n.max(1);
+                        let images = batch.images[rows.start * per..rows.end * per].to_vec();
+                        (images, batch.labels[rows.clone()].to_vec(), rows.len())
+                    }
+                    None => (batch.images, batch.labels, n),
+                };
                 // The step is abandoned, before its update, at the first
-                // layer or graph node that finds the stop flag up.
-                let Some(out) = self.outputs_until(&x, || stopping(cfg))? else {
-                    return Err(abandon(self)?);
+                // layer or graph node that finds the stop flag up; the ranks
+                // of a distributed run stop together at the step's end.
+                let stop_mid = || dp.is_none() && stopping(cfg);
+                let (mut grads, local_loss, local_correct) = if local == 0 {
+                    // An empty shard (a last batch smaller than the world).
+                    (GradStore::default(), 0.0, 0)
+                } else {
+                    let (x, y, labels) = self.upload(images, labels, local)?;
+                    let Some(out) = self.outputs_until(&x, stop_mid)? else {
+                        return Err(abandon(self)?);
+                    };
+                    let loss = self.loss.compute(&out, &y)?;
+                    let grads = match &scaler {
+                        Some(s) => loss.affine(s.scale, 0.0)?.backward_until(stop_mid)?,
+                        None => loss.backward_until(stop_mid)?,
+                    };
+                    let Some(grads) = grads else {
+                        return Err(abandon(self)?);
+                    };
+                    let local_loss = f64::from(loss.to_scalar_f32()?);
+                    // The graph is released at the end of this block, so
+                    // parameters are updated in place, not copied.
+                    (grads, local_loss, Self::correct(&out, &labels)?)
                 };
-                let loss = self.loss.compute(&out, &y)?;
-                let grads = match &scaler {
-                    Some(s) => loss
-                        .affine(s.scale, 0.0)?
-                        .backward_until(|| stopping(cfg))?,
-                    None => loss.backward_until(|| stopping(cfg))?,
+                let mut step_stop = false;
+                let (batch_loss, correct) = match dp {
+                    Some(d) => {
+                        let at = Instant::now();
+                        let t = d.totals(local_loss, local_correct, local, stopping(cfg))?;
+                        comm_seconds += at.elapsed().as_secs_f64();
+                        step_stop = t.stop;
+                        if t.examples != n {
+                            return Err(Error::invalid(format!(
+                                "epoch {epoch}, step {done}: the ranks' batches hold {} examples together, \
+                                 this rank's {n}: every rank must load the same dataset with the same \
+                                 --batch-size, --seed and --limit",
+                                t.examples
+                            )));
+                        }
+                        (t.loss, t.correct)
+                    }
+                    None => (local_loss, local_correct),
                 };
-                let Some(mut grads) = grads else {
-                    return Err(abandon(self)?);
-                };
-                let batch_loss = f64::from(loss.to_scalar_f32()?);
                 if !batch_loss.is_finite() {
                     return Err(Error::invalid(format!(
                         "epoch {epoch}: the loss became {batch_loss}; lower the learning rate (now {})",
                         self.optimizer.lr()
                     )));
                 }
-                let correct = Self::correct(&out, &labels)?;
-                // Release the graph so parameters are updated in place, not copied.
-                drop((out, loss, x));
+                if let Some(d) = dp {
+                    comm_seconds += d.average(&self.model, &mut grads, local, n)?;
+                }
                 let apply = match scaler.as_mut() {
                     Some(s) => {
                         let finite = grads.all_finite()?;
@@ -587,6 +672,9 @@ impl<B: Backend> Trainer<B> {
                 };
                 if apply {
                     self.optimizer.step(&mut self.model.params_mut(), &grads)?;
+                }
+                if let Some(d) = dp {
+                    d.after_step(&self.model, ((epoch - 1) * loader.batches() + done) as u64)?;
                 }
                 tally.add(batch_loss, correct, n);
                 progress.update(
@@ -602,7 +690,7 @@ impl<B: Backend> Trainer<B> {
                         loss: batch_loss,
                     });
                 }
-                if stopping(cfg) {
+                if step_stop || (dp.is_none() && stopping(cfg)) {
                     let stop = Stop {
                         epoch,
                         batch: done,
@@ -635,13 +723,16 @@ impl<B: Backend> Trainer<B> {
                 precision: self.model.precision().name().to_string(),
                 loss_scale: scaler.map(|s| f64::from(s.scale)),
                 skipped_steps: scaler.map(|s| s.skipped_this_epoch),
+                processes: dp.map(DataParallel::world),
+                comm_seconds: dp.map(|_| comm_seconds),
             };
             progress.finish(&record);
-            if let Some(p) = &cfg.history_path {
+            if let Some(p) = cfg.history_path.as_ref().filter(|_| writes_files(cfg)) {
                 History::append_jsonl(p, &record)?;
             }
             history.epochs.push(record);
-            if let Some(policy) = cfg.checkpoint.as_ref().filter(|p| p.every > 0) {
+            let policy = cfg.checkpoint.as_ref().filter(|_| writes_files(cfg));
+            if let Some(policy) = policy.filter(|p| p.every > 0) {
                 if epoch % policy.every == 0 || epoch == cfg.epochs {
                     self.checkpoint(
                         policy,

@@ -381,7 +381,16 @@ fn blocked<K: MicroKernel>(
                 let kc = blk.kc.min(k - pc);
                 // The first k block of a fresh C stores instead of adding.
                 let add = !(fresh && pc == 0);
-                pack_b(b, pc, kc, jc, nc, K::NR, b_packed, pool.filter(|_| m > K::MR));
+                pack_b(
+                    b,
+                    pc,
+                    kc,
+                    jc,
+                    nc,
+                    K::NR,
+                    b_packed,
+                    pool.filter(|_| m > K::MR),
+                );
                 let b_packed = &*b_packed;
                 let task = |(block, rows): (usize, &mut [f32])| {
                     let (ic, mcb) = (block * mc, rows.len() / n);

@@ -6,8 +6,8 @@ use std::borrow::Cow;
 use kiln_core::{HostData, Result, View};
 
 use crate::storage::read_f32;
-use crate::workers::Workers;
 use crate::vector::convert;
+use crate::workers::Workers;
 use crate::KernelSet;
 
 /// A strided f32 matrix: element `(i, j)` is `data[offset + i·rs + j·cs]`.

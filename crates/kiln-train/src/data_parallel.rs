@@ -1,0 +1,186 @@
+//! Data-parallel training: the processes a run shares each batch with, and
+//! what one step exchanges with them.
+//!
+//! Every rank walks the same seeded batch order; each takes a contiguous,
+//! disjoint shard of every global batch ([`kiln_dist::replicas::shard`]),
+//! computes its gradients, and the gradients are averaged — weighted by
+//! each shard's share of the batch — before one identical optimiser step
+//! everywhere. Rank 0's initial weights are broadcast first, so replicas
+//! start equal and, as every rank applies the same averaged gradients to
+//! the same weights, stay bit-identical ([`DataParallel::verify_replicas`]
+//! checks it after every step). Rank 0 alone writes the history and the
+//! checkpoints.
+
+use std::sync::Arc;
+
+use kiln_core::{Backend, Error, GradStore, Result};
+use kiln_dist::{replicas, Collective};
+use kiln_nn::Sequential;
+
+/// How [`crate::Trainer::fit`] shares its work with other processes
+/// ([`crate::FitConfig::distributed`]).
+///
+/// ```
+/// use std::sync::Arc;
+/// use kiln_train::{DataParallel, FitConfig};
+///
+/// let world = kiln_dist::connect(kiln_dist::Engine::Auto)?; // Local outside mpirun
+/// let cfg = FitConfig {
+///     distributed: Some(DataParallel::new(world).verify_replicas(true)),
+///     ..FitConfig::default()
+/// };
+/// # let _ = cfg;
+/// # Ok::<(), kiln_core::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct DataParallel {
+    /// The processes, one replica each.
+    pub collective: Arc<dyn Collective>,
+    /// Gradient bytes per all-reduce call.
+    pub bucket_bytes: usize,
+    /// Check after every step that every rank holds the same weights
+    /// (a digest of them broadcast from rank 0): a diverged replica is an
+    /// error naming the step.
+    pub verify: bool,
+}
+
+impl DataParallel {
+    /// Data parallelism over `collective`, with
+    /// [`replicas::DEFAULT_BUCKET_BYTES`] buckets and no per-step check.
+    pub fn new(collective: Arc<dyn Collective>) -> Self {
+        DataParallel {
+            collective,
+            bucket_bytes: replicas::DEFAULT_BUCKET_BYTES,
+            verify: false,
+        }
+    }
+
+    /// With all-reduce buckets of `bytes` (at least 4).
+    pub fn bucket_bytes(mut self, bytes: usize) -> Self {
+        self.bucket_bytes = bytes.max(4);
+        self
+    }
+
+    /// With (or without) the per-step replica check.
+    pub fn verify_replicas(mut self, on: bool) -> Self {
+        self.verify = on;
+        self
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.collective.rank()
+    }
+
+    /// The number of processes.
+    pub fn world(&self) -> usize {
+        self.collective.world()
+    }
+}
+
+impl std::fmt::Debug for DataParallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataParallel")
+            .field("collective", &self.collective.describe())
+            .field("rank", &self.rank())
+            .field("bucket_bytes", &self.bucket_bytes)
+            .field("verify", &self.verify)
+            .finish()
+    }
+}
+
+/// One step's totals over every rank.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StepTotals {
+    /// Mean loss per example over the global batch.
+    pub loss: f64,
+    /// Correct predictions in the global batch.
+    pub correct: usize,
+    /// Examples in the global batch.
+    pub examples: usize,
+    /// Whether any rank was asked to stop.
+    pub stop: bool,
+}
+
+impl DataParallel {
+    /// Checks what a run needs before its first step — a batch to split,
+    /// and the same data and settings on every rank (`settings` says
+    /// them) — and broadcasts rank 0's weights.
+    pub(crate) fn start<B: Backend>(
+        &self,
+        model: &mut Sequential<B>,
+        batch_size: usize,
+        settings: &str,
+    ) -> Result<()> {
+        if batch_size < self.world() {
+            return Err(Error::invalid(format!(
+                "batch size {batch_size} cannot be split over {} processes: give each at least one example",
+                self.world()
+            )));
+        }
+        replicas::agree(
+            self.collective.as_ref(),
+            "training data or settings",
+            settings,
+        )?;
+        replicas::broadcast_params(self.collective.as_ref(), &mut model.params_mut())
+    }
+
+    /// Adds up a step's loss (this rank's mean over `examples`), correct
+    /// count and stop request over every rank — one small all-reduce.
+    pub(crate) fn totals(
+        &self,
+        loss: f64,
+        correct: usize,
+        examples: usize,
+        stop: bool,
+    ) -> Result<StepTotals> {
+        // An empty shard contributes nothing, whatever its "mean" is.
+        let sum = if examples == 0 {
+            0.0
+        } else {
+            loss * examples as f64
+        };
+        let mut t = [
+            sum,
+            correct as f64,
+            examples as f64,
+            f64::from(u8::from(stop)),
+        ];
+        self.collective.all_reduce_sum_f64(&mut t)?;
+        Ok(StepTotals {
+            loss: t[0] / t[2].max(1.0),
+            correct: t[1] as usize,
+            examples: t[2] as usize,
+            stop: t[3] > 0.0,
+        })
+    }
+
+    /// Averages `grads` over the ranks, this rank's weighted by its share
+    /// of the global batch; returns the seconds it took.
+    pub(crate) fn average<B: Backend>(
+        &self,
+        model: &Sequential<B>,
+        grads: &mut GradStore<B>,
+        examples: usize,
+        global: usize,
+    ) -> Result<f64> {
+        let weight = examples as f32 / global.max(1) as f32;
+        let synced = replicas::average_gradients(
+            self.collective.as_ref(),
+            &model.params(),
+            grads,
+            weight,
+            self.bucket_bytes,
+        )?;
+        Ok(synced.seconds)
+    }
+
+    /// After an update: the replica check, when asked for.
+    pub(crate) fn after_step<B: Backend>(&self, model: &Sequential<B>, step: u64) -> Result<()> {
+        if self.verify {
+            replicas::check_replicas(self.collective.as_ref(), &model.params(), step)?;
+        }
+        Ok(())
+    }
+}

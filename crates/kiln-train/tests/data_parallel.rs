@@ -1,0 +1,251 @@
+//! Data-parallel training over an in-process group of ranks (one thread
+//! each, `kiln_dist::InProcess`): the trainer's distributed path without a
+//! launcher. The same path runs under `mpirun` in kiln-cli's MPI tests.
+
+use std::sync::Arc;
+
+use kiln_core::Error;
+use kiln_cpu::CpuBackend;
+use kiln_data::{Dataset, Split};
+use kiln_dist::{Collective, InProcess};
+use kiln_nn::{Adam, Loss, ModelSpec, Sequential};
+use kiln_train::{DataParallel, FitConfig, History, Trainer};
+
+mod common;
+use common::{cfg, stop_after, weights};
+
+fn trainer(spec: &ModelSpec, seed: u64) -> Trainer<CpuBackend> {
+    let b = CpuBackend::reference().with_threads(1).expect("a backend");
+    let model = Sequential::from_spec(spec, seed, &b).unwrap();
+    Trainer::new(
+        model,
+        Box::new(Adam::new(1e-3).unwrap()),
+        Loss::CategoricalCrossEntropy,
+        b,
+    )
+}
+
+type Run = (kiln_core::Result<History>, Vec<Vec<u8>>);
+
+/// Trains `spec` on `world` ranks, rank r's model initialised from seed
+/// `init + r` (rank 0's weights must win), each with `cfg` and the replica
+/// check on; `tweak` adjusts a rank's settings. Each rank's result and
+/// final weights, in rank order.
+fn fit_ranks(
+    world: usize,
+    spec: &ModelSpec,
+    init: u64,
+    train: &Dataset,
+    cfg: &FitConfig,
+    tweak: impl Fn(usize, &mut FitConfig) + Sync,
+) -> Vec<Run> {
+    let ranks = InProcess::group(world);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|rank| {
+                let tweak = &tweak;
+                s.spawn(move || {
+                    let r = rank.rank();
+                    let world: Arc<dyn Collective> = Arc::new(rank);
+                    let mut c = cfg.clone();
+                    c.distributed = Some(
+                        DataParallel::new(world)
+                            .bucket_bytes(64 << 10)
+                            .verify_replicas(true),
+                    );
+                    tweak(r, &mut c);
+                    let mut t = trainer(spec, init + r as u64);
+                    let h = t.fit(train, None, &c);
+                    (h, weights(&t))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn losses(h: &History) -> Vec<f64> {
+    h.epochs.iter().map(|e| e.loss).collect()
+}
+
+/// Two ranks with global batch 100 against one process with batch 100:
+/// the replicas end bit-identical (and were checked after every step), and
+/// the loss curve and weights follow the single process's within float
+/// rounding — not bit for bit, as each rank sums its half of the batch
+/// before the halves are added.
+#[test]
+fn two_ranks_stay_identical_and_train_as_one_process() {
+    let train = Dataset::load("mnist-sample", Split::Train, None)
+        .unwrap()
+        .take(1000);
+    let mut c = cfg(3, 4);
+    c.batch_size = 100;
+    let spec = ModelSpec::mlp();
+    let runs = fit_ranks(2, &spec, 42, &train, &c, |_, _| {});
+    let (h0, w0) = (runs[0].0.as_ref().unwrap(), &runs[0].1);
+    let (h1, w1) = (runs[1].0.as_ref().unwrap(), &runs[1].1);
+    assert!(w0 == w1, "the replicas differ");
+    assert_eq!(losses(h0), losses(h1));
+    assert_eq!(h0.epochs[0].processes, Some(2));
+    assert!(h0.epochs[0].comm_seconds.unwrap() > 0.0);
+
+    let mut alone = trainer(&spec, 42);
+    let h = alone.fit(&train, None, &c).unwrap();
+    for (dp, one) in losses(h0).iter().zip(losses(&h)) {
+        assert!(
+            (dp - one).abs() <= 1e-5 * one.abs(),
+            "2 ranks: loss {dp}, one process: {one}"
+        );
+    }
+    let single = weights(&alone);
+    let mut worst = 0f32;
+    for (a, b) in w0.iter().zip(&single) {
+        let a: &[f32] = bytemuck::cast_slice(a);
+        let b: &[f32] = bytemuck::cast_slice(b);
+        for (x, y) in a.iter().zip(b) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    eprintln!(
+        "2 ranks against 1 process: losses {:?} / {:?}, weights differ by up to {worst:e}",
+        losses(h0),
+        losses(&h)
+    );
+    // Adam's first steps move each weight by up to lr = 1e-3; rounding
+    // differences in the gradients move them by far less.
+    assert!(
+        worst < 1e-5,
+        "weights differ from one process's by up to {worst}"
+    );
+}
+
+/// 130 examples in batches of 64 leave a last batch of 2 for 3 ranks: one
+/// rank's shard is empty, contributes zero gradients, and the replicas
+/// still agree; a batch smaller than the world is refused up front.
+#[test]
+fn an_empty_shard_is_harmless_and_a_too_small_batch_is_refused() {
+    let train = Dataset::load("mnist-sample", Split::Train, None)
+        .unwrap()
+        .take(130);
+    let mut c = cfg(1, 9);
+    c.batch_size = 64;
+    let runs = fit_ranks(3, &ModelSpec::mlp(), 1, &train, &c, |_, _| {});
+    for (h, w) in &runs {
+        assert!(h.as_ref().unwrap().epochs[0].images_per_sec > 0.0);
+        assert!(w == &runs[0].1);
+    }
+    c.batch_size = 2;
+    for (h, _) in fit_ranks(3, &ModelSpec::mlp(), 1, &train, &c, |_, _| {}) {
+        let e = h.unwrap_err().to_string();
+        assert!(
+            e.contains("batch size 2 cannot be split over 3 processes"),
+            "{e}"
+        );
+    }
+}
+
+/// A stop requested on rank 1 alone (after step 8) stops both ranks after
+/// the same step — the next one, whose totals carry the request —;
+/// rank 0 alone writes the checkpoint and the history; both ranks resume
+/// from it and end where an uninterrupted two-rank run ends, bit for bit.
+#[test]
+fn a_stop_on_one_rank_checkpoints_once_and_resumes_exactly() {
+    let train = Dataset::load("mnist-sample", Split::Train, None)
+        .unwrap()
+        .take(600);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ModelSpec::mlp();
+    let cfg_in = |sub: &str| {
+        let mut c = cfg(2, 3);
+        c.batch_size = 100;
+        c.history_path = Some(dir.path().join(sub).join("history.jsonl"));
+        c.checkpoint = Some(kiln_train::CheckpointPolicy {
+            dir: dir.path().join(sub).join("checkpoints"),
+            every: 0,
+            keep: 2,
+        });
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        c
+    };
+    let straight = fit_ranks(2, &spec, 5, &train, &cfg_in("a"), |_, _| {});
+    let lines = std::fs::read_to_string(dir.path().join("a/history.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 2, "one writer: {lines}");
+
+    let stopped = fit_ranks(2, &spec, 5, &train, &cfg_in("b"), |r, c| {
+        if r == 1 {
+            stop_after(c, 8);
+        }
+    });
+    for (h, _) in &stopped {
+        match h {
+            Err(Error::Interrupted(what)) => assert!(what.contains("batch 3 of 6"), "{what}"),
+            other => panic!("expected an interruption, got {other:?}"),
+        }
+    }
+    let saved = std::fs::read_dir(dir.path().join("b/checkpoints"))
+        .unwrap()
+        .count();
+    assert_eq!(saved, 1, "rank 0 alone writes the checkpoint");
+
+    // Both ranks resume from rank 0's checkpoint.
+    let ranks = InProcess::group(2);
+    let resumed: Vec<Vec<Vec<u8>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|rank| {
+                let (train, dir, spec) = (&train, &dir, &spec);
+                let mut c = cfg_in("b");
+                s.spawn(move || {
+                    let world: Arc<dyn Collective> = Arc::new(rank);
+                    c.distributed = Some(DataParallel::new(world).verify_replicas(true));
+                    let b = CpuBackend::reference().with_threads(1).unwrap();
+                    let r = kiln_train::checkpoint::load(&dir.path().join("b/checkpoints"), &b)
+                        .unwrap();
+                    assert_eq!(r.model.spec(), *spec);
+                    let mut t = Trainer::new(
+                        r.model,
+                        Box::new(Adam::new(1e-3).unwrap()),
+                        Loss::CategoricalCrossEntropy,
+                        b,
+                    );
+                    t.load_optimizer_state(&r.optimizer).unwrap();
+                    t.resume(train, None, &c, &r.progress).unwrap();
+                    weights(&t)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(resumed[0] == resumed[1]);
+    assert!(
+        resumed[0] == straight[0].1,
+        "the resumed run differs from the straight one"
+    );
+}
+
+/// Ranks started with different data or settings refuse to train, every
+/// one of them, naming what differs — instead of averaging gradients of
+/// unrelated batches.
+#[test]
+fn ranks_with_different_data_or_settings_refuse_to_start() {
+    let train = Dataset::load("mnist-sample", Split::Train, None)
+        .unwrap()
+        .take(200);
+    let c = cfg(1, 2);
+    let runs = fit_ranks(2, &ModelSpec::mlp(), 1, &train, &c, |r, c| {
+        if r == 1 {
+            c.seed = 3;
+        }
+    });
+    for (r, (h, _)) in runs.iter().enumerate() {
+        let e = h.as_ref().unwrap_err().to_string();
+        assert!(
+            e.contains("different training data or settings"),
+            "rank {r}: {e}"
+        );
+        if r == 1 {
+            assert!(e.contains("seed 3") && e.contains("seed 2"), "{e}");
+        }
+    }
+}

@@ -20,21 +20,26 @@ step() { printf '\n== %s\n' "$*"; }
 # --- system packages --------------------------------------------------------
 # Fashion-MNIST from Debian (installs to /usr/share/datasets/fashion-mnist),
 # the TrueType font the plots' text is laid out with, OpenBLAS (a
-# comparator `kiln bench` loads at run time) and Chromium (the headless
-# browser that renders `kiln report`'s HTML page in the CLI tests).
+# comparator `kiln bench` loads at run time), Chromium (the headless
+# browser that renders `kiln report`'s HTML page in the CLI tests) and Open
+# MPI with libclang (the `mpi` feature's build and its `mpirun` tests).
 missing_packages() {
   [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && return 0
   [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && return 0
   [ ! -e /usr/lib/"$(uname -m)"-linux-gnu/openblas-pthread/libopenblas.so.0 ] && return 0
+  ! command -v mpicc >/dev/null && return 0
+  ! command -v mpirun >/dev/null && return 0
+  ! compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null && return 0
   ! command -v chromium >/dev/null
 }
 if missing_packages; then
-  step "installing dataset-fashion-mnist, fonts-dejavu-core, libopenblas0-pthread and chromium"
+  step "installing dataset-fashion-mnist, fonts-dejavu-core, libopenblas0-pthread, chromium, Open MPI and libclang"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    dataset-fashion-mnist fonts-dejavu-core libopenblas0-pthread chromium
+    dataset-fashion-mnist fonts-dejavu-core libopenblas0-pthread chromium \
+    openmpi-bin libopenmpi-dev libclang-dev
 fi
-export KILN_REQUIRE_PLOTS=1 KILN_REQUIRE_OPENBLAS=1 KILN_REQUIRE_BROWSER=1
+export KILN_REQUIRE_PLOTS=1 KILN_REQUIRE_OPENBLAS=1 KILN_REQUIRE_BROWSER=1 KILN_REQUIRE_MPI=1
 
 # --- Rust components --------------------------------------------------------
 if [ "$quick" = 0 ]; then
@@ -45,6 +50,7 @@ if [ "$quick" = 0 ]; then
   cargo fmt --all -- --check
   step "cargo clippy (warnings are errors)"
   cargo clippy --workspace --all-targets --locked -- -D warnings
+  cargo clippy -p kiln-dist -p kiln-cli --features kiln-cli/mpi --all-targets --locked -- -D warnings
   step "cargo doc (warnings are errors)"
   RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 fi
@@ -69,6 +75,13 @@ KILN_REQUIRE_DATASETS=1 KILN_REQUIRE_KERNELS="$required" KILN_REQUIRE_HOST_EMULA
 # criterion bench once, and the comparison binary on two small shapes.
 step "benchmark smoke"
 cargo test -p kiln-bench --benches --profile ci --locked
+
+# Data-parallel training over MPI: the `mpi` feature's build (Open MPI via
+# rsmpi) and `kiln train` under a real mpirun — replicas, a killed rank, a
+# failing rank, Ctrl-C to the launcher.
+step "MPI: kiln-dist and kiln train under mpirun (feature mpi)"
+KILN_REQUIRE_MPI=1 cargo test -p kiln-dist -p kiln-cli --features kiln-cli/mpi --profile ci --locked \
+  --lib --test mpi
 
 step "CUDA host code: planted faults fail the suite on the emulated device"
 KILN_REQUIRE_HOST_EMULATION=1 \

@@ -611,6 +611,33 @@ fn train<D: Device>(mut a: TrainArgs, device: &D) -> Result<()> {
     }
 }
 
+/// The data parallelism `kiln train` runs with over `world` (announced
+/// with `say`), or `None` alone; `unit` names what a batch holds.
+fn data_parallel(
+    a: &TrainArgs,
+    world: &Arc<dyn kiln_dist::Collective>,
+    batch_size: usize,
+    unit: &str,
+    say: &impl Fn(String),
+) -> Option<kiln_train::DataParallel> {
+    (world.world() > 1).then(|| {
+        say(format!(
+            "data-parallel over {}: {} {unit} per process per step, {} MB all-reduce buckets{}",
+            world.describe(),
+            batch_size.div_ceil(world.world()),
+            a.bucket_mb,
+            if a.verify_replicas {
+                ", replicas checked after every step"
+            } else {
+                ""
+            }
+        ));
+        kiln_train::DataParallel::new(Arc::clone(world))
+            .bucket_bytes((a.bucket_mb * 1e6) as usize)
+            .verify_replicas(a.verify_replicas)
+    })
+}
+
 /// This machine's cores divided among the ranks an MPI launcher started
 /// on it (at least one thread each).
 fn threads_per_local_rank(world: usize) -> usize {
@@ -629,13 +656,7 @@ fn run_train<B: Backend>(
     world: Arc<dyn kiln_dist::Collective>,
 ) -> Result<()> {
     if lm::is_lm_run(&a)? {
-        if world.world() > 1 {
-            return Err(Error::invalid(
-                "data-parallel training of a GPT is not built yet: train it in one process \
-                 (image models train data-parallel)",
-            ));
-        }
-        return lm::run_train_lm(a, backend);
+        return lm::run_train_lm(a, backend, world);
     }
     // Rank 0 speaks and writes for a distributed run.
     let lead = world.rank() == 0;
@@ -786,17 +807,7 @@ fn run_train<B: Backend>(
         a.seed,
         precision_description(precision)
     ));
-    let distributed = (world.world() > 1).then(|| {
-        say(format!(
-            "data-parallel over {}: {} examples per process per step, {} MB all-reduce buckets",
-            world.describe(),
-            batch_size.div_ceil(world.world()),
-            a.bucket_mb
-        ));
-        kiln_train::DataParallel::new(Arc::clone(&world))
-            .bucket_bytes((a.bucket_mb * 1e6) as usize)
-            .verify_replicas(a.verify_replicas)
-    });
+    let distributed = data_parallel(&a, &world, batch_size, "examples", &say);
     // A clone shares the backend's slow-path counts, read at the end.
     let counted = backend.clone();
     let mut trainer = Trainer::new(model, optimizer, Loss::CategoricalCrossEntropy, backend);

@@ -2,6 +2,7 @@
 //! of the command line.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use kiln_core::{Backend, Error, Result};
 use kiln_data::text::TextCorpus;
@@ -55,9 +56,20 @@ fn gpt_config(model: Option<&str>) -> Result<GptConfig> {
     }
 }
 
-pub(crate) fn run_train_lm<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
+pub(crate) fn run_train_lm<B: Backend>(
+    a: TrainArgs,
+    backend: B,
+    world: Arc<dyn kiln_dist::Collective>,
+) -> Result<()> {
     let json = a.log_format == "json";
-    let say = crate::say(json);
+    // Rank 0 speaks and writes for a distributed run.
+    let lead = world.rank() == 0;
+    let speak = crate::say(json);
+    let say = move |s: String| {
+        if lead {
+            speak(s)
+        }
+    };
     for (flag, given) in [
         ("--epochs", a.epochs.is_some()),
         ("--augment", a.augment),
@@ -107,6 +119,7 @@ pub(crate) fn run_train_lm<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         history_path: None,
         checkpoint: None,
         stop: Some(stop_on_signals()?),
+        distributed: None,
     };
     cfg.check()?;
     let mut trainer = match &a.resume {
@@ -152,15 +165,18 @@ pub(crate) fn run_train_lm<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     });
     std::fs::create_dir_all(&out)
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
-    for dir in [out.clone(), out.join("checkpoints")] {
+    for dir in [out.clone(), out.join("checkpoints")]
+        .into_iter()
+        .filter(|_| lead)
+    {
         model_file::remove_stale_temporaries(&dir)?;
     }
     let history_path = out.join("history.jsonl");
-    if history_path.exists() {
+    if lead && history_path.exists() {
         std::fs::remove_file(&history_path)
             .map_err(|e| Error::io(format!("replacing {}", history_path.display()), e))?;
     }
-    if let Some(p) = trainer.progress() {
+    if let Some(p) = trainer.progress().filter(|_| lead) {
         for r in &p.history {
             trainer_lm::append_jsonl(&history_path, r)?;
         }
@@ -188,7 +204,9 @@ pub(crate) fn run_train_lm<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
         a.seed,
         precision_description(precision)
     ));
+    let distributed = crate::data_parallel(&a, &world, batch_size, "sequences", &say);
     let cfg = LmFitConfig {
+        distributed,
         history_path: Some(history_path.clone()),
         checkpoint: Some(LmCheckpointPolicy {
             dir: out.join("checkpoints"),
@@ -199,6 +217,10 @@ pub(crate) fn run_train_lm<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     };
     let counted = backend.clone();
     let history = trainer.fit(&corpus, &cfg)?;
+    if !lead {
+        // Every replica holds the same model: rank 0 reports and saves it.
+        return Ok(());
+    }
     let last = history.last().expect("a run evaluates after its last step");
     let seconds: f64 = history.iter().map(|r| r.seconds).sum();
     let steps = trainer.progress().map_or(0, |p| p.iter);

@@ -319,3 +319,80 @@ fn ctrl_c_to_the_launcher_leaves_a_checkpoint_that_resumes_exactly() {
         "the resumed run's model differs from the uninterrupted run's"
     );
 }
+
+/// A GPT trains data-parallel too: 2 ranks, each with 4 of the 8
+/// sequences of every step, follow one process's validation loss within
+/// float rounding, with replicas checked after every step; rank 0 alone
+/// writes the history.
+#[test]
+fn a_gpt_trains_on_two_ranks_as_in_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("tiny.toml");
+    std::fs::write(
+        &spec,
+        "name = \"gpt-tiny\"\n[gpt]\nn_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 16\n",
+    )
+    .unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(
+        &corpus,
+        "to be, or not to be: that is the question.\n".repeat(60),
+    )
+    .unwrap();
+    let data = format!("text:{}", corpus.display());
+    let run = |np: usize, out: &Path| {
+        let args = [
+            "train",
+            "--model",
+            spec.to_str().unwrap(),
+            "--dataset",
+            &data,
+            "--iters",
+            "20",
+            "--eval-every",
+            "10",
+            "--eval-iters",
+            "2",
+            "--batch-size",
+            "8",
+            "--plain",
+            "--verify-replicas",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        let o = if np == 1 {
+            Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(args)
+                .env("KILN_THREADS", "1")
+                .output()
+                .unwrap()
+        } else {
+            on_ranks(np, &args)?
+        };
+        assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+        let lines = std::fs::read_to_string(out.join("history.jsonl")).unwrap();
+        let val: Vec<f64> = lines
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["val_loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        Some(val)
+    };
+    let Some(one) = run(1, &dir.path().join("one")) else {
+        return;
+    };
+    let Some(two) = run(2, &dir.path().join("two")) else {
+        return;
+    };
+    assert_eq!(one.len(), 2);
+    assert_eq!(two.len(), one.len(), "one history writer");
+    for (a, b) in two.iter().zip(&one) {
+        assert!(
+            (a - b).abs() <= 1e-4 * b,
+            "2 ranks: validation loss {a}, one process {b}"
+        );
+    }
+}

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::model_file::{self, SPEC_KEY};
 use crate::observe::peak_rss_bytes;
 use crate::Verbosity;
+use kiln_dist::replicas;
 
 /// The metadata key holding an LM checkpoint's [`LmProgress`] (JSON).
 pub const LM_PROGRESS_KEY: &str = "kiln.lm_checkpoint";
@@ -57,6 +58,12 @@ pub struct LmFitConfig {
     /// between ops, a checkpoint of the last completed step written (with
     /// a policy) and [`Error::Interrupted`] returned.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Data-parallel training with other processes (`None`: this process
+    /// alone): each rank takes a contiguous shard of every micro-batch's
+    /// sequences; gradients are averaged before clipping; a stop request
+    /// ends every rank after the same step; rank 0 alone writes the
+    /// history and checkpoints.
+    pub distributed: Option<crate::DataParallel>,
 }
 
 impl Default for LmFitConfig {
@@ -79,6 +86,7 @@ impl Default for LmFitConfig {
             history_path: None,
             checkpoint: None,
             stop: None,
+            distributed: None,
         }
     }
 }
@@ -152,6 +160,13 @@ pub struct LmRecord {
     pub peak_rss_bytes: Option<u64>,
     /// The precision trained in.
     pub precision: String,
+    /// The processes a data-parallel run trained on (absent when alone).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub processes: Option<usize>,
+    /// Seconds of those steps this rank spent exchanging gradients and step
+    /// totals with the others (data-parallel runs only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub comm_seconds: Option<f64>,
 }
 
 /// Where an LM run stands, and what it must match to continue.
@@ -404,13 +419,39 @@ impl<B: Backend> LmTrainer<B> {
         };
         let stop_flag = cfg.stop.clone();
         let stopping = move || stop_flag.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        let dp = cfg.distributed.as_ref().filter(|d| d.world() > 1);
+        // Rank 0 speaks and writes for a distributed run.
+        let lead = dp.is_none_or(|d| d.rank() == 0);
+        if let Some(d) = dp {
+            let settings = format!(
+                "corpus {} (fingerprint {}), model {}, batch {}×{}, seed {}, iters {}, from step {}, precision {}",
+                corpus.name(),
+                corpus.fingerprint(),
+                self.model.name(),
+                cfg.batch_size,
+                cfg.accumulate,
+                cfg.seed,
+                cfg.iters,
+                progress.iter,
+                precision.name()
+            );
+            d.start(&mut self.model, cfg.batch_size, &settings)?;
+        }
+        // Mid-step stops: alone only (ranks stop together at a step's end).
+        let stop_mid = || dp.is_none() && stopping();
+        let verbosity = if lead {
+            cfg.verbosity
+        } else {
+            Verbosity::Silent
+        };
         // The optimiser steps outside `self` while the step closure borrows it.
         let mut optimizer = std::mem::replace(&mut self.optimizer, Adam::new(1.0)?);
         let tokens_per_step = (cfg.batch_size * cfg.accumulate * self.block()) as f64;
-        let mut bar = crate::progress::IterProgress::start(cfg.verbosity, progress.iter, cfg.iters);
+        let mut bar = crate::progress::IterProgress::start(verbosity, progress.iter, cfg.iters);
         let mut clock = Instant::now();
         let mut trained = 0.0f64;
         let mut since = 0u64;
+        let mut comm = 0.0f64;
         let result = (|| -> Result<()> {
             while progress.iter < cfg.iters {
                 let it = progress.iter;
@@ -420,16 +461,26 @@ impl<B: Backend> LmTrainer<B> {
                 let drawn = self.model.rng_positions();
                 let mut grads = GradStore::default();
                 let mut step_loss = 0.0;
+                // A distributed run's ranks each take a shard of the sequences.
+                let rows = match dp {
+                    Some(d) => replicas::shard(cfg.batch_size, d.rank(), d.world()),
+                    None => 0..cfg.batch_size,
+                };
                 for micro in 0..cfg.accumulate {
                     let index = it * cfg.accumulate as u64 + micro as u64;
-                    let (x, y) = corpus.batch(
+                    let (mut x, mut y) = corpus.batch(
                         TextSplit::Train,
                         cfg.batch_size,
                         self.block(),
                         cfg.seed,
                         index,
                     )?;
-                    let Some(loss) = self.loss(x, y, cfg.batch_size, &stopping)? else {
+                    if dp.is_some() {
+                        let block = self.block();
+                        x = x[rows.start * block..rows.end * block].to_vec();
+                        y = y[rows.start * block..rows.end * block].to_vec();
+                    }
+                    let Some(loss) = self.loss(x, y, rows.len(), &stop_mid)? else {
                         self.model.set_rng_positions(&drawn)?;
                         return Err(Error::Interrupted(String::new()));
                     };
@@ -439,11 +490,19 @@ impl<B: Backend> LmTrainer<B> {
                     } else {
                         loss
                     };
-                    let Some(g) = loss.backward_until(&stopping)? else {
+                    let Some(g) = loss.backward_until(stop_mid)? else {
                         self.model.set_rng_positions(&drawn)?;
                         return Err(Error::Interrupted(String::new()));
                     };
                     grads.accumulate(g)?;
+                }
+                let mut step_stop = false;
+                if let Some(d) = dp {
+                    let at = Instant::now();
+                    let t = d.totals(step_loss, 0, rows.len(), stopping())?;
+                    (step_loss, step_stop) = (t.loss, t.stop);
+                    d.average(&self.model, &mut grads, rows.len(), cfg.batch_size)?;
+                    comm += at.elapsed().as_secs_f64();
                 }
                 if !step_loss.is_finite() {
                     return Err(Error::invalid(format!(
@@ -456,6 +515,9 @@ impl<B: Backend> LmTrainer<B> {
                     clip_grad_norm(&mut grads, &params, max)?;
                 }
                 optimizer.step(&mut self.model.params_mut(), &grads)?;
+                if let Some(d) = dp {
+                    d.after_step(&self.model, it + 1)?;
+                }
                 progress.iter += 1;
                 progress.lr = lr;
                 progress.partial.0 += step_loss;
@@ -500,9 +562,12 @@ impl<B: Backend> LmTrainer<B> {
                         tokens_per_sec: since as f64 * tokens_per_step / trained.max(1e-9),
                         peak_rss_bytes: peak_rss_bytes(),
                         precision: precision.name().to_string(),
+                        processes: dp.map(crate::DataParallel::world),
+                        comm_seconds: dp.map(|_| comm),
                     };
                     bar.record(&record);
-                    if let Some(path) = &cfg.history_path {
+                    comm = 0.0;
+                    if let Some(path) = cfg.history_path.as_ref().filter(|_| lead) {
                         append_jsonl(path, &record)?;
                     }
                     progress.history.push(record);
@@ -511,12 +576,12 @@ impl<B: Backend> LmTrainer<B> {
                     since = 0;
                     clock = Instant::now();
                 }
-                if let Some(policy) = &cfg.checkpoint {
+                if let Some(policy) = cfg.checkpoint.as_ref().filter(|_| lead) {
                     if policy.every > 0 && (progress.iter.is_multiple_of(policy.every) || done) {
                         self.save_checkpoint(policy, &optimizer, &mut progress)?;
                     }
                 }
-                if stopping() && !done {
+                if (step_stop || (dp.is_none() && stopping())) && !done {
                     return Err(Error::Interrupted(String::new()));
                 }
             }
@@ -526,6 +591,11 @@ impl<B: Backend> LmTrainer<B> {
         let outcome = match result {
             Err(Error::Interrupted(_)) => {
                 let at = match &cfg.checkpoint {
+                    Some(policy) if !lead => format!(
+                        "stopped after step {}; rank 0 writes the checkpoint to {}",
+                        progress.iter,
+                        policy.dir.display()
+                    ),
                     Some(policy) => {
                         let path = self.save_checkpoint(policy, &optimizer, &mut progress)?;
                         format!(

@@ -189,6 +189,9 @@ impl IterProgress {
             r.tokens_per_sec,
             w = self.width
         );
+        if let (Some(n), Some(comm)) = (r.processes, r.comm_seconds) {
+            line += &format!(" ({n} processes, {comm:.2}s communicating)");
+        }
         if let Some(rss) = r.peak_rss_bytes {
             line += &format!(" {:.0} MiB peak", rss as f64 / (1 << 20) as f64);
         }

@@ -460,6 +460,31 @@ fn stop_on_signals() -> Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
+/// The stop flag of a rank of a distributed run: SIGINT, SIGTERM and
+/// SIGUSR1 (which `mpirun` forwards) all ask for a stop after the current
+/// step, on every rank together. A second signal does not exit at once: a
+/// terminal's Ctrl-C reaches the ranks both directly and as `mpirun`'s
+/// SIGTERM, and the checkpoint must still be written; `mpirun` itself
+/// ends ranks that do not stop.
+fn stop_on_signals_distributed() -> Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM, SIGUSR1] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .map_err(|e| Error::io("installing the stop-signal handler".to_string(), e))?;
+    }
+    Ok(stop)
+}
+
+/// The stop flag `kiln train` runs with, alone or as one of `world`'s ranks.
+fn training_stop_flag(world: &dyn kiln_dist::Collective) -> Result<Arc<AtomicBool>> {
+    if world.world() > 1 {
+        stop_on_signals_distributed()
+    } else {
+        stop_on_signals()
+    }
+}
+
 /// Builds the backend a `--backend` flag names.
 fn cpu_backend(spec: &str, threads: Option<usize>) -> Result<CpuBackend> {
     let backend = match spec.split_once(':') {
@@ -590,9 +615,31 @@ fn train<D: Device>(mut a: TrainArgs, device: &D) -> Result<()> {
         )));
     }
     let world = kiln_dist::connect(a.distributed.parse()?)?;
-    if world.world() > 1 && a.threads.is_none() && std::env::var_os("KILN_THREADS").is_none() {
-        // The cores shared among this machine's ranks, not each rank all of them.
-        a.threads = Some(threads_per_local_rank(world.world()));
+    if world.world() > 1 {
+        // A panic on one rank would leave the others in a collective (and
+        // MPI's finalisation waiting for them): it ends the job instead.
+        // (A weak handle: the hook must not keep MPI from being finalised.)
+        let rank = Arc::downgrade(&world);
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            if let Some(w) = rank.upgrade() {
+                eprintln!(
+                    "error: rank {} of {} panicked; ending the job",
+                    w.rank(),
+                    w.world()
+                );
+                w.abort(101)
+            }
+        }));
+        if a.threads.is_none() && std::env::var_os("KILN_THREADS").is_none() {
+            // The cores shared among this machine's ranks, not each rank all of them.
+            a.threads = Some(threads_per_local_rank(world.world()));
+        }
+        if a.backend == "cuda" {
+            // One GPU per rank: this machine's rank r takes GPU r.
+            a.backend = format!("cuda:{}", local_rank().unwrap_or(0));
+        }
     }
     let spec = a.backend.clone();
     let result = with_backend!(spec.as_str(), a.threads, device, |b| run_train(
@@ -638,16 +685,31 @@ fn data_parallel(
     })
 }
 
+/// This process's rank among those an MPI launcher started on this
+/// machine.
+fn local_rank() -> Option<usize> {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
 /// This machine's cores divided among the ranks an MPI launcher started
-/// on it (at least one thread each).
+/// on it (at least one thread each) — or, where the launcher bound this
+/// rank to some cores, those cores.
 fn threads_per_local_rank(world: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let usable = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: sysconf reads a system constant; no memory is involved.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let online = usize::try_from(online).unwrap_or(usable).max(1);
+    if usable < online {
+        return usable;
+    }
     let local = ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
         .iter()
         .find_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok())
         .unwrap_or(world)
         .max(1);
-    (cores / local).max(1)
+    (online / local).max(1)
 }
 
 fn run_train<B: Backend>(
@@ -826,7 +888,7 @@ fn run_train<B: Backend>(
             every: a.checkpoint_every,
             keep: a.keep,
         }),
-        stop: Some(stop_on_signals()?),
+        stop: Some(training_stop_flag(world.as_ref())?),
         loss_scale: kiln_train::LossScaler::default(),
         on_step: None,
         distributed,

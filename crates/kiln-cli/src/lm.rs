@@ -10,7 +10,7 @@ use kiln_nn::{Adam, GptConfig, LrSchedule, ModelSpec, Precision, Sequential};
 use kiln_train::lm::{self as trainer_lm, LmCheckpointPolicy, LmFitConfig, LmTrainer};
 use kiln_train::{generate, model_file, SampleConfig};
 
-use crate::{path_safe, precision_description, stop_on_signals, TrainArgs};
+use crate::{path_safe, precision_description, TrainArgs};
 
 /// Whether `kiln train` was asked for a language model: `--model gpt` or
 /// a GPT spec, a text dataset, or a checkpoint of an LM run.
@@ -118,7 +118,7 @@ pub(crate) fn run_train_lm<B: Backend>(
         verbosity: a.verbosity(),
         history_path: None,
         checkpoint: None,
-        stop: Some(stop_on_signals()?),
+        stop: Some(crate::training_stop_flag(world.as_ref())?),
         distributed: None,
     };
     cfg.check()?;

@@ -26,7 +26,8 @@ fn mpirun() -> Option<Command> {
         return None;
     }
     let mut c = Command::new("mpirun");
-    c.args(["--allow-run-as-root", "--oversubscribe"])
+    // --timeout: a regression into a hang fails the test instead of CI.
+    c.args(["--allow-run-as-root", "--oversubscribe", "--timeout", "180"])
         // One worker thread per rank: the ranks share this machine's cores.
         .env("KILN_THREADS", "1");
     Some(c)
@@ -134,6 +135,8 @@ fn rank_pids(out: &str, rank: usize) -> Vec<u32> {
 /// first epoch line.
 fn started(out: &str, epochs: &str) -> Option<(Child, BufReader<std::process::ChildStdout>)> {
     let mut c = mpirun()?;
+    // In a process group of its own, as a job a terminal started.
+    std::os::unix::process::CommandExt::process_group(&mut c, 0);
     let mut child = c
         .args(["-np", "2", env!("CARGO_BIN_EXE_kiln")])
         .args(train_args(out, &["--epochs", epochs]))
@@ -258,9 +261,11 @@ fn a_rank_that_fails_alone_stops_every_rank_with_its_error() {
     );
 }
 
-/// Ctrl-C to `mpirun` mid-run: every rank stops after the same step, rank
-/// 0 leaves a checkpoint, and resuming it on 2 ranks ends with the model
-/// file of an uninterrupted 2-rank run, byte for byte.
+/// Ctrl-C mid-run — SIGINT to the job's whole process group, as a
+/// terminal sends it, so the ranks get it directly and again as `mpirun`'s
+/// SIGTERM: every rank stops after the same step, rank 0 leaves a
+/// checkpoint, and resuming it on 2 ranks ends with the model file of an
+/// uninterrupted 2-rank run, byte for byte.
 #[test]
 fn ctrl_c_to_the_launcher_leaves_a_checkpoint_that_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -276,8 +281,9 @@ fn ctrl_c_to_the_launcher_leaves_a_checkpoint_that_resumes_exactly() {
     let cut = dir.path().join("cut");
     let cut_s = cut.to_str().unwrap();
     let (child, rest) = started(cut_s, "60").unwrap();
+    let group = format!("-{}", child.id());
     assert!(Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args(["-INT", "--", &group])
         .status()
         .unwrap()
         .success());

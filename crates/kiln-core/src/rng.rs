@@ -11,6 +11,9 @@
 //! - normal element `i` uses block `o + i/2`: words 0 and 1 for even `i`,
 //!   2 and 3 for odd `i`, through Box–Muller in f64.
 
+/// Uniform elements per counter value: one Philox block's four words.
+pub const UNIFORMS_PER_BLOCK: u64 = 4;
+
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
 const W0: u32 = 0x9E37_79B9;
@@ -48,7 +51,9 @@ pub fn unit_f32(word: u32) -> f32 {
 
 /// Element `i` of the uniform `[0, 1)` stream.
 pub fn uniform(seed: u64, offset: u64, i: u64) -> f32 {
-    unit_f32(block(seed, offset.wrapping_add(i / 4))[(i % 4) as usize])
+    unit_f32(
+        block(seed, offset.wrapping_add(i / UNIFORMS_PER_BLOCK))[(i % UNIFORMS_PER_BLOCK) as usize],
+    )
 }
 
 /// Element `i` of the standard normal stream (f64 Box–Muller).

@@ -120,6 +120,9 @@ impl InProcess {
                 .unwrap_or_else(|e| e.into_inner());
             st = next;
             if timeout.timed_out() && !ready(&st) {
+                // The group is broken: free the others too.
+                st.aborted.get_or_insert((self.rank, -1));
+                self.shared.turn.notify_all();
                 return Err(Error::Backend(format!(
                     "rank {} waited {} s for the other ranks of {} in a collective: one died or \
                      took another path",

@@ -115,8 +115,9 @@ impl FromStr for Engine {
             "local" => Ok(Engine::Local),
             "mpi" => Ok(Engine::Mpi),
             "nccl" => Err(Error::invalid(
-                "--distributed nccl is not built yet: train across GPUs with \
-                 `--distributed mpi` (NCCL is planned, see ARCHITECTURE.md)",
+                "--distributed nccl is not built yet: `--distributed mpi` trains across GPUs too \
+                 (each rank on its machine's GPU of its local rank), with gradients reduced \
+                 through host memory",
             )),
             other => Err(Error::invalid(format!(
                 "--distributed {other}: expected auto, local or mpi"
@@ -159,8 +160,17 @@ pub fn connect(engine: Engine) -> Result<Arc<dyn Collective>> {
 }
 
 #[cfg(feature = "mpi")]
-fn connect_mpi(_launched: Option<usize>) -> Result<Arc<dyn Collective>> {
-    Ok(Arc::new(Mpi::init()?))
+fn connect_mpi(launched: Option<usize>) -> Result<Arc<dyn Collective>> {
+    let mpi = Mpi::init()?;
+    if let Some(n) = launched.filter(|&n| n != mpi.world()) {
+        // Each process would train alone and write the same files.
+        return Err(Error::invalid(format!(
+            "the launcher started {n} processes but MPI sees a world of {}: this kiln's MPI \
+             library is not the launcher's (start it with the mpirun of the MPI it was built with)",
+            mpi.world()
+        )));
+    }
+    Ok(Arc::new(mpi))
 }
 
 #[cfg(not(feature = "mpi"))]

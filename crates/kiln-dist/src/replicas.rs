@@ -65,8 +65,10 @@ pub fn broadcast_params<B: Backend>(c: &dyn Collective, params: &mut [&mut Var<B
 /// examples). Gradients are flattened, in parameter order, into f32 buckets
 /// of about `bucket_bytes` (a parameter larger than a bucket is a bucket of
 /// its own), each reduced by one all-reduce; a parameter this rank has no
-/// gradient for (an empty shard) contributes zeros. Gradients come back in
-/// the dtype they had (a parameter's dtype where it had none).
+/// gradient for (an empty shard) contributes zeros, and one that no rank
+/// has a gradient for stays without one (as in one process, where the
+/// optimiser then leaves it alone). Gradients come back in the dtype they
+/// had (a parameter's dtype where no rank's was known here).
 ///
 /// Every rank must call this with the same parameters in the same order.
 pub fn average_gradients<B: Backend>(
@@ -93,7 +95,8 @@ pub fn average_gradients<B: Backend>(
             len += params[end].numel();
             end += 1;
         }
-        let mut flat = Vec::with_capacity(len);
+        // The gradients, then one presence count per parameter.
+        let mut flat = Vec::with_capacity(len + end - first);
         for p in &params[first..end] {
             match grads.get_id(p.id()) {
                 Some(g) => {
@@ -113,9 +116,21 @@ pub fn average_gradients<B: Backend>(
                 None => flat.resize(flat.len() + p.numel(), 0.0),
             }
         }
+        for p in &params[first..end] {
+            flat.push(if grads.get_id(p.id()).is_some() {
+                1.0
+            } else {
+                0.0
+            });
+        }
         c.all_reduce_sum_f32(&mut flat)?;
         let mut at = 0;
-        for p in &params[first..end] {
+        for (i, p) in params[first..end].iter().enumerate() {
+            if flat[len + i] == 0.0 {
+                // No rank reached this parameter.
+                at += p.numel();
+                continue;
+            }
             let dtype = grads.get_id(p.id()).map_or(p.dtype(), Tensor::dtype);
             let part = flat[at..at + p.numel()].to_vec();
             at += p.numel();
@@ -245,13 +260,14 @@ mod tests {
             .unwrap();
         let mut grads = loss.backward().unwrap();
         assert!(grads.get_id(q.id()).is_none());
-        // 12-byte buckets: [p], [q, r]? q (1) + r (2) = 3 floats fit.
+        // 12-byte buckets: [p], then q (1) + r (2) = 3 floats fit.
         let s = average_gradients(&Local, &[&p, &q, &r], &mut grads, 0.5, 12).unwrap();
         assert_eq!((s.buckets, s.bytes), (2, 24));
         let g = |v: &Var<CpuBackend>| grads.get_id(v.id()).unwrap().to_vec_f32().unwrap();
         assert_eq!(g(&p), [0.5, 0.5, 0.5]);
-        assert_eq!(g(&q), [0.0]);
         assert_eq!(g(&r), [5.0, 6.0]);
+        // No rank had a gradient for q: it still has none.
+        assert!(grads.get_id(q.id()).is_none());
         assert!(average_gradients(&Local, &[&p], &mut grads, f32::NAN, 12).is_err());
     }
 

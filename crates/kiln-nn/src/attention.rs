@@ -248,6 +248,16 @@ impl<B: Backend> Layer<B> for CausalSelfAttention<B> {
     fn set_rng_positions(&self, positions: &[u64]) -> usize {
         crate::layers::restore_position(&self.drawn, positions)
     }
+    fn rng_draws_per_example(&self, input: &[usize]) -> Vec<u64> {
+        // One draw per attention weight: heads × positions × positions.
+        let t = input.first().copied().unwrap_or(0) as u64;
+        let draws = if self.dropout > 0.0 {
+            self.heads as u64 * t * t
+        } else {
+            0
+        };
+        vec![draws]
+    }
     fn spec(&self) -> LayerSpec {
         LayerSpec::Attention {
             heads: self.heads,

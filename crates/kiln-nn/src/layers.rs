@@ -91,6 +91,15 @@ pub trait Layer<B: Backend>: Send + Sync {
         0
     }
 
+    /// How far each of the layer's random streams advances per example of
+    /// a training batch whose examples have shape `input` (one entry per
+    /// [`Layer::rng_positions`] entry): what lets the ranks of a
+    /// data-parallel run draw, between them, the numbers one process would.
+    fn rng_draws_per_example(&self, input: &[usize]) -> Vec<u64> {
+        let _ = input;
+        Vec::new()
+    }
+
     /// Switches training behaviour (dropout) on or off; most layers have none.
     fn set_training(&self, training: bool) {
         let _ = training;
@@ -653,6 +662,14 @@ impl<B: Backend> Layer<B> for Dropout {
     }
     fn set_rng_positions(&self, positions: &[u64]) -> usize {
         restore_position(&self.drawn, positions)
+    }
+    fn rng_draws_per_example(&self, input: &[usize]) -> Vec<u64> {
+        let draws = if self.rate == 0.0 {
+            0
+        } else {
+            input.iter().product::<usize>() as u64
+        };
+        vec![draws]
     }
     fn spec(&self) -> LayerSpec {
         LayerSpec::Dropout { rate: self.rate }

@@ -82,6 +82,18 @@ impl<B: Backend> Layer<B> for Residual<B> {
             l.set_training(training);
         }
     }
+    fn rng_draws_per_example(&self, input: &[usize]) -> Vec<u64> {
+        let mut shape = input.to_vec();
+        let mut draws = Vec::new();
+        for l in &self.layers {
+            draws.extend(l.rng_draws_per_example(&shape));
+            match l.output_shape(&shape) {
+                Ok(next) => shape = next,
+                Err(_) => break,
+            }
+        }
+        draws
+    }
     fn rng_positions(&self) -> Vec<u64> {
         self.layers.iter().flat_map(|l| l.rng_positions()).collect()
     }

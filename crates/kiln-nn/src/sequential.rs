@@ -74,6 +74,24 @@ impl<B: Backend> Sequential<B> {
         self.layers.iter().flat_map(|l| l.rng_positions()).collect()
     }
 
+    /// How far each random stream ([`Sequential::rng_positions`]) advances
+    /// per example of a training batch: rank r of a data-parallel run
+    /// starts its shard's draws `first example × these` past the batch's
+    /// position, so the ranks together draw the numbers one process would
+    /// draw for the whole batch (exactly so where a layer's draws are laid
+    /// out example by example, as Dropout's are; attention weights are
+    /// head-major, so there the ranks draw distinct numbers, not one
+    /// process's).
+    pub fn rng_draws_per_example(&self) -> Result<Vec<u64>> {
+        let mut shape = self.input.clone();
+        let mut draws = Vec::new();
+        for l in &self.layers {
+            draws.extend(l.rng_draws_per_example(&shape));
+            shape = l.output_shape(&shape)?;
+        }
+        Ok(draws)
+    }
+
     /// Restores positions saved by [`Sequential::rng_positions`].
     pub fn set_rng_positions(&self, positions: &[u64]) -> Result<()> {
         let have = self.rng_positions().len();

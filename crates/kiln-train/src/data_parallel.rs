@@ -89,6 +89,45 @@ impl std::fmt::Debug for DataParallel {
     }
 }
 
+/// Where `model`'s random streams stand for a shard: `base` (where they
+/// stood before the batch) advanced to the shard's `first` example, given
+/// each stream's draws per example `per` (from
+/// [`Sequential::rng_draws_per_example`]). A stream's position counts
+/// Philox blocks of [`kiln_core::rng::UNIFORMS_PER_BLOCK`] uniforms, so the
+/// shard starts `first × ⌈per / 4⌉` blocks on: exactly where one process
+/// draws that example's numbers when `per` is a multiple of 4, and never on
+/// another rank's numbers otherwise.
+pub(crate) fn shard_streams<B: Backend>(
+    model: &Sequential<B>,
+    base: &[u64],
+    per: &[u64],
+    first: usize,
+) -> Result<()> {
+    let at: Vec<u64> = base
+        .iter()
+        .zip(per)
+        .map(|(b, d)| b + first as u64 * d.div_ceil(kiln_core::rng::UNIFORMS_PER_BLOCK))
+        .collect();
+    model.set_rng_positions(&at)
+}
+
+/// Where `model`'s random streams stand after a batch of `examples`: as
+/// one process's, whatever the shards drew (a layer advances its stream by
+/// one position per number it draws).
+pub(crate) fn streams_past<B: Backend>(
+    model: &Sequential<B>,
+    base: &[u64],
+    per: &[u64],
+    examples: usize,
+) -> Result<()> {
+    let at: Vec<u64> = base
+        .iter()
+        .zip(per)
+        .map(|(b, d)| b + d * examples as u64)
+        .collect();
+    model.set_rng_positions(&at)
+}
+
 /// One step's totals over every rank.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct StepTotals {
@@ -112,17 +151,18 @@ impl DataParallel {
         batch_size: usize,
         settings: &str,
     ) -> Result<()> {
+        // Agreed first: a rank that stops here stops every rank with it.
+        replicas::agree(
+            self.collective.as_ref(),
+            "training data or settings",
+            settings,
+        )?;
         if batch_size < self.world() {
             return Err(Error::invalid(format!(
                 "batch size {batch_size} cannot be split over {} processes: give each at least one example",
                 self.world()
             )));
         }
-        replicas::agree(
-            self.collective.as_ref(),
-            "training data or settings",
-            settings,
-        )?;
         replicas::broadcast_params(self.collective.as_ref(), &mut model.params_mut())
     }
 

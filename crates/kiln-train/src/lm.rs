@@ -18,6 +18,7 @@ use kiln_data::text::{TextCorpus, TextSplit, Vocab};
 use kiln_nn::{clip_grad_norm, Adam, LrSchedule, Optimizer, OptimizerState, Precision, Sequential};
 use serde::{Deserialize, Serialize};
 
+use crate::data_parallel::{shard_streams, streams_past};
 use crate::model_file::{self, SPEC_KEY};
 use crate::observe::peak_rss_bytes;
 use crate::Verbosity;
@@ -424,10 +425,11 @@ impl<B: Backend> LmTrainer<B> {
         let lead = dp.is_none_or(|d| d.rank() == 0);
         if let Some(d) = dp {
             let settings = format!(
-                "corpus {} (fingerprint {}), model {}, batch {}×{}, seed {}, iters {}, from step {}, precision {}",
+                "corpus {} (fingerprint {}), model {} (seed {}), batch {}×{}, seed {}, iters {}, from step {}, precision {}",
                 corpus.name(),
                 corpus.fingerprint(),
                 self.model.name(),
+                self.model.seed(),
                 cfg.batch_size,
                 cfg.accumulate,
                 cfg.seed,
@@ -439,6 +441,11 @@ impl<B: Backend> LmTrainer<B> {
         }
         // Mid-step stops: alone only (ranks stop together at a step's end).
         let stop_mid = || dp.is_none() && stopping();
+        // Each stream's draws per sequence, to place the ranks' shards.
+        let draws = dp
+            .map(|_| self.model.rng_draws_per_example())
+            .transpose()?
+            .unwrap_or_default();
         let verbosity = if lead {
             cfg.verbosity
         } else {
@@ -476,6 +483,14 @@ impl<B: Backend> LmTrainer<B> {
                         index,
                     )?;
                     if dp.is_some() {
+                        // Where one process's micro-batch `micro` starts
+                        // drawing, then this rank's first sequence in it.
+                        let base: Vec<u64> = drawn
+                            .iter()
+                            .zip(&draws)
+                            .map(|(b, d)| b + d * (micro * cfg.batch_size) as u64)
+                            .collect();
+                        shard_streams(&self.model, &base, &draws, rows.start)?;
                         let block = self.block();
                         x = x[rows.start * block..rows.end * block].to_vec();
                         y = y[rows.start * block..rows.end * block].to_vec();
@@ -516,6 +531,7 @@ impl<B: Backend> LmTrainer<B> {
                 }
                 optimizer.step(&mut self.model.params_mut(), &grads)?;
                 if let Some(d) = dp {
+                    streams_past(&self.model, &drawn, &draws, cfg.accumulate * cfg.batch_size)?;
                     d.after_step(&self.model, it + 1)?;
                 }
                 progress.iter += 1;

@@ -11,7 +11,7 @@ use kiln_dist::replicas;
 use kiln_nn::{Loss, Optimizer, Sequential};
 
 use crate::checkpoint::{self, Progress};
-use crate::data_parallel::DataParallel;
+use crate::data_parallel::{shard_streams, streams_past, DataParallel};
 use crate::progress::EpochProgress;
 use crate::{ClassificationReport, EpochRecord, History, LossScaler, Verbosity};
 
@@ -542,7 +542,7 @@ impl<B: Backend> Trainer<B> {
         if let Some(d) = dp {
             let settings = format!(
                 "dataset {} ({} examples, fingerprint {}), model {}, batch {}, seed {}, epochs {}, \
-                 shuffle {}, augment {}, precision {}",
+                 shuffle {}, augment {}, precision {}, optimiser {}, from {}, model seed {}",
                 train.name(),
                 train.len(),
                 train.fingerprint(),
@@ -552,10 +552,22 @@ impl<B: Backend> Trainer<B> {
                 cfg.epochs,
                 cfg.shuffle,
                 cfg.augment.is_some(),
-                self.model.precision().name()
+                self.model.precision().name(),
+                self.optimizer.describe(),
+                from.map_or("the start".to_string(), |p| format!(
+                    "epoch {} batch {}",
+                    p.epoch + 1,
+                    p.batch
+                )),
+                self.model.seed()
             );
             d.start(&mut self.model, cfg.batch_size, &settings)?;
         }
+        // Each stream's draws per example, to place the ranks' shards.
+        let draws = dp
+            .map(|_| self.model.rng_draws_per_example())
+            .transpose()?
+            .unwrap_or_default();
         // Rank 0 speaks for a distributed run.
         let verbosity = if writes_files(cfg) {
             cfg.verbosity
@@ -601,6 +613,7 @@ impl<B: Backend> Trainer<B> {
                 let (images, labels, local) = match dp {
                     Some(d) => {
                         let rows = replicas::shard(n, d.rank(), d.world());
+                        shard_streams(&self.model, &rng_before, &draws, rows.start)?;
                         let per = batch.images.len() / n.max(1);
                         let images = batch.images[rows.start * per..rows.end * per].to_vec();
                         (images, batch.labels[rows.clone()].to_vec(), rows.len())
@@ -674,6 +687,7 @@ impl<B: Backend> Trainer<B> {
                     self.optimizer.step(&mut self.model.params_mut(), &grads)?;
                 }
                 if let Some(d) = dp {
+                    streams_past(&self.model, &rng_before, &draws, n)?;
                     d.after_step(&self.model, ((epoch - 1) * loader.batches() + done) as u64)?;
                 }
                 tally.add(batch_loss, correct, n);

@@ -27,9 +27,9 @@ fn trainer(spec: &ModelSpec, seed: u64) -> Trainer<CpuBackend> {
 
 type Run = (kiln_core::Result<History>, Vec<Vec<u8>>);
 
-/// Trains `spec` on `world` ranks, rank r's model initialised from seed
-/// `init + r` (rank 0's weights must win), each with `cfg` and the replica
-/// check on; `tweak` adjusts a rank's settings. Each rank's result and
+/// Trains `spec` on `world` ranks, each model built from seed `init`, the
+/// first parameter of ranks 1… then zeroed (rank 0's weights must win),
+/// each with `cfg` and the replica check on; `tweak` adjusts a rank's settings. Each rank's result and
 /// final weights, in rank order.
 fn fit_ranks(
     world: usize,
@@ -55,7 +55,15 @@ fn fit_ranks(
                             .verify_replicas(true),
                     );
                     tweak(r, &mut c);
-                    let mut t = trainer(spec, init + r as u64);
+                    let mut t = trainer(spec, init);
+                    if r > 0 {
+                        // Rank 0's weights must win: the others start elsewhere.
+                        let p = &mut t.model_mut().params_mut()[0];
+                        let zeros =
+                            kiln_core::Tensor::zeros(p.shape().dims(), p.dtype(), p.backend())
+                                .unwrap();
+                        p.set(&zeros).unwrap();
+                    }
                     let h = t.fit(train, None, &c);
                     (h, weights(&t))
                 })
@@ -69,55 +77,63 @@ fn losses(h: &History) -> Vec<f64> {
     h.epochs.iter().map(|e| e.loss).collect()
 }
 
-/// Two ranks with global batch 100 against one process with batch 100:
-/// the replicas end bit-identical (and were checked after every step), and
-/// the loss curve and weights follow the single process's within float
-/// rounding — not bit for bit, as each rank sums its half of the batch
-/// before the halves are added.
+/// 2 and 3 ranks (shards of 50 and of 33, 33, 34) with global batch 100
+/// against one process with batch 100, dropout in the model: the replicas
+/// end bit-identical (and were checked after every step), and the loss
+/// curve and weights follow the single process's within float rounding —
+/// not bit for bit, as each rank sums its shard before the shards are
+/// added. Dropout masks match one process's because each rank draws from
+/// its first example's place in the stream; unequal shards are weighted by
+/// their size.
 #[test]
-fn two_ranks_stay_identical_and_train_as_one_process() {
+fn ranks_stay_identical_and_train_as_one_process() {
     let train = Dataset::load("mnist-sample", Split::Train, None)
         .unwrap()
         .take(1000);
     let mut c = cfg(3, 4);
     c.batch_size = 100;
-    let spec = ModelSpec::mlp();
-    let runs = fit_ranks(2, &spec, 42, &train, &c, |_, _| {});
-    let (h0, w0) = (runs[0].0.as_ref().unwrap(), &runs[0].1);
-    let (h1, w1) = (runs[1].0.as_ref().unwrap(), &runs[1].1);
-    assert!(w0 == w1, "the replicas differ");
-    assert_eq!(losses(h0), losses(h1));
-    assert_eq!(h0.epochs[0].processes, Some(2));
-    assert!(h0.epochs[0].comm_seconds.unwrap() > 0.0);
-
+    let mut spec = ModelSpec::mlp();
+    spec.layers
+        .insert(2, kiln_nn::LayerSpec::Dropout { rate: 0.3 });
     let mut alone = trainer(&spec, 42);
     let h = alone.fit(&train, None, &c).unwrap();
-    for (dp, one) in losses(h0).iter().zip(losses(&h)) {
+    let single = weights(&alone);
+    for world in [2, 3] {
+        let runs = fit_ranks(world, &spec, 42, &train, &c, |_, _| {});
+        let (h0, w0) = (runs[0].0.as_ref().unwrap(), &runs[0].1);
+        for (hr, wr) in &runs[1..] {
+            assert!(wr == w0, "the replicas differ");
+            assert_eq!(losses(hr.as_ref().unwrap()), losses(h0));
+        }
+        assert_eq!(h0.epochs[0].processes, Some(world));
+        assert!(h0.epochs[0].comm_seconds.unwrap() > 0.0);
+        let mut worst = 0f32;
+        for (a, b) in w0.iter().zip(&single) {
+            let a: &[f32] = bytemuck::cast_slice(a);
+            let b: &[f32] = bytemuck::cast_slice(b);
+            for (x, y) in a.iter().zip(b) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+        eprintln!(
+            "{world} ranks against 1 process: losses {:?} / {:?}, weights differ by up to {worst:e}",
+            losses(h0),
+            losses(&h)
+        );
+        for (dp, one) in losses(h0).iter().zip(losses(&h)) {
+            assert!(
+                (dp - one).abs() <= 1e-5 * one.abs(),
+                "{world} ranks: loss {dp}, one process: {one}"
+            );
+        }
+        // Adam's steps move each weight by up to lr = 1e-3 each; rounding
+        // differences in the gradients move them by far less (and other
+        // dropout masks, or shards weighted wrongly, by far more).
         assert!(
-            (dp - one).abs() <= 1e-5 * one.abs(),
-            "2 ranks: loss {dp}, one process: {one}"
+            worst < 1e-5,
+            "weights differ from one process's by up to {worst}"
         );
     }
-    let single = weights(&alone);
-    let mut worst = 0f32;
-    for (a, b) in w0.iter().zip(&single) {
-        let a: &[f32] = bytemuck::cast_slice(a);
-        let b: &[f32] = bytemuck::cast_slice(b);
-        for (x, y) in a.iter().zip(b) {
-            worst = worst.max((x - y).abs());
-        }
-    }
-    eprintln!(
-        "2 ranks against 1 process: losses {:?} / {:?}, weights differ by up to {worst:e}",
-        losses(h0),
-        losses(&h)
-    );
-    // Adam's first steps move each weight by up to lr = 1e-3; rounding
-    // differences in the gradients move them by far less.
-    assert!(
-        worst < 1e-5,
-        "weights differ from one process's by up to {worst}"
-    );
 }
 
 /// 130 examples in batches of 64 leave a last batch of 2 for 3 ranks: one

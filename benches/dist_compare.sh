@@ -8,8 +8,8 @@
 # training time spent communicating. Then a model of the all-reduce's cost —
 # a ring all-reduce makes 2(N−1) steps of bytes/N each, so
 # t = 2(N−1)·latency + 2(N−1)/N · bytes / bandwidth — fitted to the
-# all-reduce alone (kiln-allreduce-bench, N = 2 and 4, 4 KiB to 16 MiB),
-# and set against the communication time each distributed run measured.
+# all-reduce alone at N = 2 (kiln-allreduce-bench, 4 KiB to 16 MiB), then
+# checked against N = 4 and the communication each distributed run measured.
 #
 # Needs Open MPI (Debian: openmpi-bin libopenmpi-dev libclang-dev); builds
 # `kiln` with `--features mpi`. The medians are over the records of each run
@@ -99,20 +99,25 @@ except OSError:
 points = [(m, n, b or 4 * gpt_params, t) for m, n, b, t in points]
 # The all-reduce alone (kiln-allreduce-bench: after a barrier, no training):
 # a ring all-reduce makes 2(N−1) steps, each a message of bytes/N, so
-# t = 2(N−1)·a + 2(N−1)/N · bytes / B — latency a and bandwidth B fitted by
-# least squares over N = 2 and 4 and 4 KiB…16 MiB.
+# t = 2(N−1)·a + 2(N−1)/N · bytes / B. Latency a and bandwidth B are fitted
+# to the 2-rank runs (least squares on relative error, 4 KiB…16 MiB), then
+# the model predicts the 4-rank runs and the training runs' all-reduces.
 bench = []
 for n in (2, 4):
     bench += [json.loads(l) for l in open(f"{out}/allreduce-{n}.jsonl") if l.startswith("{")]
-rows = [(2 * (r["world"] - 1), 2 * (r["world"] - 1) / r["world"] * r["bytes"], r["median_s"]) for r in bench]
-# Normal equations for t = a·u + c·v (c = 1/B).
-suu = sum(u * u for u, v, t in rows); svv = sum(v * v for u, v, t in rows)
-suv = sum(u * v for u, v, t in rows); sut = sum(u * t for u, v, t in rows); svt = sum(v * t for u, v, t in rows)
+rows = [(2 * (r["world"] - 1), 2 * (r["world"] - 1) / r["world"] * r["bytes"], r["median_s"])
+        for r in bench if r["world"] == 2]
+# Weighted normal equations for t = a·u + c·v (c = 1/B), weights 1/t².
+w = [1 / t ** 2 for _, _, t in rows]
+suu = sum(k * u * u for k, (u, v, t) in zip(w, rows)); svv = sum(k * v * v for k, (u, v, t) in zip(w, rows))
+suv = sum(k * u * v for k, (u, v, t) in zip(w, rows)); sut = sum(k * u * t for k, (u, v, t) in zip(w, rows))
+svt = sum(k * v * t for k, (u, v, t) in zip(w, rows))
 det = suu * svv - suv * suv
 a = (sut * svv - svt * suv) / det
 c = (suu * svt - suv * sut) / det
 model = lambda n, b: 2 * (n - 1) * a + 2 * (n - 1) / n * b * c
-print(f"\nall-reduce alone (kiln-allreduce-bench): t = 2(N−1)·{a * 1e6:.1f} µs + 2(N−1)/N · bytes / {1 / c / 1e9:.2f} GB/s")
+print(f"\nall-reduce alone (kiln-allreduce-bench), fitted to N = 2: "
+      f"t = 2(N−1)·{a * 1e6:.1f} µs + 2(N−1)/N · bytes / {1 / c / 1e9:.2f} GB/s")
 print(f"{'N':>2} {'bytes':>10} {'measured µs':>12} {'model µs':>9}")
 for r in bench:
     print(f"{r['world']:>2} {r['bytes']:>10} {r['median_s'] * 1e6:>12.0f} {model(r['world'], r['bytes']) * 1e6:>9.0f}")

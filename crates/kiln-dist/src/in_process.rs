@@ -168,6 +168,30 @@ impl InProcess {
     }
 }
 
+impl InProcess {
+    /// The element-wise sum over the ranks of `buf`, whose values travel
+    /// as the payload `wrap` makes and `unwrap` reads back.
+    fn all_reduce<T: Copy + std::ops::Add<Output = T>>(
+        &self,
+        buf: &mut [T],
+        wrap: fn(Vec<T>) -> Payload,
+        unwrap: fn(&Payload) -> Option<&Vec<T>>,
+    ) -> Result<()> {
+        let r = self.exchange(wrap(buf.to_vec()), |all| {
+            let parts: Vec<&Vec<T>> = all.iter().filter_map(unwrap).collect();
+            if parts.len() != all.len() {
+                return Err(Error::invalid("ranks called different collectives"));
+            }
+            sum(&parts).map(wrap)
+        })?;
+        match unwrap(&r) {
+            Some(v) if v.len() == buf.len() => buf.copy_from_slice(v),
+            _ => return Err(Error::invalid("all-reduce: ranks' buffers differ")),
+        }
+        Ok(())
+    }
+}
+
 /// Element-wise sums of equally long vectors, in the order given.
 fn sum<T: Copy + std::ops::Add<Output = T>>(parts: &[&Vec<T>]) -> Result<Vec<T>> {
     let mut out = parts[0].clone();
@@ -197,44 +221,16 @@ impl Collective for InProcess {
         format!("in-process ({} threads)", self.shared.world)
     }
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
-        let r = self.exchange(Payload::F32(buf.to_vec()), |all| {
-            let parts: Vec<&Vec<f32>> = all
-                .iter()
-                .filter_map(|p| match p {
-                    Payload::F32(v) => Some(v),
-                    _ => None,
-                })
-                .collect();
-            if parts.len() != all.len() {
-                return Err(Error::invalid("ranks called different collectives"));
-            }
-            sum(&parts).map(Payload::F32)
-        })?;
-        match r {
-            Payload::F32(v) if v.len() == buf.len() => buf.copy_from_slice(&v),
-            _ => return Err(Error::invalid("all-reduce: ranks' buffers differ")),
-        }
-        Ok(())
+        self.all_reduce(buf, Payload::F32, |p| match p {
+            Payload::F32(v) => Some(v),
+            _ => None,
+        })
     }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        let r = self.exchange(Payload::F64(buf.to_vec()), |all| {
-            let parts: Vec<&Vec<f64>> = all
-                .iter()
-                .filter_map(|p| match p {
-                    Payload::F64(v) => Some(v),
-                    _ => None,
-                })
-                .collect();
-            if parts.len() != all.len() {
-                return Err(Error::invalid("ranks called different collectives"));
-            }
-            sum(&parts).map(Payload::F64)
-        })?;
-        match r {
-            Payload::F64(v) if v.len() == buf.len() => buf.copy_from_slice(&v),
-            _ => return Err(Error::invalid("all-reduce: ranks' buffers differ")),
-        }
-        Ok(())
+        self.all_reduce(buf, Payload::F64, |p| match p {
+            Payload::F64(v) => Some(v),
+            _ => None,
+        })
     }
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
         if root >= self.shared.world {

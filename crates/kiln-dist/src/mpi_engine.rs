@@ -6,6 +6,7 @@ use std::thread::ThreadId;
 
 use kiln_core::{Error, Result};
 use mpi::collective::SystemOperation;
+use mpi::datatype::Equivalence;
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives, Root};
@@ -77,6 +78,17 @@ impl Mpi {
     fn locked(&self) -> std::sync::MutexGuard<'_, ()> {
         self.lock.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// `buf` replaced by its element-wise sum over the ranks, in calls of
+    /// at most `MAX_COUNT` elements.
+    fn sum_into<T: Equivalence + Clone>(&self, buf: &mut [T]) {
+        let _g = self.locked();
+        for chunk in buf.chunks_mut(MAX_COUNT) {
+            let send = chunk.to_vec();
+            self.world
+                .all_reduce_into(&send[..], chunk, SystemOperation::sum());
+        }
+    }
 }
 
 /// Open MPI's default choice of all-reduce for a few ranks on one machine
@@ -130,21 +142,11 @@ impl Collective for Mpi {
         format!("mpi ({library}, {} processes)", self.size)
     }
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
-        let _g = self.locked();
-        for chunk in buf.chunks_mut(MAX_COUNT) {
-            let send = chunk.to_vec();
-            self.world
-                .all_reduce_into(&send[..], chunk, SystemOperation::sum());
-        }
+        self.sum_into(buf);
         Ok(())
     }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        let _g = self.locked();
-        for chunk in buf.chunks_mut(MAX_COUNT) {
-            let send = chunk.to_vec();
-            self.world
-                .all_reduce_into(&send[..], chunk, SystemOperation::sum());
-        }
+        self.sum_into(buf);
         Ok(())
     }
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {

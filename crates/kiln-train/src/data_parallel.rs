@@ -103,12 +103,8 @@ pub(crate) fn shard_streams<B: Backend>(
     per: &[u64],
     first: usize,
 ) -> Result<()> {
-    let at: Vec<u64> = base
-        .iter()
-        .zip(per)
-        .map(|(b, d)| b + first as u64 * d.div_ceil(kiln_core::rng::UNIFORMS_PER_BLOCK))
-        .collect();
-    model.set_rng_positions(&at)
+    let blocks = |d: u64| first as u64 * d.div_ceil(kiln_core::rng::UNIFORMS_PER_BLOCK);
+    move_streams(model, base, per, blocks)
 }
 
 /// Where `model`'s random streams stand after a batch of `examples`: as
@@ -120,11 +116,17 @@ pub(crate) fn streams_past<B: Backend>(
     per: &[u64],
     examples: usize,
 ) -> Result<()> {
-    let at: Vec<u64> = base
-        .iter()
-        .zip(per)
-        .map(|(b, d)| b + d * examples as u64)
-        .collect();
+    move_streams(model, base, per, |d| d * examples as u64)
+}
+
+/// Sets each stream to its `base` plus `advance` of its draws per example.
+fn move_streams<B: Backend>(
+    model: &Sequential<B>,
+    base: &[u64],
+    per: &[u64],
+    advance: impl Fn(u64) -> u64,
+) -> Result<()> {
+    let at: Vec<u64> = base.iter().zip(per).map(|(b, &d)| b + advance(d)).collect();
     model.set_rng_positions(&at)
 }
 

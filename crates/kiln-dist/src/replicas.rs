@@ -247,7 +247,7 @@ mod tests {
     }
 
     #[test]
-    fn buckets_hold_whole_parameters_and_missing_gradients_are_zero() {
+    fn buckets_hold_whole_parameters_and_unreached_ones_stay_without_gradients() {
         let b = CpuBackend::reference();
         let var =
             |v: &[f32]| Var::from_tensor(&Tensor::from_slice(v, &[v.len()], &b).unwrap()).unwrap();

@@ -365,15 +365,48 @@ impl<B: Backend> LmTrainer<B> {
         first: u64,
         iters: u64,
     ) -> Result<f64> {
+        let sum = self.evaluate_part(corpus, split, batch, (seed, first, iters), 0, 1)?;
+        Ok(sum / iters.max(1) as f64)
+    }
+
+    /// The summed loss of the batches `(seed, first + i)`, `i < iters`, that
+    /// fall to `rank` of `world` (every `world`-th, from `rank`).
+    fn evaluate_part(
+        &self,
+        corpus: &TextCorpus,
+        split: TextSplit,
+        batch: usize,
+        (seed, first, iters): (u64, u64, u64),
+        rank: usize,
+        world: usize,
+    ) -> Result<f64> {
         self.model.set_training(false);
         let mut sum = 0.0;
-        for i in 0..iters {
+        for i in (rank as u64..iters).step_by(world.max(1)) {
             let (x, y) = corpus.batch(split, batch, self.block(), seed, first + i)?;
             let l = no_grad(|| self.loss(x, y, batch, &|| false))?
                 .expect("an evaluation is never stopped");
             sum += f64::from(l.to_scalar_f32()?);
         }
-        Ok(sum / iters.max(1) as f64)
+        Ok(sum)
+    }
+
+    /// [`LmTrainer::evaluate`] shared among the ranks of `dp`: each takes
+    /// every `world`-th batch, and the sums are added.
+    fn evaluate_shared(
+        &self,
+        corpus: &TextCorpus,
+        split: TextSplit,
+        batch: usize,
+        draws: (u64, u64, u64),
+        dp: Option<&crate::DataParallel>,
+    ) -> Result<f64> {
+        let Some(d) = dp else {
+            return self.evaluate(corpus, split, batch, draws.0, draws.1, draws.2);
+        };
+        let mut sum = [self.evaluate_part(corpus, split, batch, draws, d.rank(), d.world())?];
+        d.collective.all_reduce_sum_f64(&mut sum)?;
+        Ok(sum[0] / draws.2.max(1) as f64)
     }
 
     /// Trains for `cfg.iters` steps (from where a resumed run stood),
@@ -550,21 +583,20 @@ impl<B: Backend> LmTrainer<B> {
                     trained += clock.elapsed().as_secs_f64();
                     let round = progress.history.len() as u64;
                     let first = round * cfg.eval_iters;
-                    let train_loss = self.evaluate(
+                    // Shared among the ranks of a distributed run.
+                    let train_loss = self.evaluate_shared(
                         corpus,
                         TextSplit::Train,
                         cfg.batch_size,
-                        cfg.seed ^ 0x5eed_e7a1,
-                        first,
-                        cfg.eval_iters,
+                        (cfg.seed ^ 0x5eed_e7a1, first, cfg.eval_iters),
+                        dp,
                     )?;
-                    let val_loss = self.evaluate(
+                    let val_loss = self.evaluate_shared(
                         corpus,
                         TextSplit::Val,
                         cfg.batch_size,
-                        cfg.seed,
-                        first,
-                        cfg.eval_iters,
+                        (cfg.seed, first, cfg.eval_iters),
+                        dp,
                     )?;
                     let (sum, n) = progress.partial;
                     let record = LmRecord {

@@ -720,8 +720,9 @@ impl<B: Backend> Trainer<B> {
                 .as_ref()
                 .zip(energy_start)
                 .and_then(|(m, from)| m.read().map(|to| m.joules(&from, &to)));
+            // Shared among the ranks of a distributed run.
             let val = validation
-                .map(|v| self.evaluate(v, cfg.batch_size.max(256)))
+                .map(|v| self.evaluate_shared(v, cfg.batch_size.max(256), dp))
                 .transpose()?;
             let record = EpochRecord {
                 epoch,
@@ -766,9 +767,24 @@ impl<B: Backend> Trainer<B> {
 
     /// Mean loss and accuracy over `ds`, without recording any graph.
     pub fn evaluate(&self, ds: &Dataset, batch_size: usize) -> Result<Evaluation> {
+        let tally = self.tally(ds, 0..ds.len(), batch_size)?;
+        Ok(Evaluation {
+            loss: tally.loss(),
+            accuracy: tally.accuracy(),
+            examples: tally.seen,
+        })
+    }
+
+    /// Loss and correct predictions over examples `rows` of `ds`.
+    fn tally(
+        &self,
+        ds: &Dataset,
+        rows: std::ops::Range<usize>,
+        batch_size: usize,
+    ) -> Result<Tally> {
         self.check_dataset(ds)?;
         let _g = kiln_core::NoGradGuard::new();
-        let order: Vec<u32> = (0..ds.len() as u32).collect();
+        let order: Vec<u32> = (rows.start as u32..rows.end as u32).collect();
         let mut tally = Tally::default();
         for chunk in order.chunks(batch_size.max(1)) {
             let b = assemble(ds, chunk);
@@ -777,10 +793,30 @@ impl<B: Backend> Trainer<B> {
             let loss = f64::from(self.loss.compute(&out, &y)?.to_scalar_f32()?);
             tally.add(loss, Self::correct(&out, &labels)?, b.len);
         }
+        Ok(tally)
+    }
+
+    /// [`Trainer::evaluate`], shared among the ranks of `dp` when given:
+    /// each evaluates its shard of `ds`, and the totals are added.
+    fn evaluate_shared(
+        &self,
+        ds: &Dataset,
+        batch_size: usize,
+        dp: Option<&DataParallel>,
+    ) -> Result<Evaluation> {
+        let Some(d) = dp else {
+            return self.evaluate(ds, batch_size);
+        };
+        let part = self.tally(
+            ds,
+            replicas::shard(ds.len(), d.rank(), d.world()),
+            batch_size,
+        )?;
+        let t = d.totals(part.loss(), part.correct, part.seen, false)?;
         Ok(Evaluation {
-            loss: tally.loss(),
-            accuracy: tally.accuracy(),
-            examples: tally.seen,
+            loss: t.loss,
+            accuracy: t.correct as f64 / t.examples.max(1) as f64,
+            examples: t.examples,
         })
     }
 

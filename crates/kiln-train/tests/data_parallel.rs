@@ -36,6 +36,7 @@ fn fit_ranks(
     spec: &ModelSpec,
     init: u64,
     train: &Dataset,
+    validation: Option<&Dataset>,
     cfg: &FitConfig,
     tweak: impl Fn(usize, &mut FitConfig) + Sync,
 ) -> Vec<Run> {
@@ -64,7 +65,7 @@ fn fit_ranks(
                                 .unwrap();
                         p.set(&zeros).unwrap();
                     }
-                    let h = t.fit(train, None, &c);
+                    let h = t.fit(train, validation, &c);
                     (h, weights(&t))
                 })
             })
@@ -95,11 +96,14 @@ fn ranks_stay_identical_and_train_as_one_process() {
     let mut spec = ModelSpec::mlp();
     spec.layers
         .insert(2, kiln_nn::LayerSpec::Dropout { rate: 0.3 });
+    let test = Dataset::load("mnist-sample", Split::Test, None)
+        .unwrap()
+        .take(301);
     let mut alone = trainer(&spec, 42);
-    let h = alone.fit(&train, None, &c).unwrap();
+    let h = alone.fit(&train, Some(&test), &c).unwrap();
     let single = weights(&alone);
     for world in [2, 3] {
-        let runs = fit_ranks(world, &spec, 42, &train, &c, |_, _| {});
+        let runs = fit_ranks(world, &spec, 42, &train, Some(&test), &c, |_, _| {});
         let (h0, w0) = (runs[0].0.as_ref().unwrap(), &runs[0].1);
         for (hr, wr) in &runs[1..] {
             assert!(wr == w0, "the replicas differ");
@@ -126,6 +130,15 @@ fn ranks_stay_identical_and_train_as_one_process() {
                 "{world} ranks: loss {dp}, one process: {one}"
             );
         }
+        // The validation set, shared among the ranks, scores as in one process.
+        for (dp, one) in h0.epochs.iter().zip(&h.epochs) {
+            let (l, l1) = (dp.val_loss.unwrap(), one.val_loss.unwrap());
+            assert!(
+                (l - l1).abs() <= 1e-5 * l1,
+                "{world} ranks: val loss {l}, one process {l1}"
+            );
+            assert_eq!(dp.val_accuracy, one.val_accuracy, "{world} ranks");
+        }
         // Adam's steps move each weight by up to lr = 1e-3 each; rounding
         // differences in the gradients move them by far less (and other
         // dropout masks, or shards weighted wrongly, by far more).
@@ -146,13 +159,13 @@ fn an_empty_shard_is_harmless_and_a_too_small_batch_is_refused() {
         .take(130);
     let mut c = cfg(1, 9);
     c.batch_size = 64;
-    let runs = fit_ranks(3, &ModelSpec::mlp(), 1, &train, &c, |_, _| {});
+    let runs = fit_ranks(3, &ModelSpec::mlp(), 1, &train, None, &c, |_, _| {});
     for (h, w) in &runs {
         assert!(h.as_ref().unwrap().epochs[0].images_per_sec > 0.0);
         assert!(w == &runs[0].1);
     }
     c.batch_size = 2;
-    for (h, _) in fit_ranks(3, &ModelSpec::mlp(), 1, &train, &c, |_, _| {}) {
+    for (h, _) in fit_ranks(3, &ModelSpec::mlp(), 1, &train, None, &c, |_, _| {}) {
         let e = h.unwrap_err().to_string();
         assert!(
             e.contains("batch size 2 cannot be split over 3 processes"),
@@ -184,11 +197,11 @@ fn a_stop_on_one_rank_checkpoints_once_and_resumes_exactly() {
         std::fs::create_dir_all(dir.path().join(sub)).unwrap();
         c
     };
-    let straight = fit_ranks(2, &spec, 5, &train, &cfg_in("a"), |_, _| {});
+    let straight = fit_ranks(2, &spec, 5, &train, None, &cfg_in("a"), |_, _| {});
     let lines = std::fs::read_to_string(dir.path().join("a/history.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 2, "one writer: {lines}");
 
-    let stopped = fit_ranks(2, &spec, 5, &train, &cfg_in("b"), |r, c| {
+    let stopped = fit_ranks(2, &spec, 5, &train, None, &cfg_in("b"), |r, c| {
         if r == 1 {
             stop_after(c, 8);
         }
@@ -249,7 +262,7 @@ fn ranks_with_different_data_or_settings_refuse_to_start() {
         .unwrap()
         .take(200);
     let c = cfg(1, 2);
-    let runs = fit_ranks(2, &ModelSpec::mlp(), 1, &train, &c, |r, c| {
+    let runs = fit_ranks(2, &ModelSpec::mlp(), 1, &train, None, &c, |r, c| {
         if r == 1 {
             c.seed = 3;
         }

@@ -89,9 +89,10 @@ impl std::fmt::Debug for DataParallel {
     }
 }
 
-/// Where `model`'s random streams stand for a shard: `base` (where they
-/// stood before the batch) advanced to the shard's `first` example, given
-/// each stream's draws per example `per` (from
+/// Where `model`'s random streams stand for a shard: `base` advanced past
+/// `before` whole examples (earlier micro-batches of the step, drawn as one
+/// process draws them) and then to the shard's `first` example of its
+/// batch, given each stream's draws per example `per` (from
 /// [`Sequential::rng_draws_per_example`]). A stream's position counts
 /// Philox blocks of [`kiln_core::rng::UNIFORMS_PER_BLOCK`] uniforms, so the
 /// shard starts `first × ⌈per / 4⌉` blocks on: exactly where one process
@@ -101,9 +102,11 @@ pub(crate) fn shard_streams<B: Backend>(
     model: &Sequential<B>,
     base: &[u64],
     per: &[u64],
+    before: usize,
     first: usize,
 ) -> Result<()> {
-    let blocks = |d: u64| first as u64 * d.div_ceil(kiln_core::rng::UNIFORMS_PER_BLOCK);
+    let blocks =
+        |d: u64| d * before as u64 + first as u64 * d.div_ceil(kiln_core::rng::UNIFORMS_PER_BLOCK);
     move_streams(model, base, per, blocks)
 }
 

@@ -516,14 +516,10 @@ impl<B: Backend> LmTrainer<B> {
                         index,
                     )?;
                     if dp.is_some() {
-                        // Where one process's micro-batch `micro` starts
-                        // drawing, then this rank's first sequence in it.
-                        let base: Vec<u64> = drawn
-                            .iter()
-                            .zip(&draws)
-                            .map(|(b, d)| b + d * (micro * cfg.batch_size) as u64)
-                            .collect();
-                        shard_streams(&self.model, &base, &draws, rows.start)?;
+                        // Past the step's earlier micro-batches, then to this
+                        // rank's first sequence in this one.
+                        let before = micro * cfg.batch_size;
+                        shard_streams(&self.model, &drawn, &draws, before, rows.start)?;
                         let block = self.block();
                         x = x[rows.start * block..rows.end * block].to_vec();
                         y = y[rows.start * block..rows.end * block].to_vec();

@@ -613,7 +613,7 @@ impl<B: Backend> Trainer<B> {
                 let (images, labels, local) = match dp {
                     Some(d) => {
                         let rows = replicas::shard(n, d.rank(), d.world());
-                        shard_streams(&self.model, &rng_before, &draws, rows.start)?;
+                        shard_streams(&self.model, &rng_before, &draws, 0, rows.start)?;
                         let per = batch.images.len() / n.max(1);
                         let images = batch.images[rows.start * per..rows.end * per].to_vec();
                         (images, batch.labels[rows.clone()].to_vec(), rows.len())

@@ -642,6 +642,7 @@ macro_rules! __with_checks {
         $crate::$cb!($($args)*;
             upload_download: F32 F16 BF16 U32;
             copy_strided: F32 F16 BF16 U32;
+            contiguous: F32 F16 BF16 U32;
             full: F32 F16 BF16 U32;
             cast: F32 F16 BF16 U32;
             gemm: F32 F16 BF16;

@@ -492,9 +492,22 @@ fn propagate<B: Backend>(
             accumulate(pending, x, g.permute(&inverse)?)
         }
         Op::Narrow { x, dim, start } => {
-            let dx = Tensor::zeros(x.dims(), g.dtype(), g.backend())?;
-            let dx = dx.write_slice(*dim, *start, &g)?;
-            accumulate(pending, x, dx)
+            if !x.requires_grad() {
+                return Ok(());
+            }
+            // Slices of one tensor (attention's query, key and value) share
+            // one gradient buffer: the first places its window in zeros,
+            // the next add theirs into their windows only.
+            let dx = match pending.remove(&x.id()) {
+                Some(prev) => {
+                    let len = g.dims()[*dim];
+                    let window = prev.narrow(*dim, *start, len)?.add(&g)?;
+                    prev.write_slice(*dim, *start, &window)?
+                }
+                None => g.placed_in_zeros(x.dims(), *dim, *start)?,
+            };
+            pending.insert(x.id(), dx);
+            Ok(())
         }
         Op::Broadcast { x } => accumulate(pending, x, g.sum_to(x.dims())?),
         Op::Cast { x } => accumulate(pending, x, g.cast(x.dtype())?),

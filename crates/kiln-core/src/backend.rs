@@ -641,6 +641,17 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
         dst_layout: &Layout,
     ) -> Result<()>;
 
+    /// A new storage holding the elements of `src` row-major in its
+    /// layout's shape (same dtype). Exact. The default fills a storage and
+    /// copies into it with [`Backend::copy_strided`]; a backend that can
+    /// gather in one pass, without the fill, overrides it.
+    fn contiguous(&self, src: View<'_, Self::Storage>) -> Result<Self::Storage> {
+        let mut dst = self.full(src.layout.numel(), src.storage.dtype(), 0.0)?;
+        let layout = Layout::contiguous(src.layout.shape().clone());
+        self.copy_strided(src, &mut dst, &layout)?;
+        Ok(dst)
+    }
+
     /// Converts to another dtype: exact when widening, round-to-nearest-even
     /// when narrowing; NaN stays NaN. Float to u32 truncates toward zero and
     /// saturates; NaN becomes 0.

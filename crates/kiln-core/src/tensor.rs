@@ -418,10 +418,7 @@ impl<B: Backend> Tensor<B> {
         if self.layout().is_contiguous() {
             return Ok(self.clone());
         }
-        let mut dst = self.backend().full(self.numel(), self.dtype(), 0.0)?;
-        let layout = Layout::contiguous(self.shape().clone());
-        self.backend()
-            .copy_strided(self.view(), &mut dst, &layout)?;
+        let dst = self.backend().contiguous(self.view())?;
         self.result(dst, self.dims(), || Op::Reshape { x: self.clone() })
     }
 
@@ -432,10 +429,8 @@ impl<B: Backend> Tensor<B> {
         if self.layout().contiguous_range() == Some(0..self.storage().len()) {
             return Ok(self.detach());
         }
-        let mut dst = self.backend().full(self.numel(), self.dtype(), 0.0)?;
+        let dst = self.backend().contiguous(self.view())?;
         let layout = Layout::contiguous(self.shape().clone());
-        self.backend()
-            .copy_strided(self.view(), &mut dst, &layout)?;
         Tensor::from_storage(Arc::new(dst), layout, self.backend())
     }
 
@@ -443,9 +438,8 @@ impl<B: Backend> Tensor<B> {
     /// `start..start + src.dims()[dim]` of dimension `dim`. Records nothing.
     pub fn write_slice(&self, dim: usize, start: usize, src: &Tensor<B>) -> Result<Self> {
         let len = src.dims().get(dim).copied().unwrap_or(0);
-        let mut dst = self.backend().full(self.numel(), self.dtype(), 0.0)?;
+        let mut dst = self.backend().contiguous(self.view())?;
         let full = Layout::contiguous(self.shape().clone());
-        self.backend().copy_strided(self.view(), &mut dst, &full)?;
         let window = full.narrow(dim, start, len)?;
         if window.dims() != src.dims() {
             return Err(Error::shape(
@@ -458,6 +452,26 @@ impl<B: Backend> Tensor<B> {
             ));
         }
         self.backend().copy_strided(src.view(), &mut dst, &window)?;
+        Tensor::from_storage(Arc::new(dst), full, self.backend())
+    }
+
+    /// Zeros of shape `dims` with `self` written over elements
+    /// `start..start + self.dims()[dim]` of dimension `dim` (the gradient
+    /// of a slice). Records nothing.
+    pub(crate) fn placed_in_zeros(&self, dims: &[usize], dim: usize, start: usize) -> Result<Self> {
+        let shape = Shape::new(dims)?;
+        let mut dst = self.backend().full(shape.numel(), self.dtype(), 0.0)?;
+        let full = Layout::contiguous(shape);
+        let len = self.dims().get(dim).copied().unwrap_or(0);
+        let window = full.narrow(dim, start, len)?;
+        if window.dims() != self.dims() {
+            return Err(Error::shape(
+                "slice gradient",
+                format!("{} does not fit window {}", self.shape(), window.shape()),
+            ));
+        }
+        self.backend()
+            .copy_strided(self.view(), &mut dst, &window)?;
         Tensor::from_storage(Arc::new(dst), full, self.backend())
     }
 

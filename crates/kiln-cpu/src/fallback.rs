@@ -242,6 +242,10 @@ impl<D: Backend> Backend for Fallback<D> {
         self.device.copy_strided(src, dst, dst_layout)
     }
 
+    fn contiguous(&self, src: View<'_, D::Storage>) -> Result<D::Storage> {
+        self.device.contiguous(src)
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.device.synchronize()
     }

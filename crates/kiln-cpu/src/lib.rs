@@ -179,6 +179,13 @@ impl Backend for CpuBackend {
         storage::copy_strided(src, dst, dst_layout)
     }
 
+    fn contiguous(&self, src: View<'_, HostData>) -> Result<HostData> {
+        match self.simd() {
+            Some((_, workers)) => storage::gather_on(workers, src),
+            None => storage::gather(src),
+        }
+    }
+
     fn cast(&self, src: View<'_, HostData>, dtype: DType) -> Result<HostData> {
         if let Some((set, _)) = self.simd() {
             if let Some(out) = vector::ops::cast(set, src, dtype) {

@@ -7,6 +7,7 @@ use kiln_core::{
 };
 
 use crate::unsupported;
+use crate::workers::Workers;
 
 /// Errors unless `layout` stays inside a storage of `len` elements.
 pub(crate) fn check_bounds(op: &'static str, layout: &Layout, len: usize) -> Result<()> {
@@ -39,6 +40,61 @@ pub(crate) fn gather(src: View<'_, HostData>) -> Result<HostData> {
         HostData::BF16(d) => HostData::BF16(gather_typed(d, src.layout)),
         HostData::U32(d) => HostData::U32(gather_typed(d, src.layout)),
     })
+}
+
+/// Elements below which a strided gather stays on the calling thread.
+const GATHER_PARALLEL_MIN: usize = 1 << 16;
+
+/// [`gather`], with a large strided f32 view (attention's head split and
+/// merge) copied in slabs of its outer dimensions on `pool`'s threads.
+pub(crate) fn gather_on(pool: &Workers, src: View<'_, HostData>) -> Result<HostData> {
+    let l = src.layout;
+    let data = match src.storage {
+        HostData::F32(d)
+            if pool.threads() > 1
+                && l.rank() > 1
+                && l.numel() >= GATHER_PARALLEL_MIN
+                && l.contiguous_range().is_none() =>
+        {
+            d
+        }
+        _ => return gather(src),
+    };
+    check_bounds("download", l, data.len())?;
+    // Outer dimensions enough for a few slabs per thread.
+    let dims = l.dims();
+    let (mut slabs, mut outer) = (1, 0);
+    while outer + 1 < dims.len() && slabs < 4 * pool.threads() {
+        slabs *= dims[outer];
+        outer += 1;
+    }
+    let slab = l.numel() / slabs;
+    // Each slab's view: outer indices in row-major order.
+    let views = (0..slabs)
+        .map(|mut rest| {
+            let mut sub = l.clone();
+            for d in (0..outer).rev() {
+                sub = sub.narrow(d, rest % dims[d], 1)?;
+                rest /= dims[d];
+            }
+            Ok(sub)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let out = pool.zeroed(l.numel(), slab, |start, part| {
+        let mut at = 0;
+        views[start / slab].for_each_run(|o, len, stride| {
+            let dst = &mut part[at..at + len];
+            if stride == 1 {
+                dst.copy_from_slice(&data[o..o + len]);
+            } else {
+                for (j, v) in dst.iter_mut().enumerate() {
+                    *v = data[o + j * stride];
+                }
+            }
+            at += len;
+        });
+    });
+    Ok(HostData::F32(out))
 }
 
 /// The elements of a float operand as f32, row-major; borrowed when the
@@ -184,4 +240,37 @@ pub(crate) fn cast(src: View<'_, HostData>, dtype: DType) -> Result<HostData> {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::Shape;
+
+    #[test]
+    fn a_gather_split_among_threads_matches_one_thread() {
+        let pool = Workers::new(3).unwrap();
+        // Attention's head split [n, t, 3, h, d] → [3, h, n, t, d] and merge,
+        // a transpose, a slice with a broadcast row.
+        let values: Vec<f32> = (0..12 * 64 * 3 * 4 * 32).map(|i| i as f32).collect();
+        let data = HostData::F32(values);
+        let full = |dims: &[usize]| Layout::contiguous(Shape::new(dims).unwrap());
+        let layouts = [
+            full(&[12, 64, 3, 4, 32]).permute(&[2, 3, 0, 1, 4]).unwrap(),
+            full(&[4, 12, 64, 96]).permute(&[1, 2, 0, 3]).unwrap(),
+            full(&[768, 384]).transpose(0, 1).unwrap(),
+            full(&[3, 1, 100_000]).narrow(2, 7, 70_000).unwrap(),
+            full(&[1, 294_912])
+                .broadcast_as(&Shape::new(&[2, 294_912]).unwrap())
+                .unwrap(),
+        ];
+        for layout in &layouts {
+            let src = View::new(&data, layout);
+            let want = gather(src).unwrap();
+            assert_eq!(gather_on(&pool, src).unwrap(), want, "{layout:?}");
+        }
+        // Out of bounds is an error, not a panic.
+        let too_far = full(&[1000, 1000]).transpose(0, 1).unwrap();
+        assert!(gather_on(&pool, View::new(&data, &too_far)).is_err());
+    }
 }

@@ -22,6 +22,23 @@ pub(crate) fn upload_download<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> 
     })
 }
 
+pub(crate) fn contiguous<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
+    // Transposed, sliced and broadcast sources; the blocked tier's sizes
+    // split the copy among threads.
+    let s = move |z: &Sizer| {
+        z.elementwise(4, 9)
+            .prop_flat_map(move |d| operand(dtype, d, Domain::General, true))
+            .boxed()
+    };
+    run_cases("contiguous", dtype, cfg, s, |x| {
+        let st = x.upload(b)?;
+        let copy = b.contiguous(View::new(&st, &x.layout))?;
+        let got = fetch_all(b, &copy, x.dims())?;
+        let want: Vec<_> = x.logical().into_iter().map(|v| (v, Bound::Exact)).collect();
+        compare("contiguous copy", dtype, x.dims(), &got, &want)
+    })
+}
+
 pub(crate) fn copy_strided<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
     // A source in any arrangement, copied into a window of a larger buffer.
     let s = move |z: &Sizer| {

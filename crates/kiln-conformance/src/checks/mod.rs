@@ -64,6 +64,7 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, dtype: DType, cfg: &Config) -> Re
     match op {
         "upload_download" => memory::upload_download(b, dtype, cfg),
         "copy_strided" => memory::copy_strided(b, dtype, cfg),
+        "contiguous" => memory::contiguous(b, dtype, cfg),
         "full" => memory::full(b, dtype, cfg),
         "cast" => memory::cast(b, dtype, cfg),
         "gemm" => gemm::gemm(b, dtype, cfg, false),

@@ -42,9 +42,13 @@ pub(crate) use pack::Matrix;
 use pack::{pack_a, pack_b};
 
 /// Multiply-adds below which a block is not split among threads.
-const PARALLEL_MIN_WORK: usize = 1 << 24;
+const PARALLEL_MIN_WORK: usize = 1 << 20;
 /// Multiply-adds below which a batch of small products stays on one thread.
 const BATCH_MIN_WORK: usize = 1 << 18;
+/// Output elements zeroed per task before a product.
+const ZERO_PER_TASK: usize = 1 << 16;
+/// Output elements per task of the epilogue (bias, activation, `β·C₀`).
+const EPILOGUE_PER_TASK: usize = 1 << 15;
 /// The largest tile of any micro-kernel (AVX-512: 8 × 32).
 const MAX_TILE: usize = 8 * 32;
 /// Outputs at most this many micro-panels wide read A in place instead of
@@ -179,34 +183,50 @@ impl<'a> Problem<'a> {
     }
 
     /// Applies `act(α·acc + β·C₀ + bias)` to the accumulated products and
-    /// stores the result in the operands' dtype.
+    /// stores the result in the operands' dtype; over `pool`'s threads in
+    /// blocks of rows when given. Each step is one pass over a row, in
+    /// that order, so the rounding is the same for every element whatever
+    /// the split.
     pub(crate) fn finish(
         &self,
         set: KernelSet,
         mut out: Vec<f32>,
         alpha: f32,
         act: Activation,
+        pool: Option<&Workers>,
     ) -> Result<HostData> {
         if alpha == 1.0 && self.c0.is_none() && self.bias.is_none() && act == Activation::None {
             // Nothing to apply: skip a pass over the output.
             return convert::store_f32(set, "gemm", self.dtype, out);
         }
         let n = self.n.max(1);
-        for (row_index, row) in out.chunks_mut(n).enumerate() {
-            for (j, c) in row.iter_mut().enumerate() {
-                let mut v = alpha * *c;
+        let rows_per_task = (EPILOGUE_PER_TASK / n).max(1);
+        let epilogue = |(task, block): (usize, &mut [f32])| {
+            for (r, row) in block.chunks_mut(n).enumerate() {
+                let i = task * rows_per_task + r;
+                if alpha != 1.0 {
+                    row.iter_mut().for_each(|c| *c *= alpha);
+                }
                 if let Some((beta, c0)) = &self.c0 {
-                    v += beta * c0[row_index * self.n + j];
+                    for (c, &z) in row.iter_mut().zip(&c0[i * n..(i + 1) * n]) {
+                        *c += beta * z;
+                    }
                 }
                 if let Some(bias) = &self.bias {
-                    v += bias[j];
+                    for (c, &b) in row.iter_mut().zip(bias.iter()) {
+                        *c += b;
+                    }
                 }
-                *c = if act == Activation::None {
-                    v
-                } else {
-                    activate(act, v)
-                };
+                if act != Activation::None {
+                    row.iter_mut().for_each(|c| *c = activate(act, *c));
+                }
             }
+        };
+        let split = out.len() > rows_per_task * n;
+        let blocks = out.chunks_mut(rows_per_task * n).enumerate();
+        match pool.filter(|p| split && p.threads() > 1) {
+            Some(pool) => pool.for_each(blocks.collect(), epilogue),
+            None => blocks.for_each(epilogue),
         }
         convert::store_f32(set, "gemm", self.dtype, out)
     }
@@ -228,16 +248,16 @@ pub(crate) fn gemm(
     if set == KernelSet::Avx512 && prob.dtype == kiln_core::DType::BF16 && bf16::available() {
         let mut out = vec![0f32; batch * m * n];
         if m == 0 || n == 0 || k == 0 {
-            return prob.finish(set, out, ep.alpha, ep.activation);
+            return prob.finish(set, out, ep.alpha, ep.activation, Some(pool));
         }
         if bf16::gemm(a, b, (batch, m, k, n), &mut out, pool).is_some() {
-            return prob.finish(set, out, ep.alpha, ep.activation);
+            return prob.finish(set, out, ep.alpha, ep.activation, Some(pool));
         }
     }
     // f32 operands are packed straight from their strided storage; f16 and
     // bf16 are widened to f32 first (exact).
     let (a32, b32) = (Matrix::batched(set, a)?, Matrix::batched(set, b)?);
-    let mut out = vec![0f32; batch * m * n];
+    let mut out = pool.zeroed(batch * m * n, ZERO_PER_TASK, |_, _| {});
     if m > 0 && n > 0 {
         let each = m * k * n;
         if batch > 1 && each < PARALLEL_MIN_WORK && batch * each >= BATCH_MIN_WORK {
@@ -255,7 +275,7 @@ pub(crate) fn gemm(
             }
         }
     }
-    prob.finish(set, out, ep.alpha, ep.activation)
+    prob.finish(set, out, ep.alpha, ep.activation, Some(pool))
 }
 
 /// `c = a·b` for one product of a batch with `set`'s micro-kernel, split

@@ -130,11 +130,18 @@ pub(crate) fn pack_a(
     mr: usize,
     out: &mut Vec<f32>,
 ) {
-    out.clear();
-    out.resize(mc.div_ceil(mr) * mr * kc, 0.0);
-    for (panel, chunk) in out.chunks_mut(mr * kc).enumerate() {
+    for (panel, chunk) in fit(out, mc.div_ceil(mr) * mr * kc)
+        .chunks_mut(mr * kc)
+        .enumerate()
+    {
         let rows = mr.min(mc - panel * mr);
         let r0 = i0 + panel * mr;
+        if rows < mr {
+            // The last panel's missing rows are zeros.
+            for step in chunk.chunks_exact_mut(mr) {
+                step[rows..].fill(0.0);
+            }
+        }
         if a.rs == 1 {
             // Column-major (a transposed view): each step's rows are contiguous.
             for (p, dst) in chunk.chunks_exact_mut(mr).enumerate() {
@@ -160,11 +167,25 @@ pub(crate) fn pack_a(
     }
 }
 
+/// The first `len` floats of `buf`, which grows to hold them if it must.
+/// What they held before is left for the packing to overwrite: it writes
+/// every element of its panels, padding included, so a kept scratch
+/// buffer is not zeroed first.
+fn fit(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
 /// Copies a few floats: fixed-size copies for the micro-kernels' tile
-/// heights, so the compiler emits vector moves instead of a `memmove` call.
+/// heights and widths, so the compiler emits vector moves instead of a
+/// `memmove` call per row of a panel.
 #[inline(always)]
 fn copy_short(dst: &mut [f32], src: &[f32]) {
     match (dst.len(), src.len()) {
+        (32, 32) => dst.copy_from_slice(&src[..32]),
+        (16, 16) => dst.copy_from_slice(&src[..16]),
         (8, 8) => dst.copy_from_slice(&src[..8]),
         (6, 6) => dst.copy_from_slice(&src[..6]),
         _ => {
@@ -192,15 +213,23 @@ pub(crate) fn pack_b(
     out: &mut Vec<f32>,
     pool: Option<&Workers>,
 ) {
-    out.clear();
-    out.resize(nc.div_ceil(nr) * nr * kc, 0.0);
+    let out = fit(out, nc.div_ceil(nr) * nr * kc);
     let panel = |(q, chunk): (usize, &mut [f32])| {
         let cols = nr.min(nc - q * nr);
         let c0 = j0 + q * nr;
+        if cols < nr {
+            // The last panel's missing columns are zeros.
+            for step in chunk.chunks_exact_mut(nr) {
+                step[cols..].fill(0.0);
+            }
+        }
         if b.cs == 1 {
             for p in 0..kc {
                 let start = b.offset + (p0 + p) * b.rs + c0;
-                chunk[p * nr..p * nr + cols].copy_from_slice(&b.data[start..start + cols]);
+                copy_short(
+                    &mut chunk[p * nr..p * nr + cols],
+                    &b.data[start..start + cols],
+                );
             }
         } else if b.rs == 1 {
             // A transposed operand: each of the panel's columns is a

@@ -41,5 +41,5 @@ pub(crate) fn gemm(
             }
         },
     )?;
-    prob.finish(crate::KernelSet::Scalar, out, ep.alpha, ep.activation)
+    prob.finish(crate::KernelSet::Scalar, out, ep.alpha, ep.activation, None)
 }

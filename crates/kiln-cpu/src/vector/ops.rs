@@ -153,16 +153,8 @@ const ELEMENTS_PER_TASK: usize = 1 << 15;
 /// multiples of `align`, over `pool`'s threads when that makes more than
 /// one. Each element is computed the same way whatever the cut.
 fn fill(pool: &Workers, n: usize, align: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; n];
     let align = align.max(1);
-    let chunk = ELEMENTS_PER_TASK.div_ceil(align) * align;
-    if n <= chunk || pool.threads() == 1 {
-        f(0, &mut out);
-    } else {
-        let jobs = out.chunks_mut(chunk).enumerate().collect();
-        pool.for_each(jobs, |(i, o)| f(i * chunk, o));
-    }
-    out
+    pool.zeroed(n, ELEMENTS_PER_TASK.div_ceil(align) * align, f)
 }
 
 /// Expands `$body` once per variant of `$op`, with `$k` a constant equal to

@@ -12,7 +12,10 @@
 #                           f64 oracle; GEMM 4096³ (SGEMM, TF32, BF16) against
 #                           cuBLAS in the same process; conv and softmax-CE
 #                           step times; one epoch of the MLP and the CNN with
-#                           --backend cuda; and the PyTorch yardsticks
+#                           --backend cuda; the CNN on the sample with
+#                           --distributed nccl (a world of one GPU: the
+#                           gradients summed by NCCL in GPU memory); and
+#                           the PyTorch yardsticks
 #                           (ci/torch_yardstick.py). Output goes to stdout and
 #                           to $OUT/gpu-run.txt when OUT is set.
 #   ci/gpu.sh gpt [DIR]     (on the GPU machine, a separate call: it needs
@@ -31,7 +34,9 @@ dir="${2:-gpu-bin}"
 
 build() {
   set -e
-  cargo build --release --locked -p kiln-cli -p kiln-cuda --bins
+  # NCCL is loaded at run time; MPI stays out (the GPU machine has none),
+  # so the NCCL step runs a world of one.
+  cargo build --release --locked -p kiln-cli -p kiln-cuda --bins --features kiln-cli/nccl
   local test_exe
   test_exe="$(cargo test --release --locked -p kiln-cuda --test cuda --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json, sys
@@ -70,10 +75,12 @@ step() { # name seconds command...
 # 13 machine may have only .so.13 (in the toolkit or PyTorch's wheels).
 # Link the newest found under the names cudarc tries, in a folder put first
 # on the loader's path (the v12 entry points kiln uses are in v13 too).
+# NCCL likewise: cudarc asks for libnccl.so, NCCL installs libnccl.so.2
+# (the system's libnccl2, or the nvidia-nccl-cu12 wheel PyTorch brings).
 find_cublas() {
   local links=/tmp/kiln-cuda-libs lib d
   mkdir -p "$links"
-  for lib in libcublas libcublasLt; do
+  for lib in libcublas libcublasLt libnccl; do
     local found=""
     for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu \
              $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
@@ -111,6 +118,10 @@ run() {
     step "CNN epoch on the bundled sample, --backend cuda" 90 "$dir/kiln" train --backend cuda \
       --model cnn --epochs 2 --plain --out "$dir/runs/cnn"
   fi
+  # NCCL through the data-parallel path (buckets summed in GPU memory,
+  # replicas checked after every step), in a world of one GPU.
+  step "NCCL all-reduce, world of one, --distributed nccl" 90 "$dir/kiln" train --backend cuda \
+    --distributed nccl --verify-replicas --model cnn --epochs 1 --plain --out "$dir/runs/nccl"
   if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
     step "PyTorch yardsticks" 120 python3 ci/torch_yardstick.py "$data" 4096
   else

@@ -50,7 +50,8 @@ if [ "$quick" = 0 ]; then
   cargo fmt --all -- --check
   step "cargo clippy (warnings are errors)"
   cargo clippy --workspace --all-targets --locked -- -D warnings
-  cargo clippy -p kiln-dist -p kiln-cli --features kiln-cli/mpi,kiln-dist/mpi --all-targets --locked -- -D warnings
+  cargo clippy -p kiln-dist -p kiln-cli --features kiln-cli/mpi,kiln-cli/nccl,kiln-dist/mpi,kiln-dist/nccl \
+    --all-targets --locked -- -D warnings
   step "cargo doc (warnings are errors)"
   RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 fi
@@ -79,10 +80,13 @@ cargo test -p kiln-bench --benches --profile ci --locked
 # Data-parallel training over MPI: the `mpi` feature's build (Open MPI via
 # rsmpi) and `kiln train` under a real mpirun — replicas, a killed rank, a
 # failing rank, Ctrl-C to the launcher.
-step "MPI: kiln-dist and kiln train under mpirun (feature mpi)"
+step "MPI: kiln-dist and kiln train under mpirun (features mpi, nccl)"
 # One test at a time: each starts up to 4 ranks on this machine's cores.
-KILN_REQUIRE_MPI=1 cargo test -p kiln-dist -p kiln-cli --features kiln-cli/mpi --profile ci --locked \
-  --lib --test mpi -- --test-threads=1
+# Built with NCCL too (loaded at run time): with no GPU here, its errors.
+KILN_REQUIRE_MPI=1 cargo test -p kiln-dist -p kiln-cli --features kiln-cli/mpi,kiln-cli/nccl \
+  --profile ci --locked --lib --test mpi -- --test-threads=1
+cargo test -p kiln-cli --features kiln-cli/mpi,kiln-cli/nccl --profile ci --locked \
+  --test cli errors_are_one_clear_line
 
 step "CUDA host code: planted faults fail the suite on the emulated device"
 KILN_REQUIRE_HOST_EMULATION=1 \

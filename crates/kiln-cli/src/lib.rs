@@ -193,8 +193,10 @@ struct TrainArgs {
     #[arg(long, value_parser = ["f32", "bf16", "f16"])]
     precision: Option<String>,
     /// Data-parallel training: `auto` (MPI when `mpirun` started kiln,
-    /// else this process alone), `local` or `mpi`. Every process takes a
-    /// shard of each --batch-size batch; rank 0 writes the files.
+    /// else this process alone), `local`, `mpi`, or `nccl` (one GPU per
+    /// process, gradients summed in GPU memory; needs --backend cuda and a
+    /// build with --features nccl). Every process takes a shard of each
+    /// --batch-size batch; rank 0 writes the files.
     #[arg(long, value_name = "ENGINE", default_value = "auto")]
     distributed: String,
     /// Megabytes of gradient per all-reduce call in a distributed run.
@@ -667,7 +669,9 @@ fn data_parallel(
     unit: &str,
     say: &impl Fn(String),
 ) -> Option<kiln_train::DataParallel> {
-    (world.world() > 1).then(|| {
+    // NCCL runs its all-reduces in a world of one too: the path a
+    // one-GPU machine can check.
+    (world.world() > 1 || a.distributed == "nccl").then(|| {
         say(format!(
             "data-parallel over {}: {} {unit} per process per step, {} MB all-reduce buckets{}",
             world.describe(),
@@ -683,6 +687,38 @@ fn data_parallel(
             .bucket_bytes((a.bucket_mb * 1e6) as usize)
             .verify_replicas(a.verify_replicas)
     })
+}
+
+/// With `--distributed nccl`, the NCCL engine joined over `world` (the MPI
+/// world that carries its unique id) on `backend`'s GPU; otherwise `world`.
+fn join_nccl<B: Backend>(
+    a: &TrainArgs,
+    backend: &B,
+    world: Arc<dyn kiln_dist::Collective>,
+) -> Result<Arc<dyn kiln_dist::Collective>> {
+    if a.distributed != "nccl" {
+        return Ok(world);
+    }
+    #[cfg(feature = "nccl")]
+    {
+        let any: &dyn std::any::Any = backend;
+        let cuda = any
+            .downcast_ref::<kiln_cuda::CudaBackend>()
+            .ok_or_else(|| {
+                Error::invalid(
+                    "--distributed nccl sums gradients in GPU memory: train with --backend cuda \
+                 (or reduce through host memory with --distributed mpi)",
+                )
+            })?;
+        Ok(Arc::new(kiln_dist::Nccl::over(world, cuda)?))
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = (backend, world);
+        Err(Error::invalid(
+            "--distributed nccl: this kiln was built without NCCL (`--features nccl`)",
+        ))
+    }
 }
 
 /// This process's rank among those an MPI launcher started on this
@@ -717,6 +753,7 @@ fn run_train<B: Backend>(
     backend: B,
     world: Arc<dyn kiln_dist::Collective>,
 ) -> Result<()> {
+    let world = join_nccl(&a, &backend, world)?;
     if lm::is_lm_run(&a)? {
         return lm::run_train_lm(a, backend, world);
     }

@@ -147,6 +147,31 @@ fn errors_are_one_clear_line_and_a_nonzero_exit() {
     let o = kiln(&["train", "--backend", "cuda:x"]);
     assert!(stderr(&o).contains("expected cuda:N"), "{}", stderr(&o));
 
+    // NCCL: built without it, on the CPU, or with no GPU, each says what to do.
+    let o = kiln(&["train", "--distributed", "tcp"]);
+    assert!(
+        stderr(&o).contains("expected auto, local, mpi or nccl"),
+        "{}",
+        stderr(&o)
+    );
+    let o = kiln(&["train", "--distributed", "nccl", "--epochs", "1"]);
+    assert_eq!(o.status.code(), Some(1));
+    let want = if cfg!(feature = "nccl") {
+        "train with --backend cuda"
+    } else {
+        "--features nccl"
+    };
+    assert!(stderr(&o).contains(want), "{}", stderr(&o));
+    if cfg!(feature = "nccl") && !kiln_cuda::device::driver_present() {
+        let o = kiln(&["train", "--distributed", "nccl", "--backend", "cuda"]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            stderr(&o).contains("no CUDA driver found (libcuda.so.1)"),
+            "{}",
+            stderr(&o)
+        );
+    }
+
     let o = kiln(&["train", "--backend", "cpu:sse9"]);
     assert!(
         stderr(&o).contains("unknown kernel set `sse9`"),

@@ -29,6 +29,8 @@ pub mod kernels;
 pub mod launch;
 pub mod launcher;
 pub mod launchers;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 #[cfg(feature = "planted-faults")]
 pub mod planted;
 

@@ -10,7 +10,9 @@
 //!   reference to compare an engine with;
 //! - `Mpi` (cargo feature `mpi`): MPI through `rsmpi` on the system's MPI
 //!   library (Open MPI on Debian), one process per rank, started by
-//!   `mpirun`, across cores or machines.
+//!   `mpirun`, across cores or machines;
+//! - `Nccl` (cargo feature `nccl`): NCCL across GPUs, one process per GPU,
+//!   gradient buckets summed in GPU memory; MPI carries NCCL's unique id.
 //!
 //! On top of the engines, [`replicas`] moves a model's parameters and
 //! gradients: the initial weights broadcast from rank 0, gradients averaged
@@ -31,6 +33,7 @@
 //! `mpirun` launched it (and kiln was built with the `mpi` feature),
 //! otherwise [`Local`].
 
+use std::any::Any;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -40,12 +43,16 @@ mod in_process;
 mod local;
 #[cfg(feature = "mpi")]
 mod mpi_engine;
+#[cfg(feature = "nccl")]
+mod nccl_engine;
 pub mod replicas;
 
 pub use in_process::InProcess;
 pub use local::Local;
 #[cfg(feature = "mpi")]
 pub use mpi_engine::Mpi;
+#[cfg(feature = "nccl")]
+pub use nccl_engine::Nccl;
 
 /// A group of processes that train one model together.
 ///
@@ -84,6 +91,27 @@ pub trait Collective: Send + Sync {
         Ok(())
     }
 
+    /// Sums a backend's storage of f32 values in place across ranks, in
+    /// the memory that holds it — the `nccl` engine: CUDA memory, queued on
+    /// the backend's stream in order with its ops — for the kinds of
+    /// storage [`Collective::reduces_storage`] accepts; by default none,
+    /// and callers go through host memory with
+    /// [`Collective::all_reduce_sum_f32`].
+    fn all_reduce_sum_storage(&self, storage: &mut dyn Any) -> Result<()> {
+        let _ = storage;
+        Err(Error::invalid(format!(
+            "{} sums host memory only: reduce through all_reduce_sum_f32",
+            self.describe()
+        )))
+    }
+
+    /// Whether [`Collective::all_reduce_sum_storage`] takes `storage`'s kind
+    /// of backend storage (the same answer on every rank).
+    fn reduces_storage(&self, storage: &dyn Any) -> bool {
+        let _ = storage;
+        false
+    }
+
     /// Copies `root`'s `buf` into every other rank's.
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()>;
 
@@ -105,6 +133,10 @@ pub enum Engine {
     Local,
     /// MPI (the cargo feature `mpi`).
     Mpi,
+    /// NCCL across GPUs, one per process (the cargo feature `nccl`):
+    /// gradients are summed in GPU memory; with `mpirun` (and the feature
+    /// `mpi`), MPI carries NCCL's unique id and everything in host memory.
+    Nccl,
 }
 
 impl FromStr for Engine {
@@ -114,13 +146,9 @@ impl FromStr for Engine {
             "auto" => Ok(Engine::Auto),
             "local" => Ok(Engine::Local),
             "mpi" => Ok(Engine::Mpi),
-            "nccl" => Err(Error::invalid(
-                "--distributed nccl is not built yet: `--distributed mpi` trains across GPUs too \
-                 (each rank on its machine's GPU of its local rank), with gradients reduced \
-                 through host memory",
-            )),
+            "nccl" => Ok(Engine::Nccl),
             other => Err(Error::invalid(format!(
-                "--distributed {other}: expected auto, local or mpi"
+                "--distributed {other}: expected auto, local, mpi or nccl"
             ))),
         }
     }
@@ -139,17 +167,34 @@ pub fn launched_world_size() -> Option<usize> {
 /// Whether this build can run the MPI engine.
 pub const MPI_BUILT: bool = cfg!(feature = "mpi");
 
+/// Whether this build can run the NCCL engine.
+pub const NCCL_BUILT: bool = cfg!(feature = "nccl");
+
 /// Connects to the engine `engine` names: MPI initialised once per
 /// process (the returned handle finalises it when the last clone is
 /// dropped), or a [`Local`] world.
 ///
 /// A process that `mpirun` started several of, in a build without MPI, is
 /// an error rather than N independent runs writing the same files.
+///
+/// [`Engine::Nccl`] gives the MPI world that carries NCCL's unique id and
+/// the host buffers (a [`Local`] world of one without `mpirun`);
+/// `Nccl::over` joins NCCL from it once the process's CUDA backend exists.
 pub fn connect(engine: Engine) -> Result<Arc<dyn Collective>> {
     let launched = launched_world_size();
     let mpi = match engine {
         Engine::Local => false,
         Engine::Mpi => true,
+        Engine::Nccl if !NCCL_BUILT => {
+            return Err(Error::invalid(
+                "--distributed nccl: this kiln was built without NCCL: rebuild it with \
+                 `cargo build --release -p kiln-cli --features nccl` (and `mpi` too for \
+                 more than one process; NCCL itself is loaded at run time)",
+            ))
+        }
+        // MPI carries NCCL's unique id to the other processes; a process
+        // alone needs no MPI.
+        Engine::Nccl => launched.is_some_and(|n| n > 1),
         Engine::Auto => launched.is_some_and(|n| n > 1),
     };
     if mpi {
@@ -191,14 +236,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn engines_parse_and_nccl_says_what_to_use() {
+    fn engines_parse_and_unknown_ones_list_the_choices() {
         assert_eq!("auto".parse::<Engine>().unwrap(), Engine::Auto);
         assert_eq!("local".parse::<Engine>().unwrap(), Engine::Local);
         assert_eq!("mpi".parse::<Engine>().unwrap(), Engine::Mpi);
-        let e = "nccl".parse::<Engine>().unwrap_err().to_string();
-        assert!(e.contains("--distributed mpi"), "{e}");
+        assert_eq!("nccl".parse::<Engine>().unwrap(), Engine::Nccl);
         let e = "tcp".parse::<Engine>().unwrap_err().to_string();
-        assert!(e.contains("auto, local or mpi"), "{e}");
+        assert!(e.contains("auto, local, mpi or nccl"), "{e}");
+    }
+
+    #[cfg(not(feature = "nccl"))]
+    #[test]
+    fn nccl_without_the_feature_says_how_to_build_it() {
+        let e = connect(Engine::Nccl).err().unwrap().to_string();
+        assert!(e.contains("--features nccl"), "{e}");
     }
 
     #[test]

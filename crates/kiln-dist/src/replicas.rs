@@ -22,7 +22,7 @@
 
 use std::time::Instant;
 
-use kiln_core::{Backend, DType, Error, GradStore, HostData, Result, Tensor, Var};
+use kiln_core::{Backend, DType, Error, GradStore, HostData, Layout, Result, Shape, Tensor, Var};
 
 use crate::Collective;
 
@@ -95,50 +95,14 @@ pub fn average_gradients<B: Backend>(
             len += params[end].numel();
             end += 1;
         }
-        // The gradients, then one presence count per parameter.
-        let mut flat = Vec::with_capacity(len + end - first);
-        for p in &params[first..end] {
-            match grads.get_id(p.id()) {
-                Some(g) => {
-                    let values = g.to_vec_f32()?;
-                    if values.len() != p.numel() {
-                        return Err(Error::shape(
-                            "average_gradients",
-                            format!(
-                                "a gradient of {} values for a parameter of {}",
-                                values.len(),
-                                p.numel()
-                            ),
-                        ));
-                    }
-                    flat.extend(values.iter().map(|v| v * weight));
-                }
-                None => flat.resize(flat.len() + p.numel(), 0.0),
-            }
-        }
-        for p in &params[first..end] {
-            flat.push(if grads.get_id(p.id()).is_some() {
-                1.0
-            } else {
-                0.0
-            });
-        }
-        c.all_reduce_sum_f32(&mut flat)?;
-        let mut at = 0;
-        for (i, p) in params[first..end].iter().enumerate() {
-            if flat[len + i] == 0.0 {
-                // No rank reached this parameter.
-                at += p.numel();
-                continue;
-            }
-            let dtype = grads.get_id(p.id()).map_or(p.dtype(), Tensor::dtype);
-            let part = flat[at..at + p.numel()].to_vec();
-            at += p.numel();
-            let mut g = Tensor::from_host(HostData::F32(part), p.shape().dims(), p.backend())?;
-            if dtype != DType::F32 {
-                g = g.cast(dtype)?;
-            }
-            grads.insert(p.id(), g);
+        let bucket = &params[first..end];
+        let in_storage = bucket
+            .iter()
+            .all(|p| c.reduces_storage(&**p.as_tensor().storage()));
+        if in_storage {
+            average_in_storage(c, bucket, grads, weight, len)?;
+        } else {
+            average_on_host(c, bucket, grads, weight, len)?;
         }
         synced.buckets += 1;
         synced.bytes += 4 * len;
@@ -146,6 +110,129 @@ pub fn average_gradients<B: Backend>(
     }
     synced.seconds = start.elapsed().as_secs_f64();
     Ok(synced)
+}
+
+/// One bucket through host memory: the gradients (times `weight`) and one
+/// presence count per parameter in one f32 all-reduce.
+fn average_on_host<B: Backend>(
+    c: &dyn Collective,
+    bucket: &[&Var<B>],
+    grads: &mut GradStore<B>,
+    weight: f32,
+    len: usize,
+) -> Result<()> {
+    let mut flat = Vec::with_capacity(len + bucket.len());
+    for p in bucket {
+        match grads.get_id(p.id()) {
+            Some(g) => {
+                let values = g.to_vec_f32()?;
+                check_len(values.len(), p)?;
+                flat.extend(values.iter().map(|v| v * weight));
+            }
+            None => flat.resize(flat.len() + p.numel(), 0.0),
+        }
+    }
+    flat.extend(presence(bucket, grads));
+    c.all_reduce_sum_f32(&mut flat)?;
+    let mut at = 0;
+    for (i, p) in bucket.iter().enumerate() {
+        let part = at..at + p.numel();
+        at += p.numel();
+        if flat[len + i] == 0.0 {
+            // No rank reached this parameter.
+            continue;
+        }
+        let dtype = grads.get_id(p.id()).map_or(p.dtype(), Tensor::dtype);
+        let g = Tensor::from_host(
+            HostData::F32(flat[part].to_vec()),
+            p.shape().dims(),
+            p.backend(),
+        )?;
+        grads.insert(
+            p.id(),
+            if dtype == DType::F32 {
+                g
+            } else {
+                g.cast(dtype)?
+            },
+        );
+    }
+    Ok(())
+}
+
+/// One bucket in the backend's own memory, for an engine that sums it
+/// there (NCCL on GPU memory): the gradients (times `weight`) copied into
+/// one f32 storage on the device, summed in place, and handed back as
+/// views of it; the presence counts, a few floats, through host memory.
+fn average_in_storage<B: Backend>(
+    c: &dyn Collective,
+    bucket: &[&Var<B>],
+    grads: &mut GradStore<B>,
+    weight: f32,
+    len: usize,
+) -> Result<()> {
+    let mut reached: Vec<f32> = presence(bucket, grads).collect();
+    c.all_reduce_sum_f32(&mut reached)?;
+    let backend = bucket[0].backend();
+    let mut flat = backend.full(len, DType::F32, 0.0)?;
+    let whole = Layout::contiguous(Shape::new(&[len])?);
+    let mut at = 0;
+    for p in bucket {
+        if let Some(g) = grads.get_id(p.id()) {
+            check_len(g.numel(), p)?;
+            let g = if g.dtype() == DType::F32 {
+                g.clone()
+            } else {
+                g.cast(DType::F32)?
+            };
+            let g = g.affine(weight, 0.0)?.reshape(&[p.numel()])?;
+            backend.copy_strided(g.view(), &mut flat, &whole.narrow(0, at, p.numel())?)?;
+        }
+        at += p.numel();
+    }
+    c.all_reduce_sum_storage(&mut flat)?;
+    let summed = Tensor::from_storage(std::sync::Arc::new(flat), whole, backend)?;
+    let mut at = 0;
+    for (p, &count) in bucket.iter().zip(&reached) {
+        let part = summed.narrow(0, at, p.numel())?.reshape(p.shape().dims())?;
+        at += p.numel();
+        if count == 0.0 {
+            continue;
+        }
+        let dtype = grads.get_id(p.id()).map_or(p.dtype(), Tensor::dtype);
+        grads.insert(
+            p.id(),
+            if dtype == DType::F32 {
+                part
+            } else {
+                part.cast(dtype)?
+            },
+        );
+    }
+    Ok(())
+}
+
+/// 1 for each parameter of `bucket` this rank has a gradient for, else 0.
+fn presence<'a, B: Backend>(
+    bucket: &'a [&Var<B>],
+    grads: &'a GradStore<B>,
+) -> impl Iterator<Item = f32> + 'a {
+    bucket
+        .iter()
+        .map(|p| f32::from(u8::from(grads.get_id(p.id()).is_some())))
+}
+
+fn check_len<B: Backend>(values: usize, p: &Var<B>) -> Result<()> {
+    if values == p.numel() {
+        return Ok(());
+    }
+    Err(Error::shape(
+        "average_gradients",
+        format!(
+            "a gradient of {values} values for a parameter of {}",
+            p.numel()
+        ),
+    ))
 }
 
 /// A 64-bit FNV-1a digest of the parameters' bytes, in order: equal on two
@@ -269,6 +356,135 @@ mod tests {
         // No rank had a gradient for q: it still has none.
         assert!(grads.get_id(q.id()).is_none());
         assert!(average_gradients(&Local, &[&p], &mut grads, f32::NAN, 12).is_err());
+    }
+
+    /// An engine that sums the CPU backend's storage in place, as NCCL
+    /// sums CUDA storage: the in-storage path without a GPU.
+    struct InStorage(crate::InProcess);
+
+    impl Collective for InStorage {
+        fn rank(&self) -> usize {
+            self.0.rank()
+        }
+        fn world(&self) -> usize {
+            self.0.world()
+        }
+        fn describe(&self) -> String {
+            "in-storage test engine".into()
+        }
+        fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
+            self.0.all_reduce_sum_f32(buf)
+        }
+        fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+            self.0.all_reduce_sum_f64(buf)
+        }
+        fn all_reduce_sum_storage(&self, storage: &mut dyn std::any::Any) -> Result<()> {
+            match storage.downcast_mut::<HostData>() {
+                Some(HostData::F32(v)) => self.0.all_reduce_sum_f32(v),
+                _ => Err(Error::invalid("not f32 host storage")),
+            }
+        }
+        fn reduces_storage(&self, storage: &dyn std::any::Any) -> bool {
+            storage.is::<HostData>()
+        }
+        fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
+            self.0.broadcast(buf, root)
+        }
+        fn barrier(&self) -> Result<()> {
+            self.0.barrier()
+        }
+        fn abort(&self, code: i32) -> ! {
+            self.0.abort(code)
+        }
+    }
+
+    /// Rank `rank`'s gradients: a matrix, a bf16 vector, one reached by
+    /// rank 1 only, one reached by no rank; buckets of `bucket` bytes.
+    fn rank_average(c: &dyn Collective, bucket: usize) -> Vec<Option<(DType, Vec<f32>)>> {
+        let b = CpuBackend::reference();
+        let rank = c.rank() as f32;
+        let t = |v: Vec<f32>, dims: &[usize]| Tensor::from_slice(&v, dims, &b).unwrap();
+        let w = Var::from_tensor(&t((0..12).map(|i| i as f32 * 0.25).collect(), &[3, 4])).unwrap();
+        let h =
+            Var::from_tensor(&t(vec![1.5, -2.0, 0.5], &[3]).cast(DType::BF16).unwrap()).unwrap();
+        let only1 = Var::from_tensor(&t(vec![3.0, 1.0], &[2])).unwrap();
+        let none = Var::from_tensor(&t(vec![7.0], &[1])).unwrap();
+        let mut loss = w
+            .as_tensor()
+            .square()
+            .unwrap()
+            .affine(rank + 1.0, 0.0)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .add(
+                &h.as_tensor()
+                    .cast(DType::F32)
+                    .unwrap()
+                    .affine(rank - 3.0, 0.0)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap(),
+            )
+            .unwrap();
+        if c.rank() == 1 {
+            loss = loss
+                .add(&only1.as_tensor().square().unwrap().sum_all().unwrap())
+                .unwrap();
+        }
+        let mut grads = loss.backward().unwrap();
+        let params = [&w, &h, &only1, &none];
+        let share = if c.rank() == 0 { 0.75 } else { 0.25 };
+        average_gradients(c, &params, &mut grads, share, bucket).unwrap();
+        params
+            .iter()
+            .map(|p| {
+                grads
+                    .get_id(p.id())
+                    .map(|g| (g.dtype(), g.to_vec_f32().unwrap()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn gradients_summed_in_storage_match_those_summed_on_the_host() {
+        for bucket in [4, 24, DEFAULT_BUCKET_BYTES] {
+            let run = |in_storage: bool| {
+                let group = crate::InProcess::group(2);
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = group
+                        .into_iter()
+                        .map(|r| {
+                            s.spawn(move || {
+                                if in_storage {
+                                    rank_average(&InStorage(r), bucket)
+                                } else {
+                                    rank_average(&r, bucket)
+                                }
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap())
+                        .collect::<Vec<_>>()
+                })
+            };
+            let (host, storage) = (run(false), run(true));
+            assert_eq!(host, storage, "bucket {bucket}");
+            // Both ranks agree; the dtypes are the parameters'; unreached
+            // parameters have no gradient; a gradient of one rank counts.
+            assert_eq!(storage[0], storage[1]);
+            let g = &storage[0];
+            assert_eq!(g[0].as_ref().unwrap().0, DType::F32);
+            // d/dw of (r+1)·Σw² is 2(r+1)w: 0.75·2w + 0.25·4w = 2.5w.
+            let want: Vec<f32> = (0..12).map(|i| 2.5 * (i as f32 * 0.25)).collect();
+            assert_eq!(g[0].as_ref().unwrap().1, want);
+            assert_eq!(g[1].as_ref().unwrap().0, DType::BF16);
+            assert_eq!(g[1].as_ref().unwrap().1, [-2.75; 3]);
+            assert_eq!(g[2].as_ref().unwrap().1, [1.5, 0.5]);
+            assert!(g[3].is_none());
+        }
     }
 
     #[test]

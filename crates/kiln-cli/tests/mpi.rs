@@ -133,13 +133,13 @@ fn rank_pids(out: &str, rank: usize) -> Vec<u32> {
 
 /// Starts `kiln train` on 2 ranks and returns once rank 0 has printed its
 /// first epoch line.
-fn started(out: &str, epochs: &str) -> Option<(Child, BufReader<std::process::ChildStdout>)> {
+fn started(out: &str, extra: &[&str]) -> Option<(Child, BufReader<std::process::ChildStdout>)> {
     let mut c = mpirun()?;
     // In a process group of its own, as a job a terminal started.
     std::os::unix::process::CommandExt::process_group(&mut c, 0);
     let mut child = c
         .args(["-np", "2", env!("CARGO_BIN_EXE_kiln")])
-        .args(train_args(out, &["--epochs", epochs]))
+        .args(train_args(out, extra))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -187,7 +187,7 @@ fn a_killed_rank_ends_the_job_within_seconds() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let out = out.to_str().unwrap();
-    let Some((child, rest)) = started(out, "200") else {
+    let Some((child, rest)) = started(out, &["--epochs", "200", "--batch-size", "16"]) else {
         return;
     };
     let victims = rank_pids(out, 1);
@@ -270,17 +270,17 @@ fn a_rank_that_fails_alone_stops_every_rank_with_its_error() {
 fn ctrl_c_to_the_launcher_leaves_a_checkpoint_that_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let straight = dir.path().join("straight");
-    let Some(o) = on_ranks(
-        2,
-        &train_args(straight.to_str().unwrap(), &["--epochs", "60"]),
-    ) else {
+    // Batches of 16, not 128: an epoch of the seed MLP takes about 10 ms
+    // on 2 ranks, and 60 of them could end before the signal arrives.
+    let run = ["--epochs", "60", "--batch-size", "16"];
+    let Some(o) = on_ranks(2, &train_args(straight.to_str().unwrap(), &run)) else {
         return;
     };
     assert!(o.status.success(), "{}", text(&o.stderr));
 
     let cut = dir.path().join("cut");
     let cut_s = cut.to_str().unwrap();
-    let (child, rest) = started(cut_s, "60").unwrap();
+    let (child, rest) = started(cut_s, &run).unwrap();
     let group = format!("-{}", child.id());
     assert!(Command::new("kill")
         .args(["-INT", "--", &group])
@@ -290,7 +290,7 @@ fn ctrl_c_to_the_launcher_leaves_a_checkpoint_that_resumes_exactly() {
     let (code, _, se) = finish(child, rest, Duration::from_secs(30));
     assert_ne!(code, 0, "{se}");
     let saved: Vec<_> = std::fs::read_dir(cut.join("checkpoints"))
-        .unwrap()
+        .unwrap_or_else(|e| panic!("no checkpoints folder ({e}); the job said:\n{se}"))
         .flatten()
         .collect();
     assert_eq!(
@@ -308,6 +308,8 @@ fn ctrl_c_to_the_launcher_leaves_a_checkpoint_that_resumes_exactly() {
             ckpt.to_str().unwrap(),
             "--epochs",
             "60",
+            "--batch-size",
+            "16",
             "--limit",
             "4000",
             "--plain",

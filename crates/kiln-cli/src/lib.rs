@@ -206,6 +206,11 @@ struct TrainArgs {
     /// holds bit-identical weights (a digest broadcast per step).
     #[arg(long)]
     verify_replicas: bool,
+    /// In a distributed run, all-reduce the gradients after the backward
+    /// pass instead of overlapping each bucket's with the rest of the pass
+    /// (same sums; for measuring what the overlap hides).
+    #[arg(long)]
+    no_overlap: bool,
 }
 
 impl TrainArgs {
@@ -673,10 +678,15 @@ fn data_parallel(
     // one-GPU machine can check.
     (world.world() > 1 || a.distributed == "nccl").then(|| {
         say(format!(
-            "data-parallel over {}: {} {unit} per process per step, {} MB all-reduce buckets{}",
+            "data-parallel over {}: {} {unit} per process per step, {} MB all-reduce buckets {}{}",
             world.describe(),
             batch_size.div_ceil(world.world()),
             a.bucket_mb,
+            if a.no_overlap {
+                "after the backward pass"
+            } else {
+                "overlapped with the backward pass"
+            },
             if a.verify_replicas {
                 ", replicas checked after every step"
             } else {
@@ -686,6 +696,7 @@ fn data_parallel(
         kiln_train::DataParallel::new(Arc::clone(world))
             .bucket_bytes((a.bucket_mb * 1e6) as usize)
             .verify_replicas(a.verify_replicas)
+            .overlap(!a.no_overlap)
     })
 }
 

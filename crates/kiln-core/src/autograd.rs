@@ -371,6 +371,38 @@ impl<B: Backend> Tensor<B> {
     /// # Ok::<(), kiln_core::Error>(())
     /// ```
     pub fn backward_until(&self, stop: impl Fn() -> bool) -> Result<Option<GradStore<B>>> {
+        self.backward_with(stop, |_, _| Ok(()))
+    }
+
+    /// [`Tensor::backward_until`], handing each leaf's gradient to
+    /// `on_leaf` as soon as it is final — before the pass goes on to the
+    /// nodes that lead to other leaves — so that work on it (a data-parallel
+    /// all-reduce) can overlap with the rest of the pass. An error from
+    /// `on_leaf` ends the pass with that error.
+    ///
+    /// ```
+    /// use kiln_core::{Tensor, Var};
+    /// use kiln_cpu::CpuBackend;
+    ///
+    /// let b = CpuBackend::reference();
+    /// let w = Var::from_tensor(&Tensor::from_slice(&[3.0], &[1], &b)?)?;
+    /// let loss = w.as_tensor().square()?.sum_all()?;
+    /// let mut seen = Vec::new();
+    /// let grads = loss
+    ///     .backward_with(|| false, |id, g| {
+    ///         seen.push((id, g.to_vec_f32()?));
+    ///         Ok(())
+    ///     })?
+    ///     .expect("not stopped");
+    /// assert_eq!(seen, [(w.id(), vec![6.0])]);
+    /// assert_eq!(grads.get_id(w.id()).unwrap().to_vec_f32()?, [6.0]);
+    /// # Ok::<(), kiln_core::Error>(())
+    /// ```
+    pub fn backward_with(
+        &self,
+        stop: impl Fn() -> bool,
+        mut on_leaf: impl FnMut(TensorId, &Tensor<B>) -> Result<()>,
+    ) -> Result<Option<GradStore<B>>> {
         if !self.requires_grad() {
             return Err(Error::invalid(
                 "backward: this tensor does not require gradients (it depends on no Var, or was computed under no_grad)",
@@ -390,6 +422,9 @@ impl<B: Backend> Tensor<B> {
             }
             match node.op() {
                 None => {
+                    // Every node that uses a leaf comes before it in
+                    // this order: its gradient is complete.
+                    on_leaf(node.id(), &g)?;
                     leaves.insert(node.id(), g);
                 }
                 Some(op) => propagate(node, op, g, &mut pending)?,

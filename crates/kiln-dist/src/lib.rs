@@ -16,7 +16,8 @@
 //!
 //! On top of the engines, [`replicas`] moves a model's parameters and
 //! gradients: the initial weights broadcast from rank 0, gradients averaged
-//! in buckets, and a digest that proves every rank holds the same bits.
+//! in buckets, and a digest that proves every rank holds the same bits;
+//! [`overlap`] averages them while the backward pass still runs.
 //!
 //! ```
 //! use kiln_dist::{Collective, Local};
@@ -45,6 +46,7 @@ mod local;
 mod mpi_engine;
 #[cfg(feature = "nccl")]
 mod nccl_engine;
+pub mod overlap;
 pub mod replicas;
 
 pub use in_process::InProcess;

@@ -11,9 +11,10 @@
 //! checks it after every step). Rank 0 alone writes the history and the
 //! checkpoints.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use kiln_core::{Backend, Error, GradStore, Result};
+use kiln_dist::overlap::{CommThread, GradientSync};
 use kiln_dist::{replicas, Collective};
 use kiln_nn::Sequential;
 
@@ -42,6 +43,15 @@ pub struct DataParallel {
     /// (a digest of them broadcast from rank 0): a diverged replica is an
     /// error naming the step.
     pub verify: bool,
+    /// Reduce each bucket as soon as the backward pass has finished its
+    /// gradients, on a communication thread, while the pass goes on
+    /// ([`kiln_dist::overlap`]); otherwise after the pass. Engines that sum
+    /// the backend's own memory (NCCL) reduce after the pass either way:
+    /// their sums are queued on the device's stream and do not hold up the
+    /// host.
+    pub overlap: bool,
+    /// The communication thread of an overlapped run, started with the run.
+    comm: Arc<OnceLock<CommThread>>,
 }
 
 impl DataParallel {
@@ -52,7 +62,16 @@ impl DataParallel {
             collective,
             bucket_bytes: replicas::DEFAULT_BUCKET_BYTES,
             verify: false,
+            overlap: true,
+            comm: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// With the all-reduces overlapped with the backward pass (the
+    /// default) or after it.
+    pub fn overlap(mut self, on: bool) -> Self {
+        self.overlap = on;
+        self
     }
 
     /// With all-reduce buckets of `bytes` (at least 4).
@@ -85,6 +104,7 @@ impl std::fmt::Debug for DataParallel {
             .field("rank", &self.rank())
             .field("bucket_bytes", &self.bucket_bytes)
             .field("verify", &self.verify)
+            .field("overlap", &self.overlap)
             .finish()
     }
 }
@@ -168,7 +188,58 @@ impl DataParallel {
                 self.world()
             )));
         }
-        replicas::broadcast_params(self.collective.as_ref(), &mut model.params_mut())
+        replicas::broadcast_params(self.collective.as_ref(), &mut model.params_mut())?;
+        if self.overlap && self.comm.get().is_none() {
+            let thread = CommThread::start(Arc::clone(&self.collective))?;
+            // A clone of this configuration may have started one first.
+            let _ = self.comm.set(thread);
+        }
+        Ok(())
+    }
+
+    /// A step's gradient average to feed from its backward pass
+    /// ([`GradientSync::deliver`]), when the run overlaps them and the
+    /// engine reduces host memory; `None` to average after the pass with
+    /// [`DataParallel::average`]. `examples` of the `global` batch are
+    /// this rank's.
+    pub(crate) fn sync<'a, B: Backend>(
+        &'a self,
+        model: &Sequential<B>,
+        examples: usize,
+        global: usize,
+    ) -> Option<GradientSync<'a, B>> {
+        let comm = self.comm.get().filter(|_| self.overlap)?;
+        let params = model.params();
+        let in_place = params
+            .iter()
+            .any(|p| self.collective.reduces_storage(&**p.as_tensor().storage()));
+        if in_place {
+            return None;
+        }
+        let weight = examples as f32 / global.max(1) as f32;
+        Some(GradientSync::begin(
+            comm,
+            &params,
+            weight,
+            self.bucket_bytes,
+        ))
+    }
+
+    /// Averages `grads` over the ranks: through `sync` when the step was
+    /// overlapped, else after the pass; returns the seconds this thread
+    /// waited for it.
+    pub(crate) fn finish<B: Backend>(
+        &self,
+        sync: Option<GradientSync<'_, B>>,
+        model: &Sequential<B>,
+        grads: &mut GradStore<B>,
+        examples: usize,
+        global: usize,
+    ) -> Result<f64> {
+        match sync {
+            Some(s) => Ok(s.finish(grads)?.seconds),
+            None => self.average(model, grads, examples, global),
+        }
     }
 
     /// Adds up a step's loss (this rank's mean over `examples`), correct
@@ -201,9 +272,10 @@ impl DataParallel {
         })
     }
 
-    /// Averages `grads` over the ranks, this rank's weighted by its share
-    /// of the global batch; returns the seconds it took.
-    pub(crate) fn average<B: Backend>(
+    /// Averages `grads` over the ranks after the backward pass, this rank's
+    /// weighted by its share of the global batch; returns the seconds it
+    /// took.
+    fn average<B: Backend>(
         &self,
         model: &Sequential<B>,
         grads: &mut GradStore<B>,

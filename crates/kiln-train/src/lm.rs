@@ -506,6 +506,9 @@ impl<B: Backend> LmTrainer<B> {
                     Some(d) => replicas::shard(cfg.batch_size, d.rank(), d.world()),
                     None => 0..cfg.batch_size,
                 };
+                // The last micro-batch's pass hands each gradient, summed
+                // with the earlier ones', to the other ranks as it ends.
+                let mut sync = dp.and_then(|d| d.sync(&self.model, rows.len(), cfg.batch_size));
                 for micro in 0..cfg.accumulate {
                     let index = it * cfg.accumulate as u64 + micro as u64;
                     let (mut x, mut y) = corpus.batch(
@@ -534,18 +537,31 @@ impl<B: Backend> LmTrainer<B> {
                     } else {
                         loss
                     };
-                    let Some(g) = loss.backward_until(stop_mid)? else {
+                    let last = micro + 1 == cfg.accumulate;
+                    let delivered = last && sync.is_some();
+                    let g = loss.backward_with(stop_mid, |id, g| match sync.as_mut() {
+                        Some(s) if last => match grads.get_id(id) {
+                            Some(earlier) => s.deliver(id, &earlier.add(g)?),
+                            None => s.deliver(id, g),
+                        },
+                        _ => Ok(()),
+                    })?;
+                    let Some(g) = g else {
                         self.model.set_rng_positions(&drawn)?;
                         return Err(Error::Interrupted(String::new()));
                     };
-                    grads.accumulate(g)?;
+                    if !delivered {
+                        grads.accumulate(g)?;
+                    }
                 }
                 let mut step_stop = false;
                 if let Some(d) = dp {
                     let at = Instant::now();
+                    // Before any other collective: an overlapped step's
+                    // reductions are still being made on the comm thread.
+                    d.finish(sync, &self.model, &mut grads, rows.len(), cfg.batch_size)?;
                     let t = d.totals(step_loss, 0, rows.len(), stopping())?;
                     (step_loss, step_stop) = (t.loss, t.stop);
-                    d.average(&self.model, &mut grads, rows.len(), cfg.batch_size)?;
                     comm += at.elapsed().as_secs_f64();
                 }
                 if !step_loss.is_finite() {

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use kiln_core::{no_grad, Backend, DType, Error, GradStore, HostData, Result, Tensor};
 use kiln_data::{loader::assemble, DataLoader, Dataset};
+use kiln_dist::overlap::GradientSync;
 use kiln_dist::replicas;
 use kiln_nn::{Loss, Optimizer, Sequential};
 
@@ -624,6 +625,11 @@ impl<B: Backend> Trainer<B> {
                 // layer or graph node that finds the stop flag up; the ranks
                 // of a distributed run stop together at the step's end.
                 let stop_mid = || dp.is_none() && stopping(cfg);
+                // Gradients go to the other ranks as the pass finishes them.
+                let mut sync = dp.and_then(|d| d.sync(&self.model, local, n));
+                let deliver = |sync: &mut Option<GradientSync<'_, B>>, id, g: &Tensor<B>| {
+                    sync.as_mut().map_or(Ok(()), |s| s.deliver(id, g))
+                };
                 let (mut grads, local_loss, local_correct) = if local == 0 {
                     // An empty shard (a last batch smaller than the world).
                     (GradStore::default(), 0.0, 0)
@@ -634,8 +640,10 @@ impl<B: Backend> Trainer<B> {
                     };
                     let loss = self.loss.compute(&out, &y)?;
                     let grads = match &scaler {
-                        Some(s) => loss.affine(s.scale, 0.0)?.backward_until(stop_mid)?,
-                        None => loss.backward_until(stop_mid)?,
+                        Some(s) => loss
+                            .affine(s.scale, 0.0)?
+                            .backward_with(stop_mid, |id, g| deliver(&mut sync, id, g))?,
+                        None => loss.backward_with(stop_mid, |id, g| deliver(&mut sync, id, g))?,
                     };
                     let Some(grads) = grads else {
                         return Err(abandon(self)?);
@@ -646,6 +654,11 @@ impl<B: Backend> Trainer<B> {
                     (grads, local_loss, Self::correct(&out, &labels)?)
                 };
                 let mut step_stop = false;
+                if let Some(d) = dp {
+                    // Before any other collective: an overlapped step's
+                    // reductions are still being made on the comm thread.
+                    comm_seconds += d.finish(sync, &self.model, &mut grads, local, n)?;
+                }
                 let (batch_loss, correct) = match dp {
                     Some(d) => {
                         let at = Instant::now();
@@ -669,9 +682,6 @@ impl<B: Backend> Trainer<B> {
                         "epoch {epoch}: the loss became {batch_loss}; lower the learning rate (now {})",
                         self.optimizer.lr()
                     )));
-                }
-                if let Some(d) = dp {
-                    comm_seconds += d.average(&self.model, &mut grads, local, n)?;
                 }
                 let apply = match scaler.as_mut() {
                     Some(s) => {

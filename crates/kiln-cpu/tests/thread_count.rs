@@ -46,6 +46,10 @@ fn outputs(b: &CpuBackend) -> Result<Vec<Vec<u32>>> {
     let q = Tensor::from_slice(&values(48 * 64 * 32, 5), &[48, 64, 32], b)?;
     let k = Tensor::from_slice(&values(48 * 64 * 32, 6), &[48, 64, 32], b)?;
     let scores = q.gemm(&k.transpose(1, 2)?, 0.125, None, Activation::None)?;
+    // Rows past the row-block height (split into blocks of even height per
+    // thread count), k past one k block, a bias and ReLU epilogue.
+    let a = Tensor::from_slice(&values(517 * 300, 7), &[517, 300], b)?;
+    let product = a.linear(&x.narrow(0, 0, 300)?, Some(&row), Activation::Relu)?;
     let all = [
         gelu.to_vec_f32()?,
         stored(dgelu)?,
@@ -60,6 +64,9 @@ fn outputs(b: &CpuBackend) -> Result<Vec<Vec<u32>>> {
         col.broadcast_as(&[rows, cols])?.maximum(&x)?.to_vec_f32()?,
         x.reduce(ReduceOp::Sum, &[0, 1], false)?.to_vec_f32()?,
         scores.to_vec_f32()?,
+        product.to_vec_f32()?,
+        // A strided gather big enough to be split among threads.
+        x.transpose(0, 1)?.contiguous()?.to_vec_f32()?,
     ];
     Ok(all
         .iter()

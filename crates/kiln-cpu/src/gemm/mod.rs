@@ -385,12 +385,16 @@ fn blocked<K: MicroKernel>(
     fresh: bool,
     pool: Option<&Workers>,
 ) {
-    // Row blocks: enough for every thread, whole tiles, at most MC rows.
+    // Row blocks: whole tiles of at most MC rows, as many as a multiple of
+    // the thread count and of even height, so that the threads finish
+    // together (512 rows in MC = 200 would be 200, 200 and 112: one
+    // thread's 312 rows against 256).
     let threads = pool.map_or(1, Workers::threads);
     let mc_max = (blk.mc / K::MR * K::MR).max(K::MR);
     let nc_max = (blk.nc / K::NR * K::NR).max(K::NR);
+    let blocks = m.div_ceil(mc_max).next_multiple_of(threads);
     let mc = m
-        .div_ceil(threads)
+        .div_ceil(blocks)
         .next_multiple_of(K::MR)
         .clamp(K::MR, mc_max);
     let direct = n.div_ceil(K::NR) <= DIRECT_A_MAX_PANELS;

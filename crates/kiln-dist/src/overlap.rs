@@ -38,9 +38,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use kiln_core::{Backend, DType, Error, GradStore, HostData, Result, Tensor, TensorId, Var};
+use kiln_core::{Backend, DType, Error, GradStore, Result, Tensor, TensorId, Var};
 
-use crate::replicas::Synced;
+use crate::replicas::{averaged, Synced};
 use crate::Collective;
 
 /// One bucket to reduce, and where to send it back.
@@ -302,15 +302,7 @@ impl<'a, B: Backend> GradientSync<'a, B> {
                     continue;
                 }
                 let dtype = p.delivered.as_ref().map_or(p.dtype, |(d, _)| *d);
-                let g = Tensor::from_host(HostData::F32(flat[part].to_vec()), &p.dims, &p.backend)?;
-                grads.insert(
-                    p.id,
-                    if dtype == DType::F32 {
-                        g
-                    } else {
-                        g.cast(dtype)?
-                    },
-                );
+                grads.insert(p.id, averaged(&flat[part], &p.dims, dtype, &p.backend)?);
             }
         }
         Ok(Synced {

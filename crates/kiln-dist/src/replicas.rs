@@ -143,21 +143,26 @@ fn average_on_host<B: Backend>(
             continue;
         }
         let dtype = grads.get_id(p.id()).map_or(p.dtype(), Tensor::dtype);
-        let g = Tensor::from_host(
-            HostData::F32(flat[part].to_vec()),
-            p.shape().dims(),
-            p.backend(),
-        )?;
-        grads.insert(
-            p.id(),
-            if dtype == DType::F32 {
-                g
-            } else {
-                g.cast(dtype)?
-            },
-        );
+        let g = averaged(&flat[part], p.shape().dims(), dtype, p.backend())?;
+        grads.insert(p.id(), g);
     }
     Ok(())
+}
+
+/// A parameter's averaged gradient from its summed f32 `values`, on
+/// `backend`, in the `dtype` its gradients have.
+pub(crate) fn averaged<B: Backend>(
+    values: &[f32],
+    dims: &[usize],
+    dtype: DType,
+    backend: &B,
+) -> Result<Tensor<B>> {
+    let g = Tensor::from_host(HostData::F32(values.to_vec()), dims, backend)?;
+    if dtype == DType::F32 {
+        Ok(g)
+    } else {
+        g.cast(dtype)
+    }
 }
 
 /// One bucket in the backend's own memory, for an engine that sums it

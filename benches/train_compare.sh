@@ -3,7 +3,8 @@
 # kiln and with PyTorch CPU, same model, initial weights aside (Adam 1e-3
 # ε 1e-7, batch 128, 2 threads each; kiln also with 1), and prints seconds
 # per epoch, test accuracy and inference throughput (test set, batches of
-# 1000, no autograd), with kiln's ratio to PyTorch for each.
+# 1000, no autograd), with kiln's ratio to PyTorch for each: medians of
+# RUNS (default 3) runs, the frameworks alternating.
 #
 #   MLP: Flatten → Dense 64 ReLU → Dense 10 softmax
 #   CNN: Conv2D 32 3×3 ReLU → MaxPool 2×2 → Flatten → Dense 64 ReLU → Dense 10 softmax
@@ -11,10 +12,11 @@
 # PyTorch comes from PyPI (`pip install torch`, about 3 GB with its CUDA
 # wheels): fine for a benchmark, not for CI.
 #
-#   benches/train_compare.sh [EPOCHS] [mlp|cnn ...]     (default: 3 mlp cnn)
+#   [RUNS=3] benches/train_compare.sh [EPOCHS] [mlp|cnn ...]     (default: 3 mlp cnn)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 epochs="${1:-3}"
+runs="${RUNS:-3}"
 shift || true
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(mlp cnn)
@@ -75,12 +77,22 @@ print(f"{sum(times) / len(times):.3f} {100 * correct / len(xt):.2f} {ips:.0f}")
 PY
 }
 
-echo "Fashion-MNIST, $epochs epochs, batch 128, Adam 1e-3 (torch $(python3 -c 'import torch; print(torch.__version__)'), $(nproc) cores)"
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+
+cpu="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
+echo "Fashion-MNIST, $epochs epochs, batch 128, Adam 1e-3 (torch $(python3 -c 'import torch; print(torch.__version__)'), $(nproc) cores, $cpu)"
+echo "medians of $runs runs per row, the frameworks alternating (RUNS=N to change)"
 printf '%-5s %-22s %9s %9s %10s %12s %10s\n' model run s/epoch accuracy "epoch ×" "inference/s" "infer ×"
 for m in "${models[@]}"; do
-  read -r t2 ta ti <<<"$(torch_run "$m" 2)"
-  read -r k2 a2 i2 <<<"$(kiln "$m" 2)"
-  read -r k1 a1 i1 <<<"$(kiln "$m" 1)"
+  ts=(); tis=(); k2s=(); i2s=(); k1s=(); i1s=()
+  for _ in $(seq "$runs"); do
+    read -r t ta ti <<<"$(torch_run "$m" 2)"; ts+=("$t"); tis+=("$ti")
+    read -r k a2 i <<<"$(kiln "$m" 2)"; k2s+=("$k"); i2s+=("$i")
+    read -r k a1 i <<<"$(kiln "$m" 1)"; k1s+=("$k"); i1s+=("$i")
+  done
+  t2="$(median "${ts[@]}")"; ti="$(median "${tis[@]}")"
+  k2="$(median "${k2s[@]}")"; i2="$(median "${i2s[@]}")"
+  k1="$(median "${k1s[@]}")"; i1="$(median "${i1s[@]}")"
   printf '%-5s %-22s %9s %8s%% %10s %12s %10s\n' "$m" "PyTorch CPU, 2 threads" "$t2" "$ta" "1.00×" "$ti" "1.00×"
   printf '%-5s %-22s %9s %8s%% %9.2f× %12s %9.2f×\n' "$m" "kiln, 2 threads" "$k2" "$a2" \
     "$(echo "$t2 / $k2" | bc -l)" "$i2" "$(echo "$i2 / $ti" | bc -l)"

@@ -48,6 +48,9 @@ enum Fault {
     EmbeddingLastWins,
     /// The causal mask lets each query see one key too many.
     CausalOffByOne,
+    /// A contiguous copy of a strided view ignores the view's offset (a
+    /// slice is read from the start of its storage).
+    ContiguousDropsOffset,
 }
 
 #[derive(Clone, Debug)]
@@ -80,6 +83,14 @@ impl Backend for Faulty {
     }
     fn cast(&self, src: View<'_, HostData>, d: DType) -> Result<HostData> {
         self.inner.cast(src, d)
+    }
+    fn contiguous(&self, src: View<'_, HostData>) -> Result<HostData> {
+        let l = src.layout;
+        if self.fault == Fault::ContiguousDropsOffset && !l.is_contiguous() {
+            let moved = Layout::new(l.shape().clone(), l.strides().to_vec(), 0)?;
+            return self.inner.contiguous(View::new(src.storage, &moved));
+        }
+        self.inner.contiguous(src)
     }
     fn synchronize(&self) -> Result<()> {
         Ok(())
@@ -468,6 +479,7 @@ fn every_planted_fault_is_caught_and_the_clean_backend_passes() {
         (Fault::LayerNormOnePass, "layer_norm"),
         (Fault::EmbeddingLastWins, "embedding_backward"),
         (Fault::CausalOffByOne, "softmax_causal"),
+        (Fault::ContiguousDropsOffset, "contiguous"),
     ]);
 }
 

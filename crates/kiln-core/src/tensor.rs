@@ -437,22 +437,8 @@ impl<B: Backend> Tensor<B> {
     /// A contiguous copy of `self` with `src` written over elements
     /// `start..start + src.dims()[dim]` of dimension `dim`. Records nothing.
     pub fn write_slice(&self, dim: usize, start: usize, src: &Tensor<B>) -> Result<Self> {
-        let len = src.dims().get(dim).copied().unwrap_or(0);
-        let mut dst = self.backend().contiguous(self.view())?;
-        let full = Layout::contiguous(self.shape().clone());
-        let window = full.narrow(dim, start, len)?;
-        if window.dims() != src.dims() {
-            return Err(Error::shape(
-                "write_slice",
-                format!(
-                    "source {} does not fit window {}",
-                    src.shape(),
-                    window.shape()
-                ),
-            ));
-        }
-        self.backend().copy_strided(src.view(), &mut dst, &window)?;
-        Tensor::from_storage(Arc::new(dst), full, self.backend())
+        let dst = self.backend().contiguous(self.view())?;
+        src.written_over(dst, Layout::contiguous(self.shape().clone()), dim, start)
     }
 
     /// Zeros of shape `dims` with `self` written over elements
@@ -460,14 +446,29 @@ impl<B: Backend> Tensor<B> {
     /// of a slice). Records nothing.
     pub(crate) fn placed_in_zeros(&self, dims: &[usize], dim: usize, start: usize) -> Result<Self> {
         let shape = Shape::new(dims)?;
-        let mut dst = self.backend().full(shape.numel(), self.dtype(), 0.0)?;
-        let full = Layout::contiguous(shape);
+        let dst = self.backend().full(shape.numel(), self.dtype(), 0.0)?;
+        self.written_over(dst, Layout::contiguous(shape), dim, start)
+    }
+
+    /// `dst` (row-major `full`) with `self` copied over its window
+    /// `start..start + self.dims()[dim]` of dimension `dim`, as a tensor.
+    fn written_over(
+        &self,
+        mut dst: B::Storage,
+        full: Layout,
+        dim: usize,
+        start: usize,
+    ) -> Result<Self> {
         let len = self.dims().get(dim).copied().unwrap_or(0);
         let window = full.narrow(dim, start, len)?;
         if window.dims() != self.dims() {
             return Err(Error::shape(
-                "slice gradient",
-                format!("{} does not fit window {}", self.shape(), window.shape()),
+                "write_slice",
+                format!(
+                    "source {} does not fit window {}",
+                    self.shape(),
+                    window.shape()
+                ),
             ));
         }
         self.backend()

@@ -215,7 +215,7 @@ pub(crate) fn conv2d(
     pool.for_each(
         out.chunks_mut(o * cells).enumerate().collect(),
         |(img, y)| {
-            crate::scratch::zeroed(patch * cells, |cols| {
+            crate::scratch::sized(patch * cells, |cols| {
                 g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
                 let b = Matrix::from_slice(cols, 0, cells, 1);
                 accumulate(set, &filters, &b, (o, patch, cells), y, true);
@@ -261,7 +261,7 @@ pub(crate) fn conv2d_backward_data(
     pool.for_each(
         dx.chunks_mut(c * h * w).enumerate().collect(),
         |(img, image)| {
-            crate::scratch::zeroed(patch * cells, |cols| {
+            crate::scratch::sized(patch * cells, |cols| {
                 let grad = Matrix::from_slice(&gs, img * o * cells, cells, 1);
                 accumulate(set, &filters_t, &grad, (patch, o, cells), cols, true);
                 g.col2im(cols, image);
@@ -394,8 +394,8 @@ pub(crate) fn conv2d_pool(
         .chunks_mut(o * pcells)
         .zip(argmax.chunks_mut(o * pcells));
     pool.for_each(images.enumerate().collect(), |(img, (p, a))| {
-        crate::scratch::zeroed(patch * cells, |cols| {
-            crate::scratch::zeroed(o * cells, |y| {
+        crate::scratch::sized(patch * cells, |cols| {
+            crate::scratch::sized(o * cells, |y| {
                 g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
                 let b = Matrix::from_slice(cols, 0, cells, 1);
                 accumulate(set, &filters, &b, (o, patch, cells), y, true);

@@ -137,10 +137,10 @@ pub(crate) fn pack_a(
         let rows = mr.min(mc - panel * mr);
         let r0 = i0 + panel * mr;
         if rows < mr {
-            // The last panel's missing rows are zeros.
-            for step in chunk.chunks_exact_mut(mr) {
-                step[rows..].fill(0.0);
-            }
+            // The last panel's missing rows are zeros: one fill of the
+            // panel (a `memset` call per step of a few floats was 2 % of a
+            // CNN epoch).
+            chunk.fill(0.0);
         }
         if a.rs == 1 {
             // Column-major (a transposed view): each step's rows are contiguous.
@@ -222,10 +222,9 @@ pub(crate) fn pack_b(
         let cols = nr.min(nc - q * nr);
         let c0 = j0 + q * nr;
         if cols < nr {
-            // The last panel's missing columns are zeros.
-            for step in chunk.chunks_exact_mut(nr) {
-                step[cols..].fill(0.0);
-            }
+            // The last panel's missing columns are zeros (one fill, as in
+            // `pack_a`).
+            chunk.fill(0.0);
         }
         if b.cs == 1 {
             for p in 0..kc {

@@ -186,7 +186,7 @@ pub(crate) fn unary(
             let sigmoid = transcendental(set, UnaryOp::Sigmoid)?;
             fill(pool, n, 1, |i, o| {
                 let x = &xs[i..i + o.len()];
-                crate::scratch::zeroed(x.len(), |sig| {
+                crate::scratch::sized(x.len(), |sig| {
                     gelu_sigmoid(set, sigmoid, x, sig);
                     wide::zip(set, x, sig, o, |x, g| if g == 0.0 { -0.0 } else { x * g });
                 })
@@ -204,7 +204,7 @@ pub(crate) fn unary(
 /// vector `sigmoid` (the same f32 operations as the reference's
 /// `gelu_parts_f32`).
 fn gelu_sigmoid(set: KernelSet, sigmoid: MapKernel, xs: &[f32], out: &mut [f32]) {
-    crate::scratch::zeroed(xs.len(), |s| {
+    crate::scratch::sized(xs.len(), |s| {
         wide::map(set, xs, s, |x| GELU_K2_F32 * x * (1.0 + GELU_C_F32 * x * x));
         apply(sigmoid, s, out);
     })
@@ -231,7 +231,7 @@ pub(crate) fn unary_backward(
         let sigmoid = transcendental(set, UnaryOp::Sigmoid)?;
         fill(pool, n, 1, |i, o| {
             let (x, d) = (&xs[i..i + o.len()], &dys[i..i + o.len()]);
-            crate::scratch::zeroed(x.len(), |sig| {
+            crate::scratch::sized(x.len(), |sig| {
                 gelu_sigmoid(set, sigmoid, x, sig);
                 wide::zip3(set, x, sig, d, o, gelu_backward_f32);
             })

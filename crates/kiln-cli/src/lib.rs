@@ -598,22 +598,6 @@ fn info() -> Result<()> {
 }
 
 /// A built-in model by name, or the spec in a `.toml` (or `.json`) file.
-fn model_spec(model: &str) -> Result<ModelSpec> {
-    let path = std::path::Path::new(model);
-    let ext = path.extension().and_then(|e| e.to_str());
-    if !matches!(ext, Some("toml" | "json")) {
-        return ModelSpec::builtin(model);
-    }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::io(format!("reading the model spec {}", path.display()), e))?;
-    let parsed = if ext == Some("toml") {
-        ModelSpec::from_toml(&text)
-    } else {
-        ModelSpec::from_json(&text).and_then(|s| s.plan().map(|_| s))
-    };
-    parsed.map_err(|e| Error::invalid(format!("{}: {e}", path.display())))
-}
-
 fn train<D: Device>(mut a: TrainArgs, device: &D) -> Result<()> {
     if !(a.bucket_mb.is_finite() && a.bucket_mb > 0.0 && a.bucket_mb <= 4096.0) {
         return Err(Error::invalid(format!(
@@ -805,7 +789,7 @@ fn run_train<B: Backend>(
         .transpose()?;
     let spec = match (&restored, &a.model) {
         (Some(r), Some(m)) => {
-            let asked = model_spec(m)?;
+            let asked = ModelSpec::resolve(m)?;
             let saved = r.model.spec();
             if asked != saved {
                 return Err(Error::invalid(format!(
@@ -817,7 +801,7 @@ fn run_train<B: Backend>(
             saved
         }
         (Some(r), None) => r.model.spec(),
-        (None, m) => model_spec(m.as_deref().unwrap_or("mlp"))?,
+        (None, m) => ModelSpec::resolve(m.as_deref().unwrap_or("mlp"))?,
     };
     // Planned from the spec, before the model or any batch is allocated.
     let plan = spec.memory(batch_size)?;

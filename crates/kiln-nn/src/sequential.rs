@@ -266,6 +266,21 @@ impl<B: Backend> Sequential<B> {
         self.run(&self.layers, x, &stop)
     }
 
+    /// Class probabilities for a batch, with no autograd bookkeeping: the
+    /// output in f32, passed through a softmax unless the model ends in
+    /// one. Image models take pixels scaled to `[0, 1]` (bytes over 255,
+    /// as the trainer's loader feeds them), laid out `[n, channels,
+    /// height, width]`.
+    pub fn predict(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
+        let _g = kiln_core::NoGradGuard::new();
+        let out = self.forward(x)?.cast(kiln_core::DType::F32)?;
+        if self.ends_in_softmax() {
+            Ok(out)
+        } else {
+            out.softmax()
+        }
+    }
+
     /// Whether the output is a softmax.
     pub fn ends_in_softmax(&self) -> bool {
         self.layers.last().is_some_and(|l| l.ends_in_softmax())

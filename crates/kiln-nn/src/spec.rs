@@ -717,9 +717,35 @@ impl ModelSpec {
             "cnn" => Ok(Self::cnn()),
             other => Err(Error::invalid(format!(
                 "unknown model `{other}`: the built-in models are mlp, cnn and gpt (a language model); \
-                 or give a model spec file (--model path/to/model.toml)"
+                 or give the path of a model spec file (path/to/model.toml)"
             ))),
         }
+    }
+
+    /// A built-in model's name (`mlp`, `cnn`) or the path of a spec file
+    /// (`.toml`, or `.json` as [`ModelSpec::to_json`] writes it): what
+    /// `kiln train --model` and the C ABI's `kiln_model_new` accept.
+    ///
+    /// ```
+    /// use kiln_nn::ModelSpec;
+    /// assert_eq!(ModelSpec::resolve("mlp")?.name, "mlp");
+    /// assert!(ModelSpec::resolve("no-such-model").is_err());
+    /// # Ok::<(), kiln_core::Error>(())
+    /// ```
+    pub fn resolve(name_or_path: &str) -> Result<Self> {
+        let path = std::path::Path::new(name_or_path);
+        let ext = path.extension().and_then(|e| e.to_str());
+        if !matches!(ext, Some("toml" | "json")) {
+            return Self::builtin(name_or_path);
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading the model spec {}", path.display()), e))?;
+        let parsed = if ext == Some("toml") {
+            Self::from_toml(&text)
+        } else {
+            Self::from_json(&text).and_then(|s| s.plan().map(|_| s))
+        };
+        parsed.map_err(|e| Error::invalid(format!("{}: {e}", path.display())))
     }
 
     /// Parses a spec from TOML: `name`, `input` and one `[[layers]]` table

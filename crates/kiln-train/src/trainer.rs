@@ -232,6 +232,11 @@ impl<B: Backend> Trainer<B> {
         ))
     }
 
+    /// The trained model, the trainer given up (its optimiser state with it).
+    pub fn into_model(self) -> Sequential<B> {
+        self.model
+    }
+
     /// The model.
     pub fn model(&self) -> &Sequential<B> {
         &self.model
@@ -854,17 +859,12 @@ impl<B: Backend> Trainer<B> {
         Ok(report)
     }
 
-    /// Class probabilities `[n, classes]` for `n` examples of pixels in `[0, 1]`.
+    /// Class probabilities `[n, classes]` for `n` examples of pixels in
+    /// `[0, 1]` ([`Sequential::predict`]).
     pub fn predict(&self, images: &[f32], n: usize) -> Result<Tensor<B>> {
-        let _g = kiln_core::NoGradGuard::new();
         let mut dims = vec![n];
         dims.extend_from_slice(self.model.input_shape());
         let x = Tensor::from_host(HostData::F32(images.to_vec()), &dims, &self.backend)?;
-        let out = self.model.forward(&x)?.cast(DType::F32)?;
-        if self.model.ends_in_softmax() {
-            Ok(out)
-        } else {
-            out.softmax()
-        }
+        self.model.predict(&x)
     }
 }

@@ -21,8 +21,9 @@ step() { printf '\n== %s\n' "$*"; }
 # Fashion-MNIST from Debian (installs to /usr/share/datasets/fashion-mnist),
 # the TrueType font the plots' text is laid out with, OpenBLAS (a
 # comparator `kiln bench` loads at run time), Chromium (the headless
-# browser that renders `kiln report`'s HTML page in the CLI tests) and Open
-# MPI with libclang (the `mpi` feature's build and its `mpirun` tests).
+# browser that renders `kiln report`'s HTML page in the CLI tests), Open
+# MPI with libclang (the `mpi` feature's build and its `mpirun` tests) and
+# Valgrind (the C ABI's example runs under memcheck).
 missing_packages() {
   [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && return 0
   [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && return 0
@@ -30,16 +31,18 @@ missing_packages() {
   ! command -v mpicc >/dev/null && return 0
   ! command -v mpirun >/dev/null && return 0
   ! compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null && return 0
+  ! command -v valgrind >/dev/null && return 0
   ! command -v chromium >/dev/null
 }
 if missing_packages; then
-  step "installing dataset-fashion-mnist, fonts-dejavu-core, libopenblas0-pthread, chromium, Open MPI and libclang"
+  step "installing dataset-fashion-mnist, fonts-dejavu-core, libopenblas0-pthread, chromium, Open MPI, libclang and valgrind"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
     dataset-fashion-mnist fonts-dejavu-core libopenblas0-pthread chromium \
-    openmpi-bin libopenmpi-dev libclang-dev
+    openmpi-bin libopenmpi-dev libclang-dev valgrind
 fi
 export KILN_REQUIRE_PLOTS=1 KILN_REQUIRE_OPENBLAS=1 KILN_REQUIRE_BROWSER=1 KILN_REQUIRE_MPI=1
+export KILN_REQUIRE_VALGRIND=1
 
 # --- Rust components --------------------------------------------------------
 if [ "$quick" = 0 ]; then

@@ -332,6 +332,103 @@ impl<B: Backend> Sequential<B> {
         param_names(&self.layers).into_iter().zip(params).collect()
     }
 
+    /// Every parameter's current values by name (`0.dense.weight`, …):
+    /// detached tensors on the model's backend, to read, keep, or load
+    /// into another model of the same spec with
+    /// [`Sequential::load_state_dict`]. (`kiln_train::model_file` saves
+    /// and loads them in a file, with the spec.)
+    ///
+    /// ```
+    /// use kiln_cpu::CpuBackend;
+    /// use kiln_nn::ModelSpec;
+    ///
+    /// let b = CpuBackend::reference();
+    /// let trained = ModelSpec::mlp().build(1, &b)?;
+    /// let mut other = ModelSpec::mlp().build(2, &b)?;
+    /// let state = trained.state_dict();
+    /// assert_eq!(state["1.dense.weight"].dims(), [784, 64]);
+    /// other.load_state_dict(&state)?;
+    /// assert_eq!(
+    ///     other.param("2.dense.bias")?.value().to_vec_f32()?,
+    ///     state["2.dense.bias"].to_vec_f32()?
+    /// );
+    /// # Ok::<(), kiln_core::Error>(())
+    /// ```
+    pub fn state_dict(&self) -> std::collections::BTreeMap<String, Tensor<B>> {
+        self.named_params()
+            .into_iter()
+            .map(|(name, p)| (name, p.value()))
+            .collect()
+    }
+
+    /// The parameter called `name`, or an error listing the names there are.
+    pub fn param(&self, name: &str) -> Result<&Var<B>> {
+        let params = self.named_params();
+        let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+        params
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p)
+            .ok_or_else(|| self.unknown_param(name, &names))
+    }
+
+    /// Replaces the values of the parameter called `name` (same shape and
+    /// dtype) — for weights from elsewhere, or for hand-made tests.
+    pub fn set_param(&mut self, name: &str, value: &Tensor<B>) -> Result<()> {
+        let names = param_names(&self.layers);
+        let Some(i) = names.iter().position(|n| n == name) else {
+            return Err(self.unknown_param(name, &names));
+        };
+        self.params_mut()[i]
+            .set(value)
+            .map_err(|e| Error::invalid(format!("parameter `{name}`: {e}")))
+    }
+
+    /// Replaces every parameter's values with `state`'s (as
+    /// [`Sequential::state_dict`] gives them). All or nothing: a missing
+    /// or unknown name, or a value of the wrong shape or dtype, is an
+    /// error before any parameter changes.
+    pub fn load_state_dict(
+        &mut self,
+        state: &std::collections::BTreeMap<String, Tensor<B>>,
+    ) -> Result<()> {
+        let names = param_names(&self.layers);
+        if let Some(extra) = state.keys().find(|k| !names.contains(k)) {
+            return Err(self.unknown_param(extra, &names));
+        }
+        for (name, p) in self.named_params() {
+            let v = state.get(&name).ok_or_else(|| {
+                Error::invalid(format!(
+                    "the state has no `{name}`: model `{}` needs all of {}",
+                    self.name,
+                    names.join(", ")
+                ))
+            })?;
+            if v.shape() != p.shape() || v.dtype() != p.dtype() {
+                return Err(Error::invalid(format!(
+                    "`{name}` is {} {} in the state, {} {} in model `{}`",
+                    v.shape(),
+                    v.dtype(),
+                    p.shape(),
+                    p.dtype(),
+                    self.name
+                )));
+            }
+        }
+        for (name, p) in names.iter().zip(self.params_mut()) {
+            p.set(&state[name])?;
+        }
+        Ok(())
+    }
+
+    fn unknown_param(&self, name: &str, names: &[String]) -> Error {
+        Error::invalid(format!(
+            "model `{}` has no parameter `{name}`; it has {}",
+            self.name,
+            names.join(", ")
+        ))
+    }
+
     /// Total number of trainable scalars.
     pub fn num_params(&self) -> usize {
         self.params().iter().map(|p| p.numel()).sum()

@@ -56,16 +56,57 @@ pub enum ActivationSpec {
     Softmax,
 }
 
-/// How a convolution or pooling window treats the image border.
+/// How a convolution or pooling window treats the image border. In a
+/// spec file: `"valid"`, `"same"`, or a number of zero rows and columns
+/// added on every side (`1`, or `[1, 2]` for rows and columns apart).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "PaddingRepr", into = "PaddingRepr")]
 pub enum Padding {
     /// No padding: windows only where they fit.
     #[default]
     Valid,
     /// Pad so the output has ⌈input / stride⌉ cells per axis (the odd
-    /// cell at the bottom/right, as Keras).
+    /// cell at the bottom/right, as Keras and TensorFlow).
     Same,
+    /// `[rows, cols]` zeros on both sides of each axis: PyTorch's
+    /// `padding=` (`padding=1` is `Explicit([1, 1])`), the same at any
+    /// stride.
+    Explicit([usize; 2]),
+}
+
+/// How [`Padding`] is written in a spec file.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum PaddingRepr {
+    Named(String),
+    One(usize),
+    Two([usize; 2]),
+}
+
+impl TryFrom<PaddingRepr> for Padding {
+    type Error = String;
+    fn try_from(r: PaddingRepr) -> std::result::Result<Self, String> {
+        match r {
+            PaddingRepr::Named(n) if n == "valid" => Ok(Padding::Valid),
+            PaddingRepr::Named(n) if n == "same" => Ok(Padding::Same),
+            PaddingRepr::Named(n) => Err(format!(
+                "padding `{n}`: expected \"valid\", \"same\", a number of zeros per side or [rows, cols]"
+            )),
+            PaddingRepr::One(v) => Ok(Padding::Explicit([v, v])),
+            PaddingRepr::Two(v) => Ok(Padding::Explicit(v)),
+        }
+    }
+}
+
+impl From<Padding> for PaddingRepr {
+    fn from(p: Padding) -> Self {
+        match p {
+            Padding::Valid => PaddingRepr::Named("valid".into()),
+            Padding::Same => PaddingRepr::Named("same".into()),
+            Padding::Explicit([r, c]) if r == c => PaddingRepr::One(r),
+            Padding::Explicit(v) => PaddingRepr::Two(v),
+        }
+    }
 }
 
 /// A height × width pair, written as one number (`3`, square) or two
@@ -417,6 +458,10 @@ impl LayerSpec {
         Some(match padding {
             Padding::Valid => kiln_core::Window2d::valid(kernel, strides),
             Padding::Same => kiln_core::Window2d::same(kernel, strides, input),
+            Padding::Explicit([r, c]) => kiln_core::Window2d {
+                padding: [r, r, c, c],
+                ..kiln_core::Window2d::valid(kernel, strides)
+            },
         })
     }
 }
@@ -650,64 +695,128 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// A model named `name` with no layers yet, taking examples of shape
+    /// `input` (without the batch dimension: `[channels, height, width]`
+    /// for images, `[features]` for vectors). Add layers with the methods
+    /// below or [`ModelSpec::push`], then [`ModelSpec::build`] it: the
+    /// same model a spec file with these layers describes, initialised
+    /// from one seed (layer `i` draws from its own stream, so adding a
+    /// layer leaves the others' initial weights unchanged).
+    ///
+    /// ```
+    /// use kiln_cpu::CpuBackend;
+    /// use kiln_nn::{ActivationSpec::{Relu, Softmax}, ModelSpec};
+    ///
+    /// let spec = ModelSpec::new("mlp", [1, 28, 28])
+    ///     .flatten()
+    ///     .dense(64, Relu)
+    ///     .dense(10, Softmax);
+    /// assert_eq!(spec, ModelSpec::mlp()); // the seed's MLP, as `models/mlp.toml`
+    /// let model = spec.build(42, &CpuBackend::reference())?;
+    /// assert_eq!(model.num_params(), 784 * 64 + 64 + 64 * 10 + 10);
+    /// # Ok::<(), kiln_core::Error>(())
+    /// ```
+    pub fn new(name: impl Into<String>, input: impl Into<Vec<usize>>) -> Self {
+        ModelSpec {
+            name: name.into(),
+            input: input.into(),
+            layers: Vec::new(),
+        }
+    }
+
+    /// Appends any layer (see [`LayerSpec`] for every kind and field).
+    pub fn push(mut self, layer: LayerSpec) -> Self {
+        self.layers.push(layer);
+        self
+    }
+
+    /// Appends a Flatten layer.
+    pub fn flatten(self) -> Self {
+        self.push(LayerSpec::Flatten)
+    }
+
+    /// Appends a Dense layer of `units` outputs with a bias and Glorot
+    /// uniform initial weights, as Keras.
+    pub fn dense(self, units: usize, activation: ActivationSpec) -> Self {
+        self.push(LayerSpec::Dense {
+            units,
+            activation,
+            kernel_init: Initializer::GlorotUniform,
+            bias: true,
+        })
+    }
+
+    /// Appends a 2-D convolution of `filters` square `kernel × kernel`
+    /// windows, stride 1, no padding (Keras' `valid`), with a bias per
+    /// filter; [`ModelSpec::conv2d_padded`] sets the stride and padding.
+    pub fn conv2d(self, filters: usize, kernel: usize, activation: ActivationSpec) -> Self {
+        self.conv2d_padded(filters, kernel, 1, Padding::Valid, activation)
+    }
+
+    /// Appends a 2-D convolution with a given stride and padding: a
+    /// PyTorch `Conv2d(c, 32, 3, stride=2, padding=1)` is
+    /// `.conv2d_padded(32, 3, 2, Padding::Explicit([1, 1]), …)`.
+    pub fn conv2d_padded(
+        self,
+        filters: usize,
+        kernel: usize,
+        stride: usize,
+        padding: Padding,
+        activation: ActivationSpec,
+    ) -> Self {
+        self.push(LayerSpec::Conv2d {
+            filters,
+            kernel_size: Pair([kernel, kernel]),
+            strides: Pair([stride, stride]),
+            padding,
+            activation,
+            kernel_init: Initializer::GlorotUniform,
+        })
+    }
+
+    /// Appends a max-pooling of square `size × size` windows, as many
+    /// apart (no padding).
+    pub fn max_pool2d(self, size: usize) -> Self {
+        self.push(LayerSpec::MaxPool2d {
+            pool_size: Pair([size, size]),
+            strides: None,
+            padding: Padding::Valid,
+        })
+    }
+
+    /// Appends inverted dropout of `rate` (active only while training).
+    pub fn dropout(self, rate: f32) -> Self {
+        self.push(LayerSpec::Dropout { rate })
+    }
+
+    /// Builds the model on `backend` with initial weights from `seed`
+    /// ([`Sequential::from_spec`](crate::Sequential::from_spec)); an error
+    /// names the first layer that does not fit the shape before it.
+    pub fn build<B: kiln_core::Backend>(
+        &self,
+        seed: u64,
+        backend: &B,
+    ) -> Result<crate::Sequential<B>> {
+        crate::Sequential::from_spec(self, seed, backend)
+    }
+
     /// The seed's MLP: Flatten → Dense 64 ReLU → Dense 10 softmax, on 1×28×28 images.
     pub fn mlp() -> Self {
-        ModelSpec {
-            name: "mlp".into(),
-            input: vec![1, 28, 28],
-            layers: vec![
-                LayerSpec::Flatten,
-                LayerSpec::Dense {
-                    units: 64,
-                    activation: ActivationSpec::Relu,
-                    kernel_init: Initializer::GlorotUniform,
-                    bias: true,
-                },
-                LayerSpec::Dense {
-                    units: 10,
-                    activation: ActivationSpec::Softmax,
-                    kernel_init: Initializer::GlorotUniform,
-                    bias: true,
-                },
-            ],
-        }
+        ModelSpec::new("mlp", [1, 28, 28])
+            .flatten()
+            .dense(64, ActivationSpec::Relu)
+            .dense(10, ActivationSpec::Softmax)
     }
 
     /// The seed's CNN: Conv2D 32 3×3 ReLU → MaxPool 2×2 → Flatten → Dense
     /// 64 ReLU → Dense 10 softmax, on 1×28×28 images.
     pub fn cnn() -> Self {
-        ModelSpec {
-            name: "cnn".into(),
-            input: vec![1, 28, 28],
-            layers: vec![
-                LayerSpec::Conv2d {
-                    filters: 32,
-                    kernel_size: Pair([3, 3]),
-                    strides: Pair([1, 1]),
-                    padding: Padding::Valid,
-                    activation: ActivationSpec::Relu,
-                    kernel_init: Initializer::GlorotUniform,
-                },
-                LayerSpec::MaxPool2d {
-                    pool_size: Pair([2, 2]),
-                    strides: None,
-                    padding: Padding::Valid,
-                },
-                LayerSpec::Flatten,
-                LayerSpec::Dense {
-                    units: 64,
-                    activation: ActivationSpec::Relu,
-                    kernel_init: Initializer::GlorotUniform,
-                    bias: true,
-                },
-                LayerSpec::Dense {
-                    units: 10,
-                    activation: ActivationSpec::Softmax,
-                    kernel_init: Initializer::GlorotUniform,
-                    bias: true,
-                },
-            ],
-        }
+        ModelSpec::new("cnn", [1, 28, 28])
+            .conv2d(32, 3, ActivationSpec::Relu)
+            .max_pool2d(2)
+            .flatten()
+            .dense(64, ActivationSpec::Relu)
+            .dense(10, ActivationSpec::Softmax)
     }
 
     /// A built-in model by name.
@@ -826,6 +935,54 @@ impl ModelSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn explicit_padding_reads_writes_and_plans_as_pytorch_does() {
+        let toml = r#"
+            name = "strided"
+            input = [3, 28, 28]
+            [[layers]]
+            type = "conv2d"
+            filters = 8
+            kernel_size = 3
+            strides = 2
+            padding = 1
+            [[layers]]
+            type = "maxpool2d"
+            pool_size = 3
+            strides = 1
+            padding = [1, 0]
+        "#;
+        let spec = ModelSpec::from_toml(toml).unwrap();
+        let built = ModelSpec::new("strided", [3, 28, 28])
+            .conv2d_padded(8, 3, 2, Padding::Explicit([1, 1]), ActivationSpec::Linear)
+            .push(LayerSpec::MaxPool2d {
+                pool_size: Pair([3, 3]),
+                strides: Some(Pair([1, 1])),
+                padding: Padding::Explicit([1, 0]),
+            });
+        assert_eq!(spec, built, "the file and the builder give one model");
+        // PyTorch: ⌊(28 + 2·1 − 3) / 2⌋ + 1 = 14; then 14 + 2 − 3 + 1 rows, 14 − 3 + 1 columns.
+        assert_eq!(spec.plan().unwrap().0, vec![8, 14, 12]);
+        assert_eq!(ModelSpec::from_toml(&spec.to_toml()).unwrap(), spec);
+        assert_eq!(ModelSpec::from_json(&spec.to_json()).unwrap(), spec);
+        for (padding, want) in [("\"valid\"", Padding::Valid), ("\"same\"", Padding::Same)] {
+            let t = toml.replacen("padding = 1", &format!("padding = {padding}"), 1);
+            let s = ModelSpec::from_toml(&t).unwrap();
+            assert!(matches!(s.layers[0], LayerSpec::Conv2d { padding, .. } if padding == want));
+        }
+        let e = ModelSpec::from_toml(&toml.replacen("padding = 1", "padding = \"vaild\"", 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("padding `vaild`") && e.contains("[rows, cols]"),
+            "{e}"
+        );
+        let e = ModelSpec::from_toml(&toml.replacen("padding = 1", "padding = 3", 1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("smaller than the 3×3 window"), "{e}");
+    }
 
     #[test]
     fn memory_estimates_follow_the_spec() {

@@ -426,3 +426,86 @@ fn clipping_by_global_norm_and_accumulating_gradients() {
     assert_eq!(g.get_id(c.id()).unwrap().to_vec_f32().unwrap(), [0.4]);
     assert!(kiln_nn::clip_grad_norm(&mut g, &[&a], f32::NAN).is_err());
 }
+
+#[test]
+fn explicit_padding_equals_a_valid_convolution_of_the_zero_padded_image() {
+    use kiln_core::HostData;
+    use kiln_nn::{ActivationSpec::Relu, Padding};
+    let b = backend();
+    // A PyTorch-style Conv2d(2, 4, 3, stride=2, padding=1) on 2×9×9 images…
+    let padded = ModelSpec::new("p", [2, 9, 9])
+        .conv2d_padded(4, 3, 2, Padding::Explicit([1, 1]), Relu)
+        .build(5, &b)
+        .unwrap();
+    // …is the same filters (same seed, same shape) on the image padded by hand.
+    let valid = ModelSpec::new("v", [2, 11, 11])
+        .conv2d_padded(4, 3, 2, Padding::Valid, Relu)
+        .build(5, &b)
+        .unwrap();
+    let image: Vec<f32> = (0..2 * 81)
+        .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+        .collect();
+    let mut by_hand = vec![0f32; 2 * 121];
+    for c in 0..2 {
+        for y in 0..9 {
+            for x in 0..9 {
+                by_hand[c * 121 + (y + 1) * 11 + x + 1] = image[c * 81 + y * 9 + x];
+            }
+        }
+    }
+    let run = |m: &Sequential<CpuBackend>, data: Vec<f32>, side: usize| {
+        let x = Tensor::from_host(HostData::F32(data), &[1, 2, side, side], &b).unwrap();
+        let y = m.forward(&x).unwrap();
+        (y.dims().to_vec(), y.to_vec_f32().unwrap())
+    };
+    let (dims, got) = run(&padded, image, 9);
+    assert_eq!(dims, [1, 4, 5, 5]);
+    assert_eq!((dims, got), run(&valid, by_hand, 11));
+}
+
+#[test]
+fn a_state_dict_loads_all_or_nothing_and_names_what_is_wrong() {
+    let b = backend();
+    let source = ModelSpec::cnn().build(1, &b).unwrap();
+    let mut target = ModelSpec::cnn().build(2, &b).unwrap();
+    let before = target.state_dict();
+    let bias = |m: &Sequential<CpuBackend>| {
+        m.param("4.dense.bias")
+            .unwrap()
+            .value()
+            .to_vec_f32()
+            .unwrap()
+    };
+
+    let mut missing = source.state_dict();
+    missing.remove("0.conv2d.bias");
+    let e = target.load_state_dict(&missing).unwrap_err().to_string();
+    assert!(e.contains("no `0.conv2d.bias`"), "{e}");
+
+    let mut wrong = source.state_dict();
+    let cut = wrong["4.dense.bias"].narrow(0, 0, 5).unwrap();
+    wrong.insert("4.dense.bias".into(), cut);
+    let e = target.load_state_dict(&wrong).unwrap_err().to_string();
+    assert!(
+        e.contains("`4.dense.bias` is [5]") && e.contains("[10]"),
+        "{e}"
+    );
+
+    let mut unknown = source.state_dict();
+    unknown.insert("9.dense.weight".into(), before["4.dense.bias"].clone());
+    let e = target.load_state_dict(&unknown).unwrap_err().to_string();
+    assert!(
+        e.contains("no parameter `9.dense.weight`") && e.contains("0.conv2d.weight"),
+        "{e}"
+    );
+    // Nothing changed on any failure.
+    assert_eq!(bias(&target), before["4.dense.bias"].to_vec_f32().unwrap());
+
+    target.load_state_dict(&source.state_dict()).unwrap();
+    assert_eq!(bias(&target), bias(&source));
+    let e = target
+        .set_param("4.dense.bias", &before["0.conv2d.bias"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("parameter `4.dense.bias`"), "{e}");
+}

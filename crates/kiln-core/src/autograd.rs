@@ -401,6 +401,53 @@ impl<B: Backend> Tensor<B> {
     pub fn backward_with(
         &self,
         stop: impl Fn() -> bool,
+        on_leaf: impl FnMut(TensorId, &Tensor<B>) -> Result<()>,
+    ) -> Result<Option<GradStore<B>>> {
+        self.backward_seeded(None, stop, on_leaf)
+    }
+
+    /// Back-propagates `upstream` — the gradient of some later quantity
+    /// with respect to this tensor, of this tensor's shape and dtype — and
+    /// returns every leaf's gradient: the vector–Jacobian product, for a
+    /// pass whose loss is computed elsewhere (another framework, another
+    /// process, a hand-written head).
+    ///
+    /// ```
+    /// use kiln_core::{Tensor, Var};
+    /// use kiln_cpu::CpuBackend;
+    ///
+    /// let b = CpuBackend::reference();
+    /// let w = Var::from_tensor(&Tensor::from_slice(&[1.0, 2.0], &[2], &b)?)?;
+    /// let y = w.as_tensor().square()?; // y = w², dy/dw = 2w
+    /// let upstream = Tensor::from_slice(&[10.0, 100.0], &[2], &b)?;
+    /// let grads = y.backward_from(&upstream)?;
+    /// assert_eq!(grads.get_id(w.id()).unwrap().to_vec_f32()?, [20.0, 400.0]);
+    /// // An upstream gradient of another shape is an error.
+    /// assert!(y.backward_from(&Tensor::from_slice(&[1.0], &[1], &b)?).is_err());
+    /// # Ok::<(), kiln_core::Error>(())
+    /// ```
+    pub fn backward_from(&self, upstream: &Tensor<B>) -> Result<GradStore<B>> {
+        if upstream.shape() != self.shape() || upstream.dtype() != self.dtype() {
+            return Err(Error::shape(
+                "backward_from",
+                format!(
+                    "the upstream gradient is {} {}, the tensor {} {}",
+                    upstream.shape(),
+                    upstream.dtype(),
+                    self.shape(),
+                    self.dtype()
+                ),
+            ));
+        }
+        let grads = self.backward_seeded(Some(upstream.detach()), || false, |_, _| Ok(()))?;
+        Ok(grads.expect("a pass with no stop condition completes"))
+    }
+
+    /// The backward pass from `seed` (ones when `None`).
+    fn backward_seeded(
+        &self,
+        seed: Option<Tensor<B>>,
+        stop: impl Fn() -> bool,
         mut on_leaf: impl FnMut(TensorId, &Tensor<B>) -> Result<()>,
     ) -> Result<Option<GradStore<B>>> {
         if !self.requires_grad() {
@@ -411,7 +458,11 @@ impl<B: Backend> Tensor<B> {
         let order = topological_order(self);
         let _guard = NoGradGuard::new();
         let mut pending: HashMap<TensorId, Tensor<B>> = HashMap::new();
-        pending.insert(self.id(), self.ones_like()?);
+        let seed = match seed {
+            Some(s) => s,
+            None => self.ones_like()?,
+        };
+        pending.insert(self.id(), seed);
         let mut leaves = HashMap::new();
         for node in order.iter().rev() {
             let Some(g) = pending.remove(&node.id()) else {

@@ -75,6 +75,14 @@ step "cargo test (kernel sets required: scalar${required:+,$required})"
 KILN_REQUIRE_DATASETS=1 KILN_REQUIRE_KERNELS="$required" KILN_REQUIRE_HOST_EMULATION=1 \
   cargo test --workspace --profile ci --locked
 
+# The Rust examples assert what they show (the C example runs in
+# kiln-capi's tests above, directly and under Valgrind).
+step "examples/rust"
+for example in tensors custom_loop train_mlp load_and_predict; do
+  cargo run -q -p kiln-examples --example "$example" --profile ci --locked >/dev/null
+done
+cargo run -q -p kiln-examples --example tensors --profile ci --locked -- scalar >/dev/null
+
 # Benchmarks as a smoke only (numbers come from benches/compare.sh): each
 # criterion bench once, and the comparison binary on two small shapes.
 step "benchmark smoke"

@@ -869,13 +869,7 @@ pub unsafe extern "C" fn kiln_model_fit(
             } else {
                 Verbosity::Lines
             },
-            history_path: None,
-            augment: None,
-            checkpoint: None,
-            stop: None,
-            loss_scale: kiln_train::LossScaler::default(),
-            on_step: None,
-            distributed: None,
+            ..FitConfig::default()
         };
         let history = with_model(h, |slot| {
             let m = slot.take().ok_or_else(spoiled)?;

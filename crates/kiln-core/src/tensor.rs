@@ -671,6 +671,19 @@ impl<B: Backend> Tensor<B> {
     /// Matrix product of two matrices (`[m, k]·[k, n]`) or two equal-batch
     /// stacks (`[b, m, k]·[b, k, n]`).
     pub fn matmul(&self, rhs: &Self) -> Result<Self> {
+        let (a, b) = (self.dims(), rhs.dims());
+        if a.len() == b.len() && a.len() >= 2 && a[a.len() - 1] != b[b.len() - 2] {
+            return Err(Error::shape(
+                "matmul",
+                format!(
+                    "{} · {}: the left operand's columns ({}) must equal the right one's rows ({})",
+                    self.shape(),
+                    rhs.shape(),
+                    a[a.len() - 1],
+                    b[b.len() - 2]
+                ),
+            ));
+        }
         match (self.rank(), rhs.rank()) {
             (2, 2) => self
                 .unsqueeze(0)?

@@ -52,7 +52,8 @@ typedef struct KilnBackend KilnBackend;
 // A labelled image dataset held in memory (u8 pixels).
 typedef struct KilnDataset KilnDataset;
 
-// A model on a backend (it keeps the backend alive).
+// A model on a backend (it keeps the backend alive), with the Adam
+// optimiser [`kiln_model_fit`] trains it with.
 typedef struct KilnModel KilnModel;
 
 // Settings of [`kiln_model_fit`]; start from [`kiln_fit_options_default`].
@@ -235,8 +236,8 @@ struct KilnFitOptions kiln_fit_options_default(void);
 // (the seed's Keras recipe: `ε` = 1e-7 added to `√v`), shuffling every
 // epoch; `options` may be NULL for [`kiln_fit_options_default`], and
 // `result` NULL if not wanted. The images are scaled by 1/255 on the way
-// in, as [`kiln_model_predict`] expects its inputs. Each call starts a
-// fresh optimiser.
+// in, as [`kiln_model_predict`] expects its inputs. The optimiser's state
+// carries over from one call to the next, as Keras' `fit` does.
 //
 // # Safety
 // `model` is a live model handle not in use elsewhere; `train` a live

@@ -70,7 +70,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use kiln_core::{Backend, Error, HostData, Tensor};
-use kiln_cpu::{features::KernelSet, CpuBackend};
+use kiln_cpu::CpuBackend;
 use kiln_data::{Dataset, IdxArray, Split};
 use kiln_nn::{Adam, Loss, ModelSpec, Optimizer, Sequential};
 use kiln_train::{model_file, FitConfig, Trainer, Verbosity};
@@ -166,13 +166,14 @@ pub struct KilnBackend {
     name: CString,
 }
 
-/// A model on a backend (it keeps the backend alive).
+/// A model on a backend (it keeps the backend alive), with the Adam
+/// optimiser [`kiln_model_fit`] trains it with.
 pub struct KilnModel {
     tag: u64,
     backend: CpuBackend,
     /// Locked for each call; poisoned by a panic during one, and then
-    /// refused. Taken out for training and evaluation, and put back.
-    model: Mutex<Option<Sequential<CpuBackend>>>,
+    /// refused.
+    trainer: Mutex<Trainer<CpuBackend>>,
 }
 
 /// A labelled image dataset held in memory (u8 pixels).
@@ -330,26 +331,20 @@ unsafe fn put<T>(out: *mut T, value: T, what: &str) -> Outcome {
     Ok(())
 }
 
-/// Runs `f` with the model in `h` locked, unless a panic spoiled it.
-fn with_model<R>(
+/// Runs `f` with the trainer of the image model in `h` locked, unless a
+/// panic spoiled it.
+fn with_trainer<R>(
     h: &KilnModel,
-    f: impl FnOnce(&mut Option<Sequential<CpuBackend>>) -> Result<R, Failure>,
+    f: impl FnOnce(&mut Trainer<CpuBackend>) -> Result<R, Failure>,
 ) -> Result<R, Failure> {
-    let mut slot = h.model.lock().map_err(|_| spoiled())?;
-    if slot.is_none() {
-        return Err(spoiled());
-    }
-    f(&mut slot)
+    let mut trainer = locked(h)?;
+    image_model(trainer.model())?;
+    f(&mut trainer)
 }
 
-/// Runs `f` on the model in `h`, locked.
-fn with_image_model<R>(
-    h: &KilnModel,
-    f: impl FnOnce(&Sequential<CpuBackend>) -> Result<R, Failure>,
-) -> Result<R, Failure> {
-    with_model(h, |slot| {
-        f(image_model(slot.as_ref().ok_or_else(spoiled)?)?)
-    })
+/// The trainer of the model in `h`, locked, unless a panic spoiled it.
+fn locked(h: &KilnModel) -> Result<std::sync::MutexGuard<'_, Trainer<CpuBackend>>, Failure> {
+    h.trainer.lock().map_err(|_| spoiled())
 }
 
 fn spoiled() -> Failure {
@@ -410,20 +405,13 @@ pub unsafe extern "C" fn kiln_backend_new(
 ) -> KilnStatus {
     guard(|| {
         check_ptr(out, "out")?;
-        let backend = if kernels.is_null() {
-            CpuBackend::new()?
+        let kernels = if kernels.is_null() {
+            None
         } else {
             // SAFETY: non-null, and the caller promises a C string.
-            match unsafe { text(kernels, "kernels") }? {
-                "auto" => CpuBackend::new()?,
-                name => CpuBackend::with_kernels(KernelSet::parse(name)?)?,
-            }
+            Some(unsafe { text(kernels, "kernels") }?)
         };
-        let backend = if threads > 0 {
-            backend.with_threads(threads)?
-        } else {
-            backend
-        };
+        let backend = CpuBackend::configured(kernels, threads)?;
         let name = CString::new(format!(
             "{} ({} threads)",
             backend.name(),
@@ -510,16 +498,26 @@ pub unsafe extern "C" fn kiln_model_new(
         check_ptr(out, "out")?;
         let model = Sequential::from_spec(&spec, seed, &b.backend)?;
         // SAFETY: `out` was checked; the caller promises it is writable.
-        unsafe { put(out, new_model(&b.backend, model), "out") }
+        unsafe { put(out, new_model(&b.backend, model)?, "out") }
     })
 }
 
-fn new_model(backend: &CpuBackend, model: Sequential<CpuBackend>) -> *mut KilnModel {
-    Box::into_raw(Box::new(KilnModel {
+fn new_model(
+    backend: &CpuBackend,
+    model: Sequential<CpuBackend>,
+) -> Result<*mut KilnModel, Failure> {
+    let optimizer: Box<dyn Optimizer<CpuBackend>> = Box::new(Adam::new(1e-3)?);
+    let trainer = Trainer::new(
+        model,
+        optimizer,
+        Loss::CategoricalCrossEntropy,
+        backend.clone(),
+    );
+    Ok(Box::into_raw(Box::new(KilnModel {
         tag: MODEL_TAG,
         backend: backend.clone(),
-        model: Mutex::new(Some(model)),
-    }))
+        trainer: Mutex::new(trainer),
+    })))
 }
 
 /// Loads a model into `*out` from a model file written by `kiln train` or
@@ -543,7 +541,7 @@ pub unsafe extern "C" fn kiln_model_load(
         check_ptr(out, "out")?;
         let (loaded, _) = model_file::load_for_inference(&path, &b.backend)?;
         // SAFETY: `out` was checked; the caller promises it is writable.
-        unsafe { put(out, new_model(&b.backend, loaded.model), "out") }
+        unsafe { put(out, new_model(&b.backend, loaded.model)?, "out") }
     })
 }
 
@@ -563,10 +561,7 @@ pub unsafe extern "C" fn kiln_model_save(
         let h = unsafe { handle(model, "model") }?;
         // SAFETY: as the caller promises.
         let path = Path::new(unsafe { text(path, "path") }?);
-        with_model(h, |slot| {
-            let m = slot.as_ref().ok_or_else(spoiled)?;
-            Ok(model_file::save(path, m, &HashMap::new())?)
-        })
+        Ok(model_file::save(path, locked(h)?.model(), &HashMap::new())?)
     })
 }
 
@@ -586,7 +581,7 @@ pub unsafe extern "C" fn kiln_model_sizes(
     guard(|| {
         // SAFETY: as the caller promises.
         let h = unsafe { handle(model, "model") }?;
-        let (input, output) = with_image_model(h, sizes)?;
+        let (input, output) = with_trainer(h, |t| sizes(t.model()))?;
         if !input_len.is_null() {
             // SAFETY: non-null; the caller promises it is writable.
             unsafe { put(input_len, input, "input_len") }?;
@@ -630,7 +625,8 @@ pub unsafe extern "C" fn kiln_model_predict(
         let h = unsafe { handle(model, "model") }?;
         check_ptr(input, "input")?;
         check_ptr(probs, "probs")?;
-        with_image_model(h, |m| {
+        with_trainer(h, |t| {
+            let m = t.model();
             let (per, classes) = sizes(m)?;
             if n == 0 {
                 return Err(Failure(
@@ -818,8 +814,8 @@ pub extern "C" fn kiln_fit_options_default() -> KilnFitOptions {
 /// (the seed's Keras recipe: `ε` = 1e-7 added to `√v`), shuffling every
 /// epoch; `options` may be NULL for [`kiln_fit_options_default`], and
 /// `result` NULL if not wanted. The images are scaled by 1/255 on the way
-/// in, as [`kiln_model_predict`] expects its inputs. Each call starts a
-/// fresh optimiser.
+/// in, as [`kiln_model_predict`] expects its inputs. The optimiser's state
+/// carries over from one call to the next, as Keras' `fit` does.
 ///
 /// # Safety
 /// `model` is a live model handle not in use elsewhere; `train` a live
@@ -857,8 +853,15 @@ pub unsafe extern "C" fn kiln_model_fit(
                 ),
             ));
         }
-        let optimizer: Box<dyn Optimizer<CpuBackend>> =
-            Box::new(Adam::new(o.learning_rate as f32)?);
+        if !(o.learning_rate.is_finite() && o.learning_rate > 0.0) {
+            return Err(Failure(
+                KilnStatus::Invalid,
+                format!(
+                    "learning_rate = {}: expected a finite rate above 0 (1e-3 is usual)",
+                    o.learning_rate
+                ),
+            ));
+        }
         let cfg = FitConfig {
             epochs: o.epochs as usize,
             batch_size: o.batch_size as usize,
@@ -871,18 +874,10 @@ pub unsafe extern "C" fn kiln_model_fit(
             },
             ..FitConfig::default()
         };
-        let history = with_model(h, |slot| {
-            let m = slot.take().ok_or_else(spoiled)?;
-            if let Err(e) = image_model(&m) {
-                *slot = Some(m);
-                return Err(e);
-            }
-            // A failure hands the model back; a panic poisons the lock.
-            let backend = h.backend.clone();
-            let mut trainer = Trainer::new(m, optimizer, Loss::CategoricalCrossEntropy, backend);
-            let fitted = trainer.fit(&d.dataset, None, &cfg);
-            *slot = Some(trainer.into_model());
-            Ok(fitted?)
+        // A panic poisons the lock (the weights may be half updated).
+        let history = with_trainer(h, |t| {
+            t.optimizer_mut().set_lr(o.learning_rate as f32);
+            Ok(t.fit(&d.dataset, None, &cfg)?)
         })?;
         if !result.is_null() {
             let last = history.epochs.last();
@@ -920,20 +915,7 @@ pub unsafe extern "C" fn kiln_model_evaluate(
         let d = unsafe { handle(dataset, "dataset") }?;
         check_ptr(out, "out")?;
         let batch = if batch_size == 0 { 1000 } else { batch_size };
-        // An optimiser the evaluation never steps (the trainer wants one).
-        let unused: Box<dyn Optimizer<CpuBackend>> = Box::new(Adam::new(1e-3)?);
-        let e = with_model(h, |slot| {
-            let m = slot.take().ok_or_else(spoiled)?;
-            if let Err(e) = image_model(&m) {
-                *slot = Some(m);
-                return Err(e);
-            }
-            let backend = h.backend.clone();
-            let trainer = Trainer::new(m, unused, Loss::CategoricalCrossEntropy, backend);
-            let evaluated = trainer.evaluate(&d.dataset, batch);
-            *slot = Some(trainer.into_model());
-            Ok(evaluated?)
-        })?;
+        let e = with_trainer(h, |t| Ok(t.evaluate(&d.dataset, batch)?))?;
         let r = KilnEvaluation {
             loss: e.loss,
             accuracy: e.accuracy,

@@ -75,6 +75,37 @@ impl CpuBackend {
         Self::build(kernels, threads::from_env()?)
     }
 
+    /// The backend a host program asks for by name, as the C ABI and the
+    /// Python package do: `kernels` `None` or `"auto"` for
+    /// [`CpuBackend::new`]'s choice, else a kernel set's name (`scalar`,
+    /// `avx2`, `avx512`, `neon`: an error if this processor lacks it);
+    /// `threads` 0 for `KILN_THREADS` or every core.
+    ///
+    /// ```
+    /// use kiln_core::Backend;
+    /// use kiln_cpu::CpuBackend;
+    ///
+    /// let b = CpuBackend::configured(Some("scalar"), 1)?;
+    /// assert_eq!((b.name(), b.threads()), ("cpu:scalar".to_string(), 1));
+    /// assert!(CpuBackend::configured(Some("sse9"), 0).is_err());
+    /// # Ok::<(), kiln_core::Error>(())
+    /// ```
+    pub fn configured(kernels: Option<&str>, threads: usize) -> Result<Self> {
+        let kernels = match kernels.map(str::trim) {
+            None | Some("auto") => KernelSet::from_env()?,
+            Some(name) => {
+                let set = KernelSet::parse(name)?;
+                set.check_available()?;
+                set
+            }
+        };
+        let threads = match threads {
+            0 => threads::from_env()?,
+            n => n,
+        };
+        Self::build(kernels, threads)
+    }
+
     /// The scalar reference backend (threads from `KILN_THREADS`, else 1 if
     /// that is malformed). It starts no worker pool, so it cannot fail.
     pub fn reference() -> Self {

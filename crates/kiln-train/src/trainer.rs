@@ -252,6 +252,11 @@ impl<B: Backend> Trainer<B> {
         self.optimizer.as_ref()
     }
 
+    /// The optimiser, to change (its learning rate between `fit` calls).
+    pub fn optimizer_mut(&mut self) -> &mut dyn Optimizer<B> {
+        self.optimizer.as_mut()
+    }
+
     /// Loads a checkpoint's optimiser state into this trainer's optimiser
     /// (same kind, shapes checked against the model's parameters).
     pub fn load_optimizer_state(&mut self, state: &kiln_nn::OptimizerState) -> Result<()> {

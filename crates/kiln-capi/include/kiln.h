@@ -46,14 +46,14 @@ typedef enum KilnSplit {
   KILN_SPLIT_TEST = 1,
 } KilnSplit;
 
-// A CPU backend: a kernel set and a team of threads.
+// A CPU backend: a kernel set and a team of threads (opaque).
 typedef struct KilnBackend KilnBackend;
 
-// A labelled image dataset held in memory (u8 pixels).
+// A labelled image dataset held in memory, u8 pixels (opaque).
 typedef struct KilnDataset KilnDataset;
 
-// A model on a backend (it keeps the backend alive), with the Adam
-// optimiser [`kiln_model_fit`] trains it with.
+// A model on a backend, with the Adam optimiser [`kiln_model_fit`]
+// trains it with (opaque). It keeps its backend alive.
 typedef struct KilnModel KilnModel;
 
 // Settings of [`kiln_model_fit`]; start from [`kiln_fit_options_default`].

@@ -159,58 +159,78 @@ const BACKEND_TAG: u64 = u64::from_le_bytes(*b"kilnBack");
 const MODEL_TAG: u64 = u64::from_le_bytes(*b"kilnModl");
 const DATASET_TAG: u64 = u64::from_le_bytes(*b"kilnData");
 
-/// A CPU backend: a kernel set and a team of threads.
+/// A CPU backend: a kernel set and a team of threads (opaque).
 pub struct KilnBackend {
-    tag: u64,
+    _opaque: [u8; 0],
+}
+
+/// A model on a backend, with the Adam optimiser [`kiln_model_fit`]
+/// trains it with (opaque). It keeps its backend alive.
+pub struct KilnModel {
+    _opaque: [u8; 0],
+}
+
+/// A labelled image dataset held in memory, u8 pixels (opaque).
+pub struct KilnDataset {
+    _opaque: [u8; 0],
+}
+
+/// What a backend handle points to.
+struct BackendState {
     backend: CpuBackend,
     name: CString,
 }
 
-/// A model on a backend (it keeps the backend alive), with the Adam
-/// optimiser [`kiln_model_fit`] trains it with.
-pub struct KilnModel {
-    tag: u64,
+/// What a model handle points to.
+struct ModelState {
     backend: CpuBackend,
     /// Locked for each call; poisoned by a panic during one, and then
     /// refused.
     trainer: Mutex<Trainer<CpuBackend>>,
 }
 
-/// A labelled image dataset held in memory (u8 pixels).
-pub struct KilnDataset {
-    tag: u64,
+/// What a dataset handle points to.
+struct DatasetState {
     dataset: Dataset,
 }
 
-/// A handle kind, recognised by its tag.
-trait Handle {
+/// Every handle's allocation: its kind's tag first (`repr(C)`: at offset
+/// 0 whatever `T` is), so that a handle of one kind passed as another is
+/// recognised by reading 8 bytes it is sure to own.
+#[repr(C)]
+struct Tagged<T> {
+    tag: u64,
+    state: T,
+}
+
+/// A handle kind: the opaque type C sees, the state behind it, its tag.
+trait Kind {
+    type State;
     const TAG: u64;
-    const KIND: &'static str;
-    fn tag(&self) -> u64;
+    const NAME: &'static str;
 }
 
-impl Handle for KilnBackend {
+impl Kind for KilnBackend {
+    type State = BackendState;
     const TAG: u64 = BACKEND_TAG;
-    const KIND: &'static str = "backend";
-    fn tag(&self) -> u64 {
-        self.tag
-    }
+    const NAME: &'static str = "backend";
 }
 
-impl Handle for KilnModel {
+impl Kind for KilnModel {
+    type State = ModelState;
     const TAG: u64 = MODEL_TAG;
-    const KIND: &'static str = "model";
-    fn tag(&self) -> u64 {
-        self.tag
-    }
+    const NAME: &'static str = "model";
 }
 
-impl Handle for KilnDataset {
+impl Kind for KilnDataset {
+    type State = DatasetState;
     const TAG: u64 = DATASET_TAG;
-    const KIND: &'static str = "dataset";
-    fn tag(&self) -> u64 {
-        self.tag
-    }
+    const NAME: &'static str = "dataset";
+}
+
+/// A new handle of kind `K` owning `state`.
+fn into_handle<K: Kind>(state: K::State) -> *mut K {
+    Box::into_raw(Box::new(Tagged { tag: K::TAG, state })).cast()
 }
 
 /// A failed call: its status and message.
@@ -285,24 +305,24 @@ fn check_ptr<T>(p: *const T, what: &str) -> Outcome {
     Ok(())
 }
 
-/// The handle behind `p`, if it is one of kind `T`.
+/// The state behind the handle `p`, if it is one of kind `K`.
 ///
 /// # Safety
-/// `p` is NULL or points to memory of at least 8 bytes that is a live
-/// kiln handle (of any kind).
-unsafe fn handle<'a, T: Handle>(p: *const T, what: &str) -> Result<&'a T, Failure> {
-    check_ptr(p, what)?;
-    // SAFETY: non-null and aligned (checked above); the caller promises a
-    // live handle, and every handle kind starts with its `u64` tag, so
-    // reading the tag is sound whichever kind it is.
-    let h = unsafe { &*p };
-    if h.tag() != T::TAG {
+/// `p` is NULL or a live kiln handle (of any kind).
+unsafe fn handle<'a, K: Kind>(p: *const K, what: &str) -> Result<&'a K::State, Failure> {
+    let tagged = p.cast::<Tagged<K::State>>();
+    check_ptr(tagged, what)?;
+    // SAFETY: non-null and aligned (checked); the caller promises a live
+    // handle, and every kind's allocation starts with its `u64` tag.
+    let tag = unsafe { tagged.cast::<u64>().read() };
+    if tag != K::TAG {
         return Err(Failure(
             KilnStatus::BadHandle,
-            format!("{what} is not a kiln {} handle", T::KIND),
+            format!("{what} is not a kiln {} handle", K::NAME),
         ));
     }
-    Ok(h)
+    // SAFETY: the tag says this allocation is a `Tagged<K::State>`.
+    Ok(unsafe { &(*tagged).state })
 }
 
 /// The UTF-8 string behind `p`.
@@ -334,7 +354,7 @@ unsafe fn put<T>(out: *mut T, value: T, what: &str) -> Outcome {
 /// Runs `f` with the trainer of the image model in `h` locked, unless a
 /// panic spoiled it.
 fn with_trainer<R>(
-    h: &KilnModel,
+    h: &ModelState,
     f: impl FnOnce(&mut Trainer<CpuBackend>) -> Result<R, Failure>,
 ) -> Result<R, Failure> {
     let mut trainer = locked(h)?;
@@ -343,7 +363,7 @@ fn with_trainer<R>(
 }
 
 /// The trainer of the model in `h`, locked, unless a panic spoiled it.
-fn locked(h: &KilnModel) -> Result<std::sync::MutexGuard<'_, Trainer<CpuBackend>>, Failure> {
+fn locked(h: &ModelState) -> Result<std::sync::MutexGuard<'_, Trainer<CpuBackend>>, Failure> {
     h.trainer.lock().map_err(|_| spoiled())
 }
 
@@ -418,13 +438,9 @@ pub unsafe extern "C" fn kiln_backend_new(
             backend.threads()
         ))
         .unwrap_or_default();
-        let h = Box::new(KilnBackend {
-            tag: BACKEND_TAG,
-            backend,
-            name,
-        });
+        let h = into_handle::<KilnBackend>(BackendState { backend, name });
         // SAFETY: `out` was checked; the caller promises it is writable.
-        unsafe { put(out, Box::into_raw(h), "out") }
+        unsafe { put(out, h, "out") }
     })
 }
 
@@ -458,20 +474,20 @@ pub unsafe extern "C" fn kiln_backend_free(backend: *mut KilnBackend) {
     unsafe { free_handle(backend, "backend") }
 }
 
-/// Frees a handle of kind `T` made by `Box::into_raw`.
+/// Frees a handle of kind `K` made by [`into_handle`].
 ///
 /// # Safety
 /// As the `kiln_*_free` functions.
-unsafe fn free_handle<T: Handle>(p: *mut T, what: &str) {
+unsafe fn free_handle<K: Kind>(p: *mut K, what: &str) {
     if p.is_null() {
         return;
     }
     let _ = guard(|| {
         // SAFETY: as the caller promises.
         unsafe { handle(p, what) }?;
-        // SAFETY: a live handle of kind `T`, made by `Box::into_raw`, freed
-        // once (the caller's promise).
-        drop(unsafe { Box::from_raw(p) });
+        // SAFETY: a live handle of kind `K` (its tag checked), made by
+        // `into_handle`'s `Box::into_raw`, freed once (the caller's promise).
+        drop(unsafe { Box::from_raw(p.cast::<Tagged<K::State>>()) });
         Ok(())
     });
 }
@@ -513,11 +529,10 @@ fn new_model(
         Loss::CategoricalCrossEntropy,
         backend.clone(),
     );
-    Ok(Box::into_raw(Box::new(KilnModel {
-        tag: MODEL_TAG,
+    Ok(into_handle::<KilnModel>(ModelState {
         backend: backend.clone(),
         trainer: Mutex::new(trainer),
-    })))
+    }))
 }
 
 /// Loads a model into `*out` from a model file written by `kiln train` or
@@ -705,10 +720,7 @@ pub unsafe extern "C" fn kiln_dataset_load_idx(
 }
 
 fn new_dataset(dataset: Dataset) -> *mut KilnDataset {
-    Box::into_raw(Box::new(KilnDataset {
-        tag: DATASET_TAG,
-        dataset,
-    }))
+    into_handle::<KilnDataset>(DatasetState { dataset })
 }
 
 /// Makes a dataset into `*out` from the caller's buffers, which are

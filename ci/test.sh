@@ -83,6 +83,17 @@ for example in tensors custom_loop train_mlp load_and_predict; do
 done
 cargo run -q -p kiln-examples --example tensors --profile ci --locked -- scalar >/dev/null
 
+# The Python package: a wheel built by maturin, installed into a fresh
+# virtual environment, and the pytest suite run against the installed
+# module (from outside the source tree).
+step "Python package: maturin wheel, pytest"
+python3 -m venv target/python-ci
+target/python-ci/bin/pip install -q --disable-pip-version-check maturin pytest numpy
+rm -rf target/wheels
+target/python-ci/bin/maturin build --profile ci -m python/Cargo.toml -o target/wheels
+target/python-ci/bin/pip install -q --disable-pip-version-check --force-reinstall target/wheels/kiln-*.whl
+(cd target && python-ci/bin/python -m pytest -q ../python/tests)
+
 # Benchmarks as a smoke only (numbers come from benches/compare.sh): each
 # criterion bench once, and the comparison binary on two small shapes.
 step "benchmark smoke"

@@ -1,0 +1,455 @@
+//! # kiln for Python
+//!
+//! The extension module `kiln`, built with maturin (`pip install ./python`):
+//! load a model file or checkpoint, or build a model from a spec, then
+//! `predict` on NumPy arrays, `fit` and `evaluate` on NumPy arrays or the
+//! bundled and IDX datasets, `save`, and read or replace the weights by
+//! name. Errors are `kiln.KilnError` exceptions carrying kiln's message.
+//!
+//! ```python
+//! import kiln, numpy as np
+//! m = kiln.load("runs/mlp-mnist-sample")          # a model file, its folder or a checkpoint
+//! probs = m.predict(np.random.rand(4, 1, 28, 28))  # [4, 10], rows sum to 1
+//! ```
+//!
+//! Inputs are images with pixels in `[0, 1]` (bytes over 255), shaped
+//! `[n, channels, height, width]` (or `[n, channels·height·width]`). A
+//! C-contiguous float32 array is read in place and copied once, into the
+//! backend's memory; other dtypes and layouts are converted by NumPy
+//! first. Results come back as NumPy arrays that take over kiln's buffer,
+//! without a copy. Compute runs with the GIL released.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use numpy::{
+    AllowTypeChange, IntoPyArray, PyArrayDyn, PyArrayLike1, PyArrayLikeDyn, PyArrayMethods,
+    PyUntypedArrayMethods,
+};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use kiln_core::{Backend, HostData, Tensor};
+use kiln_cpu::CpuBackend;
+use kiln_data::{Dataset, IdxArray, Split};
+use kiln_nn::{Adam, Loss, ModelSpec, Optimizer, Sequential};
+use kiln_train::{model_file, Evaluation, FitConfig, Trainer, Verbosity};
+
+create_exception!(
+    kiln,
+    KilnError,
+    PyException,
+    "An error kiln reported: a bad argument, shape or file, with what to do about it."
+);
+
+/// kiln's error as a Python exception.
+fn err(e: kiln_core::Error) -> PyErr {
+    KilnError::new_err(e.to_string())
+}
+
+/// A Python exception with `msg`.
+fn fail(msg: impl Into<String>) -> PyErr {
+    KilnError::new_err(msg.into())
+}
+
+/// A kiln model on a CPU backend, with the Adam optimiser `fit` trains it
+/// with (its state carries over from one `fit` to the next, as Keras').
+#[pyclass(module = "kiln", name = "Model", frozen)]
+struct Model {
+    backend: CpuBackend,
+    trainer: Mutex<Trainer<CpuBackend>>,
+}
+
+impl Model {
+    fn new(backend: CpuBackend, model: Sequential<CpuBackend>) -> PyResult<Self> {
+        let adam: Box<dyn Optimizer<CpuBackend>> = Box::new(Adam::new(1e-3).map_err(err)?);
+        let trainer = Trainer::new(model, adam, Loss::CategoricalCrossEntropy, backend.clone());
+        Ok(Model {
+            backend,
+            trainer: Mutex::new(trainer),
+        })
+    }
+
+    /// Runs `f` with the trainer locked (an image model), or says why not.
+    fn with<R>(&self, f: impl FnOnce(&mut Trainer<CpuBackend>) -> PyResult<R>) -> PyResult<R> {
+        let mut t = self.trainer.lock().map_err(|_| {
+            fail("a panic interrupted an earlier call on this model, whose weights may be half updated: load or build it again")
+        })?;
+        if t.model().takes_tokens() {
+            return Err(fail(format!(
+                "model `{}` is a language model: the Python package runs image classifiers (use `kiln generate` or `kiln serve` for text)",
+                t.model().name()
+            )));
+        }
+        f(&mut t)
+    }
+
+    /// Floats per example and the model's input shape.
+    fn input_of(t: &Trainer<CpuBackend>) -> (usize, Vec<usize>) {
+        let shape = t.model().input_shape().to_vec();
+        (shape.iter().product(), shape)
+    }
+}
+
+/// u8 images `[n, h, w]` or `[n, 1, h, w]` and integer labels `[n]` as a
+/// dataset of `classes` classes.
+fn dataset(
+    images: PyArrayLikeDyn<'_, u8, AllowTypeChange>,
+    labels: PyArrayLike1<'_, i64, AllowTypeChange>,
+    classes: usize,
+) -> PyResult<Dataset> {
+    let dims = images.shape().to_vec();
+    let (n, rows, cols) = match dims[..] {
+        [n, h, w] | [n, 1, h, w] => (n, h, w),
+        _ => {
+            return Err(fail(format!(
+                "images have shape {dims:?}: expected [n, height, width] or [n, 1, height, width] of uint8 pixels"
+            )))
+        }
+    };
+    let pixels: Vec<u8> = images.as_array().iter().copied().collect();
+    let raw = labels.as_array();
+    if raw.len() != n {
+        return Err(fail(format!(
+            "{} labels for {n} images: one class index per image",
+            raw.len()
+        )));
+    }
+    if !(1..=256).contains(&classes) {
+        return Err(fail(format!(
+            "classes = {classes}: between 1 and 256 classes"
+        )));
+    }
+    let mut ls = Vec::with_capacity(n);
+    for (i, &l) in raw.iter().enumerate() {
+        if l < 0 || l as usize >= classes {
+            return Err(fail(format!(
+                "label {l} at index {i}: class indices run from 0 to {}",
+                classes - 1
+            )));
+        }
+        ls.push(l as u8);
+    }
+    Dataset::from_idx(
+        "arrays",
+        IdxArray {
+            dims: vec![n, rows, cols],
+            data: pixels,
+        },
+        IdxArray {
+            dims: vec![n],
+            data: ls,
+        },
+        classes,
+    )
+    .map_err(|e| fail(format!("the arrays: {e}")))
+}
+
+/// An evaluation as a dict.
+fn evaluation_dict<'py>(py: Python<'py>, e: &Evaluation) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("loss", e.loss)?;
+    d.set_item("accuracy", e.accuracy)?;
+    d.set_item("examples", e.examples)?;
+    Ok(d)
+}
+
+#[pymethods]
+impl Model {
+    /// The model's name.
+    #[getter]
+    fn name(&self) -> PyResult<String> {
+        let t = self.trainer.lock().map_err(|_| fail("model poisoned"))?;
+        Ok(t.model().name().to_string())
+    }
+
+    /// The shape of one example, `[channels, height, width]`.
+    #[getter]
+    fn input_shape(&self) -> PyResult<Vec<usize>> {
+        self.with(|t| Ok(t.model().input_shape().to_vec()))
+    }
+
+    /// How many classes the model outputs.
+    #[getter]
+    fn classes(&self) -> PyResult<usize> {
+        self.with(|t| Ok(t.model().output_shape().map_err(err)?.iter().product()))
+    }
+
+    /// Trainable parameters.
+    #[getter]
+    fn num_params(&self) -> PyResult<usize> {
+        let t = self.trainer.lock().map_err(|_| fail("model poisoned"))?;
+        Ok(t.model().num_params())
+    }
+
+    /// A Keras-style summary of the layers.
+    fn summary(&self) -> PyResult<String> {
+        let t = self.trainer.lock().map_err(|_| fail("model poisoned"))?;
+        Ok(t.model().summary())
+    }
+
+    fn __repr__(&self) -> PyResult<String> {
+        let t = self.trainer.lock().map_err(|_| fail("model poisoned"))?;
+        Ok(format!(
+            "kiln.Model('{}', input {:?}, {} parameters, on {})",
+            t.model().name(),
+            t.model().input_shape(),
+            t.model().num_params(),
+            self.backend.name()
+        ))
+    }
+
+    /// Class probabilities `[n, classes]` for `x`: `[n, channels, height,
+    /// width]` (or `[n, features]`) pixels in `[0, 1]`.
+    fn predict<'py>(
+        &self,
+        py: Python<'py>,
+        x: PyArrayLikeDyn<'py, f32, AllowTypeChange>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let dims = x.shape().to_vec();
+        // Read in place when contiguous; one copy into kiln's storage.
+        let data: Vec<f32> = match x.as_slice() {
+            Ok(s) => s.to_vec(),
+            Err(_) => x.as_array().iter().copied().collect(),
+        };
+        let (probs, n, classes) =
+            py.detach(|| {
+                self.with(|t| {
+                    let (per, shape) = Self::input_of(t);
+                    let n = dims.first().copied().unwrap_or(0);
+                    let fits = dims.len() >= 2 && (dims[1..] == shape[..] || dims[1..] == [per]);
+                    if !fits || n == 0 {
+                        return Err(fail(format!(
+                        "x has shape {dims:?}: the model takes [n, {}] (or [n, {per}]) with n ≥ 1",
+                        shape.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                    )));
+                    }
+                    let mut full = vec![n];
+                    full.extend_from_slice(&shape);
+                    let x = Tensor::from_host(HostData::F32(data), &full, &self.backend)
+                        .map_err(err)?;
+                    let p = t.model().predict(&x).map_err(err)?;
+                    let classes = p.dims()[1..].iter().product();
+                    Ok((p.to_vec_f32().map_err(err)?, n, classes))
+                })
+            })?;
+        probs.into_pyarray(py).reshape(vec![n, classes])
+    }
+
+    /// Trains on u8 `images` (`[n, h, w]` or `[n, 1, h, w]`, scaled by
+    /// 1/255 on the way in) and integer `labels` `[n]`, with Adam and
+    /// cross-entropy; returns the last epoch's `loss`, `accuracy` and the
+    /// `seconds` all took.
+    #[pyo3(signature = (images, labels, epochs=1, batch_size=128, learning_rate=1e-3, seed=1, verbose=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn fit<'py>(
+        &self,
+        py: Python<'py>,
+        images: PyArrayLikeDyn<'py, u8, AllowTypeChange>,
+        labels: PyArrayLike1<'py, i64, AllowTypeChange>,
+        epochs: usize,
+        batch_size: usize,
+        learning_rate: f32,
+        seed: u64,
+        verbose: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let classes = self.classes()?;
+        let ds = dataset(images, labels, classes)?;
+        self.fit_dataset(py, &ds, epochs, batch_size, learning_rate, seed, verbose)
+    }
+
+    /// Loss and accuracy on u8 `images` and integer `labels`, as `fit`
+    /// takes them.
+    #[pyo3(signature = (images, labels, batch_size=1000))]
+    fn evaluate<'py>(
+        &self,
+        py: Python<'py>,
+        images: PyArrayLikeDyn<'py, u8, AllowTypeChange>,
+        labels: PyArrayLike1<'py, i64, AllowTypeChange>,
+        batch_size: usize,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let classes = self.classes()?;
+        let ds = dataset(images, labels, classes)?;
+        if batch_size == 0 {
+            return Err(fail("batch_size 0: evaluate at least one example per pass"));
+        }
+        let e = py.detach(|| self.with(|t| t.evaluate(&ds, batch_size).map_err(err)))?;
+        evaluation_dict(py, &e)
+    }
+
+    /// Saves the spec and weights to `path` (atomically); `kiln.load`, and
+    /// the `kiln` command's `eval`, `predict` and `serve`, read it.
+    fn save(&self, path: PathBuf) -> PyResult<()> {
+        let t = self.trainer.lock().map_err(|_| fail("model poisoned"))?;
+        model_file::save(&path, t.model(), &HashMap::new()).map_err(err)
+    }
+
+    /// Every parameter by name (`"1.dense.weight"`, …) as a float32 array.
+    fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let t = self.trainer.lock().map_err(|_| fail("model poisoned"))?;
+        let d = PyDict::new(py);
+        for (name, value) in t.model().state_dict() {
+            let dims = value.dims().to_vec();
+            let data = value.to_vec_f32().map_err(err)?;
+            d.set_item(name, data.into_pyarray(py).reshape(dims)?)?;
+        }
+        Ok(d)
+    }
+
+    /// Replaces every parameter's values with `state`'s (name → array, as
+    /// `state_dict` gives them): all or nothing.
+    fn load_state_dict(
+        &self,
+        state: HashMap<String, PyArrayLikeDyn<'_, f32, AllowTypeChange>>,
+    ) -> PyResult<()> {
+        let mut tensors = std::collections::BTreeMap::new();
+        for (name, array) in state {
+            let dims = array.shape().to_vec();
+            let data: Vec<f32> = array.as_array().iter().copied().collect();
+            let t = Tensor::from_host(HostData::F32(data), &dims, &self.backend).map_err(err)?;
+            tensors.insert(name, t);
+        }
+        let mut t = self.trainer.lock().map_err(|_| fail("model poisoned"))?;
+        t.model_mut().load_state_dict(&tensors).map_err(err)
+    }
+}
+
+impl Model {
+    /// `fit` on a dataset.
+    #[allow(clippy::too_many_arguments)]
+    fn fit_dataset<'py>(
+        &self,
+        py: Python<'py>,
+        ds: &Dataset,
+        epochs: usize,
+        batch_size: usize,
+        learning_rate: f32,
+        seed: u64,
+        verbose: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        if epochs == 0 || batch_size == 0 {
+            return Err(fail(format!(
+                "epochs = {epochs}, batch_size = {batch_size}: both must be at least 1"
+            )));
+        }
+        if !(learning_rate.is_finite() && learning_rate > 0.0) {
+            return Err(fail(format!(
+                "learning_rate = {learning_rate}: expected a finite rate above 0 (1e-3 is usual)"
+            )));
+        }
+        let cfg = FitConfig {
+            epochs,
+            batch_size,
+            seed,
+            verbosity: if verbose {
+                Verbosity::Lines
+            } else {
+                Verbosity::Silent
+            },
+            ..FitConfig::default()
+        };
+        let history = py.detach(|| {
+            self.with(|t| {
+                t.optimizer_mut().set_lr(learning_rate);
+                t.fit(ds, None, &cfg).map_err(err)
+            })
+        })?;
+        let last = history.epochs.last();
+        let d = PyDict::new(py);
+        d.set_item("epochs", history.epochs.len())?;
+        d.set_item("loss", last.map_or(f64::NAN, |e| e.loss))?;
+        d.set_item("accuracy", last.map_or(f64::NAN, |e| e.accuracy))?;
+        d.set_item(
+            "seconds",
+            history.epochs.iter().map(|e| e.seconds).sum::<f64>(),
+        )?;
+        Ok(d)
+    }
+}
+
+/// The CPU backend: `kernels` None or "auto" for the best this processor
+/// runs, else "scalar", "avx2", "avx512" or "neon"; `threads` 0 for
+/// `KILN_THREADS` or every core.
+fn backend(kernels: Option<&str>, threads: usize) -> PyResult<CpuBackend> {
+    CpuBackend::configured(kernels, threads).map_err(err)
+}
+
+/// Loads a model file written by `kiln train` or `Model.save`, its
+/// folder, or a checkpoint.
+#[pyfunction]
+#[pyo3(signature = (path, kernels=None, threads=0))]
+fn load(path: PathBuf, kernels: Option<&str>, threads: usize) -> PyResult<Model> {
+    let b = backend(kernels, threads)?;
+    let (loaded, _) = model_file::load_for_inference(&path, &b).map_err(err)?;
+    Model::new(b, loaded.model)
+}
+
+/// A freshly initialised model: `spec` is a built-in model's name ("mlp",
+/// "cnn") or the path of a spec file; `seed` fixes the initial weights.
+#[pyfunction]
+#[pyo3(signature = (spec="mlp", seed=1, kernels=None, threads=0))]
+fn build(spec: &str, seed: u64, kernels: Option<&str>, threads: usize) -> PyResult<Model> {
+    let b = backend(kernels, threads)?;
+    let spec = ModelSpec::resolve(spec).map_err(err)?;
+    let model = Sequential::from_spec(&spec, seed, &b).map_err(err)?;
+    Model::new(b, model)
+}
+
+/// Builds `model` and trains it on a named dataset ("mnist-sample", bundled;
+/// "mnist", "fashion-mnist" from `data_dir` or the system's datasets), then
+/// evaluates it on the test split. Returns `(model, report)`.
+#[pyfunction]
+#[pyo3(signature = (model="mlp", dataset="mnist-sample", epochs=1, batch_size=128, learning_rate=1e-3, seed=1, data_dir=None, verbose=false, kernels=None, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn train<'py>(
+    py: Python<'py>,
+    model: &str,
+    dataset: &str,
+    epochs: usize,
+    batch_size: usize,
+    learning_rate: f32,
+    seed: u64,
+    data_dir: Option<PathBuf>,
+    verbose: bool,
+    kernels: Option<&str>,
+    threads: usize,
+) -> PyResult<(Model, Bound<'py, PyDict>)> {
+    let m = build(model, seed, kernels, threads)?;
+    let (train_set, test_set) = py
+        .detach(|| {
+            let dir = data_dir.as_deref();
+            Ok::<_, kiln_core::Error>((
+                Dataset::load(dataset, Split::Train, dir)?,
+                Dataset::load(dataset, Split::Test, dir)?,
+            ))
+        })
+        .map_err(err)?;
+    let report = m.fit_dataset(
+        py,
+        &train_set,
+        epochs,
+        batch_size,
+        learning_rate,
+        seed,
+        verbose,
+    )?;
+    let e = py.detach(|| m.with(|t| t.evaluate(&test_set, 1000).map_err(err)))?;
+    report.set_item("test_loss", e.loss)?;
+    report.set_item("test_accuracy", e.accuracy)?;
+    Ok((m, report))
+}
+
+/// The extension module.
+#[pymodule]
+fn kiln(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("KilnError", m.py().get_type::<KilnError>())?;
+    m.add_class::<Model>()?;
+    m.add_function(wrap_pyfunction!(load, m)?)?;
+    m.add_function(wrap_pyfunction!(build, m)?)?;
+    m.add_function(wrap_pyfunction!(train, m)?)?;
+    Ok(())
+}

@@ -442,9 +442,9 @@ fn train<'py>(
     Ok((m, report))
 }
 
-/// The extension module.
-#[pymodule]
-fn kiln(m: &Bound<'_, PyModule>) -> PyResult<()> {
+/// The extension module, imported as `kiln`.
+#[pymodule(name = "kiln")]
+fn kiln_python(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("KilnError", m.py().get_type::<KilnError>())?;
     m.add_class::<Model>()?;

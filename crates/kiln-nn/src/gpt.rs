@@ -62,6 +62,7 @@ fn default_name() -> String {
 }
 
 /// The file form: a `name` and a `[gpt]` table.
+#[cfg(feature = "toml")]
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GptFile {
@@ -88,6 +89,7 @@ impl GptConfig {
     /// Parses `name = "…"` and a `[gpt]` table (`n_layer`, `n_head`,
     /// `n_embd`, `block_size`, optional `dropout` and `bias`); the numbers
     /// are checked.
+    #[cfg(feature = "toml")]
     pub fn from_toml(s: &str) -> Result<Self> {
         let file: GptFile =
             toml::from_str(s).map_err(|e| Error::invalid(format!("GPT spec: {e}")))?;
@@ -101,11 +103,13 @@ impl GptConfig {
 
     /// Whether a TOML text is a GPT spec (has a `[gpt]` table) rather than
     /// a layer list.
+    #[cfg(feature = "toml")]
     pub fn is_gpt_toml(s: &str) -> bool {
         toml::from_str::<toml::Table>(s).is_ok_and(|t| t.contains_key("gpt"))
     }
 
     /// The file form of [`GptConfig::from_toml`].
+    #[cfg(feature = "toml")]
     pub fn to_toml(&self) -> String {
         format!(
             "name = {:?}\n\n[gpt]\nn_layer = {}\nn_head = {}\nn_embd = {}\nblock_size = {}\ndropout = {:?}\nbias = {}\n",

@@ -850,7 +850,13 @@ impl ModelSpec {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::io(format!("reading the model spec {}", path.display()), e))?;
         let parsed = if ext == Some("toml") {
-            Self::from_toml(&text)
+            #[cfg(feature = "toml")]
+            let spec = Self::from_toml(&text);
+            #[cfg(not(feature = "toml"))]
+            let spec = Err(Error::invalid(
+                "this build of kiln-nn reads no TOML (its `toml` feature is off): give the spec as JSON",
+            ));
+            spec
         } else {
             Self::from_json(&text).and_then(|s| s.plan().map(|_| s))
         };
@@ -861,6 +867,7 @@ impl ModelSpec {
     /// per layer with its `type` (`conv2d`, `maxpool2d`, `dropout`,
     /// `flatten`, `dense`, `relu`, …). Unknown fields and layer types are
     /// errors; the spec is then [planned](ModelSpec::plan).
+    #[cfg(feature = "toml")]
     pub fn from_toml(s: &str) -> Result<Self> {
         let spec: ModelSpec =
             toml::from_str(s).map_err(|e| Error::invalid(format!("model spec: {e}")))?;
@@ -869,6 +876,7 @@ impl ModelSpec {
     }
 
     /// The spec as TOML.
+    #[cfg(feature = "toml")]
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a ModelSpec always serialises")
     }
@@ -937,6 +945,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "toml")]
     fn explicit_padding_reads_writes_and_plans_as_pytorch_does() {
         let toml = r#"
             name = "strided"

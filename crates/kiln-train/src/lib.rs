@@ -15,6 +15,7 @@ pub mod loss_scale;
 pub mod metrics;
 pub mod model_file;
 pub mod observe;
+#[cfg(feature = "plots")]
 pub mod plots;
 pub mod progress;
 pub mod trainer;

@@ -1,11 +1,63 @@
 //! Progress output: a live bar on a terminal, one line per epoch otherwise.
 
 use std::io::IsTerminal;
-use std::time::Duration;
-
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::EpochRecord;
+use bar::Bar;
+
+/// Live bars (indicatif), with the `progress` feature.
+#[cfg(feature = "progress")]
+mod bar {
+    use std::time::Duration;
+
+    pub(crate) use indicatif::ProgressBar as Bar;
+    use indicatif::{ProgressDrawTarget, ProgressStyle};
+
+    /// A bar of `len` steps drawn on standard output with `template`.
+    pub(crate) fn start(len: u64, template: &str, prefix: &str, position: u64) -> Option<Bar> {
+        let bar = Bar::with_draw_target(Some(len), ProgressDrawTarget::stdout());
+        bar.set_style(
+            ProgressStyle::with_template(template)
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(prefix.to_string());
+        bar.set_position(position);
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Some(bar)
+    }
+}
+
+/// No bars without the `progress` feature: a type with no values, so every
+/// place that would draw one is the line-printing path.
+#[cfg(not(feature = "progress"))]
+mod bar {
+    /// A bar that cannot exist.
+    pub(crate) enum Bar {}
+
+    impl Bar {
+        pub(crate) fn set_message(&self, _: String) {
+            match *self {}
+        }
+        pub(crate) fn inc(&self, _: u64) {
+            match *self {}
+        }
+        pub(crate) fn set_position(&self, _: u64) {
+            match *self {}
+        }
+        pub(crate) fn println(&self, _: String) {
+            match *self {}
+        }
+        pub(crate) fn finish_and_clear(&self) {
+            match *self {}
+        }
+    }
+
+    /// Never a bar.
+    pub(crate) fn start(_: u64, _: &str, _: &str, _: u64) -> Option<Bar> {
+        None
+    }
+}
 
 /// How much `fit` prints.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -23,7 +75,7 @@ pub enum Verbosity {
 
 /// The progress display of one epoch.
 pub(crate) struct EpochProgress {
-    bar: Option<ProgressBar>,
+    bar: Option<Bar>,
     lines: bool,
     json: bool,
     prefix: String,
@@ -36,28 +88,23 @@ impl EpochProgress {
             width = epochs.to_string().len()
         );
         let tty = std::io::stdout().is_terminal();
+        let bar = (verbosity == Verbosity::Auto && tty)
+            .then(|| {
+                bar::start(
+                    batches as u64,
+                    "{prefix} [{bar:30.cyan/blue}] {pos}/{len} {msg} ETA {eta}",
+                    &prefix,
+                    0,
+                )
+            })
+            .flatten();
         match verbosity {
-            Verbosity::Auto if tty => {
-                let bar = ProgressBar::with_draw_target(
-                    Some(batches as u64),
-                    ProgressDrawTarget::stdout(),
-                );
-                bar.set_style(
-                    ProgressStyle::with_template(
-                        "{prefix} [{bar:30.cyan/blue}] {pos}/{len} {msg} ETA {eta}",
-                    )
-                    .expect("a valid template")
-                    .progress_chars("=> "),
-                );
-                bar.set_prefix(prefix.clone());
-                bar.enable_steady_tick(Duration::from_millis(200));
-                EpochProgress {
-                    bar: Some(bar),
-                    lines: false,
-                    json: false,
-                    prefix,
-                }
-            }
+            Verbosity::Auto if bar.is_some() => EpochProgress {
+                bar,
+                lines: false,
+                json: false,
+                prefix,
+            },
             Verbosity::Silent => EpochProgress {
                 bar: None,
                 lines: false,
@@ -126,7 +173,7 @@ impl EpochProgress {
 /// The progress display of an iteration-based (language-model) run: a bar
 /// over the steps on a terminal, one line per evaluation otherwise.
 pub(crate) struct IterProgress {
-    bar: Option<ProgressBar>,
+    bar: Option<Bar>,
     lines: bool,
     json: bool,
     width: usize,
@@ -145,17 +192,12 @@ impl IterProgress {
             iters,
         };
         if verbosity == Verbosity::Auto && tty {
-            let bar = ProgressBar::with_draw_target(Some(iters), ProgressDrawTarget::stdout());
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "iter [{bar:30.cyan/blue}] {pos}/{len} {msg} ETA {eta}",
-                )
-                .expect("a valid template")
-                .progress_chars("=> "),
+            p.bar = bar::start(
+                iters,
+                "iter [{bar:30.cyan/blue}] {pos}/{len} {msg} ETA {eta}",
+                "",
+                done,
             );
-            bar.set_position(done);
-            bar.enable_steady_tick(Duration::from_millis(200));
-            p.bar = Some(bar);
         }
         p
     }

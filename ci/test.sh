@@ -55,6 +55,10 @@ if [ "$quick" = 0 ]; then
   cargo clippy --workspace --all-targets --locked -- -D warnings
   cargo clippy -p kiln-dist -p kiln-cli --features kiln-cli/mpi,kiln-cli/nccl,kiln-dist/mpi,kiln-dist/nccl \
     --all-targets --locked -- -D warnings
+  # The light builds embedders get: no TOML, plots or progress bars.
+  cargo clippy -p kiln-nn -p kiln-train --no-default-features --all-targets --locked -- -D warnings
+  step "cargo package: every crate packages from its own folder"
+  cargo package --workspace --no-verify --locked --allow-dirty --quiet
   step "cargo doc (warnings are errors)"
   RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 fi

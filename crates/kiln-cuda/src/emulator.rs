@@ -40,40 +40,40 @@ pub const EMULATED_MEMORY: usize = 8 << 30;
 const SOURCES: &[(&str, &str)] = &[
     (
         "host/emulator.cpp",
-        include_str!("../../../kernels/host/emulator.cpp"),
+        include_str!("../kernels/host/emulator.cpp"),
     ),
-    ("host/shim.h", include_str!("../../../kernels/host/shim.h")),
+    ("host/shim.h", include_str!("../kernels/host/shim.h")),
     (
         "host/tc_emulation.h",
-        include_str!("../../../kernels/host/tc_emulation.h"),
+        include_str!("../kernels/host/tc_emulation.h"),
     ),
-    ("common.cuh", include_str!("../../../kernels/common.cuh")),
+    ("common.cuh", include_str!("../kernels/common.cuh")),
     (
         "simt_gemm.cuh",
-        include_str!("../../../kernels/simt_gemm.cuh"),
+        include_str!("../kernels/simt_gemm.cuh"),
     ),
-    ("tc_ops.cuh", include_str!("../../../kernels/tc_ops.cuh")),
-    ("conv.cu", include_str!("../../../kernels/conv.cu")),
+    ("tc_ops.cuh", include_str!("../kernels/tc_ops.cuh")),
+    ("conv.cu", include_str!("../kernels/conv.cu")),
     (
         "elementwise.cu",
-        include_str!("../../../kernels/elementwise.cu"),
+        include_str!("../kernels/elementwise.cu"),
     ),
     (
         "gemm_simt.cu",
-        include_str!("../../../kernels/gemm_simt.cu"),
+        include_str!("../kernels/gemm_simt.cu"),
     ),
-    ("gemm_tc.cu", include_str!("../../../kernels/gemm_tc.cu")),
+    ("gemm_tc.cu", include_str!("../kernels/gemm_tc.cu")),
     (
         "embedding.cu",
-        include_str!("../../../kernels/embedding.cu"),
+        include_str!("../kernels/embedding.cu"),
     ),
-    ("memory.cu", include_str!("../../../kernels/memory.cu")),
-    ("norm.cu", include_str!("../../../kernels/norm.cu")),
-    ("optim.cu", include_str!("../../../kernels/optim.cu")),
-    ("pool.cu", include_str!("../../../kernels/pool.cu")),
-    ("random.cu", include_str!("../../../kernels/random.cu")),
-    ("reduce.cu", include_str!("../../../kernels/reduce.cu")),
-    ("softmax.cu", include_str!("../../../kernels/softmax.cu")),
+    ("memory.cu", include_str!("../kernels/memory.cu")),
+    ("norm.cu", include_str!("../kernels/norm.cu")),
+    ("optim.cu", include_str!("../kernels/optim.cu")),
+    ("pool.cu", include_str!("../kernels/pool.cu")),
+    ("random.cu", include_str!("../kernels/random.cu")),
+    ("reduce.cu", include_str!("../kernels/reduce.cu")),
+    ("softmax.cu", include_str!("../kernels/softmax.cu")),
 ];
 
 type LaunchFn = unsafe extern "C" fn(

@@ -15,12 +15,12 @@ use crate::device::driver_error;
 pub const MODULES: &[(&str, &str, &[&str])] = &[
     (
         "memory",
-        include_str!("../../../kernels/ptx/memory.ptx"),
+        include_str!("../kernels/ptx/memory.ptx"),
         &["kiln_fill_b32", "kiln_fill_b16", "kiln_copy"],
     ),
     (
         "elementwise",
-        include_str!("../../../kernels/ptx/elementwise.ptx"),
+        include_str!("../kernels/ptx/elementwise.ptx"),
         &[
             "kiln_unary",
             "kiln_unary_backward",
@@ -31,12 +31,12 @@ pub const MODULES: &[(&str, &str, &[&str])] = &[
     ),
     (
         "reduce",
-        include_str!("../../../kernels/ptx/reduce.ptx"),
+        include_str!("../kernels/ptx/reduce.ptx"),
         &["kiln_reduce_rows", "kiln_argmax_rows"],
     ),
     (
         "softmax",
-        include_str!("../../../kernels/ptx/softmax.ptx"),
+        include_str!("../kernels/ptx/softmax.ptx"),
         &[
             "kiln_softmax_rows",
             "kiln_softmax_xent",
@@ -45,12 +45,12 @@ pub const MODULES: &[(&str, &str, &[&str])] = &[
     ),
     (
         "embedding",
-        include_str!("../../../kernels/ptx/embedding.ptx"),
+        include_str!("../kernels/ptx/embedding.ptx"),
         &["kiln_embedding", "kiln_embedding_backward"],
     ),
     (
         "norm",
-        include_str!("../../../kernels/ptx/norm.ptx"),
+        include_str!("../kernels/ptx/norm.ptx"),
         &[
             "kiln_layer_norm",
             "kiln_layer_norm_backward_dx",
@@ -59,17 +59,17 @@ pub const MODULES: &[(&str, &str, &[&str])] = &[
     ),
     (
         "gemm_simt",
-        include_str!("../../../kernels/ptx/gemm_simt.ptx"),
+        include_str!("../kernels/ptx/gemm_simt.ptx"),
         &["kiln_gemm_simt"],
     ),
     (
         "gemm_tc",
-        include_str!("../../../kernels/ptx/gemm_tc.ptx"),
+        include_str!("../kernels/ptx/gemm_tc.ptx"),
         &["kiln_gemm_bf16", "kiln_gemm_f16", "kiln_gemm_tf32"],
     ),
     (
         "conv",
-        include_str!("../../../kernels/ptx/conv.ptx"),
+        include_str!("../kernels/ptx/conv.ptx"),
         &[
             "kiln_conv2d",
             "kiln_conv2d_backward_data",
@@ -79,17 +79,17 @@ pub const MODULES: &[(&str, &str, &[&str])] = &[
     ),
     (
         "pool",
-        include_str!("../../../kernels/ptx/pool.ptx"),
+        include_str!("../kernels/ptx/pool.ptx"),
         &["kiln_max_pool2d", "kiln_max_pool2d_backward"],
     ),
     (
         "optim",
-        include_str!("../../../kernels/ptx/optim.ptx"),
+        include_str!("../kernels/ptx/optim.ptx"),
         &["kiln_sgd", "kiln_adam"],
     ),
     (
         "random",
-        include_str!("../../../kernels/ptx/random.ptx"),
+        include_str!("../kernels/ptx/random.ptx"),
         &["kiln_uniform", "kiln_normal"],
     ),
 ];

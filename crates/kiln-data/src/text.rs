@@ -10,7 +10,7 @@ use kiln_core::{Error, Result};
 
 /// The bundled corpus: seven of Shakespeare's plays (about 1 MB), built by
 /// `scripts/make_shakespeare.py` (see `data/README.md`).
-static SHAKESPEARE_GZ: &[u8] = include_bytes!("../../../data/shakespeare/input.txt.gz");
+static SHAKESPEARE_GZ: &[u8] = include_bytes!("../data/shakespeare/input.txt.gz");
 
 /// Key mixed into the seed for training batches and for validation batches.
 const TRAIN_KEY: u64 = 0x7472_6169_6e5f_6c6d;

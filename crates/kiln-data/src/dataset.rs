@@ -50,10 +50,8 @@ const BUNDLED_TRAIN_IMAGES: &[u8] =
     include_bytes!("../data/mnist-sample/train-images-idx3-ubyte.gz");
 const BUNDLED_TRAIN_LABELS: &[u8] =
     include_bytes!("../data/mnist-sample/train-labels-idx1-ubyte.gz");
-const BUNDLED_TEST_IMAGES: &[u8] =
-    include_bytes!("../data/mnist-sample/t10k-images-idx3-ubyte.gz");
-const BUNDLED_TEST_LABELS: &[u8] =
-    include_bytes!("../data/mnist-sample/t10k-labels-idx1-ubyte.gz");
+const BUNDLED_TEST_IMAGES: &[u8] = include_bytes!("../data/mnist-sample/t10k-images-idx3-ubyte.gz");
+const BUNDLED_TEST_LABELS: &[u8] = include_bytes!("../data/mnist-sample/t10k-labels-idx1-ubyte.gz");
 
 impl Dataset {
     /// Builds a dataset from decoded IDX arrays, checking that they fit:

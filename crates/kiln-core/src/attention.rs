@@ -1,5 +1,20 @@
 //! Attention's building blocks: the default implementation of
 //! [`Backend::softmax_causal`], composed from primitive ops.
+//!
+//! ```
+//! use kiln_core::Tensor;
+//! use kiln_cpu::CpuBackend;
+//!
+//! let b = CpuBackend::reference();
+//! let scores = Tensor::from_slice(&[0.0; 9], &[3, 3], &b)?;
+//! let p = scores.softmax_causal()?.to_vec_f32()?;
+//! // Query 0 sees key 0 only; query 2 sees all three, equally.
+//! assert_eq!(&p[..3], [1.0, 0.0, 0.0]);
+//! for v in &p[6..] {
+//!     assert!((v - 1.0 / 3.0).abs() < 1e-6);
+//! }
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use crate::plan::CausalSoftmaxPlan;
 use crate::{Backend, BinaryOp, DType, HostData, Layout, Result, Shape, View};

@@ -1,5 +1,18 @@
 //! 2-D windows over NCHW tensors: the geometry shared by convolution and
 //! pooling, and the shape rules every backend checks the same way.
+//!
+//! ```
+//! use kiln_core::Window2d;
+//!
+//! // A 3×3 window with no padding ("valid") shrinks a 28×28 image by 2.
+//! assert_eq!(Window2d::valid([3, 3], [1, 1]).output("conv2d", [28, 28])?, [26, 26]);
+//! // "same" pads so a stride-2 window gives ⌈28 / 2⌉ = 14 cells per axis.
+//! let same = Window2d::same([3, 3], [2, 2], [28, 28]);
+//! assert_eq!(same.output("conv2d", [28, 28])?, [14, 14]);
+//! // A window larger than the padded image is an error, not an empty output.
+//! assert!(Window2d::valid([5, 5], [1, 1]).output("conv2d", [3, 3]).is_err());
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use crate::{Error, Result};
 

@@ -1,4 +1,19 @@
 //! Element types and host-side buffers.
+//!
+//! ```
+//! use kiln_core::{DType, HostData};
+//!
+//! assert_eq!(DType::BF16.size_in_bytes(), 2);
+//! let h = HostData::F32(vec![1.5, -2.0]);
+//! assert_eq!(h.dtype(), DType::F32);
+//! // Little-endian bytes, as model files store them.
+//! let back = HostData::from_bytes(DType::F32, h.as_bytes())?;
+//! assert_eq!(back, h);
+//! assert_eq!(back.to_f64_vec(), [1.5, -2.0]);
+//! // A byte count that is not a whole number of elements is an error.
+//! assert!(HostData::from_bytes(DType::F32, &[0, 0, 0]).is_err());
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::fmt;
 use std::str::FromStr;

@@ -4,6 +4,23 @@
 //! backend has them. The lookup is exact (each output sums one nonzero
 //! term); the backward pass is a GEMM, so deterministic on any backend
 //! whose GEMM is.
+//!
+//! ```
+//! use kiln_core::{DType, HostData, Tensor};
+//! use kiln_cpu::CpuBackend;
+//!
+//! let b = CpuBackend::reference();
+//! let table = Tensor::from_slice(&[0.0, 0.1, 1.0, 1.1, 2.0, 2.1], &[3, 2], &b)?; // 3 rows of 2
+//! let ids = Tensor::from_host(HostData::U32(vec![2, 0, 2]), &[3], &b)?;
+//! assert_eq!(ids.dtype(), DType::U32);
+//! let rows = table.embedding(&ids)?;
+//! assert_eq!(rows.dims(), [3, 2]);
+//! assert_eq!(rows.to_vec_f32()?, [2.0, 2.1, 0.0, 0.1, 2.0, 2.1]);
+//! // An id past the table is an error.
+//! let bad = Tensor::from_host(HostData::U32(vec![3]), &[1], &b)?;
+//! assert!(table.embedding(&bad).is_err());
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use crate::plan::EmbeddingPlan;
 use crate::{Backend, BinaryOp, DType, Error, GemmEpilogue, HostData, Layout, Result, Shape, View};

@@ -1,4 +1,18 @@
 //! The one error type of every fallible kiln function.
+//!
+//! ```
+//! use kiln_core::{Error, Tensor};
+//! use kiln_cpu::CpuBackend;
+//!
+//! let b = CpuBackend::reference();
+//! let x = Tensor::from_slice(&[1.0, 2.0, 3.0], &[3], &b)?;
+//! let e = x.reshape(&[2, 2]).unwrap_err();
+//! // Errors say which op failed and why; match on the kind when it matters.
+//! assert!(matches!(e, Error::Shape { .. }), "{e}");
+//! assert!(e.to_string().starts_with("reshape"), "{e}");
+//! assert_eq!(Error::invalid("--epochs 0").to_string(), "--epochs 0");
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::path::PathBuf;
 

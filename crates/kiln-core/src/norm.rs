@@ -8,6 +8,23 @@
 //! `g = dy·γ`: `dx = rstd·(g − mean(g) − x̂·mean(g·x̂))`, `dγ = Σ_rows dy·x̂`,
 //! `dβ = Σ_rows dy` — computed from the `mean` and `rstd` it is given (the
 //! forward pass's), whatever they are.
+//!
+//! ```
+//! use kiln_core::Tensor;
+//! use kiln_cpu::CpuBackend;
+//!
+//! let b = CpuBackend::reference();
+//! let x = Tensor::from_slice(&[1.0, 2.0, 3.0, 4.0], &[1, 4], &b)?;
+//! let (gamma, beta) = (
+//!     Tensor::from_slice(&[1.0; 4], &[4], &b)?,
+//!     Tensor::from_slice(&[0.0; 4], &[4], &b)?,
+//! );
+//! let y = x.layer_norm(&gamma, &beta, 1e-5)?.to_vec_f32()?;
+//! // Each row normalised to mean 0 and variance 1 (up to eps).
+//! assert!(y.iter().sum::<f32>().abs() < 1e-5);
+//! assert!((y.iter().map(|v| v * v).sum::<f32>() / 4.0 - 1.0).abs() < 1e-4);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use crate::plan::LayerNormPlan;
 use crate::{Backend, BinaryOp, DType, Layout, ReduceOp, Result, Shape, UnaryOp, View};

@@ -10,6 +10,24 @@
 //!   scaled to `[0, 1)`;
 //! - normal element `i` uses block `o + i/2`: words 0 and 1 for even `i`,
 //!   2 and 3 for odd `i`, through Box–Muller in f64.
+//!
+//! ```
+//! use kiln_core::rng::{uniform, Philox};
+//!
+//! // Element 5 of seed 42's stream, computed alone, is the same wherever it is computed.
+//! let u = uniform(42, 0, 5);
+//! assert!((0.0..1.0).contains(&u));
+//! assert_eq!(u, uniform(42, 0, 5));
+//! // A sequential generator: same seed and stream, same numbers.
+//! let (mut a, mut b) = (Philox::new(7, 0), Philox::new(7, 0));
+//! assert_eq!(a.next_u32(), b.next_u32());
+//! let mut items: Vec<u32> = (0..10).collect();
+//! a.shuffle(&mut items);
+//! let mut sorted = items.clone();
+//! sorted.sort();
+//! assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 /// Uniform elements per counter value: one Philox block's four words.
 pub const UNIFORMS_PER_BLOCK: u64 = 4;

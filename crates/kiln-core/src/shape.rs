@@ -1,4 +1,17 @@
 //! Shapes: the extents of a tensor's dimensions, and broadcasting between them.
+//!
+//! ```
+//! use kiln_core::Shape;
+//!
+//! let a = Shape::new(&[4, 1, 3])?;
+//! assert_eq!((a.rank(), a.numel()), (3, 12));
+//! assert_eq!(a.contiguous_strides(), [3, 3, 1]);
+//! // Broadcasting aligns trailing axes; extents of 1 stretch.
+//! let b = Shape::new(&[5, 1])?;
+//! assert_eq!(Shape::broadcast("add", &a, &b)?.dims(), [4, 5, 3]);
+//! assert!(Shape::broadcast("add", &a, &Shape::new(&[2])?).is_err());
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::fmt;
 

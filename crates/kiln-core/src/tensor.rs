@@ -1,5 +1,22 @@
 //! `Tensor`: an n-dimensional array on a backend, with zero-copy views and
 //! recorded ops for autograd.
+//!
+//! ```
+//! use kiln_core::Tensor;
+//! use kiln_cpu::CpuBackend;
+//!
+//! let b = CpuBackend::reference();
+//! let x = Tensor::from_slice(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3], &b)?;
+//! // Views share storage: a transpose or a narrow copies nothing.
+//! let t = x.transpose(0, 1)?;
+//! assert_eq!(t.dims(), [3, 2]);
+//! let col = x.narrow(1, 1, 1)?;
+//! assert_eq!(col.to_vec_f32()?, [2.0, 5.0]);
+//! // Elementwise ops broadcast; reductions take axes.
+//! let y = x.add(&Tensor::from_slice(&[10.0, 20.0, 30.0], &[3], &b)?)?;
+//! assert_eq!(y.sum(&[0], false)?.to_vec_f32()?, [25.0, 47.0, 69.0]);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,4 +1,21 @@
 //! `Var`: a trainable parameter whose storage optimisers update in place.
+//!
+//! ```
+//! use kiln_core::{Tensor, Var};
+//! use kiln_cpu::CpuBackend;
+//!
+//! let b = CpuBackend::reference();
+//! let mut w = Var::from_tensor(&Tensor::from_slice(&[1.0, 2.0], &[2], &b)?)?;
+//! // Ops on `as_tensor()` are recorded for autograd; `value()` is a detached copy.
+//! let loss = w.as_tensor().square()?.sum_all()?;
+//! let g = loss.backward()?;
+//! assert_eq!(g.get_id(w.id()).unwrap().to_vec_f32()?, [2.0, 4.0]);
+//! w.set(&Tensor::from_slice(&[0.5, 0.5], &[2], &b)?)?;
+//! assert_eq!(w.value().to_vec_f32()?, [0.5, 0.5]);
+//! // A value of another shape is refused.
+//! assert!(w.set(&Tensor::from_slice(&[1.0], &[1], &b)?).is_err());
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::sync::Arc;
 

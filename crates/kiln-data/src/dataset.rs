@@ -1,4 +1,17 @@
 //! Named image-classification datasets: where to find them and how to load them.
+//!
+//! ```
+//! use kiln_data::{Dataset, Split};
+//!
+//! // The bundled 10,000-digit MNIST sample needs no download.
+//! let train = Dataset::bundled_sample(Split::Train)?;
+//! assert_eq!((train.len(), train.example_shape(), train.classes()), (8000, [1, 28, 28], 10));
+//! assert_eq!(train.image(0).len(), 784);
+//! assert!(train.labels().iter().all(|&l| l < 10));
+//! // By name: the system's datasets, or an error saying how to get one.
+//! assert!(Dataset::load("no-such-set", Split::Test, None).is_err());
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::path::{Path, PathBuf};
 

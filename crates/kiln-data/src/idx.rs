@@ -5,6 +5,19 @@
 //! Only type `0x08` (unsigned byte) is supported; every other defect —
 //! truncation, bad magic, zero or absurd dimensions, trailing bytes — is its
 //! own [`DataError`].
+//!
+//! ```
+//! use kiln_data::parse_idx;
+//!
+//! // An IDX file: magic (0, 0, type 0x08 = u8, 2 dimensions), the extents, the bytes.
+//! let mut file = vec![0, 0, 0x08, 2, 0, 0, 0, 2, 0, 0, 0, 3];
+//! file.extend_from_slice(&[1, 2, 3, 4, 5, 6]);
+//! let a = parse_idx(&file)?;
+//! assert_eq!((a.dims.as_slice(), a.data.as_slice()), (&[2, 3][..], &[1, 2, 3, 4, 5, 6][..]));
+//! // A truncated file is an error that says so.
+//! assert!(parse_idx(&file[..15]).is_err());
+//! # Ok::<(), kiln_core::DataError>(())
+//! ```
 
 use std::io::Read;
 use std::path::Path;

@@ -1,5 +1,21 @@
 //! Batching: seeded shuffling and a background thread that assembles the
 //! next batches while the model trains on the current one.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use kiln_data::{DataLoader, Dataset, Split};
+//!
+//! let ds = Arc::new(Dataset::bundled_sample(Split::Test)?);
+//! let loader = DataLoader::new(Arc::clone(&ds), 500).shuffle(7);
+//! assert_eq!(loader.batches(), 4);
+//! // The same seed and epoch give the same order, on a worker thread ahead of training.
+//! assert_eq!(loader.order(0), loader.order(0));
+//! assert_ne!(loader.order(0), loader.order(1));
+//! let first = loader.epoch(0).next().unwrap();
+//! assert_eq!((first.len, first.images.len()), (500, 500 * 784));
+//! assert!(first.images.iter().all(|&p| (0.0..=1.0).contains(&p)), "pixels / 255");
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;

@@ -1,4 +1,19 @@
 //! Weight initialisers, drawing from the backend's counter-based RNG.
+//!
+//! ```
+//! use kiln_cpu::CpuBackend;
+//! use kiln_nn::Initializer;
+//!
+//! let b = CpuBackend::reference();
+//! // A 784 → 64 kernel, Glorot uniform: |w| ≤ √(6 / (784 + 64)).
+//! let w = Initializer::GlorotUniform.init(&[784, 64], 784, 64, 42, 0, &b)?;
+//! let limit = (6.0f32 / (784.0 + 64.0)).sqrt();
+//! assert!(w.to_vec_f32()?.iter().all(|v| v.abs() <= limit));
+//! // The same seed and offset draw the same weights, on any backend.
+//! let again = Initializer::GlorotUniform.init(&[784, 64], 784, 64, 42, 0, &b)?;
+//! assert_eq!(w.to_vec_f32()?, again.to_vec_f32()?);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use kiln_core::{Backend, DType, Distribution, Result, Tensor};
 use serde::{Deserialize, Serialize};

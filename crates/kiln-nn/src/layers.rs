@@ -1,4 +1,24 @@
 //! Layers: the pieces a [`crate::Sequential`] is made of.
+//!
+//! ```
+//! use kiln_core::Tensor;
+//! use kiln_cpu::CpuBackend;
+//! use kiln_nn::{ActivationSpec::Relu, Layer, ModelSpec};
+//!
+//! // Layers are built from a spec; each checks the shape it is given.
+//! let b = CpuBackend::reference();
+//! let model = ModelSpec::new("tiny", [1, 6, 6])
+//!     .conv2d(2, 3, Relu)   // [2, 4, 4]
+//!     .max_pool2d(2)        // [2, 2, 2]
+//!     .flatten()            // [8]
+//!     .dense(3, Relu)       // [3]
+//!     .build(1, &b)?;
+//! assert_eq!(model.layers()[0].kind(), "Conv2D");
+//! let y = model.forward(&Tensor::from_slice(&[0.5; 2 * 36], &[2, 1, 6, 6], &b)?)?;
+//! assert_eq!(y.dims(), [2, 3]);
+//! assert!(y.to_vec_f32()?.iter().all(|&v| v >= 0.0), "ReLU outputs");
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 

@@ -1,4 +1,21 @@
 //! Losses.
+//!
+//! ```
+//! use kiln_core::{HostData, Tensor};
+//! use kiln_cpu::CpuBackend;
+//! use kiln_nn::Loss;
+//!
+//! let b = CpuBackend::reference();
+//! // Two examples' logits over 3 classes, and their labels (u32).
+//! let logits = Tensor::from_slice(&[0.0, 0.0, 0.0, 10.0, 0.0, 0.0], &[2, 3], &b)?;
+//! let labels = Tensor::from_host(HostData::U32(vec![1, 0]), &[2], &b)?;
+//! let l = Loss::CategoricalCrossEntropy.compute(&logits, &labels)?.to_scalar_f32()?;
+//! // ln 3 for the undecided example, about 0 for the confident one; the mean of the two.
+//! assert!((l - 3f32.ln() / 2.0).abs() < 1e-3);
+//! let mse = Loss::MeanSquaredError.compute(&logits, &logits)?.to_scalar_f32()?;
+//! assert_eq!(mse, 0.0);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use kiln_core::{Backend, DType, Error, Result, Tensor};
 use serde::{Deserialize, Serialize};

@@ -8,6 +8,22 @@
 //! The cast back to f32 happens in the graph (the gradient of a cast is the
 //! cast of the gradient), so the optimiser sees f32 gradients of the f32
 //! weights. The loss is computed in f32 from logits cast up.
+//!
+//! ```
+//! use kiln_core::DType;
+//! use kiln_cpu::CpuBackend;
+//! use kiln_nn::{ModelSpec, Precision};
+//!
+//! let p: Precision = "bf16".parse()?;
+//! assert_eq!(p.compute_dtype(), DType::BF16);
+//! assert!(!p.needs_loss_scaling() && Precision::F16.needs_loss_scaling());
+//! assert!("f8".parse::<Precision>().is_err());
+//! // Weights stay f32; the model computes in bf16.
+//! let mut model = ModelSpec::mlp().build(1, &CpuBackend::reference())?;
+//! model.set_precision(p);
+//! assert_eq!(model.params()[0].dtype(), DType::F32);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,4 +1,20 @@
 //! The record of a training run, one JSON object per epoch.
+//!
+//! ```
+//! use kiln_train::History;
+//!
+//! // One JSON object per epoch, one per line (`history.jsonl` beside a run).
+//! let dir = tempfile::tempdir().unwrap();
+//! let path = dir.path().join("history.jsonl");
+//! let line = r#"{"epoch":1,"loss":0.5,"accuracy":0.8,"lr":0.001,"seconds":2.0,"images_per_sec":30000.0}"#;
+//! std::fs::write(&path, format!("{line}\n")).unwrap();
+//! let h = History::read_jsonl(&path)?;
+//! let last = h.last().unwrap();
+//! assert_eq!((last.epoch, last.accuracy, last.precision.as_str()), (1, 0.8, "f32"));
+//! History::append_jsonl(&path, last)?;
+//! assert_eq!(History::read_jsonl(&path)?.epochs.len(), 2);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::io::Write;
 use std::path::Path;

@@ -8,6 +8,20 @@
 //! is skipped (the weights and the optimiser state are untouched) and `S`
 //! is halved. After [`GROWTH_INTERVAL`] finite steps in a row `S` doubles,
 //! so the scale tracks the largest one that does not overflow.
+//!
+//! ```
+//! use kiln_train::LossScaler;
+//!
+//! let mut s = LossScaler::default();
+//! let start = s.scale;
+//! // A step with non-finite gradients is skipped and the scale halves.
+//! assert!(!s.update(false)?);
+//! assert_eq!(s.scale, start / 2.0);
+//! assert_eq!(s.skipped_this_epoch, 1);
+//! // Finite steps are applied.
+//! assert!(s.update(true)?);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use kiln_core::{Error, Result};
 use serde::{Deserialize, Serialize};

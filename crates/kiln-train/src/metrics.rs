@@ -1,6 +1,20 @@
 //! Evaluation metrics: a classification report (accuracy, top-k, per-class
 //! and macro precision / recall / F1, the confusion matrix) and regression
 //! errors (MSE, RMSE, MAE), with a readable text form and JSON.
+//!
+//! ```
+//! use kiln_train::ClassificationReport;
+//!
+//! let mut r = ClassificationReport::new("toy", vec!["a".into(), "b".into()], &[1, 2]);
+//! // Scores per example (any monotone scale) and labels.
+//! r.add(&[0.9, 0.1, 0.2, 0.8, 0.6, 0.4], &[0, 1, 1], 0.5);
+//! r.finish();
+//! assert!((r.accuracy() - 2.0 / 3.0).abs() < 1e-12);
+//! assert_eq!(r.confusion, [[1, 0], [1, 1]]);
+//! assert_eq!(r.class(1).recall, 0.5);
+//! assert_eq!(r.top_k[1], (2, 1.0)); // with two classes, top-2 always hits
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use serde::{Deserialize, Serialize};
 

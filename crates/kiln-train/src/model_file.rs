@@ -2,6 +2,26 @@
 //! facts in its metadata. Files are written atomically: a temporary file in
 //! the same folder, flushed to disk, renamed over the target, and the folder
 //! synced — a crash leaves either the old file or the new one, never half.
+//!
+//! ```
+//! use std::collections::HashMap;
+//! use kiln_cpu::CpuBackend;
+//! use kiln_nn::ModelSpec;
+//! use kiln_train::model_file;
+//!
+//! let b = CpuBackend::reference();
+//! let model = ModelSpec::mlp().build(3, &b)?;
+//! let dir = tempfile::tempdir().unwrap();
+//! let path = dir.path().join("mlp.safetensors");
+//! model_file::save(&path, &model, &HashMap::new())?; // atomic: the old file or the new, never half
+//! let loaded = model_file::load(&path, &b)?.model;
+//! assert_eq!(loaded.spec(), model.spec());
+//! // A damaged file is refused with a reason.
+//! let bytes = std::fs::read(&path).unwrap();
+//! std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+//! assert!(model_file::load(&path, &b).is_err());
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -2,6 +2,22 @@
 //! it, energy — the CPU packages' RAPL counters under
 //! `/sys/class/powercap` (Linux, Intel and recent AMD). Where a counter is
 //! missing the value is `None`, reported as "not available".
+//!
+//! ```
+//! use kiln_train::observe::{peak_rss_bytes, EnergyMeter};
+//!
+//! // The process's peak resident memory, where the OS says (Linux: /proc).
+//! if let Some(bytes) = peak_rss_bytes() {
+//!     assert!(bytes > 0);
+//! }
+//! // Energy from RAPL counters, where the machine exposes them (often not in VMs).
+//! if let Some(meter) = EnergyMeter::new() {
+//!     let a = meter.read().unwrap();
+//!     let b = meter.read().unwrap();
+//!     assert!(meter.joules(&a, &b) >= 0.0);
+//! }
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::path::PathBuf;
 

@@ -73,11 +73,25 @@ impl Model {
         })
     }
 
+    /// The trainer, locked, unless a panic during an earlier call spoiled it.
+    fn locked(&self) -> PyResult<std::sync::MutexGuard<'_, Trainer<CpuBackend>>> {
+        self.trainer.lock().map_err(|_| {
+            fail("a panic interrupted an earlier call on this model, whose weights may be half updated: load or build it again")
+        })
+    }
+
+    /// u8 `images` and integer `labels` as a dataset of this model's classes.
+    fn arrays(
+        &self,
+        images: PyArrayLikeDyn<'_, u8, AllowTypeChange>,
+        labels: PyArrayLike1<'_, i64, AllowTypeChange>,
+    ) -> PyResult<Dataset> {
+        dataset(images, labels, self.classes()?)
+    }
+
     /// Runs `f` with the trainer locked (an image model), or says why not.
     fn with<R>(&self, f: impl FnOnce(&mut Trainer<CpuBackend>) -> PyResult<R>) -> PyResult<R> {
-        let mut t = self.trainer.lock().map_err(|_| {
-            fail("a panic interrupted an earlier call on this model, whose weights may be half updated: load or build it again")
-        })?;
+        let mut t = self.locked()?;
         if t.model().takes_tokens() {
             return Err(fail(format!(
                 "model `{}` is a language model: the Python package runs image classifiers (use `kiln generate` or `kiln serve` for text)",
@@ -162,7 +176,7 @@ impl Model {
     /// The model's name.
     #[getter]
     fn name(&self) -> PyResult<String> {
-        let t = self.trainer.lock().map_err(|_| fail("model poisoned"))?;
+        let t = self.locked()?;
         Ok(t.model().name().to_string())
     }
 
@@ -181,18 +195,18 @@ impl Model {
     /// Trainable parameters.
     #[getter]
     fn num_params(&self) -> PyResult<usize> {
-        let t = self.trainer.lock().map_err(|_| fail("model poisoned"))?;
+        let t = self.locked()?;
         Ok(t.model().num_params())
     }
 
     /// A Keras-style summary of the layers.
     fn summary(&self) -> PyResult<String> {
-        let t = self.trainer.lock().map_err(|_| fail("model poisoned"))?;
+        let t = self.locked()?;
         Ok(t.model().summary())
     }
 
     fn __repr__(&self) -> PyResult<String> {
-        let t = self.trainer.lock().map_err(|_| fail("model poisoned"))?;
+        let t = self.locked()?;
         Ok(format!(
             "kiln.Model('{}', input {:?}, {} parameters, on {})",
             t.model().name(),
@@ -256,8 +270,7 @@ impl Model {
         seed: u64,
         verbose: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let classes = self.classes()?;
-        let ds = dataset(images, labels, classes)?;
+        let ds = self.arrays(images, labels)?;
         self.fit_dataset(py, &ds, epochs, batch_size, learning_rate, seed, verbose)
     }
 
@@ -271,8 +284,7 @@ impl Model {
         labels: PyArrayLike1<'py, i64, AllowTypeChange>,
         batch_size: usize,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let classes = self.classes()?;
-        let ds = dataset(images, labels, classes)?;
+        let ds = self.arrays(images, labels)?;
         if batch_size == 0 {
             return Err(fail("batch_size 0: evaluate at least one example per pass"));
         }
@@ -283,13 +295,13 @@ impl Model {
     /// Saves the spec and weights to `path` (atomically); `kiln.load`, and
     /// the `kiln` command's `eval`, `predict` and `serve`, read it.
     fn save(&self, path: PathBuf) -> PyResult<()> {
-        let t = self.trainer.lock().map_err(|_| fail("model poisoned"))?;
+        let t = self.locked()?;
         model_file::save(&path, t.model(), &HashMap::new()).map_err(err)
     }
 
     /// Every parameter by name (`"1.dense.weight"`, …) as a float32 array.
     fn state_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let t = self.trainer.lock().map_err(|_| fail("model poisoned"))?;
+        let t = self.locked()?;
         let d = PyDict::new(py);
         for (name, value) in t.model().state_dict() {
             let dims = value.dims().to_vec();
@@ -312,7 +324,7 @@ impl Model {
             let t = Tensor::from_host(HostData::F32(data), &dims, &self.backend).map_err(err)?;
             tensors.insert(name, t);
         }
-        let mut t = self.trainer.lock().map_err(|_| fail("model poisoned"))?;
+        let mut t = self.locked()?;
         t.model_mut().load_state_dict(&tensors).map_err(err)
     }
 }

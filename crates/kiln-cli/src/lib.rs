@@ -174,6 +174,11 @@ struct TrainArgs {
     /// else goes to stderr), for programs that follow a run.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
+    /// Stop when the validation loss (the training loss with
+    /// --no-validation) has not improved for N epochs (Keras'
+    /// EarlyStopping); image models.
+    #[arg(long, value_name = "N")]
+    early_stopping: Option<usize>,
     /// Write a checkpoint every N epochs to OUT/checkpoints (Ctrl-C or
     /// SIGTERM always writes one).
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -763,6 +768,11 @@ fn run_train<B: Backend>(
     }
     let epochs = a.epochs.unwrap_or(10);
     let batch_size = a.batch_size.unwrap_or(128);
+    if a.early_stopping == Some(0) {
+        return Err(Error::invalid(
+            "--early-stopping 0: give the epochs without improvement to allow (at least 1)",
+        ));
+    }
     let dataset = a.dataset.clone().unwrap_or_else(|| "mnist-sample".into());
     let json = a.log_format == "json";
     let speak = say(json);
@@ -923,6 +933,15 @@ fn run_train<B: Backend>(
         stop: Some(training_stop_flag(world.as_ref())?),
         loss_scale: kiln_train::LossScaler::default(),
         on_step: None,
+        on_epoch: a.early_stopping.map(|patience| {
+            let monitor = if a.no_validation {
+                kiln_train::Monitor::Loss
+            } else {
+                kiln_train::Monitor::ValLoss
+            };
+            kiln_train::EarlyStopping::new(monitor, patience, 0.0).hook()
+        }),
+        lr_schedule: None,
         distributed,
     };
     let validation = (!a.no_validation).then_some(&test_set);

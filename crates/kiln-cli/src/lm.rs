@@ -73,6 +73,7 @@ pub(crate) fn run_train_lm<B: Backend>(
     for (flag, given) in [
         ("--epochs", a.epochs.is_some()),
         ("--augment", a.augment),
+        ("--early-stopping", a.early_stopping.is_some()),
         ("--limit", a.limit.is_some()),
         ("--no-validation", a.no_validation),
     ] {

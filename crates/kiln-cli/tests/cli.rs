@@ -134,6 +134,19 @@ fn errors_are_one_clear_line_and_a_nonzero_exit() {
         stderr(&o)
     );
 
+    let o = kiln(&["train", "--early-stopping", "0"]);
+    assert!(
+        stderr(&o).contains("--early-stopping 0") && !o.status.success(),
+        "{}",
+        stderr(&o)
+    );
+    let o = kiln(&["train", "--model", "gpt", "--early-stopping", "2"]);
+    assert!(
+        stderr(&o).contains("--early-stopping is for image models"),
+        "{}",
+        stderr(&o)
+    );
+
     // Without a GPU (this machine, CI), the CUDA backend says why.
     if !kiln_cuda::device::driver_present() {
         let o = kiln(&["train", "--backend", "cuda"]);
@@ -1237,4 +1250,44 @@ fn models_too_big_for_memory_are_refused_before_allocating() {
         "{}",
         stdout(&o)
     );
+}
+
+#[test]
+fn early_stopping_ends_a_run_once_the_validation_loss_stops_improving() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    // 300 examples overfit within a few epochs; 40 would be far past it.
+    let o = kiln(&[
+        "train",
+        "--model",
+        "mlp",
+        "--epochs",
+        "40",
+        "--limit",
+        "300",
+        "--early-stopping",
+        "2",
+        "--out",
+        out,
+        "--plain",
+        "--lr",
+        "3e-3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let history = std::fs::read_to_string(dir.path().join("history.jsonl")).unwrap();
+    let losses: Vec<f64> = history
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["val_loss"].as_f64().unwrap()
+        })
+        .collect();
+    let n = losses.len();
+    assert!((3..40).contains(&n), "{n} epochs: {losses:?}");
+    // The last two epochs did not beat the best before them.
+    let best = losses[..n - 2]
+        .iter()
+        .cloned()
+        .fold(f64::INFINITY, f64::min);
+    assert!(losses[n - 2..].iter().all(|&l| l >= best), "{losses:?}");
 }

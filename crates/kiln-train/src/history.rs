@@ -71,6 +71,31 @@ pub struct EpochRecord {
 }
 
 /// What records and checkpoints from before mixed precision were trained in.
+impl EpochRecord {
+    /// A record of epoch `epoch` with zero losses, accuracy, rate and
+    /// times, f32 precision and no optional measurements: a start for
+    /// tests and examples (`fit` fills every field).
+    pub fn new(epoch: usize) -> Self {
+        EpochRecord {
+            epoch,
+            loss: 0.0,
+            accuracy: 0.0,
+            val_loss: None,
+            val_accuracy: None,
+            lr: 0.0,
+            seconds: 0.0,
+            images_per_sec: 0.0,
+            peak_rss_bytes: None,
+            energy_joules: None,
+            precision: default_precision(),
+            loss_scale: None,
+            skipped_steps: None,
+            processes: None,
+            comm_seconds: None,
+        }
+    }
+}
+
 pub(crate) fn default_precision() -> String {
     "f32".to_string()
 }

@@ -6,6 +6,7 @@
 //! ([`model_file`]) written atomically in safetensors; [`lm`] trains
 //! language models by iterations over a text corpus.
 
+pub mod callbacks;
 pub mod checkpoint;
 pub mod data_parallel;
 pub mod generate;
@@ -20,6 +21,7 @@ pub mod plots;
 pub mod progress;
 pub mod trainer;
 
+pub use callbacks::{EarlyStopping, EpochControl, EpochHook, Monitor};
 pub use data_parallel::DataParallel;
 pub use generate::{generate, Generated, SampleConfig};
 pub use history::{EpochRecord, History};

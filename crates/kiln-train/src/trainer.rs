@@ -50,6 +50,15 @@ pub struct FitConfig {
     /// stop flag is read: for callers that follow a run step by step, or
     /// stop it after a given step.
     pub on_step: Option<StepHook>,
+    /// Called after each epoch with its record (validation included); a
+    /// [`EpochControl::Stop`] ends the run there, after the record and a
+    /// checkpoint (if a policy is set) are written
+    /// ([`crate::EarlyStopping`] is one).
+    pub on_epoch: Option<crate::EpochHook>,
+    /// The learning rate of every step, by its index from 0 across epochs
+    /// (`None`: the optimiser's own, constant). Set before each step from
+    /// the step's position, so a resumed run follows it exactly.
+    pub lr_schedule: Option<kiln_nn::LrSchedule>,
     /// Data-parallel training with other processes (`None`: this process
     /// alone). Each global batch of `batch_size` is split among the ranks;
     /// a stop request is honoured at the end of the step on every rank
@@ -158,6 +167,8 @@ impl Default for FitConfig {
             stop: None,
             loss_scale: LossScaler::default(),
             on_step: None,
+            on_epoch: None,
+            lr_schedule: None,
             distributed: None,
         }
     }
@@ -524,6 +535,9 @@ impl<B: Backend> Trainer<B> {
         if cfg.batch_size == 0 {
             return Err(Error::invalid("batch size must be at least 1"));
         }
+        if let Some(schedule) = &cfg.lr_schedule {
+            schedule.check()?;
+        }
         // Planned from the spec before the first batch is allocated.
         self.model.spec().memory(cfg.batch_size)?.check(
             self.model.name(),
@@ -704,6 +718,10 @@ impl<B: Backend> Trainer<B> {
                     None => true,
                 };
                 if apply {
+                    if let Some(schedule) = &cfg.lr_schedule {
+                        let step = (epoch - 1) * loader.batches() + done - 1;
+                        self.optimizer.set_lr(schedule.at(step as u64));
+                    }
                     self.optimizer.step(&mut self.model.params_mut(), &grads)?;
                 }
                 if let Some(d) = dp {
@@ -765,10 +783,15 @@ impl<B: Backend> Trainer<B> {
             if let Some(p) = cfg.history_path.as_ref().filter(|_| writes_files(cfg)) {
                 History::append_jsonl(p, &record)?;
             }
+            let control = cfg
+                .on_epoch
+                .as_ref()
+                .map_or(crate::EpochControl::Continue, |h| h.call(&record));
+            let last = epoch == cfg.epochs || control == crate::EpochControl::Stop;
             history.epochs.push(record);
             let policy = cfg.checkpoint.as_ref().filter(|_| writes_files(cfg));
             if let Some(policy) = policy.filter(|p| p.every > 0) {
-                if epoch % policy.every == 0 || epoch == cfg.epochs {
+                if epoch % policy.every == 0 || last {
                     self.checkpoint(
                         policy,
                         train,
@@ -780,6 +803,9 @@ impl<B: Backend> Trainer<B> {
                         scaler,
                     )?;
                 }
+            }
+            if control == crate::EpochControl::Stop {
+                break;
             }
         }
         Ok(history)

@@ -587,3 +587,62 @@ fn tampered_checkpoint_progress_is_refused() {
         assert!(e.contains(says), "{says}: {e}");
     }
 }
+
+#[test]
+fn epoch_callbacks_stop_early_and_lr_schedules_set_every_step() {
+    use kiln_nn::LrSchedule;
+    use kiln_train::{EarlyStopping, EpochControl, EpochHook, Monitor};
+    let train = Dataset::load("mnist-sample", Split::Train, None)
+        .unwrap()
+        .take(512);
+    let fast = || trainer_on(CpuBackend::new().unwrap(), 3);
+
+    // A closure that stops after epoch 2 of 5: two records, and the model
+    // is the one a 2-epoch run gives.
+    let mut c = cfg(5, 3);
+    c.on_epoch = Some(EpochHook::new(|r| {
+        if r.epoch == 2 {
+            EpochControl::Stop
+        } else {
+            EpochControl::Continue
+        }
+    }));
+    let mut stopped = fast();
+    assert_eq!(stopped.fit(&train, None, &c).unwrap().epochs.len(), 2);
+    let mut two = fast();
+    two.fit(&train, None, &cfg(2, 3)).unwrap();
+    assert!(weights(&stopped) == weights(&two));
+
+    // Early stopping that no improvement can satisfy stops after patience + 1 epochs.
+    let mut c = cfg(6, 3);
+    c.on_epoch = Some(EarlyStopping::new(Monitor::Loss, 2, 1e9).hook());
+    assert_eq!(fast().fit(&train, None, &c).unwrap().epochs.len(), 3);
+
+    // A constant schedule at Adam's own rate changes nothing, bit for bit…
+    let mut c = cfg(2, 3);
+    c.lr_schedule = Some(LrSchedule::Constant(1e-3));
+    let mut constant = fast();
+    constant.fit(&train, None, &c).unwrap();
+    assert!(weights(&constant) == weights(&two));
+    // …and a warm-up + cosine one is followed step by step: 4 steps an epoch.
+    let schedule = LrSchedule::WarmupCosine {
+        peak: 2e-3,
+        min: 1e-4,
+        warmup: 2,
+        decay: 8,
+    };
+    let mut c = cfg(2, 3);
+    c.lr_schedule = Some(schedule);
+    let h = fast().fit(&train, None, &c).unwrap();
+    for (e, r) in h.epochs.iter().enumerate() {
+        assert_eq!(
+            r.lr,
+            f64::from(schedule.at(4 * e as u64 + 3)),
+            "epoch {}",
+            e + 1
+        );
+    }
+    // A schedule that makes no sense is refused before training.
+    c.lr_schedule = Some(LrSchedule::Constant(f32::NAN));
+    assert!(fast().fit(&train, None, &c).is_err());
+}

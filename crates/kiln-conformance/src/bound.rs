@@ -20,6 +20,19 @@
 //! overflow, so nothing tighter can be promised). Where a sum's partial
 //! sums can leave the f32 range, [`Bound::Overflowing`] also admits what
 //! the op makes of ±∞ and NaN (a ReLU epilogue turns −∞ into 0).
+//!
+//! ```
+//! use kiln_conformance::bound::{judge, ulp};
+//! use kiln_core::{bounds::Bound, DType};
+//!
+//! // f32's spacing just above 1 is 2⁻²³.
+//! assert_eq!(ulp(DType::F32, 1.0), f64::from(f32::EPSILON));
+//! // A value 2 ulps off passes a 4-ulp bound and fails a correctly rounded one.
+//! let got = 1.0 + 2.0 * f64::from(f32::EPSILON);
+//! assert!(judge(Bound::Ulps(4), DType::F32, 1.0, got).ok);
+//! assert!(!judge(Bound::CorrectlyRounded, DType::F32, 1.0, got).ok);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use half::{bf16, f16};
 use kiln_core::DType;

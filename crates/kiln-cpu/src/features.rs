@@ -1,4 +1,15 @@
 //! What the processor offers, and which kernel set to run.
+//!
+//! ```
+//! use kiln_cpu::features::KernelSet;
+//!
+//! // The best set this processor runs, always available; the scalar set everywhere.
+//! assert!(KernelSet::best().available());
+//! assert!(KernelSet::Scalar.check_available().is_ok());
+//! assert_eq!(KernelSet::parse("AVX2")?, KernelSet::Avx2);
+//! assert!(KernelSet::parse("sse9").is_err());
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use kiln_core::{Error, Result};
 

@@ -8,6 +8,21 @@
 //! counter given by the epoch and the example's index in the dataset, so it
 //! does not depend on batch size, order or thread count, and a resumed run
 //! draws the same transforms.
+//!
+//! ```
+//! use kiln_data::Augment;
+//!
+//! // Keras' defaults: ±20° rotation, 10 % shifts and zoom, drawn per (epoch, example).
+//! let a = Augment::keras_default(7);
+//! let t = a.transform(0, 42, 28, 28);
+//! assert_eq!(t, a.transform(0, 42, 28, 28), "the same draw every time");
+//! assert_ne!(t, a.transform(1, 42, 28, 28), "another epoch, another draw");
+//! let src = vec![1.0f32; 28 * 28];
+//! let mut dst = vec![0.0f32; 28 * 28];
+//! t.apply(&src, 28, 28, &mut dst);
+//! assert!(dst.iter().all(|&v| (0.0..=1.0).contains(&v)));
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use kiln_core::rng;
 

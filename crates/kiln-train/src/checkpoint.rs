@@ -10,6 +10,20 @@
 //! positions, the partial epoch's running totals and the history so far.
 //! The data order needs no state: each epoch's shuffle and each example's
 //! augmentation are functions of the seed, so a resumed run draws them again.
+//!
+//! ```
+//! use kiln_cpu::CpuBackend;
+//! use kiln_train::checkpoint;
+//!
+//! // File names sort by position: epoch, then batch.
+//! assert!(checkpoint::file_name(2, 0) < checkpoint::file_name(10, 0));
+//! let dir = tempfile::tempdir().unwrap();
+//! assert!(checkpoint::list(dir.path())?.is_empty());
+//! // Loading from a folder with none says so, rather than starting afresh.
+//! let e = checkpoint::load(dir.path(), &CpuBackend::reference()).err().unwrap();
+//! assert!(e.to_string().contains("holds no checkpoint"), "{e}");
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

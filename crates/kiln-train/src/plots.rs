@@ -6,6 +6,20 @@
 //! [`FONT_PATHS`] found (Debian's `fonts-dejavu-core` provides one).
 //! Without one no plot is drawn and [`Written::skipped`] says why — a run
 //! never fails for want of a font.
+//!
+//! ```
+//! use kiln_train::{plots, EpochRecord};
+//!
+//! let history: Vec<EpochRecord> = (1..=3)
+//!     .map(|e| EpochRecord { loss: 1.0 / e as f64, accuracy: 0.3 * e as f64, ..EpochRecord::new(e) })
+//!     .collect();
+//! let dir = tempfile::tempdir().unwrap();
+//! let w = plots::training_curves(&history, &dir.path().join("curves"))?;
+//! // The SVG always; the PNG when a font is installed (else `skipped` says why).
+//! assert!(w.files.iter().any(|f| f.extension().is_some_and(|e| e == "svg")));
+//! assert!(w.files.iter().all(|f| std::fs::metadata(f).unwrap().len() > 0));
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

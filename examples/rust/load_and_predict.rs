@@ -69,7 +69,7 @@ fn main() -> Result<()> {
                 (0, f32::MIN),
                 |acc, (c, &p)| if p > acc.1 { (c, p) } else { acc },
             );
-        let label = usize::from(test.labels()[i]);
+        let label = test.labels()[i] as usize;
         right += usize::from(best == label);
         println!("image {i:2}: predicted {best} (p = {p:.3}), label {label}");
     }

@@ -1,11 +1,14 @@
-//! Named image-classification datasets: where to find them and how to load them.
+//! Datasets held in memory: the named image-classification sets (IDX
+//! files: where to find them and how to load them), and any f32 examples
+//! with class labels or regression targets ([`Dataset::from_f32`]).
 //!
 //! ```
 //! use kiln_data::{Dataset, Split};
 //!
 //! // The bundled 10,000-digit MNIST sample needs no download.
 //! let train = Dataset::bundled_sample(Split::Train)?;
-//! assert_eq!((train.len(), train.example_shape(), train.classes()), (8000, [1, 28, 28], 10));
+//! assert_eq!((train.len(), train.classes()), (8000, 10));
+//! assert_eq!(train.example_shape(), [1, 28, 28]);
 //! assert_eq!(train.image(0).len(), 784);
 //! assert!(train.labels().iter().all(|&l| l < 10));
 //! // By name: the system's datasets, or an error saying how to get one.
@@ -49,14 +52,44 @@ impl Split {
 }
 
 /// Single-channel images with class labels, held as bytes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Dataset {
     name: String,
-    rows: usize,
-    cols: usize,
+    /// One example's shape.
+    shape: Vec<usize>,
+    /// Classes of a classification set; 0 for regression.
     classes: usize,
+    /// Examples.
+    n: usize,
+    /// u8 features (IDX images, scaled by 1/255 on assembly), or none.
     images: Vec<u8>,
-    labels: Vec<u8>,
+    /// f32 features, used as they are, or none.
+    floats: Vec<f32>,
+    /// Class labels (classification), or none.
+    labels: Vec<u32>,
+    /// Regression targets, `n × target_shape`, or none.
+    targets: Vec<f32>,
+    /// One example's target shape (regression), or empty.
+    target_shape: Vec<usize>,
+}
+
+/// What a [`Dataset::from_f32`] set's examples are labelled with.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Targets {
+    /// A class per example, each below `classes`: for cross-entropy.
+    Classes {
+        /// One label per example.
+        labels: Vec<u32>,
+        /// How many classes there are.
+        classes: usize,
+    },
+    /// Values per example, of `shape` each: for mean squared error.
+    Values {
+        /// `n × shape` values, row-major.
+        values: Vec<f32>,
+        /// One example's target shape (`[1]` for a scalar).
+        shape: Vec<usize>,
+    },
 }
 
 const BUNDLED_TRAIN_IMAGES: &[u8] =
@@ -117,12 +150,112 @@ impl Dataset {
         }
         Ok(Dataset {
             name: name.to_string(),
-            rows,
-            cols,
+            shape: vec![1, rows, cols],
             classes,
+            n,
             images: images.data,
-            labels: labels.data,
+            floats: Vec::new(),
+            labels: labels.data.into_iter().map(u32::from).collect(),
+            targets: Vec::new(),
+            target_shape: Vec::new(),
         })
+    }
+
+    /// A dataset of `features` — examples of `example_shape` (any rank:
+    /// `[channels, height, width]` for images, `[features]` for vectors),
+    /// row-major, used as they are (no scaling) — with class labels or
+    /// regression targets. Sizes, labels and values are checked: a count
+    /// that does not divide, a label out of range or a non-finite value is
+    /// an error.
+    ///
+    /// ```
+    /// use kiln_data::{Dataset, Targets};
+    ///
+    /// // Four 2-feature examples with a scalar target each (y = x₀ − x₁).
+    /// let x = vec![1.0, 0.0, 0.0, 1.0, 2.0, 1.0, 0.5, 0.5];
+    /// let y = Targets::Values { values: vec![1.0, -1.0, 1.0, 0.0], shape: vec![1] };
+    /// let ds = Dataset::from_f32("toy", x, &[2], y)?;
+    /// assert_eq!((ds.len(), ds.example_shape(), ds.classes()), (4, &[2][..], 0));
+    /// assert_eq!(ds.target_shape(), Some(&[1][..]));
+    /// // Three-channel images with class labels.
+    /// let rgb = Dataset::from_f32(
+    ///     "rgb",
+    ///     vec![0.5; 2 * 3 * 4 * 4],
+    ///     &[3, 4, 4],
+    ///     Targets::Classes { labels: vec![0, 2], classes: 3 },
+    /// )?;
+    /// assert_eq!(rgb.labels(), [0, 2]);
+    /// assert!(Dataset::from_f32("bad", vec![0.0; 5], &[2], Targets::Classes { labels: vec![0, 0], classes: 1 }).is_err());
+    /// # Ok::<(), kiln_core::Error>(())
+    /// ```
+    pub fn from_f32(
+        name: &str,
+        features: Vec<f32>,
+        example_shape: &[usize],
+        targets: Targets,
+    ) -> Result<Self> {
+        let bad = |msg: String| Error::invalid(format!("dataset `{name}`: {msg}"));
+        let per: usize = example_shape.iter().product();
+        if example_shape.is_empty() || per == 0 {
+            return Err(bad(format!(
+                "examples of shape {example_shape:?}: every extent must be at least 1"
+            )));
+        }
+        if !features.len().is_multiple_of(per) || features.is_empty() {
+            return Err(bad(format!(
+                "{} features do not make whole examples of {per} ({example_shape:?})",
+                features.len()
+            )));
+        }
+        let n = features.len() / per;
+        if let Some(i) = features.iter().position(|v| !v.is_finite()) {
+            return Err(bad(format!("feature {i} is {}", features[i])));
+        }
+        let mut ds = Dataset {
+            name: name.to_string(),
+            shape: example_shape.to_vec(),
+            classes: 0,
+            n,
+            images: Vec::new(),
+            floats: features,
+            labels: Vec::new(),
+            targets: Vec::new(),
+            target_shape: Vec::new(),
+        };
+        match targets {
+            Targets::Classes { labels, classes } => {
+                if labels.len() != n {
+                    return Err(bad(format!("{} labels for {n} examples", labels.len())));
+                }
+                if classes == 0 {
+                    return Err(bad(
+                        "0 classes: a classification set needs at least 1".into()
+                    ));
+                }
+                if let Some(i) = labels.iter().position(|&l| l as usize >= classes) {
+                    return Err(bad(format!(
+                        "label {} at index {i}: classes run from 0 to {}",
+                        labels[i],
+                        classes - 1
+                    )));
+                }
+                (ds.labels, ds.classes) = (labels, classes);
+            }
+            Targets::Values { values, shape } => {
+                let each: usize = shape.iter().product();
+                if shape.is_empty() || each == 0 || values.len() != n * each {
+                    return Err(bad(format!(
+                        "{} target values for {n} examples of shape {shape:?}",
+                        values.len()
+                    )));
+                }
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(bad(format!("target value {i} is {}", values[i])));
+                }
+                (ds.targets, ds.target_shape) = (values, shape);
+            }
+        }
+        Ok(ds)
     }
 
     /// Loads `<prefix>-images-idx3-ubyte[.gz]` and `<prefix>-labels-idx1-ubyte[.gz]`
@@ -233,37 +366,72 @@ impl Dataset {
 
     /// Number of examples.
     pub fn len(&self) -> usize {
-        self.labels.len()
+        self.n
     }
 
     /// Whether there are no examples.
     pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
+        self.n == 0
     }
 
-    /// The shape of one example: `[1, rows, cols]`.
-    pub fn example_shape(&self) -> [usize; 3] {
-        [1, self.rows, self.cols]
+    /// The shape of one example (`[1, rows, cols]` for IDX images).
+    pub fn example_shape(&self) -> &[usize] {
+        &self.shape
     }
 
-    /// Pixels per example.
+    /// Values per example (pixels, for images).
     pub fn pixels(&self) -> usize {
-        self.rows * self.cols
+        self.shape.iter().product()
     }
 
-    /// Number of classes.
+    /// Number of classes (0 for a regression set).
     pub fn classes(&self) -> usize {
         self.classes
     }
 
-    /// The pixels of example `i` (row-major bytes).
+    /// The bytes of example `i` of a u8 (IDX) dataset, row-major; empty
+    /// for an f32 dataset (see [`Dataset::write_example`]).
     pub fn image(&self, i: usize) -> &[u8] {
-        &self.images[i * self.pixels()..(i + 1) * self.pixels()]
+        match self.images.is_empty() {
+            true => &[],
+            false => &self.images[i * self.pixels()..(i + 1) * self.pixels()],
+        }
     }
 
-    /// All labels.
-    pub fn labels(&self) -> &[u8] {
+    /// Example `i` as the model takes it, into `dst` (of
+    /// [`Dataset::pixels`] values): bytes over 255 for a u8 dataset, the
+    /// f32 features as they are otherwise.
+    pub fn write_example(&self, i: usize, dst: &mut [f32]) {
+        let px = self.pixels();
+        if self.floats.is_empty() {
+            // `b / 255`, correctly rounded: a loop the compiler turns into
+            // vector divisions (0.20 ns a pixel here, against 0.30 for a
+            // 256-entry table's lookups).
+            for (d, &b) in dst.iter_mut().zip(&self.images[i * px..(i + 1) * px]) {
+                *d = f32::from(b) / 255.0;
+            }
+        } else {
+            dst.copy_from_slice(&self.floats[i * px..(i + 1) * px]);
+        }
+    }
+
+    /// All class labels (empty for a regression set).
+    pub fn labels(&self) -> &[u32] {
         &self.labels
+    }
+
+    /// One example's target shape, for a regression set.
+    pub fn target_shape(&self) -> Option<&[usize]> {
+        (!self.target_shape.is_empty()).then_some(self.target_shape.as_slice())
+    }
+
+    /// The regression targets of example `i` (empty for a classification set).
+    pub fn targets(&self, i: usize) -> &[f32] {
+        let each: usize = self.target_shape.iter().product();
+        match self.targets.is_empty() {
+            true => &[],
+            false => &self.targets[i * each..(i + 1) * each],
+        }
     }
 
     /// The classes' names, in label order (see [`class_names`]).
@@ -274,22 +442,43 @@ impl Dataset {
     /// The first `n` examples (or all, if fewer).
     pub fn take(&self, n: usize) -> Self {
         let n = n.min(self.len());
+        let each: usize = self.target_shape.iter().product();
+        let (px, many) = (self.pixels(), |len: usize| len > 0);
         Dataset {
             name: self.name.clone(),
-            rows: self.rows,
-            cols: self.cols,
+            shape: self.shape.clone(),
             classes: self.classes,
-            images: self.images[..n * self.pixels()].to_vec(),
-            labels: self.labels[..n].to_vec(),
+            n,
+            images: self.images[..if many(self.images.len()) { n * px } else { 0 }].to_vec(),
+            floats: self.floats[..if many(self.floats.len()) { n * px } else { 0 }].to_vec(),
+            labels: self.labels[..self.labels.len().min(n)].to_vec(),
+            targets: self.targets[..if many(self.targets.len()) {
+                n * each
+            } else {
+                0
+            }]
+                .to_vec(),
+            target_shape: self.target_shape.clone(),
         }
     }
 
-    /// A short content hash (FNV-1a 64 of labels and pixels), to tell
-    /// datasets apart in run metadata.
+    /// A short content hash (FNV-1a 64 of labels and pixels, then of the
+    /// f32 features' and targets' bits), to tell datasets apart in run
+    /// metadata. (An IDX set's is what it was before f32 sets existed.)
     pub fn fingerprint(&self) -> String {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for &b in self.labels.iter().chain(&self.images) {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        let words = self.labels.iter().map(|&l| u64::from(l));
+        let bytes = self.images.iter().map(|&b| u64::from(b));
+        let floats = self.floats.iter().chain(&self.targets);
+        let bits = floats.map(|v| u64::from(v.to_bits()));
+        let shape = self.shape.iter().chain(&self.target_shape);
+        let extents = (!self.floats.is_empty()).then_some(shape.map(|&d| d as u64));
+        for v in words
+            .chain(bytes)
+            .chain(bits)
+            .chain(extents.into_iter().flatten())
+        {
+            h = (h ^ v).wrapping_mul(0x0100_0000_01b3);
         }
         format!("{h:016x}")
     }

@@ -13,7 +13,7 @@ pub mod loader;
 pub mod text;
 
 pub use augment::{Affine, Augment};
-pub use dataset::{Dataset, Split};
+pub use dataset::{Dataset, Split, Targets};
 pub use idx::{parse_idx, read_idx, IdxArray};
 pub use loader::{Batch, DataLoader};
 pub use text::{TextCorpus, TextSplit, Vocab};

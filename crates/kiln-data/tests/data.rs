@@ -181,7 +181,7 @@ fn loader_order_is_seeded_and_covers_every_example() {
     assert_eq!(seen, (0..2000).collect::<Vec<_>>());
     // Batches carry the examples of the order, scaled to [0, 1].
     let first = a.order(3)[0] as usize;
-    assert_eq!(batches[0].labels[0], u32::from(ds.labels()[first]));
+    assert_eq!(batches[0].labels[0], ds.labels()[first]);
     let expected: Vec<f32> = ds
         .image(first)
         .iter()

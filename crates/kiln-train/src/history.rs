@@ -29,7 +29,7 @@ pub struct EpochRecord {
     pub epoch: usize,
     /// Mean training loss over the epoch's examples.
     pub loss: f64,
-    /// Training accuracy over the epoch's examples.
+    /// Training accuracy over the epoch's examples (0 for a regression set).
     pub accuracy: f64,
     /// Validation loss, if a validation set was given.
     #[serde(skip_serializing_if = "Option::is_none", default)]

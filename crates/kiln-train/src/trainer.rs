@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kiln_core::{no_grad, Backend, DType, Error, GradStore, HostData, Result, Tensor};
-use kiln_data::{loader::assemble, DataLoader, Dataset};
+use kiln_data::{loader::assemble, Batch, DataLoader, Dataset};
 use kiln_dist::overlap::GradientSync;
 use kiln_dist::replicas;
 use kiln_nn::{Loss, Optimizer, Sequential};
@@ -289,6 +289,25 @@ impl<B: Backend> Trainer<B> {
             ));
         }
         let out = self.model.output_shape()?;
+        if let Some(target) = ds.target_shape() {
+            if self.loss != Loss::MeanSquaredError {
+                return Err(Error::invalid(format!(
+                    "dataset `{}` has value targets (regression): train with Loss::MeanSquaredError, not {:?}",
+                    ds.name(),
+                    self.loss
+                )));
+            }
+            if out != target {
+                return Err(Error::shape(
+                    "fit",
+                    format!(
+                        "model outputs {out:?} but dataset `{}` has targets of shape {target:?}",
+                        ds.name()
+                    ),
+                ));
+            }
+            return Ok(());
+        }
         if out != [ds.classes()] {
             return Err(Error::shape(
                 "fit",
@@ -302,18 +321,25 @@ impl<B: Backend> Trainer<B> {
         Ok(())
     }
 
-    /// Uploads a batch: images `[n, 1, rows, cols]` and targets (u32 labels
-    /// for cross-entropy, one-hot f32 for MSE).
-    fn upload(
-        &self,
-        images: Vec<f32>,
-        labels: Vec<u32>,
-        n: usize,
-    ) -> Result<(Tensor<B>, Tensor<B>, Vec<u32>)> {
+    /// Uploads a batch: examples `[n, …input]` and targets (u32 labels
+    /// for cross-entropy; for MSE a regression set's values, else one-hot
+    /// f32 labels).
+    fn upload(&self, batch: Batch) -> Result<(Tensor<B>, Tensor<B>, Vec<u32>)> {
+        let Batch {
+            images,
+            labels,
+            targets,
+            len: n,
+        } = batch;
         let mut dims = vec![n];
         dims.extend_from_slice(self.model.input_shape());
         let x = Tensor::from_host(HostData::F32(images), &dims, &self.backend)?;
         let y = match self.loss {
+            Loss::MeanSquaredError if !targets.is_empty() => {
+                let mut dims = vec![n];
+                dims.extend(self.model.output_shape()?);
+                Tensor::from_host(HostData::F32(targets), &dims, &self.backend)?
+            }
             Loss::CategoricalCrossEntropy => {
                 Tensor::from_host(HostData::U32(labels.clone()), &[n], &self.backend)?
             }
@@ -347,6 +373,10 @@ impl<B: Backend> Trainer<B> {
     }
 
     fn correct(out: &Tensor<B>, labels: &[u32]) -> Result<usize> {
+        if labels.is_empty() {
+            // A regression set: no classes to be right about.
+            return Ok(0);
+        }
         let pred = no_grad(|| out.argmax())?.to_vec_u32()?;
         Ok(pred.iter().zip(labels).filter(|(p, l)| p == l).count())
     }
@@ -538,6 +568,13 @@ impl<B: Backend> Trainer<B> {
         if let Some(schedule) = &cfg.lr_schedule {
             schedule.check()?;
         }
+        if cfg.augment.is_some() && train.example_shape().len() != 3 {
+            return Err(Error::invalid(format!(
+                "augmentation warps images of [channels, height, width]; dataset `{}` has examples of shape {:?}",
+                train.name(),
+                train.example_shape()
+            )));
+        }
         // Planned from the spec before the first batch is allocated.
         self.model.spec().memory(cfg.batch_size)?.check(
             self.model.name(),
@@ -635,15 +672,13 @@ impl<B: Backend> Trainer<B> {
                     trainer.interrupted(stop, train, cfg, &tally, &history, scaler)
                 };
                 // A distributed run's ranks each take a shard of the batch.
-                let (images, labels, local) = match dp {
+                let (batch, local) = match dp {
                     Some(d) => {
                         let rows = replicas::shard(n, d.rank(), d.world());
                         shard_streams(&self.model, &rng_before, &draws, 0, rows.start)?;
-                        let per = batch.images.len() / n.max(1);
-                        let images = batch.images[rows.start * per..rows.end * per].to_vec();
-                        (images, batch.labels[rows.clone()].to_vec(), rows.len())
+                        (batch.rows(rows.clone()), rows.len())
                     }
-                    None => (batch.images, batch.labels, n),
+                    None => (batch, n),
                 };
                 // The step is abandoned, before its update, at the first
                 // layer or graph node that finds the stop flag up; the ranks
@@ -658,7 +693,7 @@ impl<B: Backend> Trainer<B> {
                     // An empty shard (a last batch smaller than the world).
                     (GradStore::default(), 0.0, 0)
                 } else {
-                    let (x, y, labels) = self.upload(images, labels, local)?;
+                    let (x, y, labels) = self.upload(batch)?;
                     let Some(out) = self.outputs_until(&x, stop_mid)? else {
                         return Err(abandon(self)?);
                     };
@@ -834,10 +869,11 @@ impl<B: Backend> Trainer<B> {
         let mut tally = Tally::default();
         for chunk in order.chunks(batch_size.max(1)) {
             let b = assemble(ds, chunk);
-            let (x, y, labels) = self.upload(b.images, b.labels, b.len)?;
+            let len = b.len;
+            let (x, y, labels) = self.upload(b)?;
             let out = self.outputs(&x)?;
             let loss = f64::from(self.loss.compute(&out, &y)?.to_scalar_f32()?);
-            tally.add(loss, Self::correct(&out, &labels)?, b.len);
+            tally.add(loss, Self::correct(&out, &labels)?, len);
         }
         Ok(tally)
     }
@@ -876,12 +912,17 @@ impl<B: Backend> Trainer<B> {
         ks: &[usize],
     ) -> Result<ClassificationReport> {
         self.check_dataset(ds)?;
+        if ds.target_shape().is_some() {
+            return Err(Error::invalid(format!(
+                "dataset `{}` has value targets: a classification report needs class labels (use evaluate for its loss)",
+                ds.name()
+            )));
+        }
         let _g = kiln_core::NoGradGuard::new();
         let mut report = ClassificationReport::new(ds.name(), ds.class_names(), ks);
         let order: Vec<u32> = (0..ds.len() as u32).collect();
         for chunk in order.chunks(batch_size.max(1)) {
-            let b = assemble(ds, chunk);
-            let (x, y, labels) = self.upload(b.images, b.labels, b.len)?;
+            let (x, y, labels) = self.upload(assemble(ds, chunk))?;
             let out = self.outputs(&x)?;
             let loss = f64::from(self.loss.compute(&out, &y)?.to_scalar_f32()?);
             report.add(&out.to_vec_f32()?, &labels, loss);

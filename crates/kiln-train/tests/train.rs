@@ -646,3 +646,118 @@ fn epoch_callbacks_stop_early_and_lr_schedules_set_every_step() {
     c.lr_schedule = Some(LrSchedule::Constant(f32::NAN));
     assert!(fast().fit(&train, None, &c).is_err());
 }
+
+#[test]
+fn f32_datasets_train_regressors_and_multi_channel_classifiers() {
+    use kiln_data::Targets;
+    use kiln_nn::ActivationSpec::{Linear, Relu, Softmax};
+    let b = CpuBackend::new().unwrap();
+
+    // Regression: y = 2·x₀ − x₁ + 0.5 on 256 examples of two features.
+    let x: Vec<f32> = (0..512)
+        .map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0)
+        .collect();
+    let y: Vec<f32> = x.chunks(2).map(|p| 2.0 * p[0] - p[1] + 0.5).collect();
+    let values = Targets::Values {
+        values: y,
+        shape: vec![1],
+    };
+    let ds = Dataset::from_f32("line", x, &[2], values).unwrap();
+    let model = ModelSpec::new("reg", [2])
+        .dense(16, Relu)
+        .dense(1, Linear)
+        .build(1, &b)
+        .unwrap();
+    let mut t = Trainer::new(
+        model,
+        Box::new(Adam::new(1e-2).unwrap()),
+        Loss::MeanSquaredError,
+        b.clone(),
+    );
+    let before = t.evaluate(&ds, 64).unwrap().loss;
+    let mut c = cfg(60, 1);
+    c.batch_size = 32;
+    let h = t.fit(&ds, Some(&ds), &c).unwrap();
+    let after = t.evaluate(&ds, 256).unwrap(); // validation's batches
+    assert!(
+        after.loss < 0.01 && after.loss < before / 50.0,
+        "MSE {before} → {}",
+        after.loss
+    );
+    assert_eq!(h.epochs.last().unwrap().val_loss, Some(after.loss));
+    assert_eq!(after.accuracy, 0.0, "no classes to be right about");
+    let e = t.report(&ds, 64, &[1]).unwrap_err().to_string();
+    assert!(e.contains("value targets"), "{e}");
+    // Cross-entropy on value targets, or outputs of the wrong shape, are refused.
+    let model = ModelSpec::new("reg", [2])
+        .dense(1, Linear)
+        .build(1, &b)
+        .unwrap();
+    let t = Trainer::new(
+        model,
+        Box::new(Adam::new(1e-2).unwrap()),
+        Loss::CategoricalCrossEntropy,
+        b.clone(),
+    );
+    let e = t.evaluate(&ds, 64).unwrap_err().to_string();
+    assert!(e.contains("Loss::MeanSquaredError"), "{e}");
+    let model = ModelSpec::new("reg", [2])
+        .dense(3, Linear)
+        .build(1, &b)
+        .unwrap();
+    let t = Trainer::new(
+        model,
+        Box::new(Adam::new(1e-2).unwrap()),
+        Loss::MeanSquaredError,
+        b.clone(),
+    );
+    let e = t.evaluate(&ds, 64).unwrap_err().to_string();
+    assert!(e.contains("targets of shape [1]"), "{e}");
+
+    // Three-channel 4×4 images whose class is the bright channel.
+    let n = 90;
+    let mut pixels = vec![0.1f32; n * 3 * 16];
+    for i in 0..n {
+        for p in 0..16 {
+            pixels[i * 48 + (i % 3) * 16 + p] = 0.9;
+        }
+    }
+    let labels = (0..n as u32).map(|i| i % 3).collect();
+    let rgb = Dataset::from_f32(
+        "rgb",
+        pixels,
+        &[3, 4, 4],
+        Targets::Classes { labels, classes: 3 },
+    )
+    .unwrap();
+    let model = ModelSpec::new("rgb", [3, 4, 4])
+        .conv2d(8, 3, Relu)
+        .flatten()
+        .dense(3, Softmax)
+        .build(2, &b)
+        .unwrap();
+    let mut t = Trainer::new(
+        model,
+        Box::new(Adam::new(1e-2).unwrap()),
+        Loss::CategoricalCrossEntropy,
+        b,
+    );
+    let mut c = cfg(40, 2);
+    c.batch_size = 15;
+    t.fit(&rgb, None, &c).unwrap();
+    assert_eq!(t.evaluate(&rgb, 30).unwrap().accuracy, 1.0);
+    // Augmentation warps images only.
+    let mut c = cfg(1, 2);
+    c.augment = Some(kiln_data::Augment::keras_default(1));
+    let mut t2 = Trainer::new(
+        ModelSpec::new("reg", [2])
+            .dense(1, Linear)
+            .build(1, &CpuBackend::reference())
+            .unwrap(),
+        Box::new(Adam::new(1e-2).unwrap()),
+        Loss::MeanSquaredError,
+        CpuBackend::reference(),
+    );
+    let e = t2.fit(&ds, None, &c).unwrap_err().to_string();
+    assert!(e.contains("augmentation warps images"), "{e}");
+}

@@ -25,7 +25,7 @@ use std::sync::Mutex;
 
 use numpy::{
     AllowTypeChange, IntoPyArray, PyArrayDyn, PyArrayLike1, PyArrayLikeDyn, PyArrayMethods,
-    PyUntypedArrayMethods,
+    PyReadonlyArrayDyn, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -34,7 +34,7 @@ use pyo3::types::PyDict;
 
 use kiln_core::{Backend, HostData, Tensor};
 use kiln_cpu::CpuBackend;
-use kiln_data::{Dataset, IdxArray, Split};
+use kiln_data::{Dataset, IdxArray, Split, Targets};
 use kiln_nn::{Adam, Loss, ModelSpec, Optimizer, Sequential};
 use kiln_train::{model_file, Evaluation, FitConfig, Trainer, Verbosity};
 
@@ -83,7 +83,7 @@ impl Model {
     /// u8 `images` and integer `labels` as a dataset of this model's classes.
     fn arrays(
         &self,
-        images: PyArrayLikeDyn<'_, u8, AllowTypeChange>,
+        images: &Bound<'_, PyAny>,
         labels: PyArrayLike1<'_, i64, AllowTypeChange>,
     ) -> PyResult<Dataset> {
         dataset(images, labels, self.classes()?)
@@ -108,33 +108,34 @@ impl Model {
     }
 }
 
-/// u8 images `[n, h, w]` or `[n, 1, h, w]` and integer labels `[n]` as a
-/// dataset of `classes` classes.
+/// Images and integer labels `[n]` as a dataset of `classes` classes:
+/// uint8 images `[n, h, w]` or `[n, 1, h, w]` (scaled by 1/255, as IDX
+/// files are), or float examples `[n, …]` of the model's input shape, used
+/// as they are.
 fn dataset(
-    images: PyArrayLikeDyn<'_, u8, AllowTypeChange>,
+    images: &Bound<'_, PyAny>,
     labels: PyArrayLike1<'_, i64, AllowTypeChange>,
     classes: usize,
 ) -> PyResult<Dataset> {
-    let dims = images.shape().to_vec();
-    let (n, rows, cols) = match dims[..] {
-        [n, h, w] | [n, 1, h, w] => (n, h, w),
-        _ => {
-            return Err(fail(format!(
-                "images have shape {dims:?}: expected [n, height, width] or [n, 1, height, width] of uint8 pixels"
-            )))
+    let raw = labels.as_array();
+    // uint8 arrays as IDX images; anything else NumPy can make float32 of
+    // (lists included) as f32 examples.
+    let (bytes, floats, dims) = match images.extract::<PyReadonlyArrayDyn<'_, u8>>() {
+        Ok(b) => {
+            let dims = b.shape().to_vec();
+            (Some(b), None, dims)
+        }
+        Err(_) => {
+            let f = images.extract::<PyArrayLikeDyn<'_, f32, AllowTypeChange>>()?;
+            let dims = f.shape().to_vec();
+            (None, Some(f), dims)
         }
     };
-    let pixels: Vec<u8> = images.as_array().iter().copied().collect();
-    let raw = labels.as_array();
+    let n = dims.first().copied().unwrap_or(0);
     if raw.len() != n {
         return Err(fail(format!(
             "{} labels for {n} images: one class index per image",
             raw.len()
-        )));
-    }
-    if !(1..=256).contains(&classes) {
-        return Err(fail(format!(
-            "classes = {classes}: between 1 and 256 classes"
         )));
     }
     let mut ls = Vec::with_capacity(n);
@@ -142,20 +143,42 @@ fn dataset(
         if l < 0 || l as usize >= classes {
             return Err(fail(format!(
                 "label {l} at index {i}: class indices run from 0 to {}",
-                classes - 1
+                classes.saturating_sub(1)
             )));
         }
-        ls.push(l as u8);
+        ls.push(l as u32);
+    }
+    let Some(bytes) = bytes else {
+        let data: Vec<f32> =
+            floats.map_or_else(Vec::new, |f| f.as_array().iter().copied().collect());
+        let targets = Targets::Classes {
+            labels: ls,
+            classes,
+        };
+        return Dataset::from_f32("arrays", data, &dims[1..], targets).map_err(err);
+    };
+    let (rows, cols) = match dims[..] {
+        [_, h, w] | [_, 1, h, w] => (h, w),
+        _ => {
+            return Err(fail(format!(
+                "images have shape {dims:?}: uint8 images are [n, height, width] or [n, 1, height, width] (float arrays may have any channels)"
+            )))
+        }
+    };
+    if classes > 256 {
+        return Err(fail(format!(
+            "{classes} classes: uint8 image sets hold labels below 256; pass float images"
+        )));
     }
     Dataset::from_idx(
         "arrays",
         IdxArray {
             dims: vec![n, rows, cols],
-            data: pixels,
+            data: bytes.as_array().iter().copied().collect(),
         },
         IdxArray {
             dims: vec![n],
-            data: ls,
+            data: ls.iter().map(|&l| l as u8).collect(),
         },
         classes,
     )
@@ -253,8 +276,9 @@ impl Model {
         probs.into_pyarray(py).reshape(vec![n, classes])
     }
 
-    /// Trains on u8 `images` (`[n, h, w]` or `[n, 1, h, w]`, scaled by
-    /// 1/255 on the way in) and integer `labels` `[n]`, with Adam and
+    /// Trains on `images` — uint8 `[n, h, w]` or `[n, 1, h, w]` (scaled by
+    /// 1/255 on the way in), or float `[n, …input shape]` used as they are —
+    /// and integer `labels` `[n]`, with Adam and
     /// cross-entropy; returns the last epoch's `loss`, `accuracy` and the
     /// `seconds` all took.
     #[pyo3(signature = (images, labels, epochs=1, batch_size=128, learning_rate=1e-3, seed=1, verbose=false))]
@@ -262,7 +286,7 @@ impl Model {
     fn fit<'py>(
         &self,
         py: Python<'py>,
-        images: PyArrayLikeDyn<'py, u8, AllowTypeChange>,
+        images: &Bound<'py, PyAny>,
         labels: PyArrayLike1<'py, i64, AllowTypeChange>,
         epochs: usize,
         batch_size: usize,
@@ -274,13 +298,13 @@ impl Model {
         self.fit_dataset(py, &ds, epochs, batch_size, learning_rate, seed, verbose)
     }
 
-    /// Loss and accuracy on u8 `images` and integer `labels`, as `fit`
-    /// takes them.
+    /// Loss and accuracy on `images` and integer `labels`, as `fit` takes
+    /// them.
     #[pyo3(signature = (images, labels, batch_size=1000))]
     fn evaluate<'py>(
         &self,
         py: Python<'py>,
-        images: PyArrayLikeDyn<'py, u8, AllowTypeChange>,
+        images: &Bound<'py, PyAny>,
         labels: PyArrayLike1<'py, i64, AllowTypeChange>,
         batch_size: usize,
     ) -> PyResult<Bound<'py, PyDict>> {

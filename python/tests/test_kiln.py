@@ -127,3 +127,23 @@ def test_every_kernel_set_gives_the_same_classes(sample):
     reference = kiln.build("cnn", seed=1, kernels="scalar").predict(x[:, None])
     best = kiln.build("cnn", seed=1).predict(x[:, None])
     np.testing.assert_allclose(best, reference, atol=1e-5)
+
+
+def test_float_examples_with_three_channels_train_a_cnn(tmp_path):
+    spec = tmp_path / "rgb.toml"
+    spec.write_text(
+        'name = "rgb"\ninput = [3, 4, 4]\n'
+        '[[layers]]\ntype = "conv2d"\nfilters = 8\nkernel_size = 3\nactivation = "relu"\n'
+        '[[layers]]\ntype = "flatten"\n'
+        '[[layers]]\ntype = "dense"\nunits = 3\nactivation = "softmax"\n'
+    )
+    n = 90
+    x = np.full((n, 3, 4, 4), 0.1, np.float32)
+    y = np.arange(n) % 3
+    x[np.arange(n), y] = 0.9  # the bright channel is the class
+    model = kiln.build(str(spec), seed=2, threads=1)
+    model.fit(x, y, epochs=40, batch_size=15, learning_rate=1e-2)
+    assert model.evaluate(x, y, batch_size=30)["accuracy"] == 1.0
+    assert (model.predict(x).argmax(axis=1) == y).all()
+    with pytest.raises(kiln.KilnError, match=r"shape \[3, 4, 4\]|\[3, 4, 4\]"):
+        model.fit(np.zeros((2, 3, 5, 5), np.float32), np.array([0, 1]))

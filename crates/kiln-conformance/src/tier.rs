@@ -12,6 +12,16 @@
 //!
 //! A run covers a [`Depth`]: `edge`, `blocked` (edge and blocked, the
 //! default), `large` (the large tier alone) or `all`.
+//!
+//! ```
+//! use kiln_conformance::tier::{Depth, Sizer, Tier};
+//!
+//! assert_eq!(Depth::parse("all")?.tiers(), &Tier::ALL);
+//! assert!(Depth::parse("huge").is_err());
+//! // Sizes either side of each switch point a backend declares (here 16 and 64).
+//! assert_eq!(Sizer::near(&[16, 64], &[1]), [1, 15, 16, 17, 63, 64, 65]);
+//! # Ok::<(), String>(())
+//! ```
 
 use std::fmt;
 use std::time::Duration;

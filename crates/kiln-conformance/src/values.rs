@@ -6,6 +6,20 @@
 //! - values: ordinary ones mixed with ±0, ±1, subnormals, magnitudes from
 //!   1e-30 to 1e30, ±∞ and NaN, each rounded to the storage type first so the
 //!   oracle sees exactly what the backend sees.
+//!
+//! ```
+//! use kiln_conformance::values::shape;
+//! use proptest::strategy::{Strategy, ValueTree};
+//! use proptest::test_runner::TestRunner;
+//!
+//! // Shapes of rank ≤ 3 with extents ≤ 5, zeros and ones included.
+//! let mut runner = TestRunner::deterministic();
+//! for _ in 0..20 {
+//!     let dims = shape(3, 5).new_tree(&mut runner).unwrap().current();
+//!     assert!(dims.len() <= 3 && dims.iter().all(|&d| d <= 5));
+//! }
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use kiln_core::{Backend, DType, HostData, Layout, Result, Shape};
 use proptest::prelude::*;

@@ -29,6 +29,19 @@
 //! `η` the error of one operation whose result is subnormal ([`ETA_F32`]),
 //! and `2⁻⁵³` the f64 oracle's own rounding. An [`Bound::Abs`] bound also
 //! admits half an ulp of the storage type for the final store.
+//!
+//! ```
+//! use kiln_core::bounds::{gamma, unit_roundoff, U};
+//! use kiln_core::DType;
+//!
+//! // f32's unit roundoff is 2⁻²⁴; bf16's 2⁻⁸.
+//! assert_eq!(unit_roundoff(DType::F32), U);
+//! assert_eq!(unit_roundoff(DType::BF16), 1.0 / 256.0);
+//! // γₙ = n·u / (1 − n·u): the relative error bound of an n-term sum.
+//! let g = gamma(1000, U);
+//! assert!(g > 1000.0 * U && g < 1001.0 * U);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use crate::backend::{gelu_parts_f64, GELU_C, GELU_K2};
 use crate::{Activation, BinaryOp, DType, ReduceOp, UnaryOp};

@@ -8,6 +8,16 @@
 //! cache and fails for lack of memory first returns every cached block to
 //! the driver and tries once more. The policy is generic over
 //! [`RawMemory`], so it is tested on the CPU with a fake device.
+//!
+//! ```
+//! use kiln_cuda::alloc::{size_class, LARGE_GRANULE, SMALL_GRANULE};
+//!
+//! // Small requests round up to 512 B, large ones to 2 MiB; zero bytes still get a block.
+//! assert_eq!(size_class(0), SMALL_GRANULE);
+//! assert_eq!(size_class(1000), 1024);
+//! assert_eq!(size_class(3 << 20), 2 * LARGE_GRANULE);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

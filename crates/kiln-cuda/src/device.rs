@@ -1,5 +1,16 @@
 //! Finding GPUs, describing them, their memory, and turning driver errors
 //! into kiln errors that name the op.
+//!
+//! ```
+//! use kiln_cuda::device::{driver_present, list, no_driver};
+//!
+//! // Without an NVIDIA driver (a CI machine), every entry point says so clearly.
+//! if !driver_present() {
+//!     assert!(no_driver().to_string().contains("use --backend cpu"));
+//!     assert!(list().is_err());
+//! }
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::sync::Arc;
 

@@ -1,5 +1,15 @@
 //! The CUDA driver as a [`Launcher`]: one context and stream per device,
 //! kiln's PTX loaded into it, launches through `cuLaunchKernel`.
+//!
+//! ```
+//! use kiln_cuda::{device::driver_present, driver::Driver};
+//!
+//! // A machine without the driver gets an error, not a panic.
+//! if !driver_present() {
+//!     assert!(Driver::new(0).is_err());
+//! }
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::any::Any;
 use std::ffi::c_void;

@@ -2,6 +2,18 @@
 //! take (mirrors of the structs in `kernels/*.cuh`), kernel codes, and the
 //! launch geometry of every kernel family. Pure functions, tested on the
 //! CPU.
+//!
+//! ```
+//! use kiln_core::{Layout, Shape};
+//! use kiln_cuda::launch::Strided;
+//!
+//! // A transposed view, as the kernels' strided argument struct.
+//! let l = Layout::contiguous(Shape::new(&[2, 3])?).transpose(0, 1)?;
+//! let s = Strided::from_layout("copy", &l)?;
+//! assert!(!s.is_contiguous());
+//! assert!(Strided::from_layout("copy", &Layout::contiguous(Shape::new(&[6])?))?.is_contiguous());
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 use kiln_core::{Activation, BinaryOp, DType, Error, Layout, ReduceOp, Result, UnaryOp, Window2d};

@@ -1,4 +1,25 @@
 //! Causal multi-head self-attention, the transformer's mixing layer.
+//!
+//! ```
+//! use kiln_core::Tensor;
+//! use kiln_cpu::CpuBackend;
+//! use kiln_nn::{Initializer, LayerSpec, ModelSpec};
+//!
+//! // Causal self-attention over 4 positions of width 8, in 2 heads.
+//! let b = CpuBackend::reference();
+//! let init = Initializer::Normal { std: 0.5 };
+//! let attn = LayerSpec::Attention { heads: 2, dropout: 0.0, bias: true, kernel_init: init, proj_init: init };
+//! let model = ModelSpec::new("attn", [4, 8]).push(attn).build(1, &b)?;
+//! let x: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin()).collect();
+//! let mut later = x.clone();
+//! later[24..].iter_mut().for_each(|v| *v += 1.0); // change position 3 only
+//! let run = |v: Vec<f32>| model.forward(&Tensor::from_slice(&v, &[1, 4, 8], &b)?)?.to_vec_f32();
+//! let (y, y2) = (run(x)?, run(later)?);
+//! // Positions 0–2 cannot see position 3; position 3's output changes.
+//! assert_eq!(y[..24], y2[..24]);
+//! assert_ne!(y[24..], y2[24..]);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 

@@ -1,5 +1,24 @@
 //! The layers at a language model's two ends: token and position
 //! embeddings, and the LM head tied to the token table.
+//!
+//! ```
+//! use kiln_core::{HostData, Tensor};
+//! use kiln_cpu::CpuBackend;
+//! use kiln_nn::{Initializer, LayerSpec, ModelSpec};
+//!
+//! // Token ids → rows of a learned [vocab, dim] table, plus a learned vector per position.
+//! let b = CpuBackend::reference();
+//! let model = ModelSpec::new("emb", [5])
+//!     .push(LayerSpec::Embedding { vocab: 10, dim: 4, init: Initializer::Normal { std: 0.02 } })
+//!     .push(LayerSpec::PositionEmbedding { block: 8, init: Initializer::Zeros })
+//!     .build(1, &b)?;
+//! let ids = Tensor::from_host(HostData::U32(vec![3, 1, 4, 1, 5]), &[1, 5], &b)?;
+//! let y = model.forward(&ids)?.to_vec_f32()?;
+//! assert_eq!(y.len(), 5 * 4);
+//! // The same token gives the same row (the position vectors start at zero).
+//! assert_eq!(y[4..8], y[12..16]);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use kiln_core::{Backend, DType, Error, Result, Tensor, Var};
 

@@ -1,4 +1,18 @@
 //! `x + f(x)`: the residual connection transformer blocks are made of.
+//!
+//! ```
+//! use kiln_core::Tensor;
+//! use kiln_cpu::CpuBackend;
+//! use kiln_nn::{ActivationSpec, Initializer, LayerSpec, ModelSpec};
+//!
+//! // x + f(x): with f a Dense layer whose weights start at zero, the block is the identity.
+//! let b = CpuBackend::reference();
+//! let f = LayerSpec::Dense { units: 3, activation: ActivationSpec::Linear, kernel_init: Initializer::Zeros, bias: true };
+//! let model = ModelSpec::new("res", [3]).push(LayerSpec::Residual { layers: vec![f] }).build(1, &b)?;
+//! let x = Tensor::from_slice(&[1.0, -2.0, 3.0], &[1, 3], &b)?;
+//! assert_eq!(model.forward(&x)?.to_vec_f32()?, [1.0, -2.0, 3.0]);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use kiln_core::{Backend, Result, Tensor, Var};
 

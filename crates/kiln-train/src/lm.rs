@@ -6,6 +6,25 @@
 //! drawn from the Philox stream of `(seed, i)` ([`TextCorpus::batch`]), the
 //! rate of step `i` is the schedule's, and a checkpoint stores the weights,
 //! the optimiser's moments, the dropout streams' positions and the history.
+//!
+//! ```
+//! use kiln_cpu::CpuBackend;
+//! use kiln_data::TextCorpus;
+//! use kiln_nn::{Adam, GptConfig, Sequential};
+//! use kiln_train::{LmFitConfig, LmTrainer, Verbosity};
+//!
+//! // A tiny GPT on a tiny corpus, for a few steps: the loop, not the prose.
+//! let corpus = TextCorpus::from_text("abc", &"abcabcabd".repeat(20))?;
+//! let b = CpuBackend::reference();
+//! let cfg = GptConfig { n_layer: 1, n_head: 1, n_embd: 8, block_size: 8, ..GptConfig::char_small() };
+//! let model = Sequential::from_spec(&cfg.spec(corpus.vocab().len())?, 1, &b)?;
+//! let mut t = LmTrainer::new(model, Adam::new(1e-2)?, corpus.vocab().clone(), b)?;
+//! let fit = LmFitConfig { iters: 20, batch_size: 4, eval_every: 10, eval_iters: 2, verbosity: Verbosity::Silent, ..LmFitConfig::default() };
+//! let records = t.fit(&corpus, &fit)?;
+//! assert_eq!(records.last().map(|r| r.iter), Some(20));
+//! assert!(records[1].val_loss < records[0].val_loss + 0.5);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,15 @@
 //! Progress output: a live bar on a terminal, one line per epoch otherwise.
+//!
+//! ```
+//! use kiln_train::{FitConfig, Verbosity};
+//!
+//! // A bar on a terminal, a line per epoch otherwise (and always without the
+//! // `progress` feature); `Json` prints each epoch's record as one JSON line.
+//! assert_eq!(FitConfig::default().verbosity, Verbosity::Auto);
+//! let quiet = FitConfig { verbosity: Verbosity::Silent, ..FitConfig::default() };
+//! assert_eq!(quiet.verbosity, Verbosity::Silent);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::io::IsTerminal;
 

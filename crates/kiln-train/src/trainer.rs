@@ -51,7 +51,7 @@ pub struct FitConfig {
     /// stop it after a given step.
     pub on_step: Option<StepHook>,
     /// Called after each epoch with its record (validation included); a
-    /// [`EpochControl::Stop`] ends the run there, after the record and a
+    /// [`EpochControl::Stop`](crate::EpochControl::Stop) ends the run there, after the record and a
     /// checkpoint (if a policy is set) are written
     /// ([`crate::EarlyStopping`] is one).
     pub on_epoch: Option<crate::EpochHook>,

@@ -3,6 +3,17 @@
 //! Measurement helpers shared by the comparison binary and the criterion
 //! benches: the machine's peak FMA throughput ([`peak`]), timing by median
 //! ([`median_seconds`]), and kiln's GEMM on a given kernel set ([`KilnGemm`]).
+//!
+//! ```
+//! use kiln_bench::median_seconds;
+//!
+//! // The median of 5 timed runs, after one warm-up.
+//! let mut calls = 0;
+//! let t = median_seconds(5, || calls += 1);
+//! assert_eq!(calls, 6);
+//! assert!(t >= 0.0);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 pub mod comparators;
 pub mod peak;

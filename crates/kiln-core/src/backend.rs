@@ -9,6 +9,20 @@
 //!
 //! Each op documents its numerical contract; the `kiln-conformance` suite
 //! checks it against an f64 oracle.
+//!
+//! ```
+//! use kiln_core::{Backend, HostData, Layout, Shape, View};
+//! use kiln_cpu::CpuBackend;
+//!
+//! // Storage goes up once; every op then takes views: storage plus a layout.
+//! let b = CpuBackend::reference();
+//! let s = b.upload(&HostData::F32(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))?;
+//! // The [2, 3] matrix seen transposed, read back as the [3, 2] it shows: no copy on the way.
+//! let t = Layout::contiguous(Shape::new(&[2, 3])?).transpose(0, 1)?;
+//! let down = b.download(View { storage: &s, layout: &t })?;
+//! assert_eq!(down, HostData::F32(vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]));
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::fmt;
 

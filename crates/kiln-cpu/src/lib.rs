@@ -18,6 +18,22 @@
 //!
 //! Work is split over `KILN_THREADS` threads (default: all cores) by output
 //! rows, so results never depend on the thread count or on scheduling.
+//!
+//! ```
+//! use kiln_core::{Backend, Tensor};
+//! use kiln_cpu::CpuBackend;
+//!
+//! // The best kernel set this processor runs; threads from KILN_THREADS, else every core.
+//! let b = CpuBackend::new()?;
+//! let a = Tensor::from_slice(&[1.0, 2.0, 3.0, 4.0], &[2, 2], &b)?;
+//! assert_eq!(a.matmul(&a)?.to_vec_f32()?, [7.0, 10.0, 15.0, 22.0]);
+//! // The scalar reference set, on one thread, gives the same numbers here.
+//! let r = CpuBackend::configured(Some("scalar"), 1)?;
+//! let a = Tensor::from_slice(&[1.0, 2.0, 3.0, 4.0], &[2, 2], &r)?;
+//! assert_eq!(a.matmul(&a)?.to_vec_f32()?, [7.0, 10.0, 15.0, 22.0]);
+//! assert_eq!(r.name(), "cpu:scalar");
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 mod conv;
 mod embedding;

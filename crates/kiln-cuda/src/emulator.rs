@@ -15,6 +15,19 @@
 //! capability 8.0 (so the tensor-core GEMMs run, through software
 //! `mma.sync`, `ldmatrix` and `cp.async`) and [`EMULATED_SMS`]
 //! multiprocessors.
+//!
+//! ```no_run
+//! // Not run as a doc test: building the emulation compiles every kernel with
+//! // g++ (about a minute); kiln-cuda's tests build it once and run the whole
+//! // conformance suite on it.
+//! use kiln_core::Tensor;
+//! use kiln_cuda::CudaBackend;
+//!
+//! let gpu = CudaBackend::emulated()?; // the same backend code, kernels run on the CPU
+//! let a = Tensor::from_slice(&[1.0, 2.0, 3.0, 4.0], &[2, 2], &gpu)?;
+//! assert_eq!(a.matmul(&a)?.to_vec_f32()?, [7.0, 10.0, 15.0, 22.0]);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 use std::any::Any;
 use std::ffi::{c_char, c_void, CStr, CString};

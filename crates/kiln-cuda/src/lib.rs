@@ -20,6 +20,17 @@
 //!   `KILN_CUDA_TF32=1` (TF32 rounds the inputs to 10-bit mantissas, which
 //!   the f32 conformance bound does not allow).
 //! - **Errors** from the driver become [`kiln_core::Error`]s naming the op.
+//!
+//! ```
+//! use kiln_cuda::CudaBackend;
+//!
+//! // On a GPU machine this is the backend; without a driver (CI), a clear error.
+//! match CudaBackend::new(0) {
+//!     Ok(gpu) => println!("{gpu:?}"),
+//!     Err(e) => assert!(e.to_string().contains("CUDA"), "{e}"),
+//! }
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 pub mod alloc;
 pub mod device;

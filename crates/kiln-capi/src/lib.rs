@@ -69,7 +69,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use kiln_core::{Backend, Error, HostData, Tensor};
+use kiln_core::{Backend, Error};
 use kiln_cpu::CpuBackend;
 use kiln_data::{Dataset, IdxArray, Split};
 use kiln_nn::{Adam, Loss, ModelSpec, Optimizer, Sequential};
@@ -183,7 +183,6 @@ struct BackendState {
 
 /// What a model handle points to.
 struct ModelState {
-    backend: CpuBackend,
     /// Locked for each call; poisoned by a panic during one, and then
     /// refused.
     trainer: Mutex<Trainer<CpuBackend>>,
@@ -530,7 +529,6 @@ fn new_model(
         backend.clone(),
     );
     Ok(into_handle::<KilnModel>(ModelState {
-        backend: backend.clone(),
         trainer: Mutex::new(trainer),
     }))
 }
@@ -669,10 +667,7 @@ pub unsafe extern "C" fn kiln_model_predict(
             // SAFETY: non-null and aligned (checked); the caller promises
             // `input_len` readable floats.
             let pixels = unsafe { std::slice::from_raw_parts(input, input_len) };
-            let mut dims = vec![n];
-            dims.extend_from_slice(m.input_shape());
-            let x = Tensor::from_host(HostData::F32(pixels.to_vec()), &dims, &h.backend)?;
-            let p = m.predict(&x)?.to_vec_f32()?;
+            let p = t.predict(pixels, n)?.to_vec_f32()?;
             // SAFETY: non-null and aligned (checked); the caller promises
             // `probs_len ≥ out_len` writable floats not overlapping `input`.
             let dst = unsafe { std::slice::from_raw_parts_mut(probs, out_len) };

@@ -443,21 +443,17 @@ impl Dataset {
     pub fn take(&self, n: usize) -> Self {
         let n = n.min(self.len());
         let each: usize = self.target_shape.iter().product();
-        let (px, many) = (self.pixels(), |len: usize| len > 0);
+        // Each stored vector is empty or holds `len()` examples' worth.
+        let (px, each) = (n * self.pixels(), n * each);
         Dataset {
             name: self.name.clone(),
             shape: self.shape.clone(),
             classes: self.classes,
             n,
-            images: self.images[..if many(self.images.len()) { n * px } else { 0 }].to_vec(),
-            floats: self.floats[..if many(self.floats.len()) { n * px } else { 0 }].to_vec(),
-            labels: self.labels[..self.labels.len().min(n)].to_vec(),
-            targets: self.targets[..if many(self.targets.len()) {
-                n * each
-            } else {
-                0
-            }]
-                .to_vec(),
+            images: self.images[..px.min(self.images.len())].to_vec(),
+            floats: self.floats[..px.min(self.floats.len())].to_vec(),
+            labels: self.labels[..n.min(self.labels.len())].to_vec(),
+            targets: self.targets[..each.min(self.targets.len())].to_vec(),
             target_shape: self.target_shape.clone(),
         }
     }

@@ -189,3 +189,93 @@ fn few_row_products_give_the_packed_bits() {
         }
     }
 }
+
+/// Outputs 1–16 columns wide (a classifier's head: the narrow path for
+/// widths 1, 2, 4, 8, 9, 10 and 12, the packed driver for the others):
+/// within the bound, and bit-identical to the packed driver, which a B
+/// stored transposed always takes. Row counts with and without a partial
+/// 8-row tile, k across the KC block, A transposed (a weight gradient's
+/// `hᵀ·dy`) and B a column slice of a wider matrix (rows not `n` apart);
+/// 300 × 600 rows are split over two threads.
+#[test]
+fn narrow_outputs_match_the_oracle_and_the_packed_bits() {
+    let oracle = |a: &[f32], b: &[f32], m: usize, k: usize, n: usize| -> Vec<(f64, f64)> {
+        let mut out = Vec::with_capacity(m * n);
+        for i in 0..m {
+            for j in 0..n {
+                let (mut dot, mut mass) = (0f64, 0f64);
+                for p in 0..k {
+                    let t = f64::from(a[i * k + p]) * f64::from(b[p * n + j]);
+                    dot += t;
+                    mass += t.abs();
+                }
+                out.push((dot, mass));
+            }
+        }
+        out
+    };
+    for set in sets() {
+        let be = CpuBackend::with_kernels(set)
+            .unwrap()
+            .with_threads(2)
+            .expect("worker threads");
+        for &(m, k) in &[(8, 1), (13, 64), (69, 300), (300, 600)] {
+            for n in 1..=16 {
+                let (av, bv) = (values(3, m * k), values(4, k * n));
+                let expect = oracle(&av, &bv, m, k, n);
+                // A row-major, and the same A stored [k, m] and viewed transposed.
+                let a_rows = be.upload(&HostData::F32(av.clone())).unwrap();
+                let at: Vec<f32> = (0..k * m).map(|x| av[(x % m) * k + x / m]).collect();
+                let a_cols = be.upload(&HostData::F32(at)).unwrap();
+                let a_views = [
+                    (&a_rows, layout(&[1, m, k])),
+                    (&a_cols, layout(&[1, k, m]).transpose(1, 2).unwrap()),
+                ];
+                // B row-major; columns 3..3+n of a [k, n + 5] matrix; and
+                // stored [n, k], viewed transposed (the packed driver).
+                let b_rows = be.upload(&HostData::F32(bv.clone())).unwrap();
+                let wide: Vec<f32> = (0..k * (n + 5))
+                    .map(|x| {
+                        let (p, j) = (x / (n + 5), x % (n + 5));
+                        if (3..3 + n).contains(&j) {
+                            bv[p * n + j - 3]
+                        } else {
+                            f32::NAN
+                        }
+                    })
+                    .collect();
+                let b_wide = be.upload(&HostData::F32(wide)).unwrap();
+                let bt: Vec<f32> = (0..n * k).map(|x| bv[(x % k) * n + x / k]).collect();
+                let b_t = be.upload(&HostData::F32(bt)).unwrap();
+                let b_views = [
+                    (&b_rows, layout(&[1, k, n])),
+                    (&b_wide, layout(&[1, k, n + 5]).narrow(2, 3, n).unwrap()),
+                    (&b_t, layout(&[1, n, k]).transpose(1, 2).unwrap()),
+                ];
+                let mut results = Vec::new();
+                for (a, la) in &a_views {
+                    for (b, lb) in &b_views {
+                        let got = be
+                            .gemm(View::new(a, la), View::new(b, lb), &GemmEpilogue::default())
+                            .unwrap()
+                            .to_f32_vec();
+                        let u = 2f64.powi(-24);
+                        let gamma = k as f64 * u / (1.0 - k as f64 * u);
+                        for (e, (&g, &(dot, mass))) in got.iter().zip(&expect).enumerate() {
+                            let err = (f64::from(g) - dot).abs();
+                            assert!(
+                                err <= gamma * mass + 1e-30,
+                                "{set:?} [{m}×{k}]·[{k}×{n}] element {e}: {g} vs {dot}"
+                            );
+                        }
+                        results.push(got);
+                    }
+                }
+                assert!(
+                    results.windows(2).all(|w| w[0] == w[1]),
+                    "{set:?} [{m}×{k}]·[{k}×{n}]: the layouts give different bits"
+                );
+            }
+        }
+    }
+}

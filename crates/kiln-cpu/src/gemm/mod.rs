@@ -16,6 +16,7 @@
 //! of the number of threads.
 
 pub(crate) mod blocking;
+mod narrow;
 mod pack;
 mod rows;
 
@@ -293,6 +294,10 @@ fn product(
         rows::gemm(set, blk.kc, a, b, (m, k, n), c);
         return Ok(());
     }
+    if narrow::applies(set, n, b) {
+        narrow::gemm(set, blk.kc, a, b, (m, k, n), c, true, pool);
+        return Ok(());
+    }
     match set {
         #[cfg(target_arch = "x86_64")]
         KernelSet::Avx2 => blocked::<avx2::Avx2>(blk, a, b, m, k, n, c, true, pool),
@@ -332,6 +337,9 @@ pub(crate) fn accumulate(
         return;
     }
     let blk = blocking_of(set);
+    if narrow::applies(set, n, b) {
+        return narrow::gemm(set, blk.kc, a, b, (m, k, n), c, fresh, None);
+    }
     match set {
         #[cfg(target_arch = "x86_64")]
         KernelSet::Avx2 => blocked::<avx2::Avx2>(blk, a, b, m, k, n, c, fresh, None),

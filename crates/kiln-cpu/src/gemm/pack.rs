@@ -92,6 +92,17 @@ impl<'a> Matrix<'a> {
         }
     }
 
+    /// The same matrix from element `(rows, cols)` on.
+    pub(crate) fn shifted(&self, rows: usize, cols: usize) -> Matrix<'_> {
+        Matrix {
+            data: Cow::Borrowed(&self.data),
+            offset: self.offset + rows * self.rs + cols * self.cs,
+            rs: self.rs,
+            cs: self.cs,
+            batch_stride: self.batch_stride,
+        }
+    }
+
     /// Where element `(i, j)` lives in [`Matrix::data`].
     #[inline]
     pub(crate) fn index(&self, i: usize, j: usize) -> usize {

@@ -161,7 +161,7 @@ fn tiles(
 ) {
     // Bounds of every element the kernels read, checked once here.
     let (ad, bd) = (a.data(), b.data());
-    assert!(rows % TILE_ROWS == 0 && c.len() >= rows * n);
+    assert!(rows.is_multiple_of(TILE_ROWS) && c.len() >= rows * n);
     assert!(a.index(i0 + rows - 1, k - 1) < ad.len() && b.index(k - 1, n - 1) < bd.len());
     let vl = registers32(set);
     for t in (0..rows).step_by(TILE_ROWS) {
@@ -360,8 +360,7 @@ unsafe fn tile<const Q: usize, const R: usize>(t: &Tile) {
                 _mm256_storeu_ps(ci, v);
             }
         }
-        if R > 0 {
-            let rows_per_vector = 8 / R;
+        if let Some(rows_per_vector) = 8usize.checked_div(R) {
             for (v, acc) in shared.iter().enumerate().take(R) {
                 let mut lanes = [0f32; 8];
                 _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);

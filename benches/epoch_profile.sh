@@ -24,9 +24,9 @@ perf script -i "$tmp/perf.data" 2>/dev/null | python3 -c '
 import collections, re, sys
 # (category, pattern, matched only as the sample'"'"'s own frame)
 CATS = [
-    ("GEMM micro-kernel", r"gemm::(avx512|avx2|neon|rows|bf16)::|gemm::rows", False),
+    ("GEMM micro-kernel", r"gemm::(avx512|avx2|neon|rows|narrow|bf16)::|gemm::rows", False),
     ("GEMM packing", r"gemm::pack::", False),
-    ("GEMM output zeroing and epilogue", r"gemm::Problem|gemm::gemm\b|Workers::zeroed", False),
+    ("GEMM output zeroing and epilogue", r"gemm::Problem|gemm::gemm\b|Workers::filled", False),
     ("convolution glue (im2col, col2im, gradient routing, bias)", r"kiln_cpu::conv::", False),
     ("max-pool", r"kiln_cpu::pool::", False),
     ("optimiser (Adam)", r"adam|kiln_nn::optim", False),

@@ -39,6 +39,7 @@ mod conv;
 mod embedding;
 mod fallback;
 pub mod features;
+mod fresh;
 mod gemm;
 mod norm;
 mod pool;

@@ -80,20 +80,25 @@ pub(crate) fn gather_on(pool: &Workers, src: View<'_, HostData>) -> Result<HostD
             Ok(sub)
         })
         .collect::<Result<Vec<_>>>()?;
-    let out = pool.zeroed(l.numel(), slab, |start, part| {
+    let fill = |start: usize, part: &mut [std::mem::MaybeUninit<f32>]| {
         let mut at = 0;
         views[start / slab].for_each_run(|o, len, stride| {
             let dst = &mut part[at..at + len];
             if stride == 1 {
-                dst.copy_from_slice(&data[o..o + len]);
+                crate::fresh::copy(dst, &data[o..o + len]);
             } else {
                 for (j, v) in dst.iter_mut().enumerate() {
-                    *v = data[o + j * stride];
+                    v.write(data[o + j * stride]);
                 }
             }
             at += len;
         });
-    });
+        assert_eq!(at, part.len(), "a slab's runs cover it");
+    };
+    // SAFETY: a slab's runs cover it (asserted before the chunk is taken
+    // as written: a short cover panics, which `filled` resumes before it
+    // would set the length).
+    let out = unsafe { pool.filled(l.numel(), slab, fill) };
     Ok(HostData::F32(out))
 }
 

@@ -275,37 +275,35 @@ impl Workers {
         });
     }
 
-    /// `n` floats made by `f(start, chunk)` over chunks of `chunk` floats
-    /// spread over the team: each chunk is zeroed by the thread that then
-    /// hands it to `f`, so the fill of a fresh output is shared too, and
-    /// the chunk is in that core's cache when `f` writes it.
-    pub(crate) fn zeroed(
+    /// `n` floats written by `f(start, chunk)` over chunks of `chunk`
+    /// floats spread over the team, with no zeroing pass first: each chunk
+    /// is handed over unwritten, and is in the cache of the core that
+    /// writes it. At most `chunk` floats, or one thread, make one call on
+    /// the calling thread.
+    ///
+    /// # Safety
+    /// `f` writes every element of each chunk it is handed, before reading
+    /// it ([`crate::fresh::Slot`] loops do).
+    pub(crate) unsafe fn filled(
         &self,
         n: usize,
         chunk: usize,
-        f: impl Fn(usize, &mut [f32]) + Sync,
+        f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
     ) -> Vec<f32> {
         let chunk = chunk.max(1);
-        if n <= chunk || self.threads == 1 {
-            let mut out = vec![0f32; n];
-            f(0, &mut out);
-            return out;
-        }
         let mut out: Vec<f32> = Vec::with_capacity(n);
-        let jobs = out.spare_capacity_mut()[..n]
-            .chunks_mut(chunk)
-            .enumerate()
-            .collect();
-        self.for_each(jobs, |(i, part): (usize, &mut [MaybeUninit<f32>])| {
-            part.fill(MaybeUninit::new(0.0));
-            // SAFETY: every element of `part` was initialised just above,
-            // and `MaybeUninit<f32>` has the layout of `f32`.
-            let part = unsafe { &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32]) };
-            f(i * chunk, part);
-        });
-        // SAFETY: the chunks cover `0..n` and `for_each` ran every one of
-        // them (a task's panic is resumed before this line), so all `n`
-        // elements were initialised.
+        let spare = &mut out.spare_capacity_mut()[..n];
+        if n <= chunk || self.threads == 1 {
+            f(0, spare);
+        } else {
+            let jobs = spare.chunks_mut(chunk).enumerate().collect();
+            self.for_each(jobs, |(i, part): (usize, &mut [MaybeUninit<f32>])| {
+                f(i * chunk, part)
+            });
+        }
+        // SAFETY: the chunks cover `0..n`, every one was handed to `f`
+        // (a task's panic is resumed before this line), and `f` wrote all
+        // of its chunk (the caller's promise).
         unsafe { out.set_len(n) };
         out
     }
@@ -395,18 +393,20 @@ mod tests {
     }
 
     #[test]
-    fn zeroed_hands_each_chunk_over_once_and_zeroes_what_is_left() {
+    fn filled_hands_each_chunk_over_once() {
         for threads in [1, 2, 3] {
             let w = Workers::new(threads).unwrap();
             for (n, chunk) in [(0, 4), (5, 8), (100, 7), (64, 16), (1000, 1)] {
                 let calls = AtomicUsize::new(0);
-                let out = w.zeroed(n, chunk, |start, part| {
-                    calls.fetch_add(1, Relaxed);
-                    for (j, v) in part.iter_mut().enumerate().step_by(2) {
-                        assert_eq!(*v, 0.0, "handed over zeroed");
-                        *v = (start + j) as f32 + 1.0;
-                    }
-                });
+                // SAFETY: the closure writes every element of its chunk.
+                let out = unsafe {
+                    w.filled(n, chunk, |start, part| {
+                        calls.fetch_add(1, Relaxed);
+                        for (j, v) in part.iter_mut().enumerate() {
+                            v.write((start + j) as f32 + 1.0);
+                        }
+                    })
+                };
                 assert_eq!(out.len(), n);
                 let chunks = if n <= chunk || threads == 1 {
                     1
@@ -414,14 +414,8 @@ mod tests {
                     n.div_ceil(chunk)
                 };
                 assert_eq!(calls.load(Relaxed), chunks, "{threads}/{n}/{chunk}");
-                let cut = if chunks == 1 { n.max(1) } else { chunk };
                 for (i, &v) in out.iter().enumerate() {
-                    let want = if (i % cut) % 2 == 0 {
-                        i as f32 + 1.0
-                    } else {
-                        0.0
-                    };
-                    assert_eq!(v, want, "element {i} ({threads}/{n}/{chunk})");
+                    assert_eq!(v, i as f32 + 1.0, "element {i} ({threads}/{n}/{chunk})");
                 }
             }
         }

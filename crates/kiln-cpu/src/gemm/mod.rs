@@ -30,6 +30,7 @@ mod bf16;
 mod neon;
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use crate::workers::Workers;
 use kiln_core::{Activation, Error, GemmEpilogue, HostData, Result, View};
@@ -46,8 +47,6 @@ use pack::{pack_a, pack_b};
 const PARALLEL_MIN_WORK: usize = 1 << 20;
 /// Multiply-adds below which a batch of small products stays on one thread.
 const BATCH_MIN_WORK: usize = 1 << 18;
-/// Output elements zeroed per task before a product.
-const ZERO_PER_TASK: usize = 1 << 16;
 /// Output elements per task of the epilogue (bias, activation, `β·C₀`).
 const EPILOGUE_PER_TASK: usize = 1 << 15;
 /// The largest tile of any micro-kernel (AVX-512: 8 × 32).
@@ -258,37 +257,52 @@ pub(crate) fn gemm(
     // f32 operands are packed straight from their strided storage; f16 and
     // bf16 are widened to f32 first (exact).
     let (a32, b32) = (Matrix::batched(set, a)?, Matrix::batched(set, b)?);
-    let mut out = pool.zeroed(batch * m * n, ZERO_PER_TASK, |_, _| {});
-    if m > 0 && n > 0 {
-        let each = m * k * n;
-        if batch > 1 && each < PARALLEL_MIN_WORK && batch * each >= BATCH_MIN_WORK {
-            // A batch of small products (attention's per-head matrices):
-            // whole products per task, each on one thread.
-            let jobs = out.chunks_mut(m * n).enumerate().collect();
-            pool.map(jobs, |(p, c)| {
-                product(set, &a32.batch(p), &b32.batch(p), (m, k, n), c, None)
-            })
-            .into_iter()
-            .collect::<Result<()>>()?;
-        } else {
-            for (p, c) in out.chunks_mut(m * n).enumerate() {
-                product(set, &a32.batch(p), &b32.batch(p), (m, k, n), c, Some(pool))?;
-            }
+    if k == 0 || m == 0 || n == 0 {
+        // Empty sums (or an empty output): zeros, with no product to run.
+        let out = vec![0f32; batch * m * n];
+        return prob.finish(set, out, ep.alpha, ep.activation, Some(pool));
+    }
+    // Fresh output, not zeroed: every product path stores each element of
+    // its C (the first k block stores, later ones add), so none is read
+    // before it is written.
+    let total = batch * m * n;
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    let c_all = &mut out.spare_capacity_mut()[..total];
+    let each = m * k * n;
+    if batch > 1 && each < PARALLEL_MIN_WORK && batch * each >= BATCH_MIN_WORK {
+        // A batch of small products (attention's per-head matrices):
+        // whole products per task, each on one thread.
+        let jobs = c_all.chunks_mut(m * n).enumerate().collect();
+        pool.map(jobs, |(p, c)| {
+            product(set, &a32.batch(p), &b32.batch(p), (m, k, n), c, None)
+        })
+        .into_iter()
+        .collect::<Result<()>>()?;
+    } else {
+        for (p, c) in c_all.chunks_mut(m * n).enumerate() {
+            product(set, &a32.batch(p), &b32.batch(p), (m, k, n), c, Some(pool))?;
         }
     }
+    // SAFETY: every product returned Ok (an error returns above, leaving
+    // the vector empty), and a product with k > 0 writes all m × n
+    // elements of its C: the paths in `product` store every element in
+    // their first k block.
+    unsafe { out.set_len(total) };
     prob.finish(set, out, ep.alpha, ep.activation, Some(pool))
 }
 
 /// `c = a·b` for one product of a batch with `set`'s micro-kernel, split
-/// among `pool`'s threads when given and worth it.
+/// among `pool`'s threads when given and worth it; `k > 0`, and `c` (fresh)
+/// is written whole before any of it is read.
 fn product(
     set: KernelSet,
     a: &Matrix<'_>,
     b: &Matrix<'_>,
     (m, k, n): (usize, usize, usize),
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     pool: Option<&Workers>,
 ) -> Result<()> {
+    debug_assert!(k > 0);
     let blk = blocking_of(set);
     if rows::applies(set, m, b) {
         rows::gemm(set, blk.kc, a, b, (m, k, n), c);
@@ -333,10 +347,12 @@ pub(crate) fn accumulate(
     if fresh && k == 0 {
         c[..m * n].fill(0.0);
     }
-    if m == 0 || n == 0 {
+    if m == 0 || n == 0 || k == 0 {
         return;
     }
     let blk = blocking_of(set);
+    // SAFETY: the paths below write only computed values into C.
+    let c = unsafe { crate::fresh::as_slots(c) };
     if narrow::applies(set, n, b) {
         return narrow::gemm(set, blk.kc, a, b, (m, k, n), c, fresh, None);
     }
@@ -351,6 +367,8 @@ pub(crate) fn accumulate(
         KernelSet::Neon => blocked::<neon::Neon>(blk, a, b, m, k, n, c, fresh, None),
         _ => {
             // The scalar set never gets here; be correct anyway.
+            // SAFETY: the caller's C is initialised (`as_slots` above).
+            let c = unsafe { crate::fresh::assume_written(c) };
             for i in 0..m {
                 for j in 0..n {
                     let mut acc = 0f32;
@@ -389,7 +407,7 @@ fn blocked<K: MicroKernel>(
     m: usize,
     k: usize,
     n: usize,
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     fresh: bool,
     pool: Option<&Workers>,
 ) {
@@ -424,7 +442,7 @@ fn blocked<K: MicroKernel>(
                     pool.filter(|_| m > K::MR),
                 );
                 let b_packed = &*b_packed;
-                let task = |(block, rows): (usize, &mut [f32])| {
+                let task = |(block, rows): (usize, &mut [MaybeUninit<f32>])| {
                     let (ic, mcb) = (block * mc, rows.len() / n);
                     // Direct mode packs only a partial last panel of rows.
                     let full = if direct { mcb / K::MR * K::MR } else { 0 };
@@ -461,7 +479,7 @@ fn blocked<K: MicroKernel>(
                                             rsa,
                                             csa,
                                             b_panel.as_ptr(),
-                                            c_tile.as_mut_ptr(),
+                                            c_tile.as_mut_ptr().cast::<f32>(),
                                             n,
                                             add,
                                         )
@@ -483,11 +501,14 @@ fn blocked<K: MicroKernel>(
                                     let row = &mut rows[(ir + i) * n + jc + jr..][..nr];
                                     let part = &tile[i * K::NR..i * K::NR + nr];
                                     if add {
+                                        // SAFETY: `add` means an earlier k
+                                        // block (or the caller) wrote C.
+                                        let row = unsafe { crate::fresh::assume_written(row) };
                                         for (cv, &t) in row.iter_mut().zip(part) {
                                             *cv += t;
                                         }
                                     } else {
-                                        row.copy_from_slice(part);
+                                        crate::fresh::copy(row, part);
                                     }
                                 }
                             }

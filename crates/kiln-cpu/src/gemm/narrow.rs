@@ -26,6 +26,8 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use std::mem::MaybeUninit;
+
 use super::pack::Matrix;
 use super::rows;
 use super::PARALLEL_MIN_WORK;
@@ -75,13 +77,13 @@ pub(crate) fn gemm(
     a: &Matrix<'_>,
     b: &Matrix<'_>,
     (m, k, n): (usize, usize, usize),
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     fresh: bool,
     pool: Option<&Workers>,
 ) {
     debug_assert!(applies(set, n, b) && c.len() >= m * n);
     let threads = pool.map_or(1, Workers::threads);
-    let run = |(block, rows): (usize, &mut [f32])| {
+    let run = |(block, rows): (usize, &mut [MaybeUninit<f32>])| {
         let i0 = block * rows_per_task(m, threads);
         rows_block(set, kc_block, a, b, i0, rows.len() / n, k, n, rows, fresh);
     };
@@ -110,13 +112,13 @@ fn rows_block(
     mb: usize,
     k: usize,
     n: usize,
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     fresh: bool,
 ) {
     let whole = mb / TILE_ROWS * TILE_ROWS;
     if k == 0 {
         if fresh {
-            c[..mb * n].fill(0.0);
+            crate::fresh::zeros(&mut c[..mb * n]);
         }
         return;
     }
@@ -133,11 +135,15 @@ fn rows_block(
             rows::gemm(set, kc_block, &tail, b, (r, k, n), rest);
         } else {
             // Each KC block's sums added into C in turn, as the tiles do.
+            // SAFETY: not fresh: the caller's C holds values.
+            let rest = unsafe { crate::fresh::assume_written(rest) };
             let mut block = vec![0f32; rest.len()];
             for pc in (0..k).step_by(kc_block) {
                 let kc = kc_block.min(k - pc);
                 let (ta, tb) = (a.shifted(i0 + whole, pc), b.shifted(pc, 0));
-                rows::gemm(set, kc_block, &ta, &tb, (r, kc, n), &mut block);
+                // SAFETY: the rows path writes only computed values.
+                let slots = unsafe { crate::fresh::as_slots(&mut block) };
+                rows::gemm(set, kc_block, &ta, &tb, (r, kc, n), slots);
                 rest.iter_mut().zip(&block).for_each(|(c, t)| *c += t);
             }
         }
@@ -156,7 +162,7 @@ fn tiles(
     rows: usize,
     k: usize,
     n: usize,
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     fresh: bool,
 ) {
     // Bounds of every element the kernels read, checked once here.
@@ -170,7 +176,7 @@ fn tiles(
             let add = !(fresh && pc == 0);
             let ap = ad[a.index(i0 + t, pc)..].as_ptr();
             let bp = bd[b.index(pc, 0)..].as_ptr();
-            let cp = c[t * n..].as_mut_ptr();
+            let cp = c[t * n..].as_mut_ptr().cast::<f32>();
             let args = Tile {
                 kc,
                 a: ap,

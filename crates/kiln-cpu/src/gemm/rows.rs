@@ -7,6 +7,8 @@
 //! fused multiply-add per element, in blocks of the set's `KC` added into C — the
 //! packed kernel's order exactly, so the two paths give the same bits.
 
+use std::mem::MaybeUninit;
+
 use super::pack::Matrix;
 use crate::vector::wide;
 use crate::KernelSet;
@@ -16,7 +18,7 @@ pub(crate) const MAX_ROWS: usize = 4;
 
 /// `c = a·b` for `m ≤ MAX_ROWS` rows of `a` (`m × k`, any strides) and a
 /// `b` (`k × n`) whose rows are contiguous (column stride 1), into the
-/// row-major `m × n` slice `c`.
+/// row-major `m × n` slice `c` (fresh: each row is zeroed, then summed).
 #[inline(always)]
 fn rows_loop(
     kc_block: usize,
@@ -25,12 +27,12 @@ fn rows_loop(
     m: usize,
     k: usize,
     n: usize,
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
 ) {
     let bd = b.data();
     let mut block = vec![0f32; n];
     for (i, row) in c.chunks_mut(n).take(m).enumerate() {
-        row.fill(0.0);
+        let row = crate::fresh::zeros(row);
         for pc in (0..k).step_by(kc_block) {
             let kc = kc_block.min(k - pc);
             // The first block stores, later ones add, as the packed driver.
@@ -57,7 +59,7 @@ fn rows_loop(
 
 wide::per_set! {
     /// [`rows_loop`] compiled for the kernel set.
-    fn rows(kc_block: usize, a: &Matrix<'_>, b: &Matrix<'_>, m: usize, k: usize, n: usize, c: &mut [f32]) -> () = rows_loop;
+    fn rows(kc_block: usize, a: &Matrix<'_>, b: &Matrix<'_>, m: usize, k: usize, n: usize, c: &mut [MaybeUninit<f32>]) -> () = rows_loop;
 }
 
 /// Whether a product of `m` rows with `b` takes this path.
@@ -72,7 +74,7 @@ pub(crate) fn gemm(
     a: &Matrix<'_>,
     b: &Matrix<'_>,
     (m, k, n): (usize, usize, usize),
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
 ) {
     rows(set, kc, a, b, m, k, n, c);
 }

@@ -10,6 +10,7 @@
 //! compute, so mixed-precision training runs on the vector paths too.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use kiln_core::{BinaryOp, DType, HostData, ReduceOp, UnaryOp, View};
 
@@ -139,9 +140,16 @@ fn transcendental(set: KernelSet, op: UnaryOp) -> Option<MapKernel> {
 
 /// Runs `kernel` over `x` into `out` (of `x`'s length).
 fn apply(kernel: MapKernel, x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len(), "a vector kernel's input and output");
     // SAFETY: kernels come from `transcendental` for a set that was checked
     // against this processor when its backend was built.
     unsafe { kernel(x, out) };
+}
+
+/// [`apply`] into a fresh chunk: the vector kernels write whole vectors of
+/// `f32`, so the chunk is zeroed first.
+fn apply_fresh(kernel: MapKernel, x: &[f32], out: &mut [MaybeUninit<f32>]) {
+    apply(kernel, x, crate::fresh::zeros(out));
 }
 
 /// Elements per task when an elementwise op is spread over the workers:
@@ -152,9 +160,18 @@ const ELEMENTS_PER_TASK: usize = 1 << 15;
 /// out.len()`: in tasks of about [`ELEMENTS_PER_TASK`] elements, cut at
 /// multiples of `align`, over `pool`'s threads when that makes more than
 /// one. Each element is computed the same way whatever the cut.
-fn fill(pool: &Workers, n: usize, align: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+///
+/// Every caller's `f` writes its whole chunk: a `wide` loop (which checks
+/// that its inputs cover the output) or [`apply_fresh`].
+fn fill(
+    pool: &Workers,
+    n: usize,
+    align: usize,
+    f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
     let align = align.max(1);
-    pool.zeroed(n, ELEMENTS_PER_TASK.div_ceil(align) * align, f)
+    // SAFETY: `f` writes every element of its chunk (above).
+    unsafe { pool.filled(n, ELEMENTS_PER_TASK.div_ceil(align) * align, f) }
 }
 
 /// Expands `$body` once per variant of `$op`, with `$k` a constant equal to
@@ -181,7 +198,9 @@ pub(crate) fn unary(
     let xs = &xs[..];
     let n = xs.len();
     let out = match transcendental(set, op) {
-        Some(kernel) => fill(pool, n, 1, |i, o| apply(kernel, &xs[i..i + o.len()], o)),
+        Some(kernel) => fill(pool, n, 1, |i, o| {
+            apply_fresh(kernel, &xs[i..i + o.len()], o)
+        }),
         None if op == UnaryOp::Gelu => {
             let sigmoid = transcendental(set, UnaryOp::Sigmoid)?;
             fill(pool, n, 1, |i, o| {

@@ -9,26 +9,50 @@
 
 use kiln_core::{bf16, AdamStep, HostData, Result, SgdStep};
 
+use crate::fresh::Slot;
 use crate::KernelSet;
 
+// Each loop writes every element of `out` (its inputs are checked to be
+// at least as long): what `Workers::filled` relies on.
+
 #[inline(always)]
-fn map_loop(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
+fn map_loop(x: &[f32], out: &mut [impl Slot], f: impl Fn(f32) -> f32) {
+    assert!(
+        x.len() >= out.len(),
+        "map: {} inputs for {} outputs",
+        x.len(),
+        out.len()
+    );
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = f(v);
+        o.put(f(v));
     }
 }
 
 #[inline(always)]
-fn zip_loop(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32) {
+fn zip_loop(a: &[f32], b: &[f32], out: &mut [impl Slot], f: impl Fn(f32, f32) -> f32) {
+    assert!(
+        a.len().min(b.len()) >= out.len(),
+        "zip: inputs shorter than the output"
+    );
     for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-        *o = f(x, y);
+        o.put(f(x, y));
     }
 }
 
 #[inline(always)]
-fn zip3_loop(a: &[f32], b: &[f32], c: &[f32], out: &mut [f32], f: impl Fn(f32, f32, f32) -> f32) {
+fn zip3_loop(
+    a: &[f32],
+    b: &[f32],
+    c: &[f32],
+    out: &mut [impl Slot],
+    f: impl Fn(f32, f32, f32) -> f32,
+) {
+    assert!(
+        a.len().min(b.len()).min(c.len()) >= out.len(),
+        "zip3: inputs shorter than the output"
+    );
     for (((o, &x), &y), &z) in out.iter_mut().zip(a).zip(b).zip(c) {
-        *o = f(x, y, z);
+        o.put(f(x, y, z));
     }
 }
 
@@ -73,21 +97,25 @@ pub(crate) use per_set;
 
 per_set! {
     /// `out[i] = f(x[i])`.
-    fn map(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) -> () = map_loop;
+    fn map(x: &[f32], out: &mut [impl Slot], f: impl Fn(f32) -> f32) -> () = map_loop;
 }
 
 per_set! {
     /// `out[i] = f(a[i], b[i])`.
-    fn zip(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32) -> () = zip_loop;
+    fn zip(a: &[f32], b: &[f32], out: &mut [impl Slot], f: impl Fn(f32, f32) -> f32) -> () = zip_loop;
 }
 
 per_set! {
     /// `out[i] = f(a[i], b[i], c[i])`.
-    fn zip3(a: &[f32], b: &[f32], c: &[f32], out: &mut [f32], f: impl Fn(f32, f32, f32) -> f32) -> () = zip3_loop;
+    fn zip3(a: &[f32], b: &[f32], c: &[f32], out: &mut [impl Slot], f: impl Fn(f32, f32, f32) -> f32) -> () = zip3_loop;
 }
 
 #[inline(always)]
-fn zip_rows_loop(a: &[f32], row: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32) {
+fn zip_rows_loop(a: &[f32], row: &[f32], out: &mut [impl Slot], f: impl Fn(f32, f32) -> f32) {
+    assert!(
+        a.len() >= out.len() && (out.is_empty() || !row.is_empty()),
+        "zip_rows: short inputs"
+    );
     let len = row.len().max(1);
     for (o, chunk) in out.chunks_mut(len).zip(a.chunks(len)) {
         zip_loop(chunk, row, o, &f);
@@ -95,8 +123,18 @@ fn zip_rows_loop(a: &[f32], row: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -
 }
 
 #[inline(always)]
-fn zip_cols_loop(a: &[f32], col: &[f32], run: usize, out: &mut [f32], f: impl Fn(f32, f32) -> f32) {
+fn zip_cols_loop(
+    a: &[f32],
+    col: &[f32],
+    run: usize,
+    out: &mut [impl Slot],
+    f: impl Fn(f32, f32) -> f32,
+) {
     let run = run.max(1);
+    assert!(
+        a.len() >= out.len() && col.len() >= out.len().div_ceil(run),
+        "zip_cols: short inputs"
+    );
     for ((o, chunk), &y) in out.chunks_mut(run).zip(a.chunks(run)).zip(col) {
         map_loop(chunk, o, |x| f(x, y));
     }
@@ -253,13 +291,13 @@ per_set! {
 per_set! {
     /// `out[i] = f(a[i], row[i mod row.len()])`: `row` repeated along `a`,
     /// whose length is a multiple of it.
-    fn zip_rows(a: &[f32], row: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32) -> () = zip_rows_loop;
+    fn zip_rows(a: &[f32], row: &[f32], out: &mut [impl Slot], f: impl Fn(f32, f32) -> f32) -> () = zip_rows_loop;
 }
 
 per_set! {
     /// `out[i] = f(a[i], col[i / run])`: `a` against one value per run of
     /// `run` elements (an operand broadcast along its trailing axes).
-    fn zip_cols(a: &[f32], col: &[f32], run: usize, out: &mut [f32], f: impl Fn(f32, f32) -> f32) -> () = zip_cols_loop;
+    fn zip_cols(a: &[f32], col: &[f32], run: usize, out: &mut [impl Slot], f: impl Fn(f32, f32) -> f32) -> () = zip_cols_loop;
 }
 
 per_set! {

@@ -1097,13 +1097,14 @@ fn run_eval<B: Backend>(a: EvalArgs, backend: B) -> Result<()> {
     let report = trainer.report(&ds, a.batch_size, &[1, 3, 5])?;
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "{} (model `{name}`) on {}: loss {:.4} accuracy {:.2}% ({} examples, {:.0} images/s)\n",
+        "{} (model `{name}`) on {}: loss {:.4} accuracy {:.2}% ({} examples, {:.0} images/s; forward passes alone {:.0} images/s)\n",
         path.display(),
         ds.name(),
         report.loss,
         100.0 * report.accuracy(),
         report.examples,
-        report.examples as f64 / secs.max(1e-9)
+        report.examples as f64 / secs.max(1e-9),
+        report.examples as f64 / report.forward_seconds.max(1e-9)
     );
     print!("{}", report.render());
     let dir = match &a.out {

@@ -82,12 +82,17 @@ fn train_then_eval_on_the_bundled_sample() {
     assert!(o.status.success(), "{}", stderr(&o));
     let s = stdout(&o);
     assert!(
-        s.contains("accuracy") && s.contains("macro avg") && s.contains("confusion matrix"),
+        s.contains("accuracy")
+            && s.contains("forward passes alone")
+            && s.contains("macro avg")
+            && s.contains("confusion matrix"),
         "{s}"
     );
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["examples"], 2000);
+    let forward = report["forward_seconds"].as_f64().unwrap();
+    assert!(forward > 0.0 && forward < 60.0, "{forward}");
     assert_eq!(report["confusion"].as_array().unwrap().len(), 10);
     assert_eq!(report["per_class"].as_array().unwrap().len(), 10);
 }

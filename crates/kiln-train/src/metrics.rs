@@ -33,6 +33,13 @@ pub struct ClassificationReport {
     pub confusion: Vec<Vec<u64>>,
     /// `(k, fraction)`: how often the label is among the `k` most probable classes.
     pub top_k: Vec<(usize, f64)>,
+    /// Seconds the model's forward passes took, up to the device's results
+    /// being ready ([`crate::Trainer::report`] measures them; 0 for a
+    /// report built by hand). The rest of an evaluation — batches of bytes
+    /// made f32, the loss, this report's counts — is not in it, so
+    /// `examples / forward_seconds` is the model's own inference rate.
+    #[serde(default)]
+    pub forward_seconds: f64,
 }
 
 /// Precision, recall and F1 of one class (or their macro average).
@@ -59,6 +66,7 @@ impl ClassificationReport {
             loss: 0.0,
             confusion: vec![vec![0; c]; c],
             top_k: ks.iter().map(|&k| (k, 0.0)).collect(),
+            forward_seconds: 0.0,
         }
     }
 
@@ -158,6 +166,7 @@ impl ClassificationReport {
             "examples": self.examples,
             "loss": self.loss,
             "accuracy": self.accuracy(),
+            "forward_seconds": self.forward_seconds,
             "top_k": self.top_k.iter().map(|(k, v)| serde_json::json!({"k": k, "accuracy": v})).collect::<Vec<_>>(),
             "per_class": per_class.iter().map(|(n, s)| serde_json::json!({"class": n, "precision": s.precision, "recall": s.recall, "f1": s.f1, "support": s.support})).collect::<Vec<_>>(),
             "macro": self.macro_average(),

@@ -923,7 +923,11 @@ impl<B: Backend> Trainer<B> {
         let order: Vec<u32> = (0..ds.len() as u32).collect();
         for chunk in order.chunks(batch_size.max(1)) {
             let (x, y, labels) = self.upload(assemble(ds, chunk))?;
+            self.backend.synchronize()?;
+            let start = std::time::Instant::now();
             let out = self.outputs(&x)?;
+            self.backend.synchronize()?;
+            report.forward_seconds += start.elapsed().as_secs_f64();
             let loss = f64::from(self.loss.compute(&out, &y)?.to_scalar_f32()?);
             report.add(&out.to_vec_f32()?, &labels, loss);
         }

@@ -83,9 +83,17 @@ pub(crate) fn gemm(
 ) {
     debug_assert!(applies(set, n, b) && c.len() >= m * n);
     let threads = pool.map_or(1, Workers::threads);
+    let product = Product {
+        set,
+        kc_block,
+        a,
+        b,
+        k,
+        n,
+        fresh,
+    };
     let run = |(block, rows): (usize, &mut [MaybeUninit<f32>])| {
-        let i0 = block * rows_per_task(m, threads);
-        rows_block(set, kc_block, a, b, i0, rows.len() / n, k, n, rows, fresh);
+        product.rows(block * rows_per_task(m, threads), rows.len() / n, rows);
     };
     let per_task = rows_per_task(m, threads) * n;
     match pool.filter(|_| threads > 1 && m * k * n >= PARALLEL_MIN_WORK && m > TILE_ROWS) {
@@ -101,104 +109,112 @@ fn rows_per_task(m: usize, threads: usize) -> usize {
         .max(TILE_ROWS)
 }
 
-/// Rows `i0..i0+mb` of C into `c` (`mb` rows of `n`).
-#[allow(clippy::too_many_arguments)]
-fn rows_block(
+/// One product's operands: `C (+)= A·B` over `k` steps in blocks of
+/// `kc_block`, C `n` wide.
+struct Product<'p, 'a> {
     set: KernelSet,
     kc_block: usize,
-    a: &Matrix<'_>,
-    b: &Matrix<'_>,
-    i0: usize,
-    mb: usize,
+    a: &'p Matrix<'a>,
+    b: &'p Matrix<'a>,
     k: usize,
     n: usize,
-    c: &mut [MaybeUninit<f32>],
     fresh: bool,
-) {
-    let whole = mb / TILE_ROWS * TILE_ROWS;
-    if k == 0 {
-        if fresh {
-            crate::fresh::zeros(&mut c[..mb * n]);
+}
+
+impl Product<'_, '_> {
+    /// Rows `i0..i0+mb` of C into `c` (`mb` rows of `n`).
+    fn rows(&self, i0: usize, mb: usize, c: &mut [MaybeUninit<f32>]) {
+        let Product {
+            set,
+            kc_block,
+            a,
+            b,
+            k,
+            n,
+            fresh,
+        } = *self;
+        let whole = mb / TILE_ROWS * TILE_ROWS;
+        if k == 0 {
+            if fresh {
+                crate::fresh::zeros(&mut c[..mb * n]);
+            }
+            return;
         }
-        return;
-    }
-    if whole > 0 {
-        #[cfg(target_arch = "x86_64")]
-        tiles(set, kc_block, a, b, i0, whole, k, n, c, fresh);
-    }
-    if whole < mb {
-        // At most 7 rows left: the few-rows path, whose order is the same.
-        let rest = &mut c[whole * n..mb * n];
-        let r = mb - whole;
-        if fresh {
-            let tail = a.shifted(i0 + whole, 0);
-            rows::gemm(set, kc_block, &tail, b, (r, k, n), rest);
-        } else {
-            // Each KC block's sums added into C in turn, as the tiles do.
-            // SAFETY: not fresh: the caller's C holds values.
-            let rest = unsafe { crate::fresh::assume_written(rest) };
-            let mut block = vec![0f32; rest.len()];
-            for pc in (0..k).step_by(kc_block) {
-                let kc = kc_block.min(k - pc);
-                let (ta, tb) = (a.shifted(i0 + whole, pc), b.shifted(pc, 0));
-                // SAFETY: the rows path writes only computed values.
-                let slots = unsafe { crate::fresh::as_slots(&mut block) };
-                rows::gemm(set, kc_block, &ta, &tb, (r, kc, n), slots);
-                rest.iter_mut().zip(&block).for_each(|(c, t)| *c += t);
+        if whole > 0 {
+            #[cfg(target_arch = "x86_64")]
+            self.tiles(i0, whole, c);
+        }
+        if whole < mb {
+            // At most 7 rows left: the few-rows path, whose order is the same.
+            let rest = &mut c[whole * n..mb * n];
+            let r = mb - whole;
+            if fresh {
+                let tail = a.shifted(i0 + whole, 0);
+                rows::gemm(set, kc_block, &tail, b, (r, k, n), rest);
+            } else {
+                // Each KC block's sums added into C in turn, as the tiles do.
+                // SAFETY: not fresh: the caller's C holds values.
+                let rest = unsafe { crate::fresh::assume_written(rest) };
+                let mut block = vec![0f32; rest.len()];
+                for pc in (0..k).step_by(kc_block) {
+                    let kc = kc_block.min(k - pc);
+                    let (ta, tb) = (a.shifted(i0 + whole, pc), b.shifted(pc, 0));
+                    // SAFETY: the rows path writes only computed values.
+                    let slots = unsafe { crate::fresh::as_slots(&mut block) };
+                    rows::gemm(set, kc_block, &ta, &tb, (r, kc, n), slots);
+                    rest.iter_mut().zip(&block).for_each(|(c, t)| *c += t);
+                }
             }
         }
     }
-}
 
-/// `rows` (a multiple of [`TILE_ROWS`]) rows of C from row `i0` of A.
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-fn tiles(
-    set: KernelSet,
-    kc_block: usize,
-    a: &Matrix<'_>,
-    b: &Matrix<'_>,
-    i0: usize,
-    rows: usize,
-    k: usize,
-    n: usize,
-    c: &mut [MaybeUninit<f32>],
-    fresh: bool,
-) {
-    // Bounds of every element the kernels read, checked once here.
-    let (ad, bd) = (a.data(), b.data());
-    assert!(rows.is_multiple_of(TILE_ROWS) && c.len() >= rows * n);
-    assert!(a.index(i0 + rows - 1, k - 1) < ad.len() && b.index(k - 1, n - 1) < bd.len());
-    let vl = registers32(set);
-    for t in (0..rows).step_by(TILE_ROWS) {
-        for pc in (0..k).step_by(kc_block) {
-            let kc = kc_block.min(k - pc);
-            let add = !(fresh && pc == 0);
-            let ap = ad[a.index(i0 + t, pc)..].as_ptr();
-            let bp = bd[b.index(pc, 0)..].as_ptr();
-            let cp = c[t * n..].as_mut_ptr().cast::<f32>();
-            let args = Tile {
-                kc,
-                a: ap,
-                rsa: a.rs(),
-                csa: a.cs(),
-                b: bp,
-                ldb: b.rs(),
-                c: cp,
-                ldc: n,
-                add,
-            };
-            // SAFETY: AVX2 and FMA were checked when the backend was
-            // built (`set` is Avx2 or Avx512, which includes them), and
-            // AVX-512F with VL by `registers32`; A's 8 × kc block, B's kc rows of n and
-            // C's 8 rows of n are inside their buffers (the asserts above:
-            // the strides are non-negative, so the last element bounds
-            // them all).
-            unsafe {
-                if vl {
-                    by_width_vl(n, &args)
-                } else {
-                    by_width(n, &args)
+    /// `rows` (a multiple of [`TILE_ROWS`]) rows of C from row `i0` of A.
+    #[cfg(target_arch = "x86_64")]
+    fn tiles(&self, i0: usize, rows: usize, c: &mut [MaybeUninit<f32>]) {
+        let Product {
+            set,
+            kc_block,
+            a,
+            b,
+            k,
+            n,
+            fresh,
+        } = *self;
+        // Bounds of every element the kernels read, checked once here.
+        let (ad, bd) = (a.data(), b.data());
+        assert!(rows.is_multiple_of(TILE_ROWS) && c.len() >= rows * n);
+        assert!(a.index(i0 + rows - 1, k - 1) < ad.len() && b.index(k - 1, n - 1) < bd.len());
+        let vl = registers32(set);
+        for t in (0..rows).step_by(TILE_ROWS) {
+            for pc in (0..k).step_by(kc_block) {
+                let kc = kc_block.min(k - pc);
+                let add = !(fresh && pc == 0);
+                let ap = ad[a.index(i0 + t, pc)..].as_ptr();
+                let bp = bd[b.index(pc, 0)..].as_ptr();
+                let cp = c[t * n..].as_mut_ptr().cast::<f32>();
+                let args = Tile {
+                    kc,
+                    a: ap,
+                    rsa: a.rs(),
+                    csa: a.cs(),
+                    b: bp,
+                    ldb: b.rs(),
+                    c: cp,
+                    ldc: n,
+                    add,
+                };
+                // SAFETY: AVX2 and FMA were checked when the backend was
+                // built (`set` is Avx2 or Avx512, which includes them), and
+                // AVX-512F with VL by `registers32`; A's 8 × kc block, B's kc rows of n and
+                // C's 8 rows of n are inside their buffers (the asserts above:
+                // the strides are non-negative, so the last element bounds
+                // them all).
+                unsafe {
+                    if vl {
+                        by_width_vl(n, &args)
+                    } else {
+                        by_width(n, &args)
+                    }
                 }
             }
         }

@@ -311,13 +311,17 @@ unsafe fn spread<const R: usize>(bc: &[__m256; 4]) -> [__m256; 2] {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn repeat<const R: usize>(b: *const f32) -> __m256 {
-    // SAFETY: b points at R readable floats; none of these loads needs
-    // alignment.
+    // SAFETY: b points at R readable floats (any alignment: the loads
+    // below are unaligned ones, and the compiler folds each into one
+    // broadcast from memory).
     unsafe {
         match R {
-            4 => _mm256_broadcast_ps(&*(b as *const __m128)),
-            2 => _mm256_castpd_ps(_mm256_broadcast_sd(&*(b as *const f64))),
-            _ => _mm256_broadcast_ss(&*b),
+            4 => {
+                let four = _mm_loadu_ps(b);
+                _mm256_set_m128(four, four)
+            }
+            2 => _mm256_castpd_ps(_mm256_set1_pd(b.cast::<f64>().read_unaligned())),
+            _ => _mm256_set1_ps(b.read()),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The ops the worker threads split — elementwise maps over many tasks,
 //! broadcast rows and columns cut at whole rows, gradients, batches of
-//! small products — give the same bits on 1, 2 and 3 threads, on every
+//! small products, Adam's update — give the same bits on 1, 2 and 3 threads, on every
 //! SIMD set this processor has.
 
 use kiln_core::{Activation, Backend, ReduceOp, Result, Tensor, UnaryOp, View};
@@ -22,6 +22,27 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
             (h >> 8) as f32 / (1u32 << 24) as f32 * 6.0 - 3.0
         })
         .collect()
+}
+
+/// Three AdamW steps on `n` parameters (split over the workers past 32k):
+/// the parameters and both moments afterwards.
+fn adam_steps(b: &CpuBackend, n: usize) -> Result<[Vec<f32>; 3]> {
+    let up = |v: Vec<f32>| b.upload(&kiln_core::HostData::F32(v));
+    let (mut p, mut m, mut v) = (up(values(n, 9))?, up(vec![0.0; n])?, up(vec![0.0; n])?);
+    for step in 1..=3 {
+        let g = up(values(n, 10 + step as u32))?;
+        let s = kiln_core::AdamStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            decoupled: true,
+            step,
+        };
+        b.adam_update(&mut p, &g, &mut m, &mut v, &s)?;
+    }
+    Ok([p.to_f32_vec(), m.to_f32_vec(), v.to_f32_vec()])
 }
 
 /// Every split op's output on backend `b`, as bits.
@@ -50,7 +71,11 @@ fn outputs(b: &CpuBackend) -> Result<Vec<Vec<u32>>> {
     // thread count), k past one k block, a bias and ReLU epilogue.
     let a = Tensor::from_slice(&values(517 * 300, 7), &[517, 300], b)?;
     let product = a.linear(&x.narrow(0, 0, 300)?, Some(&row), Activation::Relu)?;
+    let [p, m, v] = adam_steps(b, rows * cols)?;
     let all = [
+        p,
+        m,
+        v,
         gelu.to_vec_f32()?,
         stored(dgelu)?,
         stored(dtanh)?,
@@ -113,5 +138,13 @@ fn split_ops_match_the_reference_loops_in_f32() {
             x.add(&row).unwrap().relu().unwrap().to_vec_f32().unwrap()
         };
         assert_eq!(on(&b), on(&reference), "{set:?}");
+        // Adam's update, split over three threads: sqrt and division are
+        // correctly rounded, so the set's loop is the reference's.
+        let n = 100_003;
+        assert_eq!(
+            adam_steps(&b, n).unwrap(),
+            adam_steps(&reference, n).unwrap(),
+            "{set:?}: Adam"
+        );
     }
 }

@@ -51,28 +51,68 @@ pub(crate) fn sgd(
     }
 }
 
-/// Adam / AdamW (Keras' ε placement); inlined so `vector::wide::run` can
-/// compile it for a SIMD set.
-#[inline(always)]
-pub(crate) fn adam(
-    param: &mut HostData,
-    grad: &HostData,
-    m: &mut HostData,
-    v: &mut HostData,
+/// Adam / AdamW (Keras' ε placement): one step's constants — the step's
+/// hyper-parameters and the schedule derived from them (validated by
+/// `kiln_core::OptimizerPlan`).
+#[derive(Clone, Copy)]
+pub(crate) struct AdamConstants {
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    lr_t: f32,
+    decay: f32,
+    l2: f32,
+}
+
+/// The update's operands as f32 slices of one length, checked.
+#[allow(clippy::type_complexity)]
+pub(crate) fn adam_operands<'a>(
+    param: &'a mut HostData,
+    grad: &'a HostData,
+    m: &'a mut HostData,
+    v: &'a mut HostData,
     s: &AdamStep,
-) -> Result<()> {
+) -> Result<(
+    &'a mut [f32],
+    &'a [f32],
+    &'a mut [f32],
+    &'a mut [f32],
+    AdamConstants,
+)> {
     let (_, kiln_core::AdamSchedule { lr_t, decay, l2 }) =
         kiln_core::OptimizerPlan::adam(&*param, grad, &*m, &*v, s)?;
-    let p = f32_mut("adam_update", param)?;
-    let g = f32_ref("adam_update", grad)?;
-    let m = f32_mut("adam_update", m)?;
-    let v = f32_mut("adam_update", v)?;
+    let k = AdamConstants {
+        beta1: s.beta1,
+        beta2: s.beta2,
+        eps: s.eps,
+        lr_t,
+        decay,
+        l2,
+    };
+    Ok((
+        f32_mut("adam_update", param)?,
+        f32_ref("adam_update", grad)?,
+        f32_mut("adam_update", m)?,
+        f32_mut("adam_update", v)?,
+        k,
+    ))
+}
+
+/// The update over slices of one length (each element on its own, so any
+/// split of the slices gives the same bits).
+#[inline(always)]
+pub(crate) fn adam_slices(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    k: &AdamConstants,
+) {
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        *p -= decay * *p;
-        let g = g + l2 * *p;
-        *m = s.beta1 * *m + (1.0 - s.beta1) * g;
-        *v = s.beta2 * *v + (1.0 - s.beta2) * g * g;
-        *p -= lr_t * *m / (v.sqrt() + s.eps);
+        *p -= k.decay * *p;
+        let g = g + k.l2 * *p;
+        *m = k.beta1 * *m + (1.0 - k.beta1) * g;
+        *v = k.beta2 * *v + (1.0 - k.beta2) * g * g;
+        *p -= k.lr_t * *m / (v.sqrt() + k.eps);
     }
-    Ok(())
 }

@@ -7,7 +7,7 @@
 //! reference's. On aarch64 NEON is part of the baseline ISA: the plain loop
 //! already is NEON code.
 
-use kiln_core::{bf16, AdamStep, HostData, Result, SgdStep};
+use kiln_core::{bf16, HostData, Result, SgdStep};
 
 use crate::fresh::Slot;
 use crate::KernelSet;
@@ -323,16 +323,16 @@ per_set! {
 }
 
 per_set! {
-    /// The reference Adam step ([`crate::reference::optim::adam`]); sqrt and
+    /// The reference Adam step ([`crate::reference::optim::adam_slices`]); sqrt and
     /// division are correctly rounded, so the result is bitwise the
     /// reference's.
     fn adam(
-        param: &mut HostData,
-        grad: &HostData,
-        m: &mut HostData,
-        v: &mut HostData,
-        step: &AdamStep
-    ) -> Result<()> = crate::reference::optim::adam;
+        p: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        k: &crate::reference::optim::AdamConstants
+    ) -> () = crate::reference::optim::adam_slices;
 }
 
 per_set! {

@@ -207,14 +207,20 @@ pub(crate) fn conv2d(
         .map(|b| convert::read_f32(set, "conv2d", b))
         .transpose()?;
     let (patch, cells) = (g.patch(), g.cells());
-    let mut out = vec![0f32; n * o * cells];
-    if out.is_empty() {
-        return convert::store_f32(set, "conv2d", dtype, out);
+    let total = n * o * cells;
+    if total == 0 {
+        return convert::store_f32(set, "conv2d", dtype, Vec::new());
     }
+    // A fresh output, each image's part zeroed by the thread that fills it.
+    let mut out: Vec<f32> = Vec::with_capacity(total);
     let filters = Matrix::from_slice(&ws, 0, patch, 1);
     pool.for_each(
-        out.chunks_mut(o * cells).enumerate().collect(),
+        out.spare_capacity_mut()[..total]
+            .chunks_mut(o * cells)
+            .enumerate()
+            .collect(),
         |(img, y)| {
+            let y = crate::fresh::zeros(y);
             crate::scratch::sized(patch * cells, |cols| {
                 g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
                 let b = Matrix::from_slice(cols, 0, cells, 1);
@@ -223,6 +229,10 @@ pub(crate) fn conv2d(
             })
         },
     );
+    // SAFETY: the chunks cover `0..total` (whole images), `for_each` ran
+    // every one (a panic is resumed before this line), and each task zeroed
+    // its chunk first thing.
+    unsafe { out.set_len(total) };
     convert::store_f32(set, "conv2d", dtype, out)
 }
 
@@ -381,19 +391,23 @@ pub(crate) fn conv2d_pool(
         .map(|b| convert::read_f32(set, "conv2d_pool", b))
         .transpose()?;
     let (patch, cells, pcells) = (g.patch(), g.cells(), ph * pw);
-    let mut pooled = vec![0f32; n * o * pcells];
-    let mut argmax = vec![0u32; n * o * pcells];
-    if pooled.is_empty() {
+    let total = n * o * pcells;
+    if total == 0 {
         return Ok((
-            convert::store_f32(set, "conv2d_pool", dtype, pooled)?,
-            HostData::U32(argmax),
+            convert::store_f32(set, "conv2d_pool", dtype, Vec::new())?,
+            HostData::U32(Vec::new()),
         ));
     }
+    // Fresh outputs, each image's part zeroed by the thread that fills it
+    // (in its cache) rather than all of it on this one first.
+    let mut pooled: Vec<f32> = Vec::with_capacity(total);
+    let mut argmax: Vec<u32> = Vec::with_capacity(total);
     let filters = Matrix::from_slice(&ws, 0, patch, 1);
-    let images = pooled
+    let images = pooled.spare_capacity_mut()[..total]
         .chunks_mut(o * pcells)
-        .zip(argmax.chunks_mut(o * pcells));
+        .zip(argmax.spare_capacity_mut()[..total].chunks_mut(o * pcells));
     pool.for_each(images.enumerate().collect(), |(img, (p, a))| {
+        let (p, a) = (crate::fresh::zeros(p), crate::fresh::filled_with(a, 0u32));
         crate::scratch::sized(patch * cells, |cols| {
             crate::scratch::sized(o * cells, |y| {
                 g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
@@ -409,6 +423,13 @@ pub(crate) fn conv2d_pool(
             })
         })
     });
+    // SAFETY: the chunks cover `0..total` (whole images of `o · pcells`),
+    // `for_each` ran every one (a task's panic is resumed before this
+    // line), and each task filled its chunks first thing.
+    unsafe {
+        pooled.set_len(total);
+        argmax.set_len(total);
+    }
     Ok((
         convert::store_f32(set, "conv2d_pool", dtype, pooled)?,
         HostData::U32(argmax),

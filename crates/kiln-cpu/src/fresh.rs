@@ -33,10 +33,16 @@ impl Slot for MaybeUninit<f32> {
 /// Fills `s` with zeros and returns it initialised.
 #[inline]
 pub(crate) fn zeros(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
-    s.fill(MaybeUninit::new(0.0));
-    // SAFETY: every element was just written, and `MaybeUninit<f32>` has
-    // the layout of `f32`.
-    unsafe { assume_written(s) }
+    filled_with(s, 0.0)
+}
+
+/// Fills `s` with `v` and returns it initialised.
+#[inline]
+pub(crate) fn filled_with<T: Copy>(s: &mut [MaybeUninit<T>], v: T) -> &mut [T] {
+    s.fill(MaybeUninit::new(v));
+    // SAFETY: every element was just written, and `MaybeUninit<T>` has
+    // the layout of `T`.
+    unsafe { &mut *(s as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
 /// `s` as the floats it holds.

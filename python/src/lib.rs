@@ -309,9 +309,6 @@ impl Model {
         batch_size: usize,
     ) -> PyResult<Bound<'py, PyDict>> {
         let ds = self.arrays(images, labels)?;
-        if batch_size == 0 {
-            return Err(fail("batch_size 0: evaluate at least one example per pass"));
-        }
         let e = py.detach(|| self.with(|t| t.evaluate(&ds, batch_size).map_err(err)))?;
         evaluation_dict(py, &e)
     }
@@ -366,16 +363,7 @@ impl Model {
         seed: u64,
         verbose: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
-        if epochs == 0 || batch_size == 0 {
-            return Err(fail(format!(
-                "epochs = {epochs}, batch_size = {batch_size}: both must be at least 1"
-            )));
-        }
-        if !(learning_rate.is_finite() && learning_rate > 0.0) {
-            return Err(fail(format!(
-                "learning_rate = {learning_rate}: expected a finite rate above 0 (1e-3 is usual)"
-            )));
-        }
+        kiln_nn::optim::check_lr(learning_rate).map_err(err)?;
         let cfg = FitConfig {
             epochs,
             batch_size,
@@ -387,6 +375,8 @@ impl Model {
             },
             ..FitConfig::default()
         };
+        // Checked before the learning rate is set: a refused call changes nothing.
+        cfg.check().map_err(err)?;
         let history = py.detach(|| {
             self.with(|t| {
                 t.optimizer_mut().set_lr(learning_rate);

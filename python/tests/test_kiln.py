@@ -102,7 +102,7 @@ def test_errors_are_kiln_errors_with_clear_messages(trained, sample, tmp_path):
         model.evaluate(images[:3], labels[:2])
     with pytest.raises(kiln.KilnError, match="epochs = 0"):
         model.fit(images[:2], labels[:2], epochs=0)
-    with pytest.raises(kiln.KilnError, match="learning_rate = NaN"):
+    with pytest.raises(kiln.KilnError, match="learning rate NaN"):
         model.fit(images[:2], labels[:2], learning_rate=float("nan"))
     with pytest.raises(kiln.KilnError, match="unknown model `nope`"):
         kiln.build("nope")

@@ -851,24 +851,7 @@ pub unsafe extern "C" fn kiln_model_fit(
         if !result.is_null() {
             check_ptr(result, "result")?;
         }
-        if o.epochs == 0 || o.batch_size == 0 {
-            return Err(Failure(
-                KilnStatus::Invalid,
-                format!(
-                    "epochs = {}, batch_size = {}: both must be at least 1",
-                    o.epochs, o.batch_size
-                ),
-            ));
-        }
-        if !(o.learning_rate.is_finite() && o.learning_rate > 0.0) {
-            return Err(Failure(
-                KilnStatus::Invalid,
-                format!(
-                    "learning_rate = {}: expected a finite rate above 0 (1e-3 is usual)",
-                    o.learning_rate
-                ),
-            ));
-        }
+        kiln_nn::optim::check_lr(o.learning_rate as f32)?;
         let cfg = FitConfig {
             epochs: o.epochs as usize,
             batch_size: o.batch_size as usize,
@@ -881,6 +864,8 @@ pub unsafe extern "C" fn kiln_model_fit(
             },
             ..FitConfig::default()
         };
+        // Checked before the learning rate is set: a refused call changes nothing.
+        cfg.check()?;
         // A panic poisons the lock (the weights may be half updated).
         let history = with_trainer(h, |t| {
             t.optimizer_mut().set_lr(o.learning_rate as f32);

@@ -84,12 +84,20 @@ pub trait Optimizer<B: Backend>: Send {
     fn describe(&self) -> String;
 }
 
-fn check_lr(lr: f32) -> Result<()> {
+/// Checks a learning rate: finite and above 0. Every optimiser's
+/// constructor and the bindings' `fit` use this one rule and message.
+///
+/// ```
+/// assert!(kiln_nn::optim::check_lr(1e-3).is_ok());
+/// let e = kiln_nn::optim::check_lr(f32::NAN).unwrap_err().to_string();
+/// assert!(e.contains("learning rate NaN"), "{e}");
+/// ```
+pub fn check_lr(lr: f32) -> Result<()> {
     if lr.is_finite() && lr > 0.0 {
         Ok(())
     } else {
         Err(Error::invalid(format!(
-            "learning rate must be positive and finite, got {lr}"
+            "learning rate {lr}: expected a finite rate above 0 (1e-3 is usual)"
         )))
     }
 }

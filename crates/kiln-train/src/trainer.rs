@@ -174,6 +174,32 @@ impl Default for FitConfig {
     }
 }
 
+impl FitConfig {
+    /// Checks the numbers a run needs: at least one epoch, at least one
+    /// example a step, and the LR schedule's own numbers. [`Trainer::fit`]
+    /// calls it first; the C and Python bindings rely on it.
+    ///
+    /// ```
+    /// use kiln_train::FitConfig;
+    ///
+    /// assert!(FitConfig::default().check().is_ok());
+    /// let e = FitConfig { epochs: 0, ..FitConfig::default() }.check().unwrap_err();
+    /// assert!(e.to_string().contains("epochs = 0"), "{e}");
+    /// ```
+    pub fn check(&self) -> Result<()> {
+        if self.epochs == 0 || self.batch_size == 0 {
+            return Err(Error::invalid(format!(
+                "epochs = {}, batch_size = {}: both must be at least 1",
+                self.epochs, self.batch_size
+            )));
+        }
+        if let Some(schedule) = &self.lr_schedule {
+            schedule.check()?;
+        }
+        Ok(())
+    }
+}
+
 /// Loss and accuracy over a dataset.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Evaluation {
@@ -562,12 +588,7 @@ impl<B: Backend> Trainer<B> {
                 train.name()
             )));
         }
-        if cfg.batch_size == 0 {
-            return Err(Error::invalid("batch size must be at least 1"));
-        }
-        if let Some(schedule) = &cfg.lr_schedule {
-            schedule.check()?;
-        }
+        cfg.check()?;
         if cfg.augment.is_some() && train.example_shape().len() != 3 {
             return Err(Error::invalid(format!(
                 "augmentation warps images of [channels, height, width]; dataset `{}` has examples of shape {:?}",
@@ -848,6 +869,11 @@ impl<B: Backend> Trainer<B> {
 
     /// Mean loss and accuracy over `ds`, without recording any graph.
     pub fn evaluate(&self, ds: &Dataset, batch_size: usize) -> Result<Evaluation> {
+        if batch_size == 0 {
+            return Err(Error::invalid(
+                "batch size 0: evaluate at least one example per pass",
+            ));
+        }
         let tally = self.tally(ds, 0..ds.len(), batch_size)?;
         Ok(Evaluation {
             loss: tally.loss(),

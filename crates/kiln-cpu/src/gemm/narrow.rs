@@ -92,10 +92,11 @@ pub(crate) fn gemm(
         n,
         fresh,
     };
+    let task_rows = rows_per_task(m, threads);
     let run = |(block, rows): (usize, &mut [MaybeUninit<f32>])| {
-        product.rows(block * rows_per_task(m, threads), rows.len() / n, rows);
+        product.rows(block * task_rows, rows.len() / n, rows);
     };
-    let per_task = rows_per_task(m, threads) * n;
+    let per_task = task_rows * n;
     match pool.filter(|_| threads > 1 && m * k * n >= PARALLEL_MIN_WORK && m > TILE_ROWS) {
         Some(pool) => pool.for_each(c[..m * n].chunks_mut(per_task).enumerate().collect(), run),
         None => c[..m * n].chunks_mut(per_task).enumerate().for_each(run),

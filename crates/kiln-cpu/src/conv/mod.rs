@@ -10,7 +10,10 @@
 //!
 //! Images are split over the worker pool; the filter gradient sums fixed
 //! groups of [`GROUP`] images and then the groups in order, so every result
-//! is independent of the thread count.
+//! is independent of the thread count. Behind a max-pool, the filter
+//! gradient skips the cells the pool routed nothing to ([`routed`]).
+
+mod routed;
 
 use crate::workers::Workers;
 use kiln_core::conv::{conv2d_backward_data_shape, conv2d_backward_filter_shape, conv2d_output};
@@ -97,6 +100,39 @@ impl Geometry {
                 dst[j1..].fill(0.0);
             } else {
                 for (j, d) in dst.iter_mut().enumerate() {
+                    *d = source(j, dj, sw, pl, w).map_or(0.0, |x| src[x]);
+                }
+            }
+        });
+    }
+
+    /// Fills `cols_t` (`cells × patch`): the transpose of [`Self::im2col`]'s
+    /// matrix, the patch each output cell reads in one row.
+    fn im2col_t(&self, image: &[f32], cols_t: &mut [f32]) {
+        let (w, ow, patch) = (self.w, self.ow, self.patch());
+        let (sw, pl) = (self.win.stride[1], self.win.padding[2]);
+        self.rows(|r, i, dj, y| {
+            let row = &mut cols_t[i * ow * patch..][..ow * patch];
+            let dst = row.iter_mut().skip(r).step_by(patch);
+            let Some(y) = y else {
+                dst.for_each(|d| *d = 0.0);
+                return;
+            };
+            let src = &image[y * w..][..w];
+            if sw == 1 {
+                // Zeros left of j0 and from j1, the input row in between.
+                let (j0, j1) = self.inside(dj);
+                let mut dst = dst;
+                dst.by_ref().take(j0).for_each(|d| *d = 0.0);
+                if j1 > j0 {
+                    let inside = &src[j0 + dj - pl..j1 + dj - pl];
+                    // The shorter side first: zip stops without taking
+                    // one more slot from `dst`.
+                    inside.iter().zip(dst.by_ref()).for_each(|(&s, d)| *d = s);
+                }
+                dst.for_each(|d| *d = 0.0);
+            } else {
+                for (j, d) in dst.enumerate() {
                     *d = source(j, dj, sw, pl, w).map_or(0.0, |x| src[x]);
                 }
             }
@@ -493,29 +529,21 @@ pub(crate) fn conv2d_pool_backward(
         )));
     }
     let (patch, cells, pcells) = (g.patch(), g.cells(), pdims[2] * pdims[3]);
-    // The convolution output's gradient for one image, into `dz`: one loop
-    // per activation, so the derivative is inlined.
-    let route = |img: usize, dz: &mut [f32]| {
-        dz.fill(0.0);
+    // One image's routed gradients: `dpooled` times the activation's
+    // derivative at the pooled value, one loop per activation so the
+    // derivative is inlined.
+    let derivatives = |img: usize, d: &mut [f32]| {
         let k0 = img * o * pcells;
-        let (ys, gs, at) = (
-            &ys[k0..][..o * pcells],
-            &gs[k0..][..o * pcells],
-            &at[k0..][..o * pcells],
-        );
+        let (ys, gs) = (&ys[k0..][..o * pcells], &gs[k0..][..o * pcells]);
         macro_rules! each {
             ($($act:ident),*) => {
                 match activation {
                     $(Activation::$act => {
-                        for (p, plane) in dz.chunks_exact_mut(cells).enumerate() {
-                            let r = p * pcells..(p + 1) * pcells;
-                            for ((&y, &g), &a) in ys[r.clone()].iter().zip(&gs[r.clone()]).zip(&at[r]) {
-                                let d = match Activation::$act.as_unary() {
-                                    Some(u) => crate::reference::elementwise::backward_f32(u, 0.0, y, g),
-                                    None => g,
-                                };
-                                plane[a as usize] += d;
-                            }
+                        for ((d, &y), &g) in d.iter_mut().zip(ys).zip(gs) {
+                            *d = match Activation::$act.as_unary() {
+                                Some(u) => crate::reference::elementwise::backward_f32(u, 0.0, y, g),
+                                None => g,
+                            };
                         }
                     })*
                 }
@@ -524,34 +552,52 @@ pub(crate) fn conv2d_pool_backward(
         each!(None, Relu, Sigmoid, Tanh);
     };
     let filters_t = Matrix::from_slice(&ws, 0, 1, patch);
+    let ldw = routed::padded(patch);
     let group = |first: usize, dx: Option<&mut [f32]>| {
-        let mut dw = vec![0f32; o * patch];
+        let mut dw = vec![0f32; o * ldw];
         let mut db = vec![0f32; o];
-        let mut cols = vec![0f32; patch * cells];
-        let mut dz = vec![0f32; o * cells];
         let mut dx = dx;
-        for img in first..(first + GROUP).min(n) {
-            route(img, &mut dz);
-            g.im2col(&xs[img * c * h * w..][..c * h * w], &mut cols);
-            let grad = Matrix::from_slice(&dz, 0, cells, 1);
-            let cols_t = Matrix::from_slice(&cols, 0, 1, cells);
-            accumulate(
-                set,
-                &grad,
-                &cols_t,
-                (o, cells, patch),
-                &mut dw,
-                img == first,
-            );
-            for (b, row) in db.iter_mut().zip(dz.chunks_exact(cells.max(1))) {
-                *b += crate::vector::wide::sum(set, row);
-            }
-            if let Some(dx) = dx.as_deref_mut() {
-                let image = &mut dx[(img - first) * c * h * w..][..c * h * w];
-                accumulate(set, &filters_t, &grad, (patch, o, cells), &mut cols, true);
-                g.col2im(&cols, image);
-            }
-        }
+        crate::scratch::sized(cells * patch + routed::slack(patch), |cols_t| {
+            // Read into the padding columns of `dw` only; zeros all the same.
+            cols_t[cells * patch..].fill(0.0);
+            crate::scratch::sized(o * pcells, |d| {
+                for img in first..(first + GROUP).min(n) {
+                    derivatives(img, d);
+                    for (b, row) in db.iter_mut().zip(d.chunks_exact(pcells.max(1))) {
+                        *b += crate::vector::wide::sum(set, row);
+                    }
+                    let at = &at[img * o * pcells..][..o * pcells];
+                    g.im2col_t(&xs[img * c * h * w..][..c * h * w], cols_t);
+                    routed::filter(set, cols_t, patch, d, at, pcells, &mut dw);
+                    if let Some(dx) = dx.as_deref_mut() {
+                        // The input gradient from the dense routed gradient:
+                        // dcols = Wᵀ·dz, then col2im.
+                        let image = &mut dx[(img - first) * c * h * w..][..c * h * w];
+                        crate::scratch::sized(o * cells, |dz| {
+                            dz.fill(0.0);
+                            let planes = dz
+                                .chunks_exact_mut(cells.max(1))
+                                .zip(d.chunks_exact(pcells.max(1)));
+                            for ((plane, d), at) in planes.zip(at.chunks_exact(pcells.max(1))) {
+                                for (&d, &a) in d.iter().zip(at) {
+                                    plane[a as usize] += d;
+                                }
+                            }
+                            crate::scratch::sized(patch * cells, |cols| {
+                                let grad = Matrix::from_slice(dz, 0, cells, 1);
+                                accumulate(set, &filters_t, &grad, (patch, o, cells), cols, true);
+                                g.col2im(cols, image);
+                            })
+                        });
+                    }
+                }
+            })
+        });
+        let dw: Vec<f32> = dw
+            .chunks_exact(ldw.max(1))
+            .flat_map(|row| &row[..patch])
+            .copied()
+            .collect();
         (dw, db)
     };
     let firsts: Vec<usize> = (0..n).step_by(GROUP).collect();

@@ -1,0 +1,211 @@
+//! The filter gradient of a convolution followed by max-pooling, from the
+//! pooled gradient alone.
+//!
+//! Max-pooling routes each pooled cell's gradient to one cell of the
+//! convolution's output (its argmax); every other cell of that output's
+//! gradient is zero. The dense product `dW += dz·colsᵀ` spends three of
+//! every four multiply-adds of a 2×2 pool on those zeros, after zeroing,
+//! filling and packing `dz` (86 KB an image for the seed CNN). Here each
+//! routed gradient `d` adds `d` times the patch its cell read — the cell's
+//! row of the transposed im2col matrix `colsᵀ` — to its output channel's
+//! row of the filter gradient:
+//!
+//! ```text
+//! dW[oc, :] += d[oc, p] · colsᵀ[argmax[oc, p], :]    for p = 0, 1, … in order
+//! ```
+//!
+//! [`LANES`] columns of the patch at a time, with the accumulators of
+//! [`BLOCK`] output channels in registers. Each element of `dW` is one
+//! chain of fused multiply-adds in pooled-cell order, so the result does
+//! not depend on the kernel set's vector width or on the thread count.
+
+use crate::vector::wide::per_set;
+use crate::KernelSet;
+
+/// Patch columns per accumulator: one AVX-512 vector, two AVX2 ones, four
+/// NEON ones.
+pub(super) const LANES: usize = 16;
+
+/// Output channels whose accumulators are live at once: independent
+/// chains that hide the fused multiply-add's latency.
+const BLOCK: usize = 4;
+
+/// The row length of the padded filter gradient [`filter`] accumulates
+/// into: `patch` rounded up to whole [`LANES`].
+pub(super) fn padded(patch: usize) -> usize {
+    patch.div_ceil(LANES) * LANES
+}
+
+/// The slack `colsᵀ` needs past its last row: [`filter`] reads whole
+/// [`LANES`] from each row's start, past the row's end on its last chunk
+/// (what it reads there lands in the padding columns of `dW`).
+pub(super) fn slack(patch: usize) -> usize {
+    padded(patch)
+}
+
+/// `Q` output channels from `oc`, patch columns `c0..c0 + LANES`.
+///
+/// # Safety
+/// Every row `at[k]` of `cols_t` has at least `c0 + LANES` floats from its
+/// start (`at[k]·patch + c0 + LANES ≤ cols_t.len()`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn channels<const Q: usize>(
+    cols_t: &[f32],
+    patch: usize,
+    routed: &[f32],
+    at: &[u32],
+    pcells: usize,
+    dw: &mut [f32],
+    ldw: usize,
+    (oc, c0): (usize, usize),
+) {
+    let mut acc = [[0f32; LANES]; Q];
+    for (q, a) in acc.iter_mut().enumerate() {
+        a.copy_from_slice(&dw[(oc + q) * ldw + c0..][..LANES]);
+    }
+    let rows: [(&[f32], &[u32]); Q] = std::array::from_fn(|q| {
+        let r = (oc + q) * pcells..(oc + q + 1) * pcells;
+        (&routed[r.clone()], &at[r])
+    });
+    let base = cols_t.as_ptr().wrapping_add(c0);
+    for p in 0..pcells {
+        for (a, (d, at)) in acc.iter_mut().zip(&rows) {
+            // SAFETY: the caller's contract, for row at[p].
+            let src: [f32; LANES] =
+                unsafe { std::ptr::read_unaligned(base.add(at[p] as usize * patch).cast()) };
+            let d = d[p];
+            for (v, s) in a.iter_mut().zip(src) {
+                *v = d.mul_add(s, *v);
+            }
+        }
+    }
+    for (q, a) in acc.iter().enumerate() {
+        dw[(oc + q) * ldw + c0..][..LANES].copy_from_slice(a);
+    }
+}
+
+#[inline(always)]
+fn filter_loop(
+    cols_t: &[f32],
+    patch: usize,
+    routed: &[f32],
+    at: &[u32],
+    pcells: usize,
+    dw: &mut [f32],
+) {
+    let ldw = padded(patch);
+    let o = dw.len() / ldw.max(1);
+    assert!(
+        dw.len() == o * ldw && routed.len() == o * pcells && at.len() == o * pcells,
+        "routed filter gradient: {} gradients and {} indices for {o} channels of {pcells} cells",
+        routed.len(),
+        at.len()
+    );
+    // What `channels` relies on to read whole LANES from any routed row.
+    let last = at.iter().copied().max().map_or(0, |a| a as usize);
+    assert!(
+        at.is_empty() || cols_t.len() >= last * patch + ldw,
+        "routed filter gradient: cell {last} is past the {} rows of {patch} (and the slack) given",
+        cols_t.len() / patch.max(1)
+    );
+    for c0 in (0..ldw).step_by(LANES) {
+        let mut oc = 0;
+        while oc + BLOCK <= o {
+            let args = (oc, c0);
+            // SAFETY: checked above: every routed row has `ldw` ≥ c0 + LANES
+            // floats from its start.
+            unsafe { channels::<BLOCK>(cols_t, patch, routed, at, pcells, dw, ldw, args) };
+            oc += BLOCK;
+        }
+        for oc in oc..o {
+            // SAFETY: as above.
+            unsafe { channels::<1>(cols_t, patch, routed, at, pcells, dw, ldw, (oc, c0)) };
+        }
+    }
+}
+
+per_set! {
+    /// Adds one image's routed gradients to the filter gradient `dw`
+    /// (`o` rows of [`padded`]`(patch)`, the columns past `patch` junk):
+    /// `routed` and `at` hold each channel's `pcells` gradients and the
+    /// convolution-output cells they were routed to (checked to be rows of
+    /// `cols_t`), and `cols_t` the image's transposed im2col matrix,
+    /// `patch` floats a row, with [`slack`] floats after its last row.
+    fn filter(cols_t: &[f32], patch: usize, routed: &[f32], at: &[u32], pcells: usize, dw: &mut [f32]) -> () = filter_loop;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every set against the dense sum, at patch widths around [`LANES`]
+    /// and channel counts around [`BLOCK`], with repeated argmaxes.
+    #[test]
+    fn routed_sums_match_the_dense_product_on_every_set() {
+        let cells = 23;
+        for patch in [1, 9, 15, 16, 17, 40] {
+            for o in [1, 3, 4, 5, 9] {
+                let pcells = 7;
+                let ldw = padded(patch);
+                let mut cols_t: Vec<f32> = (0..cells * patch + slack(patch))
+                    .map(|i| ((i * 7919) % 61) as f32 / 8.0 - 3.0)
+                    .collect();
+                // The slack is read but lands in the padding: poison it.
+                cols_t[cells * patch..].fill(f32::NAN);
+                let at: Vec<u32> = (0..o * pcells).map(|k| ((k * 5) % cells) as u32).collect();
+                let routed: Vec<f32> = (0..o * pcells)
+                    .map(|k| (k % 11) as f32 / 4.0 - 1.0)
+                    .collect();
+                let mut want = vec![0f64; o * patch];
+                for oc in 0..o {
+                    for p in 0..pcells {
+                        let k = oc * pcells + p;
+                        for r in 0..patch {
+                            let x = cols_t[at[k] as usize * patch + r];
+                            want[oc * patch + r] += f64::from(routed[k]) * f64::from(x);
+                        }
+                    }
+                }
+                for set in KernelSet::ALL.into_iter().filter(|s| s.available()) {
+                    let mut dw = vec![0f32; o * ldw];
+                    filter(set, &cols_t, patch, &routed, &at, pcells, &mut dw);
+                    for oc in 0..o {
+                        for r in 0..patch {
+                            // Quarter-integers times eighth-integers, few
+                            // terms: every partial sum is exact.
+                            assert_eq!(
+                                f64::from(dw[oc * ldw + r]),
+                                want[oc * patch + r],
+                                "{set:?}: patch {patch}, {o} channels, ({oc}, {r})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "routed filter gradient")]
+    fn mismatched_lengths_are_refused() {
+        let mut dw = vec![0f32; 2 * padded(9)];
+        filter(
+            KernelSet::Scalar,
+            &[0.0; 64],
+            9,
+            &[1.0; 3],
+            &[0; 3],
+            2,
+            &mut dw,
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "past the 7 rows")]
+    fn a_cell_past_the_matrix_is_refused_before_any_read() {
+        let mut dw = vec![0f32; padded(9)];
+        // Row 6 is the last whole row, but its 16 floats run past the end.
+        filter(KernelSet::best(), &[0.0; 64], 9, &[1.0], &[6], 1, &mut dw);
+    }
+}

@@ -619,3 +619,53 @@ pub(crate) fn conv2d_pool_backward(
         convert::store_f32(set, op, dtype, db)?,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The transposed patch matrix is im2col's, transposed, for windows
+    /// inside, across and wider than the input, at strides 1 to 3.
+    #[test]
+    fn transposed_im2col_is_the_transpose_of_im2col() {
+        for (c, h, w) in [(1, 6, 7), (2, 5, 4), (1, 2, 2), (3, 3, 1)] {
+            for kernel in [[1, 1], [3, 3], [2, 4], [3, 5]] {
+                for stride in [[1, 1], [2, 1], [1, 3]] {
+                    for padding in [[0; 4], [1, 0, 2, 1], [0, 2, 0, 3]] {
+                        let win = Window2d {
+                            kernel,
+                            stride,
+                            padding,
+                        };
+                        let Ok([oh, ow]) = win.output("test", [h, w]) else {
+                            continue;
+                        };
+                        let g = Geometry {
+                            c,
+                            h,
+                            w,
+                            oh,
+                            ow,
+                            win,
+                        };
+                        let image: Vec<f32> = (1..=c * h * w).map(|v| v as f32).collect();
+                        let (patch, cells) = (g.patch(), g.cells());
+                        let mut cols = vec![f32::NAN; patch * cells];
+                        let mut cols_t = vec![f32::NAN; patch * cells];
+                        g.im2col(&image, &mut cols);
+                        g.im2col_t(&image, &mut cols_t);
+                        for r in 0..patch {
+                            for cell in 0..cells {
+                                assert_eq!(
+                                    cols_t[cell * patch + r].to_bits(),
+                                    cols[r * cells + cell].to_bits(),
+                                    "{c}×{h}×{w}, {win:?}: patch row {r}, cell {cell}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

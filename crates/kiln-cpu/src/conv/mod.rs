@@ -523,11 +523,11 @@ pub(crate) fn conv2d_pool_backward(
     let ys = convert::read_f32(set, op, pooled)?;
     let gs = convert::read_f32(set, op, dpooled)?;
     let at = crate::storage::read_u32(op, argmax)?;
-    if let Some(&bad) = at.iter().find(|&&a| a as usize >= oh * ow) {
-        return Err(Error::invalid(format!(
+    crate::storage::check_indices(&at, oh * ow, |bad| {
+        Error::invalid(format!(
             "{op}: argmax {bad} is outside the {oh}×{ow} convolution output plane"
-        )));
-    }
+        ))
+    })?;
     let (patch, cells, pcells) = (g.patch(), g.cells(), pdims[2] * pdims[3]);
     // One image's routed gradients: `dpooled` times the activation's
     // derivative at the pooled value, one loop per activation so the

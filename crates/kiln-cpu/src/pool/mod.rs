@@ -102,11 +102,11 @@ pub(crate) fn max_pool2d_backward(
     let [h, w] = input;
     let gs = convert::read_f32(set, "max_pool2d_backward", dy)?;
     let at = read_u32("max_pool2d_backward", argmax)?;
-    if let Some(&bad) = at.iter().find(|&&a| a as usize >= h * w) {
-        return Err(Error::invalid(format!(
+    crate::storage::check_indices(&at, h * w, |bad| {
+        Error::invalid(format!(
             "max_pool2d_backward: argmax {bad} is outside the {h}×{w} input plane"
-        )));
-    }
+        ))
+    })?;
     let cells = out[2] * out[3];
     let mut dx = vec![0f32; n * c * h * w];
     if !dx.is_empty() {

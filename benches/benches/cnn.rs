@@ -1,7 +1,8 @@
 //! Criterion benchmarks of the seed CNN's layers at batch 128, per kernel
 //! set (threads from `KILN_THREADS`): Conv2D 32 3×3 on 1×28×28 forward and
-//! filter gradient, max-pool 2×2 forward and backward, and the 5408→64
-//! dense layer.
+//! filter gradient, max-pool 2×2 forward and backward, the two fused into
+//! one op forward and backward (as the trainer runs them: a first layer,
+//! no input gradient), and the 5408→64 dense layer.
 
 use criterion::{criterion_main, Criterion, Throughput};
 use kiln_core::{Activation, Backend, GemmEpilogue, HostData, Layout, Shape, View, Window2d};
@@ -73,6 +74,45 @@ fn cnn(c: &mut Criterion) {
                     [26, 26],
                 )
                 .expect("pool")
+            })
+        });
+        group.bench_function("conv2d_pool_forward", |bench| {
+            bench.iter(|| {
+                b.conv2d_pool(
+                    View::new(&x, &xl),
+                    View::new(&w, &wl),
+                    Some(View::new(&bias, &bl)),
+                    Activation::Relu,
+                    &conv,
+                    &pool,
+                )
+                .expect("conv-pool")
+            })
+        });
+        let (pooled, at) = b
+            .conv2d_pool(
+                View::new(&x, &xl),
+                View::new(&w, &wl),
+                Some(View::new(&bias, &bl)),
+                Activation::Relu,
+                &conv,
+                &pool,
+            )
+            .expect("conv-pool");
+        group.bench_function("conv2d_pool_backward", |bench| {
+            bench.iter(|| {
+                b.conv2d_pool_backward(
+                    View::new(&x, &xl),
+                    View::new(&w, &wl),
+                    View::new(&pooled, &pl),
+                    View::new(&at, &pl),
+                    View::new(&dp, &pl),
+                    Activation::Relu,
+                    &conv,
+                    &pool,
+                    false,
+                )
+                .expect("conv-pool backward")
             })
         });
         let (fl, dl) = (layout(&[1, N, 5408]), layout(&[1, 5408, 64]));

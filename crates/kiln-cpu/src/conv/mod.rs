@@ -435,8 +435,8 @@ pub(crate) fn conv2d_pool(
             HostData::U32(Vec::new()),
         ));
     }
-    // Fresh outputs, each image's part zeroed by the thread that fills it
-    // (in its cache) rather than all of it on this one first.
+    // Fresh outputs, each image's part written by the thread that computes
+    // it, and not zeroed first where the pool kernel only stores.
     let mut pooled: Vec<f32> = Vec::with_capacity(total);
     let mut argmax: Vec<u32> = Vec::with_capacity(total);
     let filters = Matrix::from_slice(&ws, 0, patch, 1);
@@ -444,7 +444,6 @@ pub(crate) fn conv2d_pool(
         .chunks_mut(o * pcells)
         .zip(argmax.spare_capacity_mut()[..total].chunks_mut(o * pcells));
     pool.for_each(images.enumerate().collect(), |(img, (p, a))| {
-        let (p, a) = (crate::fresh::zeros(p), crate::fresh::filled_with(a, 0u32));
         crate::scratch::sized(patch * cells, |cols| {
             crate::scratch::sized(o * cells, |y| {
                 g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
@@ -455,14 +454,14 @@ pub(crate) fn conv2d_pool(
                 convert::round_to(set, dtype, y);
                 let planes = y.chunks_exact(cells).zip(p.chunks_exact_mut(pcells));
                 for ((plane, pp), pa) in planes.zip(a.chunks_exact_mut(pcells)) {
-                    crate::pool::plane(set, plane, [oh, ow], pooling, [ph, pw], pp, pa);
+                    crate::pool::fresh_plane(set, plane, [oh, ow], pooling, [ph, pw], pp, pa);
                 }
             })
         })
     });
     // SAFETY: the chunks cover `0..total` (whole images of `o · pcells`),
     // `for_each` ran every one (a task's panic is resumed before this
-    // line), and each task filled its chunks first thing.
+    // line), and each task wrote every plane of its chunks (`fresh_plane`).
     unsafe {
         pooled.set_len(total);
         argmax.set_len(total);

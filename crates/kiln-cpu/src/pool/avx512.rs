@@ -4,10 +4,11 @@
 //! mask.
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 /// One output row of an unpadded max-pool (see `super::row`): `best` and
 /// `at` receive the maxima and their plane indices of the windows starting
-/// at input row `top`.
+/// at input row `top` — written, never read, so they may be fresh.
 ///
 /// # Safety
 /// The processor supports AVX-512F; every window of the row lies inside
@@ -20,8 +21,8 @@ pub(crate) unsafe fn row(
     top: usize,
     [kh, kw]: [usize; 2],
     sw: usize,
-    best: &mut [f32],
-    at: &mut [u32],
+    best: &mut [MaybeUninit<f32>],
+    at: &mut [MaybeUninit<u32>],
 ) {
     let ow = best.len().min(at.len());
     let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -68,8 +69,8 @@ pub(crate) unsafe fn row(
         }
         // SAFETY: the mask covers j0..j0+lanes ≤ ow, inside both outputs.
         unsafe {
-            _mm512_mask_storeu_ps(best.as_mut_ptr().add(j0), mask, b);
-            _mm512_mask_storeu_epi32(at.as_mut_ptr().add(j0) as *mut i32, mask, a);
+            _mm512_mask_storeu_ps(best.as_mut_ptr().add(j0).cast(), mask, b);
+            _mm512_mask_storeu_epi32(at.as_mut_ptr().add(j0).cast(), mask, a);
         }
     }
 }

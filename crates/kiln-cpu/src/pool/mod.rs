@@ -8,6 +8,8 @@
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
+use std::mem::MaybeUninit;
+
 use crate::workers::Workers;
 use kiln_core::conv::{pool2d_backward_shape, pool2d_output};
 use kiln_core::{Error, HostData, Result, View, Window2d};
@@ -17,6 +19,45 @@ use crate::storage::read_u32;
 use crate::vector::convert;
 use crate::vector::wide;
 use crate::KernelSet;
+
+/// [`plane`] into fresh outputs: written whole without being zeroed first
+/// where the set's kernel only stores (AVX-512, unpadded windows), zeroed
+/// and then written elsewhere. Every element is written on return.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fresh_plane(
+    set: KernelSet,
+    x: &[f32],
+    [h, w]: [usize; 2],
+    win: &Window2d,
+    [oh, ow]: [usize; 2],
+    out: &mut [MaybeUninit<f32>],
+    at: &mut [MaybeUninit<u32>],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if set == KernelSet::Avx512 && win.padding == [0; 4] {
+        let ([sh, sw], [kh, kw]) = (win.stride, win.kernel);
+        assert!(
+            out.len() == oh * ow
+                && at.len() == oh * ow
+                && (oh == 0 || ow == 0 || ((oh - 1) * sh + kh) * w <= x.len() && (ow - 1) * sw + kw <= w),
+            "max-pool plane: {oh}×{ow} windows of {kh}×{kw} by {sh}×{sw} over {h}×{w} into {} outputs",
+            out.len()
+        );
+        let rows = out
+            .chunks_exact_mut(ow.max(1))
+            .zip(at.chunks_exact_mut(ow.max(1)));
+        for (i, (o, a)) in rows.enumerate() {
+            // SAFETY: the set was checked against this processor; the
+            // windows of output row i end at row i·sh + kh − 1 and column
+            // (ow − 1)·sw + kw − 1, inside the plane (asserted above); the
+            // kernel stores all of `o` and `a` (ow each) and reads neither.
+            unsafe { avx512::row(x, w, i * sh, win.kernel, sw, o, a) };
+        }
+        return;
+    }
+    let (out, at) = (crate::fresh::zeros(out), crate::fresh::filled_with(at, 0));
+    plane(set, x, [h, w], win, [oh, ow], out, at);
+}
 
 /// One plane: maxima and their indices (into the plane) for every output
 /// cell.
@@ -41,8 +82,11 @@ pub(crate) fn plane(
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the set was checked against this processor; the
                 // windows of output row i end at row i·sh + kh − 1 < h and
-                // column (ow − 1)·sw + kw − 1 < w (the pool geometry).
-                KernelSet::Avx512 => unsafe { avx512::row(x, w, i * sh, win.kernel, sw, o, a) },
+                // column (ow − 1)·sw + kw − 1 < w (the pool geometry); the
+                // kernel writes only values into the initialised rows.
+                KernelSet::Avx512 => unsafe {
+                    avx512::row(x, w, i * sh, win.kernel, sw, as_slots(o), as_slots(a))
+                },
                 _ => wide::pool_row(set, x, w, i * sh, win.kernel, sw, o, a),
             }
         }
@@ -120,4 +164,14 @@ pub(crate) fn max_pool2d_backward(
         });
     }
     convert::store_f32(set, "max_pool2d_backward", dy.storage.dtype(), dx)
+}
+
+/// An initialised buffer seen as slots the AVX-512 row kernel stores into.
+///
+/// # Safety
+/// Only initialised values are written through the result.
+#[cfg(target_arch = "x86_64")]
+unsafe fn as_slots<T>(s: &mut [T]) -> &mut [MaybeUninit<T>] {
+    // SAFETY: same layout; the caller writes only initialised values.
+    unsafe { &mut *(s as *mut [T] as *mut [MaybeUninit<T>]) }
 }

@@ -110,6 +110,9 @@ impl Geometry {
     /// transpose of [`Self::im2col`]'s matrix, the patch each output cell
     /// reads in one row (columns `patch..ld` are left as they were).
     fn im2col_t(&self, image: &[f32], cols_t: &mut [f32], ld: usize) {
+        if self.win.stride == [1, 1] && self.win.padding == [0; 4] {
+            return self.im2col_t_inside(image, cols_t, ld);
+        }
         let (w, ow) = (self.w, self.ow);
         let (sw, pl) = (self.win.stride[1], self.win.padding[2]);
         self.rows(|r, i, dj, y| {
@@ -138,6 +141,31 @@ impl Geometry {
                 }
             }
         });
+    }
+
+    /// [`Self::im2col_t`] for stride 1 and no padding, where every window
+    /// lies inside the image: row by row, each a run of `c·kh` copies of
+    /// `kw` neighbours.
+    fn im2col_t_inside(&self, image: &[f32], cols_t: &mut [f32], ld: usize) {
+        let ([kh, kw], (c, h, w)) = (self.win.kernel, (self.c, self.h, self.w));
+        let patch = self.patch();
+        let rows = cols_t.chunks_mut(ld).take(self.cells());
+        for (cell, row) in rows.enumerate() {
+            let (i, j) = (cell / self.ow, cell % self.ow);
+            let segments = row[..patch].chunks_exact_mut(kw);
+            let sources = (0..c).flat_map(|ic| (0..kh).map(move |di| (ic * h + i + di) * w + j));
+            for (seg, start) in segments.zip(sources) {
+                let from = &image[start..][..kw];
+                match (
+                    <&mut [f32; 3]>::try_from(&mut *seg),
+                    <&[f32; 3]>::try_from(from),
+                ) {
+                    // 3-wide windows: one fixed-size move.
+                    (Ok(seg), Ok(from)) => *seg = *from,
+                    _ => seg.copy_from_slice(from),
+                }
+            }
+        }
     }
 
     /// Adds `cols` back onto one image's gradient (the adjoint of im2col).
@@ -671,7 +699,10 @@ mod tests {
             false,
         )
         .unwrap_err();
-        assert!(e.to_string().contains("argmax 16 is outside the 4×4"), "{e}");
+        assert!(
+            e.to_string().contains("argmax 16 is outside the 4×4"),
+            "{e}"
+        );
     }
 
     /// The transposed patch matrix is im2col's, transposed, for windows

@@ -555,7 +555,7 @@ pub(crate) fn conv2d_pool_backward(
     // in cache for the kernels that follow (a pass over them all on this
     // thread first was 1.5 % of a 2-thread CNN epoch).
     let check = |at: &[u32]| {
-        crate::storage::check_indices(at, oh * ow, |bad| {
+        crate::storage::check_indices(set, at, oh * ow, |bad| {
             Error::invalid(format!(
                 "{op}: argmax {bad} is outside the {oh}×{ow} convolution output plane"
             ))
@@ -568,16 +568,17 @@ pub(crate) fn conv2d_pool_backward(
     let derivatives = |img: usize, d: &mut [f32]| {
         let k0 = img * o * pcells;
         let (ys, gs) = (&ys[k0..][..o * pcells], &gs[k0..][..o * pcells]);
+        // Compiled for the set, one loop per activation.
         macro_rules! each {
             ($($act:ident),*) => {
                 match activation {
                     $(Activation::$act => {
-                        for ((d, &y), &g) in d.iter_mut().zip(ys).zip(gs) {
-                            *d = match Activation::$act.as_unary() {
+                        crate::vector::wide::zip(set, ys, gs, d, |y, g| {
+                            match Activation::$act.as_unary() {
                                 Some(u) => crate::reference::elementwise::backward_f32(u, 0.0, y, g),
                                 None => g,
-                            };
-                        }
+                            }
+                        })
                     })*
                 }
             };

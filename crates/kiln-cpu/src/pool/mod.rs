@@ -146,7 +146,7 @@ pub(crate) fn max_pool2d_backward(
     let [h, w] = input;
     let gs = convert::read_f32(set, "max_pool2d_backward", dy)?;
     let at = read_u32("max_pool2d_backward", argmax)?;
-    crate::storage::check_indices(&at, h * w, |bad| {
+    crate::storage::check_indices(set, &at, h * w, |bad| {
         Error::invalid(format!(
             "max_pool2d_backward: argmax {bad} is outside the {h}×{w} input plane"
         ))

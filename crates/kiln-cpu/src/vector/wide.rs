@@ -140,6 +140,16 @@ fn zip_cols_loop(
     }
 }
 
+#[inline(always)]
+fn max_u32_loop(x: &[u32]) -> u32 {
+    x.iter().fold(0, |m, &v| m.max(v))
+}
+
+per_set! {
+    /// The largest element of `x` (0 when empty).
+    fn max_u32(x: &[u32]) -> u32 = max_u32_loop;
+}
+
 /// One output row of an unpadded max-pool: the first window offset seeds
 /// every column, then for each later offset in row-major order a column
 /// takes the offset's cell if it beats the best so far

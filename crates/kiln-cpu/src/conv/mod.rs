@@ -196,17 +196,21 @@ impl Geometry {
 }
 
 /// Adds each output channel's bias and applies the activation, one loop
-/// per activation so each compiles to straight vector code.
-fn finish(y: &mut [f32], cells: usize, bias: Option<&[f32]>, activation: Activation) {
+/// per activation, compiled for `set`, so each is straight vector code.
+fn finish(
+    set: KernelSet,
+    y: &mut [f32],
+    cells: usize,
+    bias: Option<&[f32]>,
+    activation: Activation,
+) {
     macro_rules! each {
         ($($act:ident),*) => {
             match activation {
                 $(Activation::$act => {
                     for (oc, row) in y.chunks_exact_mut(cells).enumerate() {
                         let add = bias.map_or(0.0, |b| b[oc]);
-                        for v in row {
-                            *v = activate(Activation::$act, *v + add);
-                        }
+                        crate::vector::wide::update(set, row, |v| activate(Activation::$act, v + add));
                     }
                 })*
             }
@@ -290,7 +294,7 @@ pub(crate) fn conv2d(
                 g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
                 let b = Matrix::from_slice(cols, 0, cells, 1);
                 accumulate(set, &filters, &b, (o, patch, cells), y, true);
-                finish(y, cells, bs.as_deref(), activation);
+                finish(set, y, cells, bs.as_deref(), activation);
             })
         },
     );
@@ -477,7 +481,7 @@ pub(crate) fn conv2d_pool(
                 g.im2col(&xs[img * c * h * w..][..c * h * w], cols);
                 let b = Matrix::from_slice(cols, 0, cells, 1);
                 accumulate(set, &filters, &b, (o, patch, cells), y, true);
-                finish(y, cells, bs.as_deref(), activation);
+                finish(set, y, cells, bs.as_deref(), activation);
                 // Pool what the unfused convolution would have stored.
                 convert::round_to(set, dtype, y);
                 let planes = y.chunks_exact(cells).zip(p.chunks_exact_mut(pcells));

@@ -141,6 +141,18 @@ fn zip_cols_loop(
 }
 
 #[inline(always)]
+fn update_loop(x: &mut [f32], f: impl Fn(f32) -> f32) {
+    for v in x {
+        *v = f(*v);
+    }
+}
+
+per_set! {
+    /// `x[i] = f(x[i])`, in place.
+    fn update(x: &mut [f32], f: impl Fn(f32) -> f32) -> () = update_loop;
+}
+
+#[inline(always)]
 fn max_u32_loop(x: &[u32]) -> u32 {
     x.iter().fold(0, |m, &v| m.max(v))
 }

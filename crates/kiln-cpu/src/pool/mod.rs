@@ -77,6 +77,13 @@ pub(crate) fn plane(
     out: &mut [f32],
     at: &mut [u32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if set == KernelSet::Avx512 && win.padding == [0; 4] {
+        // SAFETY: `fresh_plane` takes this path for these arguments, whose
+        // kernels only store computed values.
+        let (out, at) = unsafe { (as_slots(out), as_slots(at)) };
+        return fresh_plane(set, x, [h, w], win, [oh, ow], out, at);
+    }
     let [sh, sw] = win.stride;
     if win.padding == [0; 4] {
         // Every window cell is inside the plane: whole output rows at once.
@@ -84,17 +91,7 @@ pub(crate) fn plane(
             .chunks_exact_mut(ow.max(1))
             .zip(at.chunks_exact_mut(ow.max(1)));
         for (i, (o, a)) in rows.enumerate() {
-            match set {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the set was checked against this processor; the
-                // windows of output row i end at row i·sh + kh − 1 < h and
-                // column (ow − 1)·sw + kw − 1 < w (the pool geometry); the
-                // kernel writes only values into the initialised rows.
-                KernelSet::Avx512 => unsafe {
-                    avx512::row(x, w, i * sh, win.kernel, sw, as_slots(o), as_slots(a))
-                },
-                _ => wide::pool_row(set, x, w, i * sh, win.kernel, sw, o, a),
-            }
+            wide::pool_row(set, x, w, i * sh, win.kernel, sw, o, a);
         }
         return;
     }
@@ -172,7 +169,7 @@ pub(crate) fn max_pool2d_backward(
     convert::store_f32(set, "max_pool2d_backward", dy.storage.dtype(), dx)
 }
 
-/// An initialised buffer seen as slots the AVX-512 row kernel stores into.
+/// An initialised buffer seen as slots the AVX-512 kernels store into.
 ///
 /// # Safety
 /// Only initialised values are written through the result.

@@ -1,7 +1,9 @@
-//! The AVX-512 max-pool row: sixteen output columns at a time, branch-free
-//! (the winner of each window is chosen with mask blends, so real data —
-//! ReLU outputs full of ties at zero — cannot mispredict), the tail under a
-//! mask.
+//! The AVX-512 max-pool kernels: a row of outputs for any unpadded window,
+//! and whole planes of 2×2 windows at stride 2 (the CNNs' pool). Sixteen
+//! output columns at a time, branch-free (the winner of each window is
+//! chosen with mask blends, so real data — ReLU outputs full of ties at
+//! zero — cannot mispredict), the tail under a mask; outputs are stored,
+//! never read, so they may be fresh.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;

@@ -2,8 +2,9 @@
 //! maximum in row-major window order, NaN maximal, padding never chosen)
 //! with the planes split over the worker pool; unpadded windows go a row of
 //! outputs at a time through a branch-free kernel (hand-written for
-//! AVX-512 in `avx512.rs`, compiled per set from `vector::wide` for the
-//! others). Exact, like the reference: results are bitwise equal.
+//! AVX-512 in `avx512.rs`, with a whole-plane one for 2×2 windows at
+//! stride 2; compiled per set from `vector::wide` for the others). Exact,
+//! like the reference: results are bitwise equal.
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;

@@ -613,7 +613,14 @@ pub(crate) fn conv2d_pool_backward(
                         *b += crate::vector::wide::sum(set, row);
                     }
                     g.im2col_t(&xs[img * c * h * w..][..c * h * w], cols_t, ldw);
-                    routed::filter(set, cols_t, ldw, d, at, pcells, &mut dw);
+                    let image = routed::Image {
+                        cols_t,
+                        ld: ldw,
+                        routed: d,
+                        at,
+                        pcells,
+                    };
+                    routed::filter(set, image, &mut dw);
                     if let Some(dx) = dx.as_deref_mut() {
                         // The input gradient from the dense routed gradient:
                         // dcols = Wᵀ·dz, then col2im.

@@ -52,23 +52,43 @@ pub(super) fn slack(ld: usize) -> usize {
     padded(ld) - ld
 }
 
-/// `Q` output channels from `oc`, patch columns `c0..c0 + LANES`.
+/// One image's routed gradients and the patches they multiply.
+#[derive(Clone, Copy)]
+pub(super) struct Image<'a> {
+    /// The transposed im2col matrix: the patch each output cell read, in
+    /// rows `ld` floats apart (`ld` at least the patch length), with
+    /// [`slack`]`(ld)` floats after its last row.
+    pub(super) cols_t: &'a [f32],
+    /// The row stride of `cols_t`.
+    pub(super) ld: usize,
+    /// Each output channel's `pcells` routed gradients, channel-major.
+    pub(super) routed: &'a [f32],
+    /// The rows of `cols_t` (convolution-output cells) they were routed to.
+    pub(super) at: &'a [u32],
+    /// Pooled cells per channel.
+    pub(super) pcells: usize,
+}
+
+/// `Q` output channels from `oc`, patch columns `c0..c0 + LANES`, into
+/// `dw` (rows `ldw` apart).
 ///
 /// # Safety
 /// Every row `at[k]` of `cols_t` has at least `c0 + LANES` floats from its
 /// start (`at[k]·ld + c0 + LANES ≤ cols_t.len()`).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn channels<const Q: usize>(
-    cols_t: &[f32],
-    ld: usize,
-    routed: &[f32],
-    at: &[u32],
-    pcells: usize,
+    img: Image<'_>,
     dw: &mut [f32],
     ldw: usize,
     (oc, c0): (usize, usize),
 ) {
+    let Image {
+        cols_t,
+        ld,
+        routed,
+        at,
+        pcells,
+    } = img;
     let mut acc = [[0f32; LANES]; Q];
     for (q, a) in acc.iter_mut().enumerate() {
         a.copy_from_slice(&dw[(oc + q) * ldw + c0..][..LANES]);
@@ -95,15 +115,14 @@ unsafe fn channels<const Q: usize>(
 }
 
 #[inline(always)]
-fn filter_loop(
-    cols_t: &[f32],
-    ld: usize,
-    routed: &[f32],
-    at: &[u32],
-    pcells: usize,
-    dw: &mut [f32],
-    block: usize,
-) {
+fn filter_loop(img: Image<'_>, dw: &mut [f32], block: usize) {
+    let Image {
+        cols_t,
+        ld,
+        routed,
+        at,
+        pcells,
+    } = img;
     let ldw = padded(ld);
     let o = dw.len() / ldw.max(1);
     assert!(
@@ -122,47 +141,34 @@ fn filter_loop(
     for c0 in (0..ldw).step_by(LANES) {
         let mut oc = 0;
         while oc + block <= o {
-            let args = (oc, c0);
             // SAFETY: checked above: every routed row has `ldw` ≥ c0 + LANES
             // floats from its start.
             unsafe {
                 if block == 8 {
-                    channels::<8>(cols_t, ld, routed, at, pcells, dw, ldw, args)
+                    channels::<8>(img, dw, ldw, (oc, c0))
                 } else {
-                    channels::<4>(cols_t, ld, routed, at, pcells, dw, ldw, args)
+                    channels::<4>(img, dw, ldw, (oc, c0))
                 }
             };
             oc += block;
         }
         for oc in oc..o {
             // SAFETY: as above.
-            unsafe { channels::<1>(cols_t, ld, routed, at, pcells, dw, ldw, (oc, c0)) };
+            unsafe { channels::<1>(img, dw, ldw, (oc, c0)) };
         }
     }
 }
 
 per_set! {
     /// [`filter`] with `block` (4 or 8) channels at a time.
-    fn filter_blocks(cols_t: &[f32], ld: usize, routed: &[f32], at: &[u32], pcells: usize, dw: &mut [f32], block: usize) -> () = filter_loop;
+    fn filter_blocks(img: Image<'_>, dw: &mut [f32], block: usize) -> () = filter_loop;
 }
 
 /// Adds one image's routed gradients to the filter gradient `dw` (`o` rows
-/// of [`padded`]`(ld)`, the columns past the patch's length junk): `routed`
-/// and `at` hold each channel's `pcells` gradients and the
-/// convolution-output cells they were routed to (checked to be rows of
-/// `cols_t`), and `cols_t` the image's transposed im2col matrix, rows `ld`
-/// floats apart (`ld` at least the patch length), with [`slack`]`(ld)`
-/// floats after its last row.
-pub(super) fn filter(
-    set: KernelSet,
-    cols_t: &[f32],
-    ld: usize,
-    routed: &[f32],
-    at: &[u32],
-    pcells: usize,
-    dw: &mut [f32],
-) {
-    filter_blocks(set, cols_t, ld, routed, at, pcells, dw, block(set));
+/// of [`padded`]`(ld)`, the columns past the patch's length junk). Every
+/// routed cell is checked to be a row of `cols_t`.
+pub(super) fn filter(set: KernelSet, img: Image<'_>, dw: &mut [f32]) {
+    filter_blocks(set, img, dw, block(set));
 }
 
 #[cfg(test)]
@@ -200,7 +206,14 @@ mod tests {
                 }
                 for set in KernelSet::ALL.into_iter().filter(|s| s.available()) {
                     let mut dw = vec![0f32; o * ldw];
-                    filter(set, &cols_t, patch, &routed, &at, pcells, &mut dw);
+                    let img = Image {
+                        cols_t: &cols_t,
+                        ld: patch,
+                        routed: &routed,
+                        at: &at,
+                        pcells,
+                    };
+                    filter(set, img, &mut dw);
                     for oc in 0..o {
                         for r in 0..patch {
                             // Quarter-integers times eighth-integers, few
@@ -221,15 +234,14 @@ mod tests {
     #[should_panic(expected = "routed filter gradient")]
     fn mismatched_lengths_are_refused() {
         let mut dw = vec![0f32; 2 * padded(9)];
-        filter(
-            KernelSet::Scalar,
-            &[0.0; 64],
-            9,
-            &[1.0; 3],
-            &[0; 3],
-            2,
-            &mut dw,
-        );
+        let img = Image {
+            cols_t: &[0.0; 64],
+            ld: 9,
+            routed: &[1.0; 3],
+            at: &[0; 3],
+            pcells: 2,
+        };
+        filter(KernelSet::Scalar, img, &mut dw);
     }
 
     #[test]
@@ -237,6 +249,13 @@ mod tests {
     fn a_cell_past_the_matrix_is_refused_before_any_read() {
         let mut dw = vec![0f32; padded(9)];
         // Row 6 is the last whole row, but its 16 floats run past the end.
-        filter(KernelSet::best(), &[0.0; 64], 9, &[1.0], &[6], 1, &mut dw);
+        let img = Image {
+            cols_t: &[0.0; 64],
+            ld: 9,
+            routed: &[1.0],
+            at: &[6],
+            pcells: 1,
+        };
+        filter(KernelSet::best(), img, &mut dw);
     }
 }

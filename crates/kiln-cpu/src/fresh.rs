@@ -61,10 +61,10 @@ pub(crate) unsafe fn assume_written(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
 /// Only initialised values are written through the result (a `Slot` or
 /// `MaybeUninit::write` does that; `MaybeUninit::uninit()` must not be).
 #[inline]
-pub(crate) unsafe fn as_slots(s: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+pub(crate) unsafe fn as_slots<T>(s: &mut [T]) -> &mut [MaybeUninit<T>] {
     // SAFETY: same layout; the caller writes only initialised values, so
     // `s` stays initialised.
-    unsafe { &mut *(s as *mut [f32] as *mut [MaybeUninit<f32>]) }
+    unsafe { &mut *(s as *mut [T] as *mut [MaybeUninit<T>]) }
 }
 
 /// Copies `src` into the fresh `dst` (of the same length).

@@ -108,39 +108,23 @@ impl Geometry {
 
     /// Fills `cols_t` (`cells` rows, `ld ≥ patch` floats apart): the
     /// transpose of [`Self::im2col`]'s matrix, the patch each output cell
-    /// reads in one row (columns `patch..ld` are left as they were).
+    /// reads in one row (columns `patch..ld` are left as they were). Built
+    /// directly where every window is inside the image; elsewhere through
+    /// im2col and a transposition.
     fn im2col_t(&self, image: &[f32], cols_t: &mut [f32], ld: usize) {
         if self.win.stride == [1, 1] && self.win.padding == [0; 4] {
             return self.im2col_t_inside(image, cols_t, ld);
         }
-        let (w, ow) = (self.w, self.ow);
-        let (sw, pl) = (self.win.stride[1], self.win.padding[2]);
-        self.rows(|r, i, dj, y| {
-            let row = &mut cols_t[i * ow * ld..][..ow * ld];
-            let dst = row.iter_mut().skip(r).step_by(ld);
-            let Some(y) = y else {
-                dst.for_each(|d| *d = 0.0);
-                return;
-            };
-            let src = &image[y * w..][..w];
-            if sw == 1 {
-                // Zeros left of j0 and from j1, the input row in between.
-                let (j0, j1) = self.inside(dj);
-                let mut dst = dst;
-                dst.by_ref().take(j0).for_each(|d| *d = 0.0);
-                if j1 > j0 {
-                    let inside = &src[j0 + dj - pl..j1 + dj - pl];
-                    // The shorter side first: zip stops without taking
-                    // one more slot from `dst`.
-                    inside.iter().zip(dst.by_ref()).for_each(|(&s, d)| *d = s);
-                }
-                dst.for_each(|d| *d = 0.0);
-            } else {
-                for (j, d) in dst.enumerate() {
-                    *d = source(j, dj, sw, pl, w).map_or(0.0, |x| src[x]);
+        // Strides and padding: im2col's matrix, transposed.
+        let (patch, cells) = (self.patch(), self.cells());
+        crate::scratch::sized(patch * cells, |cols| {
+            self.im2col(image, cols);
+            for (r, row) in cols.chunks_exact(cells.max(1)).enumerate() {
+                for (dst, &v) in cols_t.iter_mut().skip(r).step_by(ld).zip(row) {
+                    *dst = v;
                 }
             }
-        });
+        })
     }
 
     /// [`Self::im2col_t`] for stride 1 and no padding, where every window

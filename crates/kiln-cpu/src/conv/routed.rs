@@ -116,19 +116,13 @@ unsafe fn channels<const Q: usize>(
 
 #[inline(always)]
 fn filter_loop(img: Image<'_>, dw: &mut [f32], block: usize) {
-    let Image {
-        cols_t,
-        ld,
-        routed,
-        at,
-        pcells,
-    } = img;
+    let (cols_t, ld, at, pcells) = (img.cols_t, img.ld, img.at, img.pcells);
     let ldw = padded(ld);
     let o = dw.len() / ldw.max(1);
     assert!(
-        dw.len() == o * ldw && routed.len() == o * pcells && at.len() == o * pcells,
+        dw.len() == o * ldw && img.routed.len() == o * pcells && at.len() == o * pcells,
         "routed filter gradient: {} gradients and {} indices for {o} channels of {pcells} cells",
-        routed.len(),
+        img.routed.len(),
         at.len()
     );
     // What `channels` relies on to read whole LANES from any routed row.

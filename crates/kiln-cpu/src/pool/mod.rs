@@ -82,7 +82,7 @@ pub(crate) fn plane(
     if set == KernelSet::Avx512 && win.padding == [0; 4] {
         // SAFETY: `fresh_plane` takes this path for these arguments, whose
         // kernels only store computed values.
-        let (out, at) = unsafe { (as_slots(out), as_slots(at)) };
+        let (out, at) = unsafe { (crate::fresh::as_slots(out), crate::fresh::as_slots(at)) };
         return fresh_plane(set, x, [h, w], win, [oh, ow], out, at);
     }
     let [sh, sw] = win.stride;
@@ -168,14 +168,4 @@ pub(crate) fn max_pool2d_backward(
         });
     }
     convert::store_f32(set, "max_pool2d_backward", dy.storage.dtype(), dx)
-}
-
-/// An initialised buffer seen as slots the AVX-512 kernels store into.
-///
-/// # Safety
-/// Only initialised values are written through the result.
-#[cfg(target_arch = "x86_64")]
-unsafe fn as_slots<T>(s: &mut [T]) -> &mut [MaybeUninit<T>] {
-    // SAFETY: same layout; the caller writes only initialised values.
-    unsafe { &mut *(s as *mut [T] as *mut [MaybeUninit<T>]) }
 }

@@ -583,12 +583,12 @@ fn propagate<B: Backend>(
             }
             // Slices of one tensor (attention's query, key and value) share
             // one gradient buffer: the first places its window in zeros,
-            // the next add theirs into their windows only.
+            // the next add theirs into their windows only, in place.
             let dx = match pending.remove(&x.id()) {
                 Some(prev) => {
                     let len = g.dims()[*dim];
                     let window = prev.narrow(*dim, *start, len)?.add(&g)?;
-                    prev.write_slice(*dim, *start, &window)?
+                    prev.into_written(*dim, *start, &window)?
                 }
                 None => g.placed_in_zeros(x.dims(), *dim, *start)?,
             };

@@ -458,6 +458,29 @@ impl<B: Backend> Tensor<B> {
         src.written_over(dst, Layout::contiguous(self.shape().clone()), dim, start)
     }
 
+    /// [`Tensor::write_slice`] that consumes `self`: when `self` is dense
+    /// and nothing else holds it or its storage (a gradient being
+    /// accumulated), `src` is written into that storage in place instead
+    /// of a copy of it. Records nothing.
+    pub(crate) fn into_written(self, dim: usize, start: usize, src: &Tensor<B>) -> Result<Self> {
+        if self.layout().contiguous_range() != Some(0..self.storage().len()) {
+            return self.write_slice(dim, start, src);
+        }
+        let full = Layout::contiguous(self.shape().clone());
+        match Arc::try_unwrap(self.0) {
+            Ok(inner) => {
+                let dst = match Arc::try_unwrap(inner.storage) {
+                    Ok(dst) => dst,
+                    Err(shared) => inner
+                        .backend
+                        .contiguous(View::new(&shared, &inner.layout))?,
+                };
+                src.written_over(dst, full, dim, start)
+            }
+            Err(shared) => Tensor(shared).write_slice(dim, start, src),
+        }
+    }
+
     /// Zeros of shape `dims` with `self` written over elements
     /// `start..start + self.dims()[dim]` of dimension `dim` (the gradient
     /// of a slice). Records nothing.

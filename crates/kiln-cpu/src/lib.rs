@@ -207,7 +207,22 @@ impl Backend for CpuBackend {
     }
 
     fn full(&self, numel: usize, dtype: DType, value: f64) -> Result<HostData> {
-        Ok(storage::full(numel, dtype, value))
+        match self.simd() {
+            // A large f32 buffer (a slice's gradient placed in zeros) is
+            // filled by the team, each part by the thread that will likely
+            // write over it next.
+            Some((_, pool)) if dtype == DType::F32 && numel >= storage::FULL_PARALLEL_MIN => {
+                let v = value as f32;
+                // SAFETY: `filled_with` writes every element of its chunk.
+                let data = unsafe {
+                    pool.filled(numel, storage::FULL_PARALLEL_MIN / 2, |_, part| {
+                        fresh::filled_with(part, v);
+                    })
+                };
+                Ok(HostData::F32(data))
+            }
+            _ => Ok(storage::full(numel, dtype, value)),
+        }
     }
 
     fn upload(&self, data: &HostData) -> Result<HostData> {
@@ -350,7 +365,7 @@ impl Backend for CpuBackend {
     fn softmax_causal(&self, x: View<'_, HostData>) -> Result<HostData> {
         if let Some(out) = self
             .simd()
-            .and_then(|(set, _)| vector::ops::softmax_causal(set, x))
+            .and_then(|(set, pool)| vector::ops::softmax_causal(set, pool, x))
         {
             return Ok(out);
         }

@@ -12,6 +12,7 @@ use kiln_core::norm::{LayerNormGrads, LayerNormOut};
 use kiln_core::plan::LayerNormPlan;
 use kiln_core::{HostData, Result, View};
 
+use crate::fresh::Slot;
 use crate::storage::{read_f32, store_f32};
 use crate::vector::wide;
 use crate::workers::Workers;
@@ -48,7 +49,7 @@ fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
 
 /// One row: its mean and rstd, and `y`.
 #[inline(always)]
-fn forward_row_loop(x: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [f32]) -> (f32, f32) {
+fn forward_row_loop(x: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [impl Slot]) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = lane_sum(x.len(), |i| x[i]) / n;
     let var = lane_sum(x.len(), |i| {
@@ -57,20 +58,20 @@ fn forward_row_loop(x: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [f32]) ->
     }) / n;
     let rstd = 1.0 / (var + eps).sqrt();
     for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(g).zip(b) {
-        *y = (x - mean) * rstd * g + b;
+        y.put((x - mean) * rstd * g + b);
     }
     (mean, rstd)
 }
 
 /// One row of `dx`.
 #[inline(always)]
-fn backward_row_loop(x: &[f32], g: &[f32], dy: &[f32], mean: f32, rstd: f32, dx: &mut [f32]) {
+fn backward_row_loop(x: &[f32], g: &[f32], dy: &[f32], mean: f32, rstd: f32, dx: &mut [impl Slot]) {
     let n = x.len() as f32;
     let a = lane_sum(x.len(), |i| dy[i] * g[i]) / n;
     let bm = lane_sum(x.len(), |i| dy[i] * g[i] * ((x[i] - mean) * rstd)) / n;
     for i in 0..x.len() {
         let xhat = (x[i] - mean) * rstd;
-        dx[i] = rstd * (dy[i] * g[i] - a - xhat * bm);
+        dx[i].put(rstd * (dy[i] * g[i] - a - xhat * bm));
     }
 }
 
@@ -101,12 +102,12 @@ fn column_sums_loop(
 
 wide::per_set! {
     /// One row of the forward pass.
-    fn forward_row(x: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [f32]) -> (f32, f32) = forward_row_loop;
+    fn forward_row(x: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [impl Slot]) -> (f32, f32) = forward_row_loop;
 }
 
 wide::per_set! {
     /// One row of `dx`.
-    fn backward_row(x: &[f32], g: &[f32], dy: &[f32], mean: f32, rstd: f32, dx: &mut [f32]) -> () = backward_row_loop;
+    fn backward_row(x: &[f32], g: &[f32], dy: &[f32], mean: f32, rstd: f32, dx: &mut [impl Slot]) -> () = backward_row_loop;
 }
 
 wide::per_set! {
@@ -135,9 +136,11 @@ pub(crate) fn layer_norm(
     let op = "layer_norm";
     let (xs, gs, bs) = (read_f32(op, x)?, read_f32(op, gamma)?, read_f32(op, beta)?);
     let (rows, cols) = (plan.rows, plan.cols);
-    let mut y = vec![0f32; rows * cols];
+    // Fresh outputs: every row's `y` is written whole below (no zeroing
+    // pass first).
+    let mut y = Vec::with_capacity(rows * cols);
     let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
-    let jobs: Vec<_> = y
+    let jobs: Vec<_> = y.spare_capacity_mut()[..rows * cols]
         .chunks_mut(ROWS_PER_TASK * cols)
         .zip(mean.chunks_mut(ROWS_PER_TASK))
         .zip(rstd.chunks_mut(ROWS_PER_TASK))
@@ -150,6 +153,10 @@ pub(crate) fn layer_norm(
             (*m, *s) = forward_row(set, &xs[at..at + cols], &gs, &bs, eps, y);
         }
     });
+    // SAFETY: the jobs cover all `rows · cols` slots, each row's loop
+    // writes every element of its row (a task's panic is resumed by `each`
+    // before this line).
+    unsafe { y.set_len(rows * cols) };
     Ok(LayerNormOut {
         y: store_f32(op, plan.dtype, y)?,
         mean: HostData::F32(mean),
@@ -172,8 +179,11 @@ pub(crate) fn layer_norm_backward(
     let (xs, gs, dys) = (read_f32(op, x)?, read_f32(op, gamma)?, read_f32(op, dy)?);
     let (ms, rs) = (read_f32(op, mean)?, read_f32(op, rstd)?);
     let (rows, cols) = (plan.rows, plan.cols);
-    let mut dx = vec![0f32; rows * cols];
-    let jobs: Vec<_> = dx.chunks_mut(ROWS_PER_TASK * cols).enumerate().collect();
+    let mut dx = Vec::with_capacity(rows * cols);
+    let jobs: Vec<_> = dx.spare_capacity_mut()[..rows * cols]
+        .chunks_mut(ROWS_PER_TASK * cols)
+        .enumerate()
+        .collect();
     each(pool, jobs, |(t, dx)| {
         let first = t * ROWS_PER_TASK;
         for (r, dx) in dx.chunks_mut(cols).enumerate() {
@@ -182,6 +192,8 @@ pub(crate) fn layer_norm_backward(
             backward_row(set, xr, &gs, dyr, ms[row], rs[row], dx);
         }
     });
+    // SAFETY: as for `y` in the forward pass: every row of `dx` was written.
+    unsafe { dx.set_len(rows * cols) };
     // Column blocks of dγ, dβ: each sums its columns over every row in order.
     const BLOCK: usize = 64;
     let (mut dg, mut db) = (vec![0f32; cols], vec![0f32; cols]);

@@ -171,6 +171,9 @@ pub(crate) fn store_f32(op: &'static str, dtype: DType, v: Vec<f32>) -> Result<H
     })
 }
 
+/// Elements from which an f32 fill is split over the team.
+pub(crate) const FULL_PARALLEL_MIN: usize = 1 << 16;
+
 /// `numel` copies of `value`, rounded to `dtype` (u32: truncated, saturating).
 pub(crate) fn full(numel: usize, dtype: DType, value: f64) -> HostData {
     match dtype {
@@ -200,6 +203,15 @@ fn scatter_typed<T: Copy>(src: &[T], dst: &mut [T], layout: &Layout) {
     }
 }
 
+/// `src` (through `src_layout`, in bounds) into `dst` through `dst_layout`:
+/// straight from a contiguous source, through one gather otherwise.
+fn copy_typed<T: Copy>(src: &[T], src_layout: &Layout, dst: &mut [T], dst_layout: &Layout) {
+    match src_layout.contiguous_range() {
+        Some(r) => scatter_typed(&src[r], dst, dst_layout),
+        None => scatter_typed(&gather_typed(src, src_layout), dst, dst_layout),
+    }
+}
+
 /// Copies `src` into `dst` through `dst_layout`.
 pub(crate) fn copy_strided(
     src: View<'_, HostData>,
@@ -217,12 +229,12 @@ pub(crate) fn copy_strided(
         ));
     }
     check_bounds("copy_strided", dst_layout, dst.len())?;
-    let values = gather(src)?;
-    match (values, dst) {
-        (HostData::F32(s), HostData::F32(d)) => scatter_typed(&s, d, dst_layout),
-        (HostData::F16(s), HostData::F16(d)) => scatter_typed(&s, d, dst_layout),
-        (HostData::BF16(s), HostData::BF16(d)) => scatter_typed(&s, d, dst_layout),
-        (HostData::U32(s), HostData::U32(d)) => scatter_typed(&s, d, dst_layout),
+    check_bounds("copy_strided", src.layout, src.storage.len())?;
+    match (src.storage, dst) {
+        (HostData::F32(s), HostData::F32(d)) => copy_typed(s, src.layout, d, dst_layout),
+        (HostData::F16(s), HostData::F16(d)) => copy_typed(s, src.layout, d, dst_layout),
+        (HostData::BF16(s), HostData::BF16(d)) => copy_typed(s, src.layout, d, dst_layout),
+        (HostData::U32(s), HostData::U32(d)) => copy_typed(s, src.layout, d, dst_layout),
         (s, d) => {
             return Err(Error::DType {
                 op: "copy_strided",

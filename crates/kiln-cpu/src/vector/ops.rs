@@ -426,27 +426,39 @@ pub(crate) fn softmax(set: KernelSet, x: View<'_, HostData>, log: bool) -> Optio
     narrow(set, x.storage.dtype(), out)
 }
 
+/// Rows of the causal softmax per task: whole rows, a few thousand floats.
+const CAUSAL_ROWS_PER_TASK: usize = 64;
+
 /// The causal-masked softmax of a contiguous operand with the set's
-/// vector exp: each row over the keys it sees, zeros after.
-pub(crate) fn softmax_causal(set: KernelSet, x: View<'_, HostData>) -> Option<HostData> {
+/// vector exp: each row over the keys it sees, zeros after; blocks of rows
+/// spread over `pool`, each written by the thread that computes it.
+pub(crate) fn softmax_causal(
+    set: KernelSet,
+    pool: &Workers,
+    x: View<'_, HostData>,
+) -> Option<HostData> {
     let plan = kiln_core::CausalSoftmaxPlan::new(x).ok()?;
     let xs = contiguous(set, x)?;
     let exp = transcendental(set, UnaryOp::Exp)?;
-    let s = plan.keys;
-    let mut out = vec![0f32; xs.len()];
-    let mut shifted = vec![0f32; s];
     // No keys means no queries either (keys ≥ queries): nothing to do.
-    let width = s.max(1);
-    for (r, (row, o)) in xs
-        .chunks_exact(width)
-        .zip(out.chunks_exact_mut(width))
-        .enumerate()
-    {
-        let seen = plan.visible(r);
-        let o = &mut o[..seen];
-        let (_, sum) = row_stats(set, exp, &row[..seen], &mut shifted[..seen], o);
-        wide::scale(set, o, sum);
-    }
+    let width = plan.keys.max(1);
+    let rows = |first: usize, out: &mut [MaybeUninit<f32>]| {
+        // A block is zeroed by the thread that fills it: the masked tail of
+        // each row stays zero, the rest is overwritten.
+        let out = crate::fresh::zeros(out);
+        let mut shifted = vec![0f32; width];
+        let at = first / width;
+        for (r, o) in out.chunks_exact_mut(width).enumerate() {
+            let seen = plan.visible(at + r);
+            let row = &xs[(at + r) * width..][..seen];
+            let o = &mut o[..seen];
+            let (_, sum) = row_stats(set, exp, row, &mut shifted[..seen], o);
+            wide::scale(set, o, sum);
+        }
+    };
+    let chunk = CAUSAL_ROWS_PER_TASK * width;
+    // SAFETY: `rows` writes every element of its block (zeros first).
+    let out = unsafe { pool.filled(xs.len(), chunk, rows) };
     narrow(set, plan.dtype, out)
 }
 

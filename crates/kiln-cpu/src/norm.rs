@@ -21,6 +21,9 @@ use crate::KernelSet;
 /// Partial sums per row sum.
 pub(crate) const LANES: usize = 16;
 
+/// Columns of `dγ`, `dβ` per task of the backward pass.
+const COLUMN_BLOCK: usize = 64;
+
 /// Rows handed to one task at a time.
 const ROWS_PER_TASK: usize = 16;
 
@@ -66,10 +69,14 @@ fn forward_row_loop(x: &[f32], g: &[f32], b: &[f32], eps: f32, y: &mut [impl Slo
 /// One row of `dx`.
 #[inline(always)]
 fn backward_row_loop(x: &[f32], g: &[f32], dy: &[f32], mean: f32, rstd: f32, dx: &mut [impl Slot]) {
-    let n = x.len() as f32;
-    let a = lane_sum(x.len(), |i| dy[i] * g[i]) / n;
-    let bm = lane_sum(x.len(), |i| dy[i] * g[i] * ((x[i] - mean) * rstd)) / n;
-    for i in 0..x.len() {
+    // One length for every operand, so the loops below carry no bounds
+    // checks and vectorise.
+    let len = x.len();
+    let (g, dy, dx) = (&g[..len], &dy[..len], &mut dx[..len]);
+    let n = len as f32;
+    let a = lane_sum(len, |i| dy[i] * g[i]) / n;
+    let bm = lane_sum(len, |i| dy[i] * g[i] * ((x[i] - mean) * rstd)) / n;
+    for i in 0..len {
         let xhat = (x[i] - mean) * rstd;
         dx[i].put(rstd * (dy[i] * g[i] - a - xhat * bm));
     }
@@ -89,15 +96,26 @@ fn column_sums_loop(
     dg: &mut [f32],
     db: &mut [f32],
 ) {
+    // The block's sums stay in local accumulators (registers), not in
+    // `dg`/`db`: neighbouring blocks' slices share a cache line, and
+    // storing into them every row made the threads fight over it.
     let width = dg.len();
+    assert!(
+        width <= COLUMN_BLOCK,
+        "column_sums: a block of {width} columns"
+    );
+    let (mut sg, mut sb) = ([0f32; COLUMN_BLOCK], [0f32; COLUMN_BLOCK]);
+    let (sg_w, sb_w) = (&mut sg[..width], &mut sb[..width]);
     for (r, (&m, &s)) in mean.iter().zip(rstd).enumerate() {
         let row = r * cols + first;
         let (xr, dyr) = (&x[row..row + width], &dy[row..row + width]);
         for j in 0..width {
-            dg[j] += dyr[j] * ((xr[j] - m) * s);
-            db[j] += dyr[j];
+            sg_w[j] += dyr[j] * ((xr[j] - m) * s);
+            sb_w[j] += dyr[j];
         }
     }
+    dg.copy_from_slice(sg_w);
+    db.copy_from_slice(sb_w);
 }
 
 wide::per_set! {
@@ -195,15 +213,14 @@ pub(crate) fn layer_norm_backward(
     // SAFETY: as for `y` in the forward pass: every row of `dx` was written.
     unsafe { dx.set_len(rows * cols) };
     // Column blocks of dγ, dβ: each sums its columns over every row in order.
-    const BLOCK: usize = 64;
     let (mut dg, mut db) = (vec![0f32; cols], vec![0f32; cols]);
     let jobs: Vec<_> = dg
-        .chunks_mut(BLOCK)
-        .zip(db.chunks_mut(BLOCK))
+        .chunks_mut(COLUMN_BLOCK)
+        .zip(db.chunks_mut(COLUMN_BLOCK))
         .enumerate()
         .collect();
     each(pool, jobs, |(t, (dg, db))| {
-        column_sums(set, &xs, &dys, &ms, &rs, cols, t * BLOCK, dg, db);
+        column_sums(set, &xs, &dys, &ms, &rs, cols, t * COLUMN_BLOCK, dg, db);
     });
     Ok(LayerNormGrads {
         dx: store_f32(op, plan.dtype, dx)?,

@@ -223,6 +223,14 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, cfg: &Config) -> Report {
                 // every row sees a different number of them.
                 let scores = [input(seed + 5, &[2, rows, cols + rows - 1], -3.0, 3.0, 0.0)];
                 check(b, &scores, &|t| t[0].softmax_causal())?;
+                // Fused causal attention: `rows` queries, `rows + 2` keys
+                // and values (two from a cache), head width `cols`.
+                let qkv = [
+                    input(seed + 11, &[2, rows, cols], -1.5, 1.5, 0.0),
+                    input(seed + 12, &[2, rows + 2, cols], -1.5, 1.5, 0.0),
+                    input(seed + 13, &[2, rows + 2, cols], -1.5, 1.5, 0.0),
+                ];
+                check(b, &qkv, &|t| t[0].attention_causal(&t[1], &t[2], 0.6))?;
                 let labels: Vec<u32> = (0..rows as u64)
                     .map(|i| rng::Philox::new(seed, i).below(cols as u32))
                     .collect();

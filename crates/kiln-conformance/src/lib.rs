@@ -687,6 +687,8 @@ macro_rules! __with_checks {
             softmax: F32 F16 BF16;
             log_softmax: F32 F16 BF16;
             softmax_causal: F32 F16 BF16;
+            attention_causal: F32 F16 BF16;
+            attention_causal_backward: F32 F16 BF16;
             softmax_cross_entropy: F32 F16 BF16;
             layer_norm: F32 F16 BF16;
             embedding: F32 F16 BF16;

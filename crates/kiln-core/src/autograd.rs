@@ -151,6 +151,13 @@ pub(crate) enum Op<B: Backend> {
         argmax: Arc<B::Storage>,
         window: Window2d,
     },
+    /// Causal attention; the probabilities are recomputed backward.
+    AttentionCausal {
+        q: Tensor<B>,
+        k: Tensor<B>,
+        v: Tensor<B>,
+        scale: f32,
+    },
 }
 
 impl<B: Backend> Op<B> {
@@ -179,6 +186,7 @@ impl<B: Backend> Op<B> {
             }
             Op::SoftmaxCrossEntropy { logits, .. } => vec![logits],
             Op::LayerNorm { x, gamma, beta, .. } => vec![x, gamma, beta],
+            Op::AttentionCausal { q, k, v, .. } => vec![q, k, v],
             Op::Embedding { table, .. } => vec![table],
             Op::Binary { a, b, .. } => vec![a, b],
             Op::Gemm { a, b, bias, .. } => {
@@ -684,6 +692,19 @@ fn propagate<B: Backend>(
             accumulate(pending, x, stored(grads.dx, x.dims(), backend)?)?;
             accumulate(pending, gamma, stored(grads.dgamma, gamma.dims(), backend)?)?;
             accumulate(pending, beta, stored(grads.dbeta, beta.dims(), backend)?)
+        }
+        Op::AttentionCausal { q, k, v, scale } => {
+            let backend = q.backend();
+            let grads = backend.attention_causal_backward(
+                q.view(),
+                k.view(),
+                v.view(),
+                g.view(),
+                *scale,
+            )?;
+            accumulate(pending, q, stored(grads.dq, q.dims(), backend)?)?;
+            accumulate(pending, k, stored(grads.dk, k.dims(), backend)?)?;
+            accumulate(pending, v, stored(grads.dv, v.dims(), backend)?)
         }
         Op::MaxPool2d { x, argmax, window } => {
             let g = g.contiguous()?;

@@ -774,6 +774,43 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
         crate::attention::compose_softmax_causal(self, x)
     }
 
+    /// Causal scaled-dot-product attention: for queries `q` `[batch, T, D]`
+    /// and keys and values `k`, `v` `[batch, S, D]` (`S ≥ T`; any strides),
+    /// `softmax_causal(scale·q·kᵀ)·v`, `[batch, T, D]` contiguous in the
+    /// operands' type, computed in f32 ([`crate::plan::AttentionPlan`]).
+    /// Query `i` sees keys `0..=i + S − T`. Bound:
+    /// [`bounds::attention`](crate::bounds::attention). The default
+    /// composes primitive ops and holds the `[batch, T, S]` probabilities
+    /// in memory ([`crate::attention::compose_attention_causal`]); a fused
+    /// kernel streams them instead.
+    fn attention_causal(
+        &self,
+        q: View<'_, Self::Storage>,
+        k: View<'_, Self::Storage>,
+        v: View<'_, Self::Storage>,
+        scale: f32,
+    ) -> Result<Self::Storage> {
+        crate::attention::compose_attention_causal(self, q, k, v, scale)
+    }
+
+    /// The gradients of [`Backend::attention_causal`] with respect to `q`,
+    /// `k` and `v` given `dy` (`q`'s shape), the probabilities recomputed
+    /// from `q` and `k`. Every sum runs in a fixed order: no result depends
+    /// on thread timing. Bound:
+    /// [`bounds::attention_backward`](crate::bounds::attention_backward).
+    /// The default composes primitive ops
+    /// ([`crate::attention::compose_attention_causal_backward`]).
+    fn attention_causal_backward(
+        &self,
+        q: View<'_, Self::Storage>,
+        k: View<'_, Self::Storage>,
+        v: View<'_, Self::Storage>,
+        dy: View<'_, Self::Storage>,
+        scale: f32,
+    ) -> Result<crate::attention::AttentionGrads<Self::Storage>> {
+        crate::attention::compose_attention_causal_backward(self, q, k, v, dy, scale)
+    }
+
     /// Layer normalisation over the last axis (see [`crate::norm`]):
     /// `y = (x − μ)·rstd·γ + β` per row with `rstd = 1/√(σ² + ε)`, the
     /// statistics in f32 whatever `x`'s type, returned for the backward

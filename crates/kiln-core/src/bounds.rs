@@ -21,6 +21,7 @@
 //! | GEMM / conv epilogue (α, β·C₀, bias, activation) | [`epilogue`] over [`dot`] |
 //! | softmax, log-softmax, cross-entropy | [`SoftmaxRow`] |
 //! | layer norm, its backward | [`LayerNormRow`], [`LayerNormBackwardRow`] |
+//! | causal attention, its backward | [`attention`], [`attention_backward`] |
 //! | unary derivatives | [`unary_backward`] |
 //! | SGD, Adam | [`sgd`], [`adam`] |
 //!
@@ -661,4 +662,197 @@ mod tests {
         let (loss, _) = r.loss(2);
         assert!((loss + r.log_prob(2).0).abs() < 1e-15);
     }
+}
+
+/// The extents of one causal attention problem: `T` queries, `S ≥ T` keys
+/// and values, head width `D`, and the scale of the scores.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionDims {
+    /// Queries `T`.
+    pub queries: usize,
+    /// Keys and values `S` (query `i` sees `0..=i + S − T`).
+    pub keys: usize,
+    /// Head width `D`.
+    pub dim: usize,
+    /// The scores' scale.
+    pub scale: f64,
+}
+
+/// One problem's causal probabilities: per query row, the visible keys'
+/// `(Pᵢⱼ, bound)`.
+///
+/// The scores `sⱼ = scale·Σₚ qₚkⱼₚ` are computed in f32 (a dot product and
+/// one scaling), off by `Eⱼ = |scale|·dot(D + 1, Σₚ|qₚkⱼₚ|)`; a softmax of
+/// scores each off by at most `E = maxⱼ Eⱼ` moves by at most
+/// `Pⱼ·(e^{2E} − 1)`, on top of [`SoftmaxRow`]'s bound for the exact scores.
+fn attention_probabilities(q: &[f64], k: &[f64], dims: AttentionDims) -> Vec<Vec<(f64, f64)>> {
+    let AttentionDims {
+        queries: t,
+        keys: s,
+        dim: d,
+        scale,
+    } = dims;
+    (0..t)
+        .map(|i| {
+            let seen = i + s - t + 1;
+            let qi = &q[i * d..(i + 1) * d];
+            let (scores, errs): (Vec<f64>, Vec<f64>) = (0..seen)
+                .map(|j| {
+                    let kj = &k[j * d..(j + 1) * d];
+                    let dot_: f64 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
+                    let mass: f64 = qi.iter().zip(kj).map(|(a, b)| (a * b).abs()).sum();
+                    (scale * dot_, scale.abs() * dot(d + 1, mass))
+                })
+                .unzip();
+            let shift = (2.0 * errs.iter().fold(0f64, |m, &e| m.max(e))).exp_m1();
+            let row = SoftmaxRow::new(&scores);
+            (0..seen)
+                .map(|j| {
+                    let (p, e) = row.prob(j);
+                    (p, e + p * shift)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Causal attention `softmax_causal(scale·q·kᵀ)·v` of one problem —
+/// `q` `[T, D]`, `k`, `v` `[S, D]` row-major, exact — as `(value, bound)`
+/// per output element, row-major `[T, D]`.
+///
+/// The bound: the scores `sⱼ = scale·Σₚ qₚkⱼₚ`, computed in f32, are off by
+/// `Eⱼ = |scale|·dot(D + 1, Σₚ|qₚkⱼₚ|)`; a softmax of scores each off by at
+/// most `E = maxⱼ Eⱼ` moves by at most `Pⱼ·(e^{2E} − 1)`, on top of
+/// [`SoftmaxRow`]'s bound `ΔPⱼ` for the exact scores; then
+/// `yᵢₚ = Σⱼ Pᵢⱼvⱼₚ` over the `seen` visible keys in f32:
+/// `Σⱼ ΔPᵢⱼ·|vⱼₚ| + dot(seen + 1, Σⱼ Pᵢⱼ|vⱼₚ|)` (one more rounding for a
+/// normalisation after the sum).
+///
+/// ```
+/// use kiln_core::bounds::{attention, AttentionDims};
+///
+/// // One query, one key: the value itself.
+/// let dims = AttentionDims { queries: 1, keys: 1, dim: 2, scale: 0.5 };
+/// let y = attention(&[1.0, 2.0], &[3.0, 4.0], &[5.0, -6.0], dims);
+/// assert_eq!(y[0].0, 5.0);
+/// // Within a few hundred f32 roundings of the value.
+/// assert!(y[1].1 > 0.0 && y[1].1 < 300.0 * 6.0 * kiln_core::bounds::U);
+/// ```
+pub fn attention(q: &[f64], k: &[f64], v: &[f64], dims: AttentionDims) -> Vec<(f64, f64)> {
+    let d = dims.dim;
+    let probs = attention_probabilities(q, k, dims);
+    let mut out = Vec::with_capacity(dims.queries * d);
+    for row in &probs {
+        for p in 0..d {
+            let (mut y, mut err, mut mass) = (0.0, 0.0, 0.0);
+            for (j, &(pj, ej)) in row.iter().enumerate() {
+                let vj = v[j * d + p];
+                y += pj * vj;
+                err += ej * vj.abs();
+                mass += pj * vj.abs();
+            }
+            out.push((y, err + dot(row.len() + 1, mass)));
+        }
+    }
+    out
+}
+
+/// The gradients of [`attention`] with respect to `q`, `k` and `v` given
+/// `dy` (`[T, D]`), each as `(value, bound)` row-major.
+///
+/// The model follows the backward pass in f32 from recomputed
+/// probabilities (bounds `ΔP` as in [`attention`]): `dPᵢⱼ = Σₚ dyᵢₚvⱼₚ`
+/// within `dot(D, ·)`; `δᵢ = Σⱼ PᵢⱼdPᵢⱼ` within
+/// `Σⱼ(ΔPᵢⱼ|dPᵢⱼ| + PᵢⱼΔdPᵢⱼ) + dot(seen, Σⱼ Pᵢⱼ|dPᵢⱼ|)`;
+/// `dSᵢⱼ = Pᵢⱼ(dPᵢⱼ − δᵢ)` within
+/// `ΔPᵢⱼ|dPᵢⱼ − δᵢ| + Pᵢⱼ(ΔdPᵢⱼ + Δδᵢ) + 2u·Pᵢⱼ(|dPᵢⱼ| + |δᵢ|)`; then
+/// `dq = scale·dS·k`, `dk = scale·dSᵀ·q` and `dv = Pᵀ·dy` are sums whose
+/// terms carry those errors: `Σ Δterm + dot(n + 1, Σ|term|)`.
+pub fn attention_backward(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dy: &[f64],
+    dims: AttentionDims,
+) -> [Vec<(f64, f64)>; 3] {
+    let AttentionDims {
+        queries: t,
+        keys: s,
+        dim: d,
+        scale,
+    } = dims;
+    let probs = attention_probabilities(q, k, dims);
+    // dS per query row, with bounds.
+    let ds: Vec<Vec<(f64, f64)>> = probs
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let dyi = &dy[i * d..(i + 1) * d];
+            let dp: Vec<(f64, f64)> = (0..row.len())
+                .map(|j| {
+                    let vj = &v[j * d..(j + 1) * d];
+                    let val: f64 = dyi.iter().zip(vj).map(|(a, b)| a * b).sum();
+                    let mass: f64 = dyi.iter().zip(vj).map(|(a, b)| (a * b).abs()).sum();
+                    (val, dot(d, mass))
+                })
+                .collect();
+            let (mut delta, mut e_delta, mut mass) = (0.0, 0.0, 0.0);
+            for (&(p, ep), &(g, eg)) in row.iter().zip(&dp) {
+                delta += p * g;
+                e_delta += ep * g.abs() + p * eg;
+                mass += p * g.abs();
+            }
+            e_delta += dot(row.len(), mass);
+            row.iter()
+                .zip(&dp)
+                .map(|(&(p, ep), &(g, eg))| {
+                    let c = g - delta;
+                    let e =
+                        ep * c.abs() + p * (eg + e_delta) + 2.0 * U * p * (g.abs() + delta.abs());
+                    (p * c, e)
+                })
+                .collect()
+        })
+        .collect();
+    // Σ over terms (value, error, magnitude) → (value, bound).
+    let total = |terms: &mut dyn Iterator<Item = (f64, f64, f64)>, factor: f64| {
+        let (mut val, mut err, mut mass, mut n) = (0.0, 0.0, 0.0, 0usize);
+        for (x, e, m) in terms {
+            val += x;
+            err += e;
+            mass += m;
+            n += 1;
+        }
+        (factor * val, factor.abs() * (err + dot(n + 1, mass)))
+    };
+    let mut dq = Vec::with_capacity(t * d);
+    for row in &ds {
+        for p in 0..d {
+            let mut terms = row.iter().enumerate().map(|(j, &(g, e))| {
+                let kj = k[j * d + p];
+                (g * kj, e * kj.abs(), (g * kj).abs())
+            });
+            dq.push(total(&mut terms, scale));
+        }
+    }
+    let (mut dk, mut dv) = (Vec::with_capacity(s * d), Vec::with_capacity(s * d));
+    for j in 0..s {
+        // The queries that see key j.
+        let first = j.saturating_sub(s - t);
+        for p in 0..d {
+            let mut terms = (first..t).map(|i| {
+                let (g, e) = ds[i][j];
+                let qi = q[i * d + p];
+                (g * qi, e * qi.abs(), (g * qi).abs())
+            });
+            dk.push(total(&mut terms, scale));
+            let mut terms = (first..t).map(|i| {
+                let (pij, e) = probs[i][j];
+                let g = dy[i * d + p];
+                (pij * g, e * g.abs(), (pij * g).abs())
+            });
+            dv.push(total(&mut terms, 1.0));
+        }
+    }
+    [dq, dk, dv]
 }

@@ -39,6 +39,7 @@ pub mod slow_path;
 pub mod tensor;
 pub mod var;
 
+pub use attention::AttentionGrads;
 pub use autograd::{is_grad_enabled, no_grad, GradStore, NoGradGuard};
 pub use backend::{
     Activation, AdamSchedule, AdamStep, Backend, BackendStorage, BinaryOp, ConvGrads, Distribution,
@@ -51,7 +52,8 @@ pub use error::{DataError, Error, Result};
 pub use layout::Layout;
 pub use norm::{LayerNormGrads, LayerNormOut};
 pub use plan::{
-    CausalSoftmaxPlan, EmbeddingPlan, GemmPlan, LayerNormPlan, OptimizerPlan, SoftmaxCePlan,
+    AttentionPlan, CausalSoftmaxPlan, EmbeddingPlan, GemmPlan, LayerNormPlan, OptimizerPlan,
+    SoftmaxCePlan,
 };
 pub use shape::Shape;
 pub use tensor::{Tensor, TensorId};

@@ -566,3 +566,139 @@ impl CausalSoftmaxPlan {
         row % self.queries.max(1) + self.keys - self.queries + 1
     }
 }
+
+/// Causal scaled-dot-product attention over `[batch, T, D]` queries and
+/// `[batch, S, D]` keys and values, checked: one float dtype, `S ≥ T`
+/// (query `i` sees keys `0..=i + S − T`, the `S − T` first ones as from a
+/// cache), a finite scale, views inside their storages.
+///
+/// ```
+/// use kiln_core::{plan::AttentionPlan, Backend, DType, Layout, Shape, View};
+/// use kiln_cpu::CpuBackend;
+///
+/// let b = CpuBackend::reference();
+/// let s = b.full(2 * 5 * 4, DType::F32, 0.5)?;
+/// let (lq, lk) = (
+///     Layout::contiguous(Shape::new(&[2, 3, 4])?),
+///     Layout::contiguous(Shape::new(&[2, 5, 4])?),
+/// );
+/// let (q, k) = (View::new(&s, &lq), View::new(&s, &lk));
+/// let plan = AttentionPlan::new(q, k, k, 0.5)?;
+/// assert_eq!((plan.batch, plan.queries, plan.keys, plan.dim), (2, 3, 5, 4));
+/// assert_eq!(plan.visible(0), 3); // two cached keys, then itself
+/// // More queries than keys is a shape error naming the op.
+/// let e = AttentionPlan::new(k, q, q, 0.5).unwrap_err();
+/// assert!(e.to_string().contains("attention_causal"));
+/// # Ok::<(), kiln_core::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionPlan {
+    /// Independent attention problems (heads × examples).
+    pub batch: usize,
+    /// Query rows `T` per problem.
+    pub queries: usize,
+    /// Keys (and values) `S` per problem.
+    pub keys: usize,
+    /// The head width `D`.
+    pub dim: usize,
+    /// Scale of the scores `q·kᵀ`.
+    pub scale: f32,
+    /// The operands' (and the results') type.
+    pub dtype: DType,
+}
+
+impl AttentionPlan {
+    /// Checks `q` `[batch, T, D]`, `k` and `v` `[batch, S, D]` and `scale`.
+    pub fn new<S: BackendStorage>(
+        q: View<'_, S>,
+        k: View<'_, S>,
+        v: View<'_, S>,
+        scale: f32,
+    ) -> Result<Self> {
+        let op = "attention_causal";
+        let (qd, kd, vd) = (q.layout.dims(), k.layout.dims(), v.layout.dims());
+        let fits = qd.len() == 3
+            && kd.len() == 3
+            && kd == vd
+            && qd[0] == kd[0]
+            && qd[2] == kd[2]
+            && kd[1] >= qd[1];
+        if !fits {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "expected q [batch, T, D] and k, v [batch, S, D] with S ≥ T, got {qd:?}, {kd:?} and {vd:?}"
+                ),
+            ));
+        }
+        let dtype = q.storage.dtype();
+        for got in [k.storage.dtype(), v.storage.dtype()] {
+            if got != dtype {
+                return Err(Error::DType {
+                    op,
+                    expected: dtype,
+                    got,
+                });
+            }
+        }
+        if !dtype.is_float() {
+            return Err(Error::DType {
+                op,
+                expected: DType::F32,
+                got: dtype,
+            });
+        }
+        if !scale.is_finite() {
+            return Err(Error::invalid(format!(
+                "{op}: the scale must be finite, got {scale}"
+            )));
+        }
+        for x in [q, k, v] {
+            check_view(op, x)?;
+        }
+        Ok(AttentionPlan {
+            batch: qd[0],
+            queries: qd[1],
+            keys: kd[1],
+            dim: qd[2],
+            scale,
+            dtype,
+        })
+    }
+
+    /// [`AttentionPlan::new`], and `dy` of `q`'s shape and type.
+    pub fn backward<S: BackendStorage>(
+        q: View<'_, S>,
+        k: View<'_, S>,
+        v: View<'_, S>,
+        dy: View<'_, S>,
+        scale: f32,
+    ) -> Result<Self> {
+        let plan = AttentionPlan::new(q, k, v, scale)?;
+        let op = "attention_causal_backward";
+        if dy.layout.dims() != q.layout.dims() {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "dy {} is not the shape of q {}",
+                    dy.layout.shape(),
+                    q.layout.shape()
+                ),
+            ));
+        }
+        if dy.storage.dtype() != plan.dtype {
+            return Err(Error::DType {
+                op,
+                expected: plan.dtype,
+                got: dy.storage.dtype(),
+            });
+        }
+        check_view(op, dy)?;
+        Ok(plan)
+    }
+
+    /// How many keys (from the first) query `i` of a problem sees.
+    pub fn visible(&self, i: usize) -> usize {
+        i + self.keys - self.queries + 1
+    }
+}

@@ -854,6 +854,36 @@ impl<B: Backend> Tensor<B> {
         })
     }
 
+    /// Causal scaled-dot-product attention ([`Backend::attention_causal`]):
+    /// `softmax_causal(scale·self·kᵀ)·v` for queries `self` `[batch, T, D]`
+    /// and keys and values `[batch, S, D]`, `S ≥ T`. The backward pass
+    /// recomputes the probabilities instead of keeping the `[batch, T, S]`
+    /// matrix.
+    ///
+    /// ```
+    /// use kiln_core::Tensor;
+    /// use kiln_cpu::CpuBackend;
+    ///
+    /// let b = CpuBackend::reference();
+    /// let q = Tensor::from_slice(&[1.0, 0.0, 0.0, 1.0], &[1, 2, 2], &b)?;
+    /// let v = Tensor::from_slice(&[1.0, 2.0, 3.0, 4.0], &[1, 2, 2], &b)?;
+    /// let y = q.attention_causal(&q, &v, 1.0)?.to_vec_f32()?;
+    /// // The first query sees only the first key: its value, exactly.
+    /// assert_eq!(&y[..2], [1.0, 2.0]);
+    /// # Ok::<(), kiln_core::Error>(())
+    /// ```
+    pub fn attention_causal(&self, k: &Self, v: &Self, scale: f32) -> Result<Self> {
+        let y = self
+            .backend()
+            .attention_causal(self.view(), k.view(), v.view(), scale)?;
+        self.result(y, self.dims(), || Op::AttentionCausal {
+            q: self.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            scale,
+        })
+    }
+
     /// Layer normalisation over the last axis ([`Backend::layer_norm`]):
     /// `(x − μ)/√(σ² + eps)·gamma + beta` per row, `gamma` and `beta` of
     /// shape `[last]`.

@@ -35,6 +35,7 @@
 //! # Ok::<(), kiln_core::Error>(())
 //! ```
 
+mod attention;
 mod conv;
 mod embedding;
 mod fallback;
@@ -371,6 +372,37 @@ impl Backend for CpuBackend {
         }
         let out = reference::softmax::softmax_causal(x);
         self.scalar("softmax_causal", &[x], out)
+    }
+
+    fn attention_causal(
+        &self,
+        q: View<'_, HostData>,
+        k: View<'_, HostData>,
+        v: View<'_, HostData>,
+        scale: f32,
+    ) -> Result<HostData> {
+        match self.simd() {
+            Some((set, pool)) => attention::attention_causal(set, pool, q, k, v, scale),
+            None => kiln_core::attention::compose_attention_causal(self, q, k, v, scale),
+        }
+    }
+
+    fn attention_causal_backward(
+        &self,
+        q: View<'_, HostData>,
+        k: View<'_, HostData>,
+        v: View<'_, HostData>,
+        dy: View<'_, HostData>,
+        scale: f32,
+    ) -> Result<kiln_core::AttentionGrads<HostData>> {
+        match self.simd() {
+            Some((set, pool)) => {
+                attention::attention_causal_backward(set, pool, q, k, v, dy, scale)
+            }
+            None => {
+                kiln_core::attention::compose_attention_causal_backward(self, q, k, v, dy, scale)
+            }
+        }
     }
 
     fn softmax_cross_entropy(

@@ -29,7 +29,7 @@ const ROWS_PER_TASK: usize = 16;
 
 /// `Σ f(i)` over `0..n` in [`LANES`] partial sums, combined pairwise.
 #[inline(always)]
-fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+pub(crate) fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let full = n - n % LANES;
     for base in (0..full).step_by(LANES) {

@@ -1,6 +1,6 @@
 //! The ops the worker threads split — elementwise maps over many tasks,
 //! broadcast rows and columns cut at whole rows, gradients, batches of
-//! small products, Adam's update — give the same bits on 1, 2 and 3 threads, on every
+//! small products, fused attention, Adam's update — give the same bits on 1, 2 and 3 threads, on every
 //! SIMD set this processor has.
 
 use kiln_core::{Activation, Backend, ReduceOp, Result, Tensor, UnaryOp, View};
@@ -67,6 +67,14 @@ fn outputs(b: &CpuBackend) -> Result<Vec<Vec<u32>>> {
     let q = Tensor::from_slice(&values(48 * 64 * 32, 5), &[48, 64, 32], b)?;
     let k = Tensor::from_slice(&values(48 * 64 * 32, 6), &[48, 64, 32], b)?;
     let scores = q.gemm(&k.transpose(1, 2)?, 0.125, None, Activation::None)?;
+    // The fused causal attention and its gradients: one problem per task.
+    let v = Tensor::from_slice(&values(48 * 64 * 32, 8), &[48, 64, 32], b)?;
+    let attended = q.attention_causal(&k, &v, 0.125)?;
+    let grads = b.attention_causal_backward(q.view(), k.view(), v.view(), v.view(), 0.125)?;
+    let heads = |s: <CpuBackend as Backend>::Storage| -> Result<Vec<f32>> {
+        let layout = kiln_core::Layout::contiguous(q.shape().clone());
+        Ok(b.download(View::new(&s, &layout))?.to_f32_vec())
+    };
     // Rows past the row-block height (split into blocks of even height per
     // thread count), k past one k block, a bias and ReLU epilogue.
     let a = Tensor::from_slice(&values(517 * 300, 7), &[517, 300], b)?;
@@ -89,6 +97,10 @@ fn outputs(b: &CpuBackend) -> Result<Vec<Vec<u32>>> {
         col.broadcast_as(&[rows, cols])?.maximum(&x)?.to_vec_f32()?,
         x.reduce(ReduceOp::Sum, &[0, 1], false)?.to_vec_f32()?,
         scores.to_vec_f32()?,
+        attended.to_vec_f32()?,
+        heads(grads.dq)?,
+        heads(grads.dk)?,
+        heads(grads.dv)?,
         product.to_vec_f32()?,
         // A strided gather big enough to be split among threads.
         x.transpose(0, 1)?.contiguous()?.to_vec_f32()?,

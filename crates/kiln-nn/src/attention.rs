@@ -172,16 +172,22 @@ impl<B: Backend> CausalSelfAttention<B> {
             (k, v) = state.append(&k, &v)?;
         }
         let scale = 1.0 / (d as f32).sqrt();
-        let mut weights = q
-            .gemm(&k.transpose(1, 2)?, scale, None, Activation::None)?
-            .softmax_causal()?;
-        if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
+        let y = if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
+            // Dropout on the probabilities needs them in memory: the
+            // composed ops.
+            let weights = q
+                .gemm(&k.transpose(1, 2)?, scale, None, Activation::None)?
+                .softmax_causal()?;
             let at = self
                 .drawn
                 .fetch_add(weights.numel() as u64, Ordering::Relaxed);
-            weights = weights.dropout(self.dropout, self.seed, self.base + at)?;
-        }
-        let y = weights.matmul(&v)?; // [h·n, t, d]
+            weights
+                .dropout(self.dropout, self.seed, self.base + at)?
+                .matmul(&v)?
+        } else {
+            // Fused: the [h·n, t, s] probabilities are never stored.
+            q.attention_causal(&k, &v, scale)?
+        }; // [h·n, t, d]
         let merged = y
             .reshape(&[h, n, t, d])?
             .permute(&[1, 2, 0, 3])?

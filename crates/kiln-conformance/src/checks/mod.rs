@@ -1,5 +1,6 @@
 //! The checks, one function per op family, dispatched by name.
 
+mod attention;
 mod conv;
 mod elementwise;
 mod embedding;
@@ -77,6 +78,8 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, dtype: DType, cfg: &Config) -> Re
         "argmax" => reduce::argmax(b, dtype, cfg),
         "softmax" => softmax::softmax(b, dtype, cfg, false),
         "softmax_causal" => softmax::softmax_causal(b, dtype, cfg),
+        "attention_causal" => attention::attention_causal(b, dtype, cfg),
+        "attention_causal_backward" => attention::attention_causal_backward(b, dtype, cfg),
         "layer_norm" => norm::layer_norm(b, dtype, cfg),
         "embedding" => embedding::embedding(b, dtype, cfg),
         "embedding_backward" => embedding::embedding_backward(b, dtype, cfg),

@@ -22,7 +22,7 @@ use crate::workers::Workers;
 use crate::KernelSet;
 
 /// A vector kernel `out[i] = f(x[i])` (the transcendentals).
-type MapKernel = unsafe fn(&[f32], &mut [f32]);
+pub(crate) type MapKernel = unsafe fn(&[f32], &mut [f32]);
 
 /// The elements of a contiguous view as f32: borrowed for f32, widened
 /// (exactly) for f16 and bf16; `None` for other views.
@@ -102,7 +102,7 @@ fn per_row<'a>(set: KernelSet, v: View<'a, HostData>) -> Option<(Cow<'a, [f32]>,
 }
 
 /// The vector transcendental of `set` for `op`, if it has one.
-fn transcendental(set: KernelSet, op: UnaryOp) -> Option<MapKernel> {
+pub(crate) fn transcendental(set: KernelSet, op: UnaryOp) -> Option<MapKernel> {
     #[cfg(target_arch = "x86_64")]
     {
         use super::{avx2, avx512};
@@ -463,7 +463,7 @@ pub(crate) fn softmax_causal(
 }
 
 /// The row's max and `Σ exp(x − max)`; leaves `exp(x − max)` in `exps`.
-fn row_stats(
+pub(crate) fn row_stats(
     set: KernelSet,
     exp: MapKernel,
     row: &[f32],

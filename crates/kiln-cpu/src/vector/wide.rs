@@ -267,7 +267,7 @@ fn sum_runs_loop(x: &[f32], run: usize) -> Vec<f32> {
 }
 
 #[inline(always)]
-fn max_loop(x: &[f32]) -> f32 {
+pub(crate) fn max_loop(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut nan = false;
     let mut chunks = x.chunks_exact(LANES);

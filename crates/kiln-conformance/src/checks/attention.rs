@@ -1,0 +1,164 @@
+//! Causal scaled-dot-product attention, forward and backward.
+//!
+//! Bounds: [`kiln_core::bounds::attention`] and
+//! [`kiln_core::bounds::attention_backward`]. Operands come in every
+//! arrangement the other checks use (strided, offset, broadcast views),
+//! with more keys than queries (a cache's earlier keys), head widths
+//! around the vector widths, and — at the `large` tier — rows of 250 and
+//! more keys.
+
+use kiln_core::bounds::{self, AttentionDims};
+use kiln_core::{Backend, DType, View};
+use proptest::prelude::*;
+
+use super::fetch_all;
+use crate::values::{operand, Domain, Operand};
+use crate::{compare, run_cases, Bound, CaseError, Config, Report, Sizer, Tier};
+
+#[derive(Clone, Debug)]
+struct Case {
+    q: Operand,
+    k: Operand,
+    v: Operand,
+    dy: Operand,
+    scale: f32,
+}
+
+impl Case {
+    /// `(batch, T, S, D)`.
+    fn extents(&self) -> (usize, usize, usize, usize) {
+        let (q, k) = (self.q.dims(), self.k.dims());
+        (q[0], q[1], k[1], q[2])
+    }
+
+    fn dims(&self) -> AttentionDims {
+        let (_, t, s, d) = self.extents();
+        AttentionDims {
+            queries: t,
+            keys: s,
+            dim: d,
+            scale: f64::from(self.scale),
+        }
+    }
+}
+
+fn strategy(z: &Sizer, dtype: DType) -> BoxedStrategy<Case> {
+    let extents = match z.tier {
+        Tier::Edge => (1usize..4, 0usize..9, 0usize..5, 0usize..9).boxed(),
+        Tier::Blocked => (
+            1usize..3,
+            1usize..80,
+            0usize..40,
+            prop::sample::select(vec![1usize, 15, 16, 17, 31, 32, 33, 64]),
+        )
+            .boxed(),
+        Tier::Large => (Just(1usize), 250usize..260, 0usize..8, 31usize..34).boxed(),
+    };
+    let scale = prop::sample::select(vec![1.0f32, 0.125, 0.176_776_7]);
+    (extents, scale)
+        .prop_flat_map(move |((n, t, extra, d), scale)| {
+            let s = t + extra;
+            let arg = |rows| operand(dtype, vec![n, rows, d], Domain::Moderate(2.0), true);
+            (arg(t), arg(s), arg(s), arg(t)).prop_map(move |(q, k, v, dy)| Case {
+                q,
+                k,
+                v,
+                dy,
+                scale,
+            })
+        })
+        .boxed()
+}
+
+/// Problem `p` of a `[batch, rows, D]` operand's logical values.
+fn problem(values: &[f64], p: usize, rows: usize, d: usize) -> &[f64] {
+    &values[p * rows * d..(p + 1) * rows * d]
+}
+
+/// The `(value, bound)` lists as the comparison wants them.
+fn abs(v: Vec<(f64, f64)>) -> impl Iterator<Item = (f64, Bound)> {
+    v.into_iter().map(|(y, e)| (y, Bound::Abs(e)))
+}
+
+pub(crate) fn attention_causal<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
+    let op = "attention_causal";
+    run_cases(
+        op,
+        dtype,
+        cfg,
+        move |z: &Sizer| strategy(z, dtype),
+        |c| {
+            let (q, k, v) = (c.q.upload(b)?, c.k.upload(b)?, c.v.upload(b)?);
+            let y = b.attention_causal(
+                View::new(&q, &c.q.layout),
+                View::new(&k, &c.k.layout),
+                View::new(&v, &c.v.layout),
+                c.scale,
+            )?;
+            let dims = c.q.dims().to_vec();
+            let got = fetch_all(b, &y, &dims)?;
+            let (n, t, s, d) = c.extents();
+            let (ql, kl, vl) = (c.q.logical(), c.k.logical(), c.v.logical());
+            let mut want = Vec::with_capacity(got.len());
+            for p in 0..n {
+                let (qp, kp, vp) = (
+                    problem(&ql, p, t, d),
+                    problem(&kl, p, s, d),
+                    problem(&vl, p, s, d),
+                );
+                want.extend(abs(bounds::attention(qp, kp, vp, c.dims())));
+            }
+            compare(op, dtype, &dims, &got, &want)
+        },
+    )
+}
+
+pub(crate) fn attention_causal_backward<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
+    let op = "attention_causal_backward";
+    run_cases(
+        op,
+        dtype,
+        cfg,
+        move |z: &Sizer| strategy(z, dtype),
+        |c| {
+            let (q, k, v) = (c.q.upload(b)?, c.k.upload(b)?, c.v.upload(b)?);
+            let dy = c.dy.upload(b)?;
+            let grads = b.attention_causal_backward(
+                View::new(&q, &c.q.layout),
+                View::new(&k, &c.k.layout),
+                View::new(&v, &c.v.layout),
+                View::new(&dy, &c.dy.layout),
+                c.scale,
+            )?;
+            let (n, t, s, d) = c.extents();
+            let (ql, kl, vl, dyl) = (c.q.logical(), c.k.logical(), c.v.logical(), c.dy.logical());
+            let mut want: [Vec<(f64, Bound)>; 3] = Default::default();
+            for p in 0..n {
+                let [dq, dk, dv] = bounds::attention_backward(
+                    problem(&ql, p, t, d),
+                    problem(&kl, p, s, d),
+                    problem(&vl, p, s, d),
+                    problem(&dyl, p, t, d),
+                    c.dims(),
+                );
+                want[0].extend(abs(dq));
+                want[1].extend(abs(dk));
+                want[2].extend(abs(dv));
+            }
+            let mut worst = 0f64;
+            for ((name, got, dims), want) in [
+                ("dq", &grads.dq, [n, t, d]),
+                ("dk", &grads.dk, [n, s, d]),
+                ("dv", &grads.dv, [n, s, d]),
+            ]
+            .into_iter()
+            .zip(&want)
+            {
+                let got = fetch_all(b, got, &dims)?;
+                let what = format!("{op} ({name})");
+                worst = worst.max(compare(&what, dtype, &dims, &got, want)?);
+            }
+            Ok::<f64, CaseError>(worst)
+        },
+    )
+}

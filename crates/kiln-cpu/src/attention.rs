@@ -1,0 +1,413 @@
+//! Causal attention on the CPU, fused: one problem (a head of one example)
+//! per task, one query row at a time — its scores over the keys it sees,
+//! their softmax, then the weighted sum of the values — so the
+//! `[batch, T, S]` probabilities never exist in memory, and the keys a
+//! query does not see cost nothing (about half the multiply-adds of the
+//! composed ops' full products).
+//!
+//! The backward pass recomputes each row's probabilities from `q` and `k`
+//! and accumulates `dq`, `dk` and `dv` in place. Every sum is a chain of
+//! fused multiply-adds in a fixed order (keys, then queries, ascending), so
+//! results do not depend on the thread count. The loops are compiled per
+//! kernel set by [`wide::per_set`]; the bounds are
+//! [`kiln_core::bounds::attention`] and
+//! [`attention_backward`](kiln_core::bounds::attention_backward).
+
+use std::mem::MaybeUninit;
+
+use kiln_core::plan::AttentionPlan;
+use kiln_core::{AttentionGrads, HostData, Result, UnaryOp, View};
+
+use crate::fresh;
+use crate::norm::lane_sum;
+use crate::storage::{read_f32, store_f32};
+use crate::vector::ops::{transcendental, MapKernel};
+use crate::vector::wide;
+use crate::workers::Workers;
+use crate::KernelSet;
+
+/// Columns of a register block: one AVX-512 vector (two AVX2 or four
+/// NEON ones).
+const LANES: usize = 16;
+/// Rows of a register block: `ROWS × LANES` accumulators, each step one
+/// vector load shared by `ROWS` broadcast multiply-adds.
+const ROWS: usize = 4;
+
+/// The causal extents of one problem's loops: `rows` queries of which
+/// query `i` sees keys `0..i + extra + 1`, and `sp` columns per score row
+/// (the keys rounded up to [`LANES`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Causal {
+    rows: usize,
+    keys: usize,
+    extra: usize,
+    sp: usize,
+}
+
+impl Causal {
+    fn seen(self, i: usize) -> usize {
+        i + self.extra + 1
+    }
+    /// The first query that sees key `j`.
+    fn first(self, j: usize) -> usize {
+        j.saturating_sub(self.extra)
+    }
+}
+
+/// `LANES` floats of `x` from `at` (zeros past `len` of them).
+#[inline(always)]
+fn lanes(x: &[f32], at: usize, len: usize) -> [f32; LANES] {
+    if len == LANES {
+        // A fixed-size copy: one vector load.
+        let whole: &[f32; LANES] = x[at..at + LANES].try_into().expect("LANES floats");
+        return *whole;
+    }
+    let mut v = [0f32; LANES];
+    v[..len].copy_from_slice(&x[at..at + len]);
+    v
+}
+
+/// `acc[l] += a·v[l]` for a register block's row.
+#[inline(always)]
+fn fma_row(acc: &mut [f32; LANES], a: f32, v: &[f32; LANES]) {
+    for (c, &x) in acc.iter_mut().zip(v) {
+        *c = a.mul_add(x, *c);
+    }
+}
+
+/// `out[i·sp + j] = Σₚ x[i·d + p]·t[p·sp + j]` for every query `i` and at
+/// least the keys it sees (whole blocks of [`LANES`]; the rest of a row is
+/// left as it was): the scores `q·kᵀ` from the transposed keys, or
+/// `dy·vᵀ` from the transposed values.
+#[inline(always)]
+fn products_loop(x: &[f32], t: &[f32], d: usize, c: Causal, out: &mut [f32]) {
+    for i0 in (0..c.rows).step_by(ROWS) {
+        let r = ROWS.min(c.rows - i0);
+        let width = c.seen(i0 + r - 1).next_multiple_of(LANES).min(c.sp);
+        for j0 in (0..width).step_by(LANES) {
+            let mut acc = [[0f32; LANES]; ROWS];
+            for p in 0..d {
+                let tv = lanes(t, p * c.sp + j0, LANES);
+                for (k, row) in acc.iter_mut().enumerate() {
+                    fma_row(row, x[(i0 + k.min(r - 1)) * d + p], &tv);
+                }
+            }
+            for (k, row) in acc.iter().enumerate().take(r) {
+                out[(i0 + k) * c.sp + j0..][..LANES].copy_from_slice(row);
+            }
+        }
+    }
+}
+
+/// `out[i·d..] = Σ_{j < seen(i)} w[i·sp + j]·y[j·d..]`, keys ascending:
+/// `P·v` or `dS·k`.
+#[inline(always)]
+fn weighted_loop(w: &[f32], y: &[f32], d: usize, c: Causal, out: &mut [f32]) {
+    for i0 in (0..c.rows).step_by(ROWS) {
+        let r = ROWS.min(c.rows - i0);
+        // Keys every row of the block sees, then each row's own.
+        let common = c.seen(i0);
+        for c0 in (0..d).step_by(LANES) {
+            let cw = LANES.min(d - c0);
+            let mut acc = [[0f32; LANES]; ROWS];
+            for j in 0..common {
+                let yv = lanes(y, j * d + c0, cw);
+                for (k, row) in acc.iter_mut().enumerate() {
+                    fma_row(row, w[(i0 + k.min(r - 1)) * c.sp + j], &yv);
+                }
+            }
+            for (k, row) in acc.iter_mut().enumerate().take(r) {
+                for j in common..c.seen(i0 + k) {
+                    fma_row(row, w[(i0 + k) * c.sp + j], &lanes(y, j * d + c0, cw));
+                }
+                out[(i0 + k) * d + c0..][..cw].copy_from_slice(&row[..cw]);
+            }
+        }
+    }
+}
+
+/// `out[j·d..] = Σ_{i sees j} w[i·sp + j]·x[i·d..]`, queries ascending:
+/// `dSᵀ·q` or `Pᵀ·dy`.
+#[inline(always)]
+fn transposed_weighted_loop(w: &[f32], x: &[f32], d: usize, c: Causal, out: &mut [f32]) {
+    for j0 in (0..c.keys).step_by(ROWS) {
+        let r = ROWS.min(c.keys - j0);
+        // Queries that see every key of the block, after each key's own.
+        let common = c.first(j0 + r - 1);
+        for c0 in (0..d).step_by(LANES) {
+            let cw = LANES.min(d - c0);
+            let mut acc = [[0f32; LANES]; ROWS];
+            for (k, row) in acc.iter_mut().enumerate().take(r) {
+                for i in c.first(j0 + k)..common.min(c.rows) {
+                    fma_row(row, w[i * c.sp + j0 + k], &lanes(x, i * d + c0, cw));
+                }
+            }
+            for i in common..c.rows {
+                let xv = lanes(x, i * d + c0, cw);
+                for (k, row) in acc.iter_mut().enumerate() {
+                    fma_row(row, w[i * c.sp + j0 + k.min(r - 1)], &xv);
+                }
+            }
+            for (k, row) in acc.iter().enumerate().take(r) {
+                out[(j0 + k) * d + c0..][..cw].copy_from_slice(&row[..cw]);
+            }
+        }
+    }
+}
+
+/// Each score row (`scale` applied) turned into its probabilities over the
+/// keys it sees, zeros after: the model of
+/// [`SoftmaxRow`](kiln_core::bounds::SoftmaxRow) — the max, shifts, `exp`,
+/// a fixed-order sum, a division.
+#[inline(always)]
+fn softmax_rows_loop(p: &mut [f32], c: Causal, scale: f32, exp: MapKernel, shifted: &mut [f32]) {
+    for i in 0..c.rows {
+        let (seen, row) = (c.seen(i), &mut p[i * c.sp..(i + 1) * c.sp]);
+        let (vis, rest) = row.split_at_mut(seen);
+        for x in vis.iter_mut() {
+            *x *= scale;
+        }
+        let max = wide::max_loop(vis);
+        for (s, &x) in shifted.iter_mut().zip(vis.iter()) {
+            *s = x - max;
+        }
+        // SAFETY: `exp` came from `transcendental` for a checked set.
+        unsafe { exp(&shifted[..seen], vis) };
+        let sum = lane_sum(seen, |j| vis[j]);
+        for x in vis.iter_mut() {
+            *x /= sum;
+        }
+        rest.fill(0.0);
+    }
+}
+
+/// `dS = P∘(dP − δ)` in place of `dP`, `δᵢ = Σⱼ PᵢⱼdPᵢⱼ` over the keys row
+/// `i` sees; zeros after.
+#[inline(always)]
+fn score_grads_loop(p: &[f32], dp: &mut [f32], c: Causal) {
+    for i in 0..c.rows {
+        let seen = c.seen(i);
+        let (pr, dr) = (&p[i * c.sp..][..seen], &mut dp[i * c.sp..(i + 1) * c.sp]);
+        let delta = lane_sum(seen, |j| pr[j] * dr[j]);
+        let (vis, rest) = dr.split_at_mut(seen);
+        for (g, &pj) in vis.iter_mut().zip(pr) {
+            *g = pj * (*g - delta);
+        }
+        rest.fill(0.0);
+    }
+}
+
+wide::per_set! {
+    /// Scores or their gradients' products ([`products_loop`]).
+    fn products(x: &[f32], t: &[f32], d: usize, c: Causal, out: &mut [f32]) -> () = products_loop;
+}
+
+wide::per_set! {
+    /// A causal weighted sum of rows ([`weighted_loop`]).
+    fn weighted(w: &[f32], y: &[f32], d: usize, c: Causal, out: &mut [f32]) -> () = weighted_loop;
+}
+
+wide::per_set! {
+    /// Its transposed form ([`transposed_weighted_loop`]).
+    fn transposed_weighted(w: &[f32], x: &[f32], d: usize, c: Causal, out: &mut [f32]) -> () = transposed_weighted_loop;
+}
+
+wide::per_set! {
+    /// Probabilities from scores ([`softmax_rows_loop`]).
+    fn softmax_rows(p: &mut [f32], c: Causal, scale: f32, exp: MapKernel, shifted: &mut [f32]) -> () = softmax_rows_loop;
+}
+
+wide::per_set! {
+    /// The scores' gradients ([`score_grads_loop`]).
+    fn score_grads(p: &[f32], dp: &mut [f32], c: Causal) -> () = score_grads_loop;
+}
+
+/// `x` (`[rows, cols]` row-major) transposed into `out` (`[cols, stride]`).
+fn transpose(x: &[f32], rows: usize, cols: usize, stride: usize, out: &mut [f32]) {
+    for (r, row) in x.chunks_exact(cols.max(1)).take(rows).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            out[c * stride + r] = v;
+        }
+    }
+}
+
+/// One problem's operands (f32, row-major) and its probabilities.
+struct Problem<'a> {
+    set: KernelSet,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    d: usize,
+    causal: Causal,
+    /// The probabilities, `[T, sp]` (zeros past the keys each row sees).
+    p: Vec<f32>,
+}
+
+impl<'a> Problem<'a> {
+    /// Problem `b`'s operands and probabilities.
+    fn new(
+        set: KernelSet,
+        exp: MapKernel,
+        plan: &AttentionPlan,
+        b: usize,
+        (q, k, v): (&'a [f32], &'a [f32], &'a [f32]),
+    ) -> Self {
+        let (t, s, d) = (plan.queries, plan.keys, plan.dim);
+        let causal = Causal {
+            rows: t,
+            keys: s,
+            extra: s - t,
+            sp: s.next_multiple_of(LANES),
+        };
+        let (q, k, v) = (
+            &q[b * t * d..(b + 1) * t * d],
+            &k[b * s * d..(b + 1) * s * d],
+            &v[b * s * d..(b + 1) * s * d],
+        );
+        let mut kt = vec![0f32; d * causal.sp];
+        transpose(k, s, d, causal.sp, &mut kt);
+        let mut p = vec![0f32; t * causal.sp];
+        products(set, q, &kt, d, causal, &mut p);
+        let mut shifted = vec![0f32; s];
+        softmax_rows(set, &mut p, causal, plan.scale, exp, &mut shifted);
+        Problem {
+            set,
+            q,
+            k,
+            v,
+            d,
+            causal,
+            p,
+        }
+    }
+
+    /// `y = P·v` (`[T, D]`).
+    fn forward(&self, y: &mut [f32]) {
+        weighted(self.set, &self.p, self.v, self.d, self.causal, y);
+    }
+
+    /// `dq` (`[T, D]`), `dk` and `dv` (`[S, D]`) from this problem's `dy`
+    /// (`[T, D]`), before the scale on `dq` and `dk`.
+    fn backward(&self, dy: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+        let (set, c, d) = (self.set, self.causal, self.d);
+        let mut vt = vec![0f32; d * c.sp];
+        transpose(self.v, c.keys, d, c.sp, &mut vt);
+        let mut ds = vec![0f32; c.rows * c.sp];
+        products(set, dy, &vt, d, c, &mut ds);
+        score_grads(set, &self.p, &mut ds, c);
+        weighted(set, &ds, self.k, d, c, dq);
+        transposed_weighted(set, &ds, self.q, d, c, dk);
+        transposed_weighted(set, &self.p, dy, d, c, dv);
+    }
+}
+
+/// The f32 operands of `plan`, row-major.
+fn operands<'a>(
+    op: &'static str,
+    views: [View<'a, HostData>; 3],
+) -> Result<[std::borrow::Cow<'a, [f32]>; 3]> {
+    let [q, k, v] = views;
+    Ok([read_f32(op, q)?, read_f32(op, k)?, read_f32(op, v)?])
+}
+
+/// `set`'s vector exp (every SIMD set has one).
+fn vector_exp(op: &str, set: KernelSet) -> Result<MapKernel> {
+    transcendental(set, UnaryOp::Exp).ok_or_else(|| {
+        kiln_core::Error::invalid(format!("{op}: no vector exp for kernel set {}", set.name()))
+    })
+}
+
+/// The fresh `buf`'s first `n·each` slots as `n` slices of `each` (empty
+/// when `each` is 0), one per problem.
+fn per_problem(buf: &mut Vec<f32>, n: usize, each: usize) -> Vec<&mut [MaybeUninit<f32>]> {
+    let mut rest = &mut buf.spare_capacity_mut()[..n * each];
+    (0..n)
+        .map(|_| {
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(each);
+            rest = tail;
+            part
+        })
+        .collect()
+}
+
+/// [`kiln_core::Backend::attention_causal`] with `set`'s loops, one
+/// problem per task on `pool`.
+pub(crate) fn attention_causal(
+    set: KernelSet,
+    pool: &Workers,
+    q: View<'_, HostData>,
+    k: View<'_, HostData>,
+    v: View<'_, HostData>,
+    scale: f32,
+) -> Result<HostData> {
+    let op = "attention_causal";
+    let plan = AttentionPlan::new(q, k, v, scale)?;
+    let [qs, ks, vs] = operands(op, [q, k, v])?;
+    let exp = vector_exp(op, set)?;
+    let (t, d) = (plan.queries, plan.dim);
+    let len = plan.batch * t * d;
+    let fill = |start: usize, out: &mut [MaybeUninit<f32>]| {
+        let y = fresh::zeros(out);
+        let operands = (&qs[..], &ks[..], &vs[..]);
+        for (j, y) in y.chunks_exact_mut((t * d).max(1)).enumerate() {
+            let b = start / (t * d).max(1) + j;
+            Problem::new(set, exp, &plan, b, operands).forward(y);
+        }
+    };
+    // SAFETY: `fill` zeroes every chunk it is handed before anything else.
+    let y = unsafe { pool.filled(len, t * d, fill) };
+    store_f32(op, plan.dtype, y)
+}
+
+/// [`kiln_core::Backend::attention_causal_backward`] with `set`'s loops,
+/// one problem per task on `pool`.
+pub(crate) fn attention_causal_backward(
+    set: KernelSet,
+    pool: &Workers,
+    q: View<'_, HostData>,
+    k: View<'_, HostData>,
+    v: View<'_, HostData>,
+    dy: View<'_, HostData>,
+    scale: f32,
+) -> Result<AttentionGrads<HostData>> {
+    let op = "attention_causal_backward";
+    let plan = AttentionPlan::backward(q, k, v, dy, scale)?;
+    let [qs, ks, vs] = operands(op, [q, k, v])?;
+    let dys = read_f32(op, dy)?;
+    let exp = vector_exp(op, set)?;
+    let (n, t, s, d) = (plan.batch, plan.queries, plan.keys, plan.dim);
+    let (mut dq, mut dk, mut dv) = (
+        Vec::with_capacity(n * t * d),
+        Vec::with_capacity(n * s * d),
+        Vec::with_capacity(n * s * d),
+    );
+    let jobs: Vec<_> = per_problem(&mut dq, n, t * d)
+        .into_iter()
+        .zip(per_problem(&mut dk, n, s * d))
+        .zip(per_problem(&mut dv, n, s * d))
+        .enumerate()
+        .collect();
+    let operands = (&qs[..], &ks[..], &vs[..]);
+    pool.for_each(jobs, |(b, ((dq, dk), dv))| {
+        // Zeroed by the thread that accumulates into them.
+        let (dq, dk, dv) = (fresh::zeros(dq), fresh::zeros(dk), fresh::zeros(dv));
+        let dy = &dys[b * t * d..(b + 1) * t * d];
+        Problem::new(set, exp, &plan, b, operands).backward(dy, dq, dk, dv);
+        let scale = plan.scale;
+        wide::update(set, dq, |x| x * scale);
+        wide::update(set, dk, |x| x * scale);
+    });
+    // SAFETY: the `n` problems' slices cover each buffer's `0..len`, and
+    // every task zeroed its three slices first (`for_each` ran them all,
+    // or resumed a task's panic before this line).
+    unsafe {
+        dq.set_len(n * t * d);
+        dk.set_len(n * s * d);
+        dv.set_len(n * s * d);
+    }
+    Ok(AttentionGrads {
+        dq: store_f32(op, plan.dtype, dq)?,
+        dk: store_f32(op, plan.dtype, dk)?,
+        dv: store_f32(op, plan.dtype, dv)?,
+    })
+}

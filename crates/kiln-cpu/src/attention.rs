@@ -75,27 +75,55 @@ fn fma_row(acc: &mut [f32; LANES], a: f32, v: &[f32; LANES]) {
     }
 }
 
-/// `out[i·sp + j] = Σₚ x[i·d + p]·t[p·sp + j]` for every query `i` and at
+/// `out[i·sp + j] = scale·Σₚ x[i·d + p]·t[p·sp + j]` for every query `i` and at
 /// least the keys it sees (whole blocks of [`LANES`]; the rest of a row is
 /// left as it was): the scores `q·kᵀ` from the transposed keys, or
 /// `dy·vᵀ` from the transposed values.
 #[inline(always)]
-fn products_loop(x: &[f32], t: &[f32], d: usize, c: Causal, out: &mut [f32]) {
+fn products_loop(x: &[f32], t: &[f32], d: usize, c: Causal, scale: f32, out: &mut [f32]) {
     for i0 in (0..c.rows).step_by(ROWS) {
         let r = ROWS.min(c.rows - i0);
+        let at = block_rows(i0, r, d);
         let width = c.seen(i0 + r - 1).next_multiple_of(LANES).min(c.sp);
         for j0 in (0..width).step_by(LANES) {
             let mut acc = [[0f32; LANES]; ROWS];
             for p in 0..d {
-                let tv = lanes(t, p * c.sp + j0, LANES);
-                for (k, row) in acc.iter_mut().enumerate() {
-                    fma_row(row, x[(i0 + k.min(r - 1)) * d + p], &tv);
-                }
+                let tv = whole(t, p * c.sp + j0);
+                block_fma(
+                    &mut acc,
+                    [x[at[0] + p], x[at[1] + p], x[at[2] + p], x[at[3] + p]],
+                    tv,
+                );
             }
             for (k, row) in acc.iter().enumerate().take(r) {
-                out[(i0 + k) * c.sp + j0..][..LANES].copy_from_slice(row);
+                let dst = &mut out[(i0 + k) * c.sp + j0..][..LANES];
+                for (o, &v) in dst.iter_mut().zip(row) {
+                    *o = v * scale;
+                }
             }
         }
+    }
+}
+
+/// The starts of a block's `ROWS` rows of width `width` from row `i0`,
+/// rows past the `r` real ones repeating the last (their sums are
+/// computed and dropped, so the block's loop has no branches).
+#[inline(always)]
+fn block_rows(i0: usize, r: usize, width: usize) -> [usize; ROWS] {
+    std::array::from_fn(|k| (i0 + k.min(r - 1)) * width)
+}
+
+/// `LANES` floats of `x` from `at`.
+#[inline(always)]
+fn whole(x: &[f32], at: usize) -> &[f32; LANES] {
+    x[at..at + LANES].try_into().expect("LANES floats")
+}
+
+/// `acc[k] += a[k]·v` for the block's `ROWS` rows.
+#[inline(always)]
+fn block_fma(acc: &mut [[f32; LANES]; ROWS], a: [f32; ROWS], v: &[f32; LANES]) {
+    for (row, a) in acc.iter_mut().zip(a) {
+        fma_row(row, a, v);
     }
 }
 
@@ -110,10 +138,16 @@ fn weighted_loop(w: &[f32], y: &[f32], d: usize, c: Causal, out: &mut [f32]) {
         for c0 in (0..d).step_by(LANES) {
             let cw = LANES.min(d - c0);
             let mut acc = [[0f32; LANES]; ROWS];
-            for j in 0..common {
-                let yv = lanes(y, j * d + c0, cw);
-                for (k, row) in acc.iter_mut().enumerate() {
-                    fma_row(row, w[(i0 + k.min(r - 1)) * c.sp + j], &yv);
+            let at = block_rows(i0, r, c.sp);
+            if cw == LANES {
+                for j in 0..common {
+                    let a = [w[at[0] + j], w[at[1] + j], w[at[2] + j], w[at[3] + j]];
+                    block_fma(&mut acc, a, whole(y, j * d + c0));
+                }
+            } else {
+                for j in 0..common {
+                    let a = [w[at[0] + j], w[at[1] + j], w[at[2] + j], w[at[3] + j]];
+                    block_fma(&mut acc, a, &lanes(y, j * d + c0, cw));
                 }
             }
             for (k, row) in acc.iter_mut().enumerate().take(r) {
@@ -142,10 +176,14 @@ fn transposed_weighted_loop(w: &[f32], x: &[f32], d: usize, c: Causal, out: &mut
                     fma_row(row, w[i * c.sp + j0 + k], &lanes(x, i * d + c0, cw));
                 }
             }
+            let at: [usize; ROWS] = std::array::from_fn(|k| j0 + k.min(r - 1));
             for i in common..c.rows {
-                let xv = lanes(x, i * d + c0, cw);
-                for (k, row) in acc.iter_mut().enumerate() {
-                    fma_row(row, w[i * c.sp + j0 + k.min(r - 1)], &xv);
+                let row = &w[i * c.sp..];
+                let a = [row[at[0]], row[at[1]], row[at[2]], row[at[3]]];
+                if cw == LANES {
+                    block_fma(&mut acc, a, whole(x, i * d + c0));
+                } else {
+                    block_fma(&mut acc, a, &lanes(x, i * d + c0, cw));
                 }
             }
             for (k, row) in acc.iter().enumerate().take(r) {
@@ -155,18 +193,15 @@ fn transposed_weighted_loop(w: &[f32], x: &[f32], d: usize, c: Causal, out: &mut
     }
 }
 
-/// Each score row (`scale` applied) turned into its probabilities over the
+/// Each row of (scaled) scores turned into its probabilities over the
 /// keys it sees, zeros after: the model of
 /// [`SoftmaxRow`](kiln_core::bounds::SoftmaxRow) — the max, shifts, `exp`,
 /// a fixed-order sum, a division.
 #[inline(always)]
-fn softmax_rows_loop(p: &mut [f32], c: Causal, scale: f32, exp: MapKernel, shifted: &mut [f32]) {
+fn softmax_rows_loop(p: &mut [f32], c: Causal, exp: MapKernel, shifted: &mut [f32]) {
     for i in 0..c.rows {
         let (seen, row) = (c.seen(i), &mut p[i * c.sp..(i + 1) * c.sp]);
         let (vis, rest) = row.split_at_mut(seen);
-        for x in vis.iter_mut() {
-            *x *= scale;
-        }
         let max = wide::max_loop(vis);
         for (s, &x) in shifted.iter_mut().zip(vis.iter()) {
             *s = x - max;
@@ -199,7 +234,7 @@ fn score_grads_loop(p: &[f32], dp: &mut [f32], c: Causal) {
 
 wide::per_set! {
     /// Scores or their gradients' products ([`products_loop`]).
-    fn products(x: &[f32], t: &[f32], d: usize, c: Causal, out: &mut [f32]) -> () = products_loop;
+    fn products(x: &[f32], t: &[f32], d: usize, c: Causal, scale: f32, out: &mut [f32]) -> () = products_loop;
 }
 
 wide::per_set! {
@@ -214,7 +249,7 @@ wide::per_set! {
 
 wide::per_set! {
     /// Probabilities from scores ([`softmax_rows_loop`]).
-    fn softmax_rows(p: &mut [f32], c: Causal, scale: f32, exp: MapKernel, shifted: &mut [f32]) -> () = softmax_rows_loop;
+    fn softmax_rows(p: &mut [f32], c: Causal, exp: MapKernel, shifted: &mut [f32]) -> () = softmax_rows_loop;
 }
 
 wide::per_set! {
@@ -267,9 +302,9 @@ impl<'a> Problem<'a> {
         let mut kt = vec![0f32; d * causal.sp];
         transpose(k, s, d, causal.sp, &mut kt);
         let mut p = vec![0f32; t * causal.sp];
-        products(set, q, &kt, d, causal, &mut p);
+        products(set, q, &kt, d, causal, plan.scale, &mut p);
         let mut shifted = vec![0f32; s];
-        softmax_rows(set, &mut p, causal, plan.scale, exp, &mut shifted);
+        softmax_rows(set, &mut p, causal, exp, &mut shifted);
         Problem {
             set,
             q,
@@ -293,7 +328,7 @@ impl<'a> Problem<'a> {
         let mut vt = vec![0f32; d * c.sp];
         transpose(self.v, c.keys, d, c.sp, &mut vt);
         let mut ds = vec![0f32; c.rows * c.sp];
-        products(set, dy, &vt, d, c, &mut ds);
+        products(set, dy, &vt, d, c, 1.0, &mut ds);
         score_grads(set, &self.p, &mut ds, c);
         weighted(set, &ds, self.k, d, c, dq);
         transposed_weighted(set, &ds, self.q, d, c, dk);

@@ -14,7 +14,9 @@
 //!   (`vector/{avx512,avx2,neon}.rs`) and the reference loops for exactly
 //!   rounded ops compiled with the set's features (`vector/wide.rs`), on
 //!   contiguous f32 operands; anything else (strided views, f16/bf16) goes
-//!   to the reference kernels.
+//!   to the reference kernels. Their fused ops — convolution with its
+//!   max-pool (`conv/`), layer norm (`norm.rs`), causal attention
+//!   (`attention.rs`) — widen other operands to f32 themselves.
 //!
 //! Work is split over `KILN_THREADS` threads (default: all cores) by output
 //! rows, so results never depend on the thread count or on scheduling.

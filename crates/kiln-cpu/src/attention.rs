@@ -33,6 +33,9 @@ const LANES: usize = 16;
 /// vector load shared by `ROWS` broadcast multiply-adds.
 const ROWS: usize = 4;
 
+/// Multiply-adds below which a forward task takes more than one problem.
+const TASK_MIN_WORK: usize = 1 << 16;
+
 /// The causal extents of one problem's loops: `rows` queries of which
 /// query `i` sees keys `0..i + extra + 1`, and `sp` columns per score row
 /// (the keys rounded up to [`LANES`]).
@@ -389,8 +392,11 @@ pub(crate) fn attention_causal(
             Problem::new(set, exp, &plan, b, operands).forward(y);
         }
     };
+    // Small problems (decoding: one query per head) are grouped, so that a
+    // call's few heads do not fork the team for a microsecond of work.
+    let per_task = (TASK_MIN_WORK / (t * plan.keys * d).max(1)).max(1);
     // SAFETY: `fill` zeroes every chunk it is handed before anything else.
-    let y = unsafe { pool.filled(len, t * d, fill) };
+    let y = unsafe { pool.filled(len, per_task * t * d, fill) };
     store_f32(op, plan.dtype, y)
 }
 

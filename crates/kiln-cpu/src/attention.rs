@@ -1,11 +1,12 @@
 //! Causal attention on the CPU, fused: one problem (a head of one example)
-//! per task, one query row at a time — its scores over the keys it sees,
-//! their softmax, then the weighted sum of the values — so the
-//! `[batch, T, S]` probabilities never exist in memory, and the keys a
-//! query does not see cost nothing (about half the multiply-adds of the
-//! composed ops' full products).
+//! per task, its queries in passes of [`QUERY_BLOCK`] rows — their scores
+//! over the keys each sees, their softmax, then the weighted sums of the
+//! values — so no more than `QUERY_BLOCK × S` probabilities exist at a time
+//! (never the `[batch, T, S]` tensor), and the keys a query does not see
+//! cost nothing (about half the multiply-adds of the composed ops' full
+//! products).
 //!
-//! The backward pass recomputes each row's probabilities from `q` and `k`
+//! The backward pass recomputes each pass's probabilities from `q` and `k`
 //! and accumulates `dq`, `dk` and `dv` in place. Every sum is a chain of
 //! fused multiply-adds in a fixed order (keys, then queries, ascending), so
 //! results do not depend on the thread count. The loops are compiled per
@@ -33,21 +34,31 @@ const LANES: usize = 16;
 /// vector load shared by `ROWS` broadcast multiply-adds.
 const ROWS: usize = 4;
 
+/// Queries per pass over a problem: its scores and probabilities are held
+/// for these rows only (`QUERY_BLOCK × S` floats), whatever the context.
+const QUERY_BLOCK: usize = 64;
+
 /// Multiply-adds below which a forward task takes more than one problem.
 const TASK_MIN_WORK: usize = 1 << 16;
 
-/// The causal extents of one problem's loops: `rows` queries of which
-/// query `i` sees keys `0..i + extra + 1`, and `sp` columns per score row
-/// (the keys rounded up to [`LANES`]).
+/// The causal extents of one pass of a problem's loops: queries
+/// `lo..hi` (row `i − lo` of the pass's score buffers), of which query `i`
+/// sees keys `0..i + extra + 1`, and `sp` columns per score row (the keys
+/// rounded up to [`LANES`]).
 #[derive(Clone, Copy)]
 pub(crate) struct Causal {
-    rows: usize,
+    lo: usize,
+    hi: usize,
     keys: usize,
     extra: usize,
     sp: usize,
 }
 
 impl Causal {
+    /// The pass over queries `lo..hi`.
+    fn window(self, lo: usize, hi: usize) -> Causal {
+        Causal { lo, hi, ..self }
+    }
     fn seen(self, i: usize) -> usize {
         i + self.extra + 1
     }
@@ -84,8 +95,8 @@ fn fma_row(acc: &mut [f32; LANES], a: f32, v: &[f32; LANES]) {
 /// `dy·vᵀ` from the transposed values.
 #[inline(always)]
 fn products_loop(x: &[f32], t: &[f32], d: usize, c: Causal, scale: f32, out: &mut [f32]) {
-    for i0 in (0..c.rows).step_by(ROWS) {
-        let r = ROWS.min(c.rows - i0);
+    for i0 in (c.lo..c.hi).step_by(ROWS) {
+        let r = ROWS.min(c.hi - i0);
         let at = block_rows(i0, r, d);
         let width = c.seen(i0 + r - 1).next_multiple_of(LANES).min(c.sp);
         for j0 in (0..width).step_by(LANES) {
@@ -99,7 +110,7 @@ fn products_loop(x: &[f32], t: &[f32], d: usize, c: Causal, scale: f32, out: &mu
                 );
             }
             for (k, row) in acc.iter().enumerate().take(r) {
-                let dst = &mut out[(i0 + k) * c.sp + j0..][..LANES];
+                let dst = &mut out[(i0 - c.lo + k) * c.sp + j0..][..LANES];
                 for (o, &v) in dst.iter_mut().zip(row) {
                     *o = v * scale;
                 }
@@ -134,14 +145,14 @@ fn block_fma(acc: &mut [[f32; LANES]; ROWS], a: [f32; ROWS], v: &[f32; LANES]) {
 /// `P·v` or `dS·k`.
 #[inline(always)]
 fn weighted_loop(w: &[f32], y: &[f32], d: usize, c: Causal, out: &mut [f32]) {
-    for i0 in (0..c.rows).step_by(ROWS) {
-        let r = ROWS.min(c.rows - i0);
+    for i0 in (c.lo..c.hi).step_by(ROWS) {
+        let r = ROWS.min(c.hi - i0);
         // Keys every row of the block sees, then each row's own.
         let common = c.seen(i0);
         for c0 in (0..d).step_by(LANES) {
             let cw = LANES.min(d - c0);
             let mut acc = [[0f32; LANES]; ROWS];
-            let at = block_rows(i0, r, c.sp);
+            let at = block_rows(i0 - c.lo, r, c.sp);
             if cw == LANES {
                 for j in 0..common {
                     let a = [w[at[0] + j], w[at[1] + j], w[at[2] + j], w[at[3] + j]];
@@ -155,7 +166,11 @@ fn weighted_loop(w: &[f32], y: &[f32], d: usize, c: Causal, out: &mut [f32]) {
             }
             for (k, row) in acc.iter_mut().enumerate().take(r) {
                 for j in common..c.seen(i0 + k) {
-                    fma_row(row, w[(i0 + k) * c.sp + j], &lanes(y, j * d + c0, cw));
+                    fma_row(
+                        row,
+                        w[(i0 - c.lo + k) * c.sp + j],
+                        &lanes(y, j * d + c0, cw),
+                    );
                 }
                 out[(i0 + k) * d + c0..][..cw].copy_from_slice(&row[..cw]);
             }
@@ -163,25 +178,31 @@ fn weighted_loop(w: &[f32], y: &[f32], d: usize, c: Causal, out: &mut [f32]) {
     }
 }
 
-/// `out[j·d..] = Σ_{i sees j} w[i·sp + j]·x[i·d..]`, queries ascending:
-/// `dSᵀ·q` or `Pᵀ·dy`.
+/// `out[j·d..] += Σ_{i sees j} w[(i − lo)·sp + j]·x[i·d..]` over the
+/// pass's queries, ascending (a pass continues the chains of multiply-adds
+/// the earlier ones left in `out`): `dSᵀ·q` or `Pᵀ·dy`.
 #[inline(always)]
 fn transposed_weighted_loop(w: &[f32], x: &[f32], d: usize, c: Causal, out: &mut [f32]) {
-    for j0 in (0..c.keys).step_by(ROWS) {
+    if c.lo == c.hi {
+        return;
+    }
+    for j0 in (0..c.keys.min(c.seen(c.hi - 1))).step_by(ROWS) {
         let r = ROWS.min(c.keys - j0);
         // Queries that see every key of the block, after each key's own.
-        let common = c.first(j0 + r - 1);
+        let common = c.first(j0 + r - 1).clamp(c.lo, c.hi);
         for c0 in (0..d).step_by(LANES) {
             let cw = LANES.min(d - c0);
             let mut acc = [[0f32; LANES]; ROWS];
             for (k, row) in acc.iter_mut().enumerate().take(r) {
-                for i in c.first(j0 + k)..common.min(c.rows) {
-                    fma_row(row, w[i * c.sp + j0 + k], &lanes(x, i * d + c0, cw));
+                *row = lanes(out, (j0 + k) * d + c0, cw);
+                for i in c.first(j0 + k).max(c.lo)..common {
+                    let a = w[(i - c.lo) * c.sp + j0 + k];
+                    fma_row(row, a, &lanes(x, i * d + c0, cw));
                 }
             }
             let at: [usize; ROWS] = std::array::from_fn(|k| j0 + k.min(r - 1));
-            for i in common..c.rows {
-                let row = &w[i * c.sp..];
+            for i in common..c.hi {
+                let row = &w[(i - c.lo) * c.sp..];
                 let a = [row[at[0]], row[at[1]], row[at[2]], row[at[3]]];
                 if cw == LANES {
                     block_fma(&mut acc, a, whole(x, i * d + c0));
@@ -202,8 +223,8 @@ fn transposed_weighted_loop(w: &[f32], x: &[f32], d: usize, c: Causal, out: &mut
 /// a fixed-order sum, a division.
 #[inline(always)]
 fn softmax_rows_loop(p: &mut [f32], c: Causal, exp: MapKernel, shifted: &mut [f32]) {
-    for i in 0..c.rows {
-        let (seen, row) = (c.seen(i), &mut p[i * c.sp..(i + 1) * c.sp]);
+    for i in c.lo..c.hi {
+        let (seen, row) = (c.seen(i), &mut p[(i - c.lo) * c.sp..(i - c.lo + 1) * c.sp]);
         let (vis, rest) = row.split_at_mut(seen);
         let max = wide::max_loop(vis);
         for (s, &x) in shifted.iter_mut().zip(vis.iter()) {
@@ -223,9 +244,9 @@ fn softmax_rows_loop(p: &mut [f32], c: Causal, exp: MapKernel, shifted: &mut [f3
 /// `i` sees; zeros after.
 #[inline(always)]
 fn score_grads_loop(p: &[f32], dp: &mut [f32], c: Causal) {
-    for i in 0..c.rows {
-        let seen = c.seen(i);
-        let (pr, dr) = (&p[i * c.sp..][..seen], &mut dp[i * c.sp..(i + 1) * c.sp]);
+    for i in c.lo..c.hi {
+        let (seen, at) = (c.seen(i), (i - c.lo) * c.sp);
+        let (pr, dr) = (&p[at..][..seen], &mut dp[at..at + c.sp]);
         let delta = lane_sum(seen, |j| pr[j] * dr[j]);
         let (vis, rest) = dr.split_at_mut(seen);
         for (g, &pj) in vis.iter_mut().zip(pr) {
@@ -269,20 +290,28 @@ fn transpose(x: &[f32], rows: usize, cols: usize, stride: usize, out: &mut [f32]
     }
 }
 
-/// One problem's operands (f32, row-major) and its probabilities.
+/// One problem's operands (f32, row-major), its keys transposed, and the
+/// score rows of one pass of [`QUERY_BLOCK`] queries.
 struct Problem<'a> {
     set: KernelSet,
+    exp: MapKernel,
+    scale: f32,
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
     d: usize,
+    /// The whole problem's extents (queries `0..T`).
     causal: Causal,
-    /// The probabilities, `[T, sp]` (zeros past the keys each row sees).
+    /// The keys transposed, `[D, sp]` (zeros past the keys).
+    kt: Vec<f32>,
+    /// One pass's probabilities, `[QUERY_BLOCK, sp]`.
     p: Vec<f32>,
+    /// A row's shifted scores.
+    shifted: Vec<f32>,
 }
 
 impl<'a> Problem<'a> {
-    /// Problem `b`'s operands and probabilities.
+    /// Problem `b`'s operands.
     fn new(
         set: KernelSet,
         exp: MapKernel,
@@ -292,7 +321,8 @@ impl<'a> Problem<'a> {
     ) -> Self {
         let (t, s, d) = (plan.queries, plan.keys, plan.dim);
         let causal = Causal {
-            rows: t,
+            lo: 0,
+            hi: t,
             keys: s,
             extra: s - t,
             sp: s.next_multiple_of(LANES),
@@ -304,38 +334,66 @@ impl<'a> Problem<'a> {
         );
         let mut kt = vec![0f32; d * causal.sp];
         transpose(k, s, d, causal.sp, &mut kt);
-        let mut p = vec![0f32; t * causal.sp];
-        products(set, q, &kt, d, causal, plan.scale, &mut p);
-        let mut shifted = vec![0f32; s];
-        softmax_rows(set, &mut p, causal, exp, &mut shifted);
         Problem {
             set,
+            exp,
+            scale: plan.scale,
             q,
             k,
             v,
             d,
             causal,
-            p,
+            kt,
+            p: vec![0f32; QUERY_BLOCK.min(t) * causal.sp],
+            shifted: vec![0f32; s],
         }
     }
 
-    /// `y = P·v` (`[T, D]`).
-    fn forward(&self, y: &mut [f32]) {
-        weighted(self.set, &self.p, self.v, self.d, self.causal, y);
+    /// The passes over the queries, [`QUERY_BLOCK`] at a time.
+    fn passes(&self) -> impl Iterator<Item = Causal> {
+        let c = self.causal;
+        (0..c.hi)
+            .step_by(QUERY_BLOCK)
+            .map(move |lo| c.window(lo, (lo + QUERY_BLOCK).min(c.hi)))
     }
 
-    /// `dq` (`[T, D]`), `dk` and `dv` (`[S, D]`) from this problem's `dy`
-    /// (`[T, D]`), before the scale on `dq` and `dk`.
-    fn backward(&self, dy: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
-        let (set, c, d) = (self.set, self.causal, self.d);
-        let mut vt = vec![0f32; d * c.sp];
-        transpose(self.v, c.keys, d, c.sp, &mut vt);
-        let mut ds = vec![0f32; c.rows * c.sp];
-        products(set, dy, &vt, d, c, 1.0, &mut ds);
-        score_grads(set, &self.p, &mut ds, c);
-        weighted(set, &ds, self.k, d, c, dq);
-        transposed_weighted(set, &ds, self.q, d, c, dk);
-        transposed_weighted(set, &self.p, dy, d, c, dv);
+    /// The probabilities of pass `c`'s queries into `self.p`.
+    fn probabilities(&mut self, c: Causal) {
+        products(
+            self.set,
+            self.q,
+            &self.kt,
+            self.d,
+            c,
+            self.scale,
+            &mut self.p,
+        );
+        softmax_rows(self.set, &mut self.p, c, self.exp, &mut self.shifted);
+    }
+
+    /// `y = P·v` (`[T, D]`).
+    fn forward(&mut self, y: &mut [f32]) {
+        for c in self.passes().collect::<Vec<_>>() {
+            self.probabilities(c);
+            weighted(self.set, &self.p, self.v, self.d, c, y);
+        }
+    }
+
+    /// `dq` (`[T, D]`), `dk` and `dv` (`[S, D]`, zeros on entry) from this
+    /// problem's `dy` (`[T, D]`), before the scale on `dq` and `dk`.
+    fn backward(&mut self, dy: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+        let (set, d) = (self.set, self.d);
+        let mut vt = vec![0f32; d * self.causal.sp];
+        transpose(self.v, self.causal.keys, d, self.causal.sp, &mut vt);
+        let mut ds = vec![0f32; self.p.len()];
+        for c in self.passes().collect::<Vec<_>>() {
+            self.probabilities(c);
+            products(set, dy, &vt, d, c, 1.0, &mut ds);
+            score_grads(set, &self.p, &mut ds, c);
+            weighted(set, &ds, self.k, d, c, dq);
+            transposed_weighted(set, &ds, self.q, d, c, dk);
+            transposed_weighted(set, &self.p, dy, d, c, dv);
+        }
     }
 }
 

@@ -17,6 +17,7 @@
 
 #include "shim.h"
 #include "../conv.cu"
+#include "../attention.cu"
 #include "../elementwise.cu"
 #include "../embedding.cu"
 #include "../gemm_simt.cu"
@@ -76,6 +77,9 @@ const Entry KERNELS[] = {
     BLOCKS(kiln_softmax_rows),
     BLOCKS(kiln_softmax_xent),
     BLOCKS(kiln_softmax_causal),
+    BLOCKS(kiln_attention_causal),
+    BLOCKS(kiln_attention_causal_backward_q),
+    BLOCKS(kiln_attention_causal_backward_kv),
     SERIAL(kiln_embedding),
     SERIAL(kiln_embedding_backward),
     BLOCKS(kiln_layer_norm),

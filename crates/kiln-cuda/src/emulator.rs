@@ -63,6 +63,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("common.cuh", include_str!("../kernels/common.cuh")),
     ("simt_gemm.cuh", include_str!("../kernels/simt_gemm.cuh")),
     ("tc_ops.cuh", include_str!("../kernels/tc_ops.cuh")),
+    ("attention.cu", include_str!("../kernels/attention.cu")),
     ("conv.cu", include_str!("../kernels/conv.cu")),
     ("elementwise.cu", include_str!("../kernels/elementwise.cu")),
     ("gemm_simt.cu", include_str!("../kernels/gemm_simt.cu")),

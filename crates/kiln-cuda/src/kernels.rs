@@ -54,6 +54,15 @@ pub const MODULES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "attention",
+        include_str!("../kernels/ptx/attention.ptx"),
+        &[
+            "kiln_attention_causal",
+            "kiln_attention_causal_backward_q",
+            "kiln_attention_causal_backward_kv",
+        ],
+    ),
+    (
         "embedding",
         include_str!("../kernels/ptx/embedding.ptx"),
         &["kiln_embedding", "kiln_embedding_backward"],

@@ -121,6 +121,29 @@ kernels! {
     /// `kiln_softmax_causal`: each row's softmax over the keys it sees.
     SoftmaxCausal = "kiln_softmax_causal" { x: In, y: Out, rows: i64, queries: i64, keys: i64 }
 
+    /// `kiln_attention_causal`: `y = softmax_causal(scale·q·kᵀ)·v`, one
+    /// block per query row, its probabilities in `work` (`keys` floats per
+    /// block).
+    AttentionCausal = "kiln_attention_causal" {
+        q: In, k: In, v: In, y: Out, work: Out, batch: i64, queries: i64, keys: i64, d: i64,
+        scale: f32,
+    }
+
+    /// `kiln_attention_causal_backward_q`: `dq` and each query row's
+    /// max, sum of exponentials and `δ` (`stats`, three floats a row);
+    /// `work` holds `2·keys` floats per block.
+    AttentionCausalBackwardQ = "kiln_attention_causal_backward_q" {
+        q: In, k: In, v: In, dy: In, dq: Out, stats: Out, work: Out, batch: i64, queries: i64,
+        keys: i64, d: i64, scale: f32,
+    }
+
+    /// `kiln_attention_causal_backward_kv`: `dk` and `dv`, one block per
+    /// key row, from the query kernel's `stats`.
+    AttentionCausalBackwardKv = "kiln_attention_causal_backward_kv" {
+        q: In, k: In, v: In, dy: In, stats: In, dk: Out, dv: Out, batch: i64, queries: i64,
+        keys: i64, d: i64, scale: f32,
+    }
+
     /// `kiln_softmax_xent`: per-row cross-entropy and its logit gradient.
     SoftmaxXent = "kiln_softmax_xent" {
         logits: In, labels: In, loss: Out, grad: Out, rows: i64, c: i64,

@@ -1078,6 +1078,123 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn attention_causal(
+        &self,
+        q: View<'_, CudaStorage>,
+        k: View<'_, CudaStorage>,
+        v: View<'_, CudaStorage>,
+        scale: f32,
+    ) -> Result<CudaStorage> {
+        let name = "attention_causal";
+        let plan = kiln_core::AttentionPlan::new(q, k, v, scale)?;
+        let (rows, keys, d) = (plan.batch * plan.queries, plan.keys, plan.dim);
+        let (qs, ks, vs) = (
+            self.dense(name, q, DType::F32)?,
+            self.dense(name, k, DType::F32)?,
+            self.dense(name, v, DType::F32)?,
+        );
+        self.f32_result(name, plan.dtype, rows * d, |y| {
+            let Some(cfg) = per_row(rows).filter(|_| d > 0) else {
+                return Ok(());
+            };
+            let work = self.empty(name, DType::F32, cfg.grid_dim.0 as usize * keys)?;
+            let args = k::AttentionCausal {
+                q: qs.ptr,
+                k: ks.ptr,
+                v: vs.ptr,
+                y,
+                work: work.block.ptr(),
+                batch: plan.batch as i64,
+                queries: plan.queries as i64,
+                keys: keys as i64,
+                d: d as i64,
+                scale,
+            };
+            // SAFETY: q and y hold rows·d f32s, k and v batch·keys·d, work
+            // keys per block of the grid.
+            unsafe { args.launch(self.device(), name, &cfg) }
+        })
+    }
+
+    fn attention_causal_backward(
+        &self,
+        q: View<'_, CudaStorage>,
+        k: View<'_, CudaStorage>,
+        v: View<'_, CudaStorage>,
+        dy: View<'_, CudaStorage>,
+        scale: f32,
+    ) -> Result<kiln_core::AttentionGrads<CudaStorage>> {
+        let name = "attention_causal_backward";
+        let plan = kiln_core::AttentionPlan::backward(q, k, v, dy, scale)?;
+        let (rows, keys, d) = (plan.batch * plan.queries, plan.keys, plan.dim);
+        let key_rows = plan.batch * keys;
+        let (qs, ks, vs, gs) = (
+            self.dense(name, q, DType::F32)?,
+            self.dense(name, k, DType::F32)?,
+            self.dense(name, v, DType::F32)?,
+            self.dense(name, dy, DType::F32)?,
+        );
+        let dims = (
+            plan.batch as i64,
+            plan.queries as i64,
+            keys as i64,
+            d as i64,
+        );
+        let stats = self.empty(name, DType::F32, 3 * rows)?;
+        let dq = self.f32_result(name, DType::F32, rows * d, |dq| {
+            let Some(cfg) = per_row(rows).filter(|_| d > 0) else {
+                return Ok(());
+            };
+            let work = self.empty(name, DType::F32, cfg.grid_dim.0 as usize * 2 * keys)?;
+            let args = k::AttentionCausalBackwardQ {
+                q: qs.ptr,
+                k: ks.ptr,
+                v: vs.ptr,
+                dy: gs.ptr,
+                dq,
+                stats: stats.block.ptr(),
+                work: work.block.ptr(),
+                batch: dims.0,
+                queries: dims.1,
+                keys: dims.2,
+                d: dims.3,
+                scale,
+            };
+            // SAFETY: q, dy and dq hold rows·d f32s, k and v batch·keys·d,
+            // stats 3·rows, work 2·keys per block of the grid.
+            unsafe { args.launch(self.device(), name, &cfg) }
+        })?;
+        let dv = self.empty(name, DType::F32, key_rows * d)?;
+        let dk = self.f32_result(name, DType::F32, key_rows * d, |dk| {
+            let Some(cfg) = per_row(key_rows).filter(|_| d > 0) else {
+                return Ok(());
+            };
+            let args = k::AttentionCausalBackwardKv {
+                q: qs.ptr,
+                k: ks.ptr,
+                v: vs.ptr,
+                dy: gs.ptr,
+                stats: stats.block.ptr(),
+                dk,
+                dv: dv.block.ptr(),
+                batch: dims.0,
+                queries: dims.1,
+                keys: dims.2,
+                d: dims.3,
+                scale,
+            };
+            // SAFETY: q and dy hold rows·d f32s, k, v, dk and dv
+            // batch·keys·d, stats 3·rows (written by the query kernel on
+            // the same stream).
+            unsafe { args.launch(self.device(), name, &cfg) }
+        })?;
+        Ok(kiln_core::AttentionGrads {
+            dq: self.convert(name, dq, plan.dtype)?,
+            dk: self.convert(name, dk, plan.dtype)?,
+            dv: self.convert(name, dv, plan.dtype)?,
+        })
+    }
+
     fn softmax_cross_entropy(
         &self,
         logits: View<'_, CudaStorage>,

@@ -172,6 +172,7 @@ fn argument_structs_have_their_c_twins_fields_in_order() {
 /// `*` (e.g. `const float*`).
 fn kernel_signatures() -> Vec<(String, Vec<(String, String)>)> {
     let sources = [
+        include_str!("../../../kernels/attention.cu"),
         include_str!("../../../kernels/conv.cu"),
         include_str!("../../../kernels/elementwise.cu"),
         include_str!("../../../kernels/gemm_simt.cu"),
@@ -242,7 +243,7 @@ fn every_launcher_matches_its_kernels_c_signature() {
     let kernels = kernel_signatures();
     assert_eq!(
         kernels.len(),
-        32,
+        35,
         "{:?}",
         kernels.iter().map(|k| &k.0).collect::<Vec<_>>()
     );

@@ -21,14 +21,7 @@ __device__ void attention_scores(const float* q, const float* k, float* scores, 
         scores[j] = s * scale;
     }
     __syncthreads();
-    float m = -KILN_INF;
-    for (i64 j = threadIdx.x; j < seen; j += blockDim.x) m = nan_max(m, scores[j]);
-    m = block_fold(m, -KILN_INF, scratch, [](float v) { return warp_max(v); });
-    float l = 0.0f;
-    for (i64 j = threadIdx.x; j < seen; j += blockDim.x) l += expf(scores[j] - m);
-    l = block_fold(l, 0.0f, scratch, [](float v) { return warp_sum(v); });
-    *max_out = m;
-    *sum_out = l;
+    row_stats(scores, seen, scratch, max_out, sum_out);
 }
 
 // Query row r's probabilities over the keys it sees, in `p` (its block's

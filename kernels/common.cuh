@@ -130,6 +130,20 @@ __device__ __forceinline__ float block_fold(float v, float identity, float* scra
 
 #define KILN_INF __int_as_float(0x7f800000)
 
+// The row's max and Σ exp(x − max), in every thread of the block (the
+// softmax kernels' and attention's row statistics).
+__device__ __forceinline__ void row_stats(const float* row, i64 c, float* scratch, float* max_out,
+                                          float* sum_out) {
+    float m = -KILN_INF;
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) m = nan_max(m, row[j]);
+    m = block_fold(m, -KILN_INF, scratch, [](float v) { return warp_max(v); });
+    float s = 0.0f;
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) s += expf(row[j] - m);
+    s = block_fold(s, 0.0f, scratch, [](float v) { return warp_sum(v); });
+    *max_out = m;
+    *sum_out = s;
+}
+
 // Activations and unary ops, numbered as kiln_core's UnaryOp.
 #define OP_NEG 0
 #define OP_ABS 1

@@ -3,18 +3,6 @@
 // row's max and Σ exp(x − max) folded with warp shuffles.
 #include "common.cuh"
 
-// The row's max and Σ exp(x − max).
-__device__ void row_stats(const float* row, i64 c, float* scratch, float* max_out, float* sum_out) {
-    float m = -KILN_INF;
-    for (i64 j = threadIdx.x; j < c; j += blockDim.x) m = nan_max(m, row[j]);
-    m = block_fold(m, -KILN_INF, scratch, [](float v) { return warp_max(v); });
-    float s = 0.0f;
-    for (i64 j = threadIdx.x; j < c; j += blockDim.x) s += expf(row[j] - m);
-    s = block_fold(s, 0.0f, scratch, [](float v) { return warp_sum(v); });
-    *max_out = m;
-    *sum_out = s;
-}
-
 extern "C" __global__ void kiln_softmax_rows(const float* x, float* y, i64 rows, i64 c, int log) {
     __shared__ float scratch[32];
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {

@@ -70,14 +70,28 @@ fn strategy(z: &Sizer, dtype: DType) -> BoxedStrategy<Case> {
         .boxed()
 }
 
-/// Problem `p` of a `[batch, rows, D]` operand's logical values.
-fn problem(values: &[f64], p: usize, rows: usize, d: usize) -> &[f64] {
-    &values[p * rows * d..(p + 1) * rows * d]
-}
-
 /// The `(value, bound)` lists as the comparison wants them.
 fn abs(v: Vec<(f64, f64)>) -> impl Iterator<Item = (f64, Bound)> {
     v.into_iter().map(|(y, e)| (y, Bound::Abs(e)))
+}
+
+impl Case {
+    /// Each problem's q, k, v and dy, logical values row-major.
+    fn problems(&self) -> Vec<[Vec<f64>; 4]> {
+        let (n, t, s, d) = self.extents();
+        let all = [
+            self.q.logical(),
+            self.k.logical(),
+            self.v.logical(),
+            self.dy.logical(),
+        ];
+        let rows = [t, s, s, t];
+        (0..n)
+            .map(|p| {
+                std::array::from_fn(|i| all[i][p * rows[i] * d..(p + 1) * rows[i] * d].to_vec())
+            })
+            .collect()
+    }
 }
 
 pub(crate) fn attention_causal<B: Backend>(b: &B, dtype: DType, cfg: &Config) -> Report {
@@ -97,16 +111,9 @@ pub(crate) fn attention_causal<B: Backend>(b: &B, dtype: DType, cfg: &Config) ->
             )?;
             let dims = c.q.dims().to_vec();
             let got = fetch_all(b, &y, &dims)?;
-            let (n, t, s, d) = c.extents();
-            let (ql, kl, vl) = (c.q.logical(), c.k.logical(), c.v.logical());
             let mut want = Vec::with_capacity(got.len());
-            for p in 0..n {
-                let (qp, kp, vp) = (
-                    problem(&ql, p, t, d),
-                    problem(&kl, p, s, d),
-                    problem(&vl, p, s, d),
-                );
-                want.extend(abs(bounds::attention(qp, kp, vp, c.dims())));
+            for [q, k, v, _] in c.problems() {
+                want.extend(abs(bounds::attention(&q, &k, &v, c.dims())));
             }
             compare(op, dtype, &dims, &got, &want)
         },
@@ -131,19 +138,12 @@ pub(crate) fn attention_causal_backward<B: Backend>(b: &B, dtype: DType, cfg: &C
                 c.scale,
             )?;
             let (n, t, s, d) = c.extents();
-            let (ql, kl, vl, dyl) = (c.q.logical(), c.k.logical(), c.v.logical(), c.dy.logical());
             let mut want: [Vec<(f64, Bound)>; 3] = Default::default();
-            for p in 0..n {
-                let [dq, dk, dv] = bounds::attention_backward(
-                    problem(&ql, p, t, d),
-                    problem(&kl, p, s, d),
-                    problem(&vl, p, s, d),
-                    problem(&dyl, p, t, d),
-                    c.dims(),
-                );
-                want[0].extend(abs(dq));
-                want[1].extend(abs(dk));
-                want[2].extend(abs(dv));
+            for [q, k, v, dy] in c.problems() {
+                let grads = bounds::attention_backward(&q, &k, &v, &dy, c.dims());
+                for (w, g) in want.iter_mut().zip(grads) {
+                    w.extend(abs(g));
+                }
             }
             let mut worst = 0f64;
             for ((name, got, dims), want) in [

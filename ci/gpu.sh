@@ -108,7 +108,7 @@ run() {
   "$dir/kiln" info
   local data="$dir/data/fashion-mnist"
   step "CUDA conformance suite" 150 env KILN_REQUIRE_CUDA=1 "$dir/cuda-conformance" --test-threads 4
-  step "GEMM vs cuBLAS, conv, softmax-CE" 120 "$dir/kiln-gpu-bench" --size 4096 --reps 20
+  step "GEMM vs cuBLAS, conv, softmax-CE, attention" 120 "$dir/kiln-gpu-bench" --size 4096 --reps 20
   if [ -d "$data" ]; then
     step "MLP epoch, --backend cuda" 60 "$dir/kiln" train --backend cuda --model mlp \
       --dataset fashion-mnist --data "$data" --epochs 2 --plain --out "$dir/runs/mlp"

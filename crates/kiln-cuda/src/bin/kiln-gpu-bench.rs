@@ -1,7 +1,7 @@
 //! `kiln-gpu-bench`: kiln's CUDA kernels against cuBLAS on the same GPU, in
 //! one process — SGEMM (f32 SIMT), TF32, BF16 and F16 tensor-core GEMMs at
 //! `--size`³ — plus the CNN's convolution and softmax-cross-entropy step
-//! times. Each of kiln's results is checked against cuBLAS's; a result
+//! times and GPT config B's attention (fused against composed). Each of kiln's results is checked against cuBLAS's; a result
 //! that is not (no cuBLAS on the machine) is marked UNCHECKED and fails the
 //! run, so a kernel is never faster-but-unchecked.
 //!
@@ -279,6 +279,35 @@ fn run() -> Result<()> {
     println!("  conv2d 1→32 3×3 + ReLU      {conv_ms:8.3} ms");
     println!("  conv2d filter gradient      {filt_ms:8.3} ms");
     println!("  softmax-CE 128×10           {sce_ms:8.3} ms (includes the label check's download)");
+    // GPT config B's attention (batch 64 × 6 heads of 256 positions × 64):
+    // the fused kernels against the same product composed from GEMMs and
+    // the causal softmax (the trait's default), checked against each other.
+    let (heads, t, d) = (64 * 6, 256, 64);
+    let operand = |seed| b.random(dist, heads * t * d, DType::F32, seed, 0);
+    let (q, k, v) = (operand(6)?, operand(7)?, operand(8)?);
+    let la = Layout::contiguous(Shape::new(&[heads, t, d])?);
+    let (vq, vk, vv) = (View::new(&q, &la), View::new(&k, &la), View::new(&v, &la));
+    let scale = 1.0 / (d as f32).sqrt();
+    let compose = || kiln_core::attention::compose_attention_causal(&b, vq, vk, vv, scale);
+    let fused_ms = time(&b, reps, || b.attention_causal(vq, vk, vv, scale).map(drop))?;
+    let composed_ms = time(&b, reps, || compose().map(drop))?;
+    let backward_ms = time(&b, reps, || {
+        b.attention_causal_backward(vq, vk, vv, vq, scale).map(drop)
+    })?;
+    let fused = b.download(View::new(&b.attention_causal(vq, vk, vv, scale)?, &la))?;
+    let composed = b.download(View::new(&compose()?, &la))?;
+    let attention_err = rel_err(&fused.to_f32_vec(), &composed.to_f32_vec());
+    println!(
+        "
+GPT config B attention, 384 heads of 256 × 64 (kiln, median of {reps}):"
+    );
+    println!("  fused forward               {fused_ms:8.3} ms");
+    println!("  composed (GEMM, softmax)    {composed_ms:8.3} ms");
+    println!("  fused backward              {backward_ms:8.3} ms");
+    println!("  fused against composed: max relative difference {attention_err:.2e}");
+    if attention_err > 1e-4 {
+        failed = true;
+    }
     let mem = b.memory_stats();
     println!(
         "allocator: {} device allocations, {} reuses",
@@ -300,7 +329,7 @@ fn run() -> Result<()> {
     }
     if failed {
         return Err(kiln_core::Error::Backend(
-            "a kiln GEMM disagrees with cuBLAS beyond its tolerance, or could not be checked (see the table)".into(),
+            "a kiln GEMM disagrees with cuBLAS beyond its tolerance, or could not be checked, or the fused attention disagrees with the composed one (see above)".into(),
         ));
     }
     Ok(())

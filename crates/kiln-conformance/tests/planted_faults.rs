@@ -4,8 +4,9 @@
 
 use kiln_conformance::{run_check, Config, Depth, Status};
 use kiln_core::{
-    Activation, AdamStep, Backend, BinaryOp, DType, Distribution, GemmEpilogue, HostData,
-    LayerNormGrads, LayerNormOut, Layout, ReduceOp, Result, SgdStep, UnaryOp, View, Window2d,
+    Activation, AdamStep, AttentionGrads, Backend, BinaryOp, DType, Distribution, GemmEpilogue,
+    HostData, LayerNormGrads, LayerNormOut, Layout, ReduceOp, Result, SgdStep, Shape, UnaryOp,
+    View, Window2d,
 };
 use kiln_cpu::CpuBackend;
 
@@ -51,6 +52,10 @@ enum Fault {
     /// A contiguous copy of a strided view ignores the view's offset (a
     /// slice is read from the start of its storage).
     ContiguousDropsOffset,
+    /// Attention's key and value gradients sum the first 64 queries only
+    /// (a kernel that streams queries in passes and keeps only the first
+    /// pass's partial sums).
+    AttentionKvFirstPass,
 }
 
 #[derive(Clone, Debug)]
@@ -416,6 +421,44 @@ impl Backend for Faulty {
         }
         Ok(HostData::F32(out))
     }
+    fn attention_causal_backward(
+        &self,
+        q: View<'_, HostData>,
+        k: View<'_, HostData>,
+        v: View<'_, HostData>,
+        dy: View<'_, HostData>,
+        scale: f32,
+    ) -> Result<AttentionGrads<HostData>> {
+        let mut grads = self.inner.attention_causal_backward(q, k, v, dy, scale)?;
+        let dims = dy.layout.dims().to_vec();
+        if self.fault != Fault::AttentionKvFirstPass || dims[1] <= 64 {
+            return Ok(grads);
+        }
+        // dk and dv from the first 64 queries' dy alone.
+        let (t, d) = (dims[1], dims[2]);
+        let mut first = f32s(&self.inner.download(dy)?);
+        for (r, row) in first.chunks_mut(d.max(1)).enumerate() {
+            if r % t >= 64 {
+                row.fill(0.0);
+            }
+        }
+        let first = self.inner.cast(
+            View::new(
+                &HostData::F32(first),
+                &Layout::contiguous(Shape::new(&dims)?),
+            ),
+            dy.storage.dtype(),
+        )?;
+        let part = self.inner.attention_causal_backward(
+            q,
+            k,
+            v,
+            View::new(&first, &Layout::contiguous(Shape::new(&dims)?)),
+            scale,
+        )?;
+        (grads.dk, grads.dv) = (part.dk, part.dv);
+        Ok(grads)
+    }
     fn softmax_causal(&self, x: View<'_, HostData>) -> Result<HostData> {
         if self.fault != Fault::CausalOffByOne || x.storage.dtype() != DType::F32 {
             return self.inner.softmax_causal(x);
@@ -494,6 +537,7 @@ fn faults_that_only_show_at_size_are_caught_by_the_blocked_tier() {
         (Fault::GemmFullTile, "gemm"),
         (Fault::ReducePast4096, "reduce_sum"),
         (Fault::ConvSplitK, "conv2d_backward_filter"),
+        (Fault::AttentionKvFirstPass, "attention_causal_backward"),
     ]);
 }
 
@@ -506,6 +550,7 @@ fn the_edge_tier_alone_misses_them() {
         (Fault::GemmFullTile, "gemm"),
         (Fault::ReducePast4096, "reduce_sum"),
         (Fault::ConvSplitK, "conv2d_backward_filter"),
+        (Fault::AttentionKvFirstPass, "attention_causal_backward"),
     ] {
         let b = Faulty {
             inner: CpuBackend::reference()

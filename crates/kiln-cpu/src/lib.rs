@@ -385,7 +385,7 @@ impl Backend for CpuBackend {
     ) -> Result<HostData> {
         match self.simd() {
             Some((set, pool)) => attention::attention_causal(set, pool, q, k, v, scale),
-            None => kiln_core::attention::compose_attention_causal(self, q, k, v, scale),
+            None => reference::attention::attention_causal(q, k, v, scale),
         }
     }
 
@@ -401,9 +401,7 @@ impl Backend for CpuBackend {
             Some((set, pool)) => {
                 attention::attention_causal_backward(set, pool, q, k, v, dy, scale)
             }
-            None => {
-                kiln_core::attention::compose_attention_causal_backward(self, q, k, v, dy, scale)
-            }
+            None => reference::attention::attention_causal_backward(q, k, v, dy, scale),
         }
     }
 

@@ -45,9 +45,10 @@ impl Case {
 fn strategy(z: &Sizer, dtype: DType) -> BoxedStrategy<Case> {
     let extents = match z.tier {
         Tier::Edge => (1usize..4, 0usize..9, 0usize..5, 0usize..9).boxed(),
+        // Queries across a 64-row pass and past a second one.
         Tier::Blocked => (
             1usize..3,
-            1usize..80,
+            1usize..140,
             0usize..40,
             prop::sample::select(vec![1usize, 15, 16, 17, 31, 32, 33, 64]),
         )

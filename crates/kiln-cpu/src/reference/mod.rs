@@ -1,5 +1,6 @@
 //! The scalar reference kernels: plain loops in a fixed order.
 
+pub(crate) mod attention;
 pub(crate) mod conv;
 pub(crate) mod elementwise;
 pub(crate) mod gemm;

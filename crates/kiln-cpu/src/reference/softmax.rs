@@ -5,7 +5,7 @@ use kiln_core::{Error, HostData, Result, View};
 use crate::storage::{read_f32, read_u32, store_f32};
 
 /// `(max, Σ exp(x − max))` of one row, summed in order.
-fn row_stats(row: &[f32]) -> (f32, f32) {
+pub(crate) fn row_stats(row: &[f32]) -> (f32, f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| {
         if v.is_nan() || m.is_nan() {
             f32::NAN

@@ -1,0 +1,134 @@
+//! Reference causal attention: for each problem and query, the scores over
+//! the keys it sees, their softmax (the reference softmax's row
+//! statistics), then the weighted sum of the values; backward, the same
+//! probabilities recomputed, then `dP`, `δ`, `dS` and the three gradients.
+//! Plain loops, every sum in index order.
+
+use kiln_core::plan::AttentionPlan;
+use kiln_core::{AttentionGrads, HostData, Result, View};
+
+use super::softmax::row_stats;
+use crate::storage::{read_f32, store_f32};
+
+/// The f32 operands of every problem, row-major, and their plan.
+struct Problems<'a> {
+    plan: &'a AttentionPlan,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
+impl Problems<'_> {
+    /// Row `i` of problem `b` of a `[batch, rows, D]` operand.
+    fn row<'x>(&self, x: &'x [f32], b: usize, rows: usize, i: usize) -> &'x [f32] {
+        let d = self.plan.dim;
+        &x[(b * rows + i) * d..(b * rows + i + 1) * d]
+    }
+
+    /// Query `i` of problem `b`: its probabilities over the keys it sees.
+    fn probabilities(&self, b: usize, i: usize) -> Vec<f32> {
+        let (t, s) = (self.plan.queries, self.plan.keys);
+        let qi = self.row(self.q, b, t, i);
+        let scores: Vec<f32> = (0..self.plan.visible(i))
+            .map(|j| {
+                let kj = self.row(self.k, b, s, j);
+                qi.iter().zip(kj).fold(0.0f32, |acc, (x, y)| acc + x * y) * self.plan.scale
+            })
+            .collect();
+        let (max, sum) = row_stats(&scores);
+        scores.iter().map(|&x| (x - max).exp() / sum).collect()
+    }
+}
+
+pub(crate) fn attention_causal(
+    q: View<'_, HostData>,
+    k: View<'_, HostData>,
+    v: View<'_, HostData>,
+    scale: f32,
+) -> Result<HostData> {
+    let op = "attention_causal";
+    let plan = AttentionPlan::new(q, k, v, scale)?;
+    let (qs, ks, vs) = (read_f32(op, q)?, read_f32(op, k)?, read_f32(op, v)?);
+    let pr = Problems {
+        plan: &plan,
+        q: &qs,
+        k: &ks,
+        v: &vs,
+    };
+    let (t, s, d) = (plan.queries, plan.keys, plan.dim);
+    let mut y = vec![0f32; plan.batch * t * d];
+    for b in 0..plan.batch {
+        for i in 0..t {
+            let out = &mut y[(b * t + i) * d..(b * t + i + 1) * d];
+            for (j, p) in pr.probabilities(b, i).into_iter().enumerate() {
+                for (o, &x) in out.iter_mut().zip(pr.row(pr.v, b, s, j)) {
+                    *o += p * x;
+                }
+            }
+        }
+    }
+    store_f32(op, plan.dtype, y)
+}
+
+pub(crate) fn attention_causal_backward(
+    q: View<'_, HostData>,
+    k: View<'_, HostData>,
+    v: View<'_, HostData>,
+    dy: View<'_, HostData>,
+    scale: f32,
+) -> Result<AttentionGrads<HostData>> {
+    let op = "attention_causal_backward";
+    let plan = AttentionPlan::backward(q, k, v, dy, scale)?;
+    let (qs, ks, vs) = (read_f32(op, q)?, read_f32(op, k)?, read_f32(op, v)?);
+    let dys = read_f32(op, dy)?;
+    let pr = Problems {
+        plan: &plan,
+        q: &qs,
+        k: &ks,
+        v: &vs,
+    };
+    let (t, s, d) = (plan.queries, plan.keys, plan.dim);
+    let mut dq = vec![0f32; plan.batch * t * d];
+    let (mut dk, mut dv) = (
+        vec![0f32; plan.batch * s * d],
+        vec![0f32; plan.batch * s * d],
+    );
+    for b in 0..plan.batch {
+        for i in 0..t {
+            let p = pr.probabilities(b, i);
+            let g = pr.row(&dys, b, t, i);
+            // dPⱼ = dy·vⱼ, δ = Σⱼ PⱼdPⱼ, dSⱼ = Pⱼ(dPⱼ − δ).
+            let dp: Vec<f32> = (0..p.len())
+                .map(|j| {
+                    g.iter()
+                        .zip(pr.row(pr.v, b, s, j))
+                        .fold(0.0, |a, (x, y)| a + x * y)
+                })
+                .collect();
+            let delta = p.iter().zip(&dp).fold(0.0f32, |a, (x, y)| a + x * y);
+            let at = |j: usize| (b * s + j) * d..(b * s + j + 1) * d;
+            let qi = pr.row(pr.q, b, t, i);
+            for (j, (&pj, &dpj)) in p.iter().zip(&dp).enumerate() {
+                let ds = pj * (dpj - delta);
+                let row = (b * t + i) * d..(b * t + i + 1) * d;
+                for (o, &x) in dq[row].iter_mut().zip(pr.row(pr.k, b, s, j)) {
+                    *o += ds * x;
+                }
+                for (o, &x) in dk[at(j)].iter_mut().zip(qi) {
+                    *o += ds * x;
+                }
+                for (o, &x) in dv[at(j)].iter_mut().zip(g) {
+                    *o += pj * x;
+                }
+            }
+        }
+    }
+    for x in dq.iter_mut().chain(dk.iter_mut()) {
+        *x *= scale;
+    }
+    Ok(AttentionGrads {
+        dq: store_f32(op, plan.dtype, dq)?,
+        dk: store_f32(op, plan.dtype, dk)?,
+        dv: store_f32(op, plan.dtype, dv)?,
+    })
+}

@@ -55,9 +55,15 @@ pub(crate) struct Causal {
 }
 
 impl Causal {
-    /// The pass over queries `lo..hi`.
-    fn window(self, lo: usize, hi: usize) -> Causal {
-        Causal { lo, hi, ..self }
+    /// The passes over queries `lo..hi`, [`QUERY_BLOCK`] at a time.
+    fn passes(self) -> impl Iterator<Item = Causal> {
+        (self.lo..self.hi)
+            .step_by(QUERY_BLOCK)
+            .map(move |lo| Causal {
+                lo,
+                hi: (lo + QUERY_BLOCK).min(self.hi),
+                ..self
+            })
     }
     fn seen(self, i: usize) -> usize {
         i + self.extra + 1
@@ -349,14 +355,6 @@ impl<'a> Problem<'a> {
         }
     }
 
-    /// The passes over the queries, [`QUERY_BLOCK`] at a time.
-    fn passes(&self) -> impl Iterator<Item = Causal> {
-        let c = self.causal;
-        (0..c.hi)
-            .step_by(QUERY_BLOCK)
-            .map(move |lo| c.window(lo, (lo + QUERY_BLOCK).min(c.hi)))
-    }
-
     /// The probabilities of pass `c`'s queries into `self.p`.
     fn probabilities(&mut self, c: Causal) {
         products(
@@ -373,7 +371,7 @@ impl<'a> Problem<'a> {
 
     /// `y = P·v` (`[T, D]`).
     fn forward(&mut self, y: &mut [f32]) {
-        for c in self.passes().collect::<Vec<_>>() {
+        for c in self.causal.passes() {
             self.probabilities(c);
             weighted(self.set, &self.p, self.v, self.d, c, y);
         }
@@ -386,7 +384,7 @@ impl<'a> Problem<'a> {
         let mut vt = vec![0f32; d * self.causal.sp];
         transpose(self.v, self.causal.keys, d, self.causal.sp, &mut vt);
         let mut ds = vec![0f32; self.p.len()];
-        for c in self.passes().collect::<Vec<_>>() {
+        for c in self.causal.passes() {
             self.probabilities(c);
             products(set, dy, &vt, d, c, 1.0, &mut ds);
             score_grads(set, &self.p, &mut ds, c);

@@ -12,7 +12,13 @@
 //! groups of [`GROUP`] images and then the groups in order, so every result
 //! is independent of the thread count. Behind a max-pool, the filter
 //! gradient skips the cells the pool routed nothing to ([`routed`]).
+//!
+//! Convolution + ReLU + 2×2 pool (the CNNs' first layer) has a whole-image
+//! AVX-512 kernel for f32 ([`avx512`]): no patch matrix, no packing, no
+//! convolution output in memory, and the same bits as the path above.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod routed;
 
 use crate::workers::Workers;
@@ -397,7 +403,9 @@ pub(crate) fn conv2d_backward_filter(
 /// convolution output (`o × oh·ow`, 86 KB for the seed CNN) is produced,
 /// finished and pooled while it sits in the core's cache, and never
 /// written out. Bitwise the unfused composition (the same GEMM, epilogue
-/// and pooling code per image).
+/// and pooling code per image). Where [`fuses_whole`] holds (the seed
+/// CNN's layer on AVX-512), one kernel computes the pooled outputs
+/// straight from the image, with the same sums in the same order.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv2d_pool(
     set: KernelSet,
@@ -459,6 +467,36 @@ pub(crate) fn conv2d_pool(
     let images = pooled.spare_capacity_mut()[..total]
         .chunks_mut(o * pcells)
         .zip(argmax.spare_capacity_mut()[..total].chunks_mut(o * pcells));
+    #[cfg(target_arch = "x86_64")]
+    if fuses_whole(set, dtype, &g, activation, pooling) {
+        pool.for_each(images.enumerate().collect(), |(img, (p, a))| {
+            let image = avx512::Image {
+                x: &xs[img * c * h * w..][..c * h * w],
+                chw: [c, h, w],
+                kernel: conv.kernel,
+                filters: &ws,
+                bias: bs.as_deref(),
+                relu: activation == Activation::Relu,
+            };
+            crate::scratch::sized(image.taps_len(), |taps| {
+                // SAFETY: `fuses_whole` checked the set against this
+                // processor; the operands' shapes were checked above
+                // (`conv2d_output`: x is n·c·h·w, the filters o·patch, the
+                // bias o), and p, a hold this image's o·ph·pw outputs.
+                unsafe { avx512::conv_relu_pool(&image, p, a, taps) }
+            })
+        });
+        // SAFETY: as below; `conv_relu_pool` writes every output of its
+        // image.
+        unsafe {
+            pooled.set_len(total);
+            argmax.set_len(total);
+        }
+        return Ok((
+            convert::store_f32(set, "conv2d_pool", dtype, pooled)?,
+            HostData::U32(argmax),
+        ));
+    }
     pool.for_each(images.enumerate().collect(), |(img, (p, a))| {
         crate::scratch::sized(patch * cells, |cols| {
             crate::scratch::sized(o * cells, |y| {
@@ -486,6 +524,28 @@ pub(crate) fn conv2d_pool(
         convert::store_f32(set, "conv2d_pool", dtype, pooled)?,
         HostData::U32(argmax),
     ))
+}
+
+/// Whether [`conv2d_pool`] runs the whole-image AVX-512 kernel
+/// ([`avx512::conv_relu_pool`]): f32, a stride-1 unpadded convolution
+/// whose patch fits one of the GEMM's `KC` blocks (so the sums are the
+/// GEMM's, in the same order), no activation or the ReLU, and a 2×2 pool
+/// at stride 2, unpadded.
+#[cfg(target_arch = "x86_64")]
+fn fuses_whole(
+    set: KernelSet,
+    dtype: kiln_core::DType,
+    g: &Geometry,
+    activation: Activation,
+    pooling: &Window2d,
+) -> bool {
+    set == KernelSet::Avx512
+        && dtype == kiln_core::DType::F32
+        && g.win.stride == [1, 1]
+        && g.win.padding == [0; 4]
+        && (1..=crate::gemm::blocking_of(set).kc).contains(&g.patch())
+        && matches!(activation, Activation::None | Activation::Relu)
+        && *pooling == Window2d::valid([2, 2], [2, 2])
 }
 
 /// The backward pass of [`conv2d_pool`], per image with the gradient of the
@@ -699,6 +759,123 @@ mod tests {
             e.to_string().contains("argmax 16 is outside the 4×4"),
             "{e}"
         );
+    }
+
+    /// The whole-image AVX-512 kernel gives the bits of the unfused
+    /// composition (im2col, GEMM, epilogue, then the pool kernel) — maxima
+    /// and indices — for images narrower and wider than its 16 pooled
+    /// columns, odd and even planes, channel counts that leave partial
+    /// register blocks, ties (ReLU zeros, repeated values) and NaNs.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_fused_avx512_kernel_is_bitwise_the_unfused_composition() {
+        let set = KernelSet::Avx512;
+        if !set.available() {
+            return;
+        }
+        let pool = Workers::new(2).unwrap();
+        let lay = |d: &[usize]| Layout::contiguous(Shape::new(d).unwrap());
+        let pooling = Window2d::valid([2, 2], [2, 2]);
+        // Values on a coarse grid, so sums and maxima tie often.
+        let grid = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 7919 + seed * 104_729) % 13) as f32 * 0.25 - 1.5)
+                .collect()
+        };
+        let shapes = [
+            // (n, c, h, w, kernel, o)
+            (3, 1, 28, 28, [3, 3], 32),
+            (2, 1, 7, 6, [3, 3], 5),
+            (2, 2, 9, 36, [3, 3], 6),
+            (1, 3, 12, 69, [2, 4], 7),
+            (2, 1, 5, 35, [1, 1], 3),
+            (1, 2, 11, 40, [5, 5], 9),
+            (1, 1, 3, 3, [2, 2], 2),
+            (1, 1, 4, 2, [3, 1], 1),
+        ];
+        for (n, c, h, w, kernel, o) in shapes {
+            for (relu, with_bias, nans) in [
+                (true, true, false),
+                (false, false, true),
+                (true, false, true),
+            ] {
+                let conv = Window2d::valid(kernel, [1, 1]);
+                let mut xs = grid(n * c * h * w, 1);
+                if nans {
+                    for i in (5..xs.len()).step_by(97) {
+                        xs[i] = f32::NAN;
+                    }
+                }
+                let x = HostData::F32(xs);
+                let wt = HostData::F32(grid(o * c * kernel[0] * kernel[1], 2));
+                let b = HostData::F32(grid(o, 3));
+                let (xl, wl, bl) = (
+                    lay(&[n, c, h, w]),
+                    lay(&[o, c, kernel[0], kernel[1]]),
+                    lay(&[o]),
+                );
+                let act = if relu {
+                    Activation::Relu
+                } else {
+                    Activation::None
+                };
+                let bias = with_bias.then(|| View::new(&b, &bl));
+                let [oh, ow] = [h + 1 - kernel[0], w + 1 - kernel[1]];
+                let g = Geometry {
+                    c,
+                    h,
+                    w,
+                    oh,
+                    ow,
+                    win: conv,
+                };
+                assert!(fuses_whole(set, kiln_core::DType::F32, &g, act, &pooling));
+                let what = format!("{n}×{c}×{h}×{w}, {kernel:?}, {o} filters, relu {relu}, bias {with_bias}, NaNs {nans}");
+                let (fused, fused_at) = conv2d_pool(
+                    set,
+                    &pool,
+                    View::new(&x, &xl),
+                    View::new(&wt, &wl),
+                    bias,
+                    act,
+                    &conv,
+                    &pooling,
+                )
+                .unwrap();
+                let y = conv2d(
+                    set,
+                    &pool,
+                    View::new(&x, &xl),
+                    View::new(&wt, &wl),
+                    bias,
+                    act,
+                    &conv,
+                )
+                .unwrap();
+                let (want, want_at) = crate::pool::max_pool2d(
+                    set,
+                    &pool,
+                    View::new(&y, &lay(&[n, o, oh, ow])),
+                    &pooling,
+                )
+                .unwrap();
+                let (HostData::F32(got), HostData::F32(want)) = (&fused, &want) else {
+                    panic!("{what}: not f32")
+                };
+                assert_eq!(got.len(), want.len(), "{what}");
+                for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "{what}: pooled output {i}: {g} against {w}"
+                    );
+                }
+                let (HostData::U32(got), HostData::U32(want)) = (&fused_at, &want_at) else {
+                    panic!("{what}: indices not u32")
+                };
+                assert_eq!(got, want, "{what}: argmax");
+            }
+        }
     }
 
     /// The transposed patch matrix is im2col's, transposed, for windows

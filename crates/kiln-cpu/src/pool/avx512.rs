@@ -84,7 +84,10 @@ pub(crate) unsafe fn row(
 /// the first maximum in window order, NaN maximal.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn later_if_greater((b, a): (__m512, __m512i), (v, idx): (__m512, __m512i)) -> (__m512, __m512i) {
+pub(crate) fn later_if_greater(
+    (b, a): (__m512, __m512i),
+    (v, idx): (__m512, __m512i),
+) -> (__m512, __m512i) {
     let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(b, b);
     let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
     let greater = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, b);

@@ -7,7 +7,7 @@
 //! like the reference: results are bitwise equal.
 
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+pub(crate) mod avx512;
 
 use std::mem::MaybeUninit;
 

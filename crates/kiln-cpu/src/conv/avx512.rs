@@ -1,0 +1,264 @@
+//! The AVX-512 fused convolution + bias + ReLU + 2×2 max-pool kernel:
+//! every pooled output computed straight from the image, with no patch
+//! matrix, no packed panels and no convolution output in memory.
+//!
+//! For a stride-1 unpadded convolution feeding a 2×2 stride-2 pool, the
+//! four convolution outputs of a pooling window are the even and odd
+//! columns of two neighbouring output rows. Sixteen pooled columns at a
+//! time, the kernel keeps those four as four vectors per output channel —
+//! lane `t` of the (row `dr`, column parity `dc`) vector is the
+//! convolution output at `(2r + dr, 2(t₀ + t) + dc)` — and every window
+//! tap's operand is then one vector of the input with its lanes two cells
+//! apart: `V[ic][q][s]`, lane `t` = input cell `(ic, 2r + q, 2(t₀ + t) +
+//! s)`, built once per 16 pooled columns by two loads and a permute and
+//! shared by all output channels. Per tap and channel: one broadcast of the
+//! weight and four fused multiply-adds, in tap order from zero — the
+//! packed GEMM's sum exactly, when the patch fits one of its `KC` blocks
+//! (checked by the caller), so the results are bitwise those of im2col,
+//! GEMM, epilogue and pool run one after another. Then `+ bias`, the ReLU
+//! (NaN kept, as the reference), and the window's first maximum and its
+//! index, as the pool kernel picks them.
+
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+
+use crate::pool::avx512::later_if_greater;
+
+/// Output channels per register block: 4 × 4 accumulators, the four tap
+/// vectors and a broadcast weight in the 32 zmm registers.
+const CHANNELS: usize = 4;
+
+/// One image's fused problem: the convolution's geometry and operands.
+pub(crate) struct Image<'a> {
+    /// The image, `c × h × w`.
+    pub x: &'a [f32],
+    /// Channels, rows and columns of the image.
+    pub chw: [usize; 3],
+    /// The convolution window, `kh × kw` (stride 1, unpadded).
+    pub kernel: [usize; 2],
+    /// The filters, `o × (c·kh·kw)`.
+    pub filters: &'a [f32],
+    /// One bias per output channel, or `None`.
+    pub bias: Option<&'a [f32]>,
+    /// Whether the ReLU follows the bias (else no activation).
+    pub relu: bool,
+}
+
+impl Image<'_> {
+    /// The convolution output's rows and columns.
+    fn conv_output(&self) -> [usize; 2] {
+        let ([_, h, w], [kh, kw]) = (self.chw, self.kernel);
+        [h + 1 - kh, w + 1 - kw]
+    }
+
+    /// Floats of the tap-vector buffer [`conv_relu_pool`] needs.
+    pub(crate) fn taps_len(&self) -> usize {
+        let ([c, ..], [kh, kw]) = (self.chw, self.kernel);
+        c * (kh + 1) * (kw + 1) * 16
+    }
+}
+
+/// Pools `relu(conv(x) + bias)` by 2×2 windows at stride 2 for one image:
+/// `pooled` and `at` (`o × ph × pw`, `ph = ⌊oh/2⌋`, `pw = ⌊ow/2⌋`) receive
+/// the maxima and their indices into the `oh × ow` convolution plane,
+/// written, never read; `taps` is scratch of [`Image::taps_len`] floats.
+///
+/// # Safety
+/// The processor supports AVX-512F; `kh ≤ h`, `kw ≤ w`; `x` holds
+/// `c·h·w` floats, `filters` `o·c·kh·kw`, `bias` (if any) `o`, `pooled`
+/// and `at` `o·ph·pw` each, with `o = filters.len() / (c·kh·kw)`.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn conv_relu_pool(
+    img: &Image<'_>,
+    pooled: &mut [MaybeUninit<f32>],
+    at: &mut [MaybeUninit<u32>],
+    taps: &mut [f32],
+) {
+    let ([c, h, w], [kh, kw]) = (img.chw, img.kernel);
+    let [oh, ow] = img.conv_output();
+    let (ph, pw) = (oh / 2, ow / 2);
+    let patch = c * kh * kw;
+    let o = img.filters.len() / patch.max(1);
+    debug_assert!(img.x.len() >= c * h * w && taps.len() >= img.taps_len());
+    debug_assert!(pooled.len() >= o * ph * pw && at.len() >= o * ph * pw);
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    for r in 0..ph {
+        for t0 in (0..pw).step_by(16) {
+            let lanes = (pw - t0).min(16);
+            let mask = ((1u32 << lanes) - 1) as __mmask16;
+            // Lane t reads cell 2(t0 + t) + s of its row: 2·lanes − 1
+            // consecutive cells from 2·t0 + s, the even ones kept.
+            let span = 2 * lanes - 1;
+            let lo_mask = ((1u64 << span.min(16)) - 1) as __mmask16;
+            let hi_mask = ((1u64 << span.saturating_sub(16)) - 1) as __mmask16;
+            let mut v = taps.as_mut_ptr();
+            for ic in 0..c {
+                for q in 0..=kh {
+                    let row = (ic * h + 2 * r + q) * w + 2 * t0;
+                    for s in 0..=kw {
+                        let base = img.x.as_ptr().wrapping_add(row + s);
+                        // SAFETY: the kept lanes read cells up to column
+                        // 2(t0 + lanes − 1) + s ≤ 2(pw − 1) + kw ≤ w − 1
+                        // of row 2r + q ≤ 2(ph − 1) + kh ≤ h − 1 (as
+                        // 2·pw ≤ ow, 2·ph ≤ oh), inside x; masked-off
+                        // lanes read nothing. `taps` holds c·(kh+1)·(kw+1)
+                        // vectors (the caller's bound), one written here.
+                        unsafe {
+                            let lo = _mm512_maskz_loadu_ps(lo_mask, base);
+                            let hi = _mm512_maskz_loadu_ps(hi_mask, base.wrapping_add(16));
+                            _mm512_storeu_ps(v, _mm512_permutex2var_ps(lo, even, hi));
+                            v = v.add(16);
+                        }
+                    }
+                }
+            }
+            // Plane indices of the (dr, dc) = (0, 0) cells; the others
+            // are 1, ow and ow + 1 further.
+            let first = _mm512_add_epi32(_mm512_set1_epi32((2 * r * ow + 2 * t0) as i32), even);
+            let out = r * pw + t0;
+            let mut ob = 0;
+            while ob < o {
+                let block = Block {
+                    img,
+                    taps,
+                    first_oc: ob,
+                    first,
+                    ow,
+                    mask,
+                    out,
+                    plane: ph * pw,
+                };
+                // SAFETY: AVX-512F; channels ob.. of the block exist, and
+                // their outputs lie in `pooled` and `at` (the caller's
+                // bound); the tap vectors were written above.
+                unsafe {
+                    match o - ob {
+                        1 => block.run::<1>(pooled, at),
+                        2 => block.run::<2>(pooled, at),
+                        3 => block.run::<3>(pooled, at),
+                        _ => block.run::<CHANNELS>(pooled, at),
+                    }
+                }
+                ob += CHANNELS;
+            }
+        }
+    }
+}
+
+/// Up to [`CHANNELS`] output channels of one group of 16 pooled columns.
+struct Block<'a, 'b> {
+    img: &'a Image<'b>,
+    taps: &'a [f32],
+    first_oc: usize,
+    /// Plane indices of each lane's first window cell.
+    first: __m512i,
+    ow: usize,
+    /// The lanes that are pooled outputs.
+    mask: __mmask16,
+    /// Index of the block's first output within a channel's pooled plane.
+    out: usize,
+    /// Outputs per channel.
+    plane: usize,
+}
+
+impl Block<'_, '_> {
+    /// Channels `first_oc .. first_oc + M`: sums, epilogue, pool, stores.
+    ///
+    /// # Safety
+    /// AVX-512F; those channels exist, and their outputs (`(first_oc + m)
+    /// · plane + out + t` for the masked lanes) lie in `pooled` and `at`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn run<const M: usize>(
+        &self,
+        pooled: &mut [MaybeUninit<f32>],
+        at: &mut [MaybeUninit<u32>],
+    ) {
+        let img = self.img;
+        let ([c, ..], [kh, kw]) = (img.chw, img.kernel);
+        let patch = c * kh * kw;
+        let (rows, cols) = (kh + 1, kw + 1);
+        let mut acc = [[_mm512_setzero_ps(); 4]; M];
+        let filters = img.filters.as_ptr().wrapping_add(self.first_oc * patch);
+        let v = self.taps.as_ptr();
+        let mut p = 0;
+        for ic in 0..c {
+            for di in 0..kh {
+                for dj in 0..kw {
+                    let at_v = |q: usize, s: usize| ((ic * rows + q) * cols + s) * 16;
+                    // SAFETY: (q, s) ≤ (kh, kw): inside the tap buffer.
+                    let b = unsafe {
+                        [
+                            _mm512_loadu_ps(v.add(at_v(di, dj))),
+                            _mm512_loadu_ps(v.add(at_v(di, dj + 1))),
+                            _mm512_loadu_ps(v.add(at_v(di + 1, dj))),
+                            _mm512_loadu_ps(v.add(at_v(di + 1, dj + 1))),
+                        ]
+                    };
+                    for (m, acc) in acc.iter_mut().enumerate() {
+                        // SAFETY: channel first_oc + m exists (the
+                        // contract); its tap p is inside `filters`.
+                        let wv = _mm512_set1_ps(unsafe { *filters.add(m * patch + p) });
+                        for (a, &b) in acc.iter_mut().zip(&b) {
+                            *a = _mm512_fmadd_ps(wv, b, *a);
+                        }
+                    }
+                    p += 1;
+                }
+            }
+        }
+        let ow = _mm512_set1_epi32(self.ow as i32);
+        let one = _mm512_set1_epi32(1);
+        for (m, acc) in acc.iter().enumerate() {
+            let oc = self.first_oc + m;
+            // `+ 0.0` without a bias too, as the unfused epilogue (it
+            // turns −0 into +0).
+            let add = _mm512_set1_ps(img.bias.map_or(0.0, |b| b[oc]));
+            let y = acc.map(|a| finish(a, add, img.relu));
+            let below = _mm512_add_epi32(self.first, ow);
+            // Window order: the top row's pair, then the bottom row's.
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(y[0], y[1])
+                | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(y[2], y[3]);
+            let (best, index) = if nan == 0 {
+                // No NaN among the candidates (the rule for every block of
+                // finite data): a later cell wins only if strictly greater.
+                let right_top = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(y[1], y[0]);
+                let right_bottom = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(y[3], y[2]);
+                let top = _mm512_mask_blend_ps(right_top, y[0], y[1]);
+                let bottom = _mm512_mask_blend_ps(right_bottom, y[2], y[3]);
+                let top_at = _mm512_mask_add_epi32(self.first, right_top, self.first, one);
+                let bottom_at = _mm512_mask_add_epi32(below, right_bottom, below, one);
+                let lower = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(bottom, top);
+                (
+                    _mm512_mask_blend_ps(lower, top, bottom),
+                    _mm512_mask_blend_epi32(lower, top_at, bottom_at),
+                )
+            } else {
+                let right = |at: __m512i| _mm512_add_epi32(at, one);
+                let top = later_if_greater((y[0], self.first), (y[1], right(self.first)));
+                let bottom = later_if_greater((y[2], below), (y[3], right(below)));
+                later_if_greater(top, bottom)
+            };
+            let k = oc * self.plane + self.out;
+            // SAFETY: the masked lanes are outputs k .. k + lanes of
+            // channel oc, inside both slices (the contract).
+            unsafe {
+                _mm512_mask_storeu_ps(pooled.as_mut_ptr().add(k).cast(), self.mask, best);
+                _mm512_mask_storeu_epi32(at.as_mut_ptr().add(k).cast(), self.mask, index);
+            }
+        }
+    }
+}
+
+/// `acc + add`, then the ReLU if asked: NaN and positive values kept,
+/// everything else +0 (the reference's ReLU).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn finish(acc: __m512, add: __m512, relu: bool) -> __m512 {
+    let y = _mm512_add_ps(acc, add);
+    if !relu {
+        return y;
+    }
+    let keep = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(y, _mm512_setzero_ps());
+    _mm512_maskz_mov_ps(keep, y)
+}

@@ -178,6 +178,105 @@ pub(crate) fn pack_a(
     }
 }
 
+/// `dst[p·ld + j] = src[j·stride + p]` for `j < cols`, `p < kc`: the
+/// transpose of `cols` runs of `kc` floats, `stride` apart, into rows `ld`
+/// apart. Blocks of 8 × 8 go through registers where AVX is available
+/// (a scattered store per element made packing a CNN's `dy·Wᵀ` 6 % of its
+/// epoch), the rest one element at a time.
+fn transpose_into(src: &[f32], stride: usize, [cols, kc]: [usize; 2], dst: &mut [f32], ld: usize) {
+    if cols == 0 || kc == 0 {
+        return;
+    }
+    assert!(
+        (cols - 1) * stride + kc <= src.len() && (kc - 1) * ld + cols <= dst.len() && cols <= ld,
+        "transposed packing: {cols} runs of {kc}, {stride} apart, from {} floats into rows of {ld} in {}",
+        src.len(),
+        dst.len()
+    );
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        done = cols / 8 * 8;
+        // SAFETY: AVX is present; the bounds were asserted above, and the
+        // kernel reads and writes only elements of the whole 8-run blocks.
+        unsafe { transpose_blocks_avx(src, stride, [done, kc], dst, ld) };
+    }
+    for j in done..cols {
+        for (p, &v) in src[j * stride..][..kc].iter().enumerate() {
+            dst[p * ld + j] = v;
+        }
+    }
+}
+
+/// [`transpose_into`] for `cols` a multiple of 8: 8 × 8 blocks by the
+/// classic unpack / shuffle / lane-swap sequence, the `kc mod 8` last
+/// steps element by element.
+///
+/// # Safety
+/// AVX is present; `(cols − 1)·stride + kc ≤ src.len()` and `(kc − 1)·ld +
+/// cols ≤ dst.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose_blocks_avx(
+    src: &[f32],
+    stride: usize,
+    [cols, kc]: [usize; 2],
+    dst: &mut [f32],
+    ld: usize,
+) {
+    use std::arch::x86_64::*;
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    for j0 in (0..cols).step_by(8) {
+        let mut p0 = 0;
+        while p0 + 8 <= kc {
+            // SAFETY: run j0 + r reads p0..p0 + 8 ≤ kc of its kc floats.
+            let r: [__m256; 8] =
+                std::array::from_fn(|i| unsafe { _mm256_loadu_ps(s.add((j0 + i) * stride + p0)) });
+            let t = [
+                _mm256_unpacklo_ps(r[0], r[1]),
+                _mm256_unpackhi_ps(r[0], r[1]),
+                _mm256_unpacklo_ps(r[2], r[3]),
+                _mm256_unpackhi_ps(r[2], r[3]),
+                _mm256_unpacklo_ps(r[4], r[5]),
+                _mm256_unpackhi_ps(r[4], r[5]),
+                _mm256_unpacklo_ps(r[6], r[7]),
+                _mm256_unpackhi_ps(r[6], r[7]),
+            ];
+            let u = [
+                _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+            ];
+            let rows = [
+                _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+                _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+                _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+                _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+                _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+                _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+                _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+                _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+            ];
+            for (q, row) in rows.into_iter().enumerate() {
+                // SAFETY: step p0 + q < kc, columns j0..j0 + 8 ≤ cols.
+                unsafe { _mm256_storeu_ps(d.add((p0 + q) * ld + j0), row) };
+            }
+            p0 += 8;
+        }
+        for j in j0..j0 + 8 {
+            for p in p0..kc {
+                // SAFETY: j < cols, p < kc: inside both (the contract).
+                unsafe { *d.add(p * ld + j) = *s.add(j * stride + p) };
+            }
+        }
+    }
+}
+
 /// The first `len` floats of `buf`, which grows to hold them if it must.
 /// What they held before is left for the packing to overwrite: it writes
 /// every element of its panels, padding included, so a kept scratch
@@ -246,14 +345,11 @@ pub(crate) fn pack_b(
                 );
             }
         } else if b.rs == 1 {
-            // A transposed operand: each of the panel's columns is a
+            // A transposed operand (a layer's weight in its input
+            // gradient, `dy·Wᵀ`): each of the panel's columns is a
             // contiguous run of memory.
-            for j in 0..cols {
-                let start = b.offset + (c0 + j) * b.cs + p0;
-                for (p, &v) in b.data[start..start + kc].iter().enumerate() {
-                    chunk[p * nr + j] = v;
-                }
-            }
+            let start = b.offset + c0 * b.cs + p0;
+            transpose_into(&b.data[start..], b.cs, [cols, kc], chunk, nr);
         } else {
             for p in 0..kc {
                 for (j, d) in chunk[p * nr..p * nr + cols].iter_mut().enumerate() {
@@ -268,5 +364,37 @@ pub(crate) fn pack_b(
             pool.for_each(panels.collect(), panel)
         }
         _ => panels.for_each(panel),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The transposing copy against the definition, for run counts and
+    /// lengths around its 8 × 8 blocks, with poisoned gaps that must not
+    /// move and padding that must stay as it was.
+    #[test]
+    fn transposing_copies_every_element_and_nothing_else() {
+        for cols in [0, 1, 7, 8, 9, 16, 23, 32] {
+            for kc in [1, 5, 8, 9, 16, 63, 64, 70] {
+                for extra in [0, 3] {
+                    let (stride, ld) = (kc + extra, cols.max(1) + extra);
+                    let src: Vec<f32> = (0..cols * stride).map(|i| i as f32).collect();
+                    let mut dst = vec![-1f32; kc * ld];
+                    transpose_into(&src, stride, [cols, kc], &mut dst, ld);
+                    for p in 0..kc {
+                        for j in 0..ld {
+                            let want = if j < cols { src[j * stride + p] } else { -1.0 };
+                            assert_eq!(
+                                dst[p * ld + j],
+                                want,
+                                "{cols} runs of {kc}: step {p}, column {j}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -49,6 +49,9 @@ const PARALLEL_MIN_WORK: usize = 1 << 20;
 const BATCH_MIN_WORK: usize = 1 << 18;
 /// Output elements per task of the epilogue (bias, activation, `β·C₀`).
 const EPILOGUE_PER_TASK: usize = 1 << 15;
+/// Floats of packed B (4 MiB) up to which a product of several k blocks
+/// packs all of them at once ([`pack::pack_b_all`]).
+const WHOLE_K_MAX: usize = 1 << 20;
 /// The largest tile of any micro-kernel (AVX-512: 8 × 32).
 const MAX_TILE: usize = 8 * 32;
 /// Outputs at most this many micro-panels wide read A in place instead of
@@ -424,94 +427,115 @@ fn blocked<K: MicroKernel>(
         .next_multiple_of(K::MR)
         .clamp(K::MR, mc_max);
     let direct = n.div_ceil(K::NR) <= DIRECT_A_MAX_PANELS;
+    // Rows `block·mc ..` of C (`rows`), columns `jc..jc + nc`, from the k
+    // block of `kc` steps at `pc` (`b_packed`: its panels).
+    let row_block = |(jc, nc): (usize, usize),
+                     (pc, kc): (usize, usize),
+                     b_packed: &[f32],
+                     (block, rows): (usize, &mut [MaybeUninit<f32>])| {
+        // The first k block of a fresh C stores instead of adding.
+        let add = !(fresh && pc == 0);
+        let (ic, mcb) = (block * mc, rows.len() / n);
+        // Direct mode packs only a partial last panel of rows.
+        let full = if direct { mcb / K::MR * K::MR } else { 0 };
+        crate::scratch::with(|a_packed| {
+            pack_a(a, ic + full, mcb - full, pc, kc, K::MR, a_packed);
+            let mut tile = [0f32; MAX_TILE];
+            for jr in (0..nc).step_by(K::NR) {
+                let nr = K::NR.min(nc - jr);
+                let b_panel = &b_packed[(jr / K::NR) * K::NR * kc..][..K::NR * kc];
+                for ir in (0..mcb).step_by(K::MR) {
+                    let mr = K::MR.min(mcb - ir);
+                    // A's block: in place (direct mode) or a packed panel.
+                    let (a_ptr, rsa, csa) = if ir < full {
+                        let start = a.index(ic + ir, pc);
+                        (a.data()[start..].as_ptr(), a.rs(), a.cs())
+                    } else {
+                        let panel = (ir - full) / K::MR;
+                        let a_panel = &a_packed[panel * K::MR * kc..][..K::MR * kc];
+                        (a_panel.as_ptr(), 1, K::MR)
+                    };
+                    if mr == K::MR && nr == K::NR {
+                        // A whole tile: accumulate straight into C.
+                        let c_tile = &mut rows[ir * n + jc + jr..];
+                        debug_assert!(c_tile.len() >= (K::MR - 1) * n + K::NR);
+                        // SAFETY: the kernel set was checked against this
+                        // processor when the backend was built; A's MR×kc
+                        // block is inside its (bounds-checked) matrix or
+                        // packed panel; the B panel is kc·NR floats; C's
+                        // MR rows of NR floats, n apart, are inside `rows`.
+                        unsafe {
+                            K::tile_into(
+                                kc,
+                                a_ptr,
+                                rsa,
+                                csa,
+                                b_panel.as_ptr(),
+                                c_tile.as_mut_ptr().cast::<f32>(),
+                                n,
+                                add,
+                            )
+                        };
+                        continue;
+                    }
+                    // SAFETY: as above; the tile buffer holds MAX_TILE ≥ MR·NR.
+                    unsafe {
+                        K::tile_strided(kc, a_ptr, rsa, csa, b_panel.as_ptr(), tile.as_mut_ptr())
+                    };
+                    for i in 0..mr {
+                        let row = &mut rows[(ir + i) * n + jc + jr..][..nr];
+                        let part = &tile[i * K::NR..i * K::NR + nr];
+                        if add {
+                            // SAFETY: `add` means an earlier k
+                            // block (or the caller) wrote C.
+                            let row = unsafe { crate::fresh::assume_written(row) };
+                            for (cv, &t) in row.iter_mut().zip(part) {
+                                *cv += t;
+                            }
+                        } else {
+                            crate::fresh::copy(row, part);
+                        }
+                    }
+                }
+            }
+        });
+    };
     crate::scratch::with(|b_packed| {
         for jc in (0..n).step_by(nc_max) {
             let nc = nc_max.min(n - jc);
+            // Forking costs microseconds: only products worth more than
+            // that are split over the team, and only theirs packs B in
+            // parallel (a 9 × 676 convolution patch matrix packed on two
+            // threads took longer than its product on one).
+            let worth = |kc: usize| threads > 1 && m > mc && m * nc * kc >= PARALLEL_MIN_WORK;
+            let width = nc.div_ceil(K::NR) * K::NR;
+            if let Some(pool) =
+                pool.filter(|_| k > blk.kc && worth(blk.kc) && width * k <= WHOLE_K_MAX)
+            {
+                // Several k blocks and a B that fits: all of its blocks
+                // packed in one fork, then each thread runs its rows through
+                // every block in a second — two forks where block by block
+                // takes two per block (128 × 5408 × 64: 42).
+                pack::pack_b_all(b, k, blk.kc, jc, nc, K::NR, b_packed, pool);
+                let b_packed = &*b_packed;
+                pool.for_each(
+                    c.chunks_mut(mc * n).enumerate().collect(),
+                    |(block, rows)| {
+                        for pc in (0..k).step_by(blk.kc) {
+                            let kc = blk.kc.min(k - pc);
+                            let panels = &b_packed[pc * width..][..kc * width];
+                            row_block((jc, nc), (pc, kc), panels, (block, &mut *rows));
+                        }
+                    },
+                );
+                continue;
+            }
             for pc in (0..k).step_by(blk.kc) {
                 let kc = blk.kc.min(k - pc);
-                // The first k block of a fresh C stores instead of adding.
-                let add = !(fresh && pc == 0);
-                // Forking costs microseconds: only products worth more than
-                // that are split over the team, and only theirs packs B in
-                // parallel (a 9 × 676 convolution patch matrix packed on two
-                // threads took longer than its product on one).
-                let split =
-                    pool.filter(|_| threads > 1 && m > mc && m * nc * kc >= PARALLEL_MIN_WORK);
+                let split = pool.filter(|_| worth(kc));
                 pack_b(b, pc, kc, jc, nc, K::NR, b_packed, split);
                 let b_packed = &*b_packed;
-                let task = |(block, rows): (usize, &mut [MaybeUninit<f32>])| {
-                    let (ic, mcb) = (block * mc, rows.len() / n);
-                    // Direct mode packs only a partial last panel of rows.
-                    let full = if direct { mcb / K::MR * K::MR } else { 0 };
-                    crate::scratch::with(|a_packed| {
-                        pack_a(a, ic + full, mcb - full, pc, kc, K::MR, a_packed);
-                        let mut tile = [0f32; MAX_TILE];
-                        for jr in (0..nc).step_by(K::NR) {
-                            let nr = K::NR.min(nc - jr);
-                            let b_panel = &b_packed[(jr / K::NR) * K::NR * kc..][..K::NR * kc];
-                            for ir in (0..mcb).step_by(K::MR) {
-                                let mr = K::MR.min(mcb - ir);
-                                // A's block: in place (direct mode) or a packed panel.
-                                let (a_ptr, rsa, csa) = if ir < full {
-                                    let start = a.index(ic + ir, pc);
-                                    (a.data()[start..].as_ptr(), a.rs(), a.cs())
-                                } else {
-                                    let panel = (ir - full) / K::MR;
-                                    let a_panel = &a_packed[panel * K::MR * kc..][..K::MR * kc];
-                                    (a_panel.as_ptr(), 1, K::MR)
-                                };
-                                if mr == K::MR && nr == K::NR {
-                                    // A whole tile: accumulate straight into C.
-                                    let c_tile = &mut rows[ir * n + jc + jr..];
-                                    debug_assert!(c_tile.len() >= (K::MR - 1) * n + K::NR);
-                                    // SAFETY: the kernel set was checked against this
-                                    // processor when the backend was built; A's MR×kc
-                                    // block is inside its (bounds-checked) matrix or
-                                    // packed panel; the B panel is kc·NR floats; C's
-                                    // MR rows of NR floats, n apart, are inside `rows`.
-                                    unsafe {
-                                        K::tile_into(
-                                            kc,
-                                            a_ptr,
-                                            rsa,
-                                            csa,
-                                            b_panel.as_ptr(),
-                                            c_tile.as_mut_ptr().cast::<f32>(),
-                                            n,
-                                            add,
-                                        )
-                                    };
-                                    continue;
-                                }
-                                // SAFETY: as above; the tile buffer holds MAX_TILE ≥ MR·NR.
-                                unsafe {
-                                    K::tile_strided(
-                                        kc,
-                                        a_ptr,
-                                        rsa,
-                                        csa,
-                                        b_panel.as_ptr(),
-                                        tile.as_mut_ptr(),
-                                    )
-                                };
-                                for i in 0..mr {
-                                    let row = &mut rows[(ir + i) * n + jc + jr..][..nr];
-                                    let part = &tile[i * K::NR..i * K::NR + nr];
-                                    if add {
-                                        // SAFETY: `add` means an earlier k
-                                        // block (or the caller) wrote C.
-                                        let row = unsafe { crate::fresh::assume_written(row) };
-                                        for (cv, &t) in row.iter_mut().zip(part) {
-                                            *cv += t;
-                                        }
-                                    } else {
-                                        crate::fresh::copy(row, part);
-                                    }
-                                }
-                            }
-                        }
-                    });
-                };
+                let task = |job| row_block((jc, nc), (pc, kc), b_packed, job);
                 if let Some(pool) = split {
                     pool.for_each(c.chunks_mut(mc * n).enumerate().collect(), task);
                 } else {

@@ -327,7 +327,55 @@ pub(crate) fn pack_b(
     out: &mut Vec<f32>,
     pool: Option<&Workers>,
 ) {
-    let out = fit(out, nc.div_ceil(nr) * nr * kc);
+    pack_b_into(
+        b,
+        p0,
+        kc,
+        j0,
+        nc,
+        nr,
+        fit(out, nc.div_ceil(nr) * nr * kc),
+        pool,
+    );
+}
+
+/// Packs columns `j0..j0+nc` of `b` for all its `k` rows, as [`pack_b`]
+/// packs them for each block of `kc_block` rows: the block of rows from
+/// `pc` at `pc·⌈nc/nr⌉·nr`. The blocks are split over `pool`'s threads —
+/// one fork for the whole of B where packing block by block forks once per
+/// block.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pack_b_all(
+    b: &Matrix<'_>,
+    k: usize,
+    kc_block: usize,
+    j0: usize,
+    nc: usize,
+    nr: usize,
+    out: &mut Vec<f32>,
+    pool: &Workers,
+) {
+    let width = nc.div_ceil(nr) * nr;
+    let blocks = fit(out, width * k).chunks_mut(width * kc_block).enumerate();
+    pool.for_each(blocks.collect(), |(q, chunk)| {
+        let pc = q * kc_block;
+        pack_b_into(b, pc, kc_block.min(k - pc), j0, nc, nr, chunk, None)
+    });
+}
+
+/// [`pack_b`] into `out`, which holds exactly its panels.
+#[allow(clippy::too_many_arguments)]
+fn pack_b_into(
+    b: &Matrix<'_>,
+    p0: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+    nr: usize,
+    out: &mut [f32],
+    pool: Option<&Workers>,
+) {
+    debug_assert_eq!(out.len(), nc.div_ceil(nr) * nr * kc);
     let panel = |(q, chunk): (usize, &mut [f32])| {
         let cols = nr.min(nc - q * nr);
         let c0 = j0 + q * nr;

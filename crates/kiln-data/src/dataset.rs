@@ -415,6 +415,22 @@ impl Dataset {
         }
     }
 
+    /// [`Dataset::write_example`] appended to `dst`, for a caller filling
+    /// a batch that would otherwise zero its buffer only to overwrite it
+    /// (a 400 KB `memset` per MNIST batch: 3 % of an MLP epoch's samples).
+    pub(crate) fn extend_with_example(&self, i: usize, dst: &mut Vec<f32>) {
+        let px = self.pixels();
+        if self.floats.is_empty() {
+            dst.extend(
+                self.images[i * px..(i + 1) * px]
+                    .iter()
+                    .map(|&b| f32::from(b) / 255.0),
+            );
+        } else {
+            dst.extend_from_slice(&self.floats[i * px..(i + 1) * px]);
+        }
+    }
+
     /// All class labels (empty for a regression set).
     pub fn labels(&self) -> &[u32] {
         &self.labels

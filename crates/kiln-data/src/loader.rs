@@ -174,12 +174,12 @@ fn warp(ds: &Dataset, a: &Augment, epoch: u64, indices: &[u32], images: &mut [f3
 /// Gathers examples `indices` into one batch.
 pub fn assemble(ds: &Dataset, indices: &[u32]) -> Batch {
     let px = ds.pixels();
-    let mut images = vec![0f32; indices.len() * px];
+    let mut images = Vec::with_capacity(indices.len() * px);
     let mut labels = Vec::with_capacity(indices.len());
     let mut targets = Vec::new();
-    for (&i, dst) in indices.iter().zip(images.chunks_exact_mut(px.max(1))) {
+    for &i in indices {
         let i = i as usize;
-        ds.write_example(i, dst);
+        ds.extend_with_example(i, &mut images);
         labels.extend(ds.labels().get(i));
         targets.extend_from_slice(ds.targets(i));
     }

@@ -114,11 +114,36 @@ impl Geometry {
 
     /// Fills `cols_t` (`cells` rows, `ld ≥ patch` floats apart): the
     /// transpose of [`Self::im2col`]'s matrix, the patch each output cell
-    /// reads in one row (columns `patch..ld` are left as they were). Built
-    /// directly where every window is inside the image; elsewhere through
-    /// im2col and a transposition.
-    fn im2col_t(&self, image: &[f32], cols_t: &mut [f32], ld: usize) {
+    /// reads in one row (columns `patch..ld` are left as they were, or
+    /// zeroed up to 16 on AVX-512). Built directly where every window is
+    /// inside the image; elsewhere through im2col and a transposition.
+    fn im2col_t(&self, set: KernelSet, image: &[f32], cols_t: &mut [f32], ld: usize) {
         if self.win.stride == [1, 1] && self.win.padding == [0; 4] {
+            #[cfg(target_arch = "x86_64")]
+            if set == KernelSet::Avx512 && self.patch() <= 16 && ld >= 16 {
+                let cells = self.cells();
+                assert!(
+                    image.len() >= self.c * self.h * self.w && cols_t.len() >= cells * ld,
+                    "transposed im2col: {} floats for a {}×{}×{} image, {} for {cells} rows of {ld}",
+                    image.len(),
+                    self.c,
+                    self.h,
+                    self.w,
+                    cols_t.len()
+                );
+                // SAFETY: the set was checked against this processor; the
+                // patch fits a vector and the buffers were checked above.
+                return unsafe {
+                    avx512::im2col_t_rows(
+                        image,
+                        [self.c, self.h, self.w],
+                        self.win.kernel,
+                        cols_t,
+                        ld,
+                    )
+                };
+            }
+            let _ = set;
             return self.im2col_t_inside(image, cols_t, ld);
         }
         // Strides and padding: im2col's matrix, transposed.
@@ -656,7 +681,7 @@ pub(crate) fn conv2d_pool_backward(
                     for (b, row) in db.iter_mut().zip(d.chunks_exact(pcells.max(1))) {
                         *b += crate::vector::wide::sum(set, row);
                     }
-                    g.im2col_t(&xs[img * c * h * w..][..c * h * w], cols_t, ldw);
+                    g.im2col_t(set, &xs[img * c * h * w..][..c * h * w], cols_t, ldw);
                     let image = routed::Image {
                         cols_t,
                         ld: ldw,
@@ -882,7 +907,18 @@ mod tests {
     /// inside, across and wider than the input, at strides 1 to 3.
     #[test]
     fn transposed_im2col_is_the_transpose_of_im2col() {
-        for (c, h, w) in [(1, 6, 7), (2, 5, 4), (1, 2, 2), (3, 3, 1)] {
+        let sets: Vec<KernelSet> = KernelSet::ALL
+            .into_iter()
+            .filter(|s| s.available())
+            .collect();
+        for (c, h, w) in [
+            (1, 6, 7),
+            (2, 5, 4),
+            (1, 2, 2),
+            (3, 3, 1),
+            (1, 5, 40),
+            (2, 4, 21),
+        ] {
             for kernel in [[1, 1], [3, 3], [2, 4], [3, 5]] {
                 for stride in [[1, 1], [2, 1], [1, 3]] {
                     for padding in [[0; 4], [1, 0, 2, 1], [0, 2, 0, 3]] {
@@ -906,9 +942,22 @@ mod tests {
                         let (patch, cells) = (g.patch(), g.cells());
                         let mut cols = vec![f32::NAN; patch * cells];
                         g.im2col(&image, &mut cols);
-                        for ld in [patch, patch + 3] {
+                        for (set, ld) in sets
+                            .iter()
+                            .flat_map(|&s| [(s, patch), (s, patch + 3), (s, patch.max(16))])
+                        {
                             let mut cols_t = vec![f32::NAN; ld * cells];
-                            g.im2col_t(&image, &mut cols_t, ld);
+                            g.im2col_t(set, &image, &mut cols_t, ld);
+                            for (cell, row) in cols_t.chunks_exact(ld).enumerate() {
+                                // Left as they were, or zeros up to 16.
+                                let zeroed = if set == KernelSet::Avx512 { 16 } else { 0 };
+                                let kept =
+                                    |(r, v): (usize, &f32)| v.is_nan() || (r < zeroed && *v == 0.0);
+                                assert!(
+                                    row.iter().enumerate().skip(patch).all(kept),
+                                    "{set:?}, {c}×{h}×{w}, {win:?}, ld {ld}: row {cell}'s padding was written"
+                                );
+                            }
                             for r in 0..patch {
                                 for cell in 0..cells {
                                     assert_eq!(

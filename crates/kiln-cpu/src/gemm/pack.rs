@@ -193,14 +193,19 @@ fn transpose_into(src: &[f32], stride: usize, [cols, kc]: [usize; 2], dst: &mut 
         src.len(),
         dst.len()
     );
-    let mut done = 0;
+    // Runs done in blocks of 8.
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") {
-        done = cols / 8 * 8;
+    let done = if std::arch::is_x86_feature_detected!("avx") {
+        let done = cols / 8 * 8;
         // SAFETY: AVX is present; the bounds were asserted above, and the
         // kernel reads and writes only elements of the whole 8-run blocks.
         unsafe { transpose_blocks_avx(src, stride, [done, kc], dst, ld) };
-    }
+        done
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     for j in done..cols {
         for (p, &v) in src[j * stride..][..kc].iter().enumerate() {
             dst[p * ld + j] = v;

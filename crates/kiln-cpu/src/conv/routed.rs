@@ -93,17 +93,26 @@ unsafe fn channels<const Q: usize>(
     for (q, a) in acc.iter_mut().enumerate() {
         a.copy_from_slice(&dw[(oc + q) * ldw + c0..][..LANES]);
     }
-    let rows: [(&[f32], &[u32]); Q] = std::array::from_fn(|q| {
-        let r = (oc + q) * pcells..(oc + q + 1) * pcells;
-        (&routed[r.clone()], &at[r])
-    });
+    // The Q channels' gradients and cells, `pcells` apart from two
+    // pointers: Q slices (2·Q pointers and lengths) did not fit the
+    // registers beside the accumulators, and their reloads and bounds
+    // checks took a third of the op's samples.
+    let first = oc * pcells;
+    assert!(routed.len() >= first + Q * pcells && at.len() >= first + Q * pcells);
+    let (grads, cells) = (routed[first..].as_ptr(), at[first..].as_ptr());
     let base = cols_t.as_ptr().wrapping_add(c0);
     for p in 0..pcells {
-        for (a, (d, at)) in acc.iter_mut().zip(&rows) {
-            // SAFETY: the caller's contract, for row at[p].
-            let src: [f32; LANES] =
-                unsafe { std::ptr::read_unaligned(base.add(at[p] as usize * ld).cast()) };
-            let d = d[p];
+        for (q, a) in acc.iter_mut().enumerate() {
+            // SAFETY: q·pcells + p < Q·pcells, inside both (asserted); the
+            // caller's contract for the row the cell names.
+            let (d, src) = unsafe {
+                let k = q * pcells + p;
+                let row = *cells.add(k) as usize * ld;
+                (
+                    *grads.add(k),
+                    std::ptr::read_unaligned::<[f32; LANES]>(base.add(row).cast()),
+                )
+            };
             for (v, s) in a.iter_mut().zip(src) {
                 *v = d.mul_add(s, *v);
             }

@@ -2,7 +2,8 @@
 //! set (threads from `KILN_THREADS`): Conv2D 32 3×3 on 1×28×28 forward and
 //! filter gradient, max-pool 2×2 forward and backward, the two fused into
 //! one op forward and backward (as the trainer runs them: a first layer,
-//! no input gradient), and the 5408→64 dense layer.
+//! no input gradient), and the 5408→64 dense layer forward and its two
+//! gradients.
 
 use criterion::{criterion_main, Criterion, Throughput};
 use kiln_core::{Activation, Backend, GemmEpilogue, HostData, Layout, Shape, View, Window2d};
@@ -129,6 +130,27 @@ fn cnn(c: &mut Criterion) {
                     },
                 )
                 .expect("gemm")
+            })
+        });
+        // Its gradients as autograd asks for them: dW = xᵀ·dy and
+        // dx = dy·Wᵀ, the transposes as views.
+        let dy = up(N * 64);
+        let dyl = layout(&[1, N, 64]);
+        let (xt, wt) = (
+            fl.transpose(1, 2).expect("transpose"),
+            dl.transpose(1, 2).expect("transpose"),
+        );
+        let plain = GemmEpilogue::default();
+        group.bench_function("dense_5408x64_weight_gradient", |bench| {
+            bench.iter(|| {
+                b.gemm(View::new(&flat, &xt), View::new(&dy, &dyl), &plain)
+                    .expect("gemm")
+            })
+        });
+        group.bench_function("dense_5408x64_input_gradient", |bench| {
+            bench.iter(|| {
+                b.gemm(View::new(&dy, &dyl), View::new(&dense_w, &wt), &plain)
+                    .expect("gemm")
             })
         });
         group.finish();

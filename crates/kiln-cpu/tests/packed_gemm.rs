@@ -105,46 +105,35 @@ fn large_and_awkward_shapes_within_the_bound() {
     }
 }
 
+/// The same bits on 1, 2 and 3 threads, whichever way the product is
+/// split: row blocks (300 × 600 × 90), all k blocks packed at once (the
+/// same with 2 and 3 threads), panels of columns over few rows (128 × 300 ×
+/// 700, 60 × 70 × 1000: a wide layer's `dy·Wᵀ`, B stored transposed too).
 #[test]
 fn results_do_not_depend_on_the_thread_count() {
     for set in sets() {
-        let one = check(
-            &CpuBackend::with_kernels(set)
+        let backend = |threads| {
+            CpuBackend::with_kernels(set)
                 .unwrap()
-                .with_threads(1)
-                .expect("worker threads"),
-            300,
-            600,
-            90,
-            false,
-            DType::F32,
-        );
-        let two = check(
-            &CpuBackend::with_kernels(set)
-                .unwrap()
-                .with_threads(2)
-                .expect("worker threads"),
-            300,
-            600,
-            90,
-            false,
-            DType::F32,
-        );
-        let three = check(
-            &CpuBackend::with_kernels(set)
-                .unwrap()
-                .with_threads(3)
-                .expect("worker threads"),
-            300,
-            600,
-            90,
-            false,
-            DType::F32,
-        );
-        assert!(
-            one == two && two == three,
-            "{set:?}: results differ with the thread count"
-        );
+                .with_threads(threads)
+                .expect("worker threads")
+        };
+        let teams = [backend(1), backend(2), backend(3)];
+        for (m, k, n, bt) in [
+            (300, 600, 90, false),
+            (128, 300, 700, false),
+            (128, 300, 700, true),
+            (60, 70, 1000, true),
+        ] {
+            let runs: Vec<Vec<f32>> = teams
+                .iter()
+                .map(|b| check(b, m, k, n, bt, DType::F32))
+                .collect();
+            assert!(
+                runs[0] == runs[1] && runs[1] == runs[2],
+                "{set:?}, {m}×{k}×{n}: results differ with the thread count"
+            );
+        }
     }
 }
 

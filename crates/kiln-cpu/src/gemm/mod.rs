@@ -400,6 +400,33 @@ pub(crate) fn blocking_of(set: KernelSet) -> Blocking {
     *SETS[slot].get_or_init(|| Blocking::for_tile(mr, nr))
 }
 
+/// Rows of C handed to the tasks of one product, each of which writes its
+/// own elements — a block of rows, or panels of columns of every row —
+/// and no other; the product waits for all of them before C is read.
+#[derive(Clone, Copy)]
+struct SharedC {
+    /// The first element of the rows.
+    ptr: *mut MaybeUninit<f32>,
+    /// Elements from `ptr` to the end of C.
+    len: usize,
+}
+
+// SAFETY: a `SharedC` is only given to tasks that write disjoint elements
+// of it (see the type's docs) while its owner waits for them.
+unsafe impl Send for SharedC {}
+// SAFETY: as above.
+unsafe impl Sync for SharedC {}
+
+impl SharedC {
+    /// The rows `c`, for tasks that write disjoint parts of them.
+    fn of(c: &mut [MaybeUninit<f32>]) -> Self {
+        SharedC {
+            ptr: c.as_mut_ptr(),
+            len: c.len(),
+        }
+    }
+}
+
 /// One `m × k` by `k × n` product accumulated into the row-major `c`, on
 /// `pool` when given and the product is worth splitting.
 #[allow(clippy::too_many_arguments)]
@@ -432,10 +459,15 @@ fn blocked<K: MicroKernel>(
     let row_block = |(jc, nc): (usize, usize),
                      (pc, kc): (usize, usize),
                      b_packed: &[f32],
-                     (block, rows): (usize, &mut [MaybeUninit<f32>])| {
+                     (ic, mcb): (usize, usize),
+                     rows: SharedC| {
         // The first k block of a fresh C stores instead of adding.
         let add = !(fresh && pc == 0);
-        let (ic, mcb) = (block * mc, rows.len() / n);
+        assert!(
+            ic + mcb <= m && jc + nc <= n && rows.len >= mcb * n,
+            "GEMM driver: rows {ic}.. ({mcb}), columns {jc}.. ({nc}) of {m} × {n}, {} elements given",
+            rows.len
+        );
         // Direct mode packs only a partial last panel of rows.
         let full = if direct { mcb / K::MR * K::MR } else { 0 };
         crate::scratch::with(|a_packed| {
@@ -457,13 +489,13 @@ fn blocked<K: MicroKernel>(
                     };
                     if mr == K::MR && nr == K::NR {
                         // A whole tile: accumulate straight into C.
-                        let c_tile = &mut rows[ir * n + jc + jr..];
-                        debug_assert!(c_tile.len() >= (K::MR - 1) * n + K::NR);
                         // SAFETY: the kernel set was checked against this
                         // processor when the backend was built; A's MR×kc
                         // block is inside its (bounds-checked) matrix or
                         // packed panel; the B panel is kc·NR floats; C's
-                        // MR rows of NR floats, n apart, are inside `rows`.
+                        // MR rows of NR floats, n apart, are inside the
+                        // rows given (asserted above), which this call
+                        // writes alone (the `SharedC` contract).
                         unsafe {
                             K::tile_into(
                                 kc,
@@ -471,7 +503,7 @@ fn blocked<K: MicroKernel>(
                                 rsa,
                                 csa,
                                 b_panel.as_ptr(),
-                                c_tile.as_mut_ptr().cast::<f32>(),
+                                rows.ptr.add(ir * n + jc + jr).cast::<f32>(),
                                 n,
                                 add,
                             )
@@ -483,7 +515,12 @@ fn blocked<K: MicroKernel>(
                         K::tile_strided(kc, a_ptr, rsa, csa, b_panel.as_ptr(), tile.as_mut_ptr())
                     };
                     for i in 0..mr {
-                        let row = &mut rows[(ir + i) * n + jc + jr..][..nr];
+                        // SAFETY: columns jc + jr .. + nr of row ir + i,
+                        // inside the rows given and written by this call
+                        // alone (as above).
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(rows.ptr.add((ir + i) * n + jc + jr), nr)
+                        };
                         let part = &tile[i * K::NR..i * K::NR + nr];
                         if add {
                             // SAFETY: `add` means an earlier k
@@ -500,6 +537,39 @@ fn blocked<K: MicroKernel>(
             }
         });
     };
+    // Few rows and many columns (a batch times a wide layer, `dy·Wᵀ`):
+    // each thread takes whole panels of columns and all the rows, packing
+    // only its own panels of B, in one fork — where cutting the few rows
+    // in two has both threads wait at every k block for a B packed for
+    // both, twice per block.
+    let panels = n.div_ceil(K::NR);
+    let columns = pool.filter(|_| {
+        threads > 1
+            && m <= mc_max
+            && panels >= 2 * threads
+            && m * n * k.min(blk.kc) >= threads * PARALLEL_MIN_WORK
+    });
+    if let Some(pool) = columns {
+        let per = panels.div_ceil(threads) * K::NR;
+        let ranges: Vec<(usize, usize)> = (0..n)
+            .step_by(per)
+            .map(|j0| (j0, per.min(n - j0)))
+            .collect();
+        let all = SharedC::of(c);
+        pool.for_each(ranges, |(j0, width)| {
+            crate::scratch::with(|b_packed| {
+                for jc in (j0..j0 + width).step_by(nc_max) {
+                    let nc = nc_max.min(j0 + width - jc);
+                    for pc in (0..k).step_by(blk.kc) {
+                        let kc = blk.kc.min(k - pc);
+                        pack_b(b, pc, kc, jc, nc, K::NR, b_packed, None);
+                        row_block((jc, nc), (pc, kc), b_packed, (0, m), all);
+                    }
+                }
+            })
+        });
+        return;
+    }
     crate::scratch::with(|b_packed| {
         for jc in (0..n).step_by(nc_max) {
             let nc = nc_max.min(n - jc);
@@ -521,10 +591,11 @@ fn blocked<K: MicroKernel>(
                 pool.for_each(
                     c.chunks_mut(mc * n).enumerate().collect(),
                     |(block, rows)| {
+                        let (ic, rows) = (block * mc, SharedC::of(rows));
                         for pc in (0..k).step_by(blk.kc) {
                             let kc = blk.kc.min(k - pc);
                             let panels = &b_packed[pc * width..][..kc * width];
-                            row_block((jc, nc), (pc, kc), panels, (block, &mut *rows));
+                            row_block((jc, nc), (pc, kc), panels, (ic, rows.len / n), rows);
                         }
                     },
                 );
@@ -535,7 +606,16 @@ fn blocked<K: MicroKernel>(
                 let split = pool.filter(|_| worth(kc));
                 pack_b(b, pc, kc, jc, nc, K::NR, b_packed, split);
                 let b_packed = &*b_packed;
-                let task = |job| row_block((jc, nc), (pc, kc), b_packed, job);
+                let task = |(block, rows): (usize, &mut [MaybeUninit<f32>])| {
+                    let rows = SharedC::of(rows);
+                    row_block(
+                        (jc, nc),
+                        (pc, kc),
+                        b_packed,
+                        (block * mc, rows.len / n),
+                        rows,
+                    )
+                };
                 if let Some(pool) = split {
                     pool.for_each(c.chunks_mut(mc * n).enumerate().collect(), task);
                 } else {

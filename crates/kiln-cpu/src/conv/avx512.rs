@@ -1,6 +1,10 @@
-//! The AVX-512 fused convolution + bias + ReLU + 2×2 max-pool kernel:
-//! every pooled output computed straight from the image, with no patch
-//! matrix, no packed panels and no convolution output in memory.
+//! AVX-512 kernels of the convolutions behind a 2×2 max-pool: the fused
+//! forward pass ([`conv_relu_pool`]) and the backward pass's transposed
+//! patch matrix ([`im2col_t_rows`]).
+//!
+//! The fused convolution + bias + optional ReLU + 2×2 max-pool computes
+//! every pooled output straight from the image, with no patch matrix, no
+//! packed panels and no convolution output in memory.
 //!
 //! For a stride-1 unpadded convolution feeding a 2×2 stride-2 pool, the
 //! four convolution outputs of a pooling window are the even and odd
@@ -48,7 +52,7 @@ impl Image<'_> {
     /// The convolution output's rows and columns.
     fn conv_output(&self) -> [usize; 2] {
         let ([_, h, w], [kh, kw]) = (self.chw, self.kernel);
-        [h + 1 - kh, w + 1 - kw]
+        [(h + 1).saturating_sub(kh), (w + 1).saturating_sub(kw)]
     }
 
     /// Floats of the tap-vector buffer [`conv_relu_pool`] needs.
@@ -62,11 +66,10 @@ impl Image<'_> {
 /// `pooled` and `at` (`o × ph × pw`, `ph = ⌊oh/2⌋`, `pw = ⌊ow/2⌋`) receive
 /// the maxima and their indices into the `oh × ow` convolution plane,
 /// written, never read; `taps` is scratch of [`Image::taps_len`] floats.
+/// The operands' lengths are checked (panics otherwise).
 ///
 /// # Safety
-/// The processor supports AVX-512F; `kh ≤ h`, `kw ≤ w`; `x` holds
-/// `c·h·w` floats, `filters` `o·c·kh·kw`, `bias` (if any) `o`, `pooled`
-/// and `at` `o·ph·pw` each, with `o = filters.len() / (c·kh·kw)`.
+/// The processor supports AVX-512F.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn conv_relu_pool(
     img: &Image<'_>,
@@ -79,8 +82,17 @@ pub(crate) unsafe fn conv_relu_pool(
     let (ph, pw) = (oh / 2, ow / 2);
     let patch = c * kh * kw;
     let o = img.filters.len() / patch.max(1);
-    debug_assert!(img.x.len() >= c * h * w && taps.len() >= img.taps_len());
-    debug_assert!(pooled.len() >= o * ph * pw && at.len() >= o * ph * pw);
+    assert!(
+        (1..=h).contains(&kh)
+            && (1..=w).contains(&kw)
+            && img.x.len() >= c * h * w
+            && img.filters.len() == o * patch
+            && img.bias.is_none_or(|b| b.len() >= o)
+            && taps.len() >= img.taps_len()
+            && pooled.len() >= o * ph * pw
+            && at.len() >= o * ph * pw,
+        "fused convolution-pool: operands do not match a {c}×{h}×{w} image and {o} {kh}×{kw} filters"
+    );
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     for r in 0..ph {
         for t0 in (0..pw).step_by(16) {
@@ -102,7 +114,7 @@ pub(crate) unsafe fn conv_relu_pool(
                         // of row 2r + q ≤ 2(ph − 1) + kh ≤ h − 1 (as
                         // 2·pw ≤ ow, 2·ph ≤ oh), inside x; masked-off
                         // lanes read nothing. `taps` holds c·(kh+1)·(kw+1)
-                        // vectors (the caller's bound), one written here.
+                        // vectors (asserted), one written here.
                         unsafe {
                             let lo = _mm512_maskz_loadu_ps(lo_mask, base);
                             let hi = _mm512_maskz_loadu_ps(hi_mask, base.wrapping_add(16));
@@ -129,8 +141,8 @@ pub(crate) unsafe fn conv_relu_pool(
                     plane: ph * pw,
                 };
                 // SAFETY: AVX-512F; channels ob.. of the block exist, and
-                // their outputs lie in `pooled` and `at` (the caller's
-                // bound); the tap vectors were written above.
+                // their outputs lie in `pooled` and `at` (asserted); the
+                // tap vectors were written above.
                 unsafe {
                     match o - ob {
                         1 => block.run::<1>(pooled, at),
@@ -207,15 +219,14 @@ impl Block<'_, '_> {
                 }
             }
         }
-        let ow = _mm512_set1_epi32(self.ow as i32);
         let one = _mm512_set1_epi32(1);
+        let below = _mm512_add_epi32(self.first, _mm512_set1_epi32(self.ow as i32));
         for (m, acc) in acc.iter().enumerate() {
             let oc = self.first_oc + m;
             // `+ 0.0` without a bias too, as the unfused epilogue (it
             // turns −0 into +0).
             let add = _mm512_set1_ps(img.bias.map_or(0.0, |b| b[oc]));
             let y = acc.map(|a| finish(a, add, img.relu));
-            let below = _mm512_add_epi32(self.first, ow);
             // Window order: the top row's pair, then the bottom row's.
             let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(y[0], y[1])
                 | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(y[2], y[3]);
@@ -272,10 +283,10 @@ fn finish(acc: __m512, add: __m512, relu: bool) -> __m512 {
 /// columns into the cells' rows — a load, four shuffles and a store a row,
 /// where copying each row's runs one by one took 17 cycles.
 ///
+/// The operands' sizes are checked (panics otherwise).
+///
 /// # Safety
-/// The processor supports AVX-512F; `chw`, `kernel` describe `image`
-/// (`c·h·w` floats, `kh ≤ h`, `kw ≤ w`) with `c·kh·kw ≤ 16`; `ld ≥ 16`,
-/// and `cols_t` holds `oh·ow·ld` floats.
+/// The processor supports AVX-512F.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn im2col_t_rows(
     image: &[f32],
@@ -284,9 +295,17 @@ pub(crate) unsafe fn im2col_t_rows(
     cols_t: &mut [f32],
     ld: usize,
 ) {
-    let (oh, ow) = (h + 1 - kh, w + 1 - kw);
-    debug_assert!(c * kh * kw <= 16 && ld >= 16 && image.len() >= c * h * w);
-    debug_assert!(cols_t.len() >= oh * ow * ld);
+    let (oh, ow) = ((h + 1).saturating_sub(kh), (w + 1).saturating_sub(kw));
+    assert!(
+        (1..=h).contains(&kh)
+            && (1..=w).contains(&kw)
+            && c * kh * kw <= 16
+            && ld >= 16
+            && image.len() >= c * h * w
+            && cols_t.len() >= oh * ow * ld,
+        "transposed im2col: a {c}×{h}×{w} image, {kh}×{kw} windows, rows of {ld} in {} floats",
+        cols_t.len()
+    );
     let (x, out) = (image.as_ptr(), cols_t.as_mut_ptr());
     for i in 0..oh {
         for j0 in (0..ow).step_by(16) {

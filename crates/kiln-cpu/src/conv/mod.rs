@@ -13,9 +13,11 @@
 //! is independent of the thread count. Behind a max-pool, the filter
 //! gradient skips the cells the pool routed nothing to ([`routed`]).
 //!
-//! Convolution + ReLU + 2×2 pool (the CNNs' first layer) has a whole-image
-//! AVX-512 kernel for f32 ([`avx512`]): no patch matrix, no packing, no
-//! convolution output in memory, and the same bits as the path above.
+//! Convolution + (ReLU or no activation) + 2×2 pool (the CNNs' first
+//! layer) has a whole-image AVX-512 kernel for f32 (`avx512.rs`): no patch
+//! matrix, no packing, no convolution output in memory, and the same bits
+//! as the path above; the backward pass's transposed patch matrix is built
+//! there too, sixteen cells at a time.
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -121,18 +123,9 @@ impl Geometry {
         if self.win.stride == [1, 1] && self.win.padding == [0; 4] {
             #[cfg(target_arch = "x86_64")]
             if set == KernelSet::Avx512 && self.patch() <= 16 && ld >= 16 {
-                let cells = self.cells();
-                assert!(
-                    image.len() >= self.c * self.h * self.w && cols_t.len() >= cells * ld,
-                    "transposed im2col: {} floats for a {}×{}×{} image, {} for {cells} rows of {ld}",
-                    image.len(),
-                    self.c,
-                    self.h,
-                    self.w,
-                    cols_t.len()
-                );
-                // SAFETY: the set was checked against this processor; the
-                // patch fits a vector and the buffers were checked above.
+                // SAFETY: the set is AVX-512, checked against this
+                // processor when the backend was built; the kernel checks
+                // its operands' sizes.
                 return unsafe {
                     avx512::im2col_t_rows(
                         image,
@@ -143,6 +136,7 @@ impl Geometry {
                     )
                 };
             }
+            #[cfg(not(target_arch = "x86_64"))]
             let _ = set;
             return self.im2col_t_inside(image, cols_t, ld);
         }
@@ -428,7 +422,7 @@ pub(crate) fn conv2d_backward_filter(
 /// convolution output (`o × oh·ow`, 86 KB for the seed CNN) is produced,
 /// finished and pooled while it sits in the core's cache, and never
 /// written out. Bitwise the unfused composition (the same GEMM, epilogue
-/// and pooling code per image). Where [`fuses_whole`] holds (the seed
+/// and pooling code per image). Where `fuses_whole` holds (the seed
 /// CNN's layer on AVX-512), one kernel computes the pooled outputs
 /// straight from the image, with the same sums in the same order.
 #[allow(clippy::too_many_arguments)]
@@ -504,10 +498,9 @@ pub(crate) fn conv2d_pool(
                 relu: activation == Activation::Relu,
             };
             crate::scratch::sized(image.taps_len(), |taps| {
-                // SAFETY: `fuses_whole` checked the set against this
-                // processor; the operands' shapes were checked above
-                // (`conv2d_output`: x is n·c·h·w, the filters o·patch, the
-                // bias o), and p, a hold this image's o·ph·pw outputs.
+                // SAFETY: the set is AVX-512 (`fuses_whole`), which the
+                // backend checked against this processor when it was
+                // built; the kernel checks its operands' lengths.
                 unsafe { avx512::conv_relu_pool(&image, p, a, taps) }
             })
         });
@@ -817,6 +810,9 @@ mod tests {
             (1, 2, 11, 40, [5, 5], 9),
             (1, 1, 3, 3, [2, 2], 2),
             (1, 1, 4, 2, [3, 1], 1),
+            // 16 and 32 pooled columns: whole masks, the widest span.
+            (1, 1, 6, 34, [3, 3], 3),
+            (1, 2, 5, 66, [3, 3], 4),
         ];
         for (n, c, h, w, kernel, o) in shapes {
             for (relu, with_bias, nans) in [

@@ -8,12 +8,15 @@
 //! tile into C.
 //!
 //! Blocking ([`blocking`]): `NC` columns of B at a time, `KC` rows of the k
-//! dimension at a time (packed once, shared by all threads), and row blocks
-//! of A of at most `MC` rows (packed per task), sized from this processor's
-//! caches. Threads take whole row blocks of C; every C element is
-//! accumulated in the same order (k ascending within a `KC` block, blocks
-//! ascending) whatever the thread count or `MC`, so results are independent
-//! of the number of threads.
+//! dimension at a time, and row blocks of A of at most `MC` rows (packed
+//! per task), sized from this processor's caches. Threads take whole row
+//! blocks of C and share each packed block of B — all of B's k blocks
+//! packed in one fork when they fit 4 MiB — or, for few rows and many
+//! columns, whole panels of columns of every row, each packing its own
+//! panels of B. Every C element is accumulated in the same order (k
+//! ascending within a `KC` block, blocks ascending) whatever the split, the
+//! thread count or `MC`, so results are independent of the number of
+//! threads.
 
 pub(crate) mod blocking;
 mod narrow;
@@ -454,8 +457,11 @@ fn blocked<K: MicroKernel>(
         .next_multiple_of(K::MR)
         .clamp(K::MR, mc_max);
     let direct = n.div_ceil(K::NR) <= DIRECT_A_MAX_PANELS;
-    // Rows `block·mc ..` of C (`rows`), columns `jc..jc + nc`, from the k
-    // block of `kc` steps at `pc` (`b_packed`: its panels).
+    // Rows `ic .. ic + mcb` of C (`rows`: C from row ic on), columns
+    // `jc..jc + nc`, from the k block of `kc` steps at `pc` (`b_packed`:
+    // its panels). It writes those elements of C and no other, through
+    // `rows`' pointer: callers give concurrent calls disjoint rows or
+    // disjoint columns (`SharedC`).
     let row_block = |(jc, nc): (usize, usize),
                      (pc, kc): (usize, usize),
                      b_packed: &[f32],
@@ -494,8 +500,9 @@ fn blocked<K: MicroKernel>(
                         // block is inside its (bounds-checked) matrix or
                         // packed panel; the B panel is kc·NR floats; C's
                         // MR rows of NR floats, n apart, are inside the
-                        // rows given (asserted above), which this call
-                        // writes alone (the `SharedC` contract).
+                        // rows given (asserted above), and no concurrent
+                        // call writes these elements (its rows or its
+                        // columns are others: the `SharedC` contract).
                         unsafe {
                             K::tile_into(
                                 kc,
@@ -516,8 +523,8 @@ fn blocked<K: MicroKernel>(
                     };
                     for i in 0..mr {
                         // SAFETY: columns jc + jr .. + nr of row ir + i,
-                        // inside the rows given and written by this call
-                        // alone (as above).
+                        // inside the rows given, and no concurrent call
+                        // touches them (as above).
                         let row = unsafe {
                             std::slice::from_raw_parts_mut(rows.ptr.add((ir + i) * n + jc + jr), nr)
                         };

@@ -303,8 +303,9 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
     /// One array assignment: a constant size, so vector moves.
     #[inline(always)]
     fn fixed<const N: usize>(dst: &mut [f32], src: &[f32]) {
-        if let (Ok(d), Ok(s)) = (<&mut [f32; N]>::try_from(dst), <&[f32; N]>::try_from(src)) {
-            *d = *s;
+        match (<&mut [f32; N]>::try_from(dst), <&[f32; N]>::try_from(src)) {
+            (Ok(d), Ok(s)) => *d = *s,
+            _ => unreachable!("copy_short matched both lengths to {N}"),
         }
     }
     match (dst.len(), src.len()) {

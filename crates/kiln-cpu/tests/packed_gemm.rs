@@ -108,7 +108,8 @@ fn large_and_awkward_shapes_within_the_bound() {
 /// The same bits on 1, 2 and 3 threads, whichever way the product is
 /// split: row blocks (300 × 600 × 90), all k blocks packed at once (the
 /// same with 2 and 3 threads), panels of columns over few rows (128 × 300 ×
-/// 700, 60 × 70 × 1000: a wide layer's `dy·Wᵀ`, B stored transposed too).
+/// 700, 60 × 70 × 1000: a wide layer's `dy·Wᵀ`, B stored transposed too;
+/// 150 × 400 × 64: two panels over several k blocks, A read in place).
 #[test]
 fn results_do_not_depend_on_the_thread_count() {
     for set in sets() {
@@ -124,6 +125,7 @@ fn results_do_not_depend_on_the_thread_count() {
             (128, 300, 700, false),
             (128, 300, 700, true),
             (60, 70, 1000, true),
+            (150, 400, 64, false),
         ] {
             let runs: Vec<Vec<f32>> = teams
                 .iter()

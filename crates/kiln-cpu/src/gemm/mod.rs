@@ -548,7 +548,9 @@ fn blocked<K: MicroKernel>(
     // each thread takes whole panels of columns and all the rows, packing
     // only its own panels of B, in one fork — where cutting the few rows
     // in two has both threads wait at every k block for a B packed for
-    // both, twice per block.
+    // both, twice per block. (Not for two panels over a long k, the dense
+    // layers' forward pass: with a panel per thread both would read all
+    // of A from memory, and training measured no gain.)
     let panels = n.div_ceil(K::NR);
     let columns = pool.filter(|_| {
         threads > 1

@@ -237,36 +237,33 @@ unsafe fn transpose_blocks_avx(
             // SAFETY: run j0 + r reads p0..p0 + 8 ≤ kc of its kc floats.
             let r: [__m256; 8] =
                 std::array::from_fn(|i| unsafe { _mm256_loadu_ps(s.add((j0 + i) * stride + p0)) });
-            let t = [
-                _mm256_unpacklo_ps(r[0], r[1]),
-                _mm256_unpackhi_ps(r[0], r[1]),
-                _mm256_unpacklo_ps(r[2], r[3]),
-                _mm256_unpackhi_ps(r[2], r[3]),
-                _mm256_unpacklo_ps(r[4], r[5]),
-                _mm256_unpackhi_ps(r[4], r[5]),
-                _mm256_unpacklo_ps(r[6], r[7]),
-                _mm256_unpackhi_ps(r[6], r[7]),
-            ];
-            let u = [
-                _mm256_shuffle_ps::<0x44>(t[0], t[2]),
-                _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
-                _mm256_shuffle_ps::<0x44>(t[1], t[3]),
-                _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
-                _mm256_shuffle_ps::<0x44>(t[4], t[6]),
-                _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
-                _mm256_shuffle_ps::<0x44>(t[5], t[7]),
-                _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
-            ];
-            let rows = [
-                _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
-                _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
-                _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
-                _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
-                _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
-                _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
-                _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
-                _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
-            ];
+            // 32-bit pairs, then 64-bit pairs: u[4g + q], 128-bit half L,
+            // holds column 4L + q of rows 4g .. 4g + 3; then the halves.
+            let t: [__m256; 8] = std::array::from_fn(|k| {
+                let (a, b) = (r[k & !1], r[k | 1]);
+                if k % 2 == 0 {
+                    _mm256_unpacklo_ps(a, b)
+                } else {
+                    _mm256_unpackhi_ps(a, b)
+                }
+            });
+            let u: [__m256; 8] = std::array::from_fn(|k| {
+                let (g, q) = (k / 4, k % 4);
+                let (a, b) = (t[4 * g + q / 2], t[4 * g + 2 + q / 2]);
+                if q % 2 == 0 {
+                    _mm256_shuffle_ps::<0x44>(a, b)
+                } else {
+                    _mm256_shuffle_ps::<0xEE>(a, b)
+                }
+            });
+            let rows: [__m256; 8] = std::array::from_fn(|c| {
+                let q = c % 4;
+                if c < 4 {
+                    _mm256_permute2f128_ps::<0x20>(u[q], u[4 + q])
+                } else {
+                    _mm256_permute2f128_ps::<0x31>(u[q], u[4 + q])
+                }
+            });
             for (q, row) in rows.into_iter().enumerate() {
                 // SAFETY: step p0 + q < kc, columns j0..j0 + 8 ≤ cols.
                 unsafe { _mm256_storeu_ps(d.add((p0 + q) * ld + j0), row) };

@@ -27,6 +27,7 @@ CATS = [
     ("GEMM micro-kernel", r"gemm::(avx512|avx2|neon|rows|narrow|bf16)::|gemm::rows", False),
     ("GEMM packing", r"gemm::pack::", False),
     ("GEMM output zeroing and epilogue", r"gemm::Problem|gemm::gemm\b|Workers::filled", False),
+    ("fused convolution + ReLU + pool forward (AVX-512 kernel)", r"kiln_cpu::conv::avx512::conv_relu_pool", False),
     ("convolution filter gradient from the routed cells", r"kiln_cpu::conv::routed::", False),
     ("convolution glue (im2col, col2im, gradient routing, bias)", r"kiln_cpu::conv::", False),
     ("max-pool", r"kiln_cpu::pool::", False),

@@ -395,8 +395,8 @@ impl<'a> Problem<'a> {
     }
 }
 
-/// The f32 operands of `plan`, row-major.
-fn operands<'a>(
+/// The f32 operands of `plan`, row-major (the scalar reference's too).
+pub(crate) fn operands<'a>(
     op: &'static str,
     views: [View<'a, HostData>; 3],
 ) -> Result<[std::borrow::Cow<'a, [f32]>; 3]> {

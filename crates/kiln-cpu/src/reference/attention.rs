@@ -18,7 +18,12 @@ struct Problems<'a> {
     v: &'a [f32],
 }
 
-impl Problems<'_> {
+impl<'a> Problems<'a> {
+    /// The problems of `plan` over q, k and v read as f32.
+    fn new(plan: &'a AttentionPlan, [q, k, v]: &'a [std::borrow::Cow<'_, [f32]>; 3]) -> Self {
+        Problems { plan, q, k, v }
+    }
+
     /// Row `i` of problem `b` of a `[batch, rows, D]` operand.
     fn row<'x>(&self, x: &'x [f32], b: usize, rows: usize, i: usize) -> &'x [f32] {
         let d = self.plan.dim;
@@ -48,13 +53,8 @@ pub(crate) fn attention_causal(
 ) -> Result<HostData> {
     let op = "attention_causal";
     let plan = AttentionPlan::new(q, k, v, scale)?;
-    let (qs, ks, vs) = (read_f32(op, q)?, read_f32(op, k)?, read_f32(op, v)?);
-    let pr = Problems {
-        plan: &plan,
-        q: &qs,
-        k: &ks,
-        v: &vs,
-    };
+    let operands = crate::attention::operands(op, [q, k, v])?;
+    let pr = Problems::new(&plan, &operands);
     let (t, s, d) = (plan.queries, plan.keys, plan.dim);
     let mut y = vec![0f32; plan.batch * t * d];
     for b in 0..plan.batch {
@@ -79,14 +79,9 @@ pub(crate) fn attention_causal_backward(
 ) -> Result<AttentionGrads<HostData>> {
     let op = "attention_causal_backward";
     let plan = AttentionPlan::backward(q, k, v, dy, scale)?;
-    let (qs, ks, vs) = (read_f32(op, q)?, read_f32(op, k)?, read_f32(op, v)?);
+    let operands = crate::attention::operands(op, [q, k, v])?;
     let dys = read_f32(op, dy)?;
-    let pr = Problems {
-        plan: &plan,
-        q: &qs,
-        k: &ks,
-        v: &vs,
-    };
+    let pr = Problems::new(&plan, &operands);
     let (t, s, d) = (plan.queries, plan.keys, plan.dim);
     let mut dq = vec![0f32; plan.batch * t * d];
     let (mut dk, mut dv) = (

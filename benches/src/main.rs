@@ -4,10 +4,14 @@
 //!
 //! ```text
 //! kiln-bench-compare [--threads N] [--quick] [--numpy FILE.json] [--markdown]
-//!                    [--shapes M,K,N[;M,K,N…]] [--kiln-only]
+//!                    [--shapes M,K,N[;M,K,N…]] [--kiln-only] [--dtype f32|bf16|f16]
 //! ```
 //! `--shapes` replaces the standard shape list; `--kiln-only` skips the
 //! comparator libraries (for quick experiments on kiln's kernels).
+//! `--dtype` gives kiln's operands in that type (f32 results, as every kiln
+//! GEMM accumulates in f32); the comparators and the peak stay f32, so the
+//! "% peak" column of a bf16 run can pass 100 % where the processor has
+//! AVX-512 BF16 (two multiply-adds per lane per instruction).
 //! `--numpy` takes `{"m,k,n,threads": gflops, ...}` as benches/compare.sh
 //! writes it. `matrixmultiply` takes its thread count from
 //! MATMUL_NUM_THREADS, which compare.sh sets to match.
@@ -24,9 +28,10 @@ struct Args {
     markdown: bool,
     shapes: Option<Vec<(usize, usize, usize)>>,
     kiln_only: bool,
+    dtype: kiln_core::DType,
 }
 
-const USAGE: &str = "usage: kiln-bench-compare [--threads N] [--quick] [--numpy FILE.json] [--markdown] [--shapes M,K,N[;M,K,N...]] [--kiln-only]";
+const USAGE: &str = "usage: kiln-bench-compare [--threads N] [--quick] [--numpy FILE.json] [--markdown] [--shapes M,K,N[;M,K,N...]] [--kiln-only] [--dtype f32|bf16|f16]";
 
 /// `"256,256,256;128,784,64"` as shapes.
 fn parse_shapes(text: &str) -> Result<Vec<(usize, usize, usize)>, String> {
@@ -62,6 +67,7 @@ fn parse() -> Result<Args, String> {
         markdown: false,
         shapes: None,
         kiln_only: false,
+        dtype: kiln_core::DType::F32,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -76,6 +82,14 @@ fn parse() -> Result<Args, String> {
             "--quick" => a.quick = true,
             "--markdown" => a.markdown = true,
             "--kiln-only" => a.kiln_only = true,
+            "--dtype" => {
+                a.dtype = match it.next().as_deref() {
+                    Some("f32") => kiln_core::DType::F32,
+                    Some("bf16") => kiln_core::DType::BF16,
+                    Some("f16") => kiln_core::DType::F16,
+                    _ => return Err("--dtype takes f32, bf16 or f16".into()),
+                }
+            }
             "--shapes" => {
                 a.shapes = Some(parse_shapes(
                     &it.next().ok_or("--shapes takes M,K,N[;M,K,N...]")?,
@@ -148,9 +162,10 @@ fn main() {
     };
     let budget = if args.quick { 0.01 } else { 0.4 };
     println!(
-        "machine peak ({isa}, {} thread{}): {peak:.1} GFLOP/s (measured)",
+        "machine peak ({isa}, {} thread{}): {peak:.1} GFLOP/s (measured, f32 FMA); kiln's operands {}",
         args.threads,
-        if args.threads > 1 { "s" } else { "" }
+        if args.threads > 1 { "s" } else { "" },
+        args.dtype
     );
     let sep = if args.markdown { " | " } else { "  " };
     let mut header = vec!["shape".to_string(), "m×k×n".into()];
@@ -183,7 +198,9 @@ fn main() {
         let kiln: Vec<f64> = sets
             .iter()
             .map(|&s| {
-                let g = KilnGemm::new(s, args.threads, m, k, n).expect("an available kernel set");
+                let g = KilnGemm::new(s, args.threads, m, k, n)
+                    .and_then(|g| g.with_dtype(args.dtype))
+                    .expect("an available kernel set");
                 gflops(m, k, n, median_seconds(reps, || g.run()))
             })
             .collect();

@@ -21,7 +21,8 @@ use kiln_core::{AttentionGrads, HostData, Result, UnaryOp, View};
 
 use crate::fresh;
 use crate::norm::lane_sum;
-use crate::storage::{read_f32, store_f32};
+use crate::storage::read_f32;
+use crate::vector::convert;
 use crate::vector::ops::{transcendental, MapKernel};
 use crate::vector::wide;
 use crate::workers::Workers;
@@ -453,7 +454,7 @@ pub(crate) fn attention_causal(
     let per_task = (TASK_MIN_WORK / (t * plan.keys * d).max(1)).max(1);
     // SAFETY: `fill` zeroes every chunk it is handed before anything else.
     let y = unsafe { pool.filled(len, per_task * t * d, fill) };
-    store_f32(op, plan.dtype, y)
+    convert::store_f32_on(set, Some(pool), op, plan.dtype, y)
 }
 
 /// [`kiln_core::Backend::attention_causal_backward`] with `set`'s loops,
@@ -503,8 +504,8 @@ pub(crate) fn attention_causal_backward(
         dv.set_len(n * s * d);
     }
     Ok(AttentionGrads {
-        dq: store_f32(op, plan.dtype, dq)?,
-        dk: store_f32(op, plan.dtype, dk)?,
-        dv: store_f32(op, plan.dtype, dv)?,
+        dq: convert::store_f32_on(set, Some(pool), op, plan.dtype, dq)?,
+        dk: convert::store_f32_on(set, Some(pool), op, plan.dtype, dk)?,
+        dv: convert::store_f32_on(set, Some(pool), op, plan.dtype, dv)?,
     })
 }

@@ -257,8 +257,8 @@ impl Backend for CpuBackend {
     }
 
     fn cast(&self, src: View<'_, HostData>, dtype: DType) -> Result<HostData> {
-        if let Some((set, _)) = self.simd() {
-            if let Some(out) = vector::ops::cast(set, src, dtype) {
+        if let Some((set, pool)) = self.simd() {
+            if let Some(out) = vector::ops::cast(set, pool, src, dtype) {
                 return Ok(out);
             }
         }

@@ -13,7 +13,7 @@ use kiln_core::plan::LayerNormPlan;
 use kiln_core::{HostData, Result, View};
 
 use crate::fresh::Slot;
-use crate::storage::{read_f32, store_f32};
+use crate::vector::convert;
 use crate::vector::wide;
 use crate::workers::Workers;
 use crate::KernelSet;
@@ -152,7 +152,8 @@ pub(crate) fn layer_norm(
 ) -> Result<LayerNormOut<HostData>> {
     let plan = LayerNormPlan::new(x, gamma, beta, eps)?;
     let op = "layer_norm";
-    let (xs, gs, bs) = (read_f32(op, x)?, read_f32(op, gamma)?, read_f32(op, beta)?);
+    let read = |v| convert::read_f32(set, op, v);
+    let (xs, gs, bs) = (read(x)?, read(gamma)?, read(beta)?);
     let (rows, cols) = (plan.rows, plan.cols);
     // Fresh outputs: every row's `y` is written whole below (no zeroing
     // pass first).
@@ -176,7 +177,7 @@ pub(crate) fn layer_norm(
     // before this line).
     unsafe { y.set_len(rows * cols) };
     Ok(LayerNormOut {
-        y: store_f32(op, plan.dtype, y)?,
+        y: convert::store_f32_on(set, pool, op, plan.dtype, y)?,
         mean: HostData::F32(mean),
         rstd: HostData::F32(rstd),
     })
@@ -194,8 +195,9 @@ pub(crate) fn layer_norm_backward(
 ) -> Result<LayerNormGrads<HostData>> {
     let plan = LayerNormPlan::backward(x, gamma, mean, rstd, dy)?;
     let op = "layer_norm_backward";
-    let (xs, gs, dys) = (read_f32(op, x)?, read_f32(op, gamma)?, read_f32(op, dy)?);
-    let (ms, rs) = (read_f32(op, mean)?, read_f32(op, rstd)?);
+    let read = |v| convert::read_f32(set, op, v);
+    let (xs, gs, dys) = (read(x)?, read(gamma)?, read(dy)?);
+    let (ms, rs) = (read(mean)?, read(rstd)?);
     let (rows, cols) = (plan.rows, plan.cols);
     let mut dx = Vec::with_capacity(rows * cols);
     let jobs: Vec<_> = dx.spare_capacity_mut()[..rows * cols]
@@ -223,8 +225,8 @@ pub(crate) fn layer_norm_backward(
         column_sums(set, &xs, &dys, &ms, &rs, cols, t * COLUMN_BLOCK, dg, db);
     });
     Ok(LayerNormGrads {
-        dx: store_f32(op, plan.dtype, dx)?,
-        dgamma: store_f32(op, plan.dtype, dg)?,
-        dbeta: store_f32(op, plan.dtype, db)?,
+        dx: convert::store_f32_on(set, pool, op, plan.dtype, dx)?,
+        dgamma: convert::store_f32_on(set, pool, op, plan.dtype, dg)?,
+        dbeta: convert::store_f32_on(set, pool, op, plan.dtype, db)?,
     })
 }

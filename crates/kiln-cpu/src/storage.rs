@@ -112,18 +112,22 @@ pub(crate) fn read_f32<'a>(op: &'static str, v: View<'a, HostData>) -> Result<Co
             Some(r) => Cow::Borrowed(&d[r]),
             None => Cow::Owned(gather_typed(d, v.layout)),
         },
-        HostData::F16(d) => {
-            let mut out = Vec::with_capacity(v.layout.numel());
-            v.layout.for_each_offset(|o| out.push(d[o].to_f32()));
-            Cow::Owned(out)
-        }
-        HostData::BF16(d) => {
-            let mut out = Vec::with_capacity(v.layout.numel());
-            v.layout.for_each_offset(|o| out.push(d[o].to_f32()));
-            Cow::Owned(out)
-        }
+        HostData::F16(d) => Cow::Owned(widened(d, v.layout, f16::to_f32)),
+        HostData::BF16(d) => Cow::Owned(widened(d, v.layout, bf16::to_f32)),
         HostData::U32(_) => return Err(unsupported(op, DType::U32)),
     })
+}
+
+/// The elements of a 16-bit float view widened to f32, row-major: one pass
+/// over the slice a contiguous view covers (a loop the compiler
+/// vectorises), or a walk over the offsets of a strided one.
+fn widened<T: Copy>(d: &[T], layout: &Layout, widen: impl Fn(T) -> f32) -> Vec<f32> {
+    if let Some(r) = layout.contiguous_range() {
+        return d[r].iter().map(|&x| widen(x)).collect();
+    }
+    let mut out = Vec::with_capacity(layout.numel());
+    layout.for_each_offset(|o| out.push(widen(d[o])));
+    out
 }
 
 /// The elements of a u32 operand, row-major.

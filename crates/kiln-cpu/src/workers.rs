@@ -275,29 +275,29 @@ impl Workers {
         });
     }
 
-    /// `n` floats written by `f(start, chunk)` over chunks of `chunk`
-    /// floats spread over the team, with no zeroing pass first: each chunk
-    /// is handed over unwritten, and is in the cache of the core that
-    /// writes it. At most `chunk` floats, or one thread, make one call on
-    /// the calling thread.
+    /// `n` elements (floats, or the 16-bit floats of a cast) written by
+    /// `f(start, chunk)` over chunks of `chunk` elements spread over the
+    /// team, with no zeroing pass first: each chunk is handed over
+    /// unwritten, and is in the cache of the core that writes it. At most
+    /// `chunk` elements, or one thread, make one call on the calling thread.
     ///
     /// # Safety
     /// `f` writes every element of each chunk it is handed, before reading
     /// it ([`crate::fresh::Slot`] loops do).
-    pub(crate) unsafe fn filled(
+    pub(crate) unsafe fn filled<T: Send>(
         &self,
         n: usize,
         chunk: usize,
-        f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
-    ) -> Vec<f32> {
+        f: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
+    ) -> Vec<T> {
         let chunk = chunk.max(1);
-        let mut out: Vec<f32> = Vec::with_capacity(n);
+        let mut out: Vec<T> = Vec::with_capacity(n);
         let spare = &mut out.spare_capacity_mut()[..n];
         if n <= chunk || self.threads == 1 {
             f(0, spare);
         } else {
             let jobs = spare.chunks_mut(chunk).enumerate().collect();
-            self.for_each(jobs, |(i, part): (usize, &mut [MaybeUninit<f32>])| {
+            self.for_each(jobs, |(i, part): (usize, &mut [MaybeUninit<T>])| {
                 f(i * chunk, part)
             });
         }

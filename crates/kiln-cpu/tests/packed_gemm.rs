@@ -97,8 +97,20 @@ fn large_and_awkward_shapes_within_the_bound() {
         }
         check(&b, 37, 300, 45, true, DType::F16);
         // bf16 (AVX-512 BF16's pair instruction where the CPU has it): odd
-        // k, k across the 512-element block, partial tiles, transposed B.
-        for &(m, k, n) in &[(1, 1, 1), (9, 3, 33), (17, 1025, 40), (64, 784, 64)] {
+        // k, k across the 512-element block, partial tiles, transposed B;
+        // A read in place (even k, whole 12-row tiles) and packed (the rows
+        // after them), the 16 × 16 tile of outputs 16 wide or less, and row
+        // blocks of 96 over two threads.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (9, 3, 33),
+            (17, 1025, 40),
+            (64, 784, 64),
+            (25, 64, 10),
+            (33, 130, 16),
+            (200, 1026, 17),
+            (300, 784, 64),
+        ] {
             check(&b, m, k, n, false, DType::BF16);
             check(&b, m, k, n, true, DType::BF16);
         }

@@ -2,11 +2,18 @@
 //! and adds both products to an f32 lane — twice the multiply-adds of an
 //! f32 FMA per instruction — accumulating in f32.
 //!
-//! Packing interleaves k in pairs: a packed A panel holds, for each pair
-//! `t`, `MR` 32-bit words `(a[i, 2t], a[i, 2t+1])`; a packed B panel, for
-//! each pair, `NR` words `(b[2t, j], b[2t+1, j])`; an odd k is padded with
-//! zeros. The 8 × 32 micro-kernel broadcasts A's words and issues sixteen
-//! `vdpbf16ps` per pair.
+//! The kernel reads A as 32-bit words, each the pair `(a[i, 2t],
+//! a[i, 2t+1])` it broadcasts, and B as packed panels of pair words: for
+//! each pair `t`, `NR` words `(b[2t, j], b[2t+1, j])`; an odd k is padded
+//! with zeros. A row-major A with an even k is read in place (its pairs
+//! already are such words); anything else — a transposed or strided A, an
+//! odd k, the last rows of a block — is packed into `MR`-row panels first.
+//!
+//! Two tiles: [`WIDE`] (12 rows × 32 columns in 24 accumulators) for
+//! outputs wider than 16 columns, [`NARROW`] (16 rows × 16 columns) for
+//! the rest — a 10-wide layer fills 10 of a vector's 16 lanes, not 10 of
+//! 32. Full tiles are stored into C directly (the first k block stores,
+//! later ones add); edge tiles go through a small buffer.
 //!
 //! `vdpbf16ps` treats subnormal inputs as zero and flushes subnormal
 //! results: a product whose operand is subnormal would be lost, so a
@@ -19,14 +26,24 @@ use std::arch::x86_64::*;
 use crate::workers::Workers;
 use kiln_core::{bf16, HostData, Layout, View};
 
-/// Tile rows.
-const MR: usize = 8;
-/// Tile columns.
-const NR: usize = 32;
 /// k elements packed at once (an even number).
 const KC: usize = 512;
-/// Largest row block a task packs.
-const MC: usize = 128;
+/// Rows a task takes (a multiple of both tiles' rows).
+const MC: usize = 96;
+/// Work (m·n·k of one k block) from which row blocks are split over threads.
+const PARALLEL_MIN_WORK: usize = 1 << 20;
+
+/// A tile shape: `MR` rows × `NV` vectors of 16 columns.
+#[derive(Clone, Copy)]
+struct Tile {
+    mr: usize,
+    nr: usize,
+}
+
+/// Outputs wider than 16 columns.
+const WIDE: Tile = Tile { mr: 12, nr: 32 };
+/// Outputs at most 16 columns wide.
+const NARROW: Tile = Tile { mr: 16, nr: 16 };
 
 /// Whether this processor has AVX-512 BF16 (and F).
 pub(crate) fn available() -> bool {
@@ -73,11 +90,11 @@ fn has_subnormal(data: &[bf16], layout: &Layout) -> bool {
 }
 
 /// `C = A·B` for bf16 `[batch, m, k]` and `[batch, k, n]` views into the
-/// zeroed f32 `out`, or `None` (nothing written) if an operand holds a
-/// subnormal (see the module doc) or is not bf16.
+/// f32 `out` (every element written), or `None` (nothing written) if an
+/// operand holds a subnormal (see the module doc) or is not bf16.
 ///
-/// The caller checked shapes and bounds (`Problem::new`) and that the
-/// processor has AVX-512 BF16 ([`available`]).
+/// The caller checked shapes and bounds (`Problem::new`), that no extent is
+/// zero, and that the processor has AVX-512 BF16 ([`available`]).
 pub(crate) fn gemm(
     a: View<'_, HostData>,
     b: View<'_, HostData>,
@@ -92,7 +109,8 @@ pub(crate) fn gemm(
         return None;
     }
     let (sa, sb) = (a.layout.strides(), b.layout.strides());
-    for (p, c) in out.chunks_mut((m * n).max(1)).enumerate().take(batch) {
+    let tile = if n > NARROW.nr { WIDE } else { NARROW };
+    for (p, c) in out.chunks_mut(m * n).enumerate().take(batch) {
         let am = Mat {
             data: ad,
             offset: a.layout.offset() + p * sa[0],
@@ -105,45 +123,49 @@ pub(crate) fn gemm(
             rs: sb[1],
             cs: sb[2],
         };
-        one(am, bm, m, k, n, c, pool);
+        one(tile, am, bm, (m, k, n), c, pool);
     }
     Some(())
 }
 
-/// Packs k elements `p0..p0+kc` of B's columns `c0..c0+NR` into pair words.
-fn pack_b(b: Mat<'_>, p0: usize, kc: usize, k: usize, c0: usize, n: usize, out: &mut [u32]) {
-    for t in 0..kc.div_ceil(2) {
+/// Packs k elements `p0..end` of B's columns `c0..c0+nr` into pair words
+/// (zeros past column `n` and past `end`).
+fn pack_b(b: Mat<'_>, (p0, end): (usize, usize), c0: usize, n: usize, nr: usize, out: &mut [u32]) {
+    let cols = nr.min(n - c0);
+    for (t, words) in out.chunks_exact_mut(nr).enumerate() {
         let (p, q) = (p0 + 2 * t, p0 + 2 * t + 1);
-        for j in 0..NR {
-            let col = c0 + j;
-            let word = if col < n {
-                let lo = b.at(p, col);
-                let hi = if q < k && q < p0 + kc {
-                    b.at(q, col)
-                } else {
-                    0
-                };
-                lo | (hi << 16)
+        if b.cs == 1 {
+            // Rows of B contiguous: two rows' runs interleaved.
+            let lo = &b.data[b.offset + p * b.rs + c0..][..cols];
+            if q < end {
+                let hi = &b.data[b.offset + q * b.rs + c0..][..cols];
+                for ((w, l), h) in words.iter_mut().zip(lo).zip(hi) {
+                    *w = u32::from(l.to_bits()) | (u32::from(h.to_bits()) << 16);
+                }
             } else {
-                0
-            };
-            out[t * NR + j] = word;
+                for (w, l) in words.iter_mut().zip(lo) {
+                    *w = u32::from(l.to_bits());
+                }
+            }
+        } else {
+            for (j, w) in words[..cols].iter_mut().enumerate() {
+                let hi = if q < end { b.at(q, c0 + j) } else { 0 };
+                *w = b.at(p, c0 + j) | (hi << 16);
+            }
         }
+        words[cols..].fill(0);
     }
 }
 
-/// Packs A's rows `r0..r0+MR`, k elements `p0..p0+kc`, into pair words.
-fn pack_a(a: Mat<'_>, r0: usize, m: usize, p0: usize, kc: usize, k: usize, out: &mut [u32]) {
-    for t in 0..kc.div_ceil(2) {
+/// Packs A's rows `r0..r0+mr` (zeros past row `m`), k elements `p0..end`,
+/// into pair words.
+fn pack_a(a: Mat<'_>, r0: usize, m: usize, (p0, end): (usize, usize), mr: usize, out: &mut [u32]) {
+    for (t, words) in out.chunks_exact_mut(mr).enumerate() {
         let (p, q) = (p0 + 2 * t, p0 + 2 * t + 1);
-        for i in 0..MR {
+        for (i, w) in words.iter_mut().enumerate() {
             let row = r0 + i;
-            out[t * MR + i] = if row < m {
-                let hi = if q < k && q < p0 + kc {
-                    a.at(row, q)
-                } else {
-                    0
-                };
+            *w = if row < m {
+                let hi = if q < end { a.at(row, q) } else { 0 };
                 a.at(row, p) | (hi << 16)
             } else {
                 0
@@ -152,98 +174,164 @@ fn pack_a(a: Mat<'_>, r0: usize, m: usize, p0: usize, kc: usize, k: usize, out: 
     }
 }
 
-fn one(a: Mat<'_>, b: Mat<'_>, m: usize, k: usize, n: usize, c: &mut [f32], pool: &Workers) {
-    let panels_n = n.div_ceil(NR);
-    let mut b_packed = vec![0u32; panels_n * NR * KC / 2];
+/// One product `c = a·b` (`c` row-major, `n` wide) with `tile`.
+fn one(
+    tile: Tile,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    (m, k, n): (usize, usize, usize),
+    c: &mut [f32],
+    pool: &Workers,
+) {
+    let Tile { mr, nr } = tile;
+    let panels = n.div_ceil(nr);
+    // A row-major A with an even k is read in place, pairs as words.
+    let in_place = a.cs == 1 && k % 2 == 0;
+    let mut b_packed = vec![0u32; panels * nr * KC / 2];
     for pc in (0..k).step_by(KC) {
         let kc = KC.min(k - pc);
         let pairs = kc.div_ceil(2);
-        for q in 0..panels_n {
-            pack_b(
-                b,
-                pc,
-                kc,
-                k,
-                q * NR,
-                n,
-                &mut b_packed[q * NR * pairs..(q + 1) * NR * pairs],
-            );
+        for (q, panel) in b_packed
+            .chunks_exact_mut(nr * pairs)
+            .take(panels)
+            .enumerate()
+        {
+            pack_b(b, (pc, pc + kc), q * nr, n, nr, panel);
         }
         let b_packed = &b_packed;
         let first = pc == 0;
         let task = |(block, rows): (usize, &mut [f32])| {
             let r0 = block * MC;
-            let mrows = rows.len() / n;
-            let mut a_panel = vec![0u32; MR * pairs];
-            let mut tile = [0f32; MR * NR];
-            for ir in (0..mrows).step_by(MR) {
-                pack_a(a, r0 + ir, m, pc, kc, k, &mut a_panel);
-                for q in 0..panels_n {
-                    let bp = &b_packed[q * NR * pairs..(q + 1) * NR * pairs];
-                    // SAFETY: `available()` was checked by the caller; the
-                    // panels hold `pairs` words per row/column and the tile
-                    // MR·NR floats.
-                    unsafe { kernel(pairs, a_panel.as_ptr(), bp.as_ptr(), tile.as_mut_ptr()) };
-                    let (mr, nr) = (MR.min(mrows - ir), NR.min(n - q * NR));
-                    for i in 0..mr {
-                        let row = &mut rows[(ir + i) * n + q * NR..][..nr];
-                        let part = &tile[i * NR..i * NR + nr];
-                        if first {
-                            row.copy_from_slice(part);
-                        } else {
-                            for (cv, &t) in row.iter_mut().zip(part) {
-                                *cv += t;
+            let rows_here = rows.len() / n;
+            let mut a_panel = vec![0u32; mr * pairs];
+            let mut edge = [0f32; 16 * 32];
+            for ir in (0..rows_here).step_by(mr) {
+                let rows_tile = mr.min(rows_here - ir);
+                // A's words: (pointer in bf16 elements, row step, pair step).
+                let (ap, rs, ps) = if in_place && rows_tile == mr {
+                    let start = a.offset + (r0 + ir) * a.rs + pc;
+                    // The last word read, row mr−1's pair `pairs − 1`, ends
+                    // at element start + (mr−1)·rs + kc − 1, inside A.
+                    debug_assert!(start + (mr - 1) * a.rs + kc <= a.data.len());
+                    (a.data[start..].as_ptr().cast::<u16>(), a.rs, 2)
+                } else {
+                    pack_a(a, r0 + ir, r0 + rows_here, (pc, pc + kc), mr, &mut a_panel);
+                    (a_panel.as_ptr().cast::<u16>(), 2, 2 * mr)
+                };
+                for q in 0..panels {
+                    let bp = b_packed[q * nr * pairs..][..nr * pairs].as_ptr();
+                    let cols = nr.min(n - q * nr);
+                    let words = Words {
+                        a: ap,
+                        rs,
+                        ps,
+                        b: bp,
+                        pairs,
+                    };
+                    if rows_tile == mr && cols == nr {
+                        let dst = rows[ir * n + q * nr..][..(mr - 1) * n + nr].as_mut_ptr();
+                        // SAFETY: `available()` was checked by the caller;
+                        // A's words are in bounds (in place: the assertion
+                        // above; packed: `mr·pairs` words), B's panel holds
+                        // `nr·pairs` words, and C's `mr` rows of `nr`
+                        // floats `n` apart lie in the slice taken above.
+                        unsafe { run(tile, words, dst, n, !first) };
+                    } else {
+                        // SAFETY: as above, into the `mr × nr` buffer.
+                        unsafe { run(tile, words, edge.as_mut_ptr(), nr, false) };
+                        for (i, part) in edge.chunks_exact(nr).take(rows_tile).enumerate() {
+                            let row = &mut rows[(ir + i) * n + q * nr..][..cols];
+                            if first {
+                                row.copy_from_slice(&part[..cols]);
+                            } else {
+                                row.iter_mut().zip(part).for_each(|(cv, &t)| *cv += t);
                             }
                         }
                     }
                 }
             }
         };
-        if m * n * kc >= 1 << 24 && pool.threads() > 1 {
-            pool.for_each(c.chunks_mut(MC * n).enumerate().collect(), task);
+        let blocks = c.chunks_mut(MC * n).enumerate();
+        if m * n * kc >= PARALLEL_MIN_WORK && m > MC && pool.threads() > 1 {
+            pool.for_each(blocks.collect(), task);
         } else {
-            c.chunks_mut(MC * n).enumerate().for_each(task);
+            blocks.for_each(task);
         }
     }
 }
 
-/// The 8 × 32 tile `Σₜ Ã[t]·B̃[t]` over `pairs` k-pairs into `c` (row-major).
+/// A tile's operands: A's pair words at `a + i·rs + t·ps` (bf16 elements;
+/// read unaligned), B's packed panel of `pairs` rows of words.
+#[derive(Clone, Copy)]
+struct Words {
+    a: *const u16,
+    rs: usize,
+    ps: usize,
+    b: *const u32,
+    pairs: usize,
+}
+
+/// Runs `tile`'s kernel.
 ///
 /// # Safety
-/// The processor supports AVX-512F and AVX-512 BF16; `a` holds `pairs·8`
-/// words, `b` `pairs·32`, `c` has room for 256 floats.
+/// As [`kernel`]'s, for that tile's `MR` and `NV`.
+unsafe fn run(tile: Tile, w: Words, c: *mut f32, ldc: usize, add: bool) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if tile.nr == WIDE.nr {
+            kernel::<12, 2>(w, c, ldc, add)
+        } else {
+            kernel::<16, 1>(w, c, ldc, add)
+        }
+    }
+}
+
+/// The `MR × 16·NV` tile `Σₜ A[t]·B̃[t]` over the pairs of `w`, stored into
+/// (or, with `add`, added to) `c`, rows `ldc` apart.
+///
+/// # Safety
+/// The processor supports AVX-512F and AVX-512 BF16; `w.a + i·rs + t·ps`
+/// is readable as 2 bf16 for `i < MR`, `t < pairs`; `w.b` holds
+/// `pairs·16·NV` words; `c` has `MR` rows of `16·NV` floats, `ldc` apart.
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn kernel(pairs: usize, a: *const u32, b: *const u32, c: *mut f32) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-    for t in 0..pairs {
-        // SAFETY: within the panels (the contract above); a __m512bh is 32
+unsafe fn kernel<const MR: usize, const NV: usize>(w: Words, c: *mut f32, ldc: usize, add: bool) {
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+    let (mut a, mut b) = (w.a, w.b);
+    for _ in 0..w.pairs {
+        // SAFETY: within B's panel (the contract above); a __m512bh is 32
         // bf16, the same 64 bytes as 16 u32 words.
-        let (b0, b1): (__m512bh, __m512bh) = unsafe {
-            (
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                    b.add(t * NR) as *const _
-                )),
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                    b.add(t * NR + 16) as *const _
-                )),
-            )
-        };
+        let bv: [__m512bh; NV] = std::array::from_fn(|v| unsafe {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(b.add(16 * v).cast()))
+        });
         for (i, row) in acc.iter_mut().enumerate() {
-            // SAFETY: as above; a broadcast word is one (a[i,2t], a[i,2t+1]) pair.
+            // SAFETY: as above; the word is the pair (a[i,2t], a[i,2t+1]).
             let ai = unsafe {
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
-                    *a.add(t * MR + i) as i32
-                ))
+                let word = a.add(i * w.rs).cast::<u32>().read_unaligned();
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(word as i32))
             };
-            row[0] = _mm512_dpbf16_ps(row[0], ai, b0);
-            row[1] = _mm512_dpbf16_ps(row[1], ai, b1);
+            for (r, &bj) in row.iter_mut().zip(&bv) {
+                *r = _mm512_dpbf16_ps(*r, ai, bj);
+            }
+        }
+        // SAFETY: one pair further in A and one row of words in B (the last
+        // step's pointers are never dereferenced).
+        unsafe {
+            a = a.add(w.ps);
+            b = b.add(16 * NV);
         }
     }
     for (i, row) in acc.iter().enumerate() {
-        // SAFETY: c has room for MR·NR floats.
-        unsafe {
-            _mm512_storeu_ps(c.add(i * NR), row[0]);
-            _mm512_storeu_ps(c.add(i * NR + 16), row[1]);
+        for (v, &r) in row.iter().enumerate() {
+            // SAFETY: c has MR rows of 16·NV floats, ldc apart.
+            unsafe {
+                let p = c.add(i * ldc + 16 * v);
+                let sum = if add {
+                    _mm512_add_ps(_mm512_loadu_ps(p), r)
+                } else {
+                    r
+                };
+                _mm512_storeu_ps(p, sum);
+            }
         }
     }
 }

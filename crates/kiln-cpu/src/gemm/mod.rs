@@ -203,7 +203,7 @@ impl<'a> Problem<'a> {
     ) -> Result<HostData> {
         if alpha == 1.0 && self.c0.is_none() && self.bias.is_none() && act == Activation::None {
             // Nothing to apply: skip a pass over the output.
-            return convert::store_f32(set, "gemm", self.dtype, out);
+            return convert::store_f32_on(set, pool, "gemm", self.dtype, out);
         }
         let n = self.n.max(1);
         let rows_per_task = (EPILOGUE_PER_TASK / n).max(1);
@@ -234,7 +234,7 @@ impl<'a> Problem<'a> {
             Some(pool) => pool.for_each(blocks.collect(), epilogue),
             None => blocks.for_each(epilogue),
         }
-        convert::store_f32(set, "gemm", self.dtype, out)
+        convert::store_f32_on(set, pool, "gemm", self.dtype, out)
     }
 }
 

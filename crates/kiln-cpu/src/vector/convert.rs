@@ -14,28 +14,41 @@
 //!   12 Gelem/s, memory-bound anyway).
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use kiln_core::{bf16, f16, DType, HostData, Result, View};
 
 use super::wide;
+use crate::workers::Workers;
 use crate::{storage, KernelSet};
+
+/// f32 → bf16, round to nearest even on the bit pattern, NaN kept quiet.
+#[inline(always)]
+fn round_bf16(v: f32) -> bf16 {
+    let b = v.to_bits();
+    let rounded = if v.is_nan() {
+        // Keep NaN a NaN: truncate and set the quiet bit.
+        (b >> 16) | 0x0040
+    } else {
+        (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    };
+    bf16::from_bits(rounded as u16)
+}
 
 /// The f32 → bf16 loop (see the module doc).
 #[inline(always)]
 pub(crate) fn to_bf16_loop(x: &[f32]) -> Vec<bf16> {
-    x.iter()
-        .map(|&v| {
-            let b = v.to_bits();
-            let rounded = if v.is_nan() {
-                // Keep NaN a NaN: truncate and set the quiet bit.
-                (b >> 16) | 0x0040
-            } else {
-                (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-            };
-            bf16::from_bits(rounded as u16)
-        })
-        .collect()
+    x.iter().map(|&v| round_bf16(v)).collect()
+}
+
+/// The f32 → bf16 loop into a fresh buffer of `x`'s length.
+#[inline(always)]
+pub(crate) fn to_bf16_into_loop(x: &[f32], out: &mut [MaybeUninit<bf16>]) {
+    assert_eq!(x.len(), out.len(), "a cast writes one element per input");
+    for (o, &v) in out.iter_mut().zip(x) {
+        o.write(round_bf16(v));
+    }
 }
 
 /// The bf16 → f32 loop.
@@ -46,6 +59,15 @@ pub(crate) fn from_bf16_loop(x: &[bf16]) -> Vec<f32> {
         .collect()
 }
 
+/// The bf16 → f32 loop into a fresh buffer of `x`'s length.
+#[inline(always)]
+pub(crate) fn from_bf16_into_loop(x: &[bf16], out: &mut [MaybeUninit<f32>]) {
+    assert_eq!(x.len(), out.len(), "a cast writes one element per input");
+    for (o, v) in out.iter_mut().zip(x) {
+        o.write(f32::from_bits(u32::from(v.to_bits()) << 16));
+    }
+}
+
 /// f32 → bf16, round to nearest even.
 pub(crate) fn to_bf16(set: KernelSet, x: &[f32]) -> Vec<bf16> {
     wide::to_bf16(set, x)
@@ -54,6 +76,31 @@ pub(crate) fn to_bf16(set: KernelSet, x: &[f32]) -> Vec<bf16> {
 /// bf16 → f32, exact.
 pub(crate) fn from_bf16(set: KernelSet, x: &[bf16]) -> Vec<f32> {
     wide::from_bf16(set, x)
+}
+
+/// Elements per task of a cast spread over the team: a few microseconds
+/// of memory-bound work each.
+const CAST_PER_TASK: usize = 1 << 16;
+
+/// [`to_bf16`] over `pool`'s threads (bitwise the same values).
+pub(crate) fn to_bf16_on(set: KernelSet, pool: &Workers, x: &[f32]) -> Vec<bf16> {
+    // SAFETY: the loop writes every element of its chunk (it asserts the
+    // lengths match).
+    unsafe {
+        pool.filled(x.len(), CAST_PER_TASK, |i, o| {
+            wide::to_bf16_into(set, &x[i..i + o.len()], o)
+        })
+    }
+}
+
+/// [`from_bf16`] over `pool`'s threads.
+pub(crate) fn from_bf16_on(set: KernelSet, pool: &Workers, x: &[bf16]) -> Vec<f32> {
+    // SAFETY: as in `to_bf16_on`.
+    unsafe {
+        pool.filled(x.len(), CAST_PER_TASK, |i, o| {
+            wide::from_bf16_into(set, &x[i..i + o.len()], o)
+        })
+    }
 }
 
 /// Storage elements `r` of a float operand as f32: borrowed for f32,
@@ -104,6 +151,22 @@ pub(crate) fn store_f32(
             None => storage::store_f32(op, dtype, v),
         },
         _ => storage::store_f32(op, dtype, v),
+    }
+}
+
+/// [`store_f32`] with a bf16 result rounded over `pool`'s threads.
+pub(crate) fn store_f32_on(
+    set: KernelSet,
+    pool: Option<&Workers>,
+    op: &'static str,
+    dtype: DType,
+    v: Vec<f32>,
+) -> Result<HostData> {
+    match pool {
+        Some(pool) if dtype == DType::BF16 && set != KernelSet::Scalar => {
+            Ok(HostData::BF16(to_bf16_on(set, pool, &v)))
+        }
+        _ => store_f32(set, op, dtype, v),
     }
 }
 

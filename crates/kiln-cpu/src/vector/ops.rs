@@ -513,9 +513,11 @@ pub(crate) fn softmax_cross_entropy(
 }
 
 /// Casts between f32 and f16/bf16 of contiguous operands, bitwise the
-/// scalar conversions (see `super::convert`).
+/// scalar conversions (see `super::convert`); bf16 casts are spread over
+/// `pool`.
 pub(crate) fn cast(
     set: KernelSet,
+    pool: &Workers,
     x: View<'_, HostData>,
     dtype: kiln_core::DType,
 ) -> Option<HostData> {
@@ -525,8 +527,12 @@ pub(crate) fn cast(
         .contiguous_range()
         .filter(|r| r.end <= x.storage.len())?;
     Some(match (x.storage, dtype) {
-        (HostData::F32(d), DType::BF16) => HostData::BF16(super::convert::to_bf16(set, &d[range])),
-        (HostData::BF16(d), DType::F32) => HostData::F32(super::convert::from_bf16(set, &d[range])),
+        (HostData::F32(d), DType::BF16) => {
+            HostData::BF16(super::convert::to_bf16_on(set, pool, &d[range]))
+        }
+        (HostData::BF16(d), DType::F32) => {
+            HostData::F32(super::convert::from_bf16_on(set, pool, &d[range]))
+        }
         (HostData::F32(d), DType::F16) => HostData::F16(super::convert::to_f16(&d[range])?),
         (HostData::F16(d), DType::F32) => HostData::F32(super::convert::from_f16(&d[range])?),
         _ => return None,

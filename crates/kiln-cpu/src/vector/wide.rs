@@ -7,6 +7,8 @@
 //! reference's. On aarch64 NEON is part of the baseline ISA: the plain loop
 //! already is NEON code.
 
+use std::mem::MaybeUninit;
+
 use kiln_core::{bf16, HostData, Result, SgdStep};
 
 use crate::fresh::Slot;
@@ -365,4 +367,14 @@ per_set! {
 per_set! {
     /// bf16 → f32 ([`super::convert::from_bf16_loop`]) compiled for the set.
     fn from_bf16(x: &[bf16]) -> Vec<f32> = super::convert::from_bf16_loop;
+}
+
+per_set! {
+    /// f32 → bf16 into a fresh buffer ([`super::convert::to_bf16_into_loop`]).
+    fn to_bf16_into(x: &[f32], out: &mut [MaybeUninit<bf16>]) -> () = super::convert::to_bf16_into_loop;
+}
+
+per_set! {
+    /// bf16 → f32 into a fresh buffer ([`super::convert::from_bf16_into_loop`]).
+    fn from_bf16_into(x: &[bf16], out: &mut [MaybeUninit<f32>]) -> () = super::convert::from_bf16_into_loop;
 }

@@ -22,6 +22,7 @@
 //! 2⁻¹²⁶ per step, which the conformance bound for bf16 GEMM states).
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 use crate::workers::Workers;
 use kiln_core::{bf16, HostData, Layout, View};
@@ -76,13 +77,22 @@ fn subnormal(v: bf16) -> bool {
 /// the storage it spans (a transpose, a slice of rows) has the whole span
 /// scanned in one branch-free pass (a subnormal outside the view only sends
 /// the product to the exact path); a sparse one is walked element by element.
-fn has_subnormal(data: &[bf16], layout: &Layout) -> bool {
+/// Long spans are scanned in chunks over `pool`'s threads.
+fn has_subnormal(data: &[bf16], layout: &Layout, pool: &Workers) -> bool {
+    /// Elements per task of a scan over the team.
+    const SCAN_PER_TASK: usize = 1 << 16;
+    let scan = |s: &[bf16]| s.iter().fold(false, |found, &v| found | subnormal(v));
     let end = layout.span().unwrap_or(usize::MAX);
     let start = layout.offset();
     if end <= data.len() && end - start.min(end) <= 2 * layout.numel() {
-        return data[start.min(end)..end]
-            .iter()
-            .fold(false, |found, &v| found | subnormal(v));
+        let span = &data[start.min(end)..end];
+        if span.len() <= SCAN_PER_TASK || pool.threads() == 1 {
+            return scan(span);
+        }
+        return pool
+            .map(span.chunks(SCAN_PER_TASK).collect(), scan)
+            .into_iter()
+            .any(|found| found);
     }
     let mut found = false;
     layout.for_each_offset(|o| found |= subnormal(data[o]));
@@ -90,8 +100,8 @@ fn has_subnormal(data: &[bf16], layout: &Layout) -> bool {
 }
 
 /// `C = A·B` for bf16 `[batch, m, k]` and `[batch, k, n]` views into the
-/// f32 `out` (every element written), or `None` (nothing written) if an
-/// operand holds a subnormal (see the module doc) or is not bf16.
+/// fresh f32 `out` (every element written), or `None` (nothing written) if
+/// an operand holds a subnormal (see the module doc) or is not bf16.
 ///
 /// The caller checked shapes and bounds (`Problem::new`), that no extent is
 /// zero, and that the processor has AVX-512 BF16 ([`available`]).
@@ -99,13 +109,13 @@ pub(crate) fn gemm(
     a: View<'_, HostData>,
     b: View<'_, HostData>,
     (batch, m, k, n): (usize, usize, usize, usize),
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     pool: &Workers,
 ) -> Option<()> {
     let (HostData::BF16(ad), HostData::BF16(bd)) = (a.storage, b.storage) else {
         return None;
     };
-    if has_subnormal(ad, a.layout) || has_subnormal(bd, b.layout) {
+    if has_subnormal(ad, a.layout, pool) || has_subnormal(bd, b.layout, pool) {
         return None;
     }
     let (sa, sb) = (a.layout.strides(), b.layout.strides());
@@ -128,6 +138,26 @@ pub(crate) fn gemm(
     Some(())
 }
 
+/// `words[j] = (lo[j], hi[j])` as a pair word (`hi` zero where absent),
+/// zeros past `lo`'s length.
+#[inline]
+fn pair_words(words: &mut [u32], lo: &[bf16], hi: Option<&[bf16]>) {
+    let (head, tail) = words.split_at_mut(lo.len());
+    match hi {
+        Some(hi) => {
+            for ((w, l), h) in head.iter_mut().zip(lo).zip(hi) {
+                *w = u32::from(l.to_bits()) | (u32::from(h.to_bits()) << 16);
+            }
+        }
+        None => {
+            for (w, l) in head.iter_mut().zip(lo) {
+                *w = u32::from(l.to_bits());
+            }
+        }
+    }
+    tail.fill(0);
+}
+
 /// Packs k elements `p0..end` of B's columns `c0..c0+nr` into pair words
 /// (zeros past column `n` and past `end`).
 fn pack_b(b: Mat<'_>, (p0, end): (usize, usize), c0: usize, n: usize, nr: usize, out: &mut [u32]) {
@@ -136,40 +166,35 @@ fn pack_b(b: Mat<'_>, (p0, end): (usize, usize), c0: usize, n: usize, nr: usize,
         let (p, q) = (p0 + 2 * t, p0 + 2 * t + 1);
         if b.cs == 1 {
             // Rows of B contiguous: two rows' runs interleaved.
-            let lo = &b.data[b.offset + p * b.rs + c0..][..cols];
-            if q < end {
-                let hi = &b.data[b.offset + q * b.rs + c0..][..cols];
-                for ((w, l), h) in words.iter_mut().zip(lo).zip(hi) {
-                    *w = u32::from(l.to_bits()) | (u32::from(h.to_bits()) << 16);
-                }
-            } else {
-                for (w, l) in words.iter_mut().zip(lo) {
-                    *w = u32::from(l.to_bits());
-                }
-            }
+            let run = |r: usize| &b.data[b.offset + r * b.rs + c0..][..cols];
+            pair_words(words, run(p), (q < end).then(|| run(q)));
         } else {
             for (j, w) in words[..cols].iter_mut().enumerate() {
                 let hi = if q < end { b.at(q, c0 + j) } else { 0 };
                 *w = b.at(p, c0 + j) | (hi << 16);
             }
+            words[cols..].fill(0);
         }
-        words[cols..].fill(0);
     }
 }
 
 /// Packs A's rows `r0..r0+mr` (zeros past row `m`), k elements `p0..end`,
 /// into pair words.
 fn pack_a(a: Mat<'_>, r0: usize, m: usize, (p0, end): (usize, usize), mr: usize, out: &mut [u32]) {
+    let rows = mr.min(m - r0);
     for (t, words) in out.chunks_exact_mut(mr).enumerate() {
         let (p, q) = (p0 + 2 * t, p0 + 2 * t + 1);
-        for (i, w) in words.iter_mut().enumerate() {
-            let row = r0 + i;
-            *w = if row < m {
-                let hi = if q < end { a.at(row, q) } else { 0 };
-                a.at(row, p) | (hi << 16)
-            } else {
-                0
-            };
+        if a.rs == 1 {
+            // A transposed (a weight gradient's `xᵀ`): a column's rows are
+            // contiguous, two columns' runs interleaved.
+            let run = |col: usize| &a.data[a.offset + col * a.cs + r0..][..rows];
+            pair_words(words, run(p), (q < end).then(|| run(q)));
+        } else {
+            for (i, w) in words[..rows].iter_mut().enumerate() {
+                let hi = if q < end { a.at(r0 + i, q) } else { 0 };
+                *w = a.at(r0 + i, p) | (hi << 16);
+            }
+            words[rows..].fill(0);
         }
     }
 }
@@ -180,14 +205,14 @@ fn one(
     a: Mat<'_>,
     b: Mat<'_>,
     (m, k, n): (usize, usize, usize),
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     pool: &Workers,
 ) {
     let Tile { mr, nr } = tile;
     let panels = n.div_ceil(nr);
     // A row-major A with an even k is read in place, pairs as words.
     let in_place = a.cs == 1 && k % 2 == 0;
-    let mut b_packed = vec![0u32; panels * nr * KC / 2];
+    let mut b_packed = vec![0u32; panels * nr * KC.min(k).div_ceil(2)];
     for pc in (0..k).step_by(KC) {
         let kc = KC.min(k - pc);
         let pairs = kc.div_ceil(2);
@@ -200,7 +225,7 @@ fn one(
         }
         let b_packed = &b_packed;
         let first = pc == 0;
-        let task = |(block, rows): (usize, &mut [f32])| {
+        let task = |(block, rows): (usize, &mut [MaybeUninit<f32>])| {
             let r0 = block * MC;
             let rows_here = rows.len() / n;
             let mut a_panel = vec![0u32; mr * pairs];
@@ -234,17 +259,22 @@ fn one(
                         // A's words are in bounds (in place: the assertion
                         // above; packed: `mr·pairs` words), B's panel holds
                         // `nr·pairs` words, and C's `mr` rows of `nr`
-                        // floats `n` apart lie in the slice taken above.
-                        unsafe { run(tile, words, dst, n, !first) };
+                        // floats `n` apart lie in the slice taken above —
+                        // written by the first k block, before later
+                        // blocks add to them.
+                        unsafe { run(tile, words, dst.cast(), n, !first) };
                     } else {
                         // SAFETY: as above, into the `mr × nr` buffer.
                         unsafe { run(tile, words, edge.as_mut_ptr(), nr, false) };
                         for (i, part) in edge.chunks_exact(nr).take(rows_tile).enumerate() {
                             let row = &mut rows[(ir + i) * n + q * nr..][..cols];
-                            if first {
-                                row.copy_from_slice(&part[..cols]);
-                            } else {
-                                row.iter_mut().zip(part).for_each(|(cv, &t)| *cv += t);
+                            for (cv, &t) in row.iter_mut().zip(part) {
+                                if first {
+                                    cv.write(t);
+                                } else {
+                                    // SAFETY: the first k block wrote it.
+                                    unsafe { *cv.assume_init_mut() += t };
+                                }
                             }
                         }
                     }

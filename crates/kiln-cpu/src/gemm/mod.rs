@@ -252,11 +252,23 @@ pub(crate) fn gemm(
     // bf16 on AVX-512 BF16: pairs of products per instruction, f32 sums.
     #[cfg(target_arch = "x86_64")]
     if set == KernelSet::Avx512 && prob.dtype == kiln_core::DType::BF16 && bf16::available() {
-        let mut out = vec![0f32; batch * m * n];
-        if m == 0 || n == 0 || k == 0 {
+        let total = batch * m * n;
+        if total == 0 || k == 0 {
+            let out = vec![0f32; total];
             return prob.finish(set, out, ep.alpha, ep.activation, Some(pool));
         }
-        if bf16::gemm(a, b, (batch, m, k, n), &mut out, pool).is_some() {
+        let mut out: Vec<f32> = Vec::with_capacity(total);
+        if bf16::gemm(
+            a,
+            b,
+            (batch, m, k, n),
+            &mut out.spare_capacity_mut()[..total],
+            pool,
+        )
+        .is_some()
+        {
+            // SAFETY: `bf16::gemm` returned Some, so it wrote every element.
+            unsafe { out.set_len(total) };
             return prob.finish(set, out, ep.alpha, ep.activation, Some(pool));
         }
     }

@@ -107,9 +107,22 @@ pub(crate) fn from_bf16_on(set: KernelSet, pool: &Workers, x: &[bf16]) -> Vec<f3
 /// widened with the vector conversions (exact) for f16 and bf16; `None` for
 /// u32, or f16 where there is no vector conversion.
 pub(crate) fn widen(set: KernelSet, data: &HostData, r: Range<usize>) -> Option<Cow<'_, [f32]>> {
+    widen_on(set, None, data, r)
+}
+
+/// [`widen`], bf16 over `pool`'s threads where one is given.
+pub(crate) fn widen_on<'a>(
+    set: KernelSet,
+    pool: Option<&Workers>,
+    data: &'a HostData,
+    r: Range<usize>,
+) -> Option<Cow<'a, [f32]>> {
     Some(match data {
         HostData::F32(d) => Cow::Borrowed(&d[r]),
-        HostData::BF16(d) => Cow::Owned(from_bf16(set, &d[r])),
+        HostData::BF16(d) => Cow::Owned(match pool {
+            Some(pool) => from_bf16_on(set, pool, &d[r]),
+            None => from_bf16(set, &d[r]),
+        }),
         HostData::F16(d) => Cow::Owned(from_f16(&d[r])?),
         HostData::U32(_) => return None,
     })
@@ -123,11 +136,21 @@ pub(crate) fn read_f32<'a>(
     op: &'static str,
     v: View<'a, HostData>,
 ) -> Result<Cow<'a, [f32]>> {
+    read_f32_on(set, None, op, v)
+}
+
+/// [`read_f32`], bf16 widened over `pool`'s threads where one is given.
+pub(crate) fn read_f32_on<'a>(
+    set: KernelSet,
+    pool: Option<&Workers>,
+    op: &'static str,
+    v: View<'a, HostData>,
+) -> Result<Cow<'a, [f32]>> {
     let range = v
         .layout
         .contiguous_range()
         .filter(|r| r.end <= v.storage.len() && set != KernelSet::Scalar);
-    match range.and_then(|r| widen(set, v.storage, r)) {
+    match range.and_then(|r| widen_on(set, pool, v.storage, r)) {
         Some(data) => Ok(data),
         None => storage::read_f32(op, v),
     }

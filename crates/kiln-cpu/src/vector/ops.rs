@@ -26,19 +26,28 @@ pub(crate) type MapKernel = unsafe fn(&[f32], &mut [f32]);
 
 /// The elements of a contiguous view as f32: borrowed for f32, widened
 /// (exactly) for f16 and bf16; `None` for other views.
-fn contiguous<'a>(set: KernelSet, v: View<'a, HostData>) -> Option<Cow<'a, [f32]>> {
+/// bf16 is widened over `pool`'s threads where one is given.
+fn contiguous<'a>(
+    set: KernelSet,
+    pool: Option<&Workers>,
+    v: View<'a, HostData>,
+) -> Option<Cow<'a, [f32]>> {
     let r = v
         .layout
         .contiguous_range()
         .filter(|r| r.end <= v.storage.len())?;
-    super::convert::widen(set, v.storage, r)
+    super::convert::widen_on(set, pool, v.storage, r)
 }
 
-/// f32 results stored as `dtype` (rounded to nearest even for f16/bf16).
-fn narrow(set: KernelSet, dtype: DType, v: Vec<f32>) -> Option<HostData> {
+/// f32 results stored as `dtype` (rounded to nearest even for f16/bf16;
+/// bf16 over `pool`'s threads where one is given).
+fn narrow(set: KernelSet, pool: Option<&Workers>, dtype: DType, v: Vec<f32>) -> Option<HostData> {
     Some(match dtype {
         DType::F32 => HostData::F32(v),
-        DType::BF16 => HostData::BF16(super::convert::to_bf16(set, &v)),
+        DType::BF16 => HostData::BF16(match pool {
+            Some(pool) => super::convert::to_bf16_on(set, pool, &v),
+            None => super::convert::to_bf16(set, &v),
+        }),
         DType::F16 => HostData::F16(super::convert::to_f16(&v)?),
         _ => return None,
     })
@@ -194,7 +203,7 @@ pub(crate) fn unary(
     op: UnaryOp,
     x: View<'_, HostData>,
 ) -> Option<HostData> {
-    let xs = contiguous(set, x)?;
+    let xs = contiguous(set, Some(pool), x)?;
     let xs = &xs[..];
     let n = xs.len();
     let out = match transcendental(set, op) {
@@ -216,7 +225,7 @@ pub(crate) fn unary(
             OP => fill(pool, n, 1, |i, o| wide::map(set, &xs[i..i + o.len()], o, |v| unary_f32(OP, v))))
         }
     };
-    narrow(set, x.storage.dtype(), out)
+    narrow(set, Some(pool), x.storage.dtype(), out)
 }
 
 /// GELU's `σ(K·x·(1 + C·x²))` for every x into `out`, with the set's
@@ -243,10 +252,13 @@ pub(crate) fn unary_backward(
         return None;
     }
     let dtype = common(&[x, y, dy])?;
-    let (ys, dys) = (contiguous(set, y)?, contiguous(set, dy)?);
+    let (ys, dys) = (
+        contiguous(set, Some(pool), y)?,
+        contiguous(set, Some(pool), dy)?,
+    );
     let n = dys.len();
     let out = if op == UnaryOp::Gelu {
-        let xs = contiguous(set, x)?;
+        let xs = contiguous(set, Some(pool), x)?;
         let sigmoid = transcendental(set, UnaryOp::Sigmoid)?;
         fill(pool, n, 1, |i, o| {
             let (x, d) = (&xs[i..i + o.len()], &dys[i..i + o.len()]);
@@ -262,7 +274,7 @@ pub(crate) fn unary_backward(
             wide::zip(set, &ys[r.clone()], &dys[r], o, |y, d| backward_f32(OP, 0.0, y, d))
         }))
     } else {
-        let xs = contiguous(set, x)?;
+        let xs = contiguous(set, Some(pool), x)?;
         specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh, Gelu],
         OP => fill(pool, n, 1, |i, o| {
             let r = i..i + o.len();
@@ -271,7 +283,7 @@ pub(crate) fn unary_backward(
             })
         }))
     };
-    narrow(set, dtype, out)
+    narrow(set, Some(pool), dtype, out)
 }
 
 /// `x·mul + add`, fused.
@@ -282,11 +294,11 @@ pub(crate) fn affine(
     mul: f32,
     add: f32,
 ) -> Option<HostData> {
-    let xs = contiguous(set, x)?;
+    let xs = contiguous(set, Some(pool), x)?;
     let out = fill(pool, xs.len(), 1, |i, o| {
         wide::map(set, &xs[i..i + o.len()], o, |v| v.mul_add(mul, add))
     });
-    narrow(set, x.storage.dtype(), out)
+    narrow(set, Some(pool), x.storage.dtype(), out)
 }
 
 /// `op(a, b)` for operands of one shape, either contiguous or one of them a
@@ -327,7 +339,10 @@ pub(crate) fn binary(
             }
         }))
     };
-    let out = match (contiguous(set, a), contiguous(set, b)) {
+    let out = match (
+        contiguous(set, Some(pool), a),
+        contiguous(set, Some(pool), b),
+    ) {
         (Some(x), Some(y)) => {
             specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
             OP => fill(pool, n, 1, |i, o| {
@@ -351,7 +366,7 @@ pub(crate) fn binary(
         },
         (None, None) => return None,
     };
-    narrow(set, dtype, out)
+    narrow(set, Some(pool), dtype, out)
 }
 
 /// Sum or mean of a contiguous operand over leading axes `0..p` (summed in
@@ -366,7 +381,7 @@ pub(crate) fn reduce(
     if !matches!(op, ReduceOp::Sum | ReduceOp::Mean) || axes.is_empty() {
         return None;
     }
-    let xs = contiguous(set, x)?;
+    let xs = contiguous(set, None, x)?;
     let xs = &xs[..];
     let dims = x.layout.dims();
     let rank = dims.len();
@@ -397,13 +412,13 @@ pub(crate) fn reduce(
         out = vec![0f32; sums.len()];
         wide::map(set, &sums, &mut out, |v| v / n);
     }
-    narrow(set, x.storage.dtype(), out)
+    narrow(set, None, x.storage.dtype(), out)
 }
 
 /// Softmax (or log-softmax) over the last axis of a contiguous operand,
 /// with the set's vector exp.
 pub(crate) fn softmax(set: KernelSet, x: View<'_, HostData>, log: bool) -> Option<HostData> {
-    let xs = contiguous(set, x)?;
+    let xs = contiguous(set, None, x)?;
     let xs = &xs[..];
     let c = *x.layout.dims().last()?;
     let exp = transcendental(set, UnaryOp::Exp)?;
@@ -423,7 +438,7 @@ pub(crate) fn softmax(set: KernelSet, x: View<'_, HostData>, log: bool) -> Optio
             wide::scale(set, o, sum);
         }
     }
-    narrow(set, x.storage.dtype(), out)
+    narrow(set, None, x.storage.dtype(), out)
 }
 
 /// Rows of the causal softmax per task: whole rows, a few thousand floats.
@@ -438,7 +453,7 @@ pub(crate) fn softmax_causal(
     x: View<'_, HostData>,
 ) -> Option<HostData> {
     let plan = kiln_core::CausalSoftmaxPlan::new(x).ok()?;
-    let xs = contiguous(set, x)?;
+    let xs = contiguous(set, Some(pool), x)?;
     let exp = transcendental(set, UnaryOp::Exp)?;
     // No keys means no queries either (keys ≥ queries): nothing to do.
     let width = plan.keys.max(1);
@@ -459,7 +474,7 @@ pub(crate) fn softmax_causal(
     let chunk = CAUSAL_ROWS_PER_TASK * width;
     // SAFETY: `rows` writes every element of its block (zeros first).
     let out = unsafe { pool.filled(xs.len(), chunk, rows) };
-    narrow(set, plan.dtype, out)
+    narrow(set, Some(pool), plan.dtype, out)
 }
 
 /// The row's max and `Σ exp(x − max)`; leaves `exp(x − max)` in `exps`.
@@ -487,7 +502,7 @@ pub(crate) fn softmax_cross_entropy(
     logits: View<'_, HostData>,
     labels: &[u32],
 ) -> Option<(HostData, HostData)> {
-    let xs = contiguous(set, logits)?;
+    let xs = contiguous(set, None, logits)?;
     let xs = &xs[..];
     let c = *logits.layout.dims().last()?;
     let exp = transcendental(set, UnaryOp::Exp)?;
@@ -509,7 +524,10 @@ pub(crate) fn softmax_cross_entropy(
         g[label] -= 1.0;
     }
     let dtype = logits.storage.dtype();
-    Some((narrow(set, dtype, loss)?, narrow(set, dtype, grad)?))
+    Some((
+        narrow(set, None, dtype, loss)?,
+        narrow(set, None, dtype, grad)?,
+    ))
 }
 
 /// Casts between f32 and f16/bf16 of contiguous operands, bitwise the

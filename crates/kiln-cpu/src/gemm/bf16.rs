@@ -33,6 +33,8 @@ const KC: usize = 512;
 const MC: usize = 96;
 /// Work (m·n·k of one k block) from which row blocks are split over threads.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
+/// Packed words of B from which its panels are packed over threads.
+const PACK_PARALLEL_MIN_WORDS: usize = 1 << 14;
 
 /// A tile shape: `MR` rows × `NV` vectors of 16 columns.
 #[derive(Clone, Copy)]
@@ -208,28 +210,55 @@ fn one(
     c: &mut [MaybeUninit<f32>],
     pool: &Workers,
 ) {
-    let Tile { mr, nr } = tile;
-    let panels = n.div_ceil(nr);
     // A row-major A with an even k is read in place, pairs as words.
     let in_place = a.cs == 1 && k % 2 == 0;
-    let mut b_packed = vec![0u32; panels * nr * KC.min(k).div_ceil(2)];
-    for pc in (0..k).step_by(KC) {
-        let kc = KC.min(k - pc);
-        let pairs = kc.div_ceil(2);
-        for (q, panel) in b_packed
-            .chunks_exact_mut(nr * pairs)
-            .take(panels)
-            .enumerate()
-        {
-            pack_b(b, (pc, pc + kc), q * nr, n, nr, panel);
+    // B's panels for one k block, in this thread's scratch (every word is
+    // written by `pack_b` before the kernels read it).
+    let words = n.div_ceil(tile.nr) * tile.nr * KC.min(k).div_ceil(2);
+    crate::scratch::sized(words, |buf| {
+        let b_packed: &mut [u32] = bytemuck::cast_slice_mut(buf);
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            block(tile, a, b, (m, n), (pc, kc), in_place, b_packed, c, pool);
         }
-        let b_packed = &b_packed;
-        let first = pc == 0;
-        let task = |(block, rows): (usize, &mut [MaybeUninit<f32>])| {
-            let r0 = block * MC;
-            let rows_here = rows.len() / n;
-            let mut a_panel = vec![0u32; mr * pairs];
-            let mut edge = [0f32; 16 * 32];
+    });
+}
+
+/// One k block `pc..pc+kc` of [`one`]: B's panels packed (over the team
+/// when there are several and enough words), then row blocks of C.
+#[allow(clippy::too_many_arguments)]
+fn block(
+    tile: Tile,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    (m, n): (usize, usize),
+    (pc, kc): (usize, usize),
+    in_place: bool,
+    b_packed: &mut [u32],
+    c: &mut [MaybeUninit<f32>],
+    pool: &Workers,
+) {
+    let Tile { mr, nr } = tile;
+    let panels = n.div_ceil(nr);
+    let pairs = kc.div_ceil(2);
+    let jobs = b_packed
+        .chunks_exact_mut(nr * pairs)
+        .take(panels)
+        .enumerate();
+    let pack = |(q, panel): (usize, &mut [u32])| pack_b(b, (pc, pc + kc), q * nr, n, nr, panel);
+    if panels > 1 && panels * nr * pairs >= PACK_PARALLEL_MIN_WORDS && pool.threads() > 1 {
+        pool.for_each(jobs.collect(), pack);
+    } else {
+        jobs.for_each(pack);
+    }
+    let b_packed = &*b_packed;
+    let first = pc == 0;
+    let task = |(block, rows): (usize, &mut [MaybeUninit<f32>])| {
+        let r0 = block * MC;
+        let rows_here = rows.len() / n;
+        let mut edge = [0f32; 16 * 32];
+        crate::scratch::sized(mr * pairs, |a_buf| {
+            let a_panel: &mut [u32] = bytemuck::cast_slice_mut(a_buf);
             for ir in (0..rows_here).step_by(mr) {
                 let rows_tile = mr.min(rows_here - ir);
                 // A's words: (pointer in bf16 elements, row step, pair step).
@@ -237,10 +266,10 @@ fn one(
                     let start = a.offset + (r0 + ir) * a.rs + pc;
                     // The last word read, row mr−1's pair `pairs − 1`, ends
                     // at element start + (mr−1)·rs + kc − 1, inside A.
-                    debug_assert!(start + (mr - 1) * a.rs + kc <= a.data.len());
+                    assert!(start + (mr - 1) * a.rs + kc <= a.data.len());
                     (a.data[start..].as_ptr().cast::<u16>(), a.rs, 2)
                 } else {
-                    pack_a(a, r0 + ir, r0 + rows_here, (pc, pc + kc), mr, &mut a_panel);
+                    pack_a(a, r0 + ir, r0 + rows_here, (pc, pc + kc), mr, a_panel);
                     (a_panel.as_ptr().cast::<u16>(), 2, 2 * mr)
                 };
                 for q in 0..panels {
@@ -280,13 +309,13 @@ fn one(
                     }
                 }
             }
-        };
-        let blocks = c.chunks_mut(MC * n).enumerate();
-        if m * n * kc >= PARALLEL_MIN_WORK && m > MC && pool.threads() > 1 {
-            pool.for_each(blocks.collect(), task);
-        } else {
-            blocks.for_each(task);
-        }
+        });
+    };
+    let blocks = c.chunks_mut(MC * n).enumerate();
+    if m * n * kc >= PARALLEL_MIN_WORK && m > MC && pool.threads() > 1 {
+        pool.for_each(blocks.collect(), task);
+    } else {
+        blocks.for_each(task);
     }
 }
 

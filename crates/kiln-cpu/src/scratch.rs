@@ -23,8 +23,24 @@ thread_local! {
 /// are unspecified: callers clear or resize it) and keeps the buffer for
 /// the next call.
 pub(crate) fn with<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    // The largest kept buffer: its user grows it to whatever it needs.
+    with_at_least(usize::MAX, f)
+}
+
+/// [`with`], taking the kept buffer whose capacity fits `len` floats with
+/// the least room to spare — or else the largest — so that users of
+/// different sizes do not keep growing each other's buffers.
+fn with_at_least<R>(len: usize, f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
     let mut buf = FREE
-        .try_with(|free| free.borrow_mut().pop())
+        .try_with(|free| {
+            let mut free = free.borrow_mut();
+            let fits = |b: &Vec<f32>| b.capacity() >= len;
+            let pick = (0..free.len())
+                .filter(|&i| fits(&free[i]))
+                .min_by_key(|&i| free[i].capacity())
+                .or_else(|| (0..free.len()).max_by_key(|&i| free[i].capacity()));
+            pick.map(|i| free.swap_remove(i))
+        })
         .ok()
         .flatten()
         .unwrap_or_default();
@@ -47,8 +63,13 @@ pub(crate) fn with<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
 /// product are rewritten whole, and zeroing them first was 2–3 % of a CNN
 /// epoch in `memset`.
 pub(crate) fn sized<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    with(|buf| {
+    with_at_least(len, |buf| {
         if buf.len() < len {
+            if buf.capacity() < len {
+                // Its old contents are not needed: no copy on growing.
+                buf.clear();
+                buf.reserve_exact(len);
+            }
             buf.resize(len, 0.0);
         }
         f(&mut buf[..len])
@@ -67,6 +88,22 @@ mod tests {
         });
         sized(100, |b| assert_eq!(b.len(), 100));
         with(|b| assert!(b.capacity() >= 300, "the grown buffer was kept"));
+    }
+
+    #[test]
+    fn a_sized_user_gets_a_kept_buffer_that_fits_without_growing_it() {
+        // Keep a small and a large buffer (nested users hold both at once).
+        let large = sized(10_000, |big| {
+            sized(100, |_| ());
+            big.as_ptr() as usize
+        });
+        // A request between the two takes the large one as it is.
+        sized(5_000, |b| assert_eq!(b.as_ptr() as usize, large));
+        // A small request takes the small one, leaving the large one kept.
+        sized(50, |small| {
+            assert_ne!(small.as_ptr() as usize, large);
+            sized(8_000, |b| assert_eq!(b.as_ptr() as usize, large));
+        });
     }
 
     #[test]

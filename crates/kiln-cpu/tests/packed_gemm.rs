@@ -26,6 +26,17 @@ fn values(seed: u64, n: usize) -> Vec<f32> {
 /// Runs `[1, m, k] · [1, k, n]` (b transposed in storage when `bt`) and
 /// checks every element against an f64 dot product within γₖ·Σ|aᵢbᵢ|.
 fn check(b: &CpuBackend, m: usize, k: usize, n: usize, bt: bool, dtype: DType) -> Vec<f32> {
+    check_t(b, (m, k, n), (false, bt), dtype)
+}
+
+/// [`check`] with A too stored transposed (`[k, m]`, viewed as `[m, k]`)
+/// when `at`.
+fn check_t(
+    b: &CpuBackend,
+    (m, k, n): (usize, usize, usize),
+    (at, bt): (bool, bool),
+    dtype: DType,
+) -> Vec<f32> {
     let av = values(1, m * k);
     let bv = values(2, k * n);
     let cast = |v: &[f32]| match dtype {
@@ -44,9 +55,15 @@ fn check(b: &CpuBackend, m: usize, k: usize, n: usize, bt: bool, dtype: DType) -
         layout(&[1, k, n])
     };
     let b_at = |p: usize, j: usize| if bt { b64[j * k + p] } else { b64[p * n + j] };
+    let a_at = |i: usize, p: usize| if at { a64[p * m + i] } else { a64[i * k + p] };
+    let al = if at {
+        layout(&[1, k, m]).transpose(1, 2).unwrap()
+    } else {
+        layout(&[1, m, k])
+    };
     let out = b
         .gemm(
-            View::new(&a, &layout(&[1, m, k])),
+            View::new(&a, &al),
             View::new(&bs, &bl),
             &GemmEpilogue {
                 activation: Activation::None,
@@ -60,7 +77,7 @@ fn check(b: &CpuBackend, m: usize, k: usize, n: usize, bt: bool, dtype: DType) -
         for j in 0..n {
             let (mut dot, mut mass) = (0f64, 0f64);
             for p in 0..k {
-                let t = a64[i * k + p] * b_at(p, j);
+                let t = a_at(i, p) * b_at(p, j);
                 dot += t;
                 mass += t.abs();
             }
@@ -97,7 +114,8 @@ fn large_and_awkward_shapes_within_the_bound() {
         }
         check(&b, 37, 300, 45, true, DType::F16);
         // bf16 (AVX-512 BF16's pair instruction where the CPU has it): odd
-        // k, k across the 512-element block, partial tiles, transposed B;
+        // k, k across the 512-element block, partial tiles, A and B each
+        // stored transposed or not;
         // A read in place (even k, whole 12-row tiles) and packed (the rows
         // after them), the 16 × 16 tile of outputs 16 wide or less, and row
         // blocks of 96 over two threads.
@@ -111,8 +129,11 @@ fn large_and_awkward_shapes_within_the_bound() {
             (200, 1026, 17),
             (300, 784, 64),
         ] {
-            check(&b, m, k, n, false, DType::BF16);
-            check(&b, m, k, n, true, DType::BF16);
+            for at in [false, true] {
+                for bt in [false, true] {
+                    check_t(&b, (m, k, n), (at, bt), DType::BF16);
+                }
+            }
         }
     }
 }

@@ -160,10 +160,38 @@ fn pair_words(words: &mut [u32], lo: &[bf16], hi: Option<&[bf16]>) {
     tail.fill(0);
 }
 
+/// `out[t·stride + lane]` = the pair word `(run[2t], run[2t+1])` of each
+/// lane's run of k elements (`hi` zero past the run's end), zeros in lanes
+/// `runs.len()..stride`: the packing of operands whose k runs are
+/// contiguous (a row-major A, a transposed B), where a pair already lies in
+/// memory as one word.
+fn words_from_runs<'a>(out: &mut [u32], stride: usize, runs: impl Iterator<Item = &'a [bf16]>) {
+    let mut lanes = 0;
+    for (lane, run) in runs.enumerate() {
+        let (pairs, rest) = run.as_chunks::<2>();
+        for (t, pair) in pairs.iter().enumerate() {
+            out[t * stride + lane] =
+                u32::from(pair[0].to_bits()) | (u32::from(pair[1].to_bits()) << 16);
+        }
+        if let [last] = rest {
+            out[pairs.len() * stride + lane] = u32::from(last.to_bits());
+        }
+        lanes = lane + 1;
+    }
+    for words in out.chunks_exact_mut(stride) {
+        words[lanes..].fill(0);
+    }
+}
+
 /// Packs k elements `p0..end` of B's columns `c0..c0+nr` into pair words
 /// (zeros past column `n` and past `end`).
 fn pack_b(b: Mat<'_>, (p0, end): (usize, usize), c0: usize, n: usize, nr: usize, out: &mut [u32]) {
     let cols = nr.min(n - c0);
+    if b.rs == 1 && b.cs != 1 {
+        // B transposed (a layer's `Wᵀ`): each column's k run is contiguous.
+        let run = |j: usize| &b.data[b.offset + (c0 + j) * b.cs + p0..][..end - p0];
+        return words_from_runs(out, nr, (0..cols).map(run));
+    }
     for (t, words) in out.chunks_exact_mut(nr).enumerate() {
         let (p, q) = (p0 + 2 * t, p0 + 2 * t + 1);
         if b.cs == 1 {
@@ -184,6 +212,12 @@ fn pack_b(b: Mat<'_>, (p0, end): (usize, usize), c0: usize, n: usize, nr: usize,
 /// into pair words.
 fn pack_a(a: Mat<'_>, r0: usize, m: usize, (p0, end): (usize, usize), mr: usize, out: &mut [u32]) {
     let rows = mr.min(m - r0);
+    if a.cs == 1 && a.rs != 1 {
+        // A row-major (an odd k, or a block's last rows): each row's k run
+        // is contiguous.
+        let run = |i: usize| &a.data[a.offset + (r0 + i) * a.rs + p0..][..end - p0];
+        return words_from_runs(out, mr, (0..rows).map(run));
+    }
     for (t, words) in out.chunks_exact_mut(mr).enumerate() {
         let (p, q) = (p0 + 2 * t, p0 + 2 * t + 1);
         if a.rs == 1 {

@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 
 /// Buffers a thread keeps between calls.
-const KEPT: usize = 4;
+const KEPT: usize = 8;
 /// Buffers larger than this (in floats: 64 MiB) go back to the allocator
 /// rather than pinning their memory for the life of the thread.
 const KEPT_MAX_LEN: usize = 16 << 20;

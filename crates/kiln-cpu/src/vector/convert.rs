@@ -20,6 +20,7 @@ use std::ops::Range;
 use kiln_core::{bf16, f16, DType, HostData, Result, View};
 
 use super::wide;
+use crate::fresh::Slot;
 use crate::workers::Workers;
 use crate::{storage, KernelSet};
 
@@ -59,12 +60,12 @@ pub(crate) fn from_bf16_loop(x: &[bf16]) -> Vec<f32> {
         .collect()
 }
 
-/// The bf16 → f32 loop into a fresh buffer of `x`'s length.
+/// The bf16 → f32 loop into a buffer of `x`'s length (fresh or not).
 #[inline(always)]
-pub(crate) fn from_bf16_into_loop(x: &[bf16], out: &mut [MaybeUninit<f32>]) {
+pub(crate) fn from_bf16_into_loop(x: &[bf16], out: &mut [impl Slot]) {
     assert_eq!(x.len(), out.len(), "a cast writes one element per input");
     for (o, v) in out.iter_mut().zip(x) {
-        o.write(f32::from_bits(u32::from(v.to_bits()) << 16));
+        o.put(f32::from_bits(u32::from(v.to_bits()) << 16));
     }
 }
 

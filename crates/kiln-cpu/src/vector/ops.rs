@@ -11,8 +11,9 @@
 
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
-use kiln_core::{BinaryOp, DType, HostData, ReduceOp, UnaryOp, View};
+use kiln_core::{bf16, BinaryOp, DType, HostData, ReduceOp, UnaryOp, View};
 
 use super::wide;
 use crate::reference::elementwise::{
@@ -183,6 +184,86 @@ fn fill(
     unsafe { pool.filled(n, ELEMENTS_PER_TASK.div_ceil(align) * align, f) }
 }
 
+/// Elements a fused bf16 task converts at a time: its operands' f32
+/// copies and its f32 result stay in the core's L1/L2 cache.
+const BF16_SUB_CHUNK: usize = 1 << 12;
+
+/// An operand's elements as the f32 loops read them: f32 in place (or f16
+/// widened whole), or bf16 widened a chunk at a time where a task reads
+/// it, into that thread's scratch — a bf16 tensor never gets a full-size
+/// f32 copy.
+enum Elems<'a> {
+    F32(Cow<'a, [f32]>),
+    Bf16(&'a [bf16]),
+}
+
+impl Elems<'_> {
+    /// The elements of a contiguous view; `None` for other views.
+    fn of(set: KernelSet, v: View<'_, HostData>) -> Option<Elems<'_>> {
+        let r = v
+            .layout
+            .contiguous_range()
+            .filter(|r| r.end <= v.storage.len())?;
+        match v.storage {
+            HostData::BF16(d) => Some(Elems::Bf16(&d[r])),
+            other => Some(Elems::F32(super::convert::widen(set, other, r)?)),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Elems::F32(d) => d.len(),
+            Elems::Bf16(d) => d.len(),
+        }
+    }
+
+    /// Runs `f` on elements `r` as f32.
+    fn read<R>(&self, set: KernelSet, r: Range<usize>, f: impl FnOnce(&[f32]) -> R) -> R {
+        match self {
+            Elems::F32(d) => f(&d[r]),
+            Elems::Bf16(d) => crate::scratch::sized(r.len(), |s| {
+                wide::from_bf16_into(set, &d[r], s);
+                f(s)
+            }),
+        }
+    }
+}
+
+/// [`fill`] stored as `dtype`. A bf16 result is rounded where it is
+/// computed: each task runs `f` on sub-chunks of [`BF16_SUB_CHUNK`]
+/// elements (cut at multiples of `align`) into the thread's scratch and
+/// rounds them into its part of the output, so neither the f32 result nor
+/// a bf16 operand's f32 copy ([`Elems`]) is ever whole in memory. The
+/// values are bitwise those of computing in f32 and rounding once.
+fn fill_as(
+    set: KernelSet,
+    pool: &Workers,
+    dtype: DType,
+    n: usize,
+    align: usize,
+    f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Option<HostData> {
+    if dtype != DType::BF16 {
+        return narrow(set, Some(pool), dtype, fill(pool, n, align, f));
+    }
+    let align = align.max(1);
+    let chunk = ELEMENTS_PER_TASK.div_ceil(align) * align;
+    let sub = BF16_SUB_CHUNK.div_ceil(align) * align;
+    let task = |first: usize, out: &mut [MaybeUninit<bf16>]| {
+        for (j, part) in out.chunks_mut(sub).enumerate() {
+            crate::scratch::sized(part.len(), |tmp| {
+                // SAFETY: `f` writes only values (a `wide` loop or
+                // `apply_fresh`), so `tmp` stays initialised.
+                f(first + j * sub, unsafe { crate::fresh::as_slots(tmp) });
+                wide::to_bf16_into(set, tmp, part);
+            })
+        }
+    };
+    // SAFETY: `task` writes every element of its chunk: `to_bf16_into`
+    // writes a whole part (it asserts the lengths), and the parts cover it.
+    Some(HostData::BF16(unsafe { pool.filled(n, chunk, task) }))
+}
+
 /// Expands `$body` once per variant of `$op`, with `$k` a constant equal to
 /// it, so each loop is compiled for one op with no per-element dispatch.
 macro_rules! specialise {
@@ -203,29 +284,32 @@ pub(crate) fn unary(
     op: UnaryOp,
     x: View<'_, HostData>,
 ) -> Option<HostData> {
-    let xs = contiguous(set, Some(pool), x)?;
-    let xs = &xs[..];
+    let xs = Elems::of(set, x)?;
     let n = xs.len();
-    let out = match transcendental(set, op) {
-        Some(kernel) => fill(pool, n, 1, |i, o| {
-            apply_fresh(kernel, &xs[i..i + o.len()], o)
+    let dtype = x.storage.dtype();
+    let span = |i: usize, o: &[MaybeUninit<f32>]| i..i + o.len();
+    match transcendental(set, op) {
+        Some(kernel) => fill_as(set, pool, dtype, n, 1, |i, o| {
+            xs.read(set, span(i, o), |x| apply_fresh(kernel, x, o))
         }),
         None if op == UnaryOp::Gelu => {
             let sigmoid = transcendental(set, UnaryOp::Sigmoid)?;
-            fill(pool, n, 1, |i, o| {
-                let x = &xs[i..i + o.len()];
-                crate::scratch::sized(x.len(), |sig| {
-                    gelu_sigmoid(set, sigmoid, x, sig);
-                    wide::zip(set, x, sig, o, |x, g| if g == 0.0 { -0.0 } else { x * g });
+            fill_as(set, pool, dtype, n, 1, |i, o| {
+                xs.read(set, span(i, o), |x| {
+                    crate::scratch::sized(x.len(), |sig| {
+                        gelu_sigmoid(set, sigmoid, x, sig);
+                        wide::zip(set, x, sig, o, |x, g| if g == 0.0 { -0.0 } else { x * g });
+                    })
                 })
             })
         }
         None => {
             specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh, Gelu],
-            OP => fill(pool, n, 1, |i, o| wide::map(set, &xs[i..i + o.len()], o, |v| unary_f32(OP, v))))
+            OP => fill_as(set, pool, dtype, n, 1, |i, o| {
+                xs.read(set, span(i, o), |x| wide::map(set, x, o, |v| unary_f32(OP, v)))
+            }))
         }
-    };
-    narrow(set, Some(pool), x.storage.dtype(), out)
+    }
 }
 
 /// GELU's `σ(K·x·(1 + C·x²))` for every x into `out`, with the set's
@@ -252,38 +336,44 @@ pub(crate) fn unary_backward(
         return None;
     }
     let dtype = common(&[x, y, dy])?;
-    let (ys, dys) = (
-        contiguous(set, Some(pool), y)?,
-        contiguous(set, Some(pool), dy)?,
-    );
+    let (ys, dys) = (Elems::of(set, y)?, Elems::of(set, dy)?);
     let n = dys.len();
-    let out = if op == UnaryOp::Gelu {
-        let xs = contiguous(set, Some(pool), x)?;
+    let span = |i: usize, o: &[MaybeUninit<f32>]| i..i + o.len();
+    if op == UnaryOp::Gelu {
+        let xs = Elems::of(set, x)?;
         let sigmoid = transcendental(set, UnaryOp::Sigmoid)?;
-        fill(pool, n, 1, |i, o| {
-            let (x, d) = (&xs[i..i + o.len()], &dys[i..i + o.len()]);
-            crate::scratch::sized(x.len(), |sig| {
-                gelu_sigmoid(set, sigmoid, x, sig);
-                wide::zip3(set, x, sig, d, o, gelu_backward_f32);
+        fill_as(set, pool, dtype, n, 1, |i, o| {
+            xs.read(set, span(i, o), |x| {
+                dys.read(set, span(i, o), |d| {
+                    crate::scratch::sized(x.len(), |sig| {
+                        gelu_sigmoid(set, sigmoid, x, sig);
+                        wide::zip3(set, x, sig, d, o, gelu_backward_f32);
+                    })
+                })
             })
         })
     } else if op.backward_reads_only_output() {
         specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh, Gelu],
-        OP => fill(pool, n, 1, |i, o| {
-            let r = i..i + o.len();
-            wide::zip(set, &ys[r.clone()], &dys[r], o, |y, d| backward_f32(OP, 0.0, y, d))
-        }))
-    } else {
-        let xs = contiguous(set, Some(pool), x)?;
-        specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh, Gelu],
-        OP => fill(pool, n, 1, |i, o| {
-            let r = i..i + o.len();
-            wide::zip3(set, &xs[r.clone()], &ys[r.clone()], &dys[r], o, |x, y, d| {
-                backward_f32(OP, x, y, d)
+        OP => fill_as(set, pool, dtype, n, 1, |i, o| {
+            ys.read(set, span(i, o), |y| {
+                dys.read(set, span(i, o), |d| {
+                    wide::zip(set, y, d, o, |y, d| backward_f32(OP, 0.0, y, d))
+                })
             })
         }))
-    };
-    narrow(set, Some(pool), dtype, out)
+    } else {
+        let xs = Elems::of(set, x)?;
+        specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh, Gelu],
+        OP => fill_as(set, pool, dtype, n, 1, |i, o| {
+            xs.read(set, span(i, o), |x| {
+                ys.read(set, span(i, o), |y| {
+                    dys.read(set, span(i, o), |d| {
+                        wide::zip3(set, x, y, d, o, |x, y, d| backward_f32(OP, x, y, d))
+                    })
+                })
+            })
+        }))
+    }
 }
 
 /// `x·mul + add`, fused.
@@ -294,11 +384,12 @@ pub(crate) fn affine(
     mul: f32,
     add: f32,
 ) -> Option<HostData> {
-    let xs = contiguous(set, Some(pool), x)?;
-    let out = fill(pool, xs.len(), 1, |i, o| {
-        wide::map(set, &xs[i..i + o.len()], o, |v| v.mul_add(mul, add))
-    });
-    narrow(set, Some(pool), x.storage.dtype(), out)
+    let xs = Elems::of(set, x)?;
+    fill_as(set, pool, x.storage.dtype(), xs.len(), 1, |i, o| {
+        xs.read(set, i..i + o.len(), |x| {
+            wide::map(set, x, o, |v| v.mul_add(mul, add))
+        })
+    })
 }
 
 /// `op(a, b)` for operands of one shape, either contiguous or one of them a
@@ -315,39 +406,41 @@ pub(crate) fn binary(
     }
     let dtype = common(&[a, b])?;
     let n = a.layout.numel();
+    let span = |i: usize, o: &[MaybeUninit<f32>]| i..i + o.len();
     // `x` against `b` repeated per row (`flip`: the operands' roles swapped).
-    let rows = |x: &[f32], row: &[f32], flip: bool| {
+    let rows = |x: &Elems<'_>, row: &[f32], flip: bool| {
         specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
-        OP => fill(pool, n, row.len(), |i, o| {
-            let x = &x[i..i + o.len()];
-            if flip {
-                wide::zip_rows(set, x, row, o, |q, p| binary_f32(OP, p, q))
-            } else {
-                wide::zip_rows(set, x, row, o, |p, q| binary_f32(OP, p, q))
-            }
+        OP => fill_as(set, pool, dtype, n, row.len(), |i, o| {
+            x.read(set, span(i, o), |x| {
+                if flip {
+                    wide::zip_rows(set, x, row, o, |q, p| binary_f32(OP, p, q))
+                } else {
+                    wide::zip_rows(set, x, row, o, |p, q| binary_f32(OP, p, q))
+                }
+            })
         }))
     };
     // `x` against one value of `col` per run of `run` elements.
-    let cols = |x: &[f32], col: &[f32], run: usize, flip: bool| {
+    let cols = |x: &Elems<'_>, col: &[f32], run: usize, flip: bool| {
         specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
-        OP => fill(pool, n, run, |i, o| {
-            let (x, col) = (&x[i..i + o.len()], &col[i / run.max(1)..]);
-            if flip {
-                wide::zip_cols(set, x, col, run, o, |q, p| binary_f32(OP, p, q))
-            } else {
-                wide::zip_cols(set, x, col, run, o, |p, q| binary_f32(OP, p, q))
-            }
+        OP => fill_as(set, pool, dtype, n, run, |i, o| {
+            let col = &col[i / run.max(1)..];
+            x.read(set, span(i, o), |x| {
+                if flip {
+                    wide::zip_cols(set, x, col, run, o, |q, p| binary_f32(OP, p, q))
+                } else {
+                    wide::zip_cols(set, x, col, run, o, |p, q| binary_f32(OP, p, q))
+                }
+            })
         }))
     };
-    let out = match (
-        contiguous(set, Some(pool), a),
-        contiguous(set, Some(pool), b),
-    ) {
+    match (Elems::of(set, a), Elems::of(set, b)) {
         (Some(x), Some(y)) => {
             specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
-            OP => fill(pool, n, 1, |i, o| {
-                let r = i..i + o.len();
-                wide::zip(set, &x[r.clone()], &y[r], o, |p, q| binary_f32(OP, p, q))
+            OP => fill_as(set, pool, dtype, n, 1, |i, o| {
+                x.read(set, span(i, o), |x| {
+                    y.read(set, span(i, o), |y| wide::zip(set, x, y, o, |p, q| binary_f32(OP, p, q)))
+                })
             }))
         }
         (Some(x), None) => match periodic(set, b) {
@@ -364,9 +457,8 @@ pub(crate) fn binary(
                 cols(&y, &col, run, true)
             }
         },
-        (None, None) => return None,
-    };
-    narrow(set, Some(pool), dtype, out)
+        (None, None) => None,
+    }
 }
 
 /// Sum or mean of a contiguous operand over leading axes `0..p` (summed in

@@ -375,6 +375,6 @@ per_set! {
 }
 
 per_set! {
-    /// bf16 → f32 into a fresh buffer ([`super::convert::from_bf16_into_loop`]).
-    fn from_bf16_into(x: &[bf16], out: &mut [MaybeUninit<f32>]) -> () = super::convert::from_bf16_into_loop;
+    /// bf16 → f32 into a buffer, fresh or not ([`super::convert::from_bf16_into_loop`]).
+    fn from_bf16_into(x: &[bf16], out: &mut [impl Slot]) -> () = super::convert::from_bf16_into_loop;
 }

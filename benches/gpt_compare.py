@@ -14,10 +14,15 @@ draws — kiln's Philox4x32-10 stream, ported below — so both frameworks
 see identical data at every step. Initial weights differ (each framework
 draws its own).
 
+`--precision bf16` runs the forward passes and the loss under
+`torch.autocast("cpu", dtype=torch.bfloat16)` — PyTorch's mixed precision,
+f32 master weights and optimiser state, as kiln's `--precision bf16`.
+
 Prints one JSON object per evaluation, then one for generation.
 """
 
 import argparse
+import contextlib
 import gzip
 import json
 import math
@@ -142,9 +147,15 @@ def main():
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=500)
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
+
+    def mixed():
+        if a.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
     text = gzip.open(a.corpus, "rb").read().decode("utf-8")
     chars = sorted(set(text))
     index = {c: i for i, c in enumerate(chars)}
@@ -172,7 +183,9 @@ def main():
         with torch.no_grad():
             for i in range(a.eval_iters):
                 x, y = batch(data, a.batch, a.block, a.seed, seed_key, first + i)
-                total += F.cross_entropy(model(x).view(-1, len(chars)), y.view(-1)).item()
+                with mixed():
+                    logits = model(x).view(-1, len(chars))
+                total += F.cross_entropy(logits.float(), y.view(-1)).item()
         model.train()
         return total / a.eval_iters
 
@@ -182,7 +195,9 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr_at(it)
         x, y = batch(train, a.batch, a.block, a.seed, TRAIN_KEY, it)
-        loss = F.cross_entropy(model(x).view(-1, len(chars)), y.view(-1))
+        with mixed():
+            logits = model(x).view(-1, len(chars))
+        loss = F.cross_entropy(logits.float(), y.view(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -209,7 +224,9 @@ def main():
     start = time.perf_counter()
     with torch.no_grad():
         for _ in range(a.tokens):
-            logits = model(idx[:, -a.block:])[:, -1, :] / 0.8
+            with mixed():
+                logits = model(idx[:, -a.block:])[:, -1, :]
+            logits = logits.float() / 0.8
             top = torch.topk(logits, min(200, len(chars))).values[:, -1:]
             logits[logits < top] = -float("inf")
             nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)

@@ -15,7 +15,10 @@
 # wheels): fine for a benchmark, not for CI.
 #
 #   benches/gpt_compare.sh [ITERS] [THREADS]     (default: 2000 2)
-#   PRECISIONS="f32 bf16" benches/gpt_compare.sh  (kiln in bf16 too)
+#   PRECISIONS="f32 bf16" benches/gpt_compare.sh  (both frameworks in bf16
+#   too: kiln's --precision bf16 and PyTorch's autocast, each with f32
+#   master weights; every kiln run is compared with PyTorch in f32 and in
+#   its own precision)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 iters="${1:-2000}"
@@ -33,8 +36,12 @@ for p in $precisions; do
   KILN_THREADS=$threads ./target/release/kiln train --model gpt --dataset shakespeare "${common[@]}" \
     --precision "$p" --log-format json --out "$out/kiln-$p" > "$out/kiln-$p.jsonl" 2> "$out/kiln-$p.log"
 done
-python3 benches/gpt_compare.py --iters "$iters" --eval-every "$every" --eval-iters 20 \
-  --threads "$threads" --seed 1337 > "$out/torch.jsonl"
+for p in $precisions; do
+  python3 benches/gpt_compare.py --iters "$iters" --eval-every "$every" --eval-iters 20 \
+    --threads "$threads" --seed 1337 --precision "$p" > "$out/torch-$p.jsonl"
+done
+[ -f "$out/torch-f32.jsonl" ] || python3 benches/gpt_compare.py --iters "$iters" \
+  --eval-every "$every" --eval-iters 20 --threads "$threads" --seed 1337 > "$out/torch-f32.jsonl"
 gen() { # extra flags → tokens/s
   KILN_THREADS=$threads ./target/release/kiln generate --model "$out/kiln-f32" --prompt $'\n' \
     --tokens 500 --temperature 0.8 --top-k 200 --seed 1 --format json "$@" \
@@ -48,26 +55,30 @@ import json, platform, sys, torch
 out, iters, threads, precisions, cached, recomputed = sys.argv[1:]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
 load = lambda p: [json.loads(l) for l in open(p) if l.startswith("{")]
-torch_runs = load(f"{out}/torch.jsonl")
-t_gen = torch_runs.pop()["generate_tokens_per_sec"]
-kiln = {p: load(f"{out}/kiln-{p}.jsonl") for p in precisions.split()}
+precisions = precisions.split()
+torch_runs = {p: load(f"{out}/torch-{p}.jsonl") for p in dict.fromkeys(["f32"] + precisions)}
+t_gen = torch_runs["f32"][-1]["generate_tokens_per_sec"]
+torch_runs = {p: runs[:-1] for p, runs in torch_runs.items()}
+kiln = {p: load(f"{out}/kiln-{p}.jsonl") for p in precisions}
 print(f"GPT config A on Shakespeare ({iters} iterations, {threads} threads each, {cpu}, torch {torch.__version__})")
-head = f"{'iter':>6} {'PyTorch val':>12}" + "".join(f" {'kiln ' + p + ' val':>14}" for p in kiln)
-print(head)
-for i, t in enumerate(torch_runs):
-    row = f"{t['iter']:>6} {t['val_loss']:>12.4f}"
-    for p, runs in kiln.items():
-        row += f" {runs[i]['val_loss']:>14.4f}" if i < len(runs) else f" {'—':>14}"
+cols = [(f"PyTorch {p} val", r) for p, r in torch_runs.items()] + [(f"kiln {p} val", r) for p, r in kiln.items()]
+print(f"{'iter':>6}" + "".join(f" {name:>15}" for name, _ in cols))
+for i, t in enumerate(torch_runs["f32"]):
+    row = f"{t['iter']:>6}"
+    for _, runs in cols:
+        row += f" {runs[i]['val_loss']:>15.4f}" if i < len(runs) else f" {'—':>15}"
     print(row)
 median = lambda xs: sorted(xs)[len(xs) // 2]
-t_ips = median([t["iters_per_sec"] for t in torch_runs])
-t_tps = median([t["tokens_per_sec"] for t in torch_runs])
-print(f"\n{'run':<22} {'it/s':>8} {'tokens/s':>10} {'× PyTorch':>10}")
-print(f"{'PyTorch CPU':<22} {t_ips:>8.2f} {t_tps:>10.0f} {1:>9.2f}×")
+rate = lambda runs, key: median([r[key] for r in runs])
+t_ips = {p: rate(runs, "iters_per_sec") for p, runs in torch_runs.items()}
+print(f"\n{'run':<22} {'it/s':>8} {'tokens/s':>10} {'× PyTorch f32':>14} {'× PyTorch, same precision':>26}")
+for p, runs in torch_runs.items():
+    print(f"{'PyTorch CPU ' + p:<22} {t_ips[p]:>8.2f} {rate(runs, 'tokens_per_sec'):>10.0f} "
+          f"{t_ips[p] / t_ips['f32']:>13.2f}× {1:>25.2f}×")
 for p, runs in kiln.items():
-    k = median([r["iters_per_sec"] for r in runs])
-    tps = median([r["tokens_per_sec"] for r in runs])
-    print(f"{'kiln ' + p:<22} {k:>8.2f} {tps:>10.0f} {k / t_ips:>9.2f}×")
+    k = rate(runs, "iters_per_sec")
+    print(f"{'kiln ' + p:<22} {k:>8.2f} {rate(runs, 'tokens_per_sec'):>10.0f} "
+          f"{k / t_ips['f32']:>13.2f}× {k / t_ips[p]:>25.2f}×")
 print(f"\ngeneration, 500 tokens: PyTorch (recompute) {t_gen:.0f} tok/s; kiln KV cache {float(cached):.0f} tok/s "
       f"({float(cached) / t_gen:.2f}× PyTorch, {float(cached) / float(recomputed):.2f}× kiln recomputing, {float(recomputed):.0f} tok/s)")
 PY

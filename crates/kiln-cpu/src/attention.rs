@@ -21,7 +21,6 @@ use kiln_core::{AttentionGrads, HostData, Result, UnaryOp, View};
 
 use crate::fresh;
 use crate::norm::lane_sum;
-use crate::storage::read_f32;
 use crate::vector::convert;
 use crate::vector::ops::{transcendental, MapKernel};
 use crate::vector::wide;
@@ -396,13 +395,18 @@ impl<'a> Problem<'a> {
     }
 }
 
-/// The f32 operands of `plan`, row-major (the scalar reference's too).
+/// The f32 operands of `plan`, row-major (the scalar reference's too, with
+/// `set` the scalar one and no pool): contiguous 16-bit ones widened with
+/// `set`'s vector conversion, over `pool`'s threads where one is given.
 pub(crate) fn operands<'a>(
+    set: KernelSet,
+    pool: Option<&Workers>,
     op: &'static str,
     views: [View<'a, HostData>; 3],
 ) -> Result<[std::borrow::Cow<'a, [f32]>; 3]> {
+    let read = |v| convert::read_f32_on(set, pool, op, v);
     let [q, k, v] = views;
-    Ok([read_f32(op, q)?, read_f32(op, k)?, read_f32(op, v)?])
+    Ok([read(q)?, read(k)?, read(v)?])
 }
 
 /// `set`'s vector exp (every SIMD set has one).
@@ -437,7 +441,7 @@ pub(crate) fn attention_causal(
 ) -> Result<HostData> {
     let op = "attention_causal";
     let plan = AttentionPlan::new(q, k, v, scale)?;
-    let [qs, ks, vs] = operands(op, [q, k, v])?;
+    let [qs, ks, vs] = operands(set, Some(pool), op, [q, k, v])?;
     let exp = vector_exp(op, set)?;
     let (t, d) = (plan.queries, plan.dim);
     let len = plan.batch * t * d;
@@ -470,8 +474,8 @@ pub(crate) fn attention_causal_backward(
 ) -> Result<AttentionGrads<HostData>> {
     let op = "attention_causal_backward";
     let plan = AttentionPlan::backward(q, k, v, dy, scale)?;
-    let [qs, ks, vs] = operands(op, [q, k, v])?;
-    let dys = read_f32(op, dy)?;
+    let [qs, ks, vs] = operands(set, Some(pool), op, [q, k, v])?;
+    let dys = convert::read_f32_on(set, Some(pool), op, dy)?;
     let exp = vector_exp(op, set)?;
     let (n, t, s, d) = (plan.batch, plan.queries, plan.keys, plan.dim);
     let (mut dq, mut dk, mut dv) = (

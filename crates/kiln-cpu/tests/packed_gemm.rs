@@ -138,11 +138,12 @@ fn large_and_awkward_shapes_within_the_bound() {
     }
 }
 
-/// The same bits on 1, 2 and 3 threads, whichever way the product is
-/// split: row blocks (300 × 600 × 90), all k blocks packed at once (the
-/// same with 2 and 3 threads), panels of columns over few rows (128 × 300 ×
-/// 700, 60 × 70 × 1000: a wide layer's `dy·Wᵀ`, B stored transposed too;
-/// 150 × 400 × 64: two panels over several k blocks, A read in place).
+/// The same bits on 1, 2 and 3 threads, whichever way the product is split:
+/// f32 row blocks (300 × 600 × 90), all k blocks packed at once (the same
+/// with 2 and 3 threads), panels of columns over few rows (128 × 300 × 700,
+/// 60 × 70 × 1000: a wide layer's `dy·Wᵀ`, B stored transposed too; 150 ×
+/// 400 × 64: two panels over several k blocks, A read in place); bf16 row
+/// blocks sized by the thread count.
 #[test]
 fn results_do_not_depend_on_the_thread_count() {
     for set in sets() {
@@ -153,17 +154,18 @@ fn results_do_not_depend_on_the_thread_count() {
                 .expect("worker threads")
         };
         let teams = [backend(1), backend(2), backend(3)];
-        for (m, k, n, bt) in [
-            (300, 600, 90, false),
-            (128, 300, 700, false),
-            (128, 300, 700, true),
-            (60, 70, 1000, true),
-            (150, 400, 64, false),
+        for (m, k, n, bt, dtype) in [
+            (300, 600, 90, false, DType::F32),
+            (128, 300, 700, false, DType::F32),
+            (128, 300, 700, true, DType::F32),
+            (60, 70, 1000, true, DType::F32),
+            (150, 400, 64, false, DType::F32),
+            // bf16 (AVX-512 BF16's kernel where the CPU has it): row blocks
+            // sized by the thread count, A read in place and packed.
+            (128, 700, 200, false, DType::BF16),
+            (301, 129, 40, true, DType::BF16),
         ] {
-            let runs: Vec<Vec<f32>> = teams
-                .iter()
-                .map(|b| check(b, m, k, n, bt, DType::F32))
-                .collect();
+            let runs: Vec<Vec<f32>> = teams.iter().map(|b| check(b, m, k, n, bt, dtype)).collect();
             assert!(
                 runs[0] == runs[1] && runs[1] == runs[2],
                 "{set:?}, {m}×{k}×{n}: results differ with the thread count"

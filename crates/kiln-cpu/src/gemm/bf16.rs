@@ -29,7 +29,7 @@ use kiln_core::{bf16, HostData, Layout, View};
 
 /// k elements packed at once (an even number).
 const KC: usize = 512;
-/// Rows a task takes (a multiple of both tiles' rows).
+/// The most rows a task takes (a multiple of both tiles' rows).
 const MC: usize = 96;
 /// Work (m·n·k of one k block) from which row blocks are split over threads.
 const PARALLEL_MIN_WORK: usize = 1 << 20;
@@ -287,8 +287,16 @@ fn block(
     }
     let b_packed = &*b_packed;
     let first = pc == 0;
+    // Row blocks: at most MC rows, and few enough rows that every thread
+    // gets a share of a short product (128 rows on 2 threads: 72 + 56, not
+    // 96 + 32). Any cut computes every element the same way.
+    let split = m * n * kc >= PARALLEL_MIN_WORK && m > mr && pool.threads() > 1;
+    let rows_per_task = match split {
+        true => m.div_ceil(pool.threads()).next_multiple_of(mr).min(MC),
+        false => MC,
+    };
     let task = |(block, rows): (usize, &mut [MaybeUninit<f32>])| {
-        let r0 = block * MC;
+        let r0 = block * rows_per_task;
         let rows_here = rows.len() / n;
         let mut edge = [0f32; 16 * 32];
         crate::scratch::sized(mr * pairs, |a_buf| {
@@ -345,8 +353,8 @@ fn block(
             }
         });
     };
-    let blocks = c.chunks_mut(MC * n).enumerate();
-    if m * n * kc >= PARALLEL_MIN_WORK && m > MC && pool.threads() > 1 {
+    let blocks = c.chunks_mut(rows_per_task * n).enumerate();
+    if split {
         pool.for_each(blocks.collect(), task);
     } else {
         blocks.for_each(task);

@@ -53,7 +53,7 @@ pub(crate) fn attention_causal(
 ) -> Result<HostData> {
     let op = "attention_causal";
     let plan = AttentionPlan::new(q, k, v, scale)?;
-    let operands = crate::attention::operands(op, [q, k, v])?;
+    let operands = crate::attention::operands(crate::KernelSet::Scalar, None, op, [q, k, v])?;
     let pr = Problems::new(&plan, &operands);
     let (t, s, d) = (plan.queries, plan.keys, plan.dim);
     let mut y = vec![0f32; plan.batch * t * d];
@@ -79,7 +79,7 @@ pub(crate) fn attention_causal_backward(
 ) -> Result<AttentionGrads<HostData>> {
     let op = "attention_causal_backward";
     let plan = AttentionPlan::backward(q, k, v, dy, scale)?;
-    let operands = crate::attention::operands(op, [q, k, v])?;
+    let operands = crate::attention::operands(crate::KernelSet::Scalar, None, op, [q, k, v])?;
     let dys = read_f32(op, dy)?;
     let pr = Problems::new(&plan, &operands);
     let (t, s, d) = (plan.queries, plan.keys, plan.dim);

@@ -36,17 +36,27 @@ const PARALLEL_MIN_WORK: usize = 1 << 20;
 /// Packed words of B from which its panels are packed over threads.
 const PACK_PARALLEL_MIN_WORDS: usize = 1 << 14;
 
-/// A tile shape: `MR` rows × `NV` vectors of 16 columns.
+/// A tile: `mr` rows × `nr` columns (16 per vector) and its kernel.
 #[derive(Clone, Copy)]
 struct Tile {
     mr: usize,
     nr: usize,
+    /// [`kernel`] for this shape.
+    kernel: unsafe fn(Words, *mut f32, usize, bool),
 }
 
 /// Outputs wider than 16 columns.
-const WIDE: Tile = Tile { mr: 12, nr: 32 };
+const WIDE: Tile = Tile {
+    mr: 12,
+    nr: 32,
+    kernel: kernel::<12, 2>,
+};
 /// Outputs at most 16 columns wide.
-const NARROW: Tile = Tile { mr: 16, nr: 16 };
+const NARROW: Tile = Tile {
+    mr: 16,
+    nr: 16,
+    kernel: kernel::<16, 1>,
+};
 
 /// Whether this processor has AVX-512 BF16 (and F).
 pub(crate) fn available() -> bool {
@@ -272,7 +282,7 @@ fn block(
     c: &mut [MaybeUninit<f32>],
     pool: &Workers,
 ) {
-    let Tile { mr, nr } = tile;
+    let Tile { mr, nr, .. } = tile;
     let panels = n.div_ceil(nr);
     let pairs = kc.div_ceil(2);
     let jobs = b_packed
@@ -375,16 +385,10 @@ struct Words {
 /// Runs `tile`'s kernel.
 ///
 /// # Safety
-/// As [`kernel`]'s, for that tile's `MR` and `NV`.
+/// As [`kernel`]'s, for the tile's `mr` rows and `nr` columns.
 unsafe fn run(tile: Tile, w: Words, c: *mut f32, ldc: usize, add: bool) {
     // SAFETY: forwarded from the caller.
-    unsafe {
-        if tile.nr == WIDE.nr {
-            kernel::<12, 2>(w, c, ldc, add)
-        } else {
-            kernel::<16, 1>(w, c, ldc, add)
-        }
-    }
+    unsafe { (tile.kernel)(w, c, ldc, add) }
 }
 
 /// The `MR × 16·NV` tile `Σₜ A[t]·B̃[t]` over the pairs of `w`, stored into

@@ -46,6 +46,9 @@ pub(crate) struct Image<'a> {
     pub bias: Option<&'a [f32]>,
     /// Whether the ReLU follows the bias (else no activation).
     pub relu: bool,
+    /// Whether each convolution output is rounded to bf16 before pooling,
+    /// as the unfused ops would store it (a bf16 model's layer).
+    pub round_bf16: bool,
 }
 
 impl Image<'_> {
@@ -226,7 +229,14 @@ impl Block<'_, '_> {
             // `+ 0.0` without a bias too, as the unfused epilogue (it
             // turns −0 into +0).
             let add = _mm512_set1_ps(img.bias.map_or(0.0, |b| b[oc]));
-            let y = acc.map(|a| finish(a, add, img.relu));
+            let y = acc.map(|a| {
+                let y = finish(a, add, img.relu);
+                if img.round_bf16 {
+                    to_bf16_value(y)
+                } else {
+                    y
+                }
+            });
             // Window order: the top row's pair, then the bottom row's.
             let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(y[0], y[1])
                 | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(y[2], y[3]);
@@ -259,6 +269,22 @@ impl Block<'_, '_> {
             }
         }
     }
+}
+
+/// `y` rounded to bf16 and widened back: round to nearest even on the bit
+/// pattern, a NaN truncated and made quiet — the values of
+/// `crate::vector::convert`'s f32 → bf16 → f32.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn to_bf16_value(y: __m512) -> __m512 {
+    let bits = _mm512_castps_si512(y);
+    let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+    let rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
+    let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(y, y);
+    let quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x0040_0000));
+    let out = _mm512_mask_blend_epi32(nan, rounded, quiet);
+    _mm512_castsi512_ps(_mm512_and_si512(out, high))
 }
 
 /// `acc + add`, then the ReLU if asked: NaN and positive values kept,

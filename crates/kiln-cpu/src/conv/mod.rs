@@ -496,6 +496,7 @@ pub(crate) fn conv2d_pool(
                 filters: &ws,
                 bias: bs.as_deref(),
                 relu: activation == Activation::Relu,
+                round_bf16: dtype == kiln_core::DType::BF16,
             };
             crate::scratch::sized(image.taps_len(), |taps| {
                 // SAFETY: the set is AVX-512 (`fuses_whole`), which the
@@ -545,7 +546,9 @@ pub(crate) fn conv2d_pool(
 }
 
 /// Whether [`conv2d_pool`] runs the whole-image AVX-512 kernel
-/// ([`avx512::conv_relu_pool`]): f32, a stride-1 unpadded convolution
+/// ([`avx512::conv_relu_pool`]): f32 or bf16 (widened, each convolution
+/// output rounded back before pooling as on the per-image path), a
+/// stride-1 unpadded convolution
 /// whose patch fits one of the GEMM's `KC` blocks (so the sums are the
 /// GEMM's, in the same order), no activation or the ReLU, and a 2×2 pool
 /// at stride 2, unpadded.
@@ -558,7 +561,7 @@ fn fuses_whole(
     pooling: &Window2d,
 ) -> bool {
     set == KernelSet::Avx512
-        && dtype == kiln_core::DType::F32
+        && matches!(dtype, kiln_core::DType::F32 | kiln_core::DType::BF16)
         && g.win.stride == [1, 1]
         && g.win.padding == [0; 4]
         && (1..=crate::gemm::blocking_of(set).kc).contains(&g.patch())
@@ -783,10 +786,13 @@ mod tests {
     /// composition (im2col, GEMM, epilogue, then the pool kernel) — maxima
     /// and indices — for images narrower and wider than its 16 pooled
     /// columns, odd and even planes, channel counts that leave partial
-    /// register blocks, ties (ReLU zeros, repeated values) and NaNs.
+    /// register blocks, ties (ReLU zeros, repeated values) and NaNs; in f32
+    /// and in bf16 (where the convolution's output is rounded before the
+    /// pool compares, and rounding makes more ties).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_fused_avx512_kernel_is_bitwise_the_unfused_composition() {
+        use kiln_core::DType;
         let set = KernelSet::Avx512;
         if !set.available() {
             return;
@@ -814,22 +820,41 @@ mod tests {
             (1, 1, 6, 34, [3, 3], 3),
             (1, 2, 5, 66, [3, 3], 4),
         ];
-        for (n, c, h, w, kernel, o) in shapes {
-            for (relu, with_bias, nans) in [
-                (true, true, false),
-                (false, false, true),
-                (true, false, true),
+        let cast = |dtype: DType, v: Vec<f32>| match dtype {
+            DType::BF16 => HostData::BF16(v.into_iter().map(kiln_core::bf16::from_f32).collect()),
+            _ => HostData::F32(v),
+        };
+        for ((n, c, h, w, kernel, o), dtype) in shapes
+            .into_iter()
+            .flat_map(|s| [(s, DType::F32), (s, DType::BF16)])
+        {
+            // (relu, bias, NaNs, smooth): a smooth image's neighbouring
+            // outputs differ by less than a bf16 ulp, so rounding first
+            // makes ties the first maximum must win.
+            for (relu, with_bias, nans, smooth) in [
+                (true, true, false, false),
+                (false, false, true, false),
+                (true, false, true, false),
+                (false, true, false, true),
             ] {
                 let conv = Window2d::valid(kernel, [1, 1]);
                 let mut xs = grid(n * c * h * w, 1);
+                if smooth {
+                    xs = (0..xs.len())
+                        .map(|i| 1.0 + (i % w) as f32 / 512.0)
+                        .collect();
+                }
                 if nans {
                     for i in (5..xs.len()).step_by(97) {
                         xs[i] = f32::NAN;
                     }
                 }
-                let x = HostData::F32(xs);
-                let wt = HostData::F32(grid(o * c * kernel[0] * kernel[1], 2));
-                let b = HostData::F32(grid(o, 3));
+                let x = cast(dtype, xs);
+                // Weights off the grid in bf16, so sums round differently.
+                let scale = if dtype == DType::BF16 { 1.0 / 3.0 } else { 1.0 };
+                let ws = grid(o * c * kernel[0] * kernel[1], 2);
+                let wt = cast(dtype, ws.into_iter().map(|v| v * scale).collect());
+                let b = cast(dtype, grid(o, 3));
                 let (xl, wl, bl) = (
                     lay(&[n, c, h, w]),
                     lay(&[o, c, kernel[0], kernel[1]]),
@@ -850,8 +875,8 @@ mod tests {
                     ow,
                     win: conv,
                 };
-                assert!(fuses_whole(set, kiln_core::DType::F32, &g, act, &pooling));
-                let what = format!("{n}×{c}×{h}×{w}, {kernel:?}, {o} filters, relu {relu}, bias {with_bias}, NaNs {nans}");
+                assert!(fuses_whole(set, dtype, &g, act, &pooling));
+                let what = format!("{dtype} {n}×{c}×{h}×{w}, {kernel:?}, {o} filters, relu {relu}, bias {with_bias}, NaNs {nans}, smooth {smooth}");
                 let (fused, fused_at) = conv2d_pool(
                     set,
                     &pool,
@@ -880,9 +905,8 @@ mod tests {
                     &pooling,
                 )
                 .unwrap();
-                let (HostData::F32(got), HostData::F32(want)) = (&fused, &want) else {
-                    panic!("{what}: not f32")
-                };
+                assert_eq!(fused.dtype(), dtype, "{what}");
+                let (got, want) = (fused.to_f32_vec(), want.to_f32_vec());
                 assert_eq!(got.len(), want.len(), "{what}");
                 for (i, (g, w)) in got.iter().zip(want).enumerate() {
                     assert_eq!(
@@ -894,7 +918,10 @@ mod tests {
                 let (HostData::U32(got), HostData::U32(want)) = (&fused_at, &want_at) else {
                     panic!("{what}: indices not u32")
                 };
-                assert_eq!(got, want, "{what}: argmax");
+                if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+                    panic!("{what}: argmax {i}: {} against {}", got[i], want[i]);
+                }
+                assert_eq!(got.len(), want.len(), "{what}: argmax");
             }
         }
     }

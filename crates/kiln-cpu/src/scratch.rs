@@ -66,9 +66,9 @@ pub(crate) fn sized<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     with_at_least(len, |buf| {
         if buf.len() < len {
             if buf.capacity() < len {
-                // Its old contents are not needed: no copy on growing.
-                buf.clear();
-                buf.reserve_exact(len);
+                // Its old contents are not needed: a new allocation, not a
+                // reallocation that would copy them.
+                *buf = Vec::with_capacity(len);
             }
             buf.resize(len, 0.0);
         }

@@ -117,8 +117,8 @@ fn large_and_awkward_shapes_within_the_bound() {
         // k, k across the 512-element block, partial tiles, A and B each
         // stored transposed or not;
         // A read in place (even k, whole 12-row tiles) and packed (the rows
-        // after them), the 16 × 16 tile of outputs 16 wide or less, and row
-        // blocks of 96 over two threads.
+        // after them), the 16 × 16 tile of outputs 16 wide or less (over
+        // several k blocks too), and row blocks of 96 over two threads.
         for &(m, k, n) in &[
             (1, 1, 1),
             (9, 3, 33),
@@ -128,6 +128,8 @@ fn large_and_awkward_shapes_within_the_bound() {
             (33, 130, 16),
             (200, 1026, 17),
             (300, 784, 64),
+            (40, 1030, 16),
+            (40, 1030, 10),
         ] {
             for at in [false, true] {
                 for bt in [false, true] {
@@ -164,6 +166,10 @@ fn results_do_not_depend_on_the_thread_count() {
             // sized by the thread count, A read in place and packed.
             (128, 700, 200, false, DType::BF16),
             (301, 129, 40, true, DType::BF16),
+            // The last k block too small to split: row blocks change size
+            // between k blocks (and the 16 × 16 tile).
+            (128, 514, 64, false, DType::BF16),
+            (160, 1030, 16, false, DType::BF16),
         ] {
             let runs: Vec<Vec<f32>> = teams.iter().map(|b| check(b, m, k, n, bt, dtype)).collect();
             assert!(

@@ -399,3 +399,55 @@ fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vector::convert::{from_bf16_loop, to_bf16_loop};
+
+    /// The in-register bf16 rounding gives the scalar conversion's values
+    /// bit for bit: ties to even, overflow to infinity, subnormals, zeros
+    /// and NaNs of both signs (made quiet), and a sweep of the bit patterns.
+    #[test]
+    fn rounding_in_registers_is_the_scalar_conversion() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut bits: Vec<u32> = vec![
+            0x3F80_8000, // 1 + 2⁻⁸: a tie, to even (down)
+            0x3F81_8000, // a tie, to even (up)
+            0x7F7F_FFFF, // the largest finite: rounds to ∞
+            0xFF7F_FFFF,
+            0x0000_0001, // subnormals
+            0x8000_8000,
+            0x007F_FFFF,
+            0x0000_0000,
+            0x8000_0000,
+            0x7F80_0000, // ±∞
+            0xFF80_0000,
+            0x7F80_0001, // signalling NaNs
+            0xFF80_0001,
+            0x7FC0_0000, // quiet NaNs
+            0xFFFF_FFFF,
+        ];
+        bits.extend((0..1 << 16).map(|i: u32| i.wrapping_mul(65_537).wrapping_add(i >> 3)));
+        for chunk in bits.chunks(16) {
+            let mut lanes = [0f32; 16];
+            for (l, &b) in lanes.iter_mut().zip(chunk) {
+                *l = f32::from_bits(b);
+            }
+            let want = from_bf16_loop(&to_bf16_loop(&lanes));
+            let mut got = [0f32; 16];
+            // SAFETY: AVX-512F was just detected; both arrays hold 16 floats.
+            unsafe {
+                _mm512_storeu_ps(
+                    got.as_mut_ptr(),
+                    to_bf16_value(_mm512_loadu_ps(lanes.as_ptr())),
+                );
+            }
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), w.to_bits(), "{:#010x}", lanes[i].to_bits());
+            }
+        }
+    }
+}

@@ -918,10 +918,10 @@ mod tests {
                 let (HostData::U32(got), HostData::U32(want)) = (&fused_at, &want_at) else {
                     panic!("{what}: indices not u32")
                 };
+                assert_eq!(got.len(), want.len(), "{what}: argmax");
                 if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
                     panic!("{what}: argmax {i}: {} against {}", got[i], want[i]);
                 }
-                assert_eq!(got.len(), want.len(), "{what}: argmax");
             }
         }
     }

@@ -27,8 +27,10 @@ use std::mem::MaybeUninit;
 use crate::workers::Workers;
 use kiln_core::{bf16, HostData, Layout, View};
 
-/// k elements packed at once (an even number).
+/// k elements packed at once (an even number: a k block of an even k then
+/// holds whole pairs, which reading A in place relies on).
 const KC: usize = 512;
+const _: () = assert!(KC.is_multiple_of(2));
 /// The most rows a task takes (a multiple of both tiles' rows).
 const MC: usize = 96;
 /// Work (m·n·k of one k block) from which row blocks are split over threads.
@@ -44,6 +46,10 @@ struct Tile {
     /// [`kernel`] for this shape.
     kernel: unsafe fn(Words, *mut f32, usize, bool),
 }
+
+/// Floats of the buffer an edge tile is computed into.
+const EDGE: usize = 16 * 32;
+const _: () = assert!(WIDE.mr * WIDE.nr <= EDGE && NARROW.mr * NARROW.nr <= EDGE);
 
 /// Outputs wider than 16 columns.
 const WIDE: Tile = Tile {
@@ -77,6 +83,15 @@ impl Mat<'_> {
     #[inline]
     fn at(&self, i: usize, j: usize) -> u32 {
         u32::from(self.data[self.offset + i * self.rs + j * self.cs].to_bits())
+    }
+
+    /// The same elements, rows and columns swapped.
+    fn transposed(self) -> Self {
+        Mat {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
     }
 }
 
@@ -193,33 +208,9 @@ fn words_from_runs<'a>(out: &mut [u32], stride: usize, runs: impl Iterator<Item 
     }
 }
 
-/// Packs k elements `p0..end` of B's columns `c0..c0+nr` into pair words
-/// (zeros past column `n` and past `end`).
-fn pack_b(b: Mat<'_>, (p0, end): (usize, usize), c0: usize, n: usize, nr: usize, out: &mut [u32]) {
-    let cols = nr.min(n - c0);
-    if b.rs == 1 && b.cs != 1 {
-        // B transposed (a layer's `Wᵀ`): each column's k run is contiguous.
-        let run = |j: usize| &b.data[b.offset + (c0 + j) * b.cs + p0..][..end - p0];
-        return words_from_runs(out, nr, (0..cols).map(run));
-    }
-    for (t, words) in out.chunks_exact_mut(nr).enumerate() {
-        let (p, q) = (p0 + 2 * t, p0 + 2 * t + 1);
-        if b.cs == 1 {
-            // Rows of B contiguous: two rows' runs interleaved.
-            let run = |r: usize| &b.data[b.offset + r * b.rs + c0..][..cols];
-            pair_words(words, run(p), (q < end).then(|| run(q)));
-        } else {
-            for (j, w) in words[..cols].iter_mut().enumerate() {
-                let hi = if q < end { b.at(q, c0 + j) } else { 0 };
-                *w = b.at(p, c0 + j) | (hi << 16);
-            }
-            words[cols..].fill(0);
-        }
-    }
-}
-
 /// Packs A's rows `r0..r0+mr` (zeros past row `m`), k elements `p0..end`,
-/// into pair words.
+/// into pair words. B's panels are packed by the same code, as the rows
+/// of Bᵀ ([`Mat::transposed`]).
 fn pack_a(a: Mat<'_>, r0: usize, m: usize, (p0, end): (usize, usize), mr: usize, out: &mut [u32]) {
     let rows = mr.min(m - r0);
     if a.cs == 1 && a.rs != 1 {
@@ -289,7 +280,8 @@ fn block(
         .chunks_exact_mut(nr * pairs)
         .take(panels)
         .enumerate();
-    let pack = |(q, panel): (usize, &mut [u32])| pack_b(b, (pc, pc + kc), q * nr, n, nr, panel);
+    let bt = b.transposed();
+    let pack = |(q, panel): (usize, &mut [u32])| pack_a(bt, q * nr, n, (pc, pc + kc), nr, panel);
     if panels > 1 && panels * nr * pairs >= PACK_PARALLEL_MIN_WORDS && pool.threads() > 1 {
         pool.for_each(jobs.collect(), pack);
     } else {
@@ -308,7 +300,7 @@ fn block(
     let task = |(block, rows): (usize, &mut [MaybeUninit<f32>])| {
         let r0 = block * rows_per_task;
         let rows_here = rows.len() / n;
-        let mut edge = [0f32; 16 * 32];
+        let mut edge = [0f32; EDGE];
         crate::scratch::sized(mr * pairs, |a_buf| {
             let a_panel: &mut [u32] = bytemuck::cast_slice_mut(a_buf);
             for ir in (0..rows_here).step_by(mr) {
@@ -317,8 +309,8 @@ fn block(
                 let (ap, rs, ps) = if in_place && rows_tile == mr {
                     let start = a.offset + (r0 + ir) * a.rs + pc;
                     // The last word read, row mr−1's pair `pairs − 1`, ends
-                    // at element start + (mr−1)·rs + kc − 1, inside A.
-                    assert!(start + (mr - 1) * a.rs + kc <= a.data.len());
+                    // at element start + (mr−1)·rs + 2·pairs − 1, inside A.
+                    assert!(start + (mr - 1) * a.rs + 2 * pairs <= a.data.len());
                     (a.data[start..].as_ptr().cast::<u16>(), a.rs, 2)
                 } else {
                     pack_a(a, r0 + ir, r0 + rows_here, (pc, pc + kc), mr, a_panel);

@@ -11,7 +11,6 @@
 
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
-use std::ops::Range;
 
 use kiln_core::{bf16, BinaryOp, DType, HostData, ReduceOp, UnaryOp, View};
 
@@ -217,8 +216,9 @@ impl Elems<'_> {
         }
     }
 
-    /// Runs `f` on elements `r` as f32.
-    fn read<R>(&self, set: KernelSet, r: Range<usize>, f: impl FnOnce(&[f32]) -> R) -> R {
+    /// Runs `f` on elements `first..first + len` as f32.
+    fn read<R>(&self, set: KernelSet, first: usize, len: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+        let r = first..first + len;
         match self {
             Elems::F32(d) => f(&d[r]),
             Elems::Bf16(d) => crate::scratch::sized(r.len(), |s| {
@@ -287,15 +287,14 @@ pub(crate) fn unary(
     let xs = Elems::of(set, x)?;
     let n = xs.len();
     let dtype = x.storage.dtype();
-    let span = |i: usize, o: &[MaybeUninit<f32>]| i..i + o.len();
     match transcendental(set, op) {
         Some(kernel) => fill_as(set, pool, dtype, n, 1, |i, o| {
-            xs.read(set, span(i, o), |x| apply_fresh(kernel, x, o))
+            xs.read(set, i, o.len(), |x| apply_fresh(kernel, x, o))
         }),
         None if op == UnaryOp::Gelu => {
             let sigmoid = transcendental(set, UnaryOp::Sigmoid)?;
             fill_as(set, pool, dtype, n, 1, |i, o| {
-                xs.read(set, span(i, o), |x| {
+                xs.read(set, i, o.len(), |x| {
                     crate::scratch::sized(x.len(), |sig| {
                         gelu_sigmoid(set, sigmoid, x, sig);
                         wide::zip(set, x, sig, o, |x, g| if g == 0.0 { -0.0 } else { x * g });
@@ -306,7 +305,7 @@ pub(crate) fn unary(
         None => {
             specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh, Gelu],
             OP => fill_as(set, pool, dtype, n, 1, |i, o| {
-                xs.read(set, span(i, o), |x| wide::map(set, x, o, |v| unary_f32(OP, v)))
+                xs.read(set, i, o.len(), |x| wide::map(set, x, o, |v| unary_f32(OP, v)))
             }))
         }
     }
@@ -338,13 +337,12 @@ pub(crate) fn unary_backward(
     let dtype = common(&[x, y, dy])?;
     let (ys, dys) = (Elems::of(set, y)?, Elems::of(set, dy)?);
     let n = dys.len();
-    let span = |i: usize, o: &[MaybeUninit<f32>]| i..i + o.len();
     if op == UnaryOp::Gelu {
         let xs = Elems::of(set, x)?;
         let sigmoid = transcendental(set, UnaryOp::Sigmoid)?;
         fill_as(set, pool, dtype, n, 1, |i, o| {
-            xs.read(set, span(i, o), |x| {
-                dys.read(set, span(i, o), |d| {
+            xs.read(set, i, o.len(), |x| {
+                dys.read(set, i, o.len(), |d| {
                     crate::scratch::sized(x.len(), |sig| {
                         gelu_sigmoid(set, sigmoid, x, sig);
                         wide::zip3(set, x, sig, d, o, gelu_backward_f32);
@@ -355,8 +353,8 @@ pub(crate) fn unary_backward(
     } else if op.backward_reads_only_output() {
         specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh, Gelu],
         OP => fill_as(set, pool, dtype, n, 1, |i, o| {
-            ys.read(set, span(i, o), |y| {
-                dys.read(set, span(i, o), |d| {
+            ys.read(set, i, o.len(), |y| {
+                dys.read(set, i, o.len(), |d| {
                     wide::zip(set, y, d, o, |y, d| backward_f32(OP, 0.0, y, d))
                 })
             })
@@ -365,9 +363,9 @@ pub(crate) fn unary_backward(
         let xs = Elems::of(set, x)?;
         specialise!(op, UnaryOp[Neg, Abs, Exp, Log, Sqrt, Square, Recip, Relu, Sigmoid, Tanh, Gelu],
         OP => fill_as(set, pool, dtype, n, 1, |i, o| {
-            xs.read(set, span(i, o), |x| {
-                ys.read(set, span(i, o), |y| {
-                    dys.read(set, span(i, o), |d| {
+            xs.read(set, i, o.len(), |x| {
+                ys.read(set, i, o.len(), |y| {
+                    dys.read(set, i, o.len(), |d| {
                         wide::zip3(set, x, y, d, o, |x, y, d| backward_f32(OP, x, y, d))
                     })
                 })
@@ -386,7 +384,7 @@ pub(crate) fn affine(
 ) -> Option<HostData> {
     let xs = Elems::of(set, x)?;
     fill_as(set, pool, x.storage.dtype(), xs.len(), 1, |i, o| {
-        xs.read(set, i..i + o.len(), |x| {
+        xs.read(set, i, o.len(), |x| {
             wide::map(set, x, o, |v| v.mul_add(mul, add))
         })
     })
@@ -406,12 +404,11 @@ pub(crate) fn binary(
     }
     let dtype = common(&[a, b])?;
     let n = a.layout.numel();
-    let span = |i: usize, o: &[MaybeUninit<f32>]| i..i + o.len();
     // `x` against `b` repeated per row (`flip`: the operands' roles swapped).
     let rows = |x: &Elems<'_>, row: &[f32], flip: bool| {
         specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
         OP => fill_as(set, pool, dtype, n, row.len(), |i, o| {
-            x.read(set, span(i, o), |x| {
+            x.read(set, i, o.len(), |x| {
                 if flip {
                     wide::zip_rows(set, x, row, o, |q, p| binary_f32(OP, p, q))
                 } else {
@@ -425,7 +422,7 @@ pub(crate) fn binary(
         specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
         OP => fill_as(set, pool, dtype, n, run, |i, o| {
             let col = &col[i / run.max(1)..];
-            x.read(set, span(i, o), |x| {
+            x.read(set, i, o.len(), |x| {
                 if flip {
                     wide::zip_cols(set, x, col, run, o, |q, p| binary_f32(OP, p, q))
                 } else {
@@ -438,8 +435,8 @@ pub(crate) fn binary(
         (Some(x), Some(y)) => {
             specialise!(op, BinaryOp[Add, Sub, Mul, Div, Maximum, Minimum, Eq, Gt, Ge],
             OP => fill_as(set, pool, dtype, n, 1, |i, o| {
-                x.read(set, span(i, o), |x| {
-                    y.read(set, span(i, o), |y| wide::zip(set, x, y, o, |p, q| binary_f32(OP, p, q)))
+                x.read(set, i, o.len(), |x| {
+                    y.read(set, i, o.len(), |y| wide::zip(set, x, y, o, |p, q| binary_f32(OP, p, q)))
                 })
             }))
         }

@@ -466,6 +466,9 @@ where
     report
 }
 
+/// The most time shrinking a failure may take, whatever the budget.
+const SHRINK_TIME_CAP: Duration = Duration::from_secs(60);
+
 fn run_tier<V, F>(
     op: &str,
     dtype: DType,
@@ -492,9 +495,13 @@ where
     let config = PropConfig {
         cases: cfg.cases_for(tier),
         failure_persistence: None,
-        max_shrink_iters: 8192,
-        // Shrinking a large case re-runs it: bound that by the budget too.
-        max_shrink_time: budget.min(Duration::from_secs(60)).as_millis() as u32,
+        // Shrinking is bounded by steps, not by the tier's time budget, so
+        // that a failure's reproduction line (which runs with no budget)
+        // shrinks to the same case on any machine; a large case re-runs
+        // slowly, so its tier takes fewer steps. The time cap is only a
+        // safety net, the same for the run and its rerun.
+        max_shrink_iters: tier.shrink_steps(),
+        max_shrink_time: SHRINK_TIME_CAP.as_millis() as u32,
         ..PropConfig::default()
     };
     let mut runner =

@@ -68,6 +68,16 @@ impl Tier {
         }
     }
 
+    /// Steps a failure's shrinking may take in this tier (bounded by
+    /// steps, so a reproduction line shrinks to the same case).
+    pub fn shrink_steps(self) -> u32 {
+        match self {
+            Tier::Edge => 2048,
+            Tier::Blocked => 256,
+            Tier::Large => 32,
+        }
+    }
+
     /// Cases that run whatever the budget says.
     pub fn min_cases(self) -> u32 {
         match self {

@@ -32,12 +32,10 @@ use crate::{DType, Error, Result};
 /// sizes, thread and block splits, split-K thresholds. The conformance
 /// suite's `blocked` tier draws sizes at each point − 1, the point and + 1.
 ///
-/// The defaults cover kiln's CPU kernel sets (micro-tiles 6×16, 8×32, 8×8,
-/// and bf16's 12×32 and 16×16; `KC` 256 and 512, `MC` 96 and 192, `NC`
-/// 2048; 16-lane loops; bf16 elementwise results rounded 4,096 at a time;
-/// work split over threads in tasks of 32,768 elements, past 65,536;
-/// filter-gradient groups of 8 images, and behind a max-pool 16 patch
-/// columns of 4 channels at a time) and its
+/// The defaults cover kiln's CPU kernel sets (micro-tiles 6×16, 8×32, 8×8;
+/// `KC` 256 and 512, `MC` 192, `NC` 2048; 16-lane loops; work split over
+/// threads past 65,536 elements; filter-gradient groups of 8 images, and
+/// behind a max-pool 16 patch columns of 4 channels at a time) and its
 /// CUDA kernels (128×128 tiles with a k step of 8, split-K chunks of 512,
 /// 256-thread blocks of 32-lane warps).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,11 +66,11 @@ pub struct SwitchPoints {
 impl Default for SwitchPoints {
     fn default() -> Self {
         SwitchPoints {
-            gemm_m: vec![6, 8, 12, 16, 96, 128, 192],
+            gemm_m: vec![6, 8, 128, 192],
             gemm_n: vec![8, 16, 32, 128, 2048],
             gemm_k: vec![8, 256, 512],
             row: vec![16, 32, 256, 1024, 4096],
-            elements: vec![16, 64, 256, 4096, 32_768, 65_536],
+            elements: vec![16, 64, 256, 65_536],
             conv_patch: vec![8, 16, 256],
             conv_channels: vec![4, 8, 32, 128],
             conv_batch: vec![8, 16],

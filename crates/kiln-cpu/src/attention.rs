@@ -404,7 +404,7 @@ pub(crate) fn operands<'a>(
     op: &'static str,
     views: [View<'a, HostData>; 3],
 ) -> Result<[std::borrow::Cow<'a, [f32]>; 3]> {
-    let read = |v| convert::read_f32_on(set, pool, op, v);
+    let read = |v| convert::read_f32(set, pool, op, v);
     let [q, k, v] = views;
     Ok([read(q)?, read(k)?, read(v)?])
 }
@@ -475,7 +475,7 @@ pub(crate) fn attention_causal_backward(
     let op = "attention_causal_backward";
     let plan = AttentionPlan::backward(q, k, v, dy, scale)?;
     let [qs, ks, vs] = operands(set, Some(pool), op, [q, k, v])?;
-    let dys = convert::read_f32_on(set, Some(pool), op, dy)?;
+    let dys = convert::read_f32(set, Some(pool), op, dy)?;
     let exp = vector_exp(op, set)?;
     let (n, t, s, d) = (plan.batch, plan.queries, plan.keys, plan.dim);
     let (mut dq, mut dk, mut dv) = (

@@ -152,7 +152,7 @@ pub(crate) fn layer_norm(
 ) -> Result<LayerNormOut<HostData>> {
     let plan = LayerNormPlan::new(x, gamma, beta, eps)?;
     let op = "layer_norm";
-    let read = |v| convert::read_f32_on(set, pool, op, v);
+    let read = |v| convert::read_f32(set, pool, op, v);
     let (xs, gs, bs) = (read(x)?, read(gamma)?, read(beta)?);
     let (rows, cols) = (plan.rows, plan.cols);
     // Fresh outputs: every row's `y` is written whole below (no zeroing
@@ -195,7 +195,7 @@ pub(crate) fn layer_norm_backward(
 ) -> Result<LayerNormGrads<HostData>> {
     let plan = LayerNormPlan::backward(x, gamma, mean, rstd, dy)?;
     let op = "layer_norm_backward";
-    let read = |v| convert::read_f32_on(set, pool, op, v);
+    let read = |v| convert::read_f32(set, pool, op, v);
     let (xs, gs, dys) = (read(x)?, read(gamma)?, read(dy)?);
     let (ms, rs) = (read(mean)?, read(rstd)?);
     let (rows, cols) = (plan.rows, plan.cols);

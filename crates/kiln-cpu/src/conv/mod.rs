@@ -278,11 +278,11 @@ pub(crate) fn conv2d(
         win: *win,
     };
     let (xs, ws) = (
-        convert::read_f32(set, "conv2d", x)?,
-        convert::read_f32(set, "conv2d", weight)?,
+        convert::read_f32(set, None, "conv2d", x)?,
+        convert::read_f32(set, None, "conv2d", weight)?,
     );
     let bs = bias
-        .map(|b| convert::read_f32(set, "conv2d", b))
+        .map(|b| convert::read_f32(set, None, "conv2d", b))
         .transpose()?;
     let (patch, cells) = (g.patch(), g.cells());
     let total = n * o * cells;
@@ -337,8 +337,8 @@ pub(crate) fn conv2d_backward_data(
         win: *win,
     };
     let (gs, ws) = (
-        convert::read_f32(set, "conv2d_backward_data", dy)?,
-        convert::read_f32(set, "conv2d_backward_data", weight)?,
+        convert::read_f32(set, None, "conv2d_backward_data", dy)?,
+        convert::read_f32(set, None, "conv2d_backward_data", weight)?,
     );
     let (patch, cells) = (g.patch(), g.cells());
     let mut dx = vec![0f32; n * c * h * w];
@@ -380,8 +380,8 @@ pub(crate) fn conv2d_backward_filter(
         win: *win,
     };
     let (xs, gs) = (
-        convert::read_f32(set, "conv2d_backward_filter", x)?,
-        convert::read_f32(set, "conv2d_backward_filter", dy)?,
+        convert::read_f32(set, None, "conv2d_backward_filter", x)?,
+        convert::read_f32(set, None, "conv2d_backward_filter", dy)?,
     );
     let (patch, cells) = (g.patch(), g.cells());
     let group = |first: usize| {
@@ -464,11 +464,11 @@ pub(crate) fn conv2d_pool(
         win: *conv,
     };
     let (xs, ws) = (
-        convert::read_f32(set, "conv2d_pool", x)?,
-        convert::read_f32(set, "conv2d_pool", weight)?,
+        convert::read_f32(set, None, "conv2d_pool", x)?,
+        convert::read_f32(set, None, "conv2d_pool", weight)?,
     );
     let bs = bias
-        .map(|b| convert::read_f32(set, "conv2d_pool", b))
+        .map(|b| convert::read_f32(set, None, "conv2d_pool", b))
         .transpose()?;
     let (patch, cells, pcells) = (g.patch(), g.cells(), ph * pw);
     let total = n * o * pcells;
@@ -615,10 +615,10 @@ pub(crate) fn conv2d_pool_backward(
         ow,
         win: *conv,
     };
-    let xs = convert::read_f32(set, op, x)?;
-    let ws = convert::read_f32(set, op, weight)?;
-    let ys = convert::read_f32(set, op, pooled)?;
-    let gs = convert::read_f32(set, op, dpooled)?;
+    let xs = convert::read_f32(set, None, op, x)?;
+    let ws = convert::read_f32(set, None, op, weight)?;
+    let ys = convert::read_f32(set, None, op, pooled)?;
+    let gs = convert::read_f32(set, None, op, dpooled)?;
     let at = crate::storage::read_u32(op, argmax)?;
     // Checked image by image in the tasks, while each image's indices are
     // in cache for the kernels that follow (a pass over them all on this

@@ -45,7 +45,7 @@ impl<'a> Matrix<'a> {
                     && end <= v.storage.len()
                     && end - l.offset() <= 2 * l.numel()
             })
-            .and_then(|end| convert::widen(set, v.storage, l.offset()..end));
+            .and_then(|end| convert::widen(set, None, v.storage, l.offset()..end));
         Ok(match spanned {
             Some(data) => Matrix {
                 data,

@@ -121,7 +121,7 @@ pub(crate) fn max_pool2d(
             format!("an input plane of {h}×{w} cells does not fit u32 indices"),
         ));
     }
-    let xs = convert::read_f32(set, "max_pool2d", x)?;
+    let xs = convert::read_f32(set, None, "max_pool2d", x)?;
     let cells = oh * ow;
     let mut out = vec![0f32; n * c * cells];
     let mut at = vec![0u32; n * c * cells];
@@ -148,7 +148,7 @@ pub(crate) fn max_pool2d_backward(
     let out = pool2d_backward_shape(dy.layout.dims(), argmax.layout.dims(), win, input)?;
     let [n, c, ..] = out;
     let [h, w] = input;
-    let gs = convert::read_f32(set, "max_pool2d_backward", dy)?;
+    let gs = convert::read_f32(set, None, "max_pool2d_backward", dy)?;
     let at = read_u32("max_pool2d_backward", argmax)?;
     crate::storage::check_indices(set, &at, h * w, |bad| {
         Error::invalid(format!(

@@ -106,13 +106,9 @@ pub(crate) fn from_bf16_on(set: KernelSet, pool: &Workers, x: &[bf16]) -> Vec<f3
 
 /// Storage elements `r` of a float operand as f32: borrowed for f32,
 /// widened with the vector conversions (exact) for f16 and bf16; `None` for
-/// u32, or f16 where there is no vector conversion.
-pub(crate) fn widen(set: KernelSet, data: &HostData, r: Range<usize>) -> Option<Cow<'_, [f32]>> {
-    widen_on(set, None, data, r)
-}
-
-/// [`widen`], bf16 over `pool`'s threads where one is given.
-pub(crate) fn widen_on<'a>(
+/// u32, or f16 where there is no vector conversion. bf16 is widened over
+/// `pool`'s threads where one is given.
+pub(crate) fn widen<'a>(
     set: KernelSet,
     pool: Option<&Workers>,
     data: &'a HostData,
@@ -131,17 +127,9 @@ pub(crate) fn widen_on<'a>(
 
 /// [`storage::read_f32`] for the SIMD sets: a contiguous f16/bf16 operand
 /// is widened with the vector conversions (bitwise the same values). The
-/// scalar set keeps the reference's plain loops.
+/// scalar set keeps the reference's plain loops; bf16 is widened over
+/// `pool`'s threads where one is given.
 pub(crate) fn read_f32<'a>(
-    set: KernelSet,
-    op: &'static str,
-    v: View<'a, HostData>,
-) -> Result<Cow<'a, [f32]>> {
-    read_f32_on(set, None, op, v)
-}
-
-/// [`read_f32`], bf16 widened over `pool`'s threads where one is given.
-pub(crate) fn read_f32_on<'a>(
     set: KernelSet,
     pool: Option<&Workers>,
     op: &'static str,
@@ -151,7 +139,7 @@ pub(crate) fn read_f32_on<'a>(
         .layout
         .contiguous_range()
         .filter(|r| r.end <= v.storage.len() && set != KernelSet::Scalar);
-    match range.and_then(|r| widen_on(set, pool, v.storage, r)) {
+    match range.and_then(|r| widen(set, pool, v.storage, r)) {
         Some(data) => Ok(data),
         None => storage::read_f32(op, v),
     }

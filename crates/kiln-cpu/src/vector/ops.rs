@@ -36,7 +36,7 @@ fn contiguous<'a>(
         .layout
         .contiguous_range()
         .filter(|r| r.end <= v.storage.len())?;
-    super::convert::widen_on(set, pool, v.storage, r)
+    super::convert::widen(set, pool, v.storage, r)
 }
 
 /// f32 results stored as `dtype` (rounded to nearest even for f16/bf16;
@@ -78,7 +78,7 @@ fn periodic<'a>(set: KernelSet, v: View<'a, HostData>) -> Option<Cow<'a, [f32]>>
     if end > v.storage.len() {
         return None;
     }
-    super::convert::widen(set, v.storage, start..end)
+    super::convert::widen(set, None, v.storage, start..end)
 }
 
 /// An operand broadcast along its trailing axes (stride 0 there, as a
@@ -107,7 +107,10 @@ fn per_row<'a>(set: KernelSet, v: View<'a, HostData>) -> Option<(Cow<'a, [f32]>,
     if end > v.storage.len() {
         return None;
     }
-    Some((super::convert::widen(set, v.storage, start..end)?, inner))
+    Some((
+        super::convert::widen(set, None, v.storage, start..end)?,
+        inner,
+    ))
 }
 
 /// The vector transcendental of `set` for `op`, if it has one.
@@ -205,7 +208,7 @@ impl Elems<'_> {
             .filter(|r| r.end <= v.storage.len())?;
         match v.storage {
             HostData::BF16(d) => Some(Elems::Bf16(&d[r])),
-            other => Some(Elems::F32(super::convert::widen(set, other, r)?)),
+            other => Some(Elems::F32(super::convert::widen(set, None, other, r)?)),
         }
     }
 

@@ -6,7 +6,10 @@
 // key row for the keys' and values' gradients. A row's scores live in
 // this block's slice of a workspace (S floats, 2·S backward), never the
 // [batch, T, S] probabilities; every sum has one owner and a fixed order —
-// no atomics, so results repeat bit for bit.
+// no atomics, so results repeat bit for bit. Dropout on the probabilities
+// (kiln_core::AttentionDropout) draws weight (r, j)'s factor — element
+// r·S + j of the Philox stream (seed, offset) — where the weight is used,
+// forward and backward; rate 0 draws nothing.
 #include "common.cuh"
 
 // Query `q`'s scores against the first `seen` keys (rows of `k`, `d`
@@ -24,26 +27,29 @@ __device__ void attention_scores(const float* q, const float* k, float* scores, 
     row_stats(scores, seen, scratch, max_out, sum_out);
 }
 
-// Query row r's probabilities over the keys it sees, in `p` (its block's
-// workspace); returns how many it sees.
+// Query row r's dropped probabilities P̃ = P∘M over the keys it sees, in
+// `p` (its block's workspace); returns how many it sees.
 __device__ i64 attention_probabilities(const float* q, const float* k, float* p, i64 r, i64 queries,
-                                       i64 keys, i64 d, float scale, float* scratch) {
+                                       i64 keys, i64 d, float scale, Dropout drop, float* scratch) {
     i64 b = r / queries, seen = r % queries + keys - queries + 1;
     float m, l;
     attention_scores(q + r * d, k + b * keys * d, p, seen, d, scale, scratch, &m, &l);
-    for (i64 j = threadIdx.x; j < seen; j += blockDim.x) p[j] = expf(p[j] - m) / l;
+    for (i64 j = threadIdx.x; j < seen; j += blockDim.x)
+        p[j] = expf(p[j] - m) / l * drop.factor((u64)(r * keys + j));
     __syncthreads();
     return seen;
 }
 
-// y[r] = Σⱼ Pᵣⱼ·v[j], keys ascending.
+// y[r] = Σⱼ P̃ᵣⱼ·v[j], keys ascending.
 extern "C" __global__ void kiln_attention_causal(const float* q, const float* k, const float* v,
                                                  float* y, float* work, i64 batch, i64 queries,
-                                                 i64 keys, i64 d, float scale) {
+                                                 i64 keys, i64 d, float scale, u64 seed,
+                                                 u64 offset, float rate, float keep) {
     __shared__ float scratch[32];
+    Dropout drop = {seed, offset, rate, keep};
     float* p = work + (i64)blockIdx.x * keys;
     for (i64 r = blockIdx.x; r < batch * queries; r += gridDim.x) {
-        i64 seen = attention_probabilities(q, k, p, r, queries, keys, d, scale, scratch);
+        i64 seen = attention_probabilities(q, k, p, r, queries, keys, d, scale, drop, scratch);
         const float* vb = v + (r / queries) * keys * d;
         for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
             float acc = 0.0f;
@@ -54,13 +60,15 @@ extern "C" __global__ void kiln_attention_causal(const float* q, const float* k,
     }
 }
 
-// Per query row r: the probabilities P, dP = dy·vᵀ, δᵣ = Σⱼ PⱼdPⱼ (kept in
-// `delta` for the key kernel, with the row's max and sum of exponentials
-// as `stats`), dS = P∘(dP − δ) and dq[r] = scale·Σⱼ dSⱼ·k[j].
+// Per query row r: the probabilities P, dP = (dy·vᵀ)∘M, δᵣ = Σⱼ PⱼdPⱼ
+// (kept in `delta` for the key kernel, with the row's max and sum of
+// exponentials as `stats`), dS = P∘(dP − δ) and dq[r] = scale·Σⱼ dSⱼ·k[j].
 extern "C" __global__ void kiln_attention_causal_backward_q(
     const float* q, const float* k, const float* v, const float* dy, float* dq, float* stats,
-    float* work, i64 batch, i64 queries, i64 keys, i64 d, float scale) {
+    float* work, i64 batch, i64 queries, i64 keys, i64 d, float scale, u64 seed, u64 offset,
+    float rate, float keep) {
     __shared__ float scratch[32];
+    Dropout drop = {seed, offset, rate, keep};
     float* p = work + (i64)blockIdx.x * 2 * keys;
     float* ds = p + keys;
     for (i64 r = blockIdx.x; r < batch * queries; r += gridDim.x) {
@@ -73,6 +81,7 @@ extern "C" __global__ void kiln_attention_causal_backward_q(
             p[j] = expf(p[j] - m) / l;
             float dp = 0.0f;
             for (i64 c = 0; c < d; ++c) dp = fmaf(g[c], vb[j * d + c], dp);
+            dp *= drop.factor((u64)(r * keys + j));
             ds[j] = dp;
             delta += p[j] * dp;
         }
@@ -97,12 +106,14 @@ extern "C" __global__ void kiln_attention_causal_backward_q(
 // memory, then summed in query order by the thread owning each column.
 #define ATTENTION_TILE 32
 
-// Per key row (b, j): dk[j] = scale·Σᵢ dSᵢⱼ·q[i] and dv[j] = Σᵢ Pᵢⱼ·dy[i]
-// over the queries that see key j, ascending, each Pᵢⱼ and dSᵢⱼ recomputed
-// from the row statistics the query kernel kept.
+// Per key row (b, j): dk[j] = scale·Σᵢ dSᵢⱼ·q[i] and dv[j] = Σᵢ P̃ᵢⱼ·dy[i]
+// over the queries that see key j, ascending, each Pᵢⱼ, its factor and
+// dSᵢⱼ recomputed from the row statistics the query kernel kept.
 extern "C" __global__ void kiln_attention_causal_backward_kv(
     const float* q, const float* k, const float* v, const float* dy, const float* stats, float* dk,
-    float* dv, i64 batch, i64 queries, i64 keys, i64 d, float scale) {
+    float* dv, i64 batch, i64 queries, i64 keys, i64 d, float scale, u64 seed, u64 offset,
+    float rate, float keep) {
+    Dropout drop = {seed, offset, rate, keep};
     __shared__ float tile_p[ATTENTION_TILE];
     __shared__ float tile_ds[ATTENTION_TILE];
     for (i64 row = blockIdx.x; row < batch * keys; row += gridDim.x) {
@@ -124,8 +135,9 @@ extern "C" __global__ void kiln_attention_causal_backward_kv(
                     dp = fmaf(g[c], vj[c], dp);
                 }
                 float pij = expf(s * scale - stats[3 * r]) / stats[3 * r + 1];
-                tile_p[threadIdx.x] = pij;
-                tile_ds[threadIdx.x] = pij * (dp - stats[3 * r + 2]);
+                float f = drop.factor((u64)(r * keys + j));
+                tile_p[threadIdx.x] = pij * f;
+                tile_ds[threadIdx.x] = pij * (dp * f - stats[3 * r + 2]);
             }
             __syncthreads();
             for (i64 c = threadIdx.x; c < d; c += blockDim.x) {

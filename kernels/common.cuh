@@ -197,3 +197,45 @@ __device__ __forceinline__ float gelu_backward(float x, float g, float dy) {
     float slope = t == 0.0f ? 0.0f : x * t * GELU_K2 * (1.0f + 3.0f * GELU_C * x * x);
     return dy * (g + slope);
 }
+
+// The Philox4x32-10 streams of kiln_core::rng (random.cu draws from them,
+// attention.cu's dropout too): one block with 10 rounds.
+__device__ __forceinline__ void philox(u32 c[4], u32 k0, u32 k1) {
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) { k0 += 0x9E3779B9u; k1 += 0xBB67AE85u; }
+        u32 hi0 = __umulhi(0xD2511F53u, c[0]), lo0 = 0xD2511F53u * c[0];
+        u32 hi1 = __umulhi(0xCD9E8D57u, c[2]), lo1 = 0xCD9E8D57u * c[2];
+        u32 n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
+        c[0] = n0; c[1] = lo1; c[2] = n2; c[3] = lo0;
+    }
+}
+
+// The block at 64-bit counter n of seed's stream.
+__device__ __forceinline__ void block_words(u64 seed, u64 n, u32 out[4]) {
+    out[0] = (u32)n; out[1] = (u32)(n >> 32); out[2] = 0; out[3] = 0;
+    philox(out, (u32)seed, (u32)(seed >> 32));
+}
+
+// Element i of the uniform [0, 1) stream (seed, offset): word i % 4 of
+// block offset + i/4, its top 24 bits scaled.
+__device__ __forceinline__ float uniform_at(u64 seed, u64 offset, u64 i) {
+    u32 w[4];
+    block_words(seed, offset + i / 4, w);
+    int j = (int)(i % 4);  // a select, not an indexed load: w stays in registers
+    u32 word = j == 0 ? w[0] : j == 1 ? w[1] : j == 2 ? w[2] : w[3];
+    return (float)(word >> 8) * (1.0f / 16777216.0f);
+}
+
+// Inverted dropout's factor for element e (kiln_core::AttentionDropout):
+// `keep` (1/(1 − rate)) where the stream's element e is ≥ rate, else 0;
+// exactly 1 without dropout (rate 0, keep 1), with nothing drawn.
+struct Dropout {
+    u64 seed;
+    u64 offset;
+    float rate;
+    float keep;
+    __device__ __forceinline__ float factor(u64 e) const {
+        if (rate == 0.0f) return 1.0f;
+        return uniform_at(seed, offset, e) >= rate ? keep : 0.0f;
+    }
+};

@@ -7,29 +7,10 @@
 // double, which the rounding to f32 almost always absorbs).
 #include "common.cuh"
 
-__device__ __forceinline__ void philox(u32 c[4], u32 k0, u32 k1) {
-    for (int round = 0; round < 10; ++round) {
-        if (round > 0) { k0 += 0x9E3779B9u; k1 += 0xBB67AE85u; }
-        u32 hi0 = __umulhi(0xD2511F53u, c[0]), lo0 = 0xD2511F53u * c[0];
-        u32 hi1 = __umulhi(0xCD9E8D57u, c[2]), lo1 = 0xCD9E8D57u * c[2];
-        u32 n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
-        c[0] = n0; c[1] = lo1; c[2] = n2; c[3] = lo0;
-    }
-}
-
-__device__ __forceinline__ void block_words(u64 seed, u64 n, u32 out[4]) {
-    out[0] = (u32)n; out[1] = (u32)(n >> 32); out[2] = 0; out[3] = 0;
-    philox(out, (u32)seed, (u32)(seed >> 32));
-}
-
 extern "C" __global__ void kiln_uniform(void* dst, int dtype, i64 n, u64 seed, u64 offset,
                                         double low, double high) {
     GRID_STRIDE(i, n) {
-        u32 w[4];
-        block_words(seed, offset + (u64)i / 4, w);
-        int j = (int)(i % 4);  // a select, not an indexed load: w stays in registers
-        u32 word = j == 0 ? w[0] : j == 1 ? w[1] : j == 2 ? w[2] : w[3];
-        float u = (float)(word >> 8) * (1.0f / 16777216.0f);
+        float u = uniform_at(seed, offset, (u64)i);
         store_f32(dst, dtype, i, (float)(low + (high - low) * (double)u));
     }
 }

@@ -35,6 +35,7 @@ fn attention(c: &mut Criterion) {
             let (q, k, v, dy) = (up(1), up(2), up(3), up(4));
             let kt = l.transpose(1, 2).expect("transpose");
             let scale = 1.0 / (d as f32).sqrt();
+            let options = kiln_core::AttentionOptions::new(scale);
             let id = format!("{heads}x{t}x{d}");
             // Causal: about half the multiply-adds of the full products.
             group.throughput(Throughput::Elements((heads * t * (t + 1) * d) as u64));
@@ -44,7 +45,7 @@ fn attention(c: &mut Criterion) {
                         View::new(&q, &l),
                         View::new(&k, &l),
                         View::new(&v, &l),
-                        scale,
+                        &options,
                     )
                     .expect("attention")
                 })
@@ -74,7 +75,7 @@ fn attention(c: &mut Criterion) {
                         View::new(&k, &l),
                         View::new(&v, &l),
                         View::new(&dy, &l),
-                        scale,
+                        &options,
                     )
                     .expect("gradients")
                 })

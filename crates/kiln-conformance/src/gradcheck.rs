@@ -9,7 +9,8 @@
 //! axis, broadcast) is not.
 
 use kiln_core::{
-    no_grad, rng, Activation, Backend, DType, HostData, Result, Tensor, UnaryOp, Var, Window2d,
+    no_grad, rng, Activation, AttentionDropout, AttentionOptions, Backend, DType, HostData, Result,
+    Tensor, UnaryOp, Var, Window2d,
 };
 use kiln_nn::{ActivationSpec, GptConfig, Initializer, LayerSpec, Loss, ModelSpec, Sequential};
 use proptest::prelude::*;
@@ -231,6 +232,12 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, cfg: &Config) -> Report {
                     input(seed + 13, &[2, rows + 2, cols], -1.5, 1.5, 0.0),
                 ];
                 check(b, &qkv, &|t| t[0].attention_causal(&t[1], &t[2], 0.6))?;
+                // With dropout: the same factors drawn forward and backward.
+                let dropout = AttentionDropout::new(0.3, seed, 5)?;
+                let options = AttentionOptions::new(0.6).with_dropout(dropout);
+                check(b, &qkv, &|t| {
+                    t[0].attention_causal_with(&t[1], &t[2], &options)
+                })?;
                 let labels: Vec<u32> = (0..rows as u64)
                     .map(|i| rng::Philox::new(seed, i).below(cols as u32))
                     .collect();

@@ -4,9 +4,9 @@
 
 use kiln_conformance::{run_check, Config, Depth, Status};
 use kiln_core::{
-    Activation, AdamStep, AttentionGrads, Backend, BinaryOp, DType, Distribution, GemmEpilogue,
-    HostData, LayerNormGrads, LayerNormOut, Layout, ReduceOp, Result, SgdStep, Shape, UnaryOp,
-    View, Window2d,
+    Activation, AdamStep, AttentionGrads, AttentionOptions, Backend, BinaryOp, DType, Distribution,
+    GemmEpilogue, HostData, LayerNormGrads, LayerNormOut, Layout, ReduceOp, Result, SgdStep, Shape,
+    UnaryOp, View, Window2d,
 };
 use kiln_cpu::CpuBackend;
 
@@ -56,6 +56,10 @@ enum Fault {
     /// (a kernel that streams queries in passes and keeps only the first
     /// pass's partial sums).
     AttentionKvFirstPass,
+    /// Attention's dropout draws every problem's factors from the first
+    /// problem's weights (a kernel that indexes the stream by query and key
+    /// and forgets the batch).
+    AttentionDropoutPerProblem,
 }
 
 #[derive(Clone, Debug)]
@@ -427,9 +431,9 @@ impl Backend for Faulty {
         k: View<'_, HostData>,
         v: View<'_, HostData>,
         dy: View<'_, HostData>,
-        scale: f32,
+        options: &AttentionOptions,
     ) -> Result<AttentionGrads<HostData>> {
-        let mut grads = self.inner.attention_causal_backward(q, k, v, dy, scale)?;
+        let mut grads = self.inner.attention_causal_backward(q, k, v, dy, options)?;
         let dims = dy.layout.dims().to_vec();
         if self.fault != Fault::AttentionKvFirstPass || dims[1] <= 64 {
             return Ok(grads);
@@ -454,10 +458,39 @@ impl Backend for Faulty {
             k,
             v,
             View::new(&first, &Layout::contiguous(Shape::new(&dims)?)),
-            scale,
+            options,
         )?;
         (grads.dk, grads.dv) = (part.dk, part.dv);
         Ok(grads)
+    }
+    fn attention_causal(
+        &self,
+        q: View<'_, HostData>,
+        k: View<'_, HostData>,
+        v: View<'_, HostData>,
+        options: &AttentionOptions,
+    ) -> Result<HostData> {
+        let batch = q.layout.dims()[0];
+        if self.fault != Fault::AttentionDropoutPerProblem
+            || options.dropout.is_none()
+            || q.storage.dtype() != DType::F32
+        {
+            return self.inner.attention_causal(q, k, v, options);
+        }
+        // Each problem alone, so each draws problem 0's factors.
+        let mut y = Vec::new();
+        for b in 0..batch {
+            let one = |x: View<'_, HostData>| x.layout.narrow(0, b, 1);
+            let (lq, lk, lv) = (one(q)?, one(k)?, one(v)?);
+            let part = self.inner.attention_causal(
+                View::new(q.storage, &lq),
+                View::new(k.storage, &lk),
+                View::new(v.storage, &lv),
+                options,
+            )?;
+            y.extend(f32s(&part));
+        }
+        Ok(HostData::F32(y))
     }
     fn softmax_causal(&self, x: View<'_, HostData>) -> Result<HostData> {
         if self.fault != Fault::CausalOffByOne || x.storage.dtype() != DType::F32 {
@@ -523,6 +556,7 @@ fn every_planted_fault_is_caught_and_the_clean_backend_passes() {
         (Fault::EmbeddingLastWins, "embedding_backward"),
         (Fault::CausalOffByOne, "softmax_causal"),
         (Fault::ContiguousDropsOffset, "contiguous"),
+        (Fault::AttentionDropoutPerProblem, "attention_causal"),
     ]);
 }
 

@@ -1,5 +1,6 @@
-//! Attention's building blocks: the default implementations of
-//! [`Backend::softmax_causal`] and of causal attention
+//! Attention's building blocks: its options ([`AttentionOptions`], with
+//! dropout on the probabilities as [`AttentionDropout`]) and the default
+//! implementations of [`Backend::softmax_causal`] and of causal attention
 //! ([`Backend::attention_causal`] and its backward pass), composed from
 //! primitive ops.
 //!
@@ -19,9 +20,144 @@
 //! ```
 
 use crate::plan::{AttentionPlan, CausalSoftmaxPlan};
+use crate::rng::{self, UNIFORMS_PER_BLOCK};
 use crate::{
-    Backend, BinaryOp, DType, GemmEpilogue, HostData, Layout, ReduceOp, Result, Shape, View,
+    Backend, BinaryOp, DType, Distribution, Error, GemmEpilogue, HostData, Layout, ReduceOp,
+    Result, Shape, View,
 };
+
+/// Inverted dropout on attention's probabilities, as [`crate::Tensor::dropout`]
+/// applies it to a `[batch, T, S]` tensor of them: probability `e` (its
+/// row-major index in `[batch, T, S]`, masked entries included) is kept,
+/// and multiplied by [`AttentionDropout::keep_scale`], when element `e` of
+/// the uniform Philox stream `(seed, offset)` is at least `rate`, and is
+/// zeroed otherwise. The draws are the same on every backend, so a fused
+/// kernel, which never holds the probabilities, drops exactly what the
+/// composed ops drop; the backward pass draws them again.
+///
+/// ```
+/// use kiln_core::attention::AttentionDropout;
+///
+/// let d = AttentionDropout::new(0.2, 7, 0)?;
+/// assert_eq!(d.keep_scale(), 1.25);
+/// let mut f = [0f32; 1000];
+/// d.factors(0, &mut f);
+/// let kept = f.iter().filter(|&&x| x == 1.25).count();
+/// assert!(kept + f.iter().filter(|&&x| x == 0.0).count() == 1000);
+/// assert!((750..850).contains(&kept)); // about 80 %
+/// // Element by element, the same factors.
+/// assert_eq!(f[123], d.factor(123));
+/// // A rate of 1 would drop everything: refused.
+/// assert!(AttentionDropout::new(1.0, 7, 0).is_err());
+/// # Ok::<(), kiln_core::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionDropout {
+    /// The probability of dropping each weight, in `[0, 1)`.
+    pub rate: f32,
+    /// The Philox stream's seed.
+    pub seed: u64,
+    /// The stream's starting counter ([`crate::rng`]'s `offset`).
+    pub offset: u64,
+}
+
+impl AttentionDropout {
+    /// Dropout at `rate` from the stream `(seed, offset)`; a rate outside
+    /// `[0, 1)` is an error.
+    pub fn new(rate: f32, seed: u64, offset: u64) -> Result<Self> {
+        let d = AttentionDropout { rate, seed, offset };
+        d.check("attention_causal")?;
+        Ok(d)
+    }
+
+    /// The rate checked, in `op`'s words.
+    pub(crate) fn check(&self, op: &str) -> Result<()> {
+        if (0.0..1.0).contains(&self.rate) {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "{op}: the dropout rate must be in [0, 1), got {}",
+                self.rate
+            )))
+        }
+    }
+
+    /// What a kept weight is multiplied by: `1/(1 − rate)`, in f32 (the
+    /// value every backend and the oracle use).
+    pub fn keep_scale(&self) -> f32 {
+        1.0 / (1.0 - self.rate)
+    }
+
+    /// The factor of weight `e`: [`keep_scale`](Self::keep_scale) or 0.
+    pub fn factor(&self, e: u64) -> f32 {
+        if rng::uniform(self.seed, self.offset, e) >= self.rate {
+            self.keep_scale()
+        } else {
+            0.0
+        }
+    }
+
+    /// The factors of weights `first..first + out.len()` into `out`, one
+    /// Philox block per four of them.
+    pub fn factors(&self, first: u64, out: &mut [f32]) {
+        let keep = self.keep_scale();
+        let mut e = first;
+        let mut rest = out;
+        while !rest.is_empty() {
+            let word = (e % UNIFORMS_PER_BLOCK) as usize;
+            let block = rng::block(self.seed, self.offset.wrapping_add(e / UNIFORMS_PER_BLOCK));
+            let n = (4 - word).min(rest.len());
+            let (now, later) = std::mem::take(&mut rest).split_at_mut(n);
+            for (f, &w) in now.iter_mut().zip(&block[word..]) {
+                *f = if rng::unit_f32(w) >= self.rate {
+                    keep
+                } else {
+                    0.0
+                };
+            }
+            rest = later;
+            e += n as u64;
+        }
+    }
+}
+
+/// What causal attention computes besides its operands: the scores' scale
+/// and, while training, dropout on the probabilities.
+///
+/// ```
+/// use kiln_core::attention::{AttentionDropout, AttentionOptions};
+///
+/// let plain = AttentionOptions::new(0.125);
+/// assert_eq!(plain.dropout, None);
+/// let training = plain.with_dropout(AttentionDropout::new(0.1, 1, 0)?);
+/// assert_eq!(training.dropout.map(|d| d.rate), Some(0.1));
+/// # Ok::<(), kiln_core::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionOptions {
+    /// The scores' scale (usually `1/√D`); must be finite.
+    pub scale: f32,
+    /// Dropout on the probabilities, or none.
+    pub dropout: Option<AttentionDropout>,
+}
+
+impl AttentionOptions {
+    /// Scores scaled by `scale`, no dropout.
+    pub fn new(scale: f32) -> Self {
+        AttentionOptions {
+            scale,
+            dropout: None,
+        }
+    }
+
+    /// These options with `dropout` on the probabilities.
+    pub fn with_dropout(self, dropout: AttentionDropout) -> Self {
+        AttentionOptions {
+            dropout: Some(dropout),
+            ..self
+        }
+    }
+}
 
 /// What [`Backend::attention_causal_backward`] returns, each contiguous in
 /// the operands' dtype and of its operand's shape.
@@ -75,6 +211,31 @@ impl<S> Operands<S> {
         let scores = b.gemm(View::new(&self.q, &self.lq), View::new(&self.k, &kt), &ep)?;
         b.softmax_causal(View::new(&scores, &self.ls))
     }
+
+    /// The dropout factors of every probability (`[batch, T, S]`, f32: 0
+    /// or `1/(1 − rate)`), drawn as [`AttentionDropout`] defines them.
+    fn factors<B: Backend<Storage = S>>(&self, b: &B, d: &AttentionDropout) -> Result<S> {
+        let n = self.ls.shape().numel();
+        let uniform = Distribution::Uniform {
+            low: 0.0,
+            high: 1.0,
+        };
+        let u = b.random(uniform, n, DType::F32, d.seed, d.offset)?;
+        let rate = b.full(1, DType::F32, f64::from(d.rate))?;
+        let spread = Layout::contiguous(Shape::new(&[1])?).broadcast_as(self.ls.shape())?;
+        let kept = b.binary(
+            BinaryOp::Ge,
+            View::new(&u, &self.ls),
+            View::new(&rate, &spread),
+        )?;
+        b.affine(View::new(&kept, &self.ls), d.keep_scale(), 0.0)
+    }
+
+    /// `x ∘ factors` (both `[batch, T, S]`).
+    fn dropped<B: Backend<Storage = S>>(&self, b: &B, x: &S, factors: &S) -> Result<S> {
+        let ls = &self.ls;
+        b.binary(BinaryOp::Mul, View::new(x, ls), View::new(factors, ls))
+    }
 }
 
 /// `s` (f32, of layout `l`) in `dtype`.
@@ -86,19 +247,22 @@ fn narrowed<B: Backend>(b: &B, s: B::Storage, l: &Layout, dtype: DType) -> Resul
 }
 
 /// [`Backend::attention_causal`] from primitive ops, in f32 whatever the
-/// operands' type: `P = softmax_causal(scale·q·kᵀ)`, then `P·v`. The
-/// `[batch, T, S]` probabilities are held in memory, as a fused kernel's
-/// are not.
+/// operands' type: `P = softmax_causal(scale·q·kᵀ)`, its dropout
+/// `P̃ = P∘M` if any, then `P̃·v`. The `[batch, T, S]` probabilities are
+/// held in memory, as a fused kernel's are not.
 pub fn compose_attention_causal<B: Backend>(
     b: &B,
     q: View<'_, B::Storage>,
     k: View<'_, B::Storage>,
     v: View<'_, B::Storage>,
-    scale: f32,
+    options: &AttentionOptions,
 ) -> Result<B::Storage> {
-    let plan = AttentionPlan::new(q, k, v, scale)?;
+    let plan = AttentionPlan::new(q, k, v, options)?;
     let ops = Operands::new(b, &plan, q, k, v)?;
-    let p = ops.probabilities(b, scale)?;
+    let mut p = ops.probabilities(b, plan.scale)?;
+    if let Some(d) = &plan.dropout {
+        p = ops.dropped(b, &p, &ops.factors(b, d)?)?;
+    }
     let y = b.gemm(
         View::new(&p, &ops.ls),
         View::new(&ops.v, &ops.lk),
@@ -108,7 +272,8 @@ pub fn compose_attention_causal<B: Backend>(
 }
 
 /// [`Backend::attention_causal_backward`] from primitive ops, in f32: `P`
-/// recomputed from `q` and `k`, then `dv = Pᵀ·dy`, `dP = dy·vᵀ`,
+/// recomputed from `q` and `k` (and the dropout factors `M` drawn again),
+/// then `dv = P̃ᵀ·dy` with `P̃ = P∘M`, `dP = (dy·vᵀ)∘M`,
 /// `dS = P∘(dP − Σⱼ P∘dP)`, `dq = scale·dS·k`, `dk = scale·dSᵀ·q`.
 pub fn compose_attention_causal_backward<B: Backend>(
     b: &B,
@@ -116,12 +281,14 @@ pub fn compose_attention_causal_backward<B: Backend>(
     k: View<'_, B::Storage>,
     v: View<'_, B::Storage>,
     dy: View<'_, B::Storage>,
-    scale: f32,
+    options: &AttentionOptions,
 ) -> Result<AttentionGrads<B::Storage>> {
-    let plan = AttentionPlan::backward(q, k, v, dy, scale)?;
+    let plan = AttentionPlan::backward(q, k, v, dy, options)?;
+    let scale = plan.scale;
     let ops = Operands::new(b, &plan, q, k, v)?;
     let dy = b.cast(dy, DType::F32)?;
     let p = ops.probabilities(b, scale)?;
+    let factors = plan.dropout.map(|d| ops.factors(b, &d)).transpose()?;
     let (lq, lk, ls) = (&ops.lq, &ops.lk, &ops.ls);
     let one = GemmEpilogue::default();
     let scaled = GemmEpilogue {
@@ -129,9 +296,20 @@ pub fn compose_attention_causal_backward<B: Backend>(
         ..GemmEpilogue::default()
     };
     let pt = ls.transpose(1, 2)?;
-    let dv = b.gemm(View::new(&p, &pt), View::new(&dy, lq), &one)?;
+    let kept = match &factors {
+        Some(m) => Some(ops.dropped(b, &p, m)?),
+        None => None,
+    };
+    let dv = b.gemm(
+        View::new(kept.as_ref().unwrap_or(&p), &pt),
+        View::new(&dy, lq),
+        &one,
+    )?;
     let vt = lk.transpose(1, 2)?;
-    let dp = b.gemm(View::new(&dy, lq), View::new(&ops.v, &vt), &one)?;
+    let mut dp = b.gemm(View::new(&dy, lq), View::new(&ops.v, &vt), &one)?;
+    if let Some(m) = &factors {
+        dp = ops.dropped(b, &dp, m)?;
+    }
     let pdp = b.binary(BinaryOp::Mul, View::new(&p, ls), View::new(&dp, ls))?;
     let rows = b.reduce(ReduceOp::Sum, View::new(&pdp, ls), &[2])?;
     let spread =

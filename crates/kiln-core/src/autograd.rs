@@ -156,7 +156,7 @@ pub(crate) enum Op<B: Backend> {
         q: Tensor<B>,
         k: Tensor<B>,
         v: Tensor<B>,
-        scale: f32,
+        options: crate::AttentionOptions,
     },
 }
 
@@ -693,14 +693,14 @@ fn propagate<B: Backend>(
             accumulate(pending, gamma, stored(grads.dgamma, gamma.dims(), backend)?)?;
             accumulate(pending, beta, stored(grads.dbeta, beta.dims(), backend)?)
         }
-        Op::AttentionCausal { q, k, v, scale } => {
+        Op::AttentionCausal { q, k, v, options } => {
             let backend = q.backend();
             let grads = backend.attention_causal_backward(
                 q.view(),
                 k.view(),
                 v.view(),
                 g.view(),
-                *scale,
+                options,
             )?;
             accumulate(pending, q, stored(grads.dq, q.dims(), backend)?)?;
             accumulate(pending, k, stored(grads.dk, k.dims(), backend)?)?;

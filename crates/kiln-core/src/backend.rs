@@ -776,27 +776,30 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
 
     /// Causal scaled-dot-product attention: for queries `q` `[batch, T, D]`
     /// and keys and values `k`, `v` `[batch, S, D]` (`S ≥ T`; any strides),
-    /// `softmax_causal(scale·q·kᵀ)·v`, `[batch, T, D]` contiguous in the
-    /// operands' type, computed in f32 ([`crate::plan::AttentionPlan`]).
-    /// Query `i` sees keys `0..=i + S − T`. Bound:
-    /// [`bounds::attention`](crate::bounds::attention). The default
-    /// composes primitive ops and holds the `[batch, T, S]` probabilities
-    /// in memory ([`crate::attention::compose_attention_causal`]); a fused
-    /// kernel streams them instead.
+    /// `P̃·v` with `P = softmax_causal(scale·q·kᵀ)` and `P̃` its dropout
+    /// ([`crate::attention::AttentionDropout`]; `P` itself without), in
+    /// `[batch, T, D]` contiguous in the operands' type, computed in f32
+    /// ([`crate::plan::AttentionPlan`]). Query `i` sees keys
+    /// `0..=i + S − T`. Bound: [`bounds::attention`](crate::bounds::attention).
+    /// The default composes primitive ops and holds the `[batch, T, S]`
+    /// probabilities in memory ([`crate::attention::compose_attention_causal`]);
+    /// a fused kernel streams them instead, drawing the dropout factors
+    /// where it needs them.
     fn attention_causal(
         &self,
         q: View<'_, Self::Storage>,
         k: View<'_, Self::Storage>,
         v: View<'_, Self::Storage>,
-        scale: f32,
+        options: &crate::attention::AttentionOptions,
     ) -> Result<Self::Storage> {
-        crate::attention::compose_attention_causal(self, q, k, v, scale)
+        crate::attention::compose_attention_causal(self, q, k, v, options)
     }
 
     /// The gradients of [`Backend::attention_causal`] with respect to `q`,
     /// `k` and `v` given `dy` (`q`'s shape), the probabilities recomputed
-    /// from `q` and `k`. Every sum runs in a fixed order: no result depends
-    /// on thread timing. Bound:
+    /// from `q` and `k` and the dropout factors drawn again (the same
+    /// `options` as forward). Every sum runs in a fixed order: no result
+    /// depends on thread timing. Bound:
     /// [`bounds::attention_backward`](crate::bounds::attention_backward).
     /// The default composes primitive ops
     /// ([`crate::attention::compose_attention_causal_backward`]).
@@ -806,9 +809,9 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
         k: View<'_, Self::Storage>,
         v: View<'_, Self::Storage>,
         dy: View<'_, Self::Storage>,
-        scale: f32,
+        options: &crate::attention::AttentionOptions,
     ) -> Result<crate::attention::AttentionGrads<Self::Storage>> {
-        crate::attention::compose_attention_causal_backward(self, q, k, v, dy, scale)
+        crate::attention::compose_attention_causal_backward(self, q, k, v, dy, options)
     }
 
     /// Layer normalisation over the last axis (see [`crate::norm`]):

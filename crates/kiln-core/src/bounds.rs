@@ -676,6 +676,18 @@ pub struct AttentionDims {
     pub dim: usize,
     /// The scores' scale.
     pub scale: f64,
+    /// Dropout on the probabilities, if any, and the index in its stream
+    /// of this problem's first weight (`b·T·S` for problem `b` of a batch).
+    pub dropout: Option<(crate::AttentionDropout, u64)>,
+}
+
+impl AttentionDims {
+    /// The dropout factor of weight `(i, j)` (1 without dropout).
+    fn factor(&self, i: usize, j: usize) -> f64 {
+        self.dropout.map_or(1.0, |(d, first)| {
+            f64::from(d.factor(first + (i * self.keys + j) as u64))
+        })
+    }
 }
 
 /// One problem's causal probabilities: per query row, the visible keys'
@@ -691,6 +703,7 @@ fn attention_probabilities(q: &[f64], k: &[f64], dims: AttentionDims) -> Vec<Vec
         keys: s,
         dim: d,
         scale,
+        ..
     } = dims;
     (0..t)
         .map(|i| {
@@ -726,13 +739,15 @@ fn attention_probabilities(q: &[f64], k: &[f64], dims: AttentionDims) -> Vec<Vec
 /// [`SoftmaxRow`]'s bound `ΔPⱼ` for the exact scores; then
 /// `yᵢₚ = Σⱼ Pᵢⱼvⱼₚ` over the `seen` visible keys in f32:
 /// `Σⱼ ΔPᵢⱼ·|vⱼₚ| + dot(seen + 1, Σⱼ Pᵢⱼ|vⱼₚ|)` (one more rounding for a
-/// normalisation after the sum).
+/// normalisation after the sum). With dropout, `Pᵢⱼ` is the dropped
+/// `P̃ᵢⱼ = Pᵢⱼ·Mᵢⱼ` (`M` 0 or `1/(1 − rate)`), one more rounding:
+/// `ΔP̃ = M·ΔP + u·P̃`.
 ///
 /// ```
 /// use kiln_core::bounds::{attention, AttentionDims};
 ///
 /// // One query, one key: the value itself.
-/// let dims = AttentionDims { queries: 1, keys: 1, dim: 2, scale: 0.5 };
+/// let dims = AttentionDims { queries: 1, keys: 1, dim: 2, scale: 0.5, dropout: None };
 /// let y = attention(&[1.0, 2.0], &[3.0, 4.0], &[5.0, -6.0], dims);
 /// assert_eq!(y[0].0, 5.0);
 /// // Within a few hundred f32 roundings of the value.
@@ -740,7 +755,7 @@ fn attention_probabilities(q: &[f64], k: &[f64], dims: AttentionDims) -> Vec<Vec
 /// ```
 pub fn attention(q: &[f64], k: &[f64], v: &[f64], dims: AttentionDims) -> Vec<(f64, f64)> {
     let d = dims.dim;
-    let probs = attention_probabilities(q, k, dims);
+    let probs = dropped(attention_probabilities(q, k, dims), dims);
     let mut out = Vec::with_capacity(dims.queries * d);
     for row in &probs {
         for p in 0..d {
@@ -757,6 +772,27 @@ pub fn attention(q: &[f64], k: &[f64], v: &[f64], dims: AttentionDims) -> Vec<(f
     out
 }
 
+/// The probabilities after dropout, `(P·M, M·ΔP + u·P·M)` (unchanged
+/// without dropout).
+fn dropped(probs: Vec<Vec<(f64, f64)>>, dims: AttentionDims) -> Vec<Vec<(f64, f64)>> {
+    if dims.dropout.is_none() {
+        return probs;
+    }
+    probs
+        .into_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            row.into_iter()
+                .enumerate()
+                .map(|(j, (p, e))| {
+                    let m = dims.factor(i, j);
+                    (p * m, m * e + U * p * m)
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// The gradients of [`attention`] with respect to `q`, `k` and `v` given
 /// `dy` (`[T, D]`), each as `(value, bound)` row-major.
 ///
@@ -767,7 +803,9 @@ pub fn attention(q: &[f64], k: &[f64], v: &[f64], dims: AttentionDims) -> Vec<(f
 /// `dSᵢⱼ = Pᵢⱼ(dPᵢⱼ − δᵢ)` within
 /// `ΔPᵢⱼ|dPᵢⱼ − δᵢ| + Pᵢⱼ(ΔdPᵢⱼ + Δδᵢ) + 2u·Pᵢⱼ(|dPᵢⱼ| + |δᵢ|)`; then
 /// `dq = scale·dS·k`, `dk = scale·dSᵀ·q` and `dv = Pᵀ·dy` are sums whose
-/// terms carry those errors: `Σ Δterm + dot(n + 1, Σ|term|)`.
+/// terms carry those errors: `Σ Δterm + dot(n + 1, Σ|term|)`. With
+/// dropout, `dPᵢⱼ` is `(dy·vᵀ)ᵢⱼ·Mᵢⱼ` (one more rounding) and `dv` sums the
+/// dropped `P̃ = P∘M` as [`attention`] bounds them; `δ` and `dS` use `P`.
 pub fn attention_backward(
     q: &[f64],
     k: &[f64],
@@ -780,6 +818,7 @@ pub fn attention_backward(
         keys: s,
         dim: d,
         scale,
+        ..
     } = dims;
     let probs = attention_probabilities(q, k, dims);
     // dS per query row, with bounds.
@@ -793,7 +832,13 @@ pub fn attention_backward(
                     let vj = &v[j * d..(j + 1) * d];
                     let val: f64 = dyi.iter().zip(vj).map(|(a, b)| a * b).sum();
                     let mass: f64 = dyi.iter().zip(vj).map(|(a, b)| (a * b).abs()).sum();
-                    (val, dot(d, mass))
+                    let m = dims.factor(i, j);
+                    let err = if dims.dropout.is_some() {
+                        m * dot(d, mass) + U * m * val.abs()
+                    } else {
+                        dot(d, mass)
+                    };
+                    (val * m, err)
                 })
                 .collect();
             let (mut delta, mut e_delta, mut mass) = (0.0, 0.0, 0.0);
@@ -835,6 +880,7 @@ pub fn attention_backward(
             dq.push(total(&mut terms, scale));
         }
     }
+    let kept = dropped(probs, dims);
     let (mut dk, mut dv) = (Vec::with_capacity(s * d), Vec::with_capacity(s * d));
     for j in 0..s {
         // The queries that see key j.
@@ -847,7 +893,7 @@ pub fn attention_backward(
             });
             dk.push(total(&mut terms, scale));
             let mut terms = (first..t).map(|i| {
-                let (pij, e) = probs[i][j];
+                let (pij, e) = kept[i][j];
                 let g = dy[i * d + p];
                 (pij * g, e * g.abs(), (pij * g).abs())
             });

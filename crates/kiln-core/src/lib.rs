@@ -39,7 +39,7 @@ pub mod slow_path;
 pub mod tensor;
 pub mod var;
 
-pub use attention::AttentionGrads;
+pub use attention::{AttentionDropout, AttentionGrads, AttentionOptions};
 pub use autograd::{is_grad_enabled, no_grad, GradStore, NoGradGuard};
 pub use backend::{
     Activation, AdamSchedule, AdamStep, Backend, BackendStorage, BinaryOp, ConvGrads, Distribution,

@@ -5,6 +5,7 @@
 //! by hand; [`crate::ReducePlan`] and the convolution geometry of
 //! [`crate::conv`] are the same idea for their ops.
 
+use crate::attention::{AttentionDropout, AttentionOptions};
 use crate::{
     AdamSchedule, AdamStep, BackendStorage, DType, Error, GemmEpilogue, Result, SgdStep, View,
 };
@@ -573,6 +574,7 @@ impl CausalSoftmaxPlan {
 /// cache), a finite scale, views inside their storages.
 ///
 /// ```
+/// use kiln_core::attention::AttentionOptions;
 /// use kiln_core::{plan::AttentionPlan, Backend, DType, Layout, Shape, View};
 /// use kiln_cpu::CpuBackend;
 ///
@@ -583,11 +585,11 @@ impl CausalSoftmaxPlan {
 ///     Layout::contiguous(Shape::new(&[2, 5, 4])?),
 /// );
 /// let (q, k) = (View::new(&s, &lq), View::new(&s, &lk));
-/// let plan = AttentionPlan::new(q, k, k, 0.5)?;
+/// let plan = AttentionPlan::new(q, k, k, &AttentionOptions::new(0.5))?;
 /// assert_eq!((plan.batch, plan.queries, plan.keys, plan.dim), (2, 3, 5, 4));
 /// assert_eq!(plan.visible(0), 3); // two cached keys, then itself
 /// // More queries than keys is a shape error naming the op.
-/// let e = AttentionPlan::new(k, q, q, 0.5).unwrap_err();
+/// let e = AttentionPlan::new(k, q, q, &AttentionOptions::new(0.5)).unwrap_err();
 /// assert!(e.to_string().contains("attention_causal"));
 /// # Ok::<(), kiln_core::Error>(())
 /// ```
@@ -603,18 +605,22 @@ pub struct AttentionPlan {
     pub dim: usize,
     /// Scale of the scores `q·kᵀ`.
     pub scale: f32,
+    /// Dropout on the probabilities, if any.
+    pub dropout: Option<AttentionDropout>,
     /// The operands' (and the results') type.
     pub dtype: DType,
 }
 
 impl AttentionPlan {
-    /// Checks `q` `[batch, T, D]`, `k` and `v` `[batch, S, D]` and `scale`.
+    /// Checks `q` `[batch, T, D]`, `k` and `v` `[batch, S, D]` and the
+    /// options (a finite scale, a dropout rate in `[0, 1)`).
     pub fn new<S: BackendStorage>(
         q: View<'_, S>,
         k: View<'_, S>,
         v: View<'_, S>,
-        scale: f32,
+        options: &AttentionOptions,
     ) -> Result<Self> {
+        let AttentionOptions { scale, dropout } = *options;
         let op = "attention_causal";
         let (qd, kd, vd) = (q.layout.dims(), k.layout.dims(), v.layout.dims());
         let fits = qd.len() == 3
@@ -653,6 +659,9 @@ impl AttentionPlan {
                 "{op}: the scale must be finite, got {scale}"
             )));
         }
+        if let Some(d) = &dropout {
+            d.check(op)?;
+        }
         for x in [q, k, v] {
             check_view(op, x)?;
         }
@@ -662,6 +671,7 @@ impl AttentionPlan {
             keys: kd[1],
             dim: qd[2],
             scale,
+            dropout,
             dtype,
         })
     }
@@ -672,9 +682,9 @@ impl AttentionPlan {
         k: View<'_, S>,
         v: View<'_, S>,
         dy: View<'_, S>,
-        scale: f32,
+        options: &AttentionOptions,
     ) -> Result<Self> {
-        let plan = AttentionPlan::new(q, k, v, scale)?;
+        let plan = AttentionPlan::new(q, k, v, options)?;
         let op = "attention_causal_backward";
         if dy.layout.dims() != q.layout.dims() {
             return Err(Error::shape(
@@ -700,5 +710,15 @@ impl AttentionPlan {
     /// How many keys (from the first) query `i` of a problem sees.
     pub fn visible(&self, i: usize) -> usize {
         i + self.keys - self.queries + 1
+    }
+
+    /// The dropout factors of query `i` of problem `b` over its first
+    /// `out.len()` keys (0 or `1/(1 − rate)`; all 1 without dropout): the
+    /// weights `(b·T + i)·S + j` of [`AttentionDropout`]'s stream.
+    pub fn row_factors(&self, b: usize, i: usize, out: &mut [f32]) {
+        match &self.dropout {
+            Some(d) => d.factors(((b * self.queries + i) * self.keys) as u64, out),
+            None => out.fill(1.0),
+        }
     }
 }

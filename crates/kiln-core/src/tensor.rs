@@ -26,7 +26,7 @@ use crate::autograd::{is_grad_enabled, Op};
 use crate::backend::{
     Activation, BackendStorage, BinaryOp, Distribution, GemmEpilogue, ReduceOp, UnaryOp, View,
 };
-use crate::{Backend, DType, Error, HostData, Layout, Result, Shape, Window2d};
+use crate::{AttentionOptions, Backend, DType, Error, HostData, Layout, Result, Shape, Window2d};
 
 /// A process-wide unique tensor identity (gradients are keyed by it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -873,14 +873,46 @@ impl<B: Backend> Tensor<B> {
     /// # Ok::<(), kiln_core::Error>(())
     /// ```
     pub fn attention_causal(&self, k: &Self, v: &Self, scale: f32) -> Result<Self> {
+        self.attention_causal_with(k, v, &AttentionOptions::new(scale))
+    }
+
+    /// [`Tensor::attention_causal`] with any [`AttentionOptions`]: dropout
+    /// on the probabilities while training, drawn inside the fused kernel
+    /// (and drawn again backward) — exactly the weights
+    /// [`Tensor::dropout`] would drop from the `[batch, T, S]`
+    /// probabilities with the same stream, which are never stored.
+    ///
+    /// ```
+    /// use kiln_core::{AttentionDropout, AttentionOptions, Tensor};
+    /// use kiln_cpu::CpuBackend;
+    ///
+    /// let b = CpuBackend::reference();
+    /// let q = Tensor::from_slice(&[0.5; 16], &[1, 4, 4], &b)?;
+    /// let v = Tensor::from_slice(&(0..16).map(|x| x as f32).collect::<Vec<_>>(), &[1, 4, 4], &b)?;
+    /// let drop = AttentionOptions::new(0.5).with_dropout(AttentionDropout::new(0.5, 3, 0)?);
+    /// let fused = q.attention_causal_with(&q, &v, &drop)?.to_vec_f32()?;
+    /// // The same as dropping the stored probabilities with the same stream.
+    /// let p = q.matmul(&q.transpose(1, 2)?)?.affine(0.5, 0.0)?.softmax_causal()?;
+    /// let composed = p.dropout(0.5, 3, 0)?.matmul(&v)?.to_vec_f32()?;
+    /// for (a, b) in fused.iter().zip(&composed) {
+    ///     assert!((a - b).abs() < 1e-5);
+    /// }
+    /// # Ok::<(), kiln_core::Error>(())
+    /// ```
+    pub fn attention_causal_with(
+        &self,
+        k: &Self,
+        v: &Self,
+        options: &AttentionOptions,
+    ) -> Result<Self> {
         let y = self
             .backend()
-            .attention_causal(self.view(), k.view(), v.view(), scale)?;
+            .attention_causal(self.view(), k.view(), v.view(), options)?;
         self.result(y, self.dims(), || Op::AttentionCausal {
             q: self.clone(),
             k: k.clone(),
             v: v.clone(),
-            scale,
+            options: *options,
         })
     }
 

@@ -6,8 +6,12 @@
 //! cost nothing (about half the multiply-adds of the composed ops' full
 //! products).
 //!
-//! The backward pass recomputes each pass's probabilities from `q` and `k`
-//! and accumulates `dq`, `dk` and `dv` in place. Every sum is a chain of
+//! Dropout on the probabilities ([`kiln_core::AttentionDropout`]) draws
+//! each pass's factors into a buffer beside its probabilities and
+//! multiplies them in before the weighted sums.
+//!
+//! The backward pass recomputes each pass's probabilities (and factors)
+//! from `q` and `k` and accumulates `dq`, `dk` and `dv` in place. Every sum is a chain of
 //! fused multiply-adds in a fixed order (keys, then queries, ascending), so
 //! results do not depend on the thread count. The loops are compiled per
 //! kernel set by [`wide::per_set`]; the bounds are
@@ -17,7 +21,7 @@
 use std::mem::MaybeUninit;
 
 use kiln_core::plan::AttentionPlan;
-use kiln_core::{AttentionGrads, HostData, Result, UnaryOp, View};
+use kiln_core::{AttentionGrads, AttentionOptions, HostData, Result, UnaryOp, View};
 
 use crate::fresh;
 use crate::norm::lane_sum;
@@ -262,6 +266,24 @@ fn score_grads_loop(p: &[f32], dp: &mut [f32], c: Causal) {
     }
 }
 
+/// `x[i·sp + j] *= m[i·sp + j]` over the keys each query of the pass
+/// sees: dropout factors applied to probabilities or to their gradients.
+#[inline(always)]
+fn dropped_loop(x: &mut [f32], m: &[f32], c: Causal) {
+    for i in c.lo..c.hi {
+        let at = (i - c.lo) * c.sp;
+        let seen = c.seen(i);
+        for (x, &f) in x[at..at + seen].iter_mut().zip(&m[at..at + seen]) {
+            *x *= f;
+        }
+    }
+}
+
+wide::per_set! {
+    /// Dropout factors applied ([`dropped_loop`]).
+    fn dropped(x: &mut [f32], m: &[f32], c: Causal) -> () = dropped_loop;
+}
+
 wide::per_set! {
     /// Scores or their gradients' products ([`products_loop`]).
     fn products(x: &[f32], t: &[f32], d: usize, c: Causal, scale: f32, out: &mut [f32]) -> () = products_loop;
@@ -301,7 +323,9 @@ fn transpose(x: &[f32], rows: usize, cols: usize, stride: usize, out: &mut [f32]
 struct Problem<'a> {
     set: KernelSet,
     exp: MapKernel,
-    scale: f32,
+    plan: &'a AttentionPlan,
+    /// Which problem of the batch this is.
+    b: usize,
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
@@ -312,6 +336,8 @@ struct Problem<'a> {
     kt: Vec<f32>,
     /// One pass's probabilities, `[QUERY_BLOCK, sp]`.
     p: Vec<f32>,
+    /// One pass's dropout factors, as `p` (empty without dropout).
+    m: Vec<f32>,
     /// A row's shifted scores.
     shifted: Vec<f32>,
 }
@@ -321,7 +347,7 @@ impl<'a> Problem<'a> {
     fn new(
         set: KernelSet,
         exp: MapKernel,
-        plan: &AttentionPlan,
+        plan: &'a AttentionPlan,
         b: usize,
         (q, k, v): (&'a [f32], &'a [f32], &'a [f32]),
     ) -> Self {
@@ -340,17 +366,20 @@ impl<'a> Problem<'a> {
         );
         let mut kt = vec![0f32; d * causal.sp];
         transpose(k, s, d, causal.sp, &mut kt);
+        let rows = QUERY_BLOCK.min(t) * causal.sp;
         Problem {
             set,
             exp,
-            scale: plan.scale,
+            plan,
+            b,
             q,
             k,
             v,
             d,
             causal,
             kt,
-            p: vec![0f32; QUERY_BLOCK.min(t) * causal.sp],
+            p: vec![0f32; rows],
+            m: vec![0f32; if plan.dropout.is_some() { rows } else { 0 }],
             shifted: vec![0f32; s],
         }
     }
@@ -363,16 +392,32 @@ impl<'a> Problem<'a> {
             &self.kt,
             self.d,
             c,
-            self.scale,
+            self.plan.scale,
             &mut self.p,
         );
         softmax_rows(self.set, &mut self.p, c, self.exp, &mut self.shifted);
     }
 
-    /// `y = P·v` (`[T, D]`).
+    /// Pass `c`'s dropout factors into `self.m`; false (and nothing
+    /// drawn) without dropout.
+    fn factors(&mut self, c: Causal) -> bool {
+        if self.plan.dropout.is_none() {
+            return false;
+        }
+        for i in c.lo..c.hi {
+            let row = &mut self.m[(i - c.lo) * c.sp..][..c.seen(i)];
+            self.plan.row_factors(self.b, i, row);
+        }
+        true
+    }
+
+    /// `y = P̃·v` (`[T, D]`).
     fn forward(&mut self, y: &mut [f32]) {
         for c in self.causal.passes() {
             self.probabilities(c);
+            if self.factors(c) {
+                dropped(self.set, &mut self.p, &self.m, c);
+            }
             weighted(self.set, &self.p, self.v, self.d, c, y);
         }
     }
@@ -386,10 +431,19 @@ impl<'a> Problem<'a> {
         let mut ds = vec![0f32; self.p.len()];
         for c in self.causal.passes() {
             self.probabilities(c);
+            let dropout = self.factors(c);
             products(set, dy, &vt, d, c, 1.0, &mut ds);
+            if dropout {
+                // dP = (dy·vᵀ)∘M; δ and dS use the undropped P.
+                dropped(set, &mut ds, &self.m, c);
+            }
             score_grads(set, &self.p, &mut ds, c);
             weighted(set, &ds, self.k, d, c, dq);
             transposed_weighted(set, &ds, self.q, d, c, dk);
+            if dropout {
+                // dv = P̃ᵀ·dy.
+                dropped(set, &mut self.p, &self.m, c);
+            }
             transposed_weighted(set, &self.p, dy, d, c, dv);
         }
     }
@@ -437,10 +491,10 @@ pub(crate) fn attention_causal(
     q: View<'_, HostData>,
     k: View<'_, HostData>,
     v: View<'_, HostData>,
-    scale: f32,
+    options: &AttentionOptions,
 ) -> Result<HostData> {
     let op = "attention_causal";
-    let plan = AttentionPlan::new(q, k, v, scale)?;
+    let plan = AttentionPlan::new(q, k, v, options)?;
     let [qs, ks, vs] = operands(set, Some(pool), op, [q, k, v])?;
     let exp = vector_exp(op, set)?;
     let (t, d) = (plan.queries, plan.dim);
@@ -470,10 +524,10 @@ pub(crate) fn attention_causal_backward(
     k: View<'_, HostData>,
     v: View<'_, HostData>,
     dy: View<'_, HostData>,
-    scale: f32,
+    options: &AttentionOptions,
 ) -> Result<AttentionGrads<HostData>> {
     let op = "attention_causal_backward";
-    let plan = AttentionPlan::backward(q, k, v, dy, scale)?;
+    let plan = AttentionPlan::backward(q, k, v, dy, options)?;
     let [qs, ks, vs] = operands(set, Some(pool), op, [q, k, v])?;
     let dys = convert::read_f32(set, Some(pool), op, dy)?;
     let exp = vector_exp(op, set)?;

@@ -381,11 +381,11 @@ impl Backend for CpuBackend {
         q: View<'_, HostData>,
         k: View<'_, HostData>,
         v: View<'_, HostData>,
-        scale: f32,
+        options: &kiln_core::AttentionOptions,
     ) -> Result<HostData> {
         match self.simd() {
-            Some((set, pool)) => attention::attention_causal(set, pool, q, k, v, scale),
-            None => reference::attention::attention_causal(q, k, v, scale),
+            Some((set, pool)) => attention::attention_causal(set, pool, q, k, v, options),
+            None => reference::attention::attention_causal(q, k, v, options),
         }
     }
 
@@ -395,13 +395,13 @@ impl Backend for CpuBackend {
         k: View<'_, HostData>,
         v: View<'_, HostData>,
         dy: View<'_, HostData>,
-        scale: f32,
+        options: &kiln_core::AttentionOptions,
     ) -> Result<kiln_core::AttentionGrads<HostData>> {
         match self.simd() {
             Some((set, pool)) => {
-                attention::attention_causal_backward(set, pool, q, k, v, dy, scale)
+                attention::attention_causal_backward(set, pool, q, k, v, dy, options)
             }
-            None => reference::attention::attention_causal_backward(q, k, v, dy, scale),
+            None => reference::attention::attention_causal_backward(q, k, v, dy, options),
         }
     }
 

@@ -67,10 +67,13 @@ fn outputs(b: &CpuBackend) -> Result<Vec<Vec<u32>>> {
     let q = Tensor::from_slice(&values(48 * 64 * 32, 5), &[48, 64, 32], b)?;
     let k = Tensor::from_slice(&values(48 * 64 * 32, 6), &[48, 64, 32], b)?;
     let scores = q.gemm(&k.transpose(1, 2)?, 0.125, None, Activation::None)?;
-    // The fused causal attention and its gradients: one problem per task.
+    // The fused causal attention and its gradients, with dropout on the
+    // probabilities: one problem per task.
     let v = Tensor::from_slice(&values(48 * 64 * 32, 8), &[48, 64, 32], b)?;
-    let attended = q.attention_causal(&k, &v, 0.125)?;
-    let grads = b.attention_causal_backward(q.view(), k.view(), v.view(), v.view(), 0.125)?;
+    let options = kiln_core::AttentionOptions::new(0.125)
+        .with_dropout(kiln_core::AttentionDropout::new(0.2, 11, 3)?);
+    let attended = q.attention_causal_with(&k, &v, &options)?;
+    let grads = b.attention_causal_backward(q.view(), k.view(), v.view(), v.view(), &options)?;
     let heads = |s: <CpuBackend as Backend>::Storage| -> Result<Vec<f32>> {
         let layout = kiln_core::Layout::contiguous(q.shape().clone());
         Ok(b.download(View::new(&s, &layout))?.to_f32_vec())

@@ -552,3 +552,38 @@ mod tests {
         assert_eq!(reduce_code(ReduceOp::Min), 3);
     }
 }
+
+/// The attention kernels' dropout arguments: the Philox stream, the rate
+/// and the kept weights' factor — rate 0 and factor 1 (nothing drawn)
+/// without dropout.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropoutArgs {
+    /// The stream's seed.
+    pub seed: u64,
+    /// The stream's starting counter.
+    pub offset: u64,
+    /// The probability of dropping a weight.
+    pub rate: f32,
+    /// `1/(1 − rate)`, as [`kiln_core::AttentionDropout::keep_scale`].
+    pub keep: f32,
+}
+
+impl DropoutArgs {
+    /// `plan`'s dropout as kernel arguments.
+    pub fn of(plan: &kiln_core::AttentionPlan) -> Self {
+        match plan.dropout {
+            Some(d) => DropoutArgs {
+                seed: d.seed,
+                offset: d.offset,
+                rate: d.rate,
+                keep: d.keep_scale(),
+            },
+            None => DropoutArgs {
+                seed: 0,
+                offset: 0,
+                rate: 0.0,
+                keep: 1.0,
+            },
+        }
+    }
+}

@@ -123,10 +123,11 @@ kernels! {
 
     /// `kiln_attention_causal`: `y = softmax_causal(scale·q·kᵀ)·v`, one
     /// block per query row, its probabilities in `work` (`keys` floats per
-    /// block).
+    /// block); dropout from the stream `(seed, offset)` at `rate`, kept
+    /// weights times `keep` (rate 0 and keep 1: none).
     AttentionCausal = "kiln_attention_causal" {
         q: In, k: In, v: In, y: Out, work: Out, batch: i64, queries: i64, keys: i64, d: i64,
-        scale: f32,
+        scale: f32, seed: u64, offset: u64, rate: f32, keep: f32,
     }
 
     /// `kiln_attention_causal_backward_q`: `dq` and each query row's
@@ -134,14 +135,14 @@ kernels! {
     /// `work` holds `2·keys` floats per block.
     AttentionCausalBackwardQ = "kiln_attention_causal_backward_q" {
         q: In, k: In, v: In, dy: In, dq: Out, stats: Out, work: Out, batch: i64, queries: i64,
-        keys: i64, d: i64, scale: f32,
+        keys: i64, d: i64, scale: f32, seed: u64, offset: u64, rate: f32, keep: f32,
     }
 
     /// `kiln_attention_causal_backward_kv`: `dk` and `dv`, one block per
     /// key row, from the query kernel's `stats`.
     AttentionCausalBackwardKv = "kiln_attention_causal_backward_kv" {
         q: In, k: In, v: In, dy: In, stats: In, dk: Out, dv: Out, batch: i64, queries: i64,
-        keys: i64, d: i64, scale: f32,
+        keys: i64, d: i64, scale: f32, seed: u64, offset: u64, rate: f32, keep: f32,
     }
 
     /// `kiln_softmax_xent`: per-row cross-entropy and its logit gradient.

@@ -59,8 +59,8 @@ use crate::alloc::{Allocator, Block, RawMemory};
 use crate::device::DeviceInfo;
 use crate::launch::{
     activation_code, binary_code, dtype_code, elementwise, gemm_kernel, gemm_tiles, per_row,
-    reduce_code, split_k, unary_code, ConvArg, EpilogueArg, GemmKernel, MatrixArg, PoolArg,
-    Strided,
+    reduce_code, split_k, unary_code, ConvArg, DropoutArgs, EpilogueArg, GemmKernel, MatrixArg,
+    PoolArg, Strided,
 };
 use crate::launcher::Launcher;
 use crate::launchers as k;
@@ -1083,10 +1083,11 @@ impl Backend for CudaBackend {
         q: View<'_, CudaStorage>,
         k: View<'_, CudaStorage>,
         v: View<'_, CudaStorage>,
-        scale: f32,
+        options: &kiln_core::AttentionOptions,
     ) -> Result<CudaStorage> {
         let name = "attention_causal";
-        let plan = kiln_core::AttentionPlan::new(q, k, v, scale)?;
+        let plan = kiln_core::AttentionPlan::new(q, k, v, options)?;
+        let drop = DropoutArgs::of(&plan);
         let (rows, keys, d) = (plan.batch * plan.queries, plan.keys, plan.dim);
         let (qs, ks, vs) = (
             self.dense(name, q, DType::F32)?,
@@ -1108,7 +1109,11 @@ impl Backend for CudaBackend {
                 queries: plan.queries as i64,
                 keys: keys as i64,
                 d: d as i64,
-                scale,
+                scale: plan.scale,
+                seed: drop.seed,
+                offset: drop.offset,
+                rate: drop.rate,
+                keep: drop.keep,
             };
             // SAFETY: q and y hold rows·d f32s, k and v batch·keys·d, work
             // keys per block of the grid.
@@ -1122,10 +1127,11 @@ impl Backend for CudaBackend {
         k: View<'_, CudaStorage>,
         v: View<'_, CudaStorage>,
         dy: View<'_, CudaStorage>,
-        scale: f32,
+        options: &kiln_core::AttentionOptions,
     ) -> Result<kiln_core::AttentionGrads<CudaStorage>> {
         let name = "attention_causal_backward";
-        let plan = kiln_core::AttentionPlan::backward(q, k, v, dy, scale)?;
+        let plan = kiln_core::AttentionPlan::backward(q, k, v, dy, options)?;
+        let (scale, drop) = (plan.scale, DropoutArgs::of(&plan));
         let (rows, keys, d) = (plan.batch * plan.queries, plan.keys, plan.dim);
         let key_rows = plan.batch * keys;
         let (qs, ks, vs, gs) = (
@@ -1159,6 +1165,10 @@ impl Backend for CudaBackend {
                 keys: dims.2,
                 d: dims.3,
                 scale,
+                seed: drop.seed,
+                offset: drop.offset,
+                rate: drop.rate,
+                keep: drop.keep,
             };
             // SAFETY: q, dy and dq hold rows·d f32s, k and v batch·keys·d,
             // stats 3·rows, work 2·keys per block of the grid.
@@ -1182,6 +1192,10 @@ impl Backend for CudaBackend {
                 keys: dims.2,
                 d: dims.3,
                 scale,
+                seed: drop.seed,
+                offset: drop.offset,
+                rate: drop.rate,
+                keep: drop.keep,
             };
             // SAFETY: q and dy hold rows·d f32s, k, v, dk and dv
             // batch·keys·d, stats 3·rows (written by the query kernel on

@@ -23,7 +23,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use kiln_core::{Activation, Backend, Error, Result, Tensor, Var};
+use kiln_core::{
+    Activation, AttentionDropout, AttentionOptions, Backend, Error, Result, Tensor, Var,
+};
 
 use crate::decode::DecodeState;
 use crate::layers::Layer;
@@ -38,11 +40,12 @@ const PROJ_DRAWS: u64 = 1 << 33;
 ///
 /// One GEMM projects to queries, keys and values (`width → 3·width`); a
 /// single copy lays them out head-major (`[3, heads·n, positions, head
-/// width]`), after which every per-head product is one batched GEMM over
-/// `heads·n` matrices that reads its operands in place: `q·kᵀ/√d` (the
-/// transpose is a strided view), the causal softmax
-/// ([`Tensor::softmax_causal`]), dropout on the weights while training,
-/// then `·v`. One more copy merges the heads for the output projection.
+/// width]`), after which the backend's fused causal attention
+/// ([`Tensor::attention_causal_with`]) computes `softmax_causal(q·kᵀ/√d)·v`
+/// for all `heads·n` problems, with dropout on the weights while training
+/// ([`AttentionDropout`]: drawn inside the kernel, the `[heads·n,
+/// positions, positions]` weights never stored). One more copy merges the
+/// heads for the output projection.
 ///
 /// [`Layer::decode`] keeps each step's keys and values in the
 /// [`DecodeState`], so a new token attends over the cache in one step.
@@ -171,23 +174,20 @@ impl<B: Backend> CausalSelfAttention<B> {
         if let Some(state) = state {
             (k, v) = state.append(&k, &v)?;
         }
-        let scale = 1.0 / (d as f32).sqrt();
-        let y = if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
-            // Dropout on the probabilities needs them in memory: the
-            // composed ops.
-            let weights = q
-                .gemm(&k.transpose(1, 2)?, scale, None, Activation::None)?
-                .softmax_causal()?;
-            let at = self
-                .drawn
-                .fetch_add(weights.numel() as u64, Ordering::Relaxed);
-            weights
-                .dropout(self.dropout, self.seed, self.base + at)?
-                .matmul(&v)?
-        } else {
-            // Fused: the [h·n, t, s] probabilities are never stored.
-            q.attention_causal(&k, &v, scale)?
-        }; // [h·n, t, d]
+        let mut options = AttentionOptions::new(1.0 / (d as f32).sqrt());
+        if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
+            // One draw per weight of the [h·n, t, s] probabilities, which
+            // the fused kernel never stores: it draws each where it uses it.
+            let weights = (h * n * t * k.dims()[1]) as u64;
+            let at = self.drawn.fetch_add(weights, Ordering::Relaxed);
+            options = options.with_dropout(AttentionDropout::new(
+                self.dropout,
+                self.seed,
+                self.base + at,
+            )?);
+        }
+        // Fused: the [h·n, t, s] probabilities are never stored.
+        let y = q.attention_causal_with(&k, &v, &options)?; // [h·n, t, d]
         let merged = y
             .reshape(&[h, n, t, d])?
             .permute(&[1, 2, 0, 3])?

@@ -5,10 +5,12 @@
 //! arrangement the other checks use (strided, offset, broadcast views),
 //! with more keys than queries (a cache's earlier keys), head widths
 //! around the vector widths, and — at the `large` tier — rows of 250 and
-//! more keys.
+//! more keys. Half the cases drop probabilities
+//! ([`kiln_core::AttentionDropout`], rates 0.1 to 0.5, any seed and
+//! stream offset), the oracle applying the same factors.
 
 use kiln_core::bounds::{self, AttentionDims};
-use kiln_core::{Backend, DType, View};
+use kiln_core::{AttentionDropout, AttentionOptions, Backend, DType, View};
 use proptest::prelude::*;
 
 use super::fetch_all;
@@ -21,7 +23,7 @@ struct Case {
     k: Operand,
     v: Operand,
     dy: Operand,
-    scale: f32,
+    options: AttentionOptions,
 }
 
 impl Case {
@@ -31,13 +33,15 @@ impl Case {
         (q[0], q[1], k[1], q[2])
     }
 
-    fn dims(&self) -> AttentionDims {
+    /// Problem `b`'s extents, scale and dropout.
+    fn dims(&self, b: usize) -> AttentionDims {
         let (_, t, s, d) = self.extents();
         AttentionDims {
             queries: t,
             keys: s,
             dim: d,
-            scale: f64::from(self.scale),
+            scale: f64::from(self.options.scale),
+            dropout: self.options.dropout.map(|d| (d, (b * t * s) as u64)),
         }
     }
 }
@@ -56,16 +60,26 @@ fn strategy(z: &Sizer, dtype: DType) -> BoxedStrategy<Case> {
         Tier::Large => (Just(1usize), 250usize..260, 0usize..8, 31usize..34).boxed(),
     };
     let scale = prop::sample::select(vec![1.0f32, 0.125, 0.176_776_7]);
-    (extents, scale)
-        .prop_flat_map(move |((n, t, extra, d), scale)| {
+    let dropout = prop_oneof![
+        Just(None),
+        (
+            prop::sample::select(vec![0.1f32, 0.2, 0.5]),
+            any::<u64>(),
+            0u64..1 << 40,
+        )
+            .prop_map(|(rate, seed, offset)| AttentionDropout::new(rate, seed, offset).ok()),
+    ];
+    (extents, scale, dropout)
+        .prop_flat_map(move |((n, t, extra, d), scale, dropout)| {
             let s = t + extra;
             let arg = |rows| operand(dtype, vec![n, rows, d], Domain::Moderate(2.0), true);
+            let options = AttentionOptions { scale, dropout };
             (arg(t), arg(s), arg(s), arg(t)).prop_map(move |(q, k, v, dy)| Case {
                 q,
                 k,
                 v,
                 dy,
-                scale,
+                options,
             })
         })
         .boxed()
@@ -108,13 +122,13 @@ pub(crate) fn attention_causal<B: Backend>(b: &B, dtype: DType, cfg: &Config) ->
                 View::new(&q, &c.q.layout),
                 View::new(&k, &c.k.layout),
                 View::new(&v, &c.v.layout),
-                c.scale,
+                &c.options,
             )?;
             let dims = c.q.dims().to_vec();
             let got = fetch_all(b, &y, &dims)?;
             let mut want = Vec::with_capacity(got.len());
-            for [q, k, v, _] in c.problems() {
-                want.extend(abs(bounds::attention(&q, &k, &v, c.dims())));
+            for (p, [q, k, v, _]) in c.problems().into_iter().enumerate() {
+                want.extend(abs(bounds::attention(&q, &k, &v, c.dims(p))));
             }
             compare(op, dtype, &dims, &got, &want)
         },
@@ -136,12 +150,12 @@ pub(crate) fn attention_causal_backward<B: Backend>(b: &B, dtype: DType, cfg: &C
                 View::new(&k, &c.k.layout),
                 View::new(&v, &c.v.layout),
                 View::new(&dy, &c.dy.layout),
-                c.scale,
+                &c.options,
             )?;
             let (n, t, s, d) = c.extents();
             let mut want: [Vec<(f64, Bound)>; 3] = Default::default();
-            for [q, k, v, dy] in c.problems() {
-                let grads = bounds::attention_backward(&q, &k, &v, &dy, c.dims());
+            for (p, [q, k, v, dy]) in c.problems().into_iter().enumerate() {
+                let grads = bounds::attention_backward(&q, &k, &v, &dy, c.dims(p));
                 for (w, g) in want.iter_mut().zip(grads) {
                     w.extend(abs(g));
                 }

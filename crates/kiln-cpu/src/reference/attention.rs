@@ -1,11 +1,12 @@
 //! Reference causal attention: for each problem and query, the scores over
 //! the keys it sees, their softmax (the reference softmax's row
-//! statistics), then the weighted sum of the values; backward, the same
-//! probabilities recomputed, then `dP`, `δ`, `dS` and the three gradients.
-//! Plain loops, every sum in index order.
+//! statistics), their dropout factors if any, then the weighted sum of the
+//! values; backward, the same probabilities and factors recomputed, then
+//! `dP`, `δ`, `dS` and the three gradients. Plain loops, every sum in index
+//! order.
 
 use kiln_core::plan::AttentionPlan;
-use kiln_core::{AttentionGrads, HostData, Result, View};
+use kiln_core::{AttentionGrads, AttentionOptions, HostData, Result, View};
 
 use super::softmax::row_stats;
 use crate::storage::{read_f32, store_f32};
@@ -43,16 +44,23 @@ impl<'a> Problems<'a> {
         let (max, sum) = row_stats(&scores);
         scores.iter().map(|&x| (x - max).exp() / sum).collect()
     }
+
+    /// Query `i` of problem `b`: the dropout factors of the keys it sees.
+    fn factors(&self, b: usize, i: usize) -> Vec<f32> {
+        let mut m = vec![1f32; self.plan.visible(i)];
+        self.plan.row_factors(b, i, &mut m);
+        m
+    }
 }
 
 pub(crate) fn attention_causal(
     q: View<'_, HostData>,
     k: View<'_, HostData>,
     v: View<'_, HostData>,
-    scale: f32,
+    options: &AttentionOptions,
 ) -> Result<HostData> {
     let op = "attention_causal";
-    let plan = AttentionPlan::new(q, k, v, scale)?;
+    let plan = AttentionPlan::new(q, k, v, options)?;
     let operands = crate::attention::operands(crate::KernelSet::Scalar, None, op, [q, k, v])?;
     let pr = Problems::new(&plan, &operands);
     let (t, s, d) = (plan.queries, plan.keys, plan.dim);
@@ -60,7 +68,8 @@ pub(crate) fn attention_causal(
     for b in 0..plan.batch {
         for i in 0..t {
             let out = &mut y[(b * t + i) * d..(b * t + i + 1) * d];
-            for (j, p) in pr.probabilities(b, i).into_iter().enumerate() {
+            let kept = pr.probabilities(b, i).into_iter().zip(pr.factors(b, i));
+            for (j, p) in kept.map(|(p, m)| p * m).enumerate() {
                 for (o, &x) in out.iter_mut().zip(pr.row(pr.v, b, s, j)) {
                     *o += p * x;
                 }
@@ -75,10 +84,10 @@ pub(crate) fn attention_causal_backward(
     k: View<'_, HostData>,
     v: View<'_, HostData>,
     dy: View<'_, HostData>,
-    scale: f32,
+    options: &AttentionOptions,
 ) -> Result<AttentionGrads<HostData>> {
     let op = "attention_causal_backward";
-    let plan = AttentionPlan::backward(q, k, v, dy, scale)?;
+    let plan = AttentionPlan::backward(q, k, v, dy, options)?;
     let operands = crate::attention::operands(crate::KernelSet::Scalar, None, op, [q, k, v])?;
     let dys = read_f32(op, dy)?;
     let pr = Problems::new(&plan, &operands);
@@ -90,14 +99,16 @@ pub(crate) fn attention_causal_backward(
     );
     for b in 0..plan.batch {
         for i in 0..t {
-            let p = pr.probabilities(b, i);
+            let (p, m) = (pr.probabilities(b, i), pr.factors(b, i));
             let g = pr.row(&dys, b, t, i);
-            // dPⱼ = dy·vⱼ, δ = Σⱼ PⱼdPⱼ, dSⱼ = Pⱼ(dPⱼ − δ).
+            // dPⱼ = (dy·vⱼ)·Mⱼ, δ = Σⱼ PⱼdPⱼ, dSⱼ = Pⱼ(dPⱼ − δ).
             let dp: Vec<f32> = (0..p.len())
                 .map(|j| {
+                    // (Without dropout every factor is 1: exact.)
                     g.iter()
                         .zip(pr.row(pr.v, b, s, j))
-                        .fold(0.0, |a, (x, y)| a + x * y)
+                        .fold(0.0f32, |a, (x, y)| a + x * y)
+                        * m[j]
                 })
                 .collect();
             let delta = p.iter().zip(&dp).fold(0.0f32, |a, (x, y)| a + x * y);
@@ -112,14 +123,15 @@ pub(crate) fn attention_causal_backward(
                 for (o, &x) in dk[at(j)].iter_mut().zip(qi) {
                     *o += ds * x;
                 }
+                let kept = pj * m[j];
                 for (o, &x) in dv[at(j)].iter_mut().zip(g) {
-                    *o += pj * x;
+                    *o += kept * x;
                 }
             }
         }
     }
     for x in dq.iter_mut().chain(dk.iter_mut()) {
-        *x *= scale;
+        *x *= plan.scale;
     }
     Ok(AttentionGrads {
         dq: store_f32(op, plan.dtype, dq)?,

@@ -287,26 +287,34 @@ fn run() -> Result<()> {
     let (q, k, v) = (operand(6)?, operand(7)?, operand(8)?);
     let la = Layout::contiguous(Shape::new(&[heads, t, d])?);
     let (vq, vk, vv) = (View::new(&q, &la), View::new(&k, &la), View::new(&v, &la));
-    let scale = 1.0 / (d as f32).sqrt();
-    let compose = || kiln_core::attention::compose_attention_causal(&b, vq, vk, vv, scale);
-    let fused_ms = time(&b, reps, || b.attention_causal(vq, vk, vv, scale).map(drop))?;
-    let composed_ms = time(&b, reps, || compose().map(drop))?;
-    let backward_ms = time(&b, reps, || {
-        b.attention_causal_backward(vq, vk, vv, vq, scale).map(drop)
-    })?;
-    let fused = b.download(View::new(&b.attention_causal(vq, vk, vv, scale)?, &la))?;
-    let composed = b.download(View::new(&compose()?, &la))?;
-    let attention_err = rel_err(&fused.to_f32_vec(), &composed.to_f32_vec());
+    let plain = kiln_core::AttentionOptions::new(1.0 / (d as f32).sqrt());
+    // Config B trains with dropout 0.2 on the probabilities.
+    let training = plain.with_dropout(kiln_core::AttentionDropout::new(0.2, 9, 0)?);
     println!(
         "
 GPT config B attention, 384 heads of 256 × 64 (kiln, median of {reps}):"
     );
-    println!("  fused forward               {fused_ms:8.3} ms");
-    println!("  composed (GEMM, softmax)    {composed_ms:8.3} ms");
-    println!("  fused backward              {backward_ms:8.3} ms");
-    println!("  fused against composed: max relative difference {attention_err:.2e}");
-    if attention_err > 1e-4 {
-        failed = true;
+    for (what, options) in [("no dropout", plain), ("dropout 0.2", training)] {
+        let compose = || kiln_core::attention::compose_attention_causal(&b, vq, vk, vv, &options);
+        let fused_ms = time(&b, reps, || {
+            b.attention_causal(vq, vk, vv, &options).map(drop)
+        })?;
+        let composed_ms = time(&b, reps, || compose().map(drop))?;
+        let backward_ms = time(&b, reps, || {
+            b.attention_causal_backward(vq, vk, vv, vq, &options)
+                .map(drop)
+        })?;
+        let fused = b.download(View::new(&b.attention_causal(vq, vk, vv, &options)?, &la))?;
+        let composed = b.download(View::new(&compose()?, &la))?;
+        let attention_err = rel_err(&fused.to_f32_vec(), &composed.to_f32_vec());
+        println!("  {what}:");
+        println!("    fused forward             {fused_ms:8.3} ms");
+        println!("    composed (GEMM, softmax)  {composed_ms:8.3} ms");
+        println!("    fused backward            {backward_ms:8.3} ms");
+        println!("    fused against composed: max relative difference {attention_err:.2e}");
+        if attention_err > 1e-4 {
+            failed = true;
+        }
     }
     let mem = b.memory_stats();
     println!(

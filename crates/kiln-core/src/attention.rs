@@ -90,7 +90,14 @@ impl AttentionDropout {
 
     /// The factor of weight `e`: [`keep_scale`](Self::keep_scale) or 0.
     pub fn factor(&self, e: u64) -> f32 {
-        if rng::uniform(self.seed, self.offset, e) >= self.rate {
+        self.factor_of(rng::uniform(self.seed, self.offset, e))
+    }
+
+    /// The factor of a weight whose uniform draw is `u`: kept (times
+    /// [`keep_scale`](Self::keep_scale)) when `u ≥ rate`, else 0.
+    #[inline(always)]
+    pub fn factor_of(&self, u: f32) -> f32 {
+        if u >= self.rate {
             self.keep_scale()
         } else {
             0.0
@@ -100,7 +107,6 @@ impl AttentionDropout {
     /// The factors of weights `first..first + out.len()` into `out`, one
     /// Philox block per four of them.
     pub fn factors(&self, first: u64, out: &mut [f32]) {
-        let keep = self.keep_scale();
         let mut e = first;
         let mut rest = out;
         while !rest.is_empty() {
@@ -109,11 +115,7 @@ impl AttentionDropout {
             let n = (4 - word).min(rest.len());
             let (now, later) = std::mem::take(&mut rest).split_at_mut(n);
             for (f, &w) in now.iter_mut().zip(&block[word..]) {
-                *f = if rng::unit_f32(w) >= self.rate {
-                    keep
-                } else {
-                    0.0
-                };
+                *f = self.factor_of(rng::unit_f32(w));
             }
             rest = later;
             e += n as u64;

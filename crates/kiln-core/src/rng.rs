@@ -39,19 +39,35 @@ const W1: u32 = 0xBB67_AE85;
 
 /// One Philox4x32 block with 10 rounds.
 pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
-    let mut c = counter;
+    let mut c = counter.map(|w| [w]);
+    rounds::<1>(&mut c, key);
+    c.map(|[w]| w)
+}
+
+/// Philox4x32-10's rounds on `N` counters at once, word-major (`c[w][l]`
+/// is word `w` of lane `l`): the lane loops are what a vectorising
+/// compiler turns into `N`-wide integer multiplies, so kiln-cpu's SIMD
+/// sets compile [`blocks`] per set from this one definition.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // a lane indexes the four word arrays at once
+fn rounds<const N: usize>(c: &mut [[u32; N]; 4], key: [u32; 2]) {
     let mut k = key;
     for round in 0..10 {
         if round > 0 {
             k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
         }
-        let p0 = u64::from(M0) * u64::from(c[0]);
-        let p1 = u64::from(M1) * u64::from(c[2]);
-        let (hi0, lo0) = ((p0 >> 32) as u32, p0 as u32);
-        let (hi1, lo1) = ((p1 >> 32) as u32, p1 as u32);
-        c = [hi1 ^ c[1] ^ k[0], lo1, hi0 ^ c[3] ^ k[1], lo0];
+        for l in 0..N {
+            let p0 = u64::from(M0) * u64::from(c[0][l]);
+            let p1 = u64::from(M1) * u64::from(c[2][l]);
+            let (hi0, lo0) = ((p0 >> 32) as u32, p0 as u32);
+            let (hi1, lo1) = ((p1 >> 32) as u32, p1 as u32);
+            let (w1, w3) = (c[1][l], c[3][l]);
+            c[0][l] = hi1 ^ w1 ^ k[0];
+            c[1][l] = lo1;
+            c[2][l] = hi0 ^ w3 ^ k[1];
+            c[3][l] = lo0;
+        }
     }
-    c
 }
 
 /// The block at 64-bit counter `n` of the stream keyed by `seed`.
@@ -60,6 +76,31 @@ pub fn block(seed: u64, n: u64) -> [u32; 4] {
         [n as u32, (n >> 32) as u32, 0, 0],
         [seed as u32, (seed >> 32) as u32],
     )
+}
+
+/// The blocks at counters `first..first + N` of `seed`'s stream,
+/// word-major: `[w][l]` is word `w` of block `first + l` — [`block`] for
+/// `N` counters at once, inlined so that a caller compiled for a SIMD
+/// target computes its lanes in vector registers.
+///
+/// ```
+/// use kiln_core::rng::{block, blocks};
+///
+/// let b = blocks::<16>(42, 7);
+/// for l in 0..16 {
+///     assert_eq!([b[0][l], b[1][l], b[2][l], b[3][l]], block(42, 7 + l as u64));
+/// }
+/// ```
+#[inline(always)]
+pub fn blocks<const N: usize>(seed: u64, first: u64) -> [[u32; N]; 4] {
+    let mut c = [[0u32; N]; 4];
+    let [lo, hi, _, _] = &mut c;
+    for (l, (lo, hi)) in lo.iter_mut().zip(hi).enumerate() {
+        let n = first.wrapping_add(l as u64);
+        (*lo, *hi) = (n as u32, (n >> 32) as u32);
+    }
+    rounds::<N>(&mut c, [seed as u32, (seed >> 32) as u32]);
+    c
 }
 
 /// Maps a random word to `[0, 1)` using its top 24 bits (exact in f32).

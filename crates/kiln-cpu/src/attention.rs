@@ -27,6 +27,7 @@ use crate::fresh;
 use crate::norm::lane_sum;
 use crate::vector::convert;
 use crate::vector::ops::{transcendental, MapKernel};
+use crate::vector::random;
 use crate::vector::wide;
 use crate::workers::Workers;
 use crate::KernelSet;
@@ -401,12 +402,14 @@ impl<'a> Problem<'a> {
     /// Pass `c`'s dropout factors into `self.m`; false (and nothing
     /// drawn) without dropout.
     fn factors(&mut self, c: Causal) -> bool {
-        if self.plan.dropout.is_none() {
+        let Some(d) = self.plan.dropout else {
             return false;
-        }
+        };
+        let (t, s) = (self.plan.queries, self.plan.keys);
         for i in c.lo..c.hi {
             let row = &mut self.m[(i - c.lo) * c.sp..][..c.seen(i)];
-            self.plan.row_factors(self.b, i, row);
+            let first = ((self.b * t + i) * s) as u64;
+            random::uniforms(self.set, d.seed, d.offset, first, row, |u| d.factor_of(u));
         }
         true
     }

@@ -612,7 +612,12 @@ impl Backend for CpuBackend {
         seed: u64,
         offset: u64,
     ) -> Result<HostData> {
-        reference::random::random(dist, numel, dtype, seed, offset)
+        match self.simd() {
+            Some((set, pool)) => {
+                vector::random::random(set, pool, dist, numel, dtype, seed, offset)
+            }
+            None => reference::random::random(dist, numel, dtype, seed, offset),
+        }
     }
 }
 

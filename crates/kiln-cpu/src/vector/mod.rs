@@ -17,6 +17,7 @@ pub(crate) mod convert;
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod neon;
 pub(crate) mod ops;
+pub(crate) mod random;
 #[cfg(test)]
 mod sweep;
 pub(crate) mod wide;

@@ -1131,7 +1131,14 @@ impl Backend for CudaBackend {
     ) -> Result<kiln_core::AttentionGrads<CudaStorage>> {
         let name = "attention_causal_backward";
         let plan = kiln_core::AttentionPlan::backward(q, k, v, dy, options)?;
-        let (scale, drop) = (plan.scale, DropoutArgs::of(&plan));
+        let mut drop = DropoutArgs::of(&plan);
+        if self.planted("attention-backward-without-dropout") {
+            drop = DropoutArgs::of(&kiln_core::AttentionPlan {
+                dropout: None,
+                ..plan
+            });
+        }
+        let scale = plan.scale;
         let (rows, keys, d) = (plan.batch * plan.queries, plan.keys, plan.dim);
         let key_rows = plan.batch * keys;
         let (qs, ks, vs, gs) = (

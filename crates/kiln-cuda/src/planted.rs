@@ -11,14 +11,18 @@ pub enum Fault {
     ShortGemmGrid,
     /// The SIMT GEMM reads its operands with the row stride for columns.
     GemmColumnStride,
+    /// Attention's backward launches pass no dropout (the forward pass's
+    /// factors are not drawn again).
+    AttentionBackwardWithoutDropout,
 }
 
 impl Fault {
     /// Every fault.
-    pub const ALL: [Fault; 3] = [
+    pub const ALL: [Fault; 4] = [
         Fault::SwappedBinaryOperands,
         Fault::ShortGemmGrid,
         Fault::GemmColumnStride,
+        Fault::AttentionBackwardWithoutDropout,
     ];
 
     /// The name the backend's code checks for.
@@ -27,6 +31,7 @@ impl Fault {
             Fault::SwappedBinaryOperands => "swapped-binary-operands",
             Fault::ShortGemmGrid => "short-gemm-grid",
             Fault::GemmColumnStride => "gemm-column-stride",
+            Fault::AttentionBackwardWithoutDropout => "attention-backward-without-dropout",
         }
     }
 }

@@ -15,6 +15,7 @@ fn caught_by(fault: Fault) -> &'static [&'static str] {
         Fault::SwappedBinaryOperands => &["binary_sub", "binary_div"],
         Fault::ShortGemmGrid => &["gemm", "gemm_epilogue"],
         Fault::GemmColumnStride => &["gemm"],
+        Fault::AttentionBackwardWithoutDropout => &["attention_causal_backward"],
     }
 }
 

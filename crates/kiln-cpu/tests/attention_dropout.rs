@@ -5,17 +5,13 @@
 //! cached prefix of keys, rows past one 64-query pass and several problems,
 //! whose factors come from their own places in `[batch, T, S]`.
 
-use kiln_core::{AttentionDropout, AttentionOptions, Result, Tensor, Var};
+use kiln_core::{rng, AttentionDropout, AttentionOptions, Result, Tensor, Var};
 use kiln_cpu::{CpuBackend, KernelSet};
 
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    (0..n as u32)
-        .map(|i| {
-            let h = i
-                .wrapping_mul(2_654_435_761)
-                .wrapping_add(seed.wrapping_mul(40_503));
-            (h >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-        })
+/// `n` values in `[-1, 1)` from seed `seed`'s stream.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| rng::uniform(seed, 0, i) * 2.0 - 1.0)
         .collect()
 }
 

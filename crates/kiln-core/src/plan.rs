@@ -712,12 +712,18 @@ impl AttentionPlan {
         i + self.keys - self.queries + 1
     }
 
+    /// The index in [`AttentionDropout`]'s stream of the weight of query
+    /// `i` of problem `b` on key 0: `(b·T + i)·S` (key `j`'s is `j` more).
+    pub fn first_weight(&self, b: usize, i: usize) -> u64 {
+        ((b * self.queries + i) * self.keys) as u64
+    }
+
     /// The dropout factors of query `i` of problem `b` over its first
-    /// `out.len()` keys (0 or `1/(1 − rate)`; all 1 without dropout): the
-    /// weights `(b·T + i)·S + j` of [`AttentionDropout`]'s stream.
+    /// `out.len()` keys (0 or `1/(1 − rate)`; all 1 without dropout), from
+    /// weight [`first_weight`](Self::first_weight) on.
     pub fn row_factors(&self, b: usize, i: usize, out: &mut [f32]) {
         match &self.dropout {
-            Some(d) => d.factors(((b * self.queries + i) * self.keys) as u64, out),
+            Some(d) => d.factors(self.first_weight(b, i), out),
             None => out.fill(1.0),
         }
     }

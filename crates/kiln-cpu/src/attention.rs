@@ -11,9 +11,9 @@
 //! multiplies them in before the weighted sums.
 //!
 //! The backward pass recomputes each pass's probabilities (and factors)
-//! from `q` and `k` and accumulates `dq`, `dk` and `dv` in place. Every sum is a chain of
-//! fused multiply-adds in a fixed order (keys, then queries, ascending), so
-//! results do not depend on the thread count. The loops are compiled per
+//! from `q` and `k` and accumulates `dq`, `dk` and `dv` in place. Every
+//! sum is a chain of fused multiply-adds in a fixed order (keys, then
+//! queries, ascending), so results do not depend on the thread count. The loops are compiled per
 //! kernel set by [`wide::per_set`]; the bounds are
 //! [`kiln_core::bounds::attention`] and
 //! [`attention_backward`](kiln_core::bounds::attention_backward).
@@ -405,10 +405,9 @@ impl<'a> Problem<'a> {
         let Some(d) = self.plan.dropout else {
             return false;
         };
-        let (t, s) = (self.plan.queries, self.plan.keys);
         for i in c.lo..c.hi {
             let row = &mut self.m[(i - c.lo) * c.sp..][..c.seen(i)];
-            let first = ((self.b * t + i) * s) as u64;
+            let first = self.plan.first_weight(self.b, i);
             random::uniforms(self.set, d.seed, d.offset, first, row, |u| d.factor_of(u));
         }
         true

@@ -1,7 +1,8 @@
 // Row reductions with warp shuffles: the host permutes the reduced axes to
 // the end, so every reduction is `rows × run` → `rows`. One block per row
 // (grid-stride over rows); each thread folds a strided slice, warps fold
-// with shuffles, and warp results meet in shared memory.
+// with shuffles, and warp results meet in shared memory. Rows of at most
+// 32 elements take one thread each instead (kiln_reduce_short_rows).
 #include "common.cuh"
 
 #define R_SUM 0
@@ -29,6 +30,19 @@ extern "C" __global__ void kiln_reduce_rows(const float* x, float* y, i64 rows, 
               : op == R_MIN ? block_fold(acc, identity, scratch, [](float v) { return warp_min(v); })
                             : block_fold(acc, identity, scratch, [](float v) { return warp_sum(v); });
         if (threadIdx.x == 0) y[r] = op == R_MEAN ? acc / (float)run : acc;
+    }
+}
+
+// Short rows (`run` ≤ 32, e.g. a reduction over a leading axis of 2 to 4):
+// one thread per row, folding it in order — a whole block per row would
+// leave all but `run` of its 256 threads idle.
+extern "C" __global__ void kiln_reduce_short_rows(const float* x, float* y, i64 rows, i64 run, int op) {
+    const float identity = identity_of(op);
+    for (i64 r = (i64)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += (i64)gridDim.x * blockDim.x) {
+        const float* row = x + r * run;
+        float acc = identity;
+        for (i64 j = 0; j < run; ++j) acc = fold(op, acc, row[j]);
+        y[r] = op == R_MEAN ? acc / (float)run : acc;
     }
 }
 

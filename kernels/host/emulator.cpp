@@ -73,6 +73,7 @@ const Entry KERNELS[] = {
     SERIAL(kiln_binary),
     SERIAL(kiln_binary_row),
     BLOCKS(kiln_reduce_rows),
+    SERIAL(kiln_reduce_short_rows),
     BLOCKS(kiln_argmax_rows),
     BLOCKS(kiln_softmax_rows),
     BLOCKS(kiln_softmax_xent),

@@ -42,7 +42,11 @@ pub const MODULES: &[(&str, &str, &[&str])] = &[
     (
         "reduce",
         include_str!("../kernels/ptx/reduce.ptx"),
-        &["kiln_reduce_rows", "kiln_argmax_rows"],
+        &[
+            "kiln_reduce_rows",
+            "kiln_reduce_short_rows",
+            "kiln_argmax_rows",
+        ],
     ),
     (
         "softmax",

@@ -325,6 +325,10 @@ pub fn elementwise(n: usize, sms: u32) -> Option<LaunchConfig> {
     })
 }
 
+/// The longest row a reduction folds in one thread
+/// (`kiln_reduce_short_rows`) rather than in a block of [`THREADS`].
+pub const SHORT_RUN: usize = 32;
+
 /// One 256-thread block per row (grid-stride over rows beyond 65,535).
 pub fn per_row(rows: usize) -> Option<LaunchConfig> {
     if rows == 0 {

@@ -112,6 +112,10 @@ kernels! {
     /// `kiln_reduce_rows`: each of `rows` contiguous runs of `run` reduced.
     ReduceRows = "kiln_reduce_rows" { x: In, y: Out, rows: i64, run: i64, op: i32 }
 
+    /// `kiln_reduce_short_rows`: as [`ReduceRows`], one thread per row
+    /// (for runs of at most [`SHORT_RUN`](crate::launch::SHORT_RUN)).
+    ReduceShortRows = "kiln_reduce_short_rows" { x: In, y: Out, rows: i64, run: i64, op: i32 }
+
     /// `kiln_argmax_rows`: the first maximum of each row.
     ArgmaxRows = "kiln_argmax_rows" { x: In, y: Out, rows: i64, run: i64 }
 

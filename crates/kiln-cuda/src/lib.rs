@@ -60,7 +60,7 @@ use crate::device::DeviceInfo;
 use crate::launch::{
     activation_code, binary_code, dtype_code, elementwise, gemm_kernel, gemm_tiles, per_row,
     reduce_code, split_k, unary_code, ConvArg, DropoutArgs, EpilogueArg, GemmKernel, MatrixArg,
-    PoolArg, Strided,
+    PoolArg, Strided, SHORT_RUN,
 };
 use crate::launcher::Launcher;
 use crate::launchers as k;
@@ -437,12 +437,25 @@ impl CudaBackend {
         code: i32,
     ) -> Result<CudaStorage> {
         let out = self.empty(op, DType::F32, rows)?;
-        if let Some(cfg) = per_row(rows) {
+        let (y, rows_i, run_i) = (out.block.ptr(), rows as i64, run as i64);
+        if run <= SHORT_RUN {
+            if let Some(cfg) = elementwise(rows, self.sms()) {
+                let args = k::ReduceShortRows {
+                    x,
+                    y,
+                    rows: rows_i,
+                    run: run_i,
+                    op: code,
+                };
+                // SAFETY: `x` holds rows·run f32s (the caller's), `out` rows.
+                unsafe { args.launch(self.device(), op, &cfg) }?;
+            }
+        } else if let Some(cfg) = per_row(rows) {
             let args = k::ReduceRows {
                 x,
-                y: out.block.ptr(),
-                rows: rows as i64,
-                run: run as i64,
+                y,
+                rows: rows_i,
+                run: run_i,
                 op: code,
             };
             // SAFETY: `x` holds rows·run f32s (the caller's), `out` rows.

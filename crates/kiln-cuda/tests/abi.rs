@@ -243,7 +243,7 @@ fn every_launcher_matches_its_kernels_c_signature() {
     let kernels = kernel_signatures();
     assert_eq!(
         kernels.len(),
-        35,
+        36,
         "{:?}",
         kernels.iter().map(|k| &k.0).collect::<Vec<_>>()
     );

@@ -460,9 +460,19 @@ impl<B: Backend> Tensor<B> {
 
     /// [`Tensor::write_slice`] that consumes `self`: when `self` is dense
     /// and nothing else holds it or its storage (a gradient being
-    /// accumulated), `src` is written into that storage in place instead
-    /// of a copy of it. Records nothing.
-    pub(crate) fn into_written(self, dim: usize, start: usize, src: &Tensor<B>) -> Result<Self> {
+    /// accumulated, a decoder's key/value cache), `src` is written into
+    /// that storage in place instead of a copy of it. Records nothing.
+    ///
+    /// ```
+    /// use kiln_core::Tensor;
+    /// let b = kiln_cpu::CpuBackend::reference();
+    /// let cache = Tensor::zeros(&[2, 4], kiln_core::DType::F32, &b)?;
+    /// let row = Tensor::from_slice(&[1.0, 2.0, 3.0, 4.0], &[1, 4], &b)?;
+    /// let cache = cache.into_written(0, 1, &row)?;
+    /// assert_eq!(cache.to_vec_f32()?, [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0]);
+    /// # Ok::<(), kiln_core::Error>(())
+    /// ```
+    pub fn into_written(self, dim: usize, start: usize, src: &Tensor<B>) -> Result<Self> {
         if self.layout().contiguous_range() != Some(0..self.storage().len()) {
             return self.write_slice(dim, start, src);
         }

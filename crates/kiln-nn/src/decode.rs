@@ -5,10 +5,26 @@ use kiln_core::{Backend, DType, Error, Result, Tensor};
 
 /// One attention layer's cached keys and values: `[heads·n, capacity,
 /// head width]` buffers, of which the first `len` positions are filled.
+/// Each step writes its positions into them in place (a buffer is taken
+/// out while it is written, and lost only if that write fails).
 struct KvSlot<B: Backend> {
-    keys: Tensor<B>,
-    values: Tensor<B>,
+    keys: Option<Tensor<B>>,
+    values: Option<Tensor<B>>,
     len: usize,
+}
+
+impl<B: Backend> KvSlot<B> {
+    /// `src` written over positions `len..` of `buffer`, in place when
+    /// nothing else holds the buffer (the previous step's views of it are
+    /// gone by now); the whole buffer back.
+    fn write(buffer: &mut Option<Tensor<B>>, len: usize, src: &Tensor<B>) -> Result<Tensor<B>> {
+        let full = buffer.take().ok_or_else(|| {
+            Error::invalid("decode: a failed step lost this attention cache (start a new state)")
+        })?;
+        let full = full.into_written(1, len, &src.detach())?;
+        *buffer = Some(full.clone());
+        Ok(full)
+    }
 }
 
 /// The state of a generation in progress, for [`crate::Sequential::decode`]:
@@ -97,23 +113,25 @@ impl<B: Backend> DecodeState<B> {
             let dims = [rows, self.capacity, width];
             let dtype: DType = keys.dtype();
             self.slots.push(KvSlot {
-                keys: Tensor::zeros(&dims, dtype, keys.backend())?,
-                values: Tensor::zeros(&dims, dtype, keys.backend())?,
+                keys: Some(Tensor::zeros(&dims, dtype, keys.backend())?),
+                values: Some(Tensor::zeros(&dims, dtype, keys.backend())?),
                 len: 0,
             });
         }
         let slot = &mut self.slots[i];
-        if slot.keys.dims() != [rows, self.capacity, width] || slot.keys.dtype() != keys.dtype() {
-            return Err(Error::shape(
-                "decode",
-                format!(
-                    "the cache holds {} {}, the step brings {} {} (a new batch size needs a new state)",
-                    slot.keys.shape(),
-                    slot.keys.dtype(),
-                    keys.shape(),
-                    keys.dtype()
-                ),
-            ));
+        if let Some(held) = &slot.keys {
+            if held.dims() != [rows, self.capacity, width] || held.dtype() != keys.dtype() {
+                return Err(Error::shape(
+                    "decode",
+                    format!(
+                        "the cache holds {} {}, the step brings {} {} (a new batch size needs a new state)",
+                        held.shape(),
+                        held.dtype(),
+                        keys.shape(),
+                        keys.dtype()
+                    ),
+                ));
+            }
         }
         if slot.len != self.position {
             return Err(Error::invalid(format!(
@@ -121,12 +139,12 @@ impl<B: Backend> DecodeState<B> {
                 slot.len, self.position
             )));
         }
-        slot.keys = slot.keys.write_slice(1, slot.len, &keys.detach())?;
-        slot.values = slot.values.write_slice(1, slot.len, &values.detach())?;
+        let all_keys = KvSlot::write(&mut slot.keys, slot.len, keys)?;
+        let all_values = KvSlot::write(&mut slot.values, slot.len, values)?;
         slot.len += t;
         Ok((
-            slot.keys.narrow(1, 0, slot.len)?,
-            slot.values.narrow(1, 0, slot.len)?,
+            all_keys.narrow(1, 0, slot.len)?,
+            all_values.narrow(1, 0, slot.len)?,
         ))
     }
 }

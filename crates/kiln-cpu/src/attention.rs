@@ -25,6 +25,7 @@ use kiln_core::{AttentionGrads, AttentionOptions, HostData, Result, UnaryOp, Vie
 
 use crate::fresh;
 use crate::norm::lane_sum;
+use crate::scratch;
 use crate::vector::convert;
 use crate::vector::ops::{transcendental, MapKernel};
 use crate::vector::random;
@@ -320,7 +321,9 @@ fn transpose(x: &[f32], rows: usize, cols: usize, stride: usize, out: &mut [f32]
 }
 
 /// One problem's operands (f32, row-major), its keys transposed, and the
-/// score rows of one pass of [`QUERY_BLOCK`] queries.
+/// score rows of one pass of [`QUERY_BLOCK`] queries, in a buffer of the
+/// thread's ([`crate::scratch`]: a decoding step runs a few tiny problems
+/// per token, and allocating their buffers cost more than transposing).
 struct Problem<'a> {
     set: KernelSet,
     exp: MapKernel,
@@ -334,23 +337,61 @@ struct Problem<'a> {
     /// The whole problem's extents (queries `0..T`).
     causal: Causal,
     /// The keys transposed, `[D, sp]` (zeros past the keys).
-    kt: Vec<f32>,
+    kt: &'a mut [f32],
     /// One pass's probabilities, `[QUERY_BLOCK, sp]`.
-    p: Vec<f32>,
+    p: &'a mut [f32],
     /// One pass's dropout factors, as `p` (empty without dropout).
-    m: Vec<f32>,
+    m: &'a mut [f32],
     /// A row's shifted scores.
-    shifted: Vec<f32>,
+    shifted: &'a mut [f32],
 }
 
 impl<'a> Problem<'a> {
-    /// Problem `b`'s operands.
+    /// The lengths of a problem's buffers (`kt`, `p`, `m`, `shifted`).
+    fn buffer_lens(plan: &AttentionPlan) -> [usize; 4] {
+        let sp = plan.keys.next_multiple_of(LANES);
+        let rows = QUERY_BLOCK.min(plan.queries) * sp;
+        let m = if plan.dropout.is_some() { rows } else { 0 };
+        [plan.dim * sp, rows, m, plan.keys]
+    }
+
+    /// Runs `f` on problem `b` of `plan`, its buffers from the thread's
+    /// scratch.
+    fn with<R>(
+        set: KernelSet,
+        exp: MapKernel,
+        plan: &AttentionPlan,
+        b: usize,
+        operands: (&[f32], &[f32], &[f32]),
+        f: impl FnOnce(&mut Problem<'_>) -> R,
+    ) -> R {
+        let lens = Self::buffer_lens(plan);
+        scratch::sized(lens.iter().sum(), |buf| {
+            // Zeros past the keys (kt) and past each row's seen keys (p, m).
+            buf.fill(0.0);
+            let (kt, rest) = buf.split_at_mut(lens[0]);
+            let (p, rest) = rest.split_at_mut(lens[1]);
+            let (m, shifted) = rest.split_at_mut(lens[2]);
+            f(&mut Problem::new(
+                set,
+                exp,
+                plan,
+                b,
+                operands,
+                [kt, p, m, shifted],
+            ))
+        })
+    }
+
+    /// Problem `b`'s operands, in `buffers` (zeros, of
+    /// [`Problem::buffer_lens`]).
     fn new(
         set: KernelSet,
         exp: MapKernel,
         plan: &'a AttentionPlan,
         b: usize,
         (q, k, v): (&'a [f32], &'a [f32], &'a [f32]),
+        [kt, p, m, shifted]: [&'a mut [f32]; 4],
     ) -> Self {
         let (t, s, d) = (plan.queries, plan.keys, plan.dim);
         let causal = Causal {
@@ -365,9 +406,7 @@ impl<'a> Problem<'a> {
             &k[b * s * d..(b + 1) * s * d],
             &v[b * s * d..(b + 1) * s * d],
         );
-        let mut kt = vec![0f32; d * causal.sp];
-        transpose(k, s, d, causal.sp, &mut kt);
-        let rows = QUERY_BLOCK.min(t) * causal.sp;
+        transpose(k, s, d, causal.sp, kt);
         Problem {
             set,
             exp,
@@ -379,9 +418,9 @@ impl<'a> Problem<'a> {
             d,
             causal,
             kt,
-            p: vec![0f32; rows],
-            m: vec![0f32; if plan.dropout.is_some() { rows } else { 0 }],
-            shifted: vec![0f32; s],
+            p,
+            m,
+            shifted,
         }
     }
 
@@ -506,7 +545,7 @@ pub(crate) fn attention_causal(
         let operands = (&qs[..], &ks[..], &vs[..]);
         for (j, y) in y.chunks_exact_mut((t * d).max(1)).enumerate() {
             let b = start / (t * d).max(1) + j;
-            Problem::new(set, exp, &plan, b, operands).forward(y);
+            Problem::with(set, exp, &plan, b, operands, |p| p.forward(y));
         }
     };
     // Small problems (decoding: one query per head) are grouped, so that a
@@ -550,7 +589,7 @@ pub(crate) fn attention_causal_backward(
         // Zeroed by the thread that accumulates into them.
         let (dq, dk, dv) = (fresh::zeros(dq), fresh::zeros(dk), fresh::zeros(dv));
         let dy = &dys[b * t * d..(b + 1) * t * d];
-        Problem::new(set, exp, &plan, b, operands).backward(dy, dq, dk, dv);
+        Problem::with(set, exp, &plan, b, operands, |p| p.backward(dy, dq, dk, dv));
         let scale = plan.scale;
         wide::update(set, dq, |x| x * scale);
         wide::update(set, dk, |x| x * scale);

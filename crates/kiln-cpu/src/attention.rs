@@ -429,13 +429,13 @@ impl<'a> Problem<'a> {
         products(
             self.set,
             self.q,
-            &self.kt,
+            self.kt,
             self.d,
             c,
             self.plan.scale,
-            &mut self.p,
+            self.p,
         );
-        softmax_rows(self.set, &mut self.p, c, self.exp, &mut self.shifted);
+        softmax_rows(self.set, self.p, c, self.exp, self.shifted);
     }
 
     /// Pass `c`'s dropout factors into `self.m`; false (and nothing
@@ -457,9 +457,9 @@ impl<'a> Problem<'a> {
         for c in self.causal.passes() {
             self.probabilities(c);
             if self.factors(c) {
-                dropped(self.set, &mut self.p, &self.m, c);
+                dropped(self.set, self.p, self.m, c);
             }
-            weighted(self.set, &self.p, self.v, self.d, c, y);
+            weighted(self.set, self.p, self.v, self.d, c, y);
         }
     }
 
@@ -476,16 +476,16 @@ impl<'a> Problem<'a> {
             products(set, dy, &vt, d, c, 1.0, &mut ds);
             if dropout {
                 // dP = (dy·vᵀ)∘M; δ and dS use the undropped P.
-                dropped(set, &mut ds, &self.m, c);
+                dropped(set, &mut ds, self.m, c);
             }
-            score_grads(set, &self.p, &mut ds, c);
+            score_grads(set, self.p, &mut ds, c);
             weighted(set, &ds, self.k, d, c, dq);
             transposed_weighted(set, &ds, self.q, d, c, dk);
             if dropout {
                 // dv = P̃ᵀ·dy.
-                dropped(set, &mut self.p, &self.m, c);
+                dropped(set, self.p, self.m, c);
             }
-            transposed_weighted(set, &self.p, dy, d, c, dv);
+            transposed_weighted(set, self.p, dy, d, c, dv);
         }
     }
 }

@@ -145,6 +145,11 @@ pub fn detected() -> Vec<&'static str> {
             "avx512bf16",
             "avx512fp16"
         );
+        // Reported only where the operating system also grants the tiles
+        // (the bf16 GEMM then runs on them).
+        if crate::gemm::amx_available() {
+            v.push("amx-bf16");
+        }
     }
     #[cfg(target_arch = "aarch64")]
     {

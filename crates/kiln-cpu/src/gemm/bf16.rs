@@ -15,6 +15,14 @@
 //! 32. Full tiles are stored into C directly (the first k block stores,
 //! later ones add); edge tiles go through a small buffer.
 //!
+//! On processors with AMX-BF16 ([`amx`]), products wider than 16 columns,
+//! at least 16 rows tall and with k a multiple of 32 take the [`AMX`]
+//! tile instead: 32 × 32 blocks of C from the same packed B panels, with
+//! A's words in rows (in place, or packed by [`pack_a_rows`]). Its sums
+//! round differently from `vdpbf16ps`'s (within the same bound; the
+//! choice depends only on the shape and the processor, never on timing or
+//! threads). `KILN_AMX=0` turns it off.
+//!
 //! `vdpbf16ps` treats subnormal inputs as zero and flushes subnormal
 //! results: a product whose operand is subnormal would be lost, so a
 //! problem with any subnormal input goes to the exact widening path
@@ -24,6 +32,7 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
+use super::amx;
 use crate::workers::Workers;
 use kiln_core::{bf16, HostData, Layout, View};
 
@@ -43,26 +52,44 @@ const PACK_PARALLEL_MIN_WORDS: usize = 1 << 14;
 struct Tile {
     mr: usize,
     nr: usize,
-    /// [`kernel`] for this shape.
+    /// [`kernel`] for this shape, or [`amx::kernel`].
     kernel: unsafe fn(Words, *mut f32, usize, bool),
+    /// The AMX kernel: A's words in rows (pairs contiguous), tiles
+    /// configured per task, k blocks of whole tile steps.
+    amx: bool,
 }
 
 /// Floats of the buffer an edge tile is computed into.
-const EDGE: usize = 16 * 32;
-const _: () = assert!(WIDE.mr * WIDE.nr <= EDGE && NARROW.mr * NARROW.nr <= EDGE);
+const EDGE: usize = amx::MR * amx::NR;
+const _: () =
+    assert!(WIDE.mr * WIDE.nr <= EDGE && NARROW.mr * NARROW.nr <= EDGE && AMX.mr * AMX.nr <= EDGE);
 
 /// Outputs wider than 16 columns.
 const WIDE: Tile = Tile {
     mr: 12,
     nr: 32,
     kernel: kernel::<12, 2>,
+    amx: false,
 };
 /// Outputs at most 16 columns wide.
 const NARROW: Tile = Tile {
     mr: 16,
     nr: 16,
     kernel: kernel::<16, 1>,
+    amx: false,
 };
+/// Processors with AMX-BF16 ([`amx::available`]), for products whose k is
+/// a whole number of tile steps and that are at least half a tile tall
+/// and wider than [`NARROW`].
+const AMX: Tile = Tile {
+    mr: amx::MR,
+    nr: amx::NR,
+    kernel: amx::kernel,
+    amx: true,
+};
+/// The k multiple the AMX tile needs: whole tile steps of pairs.
+const AMX_K: usize = 2 * amx::PAIRS_PER_STEP;
+const _: () = assert!(KC.is_multiple_of(AMX_K));
 
 /// Whether this processor has AVX-512 BF16 (and F).
 pub(crate) fn available() -> bool {
@@ -146,7 +173,11 @@ pub(crate) fn gemm(
         return None;
     }
     let (sa, sb) = (a.layout.strides(), b.layout.strides());
-    let tile = if n > NARROW.nr { WIDE } else { NARROW };
+    let tile = match n > NARROW.nr {
+        true if k.is_multiple_of(AMX_K) && m >= AMX.mr / 2 && amx::available() => AMX,
+        true => WIDE,
+        false => NARROW,
+    };
     for (p, c) in out.chunks_mut(m * n).enumerate().take(batch) {
         let am = Mat {
             data: ad,
@@ -236,6 +267,36 @@ fn pack_a(a: Mat<'_>, r0: usize, m: usize, (p0, end): (usize, usize), mr: usize,
     }
 }
 
+/// Packs A's rows `r0..r0+mr` (zeros past row `m`), k elements `p0..end`
+/// (`end − p0` even), as rows of pair words — `out[i·pairs + t]` is
+/// `(a[r0+i, p0+2t], a[r0+i, p0+2t+1])` — for the AMX kernel.
+fn pack_a_rows(
+    a: Mat<'_>,
+    r0: usize,
+    m: usize,
+    (p0, end): (usize, usize),
+    mr: usize,
+    out: &mut [u32],
+) {
+    let pairs = (end - p0) / 2;
+    let rows = mr.min(m - r0);
+    for (i, words) in out.chunks_exact_mut(pairs).take(mr).enumerate() {
+        if i >= rows {
+            words.fill(0);
+        } else if a.cs == 1 {
+            let run = &a.data[a.offset + (r0 + i) * a.rs + p0..][..end - p0];
+            for (w, pair) in words.iter_mut().zip(run.as_chunks::<2>().0) {
+                *w = u32::from(pair[0].to_bits()) | (u32::from(pair[1].to_bits()) << 16);
+            }
+        } else {
+            for (t, w) in words.iter_mut().enumerate() {
+                let p = p0 + 2 * t;
+                *w = a.at(r0 + i, p) | (a.at(r0 + i, p + 1) << 16);
+            }
+        }
+    }
+}
+
 /// One product `c = a·b` (`c` row-major, `n` wide) with `tile`.
 fn one(
     tile: Tile,
@@ -301,6 +362,8 @@ fn block(
         let r0 = block * rows_per_task;
         let rows_here = rows.len() / n;
         let mut edge = [0f32; EDGE];
+        // SAFETY: the AMX tile is chosen only where `amx::available()`.
+        let _tiles = tile.amx.then(|| unsafe { amx::Tiles::new() });
         crate::scratch::sized(mr * pairs, |a_buf| {
             let a_panel: &mut [u32] = bytemuck::cast_slice_mut(a_buf);
             for ir in (0..rows_here).step_by(mr) {
@@ -312,6 +375,9 @@ fn block(
                     // at element start + (mr−1)·rs + 2·pairs − 1, inside A.
                     assert!(start + (mr - 1) * a.rs + 2 * pairs <= a.data.len());
                     (a.data[start..].as_ptr().cast::<u16>(), a.rs, 2)
+                } else if tile.amx {
+                    pack_a_rows(a, r0 + ir, r0 + rows_here, (pc, pc + kc), mr, a_panel);
+                    (a_panel.as_ptr().cast::<u16>(), 2 * pairs, 2)
                 } else {
                     pack_a(a, r0 + ir, r0 + rows_here, (pc, pc + kc), mr, a_panel);
                     (a_panel.as_ptr().cast::<u16>(), 2, 2 * mr)
@@ -366,12 +432,12 @@ fn block(
 /// A tile's operands: A's pair words at `a + i·rs + t·ps` (bf16 elements;
 /// read unaligned), B's packed panel of `pairs` rows of words.
 #[derive(Clone, Copy)]
-struct Words {
-    a: *const u16,
-    rs: usize,
-    ps: usize,
-    b: *const u32,
-    pairs: usize,
+pub(super) struct Words {
+    pub(super) a: *const u16,
+    pub(super) rs: usize,
+    pub(super) ps: usize,
+    pub(super) b: *const u32,
+    pub(super) pairs: usize,
 }
 
 /// Runs `tile`'s kernel.
@@ -428,6 +494,90 @@ unsafe fn kernel<const MR: usize, const NV: usize>(w: Words, c: *mut f32, ldc: u
                     r
                 };
                 _mm512_storeu_ps(p, sum);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// bf16 values of every binade kiln's tests use, from a hash.
+    fn values(n: usize, salt: u64) -> Vec<bf16> {
+        (0..n as u64)
+            .map(|i| {
+                let h = (i ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+                bf16::from_f32((h % 2001) as f32 / 1000.0 - 1.0)
+            })
+            .collect()
+    }
+
+    /// The AMX kernel's products are within the f32 dot-product bound of
+    /// the exact ones (its rounding is not `vdpbf16ps`'s, so its bits
+    /// differ), and the same bits on one thread and two: row-major and
+    /// transposed A, edge tiles in both directions, several k blocks.
+    #[test]
+    fn the_amx_kernel_is_within_the_bound_on_any_thread_count() {
+        if !(available() && amx::available()) {
+            assert!(
+                std::env::var("KILN_REQUIRE_AMX").is_err(),
+                "KILN_REQUIRE_AMX is set, but this processor (or its operating system) offers no AMX-BF16"
+            );
+            eprintln!("skipped: no AMX-BF16 here");
+            return;
+        }
+        let (one_thread, two) = (Workers::new(1).unwrap(), Workers::new(2).unwrap());
+        for &(m, k, n) in &[(32, 32, 32), (45, 64, 77), (100, 1088, 33), (16, 128, 200)] {
+            let (ad, bd) = (values(m * k, 1), values(k * n, 2));
+            let b = Mat {
+                data: &bd,
+                offset: 0,
+                rs: n,
+                cs: 1,
+            };
+            for transposed in [false, true] {
+                let a = match transposed {
+                    false => Mat {
+                        data: &ad,
+                        offset: 0,
+                        rs: k,
+                        cs: 1,
+                    },
+                    true => Mat {
+                        data: &ad,
+                        offset: 0,
+                        rs: 1,
+                        cs: m,
+                    },
+                };
+                let run = |pool: &Workers| -> Vec<f32> {
+                    let mut c = vec![MaybeUninit::new(f32::NAN); m * n];
+                    one(AMX, a, b, (m, k, n), &mut c, pool);
+                    // SAFETY: initialised above (and overwritten by `one`).
+                    c.iter().map(|v| unsafe { v.assume_init() }).collect()
+                };
+                let got = run(&one_thread);
+                let case = format!("{m}×{k}×{n}, transposed A {transposed}");
+                let bits = |c: &[f32]| c.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&run(&two)), "{case}: 1 and 2 threads");
+                let f = |x: bf16| f64::from(x.to_f32());
+                for i in 0..m {
+                    for j in 0..n {
+                        let terms = (0..k)
+                            .map(|p| f(a.data[a.offset + i * a.rs + p * a.cs]) * f(bd[p * n + j]));
+                        let (exact, mass) =
+                            terms.fold((0.0, 0.0), |(s, w), t| (s + t, w + t.abs()));
+                        let bound = kiln_core::bounds::dot(k, mass)
+                            + kiln_core::bounds::flush(kiln_core::DType::BF16, k);
+                        let err = (f64::from(got[i * n + j]) - exact).abs();
+                        assert!(
+                            err <= bound,
+                            "{case}: c[{i}, {j}] = {} against {exact}, bound {bound}",
+                            got[i * n + j]
+                        );
+                    }
+                }
             }
         }
     }

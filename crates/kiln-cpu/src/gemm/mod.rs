@@ -24,11 +24,19 @@ mod pack;
 mod rows;
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod bf16;
+
+/// Whether the bf16 GEMM runs on AMX tiles here ([`amx::available`]).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn amx_available() -> bool {
+    amx::available()
+}
 #[cfg(target_arch = "aarch64")]
 mod neon;
 

@@ -15,10 +15,11 @@
 //! 32. Full tiles are stored into C directly (the first k block stores,
 //! later ones add); edge tiles go through a small buffer.
 //!
-//! On processors with AMX-BF16 ([`amx`]), products wider than 16 columns,
-//! at least 16 rows tall and with k a multiple of 32 take the [`AMX`]
-//! tile instead: 32 × 32 blocks of C from the same packed B panels, with
-//! A's words in rows (in place, or packed by [`pack_a_rows`]). Its sums
+//! On processors with AMX-BF16 ([`amx`]), products wider than 16 columns
+//! and at least 16 rows tall take the [`AMX`] tile instead: 32 × 32 blocks
+//! of C from the same packed B panels, each k block's pairs padded with
+//! zeros to whole tile steps of 16, with A's words in rows (in place where
+//! a block needs no padding, else packed by [`pack_a_rows`]). Its sums
 //! round differently from `vdpbf16ps`'s (within the same bound; the
 //! choice depends only on the shape and the processor, never on timing or
 //! threads). `KILN_AMX=0` turns it off.
@@ -55,8 +56,22 @@ struct Tile {
     /// [`kernel`] for this shape, or [`amx::kernel`].
     kernel: unsafe fn(Words, *mut f32, usize, bool),
     /// The AMX kernel: A's words in rows (pairs contiguous), tiles
-    /// configured per task, k blocks of whole tile steps.
+    /// configured per task, each k block's pairs padded with zeros to whole
+    /// tile steps ([`Tile::stored_pairs`]).
     amx: bool,
+}
+
+impl Tile {
+    /// The pairs of words a k block of `kc` elements takes in B's panels
+    /// and A's packing: its pairs, padded with zero pairs to whole tile
+    /// steps for the AMX tile.
+    fn stored_pairs(self, kc: usize) -> usize {
+        let pairs = kc.div_ceil(2);
+        match self.amx {
+            true => pairs.next_multiple_of(amx::PAIRS_PER_STEP),
+            false => pairs,
+        }
+    }
 }
 
 /// Floats of the buffer an edge tile is computed into.
@@ -78,18 +93,16 @@ const NARROW: Tile = Tile {
     kernel: kernel::<16, 1>,
     amx: false,
 };
-/// Processors with AMX-BF16 ([`amx::available`]), for products whose k is
-/// a whole number of tile steps and that are at least half a tile tall
-/// and wider than [`NARROW`].
+/// Processors with AMX-BF16 ([`amx::available`]), for products at least
+/// half a tile tall and wider than [`NARROW`].
 const AMX: Tile = Tile {
     mr: amx::MR,
     nr: amx::NR,
     kernel: amx::kernel,
     amx: true,
 };
-/// The k multiple the AMX tile needs: whole tile steps of pairs.
-const AMX_K: usize = 2 * amx::PAIRS_PER_STEP;
-const _: () = assert!(KC.is_multiple_of(AMX_K));
+// Every k block but the last is whole tile steps (A read in place there).
+const _: () = assert!(KC.is_multiple_of(2 * amx::PAIRS_PER_STEP));
 
 /// Whether this processor has AVX-512 BF16 (and F).
 pub(crate) fn available() -> bool {
@@ -174,7 +187,7 @@ pub(crate) fn gemm(
     }
     let (sa, sb) = (a.layout.strides(), b.layout.strides());
     let tile = match n > NARROW.nr {
-        true if k.is_multiple_of(AMX_K) && m >= AMX.mr / 2 && amx::available() => AMX,
+        true if m >= AMX.mr / 2 && amx::available() => AMX,
         true => WIDE,
         false => NARROW,
     };
@@ -267,9 +280,10 @@ fn pack_a(a: Mat<'_>, r0: usize, m: usize, (p0, end): (usize, usize), mr: usize,
     }
 }
 
-/// Packs A's rows `r0..r0+mr` (zeros past row `m`), k elements `p0..end`
-/// (`end − p0` even), as rows of pair words — `out[i·pairs + t]` is
-/// `(a[r0+i, p0+2t], a[r0+i, p0+2t+1])` — for the AMX kernel.
+/// Packs A's rows `r0..r0+mr` (zeros past row `m`), k elements `p0..end`,
+/// as `mr` rows of `out.len() / mr` pair words — `out[i·pairs + t]` is
+/// `(a[r0+i, p0+2t], a[r0+i, p0+2t+1])`, zeros past `end` — for the AMX
+/// kernel.
 fn pack_a_rows(
     a: Mat<'_>,
     r0: usize,
@@ -278,20 +292,29 @@ fn pack_a_rows(
     mr: usize,
     out: &mut [u32],
 ) {
-    let pairs = (end - p0) / 2;
+    let pairs = out.len() / mr;
     let rows = mr.min(m - r0);
-    for (i, words) in out.chunks_exact_mut(pairs).take(mr).enumerate() {
+    for (i, words) in out.chunks_exact_mut(pairs).enumerate() {
         if i >= rows {
             words.fill(0);
-        } else if a.cs == 1 {
+            continue;
+        }
+        if a.cs == 1 {
             let run = &a.data[a.offset + (r0 + i) * a.rs + p0..][..end - p0];
-            for (w, pair) in words.iter_mut().zip(run.as_chunks::<2>().0) {
+            let (whole, rest) = run.as_chunks::<2>();
+            for (w, pair) in words.iter_mut().zip(whole) {
                 *w = u32::from(pair[0].to_bits()) | (u32::from(pair[1].to_bits()) << 16);
             }
+            let tail = &mut words[whole.len()..];
+            tail.fill(0);
+            if let ([last], Some(w)) = (rest, tail.first_mut()) {
+                *w = u32::from(last.to_bits());
+            }
         } else {
+            let at = |p: usize| if p < end { a.at(r0 + i, p) } else { 0 };
             for (t, w) in words.iter_mut().enumerate() {
                 let p = p0 + 2 * t;
-                *w = a.at(r0 + i, p) | (a.at(r0 + i, p + 1) << 16);
+                *w = at(p) | (at(p + 1) << 16);
             }
         }
     }
@@ -310,7 +333,7 @@ fn one(
     let in_place = a.cs == 1 && k % 2 == 0;
     // B's panels for one k block, in this thread's scratch (every word is
     // written by `pack_b` before the kernels read it).
-    let words = n.div_ceil(tile.nr) * tile.nr * KC.min(k).div_ceil(2);
+    let words = n.div_ceil(tile.nr) * tile.nr * tile.stored_pairs(KC.min(k));
     crate::scratch::sized(words, |buf| {
         let b_packed: &mut [u32] = bytemuck::cast_slice_mut(buf);
         for pc in (0..k).step_by(KC) {
@@ -336,14 +359,19 @@ fn block(
 ) {
     let Tile { mr, nr, .. } = tile;
     let panels = n.div_ceil(nr);
-    let pairs = kc.div_ceil(2);
+    // The block's pairs, and those each panel stores (zero pairs after).
+    let (pairs, stored) = (kc.div_ceil(2), tile.stored_pairs(kc));
     let jobs = b_packed
-        .chunks_exact_mut(nr * pairs)
+        .chunks_exact_mut(nr * stored)
         .take(panels)
         .enumerate();
     let bt = b.transposed();
-    let pack = |(q, panel): (usize, &mut [u32])| pack_a(bt, q * nr, n, (pc, pc + kc), nr, panel);
-    if panels > 1 && panels * nr * pairs >= PACK_PARALLEL_MIN_WORDS && pool.threads() > 1 {
+    let pack = |(q, panel): (usize, &mut [u32])| {
+        let (words, padding) = panel.split_at_mut(nr * pairs);
+        pack_a(bt, q * nr, n, (pc, pc + kc), nr, words);
+        padding.fill(0);
+    };
+    if panels > 1 && panels * nr * stored >= PACK_PARALLEL_MIN_WORDS && pool.threads() > 1 {
         pool.for_each(jobs.collect(), pack);
     } else {
         jobs.for_each(pack);
@@ -364,12 +392,13 @@ fn block(
         let mut edge = [0f32; EDGE];
         // SAFETY: the AMX tile is chosen only where `amx::available()`.
         let _tiles = tile.amx.then(|| unsafe { amx::Tiles::new() });
-        crate::scratch::sized(mr * pairs, |a_buf| {
+        crate::scratch::sized(mr * stored, |a_buf| {
             let a_panel: &mut [u32] = bytemuck::cast_slice_mut(a_buf);
             for ir in (0..rows_here).step_by(mr) {
                 let rows_tile = mr.min(rows_here - ir);
-                // A's words: (pointer in bf16 elements, row step, pair step).
-                let (ap, rs, ps) = if in_place && rows_tile == mr {
+                // A's words: (pointer in bf16 elements, row step, pair step);
+                // in place only where the block has no padding to read.
+                let (ap, rs, ps) = if in_place && rows_tile == mr && stored == pairs {
                     let start = a.offset + (r0 + ir) * a.rs + pc;
                     // The last word read, row mr−1's pair `pairs − 1`, ends
                     // at element start + (mr−1)·rs + 2·pairs − 1, inside A.
@@ -377,20 +406,20 @@ fn block(
                     (a.data[start..].as_ptr().cast::<u16>(), a.rs, 2)
                 } else if tile.amx {
                     pack_a_rows(a, r0 + ir, r0 + rows_here, (pc, pc + kc), mr, a_panel);
-                    (a_panel.as_ptr().cast::<u16>(), 2 * pairs, 2)
+                    (a_panel.as_ptr().cast::<u16>(), 2 * stored, 2)
                 } else {
                     pack_a(a, r0 + ir, r0 + rows_here, (pc, pc + kc), mr, a_panel);
                     (a_panel.as_ptr().cast::<u16>(), 2, 2 * mr)
                 };
                 for q in 0..panels {
-                    let bp = b_packed[q * nr * pairs..][..nr * pairs].as_ptr();
+                    let bp = b_packed[q * nr * stored..][..nr * stored].as_ptr();
                     let cols = nr.min(n - q * nr);
                     let words = Words {
                         a: ap,
                         rs,
                         ps,
                         b: bp,
-                        pairs,
+                        pairs: stored,
                     };
                     if rows_tile == mr && cols == nr {
                         let dst = rows[ir * n + q * nr..][..(mr - 1) * n + nr].as_mut_ptr();
@@ -516,7 +545,8 @@ mod tests {
     /// The AMX kernel's products are within the f32 dot-product bound of
     /// the exact ones (its rounding is not `vdpbf16ps`'s, so its bits
     /// differ), and the same bits on one thread and two: row-major and
-    /// transposed A, edge tiles in both directions, several k blocks.
+    /// transposed A, edge tiles in both directions, several k blocks, k
+    /// blocks padded to whole tile steps (odd ones too).
     #[test]
     fn the_amx_kernel_is_within_the_bound_on_any_thread_count() {
         if !(available() && amx::available()) {
@@ -528,7 +558,18 @@ mod tests {
             return;
         }
         let (one_thread, two) = (Workers::new(1).unwrap(), Workers::new(2).unwrap());
-        for &(m, k, n) in &[(32, 32, 32), (45, 64, 77), (100, 1088, 33), (16, 128, 200)] {
+        let shapes = [
+            (32, 32, 32),
+            (45, 64, 77),
+            (100, 1088, 33),
+            (16, 128, 200),
+            // k not whole tile steps: zero-padded pairs (and an odd k).
+            (33, 784, 64),
+            (17, 37, 40),
+            (64, 5, 48),
+            (40, 1000, 35),
+        ];
+        for &(m, k, n) in &shapes {
             let (ad, bd) = (values(m * k, 1), values(k * n, 2));
             let b = Mat {
                 data: &bd,

@@ -294,23 +294,45 @@ fn pack_a_rows(
 ) {
     let pairs = out.len() / mr;
     let rows = mr.min(m - r0);
-    for (i, words) in out.chunks_exact_mut(pairs).enumerate() {
-        if i >= rows {
-            words.fill(0);
-            continue;
-        }
-        if a.cs == 1 {
+    let (filled, past) = out.split_at_mut(rows * pairs);
+    past.fill(0);
+    let word = |lo: bf16, hi: bf16| u32::from(lo.to_bits()) | (u32::from(hi.to_bits()) << 16);
+    if a.cs == 1 {
+        // Row-major: each row's k run is contiguous, its pairs words.
+        for (i, words) in filled.chunks_exact_mut(pairs).enumerate() {
             let run = &a.data[a.offset + (r0 + i) * a.rs + p0..][..end - p0];
             let (whole, rest) = run.as_chunks::<2>();
             for (w, pair) in words.iter_mut().zip(whole) {
-                *w = u32::from(pair[0].to_bits()) | (u32::from(pair[1].to_bits()) << 16);
+                *w = word(pair[0], pair[1]);
             }
             let tail = &mut words[whole.len()..];
             tail.fill(0);
             if let ([last], Some(w)) = (rest, tail.first_mut()) {
-                *w = u32::from(last.to_bits());
+                *w = word(*last, bf16::ZERO);
             }
-        } else {
+        }
+    } else if a.rs == 1 {
+        // Transposed (a weight gradient's `xᵀ`): each column's rows are
+        // contiguous; pair t interleaves columns 2t and 2t+1.
+        let column = |p: usize| (p < end).then(|| &a.data[a.offset + p * a.cs + r0..][..rows]);
+        for t in 0..pairs {
+            let (p, q) = (p0 + 2 * t, p0 + 2 * t + 1);
+            match (column(p), column(q)) {
+                (Some(lo), Some(hi)) => {
+                    for (i, (&l, &h)) in lo.iter().zip(hi).enumerate() {
+                        filled[i * pairs + t] = word(l, h);
+                    }
+                }
+                (Some(lo), None) => {
+                    for (i, &l) in lo.iter().enumerate() {
+                        filled[i * pairs + t] = word(l, bf16::ZERO);
+                    }
+                }
+                _ => (0..rows).for_each(|i| filled[i * pairs + t] = 0),
+            }
+        }
+    } else {
+        for (i, words) in filled.chunks_exact_mut(pairs).enumerate() {
             let at = |p: usize| if p < end { a.at(r0 + i, p) } else { 0 };
             for (t, w) in words.iter_mut().enumerate() {
                 let p = p0 + 2 * t;

@@ -75,7 +75,10 @@ if [ "$(uname -m)" = x86_64 ]; then
   grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo && required="avx2"
   grep -qw avx512f /proc/cpuinfo && required="$required,avx512"
 fi
-step "cargo test (kernel sets required: scalar${required:+,$required})"
+# Where the processor reports AMX-BF16, the bf16 GEMM's AMX tile must run
+# its test too (not skip).
+grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null && export KILN_REQUIRE_AMX=1
+step "cargo test (kernel sets required: scalar${required:+,$required}${KILN_REQUIRE_AMX:+, AMX})"
 KILN_REQUIRE_DATASETS=1 KILN_REQUIRE_KERNELS="$required" KILN_REQUIRE_HOST_EMULATION=1 \
   cargo test --workspace --profile ci --locked
 

@@ -209,6 +209,13 @@ pub(crate) fn gemm(
     Some(())
 }
 
+/// The pair word `(lo, hi)`: `lo` in the low 16 bits, as `vdpbf16ps` and
+/// `tdpbf16ps` read a pair of bf16.
+#[inline(always)]
+fn word(lo: bf16, hi: bf16) -> u32 {
+    u32::from(lo.to_bits()) | (u32::from(hi.to_bits()) << 16)
+}
+
 /// `words[j] = (lo[j], hi[j])` as a pair word (`hi` zero where absent),
 /// zeros past `lo`'s length.
 #[inline]
@@ -217,7 +224,7 @@ fn pair_words(words: &mut [u32], lo: &[bf16], hi: Option<&[bf16]>) {
     match hi {
         Some(hi) => {
             for ((w, l), h) in head.iter_mut().zip(lo).zip(hi) {
-                *w = u32::from(l.to_bits()) | (u32::from(h.to_bits()) << 16);
+                *w = word(*l, *h);
             }
         }
         None => {
@@ -239,8 +246,7 @@ fn words_from_runs<'a>(out: &mut [u32], stride: usize, runs: impl Iterator<Item 
     for (lane, run) in runs.enumerate() {
         let (pairs, rest) = run.as_chunks::<2>();
         for (t, pair) in pairs.iter().enumerate() {
-            out[t * stride + lane] =
-                u32::from(pair[0].to_bits()) | (u32::from(pair[1].to_bits()) << 16);
+            out[t * stride + lane] = word(pair[0], pair[1]);
         }
         if let [last] = rest {
             out[pairs.len() * stride + lane] = u32::from(last.to_bits());
@@ -296,7 +302,6 @@ fn pack_a_rows(
     let rows = mr.min(m - r0);
     let (filled, past) = out.split_at_mut(rows * pairs);
     past.fill(0);
-    let word = |lo: bf16, hi: bf16| u32::from(lo.to_bits()) | (u32::from(hi.to_bits()) << 16);
     if a.cs == 1 {
         // Row-major: each row's k run is contiguous, its pairs words.
         for (i, words) in filled.chunks_exact_mut(pairs).enumerate() {
@@ -447,8 +452,8 @@ fn block(
                         let dst = rows[ir * n + q * nr..][..(mr - 1) * n + nr].as_mut_ptr();
                         // SAFETY: `available()` was checked by the caller;
                         // A's words are in bounds (in place: the assertion
-                        // above; packed: `mr·pairs` words), B's panel holds
-                        // `nr·pairs` words, and C's `mr` rows of `nr`
+                        // above; packed: `mr·stored` words), B's panel holds
+                        // `nr·stored` words, and C's `mr` rows of `nr`
                         // floats `n` apart lie in the slice taken above —
                         // written by the first k block, before later
                         // blocks add to them.

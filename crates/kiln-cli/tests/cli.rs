@@ -1030,6 +1030,21 @@ fn thread_counts_past_four_per_core_are_refused() {
         "{}",
         stderr(&o)
     );
+    // A switch for the AMX kernel that is neither 0 nor 1 (checked on every
+    // processor, AMX or not).
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["conformance", "--op", "gemm"])
+        .env("KILN_AMX", "maybe")
+        .output()
+        .unwrap();
+    if cfg!(target_arch = "x86_64") {
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            stderr(&o).contains("KILN_AMX=\"maybe\": expected 0"),
+            "{}",
+            stderr(&o)
+        );
+    }
     let o = kiln(&["bench", "--quick", "--threads", "0"]);
     assert!(
         stderr(&o).contains("--threads 0: expected 1 to"),

@@ -143,6 +143,8 @@ impl CpuBackend {
 
     fn build(kernels: KernelSet, threads: usize) -> Result<Self> {
         gemm::blocking::check_env()?;
+        #[cfg(target_arch = "x86_64")]
+        gemm::check_amx_env()?;
         Ok(CpuBackend {
             kernels,
             threads,

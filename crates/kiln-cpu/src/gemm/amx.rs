@@ -37,11 +37,12 @@ pub(crate) const PAIRS_PER_STEP: usize = 16;
 
 /// Whether this processor has AMX-BF16 and the operating system lets the
 /// process use the tile registers (asked for once). `KILN_AMX=0` turns the
-/// AMX kernel off (the AVX-512 BF16 kernel then runs, with the same bits).
+/// AMX kernel off (the AVX-512 BF16 kernel then runs; its sums round
+/// differently, within the same bound).
 pub(crate) fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
-        if std::env::var("KILN_AMX").is_ok_and(|v| v.trim() == "0") {
+        if !matches!(check_env(), Ok(true)) {
             return false;
         }
         // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
@@ -51,6 +52,22 @@ pub(crate) fn available() -> bool {
         }
         request_tile_data()
     })
+}
+
+/// Whether `KILN_AMX` lets the AMX kernel run: unset, empty or `1` yes,
+/// `0` no, anything else an error that says so (reported when a backend is
+/// built; the kernel stays off).
+pub(crate) fn check_env() -> kiln_core::Result<bool> {
+    match std::env::var("KILN_AMX") {
+        Err(_) => Ok(true),
+        Ok(v) => match v.trim() {
+            "" | "1" => Ok(true),
+            "0" => Ok(false),
+            other => Err(kiln_core::Error::invalid(format!(
+                "KILN_AMX={other:?}: expected 0 (bf16 products off AMX tiles) or 1 (on, the default where the processor has AMX-BF16)"
+            ))),
+        },
+    }
 }
 
 /// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: true if Linux

@@ -37,6 +37,12 @@ mod bf16;
 pub(crate) fn amx_available() -> bool {
     amx::available()
 }
+
+/// `KILN_AMX`'s value, or the error a malformed one is ([`amx::check_env`]).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn check_amx_env() -> kiln_core::Result<()> {
+    amx::check_env().map(|_| ())
+}
 #[cfg(target_arch = "aarch64")]
 mod neon;
 

@@ -13,8 +13,8 @@
 //! The backward pass recomputes each pass's probabilities (and factors)
 //! from `q` and `k` and accumulates `dq`, `dk` and `dv` in place. Every
 //! sum is a chain of fused multiply-adds in a fixed order (keys, then
-//! queries, ascending), so results do not depend on the thread count. The loops are compiled per
-//! kernel set by [`wide::per_set`]; the bounds are
+//! queries, ascending), so results do not depend on the thread count. The
+//! loops are compiled per kernel set by [`wide::per_set`]; the bounds are
 //! [`kiln_core::bounds::attention`] and
 //! [`attention_backward`](kiln_core::bounds::attention_backward).
 

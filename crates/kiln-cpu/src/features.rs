@@ -147,7 +147,7 @@ pub fn detected() -> Vec<&'static str> {
         );
         // Reported only where the operating system also grants the tiles
         // (the bf16 GEMM then runs on them).
-        if crate::gemm::amx_available() {
+        if crate::gemm::amx::available() {
             v.push("amx-bf16");
         }
     }

@@ -144,7 +144,7 @@ impl CpuBackend {
     fn build(kernels: KernelSet, threads: usize) -> Result<Self> {
         gemm::blocking::check_env()?;
         #[cfg(target_arch = "x86_64")]
-        gemm::check_amx_env()?;
+        gemm::amx::check_env()?;
         Ok(CpuBackend {
             kernels,
             threads,

@@ -28,12 +28,12 @@ use std::sync::OnceLock;
 use super::bf16::Words;
 
 /// Rows of C per kernel call: two tiles of 16.
-pub(crate) const MR: usize = 32;
+pub(super) const MR: usize = 32;
 /// Columns of C per kernel call: two tiles of 16 (and the width of the
 /// packed B panels the kernel reads).
-pub(crate) const NR: usize = 32;
+pub(super) const NR: usize = 32;
 /// k pairs per tile step: a tile row of A is 64 bytes, 16 pair words.
-pub(crate) const PAIRS_PER_STEP: usize = 16;
+pub(super) const PAIRS_PER_STEP: usize = 16;
 
 /// Whether this processor has AMX-BF16 and the operating system lets the
 /// process use the tile registers (asked for once). `KILN_AMX=0` turns the
@@ -125,14 +125,14 @@ static CONFIG: Config = Config::new();
 
 /// This thread's tiles, configured for [`kernel`] while the guard lives
 /// (not `Send`: the configuration belongs to the thread that made it).
-pub(crate) struct Tiles(std::marker::PhantomData<*const ()>);
+pub(super) struct Tiles(std::marker::PhantomData<*const ()>);
 
 impl Tiles {
     /// Configures this thread's tiles.
     ///
     /// # Safety
     /// [`available`] returned true.
-    pub(crate) unsafe fn new() -> Self {
+    pub(super) unsafe fn new() -> Self {
         // SAFETY: AMX is available and permitted (the caller's contract);
         // the configuration is 64 aligned bytes of a valid palette-1
         // layout.
@@ -159,7 +159,7 @@ impl Drop for Tiles {
 /// bf16 for `i < MR`; `w.b` holds `pairs·NR` words; `c` has `MR` rows of
 /// `NR` floats, `ldc` apart.
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn kernel(w: Words, c: *mut f32, ldc: usize, add: bool) {
+pub(super) unsafe fn kernel(w: Words, c: *mut f32, ldc: usize, add: bool) {
     debug_assert!(w.ps == 2 && w.pairs.is_multiple_of(PAIRS_PER_STEP));
     let a_stride = 2 * w.rs;
     let b_stride = 4 * NR;

@@ -559,14 +559,10 @@ unsafe fn kernel<const MR: usize, const NV: usize>(w: Words, c: *mut f32, ldc: u
 mod tests {
     use super::*;
 
-    /// bf16 values of every binade kiln's tests use, from a hash.
+    /// `n` bf16 values in `[−1, 1)` from the Philox stream `salt`.
     fn values(n: usize, salt: u64) -> Vec<bf16> {
-        (0..n as u64)
-            .map(|i| {
-                let h = (i ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
-                bf16::from_f32((h % 2001) as f32 / 1000.0 - 1.0)
-            })
-            .collect()
+        let u = |i| 2.0 * kiln_core::rng::uniform(salt, 0, i) - 1.0;
+        (0..n as u64).map(|i| bf16::from_f32(u(i))).collect()
     }
 
     /// The AMX kernel's products are within the f32 dot-product bound of

@@ -24,25 +24,13 @@ mod pack;
 mod rows;
 
 #[cfg(target_arch = "x86_64")]
-mod amx;
+pub(crate) mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod bf16;
-
-/// Whether the bf16 GEMM runs on AMX tiles here ([`amx::available`]).
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn amx_available() -> bool {
-    amx::available()
-}
-
-/// `KILN_AMX`'s value, or the error a malformed one is ([`amx::check_env`]).
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn check_amx_env() -> kiln_core::Result<()> {
-    amx::check_env().map(|_| ())
-}
 #[cfg(target_arch = "aarch64")]
 mod neon;
 

@@ -193,7 +193,10 @@ fn forcing_a_missing_kernel_set_is_a_clear_error() {
 /// A few rows of A (decoding a token) skip packing and read B's rows in
 /// place; they must give the packed driver's bits: the first rows of a
 /// product with more rows, across the KC block, narrow and wide, and a
-/// transposed B (which stays on the packed path).
+/// transposed B (which stays on the packed path). Widths cross the path's
+/// register blocks (128 and 64 columns, then a narrower tail: 65, 200,
+/// 320), and one row of a wide enough product is split by columns over
+/// the two threads (parts of 192 and 108 columns at n = 300).
 #[test]
 fn few_row_products_give_the_packed_bits() {
     for set in sets() {
@@ -204,6 +207,11 @@ fn few_row_products_give_the_packed_bits() {
         for &(m, k, n) in &[
             (1, 1, 1),
             (1, 128, 384),
+            (1, 128, 65),
+            (1, 64, 128),
+            (2, 40, 200),
+            (1, 513, 300),
+            (4, 130, 320),
             (3, 300, 33),
             (4, 513, 70),
             (2, 64, 5),

@@ -325,7 +325,7 @@ fn product(
     debug_assert!(k > 0);
     let blk = blocking_of(set);
     if rows::applies(set, m, b) {
-        rows::gemm(set, blk.kc, a, b, (m, k, n), c);
+        rows::gemm(set, blk.kc, a, b, (m, k, n), c, pool);
         return Ok(());
     }
     if narrow::applies(set, n, b) {

@@ -151,7 +151,7 @@ impl Product<'_, '_> {
             let r = mb - whole;
             if fresh {
                 let tail = a.shifted(i0 + whole, 0);
-                rows::gemm(set, kc_block, &tail, b, (r, k, n), rest);
+                rows::gemm(set, kc_block, &tail, b, (r, k, n), rest, None);
             } else {
                 // Each KC block's sums added into C in turn, as the tiles do.
                 // SAFETY: not fresh: the caller's C holds values.
@@ -162,7 +162,7 @@ impl Product<'_, '_> {
                     let (ta, tb) = (a.shifted(i0 + whole, pc), b.shifted(pc, 0));
                     // SAFETY: the rows path writes only computed values.
                     let slots = unsafe { crate::fresh::as_slots(&mut block) };
-                    rows::gemm(set, kc_block, &ta, &tb, (r, kc, n), slots);
+                    rows::gemm(set, kc_block, &ta, &tb, (r, kc, n), slots, None);
                     rest.iter_mut().zip(&block).for_each(|(c, t)| *c += t);
                 }
             }

@@ -1,21 +1,17 @@
 //! `kiln`: train, evaluate and inspect models from the command line.
 
-fn main() -> std::process::ExitCode {
-    keep_freed_memory();
-    kiln_cli::main()
-}
+/// The command line's allocator. A training step or a decoded token is
+/// hundreds of ops, each allocating its result and some bookkeeping and
+/// freeing its inputs' buffers; with glibc's allocator `malloc`, `free`
+/// and their consolidation took 10–18 % of a decoding step (perf, the
+/// config A GPT), and blocks over 128 KiB went back to the kernel on free
+/// unless its thresholds were raised. mimalloc's per-thread free lists
+/// took the tenth session's Xeon from 5,200 to 6,400 decoded tokens/s and
+/// GPT training from 46 to 50 iterations/s (2 threads). Programs that
+/// embed kiln's crates choose their own allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// A training step allocates and frees the same tensor sizes over and
-/// over. By default glibc hands blocks over 128 KiB to `mmap` and gives
-/// them back on free, so every step faults in (and zeroes) fresh pages;
-/// keeping freed memory in the heap for reuse makes those steps a third
-/// faster. Elsewhere the system allocator's defaults stand.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes glibc's allocation thresholds; it is
-    // called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
+fn main() -> std::process::ExitCode {
+    kiln_cli::main()
 }

@@ -362,7 +362,7 @@ impl<'a> Problem<'a> {
         exp: MapKernel,
         plan: &AttentionPlan,
         b: usize,
-        operands: (&[f32], &[f32], &[f32]),
+        operands: [&Slabs<'_>; 3],
         f: impl FnOnce(&mut Problem<'_>) -> R,
     ) -> R {
         let lens = Self::buffer_lens(plan);
@@ -390,7 +390,7 @@ impl<'a> Problem<'a> {
         exp: MapKernel,
         plan: &'a AttentionPlan,
         b: usize,
-        (q, k, v): (&'a [f32], &'a [f32], &'a [f32]),
+        [q, k, v]: [&'a Slabs<'_>; 3],
         [kt, p, m, shifted]: [&'a mut [f32]; 4],
     ) -> Self {
         let (t, s, d) = (plan.queries, plan.keys, plan.dim);
@@ -401,11 +401,7 @@ impl<'a> Problem<'a> {
             extra: s - t,
             sp: s.next_multiple_of(LANES),
         };
-        let (q, k, v) = (
-            &q[b * t * d..(b + 1) * t * d],
-            &k[b * s * d..(b + 1) * s * d],
-            &v[b * s * d..(b + 1) * s * d],
-        );
+        let (q, k, v) = (q.problem(b), k.problem(b), v.problem(b));
         transpose(k, s, d, causal.sp, kt);
         Problem {
             set,
@@ -504,6 +500,58 @@ pub(crate) fn operands<'a>(
     Ok([read(q)?, read(k)?, read(v)?])
 }
 
+/// A `[batch, rows, D]` operand in f32, one slab per problem: problem
+/// `b`'s rows, row-major, at `data[b·stride..][..rows·D]`.
+struct Slabs<'a> {
+    data: std::borrow::Cow<'a, [f32]>,
+    stride: usize,
+    len: usize,
+}
+
+impl<'a> Slabs<'a> {
+    /// `view`'s problems: borrowed in place when it is f32 and each
+    /// problem's rows are contiguous, however far apart the problems are
+    /// (a decoding step's keys and values: a cache narrowed to the
+    /// positions filled so far, the heads of one token's row); otherwise
+    /// read row-major as [`operands`] does.
+    fn of(
+        set: KernelSet,
+        pool: &Workers,
+        op: &'static str,
+        view: View<'a, HostData>,
+    ) -> Result<Self> {
+        let (dims, strides) = (view.layout.dims(), view.layout.strides());
+        if let (HostData::F32(data), &[n, r, w], &[sn, sr, sw]) = (view.storage, dims, strides) {
+            let len = r * w;
+            let rows_contiguous = (w <= 1 || sw == 1) && (r <= 1 || sr == w);
+            let stride = if n == 1 { len } else { sn };
+            if n > 0 && len > 0 && rows_contiguous && stride >= len {
+                let start = view.layout.offset();
+                let end = start + (n - 1) * stride + len;
+                if end <= data.len() {
+                    return Ok(Slabs {
+                        data: std::borrow::Cow::Borrowed(&data[start..end]),
+                        stride,
+                        len,
+                    });
+                }
+            }
+        }
+        let len = dims[1..].iter().product();
+        let data = convert::read_f32(set, Some(pool), op, view)?;
+        Ok(Slabs {
+            data,
+            stride: len,
+            len,
+        })
+    }
+
+    /// Problem `b`'s rows.
+    fn problem(&self, b: usize) -> &[f32] {
+        &self.data[b * self.stride..][..self.len]
+    }
+}
+
 /// `set`'s vector exp (every SIMD set has one).
 fn vector_exp(op: &str, set: KernelSet) -> Result<MapKernel> {
     transcendental(set, UnaryOp::Exp).ok_or_else(|| {
@@ -536,13 +584,14 @@ pub(crate) fn attention_causal(
 ) -> Result<HostData> {
     let op = "attention_causal";
     let plan = AttentionPlan::new(q, k, v, options)?;
-    let [qs, ks, vs] = operands(set, Some(pool), op, [q, k, v])?;
+    let [qs, ks, vs] = [q, k, v].map(|x| Slabs::of(set, pool, op, x));
+    let (qs, ks, vs) = (qs?, ks?, vs?);
     let exp = vector_exp(op, set)?;
     let (t, d) = (plan.queries, plan.dim);
     let len = plan.batch * t * d;
     let fill = |start: usize, out: &mut [MaybeUninit<f32>]| {
         let y = fresh::zeros(out);
-        let operands = (&qs[..], &ks[..], &vs[..]);
+        let operands = [&qs, &ks, &vs];
         for (j, y) in y.chunks_exact_mut((t * d).max(1)).enumerate() {
             let b = start / (t * d).max(1) + j;
             Problem::with(set, exp, &plan, b, operands, |p| p.forward(y));
@@ -569,7 +618,8 @@ pub(crate) fn attention_causal_backward(
 ) -> Result<AttentionGrads<HostData>> {
     let op = "attention_causal_backward";
     let plan = AttentionPlan::backward(q, k, v, dy, options)?;
-    let [qs, ks, vs] = operands(set, Some(pool), op, [q, k, v])?;
+    let [qs, ks, vs] = [q, k, v].map(|x| Slabs::of(set, pool, op, x));
+    let (qs, ks, vs) = (qs?, ks?, vs?);
     let dys = convert::read_f32(set, Some(pool), op, dy)?;
     let exp = vector_exp(op, set)?;
     let (n, t, s, d) = (plan.batch, plan.queries, plan.keys, plan.dim);
@@ -584,7 +634,7 @@ pub(crate) fn attention_causal_backward(
         .zip(per_problem(&mut dv, n, s * d))
         .enumerate()
         .collect();
-    let operands = (&qs[..], &ks[..], &vs[..]);
+    let operands = [&qs, &ks, &vs];
     pool.for_each(jobs, |(b, ((dq, dk), dv))| {
         // Zeroed by the thread that accumulates into them.
         let (dq, dk, dv) = (fresh::zeros(dq), fresh::zeros(dk), fresh::zeros(dv));

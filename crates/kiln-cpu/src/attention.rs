@@ -6,6 +6,12 @@
 //! cost nothing (about half the multiply-adds of the composed ops' full
 //! products).
 //!
+//! A problem of fewer queries than a register block's rows (decoding: one
+//! query per head) takes each score as one dot product of a query row and
+//! a key row instead of transposing the keys, and its weighted sums run
+//! its rows alone; operands whose problems each hold contiguous rows (a
+//! key/value cache narrowed to the positions filled) are read in place.
+//!
 //! Dropout on the probabilities ([`kiln_core::AttentionDropout`]) draws
 //! each pass's factors into a buffer beside its probabilities and
 //! multiplies them in before the weighted sums.
@@ -131,6 +137,34 @@ fn products_loop(x: &[f32], t: &[f32], d: usize, c: Causal, scale: f32, out: &mu
     }
 }
 
+/// `out[(i − lo)·sp + j] = scale·Σₚ x[i·d + p]·y[j·d + p]` for every query
+/// `i` of the pass and exactly the keys it sees, each score one dot product
+/// of a query row and a key row in [`LANES`] partial sums combined pairwise:
+/// for problems of fewer queries than a register block's rows (a decoding
+/// step's one query per head), where transposing the keys for
+/// [`products_loop`] costs more than the products and its blocks would
+/// repeat the one row.
+#[inline(always)]
+fn dots_loop(x: &[f32], y: &[f32], d: usize, c: Causal, scale: f32, out: &mut [f32]) {
+    for i in c.lo..c.hi {
+        let (xs, xt) = x[i * d..(i + 1) * d].as_chunks::<LANES>();
+        let row = &mut out[(i - c.lo) * c.sp..][..c.seen(i)];
+        for (j, o) in row.iter_mut().enumerate() {
+            let (ys, yt) = y[j * d..(j + 1) * d].as_chunks::<LANES>();
+            let mut acc = [0f32; LANES];
+            for (a, b) in xs.iter().zip(ys) {
+                for (l, acc) in acc.iter_mut().enumerate() {
+                    *acc = a[l].mul_add(b[l], *acc);
+                }
+            }
+            for (acc, (&a, &b)) in acc.iter_mut().zip(xt.iter().zip(yt)) {
+                *acc = a.mul_add(b, *acc);
+            }
+            *o = scale * lane_sum(LANES, |l| acc[l]);
+        }
+    }
+}
+
 /// The starts of a block's `ROWS` rows of width `width` from row `i0`,
 /// rows past the `r` real ones repeating the last (their sums are
 /// computed and dropped, so the block's loop has no branches).
@@ -161,6 +195,20 @@ fn weighted_loop(w: &[f32], y: &[f32], d: usize, c: Causal, out: &mut [f32]) {
         let r = ROWS.min(c.hi - i0);
         // Keys every row of the block sees, then each row's own.
         let common = c.seen(i0);
+        if r == 1 {
+            // One row (a decoding step's query): the same chain, without
+            // the block's repeated rows.
+            let wi = &w[(i0 - c.lo) * c.sp..][..common];
+            for c0 in (0..d).step_by(LANES) {
+                let cw = LANES.min(d - c0);
+                let mut acc = [0f32; LANES];
+                for (j, &a) in wi.iter().enumerate() {
+                    fma_row(&mut acc, a, &lanes(y, j * d + c0, cw));
+                }
+                out[i0 * d + c0..][..cw].copy_from_slice(&acc[..cw]);
+            }
+            continue;
+        }
         for c0 in (0..d).step_by(LANES) {
             let cw = LANES.min(d - c0);
             let mut acc = [[0f32; LANES]; ROWS];
@@ -292,6 +340,11 @@ wide::per_set! {
 }
 
 wide::per_set! {
+    /// Scores as one dot product each ([`dots_loop`]).
+    fn dots(x: &[f32], y: &[f32], d: usize, c: Causal, scale: f32, out: &mut [f32]) -> () = dots_loop;
+}
+
+wide::per_set! {
     /// A causal weighted sum of rows ([`weighted_loop`]).
     fn weighted(w: &[f32], y: &[f32], d: usize, c: Causal, out: &mut [f32]) -> () = weighted_loop;
 }
@@ -336,7 +389,8 @@ struct Problem<'a> {
     d: usize,
     /// The whole problem's extents (queries `0..T`).
     causal: Causal,
-    /// The keys transposed, `[D, sp]` (zeros past the keys).
+    /// The keys transposed, `[D, sp]` (zeros past the keys); empty when
+    /// the scores are [`dots`] of rows ([`Problem::direct`]).
     kt: &'a mut [f32],
     /// One pass's probabilities, `[QUERY_BLOCK, sp]`.
     p: &'a mut [f32],
@@ -347,12 +401,20 @@ struct Problem<'a> {
 }
 
 impl<'a> Problem<'a> {
+    /// Whether `plan`'s scores are dot products of query and key rows
+    /// ([`dots`]: fewer queries than a register block's rows) rather than
+    /// products with the transposed keys.
+    fn direct(plan: &AttentionPlan) -> bool {
+        plan.queries < ROWS
+    }
+
     /// The lengths of a problem's buffers (`kt`, `p`, `m`, `shifted`).
     fn buffer_lens(plan: &AttentionPlan) -> [usize; 4] {
         let sp = plan.keys.next_multiple_of(LANES);
         let rows = QUERY_BLOCK.min(plan.queries) * sp;
         let m = if plan.dropout.is_some() { rows } else { 0 };
-        [plan.dim * sp, rows, m, plan.keys]
+        let kt = if Self::direct(plan) { 0 } else { plan.dim * sp };
+        [kt, rows, m, plan.keys]
     }
 
     /// Runs `f` on problem `b` of `plan`, its buffers from the thread's
@@ -402,7 +464,9 @@ impl<'a> Problem<'a> {
             sp: s.next_multiple_of(LANES),
         };
         let (q, k, v) = (q.problem(b), k.problem(b), v.problem(b));
-        transpose(k, s, d, causal.sp, kt);
+        if !Self::direct(plan) {
+            transpose(k, s, d, causal.sp, kt);
+        }
         Problem {
             set,
             exp,
@@ -422,15 +486,12 @@ impl<'a> Problem<'a> {
 
     /// The probabilities of pass `c`'s queries into `self.p`.
     fn probabilities(&mut self, c: Causal) {
-        products(
-            self.set,
-            self.q,
-            self.kt,
-            self.d,
-            c,
-            self.plan.scale,
-            self.p,
-        );
+        let (set, d, scale) = (self.set, self.d, self.plan.scale);
+        if Self::direct(self.plan) {
+            dots(set, self.q, self.k, d, c, scale, self.p);
+        } else {
+            products(set, self.q, self.kt, d, c, scale, self.p);
+        }
         softmax_rows(self.set, self.p, c, self.exp, self.shifted);
     }
 

@@ -4,8 +4,8 @@
 # windows, which benches/gpt_compare.py draws too) and settings; initial
 # weights aside — and prints, side by side, the validation loss at every
 # evaluation, iterations/s and tokens/s of training, and tokens/s of
-# generating 500 characters (kiln with its key/value cache and without;
-# PyTorch recomputing the context, as nanoGPT does).
+# generating 500 characters (kiln with its key/value cache and without,
+# medians of 3 runs; PyTorch recomputing the context, as nanoGPT does).
 #
 # Config A (the default) is nanoGPT's CPU example: 4 layers, 4 heads, 128
 # wide, block 64, batch 12, 2,000 iterations, lr 1e-3 warm-up 100 + cosine
@@ -42,10 +42,16 @@ for p in $precisions; do
 done
 [ -f "$out/torch-f32.jsonl" ] || python3 benches/gpt_compare.py --iters "$iters" \
   --eval-every "$every" --eval-iters 20 --threads "$threads" --seed 1337 > "$out/torch-f32.jsonl"
-gen() { # extra flags → tokens/s
-  KILN_THREADS=$threads ./target/release/kiln generate --model "$out/kiln-f32" --prompt $'\n' \
-    --tokens 500 --temperature 0.8 --top-k 200 --seed 1 --format json "$@" \
-    | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_sec"])'
+gen() { # extra flags → tokens/s, the median of 3 runs
+  # Each run's JSON goes to a file and is read after the run: a python3
+  # reading a pipe starts up while kiln generates and takes a core from its
+  # threads (500 cached tokens last about 70 ms; its start-up is as long).
+  for i in 1 2 3; do
+    KILN_THREADS=$threads ./target/release/kiln generate --model "$out/kiln-f32" --prompt $'\n' \
+      --tokens 500 --temperature 0.8 --top-k 200 --seed 1 --format json "$@" > "$out/gen-$i.json"
+  done
+  python3 -c 'import json,statistics,sys; print(statistics.median(json.load(open(f))["tokens_per_sec"] for f in sys.argv[1:]))' \
+    "$out"/gen-{1,2,3}.json
 }
 cached="$(gen)"
 recomputed="$(gen --no-cache)"

@@ -8,7 +8,7 @@
 /// unless its thresholds were raised. mimalloc's per-thread free lists
 /// took the tenth session's Xeon from 5,200 to 6,400 decoded tokens/s and
 /// GPT training from 46 to 50 iterations/s (2 threads). It keeps more
-/// memory mapped: peak RSS 70 → 133 MB for that GPT, 1,225 → 1,339 MB for
+/// memory mapped: peak RSS 70 → 115–133 MB for that GPT, 1,225 → 1,339 MB for
 /// config B at batch 16, 130 → 208 MB for the seed CNN. Programs that
 /// embed kiln's crates choose their own allocator.
 #[global_allocator]

@@ -8,9 +8,14 @@
 //!
 //! A problem of fewer queries than a register block's rows (decoding: one
 //! query per head) takes each score as one dot product of a query row and
-//! a key row instead of transposing the keys, and its weighted sums run
-//! its rows alone; operands whose problems each hold contiguous rows (a
-//! key/value cache narrowed to the positions filled) are read in place.
+//! a key row instead of transposing the keys — its scores round
+//! differently from a longer problem's, within the same bound, so a cached
+//! decoding step and a pass over the whole context agree to rounding, not
+//! bit for bit. A register block's lone last row (a decoding step's query,
+//! the last row of 65 queries) runs its weighted sums without the block's
+//! copies, in the block's order. Operands whose problems each hold
+//! contiguous rows (a key/value cache narrowed to the positions filled)
+//! are read in place.
 //!
 //! Dropout on the probabilities ([`kiln_core::AttentionDropout`]) draws
 //! each pass's factors into a buffer beside its probabilities and
@@ -18,8 +23,10 @@
 //!
 //! The backward pass recomputes each pass's probabilities (and factors)
 //! from `q` and `k` and accumulates `dq`, `dk` and `dv` in place. Every
-//! sum is a chain of fused multiply-adds in a fixed order (keys, then
-//! queries, ascending), so results do not depend on the thread count. The
+//! sum runs in an order fixed by the problem's shape — a chain of fused
+//! multiply-adds over keys, then queries, ascending; the dot products'
+//! partial chains combined pairwise — so results do not depend on the
+//! thread count. The
 //! loops are compiled per kernel set by [`wide::per_set`]; the bounds are
 //! [`kiln_core::bounds::attention`] and
 //! [`attention_backward`](kiln_core::bounds::attention_backward).
@@ -196,8 +203,8 @@ fn weighted_loop(w: &[f32], y: &[f32], d: usize, c: Causal, out: &mut [f32]) {
         // Keys every row of the block sees, then each row's own.
         let common = c.seen(i0);
         if r == 1 {
-            // One row (a decoding step's query): the same chain, without
-            // the block's repeated rows.
+            // A lone row (a decoding step's query, a pass's last row): the
+            // chain the block would give it, without the block's copies.
             let wi = &w[(i0 - c.lo) * c.sp..][..common];
             for c0 in (0..d).step_by(LANES) {
                 let cw = LANES.min(d - c0);
@@ -373,7 +380,8 @@ fn transpose(x: &[f32], rows: usize, cols: usize, stride: usize, out: &mut [f32]
     }
 }
 
-/// One problem's operands (f32, row-major), its keys transposed, and the
+/// One problem's operands (f32, row-major), its keys transposed (unless
+/// [`Problem::direct`]), and the
 /// score rows of one pass of [`QUERY_BLOCK`] queries, in a buffer of the
 /// thread's ([`crate::scratch`]: a decoding step runs a few tiny problems
 /// per token, and allocating their buffers cost more than transposing).
@@ -547,9 +555,10 @@ impl<'a> Problem<'a> {
     }
 }
 
-/// The f32 operands of `plan`, row-major (the scalar reference's too, with
-/// `set` the scalar one and no pool): contiguous 16-bit ones widened with
-/// `set`'s vector conversion, over `pool`'s threads where one is given.
+/// The f32 operands of `plan`, row-major, for the scalar reference (`set`
+/// the scalar one, no pool; the SIMD sets read [`Slabs`]): contiguous
+/// 16-bit ones widened with `set`'s vector conversion, over `pool`'s
+/// threads where one is given.
 pub(crate) fn operands<'a>(
     set: KernelSet,
     pool: Option<&Workers>,

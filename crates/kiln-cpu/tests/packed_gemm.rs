@@ -141,7 +141,7 @@ fn large_and_awkward_shapes_within_the_bound() {
 }
 
 /// The same bits on 1, 2 and 3 threads, whichever way the product is split:
-/// f32 row blocks (300 × 600 × 90), all k blocks packed at once (the same
+/// one row's columns (1 × 128 × 300), f32 row blocks (300 × 600 × 90), all k blocks packed at once (the same
 /// with 2 and 3 threads), panels of columns over few rows (128 × 300 × 700,
 /// 60 × 70 × 1000: a wide layer's `dy·Wᵀ`, B stored transposed too; 150 ×
 /// 400 × 64: two panels over several k blocks, A read in place); bf16 row
@@ -157,6 +157,8 @@ fn results_do_not_depend_on_the_thread_count() {
         };
         let teams = [backend(1), backend(2), backend(3)];
         for (m, k, n, bt, dtype) in [
+            // One row split by columns: 128 + 128 + 44 on 3 threads.
+            (1, 128, 300, false, DType::F32),
             (300, 600, 90, false, DType::F32),
             (128, 300, 700, false, DType::F32),
             (128, 300, 700, true, DType::F32),
@@ -194,8 +196,8 @@ fn forcing_a_missing_kernel_set_is_a_clear_error() {
 /// place; they must give the packed driver's bits: the first rows of a
 /// product with more rows, across the KC block, narrow and wide, and a
 /// transposed B (which stays on the packed path). Widths cross the path's
-/// register blocks (128 and 64 columns, then a narrower tail: 65, 200,
-/// 320), and one row of a wide enough product is split by columns over
+/// register blocks (128 and 64 columns: 320; then a narrower tail: 65,
+/// 200), and one row of a wide enough product is split by columns over
 /// the two threads (parts of 192 and 108 columns at n = 300).
 #[test]
 fn few_row_products_give_the_packed_bits() {

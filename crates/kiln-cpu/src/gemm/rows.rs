@@ -157,8 +157,8 @@ pub(crate) fn applies(set: KernelSet, m: usize, b: &Matrix<'_>) -> bool {
 }
 
 /// Multiply-adds (`k × n`) from which one row's product is split by
-/// columns over the team (a 128 × 128 weight is; the forking costs about
-/// a microsecond, the product of a 128 × 65 head little more).
+/// columns over the team (a 128 × 128 weight is; forking the team costs
+/// about a microsecond).
 const SPLIT_MIN_WORK: usize = 1 << 14;
 
 /// Runs the path ([`applies`] must hold).

@@ -321,3 +321,46 @@ fn narrow_outputs_match_the_oracle_and_the_packed_bits() {
         }
     }
 }
+
+/// A bf16 product with nothing after it is rounded to bf16 by the GEMM's
+/// own tasks, each row tile while it is in cache; it must give the bits of
+/// the separate rounding pass an epilogue takes (here a bias of zeros):
+/// wide (AMX or `vdpbf16ps`) and narrow tiles, edge tiles, two k blocks
+/// (k = 1030), a batch of two, 1 and 2 threads.
+#[test]
+fn bf16_results_rounded_in_the_gemm_give_the_separate_pass_bits() {
+    let bf = |v: Vec<f32>| HostData::BF16(v.into_iter().map(kiln_core::bf16::from_f32).collect());
+    for set in sets() {
+        for threads in [1, 2] {
+            let b = CpuBackend::with_kernels(set)
+                .unwrap()
+                .with_threads(threads)
+                .expect("worker threads");
+            for (batch, m, k, n) in [
+                (1, 96, 128, 384),
+                (1, 37, 1030, 70),
+                (2, 40, 64, 16),
+                (1, 300, 130, 9),
+                (2, 64, 256, 96),
+            ] {
+                let (a, w) = (bf(values(5, batch * m * k)), bf(values(6, batch * k * n)));
+                let zeros = bf(vec![0.0; n]);
+                let (la, lw, lz) = (layout(&[batch, m, k]), layout(&[batch, k, n]), layout(&[n]));
+                let run = |bias: Option<View<'_, HostData>>| {
+                    let ep = GemmEpilogue {
+                        bias,
+                        ..Default::default()
+                    };
+                    b.gemm(View::new(&a, &la), View::new(&w, &lw), &ep)
+                        .unwrap()
+                        .to_f32_vec()
+                };
+                let (fused, pass) = (run(None), run(Some(View::new(&zeros, &lz))));
+                assert!(
+                    fused.iter().map(|x| x.to_bits()).eq(pass.iter().map(|x| x.to_bits())),
+                    "{set:?}, {threads} threads, {batch}×[{m}×{k}]·[{k}×{n}]: the fused rounding differs"
+                );
+            }
+        }
+    }
+}

@@ -24,6 +24,11 @@
 //! choice depends only on the shape and the processor, never on timing or
 //! threads). `KILN_AMX=0` turns it off.
 //!
+//! A product with no epilogue (the GPT's layers) is rounded to its bf16
+//! result by the row blocks of its last k block, each row tile right after
+//! it is stored, while it is in cache — the values of a separate rounding
+//! pass over the f32 C, without reading C back from memory.
+//!
 //! `vdpbf16ps` treats subnormal inputs as zero and flushes subnormal
 //! results: a product whose operand is subnormal would be lost, so a
 //! problem with any subnormal input goes to the exact widening path
@@ -34,7 +39,9 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 use super::amx;
+use crate::vector::wide;
 use crate::workers::Workers;
+use crate::KernelSet;
 use kiln_core::{bf16, HostData, Layout, View};
 
 /// k elements packed at once (an even number: a k block of an even k then
@@ -168,7 +175,11 @@ fn has_subnormal(data: &[bf16], layout: &Layout, pool: &Workers) -> bool {
 
 /// `C = A·B` for bf16 `[batch, m, k]` and `[batch, k, n]` views into the
 /// fresh f32 `out` (every element written), or `None` (nothing written) if
-/// an operand holds a subnormal (see the module doc) or is not bf16.
+/// an operand holds a subnormal (see the module doc) or is not bf16. With
+/// `rounded` (as long as `out`), C is also rounded to bf16 there, each row
+/// tile as soon as its last k block is stored, while it is in cache: the
+/// values of a separate pass over `out`, without reading `out` back from
+/// memory.
 ///
 /// The caller checked shapes and bounds (`Problem::new`), that no extent is
 /// zero, and that the processor has AVX-512 BF16 ([`available`]).
@@ -177,6 +188,7 @@ pub(crate) fn gemm(
     b: View<'_, HostData>,
     (batch, m, k, n): (usize, usize, usize, usize),
     out: &mut [MaybeUninit<f32>],
+    mut rounded: Option<&mut [MaybeUninit<bf16>]>,
     pool: &Workers,
 ) -> Option<()> {
     let (HostData::BF16(ad), HostData::BF16(bd)) = (a.storage, b.storage) else {
@@ -191,7 +203,13 @@ pub(crate) fn gemm(
         true => WIDE,
         false => NARROW,
     };
+    if let Some(r) = &rounded {
+        assert_eq!(r.len(), out.len(), "bf16 GEMM: rounded C as long as C");
+    }
     for (p, c) in out.chunks_mut(m * n).enumerate().take(batch) {
+        let rounded_c = rounded
+            .as_deref_mut()
+            .map(|r| &mut r[p * m * n..(p + 1) * m * n]);
         let am = Mat {
             data: ad,
             offset: a.layout.offset() + p * sa[0],
@@ -204,7 +222,7 @@ pub(crate) fn gemm(
             rs: sb[1],
             cs: sb[2],
         };
-        one(tile, am, bm, (m, k, n), c, pool);
+        one(tile, am, bm, (m, k, n), c, rounded_c, pool);
     }
     Some(())
 }
@@ -354,6 +372,7 @@ fn one(
     b: Mat<'_>,
     (m, k, n): (usize, usize, usize),
     c: &mut [MaybeUninit<f32>],
+    rounded: Option<&mut [MaybeUninit<bf16>]>,
     pool: &Workers,
 ) {
     // A row-major A with an even k is read in place, pairs as words.
@@ -363,15 +382,30 @@ fn one(
     let words = n.div_ceil(tile.nr) * tile.nr * tile.stored_pairs(KC.min(k));
     crate::scratch::sized(words, |buf| {
         let b_packed: &mut [u32] = bytemuck::cast_slice_mut(buf);
+        let rounded = rounded.map(SharedRounded::of);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            block(tile, a, b, (m, n), (pc, kc), in_place, b_packed, c, pool);
+            // Rounded in the last k block's tasks.
+            let last = (pc + kc == k).then_some(rounded.as_ref()).flatten();
+            block(
+                tile,
+                a,
+                b,
+                (m, n),
+                (pc, kc),
+                in_place,
+                b_packed,
+                c,
+                last,
+                pool,
+            );
         }
     });
 }
 
 /// One k block `pc..pc+kc` of [`one`]: B's panels packed (over the team
-/// when there are several and enough words), then row blocks of C.
+/// when there are several and enough words), then row blocks of C, each
+/// row tile rounded into `rounded` when given (the last k block).
 #[allow(clippy::too_many_arguments)]
 fn block(
     tile: Tile,
@@ -382,6 +416,7 @@ fn block(
     in_place: bool,
     b_packed: &mut [u32],
     c: &mut [MaybeUninit<f32>],
+    rounded: Option<&SharedRounded>,
     pool: &Workers,
 ) {
     let Tile { mr, nr, .. } = tile;
@@ -474,6 +509,14 @@ fn block(
                         }
                     }
                 }
+                if let Some(rounded) = rounded {
+                    let tile_c = &mut rows[ir * n..(ir + rows_tile) * n];
+                    // SAFETY: this is the last k block, and the loop over
+                    // the panels above stored or added every element of
+                    // the tile's rows.
+                    let tile_c = unsafe { crate::fresh::assume_written(tile_c) };
+                    rounded.write((r0 + ir) * n, tile_c);
+                }
             }
         });
     };
@@ -482,6 +525,38 @@ fn block(
         pool.for_each(blocks.collect(), task);
     } else {
         blocks.for_each(task);
+    }
+}
+
+/// A bf16 copy of C that the row blocks of the last k block write
+/// rounded, each its own rows (disjoint ranges), while its owner waits.
+struct SharedRounded {
+    ptr: *mut MaybeUninit<bf16>,
+    len: usize,
+}
+
+// SAFETY: the tasks given a `SharedRounded` write disjoint ranges of it
+// (their own rows of C) while its owner, which holds the `&mut` it came
+// from, waits for them to finish.
+unsafe impl Send for SharedRounded {}
+// SAFETY: as above.
+unsafe impl Sync for SharedRounded {}
+
+impl SharedRounded {
+    fn of(r: &mut [MaybeUninit<bf16>]) -> Self {
+        SharedRounded {
+            ptr: r.as_mut_ptr(),
+            len: r.len(),
+        }
+    }
+
+    /// `c` rounded into elements `at..at + c.len()`.
+    fn write(&self, at: usize, c: &[f32]) {
+        assert!(at + c.len() <= self.len, "bf16 GEMM: rounded rows past C");
+        // SAFETY: in bounds (asserted); each task writes only its own
+        // rows, so no two writers share an element (the type's contract).
+        let out = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), c.len()) };
+        wide::to_bf16_into(KernelSet::Avx512, c, out);
     }
 }
 
@@ -617,7 +692,7 @@ mod tests {
                 };
                 let run = |pool: &Workers| -> Vec<f32> {
                     let mut c = vec![MaybeUninit::new(f32::NAN); m * n];
-                    one(AMX, a, b, (m, k, n), &mut c, pool);
+                    one(AMX, a, b, (m, k, n), &mut c, None, pool);
                     // SAFETY: initialised above (and overwritten by `one`).
                     c.iter().map(|v| unsafe { v.assume_init() }).collect()
                 };

@@ -260,15 +260,28 @@ pub(crate) fn gemm(
             return prob.finish(set, out, ep.alpha, ep.activation, Some(pool));
         }
         let mut out: Vec<f32> = Vec::with_capacity(total);
-        if bf16::gemm(
+        // Nothing to apply after the product: the bf16 result is rounded
+        // by the GEMM's own tasks, each tile while it is in cache.
+        let plain = ep.alpha == 1.0
+            && prob.c0.is_none()
+            && prob.bias.is_none()
+            && ep.activation == kiln_core::Activation::None;
+        let mut rounded: Vec<kiln_core::bf16> = Vec::with_capacity(if plain { total } else { 0 });
+        let done = bf16::gemm(
             a,
             b,
             (batch, m, k, n),
             &mut out.spare_capacity_mut()[..total],
+            plain.then(|| &mut rounded.spare_capacity_mut()[..total]),
             pool,
-        )
-        .is_some()
-        {
+        );
+        if done.is_some() {
+            if plain {
+                // SAFETY: `bf16::gemm` returned Some with `rounded` given,
+                // so it wrote every element of it.
+                unsafe { rounded.set_len(total) };
+                return Ok(HostData::BF16(rounded));
+            }
             // SAFETY: `bf16::gemm` returned Some, so it wrote every element.
             unsafe { out.set_len(total) };
             return prob.finish(set, out, ep.alpha, ep.activation, Some(pool));

@@ -38,7 +38,7 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-use super::amx;
+use super::{amx, SharedC};
 use crate::vector::wide;
 use crate::workers::Workers;
 use crate::KernelSet;
@@ -382,7 +382,7 @@ fn one(
     let words = n.div_ceil(tile.nr) * tile.nr * tile.stored_pairs(KC.min(k));
     crate::scratch::sized(words, |buf| {
         let b_packed: &mut [u32] = bytemuck::cast_slice_mut(buf);
-        let rounded = rounded.map(SharedRounded::of);
+        let rounded = rounded.map(SharedC::of);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
             // Rounded in the last k block's tasks.
@@ -416,7 +416,7 @@ fn block(
     in_place: bool,
     b_packed: &mut [u32],
     c: &mut [MaybeUninit<f32>],
-    rounded: Option<&SharedRounded>,
+    rounded: Option<&SharedC<bf16>>,
     pool: &Workers,
 ) {
     let Tile { mr, nr, .. } = tile;
@@ -515,7 +515,7 @@ fn block(
                     // the panels above stored or added every element of
                     // the tile's rows.
                     let tile_c = unsafe { crate::fresh::assume_written(tile_c) };
-                    rounded.write((r0 + ir) * n, tile_c);
+                    rounded.write_rounded((r0 + ir) * n, tile_c);
                 }
             }
         });
@@ -528,33 +528,14 @@ fn block(
     }
 }
 
-/// A bf16 copy of C that the row blocks of the last k block write
-/// rounded, each its own rows (disjoint ranges), while its owner waits.
-struct SharedRounded {
-    ptr: *mut MaybeUninit<bf16>,
-    len: usize,
-}
-
-// SAFETY: the tasks given a `SharedRounded` write disjoint ranges of it
-// (their own rows of C) while its owner, which holds the `&mut` it came
-// from, waits for them to finish.
-unsafe impl Send for SharedRounded {}
-// SAFETY: as above.
-unsafe impl Sync for SharedRounded {}
-
-impl SharedRounded {
-    fn of(r: &mut [MaybeUninit<bf16>]) -> Self {
-        SharedRounded {
-            ptr: r.as_mut_ptr(),
-            len: r.len(),
-        }
-    }
-
+/// The bf16 copy of C, which the row blocks of the last k block write
+/// rounded, each its own rows (the [`SharedC`] contract).
+impl SharedC<bf16> {
     /// `c` rounded into elements `at..at + c.len()`.
-    fn write(&self, at: usize, c: &[f32]) {
+    fn write_rounded(&self, at: usize, c: &[f32]) {
         assert!(at + c.len() <= self.len, "bf16 GEMM: rounded rows past C");
         // SAFETY: in bounds (asserted); each task writes only its own
-        // rows, so no two writers share an element (the type's contract).
+        // rows, so no two writers share an element (`SharedC`'s contract).
         let out = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), c.len()) };
         wide::to_bf16_into(KernelSet::Avx512, c, out);
     }

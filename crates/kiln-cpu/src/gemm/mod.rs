@@ -432,24 +432,25 @@ pub(crate) fn blocking_of(set: KernelSet) -> Blocking {
 
 /// Rows of C handed to the tasks of one product, each of which writes its
 /// own elements — a block of rows, or panels of columns of every row —
-/// and no other; the product waits for all of them before C is read.
+/// and no other; the product waits for all of them before C is read. (The
+/// bf16 GEMM hands its rounded copy of C to its tasks the same way.)
 #[derive(Clone, Copy)]
-struct SharedC {
+struct SharedC<T = f32> {
     /// The first element of the rows.
-    ptr: *mut MaybeUninit<f32>,
+    ptr: *mut MaybeUninit<T>,
     /// Elements from `ptr` to the end of C.
     len: usize,
 }
 
 // SAFETY: a `SharedC` is only given to tasks that write disjoint elements
 // of it (see the type's docs) while its owner waits for them.
-unsafe impl Send for SharedC {}
+unsafe impl<T: Send> Send for SharedC<T> {}
 // SAFETY: as above.
-unsafe impl Sync for SharedC {}
+unsafe impl<T: Send> Sync for SharedC<T> {}
 
-impl SharedC {
+impl<T> SharedC<T> {
     /// The rows `c`, for tasks that write disjoint parts of them.
-    fn of(c: &mut [MaybeUninit<f32>]) -> Self {
+    fn of(c: &mut [MaybeUninit<T>]) -> Self {
         SharedC {
             ptr: c.as_mut_ptr(),
             len: c.len(),

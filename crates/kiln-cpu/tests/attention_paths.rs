@@ -1,0 +1,164 @@
+//! Fused attention's paths that must give the same bits as each other:
+//!
+//! - It reads each problem in place where its rows are contiguous, however
+//!   far apart the problems lie: a decoding step's keys and values narrowed
+//!   from a cache's `[heads, capacity, D]` buffer, one query per head taken
+//!   from a wider row. Those views must give the bits of the same values
+//!   copied row-major, forward and backward; views whose rows are not
+//!   contiguous (several queries from a wider row) still read correctly.
+//! - It runs its queries in register blocks of 4 rows; a block's lone last
+//!   row (a decoding step's query, the 65th of 65) runs alone and must give
+//!   the bits the block would have given it. Causal row `i` sees keys
+//!   `0..=i` only, so the first `T` rows of a longer problem over the same
+//!   values are the `T`-row problem's rows: the output and `dq` (row `i` of
+//!   `dq` depends on row `i` of `dy` and the keys it sees).
+//!
+//! Both on every kernel set, on 1 and 2 threads.
+
+use kiln_core::{rng, AttentionOptions, Backend, HostData, Layout, Result, Shape, View};
+use kiln_cpu::{CpuBackend, KernelSet};
+
+/// `n` values in `[-1, 1)` from seed `seed`'s stream.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| rng::uniform(seed, 0, i) * 2.0 - 1.0)
+        .collect()
+}
+
+/// A backend for every kernel set this machine has, on 1 and 2 threads.
+fn backends() -> Result<Vec<(KernelSet, usize, CpuBackend)>> {
+    let mut out = Vec::new();
+    for set in KernelSet::ALL
+        .into_iter()
+        .filter(|s| s.check_available().is_ok())
+    {
+        for threads in [1, 2] {
+            out.push((
+                set,
+                threads,
+                CpuBackend::with_kernels(set)?.with_threads(threads)?,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn contiguous(dims: &[usize]) -> Layout {
+    Layout::contiguous(Shape::new(dims).unwrap())
+}
+
+/// The forward output and `dq`, `dk`, `dv`, as f32.
+fn run(
+    b: &CpuBackend,
+    ops: [(&HostData, &Layout); 4],
+    options: &AttentionOptions,
+) -> Result<[Vec<f32>; 4]> {
+    let [q, k, v, dy] = ops.map(|(s, l)| View::new(s, l));
+    let f32s = |h: HostData| {
+        h.to_f64_vec()
+            .into_iter()
+            .map(|x| x as f32)
+            .collect::<Vec<f32>>()
+    };
+    let y = b.attention_causal(q, k, v, options)?;
+    let g = b.attention_causal_backward(q, k, v, dy, options)?;
+    Ok([f32s(y), f32s(g.dq), f32s(g.dk), f32s(g.dv)])
+}
+
+/// Whether two runs' values are the same bits.
+fn same_bits(x: &[f32], y: &[f32]) -> bool {
+    x.iter()
+        .map(|v| v.to_bits())
+        .eq(y.iter().map(|v| v.to_bits()))
+}
+
+/// A view's elements copied row-major, with their contiguous layout.
+fn packed(data: &[f32], layout: &Layout) -> (HostData, Layout) {
+    let out: Vec<f32> = layout.offsets().into_iter().map(|o| data[o]).collect();
+    (HostData::F32(out), contiguous(layout.dims()))
+}
+
+#[test]
+fn cache_views_give_the_bits_of_their_copies() -> Result<()> {
+    for (set, threads, b) in backends()? {
+        // (problems, queries, keys, cache capacity, head width)
+        for (n, t, s, cap, d) in [
+            (4, 1, 5, 8, 32),
+            (3, 1, 17, 64, 33),
+            (2, 3, 20, 24, 16),
+            (1, 70, 70, 80, 8),
+            (5, 1, 1, 4, 17),
+        ] {
+            // Keys and values: positions 2..2 + s of a cache.
+            let kbuf = values(n * cap * d, 1);
+            let vbuf = values(n * cap * d, 2);
+            let kv = contiguous(&[n, cap, d]).narrow(1, 2, s)?;
+            // Queries: the middle third of each position's [q | k | v] row.
+            let qbuf = values(n * t * 3 * d, 3);
+            let ql = contiguous(&[n, t, 3 * d]).narrow(2, d, d)?;
+            let dyv = HostData::F32(values(n * t * d, 4));
+            let dyl = contiguous(&[n, t, d]);
+            let (kh, vh, qh) = (
+                HostData::F32(kbuf.clone()),
+                HostData::F32(vbuf.clone()),
+                HostData::F32(qbuf.clone()),
+            );
+            let options = AttentionOptions::new(1.0 / (d as f32).sqrt());
+            let viewed = run(
+                &b,
+                [(&qh, &ql), (&kh, &kv), (&vh, &kv), (&dyv, &dyl)],
+                &options,
+            )?;
+            let (qc, qcl) = packed(&qbuf, &ql);
+            let (kc, kcl) = packed(&kbuf, &kv);
+            let (vc, vcl) = packed(&vbuf, &kv);
+            let copied = run(
+                &b,
+                [(&qc, &qcl), (&kc, &kcl), (&vc, &vcl), (&dyv, &dyl)],
+                &options,
+            )?;
+            for (what, (x, y)) in ["y", "dq", "dk", "dv"]
+                .iter()
+                .zip(viewed.iter().zip(&copied))
+            {
+                assert!(
+                    same_bits(x, y),
+                    "{set:?}, {threads} threads, {:?}: {what} of the views differs from the copies'",
+                    (n, t, s, cap, d)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_lone_row_gives_the_blocks_bits() -> Result<()> {
+    for (set, threads, b) in backends()? {
+        // (rows with a lone last one, a longer problem, head width)
+        for (t, long, d) in [(5, 8, 16), (9, 12, 33), (65, 68, 8), (13, 16, 1)] {
+            let all = [1, 2, 3, 4].map(|seed| values(long * d, seed));
+            // The first `rows` rows of every operand, row-major.
+            let first = |rows: usize| -> Result<[Vec<f32>; 4]> {
+                let layout = contiguous(&[1, rows, d]);
+                let [q, k, v, dy] = all
+                    .each_ref()
+                    .map(|x| HostData::F32(x[..rows * d].to_vec()));
+                let options = AttentionOptions::new(1.0 / (d as f32).sqrt());
+                run(
+                    &b,
+                    [(&q, &layout), (&k, &layout), (&v, &layout), (&dy, &layout)],
+                    &options,
+                )
+            };
+            let (short, full) = (first(t)?, first(long)?);
+            for (what, i) in [("y", 0), ("dq", 1)] {
+                assert!(
+                    same_bits(&short[i], &full[i][..t * d]),
+                    "{set:?}, {threads} threads, T = {t} against {long}, D = {d}: {what} differs"
+                );
+            }
+        }
+    }
+    Ok(())
+}

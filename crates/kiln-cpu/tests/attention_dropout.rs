@@ -5,15 +5,11 @@
 //! cached prefix of keys, rows past one 64-query pass and several problems,
 //! whose factors come from their own places in `[batch, T, S]`.
 
-use kiln_core::{rng, AttentionDropout, AttentionOptions, Result, Tensor, Var};
+use kiln_core::{AttentionDropout, AttentionOptions, Result, Tensor, Var};
 use kiln_cpu::{CpuBackend, KernelSet};
 
-/// `n` values in `[-1, 1)` from seed `seed`'s stream.
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    (0..n as u64)
-        .map(|i| rng::uniform(seed, 0, i) * 2.0 - 1.0)
-        .collect()
-}
+mod common;
+use common::values;
 
 /// The output and the gradients of `Σ y∘w` with respect to q, k and v.
 fn run(

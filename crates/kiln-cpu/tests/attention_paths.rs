@@ -15,15 +15,11 @@
 //!
 //! Both on every kernel set, on 1 and 2 threads.
 
-use kiln_core::{rng, AttentionOptions, Backend, HostData, Layout, Result, Shape, View};
+use kiln_core::{AttentionOptions, Backend, HostData, Layout, Result, Shape, View};
 use kiln_cpu::{CpuBackend, KernelSet};
 
-/// `n` values in `[-1, 1)` from seed `seed`'s stream.
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    (0..n as u64)
-        .map(|i| rng::uniform(seed, 0, i) * 2.0 - 1.0)
-        .collect()
-}
+mod common;
+use common::values;
 
 /// A backend for every kernel set this machine has, on 1 and 2 threads.
 fn backends() -> Result<Vec<(KernelSet, usize, CpuBackend)>> {

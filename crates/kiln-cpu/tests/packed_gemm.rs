@@ -3,8 +3,11 @@
 //! blocks, transposed and f16 operands; and its independence of the thread
 //! count.
 
-use kiln_core::{rng, Activation, Backend, DType, GemmEpilogue, HostData, Layout, Shape, View};
+use kiln_core::{Activation, Backend, DType, GemmEpilogue, HostData, Layout, Shape, View};
 use kiln_cpu::{CpuBackend, KernelSet};
+
+mod common;
+use common::values;
 
 fn sets() -> Vec<KernelSet> {
     KernelSet::ALL
@@ -15,12 +18,6 @@ fn sets() -> Vec<KernelSet> {
 
 fn layout(d: &[usize]) -> Layout {
     Layout::contiguous(Shape::new(d).unwrap())
-}
-
-fn values(seed: u64, n: usize) -> Vec<f32> {
-    (0..n as u64)
-        .map(|i| rng::uniform(seed, 0, i) * 2.0 - 1.0)
-        .collect()
 }
 
 /// Runs `[1, m, k] · [1, k, n]` (b transposed in storage when `bt`) and
@@ -37,8 +34,8 @@ fn check_t(
     (at, bt): (bool, bool),
     dtype: DType,
 ) -> Vec<f32> {
-    let av = values(1, m * k);
-    let bv = values(2, k * n);
+    let av = values(m * k, 1);
+    let bv = values(k * n, 2);
     let cast = |v: &[f32]| match dtype {
         DType::F16 => HostData::F16(v.iter().map(|&x| kiln_core::f16::from_f32(x)).collect()),
         DType::BF16 => HostData::BF16(v.iter().map(|&x| kiln_core::bf16::from_f32(x)).collect()),
@@ -263,7 +260,7 @@ fn narrow_outputs_match_the_oracle_and_the_packed_bits() {
             .expect("worker threads");
         for &(m, k) in &[(8, 1), (13, 64), (69, 300), (300, 600)] {
             for n in 1..=16 {
-                let (av, bv) = (values(3, m * k), values(4, k * n));
+                let (av, bv) = (values(m * k, 3), values(k * n, 4));
                 let expect = oracle(&av, &bv, m, k, n);
                 // A row-major, and the same A stored [k, m] and viewed transposed.
                 let a_rows = be.upload(&HostData::F32(av.clone())).unwrap();
@@ -343,7 +340,7 @@ fn bf16_results_rounded_in_the_gemm_give_the_separate_pass_bits() {
                 (1, 300, 130, 9),
                 (2, 64, 256, 96),
             ] {
-                let (a, w) = (bf(values(5, batch * m * k)), bf(values(6, batch * k * n)));
+                let (a, w) = (bf(values(batch * m * k, 5)), bf(values(batch * k * n, 6)));
                 let zeros = bf(vec![0.0; n]);
                 let (la, lw, lz) = (layout(&[batch, m, k]), layout(&[batch, k, n]), layout(&[n]));
                 let run = |bias: Option<View<'_, HostData>>| {

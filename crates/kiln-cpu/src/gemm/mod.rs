@@ -190,6 +190,13 @@ impl<'a> Problem<'a> {
         })
     }
 
+    /// Whether `act(α·acc + β·C₀ + bias)` leaves the products as they are
+    /// (α = 1, no C₀, no bias, no activation): the result is then only
+    /// stored in the operands' dtype.
+    pub(crate) fn plain(&self, alpha: f32, act: Activation) -> bool {
+        alpha == 1.0 && self.c0.is_none() && self.bias.is_none() && act == Activation::None
+    }
+
     /// Applies `act(α·acc + β·C₀ + bias)` to the accumulated products and
     /// stores the result in the operands' dtype; over `pool`'s threads in
     /// blocks of rows when given. Each step is one pass over a row, in
@@ -203,7 +210,7 @@ impl<'a> Problem<'a> {
         act: Activation,
         pool: Option<&Workers>,
     ) -> Result<HostData> {
-        if alpha == 1.0 && self.c0.is_none() && self.bias.is_none() && act == Activation::None {
+        if self.plain(alpha, act) {
             // Nothing to apply: skip a pass over the output.
             return convert::store_f32_on(set, pool, "gemm", self.dtype, out);
         }
@@ -262,10 +269,7 @@ pub(crate) fn gemm(
         let mut out: Vec<f32> = Vec::with_capacity(total);
         // Nothing to apply after the product: the bf16 result is rounded
         // by the GEMM's own tasks, each tile while it is in cache.
-        let plain = ep.alpha == 1.0
-            && prob.c0.is_none()
-            && prob.bias.is_none()
-            && ep.activation == kiln_core::Activation::None;
+        let plain = prob.plain(ep.alpha, ep.activation);
         let mut rounded: Vec<kiln_core::bf16> = Vec::with_capacity(if plain { total } else { 0 });
         let done = bf16::gemm(
             a,

@@ -2,12 +2,19 @@
 // term (Keras' Adam; SGD with momentum, Nesterov and L2 decay).
 #include "common.cuh"
 
+// Optimiser state is stored with subnormals flushed to +0, NaN kept
+// (kiln_core::flush_state): a moment whose gradient stops would otherwise
+// stay subnormal for good. FLT_MIN is 2^-126.
+__device__ __forceinline__ float flush_state(float x) {
+    return fabsf(x) < 1.17549435e-38f ? 0.0f : x;
+}
+
 extern "C" __global__ void kiln_sgd(float* p, const float* g, float* vel, i64 n, float lr,
                                     float momentum, float weight_decay, int nesterov) {
     GRID_STRIDE(i, n) {
         float gi = g[i] + weight_decay * p[i];
         if (vel) {
-            float v = momentum * vel[i] + gi;
+            float v = flush_state(momentum * vel[i] + gi);
             vel[i] = v;
             float d = nesterov ? gi + momentum * v : v;
             p[i] -= lr * d;
@@ -25,8 +32,8 @@ extern "C" __global__ void kiln_adam(float* p, const float* g, float* m, float* 
         float pi = p[i];
         pi -= decay * pi;
         float gi = g[i] + l2 * pi;
-        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        float mi = flush_state(beta1 * m[i] + (1.0f - beta1) * gi);
+        float vi = flush_state(beta2 * v[i] + (1.0f - beta2) * gi * gi);
         m[i] = mi;
         v[i] = vi;
         p[i] = pi - lr_t * mi / (sqrtf(vi) + eps);

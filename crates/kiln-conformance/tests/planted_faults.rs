@@ -10,6 +10,10 @@ use kiln_core::{
 };
 use kiln_cpu::CpuBackend;
 
+/// The threshold of the optimiser faults' flush: 64 times the smallest
+/// normal f32.
+const TOO_WIDE: f32 = f32::MIN_POSITIVE * 64.0;
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fault {
     None,
@@ -47,6 +51,12 @@ enum Fault {
     /// The embedding backward keeps the last gradient of a repeated id
     /// instead of summing them (a racy scatter "fixed" by overwriting).
     EmbeddingLastWins,
+    /// Adam flushes moments below 2⁻¹²⁰ to zero, not only the subnormals
+    /// (below 2⁻¹²⁶) the contract allows.
+    AdamFlushesNormals,
+    /// SGD flushes its old velocity to zero below 2⁻¹²⁰ before the step (a
+    /// flush applied to the input, and too wide).
+    SgdFlushesInput,
     /// The causal mask lets each query see one key too many.
     CausalOffByOne,
     /// A contiguous copy of a strided view ignores the view's offset (a
@@ -339,9 +349,16 @@ impl Backend for Faulty {
         &self,
         p: &mut HostData,
         g: &HostData,
-        v: Option<&mut HostData>,
+        mut v: Option<&mut HostData>,
         s: &SgdStep,
     ) -> Result<()> {
+        if self.fault == Fault::SgdFlushesInput {
+            if let Some(HostData::F32(vel)) = v.as_deref_mut() {
+                vel.iter_mut()
+                    .filter(|x| x.abs() < TOO_WIDE)
+                    .for_each(|x| *x = 0.0);
+            }
+        }
         self.inner.sgd_update(p, g, v, s)
     }
     fn adam_update(
@@ -352,7 +369,15 @@ impl Backend for Faulty {
         v: &mut HostData,
         s: &AdamStep,
     ) -> Result<()> {
-        self.inner.adam_update(p, g, m, v, s)
+        self.inner.adam_update(p, g, m, v, s)?;
+        if self.fault == Fault::AdamFlushesNormals {
+            if let HostData::F32(m) = m {
+                m.iter_mut()
+                    .filter(|x| x.abs() < TOO_WIDE)
+                    .for_each(|x| *x = 0.0);
+            }
+        }
+        Ok(())
     }
     fn random(&self, d: Distribution, n: usize, t: DType, seed: u64, off: u64) -> Result<HostData> {
         self.inner.random(d, n, t, seed, off)
@@ -554,6 +579,8 @@ fn every_planted_fault_is_caught_and_the_clean_backend_passes() {
         (Fault::GeluTanhForm, "unary_gelu"),
         (Fault::LayerNormOnePass, "layer_norm"),
         (Fault::EmbeddingLastWins, "embedding_backward"),
+        (Fault::AdamFlushesNormals, "adam_update"),
+        (Fault::SgdFlushesInput, "sgd_update"),
         (Fault::CausalOffByOne, "softmax_causal"),
         (Fault::ContiguousDropsOffset, "contiguous"),
         (Fault::AttentionDropoutPerProblem, "attention_causal"),

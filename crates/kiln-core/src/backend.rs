@@ -456,8 +456,41 @@ impl<S> Default for GemmEpilogue<'_, S> {
     }
 }
 
+/// Optimiser state as every backend stores it — Adam's moments `m` and `v`,
+/// SGD's velocity: a value of magnitude below `f32::MIN_POSITIVE` (2⁻¹²⁶,
+/// that is, a subnormal) becomes +0; anything else, NaN included, is kept.
+/// The step then goes on with the stored value.
+///
+/// Why: a moment whose gradient stops (a dead unit, a weight reading an
+/// input that is always zero) decays geometrically into the subnormal
+/// range, and `β·x` of the smallest subnormal rounds back to itself, so the
+/// state would stay subnormal for good; on x86 every instruction with a
+/// subnormal operand or result then takes a microcode assist of a hundred
+/// cycles or more. The seed CNN's epochs slowed from 1.02 s to 1.41 s by
+/// the third on a Xeon (benches/RESULTS.md), all of it in the Adam update.
+/// TensorFlow's CPU thread pools, which Keras' Adam runs on, flush
+/// subnormals to zero for the same reason. The flush moves a parameter by
+/// at most `lr_t·2⁻¹²⁶/ε` (Adam) or `lr·2⁻¹²⁶` (SGD) per step, and
+/// [`crate::bounds::adam`] and [`crate::bounds::sgd`] allow it.
+///
+/// ```
+/// use kiln_core::flush_state;
+/// assert_eq!(flush_state(1e-39), 0.0);
+/// assert_eq!(flush_state(-f32::MIN_POSITIVE), -f32::MIN_POSITIVE);
+/// assert!(flush_state(f32::NAN).is_nan());
+/// ```
+#[inline(always)]
+pub fn flush_state(x: f32) -> f32 {
+    if x.abs() < f32::MIN_POSITIVE {
+        0.0
+    } else {
+        x
+    }
+}
+
 /// Hyper-parameters of one SGD step (PyTorch/Keras semantics):
-/// `g ← g + wd·p; v ← μ·v + g; p ← p − lr·(nesterov ? g + μ·v : v)`.
+/// `g ← g + wd·p; v ← μ·v + g; p ← p − lr·(nesterov ? g + μ·v : v)`, the
+/// velocity stored flushed ([`flush_state`]) and used as stored.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SgdStep {
     /// Learning rate.
@@ -474,7 +507,8 @@ pub struct SgdStep {
 /// `m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²;
 ///  p ← p − lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m / (√v + ε)`,
 /// preceded, for AdamW (`decoupled`), by `p ← p − lr·wd·p`, or, for Adam with
-/// weight decay, by `g ← g + wd·p`.
+/// weight decay, by `g ← g + wd·p`. The moments are stored flushed
+/// ([`flush_state`]) and the parameter's step uses them as stored.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamStep {
     /// Learning rate.

@@ -512,11 +512,19 @@ impl LayerNormBackwardRow {
     }
 }
 
+/// Whether optimiser state computed as `x ± err` may be stored as zero
+/// ([`crate::flush_state`]): its f32 value may fall below 2⁻¹²⁶.
+fn may_flush(x: f64, err: f64) -> bool {
+    x.abs() - err < f64::from(f32::MIN_POSITIVE)
+}
+
 /// One element of an SGD step, exactly and with its error bound.
 ///
 /// `g ← grad + wd·p`; without momentum `p ← p − lr·g`; with it
 /// `v ← μ·v + g` and `p ← p − lr·v` (Nesterov: `p ← p − lr·(g + μ·v)`).
-/// Returns `(p, p_err, v, v_err)` (`v` = 0 without momentum).
+/// Returns `(p, p_err, v, v_err)` (`v` = 0 without momentum). A velocity
+/// that may round below 2⁻¹²⁶ may be stored as zero ([`crate::flush_state`])
+/// and used so: its bound, and the parameter's, allow that.
 pub fn sgd(
     p: f64,
     grad: f64,
@@ -533,7 +541,10 @@ pub fn sgd(
         return [p - d, 4.0 * U * (p.abs() + d.abs()) + lr * ge, 0.0, 0.0];
     }
     let vi = momentum * v + gi;
-    let ve = 3.0 * U * ((momentum * v).abs() + gi.abs()) + ge;
+    let mut ve = 3.0 * U * ((momentum * v).abs() + gi.abs()) + ge;
+    if may_flush(vi, ve) {
+        ve += vi.abs();
+    }
     let (d, de) = if nesterov {
         (
             gi + momentum * vi,
@@ -571,7 +582,9 @@ pub struct AdamHyper {
 
 /// One element of an Adam step, exactly and with its error bounds, in the
 /// formulation of [`Backend::adam_update`](crate::Backend::adam_update):
-/// returns `[p, p_err, m, m_err, v, v_err]`.
+/// returns `[p, p_err, m, m_err, v, v_err]`. A moment that may round below
+/// 2⁻¹²⁶ may be stored as zero ([`crate::flush_state`]) and used so: its
+/// bound, and the parameter's, allow that.
 pub fn adam(p: f64, grad: f64, m: f64, v: f64, h: &AdamHyper) -> [f64; 6] {
     let t = h.step as i32;
     let lr_t = h.lr * (1.0 - h.beta2.powi(t)).sqrt() / (1.0 - h.beta1.powi(t));
@@ -594,8 +607,19 @@ pub fn adam(p: f64, grad: f64, m: f64, v: f64, h: &AdamHyper) -> [f64; 6] {
     let ve = 4.0 * U * ((h.beta2 * v).abs() + ((1.0 - h.beta2) * gi * gi).abs());
     // The step: relative errors of m, √v and the ops, plus lr_t's f32 rounding.
     let rel = me / mi.abs().max(f64::MIN_POSITIVE) + 0.5 * ve / vi.max(f64::MIN_POSITIVE) + 8.0 * U;
-    let pe =
+    let mut pe =
         4.0 * U * (p.abs() + pd.abs()) + upd.abs() * rel.min(1.0) + lr_t * me / (vi.sqrt() + h.eps);
+    let (flush_m, flush_v) = (may_flush(mi, me), may_flush(vi, ve));
+    if flush_m {
+        // m stored as zero: no step at all.
+        pe += upd.abs();
+    }
+    if flush_v {
+        // v stored as zero: the step divides by ε alone.
+        pe += (lr_t * mi / h.eps - upd).abs();
+    }
+    let me = if flush_m { me + mi.abs() } else { me };
+    let ve = if flush_v { ve + vi } else { ve };
     [pd - upd, pe, mi, me, vi, ve]
 }
 

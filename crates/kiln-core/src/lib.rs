@@ -42,8 +42,8 @@ pub mod var;
 pub use attention::{AttentionDropout, AttentionGrads, AttentionOptions};
 pub use autograd::{is_grad_enabled, no_grad, GradStore, NoGradGuard};
 pub use backend::{
-    Activation, AdamSchedule, AdamStep, Backend, BackendStorage, BinaryOp, ConvGrads, Distribution,
-    GemmEpilogue, ReduceOp, ReducePlan, SgdStep, UnaryOp, View,
+    flush_state, Activation, AdamSchedule, AdamStep, Backend, BackendStorage, BinaryOp, ConvGrads,
+    Distribution, GemmEpilogue, ReduceOp, ReducePlan, SgdStep, UnaryOp, View,
 };
 pub use capabilities::{Capabilities, SwitchPoints};
 pub use conv::Window2d;

@@ -4,8 +4,21 @@ use kiln_core::{bounds, AdamStep, Backend, DType, SgdStep};
 use proptest::prelude::*;
 
 use super::fetch_all;
-use crate::values::{contiguous, Domain, Operand};
+use crate::values::{contiguous, to_host, Domain, Operand};
 use crate::{compare, run_cases, Bound, Config, Report, Sizer};
+
+/// The scale that puts operands of a few units just above the smallest
+/// normal f32 (2⁻¹²⁶): state that a stopped gradient has decayed to, whose
+/// next step may round it into the subnormal range (stored as zero,
+/// [`kiln_core::flush_state`]).
+const NEAR_SUBNORMAL: f64 = 1.0 / (1u128 << 125) as f64;
+
+/// `x` scaled by [`NEAR_SUBNORMAL`] when `tiny`, as the f32 values the
+/// backend is given (those that land among the subnormals are rounded).
+fn scaled(x: &[f64], tiny: bool) -> Vec<f64> {
+    let s = if tiny { NEAR_SUBNORMAL } else { 1.0 };
+    x.iter().map(|x| f64::from((x * s) as f32)).collect()
+}
 
 fn vectors(z: &Sizer, k: usize) -> impl Strategy<Value = Vec<Operand>> {
     z.elementwise(1, 70).prop_flat_map(move |d| {
@@ -20,14 +33,17 @@ pub(crate) fn sgd<B: Backend>(b: &B, cfg: &Config) -> Report {
         prop::sample::select(vec![0.0, 0.9, 0.5]),
         prop::sample::select(vec![0.0, 1e-2]),
         any::<bool>(),
+        // The velocity and gradient near the subnormal range.
+        any::<bool>(),
     );
     run_cases(
         "sgd_update",
         DType::F32,
         cfg,
         move |z: &Sizer| (vectors(z, 3), hyper.clone()).boxed(),
-        |(v, (lr, mu, wd, nesterov))| {
-            let (p0, g, v0) = (v[0].logical(), v[1].logical(), v[2].logical());
+        |(v, (lr, mu, wd, nesterov, tiny))| {
+            let p0 = v[0].logical();
+            let (g, v0) = (scaled(&v[1].logical(), tiny), scaled(&v[2].logical(), tiny));
             let n = p0.len();
             let step = SgdStep {
                 lr: lr as f32,
@@ -41,8 +57,8 @@ pub(crate) fn sgd<B: Backend>(b: &B, cfg: &Config) -> Report {
                 f64::from(step.weight_decay),
             );
             let mut p = v[0].upload(b)?;
-            let gs = v[1].upload(b)?;
-            let mut vel = v[2].upload(b)?;
+            let gs = b.upload(&to_host(DType::F32, &g))?;
+            let mut vel = b.upload(&to_host(DType::F32, &v0))?;
             b.sgd_update(&mut p, &gs, (mu != 0.0).then_some(&mut vel), &step)?;
             let (mut want_p, mut want_v) = (Vec::new(), Vec::new());
             for i in 0..n {
@@ -77,16 +93,22 @@ pub(crate) fn adam<B: Backend>(b: &B, cfg: &Config) -> Report {
         1u64..2000,
         prop::sample::select(vec![0.0, 4e-3]),
         any::<bool>(),
+        // The moments and gradient near the subnormal range.
+        any::<bool>(),
     );
     run_cases(
         "adam_update",
         DType::F32,
         cfg,
         move |z: &Sizer| (vectors(z, 4), hyper.clone()).boxed(),
-        |(v, (lr, t, wd, decoupled))| {
-            let (p0, g, m0) = (v[0].logical(), v[1].logical(), v[2].logical());
+        |(v, (lr, t, wd, decoupled, tiny))| {
+            let p0 = v[0].logical();
+            let (g, m0) = (scaled(&v[1].logical(), tiny), scaled(&v[2].logical(), tiny));
             // The second moment is non-negative.
-            let v0: Vec<f64> = v[3].logical().iter().map(|x| x.abs()).collect();
+            let v0: Vec<f64> = scaled(&v[3].logical(), tiny)
+                .iter()
+                .map(|x| x.abs())
+                .collect();
             let n = p0.len();
             let step = AdamStep {
                 lr: lr as f32,
@@ -104,9 +126,9 @@ pub(crate) fn adam<B: Backend>(b: &B, cfg: &Config) -> Report {
                 f64::from(step.eps),
             );
             let mut p = v[0].upload(b)?;
-            let gs = v[1].upload(b)?;
-            let mut ms = v[2].upload(b)?;
-            let mut vs = b.upload(&crate::values::to_host(DType::F32, &v0))?;
+            let gs = b.upload(&to_host(DType::F32, &g))?;
+            let mut ms = b.upload(&to_host(DType::F32, &m0))?;
+            let mut vs = b.upload(&to_host(DType::F32, &v0))?;
             b.adam_update(&mut p, &gs, &mut ms, &mut vs, &step)?;
             let h = bounds::AdamHyper {
                 lr,

@@ -1,6 +1,6 @@
 //! Reference fused optimiser updates (f32 parameters and state).
 
-use kiln_core::{AdamStep, HostData, Result, SgdStep};
+use kiln_core::{flush_state, AdamStep, HostData, Result, SgdStep};
 
 use crate::unsupported;
 
@@ -18,8 +18,8 @@ fn f32_ref<'a>(op: &'static str, s: &'a HostData) -> Result<&'a [f32]> {
     }
 }
 
-/// SGD with optional momentum (Nesterov or not) and L2 weight decay;
-/// inlined so `vector::wide::run` can compile it for a SIMD set.
+/// SGD with optional momentum (Nesterov or not) and L2 weight decay, the
+/// velocity stored flushed ([`flush_state`]); inlined so `vector::wide::run` can compile it for a SIMD set.
 #[inline(always)]
 pub(crate) fn sgd(
     param: &mut HostData,
@@ -42,7 +42,7 @@ pub(crate) fn sgd(
             let v = f32_mut("sgd_update", v)?;
             for ((p, &g), v) in p.iter_mut().zip(g).zip(v.iter_mut()) {
                 let g = g + s.weight_decay * *p;
-                *v = s.momentum * *v + g;
+                *v = flush_state(s.momentum * *v + g);
                 let d = if s.nesterov { g + s.momentum * *v } else { *v };
                 *p -= s.lr * d;
             }
@@ -99,7 +99,9 @@ pub(crate) fn adam_operands<'a>(
 }
 
 /// The update over slices of one length (each element on its own, so any
-/// split of the slices gives the same bits).
+/// split of the slices gives the same bits), the moments stored flushed
+/// ([`flush_state`]): a subnormal moment would send every later step on
+/// it through the processor's slow path.
 #[inline(always)]
 pub(crate) fn adam_slices(
     p: &mut [f32],
@@ -111,8 +113,8 @@ pub(crate) fn adam_slices(
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
         *p -= k.decay * *p;
         let g = g + k.l2 * *p;
-        *m = k.beta1 * *m + (1.0 - k.beta1) * g;
-        *v = k.beta2 * *v + (1.0 - k.beta2) * g * g;
+        *m = flush_state(k.beta1 * *m + (1.0 - k.beta1) * g);
+        *v = flush_state(k.beta2 * *v + (1.0 - k.beta2) * g * g);
         *p -= k.lr_t * *m / (v.sqrt() + k.eps);
     }
 }

@@ -36,6 +36,6 @@ extern "C" __global__ void kiln_adam(float* p, const float* g, float* m, float* 
         float vi = flush_state(beta2 * v[i] + (1.0f - beta2) * gi * gi);
         m[i] = mi;
         v[i] = vi;
-        p[i] = pi - lr_t * mi / (sqrtf(vi) + eps);
+        p[i] = pi - lr_t * (mi / (sqrtf(vi) + eps));
     }
 }

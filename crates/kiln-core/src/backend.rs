@@ -508,7 +508,9 @@ pub struct SgdStep {
 ///  p ← p − lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m / (√v + ε)`,
 /// preceded, for AdamW (`decoupled`), by `p ← p − lr·wd·p`, or, for Adam with
 /// weight decay, by `g ← g + wd·p`. The moments are stored flushed
-/// ([`flush_state`]) and the parameter's step uses them as stored.
+/// ([`flush_state`]) and the parameter's step uses them as stored; the step
+/// is evaluated as `lr_t · (m / (√v + ε))` (the order of PyTorch's
+/// `addcdiv`), so that a small `m` never makes a subnormal product `lr_t·m`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamStep {
     /// Learning rate.

@@ -110,7 +110,7 @@ fn adam_stores_its_moments_flushed_and_steps_with_them() {
         raw_m.push(mi);
         raw_v.push(vi);
         let (mi, vi) = (flush_state(mi), flush_state(vi));
-        let want = pd - c.lr_t * mi / (vi.sqrt() + s.eps);
+        let want = pd - c.lr_t * (mi / (vi.sqrt() + s.eps));
         assert_eq!(p[i].to_bits(), want.to_bits(), "p[{i}]");
         assert_eq!(m[i].to_bits(), mi.to_bits(), "m[{i}]");
         assert_eq!(v[i].to_bits(), vi.to_bits(), "v[{i}]");

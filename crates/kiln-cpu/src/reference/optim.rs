@@ -115,6 +115,9 @@ pub(crate) fn adam_slices(
         let g = g + k.l2 * *p;
         *m = flush_state(k.beta1 * *m + (1.0 - k.beta1) * g);
         *v = flush_state(k.beta2 * *v + (1.0 - k.beta2) * g * g);
-        *p -= k.lr_t * *m / (v.sqrt() + k.eps);
+        // lr_t·(m/(√v + ε)), not (lr_t·m)/(√v + ε): a small m would make
+        // the product subnormal (a slow path on x86) for dozens of steps
+        // before m itself falls below 2⁻¹²⁶.
+        *p -= k.lr_t * (*m / (v.sqrt() + k.eps));
     }
 }

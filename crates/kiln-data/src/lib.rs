@@ -27,6 +27,7 @@ pub mod augment;
 pub mod dataset;
 pub mod idx;
 pub mod loader;
+mod pixels;
 pub mod text;
 
 pub use augment::{Affine, Augment};

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds kiln-cpu's tests for aarch64 and runs them under qemu: the
 # conformance suite on the NEON kernel set, and the packed-GEMM, thread-count
-# and math tests, with NEON required (not skipped). The scalar set's suite
+# and math tests, with NEON required (not skipped); and kiln-data's pixel
+# conversion (its AArch64 path). The scalar set's suite
 # (portable Rust, the same on every target) runs natively in ci/test.sh;
 # under qemu it would double this step's time for no new code.
 set -euo pipefail
@@ -22,3 +23,5 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
 export KILN_REQUIRE_KERNELS=neon
 cargo test -p kiln-cpu --target aarch64-unknown-linux-gnu --profile ci --locked "$@" -- --skip scalar::
+# kiln-data's pixel conversion takes its FMA path natively on AArch64.
+cargo test -p kiln-data --target aarch64-unknown-linux-gnu --profile ci --locked --lib pixels

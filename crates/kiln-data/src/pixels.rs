@@ -25,7 +25,9 @@ fn unit_fma(b: u8) -> f32 {
     residual.mul_add(RECIP_255, q)
 }
 
-/// `b / 255` by division (processors without FMA).
+/// `b / 255` by division (processors without FMA; on AArch64, which has
+/// FMA, only the tests use it).
+#[cfg(any(test, not(target_arch = "aarch64")))]
 #[inline(always)]
 fn unit_div(b: u8) -> f32 {
     f32::from(b) / 255.0

@@ -19,9 +19,12 @@
 //! weight and four fused multiply-adds, in tap order from zero — the
 //! packed GEMM's sum exactly, when the patch fits one of its `KC` blocks
 //! (checked by the caller), so the results are bitwise those of im2col,
-//! GEMM, epilogue and pool run one after another. Then `+ bias`, the ReLU
-//! (NaN kept, as the reference), and the window's first maximum and its
-//! index, as the pool kernel picks them.
+//! GEMM, epilogue and pool run one after another. Then `+ bias`, the
+//! window's first maximum and its index, as the pool kernel picks them,
+//! and the ReLU (NaN kept, as the reference): on the window's winner where
+//! no candidate is NaN (it picks the cell the ReLU'd candidates would, in
+//! three instructions where ReLU'ing four candidates took eight), on each
+//! candidate first otherwise.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -229,8 +232,10 @@ impl Block<'_, '_> {
             // `+ 0.0` without a bias too, as the unfused epilogue (it
             // turns −0 into +0).
             let add = _mm512_set1_ps(img.bias.map_or(0.0, |b| b[oc]));
+            // The biased outputs, rounded as a bf16 layer stores them; the
+            // ReLU comes after the pool where no candidate is NaN.
             let y = acc.map(|a| {
-                let y = finish(a, add, img.relu);
+                let y = _mm512_add_ps(a, add);
                 if img.round_bf16 {
                     to_bf16_value(y)
                 } else {
@@ -243,6 +248,11 @@ impl Block<'_, '_> {
             let (best, index) = if nan == 0 {
                 // No NaN among the candidates (the rule for every block of
                 // finite data): a later cell wins only if strictly greater.
+                // The ReLU is applied to the winner: where it is positive,
+                // the four ReLU'd candidates pick the same cell (a
+                // non-positive one never beats it, and positives compare
+                // as they are); where it is not, all four are +0 and the
+                // first cell wins the ties.
                 let right_top = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(y[1], y[0]);
                 let right_bottom = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(y[3], y[2]);
                 let top = _mm512_mask_blend_ps(right_top, y[0], y[1]);
@@ -250,11 +260,19 @@ impl Block<'_, '_> {
                 let top_at = _mm512_mask_add_epi32(self.first, right_top, self.first, one);
                 let bottom_at = _mm512_mask_add_epi32(below, right_bottom, below, one);
                 let lower = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(bottom, top);
-                (
-                    _mm512_mask_blend_ps(lower, top, bottom),
-                    _mm512_mask_blend_epi32(lower, top_at, bottom_at),
-                )
+                let best = _mm512_mask_blend_ps(lower, top, bottom);
+                let index = _mm512_mask_blend_epi32(lower, top_at, bottom_at);
+                if img.relu {
+                    let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(best, _mm512_setzero_ps());
+                    (
+                        _mm512_maskz_mov_ps(positive, best),
+                        _mm512_mask_blend_epi32(positive, self.first, index),
+                    )
+                } else {
+                    (best, index)
+                }
             } else {
+                let y = if img.relu { y.map(|y| relu(y)) } else { y };
                 let right = |at: __m512i| _mm512_add_epi32(at, one);
                 let top = later_if_greater((y[0], self.first), (y[1], right(self.first)));
                 let bottom = later_if_greater((y[2], below), (y[3], right(below)));
@@ -287,15 +305,10 @@ fn to_bf16_value(y: __m512) -> __m512 {
     _mm512_castsi512_ps(_mm512_and_si512(out, high))
 }
 
-/// `acc + add`, then the ReLU if asked: NaN and positive values kept,
-/// everything else +0 (the reference's ReLU).
+/// The reference's ReLU: NaN and positive values kept, everything else +0.
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn finish(acc: __m512, add: __m512, relu: bool) -> __m512 {
-    let y = _mm512_add_ps(acc, add);
-    if !relu {
-        return y;
-    }
+fn relu(y: __m512) -> __m512 {
     let keep = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(y, _mm512_setzero_ps());
     _mm512_maskz_mov_ps(keep, y)
 }

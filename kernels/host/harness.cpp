@@ -7,6 +7,7 @@
 //   harness pool PLANES H W KH KW SH SW PT PL OH OW                           (stdin: x, dy)
 //   harness unary OP N | unary_backward OP N | binary OP N | affine N MUL ADD  (stdin: operands)
 //   harness adam N LR_T BETA1 BETA2 EPS DECAY L2                              (stdin: p, g, m, v)
+//   harness sgd N LR MOMENTUM WEIGHT_DECAY NESTEROV                            (stdin: p, g, velocity)
 //   harness reduce OP ROWS RUN | argmax ROWS RUN | softmax LOG ROWS C          (stdin: x)
 //   harness xent ROWS C                                                        (stdin: logits, labels)
 //   harness gemm|gemm_tc DTYPE BATCH M N K (OFF BS RS CS LEN)×2 ALPHA BETA ACT OUT_DTYPE HAS_BIAS HAS_C0
@@ -147,6 +148,15 @@ int main(int argc, char** argv) {
         print_bits(p.data(), n, KILN_F32);
         print_bits(m.data(), n, KILN_F32);
         print_bits(v.data(), n, KILN_F32);
+    } else if (mode == "sgd") {
+        i64 n = arg(2);
+        float c[3];
+        for (int j = 0; j < 3; ++j) c[j] = std::strtof(argv[3 + j], nullptr);
+        auto p = read_bits(n, KILN_F32), g = read_bits(n, KILN_F32), vel = read_bits(n, KILN_F32);
+        kiln_launch(grid_for(n), 256, kiln_sgd, (float*)p.data(), (const float*)g.data(), (float*)vel.data(),
+                    n, c[0], c[1], c[2], (int)arg(6));
+        print_bits(p.data(), n, KILN_F32);
+        print_bits(vel.data(), n, KILN_F32);
     } else if (mode == "reduce" || mode == "argmax" || mode == "softmax") {
         int op = mode == "argmax" ? 0 : (int)arg(2);
         int base = mode == "argmax" ? 2 : 3;

@@ -54,6 +54,8 @@ enum Fault {
     /// Adam flushes moments below 2⁻¹²⁰ to zero, not only the subnormals
     /// (below 2⁻¹²⁶) the contract allows.
     AdamFlushesNormals,
+    /// Adam stores subnormal moments as they come (no flush).
+    AdamNoFlush,
     /// SGD flushes its old velocity to zero below 2⁻¹²⁰ before the step (a
     /// flush applied to the input, and too wide).
     SgdFlushesInput,
@@ -369,6 +371,21 @@ impl Backend for Faulty {
         v: &mut HostData,
         s: &AdamStep,
     ) -> Result<()> {
+        if self.fault == Fault::AdamNoFlush {
+            let k = s.schedule()?;
+            if let (HostData::F32(p), HostData::F32(g), HostData::F32(m), HostData::F32(v)) =
+                (&mut *p, g, &mut *m, &mut *v)
+            {
+                for i in 0..p.len() {
+                    p[i] -= k.decay * p[i];
+                    let gi = g[i] + k.l2 * p[i];
+                    m[i] = s.beta1 * m[i] + (1.0 - s.beta1) * gi;
+                    v[i] = s.beta2 * v[i] + (1.0 - s.beta2) * gi * gi;
+                    p[i] -= k.lr_t * (m[i] / (v[i].sqrt() + s.eps));
+                }
+                return Ok(());
+            }
+        }
         self.inner.adam_update(p, g, m, v, s)?;
         if self.fault == Fault::AdamFlushesNormals {
             if let HostData::F32(m) = m {
@@ -580,6 +597,7 @@ fn every_planted_fault_is_caught_and_the_clean_backend_passes() {
         (Fault::LayerNormOnePass, "layer_norm"),
         (Fault::EmbeddingLastWins, "embedding_backward"),
         (Fault::AdamFlushesNormals, "adam_update"),
+        (Fault::AdamNoFlush, "adam_update"),
         (Fault::SgdFlushesInput, "sgd_update"),
         (Fault::CausalOffByOne, "softmax_causal"),
         (Fault::ContiguousDropsOffset, "contiguous"),

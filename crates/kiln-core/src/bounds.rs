@@ -534,14 +534,20 @@ pub fn sgd(
     weight_decay: f64,
     nesterov: bool,
 ) -> [f64; 4] {
+    // Each rounding also adds at most η where its result is subnormal.
     let gi = grad + weight_decay * p;
-    let ge = (grad.abs() + (weight_decay * p).abs()) * 2.0 * U;
+    let ge = (grad.abs() + (weight_decay * p).abs()) * 2.0 * U + 2.0 * ETA_F32;
     if momentum == 0.0 {
         let d = lr * gi;
-        return [p - d, 4.0 * U * (p.abs() + d.abs()) + lr * ge, 0.0, 0.0];
+        return [
+            p - d,
+            4.0 * U * (p.abs() + d.abs()) + lr * ge + 2.0 * ETA_F32,
+            0.0,
+            0.0,
+        ];
     }
     let vi = momentum * v + gi;
-    let mut ve = 3.0 * U * ((momentum * v).abs() + gi.abs()) + ge;
+    let mut ve = 3.0 * U * ((momentum * v).abs() + gi.abs()) + ge + 2.0 * ETA_F32;
     if may_flush(vi, ve) {
         ve += vi.abs();
     }
@@ -555,7 +561,7 @@ pub fn sgd(
     };
     [
         p - lr * d,
-        4.0 * U * (p.abs() + (lr * d).abs()) + lr * de,
+        4.0 * U * (p.abs() + (lr * d).abs()) + lr * de + 4.0 * ETA_F32,
         vi,
         ve,
     ]
@@ -602,13 +608,17 @@ pub fn adam(p: f64, grad: f64, m: f64, v: f64, h: &AdamHyper) -> [f64; 6] {
     let mi = h.beta1 * m + (1.0 - h.beta1) * gi;
     let vi = h.beta2 * v + (1.0 - h.beta2) * gi * gi;
     let upd = lr_t * mi / (vi.sqrt() + h.eps);
-    // Each moment: 3 roundings of its terms (β's themselves are f32 values).
-    let me = 4.0 * U * ((h.beta1 * m).abs() + ((1.0 - h.beta1) * gi).abs() + gi.abs());
-    let ve = 4.0 * U * ((h.beta2 * v).abs() + ((1.0 - h.beta2) * gi * gi).abs());
+    // Each moment: 3 roundings of its terms (β's themselves are f32 values),
+    // each adding at most η more where its result is subnormal.
+    let me =
+        4.0 * U * ((h.beta1 * m).abs() + ((1.0 - h.beta1) * gi).abs() + gi.abs()) + 4.0 * ETA_F32;
+    let ve = 4.0 * U * ((h.beta2 * v).abs() + ((1.0 - h.beta2) * gi * gi).abs()) + 4.0 * ETA_F32;
     // The step: relative errors of m, √v and the ops, plus lr_t's f32 rounding.
     let rel = me / mi.abs().max(f64::MIN_POSITIVE) + 0.5 * ve / vi.max(f64::MIN_POSITIVE) + 8.0 * U;
-    let mut pe =
-        4.0 * U * (p.abs() + pd.abs()) + upd.abs() * rel.min(1.0) + lr_t * me / (vi.sqrt() + h.eps);
+    let mut pe = 4.0 * U * (p.abs() + pd.abs())
+        + upd.abs() * rel.min(1.0)
+        + lr_t * me / (vi.sqrt() + h.eps)
+        + 8.0 * ETA_F32;
     let (flush_m, flush_v) = (may_flush(mi, me), may_flush(vi, ve));
     if flush_m {
         // m stored as zero: no step at all.

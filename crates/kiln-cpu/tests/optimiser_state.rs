@@ -15,8 +15,18 @@ const N: usize = 70_001;
 
 /// Four times the smallest normal f32: one step of decay (β < 1) takes the
 /// smaller of the state's values (uniform up to this in magnitude, or half
-/// of it for `v`) into the subnormal range.
+/// of it for `v`) into the subnormal range — about a quarter of `m` and of
+/// SGD's velocity, half of `v`.
 const TINY: f32 = f32::MIN_POSITIVE * 4.0;
+
+/// The parameters' scale (2⁻¹¹⁰): small enough that a step from [`TINY`]
+/// state shows in their bits — with the state as stored, or unflushed —
+/// and normal all the same.
+const PARAMS: f32 = 1.0 / (1u128 << 110) as f32;
+
+fn params(seed: u64) -> Vec<f32> {
+    values(N, seed).iter().map(|x| x * PARAMS).collect()
+}
 
 fn f32s(h: &HostData) -> Vec<f32> {
     h.to_f32_vec()
@@ -46,7 +56,7 @@ fn adam_step() -> AdamStep {
 
 /// One Adam step on `b` from state near the subnormal range: `(p, m, v)`.
 fn adam(b: &CpuBackend) -> [Vec<f32>; 3] {
-    let mut p = HostData::F32(values(N, 1));
+    let mut p = HostData::F32(params(1));
     let g = HostData::F32(stopped_gradient());
     let mut m = HostData::F32(values(N, 2).iter().map(|x| x * TINY).collect());
     let mut v = HostData::F32(values(N, 3).iter().map(|x| x.abs() * TINY / 2.0).collect());
@@ -55,17 +65,19 @@ fn adam(b: &CpuBackend) -> [Vec<f32>; 3] {
     [f32s(&p), f32s(&m), f32s(&v)]
 }
 
+const SGD: SgdStep = SgdStep {
+    lr: 0.1,
+    momentum: 0.9,
+    weight_decay: 0.0,
+    nesterov: false,
+};
+
 /// One SGD step with momentum (Nesterov when asked): `(p, velocity)`.
 fn sgd(b: &CpuBackend, nesterov: bool) -> [Vec<f32>; 2] {
-    let mut p = HostData::F32(values(N, 4));
+    let mut p = HostData::F32(params(4));
     let g = HostData::F32(stopped_gradient());
     let mut vel = HostData::F32(values(N, 5).iter().map(|x| x * TINY).collect());
-    let step = SgdStep {
-        lr: 0.1,
-        momentum: 0.9,
-        weight_decay: 0.0,
-        nesterov,
-    };
+    let step = SgdStep { nesterov, ..SGD };
     b.sgd_update(&mut p, &g, Some(&mut vel), &step).unwrap();
     [f32s(&p), f32s(&vel)]
 }
@@ -99,7 +111,7 @@ fn adam_stores_its_moments_flushed_and_steps_with_them() {
     // The step, written out from the contract.
     let s = adam_step();
     let c = s.schedule().unwrap();
-    let (p0, g) = (values(N, 1), stopped_gradient());
+    let (p0, g) = (params(1), stopped_gradient());
     let m0: Vec<f32> = values(N, 2).iter().map(|x| x * TINY).collect();
     let v0: Vec<f32> = values(N, 3).iter().map(|x| x.abs() * TINY / 2.0).collect();
     let (mut raw_m, mut raw_v) = (Vec::new(), Vec::new());
@@ -115,19 +127,48 @@ fn adam_stores_its_moments_flushed_and_steps_with_them() {
         assert_eq!(m[i].to_bits(), mi.to_bits(), "m[{i}]");
         assert_eq!(v[i].to_bits(), vi.to_bits(), "v[{i}]");
     }
-    // The data reach the case: about half of each moment flushed.
-    assert!(flushed(&m, &raw_m) > N / 4, "{}", flushed(&m, &raw_m));
-    assert!(flushed(&v, &raw_v) > N / 4, "{}", flushed(&v, &raw_v));
+    // The data reach the case: a quarter of m and half of v flushed, and
+    // the step taken with the unflushed moments would differ.
+    assert!(flushed(&m, &raw_m) > N / 5, "{}", flushed(&m, &raw_m));
+    assert!(flushed(&v, &raw_v) > N / 5, "{}", flushed(&v, &raw_v));
+    let unflushed = (0..N)
+        .filter(|&i| {
+            let pd = p0[i] - c.decay * p0[i];
+            let raw = pd - c.lr_t * (raw_m[i] / (raw_v[i].sqrt() + s.eps));
+            raw.to_bits() != p[i].to_bits()
+        })
+        .count();
+    assert!(unflushed > N / 10, "{unflushed}");
 }
 
 #[test]
 fn sgd_stores_its_velocity_flushed() {
     for nesterov in [false, true] {
-        let [_, vel] = sgd(&CpuBackend::reference(), nesterov);
+        let [p, vel] = sgd(&CpuBackend::reference(), nesterov);
         assert_no_subnormals("velocity", &vel);
-        let (v0, g) = (values(N, 5), stopped_gradient());
-        let raw: Vec<f32> = (0..N).map(|i| 0.9 * v0[i] * TINY + g[i]).collect();
-        assert!(flushed(&vel, &raw) > N / 4, "{}", flushed(&vel, &raw));
+        let (p0, g) = (params(4), stopped_gradient());
+        let v0: Vec<f32> = values(N, 5).iter().map(|x| x * TINY).collect();
+        let mut raw = Vec::new();
+        let mut unflushed = 0;
+        for i in 0..N {
+            // The step, written out from the contract.
+            let v = SGD.momentum * v0[i] + g[i];
+            raw.push(v);
+            let step = |v: f32| {
+                let d = if nesterov { g[i] + SGD.momentum * v } else { v };
+                p0[i] - SGD.lr * d
+            };
+            let want = step(flush_state(v));
+            assert_eq!(vel[i].to_bits(), flush_state(v).to_bits(), "velocity[{i}]");
+            assert_eq!(
+                p[i].to_bits(),
+                want.to_bits(),
+                "p[{i}], nesterov {nesterov}"
+            );
+            unflushed += usize::from(step(v).to_bits() != want.to_bits());
+        }
+        assert!(flushed(&vel, &raw) > N / 5, "{}", flushed(&vel, &raw));
+        assert!(unflushed > N / 10, "{unflushed}");
     }
 }
 

@@ -483,6 +483,67 @@ fn adam_matches_the_cpu() {
     }
 }
 
+#[test]
+fn sgd_matches_the_cpu() {
+    use kiln_core::SgdStep;
+    if harness().is_none() {
+        return;
+    }
+    let b = cpu();
+    let n = 600;
+    let finite = |salt| awkward(n + 13, salt)[13..].to_vec();
+    // The last two cases' velocity and gradient are near the subnormal
+    // range: both sides store the velocity flushed and step with it.
+    let cases = [
+        (0.9f32, 0.0f32, false, 1.0f32),
+        (0.9, 0.01, true, 1.0),
+        (0.9, 0.0, false, 1e-38),
+        (0.5, 0.0, true, 1e-38),
+    ];
+    for (momentum, wd, nesterov, scale) in cases {
+        let s = SgdStep {
+            lr: 0.1,
+            momentum,
+            weight_decay: wd,
+            nesterov,
+        };
+        // Parameters small enough that steps from tiny state show.
+        let p_scale = if scale < 1.0 { 1e-35 } else { 1.0 };
+        let p0 = HostData::F32(finite(3).iter().map(|v| v * p_scale).collect());
+        let g = HostData::F32(finite(4).iter().map(|v| v * scale).collect());
+        let v0 = HostData::F32(finite(5).iter().map(|v| v * scale).collect());
+        let (mut p, mut vel) = (p0.clone(), v0.clone());
+        b.sgd_update(&mut p, &g, Some(&mut vel), &s).unwrap();
+        if scale < 1.0 {
+            let (after, before) = (host_f32(&vel), host_f32(&v0));
+            let flushed = after
+                .iter()
+                .zip(&before)
+                .filter(|&(&a, &b)| a == 0.0 && b != 0.0)
+                .count();
+            assert!(flushed > 0, "no velocity was flushed");
+        }
+        let mut input = bits(&p0);
+        for h in [&g, &v0] {
+            input.extend(bits(h));
+        }
+        let args: Vec<String> = vec![
+            "sgd".to_string(),
+            n.to_string(),
+            s.lr.to_string(),
+            s.momentum.to_string(),
+            s.weight_decay.to_string(),
+            u8::from(nesterov).to_string(),
+        ];
+        let got = run(&args, &input);
+        let want: Vec<u64> = [bits(&p), bits(&vel)].concat();
+        assert!(
+            same(DType::F32, &got, &want),
+            "sgd momentum {momentum} nesterov {nesterov} scale {scale}"
+        );
+    }
+}
+
 fn f32s(bits: &[u64]) -> Vec<f32> {
     bits.iter().map(|&b| f32::from_bits(b as u32)).collect()
 }

@@ -401,6 +401,10 @@ impl Dataset {
     /// Example `i` as the model takes it, into `dst` (of
     /// [`Dataset::pixels`] values): bytes over 255 for a u8 dataset, the
     /// f32 features as they are otherwise.
+    ///
+    /// # Panics
+    /// If `dst` does not hold exactly [`Dataset::pixels`] values, or `i` is
+    /// not an example of the set.
     pub fn write_example(&self, i: usize, dst: &mut [f32]) {
         let px = self.pixels();
         if self.floats.is_empty() {

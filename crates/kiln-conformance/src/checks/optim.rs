@@ -5,7 +5,7 @@ use proptest::prelude::*;
 
 use super::fetch_all;
 use crate::values::{contiguous, to_host, Domain, Operand};
-use crate::{compare, run_cases, Bound, Config, Report, Sizer};
+use crate::{compare, run_cases, Bound, CaseError, Config, Report, Sizer};
 
 /// The scale that puts operands of a few units just above the smallest
 /// normal f32 (2⁻¹²⁶): state that a stopped gradient has decayed to, whose
@@ -13,11 +13,30 @@ use crate::{compare, run_cases, Bound, Config, Report, Sizer};
 /// [`kiln_core::flush_state`]).
 const NEAR_SUBNORMAL: f64 = 1.0 / (1u128 << 125) as f64;
 
-/// `x` scaled by [`NEAR_SUBNORMAL`] when `tiny`, as the f32 values the
-/// backend is given (those that land among the subnormals are rounded).
-fn scaled(x: &[f64], tiny: bool) -> Vec<f64> {
-    let s = if tiny { NEAR_SUBNORMAL } else { 1.0 };
+/// The parameters' scale beside [`NEAR_SUBNORMAL`] state: small enough
+/// that a step from that state shows in their bits (a step with the state
+/// as stored, or not, or with the state a flush would have left), normal
+/// all the same.
+const TINY_PARAMS: f64 = 1.0 / (1u128 << 110) as f64;
+
+/// `x` scaled by `scale` when `tiny`, as the f32 values the backend is
+/// given (those that land among the subnormals are rounded).
+fn scaled(x: &[f64], tiny: bool, scale: f64) -> Vec<f64> {
+    let s = if tiny { scale } else { 1.0 };
     x.iter().map(|x| f64::from((x * s) as f32)).collect()
+}
+
+/// Optimiser state is stored flushed ([`kiln_core::flush_state`]): a
+/// subnormal value stored is a failure, whatever the bound says.
+fn no_subnormals(what: &str, got: &[f64]) -> Result<(), CaseError> {
+    match got.iter().position(|&x| (x as f32).is_subnormal()) {
+        None => Ok(()),
+        Some(i) => Err(CaseError::Fail(format!(
+            "{what}: element {i} is stored subnormal ({:e}); optimiser state below 2⁻¹²⁶ \
+             must be stored as zero (kiln_core::flush_state), whatever its bound allows",
+            got[i]
+        ))),
+    }
 }
 
 fn vectors(z: &Sizer, k: usize) -> impl Strategy<Value = Vec<Operand>> {
@@ -42,8 +61,9 @@ pub(crate) fn sgd<B: Backend>(b: &B, cfg: &Config) -> Report {
         cfg,
         move |z: &Sizer| (vectors(z, 3), hyper.clone()).boxed(),
         |(v, (lr, mu, wd, nesterov, tiny))| {
-            let p0 = v[0].logical();
-            let (g, v0) = (scaled(&v[1].logical(), tiny), scaled(&v[2].logical(), tiny));
+            let p0 = scaled(&v[0].logical(), tiny, TINY_PARAMS);
+            let tiny_state = |x: &Operand| scaled(&x.logical(), tiny, NEAR_SUBNORMAL);
+            let (g, v0) = (tiny_state(&v[1]), tiny_state(&v[2]));
             let n = p0.len();
             let step = SgdStep {
                 lr: lr as f32,
@@ -56,7 +76,7 @@ pub(crate) fn sgd<B: Backend>(b: &B, cfg: &Config) -> Report {
                 f64::from(step.momentum),
                 f64::from(step.weight_decay),
             );
-            let mut p = v[0].upload(b)?;
+            let mut p = b.upload(&to_host(DType::F32, &p0))?;
             let gs = b.upload(&to_host(DType::F32, &g))?;
             let mut vel = b.upload(&to_host(DType::F32, &v0))?;
             b.sgd_update(&mut p, &gs, (mu != 0.0).then_some(&mut vel), &step)?;
@@ -74,13 +94,9 @@ pub(crate) fn sgd<B: Backend>(b: &B, cfg: &Config) -> Report {
                 &want_p,
             )?;
             if mu != 0.0 {
-                worst = worst.max(compare(
-                    "sgd velocity",
-                    DType::F32,
-                    &[n],
-                    &fetch_all(b, &vel, &[n])?,
-                    &want_v,
-                )?);
+                let got = fetch_all(b, &vel, &[n])?;
+                no_subnormals("sgd velocity", &got)?;
+                worst = worst.max(compare("sgd velocity", DType::F32, &[n], &got, &want_v)?);
             }
             Ok(worst)
         },
@@ -102,13 +118,11 @@ pub(crate) fn adam<B: Backend>(b: &B, cfg: &Config) -> Report {
         cfg,
         move |z: &Sizer| (vectors(z, 4), hyper.clone()).boxed(),
         |(v, (lr, t, wd, decoupled, tiny))| {
-            let p0 = v[0].logical();
-            let (g, m0) = (scaled(&v[1].logical(), tiny), scaled(&v[2].logical(), tiny));
+            let p0 = scaled(&v[0].logical(), tiny, TINY_PARAMS);
+            let tiny_state = |x: &Operand| scaled(&x.logical(), tiny, NEAR_SUBNORMAL);
+            let (g, m0) = (tiny_state(&v[1]), tiny_state(&v[2]));
             // The second moment is non-negative.
-            let v0: Vec<f64> = scaled(&v[3].logical(), tiny)
-                .iter()
-                .map(|x| x.abs())
-                .collect();
+            let v0: Vec<f64> = tiny_state(&v[3]).iter().map(|x| x.abs()).collect();
             let n = p0.len();
             let step = AdamStep {
                 lr: lr as f32,
@@ -125,7 +139,7 @@ pub(crate) fn adam<B: Backend>(b: &B, cfg: &Config) -> Report {
                 f64::from(step.beta2),
                 f64::from(step.eps),
             );
-            let mut p = v[0].upload(b)?;
+            let mut p = b.upload(&to_host(DType::F32, &p0))?;
             let gs = b.upload(&to_host(DType::F32, &g))?;
             let mut ms = b.upload(&to_host(DType::F32, &m0))?;
             let mut vs = b.upload(&to_host(DType::F32, &v0))?;
@@ -153,18 +167,15 @@ pub(crate) fn adam<B: Backend>(b: &B, cfg: &Config) -> Report {
                 &fetch_all(b, &p, &[n])?,
                 &wp,
             )?;
-            let w = w.max(compare(
-                "adam first moment",
-                DType::F32,
-                &[n],
-                &fetch_all(b, &ms, &[n])?,
-                &wm,
-            )?);
+            let (got_m, got_v) = (fetch_all(b, &ms, &[n])?, fetch_all(b, &vs, &[n])?);
+            no_subnormals("adam first moment", &got_m)?;
+            no_subnormals("adam second moment", &got_v)?;
+            let w = w.max(compare("adam first moment", DType::F32, &[n], &got_m, &wm)?);
             Ok(w.max(compare(
                 "adam second moment",
                 DType::F32,
                 &[n],
-                &fetch_all(b, &vs, &[n])?,
+                &got_v,
                 &wv,
             )?))
         },

@@ -1000,7 +1000,9 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
     }
 
     /// One fused SGD step on contiguous `param`, `grad` and optional
-    /// `velocity` (required when momentum ≠ 0), updated in place.
+    /// `velocity` (required when momentum ≠ 0), updated in place; the
+    /// velocity is stored with subnormals flushed to zero ([`flush_state`];
+    /// the conformance suite fails a backend that stores one).
     fn sgd_update(
         &self,
         param: &mut Self::Storage,
@@ -1010,7 +1012,9 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
     ) -> Result<()>;
 
     /// One fused Adam/AdamW step on contiguous `param`, `grad`, `m` and `v`,
-    /// updated in place.
+    /// updated in place; the moments are stored with subnormals flushed to
+    /// zero ([`flush_state`]; the conformance suite fails a backend that
+    /// stores one).
     fn adam_update(
         &self,
         param: &mut Self::Storage,

@@ -2,7 +2,10 @@
 //! count: its sums run in a fixed order (no result depends on scheduling).
 
 use kiln_core::{Backend, HostData, Layout, Shape, View};
-use kiln_cpu::{CpuBackend, KernelSet};
+use kiln_cpu::CpuBackend;
+
+mod common;
+use common::every_set_and_thread_count;
 
 fn data(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
@@ -56,20 +59,12 @@ fn every_set_and_thread_count_gives_the_same_bits() {
     // 70 rows cross the task size; 200 columns cross the column blocks.
     let (rows, cols) = (70, 200);
     let want = run(&CpuBackend::reference(), rows, cols);
-    for set in [KernelSet::Avx2, KernelSet::Avx512, KernelSet::Neon] {
-        if !set.available() {
-            continue;
-        }
-        for threads in [1, 2, 3] {
-            let b = CpuBackend::with_kernels(set)
-                .unwrap()
-                .with_threads(threads)
-                .unwrap();
-            assert!(
-                run(&b, rows, cols) == want,
-                "{} on {threads} threads",
-                b.name()
-            );
-        }
+    for b in every_set_and_thread_count() {
+        assert!(
+            run(&b, rows, cols) == want,
+            "{} on {} threads",
+            b.name(),
+            b.threads()
+        );
     }
 }

@@ -5,9 +5,9 @@
 
 mod common;
 
-use common::values;
+use common::{every_set_and_thread_count, values};
 use kiln_core::{flush_state, AdamStep, Backend, HostData, SgdStep};
-use kiln_cpu::{CpuBackend, KernelSet};
+use kiln_cpu::CpuBackend;
 
 /// Elements: more than two of the optimiser's per-task chunks (2¹⁵), with
 /// an odd tail.
@@ -177,27 +177,14 @@ fn every_set_and_thread_count_flushes_as_the_reference() {
     let reference = CpuBackend::reference();
     let want_adam = bits(&adam(&reference));
     let want_sgd: Vec<_> = [false, true].map(|n| bits(&sgd(&reference, n))).into();
-    for set in [KernelSet::Avx2, KernelSet::Avx512, KernelSet::Neon] {
-        if !set.available() {
-            continue;
-        }
-        for threads in [1, 2, 3] {
-            let b = CpuBackend::with_kernels(set)
-                .unwrap()
-                .with_threads(threads)
-                .unwrap();
+    for b in every_set_and_thread_count() {
+        let on = (b.name(), b.threads());
+        assert!(bits(&adam(&b)) == want_adam, "adam: {on:?}");
+        for (nesterov, want) in [false, true].into_iter().zip(&want_sgd) {
             assert!(
-                bits(&adam(&b)) == want_adam,
-                "adam: {} on {threads} threads",
-                b.name()
+                &bits(&sgd(&b, nesterov)) == want,
+                "sgd (nesterov {nesterov}): {on:?}"
             );
-            for (nesterov, want) in [false, true].into_iter().zip(&want_sgd) {
-                assert!(
-                    &bits(&sgd(&b, nesterov)) == want,
-                    "sgd (nesterov {nesterov}): {} on {threads} threads",
-                    b.name()
-                );
-            }
         }
     }
 }

@@ -350,6 +350,12 @@ fn awkward(n: usize, salt: u32) -> Vec<f32> {
     v
 }
 
+/// [`awkward`]'s spread without its 13 special values: `n` finite values
+/// (an optimiser's operands).
+fn spread(n: usize, salt: u32) -> Vec<f32> {
+    awkward(n + 13, salt)[13..].to_vec()
+}
+
 #[test]
 fn elementwise_kernels_match_the_cpu() {
     use kiln_core::{BinaryOp, UnaryOp};
@@ -423,7 +429,7 @@ fn adam_matches_the_cpu() {
     }
     let b = cpu();
     let n = 600;
-    let finite = |salt| awkward(n + 13, salt)[13..].to_vec();
+    let finite = |salt| spread(n, salt);
     // The last case's state and gradient are near the subnormal range:
     // both sides store the moments flushed (kiln_core::flush_state).
     let cases = [
@@ -449,13 +455,6 @@ fn adam_matches_the_cpu() {
         let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
         b.adam_update(&mut p, &g, &mut m, &mut v, &s).unwrap();
         if scale < 1.0 {
-            let flushed = |after: &HostData, before: &HostData| {
-                let (a, b) = (host_f32(after), host_f32(before));
-                a.iter()
-                    .zip(&b)
-                    .filter(|&(&a, &b)| a == 0.0 && b != 0.0)
-                    .count()
-            };
             assert!(
                 flushed(&m, &m0) > 0 && flushed(&v, &v0) > 0,
                 "no moment was flushed"
@@ -491,7 +490,7 @@ fn sgd_matches_the_cpu() {
     }
     let b = cpu();
     let n = 600;
-    let finite = |salt| awkward(n + 13, salt)[13..].to_vec();
+    let finite = |salt| spread(n, salt);
     // The last two cases' velocity and gradient are near the subnormal
     // range: both sides store the velocity flushed and step with it.
     let cases = [
@@ -515,13 +514,7 @@ fn sgd_matches_the_cpu() {
         let (mut p, mut vel) = (p0.clone(), v0.clone());
         b.sgd_update(&mut p, &g, Some(&mut vel), &s).unwrap();
         if scale < 1.0 {
-            let (after, before) = (host_f32(&vel), host_f32(&v0));
-            let flushed = after
-                .iter()
-                .zip(&before)
-                .filter(|&(&a, &b)| a == 0.0 && b != 0.0)
-                .count();
-            assert!(flushed > 0, "no velocity was flushed");
+            assert!(flushed(&vel, &v0) > 0, "no velocity was flushed");
         }
         let mut input = bits(&p0);
         for h in [&g, &v0] {
@@ -542,6 +535,16 @@ fn sgd_matches_the_cpu() {
             "sgd momentum {momentum} nesterov {nesterov} scale {scale}"
         );
     }
+}
+
+/// Elements of optimiser state the step stored as zero that were not zero
+/// before it (flushed, kiln_core::flush_state).
+fn flushed(after: &HostData, before: &HostData) -> usize {
+    let (a, b) = (host_f32(after), host_f32(before));
+    a.iter()
+        .zip(&b)
+        .filter(|&(&a, &b)| a == 0.0 && b != 0.0)
+        .count()
 }
 
 fn f32s(bits: &[u64]) -> Vec<f32> {

@@ -19,7 +19,8 @@ fn f32_ref<'a>(op: &'static str, s: &'a HostData) -> Result<&'a [f32]> {
 }
 
 /// SGD with optional momentum (Nesterov or not) and L2 weight decay, the
-/// velocity stored flushed ([`flush_state`]); inlined so `vector::wide::run` can compile it for a SIMD set.
+/// velocity stored flushed ([`flush_state`]); inlined so
+/// `vector::wide::run` can compile it for a SIMD set.
 #[inline(always)]
 pub(crate) fn sgd(
     param: &mut HostData,

@@ -10,9 +10,14 @@ use kiln_core::{
 };
 use kiln_cpu::CpuBackend;
 
-/// The threshold of the optimiser faults' flush: 64 times the smallest
-/// normal f32.
-const TOO_WIDE: f32 = f32::MIN_POSITIVE * 64.0;
+/// The optimiser faults' flush: values below 64 times the smallest normal
+/// f32 (2⁻¹²⁰) set to zero.
+fn flush_too_wide(x: &mut [f32]) {
+    let too_wide = f32::MIN_POSITIVE * 64.0;
+    x.iter_mut()
+        .filter(|x| x.abs() < too_wide)
+        .for_each(|x| *x = 0.0);
+}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fault {
@@ -356,9 +361,7 @@ impl Backend for Faulty {
     ) -> Result<()> {
         if self.fault == Fault::SgdFlushesInput {
             if let Some(HostData::F32(vel)) = v.as_deref_mut() {
-                vel.iter_mut()
-                    .filter(|x| x.abs() < TOO_WIDE)
-                    .for_each(|x| *x = 0.0);
+                flush_too_wide(vel);
             }
         }
         self.inner.sgd_update(p, g, v, s)
@@ -389,9 +392,7 @@ impl Backend for Faulty {
         self.inner.adam_update(p, g, m, v, s)?;
         if self.fault == Fault::AdamFlushesNormals {
             if let HostData::F32(m) = m {
-                m.iter_mut()
-                    .filter(|x| x.abs() < TOO_WIDE)
-                    .for_each(|x| *x = 0.0);
+                flush_too_wide(m);
             }
         }
         Ok(())

@@ -461,11 +461,7 @@ fn adam_matches_the_cpu() {
             );
         }
         let c = s.schedule().unwrap();
-        let mut input = bits(&p0);
-        for h in [&g, &m0, &v0] {
-            input.extend(bits(h));
-        }
-        let args: Vec<String> = [
+        let args = [
             "adam".to_string(),
             n.to_string(),
             c.lr_t.to_string(),
@@ -474,11 +470,11 @@ fn adam_matches_the_cpu() {
             s.eps.to_string(),
             c.decay.to_string(),
             c.l2.to_string(),
-        ]
-        .to_vec();
-        let got = run(&args, &input);
-        let want: Vec<u64> = [bits(&p), bits(&m), bits(&v)].concat();
-        assert!(same(DType::F32, &got, &want), "adam step {step}");
+        ];
+        assert!(
+            emulated_step_matches(&args, &[&p0, &g, &m0, &v0], &[&p, &m, &v]),
+            "adam step {step}"
+        );
     }
 }
 
@@ -516,11 +512,7 @@ fn sgd_matches_the_cpu() {
         if scale < 1.0 {
             assert!(flushed(&vel, &v0) > 0, "no velocity was flushed");
         }
-        let mut input = bits(&p0);
-        for h in [&g, &v0] {
-            input.extend(bits(h));
-        }
-        let args: Vec<String> = vec![
+        let args = [
             "sgd".to_string(),
             n.to_string(),
             s.lr.to_string(),
@@ -528,13 +520,19 @@ fn sgd_matches_the_cpu() {
             s.weight_decay.to_string(),
             u8::from(nesterov).to_string(),
         ];
-        let got = run(&args, &input);
-        let want: Vec<u64> = [bits(&p), bits(&vel)].concat();
         assert!(
-            same(DType::F32, &got, &want),
+            emulated_step_matches(&args, &[&p0, &g, &v0], &[&p, &vel]),
             "sgd momentum {momentum} nesterov {nesterov} scale {scale}"
         );
     }
+}
+
+/// Whether the harness's optimiser step `args`, fed `inputs`, prints the
+/// bits of `outputs` (what the CPU's step left in place).
+fn emulated_step_matches(args: &[String], inputs: &[&HostData], outputs: &[&HostData]) -> bool {
+    let input: Vec<u64> = inputs.iter().flat_map(|h| bits(h)).collect();
+    let want: Vec<u64> = outputs.iter().flat_map(|h| bits(h)).collect();
+    same(DType::F32, &run(args, &input), &want)
 }
 
 /// Elements of optimiser state the step stored as zero that were not zero

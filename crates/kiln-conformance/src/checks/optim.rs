@@ -19,11 +19,14 @@ const NEAR_SUBNORMAL: f64 = 1.0 / (1u128 << 125) as f64;
 /// all the same.
 const TINY_PARAMS: f64 = 1.0 / (1u128 << 110) as f64;
 
-/// `x` scaled by `scale` when `tiny`, as the f32 values the backend is
-/// given (those that land among the subnormals are rounded).
-fn scaled(x: &[f64], tiny: bool, scale: f64) -> Vec<f64> {
+/// `x`'s values scaled by `scale` when `tiny`, as the f32 values the
+/// backend is given (those that land among the subnormals are rounded).
+fn scaled(x: &Operand, tiny: bool, scale: f64) -> Vec<f64> {
     let s = if tiny { scale } else { 1.0 };
-    x.iter().map(|x| f64::from((x * s) as f32)).collect()
+    x.logical()
+        .iter()
+        .map(|x| f64::from((x * s) as f32))
+        .collect()
 }
 
 /// Optimiser state is stored flushed ([`kiln_core::flush_state`]): a
@@ -61,9 +64,9 @@ pub(crate) fn sgd<B: Backend>(b: &B, cfg: &Config) -> Report {
         cfg,
         move |z: &Sizer| (vectors(z, 3), hyper.clone()).boxed(),
         |(v, (lr, mu, wd, nesterov, tiny))| {
-            let p0 = scaled(&v[0].logical(), tiny, TINY_PARAMS);
-            let tiny_state = |x: &Operand| scaled(&x.logical(), tiny, NEAR_SUBNORMAL);
-            let (g, v0) = (tiny_state(&v[1]), tiny_state(&v[2]));
+            let p0 = scaled(&v[0], tiny, TINY_PARAMS);
+            let g = scaled(&v[1], tiny, NEAR_SUBNORMAL);
+            let v0 = scaled(&v[2], tiny, NEAR_SUBNORMAL);
             let n = p0.len();
             let step = SgdStep {
                 lr: lr as f32,
@@ -118,11 +121,14 @@ pub(crate) fn adam<B: Backend>(b: &B, cfg: &Config) -> Report {
         cfg,
         move |z: &Sizer| (vectors(z, 4), hyper.clone()).boxed(),
         |(v, (lr, t, wd, decoupled, tiny))| {
-            let p0 = scaled(&v[0].logical(), tiny, TINY_PARAMS);
-            let tiny_state = |x: &Operand| scaled(&x.logical(), tiny, NEAR_SUBNORMAL);
-            let (g, m0) = (tiny_state(&v[1]), tiny_state(&v[2]));
+            let p0 = scaled(&v[0], tiny, TINY_PARAMS);
+            let g = scaled(&v[1], tiny, NEAR_SUBNORMAL);
+            let m0 = scaled(&v[2], tiny, NEAR_SUBNORMAL);
             // The second moment is non-negative.
-            let v0: Vec<f64> = tiny_state(&v[3]).iter().map(|x| x.abs()).collect();
+            let v0: Vec<f64> = scaled(&v[3], tiny, NEAR_SUBNORMAL)
+                .iter()
+                .map(|x| x.abs())
+                .collect();
             let n = p0.len();
             let step = AdamStep {
                 lr: lr as f32,

@@ -22,6 +22,8 @@ pub(crate) mod blocking;
 mod narrow;
 mod pack;
 mod rows;
+#[cfg(target_arch = "x86_64")]
+mod tile;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod amx;

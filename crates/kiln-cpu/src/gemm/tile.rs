@@ -1,0 +1,189 @@
+//! The register tile of the x86 micro-kernels: one body, generic over the
+//! vector type, compiled into each instruction set's kernel functions (in
+//! `avx2.rs` and `avx512.rs`), which carry the target features.
+
+use std::arch::x86_64::*;
+
+/// The vector operations the tile needs, for one register type.
+///
+/// Every method is `#[inline(always)]` and has no target feature of its
+/// own: it compiles to its single instruction only inside a function that
+/// enables the type's instruction set, and that is the only place it may
+/// be called from.
+pub(super) trait Vector: Copy {
+    /// f32 lanes per register.
+    const LANES: usize;
+    /// # Safety
+    /// The instruction set is enabled in the calling function.
+    unsafe fn zero() -> Self;
+    /// # Safety
+    /// As for `zero`, and `LANES` floats are readable at `p`.
+    unsafe fn load(p: *const f32) -> Self;
+    /// # Safety
+    /// As for `zero`, and `LANES` floats are writable at `p`.
+    unsafe fn store(p: *mut f32, v: Self);
+    /// # Safety
+    /// As for `zero`.
+    unsafe fn splat(x: f32) -> Self;
+    /// `a·b + c`, rounded once.
+    ///
+    /// # Safety
+    /// As for `zero`.
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
+    /// # Safety
+    /// As for `zero`.
+    unsafe fn add(a: Self, b: Self) -> Self;
+}
+
+impl Vector for __m512 {
+    const LANES: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY: AVX-512F is enabled in the caller (the trait's contract).
+        unsafe { _mm512_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: as for `zero`, and p holds 16 floats.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self) {
+        // SAFETY: as for `zero`, and p has room for 16 floats.
+        unsafe { _mm512_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        // SAFETY: as for `zero`.
+        unsafe { _mm512_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+        // SAFETY: as for `zero`.
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        // SAFETY: as for `zero`.
+        unsafe { _mm512_add_ps(a, b) }
+    }
+}
+
+impl Vector for __m256 {
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY: AVX2 and FMA are enabled in the caller (the contract).
+        unsafe { _mm256_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: as for `zero`, and p holds 8 floats.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self) {
+        // SAFETY: as for `zero`, and p has room for 8 floats.
+        unsafe { _mm256_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        // SAFETY: as for `zero`.
+        unsafe { _mm256_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+        // SAFETY: as for `zero`.
+        unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        // SAFETY: as for `zero`.
+        unsafe { _mm256_add_ps(a, b) }
+    }
+}
+
+/// The `MR × 2·LANES` tile `Σₚ A[i, p]·B̃[p, j]` with A's element `(i, p)`
+/// at `a[i·rsa + p·csa]` and B̃ a packed panel (`2·LANES` floats a step),
+/// stored to C's rows `ldc` apart (`add`: added to what they hold).
+///
+/// Per k step: two loads of B, `MR` broadcasts of A, `2·MR` FMAs into as
+/// many accumulators. Always inlined into callers compiled for `V`'s
+/// instruction set, so a packed panel's strides (`1` and `MR`) are
+/// constants there: every load of the k loop, unrolled by four, is then a
+/// fixed displacement from two pointers — three integer instructions per
+/// four steps instead of about ten per step, which compete with the FMAs
+/// for issue ports. C's cache lines are requested first, so the loads (or
+/// the stores' line fills) at the end do not wait on L2 or L3: C's rows
+/// are far apart and the hardware prefetchers do not follow them.
+///
+/// # Safety
+/// `V`'s instruction set is enabled in the caller; `b` holds `kc·2·LANES`
+/// floats; every `a[i·rsa + p·csa]` with `i < MR`, `p < kc` is in bounds;
+/// C holds `MR` rows of `2·LANES` floats, `ldc` apart.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn tile<V: Vector, const MR: usize>(
+    kc: usize,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
+    let (w, nr) = (V::LANES, 2 * V::LANES);
+    for i in 0..MR {
+        // SAFETY: prefetches never fault; the addresses are inside C anyway.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + w) as *const i8);
+        }
+    }
+    // SAFETY: V's instruction set is enabled (the contract).
+    let mut acc = [[unsafe { V::zero() }; 2]; MR];
+    let (mut a, mut b) = (a, b);
+    // Step `q` past `a` and `b`.
+    macro_rules! step {
+        ($q:expr) => {
+            // SAFETY: the steps stay below kc, whose B and A elements are
+            // in bounds (the contract); `a` and `b` advance by whole steps.
+            unsafe {
+                let (b0, b1) = (V::load(b.add($q * nr)), V::load(b.add($q * nr + w)));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let ai = V::splat(*a.add(i * rsa + $q * csa));
+                    row[0] = V::mul_add(ai, b0, row[0]);
+                    row[1] = V::mul_add(ai, b1, row[1]);
+                }
+            }
+        };
+    }
+    for _ in 0..kc / 4 {
+        step!(0);
+        step!(1);
+        step!(2);
+        step!(3);
+        // SAFETY: inside the panels or one past them: four of kc steps.
+        unsafe { (a, b) = (a.add(4 * csa), b.add(4 * nr)) };
+    }
+    for _ in 0..kc % 4 {
+        step!(0);
+        // SAFETY: as above, one step.
+        unsafe { (a, b) = (a.add(csa), b.add(nr)) };
+    }
+    for (i, row) in acc.iter().enumerate() {
+        // SAFETY: C holds MR rows of 2·LANES floats, ldc apart; V's
+        // instruction set is enabled.
+        unsafe {
+            let (c0, c1) = (c.add(i * ldc), c.add(i * ldc + w));
+            if add {
+                V::store(c0, V::add(V::load(c0), row[0]));
+                V::store(c1, V::add(V::load(c1), row[1]));
+            } else {
+                V::store(c0, row[0]);
+                V::store(c1, row[1]);
+            }
+        }
+    }
+}

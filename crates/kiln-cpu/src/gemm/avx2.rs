@@ -12,6 +12,7 @@ pub(crate) struct Avx2;
 impl MicroKernel for Avx2 {
     const MR: usize = 6;
     const NR: usize = 16;
+    const B_IN_PLACE: bool = true;
 
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
         // SAFETY: forwarded from the caller (AVX2 and FMA present, buffer sizes).
@@ -24,17 +25,18 @@ impl MicroKernel for Avx2 {
         rsa: usize,
         csa: usize,
         b: *const f32,
+        rsb: usize,
         c: *mut f32,
         ldc: usize,
         add: bool,
     ) {
-        // SAFETY: forwarded from the caller (features present, A in
+        // SAFETY: forwarded from the caller (features present, A and B in
         // bounds, C holds 6 rows of 16 floats, ldc apart).
         unsafe {
-            if (rsa, csa) == (1, Self::MR) {
+            if (rsa, csa, rsb) == (1, Self::MR, Self::NR) {
                 into_packed(kc, a, b, c, ldc, add)
             } else {
-                into(kc, a, rsa, csa, b, c, ldc, add)
+                into(kc, a, rsa, csa, b, rsb, c, ldc, add)
             }
         }
     }
@@ -49,11 +51,12 @@ impl MicroKernel for Avx2 {
     ) {
         // SAFETY: forwarded from the caller (AVX2 and FMA present, A's elements
         // in bounds, buffer sizes).
-        unsafe { into(kc, a, rsa, csa, b, c, 16, false) }
+        unsafe { into(kc, a, rsa, csa, b, 16, c, 16, false) }
     }
 }
 
-/// `C += tile` (`add`) or `C = tile`, with C's rows `ldc` apart.
+/// `C += tile` (`add`) or `C = tile`, with C's rows `ldc` apart and B's
+/// rows `rsb` apart.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn into(
@@ -62,24 +65,26 @@ unsafe fn into(
     rsa: usize,
     csa: usize,
     b: *const f32,
+    rsb: usize,
     c: *mut f32,
     ldc: usize,
     add: bool,
 ) {
     // SAFETY: forwarded from `tile_into`'s caller; AVX2 and FMA enabled here.
-    unsafe { tile::<__m256, 6>(kc, a, rsa, csa, b, c, ldc, add) }
+    unsafe { tile::<__m256, 6>(kc, a, rsa, csa, b, rsb, c, ldc, add) }
 }
 
-/// [`into`] from a packed A panel: its strides compiled in as constants.
+/// [`into`] from packed A and B panels: their strides compiled in as
+/// constants.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn into_packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
     // SAFETY: forwarded from `tile_into`'s caller; AVX2 and FMA enabled here.
-    unsafe { tile::<__m256, 6>(kc, a, 1, 6, b, c, ldc, add) }
+    unsafe { tile::<__m256, 6>(kc, a, 1, 6, b, 16, c, ldc, add) }
 }
 
 /// The packed form: A's panel holds step `p`, row `i` at `p·6 + i`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
     // SAFETY: forwarded; with these strides the reads stay in the panel.
-    unsafe { tile::<__m256, 6>(kc, a, 1, 6, b, c, 16, false) }
+    unsafe { tile::<__m256, 6>(kc, a, 1, 6, b, 16, c, 16, false) }
 }

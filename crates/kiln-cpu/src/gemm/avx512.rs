@@ -12,6 +12,7 @@ pub(crate) struct Avx512;
 impl MicroKernel for Avx512 {
     const MR: usize = 8;
     const NR: usize = 32;
+    const B_IN_PLACE: bool = true;
 
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
         // SAFETY: forwarded from the caller (AVX-512F present, buffer sizes).
@@ -24,17 +25,18 @@ impl MicroKernel for Avx512 {
         rsa: usize,
         csa: usize,
         b: *const f32,
+        rsb: usize,
         c: *mut f32,
         ldc: usize,
         add: bool,
     ) {
-        // SAFETY: forwarded from the caller (features present, A in
+        // SAFETY: forwarded from the caller (features present, A and B in
         // bounds, C holds 8 rows of 32 floats, ldc apart).
         unsafe {
-            if (rsa, csa) == (1, Self::MR) {
+            if (rsa, csa, rsb) == (1, Self::MR, Self::NR) {
                 into_packed(kc, a, b, c, ldc, add)
             } else {
-                into(kc, a, rsa, csa, b, c, ldc, add)
+                into(kc, a, rsa, csa, b, rsb, c, ldc, add)
             }
         }
     }
@@ -49,11 +51,12 @@ impl MicroKernel for Avx512 {
     ) {
         // SAFETY: forwarded from the caller (AVX-512F present, A's elements
         // in bounds, buffer sizes).
-        unsafe { into(kc, a, rsa, csa, b, c, 32, false) }
+        unsafe { into(kc, a, rsa, csa, b, 32, c, 32, false) }
     }
 }
 
-/// `C += tile` (`add`) or `C = tile`, with C's rows `ldc` apart.
+/// `C += tile` (`add`) or `C = tile`, with C's rows `ldc` apart and B's
+/// rows `rsb` apart.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn into(
@@ -62,24 +65,26 @@ unsafe fn into(
     rsa: usize,
     csa: usize,
     b: *const f32,
+    rsb: usize,
     c: *mut f32,
     ldc: usize,
     add: bool,
 ) {
     // SAFETY: forwarded from `tile_into`'s caller; AVX-512F enabled here.
-    unsafe { tile::<__m512, 8>(kc, a, rsa, csa, b, c, ldc, add) }
+    unsafe { tile::<__m512, 8>(kc, a, rsa, csa, b, rsb, c, ldc, add) }
 }
 
-/// [`into`] from a packed A panel: its strides compiled in as constants.
+/// [`into`] from packed A and B panels: their strides compiled in as
+/// constants.
 #[target_feature(enable = "avx512f")]
 unsafe fn into_packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
     // SAFETY: forwarded from `tile_into`'s caller; AVX-512F enabled here.
-    unsafe { tile::<__m512, 8>(kc, a, 1, 8, b, c, ldc, add) }
+    unsafe { tile::<__m512, 8>(kc, a, 1, 8, b, 32, c, ldc, add) }
 }
 
 /// The packed form: A's panel holds step `p`, row `i` at `p·8 + i`.
 #[target_feature(enable = "avx512f")]
 unsafe fn packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
     // SAFETY: forwarded; with these strides the reads stay in the panel.
-    unsafe { tile::<__m512, 8>(kc, a, 1, 8, b, c, 32, false) }
+    unsafe { tile::<__m512, 8>(kc, a, 1, 8, b, 32, c, 32, false) }
 }

@@ -66,6 +66,15 @@ const MAX_TILE: usize = 8 * 32;
 /// repay the copy (the MLP's 64- and 10-wide layers).
 const DIRECT_A_MAX_PANELS: usize = 4;
 
+/// Rows per task up to which a product of [`DIRECT_A_MAX_PANELS`] panels
+/// or fewer reads a contiguous-row B in place instead of packing it. The
+/// MLP's 128 × 784 × 64 forward product on two threads (64 rows each) ran
+/// at about 2× the GFLOP/s without the packing fork, the CNN's 128 × 5408 ×
+/// 64 at 1.25×; with more rows per task (1000 × 784 × 64, 768 × 512 × 128)
+/// the in-place panel, its rows 256–512 bytes apart, measured 8–15 %
+/// slower than a packed one, whose lines fill every L1 set.
+const IN_PLACE_B_MAX_ROWS: usize = 64;
+
 /// A register-blocked kernel computing one `MR × NR` tile from packed panels.
 pub(crate) trait MicroKernel {
     /// Rows of the tile.
@@ -79,17 +88,23 @@ pub(crate) trait MicroKernel {
     /// `kc·MR` floats, `b` holds `kc·NR`, `c` has room for `MR·NR`.
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32);
 
+    /// Whether [`MicroKernel::tile_into`] reads B in place at full speed
+    /// (any `rsb`); the driver reads B in place only for kernels that do.
+    const B_IN_PLACE: bool = false;
+
     /// `c[i·ldc + j] += tile(i, j)` (`add`) or `c[i·ldc + j] = tile(i, j)`
     /// for a whole tile, with A read as in [`MicroKernel::tile_strided`]
-    /// (`rsa = 1, csa = MR` for a packed panel). Storing without reading C
+    /// (`rsa = 1, csa = MR` for a packed panel) and B's row `p` the `NR`
+    /// floats at `b[p·rsb ..]` (`rsb = NR` for a packed panel). Storing without reading C
     /// matters for fresh output buffers: reading a page first maps the
     /// shared zero page, and the write that follows then costs a
     /// copy-on-write fault and a TLB shootdown across every worker thread.
     /// The default goes through a buffer.
     ///
     /// # Safety
-    /// As for [`MicroKernel::tile_strided`], and `c` holds `MR` rows of `NR`
-    /// floats, `ldc` apart.
+    /// As for [`MicroKernel::tile_strided`], except that `b[p·rsb + j]` is
+    /// in bounds for `p < kc`, `j < NR` (where `tile_strided` has a packed
+    /// panel), and `c` holds `MR` rows of `NR` floats, `ldc` apart.
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile_into(
         kc: usize,
@@ -97,13 +112,28 @@ pub(crate) trait MicroKernel {
         rsa: usize,
         csa: usize,
         b: *const f32,
+        rsb: usize,
         c: *mut f32,
         ldc: usize,
         add: bool,
     ) {
         let mut tile = [0f32; MAX_TILE];
-        // SAFETY: forwarded; the buffer holds MAX_TILE ≥ MR·NR floats.
-        unsafe { Self::tile_strided(kc, a, rsa, csa, b, tile.as_mut_ptr()) };
+        if rsb == Self::NR {
+            // SAFETY: forwarded (B is a packed panel); the buffer holds
+            // MAX_TILE ≥ MR·NR floats.
+            unsafe { Self::tile_strided(kc, a, rsa, csa, b, tile.as_mut_ptr()) };
+        } else {
+            // B in place, for kernels without `B_IN_PLACE` (the driver does
+            // not ask them): the same sums, one element at a time.
+            for i in 0..Self::MR {
+                for j in 0..Self::NR {
+                    // SAFETY: A's and B's elements are in bounds (the contract).
+                    tile[i * Self::NR + j] = (0..kc).fold(0f32, |acc, p| unsafe {
+                        (*a.add(i * rsa + p * csa)).mul_add(*b.add(p * rsb + j), acc)
+                    });
+                }
+            }
+        }
         for i in 0..Self::MR {
             for j in 0..Self::NR {
                 let t = tile[i * Self::NR + j];
@@ -464,6 +494,15 @@ impl<T> SharedC<T> {
     }
 }
 
+/// Where a row block's micro-kernels read B.
+#[derive(Clone, Copy)]
+enum Panels<'b> {
+    /// The k block's `NR`-wide panels, packed (`pack_b`).
+    Packed(&'b [f32]),
+    /// B's own rows, `rs` apart: whole panels of contiguous columns.
+    InPlace,
+}
+
 /// One `m × k` by `k × n` product accumulated into the row-major `c`, on
 /// `pool` when given and the product is worth splitting.
 #[allow(clippy::too_many_arguments)]
@@ -491,6 +530,14 @@ fn blocked<K: MicroKernel>(
         .next_multiple_of(K::MR)
         .clamp(K::MR, mc_max);
     let direct = n.div_ceil(K::NR) <= DIRECT_A_MAX_PANELS;
+    // Those outputs in whole panels, with B's rows contiguous, and row
+    // blocks short enough that a packed B would be reused by few tiles: B
+    // is read in place too, by kernels that can.
+    let in_place = K::B_IN_PLACE
+        && direct
+        && mc <= IN_PLACE_B_MAX_ROWS
+        && b.cs() == 1
+        && n.is_multiple_of(K::NR);
     // Rows `ic .. ic + mcb` of C (`rows`: C from row ic on), columns
     // `jc..jc + nc`, from the k block of `kc` steps at `pc` (`b_packed`:
     // its panels). It writes those elements of C and no other, through
@@ -498,7 +545,7 @@ fn blocked<K: MicroKernel>(
     // disjoint columns (`SharedC`).
     let row_block = |(jc, nc): (usize, usize),
                      (pc, kc): (usize, usize),
-                     b_packed: &[f32],
+                     panels: Panels<'_>,
                      (ic, mcb): (usize, usize),
                      rows: SharedC| {
         // The first k block of a fresh C stores instead of adding.
@@ -515,7 +562,19 @@ fn blocked<K: MicroKernel>(
             let mut tile = [0f32; MAX_TILE];
             for jr in (0..nc).step_by(K::NR) {
                 let nr = K::NR.min(nc - jr);
-                let b_panel = &b_packed[(jr / K::NR) * K::NR * kc..][..K::NR * kc];
+                // B's panel: packed, or B's own rows `rs` apart (a whole
+                // panel of columns: `in_place` needs n a multiple of NR).
+                let (b_panel, rsb) = match panels {
+                    Panels::Packed(packed) => (
+                        packed[(jr / K::NR) * K::NR * kc..][..K::NR * kc].as_ptr(),
+                        K::NR,
+                    ),
+                    Panels::InPlace => {
+                        let start = b.index(pc, jc + jr);
+                        let end = b.index(pc + kc - 1, jc + jr + K::NR - 1);
+                        (b.data()[start..=end].as_ptr(), b.rs())
+                    }
+                };
                 for ir in (0..mcb).step_by(K::MR) {
                     let mr = K::MR.min(mcb - ir);
                     // A's block: in place (direct mode) or a packed panel.
@@ -543,7 +602,8 @@ fn blocked<K: MicroKernel>(
                                 a_ptr,
                                 rsa,
                                 csa,
-                                b_panel.as_ptr(),
+                                b_panel,
+                                rsb,
                                 rows.ptr.add(ir * n + jc + jr).cast::<f32>(),
                                 n,
                                 add,
@@ -553,7 +613,17 @@ fn blocked<K: MicroKernel>(
                     }
                     // SAFETY: as above; the tile buffer holds MAX_TILE ≥ MR·NR.
                     unsafe {
-                        K::tile_strided(kc, a_ptr, rsa, csa, b_panel.as_ptr(), tile.as_mut_ptr())
+                        K::tile_into(
+                            kc,
+                            a_ptr,
+                            rsa,
+                            csa,
+                            b_panel,
+                            rsb,
+                            tile.as_mut_ptr(),
+                            K::NR,
+                            false,
+                        )
                     };
                     for i in 0..mr {
                         // SAFETY: columns jc + jr .. + nr of row ir + i,
@@ -606,11 +676,41 @@ fn blocked<K: MicroKernel>(
                     for pc in (0..k).step_by(blk.kc) {
                         let kc = blk.kc.min(k - pc);
                         pack_b(b, pc, kc, jc, nc, K::NR, b_packed, None);
-                        row_block((jc, nc), (pc, kc), b_packed, (0, m), all);
+                        row_block((jc, nc), (pc, kc), Panels::Packed(b_packed), (0, m), all);
                     }
                 }
             })
         });
+        return;
+    }
+    if in_place {
+        // Each task runs its rows through every block of B, read in place:
+        // one fork, and no copy of B — which a few-row product reuses too
+        // little to repay (the MLP's 784 × 64 weight packed for 128 rows
+        // was 12 % of its forward product's samples).
+        let task = |(block, rows): (usize, &mut [MaybeUninit<f32>])| {
+            let rows = SharedC::of(rows);
+            for jc in (0..n).step_by(nc_max) {
+                let nc = nc_max.min(n - jc);
+                for pc in (0..k).step_by(blk.kc) {
+                    let kc = blk.kc.min(k - pc);
+                    let height = rows.len / n;
+                    row_block(
+                        (jc, nc),
+                        (pc, kc),
+                        Panels::InPlace,
+                        (block * mc, height),
+                        rows,
+                    );
+                }
+            }
+        };
+        let split =
+            pool.filter(|_| threads > 1 && m > mc && m * n * k.min(blk.kc) >= PARALLEL_MIN_WORK);
+        match split {
+            Some(pool) => pool.for_each(c.chunks_mut(mc * n).enumerate().collect(), task),
+            None => c.chunks_mut(mc * n).enumerate().for_each(task),
+        }
         return;
     }
     crate::scratch::with(|b_packed| {
@@ -638,6 +738,7 @@ fn blocked<K: MicroKernel>(
                         for pc in (0..k).step_by(blk.kc) {
                             let kc = blk.kc.min(k - pc);
                             let panels = &b_packed[pc * width..][..kc * width];
+                            let panels = Panels::Packed(panels);
                             row_block((jc, nc), (pc, kc), panels, (ic, rows.len / n), rows);
                         }
                     },
@@ -654,7 +755,7 @@ fn blocked<K: MicroKernel>(
                     row_block(
                         (jc, nc),
                         (pc, kc),
-                        b_packed,
+                        Panels::Packed(b_packed),
                         (block * mc, rows.len / n),
                         rows,
                     )
@@ -667,4 +768,76 @@ fn blocked<K: MicroKernel>(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `tile_into` with B read in place (rows `rsb` apart) and from a packed
+    /// panel, storing and then adding into a C with rows wider than the
+    /// tile: both equal the exact sums (small multiples of 1/32, so every
+    /// rounding is exact). `kc` is not a multiple of the unrolled step.
+    fn b_in_place_gives_the_packed_sums<K: MicroKernel>() {
+        let (kc, rsb, ldc) = (37, K::NR + 5, K::NR + 3);
+        let a: Vec<f32> = (0..kc * K::MR)
+            .map(|i| (i % 13) as f32 / 8.0 - 0.75)
+            .collect();
+        let rows: Vec<f32> = (0..kc * rsb)
+            .map(|i| (i % 11) as f32 / 4.0 - 1.25)
+            .collect();
+        let packed: Vec<f32> = (0..kc)
+            .flat_map(|p| rows[p * rsb..][..K::NR].to_vec())
+            .collect();
+        let exact = |i: usize, j: usize| -> f32 {
+            (0..kc)
+                .map(|p| a[p * K::MR + i] * packed[p * K::NR + j])
+                .sum()
+        };
+        for (b, rsb) in [(&packed, K::NR), (&rows, rsb)] {
+            let mut c = vec![1f32; K::MR * ldc];
+            for add in [false, true] {
+                // SAFETY: this processor runs K (checked by the caller); A
+                // is a packed kc × MR panel, B's rows hold NR floats rsb
+                // apart, and C MR rows of ldc ≥ NR floats.
+                unsafe {
+                    K::tile_into(
+                        kc,
+                        a.as_ptr(),
+                        1,
+                        K::MR,
+                        b.as_ptr(),
+                        rsb,
+                        c.as_mut_ptr(),
+                        ldc,
+                        add,
+                    )
+                };
+            }
+            for i in 0..K::MR {
+                for j in 0..ldc {
+                    let want = if j < K::NR { 2.0 * exact(i, j) } else { 1.0 };
+                    assert_eq!(c[i * ldc + j], want, "rsb {rsb}: ({i}, {j})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_reads_b_in_place_or_packed_alike() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                b_in_place_gives_the_packed_sums::<avx512::Avx512>();
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                b_in_place_gives_the_packed_sums::<avx2::Avx2>();
+            }
+        }
+        // NEON's kernel has no in-place form: the trait's default runs.
+        #[cfg(target_arch = "aarch64")]
+        b_in_place_gives_the_packed_sums::<neon::Neon>();
+    }
 }

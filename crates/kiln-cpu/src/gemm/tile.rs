@@ -103,14 +103,16 @@ impl Vector for __m256 {
     }
 }
 
-/// The `MR × 2·LANES` tile `Σₚ A[i, p]·B̃[p, j]` with A's element `(i, p)`
-/// at `a[i·rsa + p·csa]` and B̃ a packed panel (`2·LANES` floats a step),
-/// stored to C's rows `ldc` apart (`add`: added to what they hold).
+/// The `MR × 2·LANES` tile `Σₚ A[i, p]·B[p, j]` with A's element `(i, p)`
+/// at `a[i·rsa + p·csa]` and B's row `p` the `2·LANES` floats at
+/// `b[p·rsb ..]` (`rsb = 2·LANES` for a packed panel; B's row stride to
+/// read it in place), stored to C's rows `ldc` apart (`add`: added to what
+/// they hold).
 ///
 /// Per k step: two loads of B, `MR` broadcasts of A, `2·MR` FMAs into as
 /// many accumulators. Always inlined into callers compiled for `V`'s
-/// instruction set, so a packed panel's strides (`1` and `MR`) are
-/// constants there: every load of the k loop, unrolled by four, is then a
+/// instruction set, so packed panels' strides (`1` and `MR` for A, `2·LANES`
+/// for B) are constants there: every load of the k loop, unrolled by four, is then a
 /// fixed displacement from two pointers — three integer instructions per
 /// four steps instead of about ten per step, which compete with the FMAs
 /// for issue ports. C's cache lines are requested first, so the loads (or
@@ -118,8 +120,8 @@ impl Vector for __m256 {
 /// are far apart and the hardware prefetchers do not follow them.
 ///
 /// # Safety
-/// `V`'s instruction set is enabled in the caller; `b` holds `kc·2·LANES`
-/// floats; every `a[i·rsa + p·csa]` with `i < MR`, `p < kc` is in bounds;
+/// `V`'s instruction set is enabled in the caller; `b[p·rsb + j]` is in
+/// bounds for `p < kc`, `j < 2·LANES`; every `a[i·rsa + p·csa]` with `i < MR`, `p < kc` is in bounds;
 /// C holds `MR` rows of `2·LANES` floats, `ldc` apart.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -129,11 +131,12 @@ pub(super) unsafe fn tile<V: Vector, const MR: usize>(
     rsa: usize,
     csa: usize,
     b: *const f32,
+    rsb: usize,
     c: *mut f32,
     ldc: usize,
     add: bool,
 ) {
-    let (w, nr) = (V::LANES, 2 * V::LANES);
+    let w = V::LANES;
     for i in 0..MR {
         // SAFETY: prefetches never fault; the addresses are inside C anyway.
         unsafe {
@@ -150,7 +153,7 @@ pub(super) unsafe fn tile<V: Vector, const MR: usize>(
             // SAFETY: the steps stay below kc, whose B and A elements are
             // in bounds (the contract); `a` and `b` advance by whole steps.
             unsafe {
-                let (b0, b1) = (V::load(b.add($q * nr)), V::load(b.add($q * nr + w)));
+                let (b0, b1) = (V::load(b.add($q * rsb)), V::load(b.add($q * rsb + w)));
                 for (i, row) in acc.iter_mut().enumerate() {
                     let ai = V::splat(*a.add(i * rsa + $q * csa));
                     row[0] = V::mul_add(ai, b0, row[0]);
@@ -165,12 +168,12 @@ pub(super) unsafe fn tile<V: Vector, const MR: usize>(
         step!(2);
         step!(3);
         // SAFETY: inside the panels or one past them: four of kc steps.
-        unsafe { (a, b) = (a.add(4 * csa), b.add(4 * nr)) };
+        unsafe { (a, b) = (a.add(4 * csa), b.add(4 * rsb)) };
     }
     for _ in 0..kc % 4 {
         step!(0);
         // SAFETY: as above, one step.
-        unsafe { (a, b) = (a.add(csa), b.add(nr)) };
+        unsafe { (a, b) = (a.add(csa), b.add(rsb)) };
     }
     for (i, row) in acc.iter().enumerate() {
         // SAFETY: C holds MR rows of 2·LANES floats, ldc apart; V's

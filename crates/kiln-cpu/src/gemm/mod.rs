@@ -603,45 +603,33 @@ fn blocked<K: MicroKernel>(
                         let a_panel = &a_packed[panel * K::MR * kc..][..K::MR * kc];
                         (a_panel.as_ptr(), 1, K::MR)
                     };
-                    if mr == K::MR && nr == K::NR {
-                        // A whole tile: accumulate straight into C.
-                        // SAFETY: the kernel set was checked against this
-                        // processor when the backend was built; A's MR×kc
-                        // block is inside its (bounds-checked) matrix or
-                        // packed panel; the B panel is kc·NR floats; C's
-                        // MR rows of NR floats, n apart, are inside the
-                        // rows given (asserted above), and no concurrent
-                        // call writes these elements (its rows or its
-                        // columns are others: the `SharedC` contract).
-                        unsafe {
-                            K::tile_into(
-                                kc,
-                                a_ptr,
-                                rsa,
-                                csa,
-                                b_panel,
-                                rsb,
-                                rows.ptr.add(ir * n + jc + jr).cast::<f32>(),
-                                n,
-                                add,
-                            )
-                        };
+                    // A whole tile accumulates straight into C; an edge
+                    // tile goes through the buffer.
+                    let whole = mr == K::MR && nr == K::NR;
+                    let (dst, ldc, add_here) = if whole {
+                        // SAFETY: row ir, column jc + jr of the rows given:
+                        // inside them (asserted above).
+                        (
+                            unsafe { rows.ptr.add(ir * n + jc + jr).cast::<f32>() },
+                            n,
+                            add,
+                        )
+                    } else {
+                        (tile.as_mut_ptr(), K::NR, false)
+                    };
+                    // SAFETY: the kernel set was checked against this
+                    // processor when the backend was built; A's MR×kc block
+                    // is inside its (bounds-checked) matrix or packed panel;
+                    // B's kc rows of NR floats, rsb apart, are inside its
+                    // packed panel or the slice of B taken above; `dst` holds
+                    // MR rows of NR floats, ldc apart: the tile buffer
+                    // (MAX_TILE ≥ MR·NR), or C's rows given (asserted above),
+                    // whose elements no concurrent call writes (its rows or
+                    // its columns are others: the `SharedC` contract).
+                    unsafe { K::tile_into(kc, a_ptr, rsa, csa, b_panel, rsb, dst, ldc, add_here) };
+                    if whole {
                         continue;
                     }
-                    // SAFETY: as above; the tile buffer holds MAX_TILE ≥ MR·NR.
-                    unsafe {
-                        K::tile_into(
-                            kc,
-                            a_ptr,
-                            rsa,
-                            csa,
-                            b_panel,
-                            rsb,
-                            tile.as_mut_ptr(),
-                            K::NR,
-                            false,
-                        )
-                    };
                     for i in 0..mr {
                         // SAFETY: columns jc + jr .. + nr of row ir + i,
                         // inside the rows given, and no concurrent call

@@ -15,8 +15,9 @@ impl MicroKernel for Avx2 {
     const B_IN_PLACE: bool = true;
 
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
-        // SAFETY: forwarded from the caller (AVX2 and FMA present, buffer sizes).
-        unsafe { packed(kc, a, b, c) }
+        // SAFETY: forwarded from the caller (AVX2 and FMA present, buffer sizes); C is
+        // one tile, 16 floats a row.
+        unsafe { into_packed(kc, a, b, c, 16, false) }
     }
 
     unsafe fn tile_into(
@@ -39,19 +40,6 @@ impl MicroKernel for Avx2 {
                 into(kc, a, rsa, csa, b, rsb, c, ldc, add)
             }
         }
-    }
-
-    unsafe fn tile_strided(
-        kc: usize,
-        a: *const f32,
-        rsa: usize,
-        csa: usize,
-        b: *const f32,
-        c: *mut f32,
-    ) {
-        // SAFETY: forwarded from the caller (AVX2 and FMA present, A's elements
-        // in bounds, buffer sizes).
-        unsafe { into(kc, a, rsa, csa, b, 16, c, 16, false) }
     }
 }
 
@@ -80,11 +68,4 @@ unsafe fn into(
 unsafe fn into_packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
     // SAFETY: forwarded from `tile_into`'s caller; AVX2 and FMA enabled here.
     unsafe { tile::<__m256, 6>(kc, a, 1, 6, b, 16, c, ldc, add) }
-}
-
-/// The packed form: A's panel holds step `p`, row `i` at `p·6 + i`.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
-    // SAFETY: forwarded; with these strides the reads stay in the panel.
-    unsafe { tile::<__m256, 6>(kc, a, 1, 6, b, 16, c, 16, false) }
 }

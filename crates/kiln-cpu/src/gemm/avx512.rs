@@ -15,8 +15,9 @@ impl MicroKernel for Avx512 {
     const B_IN_PLACE: bool = true;
 
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
-        // SAFETY: forwarded from the caller (AVX-512F present, buffer sizes).
-        unsafe { packed(kc, a, b, c) }
+        // SAFETY: forwarded from the caller (AVX-512F present, buffer sizes); C is
+        // one tile, 32 floats a row.
+        unsafe { into_packed(kc, a, b, c, 32, false) }
     }
 
     unsafe fn tile_into(
@@ -39,19 +40,6 @@ impl MicroKernel for Avx512 {
                 into(kc, a, rsa, csa, b, rsb, c, ldc, add)
             }
         }
-    }
-
-    unsafe fn tile_strided(
-        kc: usize,
-        a: *const f32,
-        rsa: usize,
-        csa: usize,
-        b: *const f32,
-        c: *mut f32,
-    ) {
-        // SAFETY: forwarded from the caller (AVX-512F present, A's elements
-        // in bounds, buffer sizes).
-        unsafe { into(kc, a, rsa, csa, b, 32, c, 32, false) }
     }
 }
 
@@ -80,11 +68,4 @@ unsafe fn into(
 unsafe fn into_packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
     // SAFETY: forwarded from `tile_into`'s caller; AVX-512F enabled here.
     unsafe { tile::<__m512, 8>(kc, a, 1, 8, b, 32, c, ldc, add) }
-}
-
-/// The packed form: A's panel holds step `p`, row `i` at `p·8 + i`.
-#[target_feature(enable = "avx512f")]
-unsafe fn packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
-    // SAFETY: forwarded; with these strides the reads stay in the panel.
-    unsafe { tile::<__m512, 8>(kc, a, 1, 8, b, 32, c, 32, false) }
 }

@@ -5,7 +5,9 @@
 //! `B̃` (`kc × NR`), write the `MR × NR` tile `Σₚ Ã[p]·B̃[p]ᵀ` row-major to
 //! `c`. Panels are zero-padded to whole tiles, so kernels never read or write
 //! outside their buffers; the driver copies only the valid part of an edge
-//! tile into C.
+//! tile into C. Outputs at most [`DIRECT_A_MAX_PANELS`] panels wide read A
+//! in place, and, in short row blocks, B too ([`MicroKernel::tile_into`]
+//! takes both operands' strides).
 //!
 //! Blocking ([`blocking`]): `NC` columns of B at a time, `KC` rows of the k
 //! dimension at a time, and row blocks of A of at most `MC` rows (packed
@@ -66,13 +68,15 @@ const MAX_TILE: usize = 8 * 32;
 /// repay the copy (the MLP's 64- and 10-wide layers).
 const DIRECT_A_MAX_PANELS: usize = 4;
 
-/// Rows per task up to which a product of [`DIRECT_A_MAX_PANELS`] panels
-/// or fewer reads a contiguous-row B in place instead of packing it. The
-/// MLP's 128 × 784 × 64 forward product on two threads (64 rows each) ran
-/// at about 2× the GFLOP/s without the packing fork, the CNN's 128 × 5408 ×
-/// 64 at 1.25×; with more rows per task (1000 × 784 × 64, 768 × 512 × 128)
-/// the in-place panel, its rows 256–512 bytes apart, measured 8–15 %
-/// slower than a packed one, whose lines fill every L1 set.
+/// Rows per row block up to which a product of [`DIRECT_A_MAX_PANELS`]
+/// whole panels or fewer, with B's rows contiguous, reads B in place
+/// instead of packing it (on kernels with `B_IN_PLACE`). On two threads
+/// with 64-row blocks, the MLP's 128 × 784 × 64 forward product went from
+/// 141–177 to 193–321 GFLOP/s without the packing fork, the CNN's 128 ×
+/// 5408 × 64 from 151–219 to 228–270; with more rows per block (1000 × 784
+/// × 64, 768 × 512 × 128) the in-place panel, its rows 256–512 bytes
+/// apart, measured 8–15 % slower than a packed one, whose lines fill every
+/// L1 set.
 const IN_PLACE_B_MAX_ROWS: usize = 64;
 
 /// Row blocks per thread, at least, of a product at most
@@ -82,11 +86,13 @@ const IN_PLACE_B_MAX_ROWS: usize = 64;
 /// slower (400 KB written on one core read at 19 GB/s from the other, 56
 /// from its own, on the Emerald Rapids Xeon): with whole halves the first
 /// thread waited for the second; with smaller blocks taken as threads come
-/// free it takes more of them. MLP epochs on 2 threads, medians of 15:
-/// 0.138 s with two blocks, 0.120 s with eight, 0.136 s with four.
+/// free it takes more of them. MLP epochs on 2 threads, medians of 15
+/// epoch times: 0.138 s with two row blocks in all, 0.136 s with four,
+/// 0.120 s with eight (this setting).
 const ROW_TASKS_PER_THREAD: usize = 4;
 
-/// A register-blocked kernel computing one `MR × NR` tile from packed panels.
+/// A register-blocked kernel computing one `MR × NR` tile from panels of
+/// A and B, packed or read in place.
 pub(crate) trait MicroKernel {
     /// Rows of the tile.
     const MR: usize;
@@ -106,8 +112,9 @@ pub(crate) trait MicroKernel {
     /// `c[i·ldc + j] += tile(i, j)` (`add`) or `c[i·ldc + j] = tile(i, j)`
     /// for a whole tile, with A read as in [`MicroKernel::tile_strided`]
     /// (`rsa = 1, csa = MR` for a packed panel) and B's row `p` the `NR`
-    /// floats at `b[p·rsb ..]` (`rsb = NR` for a packed panel). Storing without reading C
-    /// matters for fresh output buffers: reading a page first maps the
+    /// floats at `b[p·rsb ..]` (`rsb = NR` for a packed panel): the call
+    /// the driver makes. Storing without reading C matters for fresh
+    /// output buffers: reading a page first maps the
     /// shared zero page, and the write that follows then costs a
     /// copy-on-write fault and a TLB shootdown across every worker thread.
     /// The default goes through a buffer.
@@ -128,6 +135,11 @@ pub(crate) trait MicroKernel {
         ldc: usize,
         add: bool,
     ) {
+        if (rsb, ldc, add) == (Self::NR, Self::NR, false) {
+            // A packed B panel into a bare tile: nothing to merge.
+            // SAFETY: forwarded; c holds MR rows of NR floats, NR apart.
+            return unsafe { Self::tile_strided(kc, a, rsa, csa, b, c) };
+        }
         let mut tile = [0f32; MAX_TILE];
         if rsb == Self::NR {
             // SAFETY: forwarded (B is a packed panel); the buffer holds
@@ -508,7 +520,7 @@ impl<T> SharedC<T> {
 /// Where a row block's micro-kernels read B.
 #[derive(Clone, Copy)]
 enum Panels<'b> {
-    /// The k block's `NR`-wide panels, packed (`pack_b`).
+    /// The k block's `NR`-wide panels, packed (`pack_b` or `pack_b_all`).
     Packed(&'b [f32]),
     /// B's own rows, `rs` apart: whole panels of contiguous columns.
     InPlace,
@@ -556,8 +568,8 @@ fn blocked<K: MicroKernel>(
         && b.cs() == 1
         && n.is_multiple_of(K::NR);
     // Rows `ic .. ic + mcb` of C (`rows`: C from row ic on), columns
-    // `jc..jc + nc`, from the k block of `kc` steps at `pc` (`b_packed`:
-    // its panels). It writes those elements of C and no other, through
+    // `jc..jc + nc`, from the k block of `kc` steps at `pc` (`panels`:
+    // where B's are read). It writes those elements of C and no other, through
     // `rows`' pointer: callers give concurrent calls disjoint rows or
     // disjoint columns (`SharedC`).
     let row_block = |(jc, nc): (usize, usize),
@@ -587,6 +599,8 @@ fn blocked<K: MicroKernel>(
                         K::NR,
                     ),
                     Panels::InPlace => {
+                        // Whole panels only: n and NC are multiples of NR.
+                        debug_assert_eq!(nr, K::NR);
                         let start = b.index(pc, jc + jr);
                         let end = b.index(pc + kc - 1, jc + jr + K::NR - 1);
                         (b.data()[start..=end].as_ptr(), b.rs())
@@ -695,11 +709,11 @@ fn blocked<K: MicroKernel>(
         // was 12 % of its forward product's samples).
         let task = |(block, rows): (usize, &mut [MaybeUninit<f32>])| {
             let rows = SharedC::of(rows);
+            let height = rows.len / n;
             for jc in (0..n).step_by(nc_max) {
                 let nc = nc_max.min(n - jc);
                 for pc in (0..k).step_by(blk.kc) {
                     let kc = blk.kc.min(k - pc);
-                    let height = rows.len / n;
                     row_block(
                         (jc, nc),
                         (pc, kc),

@@ -161,8 +161,9 @@ pub(crate) fn pack_a(
             }
         } else if a.cs == 1 {
             // Row-major: the panel is the transpose of `rows` runs of `kc`
-            // floats (8 × 8 blocks through registers where it can; a
-            // scattered store per element was 5 % of a 2048³ product).
+            // floats — AVX-512's 8-row panels in 8 × 8 blocks through
+            // registers (a scattered store per element was 5 % of a 2048³
+            // product); AVX2's 6-row panels, and NEON's, element by element.
             let start = a.offset + r0 * a.rs + p0;
             transpose_into(&a.data[start..], a.rs, [rows, kc], chunk, mr);
         } else {

@@ -517,6 +517,22 @@ impl<T> SharedC<T> {
     }
 }
 
+/// `task((i, block))` for each block `i` of `len` elements of `c` (the
+/// last may be shorter): spread over `pool`'s threads when given, else in
+/// order on this one.
+fn each_block(
+    c: &mut [MaybeUninit<f32>],
+    len: usize,
+    pool: Option<&Workers>,
+    task: impl Fn((usize, &mut [MaybeUninit<f32>])) + Sync,
+) {
+    let blocks = c.chunks_mut(len).enumerate();
+    match pool {
+        Some(pool) => pool.for_each(blocks.collect(), task),
+        None => blocks.for_each(task),
+    }
+}
+
 /// Where a row block's micro-kernels read B.
 #[derive(Clone, Copy)]
 enum Panels<'b> {
@@ -726,10 +742,7 @@ fn blocked<K: MicroKernel>(
         };
         let split =
             pool.filter(|_| threads > 1 && m > mc && m * n * k.min(blk.kc) >= PARALLEL_MIN_WORK);
-        match split {
-            Some(pool) => pool.for_each(c.chunks_mut(mc * n).enumerate().collect(), task),
-            None => c.chunks_mut(mc * n).enumerate().for_each(task),
-        }
+        each_block(c, mc * n, split, task);
         return;
     }
     crate::scratch::with(|b_packed| {
@@ -750,18 +763,15 @@ fn blocked<K: MicroKernel>(
                 // takes two per block (128 × 5408 × 64: 42).
                 pack::pack_b_all(b, k, blk.kc, jc, nc, K::NR, b_packed, pool);
                 let b_packed = &*b_packed;
-                pool.for_each(
-                    c.chunks_mut(mc * n).enumerate().collect(),
-                    |(block, rows)| {
-                        let (ic, rows) = (block * mc, SharedC::of(rows));
-                        for pc in (0..k).step_by(blk.kc) {
-                            let kc = blk.kc.min(k - pc);
-                            let panels = &b_packed[pc * width..][..kc * width];
-                            let panels = Panels::Packed(panels);
-                            row_block((jc, nc), (pc, kc), panels, (ic, rows.len / n), rows);
-                        }
-                    },
-                );
+                each_block(c, mc * n, Some(pool), |(block, rows)| {
+                    let (ic, rows) = (block * mc, SharedC::of(rows));
+                    for pc in (0..k).step_by(blk.kc) {
+                        let kc = blk.kc.min(k - pc);
+                        let panels = &b_packed[pc * width..][..kc * width];
+                        let panels = Panels::Packed(panels);
+                        row_block((jc, nc), (pc, kc), panels, (ic, rows.len / n), rows);
+                    }
+                });
                 continue;
             }
             for pc in (0..k).step_by(blk.kc) {
@@ -779,11 +789,7 @@ fn blocked<K: MicroKernel>(
                         rows,
                     )
                 };
-                if let Some(pool) = split {
-                    pool.for_each(c.chunks_mut(mc * n).enumerate().collect(), task);
-                } else {
-                    c.chunks_mut(mc * n).enumerate().for_each(task);
-                }
+                each_block(c, mc * n, split, task);
             }
         }
     });

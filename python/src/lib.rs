@@ -23,6 +23,15 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+/// The extension's allocator, as the `kiln` command's: every op allocates
+/// its result and frees its inputs' buffers, and with glibc's `malloc`
+/// (which Python's process would otherwise give kiln) buffers over 128 KiB
+/// went back to the kernel on free and were faulted in again on the next
+/// allocation. Only kiln's own Rust allocations use it — buffers handed to
+/// NumPy are freed by the extension too — not Python's or NumPy's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use numpy::{
     AllowTypeChange, IntoPyArray, PyArrayDyn, PyArrayLike1, PyArrayLikeDyn, PyArrayMethods,
     PyReadonlyArrayDyn, PyUntypedArrayMethods,
@@ -108,6 +117,16 @@ impl Model {
     }
 }
 
+/// An array's elements in C order, owned: one `memcpy` of a C-contiguous
+/// array (a 60,000-image uint8 training set element by element took longer
+/// than an MLP epoch), an element-by-element copy of any other.
+fn owned<T: numpy::Element + Copy>(array: &PyReadonlyArrayDyn<'_, T>) -> Vec<T> {
+    match array.as_slice() {
+        Ok(s) => s.to_vec(),
+        Err(_) => array.as_array().iter().copied().collect(),
+    }
+}
+
 /// Images and integer labels `[n]` as a dataset of `classes` classes:
 /// uint8 images `[n, h, w]` or `[n, 1, h, w]` (scaled by 1/255, as IDX
 /// files are), or float examples `[n, …]` of the model's input shape, used
@@ -149,8 +168,7 @@ fn dataset(
         ls.push(l as u32);
     }
     let Some(bytes) = bytes else {
-        let data: Vec<f32> =
-            floats.map_or_else(Vec::new, |f| f.as_array().iter().copied().collect());
+        let data: Vec<f32> = floats.map_or_else(Vec::new, |f| owned(&f));
         let targets = Targets::Classes {
             labels: ls,
             classes,
@@ -174,7 +192,7 @@ fn dataset(
         "arrays",
         IdxArray {
             dims: vec![n, rows, cols],
-            data: bytes.as_array().iter().copied().collect(),
+            data: owned(&bytes),
         },
         IdxArray {
             dims: vec![n],
@@ -247,11 +265,7 @@ impl Model {
         x: PyArrayLikeDyn<'py, f32, AllowTypeChange>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let dims = x.shape().to_vec();
-        // Read in place when contiguous; one copy into kiln's storage.
-        let data: Vec<f32> = match x.as_slice() {
-            Ok(s) => s.to_vec(),
-            Err(_) => x.as_array().iter().copied().collect(),
-        };
+        let data = owned(&x);
         let (probs, n, classes) =
             py.detach(|| {
                 self.with(|t| {
@@ -341,7 +355,7 @@ impl Model {
         let mut tensors = std::collections::BTreeMap::new();
         for (name, array) in state {
             let dims = array.shape().to_vec();
-            let data: Vec<f32> = array.as_array().iter().copied().collect();
+            let data = owned(&array);
             let t = Tensor::from_host(HostData::F32(data), &dims, &self.backend).map_err(err)?;
             tensors.insert(name, t);
         }

@@ -70,6 +70,11 @@ def test_fit_and_evaluate_on_numpy_arrays(sample):
     after = model.evaluate(test_images, test_labels)
     assert after["examples"] == len(test_labels)
     assert after["accuracy"] > before["accuracy"] + 0.5
+    # A non-contiguous uint8 view (copied element by element, where a
+    # C-contiguous array is one memcpy) gives the same evaluation.
+    wide = np.zeros((len(test_images), 28, 56), np.uint8)
+    wide[:, :, ::2] = test_images
+    assert model.evaluate(wide[:, :, ::2], test_labels) == after
     # A second fit continues from the same optimiser state and weights.
     again = model.fit(images, labels, epochs=1, batch_size=64)
     assert again["loss"] < report["loss"]

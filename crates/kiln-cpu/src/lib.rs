@@ -587,7 +587,7 @@ impl Backend for CpuBackend {
         {
             // Each element is updated on its own: any split gives the same bits.
             Some((set, workers)) => {
-                let c = OPTIMISER_PER_TASK;
+                let c = workers.balanced_chunk(p.len(), OPTIMISER_PER_TASK, 16);
                 let jobs = p
                     .chunks_mut(c)
                     .zip(g.chunks(c))

@@ -264,6 +264,21 @@ impl Workers {
         }
     }
 
+    /// Elements per task for `n` elements cut into tasks of about
+    /// `per_task`, each a multiple of `align`: `n` itself (one task, no
+    /// fork) up to `per_task`, else as many equal tasks as a multiple of
+    /// the thread count, so that the threads finish together. (A 784 × 64
+    /// weight's Adam update in tasks of 32,768 took 17 µs on one thread
+    /// while the other's 17,408 took 10.)
+    pub(crate) fn balanced_chunk(&self, n: usize, per_task: usize, align: usize) -> usize {
+        let align = align.max(1);
+        if n <= per_task {
+            return n.max(1);
+        }
+        let tasks = n.div_ceil(per_task.max(1)).next_multiple_of(self.threads);
+        n.div_ceil(tasks).next_multiple_of(align)
+    }
+
     /// `f(job)` for every job, spread over the team.
     pub(crate) fn for_each<T: Send>(&self, jobs: Vec<T>, f: impl Fn(T) + Sync) {
         let slots: Vec<Mutex<Option<T>>> = jobs.into_iter().map(|j| Mutex::new(Some(j))).collect();
@@ -390,6 +405,25 @@ mod tests {
             ran_on.iter().any(|t| *t.lock().unwrap() != Some(me)),
             "no task ran on the helper"
         );
+    }
+
+    #[test]
+    fn balanced_chunks_split_evenly_over_the_team() {
+        let w = Workers::new(2).unwrap();
+        // Up to one task's worth: one task.
+        assert_eq!(w.balanced_chunk(8192, 32768, 16), 8192);
+        assert_eq!(w.balanced_chunk(0, 32768, 16), 1);
+        // 50,176 in two equal tasks, not 32,768 and 17,408.
+        assert_eq!(w.balanced_chunk(50176, 32768, 16), 25088);
+        // 98,304 in four tasks of 24,576, not three.
+        assert_eq!(w.balanced_chunk(98304, 32768, 16), 24576);
+        // Rounded up to the alignment; the tasks still cover n.
+        let c = w.balanced_chunk(100_003, 32768, 48);
+        assert_eq!(c % 48, 0);
+        assert_eq!(100_003usize.div_ceil(c), 4);
+        // Three threads: three tasks.
+        let c = Workers::new(3).unwrap().balanced_chunk(50176, 32768, 16);
+        assert_eq!((c, 50176usize.div_ceil(c)), (16736, 3));
     }
 
     #[test]

@@ -170,8 +170,9 @@ const ELEMENTS_PER_TASK: usize = 1 << 15;
 
 /// `n` outputs, with `f(first, out)` writing elements `first..first +
 /// out.len()`: in tasks of about [`ELEMENTS_PER_TASK`] elements, cut at
-/// multiples of `align`, over `pool`'s threads when that makes more than
-/// one. Each element is computed the same way whatever the cut.
+/// multiples of `align` and balanced over `pool`'s threads
+/// ([`Workers::balanced_chunk`]) when that makes more than one. Each
+/// element is computed the same way whatever the cut.
 ///
 /// Every caller's `f` writes its whole chunk: a `wide` loop (which checks
 /// that its inputs cover the output) or [`apply_fresh`].
@@ -181,9 +182,9 @@ fn fill(
     align: usize,
     f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
 ) -> Vec<f32> {
-    let align = align.max(1);
+    let chunk = pool.balanced_chunk(n, ELEMENTS_PER_TASK, align);
     // SAFETY: `f` writes every element of its chunk (above).
-    unsafe { pool.filled(n, ELEMENTS_PER_TASK.div_ceil(align) * align, f) }
+    unsafe { pool.filled(n, chunk, f) }
 }
 
 /// Elements a fused bf16 task converts at a time: its operands' f32
@@ -250,7 +251,7 @@ fn fill_as(
         return narrow(set, Some(pool), dtype, fill(pool, n, align, f));
     }
     let align = align.max(1);
-    let chunk = ELEMENTS_PER_TASK.div_ceil(align) * align;
+    let chunk = pool.balanced_chunk(n, ELEMENTS_PER_TASK, align);
     let sub = BF16_SUB_CHUNK.div_ceil(align) * align;
     let task = |first: usize, out: &mut [MaybeUninit<bf16>]| {
         for (j, part) in out.chunks_mut(sub).enumerate() {

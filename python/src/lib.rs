@@ -14,10 +14,11 @@
 //!
 //! Inputs are images with pixels in `[0, 1]` (bytes over 255), shaped
 //! `[n, channels, height, width]` (or `[n, channels·height·width]`). A
-//! C-contiguous float32 array is read in place and copied once, into the
-//! backend's memory; other dtypes and layouts are converted by NumPy
-//! first. Results come back as NumPy arrays that take over kiln's buffer,
-//! without a copy. Compute runs with the GIL released.
+//! C-contiguous float32 array is read in place and copied once (one
+//! `memcpy`) into the backend's memory; other dtypes are converted by NumPy
+//! first, and other layouts (Fortran order, strided views) copied element
+//! by element in C order. Results come back as NumPy arrays that take over
+//! kiln's buffer, without a copy. Compute runs with the GIL released.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -118,12 +119,16 @@ impl Model {
 }
 
 /// An array's elements in C order, owned: one `memcpy` of a C-contiguous
-/// array, an element-by-element copy of any other (for a 60,000-image
-/// uint8 training set, about 0.14 s more: most of an MLP epoch).
+/// array, an element-by-element copy in C order of any other (for a
+/// 60,000-image uint8 training set, about 0.14 s more: most of an MLP
+/// epoch). Not NumPy's `as_slice`, which also takes a Fortran-ordered
+/// array, whose memory order is not C order: ndarray's gives a slice only
+/// for the standard (C) layout.
 fn owned<T: numpy::Element + Copy>(array: &PyReadonlyArrayDyn<'_, T>) -> Vec<T> {
-    match array.as_slice() {
-        Ok(s) => s.to_vec(),
-        Err(_) => array.as_array().iter().copied().collect(),
+    let view = array.as_array();
+    match view.as_slice() {
+        Some(s) => s.to_vec(),
+        None => view.iter().copied().collect(),
     }
 }
 

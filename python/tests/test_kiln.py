@@ -59,6 +59,8 @@ def test_predict_takes_numpy_images_and_returns_probabilities(trained, sample):
     wide = np.zeros((100, 1, 28, 56), np.float32)
     wide[:, :, :, ::2] = x
     np.testing.assert_array_equal(model.predict(wide[:, :, :, ::2]), probs)
+    # Fortran order: contiguous, but not in C order.
+    np.testing.assert_array_equal(model.predict(np.asfortranarray(x)), probs)
 
 
 def test_fit_and_evaluate_on_numpy_arrays(sample):
@@ -75,6 +77,8 @@ def test_fit_and_evaluate_on_numpy_arrays(sample):
     wide = np.zeros((len(test_images), 28, 56), np.uint8)
     wide[:, :, ::2] = test_images
     assert model.evaluate(wide[:, :, ::2], test_labels) == after
+    # So does a Fortran-ordered copy (contiguous, not in C order).
+    assert model.evaluate(np.asfortranarray(test_images), test_labels) == after
     # A second fit continues from the same optimiser state and weights.
     again = model.fit(images, labels, epochs=1, batch_size=64)
     assert again["loss"] < report["loss"]
@@ -94,6 +98,11 @@ def test_save_load_and_state_dict_round_trip(trained, tmp_path):
     assert not np.array_equal(fresh.predict(x), model.predict(x))
     fresh.load_state_dict(state)
     np.testing.assert_array_equal(fresh.predict(x), model.predict(x))
+    # A weight in Fortran order (PyTorch's `Linear.weight.T`) loads by its
+    # logical layout, not its memory order.
+    other = kiln.build("mlp", seed=99)
+    other.load_state_dict({**state, "1.dense.weight": np.asfortranarray(state["1.dense.weight"])})
+    np.testing.assert_array_equal(other.predict(x), model.predict(x))
 
 
 def test_errors_are_kiln_errors_with_clear_messages(trained, sample, tmp_path):

@@ -63,8 +63,9 @@ use kiln_core::{
 };
 use workers::Workers;
 
-/// Parameters per task of an optimiser update spread over the workers (a
-/// CNN's 346k-weight dense layer: eleven tasks).
+/// Parameters per task, about, of an optimiser update spread over the
+/// workers (a CNN's 346k-weight dense layer: twelve equal tasks on two
+/// threads, [`Workers::balanced_chunk`]).
 const OPTIMISER_PER_TASK: usize = 1 << 15;
 
 pub use fallback::Fallback;

@@ -265,9 +265,10 @@ impl Workers {
     }
 
     /// Elements per task for `n` elements cut into tasks of about
-    /// `per_task`, each a multiple of `align`: `n` itself (one task, no
-    /// fork) up to `per_task`, else as many equal tasks as a multiple of
-    /// the thread count, so that the threads finish together. (A 784 × 64
+    /// `per_task`: up to `per_task`, `n` itself (one task, run inline; 1
+    /// for none, a chunk length `chunks_mut` accepts); above it, as many
+    /// equal tasks as a multiple of the thread count, so that the threads
+    /// finish together, each a multiple of `align` (the last shorter). (A 784 × 64
     /// weight's Adam update in tasks of 32,768 took 17 µs on one thread
     /// while the other's 17,408 took 10.)
     pub(crate) fn balanced_chunk(&self, n: usize, per_task: usize, align: usize) -> usize {

@@ -77,9 +77,9 @@ const DIRECT_A_MAX_PANELS: usize = 4;
 /// × 64, 768 × 512 × 128) the in-place panel, its rows 256–512 bytes
 /// apart, measured 8–15 % slower than a packed one, whose lines fill every
 /// L1 set. (Whatever the row blocks, B is read in place when its k block
-/// fits in L1D: the MLP's weight gradient, 784 × 128 × 64 in 104-row
-/// blocks, skipped its packing fork, 74–77 → 69 µs on two threads in two
-/// of three alternating rounds and alike in the third.)
+/// fills at most three quarters of L1D: the MLP's weight gradient, 784 ×
+/// 128 × 64 in 104-row blocks, skipped its packing fork, 74–77 → 69 µs on
+/// two threads in two of three alternating rounds and alike in the third.)
 const IN_PLACE_B_MAX_ROWS: usize = 64;
 
 /// Row blocks per thread, at least, of a product at most
@@ -580,11 +580,12 @@ fn blocked<K: MicroKernel>(
         .clamp(K::MR, mc_max);
     // Those outputs in whole panels, with B's rows contiguous, and row
     // blocks short enough that a packed B would be reused by few tiles —
-    // or a k block of B small enough to stay in L1D whatever its layout
-    // (the MLP's 128 × 64 `dy` in its weight gradient `xᵀ·dy`) — read B in
-    // place too, on kernels that can.
-    let b_block_in_l1 =
-        k.min(blk.kc) * n * std::mem::size_of::<f32>() <= blocking::Caches::of_this_machine().l1d;
+    // or a k block of B small enough to stay in L1D whatever its layout,
+    // beside A's and C's lines (at most three quarters of it: the MLP's
+    // 128 × 64 `dy` in its weight gradient `xᵀ·dy`, 32 of 48 KiB) — read B
+    // in place too, on kernels that can.
+    let b_block_in_l1 = k.min(blk.kc) * n * std::mem::size_of::<f32>()
+        <= blocking::Caches::of_this_machine().l1d / 4 * 3;
     let in_place = K::B_IN_PLACE
         && direct
         && (mc <= IN_PLACE_B_MAX_ROWS || b_block_in_l1)
@@ -855,22 +856,38 @@ mod tests {
         }
     }
 
-    /// The driver's ways of reading B — in place in short row blocks
-    /// (several threads), in place in tall ones (a k block of B within
-    /// L1D), packed (a k block too large for it) — and of reading A (row-
-    /// and column-major, in place) against exact sums, stored fresh and then
-    /// added, on one thread and on two, for every set this processor runs.
+    /// The blocked driver's ways of reading B — in place in short row
+    /// blocks, in place in tall ones (a k block of B within L1D), packed
+    /// (a k block too large for it), packed by panels of columns — with A
+    /// row- or column-major, read in place, against exact sums: each shape
+    /// computed fresh on one thread and on a team of two, then added to
+    /// on one thread (`accumulate`), for every set this processor runs.
     /// Elements are small multiples of 1/8, so every sum is exact and any
-    /// path must give it to the bit.
+    /// path must give it to the bit. With KC = 256 and AVX-512's 8 × 32
+    /// tile: (100, 37, 64) and (300, 41, 64) take tall in-place blocks on
+    /// one thread and short ones on the team (too small to fork); (784,
+    /// 128, 64) — the MLP's weight gradient — tall in-place blocks, forked
+    /// on the team; (600, 120, 64) a 30 KiB B block, in place where L1D is
+    /// 48 KiB and packed where it is 32; (90, 300, 128) and (75, 600, 96)
+    /// B packed on one thread and short in-place blocks forked on the
+    /// team (on AVX2, 6 × 16, too wide to read A in place: the column and
+    /// whole-k packed paths).
     #[test]
     fn every_driver_path_gives_the_exact_sums() {
         let team = Workers::new(2).expect("two worker threads");
         let sets = [KernelSet::Avx512, KernelSet::Avx2, KernelSet::Neon];
         for set in sets.into_iter().filter(|s| s.available()) {
-            // (m, k, n): 16-row blocks on two threads; tall row blocks
-            // with a small B; a B whose k block exceeds any L1D (256 × 128
-            // floats); a partial last row tile and a k remainder in each.
-            for (m, k, n) in [(100, 37, 64), (300, 41, 64), (90, 300, 128), (75, 600, 96)] {
+            // (m, k, n), each with a partial last row tile and a k
+            // remainder (see above for the paths).
+            let shapes = [
+                (100, 37, 64),
+                (300, 41, 64),
+                (784, 128, 64),
+                (600, 120, 64),
+                (90, 300, 128),
+                (75, 600, 96),
+            ];
+            for (m, k, n) in shapes {
                 let val =
                     |i: usize, j: usize, s: usize| ((i * 7 + j * 3 + s) % 17) as f32 / 8.0 - 1.0;
                 let a_rows: Vec<f32> = (0..m * k).map(|x| val(x / k, x % k, 1)).collect();

@@ -24,15 +24,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-/// The extension's allocator, as the `kiln` command's: every op allocates
-/// its result and frees its inputs' buffers, and with glibc's `malloc`
-/// (which Python's process would otherwise give kiln) buffers over 128 KiB
-/// went back to the kernel on free and were faulted in again on the next
-/// allocation. Only kiln's own Rust allocations use it — buffers handed to
-/// NumPy are freed by the extension too — not Python's or NumPy's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use numpy::{
     AllowTypeChange, IntoPyArray, PyArrayDyn, PyArrayLike1, PyArrayLikeDyn, PyArrayMethods,
     PyReadonlyArrayDyn, PyUntypedArrayMethods,
@@ -47,6 +38,15 @@ use kiln_cpu::CpuBackend;
 use kiln_data::{Dataset, IdxArray, Split, Targets};
 use kiln_nn::{Adam, Loss, ModelSpec, Optimizer, Sequential};
 use kiln_train::{model_file, Evaluation, FitConfig, Trainer, Verbosity};
+
+/// The extension's allocator, as the `kiln` command's: every op allocates
+/// its result and frees its inputs' buffers, and with glibc's `malloc`
+/// (which Python's process would otherwise give kiln) buffers over 128 KiB
+/// went back to the kernel on free and were faulted in again on the next
+/// allocation. Only kiln's own Rust allocations use it — buffers handed to
+/// NumPy are freed by the extension too — not Python's or NumPy's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 create_exception!(
     kiln,

@@ -268,9 +268,9 @@ impl Workers {
     /// `per_task`: up to `per_task`, `n` itself (one task, run inline; 1
     /// for none, a chunk length `chunks_mut` accepts); above it, as many
     /// equal tasks as a multiple of the thread count, so that the threads
-    /// finish together, each a multiple of `align` (the last shorter). (A 784 × 64
-    /// weight's Adam update in tasks of 32,768 took 17 µs on one thread
-    /// while the other's 17,408 took 10.)
+    /// finish together, each a multiple of `align` (the last shorter). (A
+    /// 784 × 64 weight's Adam update in tasks of 32,768 took 17 µs on one
+    /// thread while the other's 17,408 took 10.)
     pub(crate) fn balanced_chunk(&self, n: usize, per_task: usize, align: usize) -> usize {
         let align = align.max(1);
         if n <= per_task {

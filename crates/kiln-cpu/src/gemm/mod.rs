@@ -901,6 +901,7 @@ mod tests {
                             .sum::<f64>() as f32
                     })
                     .collect();
+                let twice: Vec<f32> = exact.iter().map(|x| 2.0 * x).collect();
                 let bm = Matrix::from_slice(&b, 0, n, 1);
                 for (layout, a) in [
                     ("row-major", Matrix::from_slice(&a_rows, 0, k, 1)),
@@ -927,7 +928,6 @@ mod tests {
                             pool.is_some()
                         );
                         accumulate(set, &a, &bm, (m, k, n), &mut out, false);
-                        let twice: Vec<f32> = exact.iter().map(|x| 2.0 * x).collect();
                         assert_eq!(out, twice, "{} {m}×{k}×{n}, A {layout}, added", set.name());
                     }
                 }

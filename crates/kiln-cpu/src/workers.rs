@@ -13,7 +13,16 @@
 //!
 //! Every task runs exactly once, on whichever thread claims it, so results
 //! never depend on the thread count or on timing as long as each task's
-//! own arithmetic does not. A call made while the team is busy — from
+//! own arithmetic does not. Each thread owns a contiguous share of every
+//! job's tasks and runs it first — the caller the first share, helper `i`
+//! the `i`-th — and only then takes what another thread has not started,
+//! from the end: the same rows of a product, or the same part of a
+//! weight's optimiser state, go to the same core op after op and step
+//! after step, and are found in its cache (a thread that falls behind
+//! still has its work taken over). Claiming tasks in order, as threads
+//! came free, scattered them: the seed MLP's epoch took 0.0795 s against
+//! 0.0745, the CNN's 1.02 against 0.97 (2-core Xeon, alternating runs,
+//! the same bits). A call made while the team is busy — from
 //! inside a task, or from a second thread sharing the backend — runs its
 //! tasks inline on its own thread instead of waiting for the team.
 
@@ -35,8 +44,11 @@ const SPIN: Duration = Duration::from_micros(200);
 struct Job<'a> {
     run: &'a (dyn Fn(usize) + Sync),
     tasks: usize,
-    /// The next task to claim.
-    next: AtomicUsize,
+    /// The team's size: thread `r` owns tasks `r·tasks/threads ..
+    /// (r+1)·tasks/threads`.
+    threads: usize,
+    /// One bit per task, set by the thread that claims it.
+    claims: Vec<AtomicU64>,
     /// Tasks finished (a panicked task counts as finished).
     done: AtomicUsize,
     /// The first panic of a task, resumed on the calling thread.
@@ -44,20 +56,29 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Claims and runs tasks until none are left.
-    fn work(&self) {
-        loop {
-            let i = self.next.fetch_add(1, Relaxed);
-            if i >= self.tasks {
-                return;
+    /// Runs the tasks thread `rank` owns (the caller is 0, helper `i` is
+    /// `i`) that no other thread has claimed, then claims any left, the
+    /// last first (those the other threads would reach last).
+    fn work(&self, rank: usize) {
+        for i in claim_order(rank, self.tasks, self.threads) {
+            let (word, bit) = (&self.claims[i / 64], 1u64 << (i % 64));
+            if word.load(Relaxed) & bit == 0 && word.fetch_or(bit, Relaxed) & bit == 0 {
+                if let Err(p) = panic::catch_unwind(AssertUnwindSafe(|| (self.run)(i))) {
+                    let mut first = self.panic.lock().unwrap_or_else(|e| e.into_inner());
+                    first.get_or_insert(p);
+                }
+                self.done.fetch_add(1, Release);
             }
-            if let Err(p) = panic::catch_unwind(AssertUnwindSafe(|| (self.run)(i))) {
-                let mut first = self.panic.lock().unwrap_or_else(|e| e.into_inner());
-                first.get_or_insert(p);
-            }
-            self.done.fetch_add(1, Release);
         }
     }
+}
+
+/// The order in which thread `rank` of a team of `threads` tries to claim
+/// a job's `tasks`: its own share (`rank·tasks/threads ..
+/// (rank+1)·tasks/threads`) in order, then every task from the last down.
+fn claim_order(rank: usize, tasks: usize, threads: usize) -> impl Iterator<Item = usize> {
+    let own = rank * tasks / threads..(rank + 1) * tasks / threads;
+    own.chain((0..tasks).rev())
 }
 
 /// What the caller and the helpers share.
@@ -128,8 +149,9 @@ impl Shared {
         }
     }
 
-    /// A helper thread's life: join each new job until shutdown.
-    fn helper(&self) {
+    /// A helper thread's life: join each new job until shutdown, as the
+    /// team's thread `rank`.
+    fn helper(&self, rank: usize) {
         let mut seen = self.generation.load(SeqCst);
         while let Some(g) = self.next_generation(seen) {
             seen = g;
@@ -144,7 +166,7 @@ impl Shared {
                 // has cleared `job` and seen `active` fall to zero, which this
                 // helper's increment above holds off until the decrement below.
                 let job = unsafe { &*(at as *const Job<'_>) };
-                job.work();
+                job.work(rank);
             }
             self.active.fetch_sub(1, SeqCst);
         }
@@ -199,7 +221,7 @@ impl Workers {
             let shared = Arc::clone(&workers.shared);
             let handle = std::thread::Builder::new()
                 .name(format!("kiln-cpu-{i}"))
-                .spawn(move || shared.helper())
+                .spawn(move || shared.helper(i))
                 .map_err(|e| {
                     Error::Backend(format!(
                         "starting CPU worker thread {i} of {threads}: {e} \
@@ -236,7 +258,8 @@ impl Workers {
         let job = Job {
             run: &f,
             tasks,
-            next: AtomicUsize::new(0),
+            threads: self.threads,
+            claims: (0..tasks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             done: AtomicUsize::new(0),
             panic: Mutex::new(None),
         };
@@ -244,7 +267,7 @@ impl Workers {
         shared.job.store(&job as *const Job<'_> as usize, SeqCst);
         shared.generation.fetch_add(1, SeqCst);
         shared.wake_sleepers();
-        job.work();
+        job.work(0);
         let mut spins = 0u32;
         while job.done.load(Acquire) < tasks {
             spins = spins.wrapping_add(1);
@@ -377,6 +400,27 @@ mod tests {
                     counts.iter().all(|c| c.load(Relaxed) == 20),
                     "{threads}/{tasks}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn each_thread_claims_its_own_share_first_then_the_rest_from_the_end() {
+        let order = |rank, tasks, threads| claim_order(rank, tasks, threads).collect::<Vec<_>>();
+        assert_eq!(order(0, 8, 2), [0, 1, 2, 3, 7, 6, 5, 4, 3, 2, 1, 0]);
+        assert_eq!(order(1, 8, 2), [4, 5, 6, 7, 7, 6, 5, 4, 3, 2, 1, 0]);
+        // Shares of 7 tasks over 3 threads: 0..2, 2..4, 4..7.
+        assert_eq!(order(2, 7, 3)[..3], [4, 5, 6]);
+        assert_eq!(order(1, 7, 3)[..2], [2, 3]);
+        // Fewer tasks than threads: some own none, and still try them all.
+        assert_eq!(order(0, 1, 2), [0]);
+        assert_eq!(order(1, 1, 2), [0, 0]);
+        for (tasks, threads) in [(0, 2), (5, 2), (9, 4), (100, 3)] {
+            for rank in 0..threads {
+                let mut seen: Vec<usize> = order(rank, tasks, threads);
+                seen.sort_unstable();
+                seen.dedup();
+                assert_eq!(seen, (0..tasks).collect::<Vec<_>>());
             }
         }
     }

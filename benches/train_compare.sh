@@ -5,9 +5,10 @@
 # per epoch, test accuracy and inference throughput (test set, batches of
 # 1000, no autograd), with kiln's ratio to PyTorch for each: medians of
 # RUNS (default 3) runs, the frameworks alternating. Inference times the
-# forward passes on images already f32: PyTorch's loop over the prepared
-# tensor (with its argmax), and `kiln eval`'s "forward passes alone" (its
-# end-to-end rate also converts each batch's bytes and builds a report).
+# forward passes on images already f32, each after one untimed warm-up
+# pass over the first batch: PyTorch's loop over the prepared tensor (with
+# its argmax), and `kiln eval`'s "forward passes alone" (its end-to-end rate
+# also converts each batch's bytes and builds a report).
 #
 #   MLP: Flatten → Dense 64 ReLU → Dense 10 softmax
 #   CNN: Conv2D 32 3×3 ReLU → MaxPool 2×2 → Flatten → Dense 64 ReLU → Dense 10 softmax

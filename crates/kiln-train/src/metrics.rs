@@ -34,10 +34,11 @@ pub struct ClassificationReport {
     /// `(k, fraction)`: how often the label is among the `k` most probable classes.
     pub top_k: Vec<(usize, f64)>,
     /// Seconds the model's forward passes took, up to the device's results
-    /// being ready ([`crate::Trainer::report`] measures them; 0 for a
-    /// report built by hand). The rest of an evaluation — batches of bytes
-    /// made f32, the loss, this report's counts — is not in it, so
-    /// `examples / forward_seconds` is the model's own inference rate.
+    /// being ready ([`crate::Trainer::report`] measures them, after one
+    /// untimed warm-up pass over the first batch; 0 for a report built by
+    /// hand). The rest of an evaluation — batches of bytes made f32, the
+    /// loss, this report's counts — is not in it, so `examples /
+    /// forward_seconds` is the model's own steady inference rate.
     #[serde(default)]
     pub forward_seconds: f64,
 }

@@ -930,7 +930,8 @@ impl<B: Backend> Trainer<B> {
 
     /// A classification report over `ds`: accuracy, top-`ks` accuracy,
     /// per-class precision / recall / F1 and the confusion matrix, without
-    /// recording any graph.
+    /// recording any graph. The first batch is also run once untimed, before
+    /// the timed passes ([`ClassificationReport::forward_seconds`]).
     pub fn report(
         &self,
         ds: &Dataset,
@@ -947,8 +948,16 @@ impl<B: Backend> Trainer<B> {
         let _g = kiln_core::NoGradGuard::new();
         let mut report = ClassificationReport::new(ds.name(), ds.class_names(), ks);
         let order: Vec<u32> = (0..ds.len() as u32).collect();
-        for chunk in order.chunks(batch_size.max(1)) {
+        for (i, chunk) in order.chunks(batch_size.max(1)).enumerate() {
             let (x, y, labels) = self.upload(assemble(ds, chunk))?;
+            if i == 0 {
+                // One untimed pass first, as benchmarks warm up: a process's
+                // first pass also faults in its buffers and wakes the thread
+                // team (the seed MLP's first batch of 1,000 took 0.7–1.6 ms
+                // on the 2-core Xeon, the next ones 0.3 ms — a third of the
+                // forward time of a 10-batch test set).
+                self.outputs(&x)?;
+            }
             self.backend.synchronize()?;
             let start = std::time::Instant::now();
             let out = self.outputs(&x)?;

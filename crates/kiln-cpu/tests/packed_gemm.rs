@@ -141,8 +141,9 @@ fn large_and_awkward_shapes_within_the_bound() {
 /// one row's columns (1 × 128 × 300), f32 row blocks (300 × 600 × 90), all k blocks packed at once (the same
 /// with 2 and 3 threads), panels of columns over few rows (128 × 300 × 700,
 /// 60 × 70 × 1000: a wide layer's `dy·Wᵀ`, B stored transposed too; 150 ×
-/// 400 × 64: two panels over several k blocks, A read in place); bf16 row
-/// blocks sized by the thread count.
+/// 400 × 64: two panels over several k blocks, A read in place); ten-wide
+/// outputs split by rows (1000 × 64 × 10, 301 × 97 × 10); bf16 row blocks
+/// sized by the thread count.
 #[test]
 fn results_do_not_depend_on_the_thread_count() {
     for set in sets() {
@@ -161,6 +162,10 @@ fn results_do_not_depend_on_the_thread_count() {
             (128, 300, 700, true, DType::F32),
             (60, 70, 1000, true, DType::F32),
             (150, 400, 64, false, DType::F32),
+            // Ten-wide outputs (the narrow path on AVX-512), split by rows:
+            // an MLP head on a batch of 1,000, and rows not in whole tiles.
+            (1000, 64, 10, false, DType::F32),
+            (301, 97, 10, false, DType::F32),
             // bf16 (AVX-512 BF16's kernel where the CPU has it): row blocks
             // sized by the thread count, A read in place and packed.
             (128, 700, 200, false, DType::BF16),

@@ -88,10 +88,12 @@ const IN_PLACE_B_MAX_ROWS: usize = 64;
 /// inputs sit in the other core's cache runs its half about a fifth
 /// slower (400 KB written on one core read at 19 GB/s from the other, 56
 /// from its own, on the Emerald Rapids Xeon): with whole halves the first
-/// thread waited for the second; with smaller blocks taken as threads come
-/// free it takes more of them. MLP epochs on 2 threads, medians of 15
-/// epoch times: 0.138 s with two row blocks in all, 0.136 s with four,
-/// 0.120 s with eight (this setting).
+/// thread waited for the second; with smaller blocks, a thread done with
+/// its own share takes over the other's last ones. MLP epochs on 2
+/// threads, medians of 15 epoch times: 0.138 s with two row blocks in all,
+/// 0.136 s with four, 0.120 s with eight (this setting; with each thread
+/// owning its share, fourteenth session: 0.0751 s against 0.0761 with
+/// four).
 const ROW_TASKS_PER_THREAD: usize = 4;
 
 /// A register-blocked kernel computing one `MR × NR` tile from panels of

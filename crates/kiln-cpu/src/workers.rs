@@ -74,10 +74,12 @@ impl Job<'_> {
 }
 
 /// The order in which thread `rank` of a team of `threads` tries to claim
-/// a job's `tasks`: its own share (`rank·tasks/threads ..
-/// (rank+1)·tasks/threads`) in order, then every task from the last down.
+/// a job's `tasks`: its own share (`⌈rank·tasks/threads⌉ ..
+/// ⌈(rank+1)·tasks/threads⌉`: the caller, which starts first, never owns
+/// fewer than another, and owns one when there are fewer tasks than
+/// threads) in order, then every task from the last down.
 fn claim_order(rank: usize, tasks: usize, threads: usize) -> impl Iterator<Item = usize> {
-    let own = rank * tasks / threads..(rank + 1) * tasks / threads;
+    let own = (rank * tasks).div_ceil(threads)..((rank + 1) * tasks).div_ceil(threads);
     own.chain((0..tasks).rev())
 }
 
@@ -409,12 +411,19 @@ mod tests {
         let order = |rank, tasks, threads| claim_order(rank, tasks, threads).collect::<Vec<_>>();
         assert_eq!(order(0, 8, 2), [0, 1, 2, 3, 7, 6, 5, 4, 3, 2, 1, 0]);
         assert_eq!(order(1, 8, 2), [4, 5, 6, 7, 7, 6, 5, 4, 3, 2, 1, 0]);
-        // Shares of 7 tasks over 3 threads: 0..2, 2..4, 4..7.
-        assert_eq!(order(2, 7, 3)[..3], [4, 5, 6]);
-        assert_eq!(order(1, 7, 3)[..2], [2, 3]);
-        // Fewer tasks than threads: some own none, and still try them all.
-        assert_eq!(order(0, 1, 2), [0]);
-        assert_eq!(order(1, 1, 2), [0, 0]);
+        // Shares of 7 tasks over 3 threads: 0..3, 3..5, 5..7 (the caller's
+        // the largest).
+        assert_eq!(order(0, 7, 3)[..4], [0, 1, 2, 6]);
+        assert_eq!(order(1, 7, 3)[..3], [3, 4, 6]);
+        assert_eq!(order(2, 7, 3)[..3], [5, 6, 6]);
+        // Fewer tasks than threads: the caller owns the first, some helpers
+        // own none, and every thread still tries them all.
+        assert_eq!(order(0, 1, 2), [0, 0]);
+        assert_eq!(order(1, 1, 2), [0]);
+        assert_eq!(order(0, 4, 16)[..1], [0]);
+        assert_eq!(order(12, 4, 16)[..1], [3]);
+        assert_eq!(order(1, 4, 16), [3, 2, 1, 0]);
+        assert_eq!(order(15, 4, 16), [3, 2, 1, 0]);
         for (tasks, threads) in [(0, 2), (5, 2), (9, 4), (100, 3)] {
             for rank in 0..threads {
                 let mut seen: Vec<usize> = order(rank, tasks, threads);

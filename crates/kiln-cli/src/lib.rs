@@ -1095,7 +1095,8 @@ fn run_eval<B: Backend>(a: EvalArgs, backend: B) -> Result<()> {
     let trainer = Trainer::for_inference(model, backend)?;
     let start = std::time::Instant::now();
     let report = trainer.report(&ds, a.batch_size, &[1, 3, 5])?;
-    let secs = start.elapsed().as_secs_f64();
+    // The end-to-end rate leaves out the report's warm-up pass too.
+    let secs = start.elapsed().as_secs_f64() - report.warmup_seconds;
     println!(
         "{} (model `{name}`) on {}: loss {:.4} accuracy {:.2}% ({} examples, {:.0} images/s; forward passes alone {:.0} images/s)\n",
         path.display(),

@@ -41,6 +41,12 @@ pub struct ClassificationReport {
     /// forward_seconds` is the model's own steady inference rate.
     #[serde(default)]
     pub forward_seconds: f64,
+    /// Seconds the untimed warm-up pass took (its forward pass over the
+    /// first batch; 0 for a report built by hand): not in
+    /// `forward_seconds`, and for a caller timing the whole evaluation, the
+    /// time that was not evaluation.
+    #[serde(default)]
+    pub warmup_seconds: f64,
 }
 
 /// Precision, recall and F1 of one class (or their macro average).
@@ -68,6 +74,7 @@ impl ClassificationReport {
             confusion: vec![vec![0; c]; c],
             top_k: ks.iter().map(|&k| (k, 0.0)).collect(),
             forward_seconds: 0.0,
+            warmup_seconds: 0.0,
         }
     }
 
@@ -168,6 +175,7 @@ impl ClassificationReport {
             "loss": self.loss,
             "accuracy": self.accuracy(),
             "forward_seconds": self.forward_seconds,
+            "warmup_seconds": self.warmup_seconds,
             "top_k": self.top_k.iter().map(|(k, v)| serde_json::json!({"k": k, "accuracy": v})).collect::<Vec<_>>(),
             "per_class": per_class.iter().map(|(n, s)| serde_json::json!({"class": n, "precision": s.precision, "recall": s.recall, "f1": s.f1, "support": s.support})).collect::<Vec<_>>(),
             "macro": self.macro_average(),

@@ -578,6 +578,21 @@ impl<B: Backend> Trainer<B> {
         cfg: &FitConfig,
         from: Option<&Progress>,
     ) -> Result<History> {
+        let out = self.run_epochs(train, validation, cfg, from);
+        // In inference mode however the run ended: an error mid-epoch left
+        // dropout on for the next evaluate or predict.
+        self.model.set_training(false);
+        out
+    }
+
+    /// [`Trainer::run`]'s epochs.
+    fn run_epochs(
+        &mut self,
+        train: &Dataset,
+        validation: Option<&Dataset>,
+        cfg: &FitConfig,
+        from: Option<&Progress>,
+    ) -> Result<History> {
         self.check_dataset(train)?;
         if let Some(v) = validation {
             self.check_dataset(v)?;
@@ -890,6 +905,8 @@ impl<B: Backend> Trainer<B> {
         batch_size: usize,
     ) -> Result<Tally> {
         self.check_dataset(ds)?;
+        // Evaluation runs the model as inference does: no dropout.
+        self.model.set_training(false);
         let _g = kiln_core::NoGradGuard::new();
         let order: Vec<u32> = (rows.start as u32..rows.end as u32).collect();
         let mut tally = Tally::default();
@@ -945,6 +962,7 @@ impl<B: Backend> Trainer<B> {
                 ds.name()
             )));
         }
+        self.model.set_training(false);
         let _g = kiln_core::NoGradGuard::new();
         let mut report = ClassificationReport::new(ds.name(), ds.class_names(), ks);
         let order: Vec<u32> = (0..ds.len() as u32).collect();
@@ -956,7 +974,10 @@ impl<B: Backend> Trainer<B> {
                 // team (the seed MLP's first batch of 1,000 took 0.7–1.6 ms
                 // on the 2-core Xeon, the next ones 0.3 ms — a third of the
                 // forward time of a 10-batch test set).
+                let start = std::time::Instant::now();
                 self.outputs(&x)?;
+                self.backend.synchronize()?;
+                report.warmup_seconds = start.elapsed().as_secs_f64();
             }
             self.backend.synchronize()?;
             let start = std::time::Instant::now();

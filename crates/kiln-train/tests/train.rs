@@ -588,6 +588,43 @@ fn tampered_checkpoint_progress_is_refused() {
     }
 }
 
+/// Evaluation runs the model as inference does, whatever mode it was left
+/// in: with dropout switched on (as a `fit` that failed mid-epoch could
+/// leave it), `report` — warm-up pass included — and `evaluate` draw
+/// nothing and agree, call after call.
+#[test]
+fn evaluation_runs_in_inference_mode_and_draws_nothing() {
+    let b = CpuBackend::new().unwrap();
+    let mut spec = ModelSpec::mlp();
+    spec.layers
+        .insert(2, kiln_nn::LayerSpec::Dropout { rate: 0.5 });
+    let model = Sequential::from_spec(&spec, 7, &b).unwrap();
+    let t = Trainer::new(
+        model,
+        Box::new(Adam::new(1e-3).unwrap()),
+        Loss::CategoricalCrossEntropy,
+        b,
+    );
+    let test = Dataset::load("mnist-sample", Split::Test, None)
+        .unwrap()
+        .take(300);
+    let positions = t.model().rng_positions();
+    let timeless = |mut r: kiln_train::ClassificationReport| {
+        (r.forward_seconds, r.warmup_seconds) = (0.0, 0.0);
+        r
+    };
+    t.model().set_training(true);
+    let first = t.report(&test, 128, &[1, 3]).unwrap();
+    assert!(first.warmup_seconds > 0.0 && first.forward_seconds > 0.0);
+    t.model().set_training(true);
+    let second = t.report(&test, 128, &[1, 3]).unwrap();
+    assert_eq!(timeless(first.clone()), timeless(second));
+    t.model().set_training(true);
+    let eval = t.evaluate(&test, 128).unwrap();
+    assert_eq!(eval.accuracy, first.accuracy());
+    assert_eq!(t.model().rng_positions(), positions, "no dropout draws");
+}
+
 #[test]
 fn epoch_callbacks_stop_early_and_lr_schedules_set_every_step() {
     use kiln_nn::LrSchedule;

@@ -44,8 +44,7 @@ const SPIN: Duration = Duration::from_micros(200);
 struct Job<'a> {
     run: &'a (dyn Fn(usize) + Sync),
     tasks: usize,
-    /// The team's size: thread `r` owns tasks `r·tasks/threads ..
-    /// (r+1)·tasks/threads`.
+    /// The team's size, which sets each thread's share ([`claim_order`]).
     threads: usize,
     /// One bit per task, set by the thread that claims it.
     claims: Vec<AtomicU64>,

@@ -47,7 +47,7 @@ struct Job<'a> {
     /// The team's size, which sets each thread's share ([`claim_order`]).
     threads: usize,
     /// One bit per task, set by the thread that claims it.
-    claims: Vec<AtomicU64>,
+    claims: Claims,
     /// Tasks finished (a panicked task counts as finished).
     done: AtomicUsize,
     /// The first panic of a task, resumed on the calling thread.
@@ -60,7 +60,7 @@ impl Job<'_> {
     /// last first (those the other threads would reach last).
     fn work(&self, rank: usize) {
         for i in claim_order(rank, self.tasks, self.threads) {
-            let (word, bit) = (&self.claims[i / 64], 1u64 << (i % 64));
+            let (word, bit) = (self.claims.word(i), 1u64 << (i % 64));
             if word.load(Relaxed) & bit == 0 && word.fetch_or(bit, Relaxed) & bit == 0 {
                 if let Err(p) = panic::catch_unwind(AssertUnwindSafe(|| (self.run)(i))) {
                     let mut first = self.panic.lock().unwrap_or_else(|e| e.into_inner());
@@ -68,6 +68,30 @@ impl Job<'_> {
                 }
                 self.done.fetch_add(1, Release);
             }
+        }
+    }
+}
+
+/// A job's claim bits: one word on the caller's stack for up to 64 tasks
+/// (no allocation per fork), more on the heap.
+enum Claims {
+    One(AtomicU64),
+    Many(Vec<AtomicU64>),
+}
+
+impl Claims {
+    fn new(tasks: usize) -> Self {
+        match tasks {
+            0..=64 => Claims::One(AtomicU64::new(0)),
+            _ => Claims::Many((0..tasks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()),
+        }
+    }
+
+    /// The word holding task `i`'s bit.
+    fn word(&self, i: usize) -> &AtomicU64 {
+        match self {
+            Claims::One(w) => w,
+            Claims::Many(words) => &words[i / 64],
         }
     }
 }
@@ -260,7 +284,7 @@ impl Workers {
             run: &f,
             tasks,
             threads: self.threads,
-            claims: (0..tasks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            claims: Claims::new(tasks),
             done: AtomicUsize::new(0),
             panic: Mutex::new(None),
         };

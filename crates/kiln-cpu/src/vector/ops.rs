@@ -796,17 +796,20 @@ mod tests {
                     let (HostData::F32(loss), HostData::F32(grad)) = (loss, grad) else {
                         panic!("f32 in, f32 out");
                     };
+                    // Bits, with every NaN one value.
+                    let bits = |v: &f32| if v.is_nan() { u32::MAX } else { v.to_bits() };
                     let mut shifted = vec![0f32; c];
                     let mut g = vec![0f32; c];
                     for (i, row) in x.chunks_exact(c).enumerate() {
                         let l = sce_row(set, exp, row, labels[i] as usize, &mut shifted, &mut g);
-                        let what = format!("{set:?}, [{n}, {c}], row {i}");
-                        // Bits, with every NaN one value.
-                        let bits = |v: &f32| if v.is_nan() { u32::MAX } else { v.to_bits() };
-                        assert_eq!(bits(&loss[i]), bits(&l), "loss, {what}");
+                        assert_eq!(
+                            bits(&loss[i]),
+                            bits(&l),
+                            "loss, {set:?}, [{n}, {c}], row {i}"
+                        );
                         let got: Vec<u32> = grad[i * c..(i + 1) * c].iter().map(bits).collect();
                         let want: Vec<u32> = g.iter().map(bits).collect();
-                        assert_eq!(got, want, "gradient, {what}");
+                        assert_eq!(got, want, "gradient, {set:?}, [{n}, {c}], row {i}");
                     }
                 }
             }

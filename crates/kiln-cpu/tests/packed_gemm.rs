@@ -162,6 +162,11 @@ fn results_do_not_depend_on_the_thread_count() {
             (128, 300, 700, true, DType::F32),
             (60, 70, 1000, true, DType::F32),
             (150, 400, 64, false, DType::F32),
+            // Few rows and several k blocks, split by k: 4 blocks over 2 or
+            // 3 threads (the MLP's forward product), and 11 with the
+            // partial sums added on the team.
+            (128, 784, 64, false, DType::F32),
+            (128, 2600, 64, false, DType::F32),
             // Ten-wide outputs (the narrow path on AVX-512), split by rows:
             // an MLP head on a batch of 1,000, and rows not in whole tiles.
             (1000, 64, 10, false, DType::F32),

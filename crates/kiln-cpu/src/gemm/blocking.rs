@@ -21,8 +21,10 @@
 //!
 //! `KILN_GEMM_BLOCKING=KC,MC,NC` overrides the derived values (for
 //! experiments; checked when a backend is built; empty means unset). `KC` sets the summation
-//! order of every product (k ascending within a block, blocks ascending),
-//! so it never depends on the thread count.
+//! order of every product (k ascending within a block, blocks ascending;
+//! a product of depth k takes ⌈k / KC⌉ blocks of equal depth, the last
+//! shorter by less than one step per block: [`Blocking::for_depth`]), so
+//! it never depends on the thread count.
 
 use std::sync::OnceLock;
 
@@ -122,6 +124,17 @@ impl Blocking {
         let mc = (c.l2 / 5 / (kc * f)).clamp(mr, 1024) / mr * mr;
         let nc = (c.l3 / 16 / (kc * f)).clamp(4 * nr, 8192) / nr * nr;
         Blocking { kc, mc, nc }
+    }
+
+    /// This blocking for a product of depth `k`: `KC` evened out over the
+    /// ⌈k / KC⌉ blocks it takes, so that no block is a sliver (784 = 4 ×
+    /// 196, not 3 × 256 + 16) and blocks split over threads weigh alike.
+    pub(crate) fn for_depth(self, k: usize) -> Blocking {
+        let blocks = k.div_ceil(self.kc).max(1);
+        Blocking {
+            kc: k.div_ceil(blocks).max(1),
+            ..self
+        }
     }
 
     /// The blocking this process uses for an `mr × nr` micro-kernel: the

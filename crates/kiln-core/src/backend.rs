@@ -1054,4 +1054,18 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
     fn slow_paths(&self) -> Vec<crate::slow_path::SlowPath> {
         Vec::new()
     }
+
+    // ----- host work ----------------------------------------------------
+
+    /// Offers `work` to the threads this backend runs its ops on, to do
+    /// while they wait for the next op, for as long as `work` lives (the
+    /// backend holds it weakly, and forgets it once it is dropped or has
+    /// panicked). Returns whether the backend took it: the default has no
+    /// such threads and returns `false` (a device's host side; a CPU
+    /// backend on one thread), and the caller then runs the work on a
+    /// thread of its own. See [`crate::idle`].
+    fn lend_idle_threads(&self, work: std::sync::Weak<dyn crate::IdleWork>) -> bool {
+        let _ = work;
+        false
+    }
 }

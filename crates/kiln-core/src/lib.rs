@@ -30,6 +30,7 @@ pub mod conv;
 pub mod dtype;
 pub mod embedding;
 pub mod error;
+pub mod idle;
 pub mod layout;
 pub mod norm;
 pub mod plan;
@@ -49,6 +50,7 @@ pub use capabilities::{Capabilities, SwitchPoints};
 pub use conv::Window2d;
 pub use dtype::{bf16_from_f64, f16_from_f64, round_to_format, DType, HostData};
 pub use error::{DataError, Error, Result};
+pub use idle::IdleWork;
 pub use layout::Layout;
 pub use norm::{LayerNormGrads, LayerNormOut};
 pub use plan::{

@@ -607,6 +607,10 @@ impl Backend for CpuBackend {
         self.slow.snapshot()
     }
 
+    fn lend_idle_threads(&self, work: std::sync::Weak<dyn kiln_core::IdleWork>) -> bool {
+        self.pool.as_ref().is_some_and(|p| p.lend(work))
+    }
+
     fn random(
         &self,
         dist: Distribution,

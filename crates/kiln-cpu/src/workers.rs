@@ -25,15 +25,20 @@
 //! the same bits). A call made while the team is busy — from
 //! inside a task, or from a second thread sharing the backend — runs its
 //! tasks inline on its own thread instead of waiting for the team.
+//!
+//! While they watch for the next job, helpers run units of host work lent
+//! to them ([`Workers::lend`], behind `Backend::lend_idle_threads`: a
+//! data loader's next batches), so that such work does not need a thread
+//! of its own competing with the team for its cores.
 
 use std::mem::MaybeUninit;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kiln_core::{Error, Result};
+use kiln_core::{Error, IdleWork, Result};
 
 /// How long an idle helper watches for the next job before it parks: longer
 /// than the gaps between one training step's ops, short enough that an idle
@@ -125,13 +130,17 @@ struct Shared {
     spin: bool,
     lock: Mutex<()>,
     wake: Condvar,
+    /// Work lent to the helpers' waits ([`Workers::lend`]).
+    idle: Mutex<Vec<Weak<dyn IdleWork>>>,
+    /// `idle`'s length, for a look without the lock.
+    idle_offered: AtomicUsize,
 }
 
 impl Shared {
     /// Waits for a generation other than `seen`; `None` at shutdown.
     fn next_generation(&self, seen: u64) -> Option<u64> {
         if self.spin {
-            let start = Instant::now();
+            let mut start = Instant::now();
             let mut spins = 0u32;
             loop {
                 let g = self.generation.load(Acquire);
@@ -140,6 +149,11 @@ impl Shared {
                 }
                 if g != seen {
                     return Some(g);
+                }
+                if self.idle_offered.load(Relaxed) > 0 && self.run_idle() {
+                    // Busy, not idle: the wait before parking starts again.
+                    start = Instant::now();
+                    continue;
                 }
                 spins = spins.wrapping_add(1);
                 if spins.is_multiple_of(256) && start.elapsed() > SPIN {
@@ -165,6 +179,33 @@ impl Shared {
         };
         self.sleepers.fetch_sub(1, SeqCst);
         woken
+    }
+
+    /// One unit of the first lent work that has one ready; whether one ran.
+    /// Work that is gone, or that panicked, is forgotten.
+    fn run_idle(&self) -> bool {
+        // Another helper holding the list runs its unit; this one waits on.
+        let Ok(mut lent) = self.idle.try_lock() else {
+            return false;
+        };
+        let mut ran = false;
+        let mut i = 0;
+        while i < lent.len() && !ran {
+            let Some(work) = lent[i].upgrade() else {
+                lent.swap_remove(i);
+                continue;
+            };
+            match panic::catch_unwind(AssertUnwindSafe(|| work.run_one())) {
+                Ok(r) => ran = r,
+                Err(_) => {
+                    lent.swap_remove(i);
+                    continue;
+                }
+            }
+            i += 1;
+        }
+        self.idle_offered.store(lent.len(), Relaxed);
+        ran
     }
 
     fn wake_sleepers(&self) {
@@ -236,6 +277,8 @@ impl Workers {
             spin: threads <= cores,
             lock: Mutex::new(()),
             wake: Condvar::new(),
+            idle: Mutex::new(Vec::new()),
+            idle_offered: AtomicUsize::new(0),
         });
         let mut workers = Workers {
             shared,
@@ -262,6 +305,23 @@ impl Workers {
     /// The number of threads, the caller's included.
     pub(crate) fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Lends the helpers' waits between jobs to `work` while it lives: a
+    /// helper watching for the next job runs `work`'s units in the
+    /// meantime (one at a time over the team; a job that starts meanwhile
+    /// starts without that helper, which joins after its unit). Returns
+    /// `false`, taking nothing, where the helpers do not wait awake: no
+    /// helpers, or more threads than cores.
+    pub(crate) fn lend(&self, work: Weak<dyn IdleWork>) -> bool {
+        if self.handles.is_empty() || !self.shared.spin {
+            return false;
+        }
+        let mut lent = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
+        lent.retain(|w| w.strong_count() > 0);
+        lent.push(work);
+        self.shared.idle_offered.store(lent.len(), Relaxed);
+        true
     }
 
     /// Runs `f(i)` once for every `i` in `0..tasks`, spread over the team,
@@ -482,6 +542,83 @@ mod tests {
             ran_on.iter().any(|t| *t.lock().unwrap() != Some(me)),
             "no task ran on the helper"
         );
+    }
+
+    /// Units of idle work that count where they ran, up to `left` of them.
+    struct Units {
+        caller: std::thread::ThreadId,
+        left: AtomicUsize,
+        ran: AtomicUsize,
+        on_caller: AtomicBool,
+    }
+
+    impl IdleWork for Units {
+        fn run_one(&self) -> bool {
+            let take = self.left.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1));
+            if take.is_err() {
+                return false;
+            }
+            if std::thread::current().id() == self.caller {
+                self.on_caller.store(true, SeqCst);
+            }
+            self.ran.fetch_add(1, SeqCst);
+            true
+        }
+    }
+
+    /// Work that panics at its first unit.
+    struct Faulty;
+
+    impl IdleWork for Faulty {
+        fn run_one(&self) -> bool {
+            panic!("a faulty unit of idle work (expected by the test)")
+        }
+    }
+
+    /// Runs empty jobs, keeping the helpers awake, until `done` or ten seconds.
+    fn keep_awake(w: &Workers, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() && Instant::now() < deadline {
+            w.run(4, |_| {});
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    #[test]
+    fn lent_work_runs_in_the_helpers_waits_while_it_lives() {
+        let units = |left| {
+            Arc::new(Units {
+                caller: std::thread::current().id(),
+                left: AtomicUsize::new(left),
+                ran: AtomicUsize::new(0),
+                on_caller: AtomicBool::new(false),
+            })
+        };
+        let weak = |work: &Arc<Units>| Arc::downgrade(work) as Weak<dyn IdleWork>;
+        // One thread has no helper to lend.
+        let work = units(10);
+        assert!(!Workers::new(1).unwrap().lend(weak(&work)));
+        let w = Workers::new(2).unwrap();
+        if !w.shared.spin {
+            // One core: the helper parks instead of waiting awake.
+            assert!(!w.lend(weak(&work)));
+            return;
+        }
+        assert!(w.lend(weak(&work)));
+        keep_awake(&w, || work.ran.load(SeqCst) == 10);
+        assert_eq!(work.ran.load(SeqCst), 10, "the helper ran every unit");
+        assert!(!work.on_caller.load(SeqCst), "no unit ran on the caller");
+        // Work that is dropped, or that panics, is forgotten; jobs go on.
+        drop(work);
+        let faulty: Arc<dyn IdleWork> = Arc::new(Faulty);
+        assert!(w.lend(Arc::downgrade(&faulty)));
+        keep_awake(&w, || w.shared.idle_offered.load(SeqCst) == 0);
+        assert_eq!(w.shared.idle_offered.load(SeqCst), 0, "both forgotten");
+        let count = AtomicUsize::new(0);
+        w.run(8, |_| {
+            count.fetch_add(1, SeqCst);
+        });
+        assert_eq!(count.load(SeqCst), 8);
     }
 
     #[test]

@@ -420,6 +420,17 @@ impl Dataset {
         }
     }
 
+    /// Asks for example `i`'s stored values ahead of use (see
+    /// [`crate::pixels::prefetch`]); out of range asks for nothing.
+    pub(crate) fn prefetch_example(&self, i: usize) {
+        let px = self.pixels();
+        if self.floats.is_empty() {
+            crate::pixels::prefetch(self.images.get(i * px..(i + 1) * px).unwrap_or(&[]));
+        } else {
+            crate::pixels::prefetch(self.floats.get(i * px..(i + 1) * px).unwrap_or(&[]));
+        }
+    }
+
     /// [`Dataset::write_example`] appended to `dst`, for a caller filling
     /// a batch that would otherwise zero its buffer only to overwrite it
     /// (a 400 KB `memset` per MNIST batch: 3 % of an MLP epoch's samples).

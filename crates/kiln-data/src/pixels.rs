@@ -110,6 +110,31 @@ pub(crate) fn write_unit(dst: &mut [f32], src: &[u8]) {
     fill_unit(view, src);
 }
 
+/// Asks for `data`'s cache lines ahead of use: a hint, which never
+/// faults and changes no value (a no-op where the target has no prefetch
+/// instruction kiln issues).
+pub(crate) fn prefetch<T>(data: &[T]) {
+    const LINE: usize = 64;
+    let (start, bytes) = (data.as_ptr().cast::<u8>(), std::mem::size_of_val(data));
+    for offset in (0..bytes).step_by(LINE) {
+        let p = start.wrapping_add(offset);
+        // SAFETY: a prefetch only hints the cache; it never faults, reads
+        // no value into the program and writes nothing (the address is
+        // inside `data` anyway).
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+        }
+        // SAFETY: as above: `prfm` is a hint that never faults.
+        #[cfg(target_arch = "aarch64")]
+        unsafe {
+            std::arch::asm!("prfm pldl1keep, [{0}]", in(reg) p, options(nostack, preserves_flags, readonly));
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        let _ = p;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

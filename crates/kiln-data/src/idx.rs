@@ -28,6 +28,10 @@ use kiln_core::{DataError, Error, Result};
 /// dataset, low enough that a gzip bomb cannot exhaust memory.
 pub const MAX_IDX_BYTES: u64 = 4 << 30;
 
+/// The most bytes one byte of deflate data decompresses to (a run of 258
+/// bytes per 2-bit code, ≈ 1032:1).
+const DEFLATE_MAX_RATIO: u64 = 1032;
+
 /// A decoded IDX array of unsigned bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdxArray {
@@ -134,7 +138,13 @@ pub fn decode(raw: &[u8]) -> std::result::Result<IdxArray, DataError> {
         got += read_full(&mut z, &mut head[4..]).map_err(gzip)?;
     }
     let header = parse_header(&head[..got])?;
-    let mut data = Vec::with_capacity(header.count as usize);
+    // Reserved as declared, but never more than the input could inflate to
+    // (deflate's ratio is at most 1032:1): a 40-byte file declaring 4 GiB
+    // gets a buffer that grows with what actually arrives.
+    let reserve = header
+        .count
+        .min((raw.len() as u64).saturating_mul(DEFLATE_MAX_RATIO));
+    let mut data = Vec::with_capacity(usize::try_from(reserve).unwrap_or(0));
     (&mut z)
         .take(header.count)
         .read_to_end(&mut data)
@@ -268,6 +278,9 @@ mod tests {
             vec![1, 0, 8, 1, 0, 0, 0, 0],
             idx(&[u32::MAX, u32::MAX, u32::MAX], &[]),
             idx(&[0, 5], &[]),
+            // Four GiB declared by a few bytes: refused as truncated
+            // without reserving what the header claims.
+            idx(&[1 << 16, 1 << 15], &[1, 2, 3]),
         ] {
             assert_eq!(
                 format!("{:?}", decode(&gz(&bytes))),

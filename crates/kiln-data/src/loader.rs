@@ -226,8 +226,20 @@ struct State {
     done: std::collections::VecDeque<Batch>,
     /// Set when the consumer is gone: nothing more is built.
     stopped: bool,
-    /// A panic while building, resumed on the consumer's thread.
-    panic: Option<Box<dyn std::any::Any + Send>>,
+    /// Whether building panicked: nothing more is built, and the consumer
+    /// gets the panic, then an error for every later batch.
+    failed: Failed,
+}
+
+/// Whether an epoch's building failed.
+#[derive(Default)]
+enum Failed {
+    #[default]
+    No,
+    /// A panic on a lent or loader thread, not yet resumed on the consumer's.
+    Pending(Box<dyn std::any::Any + Send>),
+    /// The consumer has had the panic.
+    Resumed,
 }
 
 /// A batch in the making: its examples so far, in order.
@@ -250,7 +262,7 @@ impl Ahead {
     /// Takes the batch to build next, if there is one and room for it,
     /// and marks it held.
     fn claim(&self, st: &mut State) -> Option<Partial> {
-        if st.busy || st.stopped || st.panic.is_some() {
+        if st.busy || st.stopped || !matches!(st.failed, Failed::No) {
             return None;
         }
         let part = st.open.take().or_else(|| {
@@ -318,7 +330,7 @@ impl Ahead {
             Ok(()) => self.set_down(&mut st, part),
             Err(p) => {
                 st.busy = false;
-                st.panic.get_or_insert(p);
+                st.failed = Failed::Pending(p);
                 self.changed.notify_all();
             }
         }
@@ -336,7 +348,7 @@ impl Ahead {
             let mut st = self.lock();
             loop {
                 let finished = st.next >= self.batches && st.open.is_none() && !st.busy;
-                if st.stopped || st.panic.is_some() || finished {
+                if st.stopped || !matches!(st.failed, Failed::No) || finished {
                     return;
                 }
                 let room = st.open.is_some() || st.next < st.taken + self.depth;
@@ -353,22 +365,42 @@ impl Ahead {
     fn take(&self, index: usize) -> Option<Batch> {
         let mut st = self.lock();
         loop {
-            if let Some(p) = st.panic.take() {
-                drop(st);
-                std::panic::resume_unwind(p);
-            }
+            // Batches finished before a failure are given first.
             if let Some(batch) = st.done.pop_front() {
                 st.taken = index + 1;
                 self.changed.notify_all();
                 return Some(batch);
+            }
+            match std::mem::replace(&mut st.failed, Failed::Resumed) {
+                Failed::No => st.failed = Failed::No,
+                Failed::Pending(p) => {
+                    drop(st);
+                    std::panic::resume_unwind(p);
+                }
+                Failed::Resumed => {
+                    drop(st);
+                    panic!(
+                        "an earlier batch of this epoch failed to assemble (its panic was \
+                         reported): the epoch's later batches cannot be given in order"
+                    );
+                }
             }
             if index >= self.batches {
                 return None;
             }
             if let Some(mut part) = self.claim(&mut st) {
                 drop(st);
-                self.extend(&mut part, usize::MAX);
+                let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.extend(&mut part, usize::MAX)
+                }));
                 st = self.lock();
+                if let Err(p) = built {
+                    st.busy = false;
+                    st.failed = Failed::Resumed;
+                    self.changed.notify_all();
+                    drop(st);
+                    std::panic::resume_unwind(p);
+                }
                 self.set_down(&mut st, part);
                 continue;
             }
@@ -519,11 +551,15 @@ mod tests {
         let (units, (tx, rx)) = (Arc::new(AtomicUsize::new(0)), std::sync::mpsc::channel());
         let mut epoch = with(eager(&units, tx)).epoch_from(1, 2);
         let mut got: Vec<Batch> = epoch.next().into_iter().collect();
-        // The two batches the prefetch allows, each in five units of at
-        // most 20 images.
-        wait_for(|| units.load(SeqCst) == 10);
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        assert_eq!(units.load(SeqCst), 10);
+        // The two batches the prefetch allows are built ahead, in units of
+        // at most 20 images: five or more units each, whichever thread
+        // started them (whole batches would be one unit each).
+        wait_for(|| {
+            let st = epoch.ahead.lock();
+            st.next == 3 && st.done.len() == 2
+        });
+        wait_for(|| units.load(SeqCst) >= 10);
+        assert!(units.load(SeqCst) >= 10, "{} units", units.load(SeqCst));
         assert_eq!(epoch.ahead.lock().done.len(), 2);
         got.extend(epoch);
         assert_eq!(got, want);
@@ -561,6 +597,50 @@ mod tests {
         // Dropping the epoch ends the lent work: the lending thread returns.
         drop(epoch);
         rx.recv().unwrap().join().unwrap();
+    }
+
+    #[test]
+    fn a_batch_that_fails_to_build_reaches_the_consumer_then_ends_the_epoch() {
+        for own_thread in [false, true] {
+            let mut order: Vec<u32> = (0..300).collect();
+            // Past the set's 2,000 examples: assembling it panics.
+            order[150] = 5000;
+            let ahead = Arc::new(Ahead {
+                dataset: sample(),
+                batches: 3,
+                order,
+                batch_size: 100,
+                epoch: 0,
+                augment: None,
+                depth: 2,
+                state: Mutex::new(State::default()),
+                changed: Condvar::new(),
+            });
+            let worker = own_thread.then(|| {
+                let ahead = Arc::clone(&ahead);
+                std::thread::spawn(move || ahead.run_until_done())
+            });
+            let mut epoch = Batches {
+                ahead,
+                next: 0,
+                worker,
+            };
+            // The batch before the failure, then the failure (expected
+            // panics), then an error for every later batch.
+            assert_eq!(epoch.next().map(|b| b.len), Some(100));
+            let failure = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| epoch.next()));
+            let text = |p: Box<dyn std::any::Any + Send>| {
+                p.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default()
+            };
+            let message = text(failure.expect_err("the failing batch panics"));
+            assert!(message.contains("range"), "{message}");
+            let later = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| epoch.next()));
+            let message = text(later.expect_err("later batches fail too"));
+            assert!(message.contains("earlier batch"), "{message}");
+        }
     }
 
     #[test]

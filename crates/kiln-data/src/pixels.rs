@@ -116,11 +116,17 @@ pub(crate) fn write_unit(dst: &mut [f32], src: &[u8]) {
 pub(crate) fn prefetch<T>(data: &[T]) {
     const LINE: usize = 64;
     let (start, bytes) = (data.as_ptr().cast::<u8>(), std::mem::size_of_val(data));
-    for offset in (0..bytes).step_by(LINE) {
-        let p = start.wrapping_add(offset);
-        // SAFETY: a prefetch only hints the cache; it never faults, reads
-        // no value into the program and writes nothing (the address is
-        // inside `data` anyway).
+    if bytes == 0 {
+        return;
+    }
+    // Every line the bytes touch: from the first one's start, which may
+    // lie before the data, to the line of the last byte.
+    let lead = start as usize % LINE;
+    for offset in (0..lead + bytes).step_by(LINE) {
+        let p = start.wrapping_sub(lead).wrapping_add(offset);
+        // SAFETY: a prefetch only hints the cache: it never faults (the
+        // first line may start before `data`), reads no value into the
+        // program and writes nothing.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());

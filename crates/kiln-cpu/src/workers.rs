@@ -45,6 +45,10 @@ use kiln_core::{Error, IdleWork, Result};
 /// process (a server between requests) stops burning its cores at once.
 const SPIN: Duration = Duration::from_micros(200);
 
+/// Spins between a waiting helper's looks for lent work (each look takes
+/// the lent work's lock, which its consumer takes too).
+const IDLE_LOOK_EVERY: u32 = 16;
+
 /// One call's tasks, on the calling thread's stack while the call lasts.
 struct Job<'a> {
     run: &'a (dyn Fn(usize) + Sync),
@@ -134,6 +138,8 @@ struct Shared {
     idle: Mutex<Vec<Weak<dyn IdleWork>>>,
     /// `idle`'s length, for a look without the lock.
     idle_offered: AtomicUsize,
+    /// Whether a helper is running lent work.
+    idle_running: AtomicBool,
 }
 
 impl Shared {
@@ -150,7 +156,10 @@ impl Shared {
                 if g != seen {
                     return Some(g);
                 }
-                if self.idle_offered.load(Relaxed) > 0 && self.run_idle() {
+                if spins.is_multiple_of(IDLE_LOOK_EVERY)
+                    && self.idle_offered.load(Relaxed) > 0
+                    && self.run_idle()
+                {
                     // Busy, not idle: the wait before parking starts again.
                     start = Instant::now();
                     continue;
@@ -182,30 +191,41 @@ impl Shared {
     }
 
     /// One unit of the first lent work that has one ready; whether one ran.
-    /// Work that is gone, or that panicked, is forgotten.
+    /// One helper at a time; each unit runs, and each work is dropped,
+    /// outside the list's lock. Work that is gone, or that panicked, is
+    /// forgotten.
     fn run_idle(&self) -> bool {
-        // Another helper holding the list runs its unit; this one waits on.
-        let Ok(mut lent) = self.idle.try_lock() else {
+        if self.idle_running.swap(true, Acquire) {
             return false;
-        };
-        let mut ran = false;
+        }
+        let _running = Held(&self.idle_running);
         let mut i = 0;
-        while i < lent.len() && !ran {
-            let Some(work) = lent[i].upgrade() else {
-                lent.swap_remove(i);
-                continue;
+        loop {
+            let work = {
+                let mut lent = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                let work = loop {
+                    let Some(weak) = lent.get(i) else {
+                        self.idle_offered.store(lent.len(), Relaxed);
+                        return false;
+                    };
+                    match weak.upgrade() {
+                        Some(work) => break work,
+                        None => drop(lent.swap_remove(i)),
+                    }
+                };
+                self.idle_offered.store(lent.len(), Relaxed);
+                work
             };
             match panic::catch_unwind(AssertUnwindSafe(|| work.run_one())) {
-                Ok(r) => ran = r,
+                Ok(true) => return true,
+                Ok(false) => i += 1,
                 Err(_) => {
-                    lent.swap_remove(i);
-                    continue;
+                    let mut lent = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                    lent.retain(|w| !std::ptr::addr_eq(w.as_ptr(), Arc::as_ptr(&work)));
+                    self.idle_offered.store(lent.len(), Relaxed);
                 }
             }
-            i += 1;
         }
-        self.idle_offered.store(lent.len(), Relaxed);
-        ran
     }
 
     fn wake_sleepers(&self) {
@@ -279,6 +299,7 @@ impl Workers {
             wake: Condvar::new(),
             idle: Mutex::new(Vec::new()),
             idle_offered: AtomicUsize::new(0),
+            idle_running: AtomicBool::new(false),
         });
         let mut workers = Workers {
             shared,
@@ -610,10 +631,21 @@ mod tests {
         assert!(!work.on_caller.load(SeqCst), "no unit ran on the caller");
         // Work that is dropped, or that panics, is forgotten; jobs go on.
         drop(work);
+        keep_awake(&w, || w.shared.idle_offered.load(SeqCst) == 0);
+        assert_eq!(
+            w.shared.idle_offered.load(SeqCst),
+            0,
+            "the dropped work forgotten"
+        );
         let faulty: Arc<dyn IdleWork> = Arc::new(Faulty);
         assert!(w.lend(Arc::downgrade(&faulty)));
         keep_awake(&w, || w.shared.idle_offered.load(SeqCst) == 0);
-        assert_eq!(w.shared.idle_offered.load(SeqCst), 0, "both forgotten");
+        assert_eq!(
+            w.shared.idle_offered.load(SeqCst),
+            0,
+            "the faulty work forgotten"
+        );
+        assert_eq!(Arc::strong_count(&faulty), 1, "no helper holds it");
         let count = AtomicUsize::new(0);
         w.run(8, |_| {
             count.fetch_add(1, SeqCst);

@@ -167,6 +167,7 @@ fn results_do_not_depend_on_the_thread_count() {
             // partial sums added on the team.
             (128, 784, 64, false, DType::F32),
             (128, 2600, 64, false, DType::F32),
+            (128, 784, 32, false, DType::F32),
             // Ten-wide outputs (the narrow path on AVX-512), split by rows:
             // an MLP head on a batch of 1,000, and rows not in whole tiles.
             (1000, 64, 10, false, DType::F32),

@@ -113,6 +113,11 @@ const ROW_TASKS_PER_THREAD: usize = 4;
 /// partial sums outweigh B.
 const SPLIT_K_MAX_ROWS: usize = 128;
 
+/// Floats of partial sums (16 MiB) up to which a product splits by k
+/// blocks: the CNN's 128 × 5408 × 64 takes 172 Ki; a deeper product splits
+/// by rows, as one thread would need no scratch at all.
+const SPLIT_K_MAX_PARTIALS: usize = 1 << 22;
+
 /// Floats of partial sums from which a k-split product adds them into C on
 /// the whole team (the CNN's 21 partials of 128 × 64) rather than on the
 /// calling thread (the MLP's 3).
@@ -504,7 +509,8 @@ pub(crate) fn accumulate(
 
 /// The blocking of `set`'s products: derived for the set's widest
 /// micro-kernel and used by all its kernels, so that `KC` — the summation
-/// order — is one per set ([`rows`] follows it too).
+/// order, with [`Blocking::for_depth`] for a product's depth — is one per
+/// set and depth ([`rows`] and [`narrow`] follow it too).
 pub(crate) fn blocking_of(set: KernelSet) -> Blocking {
     static SETS: [std::sync::OnceLock<Blocking>; 4] = [const { std::sync::OnceLock::new() }; 4];
     let (slot, mr, nr) = match set {
@@ -545,7 +551,10 @@ impl<T> SharedC<T> {
 
     /// Elements `start .. start + len` of these, for a task of their own.
     fn part(self, start: usize, len: usize) -> Self {
-        assert!(start + len <= self.len, "a part past the end of C");
+        assert!(
+            start.checked_add(len).is_some_and(|end| end <= self.len),
+            "a part past the end of C"
+        );
         SharedC {
             ptr: self.ptr.wrapping_add(start),
             len,
@@ -775,6 +784,7 @@ fn blocked<K: MicroKernel>(
             && threads > 1
             && k_blocks >= threads
             && m <= SPLIT_K_MAX_ROWS
+            && (k_blocks - 1) * m * n <= SPLIT_K_MAX_PARTIALS
             && m * n * k >= threads * PARALLEL_MIN_WORK
     });
     if let Some(pool) = split_k {
@@ -970,9 +980,12 @@ mod tests {
     /// B packed on one thread and short in-place blocks forked on the
     /// team (on AVX2, 6 × 16, too wide to read A in place: the column and
     /// whole-k packed paths); (128, 784, 64) — the MLP's forward product —
-    /// and (100, 600, 64) k blocks split over the team (4 of 196, 3 of 200),
-    /// their partial sums added on the calling thread; (128, 2600, 64) 11
-    /// blocks, added on the team.
+    /// and (100, 600, 64) k blocks split over the team on AVX-512 (4 of 196,
+    /// 3 of 200; AVX2's 16-wide panels make them the column path), their
+    /// partial sums added on the calling thread; (128, 2600, 64) 11 blocks,
+    /// added on the team; (128, 784, 32) and (128, 1100, 16) k blocks split
+    /// on AVX-512 and AVX2 alike. (NEON's kernel reads B packed, so never
+    /// by k blocks.)
     #[test]
     fn every_driver_path_gives_the_exact_sums() {
         let team = Workers::new(2).expect("two worker threads");
@@ -990,6 +1003,8 @@ mod tests {
                 (128, 784, 64),
                 (100, 600, 64),
                 (128, 2600, 64),
+                (128, 784, 32),
+                (128, 1100, 16),
             ];
             for (m, k, n) in shapes {
                 let val =

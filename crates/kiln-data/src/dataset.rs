@@ -63,7 +63,7 @@ pub struct Dataset {
     classes: usize,
     /// Examples.
     n: usize,
-    // Shared by clones: a trainer hands its loader thread a clone of the
+    // Shared by clones: a trainer hands its loader a clone of the
     // training set (Fashion-MNIST's is 47 MB; copying it made `kiln train`
     // 25 ms slower to start and its peak memory 21 MB larger).
     /// u8 features (IDX images, scaled by 1/255 on assembly), or none.

@@ -2,7 +2,8 @@
 //!
 //! Datasets for kiln: a validating [`idx`] reader (raw or gzip), named
 //! [`Dataset`]s found on disk or bundled, and a [`DataLoader`] that shuffles
-//! with a seed and assembles batches on a background thread; character
+//! with a seed and assembles batches ahead of training (in a backend's
+//! idle threads where it lends them, else on a thread of its own); character
 //! [`text`] corpora (bundled Shakespeare, or any UTF-8 file) for language
 //! models.
 //!

@@ -175,13 +175,16 @@ impl DataLoader {
                 let weak: Weak<dyn IdleWork> = Arc::downgrade(&ahead) as Weak<dyn IdleWork>;
                 (l.0)(weak)
             });
-        let worker = (!lent).then(|| {
-            let ahead = Arc::clone(&ahead);
-            std::thread::Builder::new()
-                .name("kiln-loader".into())
-                .spawn(move || ahead.run_until_done())
-                .expect("spawning the data-loader thread")
-        });
+        // Where no thread can be started, the consumer builds every batch.
+        let worker = (!lent)
+            .then(|| {
+                let ahead = Arc::clone(&ahead);
+                std::thread::Builder::new()
+                    .name("kiln-loader".into())
+                    .spawn(move || ahead.run_until_done())
+                    .ok()
+            })
+            .flatten();
         Batches {
             ahead,
             next: 0,

@@ -245,9 +245,10 @@ enum Failed {
     Resumed,
 }
 
-/// A batch in the making: its examples so far, in order.
+/// A batch in the making: its first `filled` examples, in order.
 struct Partial {
     index: usize,
+    filled: usize,
     batch: Batch,
 }
 
@@ -275,6 +276,7 @@ impl Ahead {
                 let px = self.dataset.pixels();
                 Partial {
                     index: st.next - 1,
+                    filled: 0,
                     batch: Batch {
                         images: Vec::with_capacity(len * px),
                         labels: Vec::with_capacity(len),
@@ -291,12 +293,14 @@ impl Ahead {
     /// Adds up to `units` units of examples to `part` (without the lock).
     fn extend(&self, part: &mut Partial, units: usize) {
         let indices = self.indices(part.index);
-        let px = self.dataset.pixels().max(1);
-        let from = part.batch.images.len() / px;
+        let px = self.dataset.pixels();
+        let from = part.filled;
+        let per_unit = (UNIT_VALUES / px.max(1)).max(1);
         let to = indices
             .len()
-            .min(from.saturating_add((UNIT_VALUES / px).max(1).saturating_mul(units)));
+            .min(from.saturating_add(per_unit.saturating_mul(units)));
         extend(&self.dataset, indices, from..to, &mut part.batch);
+        part.filled = to;
         if let Some(a) = &self.augment {
             warp(
                 &self.dataset,
@@ -311,8 +315,7 @@ impl Ahead {
     /// Sets `part` down after a unit: finished, or open for the next one.
     fn set_down(&self, st: &mut State, part: Partial) {
         st.busy = false;
-        let px = self.dataset.pixels().max(1);
-        if part.batch.images.len() / px >= part.batch.len {
+        if part.filled >= part.batch.len {
             st.done.push_back(part.batch);
         } else {
             st.open = Some(part);

@@ -41,6 +41,17 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// An empty batch of `len` examples of `ds`, with room for them (filled
+    /// by [`extend`]).
+    fn for_examples(ds: &Dataset, len: usize) -> Batch {
+        Batch {
+            images: Vec::with_capacity(len * ds.pixels()),
+            labels: Vec::with_capacity(len),
+            targets: Vec::new(),
+            len,
+        }
+    }
+
     /// Examples `rows` of the batch (a data-parallel rank's shard).
     pub fn rows(&self, rows: std::ops::Range<usize>) -> Batch {
         let n = self.len.max(1);
@@ -273,16 +284,10 @@ impl Ahead {
             (st.next < self.batches && st.next < st.taken + self.depth).then(|| {
                 st.next += 1;
                 let len = self.indices(st.next - 1).len();
-                let px = self.dataset.pixels();
                 Partial {
                     index: st.next - 1,
                     filled: 0,
-                    batch: Batch {
-                        images: Vec::with_capacity(len * px),
-                        labels: Vec::with_capacity(len),
-                        targets: Vec::new(),
-                        len,
-                    },
+                    batch: Batch::for_examples(&self.dataset, len),
                 }
             })
         })?;
@@ -445,12 +450,7 @@ const PREFETCH_AHEAD: usize = 2;
 
 /// Gathers examples `indices` into one batch.
 pub fn assemble(ds: &Dataset, indices: &[u32]) -> Batch {
-    let mut batch = Batch {
-        images: Vec::with_capacity(indices.len() * ds.pixels()),
-        labels: Vec::with_capacity(indices.len()),
-        targets: Vec::new(),
-        len: indices.len(),
-    };
+    let mut batch = Batch::for_examples(ds, indices.len());
     extend(ds, indices, 0..indices.len(), &mut batch);
     batch
 }

@@ -798,7 +798,7 @@ fn blocked<K: MicroKernel>(
         let mut partials: Vec<f32> = Vec::with_capacity((k_blocks - 1) * each);
         let spare = SharedC::of(&mut partials.spare_capacity_mut()[..(k_blocks - 1) * each]);
         let all = SharedC::of(c);
-        pool.for_each((0..k_blocks).collect(), |block: usize| {
+        pool.run(k_blocks, |block| {
             let (spare, all) = (spare, all);
             let (pc, kc) = (block * blk.kc, blk.kc.min(k - block * blk.kc));
             let (dst, add) = match block {

@@ -44,9 +44,15 @@ use kiln_train::{model_file, Evaluation, FitConfig, Trainer, Verbosity};
 /// (which Python's process would otherwise give kiln) buffers over 128 KiB
 /// went back to the kernel on free and were faulted in again on the next
 /// allocation. Only kiln's own Rust allocations use it — buffers handed to
-/// NumPy are freed by the extension too — not Python's or NumPy's.
+/// NumPy are freed by the extension too — not Python's or NumPy's. Purged
+/// memory is reset, not decommitted, as in the `kiln` command (its
+/// `main.rs` has the measurements).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `mi_option_purge_decommits` (the same index in its v2 and
+/// v3 headers).
+const MI_OPTION_PURGE_DECOMMITS: libmimalloc_sys::mi_option_t = 5;
 
 create_exception!(
     kiln,
@@ -490,6 +496,9 @@ fn train<'py>(
 /// The extension module, imported as `kiln`.
 #[pymodule(name = "kiln")]
 fn kiln_python(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // SAFETY: sets one of mimalloc's options, a plain value it reads when
+    // it next purges; `mi_option_set` may be called at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DECOMMITS, 0) };
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("KilnError", m.py().get_type::<KilnError>())?;
     m.add_class::<Model>()?;

@@ -17,7 +17,7 @@
 /// batch freed on one thread came back as fresh pages on the next batch,
 /// a fault and a cleared page each: about 1,100 faults per 10 epochs of
 /// the seed MLP, 2.5 % of the training thread's samples in the kernel's
-/// `clear_page` (Zen 4). Reset, the same 10 epochs fault 6 times and the
+/// `clear_page` (Zen 4). Reset, the same 10 epochs fault 5 times and the
 /// peak RSS is unchanged (106 MB).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -24,6 +24,7 @@ cd "$(dirname "$0")/.."
 epochs="${1:-3}"
 runs="${RUNS:-3}"
 passes="${PASSES:-5}"
+[[ $runs =~ ^[1-9][0-9]*$ && $passes =~ ^[1-9][0-9]*$ ]] || { echo "RUNS and PASSES must be whole numbers ≥ 1" >&2; exit 2; }
 shift || true
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(mlp cnn)
@@ -91,7 +92,7 @@ with torch.no_grad():
         correct = sum((model(xt[i:i + 1000]).argmax(1) == yt[i:i + 1000]).sum().item()
                       for i in range(0, len(xt), 1000))
         rates.append(len(xt) / (time.perf_counter() - t0))
-ips = sorted(rates)[len(rates) // 2]
+ips = sorted(rates)[(len(rates) - 1) // 2]  # the lower middle, as `median` below takes
 print(f"{sum(times) / len(times):.3f} {100 * correct / len(xt):.2f} {ips:.0f}")
 PY
 }

@@ -496,9 +496,13 @@ fn train<'py>(
 /// The extension module, imported as `kiln`.
 #[pymodule(name = "kiln")]
 fn kiln_python(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // SAFETY: sets one of mimalloc's options, a plain value it reads when
-    // it next purges; `mi_option_set` may be called at any time.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DECOMMITS, 0) };
+    // The environment's setting, if any, wins (mimalloc read it at load).
+    if std::env::var_os("MIMALLOC_PURGE_DECOMMITS").is_none() {
+        // SAFETY: `mi_option_set` is an unsynchronised store into mimalloc's
+        // option table; module initialisation runs once, under the GIL, before
+        // any kiln thread exists.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DECOMMITS, 0) };
+    }
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("KilnError", m.py().get_type::<KilnError>())?;
     m.add_class::<Model>()?;

@@ -18,7 +18,8 @@
 /// a fault and a cleared page each: about 1,100 faults per 10 epochs of
 /// the seed MLP, 2.5 % of the training thread's samples in the kernel's
 /// `clear_page` (Zen 4). Reset, the same 10 epochs fault 5 times and the
-/// peak RSS is unchanged (106 MB).
+/// peak RSS is unchanged (106 MB). `MIMALLOC_PURGE_DECOMMITS` in the
+/// environment still decides, when set.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -27,8 +28,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const MI_OPTION_PURGE_DECOMMITS: libmimalloc_sys::mi_option_t = 5;
 
 fn main() -> std::process::ExitCode {
-    // SAFETY: sets one of mimalloc's options, a plain value it reads when
-    // it next purges; `mi_option_set` may be called at any time.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DECOMMITS, 0) };
+    // The environment's setting, if any, wins (mimalloc read it at load).
+    if std::env::var_os("MIMALLOC_PURGE_DECOMMITS").is_none() {
+        // SAFETY: `mi_option_set` is an unsynchronised store into mimalloc's
+        // option table; this runs in `main` before kiln starts any thread.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DECOMMITS, 0) };
+    }
     kiln_cli::main()
 }

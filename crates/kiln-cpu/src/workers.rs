@@ -220,8 +220,14 @@ impl Shared {
                 Ok(true) => return true,
                 Ok(false) => i += 1,
                 Err(_) => {
+                    // This thread's hold on the work ends before the work
+                    // is forgotten: once the count says it is gone, no
+                    // helper holds it. (The list's weak reference keeps its
+                    // allocation, so the address is nobody else's meanwhile.)
+                    let faulty = Arc::as_ptr(&work);
+                    drop(work);
                     let mut lent = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                    lent.retain(|w| !std::ptr::addr_eq(w.as_ptr(), Arc::as_ptr(&work)));
+                    lent.retain(|w| !std::ptr::addr_eq(w.as_ptr(), faulty));
                     self.idle_offered.store(lent.len(), Relaxed);
                 }
             }

@@ -8,16 +8,26 @@
 //!
 //! - one B micro-panel (`KC·NR` floats) is reused by every A micro-panel of
 //!   the row block: `KC` makes it at most the size of L1D, and at most 256
-//!   deep (on a Zen 4, 128 and 256 measured alike within the noise; deeper
-//!   blocks mean fewer passes over C);
+//!   deep (on the Emerald Rapids Xeon, 320 and 384 measured level with 256
+//!   or below it) — except on cores that execute each 512-bit multiply-add
+//!   as two 256-bit halves ([`Fma::Halved`], AMD's Zen 4), where a k step
+//!   of the AVX-512 tile takes twice the cycles: B's panel then streams
+//!   from L2 at half the rate per cycle, and a block twice as deep (up to
+//!   512) halves the passes over C, whose tiles are loaded and stored once
+//!   per block. On a Zen 4, 1 thread, KC 512 against 256 measured
+//!   1.07–1.12× at 1024³–4096³ and 1.07× on the CNN's dense forward
+//!   product, level elsewhere (`benches/RESULTS.md`);
 //! - the packed A block (`MC·KC`) is reused by every B micro-panel and
 //!   should stay in L2 beside B's panels and C's tiles: `MC` fills about a
-//!   fifth of L2;
+//!   fifth of L2 with a block as deep as fits L1D's B panel, and is lowered
+//!   for deeper ones ([`Blocking::for_depth`]);
 //! - the packed B block (`KC·NC`) is shared by all threads from L3: `NC`
-//!   fills about a sixteenth of it (the share of one core of a large one).
+//!   fills about a sixteenth of it (the share of one core of a large one)
+//!   with a block as deep as fits L1D's B panel.
 //!
-//! On a Zen 4 core (L1D 32 KiB, L2 1 MiB, L3 32 MiB) this gives the AVX-512
-//! kernel `KC = 256, MC = 200, NC = 2048`.
+//! On a core with L1D 32 KiB, L2 1 MiB and L3 32 MiB this gives the AVX-512
+//! kernel `KC = 256, MC = 200, NC = 2048`; on a Zen 4 (the same caches),
+//! `KC = 512`, `MC` lowered to 96 for products 512 or more deep.
 //!
 //! `KILN_GEMM_BLOCKING=KC,MC,NC` overrides the derived values (for
 //! experiments; checked when a backend is built; empty means unset). `KC` sets the summation
@@ -32,8 +42,54 @@ use kiln_core::{Error, Result};
 
 /// The largest `KC` an override may set.
 pub(crate) const KC_MAX: usize = 1024;
-/// The deepest `KC` derived from the caches.
+/// The deepest `KC` derived from the caches for full-width units (twice
+/// this for [`Fma::Halved`]).
 const KC_DEEPEST: usize = 256;
+
+/// How a core executes the micro-kernel's vector multiply-adds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fma {
+    /// Each vector in one pass: Intel's AVX-512 cores, AMD's Zen 5, and
+    /// every AVX2 and NEON kernel.
+    Full,
+    /// Each 512-bit vector in two 256-bit passes: AMD's Zen 4.
+    Halved,
+}
+
+impl Fma {
+    /// How this processor runs the AVX-512 kernel's multiply-adds: halved
+    /// on AMD family 19h (Zen 4 is that family's only AVX-512 core; Zen 3,
+    /// the other, never runs the AVX-512 kernel), full everywhere else.
+    pub(crate) fn of_avx512() -> Fma {
+        static FMA: OnceLock<Fma> = OnceLock::new();
+        *FMA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::x86_64::__cpuid;
+                let vendor = __cpuid(0);
+                let amd = (vendor.ebx, vendor.edx, vendor.ecx)
+                    == (
+                        u32::from_le_bytes(*b"Auth"),
+                        u32::from_le_bytes(*b"enti"),
+                        u32::from_le_bytes(*b"cAMD"),
+                    );
+                // CPUID leaf 1, EAX: base family in bits 8–11, extended
+                // family (added when the base is 0xF) in bits 20–27.
+                let eax = __cpuid(1).eax;
+                let base = (eax >> 8) & 0xF;
+                let family = if base == 0xF {
+                    base + ((eax >> 20) & 0xFF)
+                } else {
+                    base
+                };
+                if amd && family == 0x19 {
+                    return Fma::Halved;
+                }
+            }
+            Fma::Full
+        })
+    }
+}
 
 /// The cache sizes the blocking is derived from, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,41 +169,64 @@ pub(crate) struct Blocking {
     pub mc: usize,
     /// Columns of B per packed block.
     pub nc: usize,
+    /// Most floats of one packed A block: [`Blocking::for_depth`] lowers
+    /// `mc` for blocks deep enough to exceed it.
+    pub a_floats: usize,
 }
 
 impl Blocking {
-    /// The blocking for a micro-kernel of `mr × nr` on caches `c` (see the
-    /// module docs), before any override.
-    pub(crate) fn derive(c: Caches, mr: usize, nr: usize) -> Blocking {
+    /// The blocking for a micro-kernel of `mr × nr` on caches `c`, its
+    /// multiply-adds executed as `fma` says (see the module docs), before
+    /// any override. `MC` and `NC` are sized for a block of the depth that
+    /// fills L1D (`MC` shrinks for deeper blocks: [`Blocking::for_depth`]).
+    pub(crate) fn derive(c: Caches, fma: Fma, mr: usize, nr: usize) -> Blocking {
         let f = std::mem::size_of::<f32>();
-        let kc = (c.l1d / (nr * f)).clamp(64, KC_DEEPEST) / 16 * 16;
-        let mc = (c.l2 / 5 / (kc * f)).clamp(mr, 1024) / mr * mr;
-        let nc = (c.l3 / 16 / (kc * f)).clamp(4 * nr, 8192) / nr * nr;
-        Blocking { kc, mc, nc }
+        let passes = match fma {
+            Fma::Full => 1,
+            Fma::Halved => 2,
+        };
+        let in_l1 = (c.l1d / (nr * f)).clamp(64, KC_DEEPEST) / 16 * 16;
+        let kc = (passes * c.l1d / (nr * f)).clamp(64, passes * KC_DEEPEST) / 16 * 16;
+        let a_floats = c.l2 / 5 / f;
+        let mc = (a_floats / in_l1).clamp(mr, 1024) / mr * mr;
+        let nc = (c.l3 / 16 / (in_l1 * f)).clamp(4 * nr, 8192) / nr * nr;
+        Blocking {
+            kc,
+            mc,
+            nc,
+            a_floats,
+        }
     }
 
     /// This blocking for a product of depth `k`: `KC` evened out over the
     /// ⌈k / KC⌉ blocks it takes, so that no block is a sliver (784 = 4 ×
-    /// 196, not 3 × 256 + 16) and blocks split over threads weigh alike.
+    /// 196, not 3 × 256 + 16) and blocks split over threads weigh alike;
+    /// `MC` lowered, if need be, to keep the A block within `a_floats`.
     pub(crate) fn for_depth(self, k: usize) -> Blocking {
         let blocks = k.div_ceil(self.kc).max(1);
+        let kc = k.div_ceil(blocks).max(1);
         Blocking {
-            kc: k.div_ceil(blocks).max(1),
+            kc,
+            mc: self.mc.min(self.a_floats / kc).max(1),
             ..self
         }
     }
 
-    /// The blocking this process uses for an `mr × nr` micro-kernel: the
-    /// override if one is set, else [`Blocking::derive`] on this machine's
-    /// caches.
-    pub(crate) fn for_tile(mr: usize, nr: usize) -> Blocking {
+    /// The blocking this process uses for an `mr × nr` micro-kernel whose
+    /// multiply-adds run as `fma` says: the override if one is set, else
+    /// [`Blocking::derive`] on this machine's caches.
+    pub(crate) fn for_tile(fma: Fma, mr: usize, nr: usize) -> Blocking {
         match overridden() {
-            Some(b) => Blocking {
-                mc: b.mc.max(mr) / mr * mr,
-                nc: b.nc.max(nr) / nr * nr,
-                ..b
-            },
-            None => Blocking::derive(Caches::of_this_machine(), mr, nr),
+            Some(b) => {
+                let mc = b.mc.max(mr) / mr * mr;
+                Blocking {
+                    mc,
+                    nc: b.nc.max(nr) / nr * nr,
+                    a_floats: mc * b.kc,
+                    ..b
+                }
+            }
+            None => Blocking::derive(Caches::of_this_machine(), fma, mr, nr),
         }
     }
 }
@@ -190,7 +269,12 @@ fn parse_override(text: &str) -> Result<Blocking> {
                 && (1..=65536).contains(&mc)
                 && (1..=65536).contains(&nc) =>
         {
-            Ok(Blocking { kc, mc, nc })
+            Ok(Blocking {
+                kc,
+                mc,
+                nc,
+                a_floats: kc * mc,
+            })
         }
         _ => Err(bad()),
     }
@@ -213,35 +297,42 @@ mod tests {
 
     #[test]
     fn blocking_follows_the_caches_and_whole_tiles() {
-        let b = Blocking::derive(Caches::DEFAULT, 8, 32);
-        assert_eq!(
-            b,
-            Blocking {
-                kc: 256,
-                mc: 200,
-                nc: 2048
-            }
-        );
+        let sizes = |b: Blocking| (b.kc, b.mc, b.nc);
+        let b = Blocking::derive(Caches::DEFAULT, Fma::Full, 8, 32);
+        assert_eq!(sizes(b), (256, 200, 2048));
         assert!(b.mc * b.kc * 4 <= Caches::DEFAULT.l2 / 2);
+        // Full-width products are never deep enough to lower MC.
+        assert_eq!(sizes(b.for_depth(784)), (196, 200, 2048));
+        assert_eq!(sizes(b.for_depth(4096)), (256, 200, 2048));
+        // Halved 512-bit units (Zen 4): B's panel twice L1D and k blocks
+        // twice as deep; MC as for full width, lowered to keep the A block
+        // within a fifth of L2 for blocks deeper than 256.
+        let h = Blocking::derive(Caches::DEFAULT, Fma::Halved, 8, 32);
+        assert_eq!(sizes(h), (512, 200, 2048));
+        assert_eq!(sizes(h.for_depth(128)), (128, 200, 2048));
+        assert_eq!(sizes(h.for_depth(784)), (392, 133, 2048));
+        assert_eq!(sizes(h.for_depth(4096)), (512, 102, 2048));
         // A smaller L1 gets shallower k blocks.
         let small = Caches {
             l1d: 16 << 10,
             ..Caches::DEFAULT
         };
-        assert_eq!(Blocking::derive(small, 8, 32).kc, 128);
+        assert_eq!(Blocking::derive(small, Fma::Full, 8, 32).kc, 128);
         let huge = Caches {
             l1d: 1 << 30,
             l2: 1 << 30,
             l3: 1 << 30,
         };
-        let h = Blocking::derive(huge, 6, 16);
+        let h = Blocking::derive(huge, Fma::Full, 6, 16);
         assert!(h.kc <= KC_DEEPEST && h.mc <= 1024 && h.nc <= 8192);
+        let h = Blocking::derive(huge, Fma::Halved, 8, 32);
+        assert!(h.kc <= 2 * KC_DEEPEST && h.kc <= KC_MAX);
         let tiny = Caches {
             l1d: 1,
             l2: 1,
             l3: 1,
         };
-        let t = Blocking::derive(tiny, 6, 16);
+        let t = Blocking::derive(tiny, Fma::Full, 6, 16);
         assert!(t.kc >= 64 && t.mc >= 6 && t.nc >= 64);
     }
 
@@ -252,7 +343,8 @@ mod tests {
             Blocking {
                 kc: 256,
                 mc: 192,
-                nc: 2048
+                nc: 2048,
+                a_floats: 256 * 192
             }
         );
         for bad in [

@@ -519,7 +519,11 @@ pub(crate) fn blocking_of(set: KernelSet) -> Blocking {
         KernelSet::Neon => (2, 8, 8),
         KernelSet::Scalar => (3, 8, 8),
     };
-    *SETS[slot].get_or_init(|| Blocking::for_tile(mr, nr))
+    let fma = match set {
+        KernelSet::Avx512 => blocking::Fma::of_avx512(),
+        _ => blocking::Fma::Full,
+    };
+    *SETS[slot].get_or_init(|| Blocking::for_tile(fma, mr, nr))
 }
 
 /// Rows of C handed to the tasks of one product, each of which writes its
@@ -979,7 +983,8 @@ mod tests {
     /// on one thread (`accumulate`), for every set this processor runs.
     /// Elements are small multiples of 1/8, so every sum is exact and any
     /// path must give it to the bit. With KC = 256 and AVX-512's 8 × 32
-    /// tile: (100, 37, 64) and (300, 41, 64) take tall in-place blocks on
+    /// tile (on a Zen 4, KC = 512: the k splits below are then 2 of 392,
+    /// 2 of 300, 11 of 491 and 3 of 367 — the same paths): (100, 37, 64) and (300, 41, 64) take tall in-place blocks on
     /// one thread and short ones on the team (too small to fork); (784,
     /// 128, 64) — the MLP's weight gradient — tall in-place blocks, forked
     /// on the team; (600, 120, 64) a 30 KiB B block, in place where L1D is
@@ -989,7 +994,7 @@ mod tests {
     /// whole-k packed paths); (128, 784, 64) — the MLP's forward product —
     /// and (100, 600, 64) k blocks split over the team on AVX-512 (4 of 196,
     /// 3 of 200; AVX2's 16-wide panels make them the column path), their
-    /// partial sums added on the calling thread; (128, 2600, 64) 11 blocks,
+    /// partial sums added on the calling thread; (128, 5400, 64) 22 blocks,
     /// added on the team; (128, 784, 32) and (128, 1100, 16) k blocks split
     /// on AVX-512 and AVX2 alike. (NEON's kernel reads B packed, so never
     /// by k blocks.)
@@ -1009,7 +1014,7 @@ mod tests {
                 (75, 600, 96),
                 (128, 784, 64),
                 (100, 600, 64),
-                (128, 2600, 64),
+                (128, 5400, 64),
                 (128, 784, 32),
                 (128, 1100, 16),
             ];

@@ -45,6 +45,7 @@ pub(crate) const KC_MAX: usize = 1024;
 /// The deepest `KC` derived from the caches for full-width units (twice
 /// this for [`Fma::Halved`]).
 const KC_DEEPEST: usize = 256;
+const _: () = assert!(2 * KC_DEEPEST <= KC_MAX);
 
 /// How a core executes the micro-kernel's vector multiply-adds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -326,7 +327,7 @@ mod tests {
         let h = Blocking::derive(huge, Fma::Full, 6, 16);
         assert!(h.kc <= KC_DEEPEST && h.mc <= 1024 && h.nc <= 8192);
         let h = Blocking::derive(huge, Fma::Halved, 8, 32);
-        assert!(h.kc <= 2 * KC_DEEPEST && h.kc <= KC_MAX);
+        assert_eq!(h.kc, 2 * KC_DEEPEST);
         let tiny = Caches {
             l1d: 1,
             l2: 1,

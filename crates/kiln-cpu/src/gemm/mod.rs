@@ -808,16 +808,33 @@ fn blocked<K: MicroKernel>(
             // SAFETY: the tasks write only computed values through the view.
             let spare = SharedC::of(unsafe { crate::fresh::as_slots(partials) });
             let all = SharedC::of(c);
-            pool.run(k_blocks, |block| {
+            // Each block in as few parts of its rows as make the tasks a
+            // multiple of the thread count, so that the threads end level
+            // (the CNN's 128 × 5408 × 64 in 11 blocks of 492 on a Zen 4,
+            // 2 threads: 6 blocks against 5 took 207 GFLOP/s, 22 half
+            // blocks 220). Thread t's own share is still whole k blocks but
+            // for a part at each end.
+            let parts = (1..threads)
+                .find(|p| (k_blocks * p).is_multiple_of(threads))
+                .unwrap_or(threads);
+            let part_rows = m.div_ceil(parts).next_multiple_of(K::MR);
+            pool.run(k_blocks * parts, |task| {
                 let (spare, all) = (spare, all);
+                let (block, part) = (task / parts, task % parts);
                 let (pc, kc) = (block * blk.kc, blk.kc.min(k - block * blk.kc));
+                let ic = part * part_rows;
+                if ic >= m {
+                    return;
+                }
+                let rows = part_rows.min(m - ic);
                 let (dst, add) = match block {
                     0 => (all, !fresh),
                     _ => (spare.part((block - 1) * each, each), false),
                 };
+                let dst = dst.part(ic * n, rows * n);
                 for jc in (0..n).step_by(nc_max) {
                     let nc = nc_max.min(n - jc);
-                    row_block_to((jc, nc), (pc, kc), Panels::InPlace, (0, m), dst, add);
+                    row_block_to((jc, nc), (pc, kc), Panels::InPlace, (ic, rows), dst, add);
                 }
             });
             // Every block's task wrote all of its partial (row_block_to

@@ -163,11 +163,15 @@ fn results_do_not_depend_on_the_thread_count() {
             (60, 70, 1000, true, DType::F32),
             (150, 400, 64, false, DType::F32),
             // Few rows and several k blocks, split by k: 4 blocks over 2 or
-            // 3 threads (the MLP's forward product), and 11 with the
-            // partial sums added on the team.
+            // 3 threads (the MLP's forward product; 2 with a Zen 4's KC
+            // 512), 11 (6) with the partial sums added on the team, and 22
+            // (11) — 11 blocks in row parts on 2 threads; 1100 deep in 5
+            // (3) blocks, in row parts on 2 threads and on 3 (5 blocks).
             (128, 784, 64, false, DType::F32),
             (128, 2600, 64, false, DType::F32),
+            (128, 5400, 64, false, DType::F32),
             (128, 784, 32, false, DType::F32),
+            (128, 1100, 16, false, DType::F32),
             // Ten-wide outputs (the narrow path on AVX-512), split by rows:
             // an MLP head on a batch of 1,000, and rows not in whole tiles.
             (1000, 64, 10, false, DType::F32),

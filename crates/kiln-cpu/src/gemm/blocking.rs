@@ -27,7 +27,9 @@
 //!
 //! On a core with L1D 32 KiB, L2 1 MiB and L3 32 MiB this gives the AVX-512
 //! kernel `KC = 256, MC = 200, NC = 2048`; on a Zen 4 (the same caches),
-//! `KC = 512`, `MC` lowered to 96 for products 512 or more deep.
+//! `KC = 512` and the same `MC` and `NC`, `MC` lowered to ⌊52,428 / kc⌋ for
+//! k blocks deeper than 262 (133 for the MLP's 784 = 2 × 392, 102 for
+//! 4096 = 8 × 512; whole tiles of those in the driver).
 //!
 //! `KILN_GEMM_BLOCKING=KC,MC,NC` overrides the derived values (for
 //! experiments; checked when a backend is built; empty means unset). `KC` sets the summation
@@ -50,10 +52,11 @@ const _: () = assert!(2 * KC_DEEPEST <= KC_MAX);
 /// How a core executes the micro-kernel's vector multiply-adds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Fma {
-    /// Each vector in one pass: Intel's AVX-512 cores, AMD's Zen 5, and
-    /// every AVX2 and NEON kernel.
+    /// Each vector in one pass: Intel's AVX-512 cores, AMD's desktop and
+    /// server Zen 5, and every AVX2 and NEON kernel.
     Full,
-    /// Each 512-bit vector in two 256-bit passes: AMD's Zen 4.
+    /// Each 512-bit vector in two 256-bit passes: AMD's Zen 4 (and
+    /// mobile Zen 5, family 1Ah like the others: classed full here).
     Halved,
 }
 
@@ -186,16 +189,26 @@ impl Blocking {
             Fma::Full => 1,
             Fma::Halved => 2,
         };
-        let in_l1 = (c.l1d / (nr * f)).clamp(64, KC_DEEPEST) / 16 * 16;
-        let kc = (passes * c.l1d / (nr * f)).clamp(64, passes * KC_DEEPEST) / 16 * 16;
+        // The depth of a B panel of `l1ds` L1Ds.
+        let depth = |l1ds: usize| (l1ds * c.l1d / (nr * f)).clamp(64, l1ds * KC_DEEPEST) / 16 * 16;
+        let in_l1 = depth(1);
         let a_floats = c.l2 / 5 / f;
-        let mc = (a_floats / in_l1).clamp(mr, 1024) / mr * mr;
-        let nc = (c.l3 / 16 / (in_l1 * f)).clamp(4 * nr, 8192) / nr * nr;
+        Blocking {
+            kc: depth(passes),
+            mc: (a_floats / in_l1).clamp(mr, 1024) / mr * mr,
+            nc: (c.l3 / 16 / (in_l1 * f)).clamp(4 * nr, 8192) / nr * nr,
+            a_floats,
+        }
+    }
+
+    /// The blocking an override gives: `kc`, `mc` and `nc` as they are, the
+    /// A block `mc·kc` at most.
+    fn given(kc: usize, mc: usize, nc: usize) -> Blocking {
         Blocking {
             kc,
             mc,
             nc,
-            a_floats,
+            a_floats: kc * mc,
         }
     }
 
@@ -218,15 +231,7 @@ impl Blocking {
     /// [`Blocking::derive`] on this machine's caches.
     pub(crate) fn for_tile(fma: Fma, mr: usize, nr: usize) -> Blocking {
         match overridden() {
-            Some(b) => {
-                let mc = b.mc.max(mr) / mr * mr;
-                Blocking {
-                    mc,
-                    nc: b.nc.max(nr) / nr * nr,
-                    a_floats: mc * b.kc,
-                    ..b
-                }
-            }
+            Some(b) => Blocking::given(b.kc, b.mc.max(mr) / mr * mr, b.nc.max(nr) / nr * nr),
             None => Blocking::derive(Caches::of_this_machine(), fma, mr, nr),
         }
     }
@@ -270,12 +275,7 @@ fn parse_override(text: &str) -> Result<Blocking> {
                 && (1..=65536).contains(&mc)
                 && (1..=65536).contains(&nc) =>
         {
-            Ok(Blocking {
-                kc,
-                mc,
-                nc,
-                a_floats: kc * mc,
-            })
+            Ok(Blocking::given(kc, mc, nc))
         }
         _ => Err(bad()),
     }
@@ -298,6 +298,8 @@ mod tests {
 
     #[test]
     fn blocking_follows_the_caches_and_whole_tiles() {
+        // (`for_depth`'s MC need not be whole tiles: the driver rounds it
+        // down to whole tiles of its kernel.)
         let sizes = |b: Blocking| (b.kc, b.mc, b.nc);
         let b = Blocking::derive(Caches::DEFAULT, Fma::Full, 8, 32);
         assert_eq!(sizes(b), (256, 200, 2048));
@@ -341,12 +343,7 @@ mod tests {
     fn overrides_are_checked() {
         assert_eq!(
             parse_override("256, 192,2048").unwrap(),
-            Blocking {
-                kc: 256,
-                mc: 192,
-                nc: 2048,
-                a_floats: 256 * 192
-            }
+            Blocking::given(256, 192, 2048)
         );
         for bad in [
             "",

@@ -109,18 +109,19 @@ const ROW_TASKS_PER_THREAD: usize = 4;
 /// the input the gradient's thread t reads, for one m × n partial sum per
 /// k block added up at the end (block order: the same bits). Seed MLP
 /// epochs on the 2-core Xeon, alternating runs: 0.0650 → 0.0620 s; the
-/// CNN's (128 × 5408 × 64 in 22 blocks) 0.90 → 0.82 s. With more rows the
+/// CNN's (128 × 5408 × 64 in 22 blocks of KC 256) 0.90 → 0.82 s. With more rows the
 /// partial sums outweigh B.
 const SPLIT_K_MAX_ROWS: usize = 128;
 
 /// Floats of partial sums (16 MiB) up to which a product splits by k
-/// blocks: the CNN's 128 × 5408 × 64 takes 172 Ki; a deeper product splits
+/// blocks: the CNN's 128 × 5408 × 64 takes 172 Ki (80 Ki with a Zen 4's
+/// KC 512); a deeper product splits
 /// by rows, as one thread would need no scratch at all.
 const SPLIT_K_MAX_PARTIALS: usize = 1 << 22;
 
 /// Floats of partial sums from which a k-split product adds them into C on
-/// the whole team (the CNN's 21 partials of 128 × 64) rather than on the
-/// calling thread (the MLP's 3).
+/// the whole team (the CNN's 21 partials of 128 × 64, 10 on a Zen 4)
+/// rather than on the calling thread (the MLP's 3, 1 on a Zen 4).
 const REDUCE_SPLIT_MIN: usize = 1 << 16;
 
 /// A register-blocked kernel computing one `MR × NR` tile from panels of
@@ -513,15 +514,11 @@ pub(crate) fn accumulate(
 /// set and depth ([`rows`] and [`narrow`] follow it too).
 pub(crate) fn blocking_of(set: KernelSet) -> Blocking {
     static SETS: [std::sync::OnceLock<Blocking>; 4] = [const { std::sync::OnceLock::new() }; 4];
-    let (slot, mr, nr) = match set {
-        KernelSet::Avx512 => (0, 8, 32),
-        KernelSet::Avx2 => (1, 6, 16),
-        KernelSet::Neon => (2, 8, 8),
-        KernelSet::Scalar => (3, 8, 8),
-    };
-    let fma = match set {
-        KernelSet::Avx512 => blocking::Fma::of_avx512(),
-        _ => blocking::Fma::Full,
+    let (slot, mr, nr, fma) = match set {
+        KernelSet::Avx512 => (0, 8, 32, blocking::Fma::of_avx512()),
+        KernelSet::Avx2 => (1, 6, 16, blocking::Fma::Full),
+        KernelSet::Neon => (2, 8, 8, blocking::Fma::Full),
+        KernelSet::Scalar => (3, 8, 8, blocking::Fma::Full),
     };
     *SETS[slot].get_or_init(|| Blocking::for_tile(fma, mr, nr))
 }
@@ -812,7 +809,7 @@ fn blocked<K: MicroKernel>(
             // multiple of the thread count, so that the threads end level
             // (the CNN's 128 × 5408 × 64 in 11 blocks of 492 on a Zen 4,
             // 2 threads: 6 blocks against 5 took 207 GFLOP/s, 22 half
-            // blocks 220). Thread t's own share is still whole k blocks but
+            // blocks 219). Thread t's own share is still whole k blocks but
             // for a part at each end.
             let parts = (1..threads)
                 .find(|p| (k_blocks * p).is_multiple_of(threads))
@@ -837,10 +834,10 @@ fn blocked<K: MicroKernel>(
                     row_block_to((jc, nc), (pc, kc), Panels::InPlace, (ic, rows), dst, add);
                 }
             });
-            // Every block's task wrote all of its partial (row_block_to
+            // Every block's tasks wrote all of its partial (row_block_to
             // writes each element of the rows and columns it is given, and
-            // block b's were all m rows and n columns of partial b − 1); a
-            // task's panic was resumed above.
+            // block b's parts together were all m rows and n columns of
+            // partial b − 1); a task's panic was resumed above.
             // SAFETY: block 0's task wrote (or added to) all of C, as above.
             let c = unsafe { crate::fresh::assume_written(c) };
             let rows_per_task = m.div_ceil(2 * threads).max(1);
@@ -999,22 +996,25 @@ mod tests {
     /// computed fresh on one thread and on a team of two, then added to
     /// on one thread (`accumulate`), for every set this processor runs.
     /// Elements are small multiples of 1/8, so every sum is exact and any
-    /// path must give it to the bit. With KC = 256 and AVX-512's 8 × 32
-    /// tile (on a Zen 4, KC = 512: the k splits below are then 2 of 392,
-    /// 2 of 300, 11 of 491 and 3 of 367 — the same paths): (100, 37, 64) and (300, 41, 64) take tall in-place blocks on
-    /// one thread and short ones on the team (too small to fork); (784,
-    /// 128, 64) — the MLP's weight gradient — tall in-place blocks, forked
-    /// on the team; (600, 120, 64) a 30 KiB B block, in place where L1D is
-    /// 48 KiB and packed where it is 32; (90, 300, 128) and (75, 600, 96)
-    /// B packed on one thread and short in-place blocks forked on the
-    /// team (on AVX2, 6 × 16, too wide to read A in place: the column and
-    /// whole-k packed paths); (128, 784, 64) — the MLP's forward product —
-    /// and (100, 600, 64) k blocks split over the team on AVX-512 (4 of 196,
-    /// 3 of 200; AVX2's 16-wide panels make them the column path), their
-    /// partial sums added on the calling thread; (128, 5400, 64) 22 blocks,
-    /// added on the team; (128, 784, 32) and (128, 1100, 16) k blocks split
-    /// on AVX-512 and AVX2 alike. (NEON's kernel reads B packed, so never
-    /// by k blocks.)
+    /// path must give it to the bit. With AVX-512's 8 × 32 tile:
+    /// (100, 37, 64) and (300, 41, 64) take tall in-place blocks on one
+    /// thread and short ones on the team (too small to fork); (784, 128,
+    /// 64) — the MLP's weight gradient — tall in-place blocks, forked on
+    /// the team; (600, 120, 64) a 30 KiB B block, in place where L1D is 48
+    /// KiB and packed where it is 32; (200, 200, 64) B packed on one thread
+    /// and short in-place blocks forked on the team; (90, 300, 128) and
+    /// (75, 600, 96) B packed on one thread, and on the team k blocks split
+    /// (KC 256) or panels of columns (90 rows at a Zen 4's KC 512) (on
+    /// AVX2, 6 × 16, too wide to read A in place: the column and whole-k
+    /// packed paths); (128, 784, 64) — the MLP's forward product — and
+    /// (100, 600, 64) k blocks split over the team on AVX-512 (KC 256: 4
+    /// of 196 and 3 of 200, the latter in row parts; a Zen 4's KC 512: 2
+    /// of 392 and 2 of 300; AVX2's 16-wide panels make them the column
+    /// path), their partial sums added on the calling thread; (128, 5400,
+    /// 64) 22 blocks of 246 (11 of 491 in row parts on a Zen 4), added on
+    /// the team; (128, 784, 32) and (128, 1100, 16) k blocks split on
+    /// AVX-512 and AVX2 alike (1100 in 5 of 220 or 3 of 367: row parts).
+    /// (NEON's kernel reads B packed, so never by k blocks.)
     #[test]
     fn every_driver_path_gives_the_exact_sums() {
         let team = Workers::new(2).expect("two worker threads");
@@ -1027,6 +1027,7 @@ mod tests {
                 (300, 41, 64),
                 (784, 128, 64),
                 (600, 120, 64),
+                (200, 200, 64),
                 (90, 300, 128),
                 (75, 600, 96),
                 (128, 784, 64),

@@ -33,8 +33,7 @@ use crate::{DType, Error, Result};
 /// suite's `blocked` tier draws sizes at each point − 1, the point and + 1.
 ///
 /// The defaults cover kiln's CPU kernel sets (micro-tiles 6×16, 8×32, 8×8;
-/// `KC` 256 and 512 (the latter on a Zen 4), `MC` 192 and 96 (a Zen 4's
-/// for 512-deep k blocks), `NC` 2048; 16-lane loops; work split over
+/// `KC` 256 and 512, `MC` 192, `NC` 2048; 16-lane loops; work split over
 /// threads past 65,536 elements; filter-gradient groups of 8 images, and
 /// behind a max-pool 16 patch columns of 4 channels at a time) and its
 /// CUDA kernels (128×128 tiles with a k step of 8, split-K chunks of 512,
@@ -67,7 +66,7 @@ pub struct SwitchPoints {
 impl Default for SwitchPoints {
     fn default() -> Self {
         SwitchPoints {
-            gemm_m: vec![6, 8, 96, 128, 192],
+            gemm_m: vec![6, 8, 128, 192],
             gemm_n: vec![8, 16, 32, 128, 2048],
             gemm_k: vec![8, 256, 512],
             row: vec![16, 32, 256, 1024, 4096],

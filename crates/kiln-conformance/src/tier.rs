@@ -23,11 +23,14 @@
 //! # Ok::<(), String>(())
 //! ```
 
+use std::cell::Cell;
 use std::fmt;
 use std::time::Duration;
 
 use kiln_core::SwitchPoints;
 use proptest::prelude::*;
+use proptest::strategy::{NewTree, ValueTree};
+use proptest::test_runner::TestRunner;
 
 use crate::values;
 
@@ -189,6 +192,54 @@ impl Sizer {
         prop::sample::select(list).boxed()
     }
 
+    /// Draws `corners` first, one per case and in order, then values of
+    /// `rest`. A tier's cases are few, so a seeded random draw can miss a
+    /// switch point altogether, and adding one point to a backend's list
+    /// reshuffles which ones it hits; corners make the first cases of every
+    /// run the same, whatever the seed. A corner's value does not shrink
+    /// (the rest of its case does).
+    ///
+    /// ```
+    /// use kiln_conformance::tier::Sizer;
+    /// use proptest::strategy::{Strategy, ValueTree};
+    /// use proptest::test_runner::TestRunner;
+    ///
+    /// let s = Sizer::corners_first(vec![257, 513], (1usize..=9).boxed());
+    /// let mut runner = TestRunner::deterministic();
+    /// let mut draw = || s.new_tree(&mut runner).unwrap().current();
+    /// assert_eq!((draw(), draw()), (257, 513));
+    /// assert!((1..=9).contains(&draw()));
+    /// ```
+    pub fn corners_first<T>(corners: Vec<T>, rest: BoxedStrategy<T>) -> BoxedStrategy<T>
+    where
+        T: Clone + fmt::Debug + 'static,
+    {
+        CornersFirst {
+            corners,
+            rest,
+            drawn: Cell::new(0),
+        }
+        .boxed()
+    }
+
+    /// Corners of several families in turns — each family's first, then
+    /// each one's second, … — so that a short run still reaches every family.
+    ///
+    /// ```
+    /// use kiln_conformance::tier::Sizer;
+    ///
+    /// assert_eq!(Sizer::take_turns(vec![vec![1, 2, 3], vec![], vec![10]]), [1, 10, 2, 3]);
+    /// ```
+    pub fn take_turns<T>(families: Vec<Vec<T>>) -> Vec<T> {
+        let turns = families.iter().map(Vec::len).max().unwrap_or(0);
+        let mut families: Vec<_> = families.into_iter().map(Vec::into_iter).collect();
+        let mut v = Vec::new();
+        for _ in 0..turns {
+            v.extend(families.iter_mut().filter_map(Iterator::next));
+        }
+        v
+    }
+
     /// A shape for an elementwise or memory op: at the edge, rank
     /// `1..=rank` with extents up to `max`; blocked, element counts at the
     /// [`SwitchPoints::elements`] (vector tails, the thread split) or up to
@@ -236,6 +287,30 @@ impl Sizer {
             Tier::Edge => (0..=edge_max).boxed(),
             Tier::Blocked => (1..=(BLOCKED_ELEMENTS / len.max(1)).clamp(1, 4)).boxed(),
             Tier::Large => (1usize..=2).boxed(),
+        }
+    }
+}
+
+/// The strategy [`Sizer::corners_first`] returns.
+#[derive(Debug)]
+struct CornersFirst<T: fmt::Debug> {
+    corners: Vec<T>,
+    rest: BoxedStrategy<T>,
+    /// Cases drawn so far: each tier builds its strategy afresh, so a run
+    /// and its reproduction line draw the same sequence.
+    drawn: Cell<usize>,
+}
+
+impl<T: Clone + fmt::Debug + 'static> Strategy for CornersFirst<T> {
+    type Tree = Box<dyn ValueTree<Value = T>>;
+    type Value = T;
+
+    fn new_tree(&self, runner: &mut TestRunner) -> NewTree<Self> {
+        let i = self.drawn.get();
+        self.drawn.set(i + 1);
+        match self.corners.get(i) {
+            Some(c) => Ok(Box::new(Just(c.clone()))),
+            None => self.rest.new_tree(runner),
         }
     }
 }

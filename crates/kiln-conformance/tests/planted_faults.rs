@@ -622,6 +622,32 @@ fn faults_that_only_show_at_size_are_caught_by_the_blocked_tier() {
 }
 
 #[test]
+fn faults_at_size_are_caught_whatever_the_seed() {
+    // The blocked tier's first GEMM and convolution cases are the corners
+    // one past each switch point, not seeded draws that might all stay
+    // under k = 256, off whole tiles or short of a split reduction.
+    for seed in [0, 1, 2, 0x6b69_6c6e + 1] {
+        for (fault, op) in [
+            (Fault::GemmPastK256, "gemm"),
+            (Fault::GemmFullTile, "gemm"),
+            (Fault::ConvSplitK, "conv2d_backward_filter"),
+        ] {
+            let b = Faulty {
+                inner: CpuBackend::reference()
+                    .with_threads(1)
+                    .expect("worker threads"),
+                fault,
+            };
+            let mut cfg = Config::new(&b.name());
+            cfg.seed = seed;
+            let r = run_check(&b, op, DType::F32, &cfg);
+            assert_eq!(r.status, Status::Fail, "{fault:?} missed with seed {seed}");
+            assert!(r.failure.unwrap().starts_with("[blocked tier]"));
+        }
+    }
+}
+
+#[test]
 fn the_edge_tier_alone_misses_them() {
     // Why the tiers exist: small sizes never reach these paths.
     for (fault, op) in [

@@ -43,6 +43,9 @@ type Draw = (
 /// (the implicit GEMM's k blocks), batches across the filter gradient's
 /// image groups with `batch·oh·ow` past its split-K chunks, and output
 /// channels across the [`kiln_core::SwitchPoints::conv_channels`] (tiles).
+/// The first cases, whatever the seed, are the problems one past each of
+/// those points and one past each
+/// [`kiln_core::SwitchPoints::conv_reduction`] (one image, one row wide).
 fn sizes(z: &Sizer) -> BoxedStrategy<Sizes> {
     let p = &z.points;
     let pad = || prop::array::uniform4(0usize..3);
@@ -71,7 +74,27 @@ fn sizes(z: &Sizer) -> BoxedStrategy<Sizes> {
                 (Sizer::pick(patch), Just((1usize, 1usize))),
                 (Sizer::pick(c3), Just((3usize, 3usize))),
             ];
-            prop_oneof![
+            let past = |points: &[usize]| points.iter().map(|&q| q + 1).collect::<Vec<_>>();
+            let (one, three, none) = ((1usize, 1usize), (3usize, 3usize), [0usize; 4]);
+            let corners: Vec<Draw> = Sizer::take_turns(vec![
+                past(&p.conv_reduction)
+                    .into_iter()
+                    .map(|r| (1, 2, 4, 1, r, one, one, none))
+                    .collect(),
+                past(&p.conv_patch)
+                    .into_iter()
+                    .map(|c| (2, c, 9, 12, 12, one, one, none))
+                    .collect(),
+                past(&p.conv_batch)
+                    .into_iter()
+                    .map(|n| (n, 3, 4, 14, 14, three, one, none))
+                    .collect(),
+                past(&p.conv_channels)
+                    .into_iter()
+                    .map(|o| (2, 2, o, 16, 16, three, one, none))
+                    .collect(),
+            ]);
+            let random = prop_oneof![
                 (
                     1usize..=2,
                     long_patch,
@@ -102,8 +125,8 @@ fn sizes(z: &Sizer) -> BoxedStrategy<Sizes> {
                     (1usize..=2, 1usize..=2),
                     pad()
                 ),
-            ]
-            .boxed()
+            ];
+            Sizer::corners_first(corners, random.boxed())
         }
         Tier::Large => (
             16usize..=32,

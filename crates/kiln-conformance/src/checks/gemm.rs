@@ -29,10 +29,12 @@ struct Case {
 const BLOCKED_WORK: usize = 16_000_000;
 
 /// `(batch, m, k, n)` for a tier. Blocked cases come in four families, so
-/// that every kind of boundary is crossed in a dozen cases: whole tiles with
-/// a short k (where an error of 1e-3 stands out of the bound), k across one
-/// and two `KC` blocks, wide n across `NC`, and tall m across row blocks —
-/// all at the backend's switch points ± 1, within [`BLOCKED_WORK`].
+/// that every kind of boundary is crossed in a dozen cases: k across one
+/// and two `KC` blocks, whole tiles with a short k (where an error of 1e-3
+/// stands out of the bound), tall m across row blocks, and wide n across
+/// `NC` — all at the backend's switch points ± 1, within [`BLOCKED_WORK`].
+/// Each family's [`corners`] come first, the families taking turns; random
+/// draws from all four follow.
 fn dims(z: &Sizer) -> BoxedStrategy<(usize, usize, usize, usize)> {
     let p = &z.points;
     match z.tier {
@@ -44,40 +46,29 @@ fn dims(z: &Sizer) -> BoxedStrategy<(usize, usize, usize, usize)> {
                 &p.gemm_k,
                 &[1, 2, 2 * p.gemm_k.iter().max().copied().unwrap_or(256) + 1],
             );
-            let fits = |m: usize, k: usize, n: usize| m * k * n <= BLOCKED_WORK;
-            let combos = |ms: &[usize], ks: &[usize], ns: &[usize]| -> Vec<(usize, usize, usize)> {
-                let mut v = Vec::new();
-                for &mm in ms {
-                    for &kk in ks {
-                        for &nn in ns {
-                            if fits(mm, kk, nn) {
-                                v.push((mm, kk, nn));
-                            }
-                        }
-                    }
-                }
-                v
-            };
             let big =
                 |v: &[usize], lo: usize| v.iter().copied().filter(|&d| d >= lo).collect::<Vec<_>>();
             let small =
                 |v: &[usize], hi: usize| v.iter().copied().filter(|&d| d <= hi).collect::<Vec<_>>();
             let families = [
-                // Whole tiles, short k.
-                combos(&big(&m, 63), &small(&k, 17), &big(&n, 63)),
                 // k across the k blocks.
-                combos(&small(&m, 130), &big(&k, 200), &small(&n, 130)),
-                // n across the column blocks.
-                combos(&small(&m, 9), &small(&k, 33), &big(&n, 100)),
+                Family::new([small(&m, 130), big(&k, 10), small(&n, 130)], K, &p.gemm_k),
+                // Whole tiles, short k.
+                Family::new([big(&m, 63), small(&k, 17), big(&n, 63)], N, &p.gemm_n),
                 // m across the row blocks.
-                combos(&big(&m, 100), &small(&k, 65), &small(&n, 65)),
+                Family::new([big(&m, 63), small(&k, 65), small(&n, 65)], M, &p.gemm_m),
+                // n across the column blocks.
+                Family::new([small(&m, 9), small(&k, 33), big(&n, 63)], N, &p.gemm_n),
             ];
-            let families: Vec<BoxedStrategy<(usize, usize, usize)>> = families
+            let corners = Sizer::take_turns(families.iter().map(Family::corners).collect());
+            let random: Vec<BoxedStrategy<(usize, usize, usize)>> = families
                 .into_iter()
+                .map(|f| f.combos())
                 .filter(|f| !f.is_empty())
                 .map(|f| prop::sample::select(f).boxed())
                 .collect();
-            (1usize..=2, prop::strategy::Union::new(families))
+            let shapes = Sizer::corners_first(corners, prop::strategy::Union::new(random).boxed());
+            (1usize..=2, shapes)
                 .prop_map(|(batch, (m, k, n))| {
                     // A second batch only where it stays within the budget.
                     let batch = if batch * m * k * n <= BLOCKED_WORK {
@@ -98,6 +89,66 @@ fn dims(z: &Sizer) -> BoxedStrategy<(usize, usize, usize, usize)> {
                 .prop_map(|(m, k, n)| (1, m, k, n)),
         ]
         .boxed(),
+    }
+}
+
+/// The axes of a `(m, k, n)` shape.
+const M: usize = 0;
+const K: usize = 1;
+const N: usize = 2;
+
+/// One family of blocked-tier shapes: the extents it draws from on each
+/// axis, and the axis whose switch points it is there to cross.
+struct Family {
+    extents: [Vec<usize>; 3],
+    axis: usize,
+    points: Vec<usize>,
+}
+
+impl Family {
+    fn new(extents: [Vec<usize>; 3], axis: usize, points: &[usize]) -> Self {
+        Family {
+            extents,
+            axis,
+            points: points.to_vec(),
+        }
+    }
+
+    /// Every shape it draws from within [`BLOCKED_WORK`].
+    fn combos(&self) -> Vec<(usize, usize, usize)> {
+        let [ms, ks, ns] = &self.extents;
+        let mut v = Vec::new();
+        for &m in ms {
+            for &k in ks {
+                for &n in ns {
+                    if m * k * n <= BLOCKED_WORK {
+                        v.push((m, k, n));
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// The shapes it must not miss: for each extent on its axis one past a
+    /// switch point (the first to take the next block, tile or thread's
+    /// share) or the largest on that axis, the shape with the most work
+    /// that fits.
+    fn corners(&self) -> Vec<(usize, usize, usize)> {
+        let on_axis = &self.extents[self.axis];
+        let largest = on_axis.iter().max().copied();
+        let combos = self.combos();
+        on_axis
+            .iter()
+            .filter(|&&d| self.points.contains(&(d - 1)) || Some(d) == largest)
+            .filter_map(|&d| {
+                combos
+                    .iter()
+                    .filter(|&&(m, k, n)| [m, k, n][self.axis] == d)
+                    .max_by_key(|&&(m, k, n)| (m * k * n, m))
+                    .copied()
+            })
+            .collect()
     }
 }
 
@@ -234,4 +285,61 @@ pub(crate) fn gemm<B: Backend>(backend: &B, dtype: DType, cfg: &Config, epilogue
             compare(name, dtype, &[batch, m, n], &got, &want)
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::SwitchPoints;
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+
+    fn first_draws(points: SwitchPoints, count: usize) -> Vec<(usize, usize, usize, usize)> {
+        let s = dims(&Sizer {
+            tier: Tier::Blocked,
+            points,
+        });
+        let mut runner = TestRunner::deterministic();
+        (0..count)
+            .map(|_| s.new_tree(&mut runner).unwrap().current())
+            .collect()
+    }
+
+    #[test]
+    fn the_blocked_tier_starts_at_every_family_corner() {
+        let shapes: Vec<_> = first_draws(SwitchPoints::default(), 9)
+            .into_iter()
+            .map(|(_, m, k, n)| (m, k, n))
+            .collect();
+        assert_eq!(
+            shapes,
+            [
+                (129, 257, 129),
+                (193, 9, 129),
+                (129, 9, 64),
+                (9, 9, 129),
+                (129, 513, 129),
+                (193, 9, 2049),
+                (193, 9, 64),
+                (9, 9, 2049),
+                (129, 1025, 64),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_new_switch_point_adds_corners_and_keeps_the_others() {
+        // The point that once reshuffled the seeded draws so that none went
+        // past k = 256: now it only adds the shapes one past it.
+        let mut points = SwitchPoints::default();
+        points.gemm_m.push(96);
+        let shapes: Vec<_> = first_draws(points, 12)
+            .into_iter()
+            .map(|(_, m, k, n)| (m, k, n))
+            .collect();
+        for deep in [257, 513, 1025] {
+            assert!(shapes.iter().any(|s| s.1 == deep), "{shapes:?}");
+        }
+        assert!(shapes.contains(&(97, 9, 64)), "{shapes:?}");
+    }
 }

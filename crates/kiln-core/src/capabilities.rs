@@ -37,7 +37,9 @@ use crate::{DType, Error, Result};
 /// threads past 65,536 elements; filter-gradient groups of 8 images, and
 /// behind a max-pool 16 patch columns of 4 channels at a time) and its
 /// CUDA kernels (128×128 tiles with a k step of 8, split-K chunks of 512,
-/// 256-thread blocks of 32-lane warps).
+/// 256-thread blocks of 32-lane warps). kiln's CPU backend derives its
+/// `KC`, `MC` and `NC` from the caches of the machine it runs on and adds
+/// them to these in its capabilities.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SwitchPoints {
     /// GEMM row counts `m`: micro-tile heights, row blocks, device tiles.

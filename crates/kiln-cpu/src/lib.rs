@@ -212,6 +212,17 @@ impl Backend for CpuBackend {
         format!("cpu:{}", self.kernels.name())
     }
 
+    /// kiln's default switch points with this machine's GEMM blocking for
+    /// the backend's kernel set added: `KC`, `MC` and `NC` are derived
+    /// from the caches at start-up (an AVX-512 Zen 4 takes k blocks of
+    /// 512 and row blocks of 200), so the suite aims at the boundaries the
+    /// products here actually cross.
+    fn capabilities(&self) -> kiln_core::Capabilities {
+        let mut caps = kiln_core::Capabilities::default();
+        caps.switch_points.merge(&gemm::switch_points(self.kernels));
+        caps
+    }
+
     fn full(&self, numel: usize, dtype: DType, value: f64) -> Result<HostData> {
         match self.simd() {
             // A large f32 buffer (a slice's gradient placed in zeros) is

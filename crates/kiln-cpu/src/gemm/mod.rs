@@ -514,13 +514,46 @@ pub(crate) fn accumulate(
 /// set and depth ([`rows`] and [`narrow`] follow it too).
 pub(crate) fn blocking_of(set: KernelSet) -> Blocking {
     static SETS: [std::sync::OnceLock<Blocking>; 4] = [const { std::sync::OnceLock::new() }; 4];
-    let (slot, mr, nr, fma) = match set {
-        KernelSet::Avx512 => (0, 8, 32, blocking::Fma::of_avx512()),
-        KernelSet::Avx2 => (1, 6, 16, blocking::Fma::Full),
-        KernelSet::Neon => (2, 8, 8, blocking::Fma::Full),
-        KernelSet::Scalar => (3, 8, 8, blocking::Fma::Full),
+    let (mr, nr) = tile_of(set);
+    let (slot, fma) = match set {
+        KernelSet::Avx512 => (0, blocking::Fma::of_avx512()),
+        KernelSet::Avx2 => (1, blocking::Fma::Full),
+        KernelSet::Neon => (2, blocking::Fma::Full),
+        KernelSet::Scalar => (3, blocking::Fma::Full),
     };
     *SETS[slot].get_or_init(|| Blocking::for_tile(fma, mr, nr))
+}
+
+/// The rows and columns of `set`'s widest micro-kernel, `MR × NR`.
+fn tile_of(set: KernelSet) -> (usize, usize) {
+    match set {
+        KernelSet::Avx512 => (8, 32),
+        KernelSet::Avx2 => (6, 16),
+        KernelSet::Neon | KernelSet::Scalar => (8, 8),
+    }
+}
+
+/// Where `set`'s products change path on this machine: its micro-tile,
+/// and the `KC`, `MC` and `NC` [`blocking_of`] derived from this
+/// machine's caches (or `KILN_GEMM_BLOCKING` gave); `KC` is also where a
+/// convolution's patch takes a second k block. The conformance suite
+/// aims at these beside kiln's defaults ([`CpuBackend`]'s capabilities).
+///
+/// [`CpuBackend`]: crate::CpuBackend
+pub(crate) fn switch_points(set: KernelSet) -> kiln_core::SwitchPoints {
+    let (mr, nr) = tile_of(set);
+    let b = blocking_of(set);
+    kiln_core::SwitchPoints {
+        gemm_m: vec![mr, b.mc],
+        gemm_n: vec![nr, b.nc],
+        gemm_k: vec![b.kc],
+        row: Vec::new(),
+        elements: Vec::new(),
+        conv_patch: vec![b.kc],
+        conv_channels: Vec::new(),
+        conv_batch: Vec::new(),
+        conv_reduction: Vec::new(),
+    }
 }
 
 /// Rows of C handed to the tasks of one product, each of which writes its
@@ -939,6 +972,38 @@ fn blocked<K: MicroKernel>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_switch_points_are_the_kernels_tile_and_this_machines_blocking() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert_eq!(
+                tile_of(KernelSet::Avx512),
+                (avx512::Avx512::MR, avx512::Avx512::NR)
+            );
+            assert_eq!(tile_of(KernelSet::Avx2), (avx2::Avx2::MR, avx2::Avx2::NR));
+        }
+        #[cfg(target_arch = "aarch64")]
+        assert_eq!(tile_of(KernelSet::Neon), (neon::Neon::MR, neon::Neon::NR));
+        for set in KernelSet::ALL {
+            let (p, b) = (switch_points(set), blocking_of(set));
+            assert!(
+                p.gemm_k.contains(&b.kc) && p.conv_patch.contains(&b.kc),
+                "{set:?}"
+            );
+            assert!(
+                p.gemm_m.contains(&b.mc) && p.gemm_n.contains(&b.nc),
+                "{set:?}"
+            );
+        }
+        // The backend's capabilities add them to kiln's defaults.
+        let cpu = crate::CpuBackend::reference();
+        let caps = kiln_core::Backend::capabilities(&cpu);
+        let mut want = kiln_core::SwitchPoints::default();
+        want.merge(&switch_points(cpu.kernels()));
+        assert_eq!(caps.switch_points, want);
+        assert!(caps.validate().is_ok());
+    }
 
     /// `tile_into` with B read in place (rows `rsb` apart) and from a packed
     /// panel, storing and then adding into a C with rows wider than the

@@ -81,7 +81,8 @@ pub struct Config {
     pub depth: Depth,
     /// Wall-clock time per check and tier after which no new cases start
     /// (`None`: each tier's [`Tier::default_budget`]; `Duration::MAX`:
-    /// unlimited). At least [`Tier::min_cases`] cases always run.
+    /// unlimited). At least [`Tier::min_cases`] cases, and every corner a
+    /// check pins ([`Sizer::corners_first`]), always run.
     pub budget: Option<Duration>,
     /// How a failure's reproduction line reruns the check.
     pub rerun: Rerun,
@@ -444,11 +445,10 @@ where
         note: None,
     };
     for &tier in tiers {
-        let sizer = Sizer {
-            tier,
-            points: points.clone(),
-        };
-        let (t, failure) = run_tier(op, dtype, cfg, tier, strategy(&sizer), &test);
+        let sizer = Sizer::new(tier, points.clone());
+        let strategy = strategy(&sizer);
+        let min_cases = tier.min_cases().max(sizer.pinned());
+        let (t, failure) = run_tier(op, dtype, cfg, tier, min_cases, strategy, &test);
         report.cases += t.cases;
         if t.worst >= report.worst {
             report.worst = t.worst;
@@ -474,6 +474,7 @@ fn run_tier<V, F>(
     dtype: DType,
     cfg: &Config,
     tier: Tier,
+    min_cases: u32,
     strategy: BoxedStrategy<V>,
     test: &F,
 ) -> (TierReport, Option<String>)
@@ -516,7 +517,7 @@ where
     );
     let shrinking = Cell::new(false);
     let result = runner.run(&strategy, |input| {
-        if !shrinking.get() && ran.get() >= tier.min_cases() && start.elapsed() > budget {
+        if !shrinking.get() && ran.get() >= min_cases && start.elapsed() > budget {
             skipped.set(skipped.get() + 1);
             return Ok(());
         }

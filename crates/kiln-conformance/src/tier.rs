@@ -62,7 +62,8 @@ impl Tier {
     }
 
     /// The wall-clock time one check may spend on this tier's cases before
-    /// it stops drawing new ones (at least [`Tier::min_cases`] always run).
+    /// it stops drawing new ones (at least [`Tier::min_cases`], and the
+    /// corners a check pins, always run).
     pub fn default_budget(self) -> Duration {
         match self {
             Tier::Edge => Duration::from_secs(60),
@@ -168,12 +169,36 @@ pub struct Sizer {
     pub tier: Tier,
     /// The backend's switch points.
     pub points: SwitchPoints,
+    /// Corners the strategies built from this sizer draw first (see
+    /// [`Sizer::corners_first`]): cases the run does not skip for time.
+    pinned: Cell<u32>,
 }
 
 /// Elements per blocked-tier case of an elementwise or row op, at most.
 pub const BLOCKED_ELEMENTS: usize = 200_000;
 
 impl Sizer {
+    /// The sizer of `tier` for a backend with switch points `points`.
+    pub fn new(tier: Tier, points: SwitchPoints) -> Self {
+        Sizer {
+            tier,
+            points,
+            pinned: Cell::new(0),
+        }
+    }
+
+    /// How many cases the strategies built from this sizer pin as corners:
+    /// the run takes at least that many, whatever its time budget says.
+    pub fn pinned(&self) -> u32 {
+        self.pinned.get()
+    }
+
+    /// One past each of `points`: the first extent to take another block,
+    /// tile or thread's share.
+    pub fn past(points: &[usize]) -> Vec<usize> {
+        points.iter().map(|&p| p + 1).collect()
+    }
+
     /// Every point − 1, the point and + 1, with `extra`, sorted, ≥ 1.
     pub fn near(points: &[usize], extra: &[usize]) -> Vec<usize> {
         let mut v: Vec<usize> = points
@@ -196,24 +221,32 @@ impl Sizer {
     /// `rest`. A tier's cases are few, so a seeded random draw can miss a
     /// switch point altogether, and adding one point to a backend's list
     /// reshuffles which ones it hits; corners make the first cases of every
-    /// run the same, whatever the seed. A corner's value does not shrink
+    /// run the same, whatever the seed, and the run takes them all however
+    /// long they take ([`Sizer::pinned`]). A corner's value does not shrink
     /// (the rest of its case does).
     ///
+    /// The strategy counts its draws, so it serves one run: build one per
+    /// tier, as the checks do, and do not share it between runners.
+    ///
     /// ```
-    /// use kiln_conformance::tier::Sizer;
+    /// use kiln_conformance::tier::{Sizer, Tier};
     /// use proptest::strategy::{Strategy, ValueTree};
     /// use proptest::test_runner::TestRunner;
     ///
-    /// let s = Sizer::corners_first(vec![257, 513], (1usize..=9).boxed());
+    /// let z = Sizer::new(Tier::Blocked, Default::default());
+    /// let s = z.corners_first(vec![257, 513], (1usize..=9).boxed());
+    /// assert_eq!(z.pinned(), 2);
     /// let mut runner = TestRunner::deterministic();
     /// let mut draw = || s.new_tree(&mut runner).unwrap().current();
     /// assert_eq!((draw(), draw()), (257, 513));
     /// assert!((1..=9).contains(&draw()));
     /// ```
-    pub fn corners_first<T>(corners: Vec<T>, rest: BoxedStrategy<T>) -> BoxedStrategy<T>
+    pub fn corners_first<T>(&self, corners: Vec<T>, rest: BoxedStrategy<T>) -> BoxedStrategy<T>
     where
         T: Clone + fmt::Debug + 'static,
     {
+        let count = u32::try_from(corners.len()).unwrap_or(u32::MAX);
+        self.pinned.set(self.pinned.get().saturating_add(count));
         CornersFirst {
             corners,
             rest,

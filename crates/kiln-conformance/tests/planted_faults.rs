@@ -2,11 +2,11 @@
 //! fault at a time must fail the checks that cover it, while the unwrapped
 //! backend passes the same checks.
 
-use kiln_conformance::{run_check, Config, Depth, Status};
+use kiln_conformance::{run_check, Config, Depth, Report, Status};
 use kiln_core::{
-    Activation, AdamStep, AttentionGrads, AttentionOptions, Backend, BinaryOp, DType, Distribution,
-    GemmEpilogue, HostData, LayerNormGrads, LayerNormOut, Layout, ReduceOp, Result, SgdStep, Shape,
-    UnaryOp, View, Window2d,
+    Activation, AdamStep, AttentionGrads, AttentionOptions, Backend, BinaryOp, Capabilities, DType,
+    Distribution, GemmEpilogue, HostData, LayerNormGrads, LayerNormOut, Layout, ReduceOp, Result,
+    SgdStep, Shape, SwitchPoints, UnaryOp, View, Window2d,
 };
 use kiln_cpu::CpuBackend;
 
@@ -83,6 +83,8 @@ enum Fault {
 struct Faulty {
     inner: CpuBackend,
     fault: Fault,
+    /// What it declares as its switch points.
+    points: SwitchPoints,
 }
 
 fn f32s(h: &HostData) -> Vec<f32> {
@@ -94,6 +96,12 @@ impl Backend for Faulty {
 
     fn name(&self) -> String {
         format!("faulty({:?})", self.fault)
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            switch_points: self.points.clone(),
+            ..Capabilities::default()
+        }
     }
     fn full(&self, n: usize, d: DType, v: f64) -> Result<HostData> {
         self.inner.full(n, d, v)
@@ -559,16 +567,36 @@ impl Backend for Faulty {
     }
 }
 
-/// The check's status on the scalar reference backend with `fault` planted,
-/// at default settings (the default depth: edge and blocked tiers).
-fn status(fault: Fault, op: &str) -> (Status, Option<String>) {
+/// The check's report on the scalar reference backend (1 thread) with
+/// `fault` planted, declaring `points`, at default settings changed by
+/// `adjust`.
+fn planted_on(
+    points: SwitchPoints,
+    fault: Fault,
+    op: &str,
+    adjust: impl FnOnce(&mut Config),
+) -> Report {
     let b = Faulty {
         inner: CpuBackend::reference()
             .with_threads(1)
             .expect("worker threads"),
         fault,
+        points,
     };
-    let r = run_check(&b, op, DType::F32, &Config::new(&b.name()));
+    let mut cfg = Config::new(&b.name());
+    adjust(&mut cfg);
+    run_check(&b, op, DType::F32, &cfg)
+}
+
+/// [`planted_on`] kiln's default switch points.
+fn planted(fault: Fault, op: &str, adjust: impl FnOnce(&mut Config)) -> Report {
+    planted_on(SwitchPoints::default(), fault, op, adjust)
+}
+
+/// The check's status with `fault` planted, at default settings (the
+/// default depth: edge and blocked tiers).
+fn status(fault: Fault, op: &str) -> (Status, Option<String>) {
+    let r = planted(fault, op, |_| {});
     (r.status, r.failure)
 }
 
@@ -622,25 +650,27 @@ fn faults_that_only_show_at_size_are_caught_by_the_blocked_tier() {
 }
 
 #[test]
-fn faults_at_size_are_caught_whatever_the_seed() {
+fn faults_at_size_are_caught_whatever_the_seed_and_the_points() {
     // The blocked tier's first GEMM and convolution cases are the corners
     // one past each switch point, not seeded draws that might all stay
-    // under k = 256, off whole tiles or short of a split reduction.
-    for seed in [0, 1, 2, 0x6b69_6c6e + 1] {
+    // under k = 256, off whole tiles or short of a split reduction — as
+    // they did once when a row block of 96 joined the points.
+    let mut more = SwitchPoints::default();
+    more.gemm_m.extend([48, 96]);
+    more.gemm_n.push(48);
+    more.conv_channels.push(48);
+    for (seed, points) in [
+        (0, SwitchPoints::default()),
+        (1, more.clone()),
+        (2, SwitchPoints::default()),
+        (0x6b69_6c6e, more),
+    ] {
         for (fault, op) in [
             (Fault::GemmPastK256, "gemm"),
             (Fault::GemmFullTile, "gemm"),
             (Fault::ConvSplitK, "conv2d_backward_filter"),
         ] {
-            let b = Faulty {
-                inner: CpuBackend::reference()
-                    .with_threads(1)
-                    .expect("worker threads"),
-                fault,
-            };
-            let mut cfg = Config::new(&b.name());
-            cfg.seed = seed;
-            let r = run_check(&b, op, DType::F32, &cfg);
+            let r = planted_on(points.clone(), fault, op, |cfg| cfg.seed = seed);
             assert_eq!(r.status, Status::Fail, "{fault:?} missed with seed {seed}");
             assert!(r.failure.unwrap().starts_with("[blocked tier]"));
         }
@@ -658,28 +688,14 @@ fn the_edge_tier_alone_misses_them() {
         (Fault::ConvSplitK, "conv2d_backward_filter"),
         (Fault::AttentionKvFirstPass, "attention_causal_backward"),
     ] {
-        let b = Faulty {
-            inner: CpuBackend::reference()
-                .with_threads(1)
-                .expect("worker threads"),
-            fault,
-        };
-        let mut cfg = Config::new(&b.name());
-        cfg.depth = Depth::Edge;
-        let r = run_check(&b, op, DType::F32, &cfg);
+        let r = planted(fault, op, |cfg| cfg.depth = Depth::Edge);
         assert_eq!(r.status, Status::Pass, "{fault:?}: {:?}", r.failure);
     }
 }
 
 #[test]
 fn a_failure_names_its_tier_and_a_line_that_reruns_it() {
-    let b = Faulty {
-        inner: CpuBackend::reference()
-            .with_threads(1)
-            .expect("worker threads"),
-        fault: Fault::GemmPastK256,
-    };
-    let r = run_check(&b, "gemm", DType::F32, &Config::new("cpu:scalar"));
+    let r = planted(Fault::GemmPastK256, "gemm", |_| {});
     assert!(r.failure.unwrap().starts_with("[blocked tier]"));
     assert_eq!(r.tiers.len(), 2);
     assert_eq!(r.tiers[0].status, Status::Pass);

@@ -215,8 +215,10 @@ impl Backend for CpuBackend {
     /// kiln's default switch points with this machine's GEMM blocking for
     /// the backend's kernel set added: `KC`, `MC` and `NC` are derived
     /// from the caches at start-up (an AVX-512 Zen 4 takes k blocks of
-    /// 512 and row blocks of 200), so the suite aims at the boundaries the
-    /// products here actually cross.
+    /// 512, and row blocks of 200 where k is short), so the suite aims at
+    /// the boundaries the products here actually cross. They differ from
+    /// machine to machine: `KILN_GEMM_BLOCKING` pins them, for a
+    /// conformance failure to be rerun elsewhere.
     fn capabilities(&self) -> kiln_core::Capabilities {
         let mut caps = kiln_core::Capabilities::default();
         caps.switch_points.merge(&gemm::switch_points(self.kernels));

@@ -74,7 +74,7 @@ fn sizes(z: &Sizer) -> BoxedStrategy<Sizes> {
                 (Sizer::pick(patch), Just((1usize, 1usize))),
                 (Sizer::pick(c3), Just((3usize, 3usize))),
             ];
-            let past = |points: &[usize]| points.iter().map(|&q| q + 1).collect::<Vec<_>>();
+            let past = Sizer::past;
             let (one, three, none) = ((1usize, 1usize), (3usize, 3usize), [0usize; 4]);
             let corners: Vec<Draw> = Sizer::take_turns(vec![
                 past(&p.conv_reduction)
@@ -126,7 +126,7 @@ fn sizes(z: &Sizer) -> BoxedStrategy<Sizes> {
                     pad()
                 ),
             ];
-            Sizer::corners_first(corners, random.boxed())
+            z.corners_first(corners, random.boxed())
         }
         Tier::Large => (
             16usize..=32,
@@ -572,7 +572,9 @@ fn fused_strategy(z: &Sizer, dtype: DType) -> BoxedStrategy<Fused> {
         .prop_filter_map(
             "pool fits the convolution's output",
             |(s, (kh, kw, sh, sw))| {
-                let pool = Window2d::valid([kh, kw], [sh, sw]);
+                // A window no larger than the output, so that no problem
+                // is rejected (a rejected corner would be lost).
+                let pool = Window2d::valid([kh.min(s.out[0]), kw.min(s.out[1])], [sh, sw]);
                 let [ph, pw] = pool.output("conformance", s.out).ok()?;
                 Some((s, pool, [s.n, s.o, ph, pw]))
             },

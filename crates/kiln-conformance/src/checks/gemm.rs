@@ -29,12 +29,13 @@ struct Case {
 const BLOCKED_WORK: usize = 16_000_000;
 
 /// `(batch, m, k, n)` for a tier. Blocked cases come in four families, so
-/// that every kind of boundary is crossed in a dozen cases: k across one
-/// and two `KC` blocks, whole tiles with a short k (where an error of 1e-3
-/// stands out of the bound), tall m across row blocks, and wide n across
-/// `NC` — all at the backend's switch points ± 1, within [`BLOCKED_WORK`].
-/// Each family's [`corners`] come first, the families taking turns; random
-/// draws from all four follow.
+/// that every kind of boundary is crossed in a few dozen cases: k across
+/// one and two `KC` blocks, whole tiles with a short k (where an error of
+/// 1e-3 stands out of the bound), m across micro-tiles and row blocks, and
+/// n across micro-tiles and `NC` — all at the backend's switch points ± 1,
+/// within [`BLOCKED_WORK`]. Each family's corners ([`Family::corners`]:
+/// one past every point on its axis) come first, the families taking
+/// turns; random draws from all four follow.
 fn dims(z: &Sizer) -> BoxedStrategy<(usize, usize, usize, usize)> {
     let p = &z.points;
     match z.tier {
@@ -52,22 +53,21 @@ fn dims(z: &Sizer) -> BoxedStrategy<(usize, usize, usize, usize)> {
                 |v: &[usize], hi: usize| v.iter().copied().filter(|&d| d <= hi).collect::<Vec<_>>();
             let families = [
                 // k across the k blocks.
-                Family::new([small(&m, 130), big(&k, 10), small(&n, 130)], K, &p.gemm_k),
+                Family::new([small(&m, 130), k.clone(), small(&n, 130)], K, &p.gemm_k),
                 // Whole tiles, short k.
                 Family::new([big(&m, 63), small(&k, 17), big(&n, 63)], N, &p.gemm_n),
-                // m across the row blocks.
-                Family::new([big(&m, 63), small(&k, 65), small(&n, 65)], M, &p.gemm_m),
-                // n across the column blocks.
-                Family::new([small(&m, 9), small(&k, 33), big(&n, 63)], N, &p.gemm_n),
+                // m across the micro-tiles and row blocks.
+                Family::new([m.clone(), small(&k, 65), small(&n, 65)], M, &p.gemm_m),
+                // n across the micro-tiles and column blocks.
+                Family::new([small(&m, 9), small(&k, 33), n.clone()], N, &p.gemm_n),
             ];
             let corners = Sizer::take_turns(families.iter().map(Family::corners).collect());
             let random: Vec<BoxedStrategy<(usize, usize, usize)>> = families
                 .into_iter()
-                .map(|f| f.combos())
-                .filter(|f| !f.is_empty())
-                .map(|f| prop::sample::select(f).boxed())
+                .filter(|f| !f.combos.is_empty())
+                .map(|f| prop::sample::select(f.combos).boxed())
                 .collect();
-            let shapes = Sizer::corners_first(corners, prop::strategy::Union::new(random).boxed());
+            let shapes = z.corners_first(corners, prop::strategy::Union::new(random).boxed());
             (1usize..=2, shapes)
                 .prop_map(|(batch, (m, k, n))| {
                     // A second batch only where it stays within the budget.
@@ -97,37 +97,34 @@ const M: usize = 0;
 const K: usize = 1;
 const N: usize = 2;
 
-/// One family of blocked-tier shapes: the extents it draws from on each
-/// axis, and the axis whose switch points it is there to cross.
+/// One family of blocked-tier shapes: every `(m, k, n)` it draws from
+/// within [`BLOCKED_WORK`], the axis whose switch points it is there to
+/// cross, and those points.
 struct Family {
-    extents: [Vec<usize>; 3],
+    combos: Vec<(usize, usize, usize)>,
     axis: usize,
     points: Vec<usize>,
 }
 
 impl Family {
+    /// The family of the extents `[ms, ks, ns]`, crossing `points` on `axis`.
     fn new(extents: [Vec<usize>; 3], axis: usize, points: &[usize]) -> Self {
-        Family {
-            extents,
-            axis,
-            points: points.to_vec(),
-        }
-    }
-
-    /// Every shape it draws from within [`BLOCKED_WORK`].
-    fn combos(&self) -> Vec<(usize, usize, usize)> {
-        let [ms, ks, ns] = &self.extents;
-        let mut v = Vec::new();
+        let [ms, ks, ns] = &extents;
+        let mut combos = Vec::new();
         for &m in ms {
             for &k in ks {
                 for &n in ns {
                     if m * k * n <= BLOCKED_WORK {
-                        v.push((m, k, n));
+                        combos.push((m, k, n));
                     }
                 }
             }
         }
-        v
+        Family {
+            combos,
+            axis,
+            points: points.to_vec(),
+        }
     }
 
     /// The shapes it must not miss: for each extent on its axis one past a
@@ -135,16 +132,18 @@ impl Family {
     /// share) or the largest on that axis, the shape with the most work
     /// that fits.
     fn corners(&self) -> Vec<(usize, usize, usize)> {
-        let on_axis = &self.extents[self.axis];
-        let largest = on_axis.iter().max().copied();
-        let combos = self.combos();
-        on_axis
-            .iter()
-            .filter(|&&d| self.points.contains(&(d - 1)) || Some(d) == largest)
-            .filter_map(|&d| {
-                combos
+        let on_axis = |&(m, k, n): &(usize, usize, usize)| [m, k, n][self.axis];
+        let largest = self.combos.iter().map(on_axis).max();
+        let mut wanted = Sizer::past(&self.points);
+        wanted.extend(largest);
+        wanted.sort_unstable();
+        wanted.dedup();
+        wanted
+            .into_iter()
+            .filter_map(|d| {
+                self.combos
                     .iter()
-                    .filter(|&&(m, k, n)| [m, k, n][self.axis] == d)
+                    .filter(|c| on_axis(c) == d)
                     .max_by_key(|&&(m, k, n)| (m * k * n, m))
                     .copied()
             })
@@ -294,52 +293,70 @@ mod tests {
     use proptest::strategy::ValueTree;
     use proptest::test_runner::TestRunner;
 
-    fn first_draws(points: SwitchPoints, count: usize) -> Vec<(usize, usize, usize, usize)> {
-        let s = dims(&Sizer {
-            tier: Tier::Blocked,
-            points,
-        });
+    /// The corners `points` give, in the order they are drawn (the draws
+    /// that follow them are random).
+    fn corners(points: SwitchPoints) -> Vec<(usize, usize, usize)> {
+        let z = Sizer::new(Tier::Blocked, points);
+        let s = dims(&z);
         let mut runner = TestRunner::deterministic();
-        (0..count)
-            .map(|_| s.new_tree(&mut runner).unwrap().current())
+        (0..z.pinned())
+            .map(|_| {
+                let (_, m, k, n) = s.new_tree(&mut runner).unwrap().current();
+                (m, k, n)
+            })
             .collect()
     }
 
     #[test]
     fn the_blocked_tier_starts_at_every_family_corner() {
-        let shapes: Vec<_> = first_draws(SwitchPoints::default(), 9)
-            .into_iter()
-            .map(|(_, m, k, n)| (m, k, n))
-            .collect();
+        // In turns: k one past 8, 256 and 512, and 2·512 + 1; whole tiles
+        // one past n = 128 and 2048; m one past 6, 8, 128 and 192; n one
+        // past 8, 16, 32, 128 and 2048 — each with the most work that fits.
         assert_eq!(
-            shapes,
+            corners(SwitchPoints::default()),
             [
-                (129, 257, 129),
+                (129, 9, 129),
                 (193, 9, 129),
-                (129, 9, 64),
-                (9, 9, 129),
-                (129, 513, 129),
+                (7, 9, 64),
+                (9, 9, 9),
+                (129, 257, 129),
                 (193, 9, 2049),
-                (193, 9, 64),
-                (9, 9, 2049),
+                (9, 9, 64),
+                (9, 9, 17),
+                (129, 513, 129),
+                (129, 9, 64),
+                (9, 9, 33),
                 (129, 1025, 64),
+                (193, 9, 64),
+                (9, 9, 129),
+                (9, 9, 2049),
             ]
         );
     }
 
     #[test]
     fn a_new_switch_point_adds_corners_and_keeps_the_others() {
-        // The point that once reshuffled the seeded draws so that none went
-        // past k = 256: now it only adds the shapes one past it.
+        // The vendor example's 48-wide tiles, and the row block of 96 that
+        // once reshuffled the seeded draws so that none went past k = 256.
         let mut points = SwitchPoints::default();
-        points.gemm_m.push(96);
-        let shapes: Vec<_> = first_draws(points, 12)
-            .into_iter()
-            .map(|(_, m, k, n)| (m, k, n))
-            .collect();
-        for deep in [257, 513, 1025] {
-            assert!(shapes.iter().any(|s| s.1 == deep), "{shapes:?}");
+        points.gemm_m.extend([48, 96]);
+        points.gemm_n.push(48);
+        let c = corners(points);
+        let any = |f: &dyn Fn(usize, usize, usize) -> bool| c.iter().any(|&(m, k, n)| f(m, k, n));
+        for deep in [9, 257, 513, 1025] {
+            assert!(any(&|_, k, _| k == deep), "k = {deep} missing: {c:?}");
         }
-        assert!(shapes.contains(&(97, 9, 64)), "{shapes:?}");
+        for tall in [7, 9, 49, 97, 129, 193] {
+            assert!(
+                any(&|m, k, _| m == tall && k <= 65),
+                "m = {tall} missing: {c:?}"
+            );
+        }
+        for wide in [9, 17, 33, 49, 129, 2049] {
+            assert!(
+                any(&|m, _, n| n == wide && m <= 9),
+                "n = {wide} missing: {c:?}"
+            );
+        }
     }
 }

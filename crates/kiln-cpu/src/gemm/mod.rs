@@ -524,12 +524,17 @@ pub(crate) fn blocking_of(set: KernelSet) -> Blocking {
     *SETS[slot].get_or_init(|| Blocking::for_tile(fma, mr, nr))
 }
 
-/// The rows and columns of `set`'s widest micro-kernel, `MR × NR`.
+/// The rows and columns of `set`'s widest micro-kernel, `MR × NR` (8 × 8
+/// for the scalar loops, and for a set this target has no kernel of).
 fn tile_of(set: KernelSet) -> (usize, usize) {
     match set {
-        KernelSet::Avx512 => (8, 32),
-        KernelSet::Avx2 => (6, 16),
-        KernelSet::Neon | KernelSet::Scalar => (8, 8),
+        #[cfg(target_arch = "x86_64")]
+        KernelSet::Avx512 => (avx512::Avx512::MR, avx512::Avx512::NR),
+        #[cfg(target_arch = "x86_64")]
+        KernelSet::Avx2 => (avx2::Avx2::MR, avx2::Avx2::NR),
+        #[cfg(target_arch = "aarch64")]
+        KernelSet::Neon => (neon::Neon::MR, neon::Neon::NR),
+        _ => (8, 8),
     }
 }
 
@@ -974,35 +979,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_switch_points_are_the_kernels_tile_and_this_machines_blocking() {
-        #[cfg(target_arch = "x86_64")]
-        {
-            assert_eq!(
-                tile_of(KernelSet::Avx512),
-                (avx512::Avx512::MR, avx512::Avx512::NR)
+    fn the_backend_declares_its_tile_and_this_machines_blocking() {
+        for set in KernelSet::ALL.into_iter().filter(|s| s.available()) {
+            let cpu = crate::CpuBackend::with_kernels(set).unwrap();
+            let caps = kiln_core::Backend::capabilities(&cpu);
+            assert!(caps.validate().is_ok());
+            let (p, b) = (&caps.switch_points, blocking_of(set));
+            let (mr, nr) = tile_of(set);
+            assert!(
+                p.gemm_m.contains(&mr) && p.gemm_m.contains(&b.mc),
+                "{set:?}"
             );
-            assert_eq!(tile_of(KernelSet::Avx2), (avx2::Avx2::MR, avx2::Avx2::NR));
-        }
-        #[cfg(target_arch = "aarch64")]
-        assert_eq!(tile_of(KernelSet::Neon), (neon::Neon::MR, neon::Neon::NR));
-        for set in KernelSet::ALL {
-            let (p, b) = (switch_points(set), blocking_of(set));
+            assert!(
+                p.gemm_n.contains(&nr) && p.gemm_n.contains(&b.nc),
+                "{set:?}"
+            );
             assert!(
                 p.gemm_k.contains(&b.kc) && p.conv_patch.contains(&b.kc),
                 "{set:?}"
             );
-            assert!(
-                p.gemm_m.contains(&b.mc) && p.gemm_n.contains(&b.nc),
-                "{set:?}"
-            );
+            // kiln's defaults stay declared.
+            let mut merged = p.clone();
+            merged.merge(&kiln_core::SwitchPoints::default());
+            assert_eq!(&merged, p, "{set:?}");
         }
-        // The backend's capabilities add them to kiln's defaults.
-        let cpu = crate::CpuBackend::reference();
-        let caps = kiln_core::Backend::capabilities(&cpu);
-        let mut want = kiln_core::SwitchPoints::default();
-        want.merge(&switch_points(cpu.kernels()));
-        assert_eq!(caps.switch_points, want);
-        assert!(caps.validate().is_ok());
     }
 
     /// `tile_into` with B read in place (rows `rsb` apart) and from a packed

@@ -69,7 +69,8 @@ pub use tier::{Depth, Sizer, Tier};
 pub struct Config {
     /// Random cases per check in the edge tier.
     pub cases: u32,
-    /// Random cases per check in the blocked tier.
+    /// Cases per check in the blocked tier (at least the check's corners:
+    /// [`Sizer::corners_first`]).
     pub blocked_cases: u32,
     /// Random cases per check in the large tier.
     pub large_cases: u32,
@@ -447,8 +448,7 @@ where
     for &tier in tiers {
         let sizer = Sizer::new(tier, points.clone());
         let strategy = strategy(&sizer);
-        let min_cases = tier.min_cases().max(sizer.pinned());
-        let (t, failure) = run_tier(op, dtype, cfg, tier, min_cases, strategy, &test);
+        let (t, failure) = run_tier(op, dtype, cfg, tier, sizer.pinned(), strategy, &test);
         report.cases += t.cases;
         if t.worst >= report.worst {
             report.worst = t.worst;
@@ -474,7 +474,7 @@ fn run_tier<V, F>(
     dtype: DType,
     cfg: &Config,
     tier: Tier,
-    min_cases: u32,
+    pinned: u32,
     strategy: BoxedStrategy<V>,
     test: &F,
 ) -> (TierReport, Option<String>)
@@ -493,8 +493,10 @@ where
     seed[..8].copy_from_slice(&cfg.seed.to_le_bytes());
     seed[8..16].copy_from_slice(&h.to_le_bytes());
     let budget = cfg.budget_for(tier);
+    // Every pinned corner is drawn, and run whatever the budget says.
+    let min_cases = tier.min_cases().max(pinned);
     let config = PropConfig {
-        cases: cfg.cases_for(tier),
+        cases: cfg.cases_for(tier).max(pinned),
         failure_persistence: None,
         // Shrinking is bounded by steps, not by the tier's time budget, so
         // that a failure's reproduction line (which runs with no budget)

@@ -678,6 +678,23 @@ fn faults_at_size_are_caught_whatever_the_seed_and_the_points() {
 }
 
 #[test]
+fn every_corner_runs_however_few_cases_and_little_time_are_given() {
+    // The deep-k corners come 5th, 9th and 12th of the GEMM's 15: asked
+    // for 2 cases with no time at all, the blocked tier still runs all 15.
+    let tight = |cfg: &mut Config| {
+        cfg.blocked_cases = 2;
+        cfg.budget = Some(std::time::Duration::ZERO);
+    };
+    let clean = planted(Fault::None, "gemm", tight);
+    assert_eq!(clean.status, Status::Pass, "{:?}", clean.failure);
+    assert_eq!(clean.tiers[1].cases, 15);
+    assert_eq!(
+        planted(Fault::GemmPastK256, "gemm", tight).status,
+        Status::Fail
+    );
+}
+
+#[test]
 fn the_edge_tier_alone_misses_them() {
     // Why the tiers exist: small sizes never reach these paths.
     for (fault, op) in [

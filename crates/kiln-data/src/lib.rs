@@ -34,5 +34,5 @@ pub mod text;
 pub use augment::{Affine, Augment};
 pub use dataset::{Dataset, Split, Targets};
 pub use idx::{parse_idx, read_idx, IdxArray};
-pub use loader::{Batch, DataLoader};
+pub use loader::{Batch, Batches, DataLoader};
 pub use text::{TextCorpus, TextSplit, Vocab};

@@ -587,6 +587,34 @@ mod tests {
     }
 
     #[test]
+    fn the_next_epoch_opened_before_this_one_ends_is_built_ahead_and_in_its_own_order() {
+        // What the trainer does at an epoch's last step: the next epoch's
+        // first batches are built on the lent threads while this one's
+        // last batch is still in use.
+        let plain = DataLoader::new(sample(), 300).shuffle(5);
+        let want: Vec<Vec<Batch>> = (0..2).map(|e| plain.epoch(e).collect()).collect();
+        let (units, (tx, rx)) = (Arc::new(AtomicUsize::new(0)), std::sync::mpsc::channel());
+        let loader = DataLoader {
+            lender: Some(eager(&units, tx)),
+            ..plain
+        };
+        let mut first = loader.epoch(0);
+        let mut got: Vec<Batch> = first.by_ref().take(want[0].len() - 1).collect();
+        let second = loader.epoch(1);
+        wait_for(|| second.ahead.lock().done.len() == 2);
+        assert_eq!(second.ahead.lock().done.len(), 2, "built ahead");
+        got.extend(first.by_ref());
+        assert_eq!(got, want[0]);
+        drop(first);
+        got = second.collect();
+        assert_eq!(got, want[1]);
+        // Each epoch's lent work ended with it.
+        for _ in 0..2 {
+            rx.recv().unwrap().join().unwrap();
+        }
+    }
+
+    #[test]
     fn lent_threads_build_no_further_ahead_than_the_prefetch_and_stop_with_the_epoch() {
         let (units, (tx, rx)) = (Arc::new(AtomicUsize::new(0)), std::sync::mpsc::channel());
         let loader = DataLoader {

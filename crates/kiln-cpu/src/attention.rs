@@ -37,7 +37,7 @@ use kiln_core::plan::AttentionPlan;
 use kiln_core::{AttentionGrads, AttentionOptions, HostData, Result, UnaryOp, View};
 
 use crate::fresh;
-use crate::norm::lane_sum;
+use crate::norm::{combine, lane_sum, lane_sum_whole};
 use crate::scratch;
 use crate::vector::convert;
 use crate::vector::ops::{transcendental, MapKernel};
@@ -288,23 +288,58 @@ fn transposed_weighted_loop(w: &[f32], x: &[f32], d: usize, c: Causal, out: &mut
 /// keys it sees, zeros after: the model of
 /// [`SoftmaxRow`](kiln_core::bounds::SoftmaxRow) — the max, shifts, `exp`,
 /// a fixed-order sum, a division.
+///
+/// A row is worked on in whole vectors: its scores past the keys it sees
+/// are set to −∞ up to the next multiple of [`LANES`] (the max ignores
+/// them) and its probabilities there to 0 before the sum (which adds them
+/// to partial sums they leave unchanged), so no loop has a scalar tail —
+/// the rows of a causal problem are 1 to `S` keys long, and their tails
+/// took half the softmax's time. The bits are those of the row alone.
 #[inline(always)]
 fn softmax_rows_loop(p: &mut [f32], c: Causal, exp: MapKernel, shifted: &mut [f32]) {
     for i in c.lo..c.hi {
         let (seen, row) = (c.seen(i), &mut p[(i - c.lo) * c.sp..(i - c.lo + 1) * c.sp]);
-        let (vis, rest) = row.split_at_mut(seen);
-        let max = wide::max_loop(vis);
-        for (s, &x) in shifted.iter_mut().zip(vis.iter()) {
-            *s = x - max;
+        let whole = seen.next_multiple_of(LANES);
+        let (row, rest) = row.split_at_mut(whole);
+        row[seen..].fill(f32::NEG_INFINITY);
+        let max = row_max(row.as_chunks::<LANES>().0);
+        let shifted = &mut shifted[..whole];
+        for (s, x) in shifted
+            .as_chunks_mut::<LANES>()
+            .0
+            .iter_mut()
+            .zip(row.as_chunks::<LANES>().0)
+        {
+            for (s, &x) in s.iter_mut().zip(x) {
+                *s = x - max;
+            }
         }
         // SAFETY: `exp` came from `transcendental` for a checked set.
-        unsafe { exp(&shifted[..seen], vis) };
-        let sum = lane_sum(seen, |j| vis[j]);
-        for x in vis.iter_mut() {
-            *x /= sum;
+        unsafe { exp(&shifted[..seen], &mut row[..seen]) };
+        row[seen..].fill(0.0);
+        let sum = lane_sum_whole(row.as_chunks::<LANES>().0);
+        for x in row.as_chunks_mut::<LANES>().0 {
+            for x in x.iter_mut() {
+                *x /= sum;
+            }
         }
         rest.fill(0.0);
     }
+}
+
+/// The largest of a row's scores, NaN aside: a NaN score still makes the
+/// row's probabilities all NaN (its shifted score is NaN, so is the sum
+/// every probability is divided by), as a NaN maximum would.
+#[inline(always)]
+fn row_max(x: &[[f32; LANES]]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    for chunk in x {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    acc.iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
 /// `dS = P∘(dP − δ)` in place of `dP`, `δᵢ = Σⱼ PᵢⱼdPᵢⱼ` over the keys row
@@ -313,13 +348,35 @@ fn softmax_rows_loop(p: &mut [f32], c: Causal, exp: MapKernel, shifted: &mut [f3
 fn score_grads_loop(p: &[f32], dp: &mut [f32], c: Causal) {
     for i in c.lo..c.hi {
         let (seen, at) = (c.seen(i), (i - c.lo) * c.sp);
-        let (pr, dr) = (&p[at..][..seen], &mut dp[at..at + c.sp]);
-        let delta = lane_sum(seen, |j| pr[j] * dr[j]);
-        let (vis, rest) = dr.split_at_mut(seen);
-        for (g, &pj) in vis.iter_mut().zip(pr) {
-            *g = pj * (*g - delta);
+        // Whole vectors, as in `softmax_rows_loop`: past the keys seen,
+        // `P` is 0 and `dP` is set to 0, adding nothing to δ.
+        let whole = seen.next_multiple_of(LANES);
+        let (pr, dr) = (&p[at..][..whole], &mut dp[at..at + c.sp]);
+        dr[seen..whole].fill(0.0);
+        // `lane_sum` of the products, a vector at a time.
+        let mut acc = [0f32; LANES];
+        for (pj, g) in pr
+            .as_chunks::<LANES>()
+            .0
+            .iter()
+            .zip(dr.as_chunks::<LANES>().0)
+        {
+            for (a, (&pj, &g)) in acc.iter_mut().zip(pj.iter().zip(g)) {
+                *a += pj * g;
+            }
         }
-        rest.fill(0.0);
+        let delta = combine(acc);
+        for (g, pj) in dr
+            .as_chunks_mut::<LANES>()
+            .0
+            .iter_mut()
+            .zip(pr.as_chunks::<LANES>().0)
+        {
+            for (g, &pj) in g.iter_mut().zip(pj) {
+                *g = pj * (*g - delta);
+            }
+        }
+        dr[seen..].fill(0.0);
     }
 }
 
@@ -371,13 +428,12 @@ wide::per_set! {
     fn score_grads(p: &[f32], dp: &mut [f32], c: Causal) -> () = score_grads_loop;
 }
 
-/// `x` (`[rows, cols]` row-major) transposed into `out` (`[cols, stride]`).
+/// `x` (`[rows, cols]` row-major) transposed into `out` (`[cols, stride]`),
+/// 8 × 8 blocks through registers where AVX is present (one scattered
+/// store per element made the transposes of a GPT's keys a tenth of its
+/// attention's forward pass).
 fn transpose(x: &[f32], rows: usize, cols: usize, stride: usize, out: &mut [f32]) {
-    for (r, row) in x.chunks_exact(cols.max(1)).take(rows).enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            out[c * stride + r] = v;
-        }
-    }
+    crate::gemm::pack::transpose_into(x, cols, [rows, cols], out, stride);
 }
 
 /// One problem's operands (f32, row-major), its keys transposed (unless
@@ -422,7 +478,7 @@ impl<'a> Problem<'a> {
         let rows = QUERY_BLOCK.min(plan.queries) * sp;
         let m = if plan.dropout.is_some() { rows } else { 0 };
         let kt = if Self::direct(plan) { 0 } else { plan.dim * sp };
-        [kt, rows, m, plan.keys]
+        [kt, rows, m, sp]
     }
 
     /// Runs `f` on problem `b` of `plan`, its buffers from the thread's

@@ -40,6 +40,26 @@ pub(crate) fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
     for (l, i) in (full..n).enumerate() {
         acc[l] += f(i);
     }
+    combine(acc)
+}
+
+/// [`lane_sum`] of whole vectors: the same partial sums and the same
+/// result, without the per-element indexing that keeps the compiler from
+/// adding a vector at a time.
+#[inline(always)]
+pub(crate) fn lane_sum_whole(x: &[[f32; LANES]]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for chunk in x {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += v;
+        }
+    }
+    combine(acc)
+}
+
+/// The [`LANES`] partial sums added pairwise: [`lane_sum`]'s last step.
+#[inline(always)]
+pub(crate) fn combine(mut acc: [f32; LANES]) -> f32 {
     let mut width = LANES;
     while width > 1 {
         width /= 2;

@@ -158,3 +158,48 @@ fn a_lone_row_gives_the_blocks_bits() -> Result<()> {
     }
     Ok(())
 }
+
+/// A NaN key makes every query that sees it NaN and leaves the queries
+/// before it as they were: the softmax's rows are worked on in whole
+/// vectors, padded past the keys each query sees, and their maximum skips
+/// NaN (the NaN reaches the sum instead), so a NaN must still spread to
+/// exactly the rows it is in — forward and backward, at a key inside a
+/// vector, at one that ends a vector and at the last key.
+#[test]
+fn a_nan_key_spreads_to_exactly_the_queries_that_see_it() -> Result<()> {
+    for (set, threads, b) in backends()? {
+        for (t, d, nan_key) in [(40, 8, 21), (40, 8, 15), (40, 8, 39), (70, 16, 64)] {
+            let layout = contiguous(&[1, t, d]);
+            let [q, mut k, v, dy] = [1, 2, 3, 4].map(|seed| values(t * d, seed));
+            let run_with = |k: &[f32]| {
+                let [q, k, v, dy] = [&q[..], k, &v, &dy].map(|x| HostData::F32(x.to_vec()));
+                let options = AttentionOptions::new(0.5);
+                run(
+                    &b,
+                    [(&q, &layout), (&k, &layout), (&v, &layout), (&dy, &layout)],
+                    &options,
+                )
+            };
+            let clean = run_with(&k)?;
+            k[nan_key * d + d / 2] = f32::NAN;
+            let [y, dq, _, _] = run_with(&k)?;
+            for (what, got, want) in [("y", &y, &clean[0]), ("dq", &dq, &clean[1])] {
+                for i in 0..t {
+                    let row = &got[i * d..(i + 1) * d];
+                    if i < nan_key {
+                        assert!(
+                            same_bits(row, &want[i * d..(i + 1) * d]),
+                            "{set:?}, {threads} threads, T = {t}: {what} row {i} changed by NaN key {nan_key}"
+                        );
+                    } else {
+                        assert!(
+                            row.iter().all(|x| x.is_nan()),
+                            "{set:?}, {threads} threads, T = {t}: {what} row {i} sees NaN key {nan_key}: {row:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

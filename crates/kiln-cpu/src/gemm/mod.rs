@@ -24,7 +24,7 @@
 
 pub(crate) mod blocking;
 mod narrow;
-mod pack;
+pub(crate) mod pack;
 mod rows;
 #[cfg(target_arch = "x86_64")]
 mod tile;

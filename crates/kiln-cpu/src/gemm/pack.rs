@@ -182,7 +182,13 @@ pub(crate) fn pack_a(
 /// apart. Blocks of 8 × 8 go through registers where AVX is available
 /// (a scattered store per element made packing a CNN's `dy·Wᵀ` 6 % of its
 /// epoch), the rest one element at a time.
-fn transpose_into(src: &[f32], stride: usize, [cols, kc]: [usize; 2], dst: &mut [f32], ld: usize) {
+pub(crate) fn transpose_into(
+    src: &[f32],
+    stride: usize,
+    [cols, kc]: [usize; 2],
+    dst: &mut [f32],
+    ld: usize,
+) {
     if cols == 0 || kc == 0 {
         return;
     }

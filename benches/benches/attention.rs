@@ -3,7 +3,10 @@
 //! backward pass against the same product composed from the primitive ops
 //! the GPT ran before it (a scaled batched GEMM, the causal softmax, a
 //! second GEMM), at GPT config A's shape (48 heads of 64 × 32: batch 12 ×
-//! 4 heads) and at a longer context (24 heads of 256 × 64).
+//! 4 heads) and at a longer context (24 heads of 256 × 64); and the copies
+//! around it in the GPT's attention layer at config A's shape: the QKV
+//! projection's `[n, t, 3, heads, d]` split head-major, and the heads'
+//! outputs merged back to `[n, t, heads·d]`.
 
 use criterion::{criterion_main, BenchmarkId, Criterion, Throughput};
 use kiln_core::{Backend, GemmEpilogue, HostData, Layout, Shape, View};
@@ -85,11 +88,37 @@ fn attention(c: &mut Criterion) {
     }
 }
 
+fn heads(c: &mut Criterion) {
+    let (n, t, h, d) = (12, 64, 4, 32);
+    for set in KernelSet::ALL.into_iter().filter(|k| k.available()) {
+        let b = CpuBackend::with_kernels(set).expect("available");
+        let mut group = c.benchmark_group(format!("heads/{}", set.name()));
+        group.sample_size(20);
+        group.throughput(Throughput::Elements((n * t * 3 * h * d) as u64));
+        let qkv = b.upload(&values(n * t * 3 * h * d, 1)).expect("upload");
+        let split = layout(&[n, t, 3, h, d])
+            .permute(&[2, 3, 0, 1, 4])
+            .expect("permute");
+        group.bench_function("split", |bench| {
+            bench.iter(|| b.contiguous(View::new(&qkv, &split)).expect("split"))
+        });
+        group.throughput(Throughput::Elements((n * t * h * d) as u64));
+        let y = b.upload(&values(h * n * t * d, 2)).expect("upload");
+        let merge = layout(&[h, n, t, d])
+            .permute(&[1, 2, 0, 3])
+            .expect("permute");
+        group.bench_function("merge", |bench| {
+            bench.iter(|| b.contiguous(View::new(&y, &merge)).expect("merge"))
+        });
+        group.finish();
+    }
+}
+
 // criterion_group! generates an undocumented function.
 #[allow(missing_docs)]
 mod group {
     use super::*;
-    criterion::criterion_group!(benches, attention);
+    criterion::criterion_group!(benches, attention, heads);
 }
 use group::benches;
 criterion_main!(benches);

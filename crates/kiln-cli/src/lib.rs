@@ -1340,8 +1340,7 @@ fn run_report<B: Backend>(a: ReportArgs, backend: B) -> Result<()> {
 
 /// A run saved by `COMMAND --json FILE`, read back.
 fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path, command: &str) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let text = kiln_core::files::read_to_string(path, &format!("{command} run"))?;
     serde_json::from_str(&text).map_err(|e| {
         Error::invalid(format!(
             "{}: not a {command} run ({e}); write one with {command} --json FILE",

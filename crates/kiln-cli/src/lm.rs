@@ -20,7 +20,9 @@ pub(crate) fn is_lm_run(a: &TrainArgs) -> Result<bool> {
             return Ok(true);
         }
         if m.ends_with(".toml") {
-            if let Ok(text) = std::fs::read_to_string(m) {
+            if let Ok(text) =
+                kiln_core::files::read_to_string(std::path::Path::new(m), "model spec")
+            {
                 if GptConfig::is_gpt_toml(&text) {
                     return Ok(true);
                 }
@@ -44,8 +46,7 @@ fn gpt_config(model: Option<&str>) -> Result<GptConfig> {
     match model {
         None | Some("gpt") => Ok(GptConfig::char_small()),
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| Error::io(format!("reading the model spec {path}"), e))?;
+            let text = kiln_core::files::read_to_string(std::path::Path::new(path), "model spec")?;
             if !GptConfig::is_gpt_toml(&text) {
                 return Err(Error::invalid(format!(
                     "{path} is not a GPT spec (no [gpt] table, as in models/gpt-char.toml); a text dataset trains a GPT"

@@ -130,8 +130,7 @@ impl ServeArgs {
     /// The bearer token, if any; refuses an open non-loopback bind.
     fn token(&self) -> Result<Option<Vec<u8>>> {
         if let Some(path) = &self.token_file {
-            let text = std::fs::read(path)
-                .map_err(|e| Error::io(format!("reading the token file {}", path.display()), e))?;
+            let text = kiln_core::files::read(path, "token file")?;
             let token = text.trim_ascii().to_vec();
             if token.len() < 16 || token.iter().any(|b| !b.is_ascii_graphic()) {
                 return Err(Error::invalid(format!(

@@ -228,6 +228,22 @@ fn errors_are_one_clear_line_and_a_nonzero_exit() {
         "{}",
         stderr(&o)
     );
+
+    // Endless inputs (devices) are refused before a byte is
+    // read: each once read until memory ran out.
+    for args in [
+        vec!["eval", "--model", "/dev/zero"],
+        vec!["train", "--model", "gpt", "--dataset", "text:/dev/urandom"],
+        vec!["plot", "/dev/zero"],
+    ] {
+        let o = kiln(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&o).contains("not a regular file") && stderr(&o).lines().count() == 1,
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
 }
 
 #[test]

@@ -30,6 +30,7 @@ pub mod conv;
 pub mod dtype;
 pub mod embedding;
 pub mod error;
+pub mod files;
 pub mod idle;
 pub mod layout;
 pub mod norm;

@@ -183,8 +183,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Reads and decodes an IDX file, gunzipping it if it starts with the gzip magic.
 pub fn read_idx(path: &Path) -> Result<IdxArray> {
-    let raw =
-        std::fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let raw = kiln_core::files::read(path, "IDX file")?;
     decode(&raw).map_err(|source| Error::Data {
         path: path.to_path_buf(),
         source,

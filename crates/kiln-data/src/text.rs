@@ -137,8 +137,7 @@ impl TextCorpus {
     /// A corpus read from a UTF-8 file (`--dataset text:FILE`); a missing,
     /// non-UTF-8 or empty file is an error saying so.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| Error::io(format!("reading the text {}", path.display()), e))?;
+        let bytes = kiln_core::files::read(path, "text")?;
         let text = String::from_utf8(bytes).map_err(|e| {
             Error::invalid(format!(
                 "{} is not UTF-8 text (invalid byte at offset {}); kiln trains on UTF-8 files",

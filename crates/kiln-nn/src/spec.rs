@@ -847,8 +847,7 @@ impl ModelSpec {
         if !matches!(ext, Some("toml" | "json")) {
             return Self::builtin(name_or_path);
         }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading the model spec {}", path.display()), e))?;
+        let text = kiln_core::files::read_to_string(path, "model spec")?;
         let parsed = if ext == Some("toml") {
             #[cfg(feature = "toml")]
             let spec = Self::from_toml(&text);

@@ -217,8 +217,7 @@ pub fn load<B: Backend>(path: &Path, backend: &B) -> Result<Restored<B>> {
     } else {
         path.to_path_buf()
     };
-    let bytes = std::fs::read(&file)
-        .map_err(|e| Error::io(format!("reading checkpoint {}", file.display()), e))?;
+    let bytes = kiln_core::files::read(&file, "checkpoint")?;
     from_bytes(&bytes, backend)
         .map(|(model, optimizer, progress)| Restored {
             model,

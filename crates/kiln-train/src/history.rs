@@ -126,8 +126,7 @@ impl History {
 
     /// Reads a JSON-lines history file.
     pub fn read_jsonl(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let text = kiln_core::files::read_to_string(path, "history")?;
         let epochs = text
             .lines()
             .filter(|l| !l.trim().is_empty())

@@ -305,8 +305,7 @@ impl<B: Backend> LmTrainer<B> {
     /// `optimizer` must be of the checkpoint's kind.
     pub fn resume(path: &Path, optimizer: Adam<B>, backend: B) -> Result<Self> {
         let file = newest_checkpoint(path)?;
-        let bytes = std::fs::read(&file)
-            .map_err(|e| Error::io(format!("reading checkpoint {}", file.display()), e))?;
+        let bytes = kiln_core::files::read(&file, "checkpoint")?;
         let named = |e: Error| match e {
             Error::InvalidArgument(msg) => Error::Data {
                 path: file.clone(),
@@ -768,8 +767,7 @@ pub fn vocab_of(metadata: &HashMap<String, String>) -> Result<Vocab> {
 /// language-model checkpoint; a file that cannot be read is an error.
 pub fn is_lm_checkpoint(path: &Path) -> Result<bool> {
     let file = newest_checkpoint(path)?;
-    let bytes = std::fs::read(&file)
-        .map_err(|e| Error::io(format!("reading checkpoint {}", file.display()), e))?;
+    let bytes = kiln_core::files::read(&file, "checkpoint")?;
     Ok(safetensors::SafeTensors::read_metadata(&bytes)
         .ok()
         .and_then(|(_, m)| {

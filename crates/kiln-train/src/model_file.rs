@@ -224,8 +224,7 @@ pub struct Loaded<B: Backend> {
 
 /// Loads a model saved by [`save`], checking every tensor against the spec.
 pub fn load<B: Backend>(path: &Path, backend: &B) -> Result<Loaded<B>> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::io(format!("reading model file {}", path.display()), e))?;
+    let bytes = kiln_core::files::read(path, "model file")?;
     from_bytes(&bytes, backend).map_err(|e| match e {
         Error::InvalidArgument(msg) => Error::Data {
             path: path.to_path_buf(),
@@ -245,8 +244,7 @@ pub fn load_for_inference<B: Backend>(path: &Path, backend: &B) -> Result<(Loade
     } else {
         path.to_path_buf()
     };
-    let bytes = std::fs::read(&file)
-        .map_err(|e| Error::io(format!("reading model file {}", file.display()), e))?;
+    let bytes = kiln_core::files::read(&file, "model file")?;
     let loaded = from_bytes_with_extra(&bytes, backend, "optimizer.")
         .map_err(|e| Error::invalid(format!("{}: {e}", file.display())))?;
     Ok((

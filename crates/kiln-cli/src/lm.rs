@@ -261,7 +261,7 @@ pub(crate) fn run_train_lm<B: Backend>(
     let sample = generate(
         trainer.model(),
         trainer.vocab(),
-        "\n",
+        &trainer.vocab().start(),
         &SampleConfig {
             tokens: 200,
             ..SampleConfig::default()
@@ -281,9 +281,10 @@ pub(crate) struct GenerateArgs {
     /// The model: a run folder (its model.safetensors), a model file, or a checkpoint.
     #[arg(long)]
     model: PathBuf,
-    /// The text to continue.
-    #[arg(long, default_value = "\n")]
-    prompt: String,
+    /// The text to continue (default: a new line, or the vocabulary's
+    /// first character where it has no new line).
+    #[arg(long)]
+    prompt: Option<String>,
     /// Tokens (characters) to generate.
     #[arg(long, default_value_t = 500)]
     tokens: usize,
@@ -335,7 +336,7 @@ pub(crate) fn load_lm<B: Backend>(
     backend: &B,
 ) -> Result<(Sequential<B>, kiln_data::Vocab, PathBuf)> {
     let (loaded, file) = model_file::load_for_inference(path, backend)?;
-    let vocab = trainer_lm::vocab_of(&loaded.metadata)
+    let vocab = trainer_lm::vocab_for(&loaded.model, &loaded.metadata)
         .map_err(|e| Error::invalid(format!("{}: {e}", file.display())))?;
     Ok((loaded.model, vocab, file))
 }
@@ -349,7 +350,8 @@ pub(crate) fn run_generate<B: Backend>(a: &GenerateArgs, backend: B) -> Result<(
         seed: a.seed,
         cache: !a.no_cache,
     };
-    let out = generate(&model, &vocab, &a.prompt, &cfg)
+    let prompt = a.prompt.clone().unwrap_or_else(|| vocab.start());
+    let out = generate(&model, &vocab, &prompt, &cfg)
         .map_err(|e| Error::invalid(format!("{}: {e}", file.display())))?;
     if a.format == "json" {
         let mut v = serde_json::to_value(&out).map_err(|e| Error::invalid(e.to_string()))?;

@@ -511,7 +511,7 @@ pub fn serve(a: ServeArgs, backend: CpuBackend, stop: Arc<AtomicBool>) -> Result
     // Model files and checkpoints alike (a checkpoint's optimiser state is ignored).
     let (loaded, _) = model_file::load_for_inference(&a.model, &backend)?;
     let text = match loaded.model.takes_tokens() {
-        true => Some(kiln_train::lm::vocab_of(&loaded.metadata)?),
+        true => Some(kiln_train::lm::vocab_for(&loaded.model, &loaded.metadata)?),
         false => None,
     };
     let pixels: usize = loaded.model.input_shape().iter().product();

@@ -304,3 +304,45 @@ fn bad_gpt_runs_are_one_clear_line() {
         text(&o).1
     );
 }
+
+/// A text with no new line (the default prompt) still trains, samples and
+/// generates: both start from the vocabulary's first character; a prompt
+/// outside the vocabulary is refused with the vocabulary listed.
+#[test]
+fn a_text_without_new_lines_trains_and_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, _) = setup(dir.path());
+    let corpus = dir.path().join("one-line.txt");
+    std::fs::write(&corpus, "abcab".repeat(60)).unwrap();
+    let out = dir.path().join("run");
+    let o = kiln(&[
+        "train",
+        "--model",
+        &spec,
+        "--iters",
+        "3",
+        "--eval-every",
+        "3",
+        "--eval-iters",
+        "1",
+        "--plain",
+        "--dataset",
+        &format!("text:{}", corpus.display()),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(stdout.contains("sample (200 tokens"), "{stdout}");
+    let run = out.to_str().unwrap();
+    let o = kiln(&["generate", "--model", run, "--tokens", "20"]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(stdout.trim().starts_with('a'), "{stdout}");
+    let o = kiln(&["generate", "--model", run, "--prompt", "x"]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("'x'") && err.contains("\"abc\""),
+        "{err}"
+    );
+}

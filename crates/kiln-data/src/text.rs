@@ -69,6 +69,23 @@ impl Vocab {
         &self.chars
     }
 
+    /// A prompt every model of this vocabulary can start from: a new line
+    /// where the vocabulary has one (a text's lines start there), else its
+    /// first character.
+    ///
+    /// ```
+    /// use kiln_data::text::Vocab;
+    /// assert_eq!(Vocab::of("ab\ncd").start(), "\n");
+    /// assert_eq!(Vocab::of("一二三").start(), "一");
+    /// ```
+    pub fn start(&self) -> String {
+        if self.chars.contains(&'\n') {
+            "\n".into()
+        } else {
+            self.chars.first().map(char::to_string).unwrap_or_default()
+        }
+    }
+
     /// The token ids of `text`; a character outside the vocabulary is an
     /// error naming it.
     ///
@@ -90,12 +107,24 @@ impl Vocab {
             .map(|c| {
                 index.get(&c).copied().ok_or_else(|| {
                     Error::invalid(format!(
-                        "the character {c:?} is not in the model's vocabulary of {} characters",
-                        self.chars.len()
+                        "the character {c:?} is not in the model's vocabulary of {} characters: {}",
+                        self.chars.len(),
+                        self.listed()
                     ))
                 })
             })
             .collect()
+    }
+
+    /// The characters for a message: all of them, escaped, up to 100.
+    fn listed(&self) -> String {
+        const SHOWN: usize = 100;
+        let shown: String = self.chars.iter().take(SHOWN).collect();
+        let more = self.chars.len().saturating_sub(SHOWN);
+        match more {
+            0 => format!("{shown:?}"),
+            _ => format!("{shown:?} and {more} more"),
+        }
     }
 
     /// The text of token ids (ids outside the vocabulary become U+FFFD).

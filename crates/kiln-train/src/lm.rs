@@ -763,6 +763,42 @@ pub fn vocab_of(metadata: &HashMap<String, String>) -> Result<Vocab> {
     Vocab::from_chars(chars.chars().collect())
 }
 
+/// The vocabulary in a language model's `metadata` ([`vocab_of`]), which
+/// must have a character for every token `model` predicts: a file whose
+/// vocabulary was edited or cut would otherwise decode some tokens as
+/// U+FFFD, or fail only when an extra character is used.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use kiln_cpu::CpuBackend;
+/// use kiln_nn::{GptConfig, Sequential};
+/// use kiln_train::lm::{vocab_for, VOCAB_KEY};
+///
+/// let b = CpuBackend::reference();
+/// let cfg = GptConfig { n_layer: 1, n_head: 1, n_embd: 8, block_size: 8, ..GptConfig::char_small() };
+/// let model = Sequential::from_spec(&cfg.spec(3)?, 1, &b)?;
+/// let meta = |chars: &str| HashMap::from([(VOCAB_KEY.to_string(), format!("{chars:?}"))]);
+/// assert_eq!(vocab_for(&model, &meta("abc"))?.len(), 3);
+/// let e = vocab_for(&model, &meta("ab")).unwrap_err().to_string();
+/// assert!(e.contains("2 characters but it predicts 3 tokens"), "{e}");
+/// # Ok::<(), kiln_core::Error>(())
+/// ```
+pub fn vocab_for<B: Backend>(
+    model: &Sequential<B>,
+    metadata: &HashMap<String, String>,
+) -> Result<Vocab> {
+    let vocab = vocab_of(metadata)?;
+    let tokens = model.output_shape()?.last().copied().unwrap_or(0);
+    if vocab.len() != tokens {
+        return Err(Error::invalid(format!(
+            "the model's vocabulary has {} characters but it predicts {tokens} tokens: \
+             the file was edited or damaged; use the run's own model.safetensors",
+            vocab.len()
+        )));
+    }
+    Ok(vocab)
+}
+
 /// Whether `path` (a checkpoint file, or a folder: its newest) is a
 /// language-model checkpoint; a file that cannot be read is an error.
 pub fn is_lm_checkpoint(path: &Path) -> Result<bool> {
@@ -810,7 +846,7 @@ fn from_bytes<B: Backend>(
     let progress: LmProgress = serde_json::from_str(json)
         .map_err(|e| Error::invalid(format!("checkpoint progress: {e}")))?;
     progress.validate()?;
-    let vocab = vocab_of(&loaded.metadata)?;
+    let vocab = vocab_for(&loaded.model, &loaded.metadata)?;
     let slots = crate::checkpoint::optimizer_slots(loaded.extra)?;
     let state = OptimizerState {
         kind: progress.optimizer.clone(),

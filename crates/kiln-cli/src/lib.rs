@@ -18,7 +18,7 @@
 //! name the program as it was started, so they rerun as printed.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -164,7 +164,9 @@ struct TrainArgs {
     /// ImageDataGenerator: rotation ±20°, shifts ±10 %, zoom ±10 %).
     #[arg(long)]
     augment: bool,
-    /// Output folder for model.safetensors and history.jsonl [default: runs/MODEL-DATASET].
+    /// Output folder for model.safetensors and history.jsonl [default:
+    /// runs/MODEL-DATASET, or with --resume the folder holding the
+    /// checkpoint's `checkpoints/`].
     #[arg(long)]
     out: Option<PathBuf>,
     /// One plain line per epoch instead of a progress bar.
@@ -824,7 +826,15 @@ fn run_train<B: Backend>(
         train_set = train_set.take(n);
     }
     let test_set = Dataset::load(&dataset, Split::Test, a.data.as_deref())?;
-    let out = a.out.clone().unwrap_or_else(|| {
+    // A resumed run writes where the checkpoint's run did: the folder
+    // that holds its `checkpoints/`.
+    let resumed_out = restored
+        .as_ref()
+        .and_then(|r| r.path.parent())
+        .filter(|d| d.file_name().is_some_and(|n| n == "checkpoints"))
+        .and_then(|d| d.parent())
+        .map(Path::to_path_buf);
+    let out = a.out.clone().or(resumed_out).unwrap_or_else(|| {
         PathBuf::from("runs").join(format!("{}-{}", path_safe(&spec.name), path_safe(&dataset)))
     });
     std::fs::create_dir_all(&out)

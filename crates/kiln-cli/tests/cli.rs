@@ -411,11 +411,14 @@ fn sigint_checkpoints_and_resume_finishes_the_run() {
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(130), "{err}");
+    // The hint names the run's length, which --epochs' default is not.
+    let hint = format!("--resume {} --epochs 3", b.join("checkpoints").display());
     assert!(
-        err.contains("checkpoint written to") && err.contains("--resume"),
+        err.contains("checkpoint written to") && err.contains(&hint),
         "{err}"
     );
 
+    // Without --out, the run goes on writing where it wrote.
     let resume = kiln(&[
         "train",
         "--resume",
@@ -428,8 +431,6 @@ fn sigint_checkpoints_and_resume_finishes_the_run() {
         "5",
         "--no-validation",
         "--plain",
-        "--out",
-        b.to_str().unwrap(),
     ]);
     assert!(resume.status.success(), "{}", stderr(&resume));
     assert!(

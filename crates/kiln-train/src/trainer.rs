@@ -561,9 +561,10 @@ impl<B: Backend> Trainer<B> {
                 let at =
                     self.checkpoint(policy, train, cfg, epoch - 1, batch, tally, history, scaler)?;
                 format!(
-                    "checkpoint written to {} (epoch {epoch}, batch {batch} of {batches}); continue with --resume {}",
+                    "checkpoint written to {} (epoch {epoch}, batch {batch} of {batches}); continue with --resume {} --epochs {}",
                     at.display(),
-                    policy.dir.display()
+                    policy.dir.display(),
+                    cfg.epochs
                 )
             }
             None => "no checkpoint folder was set, nothing saved".to_string(),

@@ -1105,6 +1105,15 @@ fn run_eval<B: Backend>(a: EvalArgs, backend: B) -> Result<()> {
     let trainer = Trainer::for_inference(model, backend)?;
     let start = std::time::Instant::now();
     let report = trainer.report(&ds, a.batch_size, &[1, 3, 5])?;
+    if !report.loss.is_finite() {
+        return Err(Error::invalid(format!(
+            "{}: the loss on {} is {}: the model's outputs are not finite (weights too large for {}, a damaged file, or a run that diverged)",
+            path.display(),
+            ds.name(),
+            report.loss,
+            a.precision
+        )));
+    }
     // The end-to-end rate leaves out the report's warm-up pass too.
     let secs = start.elapsed().as_secs_f64() - report.warmup_seconds;
     println!(

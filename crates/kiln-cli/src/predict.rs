@@ -201,6 +201,17 @@ pub fn predict(a: PredictArgs, backend: CpuBackend) -> Result<()> {
         .collect();
     let probs = trainer.predict(&flat, images.len())?.to_vec_f32()?;
     let classes = probs.len() / images.len().max(1);
+    // As `kiln serve` answers 422: a table of NaN probabilities is no answer.
+    if let Some(bad) = probs
+        .chunks_exact(classes.max(1))
+        .position(|p| p.iter().any(|v| !v.is_finite()))
+    {
+        return Err(Error::invalid(format!(
+            "{}: the model's output is not finite for {} (its weights overflow: a damaged file or a run that diverged)",
+            path.display(),
+            images[bad].source
+        )));
+    }
     let names = kiln_data::dataset::class_names(&dataset, classes);
     let mut results = Vec::new();
     for (img, p) in images.iter().zip(probs.chunks_exact(classes.max(1))) {

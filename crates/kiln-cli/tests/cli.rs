@@ -1328,3 +1328,44 @@ fn early_stopping_ends_a_run_once_the_validation_loss_stops_improving() {
         .fold(f64::INFINITY, f64::min);
     assert!(losses[n - 2..].iter().all(|&l| l >= best), "{losses:?}");
 }
+
+/// A model whose outputs overflow (weights edited to 3·10³⁸, saved with
+/// fresh checksums) is an error in `kiln eval` and `kiln predict`, as it
+/// is a 422 in `kiln serve` — not a report of NaN losses and probabilities
+/// with exit status 0.
+#[test]
+fn a_model_whose_outputs_overflow_is_an_error_not_a_nan_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = trained(dir.path());
+    let b = kiln_cpu::CpuBackend::reference();
+    let mut loaded = kiln_train::model_file::load(&run.join("model.safetensors"), &b).unwrap();
+    let (name, w) = loaded.model.state_dict().into_iter().next().unwrap();
+    let huge = kiln_core::Tensor::from_slice(&vec![3e38f32; w.numel()], w.dims(), &b).unwrap();
+    loaded.model.set_param(&name, &huge).unwrap();
+    let bad = dir.path().join("huge.safetensors");
+    kiln_train::model_file::save(&bad, &loaded.model, &loaded.metadata).unwrap();
+    // One 28 × 28 image, as IDX.
+    let image = dir.path().join("one.idx");
+    let mut idx = vec![0u8, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 28, 0, 0, 0, 28];
+    idx.extend((0..784).map(|i| (i % 251) as u8));
+    std::fs::write(&image, idx).unwrap();
+    let bad = bad.to_str().unwrap();
+    for args in [
+        vec!["eval", "--model", bad],
+        vec![
+            "predict",
+            "--model",
+            bad,
+            "--input",
+            image.to_str().unwrap(),
+        ],
+    ] {
+        let o = kiln(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stdout(&o));
+        assert!(
+            stderr(&o).contains("not finite"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+}

@@ -422,7 +422,13 @@ fn read_request(
         let Some((k, v)) = line.split_once(':') else {
             return Err(reject(400, "malformed header line"));
         };
-        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
+        // Two lengths that differ leave the body's end ambiguous, the
+        // ground of request smuggling: refused (RFC 9112 §6.3).
+        if k == "content-length" && headers.get(&k).is_some_and(|old| *old != v) {
+            return Err(reject(400, "conflicting Content-Length headers"));
+        }
+        headers.insert(k, v);
     }
     if version == "HTTP/1.0" && !headers.contains_key("connection") {
         headers.insert("connection".into(), "close".into());
@@ -435,10 +441,11 @@ fn read_request(
     }
     let length = match headers.get("content-length") {
         None => 0,
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) => n,
-            Err(_) => return Err(reject(400, "Content-Length is not a number")),
-        },
+        Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
+            // Digits past usize are a length over any limit.
+            v.parse::<usize>().unwrap_or(usize::MAX)
+        }
+        Some(_) => return Err(reject(400, "Content-Length is not a number")),
     };
     if length > limits.body_bytes {
         return Err(ReadEnd::Reject(

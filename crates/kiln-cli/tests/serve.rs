@@ -320,6 +320,23 @@ fn connections_heads_and_paths_are_bounded() {
         "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n",
     );
     assert_eq!(code, 413);
+    // Past usize is over the limit too, not "not a number".
+    let (code, _) = exchange(
+        served.connect(),
+        "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+    );
+    assert_eq!(code, 413);
+    // Two lengths that disagree (request smuggling's ground), or a sign.
+    for lengths in [
+        "Content-Length: 2\r\nContent-Length: 36",
+        "Content-Length: +2",
+    ] {
+        let (code, answer) = exchange(
+            served.connect(),
+            &format!("POST /v1/predict HTTP/1.1\r\nHost: x\r\n{lengths}\r\n\r\n{{}}"),
+        );
+        assert_eq!(code, 400, "{lengths}: {answer}");
+    }
 }
 
 #[test]

@@ -29,13 +29,38 @@ pub(crate) fn is_lm_run(a: &TrainArgs) -> Result<bool> {
             }
         }
     }
+    // A built-in image model's name, or any name that is not a spec file,
+    // cannot be a GPT: a text dataset or an LM checkpoint says so instead
+    // of looking for a spec file by that name.
+    let image_model = match a.model.as_deref() {
+        Some(m) if m.ends_with(".toml") || m.ends_with(".json") || m == "gpt" => None,
+        Some(m @ ("mlp" | "cnn")) => Some(m),
+        // Neither a built-in name nor a spec file: the unknown-model error.
+        Some(m) => return kiln_nn::ModelSpec::builtin(m).map(|_| false),
+        None => None,
+    };
     if let Some(d) = &a.dataset {
         if d == "shakespeare" || d.starts_with("text:") {
+            if let Some(m) = image_model {
+                return Err(Error::invalid(format!(
+                    "--model {m} is not a language model and --dataset {d} is text: train a GPT on it \
+                     (--model gpt, or a spec with a [gpt] table), or {m} on mnist-sample, mnist or fashion-mnist"
+                )));
+            }
             return Ok(true);
         }
     }
     match &a.resume {
-        Some(p) => trainer_lm::is_lm_checkpoint(p),
+        Some(p) => {
+            let lm = trainer_lm::is_lm_checkpoint(p)?;
+            if let (true, Some(m)) = (lm, image_model) {
+                return Err(Error::invalid(format!(
+                    "{} holds a GPT's run, not --model {m} (leave --model out to resume it)",
+                    p.display()
+                )));
+            }
+            Ok(lm)
+        }
         None => Ok(false),
     }
 }

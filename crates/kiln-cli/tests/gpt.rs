@@ -303,6 +303,16 @@ fn bad_gpt_runs_are_one_clear_line() {
         "{}",
         text(&o).1
     );
+    // An image model on text is named as such, not looked for as a file.
+    for extra in [&[][..], &["--epochs", "1"]] {
+        let mut a = vec!["train", "--model", "mlp", "--dataset", "shakespeare"];
+        a.extend(extra);
+        let (_, err) = text(&kiln(&a));
+        assert!(
+            err.contains("--model mlp is not a language model and --dataset shakespeare is text"),
+            "{extra:?}: {err}"
+        );
+    }
 }
 
 /// A text with no new line (the default prompt) still trains, samples and

@@ -484,6 +484,22 @@ fn sigint_checkpoints_and_resume_finishes_the_run() {
         "{}",
         stderr(&o)
     );
+    // Other data (the run's --limit left out) says which flags to repeat.
+    let o = kiln(&[
+        "train",
+        "--resume",
+        b.join("checkpoints").to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--seed",
+        "5",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("give the run's --dataset, --data and --limit"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

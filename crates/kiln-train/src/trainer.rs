@@ -470,10 +470,12 @@ impl<B: Backend> Trainer<B> {
         let fingerprint = train.fingerprint();
         if progress.dataset_fingerprint != fingerprint {
             return Err(Error::invalid(format!(
-                "cannot resume: the checkpoint was trained on `{}` ({}), this is `{}` ({fingerprint})",
+                "cannot resume: the checkpoint was trained on `{}` ({}), this is `{}` ({fingerprint}) \
+                 with {} examples: give the run's --dataset, --data and --limit",
                 progress.dataset,
                 progress.dataset_fingerprint,
-                train.name()
+                train.name(),
+                train.len()
             )));
         }
         if cfg.epochs <= progress.epoch {

@@ -66,7 +66,8 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Serve a trained model over HTTP (POST /v1/predict, GET /healthz, GET /metrics).
     Serve(serve::ServeArgs),
-    /// Plot a run's training curves (loss and accuracy) from its history.jsonl.
+    /// Plot a run's training curves from its history.jsonl (loss and
+    /// accuracy per epoch, or a GPT's losses per evaluation).
     Plot(PlotArgs),
     /// Sample text from a trained GPT (with a key/value cache).
     Generate(lm::GenerateArgs),
@@ -1067,14 +1068,31 @@ fn plot(a: PlotArgs) -> Result<()> {
     } else {
         a.history.clone()
     };
-    let history = kiln_train::History::read_jsonl(&path)?;
+    // A GPT's history holds an evaluation per --eval-every steps, an image
+    // model's an epoch per line: the first record says which.
+    let text = kiln_core::files::read_to_string(&path, "history")?;
+    let lm = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .is_some_and(|v| v.get("iter").is_some());
+    let (evaluations, epochs) = if lm {
+        (kiln_train::lm::read_jsonl(&path)?, Vec::new())
+    } else {
+        (Vec::new(), kiln_train::History::read_jsonl(&path)?.epochs)
+    };
     let dir = a
         .out
         .or_else(|| path.parent().map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("."));
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    let w = kiln_train::plots::training_curves(&history.epochs, &dir.join("curves"))?;
+    let stem = dir.join("curves");
+    let w = if lm {
+        kiln_train::plots::lm_curves(&evaluations, &stem)?
+    } else {
+        kiln_train::plots::training_curves(&epochs, &stem)?
+    };
     report_plots(&w);
     Ok(())
 }

@@ -345,6 +345,15 @@ fn a_text_without_new_lines_trains_and_generates() {
     assert!(o.status.success(), "{err}");
     assert!(stdout.contains("sample (200 tokens"), "{stdout}");
     let run = out.to_str().unwrap();
+    // `kiln plot` draws a GPT run's curves as `kiln train` did.
+    let again = out.join("again");
+    let o = kiln(&["plot", run, "--out", again.to_str().unwrap()]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        stdout.contains("curves.svg") || err.contains("fonts-dejavu-core"),
+        "{stdout}{err}"
+    );
     let o = kiln(&["generate", "--model", run, "--tokens", "20"]);
     let (stdout, err) = text(&o);
     assert!(o.status.success(), "{err}");

@@ -126,21 +126,26 @@ impl History {
 
     /// Reads a JSON-lines history file.
     pub fn read_jsonl(path: &Path) -> Result<Self> {
-        let text = kiln_core::files::read_to_string(path, "history")?;
-        let epochs = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .enumerate()
-            .map(|(i, l)| {
-                serde_json::from_str(l).map_err(|e| {
-                    Error::invalid(format!(
-                        "{}:{}: not an epoch record: {e}",
-                        path.display(),
-                        i + 1
-                    ))
-                })
-            })
-            .collect::<Result<_>>()?;
-        Ok(History { epochs })
+        Ok(History {
+            epochs: read_records(path, "an epoch record")?,
+        })
     }
+}
+
+/// The records of a JSON-lines history file (blank lines skipped); a line
+/// that is not `what` is an error naming the file and the line.
+pub(crate) fn read_records<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &str,
+) -> Result<Vec<T>> {
+    let text = kiln_core::files::read_to_string(path, "history")?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| {
+                Error::invalid(format!("{}:{}: not {what}: {e}", path.display(), i + 1))
+            })
+        })
+        .collect()
 }

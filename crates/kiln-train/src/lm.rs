@@ -895,6 +895,12 @@ fn check_resume(
     Ok(())
 }
 
+/// Reads a language model's JSON-lines history (as [`append_jsonl`]
+/// writes it).
+pub fn read_jsonl(path: &Path) -> Result<Vec<LmRecord>> {
+    crate::history::read_records(path, "a language model's evaluation record")
+}
+
 /// Appends `record` to the JSON-lines history at `path`.
 pub fn append_jsonl(path: &Path, record: &LmRecord) -> Result<()> {
     use std::io::Write;

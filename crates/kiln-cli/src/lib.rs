@@ -502,9 +502,9 @@ fn training_stop_flag(world: &dyn kiln_dist::Collective) -> Result<Arc<AtomicBoo
 
 /// Builds the backend a `--backend` flag names.
 fn cpu_backend(spec: &str, threads: Option<usize>) -> Result<CpuBackend> {
-    let backend = match spec.split_once(':') {
-        None if spec == "cpu" => CpuBackend::new()?,
-        Some(("cpu", kernels)) => CpuBackend::with_kernels(KernelSet::parse(kernels)?)?,
+    let kernels = match spec.split_once(':') {
+        None if spec == "cpu" => None,
+        Some(("cpu", kernels)) => Some(kernels),
         _ if spec.starts_with("cuda") => {
             return Err(Error::invalid(format!(
                 "this command runs on the CPU only; `{spec}` is for train, eval and conformance"
@@ -512,10 +512,12 @@ fn cpu_backend(spec: &str, threads: Option<usize>) -> Result<CpuBackend> {
         }
         _ => return Err(unknown_backend(spec)),
     };
-    Ok(match threads {
-        Some(n) => backend.with_threads(kiln_cpu::check_threads("--threads", n)?)?,
-        None => backend,
-    })
+    // --threads wins over KILN_THREADS, which is then not read at all.
+    let threads = match threads {
+        Some(n) => kiln_cpu::check_threads("--threads", n)?,
+        None => 0,
+    };
+    CpuBackend::configured(kernels, threads)
 }
 
 fn unknown_backend(spec: &str) -> Error {

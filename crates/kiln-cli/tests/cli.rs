@@ -1063,6 +1063,24 @@ fn thread_counts_past_four_per_core_are_refused() {
         "{}",
         stderr(&o)
     );
+    // --threads wins over a malformed KILN_THREADS, which it makes unread.
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "train",
+            "--threads",
+            "1",
+            "--epochs",
+            "1",
+            "--limit",
+            "100",
+            "--plain",
+        ])
+        .args(["--out", dir.path().to_str().unwrap()])
+        .env("KILN_THREADS", "abc")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
     // A switch for the AMX kernel that is neither 0 nor 1 (checked on every
     // processor, AMX or not).
     let o = Command::new(env!("CARGO_BIN_EXE_kiln"))

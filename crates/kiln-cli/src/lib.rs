@@ -875,6 +875,11 @@ fn run_train<B: Backend>(
     let lr =
         a.lr.or(restored.as_ref().map(|r| r.progress.lr))
             .unwrap_or(1e-3);
+    if matches!(a.optimizer, OptimizerName::Adam) && a.momentum != 0.0 {
+        return Err(Error::invalid(
+            "--momentum is for --optimizer sgd; Adam keeps its own moments",
+        ));
+    }
     let mut optimizer: Box<dyn Optimizer<B>> = match a.optimizer {
         OptimizerName::Adam => Box::new(Adam::new(lr)?),
         OptimizerName::Sgd => Box::new(Sgd::new(lr, a.momentum)?),

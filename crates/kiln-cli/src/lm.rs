@@ -119,11 +119,32 @@ pub(crate) fn run_train_lm<B: Backend>(
             "--keep 0: keep at least the newest checkpoint",
         ));
     }
+    if a.momentum != 0.0 {
+        return Err(Error::invalid(
+            "--momentum is for --optimizer sgd; a GPT trains with AdamW (set --beta2 instead)",
+        ));
+    }
     let dataset = a.dataset.clone().unwrap_or_else(|| "shakespeare".into());
     let corpus = TextCorpus::load(&dataset)?;
     let iters = a.iters.unwrap_or(2000);
     let batch_size = a.batch_size.unwrap_or(12);
     let lr = a.lr.unwrap_or(1e-3);
+    kiln_nn::optim::check_lr(lr)?;
+    // The schedule's and AdamW's own checks do not know the flags' names.
+    if let Some(min) = a
+        .min_lr
+        .filter(|m| !(m.is_finite() && (0.0..=lr).contains(m)))
+    {
+        return Err(Error::invalid(format!(
+            "--min-lr {min}: expected 0 to the peak learning rate (--lr {lr})"
+        )));
+    }
+    if !(0.0..1.0).contains(&a.beta2) {
+        return Err(Error::invalid(format!(
+            "--beta2 {}: expected 0 ≤ β₂ < 1 (default 0.99)",
+            a.beta2
+        )));
+    }
     let schedule = LrSchedule::WarmupCosine {
         peak: lr,
         min: a.min_lr.unwrap_or(lr / 10.0),

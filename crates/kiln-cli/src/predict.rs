@@ -167,6 +167,11 @@ fn read_idx_images(path: &Path, want: [usize; 2]) -> Result<Vec<Image>> {
 
 /// Runs `kiln predict`.
 pub fn predict(a: PredictArgs, backend: CpuBackend) -> Result<()> {
+    if a.top == 0 {
+        return Err(Error::invalid(
+            "--top 0: show at least the most probable class",
+        ));
+    }
     // Model files and checkpoints alike (a checkpoint's optimiser state is ignored).
     let (loaded, path) = model_file::load_for_inference(&a.model, &backend)?;
     crate::lm::refuse_language_model(&loaded.model, &path, "kiln predict")?;
@@ -193,6 +198,16 @@ pub fn predict(a: PredictArgs, backend: CpuBackend) -> Result<()> {
         } else {
             images.extend(read_idx_images(file, [h, w])?);
         }
+    }
+    if images.is_empty() {
+        return Err(Error::invalid(format!(
+            "{}: no images to classify",
+            a.input
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
     }
     let trainer = Trainer::for_inference(model, backend)?;
     let flat: Vec<f32> = images
@@ -245,7 +260,7 @@ pub fn predict(a: PredictArgs, backend: CpuBackend) -> Result<()> {
         for (img, order, p) in &results {
             let top: Vec<String> = order
                 .iter()
-                .take(a.top.max(1))
+                .take(a.top)
                 .map(|&c| format!("{} {:.1}%", names[c], 100.0 * p[c]))
                 .collect();
             text += &format!("{:<width$}  {}\n", img.source, top.join(", "));

@@ -1115,6 +1115,17 @@ fn thread_counts_past_four_per_core_are_refused() {
             &["serve", "--model", "nowhere", "--max-batch", "0"][..],
             "--max-batch 0",
         ),
+        (
+            &[
+                "predict", "--model", "nowhere", "--input", "x", "--top", "0",
+            ][..],
+            "--top 0",
+        ),
+        // A flag that would be silently ignored is refused instead.
+        (
+            &["train", "--momentum", "0.9"][..],
+            "--momentum is for --optimizer sgd",
+        ),
     ] {
         let o = kiln(args);
         assert_eq!(o.status.code(), Some(1), "{args:?}");

@@ -275,6 +275,18 @@ fn bad_gpt_runs_are_one_clear_line() {
             vec![dataset.clone(), "--precision".into(), "f16".into()],
             "use --precision bf16",
         ),
+        (
+            vec![dataset.clone(), "--min-lr".into(), "1".into()],
+            "--min-lr 1: expected 0 to the peak",
+        ),
+        (
+            vec![dataset.clone(), "--beta2".into(), "1".into()],
+            "--beta2 1: expected 0 ≤ β₂ < 1",
+        ),
+        (
+            vec![dataset.clone(), "--momentum".into(), "0.5".into()],
+            "--momentum is for --optimizer sgd",
+        ),
     ];
     for (extra, want) in cases {
         let mut a = vec![

@@ -237,7 +237,7 @@ impl TrainArgs {
 #[derive(clap::Args)]
 struct EvalArgs {
     /// The model file written by `kiln train` (model.safetensors), or its
-    /// folder, or a checkpoint.
+    /// folder, a checkpoint, or a folder of checkpoints (its newest).
     #[arg(long)]
     model: PathBuf,
     /// Dataset: mnist-sample (bundled), mnist or fashion-mnist.

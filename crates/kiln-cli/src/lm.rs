@@ -324,7 +324,8 @@ pub(crate) fn run_train_lm<B: Backend>(
 /// `kiln generate`: continue a prompt with a trained GPT.
 #[derive(clap::Args)]
 pub(crate) struct GenerateArgs {
-    /// The model: a run folder (its model.safetensors), a model file, or a checkpoint.
+    /// The model: a run folder (its model.safetensors), a model file, a
+    /// checkpoint, or a folder of checkpoints (its newest).
     #[arg(long)]
     model: PathBuf,
     /// The text to continue (default: a new line, or the vocabulary's

@@ -10,7 +10,8 @@ use kiln_train::{model_file, Trainer};
 /// The arguments of `kiln predict`.
 #[derive(clap::Args)]
 pub struct PredictArgs {
-    /// The model: a model file written by `kiln train` (or its folder), or a checkpoint.
+    /// The model: a model file written by `kiln train` (or its folder), a
+    /// checkpoint, or a folder of checkpoints (its newest).
     #[arg(long)]
     pub model: PathBuf,
     /// Images: PNG files (28×28 grayscale; other sizes and colour are

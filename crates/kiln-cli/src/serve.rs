@@ -45,7 +45,8 @@ use serde_json::{json, Value};
 /// The arguments of `kiln serve`.
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// The model: a model file written by `kiln train` (or its folder), or a checkpoint.
+    /// The model: a model file written by `kiln train` (or its folder), a
+    /// checkpoint, or a folder of checkpoints (its newest).
     #[arg(long)]
     pub model: PathBuf,
     /// Address to listen on (port 0: any free port, printed at start).

@@ -457,6 +457,10 @@ fn sigint_checkpoints_and_resume_finishes_the_run() {
     let o = kiln(&["eval", "--model", ckpt.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("macro avg"), "{}", stdout(&o));
+    // And a folder of checkpoints: its newest, as --resume takes it.
+    let o = kiln(&["eval", "--model", b.join("checkpoints").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("ckpt-"), "{}", stdout(&o));
 
     // Resuming with another model is refused, naming both.
     let o = kiln(&[

@@ -235,12 +235,17 @@ pub fn load<B: Backend>(path: &Path, backend: &B) -> Result<Loaded<B>> {
 }
 
 /// Loads a model to evaluate or serve from `path`: a model file, the folder
-/// `kiln train` wrote it to (its `model.safetensors`), or a checkpoint (its
-/// optimiser state ignored). Returns the model and the file read; errors
-/// name the file.
+/// `kiln train` wrote it to (its `model.safetensors`), a checkpoint (its
+/// optimiser state ignored) or a folder of checkpoints (its newest, as
+/// `--resume` takes it). Returns the model and the file read; errors name
+/// the file.
 pub fn load_for_inference<B: Backend>(path: &Path, backend: &B) -> Result<(Loaded<B>, PathBuf)> {
     let file = if path.is_dir() {
-        path.join("model.safetensors")
+        let model = path.join("model.safetensors");
+        match crate::checkpoint::list(path)?.pop() {
+            Some(newest) if !model.exists() => newest,
+            _ => model,
+        }
     } else {
         path.to_path_buf()
     };

@@ -611,7 +611,7 @@ fn info() -> Result<()> {
 fn train<D: Device>(mut a: TrainArgs, device: &D) -> Result<()> {
     if !(a.bucket_mb.is_finite() && a.bucket_mb > 0.0 && a.bucket_mb <= 4096.0) {
         return Err(Error::invalid(format!(
-            "--bucket-mb {}: expected a size in megabytes between 0 and 4096",
+            "--bucket-mb {}: expected a size in megabytes above 0 and at most 4096",
             a.bucket_mb
         )));
     }
@@ -1232,9 +1232,13 @@ fn conformance_plan(
         .filter(|(_, d)| dtype.is_none_or(|want| *d == want))
         .collect();
     if selected.is_empty() {
-        return Err(Error::invalid(
-            "no conformance check matches --op/--dtype (see kiln_conformance::CHECKS)",
-        ));
+        let names: Vec<&str> = kiln_conformance::CHECKS.iter().map(|(n, _)| *n).collect();
+        return Err(Error::invalid(format!(
+            "no conformance check matches --op {} --dtype {}: the checks are {} (--op takes a name or part of one)",
+            a.op.as_deref().unwrap_or("(any)"),
+            dtype.map_or("(any)".to_string(), |d| d.to_string()),
+            names.join(", ")
+        )));
     }
     Ok((cfg, selected))
 }

@@ -309,7 +309,8 @@ fn conformance_report_for_the_reference_backend() {
     assert!(stderr(&o).contains("needs"), "{}", stderr(&o));
     let o = kiln(&["conformance", "--op", "nonexistent"]);
     assert!(
-        stderr(&o).contains("no conformance check matches"),
+        stderr(&o).contains("no conformance check matches --op nonexistent")
+            && stderr(&o).contains("gemm_epilogue, "),
         "{}",
         stderr(&o)
     );

@@ -229,8 +229,8 @@ fn errors_are_one_clear_line_and_a_nonzero_exit() {
         stderr(&o)
     );
 
-    // Endless inputs (devices) are refused before a byte is
-    // read: each once read until memory ran out.
+    // Endless inputs (devices) are read to a cap, then refused: each once
+    // read until memory ran out.
     for args in [
         vec!["eval", "--model", "/dev/zero"],
         vec!["train", "--model", "gpt", "--dataset", "text:/dev/urandom"],
@@ -239,7 +239,8 @@ fn errors_are_one_clear_line_and_a_nonzero_exit() {
         let o = kiln(&args);
         assert_eq!(o.status.code(), Some(1), "{args:?}");
         assert!(
-            stderr(&o).contains("not a regular file") && stderr(&o).lines().count() == 1,
+            stderr(&o).contains("more than 256 MiB from a pipe or device")
+                && stderr(&o).lines().count() == 1,
             "{args:?}: {}",
             stderr(&o)
         );
@@ -419,6 +420,12 @@ fn sigint_checkpoints_and_resume_finishes_the_run() {
         "{err}"
     );
 
+    // The interrupted run's folder has no model file yet: eval takes its
+    // newest checkpoint.
+    let o = kiln(&["eval", "--model", b.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("checkpoints/ckpt-"), "{}", stdout(&o));
+
     // Without --out, the run goes on writing where it wrote.
     let resume = kiln(&[
         "train",
@@ -463,6 +470,10 @@ fn sigint_checkpoints_and_resume_finishes_the_run() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("ckpt-"), "{}", stdout(&o));
 
+    // Refused resumes below write to b by default: they must leave its
+    // history as it is.
+    let history = std::fs::read(b.join("history.jsonl")).unwrap();
+    assert!(!history.is_empty());
     // Resuming with another model is refused, naming both.
     let o = kiln(&[
         "train",
@@ -504,6 +515,10 @@ fn sigint_checkpoints_and_resume_finishes_the_run() {
         stderr(&o).contains("give the run's --dataset, --data and --limit"),
         "{}",
         stderr(&o)
+    );
+    assert!(
+        std::fs::read(b.join("history.jsonl")).unwrap() == history,
+        "a refused resume changed the run's history"
     );
 }
 

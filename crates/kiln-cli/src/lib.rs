@@ -520,6 +520,22 @@ fn cpu_backend(spec: &str, threads: Option<usize>) -> Result<CpuBackend> {
     CpuBackend::configured(kernels, threads)
 }
 
+/// The run folder a checkpoint (a file, or the folder of them) belongs
+/// to: the folder holding its `checkpoints/`, where a resumed run writes
+/// unless `--out` says otherwise.
+pub(crate) fn run_folder_of(checkpoint: &Path) -> Option<PathBuf> {
+    let dir = if checkpoint.is_dir() {
+        checkpoint
+    } else {
+        checkpoint.parent()?
+    };
+    dir.file_name()
+        .is_some_and(|n| n == "checkpoints")
+        .then(|| dir.parent().map(Path::to_path_buf))
+        .flatten()
+        .filter(|p| !p.as_os_str().is_empty())
+}
+
 fn unknown_backend(spec: &str) -> Error {
     Error::invalid(format!(
         "unknown backend `{spec}`: expected cpu, cpu:KERNELS (e.g. cpu:scalar), cuda or cuda:N \
@@ -797,6 +813,11 @@ fn run_train<B: Backend>(
             "--keep 0: keep at least the newest checkpoint",
         ));
     }
+    if matches!(a.optimizer, OptimizerName::Adam) && a.momentum != 0.0 {
+        return Err(Error::invalid(
+            "--momentum is for --optimizer sgd; Adam keeps its own moments",
+        ));
+    }
     let restored = a
         .resume
         .as_deref()
@@ -829,17 +850,13 @@ fn run_train<B: Backend>(
         train_set = train_set.take(n);
     }
     let test_set = Dataset::load(&dataset, Split::Test, a.data.as_deref())?;
-    // A resumed run writes where the checkpoint's run did: the folder
-    // that holds its `checkpoints/`.
-    let resumed_out = restored
-        .as_ref()
-        .and_then(|r| r.path.parent())
-        .filter(|d| d.file_name().is_some_and(|n| n == "checkpoints"))
-        .and_then(|d| d.parent())
-        .map(Path::to_path_buf);
-    let out = a.out.clone().or(resumed_out).unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!("{}-{}", path_safe(&spec.name), path_safe(&dataset)))
-    });
+    let out = a
+        .out
+        .clone()
+        .or_else(|| a.resume.as_deref().and_then(run_folder_of))
+        .unwrap_or_else(|| {
+            PathBuf::from("runs").join(format!("{}-{}", path_safe(&spec.name), path_safe(&dataset)))
+        });
     std::fs::create_dir_all(&out)
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
     // Temporaries of writes a killed run never finished.
@@ -856,11 +873,9 @@ fn run_train<B: Backend>(
             );
         }
     }
+    // Written afresh by the trainer once its checks pass: a refused run
+    // leaves an earlier run's history as it was.
     let history_path = out.join("history.jsonl");
-    if lead && history_path.exists() {
-        std::fs::remove_file(&history_path)
-            .map_err(|e| Error::io(format!("replacing {}", history_path.display()), e))?;
-    }
 
     // A resumed run keeps its learning rate; a different one is refused
     // rather than silently ignored.
@@ -875,11 +890,6 @@ fn run_train<B: Backend>(
     let lr =
         a.lr.or(restored.as_ref().map(|r| r.progress.lr))
             .unwrap_or(1e-3);
-    if matches!(a.optimizer, OptimizerName::Adam) && a.momentum != 0.0 {
-        return Err(Error::invalid(
-            "--momentum is for --optimizer sgd; Adam keeps its own moments",
-        ));
-    }
     let mut optimizer: Box<dyn Optimizer<B>> = match a.optimizer {
         OptimizerName::Adam => Box::new(Adam::new(lr)?),
         OptimizerName::Sgd => Box::new(Sgd::new(lr, a.momentum)?),
@@ -900,10 +910,6 @@ fn run_train<B: Backend>(
                 r.progress.epoch + 1,
                 r.progress.batch
             ));
-            // The history file holds the whole run.
-            for record in r.progress.history.iter().filter(|_| lead) {
-                kiln_train::History::append_jsonl(&history_path, record)?;
-            }
             (r.model, Some(r.progress))
         }
         None => (Sequential::from_spec(&spec, a.seed, &backend)?, None),

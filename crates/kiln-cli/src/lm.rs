@@ -208,9 +208,13 @@ pub(crate) fn run_train_lm<B: Backend>(
     let spec: ModelSpec = trainer.model().spec();
     let plan = spec.memory(batch_size)?;
     plan.check(&spec.name, batch_size, kiln_nn::memory_limit()?)?;
-    let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!("{}-{}", path_safe(&spec.name), path_safe(&dataset)))
-    });
+    let out = a
+        .out
+        .clone()
+        .or_else(|| a.resume.as_deref().and_then(crate::run_folder_of))
+        .unwrap_or_else(|| {
+            PathBuf::from("runs").join(format!("{}-{}", path_safe(&spec.name), path_safe(&dataset)))
+        });
     std::fs::create_dir_all(&out)
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
     for dir in [out.clone(), out.join("checkpoints")]
@@ -219,16 +223,8 @@ pub(crate) fn run_train_lm<B: Backend>(
     {
         model_file::remove_stale_temporaries(&dir)?;
     }
+    // Written afresh by the trainer once its checks pass.
     let history_path = out.join("history.jsonl");
-    if lead && history_path.exists() {
-        std::fs::remove_file(&history_path)
-            .map_err(|e| Error::io(format!("replacing {}", history_path.display()), e))?;
-    }
-    if let Some(p) = trainer.progress().filter(|_| lead) {
-        for r in &p.history {
-            trainer_lm::append_jsonl(&history_path, r)?;
-        }
-    }
     say(trainer.model().summary().trim_end().to_string());
     say(format!(
         "Estimated memory at batch {batch_size}: {} (parameters and optimiser {}, activations {})",

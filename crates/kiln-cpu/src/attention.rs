@@ -323,6 +323,8 @@ fn softmax_rows_loop(p: &mut [f32], c: Causal, exp: MapKernel, shifted: &mut [f3
                 *x /= sum;
             }
         }
+        // 0/sum is 0 unless the row is NaN: zeros after, whatever the row.
+        row[seen..].fill(0.0);
         rest.fill(0.0);
     }
 }

@@ -124,12 +124,29 @@ impl History {
         writeln!(f, "{line}").map_err(|e| Error::io(format!("writing {}", path.display()), e))
     }
 
+    /// Writes `records` as the JSON-lines file at `path`, replacing what it
+    /// held (atomically): where a run's history starts, before its epochs
+    /// are appended.
+    pub fn write_jsonl(path: &Path, records: &[EpochRecord]) -> Result<()> {
+        write_records(path, records)
+    }
+
     /// Reads a JSON-lines history file.
     pub fn read_jsonl(path: &Path) -> Result<Self> {
         Ok(History {
             epochs: read_records(path, "an epoch record")?,
         })
     }
+}
+
+/// `records` as a JSON-lines file at `path`, written atomically.
+pub(crate) fn write_records<T: serde::Serialize>(path: &Path, records: &[T]) -> Result<()> {
+    let mut text = String::new();
+    for r in records {
+        text += &serde_json::to_string(r).map_err(|e| Error::invalid(e.to_string()))?;
+        text.push('\n');
+    }
+    crate::model_file::write_atomic(path, text.as_bytes())
 }
 
 /// The records of a JSON-lines history file (blank lines skipped); a line

@@ -70,7 +70,10 @@ pub struct LmFitConfig {
     pub grad_clip: Option<f32>,
     /// What to print.
     pub verbosity: Verbosity,
-    /// Append each evaluation's record to this JSON-lines file.
+    /// The run's JSON-lines history: written afresh once the run's checks
+    /// have passed (with a resumed checkpoint's evaluations), then each
+    /// evaluation's record appended. A run refused before it trains
+    /// leaves the file as it was.
     pub history_path: Option<PathBuf>,
     /// Where checkpoints go and every how many steps (0: only when stopped).
     pub checkpoint: Option<LmCheckpointPolicy>,
@@ -474,6 +477,9 @@ impl<B: Backend> LmTrainer<B> {
         let dp = cfg.distributed.as_ref().filter(|d| d.world() > 1);
         // Rank 0 speaks and writes for a distributed run.
         let lead = dp.is_none_or(|d| d.rank() == 0);
+        if let Some(path) = cfg.history_path.as_ref().filter(|_| lead) {
+            crate::history::write_records(path, &progress.history)?;
+        }
         if let Some(d) = dp {
             let settings = format!(
                 "corpus {} (fingerprint {}), model {} (seed {}), batch {}×{}, seed {}, iters {}, from step {}, precision {}",

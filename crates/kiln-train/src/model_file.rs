@@ -235,16 +235,26 @@ pub fn load<B: Backend>(path: &Path, backend: &B) -> Result<Loaded<B>> {
 }
 
 /// Loads a model to evaluate or serve from `path`: a model file, the folder
-/// `kiln train` wrote it to (its `model.safetensors`), a checkpoint (its
+/// `kiln train` wrote it to (its `model.safetensors`; an interrupted run's
+/// folder, which has none yet, its newest checkpoint), a checkpoint (its
 /// optimiser state ignored) or a folder of checkpoints (its newest, as
 /// `--resume` takes it). Returns the model and the file read; errors name
 /// the file.
 pub fn load_for_inference<B: Backend>(path: &Path, backend: &B) -> Result<(Loaded<B>, PathBuf)> {
     let file = if path.is_dir() {
         let model = path.join("model.safetensors");
-        match crate::checkpoint::list(path)?.pop() {
-            Some(newest) if !model.exists() => newest,
-            _ => model,
+        let newest = |dir: &Path| -> Result<Option<PathBuf>> {
+            match dir.is_dir() {
+                true => Ok(crate::checkpoint::list(dir)?.pop()),
+                false => Ok(None),
+            }
+        };
+        if model.exists() {
+            model
+        } else if let Some(newest) = newest(path)?.or(newest(&path.join("checkpoints"))?) {
+            newest
+        } else {
+            model
         }
     } else {
         path.to_path_buf()

@@ -29,7 +29,10 @@ pub struct FitConfig {
     pub shuffle: bool,
     /// What to print.
     pub verbosity: Verbosity,
-    /// Append each epoch's record to this JSON-lines file.
+    /// The run's JSON-lines history: written afresh once the run's checks
+    /// have passed (with a resumed checkpoint's epochs), then each epoch's
+    /// record appended. A run refused before it trains leaves the file
+    /// as it was.
     pub history_path: Option<PathBuf>,
     /// Random affine augmentation of the training images, if any.
     pub augment: Option<kiln_data::Augment>,
@@ -634,6 +637,9 @@ impl<B: Backend> Trainer<B> {
         let mut history = History {
             epochs: from.map(|p| p.history.clone()).unwrap_or_default(),
         };
+        if let Some(p) = cfg.history_path.as_ref().filter(|_| writes_files(cfg)) {
+            History::write_jsonl(p, &history.epochs)?;
+        }
         let first = from.map_or(1, |p| p.epoch + 1);
         // f16 gradients need the loss scaled; the scaler continues from a
         // checkpoint's state.

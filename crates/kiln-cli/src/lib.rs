@@ -1130,6 +1130,17 @@ fn run_eval<B: Backend>(a: EvalArgs, backend: B) -> Result<()> {
         Split::Test
     };
     let ds = Dataset::load(&a.dataset, split, a.data.as_deref())?;
+    // Another dataset of the same shape evaluates without an error, and
+    // its numbers mean little: say so.
+    if let Some(trained) = loaded.metadata.get("kiln.dataset") {
+        if !trained.is_empty() && trained != ds.name() {
+            eprintln!(
+                "note: {} was trained on {trained}; evaluating it on {} (give --dataset {trained} for its own test set)",
+                path.display(),
+                ds.name()
+            );
+        }
+    }
     let name = loaded.model.name().to_string();
     let mut model = loaded.model;
     model.set_precision(a.precision.parse()?);

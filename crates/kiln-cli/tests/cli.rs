@@ -1397,9 +1397,10 @@ fn early_stopping_ends_a_run_once_the_validation_loss_stops_improving() {
 /// A model whose outputs overflow (weights edited to 3·10³⁸, saved with
 /// fresh checksums) is an error in `kiln eval` and `kiln predict`, as it
 /// is a 422 in `kiln serve` — not a report of NaN losses and probabilities
-/// with exit status 0.
+/// with exit status 0; a model evaluated on another dataset than its own
+/// gets a note.
 #[test]
-fn a_model_whose_outputs_overflow_is_an_error_not_a_nan_report() {
+fn eval_refuses_overflowing_outputs_and_notes_another_dataset() {
     let dir = tempfile::tempdir().unwrap();
     let run = trained(dir.path());
     let b = kiln_cpu::CpuBackend::reference();
@@ -1414,6 +1415,19 @@ fn a_model_whose_outputs_overflow_is_an_error_not_a_nan_report() {
     let mut idx = vec![0u8, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 28, 0, 0, 0, 28];
     idx.extend((0..784).map(|i| (i % 251) as u8));
     std::fs::write(&image, idx).unwrap();
+    // A model of another dataset (same shape) evaluates with a note.
+    let mut meta = loaded.metadata.clone();
+    meta.insert("kiln.dataset".into(), "fashion-mnist".into());
+    let other = dir.path().join("other.safetensors");
+    let sane = kiln_train::model_file::load(&run.join("model.safetensors"), &b).unwrap();
+    kiln_train::model_file::save(&other, &sane.model, &meta).unwrap();
+    let o = kiln(&["eval", "--model", other.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("was trained on fashion-mnist; evaluating it on mnist-sample"),
+        "{}",
+        stderr(&o)
+    );
     let bad = bad.to_str().unwrap();
     for args in [
         vec!["eval", "--model", bad],

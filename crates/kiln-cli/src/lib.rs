@@ -520,10 +520,23 @@ fn cpu_backend(spec: &str, threads: Option<usize>) -> Result<CpuBackend> {
     CpuBackend::configured(kernels, threads)
 }
 
+impl TrainArgs {
+    /// Where a run of `model` on `dataset` writes: `--out`, else a resumed
+    /// checkpoint's run folder, else `runs/MODEL-DATASET`.
+    pub(crate) fn out_folder(&self, model: &str, dataset: &str) -> PathBuf {
+        self.out
+            .clone()
+            .or_else(|| self.resume.as_deref().and_then(run_folder_of))
+            .unwrap_or_else(|| {
+                PathBuf::from("runs").join(format!("{}-{}", path_safe(model), path_safe(dataset)))
+            })
+    }
+}
+
 /// The run folder a checkpoint (a file, or the folder of them) belongs
 /// to: the folder holding its `checkpoints/`, where a resumed run writes
 /// unless `--out` says otherwise.
-pub(crate) fn run_folder_of(checkpoint: &Path) -> Option<PathBuf> {
+fn run_folder_of(checkpoint: &Path) -> Option<PathBuf> {
     let dir = if checkpoint.is_dir() {
         checkpoint
     } else {
@@ -850,13 +863,7 @@ fn run_train<B: Backend>(
         train_set = train_set.take(n);
     }
     let test_set = Dataset::load(&dataset, Split::Test, a.data.as_deref())?;
-    let out = a
-        .out
-        .clone()
-        .or_else(|| a.resume.as_deref().and_then(run_folder_of))
-        .unwrap_or_else(|| {
-            PathBuf::from("runs").join(format!("{}-{}", path_safe(&spec.name), path_safe(&dataset)))
-        });
+    let out = a.out_folder(&spec.name, &dataset);
     std::fs::create_dir_all(&out)
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
     // Temporaries of writes a killed run never finished.

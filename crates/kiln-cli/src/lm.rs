@@ -10,7 +10,7 @@ use kiln_nn::{Adam, GptConfig, LrSchedule, ModelSpec, Precision, Sequential};
 use kiln_train::lm::{self as trainer_lm, LmCheckpointPolicy, LmFitConfig, LmTrainer};
 use kiln_train::{generate, model_file, SampleConfig};
 
-use crate::{path_safe, precision_description, TrainArgs};
+use crate::{precision_description, TrainArgs};
 
 /// Whether `kiln train` was asked for a language model: `--model gpt` or
 /// a GPT spec, a text dataset, or a checkpoint of an LM run.
@@ -208,13 +208,7 @@ pub(crate) fn run_train_lm<B: Backend>(
     let spec: ModelSpec = trainer.model().spec();
     let plan = spec.memory(batch_size)?;
     plan.check(&spec.name, batch_size, kiln_nn::memory_limit()?)?;
-    let out = a
-        .out
-        .clone()
-        .or_else(|| a.resume.as_deref().and_then(crate::run_folder_of))
-        .unwrap_or_else(|| {
-            PathBuf::from("runs").join(format!("{}-{}", path_safe(&spec.name), path_safe(&dataset)))
-        });
+    let out = a.out_folder(&spec.name, &dataset);
     std::fs::create_dir_all(&out)
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
     for dir in [out.clone(), out.join("checkpoints")]

@@ -115,20 +115,7 @@ impl History {
 
     /// Appends one record as a JSON line to `path` (creating it).
     pub fn append_jsonl(path: &Path, record: &EpochRecord) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        let line = serde_json::to_string(record).map_err(|e| Error::invalid(e.to_string()))?;
-        writeln!(f, "{line}").map_err(|e| Error::io(format!("writing {}", path.display()), e))
-    }
-
-    /// Writes `records` as the JSON-lines file at `path`, replacing what it
-    /// held (atomically): where a run's history starts, before its epochs
-    /// are appended.
-    pub fn write_jsonl(path: &Path, records: &[EpochRecord]) -> Result<()> {
-        write_records(path, records)
+        append_record(path, record)
     }
 
     /// Reads a JSON-lines history file.
@@ -139,8 +126,20 @@ impl History {
     }
 }
 
-/// `records` as a JSON-lines file at `path`, written atomically.
-pub(crate) fn write_records<T: serde::Serialize>(path: &Path, records: &[T]) -> Result<()> {
+/// Appends `record` as one JSON line to `path` (creating it).
+pub(crate) fn append_record<T: Serialize>(path: &Path, record: &T) -> Result<()> {
+    let line = serde_json::to_string(record).map_err(|e| Error::invalid(e.to_string()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    writeln!(f, "{line}").map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+/// `records` as a JSON-lines file at `path`, written atomically: where a
+/// run's history starts, before its records are appended.
+pub(crate) fn write_records<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
     let mut text = String::new();
     for r in records {
         text += &serde_json::to_string(r).map_err(|e| Error::invalid(e.to_string()))?;

@@ -909,12 +909,5 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<LmRecord>> {
 
 /// Appends `record` to the JSON-lines history at `path`.
 pub fn append_jsonl(path: &Path, record: &LmRecord) -> Result<()> {
-    use std::io::Write;
-    let line = serde_json::to_string(record).expect("a record always serialises");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    writeln!(f, "{line}").map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    crate::history::append_record(path, record)
 }

@@ -638,7 +638,7 @@ impl<B: Backend> Trainer<B> {
             epochs: from.map(|p| p.history.clone()).unwrap_or_default(),
         };
         if let Some(p) = cfg.history_path.as_ref().filter(|_| writes_files(cfg)) {
-            History::write_jsonl(p, &history.epochs)?;
+            crate::history::write_records(p, &history.epochs)?;
         }
         let first = from.map_or(1, |p| p.epoch + 1);
         // f16 gradients need the loss scaled; the scaler continues from a

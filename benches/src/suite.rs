@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use kiln_core::slow_path::{self, SlowPath};
 use kiln_core::{
-    Activation, AdamStep, Backend, BinaryOp, DType, GemmEpilogue, HostData, Layout, Result, Shape,
-    UnaryOp, View, Window2d,
+    Activation, AdamStep, Backend, BinaryOp, DType, Error, GemmEpilogue, HostData, Layout, Result,
+    Shape, UnaryOp, View, Window2d,
 };
 use serde::{Deserialize, Serialize};
 
@@ -122,6 +122,58 @@ pub struct BenchReport {
 }
 
 impl BenchReport {
+    /// Checks a run read back from a file: positive, finite peaks; every
+    /// row's times positive and finite with min ≤ median ≤ max; rates and
+    /// fractions finite and not negative. A hand-edited or damaged run
+    /// would otherwise print ratios that mean nothing.
+    pub fn check(&self) -> Result<()> {
+        let bad = |what: String| {
+            Err(Error::invalid(format!(
+                "not a valid kiln bench run: {what}"
+            )))
+        };
+        for (name, p) in [
+            ("compute peak", &self.compute_peak),
+            ("bandwidth", &self.bandwidth),
+        ] {
+            if !(p.value.is_finite() && p.value > 0.0) {
+                return bad(format!("the {name} is {}", p.value));
+            }
+        }
+        for m in &self.rows {
+            let times = [m.min_s, m.median_s, m.max_s];
+            if !times.iter().all(|t| t.is_finite() && *t > 0.0)
+                || m.min_s > m.median_s
+                || m.median_s > m.max_s
+            {
+                return bad(format!(
+                    "{} {}: times min {} median {} max {} s (expected 0 < min ≤ median ≤ max)",
+                    m.op, m.shape, m.min_s, m.median_s, m.max_s
+                ));
+            }
+            let rates = [
+                m.flops,
+                m.bytes,
+                m.gflops,
+                m.gbs,
+                m.of_compute_peak,
+                m.of_bandwidth,
+            ];
+            if !rates.iter().all(|r| r.is_finite() && *r >= 0.0)
+                || !m
+                    .compared
+                    .iter()
+                    .all(|c| c.gflops.is_finite() && c.gflops > 0.0)
+            {
+                return bad(format!(
+                    "{} {}: a rate is negative or not finite",
+                    m.op, m.shape
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The row for `op` on `shape`, if the run has one.
     pub fn find(&self, op: &str, shape: &str) -> Option<&Measurement> {
         self.rows.iter().find(|r| r.op == op && r.shape == shape)

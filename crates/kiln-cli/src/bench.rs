@@ -55,14 +55,18 @@ pub fn config(a: &BenchArgs) -> Result<BenchConfig> {
     Ok(cfg)
 }
 
+/// A run saved with `kiln bench --json`, its numbers checked.
+pub fn read_run(path: &std::path::Path) -> Result<BenchReport> {
+    let run: BenchReport = crate::read_json(path, "kiln bench")?;
+    run.check()
+        .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+    Ok(run)
+}
+
 /// Runs the bench on `backend` and prints, writes and compares as `a` says.
 pub fn bench<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
     let cfg = config(&a)?;
-    let baseline: Option<BenchReport> = a
-        .compare
-        .as_deref()
-        .map(|p| crate::read_json(p, "kiln bench"))
-        .transpose()?;
+    let baseline: Option<BenchReport> = a.compare.as_deref().map(read_run).transpose()?;
     eprintln!(
         "kiln bench: {} on {} ({} s per op{})",
         backend.name(),
@@ -113,13 +117,14 @@ pub fn table(r: &BenchReport, baseline: Option<&BenchReport>) -> String {
         baseline.map_or(String::new(), |b| format!("   × {}", b.backend))
     );
     for m in &r.rows {
+        let bw = bandwidth_cell(m.of_bandwidth);
         let vs = baseline
             .and_then(|b| b.find(&m.op, &m.shape))
             .map(|b| format!("   {:.2}×", b.median_s / m.median_s))
             .unwrap_or_default();
         let _ = writeln!(
             s,
-            "{:<24} {:<28} {:>10.3} {:>9.3}–{:<9.3} {:>9.1} {:>8.1} {:>6.0}% {:>6.0}%{vs}",
+            "{:<24} {:<28} {:>10.3} {:>9.3}–{:<9.3} {:>9.1} {:>8.1} {:>6.0}% {bw:>7}{vs}",
             m.op,
             m.shape,
             1e3 * m.median_s,
@@ -128,7 +133,6 @@ pub fn table(r: &BenchReport, baseline: Option<&BenchReport>) -> String {
             m.gflops,
             m.gbs,
             100.0 * m.of_compute_peak,
-            100.0 * m.of_bandwidth
         );
         for p in &m.slow_paths {
             let _ = writeln!(s, "{:<24} slow path: {p}", "");
@@ -148,5 +152,67 @@ pub fn table(r: &BenchReport, baseline: Option<&BenchReport>) -> String {
             );
         }
     }
+    if r.rows.iter().any(|m| m.of_bandwidth > 1.0) {
+        let _ = writeln!(s, "\n{IN_CACHE}");
+    }
     s
+}
+
+/// The footnote to a `*` in the bandwidth column.
+pub const IN_CACHE: &str =
+    "* above 100 % of the measured memory bandwidth: the operands stayed in cache";
+
+/// A row's share of the memory bandwidth, `*`-marked above 100 % (where
+/// the operands were served from cache, which is faster than memory).
+pub fn bandwidth_cell(of_bandwidth: f64) -> String {
+    let mark = if of_bandwidth > 1.0 { "*" } else { "" };
+    format!("{:.0}%{mark}", 100.0 * of_bandwidth)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_bench::suite::{Measurement, Peak};
+
+    fn row(op: &str, of_bandwidth: f64) -> Measurement {
+        Measurement {
+            op: op.into(),
+            shape: "64".into(),
+            median_s: 1e-3,
+            min_s: 1e-3,
+            max_s: 1e-3,
+            reps: 3,
+            flops: 1e6,
+            bytes: 1e6,
+            gflops: 1.0,
+            gbs: 1.0,
+            of_compute_peak: 0.01,
+            of_bandwidth,
+            compared: Vec::new(),
+            slow_paths: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn rows_above_the_memory_roof_are_marked_and_explained() {
+        let peak = |value| Peak {
+            value,
+            how: "test".into(),
+        };
+        let mut run = BenchReport {
+            backend: "cpu:test".into(),
+            cpu: "test".into(),
+            compute_peak: peak(100.0),
+            bandwidth: peak(10.0),
+            rows: vec![row("affine", 0.5)],
+        };
+        let t = table(&run, None);
+        assert!(t.contains(" 50%") && !t.contains('*'), "{t}");
+        run.rows.push(row("gemm", 3.5));
+        let t = table(&run, None);
+        assert!(t.contains("350%*") && t.contains(IN_CACHE), "{t}");
+        assert!(run.check().is_ok());
+        run.rows[1].min_s = 2e-3;
+        assert!(run.check().is_err());
+    }
 }

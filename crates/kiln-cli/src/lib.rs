@@ -118,32 +118,33 @@ struct TrainArgs {
     /// Batches per GPT evaluation.
     #[arg(long, value_name = "N", default_value_t = 20)]
     eval_iters: u64,
-    /// GPT: learning-rate warm-up steps, before the cosine decay to --min-lr.
-    #[arg(long, value_name = "N", default_value_t = 100)]
-    warmup: u64,
+    /// GPT: learning-rate warm-up steps, before the cosine decay to --min-lr
+    /// [default: 100, or --iters if fewer].
+    #[arg(long, value_name = "N")]
+    warmup: Option<u64>,
     /// GPT: the rate the cosine decay ends at [default: --lr / 10].
-    #[arg(long)]
+    #[arg(long, value_parser = f32_flag)]
     min_lr: Option<f32>,
     /// GPT: AdamW's decoupled weight decay (not on biases, norms or tables).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = f32_flag)]
     weight_decay: f32,
     /// GPT: AdamW's β₂.
-    #[arg(long, default_value_t = 0.99)]
+    #[arg(long, default_value_t = 0.99, value_parser = f32_flag)]
     beta2: f32,
     /// GPT: clip gradients to this global norm (0: no clipping).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = f32_flag)]
     grad_clip: f32,
     /// GPT: micro-batches summed into each step (gradient accumulation).
     #[arg(long, value_name = "N", default_value_t = 1)]
     accumulate: usize,
     /// Learning rate [default: 1e-3, or the checkpoint's with --resume].
-    #[arg(long)]
+    #[arg(long, value_parser = f32_flag)]
     lr: Option<f32>,
     /// Optimiser (Keras defaults).
     #[arg(long, value_enum, default_value = "adam")]
     optimizer: OptimizerName,
     /// Momentum, for --optimizer sgd.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = f32_flag)]
     momentum: f32,
     /// Seed for the initial weights and the example order.
     #[arg(long, default_value_t = 42)]
@@ -601,13 +602,16 @@ fn info() -> Result<()> {
     println!("kiln {}", env!("CARGO_PKG_VERSION"));
     println!("cpu:        {} ({cores} cores)", features::cpu_model());
     println!("simd:       {}", features::detected().join(" "));
-    match CpuBackend::new() {
+    // The rest is printed either way; the exit status says whether the
+    // CPU backend can start with this environment.
+    let cpu = CpuBackend::new();
+    match &cpu {
         Ok(b) => println!(
             "kernels:    {} ({} threads)",
             b.kernels().name(),
             b.threads()
         ),
-        Err(e) => println!("kernels:    error: {e}"),
+        Err(_) => println!("kernels:    unavailable (the error below)"),
     }
     let sets: Vec<&str> = KernelSet::ALL
         .iter()
@@ -633,7 +637,7 @@ fn info() -> Result<()> {
         }
         Err(e) => println!("gpus:       none ({e})"),
     }
-    Ok(())
+    cpu.map(drop)
 }
 
 /// A built-in model by name, or the spec in a `.toml` (or `.json`) file.
@@ -662,7 +666,7 @@ fn train<D: Device>(mut a: TrainArgs, device: &D) -> Result<()> {
                 w.abort(101)
             }
         }));
-        if a.threads.is_none() && std::env::var_os("KILN_THREADS").is_none() {
+        if a.threads.is_none() && kiln_core::env::setting("KILN_THREADS")?.is_none() {
             // The cores shared among this machine's ranks, not each rank all of them.
             a.threads = Some(threads_per_local_rank(world.world()));
         }
@@ -699,7 +703,22 @@ fn data_parallel(
 ) -> Option<kiln_train::DataParallel> {
     // NCCL runs its all-reduces in a world of one too: the path a
     // one-GPU machine can check.
-    (world.world() > 1 || a.distributed == "nccl").then(|| {
+    let parallel = world.world() > 1 || a.distributed == "nccl";
+    if !parallel {
+        // Harmless in a script that runs the same command at every size,
+        // and worth a word: they change nothing here.
+        for (flag, given) in [
+            ("--verify-replicas", a.verify_replicas),
+            ("--no-overlap", a.no_overlap),
+        ] {
+            if given {
+                eprintln!(
+                    "note: {flag} has no effect: this run is one process (start it with mpirun -n N, or --distributed nccl)"
+                );
+            }
+        }
+    }
+    parallel.then(|| {
         say(format!(
             "data-parallel over {}: {} {unit} per process per step, {} MB all-reduce buckets {}{}",
             world.describe(),
@@ -793,7 +812,11 @@ fn run_train<B: Backend>(
     }
     // Rank 0 speaks and writes for a distributed run.
     let lead = world.rank() == 0;
-    for (flag, given) in [("--iters", a.iters.is_some())] {
+    for (flag, given) in [
+        ("--iters", a.iters.is_some()),
+        ("--warmup", a.warmup.is_some()),
+        ("--min-lr", a.min_lr.is_some()),
+    ] {
         if given {
             return Err(Error::invalid(format!(
                 "{flag} is for GPT runs (--model gpt); image models train for --epochs"
@@ -1129,7 +1152,7 @@ fn run_eval<B: Backend>(a: EvalArgs, backend: B) -> Result<()> {
         ));
     }
     // Model files and checkpoints alike (a checkpoint's optimiser state is ignored).
-    let (loaded, path) = model_file::load_for_inference(&a.model, &backend)?;
+    let (loaded, path) = crate::load_model(&a.model, &backend)?;
     lm::refuse_language_model(&loaded.model, &path, "kiln eval")?;
     let split = if a.split == "train" {
         Split::Train
@@ -1256,6 +1279,25 @@ fn conformance_plan(
         .filter(|(_, d)| dtype.is_none_or(|want| *d == want))
         .collect();
     if selected.is_empty() {
+        // The name matched and the dtype did not: say which dtypes it takes.
+        let by_name: Vec<String> = kiln_conformance::CHECKS
+            .iter()
+            .filter(|(name, _)| {
+                a.op.as_deref()
+                    .is_some_and(|o| if exact { *name == o } else { name.contains(o) })
+            })
+            .map(|(name, dts)| {
+                let dts: Vec<String> = dts.iter().map(|d| d.to_string()).collect();
+                format!("{name} ({})", dts.join(", "))
+            })
+            .collect();
+        if let (false, Some(d)) = (by_name.is_empty(), dtype) {
+            return Err(Error::invalid(format!(
+                "no check matching --op {} runs in {d}: {} (leave --dtype out for all of them)",
+                a.op.as_deref().unwrap_or_default(),
+                by_name.join("; ")
+            )));
+        }
         let names: Vec<&str> = kiln_conformance::CHECKS.iter().map(|(n, _)| *n).collect();
         return Err(Error::invalid(format!(
             "no conformance check matches --op {} --dtype {}: the checks are {} (--op takes a name or part of one)",
@@ -1356,15 +1398,24 @@ fn report_command<D: Device>(a: ReportArgs, device: &D) -> Result<()> {
 
 fn run_report<B: Backend>(a: ReportArgs, backend: B) -> Result<()> {
     let out = &a.out;
+    let (cfg, selected) = conformance_plan(&a.check, &backend.name())?;
+    // The saved runs are read, and the folder made, before the runs that
+    // take minutes: a bad file or an unwritable folder fails at once and
+    // leaves nothing behind.
+    let saved_reports: Option<Vec<kiln_conformance::Report>> = a
+        .conformance_json
+        .as_deref()
+        .map(|p| read_json(p, "kiln conformance"))
+        .transpose()?;
+    let saved_bench = a.bench_json.as_deref().map(bench::read_run).transpose()?;
     std::fs::create_dir_all(out)
         .map_err(|e| Error::io(format!("creating {}", out.display()), e))?;
-    let (cfg, selected) = conformance_plan(&a.check, &backend.name())?;
-    let reports: Vec<kiln_conformance::Report> = match &a.conformance_json {
-        Some(path) => read_json(path, "kiln conformance")?,
+    let reports = match saved_reports {
+        Some(r) => r,
         None => run_suite(&backend, &cfg, selected),
     };
-    let bench = match &a.bench_json {
-        Some(path) => read_json(path, "kiln bench")?,
+    let bench = match saved_bench {
+        Some(b) => b,
         None => {
             let threads = a
                 .check
@@ -1411,6 +1462,41 @@ fn run_report<B: Backend>(a: ReportArgs, backend: B) -> Result<()> {
 }
 
 /// A run saved by `COMMAND --json FILE`, read back.
+/// A model for `eval`, `predict`, `serve` or `generate`, from a model
+/// file, a checkpoint or a run folder ([`model_file::load_for_inference`]),
+/// with a note when the file carries no checksums to verify its tensors by.
+fn load_model<B: Backend>(
+    path: &std::path::Path,
+    backend: &B,
+) -> Result<(model_file::Loaded<B>, PathBuf)> {
+    let (loaded, file) = model_file::load_for_inference(path, backend)?;
+    if !loaded.metadata.contains_key(model_file::CHECKSUMS_KEY) {
+        eprintln!(
+            "note: {} has no `{}`: its tensors cannot be checked for damage (a file written by an older kiln, or rewritten by another program)",
+            file.display(),
+            model_file::CHECKSUMS_KEY
+        );
+    }
+    Ok((loaded, file))
+}
+
+/// Parses a real-valued flag as f32, refusing a number f32 cannot hold:
+/// `1e-50` would become 0 and `1e39` infinity, and the flag's own check
+/// would then report a value that was never typed.
+fn f32_flag(text: &str) -> std::result::Result<f32, String> {
+    let wide: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number"))?;
+    let v = wide as f32;
+    if wide.is_finite() && (v.is_infinite() || (v == 0.0 && wide != 0.0)) {
+        return Err(format!(
+            "{text} is outside the range of f32 (about 1.2e-38 to 3.4e38 in magnitude)"
+        ));
+    }
+    Ok(v)
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path, command: &str) -> Result<T> {
     let text = kiln_core::files::read_to_string(path, &format!("{command} run"))?;
     serde_json::from_str(&text).map_err(|e| {

@@ -130,6 +130,7 @@ pub(crate) fn run_train_lm<B: Backend>(
     let batch_size = a.batch_size.unwrap_or(12);
     let lr = a.lr.unwrap_or(1e-3);
     kiln_nn::optim::check_lr(lr)?;
+    kiln_nn::optim::check_weight_decay(lr, a.weight_decay)?;
     // The schedule's and AdamW's own checks do not know the flags' names.
     if let Some(min) = a
         .min_lr
@@ -145,10 +146,19 @@ pub(crate) fn run_train_lm<B: Backend>(
             a.beta2
         )));
     }
+    let warmup = match a.warmup {
+        Some(w) if w > iters => {
+            return Err(Error::invalid(format!(
+                "--warmup {w} is longer than the run (--iters {iters}): the rate would never reach --lr"
+            )))
+        }
+        Some(w) => w,
+        None => 100.min(iters),
+    };
     let schedule = LrSchedule::WarmupCosine {
         peak: lr,
         min: a.min_lr.unwrap_or(lr / 10.0),
-        warmup: a.warmup.min(iters),
+        warmup,
         decay: iters,
     };
     let optimizer = || -> Result<Adam<B>> {
@@ -234,7 +244,7 @@ pub(crate) fn run_train_lm<B: Backend>(
         backend.name(),
         a.beta2,
         a.weight_decay,
-        a.warmup.min(iters),
+        warmup,
         a.min_lr.unwrap_or(lr / 10.0),
         spec.input[0],
         a.accumulate,
@@ -326,7 +336,7 @@ pub(crate) struct GenerateArgs {
     #[arg(long, default_value_t = 500)]
     tokens: usize,
     /// Divides the logits before sampling (0: always the most likely character).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = crate::f32_flag)]
     temperature: f32,
     /// Sample among the K most likely characters only (0: all).
     #[arg(long, value_name = "K", default_value_t = 200)]
@@ -372,7 +382,7 @@ pub(crate) fn load_lm<B: Backend>(
     path: &Path,
     backend: &B,
 ) -> Result<(Sequential<B>, kiln_data::Vocab, PathBuf)> {
-    let (loaded, file) = model_file::load_for_inference(path, backend)?;
+    let (loaded, file) = crate::load_model(path, backend)?;
     let vocab = trainer_lm::vocab_for(&loaded.model, &loaded.metadata)
         .map_err(|e| Error::invalid(format!("{}: {e}", file.display())))?;
     Ok((loaded.model, vocab, file))

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use kiln_core::{Error, Result};
 use kiln_cpu::CpuBackend;
 use kiln_nn::Sequential;
-use kiln_train::{model_file, Trainer};
+use kiln_train::Trainer;
 
 /// The arguments of `kiln predict`.
 #[derive(clap::Args)]
@@ -174,7 +174,7 @@ pub fn predict(a: PredictArgs, backend: CpuBackend) -> Result<()> {
         ));
     }
     // Model files and checkpoints alike (a checkpoint's optimiser state is ignored).
-    let (loaded, path) = model_file::load_for_inference(&a.model, &backend)?;
+    let (loaded, path) = crate::load_model(&a.model, &backend)?;
     crate::lm::refuse_language_model(&loaded.model, &path, "kiln predict")?;
     let model: Sequential<CpuBackend> = loaded.model;
     let input = model.input_shape().to_vec();

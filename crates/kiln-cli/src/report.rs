@@ -127,7 +127,7 @@ pub fn markdown(meta: &Meta, reports: &[Report], bench: &BenchReport, svg_file: 
     for m in &bench.rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.3} | {:.3}–{:.3} | {:.1} | {:.1} | {:.0}% | {:.0}% | {} |",
+            "| {} | {} | {:.3} | {:.3}–{:.3} | {:.1} | {:.1} | {:.0}% | {} | {} |",
             m.op,
             m.shape,
             1e3 * m.median_s,
@@ -136,9 +136,12 @@ pub fn markdown(meta: &Meta, reports: &[Report], bench: &BenchReport, svg_file: 
             m.gflops,
             m.gbs,
             100.0 * m.of_compute_peak,
-            100.0 * m.of_bandwidth,
+            crate::bench::bandwidth_cell(m.of_bandwidth),
             others(m)
         );
+    }
+    if bench.rows.iter().any(|m| m.of_bandwidth > 1.0) {
+        let _ = writeln!(s, "\n{}", crate::bench::IN_CACHE);
     }
     let _ = writeln!(s, "\n## Roofline\n\n![roofline]({svg_file})");
     s
@@ -250,7 +253,7 @@ pub fn html(meta: &Meta, reports: &[Report], bench: &BenchReport) -> String {
     for m in &bench.rows {
         let _ = writeln!(
             s,
-            "<tr><td>{}</td><td>{}</td><td class=\"num\">{:.3}</td><td class=\"num\">{:.3}–{:.3}</td><td class=\"num\">{:.1}</td><td class=\"num\">{:.1}</td><td class=\"num\">{:.0}%</td><td class=\"num\">{:.0}%</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td class=\"num\">{:.3}</td><td class=\"num\">{:.3}–{:.3}</td><td class=\"num\">{:.1}</td><td class=\"num\">{:.1}</td><td class=\"num\">{:.0}%</td><td class=\"num\">{}</td><td>{}</td></tr>",
             xml(&m.op),
             xml(&m.shape),
             1e3 * m.median_s,
@@ -259,11 +262,15 @@ pub fn html(meta: &Meta, reports: &[Report], bench: &BenchReport) -> String {
             m.gflops,
             m.gbs,
             100.0 * m.of_compute_peak,
-            100.0 * m.of_bandwidth,
+            crate::bench::bandwidth_cell(m.of_bandwidth),
             xml(&others(m))
         );
     }
-    s.push_str("</table>\n<h2>Roofline</h2>\n");
+    s.push_str("</table>\n");
+    if bench.rows.iter().any(|m| m.of_bandwidth > 1.0) {
+        let _ = writeln!(s, "<p>{}</p>", xml(crate::bench::IN_CACHE));
+    }
+    s.push_str("<h2>Roofline</h2>\n");
     s.push_str(&roofline::svg(bench));
     s.push_str("</body></html>\n");
     s

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use kiln_core::{Error, Result};
 use kiln_cpu::CpuBackend;
 use kiln_nn::Sequential;
-use kiln_train::{model_file, Trainer};
+use kiln_train::Trainer;
 
 use crate::http::{Request, Response, Server};
 use serde_json::{json, Value};
@@ -75,7 +75,7 @@ pub struct ServeArgs {
     pub grace: f64,
     /// A file holding the bearer token every request but GET /healthz must
     /// send (`Authorization: Bearer TOKEN`); needed to bind a non-loopback address.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "no_auth")]
     pub token_file: Option<PathBuf>,
     /// Serve a non-loopback address without a token (anyone who can reach it may use it).
     #[arg(long)]
@@ -510,7 +510,7 @@ pub fn serve(a: ServeArgs, backend: CpuBackend, stop: Arc<AtomicBool>) -> Result
     let limits = a.limits()?;
     let token = a.token()?;
     // Model files and checkpoints alike (a checkpoint's optimiser state is ignored).
-    let (loaded, _) = model_file::load_for_inference(&a.model, &backend)?;
+    let (loaded, _) = crate::load_model(&a.model, &backend)?;
     let text = match loaded.model.takes_tokens() {
         true => Some(kiln_train::lm::vocab_for(&loaded.model, &loaded.metadata)?),
         false => None,

@@ -315,6 +315,15 @@ fn conformance_report_for_the_reference_backend() {
         "{}",
         stderr(&o)
     );
+    // A check that exists in other dtypes names them.
+    let o = kiln(&["conformance", "--op", "gemm", "--dtype", "u32"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no check matching --op gemm runs in u32")
+            && stderr(&o).contains("gemm (f32, f16, bf16)"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -911,6 +920,35 @@ fn bench_times_the_op_set_against_measured_peaks_and_a_saved_run() {
         stderr(&o)
     );
     assert!(!s.contains("matrixmultiply"), "{s}");
+    // A saved run whose numbers cannot be true is refused, by name.
+    let mut damaged: serde_json::Value = run.clone();
+    damaged["rows"][0]["median_s"] = serde_json::json!(-0.001);
+    let bad = dir.path().join("damaged.json");
+    std::fs::write(&bad, damaged.to_string()).unwrap();
+    let o = kiln(&["bench", "--quick", "--compare", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("not a valid kiln bench run")
+            && stderr(&o).contains("expected 0 < min ≤ median ≤ max"),
+        "{}",
+        stderr(&o)
+    );
+    // `kiln report` refuses it before making its folder.
+    let never = dir.path().join("never");
+    let o = kiln(&[
+        "report",
+        "--bench-json",
+        bad.to_str().unwrap(),
+        "--out",
+        never.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("not a valid kiln bench run"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!never.exists());
     // Bad input is a clear error.
     let o = kiln(&["bench", "--quick", "--budget", "1e9"]);
     assert!(
@@ -1083,6 +1121,23 @@ fn thread_counts_past_four_per_core_are_refused() {
         "{}",
         stderr(&o)
     );
+    // `kiln info` prints what it can, then fails as the backend does.
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("info")
+        .env("KILN_THREADS", "100000")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("kernels:    unavailable") && stdout(&o).contains("simd:"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        stderr(&o).contains("KILN_THREADS=\"100000\""),
+        "{}",
+        stderr(&o)
+    );
     // --threads wins over a malformed KILN_THREADS, which it makes unread.
     let dir = tempfile::tempdir().unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -1095,12 +1150,19 @@ fn thread_counts_past_four_per_core_are_refused() {
             "--limit",
             "100",
             "--plain",
+            "--verify-replicas",
         ])
         .args(["--out", dir.path().to_str().unwrap()])
         .env("KILN_THREADS", "abc")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
+    // A distributed run's flag in a run of one process is worth a word.
+    assert!(
+        stderr(&o).contains("note: --verify-replicas has no effect: this run is one process"),
+        "{}",
+        stderr(&o)
+    );
     // A switch for the AMX kernel that is neither 0 nor 1 (checked on every
     // processor, AMX or not).
     let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -1116,6 +1178,29 @@ fn thread_counts_past_four_per_core_are_refused() {
             stderr(&o)
         );
     }
+    // A log topic that does not exist is named; a blank setting is unset,
+    // as for every KILN_ variable.
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["conformance", "--op", "gemm_epilogue", "--dtype", "f32"])
+        .env("KILN_LOG", "slow-paths,slowpath")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains(
+            "`slowpath` is not a log topic; expected a comma-separated list of slow-paths, debug"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["conformance", "--op", "gemm_epilogue", "--dtype", "f32"])
+        .env("KILN_THREADS", " ")
+        .env("KILN_CPU", "")
+        .env("KILN_LOG", "")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
     let o = kiln(&["bench", "--quick", "--threads", "0"]);
     assert!(
         stderr(&o).contains("--threads 0: expected 1 to"),
@@ -1424,7 +1509,34 @@ fn eval_refuses_overflowing_outputs_and_notes_another_dataset() {
     let o = kiln(&["eval", "--model", other.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("was trained on fashion-mnist; evaluating it on mnist-sample"),
+        stderr(&o).contains("was trained on fashion-mnist; evaluating it on mnist-sample")
+            && !stderr(&o).contains("cannot be checked"),
+        "{}",
+        stderr(&o)
+    );
+    // The same file with its checksums taken out of the header loads, with
+    // a note that nothing vouches for its bytes.
+    let bytes = std::fs::read(&other).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert!(header["__metadata__"]
+        .as_object_mut()
+        .unwrap()
+        .remove("kiln.checksums")
+        .is_some());
+    let mut text = header.to_string();
+    while !text.len().is_multiple_of(8) {
+        text.push(' ');
+    }
+    let mut unsummed = (text.len() as u64).to_le_bytes().to_vec();
+    unsummed.extend_from_slice(text.as_bytes());
+    unsummed.extend_from_slice(&bytes[8 + n..]);
+    let unsummed_path = dir.path().join("unsummed.safetensors");
+    std::fs::write(&unsummed_path, unsummed).unwrap();
+    let o = kiln(&["eval", "--model", unsummed_path.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("has no `kiln.checksums`: its tensors cannot be checked"),
         "{}",
         stderr(&o)
     );

@@ -284,6 +284,18 @@ fn bad_gpt_runs_are_one_clear_line() {
             "--beta2 1: expected 0 ≤ β₂ < 1",
         ),
         (
+            vec![dataset.clone(), "--warmup".into(), "3".into()],
+            "--warmup 3 is longer than the run (--iters 2)",
+        ),
+        (
+            vec![dataset.clone(), "--weight-decay".into(), "1e9".into()],
+            "weight decay 1000000000 at learning rate 0.001: each step scales the weights by 1 − lr·wd",
+        ),
+        (
+            vec![dataset.clone(), "--weight-decay=-1".into()],
+            "weight decay -1: expected a finite decay of 0 or more",
+        ),
+        (
             vec![dataset.clone(), "--momentum".into(), "0.5".into()],
             "--momentum is for --optimizer sgd",
         ),
@@ -309,12 +321,22 @@ fn bad_gpt_runs_are_one_clear_line() {
         );
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
-    let o = kiln(&["train", "--iters", "3"]);
+    // A rate f32 cannot hold is refused as typed, not reported as 0.
+    let o = kiln(&["train", "--model", "gpt", "--lr", "1e-50"]);
+    assert_eq!(o.status.code(), Some(2));
     assert!(
-        text(&o).1.contains("--iters is for GPT runs"),
+        text(&o).1.contains("1e-50 is outside the range of f32"),
         "{}",
         text(&o).1
     );
+    for (flag, value) in [("--iters", "3"), ("--warmup", "3"), ("--min-lr", "1e-4")] {
+        let o = kiln(&["train", flag, value]);
+        assert!(
+            text(&o).1.contains(&format!("{flag} is for GPT runs")),
+            "{flag}: {}",
+            text(&o).1
+        );
+    }
     // An image model on text is named as such, not looked for as a file.
     for extra in [&[][..], &["--epochs", "1"]] {
         let mut a = vec!["train", "--model", "mlp", "--dataset", "shakespeare"];

@@ -402,4 +402,15 @@ fn bearer_tokens_guard_every_endpoint_but_healthz_and_never_leak() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("at least 16 printable characters"));
+    // A token and --no-auth contradict each other.
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["serve", "--no-auth", "--token-file"])
+        .arg(&file)
+        .arg("--model")
+        .arg(model())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cannot be used with"), "{err}");
 }

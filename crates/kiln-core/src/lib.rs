@@ -5,8 +5,9 @@
 //! with zero-copy views, reverse-mode autograd ([`Tensor::backward`]),
 //! trainable [`Var`]s, the shared counter-based RNG ([`rng`]), the plans that
 //! validate each op once ([`plan`]), the error bound every op is held to
-//! ([`bounds`]), the count of calls that took a slow path ([`slow_path`])
-//! and the one [`Error`] type.
+//! ([`bounds`]), the count of calls that took a slow path ([`slow_path`]),
+//! the environment settings read one way ([`env`]) and the one [`Error`]
+//! type.
 //!
 //! ```
 //! use kiln_core::{Tensor, Var};
@@ -29,6 +30,7 @@ pub mod capabilities;
 pub mod conv;
 pub mod dtype;
 pub mod embedding;
+pub mod env;
 pub mod error;
 pub mod files;
 pub mod idle;

@@ -30,6 +30,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
+use crate::{Error, Result};
+
 /// How many calls of one op took one slow path.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SlowPath {
@@ -68,6 +70,35 @@ pub fn since(before: &[SlowPath], after: &[SlowPath]) -> Vec<SlowPath> {
         .collect()
 }
 
+/// The words `KILN_LOG` may hold, comma-separated.
+pub const LOG_TOPICS: &[&str] = &["slow-paths", "debug"];
+
+/// The words in `KILN_LOG` (none when it is unset), or an error naming one
+/// that is not in [`LOG_TOPICS`].
+fn log_topics() -> Result<Vec<&'static str>> {
+    let Some(v) = crate::env::setting("KILN_LOG")? else {
+        return Ok(Vec::new());
+    };
+    v.split(',')
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            LOG_TOPICS.iter().copied().find(|t| *t == w).ok_or_else(|| {
+                Error::invalid(format!(
+                    "KILN_LOG={v:?}: `{w}` is not a log topic; expected a comma-separated list of {}",
+                    LOG_TOPICS.join(", ")
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Checks `KILN_LOG` (backends call this when they are built, so a
+/// misspelt topic is an error rather than a silence).
+pub fn check_log_env() -> Result<()> {
+    log_topics().map(drop)
+}
+
 /// A thread-safe count of slow-path calls, shared by clones (a backend and
 /// its clones count into one).
 #[derive(Clone, Debug)]
@@ -79,12 +110,12 @@ pub struct SlowPaths {
 
 impl SlowPaths {
     /// An empty count for backend `who` (named in log lines). Logging is on
-    /// when `KILN_LOG` names `slow-paths` or `debug` (comma-separated).
+    /// when `KILN_LOG` names `slow-paths` or `debug` (comma-separated; a
+    /// backend reports a word it does not know when it is built, through
+    /// [`check_log_env`]).
     pub fn new(who: &str) -> Self {
-        let log = std::env::var("KILN_LOG").is_ok_and(|v| {
-            v.split(',')
-                .any(|w| matches!(w.trim(), "slow-paths" | "debug"))
-        });
+        let log =
+            log_topics().is_ok_and(|t| t.iter().any(|w| matches!(*w, "slow-paths" | "debug")));
         SlowPaths {
             who: who.into(),
             log,

@@ -112,13 +112,13 @@ impl KernelSet {
 
     /// `KILN_CPU` if set, else [`KernelSet::best`].
     pub fn from_env() -> Result<Self> {
-        match std::env::var("KILN_CPU") {
-            Ok(v) if !v.trim().is_empty() => {
+        match kiln_core::env::setting("KILN_CPU")? {
+            Some(v) => {
                 let set = Self::parse(&v)?;
                 set.check_available()?;
                 Ok(set)
             }
-            _ => Ok(Self::best()),
+            None => Ok(Self::best()),
         }
     }
 }

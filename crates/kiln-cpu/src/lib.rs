@@ -143,6 +143,7 @@ impl CpuBackend {
     }
 
     fn build(kernels: KernelSet, threads: usize) -> Result<Self> {
+        kiln_core::slow_path::check_log_env()?;
         gemm::blocking::check_env()?;
         #[cfg(target_arch = "x86_64")]
         gemm::amx::check_env()?;

@@ -23,8 +23,8 @@ pub fn check(what: &str, n: usize) -> Result<usize> {
 }
 
 pub(crate) fn from_env() -> Result<usize> {
-    match std::env::var("KILN_THREADS") {
-        Ok(v) => match v.trim().parse::<usize>() {
+    match kiln_core::env::setting("KILN_THREADS")? {
+        Some(v) => match v.parse::<usize>() {
             Ok(n) => check("KILN_THREADS=", n).map_err(|_| {
                 Error::invalid(format!(
                     "KILN_THREADS={v:?}: expected 1 to {} worker threads (4 per core)",
@@ -35,7 +35,7 @@ pub(crate) fn from_env() -> Result<usize> {
                 "KILN_THREADS={v:?} is not a positive whole number"
             ))),
         },
-        Err(_) => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
     }
 }
 

@@ -200,6 +200,16 @@ impl CudaBackend {
     /// The backend on any [`Launcher`]. Errors: the device cannot give the
     /// backend its 8 bytes of bookkeeping memory.
     pub fn on(device: Box<dyn Launcher>) -> Result<Self> {
+        kiln_core::slow_path::check_log_env()?;
+        let tf32 = match kiln_core::env::setting("KILN_CUDA_TF32")?.as_deref() {
+            None | Some("0") => false,
+            Some("1") => true,
+            Some(other) => {
+                return Err(Error::invalid(format!(
+                    "KILN_CUDA_TF32={other:?}: expected 1 (f32 GEMMs on TF32 tensor cores) or 0 (exact f32, the default)"
+                )))
+            }
+        };
         let alloc = Allocator::new(device.memory());
         let labels = IndexCheck::new(&alloc, &*device)?;
         let ids = IndexCheck::new(&alloc, &*device)?;
@@ -211,7 +221,7 @@ impl CudaBackend {
                 ids,
                 slow: SlowPaths::new("cuda"),
             }),
-            tf32: std::env::var("KILN_CUDA_TF32").is_ok_and(|v| v == "1"),
+            tf32,
             #[cfg(feature = "planted-faults")]
             fault: None,
         })

@@ -53,6 +53,12 @@ fn slot<B: Backend>(
 
 /// Checks that `state` is of `kind` and names only existing parameters.
 fn check_state(state: &OptimizerState, kind: &str, params: usize) -> Result<()> {
+    if state.step > MAX_STEPS {
+        return Err(Error::invalid(format!(
+            "optimizer state: step {} is past {MAX_STEPS} (2⁵³), more than any run takes: the checkpoint is corrupt",
+            state.step
+        )));
+    }
     if state.kind != kind {
         return Err(Error::invalid(format!(
             "the checkpoint's optimizer is {}, this run's is {kind}",
@@ -101,6 +107,34 @@ pub fn check_lr(lr: f32) -> Result<()> {
         )))
     }
 }
+
+/// Checks a decoupled weight decay `wd` at learning rate `lr`: finite, at
+/// least 0, and with `lr·wd` below 1 (each step scales the weights by
+/// `1 − lr·wd`: at 1 or more it would zero them or flip their signs).
+///
+/// ```
+/// assert!(kiln_nn::optim::check_weight_decay(1e-3, 0.1).is_ok());
+/// let e = kiln_nn::optim::check_weight_decay(1e-3, 1e9).unwrap_err().to_string();
+/// assert!(e.contains("weight decay 1000000000"), "{e}");
+/// ```
+pub fn check_weight_decay(lr: f32, wd: f32) -> Result<()> {
+    if !(wd.is_finite() && wd >= 0.0) {
+        return Err(Error::invalid(format!(
+            "weight decay {wd}: expected a finite decay of 0 or more (0.1 is usual for AdamW)"
+        )));
+    }
+    if f64::from(lr) * f64::from(wd) >= 1.0 {
+        return Err(Error::invalid(format!(
+            "weight decay {wd} at learning rate {lr}: each step scales the weights by 1 − lr·wd, \
+             which must stay above 0 (0.1 is usual for AdamW)"
+        )));
+    }
+    Ok(())
+}
+
+/// The most optimiser steps a state may record: 2⁵³, beyond which a count
+/// is not exact in f64 — a checkpoint that claims more is corrupt.
+pub const MAX_STEPS: u64 = 1 << 53;
 
 /// The gradient of `p`, if any, checked against its shape and made dense.
 fn grad_of<B: Backend>(p: &Var<B>, grads: &GradStore<B>) -> Result<Option<Tensor<B>>> {
@@ -269,11 +303,7 @@ impl<B: Backend> Adam<B> {
     /// # Ok::<(), kiln_core::Error>(())
     /// ```
     pub fn pytorch_adamw(lr: f32, wd: f32) -> Result<Self> {
-        if !(wd.is_finite() && wd >= 0.0) {
-            return Err(Error::invalid(format!(
-                "weight decay must be finite and ≥ 0, got {wd}"
-            )));
-        }
+        check_weight_decay(lr, wd)?;
         let mut a = Self::new(lr)?.with_betas(0.9, 0.999, 1e-8)?;
         a.hyper.weight_decay = wd;
         a.hyper.decoupled = true;
@@ -296,6 +326,7 @@ impl<B: Backend> Adam<B> {
 
     /// AdamW: decoupled weight decay `wd` (Keras default 0.004).
     pub fn adamw(lr: f32, wd: f32) -> Result<Self> {
+        check_weight_decay(lr, wd)?;
         let mut a = Self::new(lr)?;
         a.hyper.weight_decay = wd;
         a.hyper.decoupled = true;
@@ -364,7 +395,16 @@ impl<B: Backend> Optimizer<B> for Adam<B> {
         Ok(())
     }
     fn step(&mut self, params: &mut [&mut Var<B>], grads: &GradStore<B>) -> Result<()> {
-        self.hyper.step += 1;
+        self.hyper.step = self
+            .hyper
+            .step
+            .checked_add(1)
+            .filter(|s| *s <= MAX_STEPS)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "Adam has taken {MAX_STEPS} (2⁵³) steps, the most it counts"
+                ))
+            })?;
         self.moments.resize_with(params.len(), || None);
         if let Some(mask) = &self.decay_mask {
             if mask.len() != params.len() {

@@ -243,6 +243,13 @@ impl LmProgress {
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return bad(format!("learning rate {}", self.lr));
         }
+        // One optimiser step per training step.
+        if self.optimizer_step > self.iter {
+            return bad(format!(
+                "optimizer step {} after {} training steps",
+                self.optimizer_step, self.iter
+            ));
+        }
         if self
             .history
             .iter()

@@ -563,7 +563,11 @@ fn tampered_checkpoint_progress_is_refused() {
     };
     good.validate().unwrap();
     type Tamper = Box<dyn Fn(&mut Progress)>;
-    let tampered: [(&str, Tamper); 6] = [
+    let tampered: [(&str, Tamper); 7] = [
+        (
+            "optimizer step 18446744073709551615 is past",
+            Box::new(|p| p.optimizer_step = u64::MAX),
+        ),
         ("batch size", Box::new(|p| p.batch_size = 1 << 30)),
         (
             "epoch records",
@@ -579,6 +583,44 @@ fn tampered_checkpoint_progress_is_refused() {
             "epoch 1 has loss",
             Box::new(|p| p.history[0].loss = f64::INFINITY),
         ),
+    ];
+    for (says, tamper) in tampered {
+        let mut p = good.clone();
+        tamper(&mut p);
+        let e = p.validate().unwrap_err().to_string();
+        assert!(e.contains(says), "{says}: {e}");
+    }
+}
+
+#[test]
+fn tampered_language_model_progress_is_refused() {
+    use kiln_train::lm::LmProgress;
+    let good = LmProgress {
+        iter: 40,
+        iters: 100,
+        seed: 1,
+        batch_size: 12,
+        accumulate: 1,
+        dataset: "shakespeare".into(),
+        dataset_fingerprint: "0".into(),
+        optimizer: "adamw_torch".into(),
+        optimizer_step: 40,
+        lr: 1e-3,
+        rng_positions: Vec::new(),
+        partial: (30.0, 15),
+        history: Vec::new(),
+        precision: "f32".into(),
+    };
+    good.validate().unwrap();
+    type Tamper = Box<dyn Fn(&mut LmProgress)>;
+    let tampered: [(&str, Tamper); 4] = [
+        ("step 101 of 100", Box::new(|p| p.iter = 101)),
+        ("partial loss sum", Box::new(|p| p.partial = (f64::NAN, 3))),
+        (
+            "optimizer step 18446744073709551615 after 40 training steps",
+            Box::new(|p| p.optimizer_step = u64::MAX),
+        ),
+        ("learning rate", Box::new(|p| p.lr = -1.0)),
     ];
     for (says, tamper) in tampered {
         let mut p = good.clone();

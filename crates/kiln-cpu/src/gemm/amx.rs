@@ -58,10 +58,10 @@ pub(crate) fn available() -> bool {
 /// `0` no, anything else an error that says so (reported when a backend is
 /// built; the kernel stays off).
 pub(crate) fn check_env() -> kiln_core::Result<bool> {
-    match std::env::var("KILN_AMX") {
-        Err(_) => Ok(true),
-        Ok(v) => match v.trim() {
-            "" | "1" => Ok(true),
+    match kiln_core::env::setting("KILN_AMX")? {
+        None => Ok(true),
+        Some(v) => match v.as_str() {
+            "1" => Ok(true),
             "0" => Ok(false),
             other => Err(kiln_core::Error::invalid(format!(
                 "KILN_AMX={other:?}: expected 0 (bf16 products off AMX tiles) or 1 (on, the default where the processor has AMX-BF16)"

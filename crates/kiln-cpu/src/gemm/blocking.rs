@@ -249,13 +249,9 @@ fn overridden() -> Option<Blocking> {
 /// The override in `KILN_GEMM_BLOCKING`, if set, or an error saying what is
 /// wrong with it.
 pub(crate) fn check_env() -> Result<Option<Blocking>> {
-    let Ok(text) = std::env::var("KILN_GEMM_BLOCKING") else {
-        return Ok(None);
-    };
-    if text.trim().is_empty() {
-        return Ok(None);
-    }
-    parse_override(&text).map(Some)
+    kiln_core::env::setting("KILN_GEMM_BLOCKING")?
+        .map(|text| parse_override(&text))
+        .transpose()
 }
 
 fn parse_override(text: &str) -> Result<Blocking> {

@@ -37,4 +37,14 @@ pub trait IdleWork: Send + Sync {
     /// without it). It must not panic; a panic is caught and the work is
     /// not offered again.
     fn run_one(&self) -> bool;
+
+    /// As [`IdleWork::run_one`], but the unit may end early, at a point of
+    /// the work's choosing, once `wanted()` says the thread is wanted
+    /// elsewhere (the backend's next op has started): the rest waits for the
+    /// next call. Says whether any work was done. The default runs a whole
+    /// unit; work whose units are long next to an op implements it.
+    fn run_one_unless(&self, wanted: &dyn Fn() -> bool) -> bool {
+        let _ = wanted;
+        self.run_one()
+    }
 }

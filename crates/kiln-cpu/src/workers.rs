@@ -158,7 +158,7 @@ impl Shared {
                 }
                 if spins.is_multiple_of(IDLE_LOOK_EVERY)
                     && self.idle_offered.load(Relaxed) > 0
-                    && self.run_idle()
+                    && self.run_idle(&|| self.generation.load(Relaxed) != seen)
                 {
                     // Busy, not idle: the wait before parking starts again.
                     start = Instant::now();
@@ -194,7 +194,8 @@ impl Shared {
     /// One helper at a time; each unit runs, and each work is dropped,
     /// outside the list's lock. Work that is gone, or that panicked, is
     /// forgotten.
-    fn run_idle(&self) -> bool {
+    /// `wanted` says when a job has come, for the unit to end early.
+    fn run_idle(&self, wanted: &dyn Fn() -> bool) -> bool {
         if self.idle_running.swap(true, Acquire) {
             return false;
         }
@@ -216,7 +217,7 @@ impl Shared {
                 self.idle_offered.store(lent.len(), Relaxed);
                 work
             };
-            match panic::catch_unwind(AssertUnwindSafe(|| work.run_one())) {
+            match panic::catch_unwind(AssertUnwindSafe(|| work.run_one_unless(wanted))) {
                 Ok(true) => return true,
                 Ok(false) => i += 1,
                 Err(_) => {
@@ -591,6 +592,52 @@ mod tests {
             self.ran.fetch_add(1, SeqCst);
             true
         }
+    }
+
+    /// One long unit of idle work that ends only when its thread is
+    /// wanted elsewhere (or after ten seconds), and says whether it was.
+    struct Long {
+        started: AtomicBool,
+        ended_for_a_job: AtomicBool,
+    }
+
+    impl IdleWork for Long {
+        fn run_one(&self) -> bool {
+            false
+        }
+        fn run_one_unless(&self, wanted: &dyn Fn() -> bool) -> bool {
+            if self.started.swap(true, SeqCst) {
+                return false;
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !wanted() && Instant::now() < deadline {
+                std::hint::spin_loop();
+            }
+            self.ended_for_a_job.store(wanted(), SeqCst);
+            true
+        }
+    }
+
+    #[test]
+    fn a_lent_unit_is_told_when_a_job_comes() {
+        let w = Workers::new(2).unwrap();
+        if !w.shared.spin {
+            return; // One core: nothing is lent.
+        }
+        let work = Arc::new(Long {
+            started: AtomicBool::new(false),
+            ended_for_a_job: AtomicBool::new(false),
+        });
+        assert!(w.lend(Arc::downgrade(&work) as Weak<dyn IdleWork>));
+        // The helper takes the unit between jobs; the next job ends it.
+        keep_awake(&w, || work.started.load(SeqCst));
+        assert!(work.started.load(SeqCst));
+        let start = Instant::now();
+        while !work.ended_for_a_job.load(SeqCst) && start.elapsed() < Duration::from_secs(10) {
+            w.run(2, |_| {});
+        }
+        assert!(work.ended_for_a_job.load(SeqCst), "the unit was not told");
+        assert!(start.elapsed() < Duration::from_secs(5));
     }
 
     /// Work that panics at its first unit.

@@ -847,11 +847,16 @@ fn blocked<K: MicroKernel>(
             // multiple of the thread count, so that the threads end level
             // (the CNN's 128 × 5408 × 64 in 11 blocks of 492 on a Zen 4,
             // 2 threads: 6 blocks against 5 took 207 GFLOP/s, 22 half
-            // blocks 219). Thread t's own share is still whole k blocks but
-            // for a part at each end.
-            let parts = (1..threads)
-                .find(|p| (k_blocks * p).is_multiple_of(threads))
-                .unwrap_or(threads);
+            // blocks 219) — and at least two per thread, so that a thread
+            // that starts late (a helper finishing a unit of the loader's
+            // work) leaves the other half a block to take over, not a whole
+            // one to wait for (the MLP's 128 × 784 × 64 in 2 blocks: its
+            // caller waited 9.8 µs a step for the helper's block). Thread
+            // t's own share is still whole k blocks but for a part at each
+            // end.
+            let parts = (1..2 * threads)
+                .find(|p| (k_blocks * p).is_multiple_of(threads) && k_blocks * p >= 2 * threads)
+                .unwrap_or(2 * threads);
             let part_rows = m.div_ceil(parts).next_multiple_of(K::MR);
             pool.run(k_blocks * parts, |task| {
                 let (spare, all) = (spare, all);

@@ -327,8 +327,10 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
 /// a few microseconds of copying against a fork of one or two. A product
 /// of few rows reuses each packed panel only `m / MR` times, so its
 /// packing is a large share of the work (128×784×64 on 2 threads: 71 →
-/// 97 GFLOP/s when its 16 Ki-float blocks were split).
-const PARALLEL_PACK_MIN: usize = 1 << 12;
+/// 97 GFLOP/s when its 16 Ki-float blocks were split). The MLP's 128 × 64
+/// `dy`, packed for its weight gradient, is not: split, each thread
+/// copied for 0.9 µs and the caller then waited 0.4–0.9 µs for the other.
+const PARALLEL_PACK_MIN: usize = 1 << 14;
 
 /// Packs rows `p0..p0+kc`, columns `j0..j0+nc` of `b` into panels of `nr`
 /// columns: panel `q`, step `p`, column `j` at `q·nr·kc + p·nr + j`; the

@@ -203,3 +203,58 @@ fn a_nan_key_spreads_to_exactly_the_queries_that_see_it() -> Result<()> {
     }
     Ok(())
 }
+
+/// FNV-1a over the bits of `runs`' values, in order.
+fn digest(runs: &[Vec<f32>]) -> u64 {
+    runs.iter()
+        .flatten()
+        .flat_map(|v| v.to_bits().to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |h, byte| {
+            (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
+/// The forward output and the three gradients of two problems whose rows
+/// cross the kernels' 4-row blocks and 16-key vectors (3 heads of 37 × 24;
+/// one of 70 × 64 with a scale of 1/8), on the x86 SIMD sets, against a
+/// digest pinned when it was last changed on purpose: a refactoring that
+/// claims to keep attention's bits must keep it (on 1 thread and on 2).
+/// AVX2 and AVX-512 give the same bits (both run rows in 16-float vectors
+/// with the same exponential). The scalar set calls the C library's `expf`
+/// and other processors have other kernels: those only check that 1 and 2
+/// threads agree.
+#[test]
+fn attentions_bits_are_pinned() -> Result<()> {
+    const PINNED: u64 = 0x8a70_0e7b_e590_9559;
+    let mut seen = std::collections::BTreeMap::new();
+    for (set, threads, b) in backends()? {
+        let mut runs = Vec::new();
+        for (heads, t, d, scale, seed) in [(3, 37, 24, 0.3, 11), (1, 70, 64, 0.125, 12)] {
+            let layout = contiguous(&[heads, t, d]);
+            let [q, k, v, dy] =
+                [0, 1, 2, 3].map(|i| HostData::F32(values(heads * t * d, seed * 10 + i)));
+            let options = AttentionOptions::new(scale);
+            runs.extend(run(
+                &b,
+                [(&q, &layout), (&k, &layout), (&v, &layout), (&dy, &layout)],
+                &options,
+            )?);
+        }
+        let got = digest(&runs);
+        if let Some(&(first_threads, first)) = seen.get(&set.name()) {
+            assert_eq!(
+                got, first,
+                "{set:?}: {threads} threads gave other bits than {first_threads}"
+            );
+        }
+        seen.insert(set.name(), (threads, got));
+        if matches!(set, KernelSet::Avx2 | KernelSet::Avx512) {
+            assert_eq!(
+                got, PINNED,
+                "{set:?}: attention's bits changed (digest {got:#018x}, pinned {PINNED:#018x}); \
+                 if on purpose, say why in the commit and pin the new digest"
+            );
+        }
+    }
+    Ok(())
+}

@@ -10,7 +10,10 @@
 # argmax), and `kiln eval`'s "forward passes alone" (its end-to-end rate
 # also converts each batch's bytes and builds a report); each run's rate is
 # the median of PASSES (default 5) passes over the test set — PyTorch's in
-# one process, kiln's one `kiln eval` each.
+# one process, kiln's one `kiln eval` each. Two more rows time the same
+# trained models inferring in bf16 on 2 threads — PyTorch with a bf16 copy
+# of the model on bf16 images, kiln with `kiln eval --precision bf16` — with
+# their test accuracy, against PyTorch's f32 and bf16 rates.
 #
 #   MLP: Flatten → Dense 64 ReLU → Dense 10 softmax
 #   CNN: Conv2D 32 3×3 ReLU → MaxPool 2×2 → Flatten → Dense 64 ReLU → Dense 10 softmax
@@ -33,7 +36,7 @@ data=/usr/share/datasets/fashion-mnist
 python3 -c 'import torch, numpy' 2>/dev/null || python3 -m pip install -q torch numpy
 cargo build --release -q -p kiln-cli
 
-kiln() { # model threads → "s/epoch accuracy images/s"
+kiln() { # model threads [bf16] → "s/epoch accuracy images/s [bf16-images/s bf16-accuracy]"
   local out; out="$(mktemp -d)"
   local acc secs
   acc="$(KILN_THREADS=$2 ./target/release/kiln train --model "$1" --dataset fashion-mnist \
@@ -51,12 +54,25 @@ kiln() { # model threads → "s/epoch accuracy images/s"
     rates+=("$(KILN_THREADS=$2 ./target/release/kiln eval --model "$out" --dataset fashion-mnist \
       | sed -n 's/.*forward passes alone \([0-9]*\) images\/s.*/\1/p')")
   done
-  echo "$secs $acc $(median "${rates[@]}")"
+  # With `bf16`, the same passes again computing in bf16 (the trained f32
+  # weights rounded as they load), and that test accuracy.
+  local bf16=()
+  local bacc=""
+  if [ "${3:-}" = bf16 ]; then
+    for _ in $(seq "$passes"); do
+      local line
+      line="$(KILN_THREADS=$2 ./target/release/kiln eval --model "$out" --dataset fashion-mnist \
+        --precision bf16 | grep 'forward passes alone')"
+      bf16+=("$(echo "$line" | sed -n 's/.*forward passes alone \([0-9]*\) images\/s.*/\1/p')")
+      bacc="$(echo "$line" | sed -n 's/.* accuracy \([0-9.]*\)% (.*/\1/p')"
+    done
+  fi
+  echo "$secs $acc $(median "${rates[@]}") ${bf16:+$(median "${bf16[@]}") $bacc}"
 }
 
-torch_run() { # model threads → "s/epoch accuracy images/s"
+torch_run() { # model threads → "s/epoch accuracy images/s bf16-images/s bf16-accuracy"
   python3 - "$data" "$epochs" "$1" "$2" "$passes" <<'PY'
-import gzip, sys, time
+import copy, gzip, sys, time
 import numpy as np, torch
 data, epochs, model_name, threads, passes = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads); torch.manual_seed(1)
@@ -93,7 +109,19 @@ with torch.no_grad():
                       for i in range(0, len(xt), 1000))
         rates.append(len(xt) / (time.perf_counter() - t0))
 ips = sorted(rates)[(len(rates) - 1) // 2]  # the lower middle, as `median` below takes
-print(f"{sum(times) / len(times):.3f} {100 * correct / len(xt):.2f} {ips:.0f}")
+# bf16 inference: a bf16 copy of the trained model on bf16 images (faster
+# on this CPU than autocast, which casts the f32 weights at every call).
+mb, xb = copy.deepcopy(model).to(torch.bfloat16), xt.to(torch.bfloat16)
+rates_b = []
+with torch.no_grad():
+    mb(xb[:1000])
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        correct_b = sum((mb(xb[i:i + 1000]).argmax(1) == yt[i:i + 1000]).sum().item()
+                        for i in range(0, len(xb), 1000))
+        rates_b.append(len(xt) / (time.perf_counter() - t0))
+ips_b = sorted(rates_b)[(len(rates_b) - 1) // 2]
+print(f"{sum(times) / len(times):.3f} {100 * correct / len(xt):.2f} {ips:.0f} {ips_b:.0f} {100 * correct_b / len(xt):.2f}")
 PY
 }
 
@@ -104,18 +132,24 @@ echo "Fashion-MNIST, $epochs epochs, batch 128, Adam 1e-3 (torch $(python3 -c 'i
 echo "medians of $runs runs per row, the frameworks alternating (RUNS=N to change); inference: each run's median of $passes passes (PASSES=N)"
 printf '%-5s %-22s %9s %9s %10s %12s %10s\n' model run s/epoch accuracy "epoch ×" "inference/s" "infer ×"
 for m in "${models[@]}"; do
-  ts=(); tis=(); k2s=(); i2s=(); k1s=(); i1s=()
+  ts=(); tis=(); tbs=(); k2s=(); i2s=(); b2s=(); k1s=(); i1s=()
   for _ in $(seq "$runs"); do
-    read -r t ta ti <<<"$(torch_run "$m" 2)"; ts+=("$t"); tis+=("$ti")
-    read -r k a2 i <<<"$(kiln "$m" 2)"; k2s+=("$k"); i2s+=("$i")
+    read -r t ta ti tb tba <<<"$(torch_run "$m" 2)"; ts+=("$t"); tis+=("$ti"); tbs+=("$tb")
+    read -r k a2 i b ba2 <<<"$(kiln "$m" 2 bf16)"; k2s+=("$k"); i2s+=("$i"); b2s+=("$b")
     read -r k a1 i <<<"$(kiln "$m" 1)"; k1s+=("$k"); i1s+=("$i")
   done
-  t2="$(median "${ts[@]}")"; ti="$(median "${tis[@]}")"
-  k2="$(median "${k2s[@]}")"; i2="$(median "${i2s[@]}")"
+  t2="$(median "${ts[@]}")"; ti="$(median "${tis[@]}")"; tb="$(median "${tbs[@]}")"
+  k2="$(median "${k2s[@]}")"; i2="$(median "${i2s[@]}")"; b2="$(median "${b2s[@]}")"
   k1="$(median "${k1s[@]}")"; i1="$(median "${i1s[@]}")"
   printf '%-5s %-22s %9s %8s%% %10s %12s %10s\n' "$m" "PyTorch CPU, 2 threads" "$t2" "$ta" "1.00×" "$ti" "1.00×"
   printf '%-5s %-22s %9s %8s%% %9.2f× %12s %9.2f×\n' "$m" "kiln, 2 threads" "$k2" "$a2" \
     "$(echo "$t2 / $k2" | bc -l)" "$i2" "$(echo "$i2 / $ti" | bc -l)"
   printf '%-5s %-22s %9s %8s%% %9.2f× %12s %9.2f×\n' "$m" "kiln, 1 thread" "$k1" "$a1" \
     "$(echo "$t2 / $k1" | bc -l)" "$i1" "$(echo "$i1 / $ti" | bc -l)"
+  # The same trained models inferring in bf16 (2 threads; the accuracy is
+  # the last run's, the × against PyTorch's f32 row).
+  printf '%-5s %-22s %9s %8s%% %10s %12s %9.2f×\n' "$m" "PyTorch bf16 inference" "" "$tba" "" "$tb" \
+    "$(echo "$tb / $ti" | bc -l)"
+  printf '%-5s %-22s %9s %8s%% %10s %12s %9.2f×   (%.2f× PyTorch bf16)\n' "$m" "kiln bf16 inference" "" "$ba2" "" "$b2" \
+    "$(echo "$b2 / $ti" | bc -l)" "$(echo "$b2 / $tb" | bc -l)"
 done

@@ -850,10 +850,11 @@ fn blocked<K: MicroKernel>(
             // blocks 219) — and at least two per thread, so that a thread
             // that starts late (a helper finishing a unit of the loader's
             // work) leaves the other half a block to take over, not a whole
-            // one to wait for (the MLP's 128 × 784 × 64 in 2 blocks: its
-            // caller waited 9.8 µs a step for the helper's block). Thread
-            // t's own share is still whole k blocks but for a part at each
-            // end.
+            // one to wait for (the MLP's 128 × 784 × 64 is 2 blocks; its
+            // step's jobs of two tasks — this one, Adam's halves — found the
+            // helper busy in a third of the steps, and the caller ran both
+            // tasks). Thread t's own share is still whole k blocks but for a
+            // part at each end.
             let parts = (1..2 * threads)
                 .find(|p| (k_blocks * p).is_multiple_of(threads) && k_blocks * p >= 2 * threads)
                 .unwrap_or(2 * threads);

@@ -36,9 +36,10 @@ pub struct ClassificationReport {
     /// Seconds the model's forward passes took, up to the device's results
     /// being ready ([`crate::Trainer::report`] measures them, after one
     /// untimed warm-up pass over the first batch; 0 for a report built by
-    /// hand). The rest of an evaluation — batches of bytes made f32, the
-    /// loss, this report's counts — is not in it, so `examples /
-    /// forward_seconds` is the model's own steady inference rate.
+    /// hand). The rest of an evaluation — batches of bytes made f32 (and
+    /// cast to bf16 or f16 for a model computing in one), the loss, this
+    /// report's counts — is not in it, so `examples / forward_seconds` is
+    /// the model's own steady inference rate.
     #[serde(default)]
     pub forward_seconds: f64,
     /// Seconds the untimed warm-up pass took (its forward pass over the

@@ -994,6 +994,14 @@ impl<B: Backend> Trainer<B> {
         let order: Vec<u32> = (0..ds.len() as u32).collect();
         for (i, chunk) in order.chunks(batch_size.max(1)).enumerate() {
             let (x, y, labels) = self.upload(assemble(ds, chunk))?;
+            // The images in the type the model computes in, before the
+            // timer: as a benchmark hands a bf16 model bf16 inputs.
+            let x = match self.model.takes_tokens() {
+                true => x,
+                false => {
+                    kiln_nn::precision::to_compute(&x, self.model.precision().compute_dtype())?
+                }
+            };
             if i == 0 {
                 // One untimed pass first, as benchmarks warm up: a process's
                 // first pass also faults in its buffers and wakes the thread

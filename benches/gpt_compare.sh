@@ -25,23 +25,26 @@ iters="${1:-2000}"
 threads="${2:-2}"
 precisions="${PRECISIONS:-f32}"
 every=$(( iters < 250 ? iters : 250 ))
+# 100 warm-up steps, or the whole of a shorter run (kiln refuses a warm-up
+# longer than the run).
+warmup=$(( iters < 100 ? iters : 100 ))
 python3 -c 'import torch, numpy' 2>/dev/null || python3 -m pip install -q torch numpy
 cargo build --release -q -p kiln-cli
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
 common=(--iters "$iters" --eval-every "$every" --eval-iters 20 --batch-size 12
-        --lr 1e-3 --min-lr 1e-4 --warmup 100 --beta2 0.99 --weight-decay 0.1 --seed 1337)
+        --lr 1e-3 --min-lr 1e-4 --warmup "$warmup" --beta2 0.99 --weight-decay 0.1 --seed 1337)
 for p in $precisions; do
   KILN_THREADS=$threads ./target/release/kiln train --model gpt --dataset shakespeare "${common[@]}" \
     --precision "$p" --log-format json --out "$out/kiln-$p" > "$out/kiln-$p.jsonl" 2> "$out/kiln-$p.log"
 done
 for p in $precisions; do
   python3 benches/gpt_compare.py --iters "$iters" --eval-every "$every" --eval-iters 20 \
-    --threads "$threads" --seed 1337 --precision "$p" > "$out/torch-$p.jsonl"
+    --warmup "$warmup" --threads "$threads" --seed 1337 --precision "$p" > "$out/torch-$p.jsonl"
 done
 [ -f "$out/torch-f32.jsonl" ] || python3 benches/gpt_compare.py --iters "$iters" \
-  --eval-every "$every" --eval-iters 20 --threads "$threads" --seed 1337 > "$out/torch-f32.jsonl"
+  --eval-every "$every" --eval-iters 20 --warmup "$warmup" --threads "$threads" --seed 1337 > "$out/torch-f32.jsonl"
 gen() { # extra flags → tokens/s, the median of 3 runs
   # Each run's JSON goes to a file and is read after the run: a python3
   # reading a pipe starts up while kiln generates and takes a core from its

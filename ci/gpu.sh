@@ -145,7 +145,7 @@ gpt() {
   local iters="${GPT_ITERS:-5000}"
   step "GPT config B, --backend cuda, $iters steps" "${GPT_LIMIT:-420}" "$dir/kiln" train --backend cuda \
     --model models/gpt-shakespeare-char.toml --dataset shakespeare --batch-size 64 --iters "$iters" \
-    --eval-every 250 --eval-iters 200 --lr 1e-3 --min-lr 1e-4 --warmup 100 --beta2 0.99 --plain \
+    --eval-every 250 --eval-iters 200 --lr 1e-3 --min-lr 1e-4 --warmup "$(( iters < 100 ? iters : 100 ))" --beta2 0.99 --plain \
     --out "$dir/runs/gpt-b"
   step "GPT config B, 500 characters with the KV cache" 60 "$dir/kiln" generate --backend cuda \
     --model "$dir/runs/gpt-b" --prompt "ROMEO:" --tokens 500 --temperature 0.8 --top-k 200 --seed 1

@@ -112,7 +112,11 @@ impl OpenBlas {
     /// Loads OpenBLAS and sets its thread count; `None` where it is not
     /// installed (or the library found is another BLAS).
     pub fn load(threads: usize) -> Option<Self> {
-        let mut names: Vec<String> = std::env::var("KILN_OPENBLAS").into_iter().collect();
+        let mut names: Vec<String> = kiln_core::env::setting("KILN_OPENBLAS")
+            .ok()
+            .flatten()
+            .into_iter()
+            .collect();
         names.extend(
             [
                 "libopenblas.so.0",

@@ -152,10 +152,18 @@ pub fn table(r: &BenchReport, baseline: Option<&BenchReport>) -> String {
             );
         }
     }
-    if r.rows.iter().any(|m| m.of_bandwidth > 1.0) {
-        let _ = writeln!(s, "\n{IN_CACHE}");
+    if let Some(note) = in_cache_note(r) {
+        let _ = writeln!(s, "\n{note}");
     }
     s
+}
+
+/// The footnote for a run with rows above the memory roof, if it has any.
+pub fn in_cache_note(r: &BenchReport) -> Option<&'static str> {
+    r.rows
+        .iter()
+        .any(|m| m.of_bandwidth > 1.0)
+        .then_some(IN_CACHE)
 }
 
 /// The footnote to a `*` in the bandwidth column.

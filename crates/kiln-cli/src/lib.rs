@@ -1269,12 +1269,14 @@ fn conformance_plan(
     let exact =
         a.op.as_deref()
             .is_some_and(|o| kiln_conformance::CHECKS.iter().any(|(n, _)| *n == o));
+    // The checks --op names (all of them without it).
+    let named = |name: &str| {
+        a.op.as_deref()
+            .is_none_or(|o| if exact { name == o } else { name.contains(o) })
+    };
     let selected: Vec<(&'static str, kiln_core::DType)> = kiln_conformance::CHECKS
         .iter()
-        .filter(|(name, _)| {
-            a.op.as_deref()
-                .is_none_or(|o| if exact { *name == o } else { name.contains(o) })
-        })
+        .filter(|(name, _)| named(name))
         .flat_map(|(name, dts)| dts.iter().map(move |&d| (*name, d)))
         .filter(|(_, d)| dtype.is_none_or(|want| *d == want))
         .collect();
@@ -1282,10 +1284,7 @@ fn conformance_plan(
         // The name matched and the dtype did not: say which dtypes it takes.
         let by_name: Vec<String> = kiln_conformance::CHECKS
             .iter()
-            .filter(|(name, _)| {
-                a.op.as_deref()
-                    .is_some_and(|o| if exact { *name == o } else { name.contains(o) })
-            })
+            .filter(|(name, _)| a.op.is_some() && named(name))
             .map(|(name, dts)| {
                 let dts: Vec<String> = dts.iter().map(|d| d.to_string()).collect();
                 format!("{name} ({})", dts.join(", "))
@@ -1461,7 +1460,6 @@ fn run_report<B: Backend>(a: ReportArgs, backend: B) -> Result<()> {
     Ok(())
 }
 
-/// A run saved by `COMMAND --json FILE`, read back.
 /// A model for `eval`, `predict`, `serve` or `generate`, from a model
 /// file, a checkpoint or a run folder ([`model_file::load_for_inference`]),
 /// with a note when the file carries no checksums to verify its tensors by.
@@ -1491,12 +1489,13 @@ fn f32_flag(text: &str) -> std::result::Result<f32, String> {
     let v = wide as f32;
     if wide.is_finite() && (v.is_infinite() || (v == 0.0 && wide != 0.0)) {
         return Err(format!(
-            "{text} is outside the range of f32 (about 1.2e-38 to 3.4e38 in magnitude)"
+            "{text} is outside the range of f32 (about 1.4e-45 to 3.4e38 in magnitude, or 0)"
         ));
     }
     Ok(v)
 }
 
+/// A run saved by `COMMAND --json FILE`, read back.
 fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path, command: &str) -> Result<T> {
     let text = kiln_core::files::read_to_string(path, &format!("{command} run"))?;
     serde_json::from_str(&text).map_err(|e| {

@@ -130,7 +130,8 @@ pub(crate) fn run_train_lm<B: Backend>(
     let batch_size = a.batch_size.unwrap_or(12);
     let lr = a.lr.unwrap_or(1e-3);
     kiln_nn::optim::check_lr(lr)?;
-    kiln_nn::optim::check_weight_decay(lr, a.weight_decay)?;
+    kiln_nn::optim::check_weight_decay(lr, a.weight_decay)
+        .map_err(|e| Error::invalid(format!("{e} (--weight-decay)")))?;
     // The schedule's and AdamW's own checks do not know the flags' names.
     if let Some(min) = a
         .min_lr

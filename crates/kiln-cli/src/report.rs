@@ -140,8 +140,8 @@ pub fn markdown(meta: &Meta, reports: &[Report], bench: &BenchReport, svg_file: 
             others(m)
         );
     }
-    if bench.rows.iter().any(|m| m.of_bandwidth > 1.0) {
-        let _ = writeln!(s, "\n{}", crate::bench::IN_CACHE);
+    if let Some(note) = crate::bench::in_cache_note(bench) {
+        let _ = writeln!(s, "\n{note}");
     }
     let _ = writeln!(s, "\n## Roofline\n\n![roofline]({svg_file})");
     s
@@ -267,8 +267,8 @@ pub fn html(meta: &Meta, reports: &[Report], bench: &BenchReport) -> String {
         );
     }
     s.push_str("</table>\n");
-    if bench.rows.iter().any(|m| m.of_bandwidth > 1.0) {
-        let _ = writeln!(s, "<p>{}</p>", xml(crate::bench::IN_CACHE));
+    if let Some(note) = crate::bench::in_cache_note(bench) {
+        let _ = writeln!(s, "<p>{}</p>", xml(note));
     }
     s.push_str("<h2>Roofline</h2>\n");
     s.push_str(&roofline::svg(bench));

@@ -109,10 +109,16 @@ pub enum Rerun {
     },
 }
 
+/// The setting `k` ([`kiln_core::env::setting`]: blank is unset).
+fn env_var(k: &str) -> Result<Option<String>, String> {
+    kiln_core::env::setting(k).map_err(|e| e.to_string())
+}
+
 fn env_u64(k: &str) -> Option<u64> {
-    std::env::var(k)
+    env_var(k)
         .ok()
-        .and_then(|v| v.trim().replace('_', "").parse::<u64>().ok())
+        .flatten()
+        .and_then(|v| v.replace('_', "").parse::<u64>().ok())
 }
 
 impl Config {
@@ -143,9 +149,9 @@ impl Config {
     pub fn from_env(backend: &str) -> Result<Self, String> {
         let mut cfg = Config::new(backend);
         let cases = |k: &str| -> Result<Option<u32>, String> {
-            match std::env::var(k) {
-                Err(_) => Ok(None),
-                Ok(v) => match env_u64(k) {
+            match env_var(k)? {
+                None => Ok(None),
+                Some(v) => match env_u64(k) {
                     Some(n) if (1..=u64::from(u32::MAX)).contains(&n) => Ok(Some(n as u32)),
                     _ => Err(format!("{k}={v}: expected a number of cases ≥ 1")),
                 },
@@ -160,15 +166,15 @@ impl Config {
         if let Some(n) = cases("KILN_CONFORMANCE_LARGE_CASES")? {
             cfg.large_cases = n;
         }
-        if let Ok(v) = std::env::var("KILN_CONFORMANCE_SEED") {
+        if let Some(v) = env_var("KILN_CONFORMANCE_SEED")? {
             cfg.seed = env_u64("KILN_CONFORMANCE_SEED").ok_or_else(|| {
                 format!("KILN_CONFORMANCE_SEED={v}: expected an unsigned integer")
             })?;
         }
-        if let Ok(v) = std::env::var("KILN_CONFORMANCE_TIER") {
+        if let Some(v) = env_var("KILN_CONFORMANCE_TIER")? {
             cfg.depth = Depth::parse(&v).map_err(|e| format!("KILN_CONFORMANCE_TIER: {e}"))?;
         }
-        if let Ok(v) = std::env::var("KILN_CONFORMANCE_BUDGET") {
+        if let Some(v) = env_var("KILN_CONFORMANCE_BUDGET")? {
             cfg.budget =
                 Some(parse_budget(&v).map_err(|e| format!("KILN_CONFORMANCE_BUDGET: {e}"))?);
         }

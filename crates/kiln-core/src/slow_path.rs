@@ -73,30 +73,34 @@ pub fn since(before: &[SlowPath], after: &[SlowPath]) -> Vec<SlowPath> {
 /// The words `KILN_LOG` may hold, comma-separated.
 pub const LOG_TOPICS: &[&str] = &["slow-paths", "debug"];
 
-/// The words in `KILN_LOG` (none when it is unset), or an error naming one
-/// that is not in [`LOG_TOPICS`].
-fn log_topics() -> Result<Vec<&'static str>> {
-    let Some(v) = crate::env::setting("KILN_LOG")? else {
-        return Ok(Vec::new());
-    };
-    v.split(',')
+/// The words in `KILN_LOG` (none when it is unset, or not UTF-8), each
+/// with whether it is one of [`LOG_TOPICS`].
+fn log_words() -> (String, Vec<(String, bool)>) {
+    let v = crate::env::setting("KILN_LOG")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let words = v
+        .split(',')
         .map(str::trim)
         .filter(|w| !w.is_empty())
-        .map(|w| {
-            LOG_TOPICS.iter().copied().find(|t| *t == w).ok_or_else(|| {
-                Error::invalid(format!(
-                    "KILN_LOG={v:?}: `{w}` is not a log topic; expected a comma-separated list of {}",
-                    LOG_TOPICS.join(", ")
-                ))
-            })
-        })
-        .collect()
+        .map(|w| (w.to_string(), LOG_TOPICS.contains(&w)))
+        .collect();
+    (v, words)
 }
 
 /// Checks `KILN_LOG` (backends call this when they are built, so a
 /// misspelt topic is an error rather than a silence).
 pub fn check_log_env() -> Result<()> {
-    log_topics().map(drop)
+    crate::env::setting("KILN_LOG")?;
+    let (v, words) = log_words();
+    match words.into_iter().find(|(_, known)| !known) {
+        Some((w, _)) => Err(Error::invalid(format!(
+            "KILN_LOG={v:?}: `{w}` is not a log topic; expected a comma-separated list of {}",
+            LOG_TOPICS.join(", ")
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// A thread-safe count of slow-path calls, shared by clones (a backend and
@@ -114,8 +118,12 @@ impl SlowPaths {
     /// backend reports a word it does not know when it is built, through
     /// [`check_log_env`]).
     pub fn new(who: &str) -> Self {
-        let log =
-            log_topics().is_ok_and(|t| t.iter().any(|w| matches!(*w, "slow-paths" | "debug")));
+        // A word it does not know is refused where the backend is built
+        // (`check_log_env`), not here: the words it knows still count.
+        let log = log_words()
+            .1
+            .iter()
+            .any(|(w, known)| *known && matches!(w.as_str(), "slow-paths" | "debug"));
         SlowPaths {
             who: who.into(),
             log,

@@ -219,6 +219,8 @@ impl Shared {
             };
             match panic::catch_unwind(AssertUnwindSafe(|| work.run_one_unless(wanted))) {
                 Ok(true) => return true,
+                // A job has come: no other work's unit is started.
+                Ok(false) if wanted() => return false,
                 Ok(false) => i += 1,
                 Err(_) => {
                     // This thread's hold on the work ends before the work

@@ -13,7 +13,9 @@
 //!   values are the `T`-row problem's rows: the output and `dq` (row `i` of
 //!   `dq` depends on row `i` of `dy` and the keys it sees).
 //!
-//! Both on every kernel set, on 1 and 2 threads.
+//! Both on every kernel set, on 1 and 2 threads. And a digest of the
+//! bits of two problems, pinned on the x86 SIMD sets, so that a change
+//! that claims to keep attention's bits is held to it.
 
 use kiln_core::{AttentionOptions, Backend, HostData, Layout, Result, Shape, View};
 use kiln_cpu::{CpuBackend, KernelSet};

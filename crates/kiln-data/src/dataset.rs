@@ -510,7 +510,11 @@ impl Dataset {
 
 fn candidate_dirs(name: &str) -> Vec<PathBuf> {
     let mut v = Vec::new();
-    if let Some(d) = std::env::var_os("KILN_DATA") {
+    // A path need not be UTF-8; a blank one is unset, as every KILN_
+    // setting (`kiln_core::env::setting`).
+    if let Some(d) =
+        std::env::var_os("KILN_DATA").filter(|d| !d.to_string_lossy().trim().is_empty())
+    {
         v.push(PathBuf::from(d).join(name));
     }
     v.push(Path::new("/usr/share/datasets").join(name));

@@ -53,12 +53,7 @@ fn slot<B: Backend>(
 
 /// Checks that `state` is of `kind` and names only existing parameters.
 fn check_state(state: &OptimizerState, kind: &str, params: usize) -> Result<()> {
-    if state.step > MAX_STEPS {
-        return Err(Error::invalid(format!(
-            "optimizer state: step {} is past {MAX_STEPS} (2⁵³), more than any run takes: the checkpoint is corrupt",
-            state.step
-        )));
-    }
+    check_steps(state.step)?;
     if state.kind != kind {
         return Err(Error::invalid(format!(
             "the checkpoint's optimizer is {}, this run's is {kind}",
@@ -123,7 +118,9 @@ pub fn check_weight_decay(lr: f32, wd: f32) -> Result<()> {
             "weight decay {wd}: expected a finite decay of 0 or more (0.1 is usual for AdamW)"
         )));
     }
-    if f64::from(lr) * f64::from(wd) >= 1.0 {
+    // In f32, as the update computes it (a product just under 1 in f64
+    // can round to 1).
+    if lr * wd >= 1.0 {
         return Err(Error::invalid(format!(
             "weight decay {wd} at learning rate {lr}: each step scales the weights by 1 − lr·wd, \
              which must stay above 0 (0.1 is usual for AdamW)"
@@ -135,6 +132,24 @@ pub fn check_weight_decay(lr: f32, wd: f32) -> Result<()> {
 /// The most optimiser steps a state may record: 2⁵³, beyond which a count
 /// is not exact in f64 — a checkpoint that claims more is corrupt.
 pub const MAX_STEPS: u64 = 1 << 53;
+
+/// Checks an optimiser step count read from a checkpoint against
+/// [`MAX_STEPS`] (the checkpoints' own checks and the optimisers' share
+/// this rule and message).
+///
+/// ```
+/// assert!(kiln_nn::optim::check_steps(40).is_ok());
+/// let e = kiln_nn::optim::check_steps(u64::MAX).unwrap_err().to_string();
+/// assert!(e.contains("optimizer step 18446744073709551615 is past 2⁵³"), "{e}");
+/// ```
+pub fn check_steps(step: u64) -> Result<()> {
+    if step > MAX_STEPS {
+        return Err(Error::invalid(format!(
+            "optimizer step {step} is past 2⁵³, more than any run takes: the checkpoint is corrupt"
+        )));
+    }
+    Ok(())
+}
 
 /// The gradient of `p`, if any, checked against its shape and made dense.
 fn grad_of<B: Backend>(p: &Var<B>, grads: &GradStore<B>) -> Result<Option<Tensor<B>>> {

@@ -407,7 +407,7 @@ pub fn gib(bytes: u64) -> String {
 /// `K`, `M`, `G` or `T` suffix), else 80 % of the machine's physical memory
 /// (`/proc/meminfo`), else 16 GiB.
 pub fn memory_limit() -> Result<u64> {
-    if let Ok(v) = std::env::var("KILN_MEMORY_LIMIT") {
+    if let Some(v) = kiln_core::env::setting("KILN_MEMORY_LIMIT")? {
         let t = v.trim();
         let (num, mult) = match t.char_indices().last() {
             Some((i, c)) if c.is_ascii_alphabetic() => {

@@ -110,12 +110,7 @@ impl Progress {
                 self.lr
             ));
         }
-        if self.optimizer_step > kiln_nn::optim::MAX_STEPS {
-            return bad(format!(
-                "optimizer step {} is past 2⁵³, more than any run takes",
-                self.optimizer_step
-            ));
-        }
+        kiln_nn::optim::check_steps(self.optimizer_step).or_else(|e| bad(e.to_string()))?;
         if let Some(r) = self.history.iter().find(|r| {
             !(r.loss.is_finite() && r.accuracy.is_finite() && (0.0..=1.0).contains(&r.accuracy))
         }) {

@@ -243,13 +243,7 @@ impl LmProgress {
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return bad(format!("learning rate {}", self.lr));
         }
-        // One optimiser step per training step.
-        if self.optimizer_step > self.iter {
-            return bad(format!(
-                "optimizer step {} after {} training steps",
-                self.optimizer_step, self.iter
-            ));
-        }
+        kiln_nn::optim::check_steps(self.optimizer_step).or_else(|e| bad(e.to_string()))?;
         if self
             .history
             .iter()

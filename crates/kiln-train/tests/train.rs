@@ -617,7 +617,7 @@ fn tampered_language_model_progress_is_refused() {
         ("step 101 of 100", Box::new(|p| p.iter = 101)),
         ("partial loss sum", Box::new(|p| p.partial = (f64::NAN, 3))),
         (
-            "optimizer step 18446744073709551615 after 40 training steps",
+            "optimizer step 18446744073709551615 is past 2⁵³",
             Box::new(|p| p.optimizer_step = u64::MAX),
         ),
         ("learning rate", Box::new(|p| p.lr = -1.0)),

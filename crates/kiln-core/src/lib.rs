@@ -6,7 +6,7 @@
 //! trainable [`Var`]s, the shared counter-based RNG ([`rng`]), the plans that
 //! validate each op once ([`plan`]), the error bound every op is held to
 //! ([`bounds`]), the count of calls that took a slow path ([`slow_path`]),
-//! the environment settings read one way ([`env`]) and the one [`Error`]
+//! the environment settings read one way ([`mod@env`]) and the one [`Error`]
 //! type.
 //!
 //! ```

@@ -35,6 +35,7 @@ mod predict;
 mod report;
 mod serve;
 
+use kiln_train::history::Curves;
 use kiln_train::{checkpoint, model_file, CheckpointPolicy, FitConfig, Trainer, Verbosity};
 
 #[derive(Parser)]
@@ -1112,18 +1113,8 @@ fn plot(a: PlotArgs) -> Result<()> {
         a.history.clone()
     };
     // A GPT's history holds an evaluation per --eval-every steps, an image
-    // model's an epoch per line: the first record says which.
-    let text = kiln_core::files::read_to_string(&path, "history")?;
-    let lm = text
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .is_some_and(|v| v.get("iter").is_some());
-    let (evaluations, epochs) = if lm {
-        (kiln_train::lm::read_jsonl(&path)?, Vec::new())
-    } else {
-        (Vec::new(), kiln_train::History::read_jsonl(&path)?.epochs)
-    };
+    // model's an epoch per line.
+    let curves = kiln_train::history::read_curves(&path)?;
     let dir = a
         .out
         .or_else(|| path.parent().map(PathBuf::from))
@@ -1131,10 +1122,9 @@ fn plot(a: PlotArgs) -> Result<()> {
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let stem = dir.join("curves");
-    let w = if lm {
-        kiln_train::plots::lm_curves(&evaluations, &stem)?
-    } else {
-        kiln_train::plots::training_curves(&epochs, &stem)?
+    let w = match &curves {
+        Curves::Evaluations(evaluations) => kiln_train::plots::lm_curves(evaluations, &stem)?,
+        Curves::Epochs(epochs) => kiln_train::plots::training_curves(epochs, &stem)?,
     };
     report_plots(&w);
     Ok(())

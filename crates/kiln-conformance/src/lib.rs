@@ -114,11 +114,9 @@ fn env_var(k: &str) -> Result<Option<String>, String> {
     kiln_core::env::setting(k).map_err(|e| e.to_string())
 }
 
-fn env_u64(k: &str) -> Option<u64> {
-    env_var(k)
-        .ok()
-        .flatten()
-        .and_then(|v| v.replace('_', "").parse::<u64>().ok())
+/// A whole number as a setting gives it (`_` between digits allowed).
+fn parse_u64(v: &str) -> Option<u64> {
+    v.replace('_', "").parse::<u64>().ok()
 }
 
 impl Config {
@@ -151,7 +149,7 @@ impl Config {
         let cases = |k: &str| -> Result<Option<u32>, String> {
             match env_var(k)? {
                 None => Ok(None),
-                Some(v) => match env_u64(k) {
+                Some(v) => match parse_u64(&v) {
                     Some(n) if (1..=u64::from(u32::MAX)).contains(&n) => Ok(Some(n as u32)),
                     _ => Err(format!("{k}={v}: expected a number of cases ≥ 1")),
                 },
@@ -167,7 +165,7 @@ impl Config {
             cfg.large_cases = n;
         }
         if let Some(v) = env_var("KILN_CONFORMANCE_SEED")? {
-            cfg.seed = env_u64("KILN_CONFORMANCE_SEED").ok_or_else(|| {
+            cfg.seed = parse_u64(&v).ok_or_else(|| {
                 format!("KILN_CONFORMANCE_SEED={v}: expected an unsigned integer")
             })?;
         }

@@ -73,27 +73,23 @@ pub fn since(before: &[SlowPath], after: &[SlowPath]) -> Vec<SlowPath> {
 /// The words `KILN_LOG` may hold, comma-separated.
 pub const LOG_TOPICS: &[&str] = &["slow-paths", "debug"];
 
-/// The words in `KILN_LOG` (none when it is unset, or not UTF-8), each
-/// with whether it is one of [`LOG_TOPICS`].
-fn log_words() -> (String, Vec<(String, bool)>) {
-    let v = crate::env::setting("KILN_LOG")
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+/// `KILN_LOG` (empty when unset) and its words, each with whether it is
+/// one of [`LOG_TOPICS`].
+fn log_words() -> Result<(String, Vec<(String, bool)>)> {
+    let v = crate::env::setting("KILN_LOG")?.unwrap_or_default();
     let words = v
         .split(',')
         .map(str::trim)
         .filter(|w| !w.is_empty())
         .map(|w| (w.to_string(), LOG_TOPICS.contains(&w)))
         .collect();
-    (v, words)
+    Ok((v, words))
 }
 
 /// Checks `KILN_LOG` (backends call this when they are built, so a
 /// misspelt topic is an error rather than a silence).
 pub fn check_log_env() -> Result<()> {
-    crate::env::setting("KILN_LOG")?;
-    let (v, words) = log_words();
+    let (v, words) = log_words()?;
     match words.into_iter().find(|(_, known)| !known) {
         Some((w, _)) => Err(Error::invalid(format!(
             "KILN_LOG={v:?}: `{w}` is not a log topic; expected a comma-separated list of {}",
@@ -120,10 +116,11 @@ impl SlowPaths {
     pub fn new(who: &str) -> Self {
         // A word it does not know is refused where the backend is built
         // (`check_log_env`), not here: the words it knows still count.
-        let log = log_words()
-            .1
-            .iter()
-            .any(|(w, known)| *known && matches!(w.as_str(), "slow-paths" | "debug"));
+        let log = log_words().is_ok_and(|(_, words)| {
+            words
+                .iter()
+                .any(|(w, known)| *known && matches!(w.as_str(), "slow-paths" | "debug"))
+        });
         SlowPaths {
             who: who.into(),
             log,

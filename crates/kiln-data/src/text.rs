@@ -166,14 +166,7 @@ impl TextCorpus {
     /// A corpus read from a UTF-8 file (`--dataset text:FILE`); a missing,
     /// non-UTF-8 or empty file is an error saying so.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = kiln_core::files::read(path, "text")?;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            Error::invalid(format!(
-                "{} is not UTF-8 text (invalid byte at offset {}); kiln trains on UTF-8 files",
-                path.display(),
-                e.utf8_error().valid_up_to()
-            ))
-        })?;
+        let text = kiln_core::files::read_to_string(path, "text")?;
         Self::from_text(&format!("text:{}", path.display()), &text)
     }
 

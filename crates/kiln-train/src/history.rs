@@ -154,7 +154,47 @@ pub(crate) fn read_records<T: serde::de::DeserializeOwned>(
     path: &Path,
     what: &str,
 ) -> Result<Vec<T>> {
+    parse_records(
+        &kiln_core::files::read_to_string(path, "history")?,
+        path,
+        what,
+    )
+}
+
+/// A run's history, either kind: what `kiln plot` draws.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Curves {
+    /// An image model's: a record per epoch.
+    Epochs(Vec<EpochRecord>),
+    /// A language model's: a record per evaluation.
+    Evaluations(Vec<crate::LmRecord>),
+}
+
+/// Reads a history file of either kind, once: its first record says
+/// which (a language model's records count steps, `iter`).
+pub fn read_curves(path: &Path) -> Result<Curves> {
     let text = kiln_core::files::read_to_string(path, "history")?;
+    let lm = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .is_some_and(|v| v.get("iter").is_some());
+    Ok(match lm {
+        true => Curves::Evaluations(parse_records(
+            &text,
+            path,
+            "a language model's evaluation record",
+        )?),
+        false => Curves::Epochs(parse_records(&text, path, "an epoch record")?),
+    })
+}
+
+/// [`read_records`] on the file's text.
+fn parse_records<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    what: &str,
+) -> Result<Vec<T>> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()

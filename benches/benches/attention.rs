@@ -3,10 +3,9 @@
 //! backward pass against the same product composed from the primitive ops
 //! the GPT ran before it (a scaled batched GEMM, the causal softmax, a
 //! second GEMM), at GPT config A's shape (48 heads of 64 × 32: batch 12 ×
-//! 4 heads) and at a longer context (24 heads of 256 × 64); and the copies
-//! around it in the GPT's attention layer at config A's shape: the QKV
-//! projection's `[n, t, 3, heads, d]` split head-major, and the heads'
-//! outputs merged back to `[n, t, heads·d]`.
+//! 4 heads) and at a longer context (24 heads of 256 × 64); and one
+//! attention block of config A, forward and backward, with its heads split
+//! and merged by copies against read in place (`block`).
 
 use criterion::{criterion_main, BenchmarkId, Criterion, Throughput};
 use kiln_core::{Backend, GemmEpilogue, HostData, Layout, Shape, View};
@@ -88,28 +87,62 @@ fn attention(c: &mut Criterion) {
     }
 }
 
-fn heads(c: &mut Criterion) {
-    let (n, t, h, d) = (12, 64, 4, 32);
+/// One attention block of GPT config A (`[12 × 64, 128]` in, 4 heads of
+/// 32), forward and backward to the input and the QKV weight: the QKV
+/// projection, the attention, a loss of the merged heads — with the heads
+/// split head-major and merged back by copies (`copies`, as the GPT did
+/// until 2026-12-07) or read and written where the projection puts them
+/// (`in_place`, `AttentionOptions::with_heads`).
+fn block(c: &mut Criterion) {
+    use kiln_core::{Activation, AttentionOptions, Tensor, Var};
+    let (n, t, w, h) = (12, 64, 128, 4);
+    let d = w / h;
     for set in KernelSet::ALL.into_iter().filter(|k| k.available()) {
         let b = CpuBackend::with_kernels(set).expect("available");
-        let mut group = c.benchmark_group(format!("heads/{}", set.name()));
-        group.sample_size(20);
-        group.throughput(Throughput::Elements((n * t * 3 * h * d) as u64));
-        let qkv = b.upload(&values(n * t * 3 * h * d, 1)).expect("upload");
-        let split = layout(&[n, t, 3, h, d])
-            .permute(&[2, 3, 0, 1, 4])
-            .expect("permute");
-        group.bench_function("split", |bench| {
-            bench.iter(|| b.contiguous(View::new(&qkv, &split)).expect("split"))
-        });
-        group.throughput(Throughput::Elements((n * t * h * d) as u64));
-        let y = b.upload(&values(h * n * t * d, 2)).expect("upload");
-        let merge = layout(&[h, n, t, d])
-            .permute(&[1, 2, 0, 3])
-            .expect("permute");
-        group.bench_function("merge", |bench| {
-            bench.iter(|| b.contiguous(View::new(&y, &merge)).expect("merge"))
-        });
+        let mut group = c.benchmark_group(format!("block/{}", set.name()));
+        group.sample_size(10);
+        let tensor = |dims: &[usize], seed| {
+            let HostData::F32(v) = values(dims.iter().product(), seed) else {
+                unreachable!("f32 values")
+            };
+            Tensor::from_slice(&v, dims, &b).expect("tensor")
+        };
+        let x = Var::from_tensor(&tensor(&[n * t, w], 1)).expect("x");
+        let qkv_w = Var::from_tensor(&tensor(&[w, 3 * w], 2)).expect("weight");
+        let r = tensor(&[n * t, w], 3);
+        let scale = 1.0 / (d as f32).sqrt();
+        let step = |in_place: bool| -> kiln_core::Result<()> {
+            let qkv = x
+                .as_tensor()
+                .linear(&qkv_w.as_tensor(), None, Activation::None)?;
+            let y = if in_place {
+                let qkv = qkv.reshape(&[n, t, 3 * w])?;
+                let part = |i: usize| qkv.narrow(2, i * w, w);
+                let options = AttentionOptions::new(scale).with_heads(h);
+                part(0)?
+                    .attention_causal_with(&part(1)?, &part(2)?, &options)?
+                    .reshape(&[n * t, w])?
+            } else {
+                let split = qkv
+                    .reshape(&[n, t, 3, h, d])?
+                    .permute(&[2, 3, 0, 1, 4])?
+                    .contiguous()?
+                    .reshape(&[3, h * n, t, d])?;
+                let part = |i: usize| split.narrow(0, i, 1)?.reshape(&[h * n, t, d]);
+                let options = AttentionOptions::new(scale);
+                part(0)?
+                    .attention_causal_with(&part(1)?, &part(2)?, &options)?
+                    .reshape(&[h, n, t, d])?
+                    .permute(&[1, 2, 0, 3])?
+                    .contiguous()?
+                    .reshape(&[n * t, w])?
+            };
+            y.mul(&r)?.sum_all()?.backward()?;
+            Ok(())
+        };
+        for (name, in_place) in [("copies", false), ("in_place", true)] {
+            group.bench_function(name, |bench| bench.iter(|| step(in_place).expect("block")));
+        }
         group.finish();
     }
 }
@@ -118,7 +151,7 @@ fn heads(c: &mut Criterion) {
 #[allow(missing_docs)]
 mod group {
     use super::*;
-    criterion::criterion_group!(benches, attention, heads);
+    criterion::criterion_group!(benches, attention, block);
 }
 use group::benches;
 criterion_main!(benches);

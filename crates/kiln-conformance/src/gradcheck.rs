@@ -238,6 +238,15 @@ pub(crate) fn run<B: Backend>(b: &B, op: &str, cfg: &Config) -> Report {
                 check(b, &qkv, &|t| {
                     t[0].attention_causal_with(&t[1], &t[2], &options)
                 })?;
+                // Two heads side by side, q, k and v the thirds of one
+                // tensor (a GPT's fused projection): read where they lie,
+                // their gradients placed in one buffer.
+                let fused = [input(seed + 14, &[2, rows, 6 * cols], -1.5, 1.5, 0.0)];
+                let two = AttentionOptions::new(0.6).with_heads(2);
+                check(b, &fused, &|t| {
+                    let part = |i: usize| t[0].narrow(2, i * 2 * cols, 2 * cols);
+                    part(0)?.attention_causal_with(&part(1)?, &part(2)?, &two)
+                })?;
                 let labels: Vec<u32> = (0..rows as u64)
                     .map(|i| rng::Philox::new(seed, i).below(cols as u32))
                     .collect();

@@ -141,15 +141,35 @@ pub struct AttentionOptions {
     pub scale: f32,
     /// Dropout on the probabilities, or none.
     pub dropout: Option<AttentionDropout>,
+    /// Heads side by side in the operands' last axis (at least 1; see
+    /// [`with_heads`](Self::with_heads)).
+    pub heads: usize,
 }
 
 impl AttentionOptions {
-    /// Scores scaled by `scale`, no dropout.
+    /// Scores scaled by `scale`, no dropout, one head per problem.
     pub fn new(scale: f32) -> Self {
         AttentionOptions {
             scale,
             dropout: None,
+            heads: 1,
         }
+    }
+
+    /// These options with `heads` heads side by side in each operand's
+    /// last axis: `q` `[n, T, heads·D]`, `k` and `v` `[n, S, heads·D]`,
+    /// head `h` of example `e` attending with columns `h·D..(h + 1)·D` of
+    /// its rows, the result `[n, T, heads·D]` the same way — the layout a
+    /// fused `[n, T, 3, heads, D]` projection of queries, keys and values
+    /// already has, so a model's heads need no copies to split or merge
+    /// (views narrowed to a third of the projection's last axis are read
+    /// in place). Its problems are numbered `e·heads + h`, as the batch
+    /// of `[n·heads, T, D]` operands with the heads moved ahead of the
+    /// positions ([`heads_folded`]) numbers them; their dropout draws
+    /// follow that number. Checked (`heads ≥ 1`, dividing the last axis)
+    /// when a call is planned.
+    pub fn with_heads(self, heads: usize) -> Self {
+        AttentionOptions { heads, ..self }
     }
 
     /// These options with `dropout` on the probabilities.
@@ -171,6 +191,120 @@ pub struct AttentionGrads<S> {
     pub dk: S,
     /// With respect to the values (`[batch, S, D]`).
     pub dv: S,
+}
+
+/// `x` (`[n, rows, heads·D]`, any layout) with its heads moved ahead of
+/// its rows: `[n·heads, rows, D]`, contiguous, in its type — problem
+/// `e·heads + h` as [`AttentionOptions::with_heads`] numbers them. For
+/// kernels that take one head per problem ([`attention_heads_folded`]).
+pub fn heads_folded<B: Backend>(
+    b: &B,
+    x: View<'_, B::Storage>,
+    heads: usize,
+) -> Result<B::Storage> {
+    let (dims, strides) = (x.layout.dims(), x.layout.strides());
+    let (&[n, rows, w], &[sn, sr, sw]) = (dims, strides) else {
+        return Err(Error::shape(
+            "heads_folded",
+            format!("expected [n, rows, heads·D], got {:?}", dims),
+        ));
+    };
+    if heads == 0 || w % heads != 0 {
+        return Err(Error::invalid(format!(
+            "heads_folded: {heads} heads do not divide a last axis of {w}"
+        )));
+    }
+    let d = w / heads;
+    let split = Layout::new(
+        Shape::new(&[n, rows, heads, d])?,
+        vec![sn, sr, d * sw, sw],
+        x.layout.offset(),
+    )?;
+    b.contiguous(View::new(x.storage, &split.permute(&[0, 2, 1, 3])?))
+}
+
+/// The inverse of [`heads_folded`] for a contiguous `[n·heads, rows, D]`
+/// result: `[n, rows, heads·D]`, contiguous.
+pub fn heads_unfolded<B: Backend>(
+    b: &B,
+    y: &B::Storage,
+    [n, heads, rows, d]: [usize; 4],
+) -> Result<B::Storage> {
+    let l = Layout::contiguous(Shape::new(&[n, heads, rows, d])?).permute(&[0, 2, 1, 3])?;
+    b.contiguous(View::new(y, &l))
+}
+
+/// A contiguous `[batch, rows, D]` layout.
+fn problems(batch: usize, rows: usize, d: usize) -> Result<Layout> {
+    Ok(Layout::contiguous(Shape::new(&[batch, rows, d])?))
+}
+
+/// [`Backend::attention_causal`] of operands with `options.heads > 1`
+/// heads side by side, through `f`, an attention that takes one head per
+/// problem: the operands' heads folded into the batch
+/// ([`heads_folded`]), `f` called with one head, its result unfolded —
+/// two copies of each operand a fused kernel reading the heads in place
+/// does without. What backends without such a kernel do.
+pub fn attention_heads_folded<B: Backend>(
+    b: &B,
+    [q, k, v]: [View<'_, B::Storage>; 3],
+    options: &AttentionOptions,
+    f: impl FnOnce([View<'_, B::Storage>; 3], &AttentionOptions) -> Result<B::Storage>,
+) -> Result<B::Storage> {
+    let plan = AttentionPlan::new(q, k, v, options)?;
+    let h = plan.heads;
+    let (t, s, d) = (plan.queries, plan.keys, plan.dim);
+    let [fq, fk, fv] = [q, k, v].map(|x| heads_folded(b, x, h));
+    let (fq, fk, fv) = (fq?, fk?, fv?);
+    let (lq, lk) = (problems(plan.batch, t, d)?, problems(plan.batch, s, d)?);
+    let one = AttentionOptions {
+        heads: 1,
+        ..*options
+    };
+    let y = f(
+        [
+            View::new(&fq, &lq),
+            View::new(&fk, &lk),
+            View::new(&fv, &lk),
+        ],
+        &one,
+    )?;
+    heads_unfolded(b, &y, [plan.batch / h, h, t, d])
+}
+
+/// [`Backend::attention_causal_backward`] as [`attention_heads_folded`]
+/// runs the forward pass: the operands and `dy` folded, `f` called with
+/// one head, the three gradients unfolded.
+pub fn attention_backward_heads_folded<B: Backend>(
+    b: &B,
+    [q, k, v, dy]: [View<'_, B::Storage>; 4],
+    options: &AttentionOptions,
+    f: impl FnOnce([View<'_, B::Storage>; 4], &AttentionOptions) -> Result<AttentionGrads<B::Storage>>,
+) -> Result<AttentionGrads<B::Storage>> {
+    let plan = AttentionPlan::backward(q, k, v, dy, options)?;
+    let h = plan.heads;
+    let (n, t, s, d) = (plan.batch / h, plan.queries, plan.keys, plan.dim);
+    let [fq, fk, fv, fdy] = [q, k, v, dy].map(|x| heads_folded(b, x, h));
+    let (fq, fk, fv, fdy) = (fq?, fk?, fv?, fdy?);
+    let (lq, lk) = (problems(plan.batch, t, d)?, problems(plan.batch, s, d)?);
+    let one = AttentionOptions {
+        heads: 1,
+        ..*options
+    };
+    let g = f(
+        [
+            View::new(&fq, &lq),
+            View::new(&fk, &lk),
+            View::new(&fv, &lk),
+            View::new(&fdy, &lq),
+        ],
+        &one,
+    )?;
+    Ok(AttentionGrads {
+        dq: heads_unfolded(b, &g.dq, [n, h, t, d])?,
+        dk: heads_unfolded(b, &g.dk, [n, h, s, d])?,
+        dv: heads_unfolded(b, &g.dv, [n, h, s, d])?,
+    })
 }
 
 /// f32 operands of an attention call, contiguous, with their layouts.
@@ -259,6 +393,11 @@ pub fn compose_attention_causal<B: Backend>(
     v: View<'_, B::Storage>,
     options: &AttentionOptions,
 ) -> Result<B::Storage> {
+    if options.heads > 1 {
+        return attention_heads_folded(b, [q, k, v], options, |[q, k, v], o| {
+            compose_attention_causal(b, q, k, v, o)
+        });
+    }
     let plan = AttentionPlan::new(q, k, v, options)?;
     let ops = Operands::new(b, &plan, q, k, v)?;
     let mut p = ops.probabilities(b, plan.scale)?;
@@ -285,6 +424,11 @@ pub fn compose_attention_causal_backward<B: Backend>(
     dy: View<'_, B::Storage>,
     options: &AttentionOptions,
 ) -> Result<AttentionGrads<B::Storage>> {
+    if options.heads > 1 {
+        return attention_backward_heads_folded(b, [q, k, v, dy], options, |[q, k, v, dy], o| {
+            compose_attention_causal_backward(b, q, k, v, dy, o)
+        });
+    }
     let plan = AttentionPlan::backward(q, k, v, dy, options)?;
     let scale = plan.scale;
     let ops = Operands::new(b, &plan, q, k, v)?;

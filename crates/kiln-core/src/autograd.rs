@@ -336,7 +336,7 @@ fn topological_order<B: Backend>(root: &Tensor<B>) -> Vec<Tensor<B>> {
 }
 
 fn accumulate<B: Backend>(
-    grads: &mut HashMap<TensorId, Tensor<B>>,
+    pending: &mut Pending<B>,
     target: &Tensor<B>,
     g: Tensor<B>,
 ) -> Result<()> {
@@ -344,12 +344,45 @@ fn accumulate<B: Backend>(
         return Ok(());
     }
     debug_assert_eq!(g.dims(), target.dims(), "gradient shape");
-    let g = match grads.remove(&target.id()) {
+    let g = match pending.grads.remove(&target.id()) {
         Some(prev) => prev.add(&g)?,
         None => g,
     };
-    grads.insert(target.id(), g);
+    pending.grads.insert(target.id(), g);
     Ok(())
+}
+
+/// The gradients a backward pass has gathered for tensors it has not
+/// reached yet.
+struct Pending<B: Backend> {
+    grads: HashMap<TensorId, Tensor<B>>,
+    /// For gradients made only of slices' gradients placed in zeros (the
+    /// gradient of a tensor whose slices were used): which windows hold
+    /// something, so a slice disjoint from them is copied in rather than
+    /// added to zeros (attention's query, key and value, slices of one
+    /// projection with strided rows).
+    slices: HashMap<TensorId, Placed>,
+}
+
+/// The windows `start..start + len` of dimension `dim` written into zeros
+/// to make gradient `grad` (by id: any other gradient since is a sum).
+struct Placed {
+    grad: TensorId,
+    dim: usize,
+    windows: Vec<(usize, usize)>,
+}
+
+impl Placed {
+    /// Whether window `start..start + len` of `dim` is still zeros in
+    /// gradient `grad`.
+    fn is_zeros(&self, grad: TensorId, dim: usize, start: usize, len: usize) -> bool {
+        self.grad == grad
+            && self.dim == dim
+            && self
+                .windows
+                .iter()
+                .all(|&(a, l)| start + len <= a || a + l <= start)
+    }
 }
 
 impl<B: Backend> Tensor<B> {
@@ -465,15 +498,18 @@ impl<B: Backend> Tensor<B> {
         }
         let order = topological_order(self);
         let _guard = NoGradGuard::new();
-        let mut pending: HashMap<TensorId, Tensor<B>> = HashMap::new();
+        let mut pending = Pending {
+            grads: HashMap::new(),
+            slices: HashMap::new(),
+        };
         let seed = match seed {
             Some(s) => s,
             None => self.ones_like()?,
         };
-        pending.insert(self.id(), seed);
+        pending.grads.insert(self.id(), seed);
         let mut leaves = HashMap::new();
         for node in order.iter().rev() {
-            let Some(g) = pending.remove(&node.id()) else {
+            let Some(g) = pending.grads.remove(&node.id()) else {
                 continue;
             };
             if stop() {
@@ -498,7 +534,7 @@ fn propagate<B: Backend>(
     y: &Tensor<B>,
     op: &Op<B>,
     g: Tensor<B>,
-    pending: &mut HashMap<TensorId, Tensor<B>>,
+    pending: &mut Pending<B>,
 ) -> Result<()> {
     match op {
         Op::Unary { op, x } => {
@@ -591,16 +627,39 @@ fn propagate<B: Backend>(
             }
             // Slices of one tensor (attention's query, key and value) share
             // one gradient buffer: the first places its window in zeros,
-            // the next add theirs into their windows only, in place.
-            let dx = match pending.remove(&x.id()) {
+            // the next add theirs into their windows only, in place — or
+            // copy them there, where nothing was placed yet.
+            let len = g.dims()[*dim];
+            let (dx, placed) = match pending.grads.remove(&x.id()) {
                 Some(prev) => {
-                    let len = g.dims()[*dim];
-                    let window = prev.narrow(*dim, *start, len)?.add(&g)?;
-                    prev.into_written(*dim, *start, &window)?
+                    let zeros = pending
+                        .slices
+                        .get(&x.id())
+                        .is_some_and(|p| p.is_zeros(prev.id(), *dim, *start, len));
+                    let window = if zeros {
+                        g
+                    } else {
+                        prev.narrow(*dim, *start, len)?.add(&g)?
+                    };
+                    (prev.into_written(*dim, *start, &window)?, zeros)
                 }
-                None => g.placed_in_zeros(x.dims(), *dim, *start)?,
+                None => {
+                    pending.slices.remove(&x.id());
+                    (g.placed_in_zeros(x.dims(), *dim, *start)?, true)
+                }
             };
-            pending.insert(x.id(), dx);
+            if placed {
+                let p = pending.slices.entry(x.id()).or_insert(Placed {
+                    grad: dx.id(),
+                    dim: *dim,
+                    windows: Vec::new(),
+                });
+                p.grad = dx.id();
+                p.windows.push((*start, len));
+            } else {
+                pending.slices.remove(&x.id());
+            }
+            pending.grads.insert(x.id(), dx);
             Ok(())
         }
         Op::Broadcast { x } => accumulate(pending, x, g.sum_to(x.dims())?),

@@ -816,7 +816,12 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
     /// ([`crate::attention::AttentionDropout`]; `P` itself without), in
     /// `[batch, T, D]` contiguous in the operands' type, computed in f32
     /// ([`crate::plan::AttentionPlan`]). Query `i` sees keys
-    /// `0..=i + S − T`. Bound: [`bounds::attention`](crate::bounds::attention).
+    /// `0..=i + S − T`. With `options.heads = h > 1` the last axis holds
+    /// `h` heads side by side, each its own problem
+    /// ([`AttentionOptions::with_heads`](crate::AttentionOptions::with_heads));
+    /// a backend whose kernel takes one head per problem can run it
+    /// through [`crate::attention::attention_heads_folded`].
+    /// Bound: [`bounds::attention`](crate::bounds::attention).
     /// The default composes primitive ops and holds the `[batch, T, S]`
     /// probabilities in memory ([`crate::attention::compose_attention_causal`]);
     /// a fused kernel streams them instead, drawing the dropout factors
@@ -834,7 +839,9 @@ pub trait Backend: Clone + Send + Sync + fmt::Debug + 'static {
     /// The gradients of [`Backend::attention_causal`] with respect to `q`,
     /// `k` and `v` given `dy` (`q`'s shape), the probabilities recomputed
     /// from `q` and `k` and the dropout factors drawn again (the same
-    /// `options` as forward). Every sum runs in a fixed order: no result
+    /// `options` as forward; heads side by side as there, through
+    /// [`crate::attention::attention_backward_heads_folded`] for a kernel
+    /// of one head per problem). Every sum runs in a fixed order: no result
     /// depends on thread timing. Bound:
     /// [`bounds::attention_backward`](crate::bounds::attention_backward).
     /// The default composes primitive ops

@@ -588,6 +588,11 @@ impl CausalSoftmaxPlan {
 /// let plan = AttentionPlan::new(q, k, k, &AttentionOptions::new(0.5))?;
 /// assert_eq!((plan.batch, plan.queries, plan.keys, plan.dim), (2, 3, 5, 4));
 /// assert_eq!(plan.visible(0), 3); // two cached keys, then itself
+/// // Two heads of width 2 side by side: four problems.
+/// let two = AttentionPlan::new(q, k, k, &AttentionOptions::new(0.5).with_heads(2))?;
+/// assert_eq!((two.batch, two.dim), (4, 2));
+/// assert_eq!(two.row_start(3, 3, 1), (3 + 1) * 4 + 2); // example 1, head 1, row 1
+/// assert!(AttentionPlan::new(q, k, k, &AttentionOptions::new(0.5).with_heads(3)).is_err());
 /// // More queries than keys is a shape error naming the op.
 /// let e = AttentionPlan::new(k, q, q, &AttentionOptions::new(0.5)).unwrap_err();
 /// assert!(e.to_string().contains("attention_causal"));
@@ -595,13 +600,17 @@ impl CausalSoftmaxPlan {
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionPlan {
-    /// Independent attention problems (heads × examples).
+    /// Independent attention problems (examples × heads; problem
+    /// `e·heads + h` is head `h` of example `e`).
     pub batch: usize,
+    /// Heads side by side in each operand row
+    /// ([`AttentionOptions::with_heads`]); 1 for `[batch, T, D]` operands.
+    pub heads: usize,
     /// Query rows `T` per problem.
     pub queries: usize,
     /// Keys (and values) `S` per problem.
     pub keys: usize,
-    /// The head width `D`.
+    /// The head width `D` (the operands' last axis is `heads·D`).
     pub dim: usize,
     /// Scale of the scores `q·kᵀ`.
     pub scale: f32,
@@ -612,15 +621,20 @@ pub struct AttentionPlan {
 }
 
 impl AttentionPlan {
-    /// Checks `q` `[batch, T, D]`, `k` and `v` `[batch, S, D]` and the
-    /// options (a finite scale, a dropout rate in `[0, 1)`).
+    /// Checks `q` `[n, T, heads·D]`, `k` and `v` `[n, S, heads·D]` and the
+    /// options (a finite scale, a dropout rate in `[0, 1)`, `heads ≥ 1`
+    /// dividing the last axis).
     pub fn new<S: BackendStorage>(
         q: View<'_, S>,
         k: View<'_, S>,
         v: View<'_, S>,
         options: &AttentionOptions,
     ) -> Result<Self> {
-        let AttentionOptions { scale, dropout } = *options;
+        let AttentionOptions {
+            scale,
+            dropout,
+            heads,
+        } = *options;
         let op = "attention_causal";
         let (qd, kd, vd) = (q.layout.dims(), k.layout.dims(), v.layout.dims());
         let fits = qd.len() == 3
@@ -659,6 +673,12 @@ impl AttentionPlan {
                 "{op}: the scale must be finite, got {scale}"
             )));
         }
+        if heads == 0 || qd[2] % heads != 0 {
+            return Err(Error::invalid(format!(
+                "{op}: {heads} heads do not divide the operands' last axis of {}",
+                qd[2]
+            )));
+        }
         if let Some(d) = &dropout {
             d.check(op)?;
         }
@@ -666,10 +686,11 @@ impl AttentionPlan {
             check_view(op, x)?;
         }
         Ok(AttentionPlan {
-            batch: qd[0],
+            batch: qd[0] * heads,
+            heads,
             queries: qd[1],
             keys: kd[1],
-            dim: qd[2],
+            dim: qd[2] / heads,
             scale,
             dropout,
             dtype,
@@ -705,6 +726,14 @@ impl AttentionPlan {
         }
         check_view(op, dy)?;
         Ok(plan)
+    }
+
+    /// Where row `i` of problem `b` starts in a row-major
+    /// `[batch / heads, rows, heads·D]` operand or result (`rows` its `T`
+    /// or `S`): `((b / heads)·rows + i)·heads·D + (b mod heads)·D`.
+    pub fn row_start(&self, b: usize, rows: usize, i: usize) -> usize {
+        let (e, h) = (b / self.heads, b % self.heads);
+        (e * rows + i) * self.heads * self.dim + h * self.dim
     }
 
     /// How many keys (from the first) query `i` of a problem sees.

@@ -13,9 +13,17 @@
 //! decoding step and a pass over the whole context agree to rounding, not
 //! bit for bit. A register block's lone last row (a decoding step's query,
 //! the last row of 65 queries) runs its weighted sums without the block's
-//! copies, in the block's order. Operands whose problems each hold
-//! contiguous rows (a key/value cache narrowed to the positions filled)
-//! are read in place.
+//! copies, in the block's order. f32 operands whose rows each hold their
+//! elements side by side are read in place, however far apart the rows
+//! and examples lie: heads side by side in a fused projection's thirds
+//! ([`AttentionOptions::with_heads`], problem `e·heads + h` reading columns
+//! `h·D..` of example `e`'s rows), a key/value cache narrowed to the
+//! positions filled. A problem's results are computed row-major in the
+//! thread's scratch and stored in its rows of the `[n, T, heads·D]`
+//! outputs, where other problems' rows sit between them — so a model's
+//! heads need no copies to split or merge (config A's attention block,
+//! forward and backward, 2–9 % quicker than with them: `benches/attention`,
+//! `block`).
 //!
 //! Dropout on the probabilities ([`kiln_core::AttentionDropout`]) draws
 //! each pass's factors into a buffer beside its probabilities and
@@ -114,15 +122,23 @@ fn fma_row(acc: &mut [f32; LANES], a: f32, v: &[f32; LANES]) {
     }
 }
 
-/// `out[i·sp + j] = scale·Σₚ x[i·d + p]·t[p·sp + j]` for every query `i` and at
+/// `out[i·sp + j] = scale·Σₚ x[i·xs + p]·t[p·sp + j]` for every query `i` and at
 /// least the keys it sees (whole blocks of [`LANES`]; the rest of a row is
 /// left as it was): the scores `q·kᵀ` from the transposed keys, or
 /// `dy·vᵀ` from the transposed values.
 #[inline(always)]
-fn products_loop(x: &[f32], t: &[f32], d: usize, c: Causal, scale: f32, out: &mut [f32]) {
+fn products_loop(
+    x: &[f32],
+    xs: usize,
+    t: &[f32],
+    d: usize,
+    c: Causal,
+    scale: f32,
+    out: &mut [f32],
+) {
     for i0 in (c.lo..c.hi).step_by(ROWS) {
         let r = ROWS.min(c.hi - i0);
-        let at = block_rows(i0, r, d);
+        let at = block_rows(i0, r, xs);
         let width = c.seen(i0 + r - 1).next_multiple_of(LANES).min(c.sp);
         for j0 in (0..width).step_by(LANES) {
             let mut acc = [[0f32; LANES]; ROWS];
@@ -144,7 +160,7 @@ fn products_loop(x: &[f32], t: &[f32], d: usize, c: Causal, scale: f32, out: &mu
     }
 }
 
-/// `out[(i − lo)·sp + j] = scale·Σₚ x[i·d + p]·y[j·d + p]` for every query
+/// `out[(i − lo)·sp + j] = scale·Σₚ x[i·xs + p]·y[j·ys + p]` for every query
 /// `i` of the pass and exactly the keys it sees, each score one dot product
 /// of a query row and a key row in [`LANES`] partial sums combined pairwise:
 /// for problems of fewer queries than a register block's rows (a decoding
@@ -152,14 +168,24 @@ fn products_loop(x: &[f32], t: &[f32], d: usize, c: Causal, scale: f32, out: &mu
 /// [`products_loop`] costs more than the products and its blocks would
 /// repeat the one row.
 #[inline(always)]
-fn dots_loop(x: &[f32], y: &[f32], d: usize, c: Causal, scale: f32, out: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn dots_loop(
+    x: &[f32],
+    xs: usize,
+    y: &[f32],
+    ys: usize,
+    d: usize,
+    c: Causal,
+    scale: f32,
+    out: &mut [f32],
+) {
     for i in c.lo..c.hi {
-        let (xs, xt) = x[i * d..(i + 1) * d].as_chunks::<LANES>();
+        let (xv, xt) = x[i * xs..][..d].as_chunks::<LANES>();
         let row = &mut out[(i - c.lo) * c.sp..][..c.seen(i)];
         for (j, o) in row.iter_mut().enumerate() {
-            let (ys, yt) = y[j * d..(j + 1) * d].as_chunks::<LANES>();
+            let (yv, yt) = y[j * ys..][..d].as_chunks::<LANES>();
             let mut acc = [0f32; LANES];
-            for (a, b) in xs.iter().zip(ys) {
+            for (a, b) in xv.iter().zip(yv) {
                 for (l, acc) in acc.iter_mut().enumerate() {
                     *acc = a[l].mul_add(b[l], *acc);
                 }
@@ -172,7 +198,7 @@ fn dots_loop(x: &[f32], y: &[f32], d: usize, c: Causal, scale: f32, out: &mut [f
     }
 }
 
-/// The starts of a block's `ROWS` rows of width `width` from row `i0`,
+/// The starts of a block's `ROWS` rows, `width` apart, from row `i0`,
 /// rows past the `r` real ones repeating the last (their sums are
 /// computed and dropped, so the block's loop has no branches).
 #[inline(always)]
@@ -194,10 +220,10 @@ fn block_fma(acc: &mut [[f32; LANES]; ROWS], a: [f32; ROWS], v: &[f32; LANES]) {
     }
 }
 
-/// `out[i·d..] = Σ_{j < seen(i)} w[i·sp + j]·y[j·d..]`, keys ascending:
+/// `out[i·d..] = Σ_{j < seen(i)} w[i·sp + j]·y[j·ys..]`, keys ascending:
 /// `P·v` or `dS·k`.
 #[inline(always)]
-fn weighted_loop(w: &[f32], y: &[f32], d: usize, c: Causal, out: &mut [f32]) {
+fn weighted_loop(w: &[f32], y: &[f32], ys: usize, d: usize, c: Causal, out: &mut [f32]) {
     for i0 in (c.lo..c.hi).step_by(ROWS) {
         let r = ROWS.min(c.hi - i0);
         // Keys every row of the block sees, then each row's own.
@@ -210,7 +236,7 @@ fn weighted_loop(w: &[f32], y: &[f32], d: usize, c: Causal, out: &mut [f32]) {
                 let cw = LANES.min(d - c0);
                 let mut acc = [0f32; LANES];
                 for (j, &a) in wi.iter().enumerate() {
-                    fma_row(&mut acc, a, &lanes(y, j * d + c0, cw));
+                    fma_row(&mut acc, a, &lanes(y, j * ys + c0, cw));
                 }
                 out[i0 * d + c0..][..cw].copy_from_slice(&acc[..cw]);
             }
@@ -223,12 +249,12 @@ fn weighted_loop(w: &[f32], y: &[f32], d: usize, c: Causal, out: &mut [f32]) {
             if cw == LANES {
                 for j in 0..common {
                     let a = [w[at[0] + j], w[at[1] + j], w[at[2] + j], w[at[3] + j]];
-                    block_fma(&mut acc, a, whole(y, j * d + c0));
+                    block_fma(&mut acc, a, whole(y, j * ys + c0));
                 }
             } else {
                 for j in 0..common {
                     let a = [w[at[0] + j], w[at[1] + j], w[at[2] + j], w[at[3] + j]];
-                    block_fma(&mut acc, a, &lanes(y, j * d + c0, cw));
+                    block_fma(&mut acc, a, &lanes(y, j * ys + c0, cw));
                 }
             }
             for (k, row) in acc.iter_mut().enumerate().take(r) {
@@ -236,7 +262,7 @@ fn weighted_loop(w: &[f32], y: &[f32], d: usize, c: Causal, out: &mut [f32]) {
                     fma_row(
                         row,
                         w[(i0 - c.lo + k) * c.sp + j],
-                        &lanes(y, j * d + c0, cw),
+                        &lanes(y, j * ys + c0, cw),
                     );
                 }
                 out[(i0 + k) * d + c0..][..cw].copy_from_slice(&row[..cw]);
@@ -245,11 +271,11 @@ fn weighted_loop(w: &[f32], y: &[f32], d: usize, c: Causal, out: &mut [f32]) {
     }
 }
 
-/// `out[j·d..] += Σ_{i sees j} w[(i − lo)·sp + j]·x[i·d..]` over the
+/// `out[j·d..] += Σ_{i sees j} w[(i − lo)·sp + j]·x[i·xs..]` over the
 /// pass's queries, ascending (a pass continues the chains of multiply-adds
 /// the earlier ones left in `out`): `dSᵀ·q` or `Pᵀ·dy`.
 #[inline(always)]
-fn transposed_weighted_loop(w: &[f32], x: &[f32], d: usize, c: Causal, out: &mut [f32]) {
+fn transposed_weighted_loop(w: &[f32], x: &[f32], xs: usize, d: usize, c: Causal, out: &mut [f32]) {
     if c.lo == c.hi {
         return;
     }
@@ -264,7 +290,7 @@ fn transposed_weighted_loop(w: &[f32], x: &[f32], d: usize, c: Causal, out: &mut
                 *row = lanes(out, (j0 + k) * d + c0, cw);
                 for i in c.first(j0 + k).max(c.lo)..common {
                     let a = w[(i - c.lo) * c.sp + j0 + k];
-                    fma_row(row, a, &lanes(x, i * d + c0, cw));
+                    fma_row(row, a, &lanes(x, i * xs + c0, cw));
                 }
             }
             let at: [usize; ROWS] = std::array::from_fn(|k| j0 + k.min(r - 1));
@@ -272,9 +298,9 @@ fn transposed_weighted_loop(w: &[f32], x: &[f32], d: usize, c: Causal, out: &mut
                 let row = &w[(i - c.lo) * c.sp..];
                 let a = [row[at[0]], row[at[1]], row[at[2]], row[at[3]]];
                 if cw == LANES {
-                    block_fma(&mut acc, a, whole(x, i * d + c0));
+                    block_fma(&mut acc, a, whole(x, i * xs + c0));
                 } else {
-                    block_fma(&mut acc, a, &lanes(x, i * d + c0, cw));
+                    block_fma(&mut acc, a, &lanes(x, i * xs + c0, cw));
                 }
             }
             for (k, row) in acc.iter().enumerate().take(r) {
@@ -402,22 +428,22 @@ wide::per_set! {
 
 wide::per_set! {
     /// Scores or their gradients' products ([`products_loop`]).
-    fn products(x: &[f32], t: &[f32], d: usize, c: Causal, scale: f32, out: &mut [f32]) -> () = products_loop;
+    fn products(x: &[f32], xs: usize, t: &[f32], d: usize, c: Causal, scale: f32, out: &mut [f32]) -> () = products_loop;
 }
 
 wide::per_set! {
     /// Scores as one dot product each ([`dots_loop`]).
-    fn dots(x: &[f32], y: &[f32], d: usize, c: Causal, scale: f32, out: &mut [f32]) -> () = dots_loop;
+    fn dots(x: &[f32], xs: usize, y: &[f32], ys: usize, d: usize, c: Causal, scale: f32, out: &mut [f32]) -> () = dots_loop;
 }
 
 wide::per_set! {
     /// A causal weighted sum of rows ([`weighted_loop`]).
-    fn weighted(w: &[f32], y: &[f32], d: usize, c: Causal, out: &mut [f32]) -> () = weighted_loop;
+    fn weighted(w: &[f32], y: &[f32], ys: usize, d: usize, c: Causal, out: &mut [f32]) -> () = weighted_loop;
 }
 
 wide::per_set! {
     /// Its transposed form ([`transposed_weighted_loop`]).
-    fn transposed_weighted(w: &[f32], x: &[f32], d: usize, c: Causal, out: &mut [f32]) -> () = transposed_weighted_loop;
+    fn transposed_weighted(w: &[f32], x: &[f32], xs: usize, d: usize, c: Causal, out: &mut [f32]) -> () = transposed_weighted_loop;
 }
 
 wide::per_set! {
@@ -430,28 +456,29 @@ wide::per_set! {
     fn score_grads(p: &[f32], dp: &mut [f32], c: Causal) -> () = score_grads_loop;
 }
 
-/// `x` (`[rows, cols]` row-major) transposed into `out` (`[cols, stride]`),
-/// 8 × 8 blocks through registers where AVX is present (one scattered
-/// store per element made the transposes of a GPT's keys a tenth of its
-/// attention's forward pass).
-fn transpose(x: &[f32], rows: usize, cols: usize, stride: usize, out: &mut [f32]) {
-    crate::gemm::pack::transpose_into(x, cols, [rows, cols], out, stride);
+/// `rows` rows of `cols` floats, `xs` apart in `x`, transposed into `out`
+/// (`[cols, stride]`), 8 × 8 blocks through registers where AVX is present
+/// (one scattered store per element made the transposes of a GPT's keys a
+/// tenth of its attention's forward pass).
+fn transpose(x: &[f32], xs: usize, [rows, cols]: [usize; 2], stride: usize, out: &mut [f32]) {
+    crate::gemm::pack::transpose_into(x, xs, [rows, cols], out, stride);
 }
 
-/// One problem's operands (f32, row-major), its keys transposed (unless
-/// [`Problem::direct`]), and the
-/// score rows of one pass of [`QUERY_BLOCK`] queries, in a buffer of the
-/// thread's ([`crate::scratch`]: a decoding step runs a few tiny problems
-/// per token, and allocating their buffers cost more than transposing).
+/// One problem's operands (f32 rows, each its own distance apart: heads
+/// side by side are read in place), its keys transposed (unless
+/// [`Problem::direct`]), and the score rows of one pass of
+/// [`QUERY_BLOCK`] queries, in a buffer of the thread's
+/// ([`crate::scratch`]: a decoding step runs a few tiny problems per
+/// token, and allocating their buffers cost more than transposing).
 struct Problem<'a> {
     set: KernelSet,
     exp: MapKernel,
     plan: &'a AttentionPlan,
     /// Which problem of the batch this is.
     b: usize,
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    q: Rows<'a>,
+    k: Rows<'a>,
+    v: Rows<'a>,
     d: usize,
     /// The whole problem's extents (queries `0..T`).
     causal: Causal,
@@ -483,31 +510,29 @@ impl<'a> Problem<'a> {
         [kt, rows, m, sp]
     }
 
-    /// Runs `f` on problem `b` of `plan`, its buffers from the thread's
-    /// scratch.
+    /// Runs `f` on problem `b` of `plan` and `outputs` floats of zeros
+    /// (its results, row-major, before they are stored in their rows),
+    /// all buffers from the thread's scratch.
     fn with<R>(
         set: KernelSet,
         exp: MapKernel,
         plan: &AttentionPlan,
         b: usize,
         operands: [&Slabs<'_>; 3],
-        f: impl FnOnce(&mut Problem<'_>) -> R,
+        outputs: usize,
+        f: impl FnOnce(&mut Problem<'_>, &mut [f32]) -> R,
     ) -> R {
         let lens = Self::buffer_lens(plan);
-        scratch::sized(lens.iter().sum(), |buf| {
-            // Zeros past the keys (kt) and past each row's seen keys (p, m).
+        scratch::sized(lens.iter().sum::<usize>() + outputs, |buf| {
+            // Zeros past the keys (kt) and past each row's seen keys (p,
+            // m), and results that start at zero.
             buf.fill(0.0);
             let (kt, rest) = buf.split_at_mut(lens[0]);
             let (p, rest) = rest.split_at_mut(lens[1]);
-            let (m, shifted) = rest.split_at_mut(lens[2]);
-            f(&mut Problem::new(
-                set,
-                exp,
-                plan,
-                b,
-                operands,
-                [kt, p, m, shifted],
-            ))
+            let (m, rest) = rest.split_at_mut(lens[2]);
+            let (shifted, out) = rest.split_at_mut(lens[3]);
+            let mut problem = Problem::new(set, exp, plan, b, operands, [kt, p, m, shifted]);
+            f(&mut problem, out)
         })
     }
 
@@ -531,7 +556,7 @@ impl<'a> Problem<'a> {
         };
         let (q, k, v) = (q.problem(b), k.problem(b), v.problem(b));
         if !Self::direct(plan) {
-            transpose(k, s, d, causal.sp, kt);
+            transpose(k.data, k.stride, [s, d], causal.sp, kt);
         }
         Problem {
             set,
@@ -553,10 +578,11 @@ impl<'a> Problem<'a> {
     /// The probabilities of pass `c`'s queries into `self.p`.
     fn probabilities(&mut self, c: Causal) {
         let (set, d, scale) = (self.set, self.d, self.plan.scale);
+        let (q, k) = (self.q, self.k);
         if Self::direct(self.plan) {
-            dots(set, self.q, self.k, d, c, scale, self.p);
+            dots(set, q.data, q.stride, k.data, k.stride, d, c, scale, self.p);
         } else {
-            products(set, self.q, self.kt, d, c, scale, self.p);
+            products(set, q.data, q.stride, self.kt, d, c, scale, self.p);
         }
         softmax_rows(self.set, self.p, c, self.exp, self.shifted);
     }
@@ -575,40 +601,49 @@ impl<'a> Problem<'a> {
         true
     }
 
-    /// `y = P̃·v` (`[T, D]`).
+    /// `y = P̃·v` (`[T, D]`, row-major).
     fn forward(&mut self, y: &mut [f32]) {
+        let v = self.v;
         for c in self.causal.passes() {
             self.probabilities(c);
             if self.factors(c) {
                 dropped(self.set, self.p, self.m, c);
             }
-            weighted(self.set, self.p, self.v, self.d, c, y);
+            weighted(self.set, self.p, v.data, v.stride, self.d, c, y);
         }
     }
 
-    /// `dq` (`[T, D]`), `dk` and `dv` (`[S, D]`, zeros on entry) from this
-    /// problem's `dy` (`[T, D]`), before the scale on `dq` and `dk`.
-    fn backward(&mut self, dy: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+    /// `dq` (`[T, D]`), `dk` and `dv` (`[S, D]`; row-major, zeros on
+    /// entry) from this problem's `dy` rows, before the scale on `dq` and
+    /// `dk`.
+    fn backward(&mut self, dy: Rows<'_>, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
         let (set, d) = (self.set, self.d);
+        let (q, k, v) = (self.q, self.k, self.v);
         let mut vt = vec![0f32; d * self.causal.sp];
-        transpose(self.v, self.causal.keys, d, self.causal.sp, &mut vt);
+        transpose(
+            v.data,
+            v.stride,
+            [self.causal.keys, d],
+            self.causal.sp,
+            &mut vt,
+        );
         let mut ds = vec![0f32; self.p.len()];
         for c in self.causal.passes() {
             self.probabilities(c);
             let dropout = self.factors(c);
-            products(set, dy, &vt, d, c, 1.0, &mut ds);
+            products(set, dy.data, dy.stride, &vt, d, c, 1.0, &mut ds);
             if dropout {
                 // dP = (dy·vᵀ)∘M; δ and dS use the undropped P.
                 dropped(set, &mut ds, self.m, c);
             }
             score_grads(set, self.p, &mut ds, c);
-            weighted(set, &ds, self.k, d, c, dq);
-            transposed_weighted(set, &ds, self.q, d, c, dk);
+            weighted(set, &ds, k.data, k.stride, d, c, dq);
+            transposed_weighted(set, &ds, q.data, q.stride, d, c, dk);
             if dropout {
                 // dv = P̃ᵀ·dy.
                 dropped(set, self.p, self.m, c);
             }
-            transposed_weighted(set, self.p, dy, d, c, dv);
+            transposed_weighted(set, self.p, dy.data, dy.stride, d, c, dv);
         }
     }
 }
@@ -628,55 +663,83 @@ pub(crate) fn operands<'a>(
     Ok([read(q)?, read(k)?, read(v)?])
 }
 
-/// A `[batch, rows, D]` operand in f32, one slab per problem: problem
-/// `b`'s rows, row-major, at `data[b·stride..][..rows·D]`.
+/// One problem's rows of an operand: row `i` is `data[i·stride..][..D]`.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    data: &'a [f32],
+    stride: usize,
+}
+
+/// An `[n, rows, heads·D]` operand in f32, its problems' rows in place:
+/// problem `e·heads + h`'s row `i` at
+/// `data[e·example + i·row + h·D..][..D]`.
 struct Slabs<'a> {
     data: std::borrow::Cow<'a, [f32]>,
-    stride: usize,
-    len: usize,
+    /// Floats from one example's rows to the next's, and from one row to
+    /// the next.
+    example: usize,
+    row: usize,
+    rows: usize,
+    heads: usize,
+    dim: usize,
 }
 
 impl<'a> Slabs<'a> {
-    /// `view`'s problems: borrowed in place when it is f32 and each
-    /// problem's rows are contiguous, however far apart the problems are
-    /// (a decoding step's keys and values: a cache narrowed to the
-    /// positions filled so far, the heads of one token's row); otherwise
-    /// read row-major as [`operands`] does.
+    /// `view`'s problems (of `plan`): borrowed in place when it is f32
+    /// and each row's elements are adjacent, however far apart the rows
+    /// and examples are (heads side by side in a fused projection, a
+    /// decoding step's keys and values: a cache narrowed to the positions
+    /// filled so far); otherwise read row-major as [`operands`] does.
     fn of(
         set: KernelSet,
         pool: &Workers,
         op: &'static str,
         view: View<'a, HostData>,
+        plan: &AttentionPlan,
     ) -> Result<Self> {
         let (dims, strides) = (view.layout.dims(), view.layout.strides());
+        let (heads, dim) = (plan.heads, plan.dim);
         if let (HostData::F32(data), &[n, r, w], &[sn, sr, sw]) = (view.storage, dims, strides) {
-            let len = r * w;
-            let rows_contiguous = (w <= 1 || sw == 1) && (r <= 1 || sr == w);
-            let stride = if n == 1 { len } else { sn };
-            if n > 0 && len > 0 && rows_contiguous && stride >= len {
+            if n > 0 && r > 0 && w > 0 && (w == 1 || sw == 1) {
                 let start = view.layout.offset();
-                let end = start + (n - 1) * stride + len;
+                let end = start + (n - 1) * sn + (r - 1) * sr + w;
                 if end <= data.len() {
                     return Ok(Slabs {
                         data: std::borrow::Cow::Borrowed(&data[start..end]),
-                        stride,
-                        len,
+                        example: sn,
+                        row: sr,
+                        rows: r,
+                        heads,
+                        dim,
                     });
                 }
             }
         }
-        let len = dims[1..].iter().product();
+        let (rows, width) = (dims[1], dims[2]);
         let data = convert::read_f32(set, Some(pool), op, view)?;
         Ok(Slabs {
             data,
-            stride: len,
-            len,
+            example: rows * width,
+            row: width,
+            rows,
+            heads,
+            dim,
         })
     }
 
     /// Problem `b`'s rows.
-    fn problem(&self, b: usize) -> &[f32] {
-        &self.data[b * self.stride..][..self.len]
+    fn problem(&self, b: usize) -> Rows<'_> {
+        if self.rows == 0 || self.dim == 0 {
+            return Rows {
+                data: &[],
+                stride: self.row,
+            };
+        }
+        let start = b / self.heads * self.example + b % self.heads * self.dim;
+        Rows {
+            data: &self.data[start..start + (self.rows - 1) * self.row + self.dim],
+            stride: self.row,
+        }
     }
 }
 
@@ -687,21 +750,35 @@ fn vector_exp(op: &str, set: KernelSet) -> Result<MapKernel> {
     })
 }
 
-/// The fresh `buf`'s first `n·each` slots as `n` slices of `each` (empty
-/// when `each` is 0), one per problem.
-fn per_problem(buf: &mut Vec<f32>, n: usize, each: usize) -> Vec<&mut [MaybeUninit<f32>]> {
-    let mut rest = &mut buf.spare_capacity_mut()[..n * each];
-    (0..n)
-        .map(|_| {
-            let (part, tail) = std::mem::take(&mut rest).split_at_mut(each);
-            rest = tail;
-            part
-        })
-        .collect()
+/// The rows of a fresh row-major `[n, rows, heads·D]` result, `D` floats
+/// each, listed per problem (problem `e·heads + h`'s row `i` is row
+/// `(e·rows + i)·heads + h`): each task writes its problems' rows, which
+/// interleave with other problems' when there are several heads.
+fn rows_per_problem<'b>(
+    buf: &'b mut [MaybeUninit<f32>],
+    plan: &AttentionPlan,
+    rows: usize,
+) -> Vec<Vec<&'b mut [MaybeUninit<f32>]>> {
+    let (h, d) = (plan.heads, plan.dim);
+    let mut out: Vec<Vec<_>> = (0..plan.batch).map(|_| Vec::with_capacity(rows)).collect();
+    if d > 0 {
+        for (r, row) in buf.chunks_exact_mut(d).enumerate() {
+            out[r / h / rows.max(1) * h + r % h].push(row);
+        }
+    }
+    out
+}
+
+/// Stores a problem's row-major result `x` (rows of `d`) in its `rows`.
+fn store_rows(rows: Vec<&mut [MaybeUninit<f32>]>, x: &[f32], d: usize) {
+    for (dst, src) in rows.into_iter().zip(x.chunks_exact(d.max(1))) {
+        fresh::copy(dst, src);
+    }
 }
 
 /// [`kiln_core::Backend::attention_causal`] with `set`'s loops, one
-/// problem per task on `pool`.
+/// problem per task on `pool` (heads side by side read and written in
+/// place).
 pub(crate) fn attention_causal(
     set: KernelSet,
     pool: &Workers,
@@ -712,24 +789,34 @@ pub(crate) fn attention_causal(
 ) -> Result<HostData> {
     let op = "attention_causal";
     let plan = AttentionPlan::new(q, k, v, options)?;
-    let [qs, ks, vs] = [q, k, v].map(|x| Slabs::of(set, pool, op, x));
+    let [qs, ks, vs] = [q, k, v].map(|x| Slabs::of(set, pool, op, x, &plan));
     let (qs, ks, vs) = (qs?, ks?, vs?);
     let exp = vector_exp(op, set)?;
     let (t, d) = (plan.queries, plan.dim);
     let len = plan.batch * t * d;
-    let fill = |start: usize, out: &mut [MaybeUninit<f32>]| {
-        let y = fresh::zeros(out);
-        let operands = [&qs, &ks, &vs];
-        for (j, y) in y.chunks_exact_mut((t * d).max(1)).enumerate() {
-            let b = start / (t * d).max(1) + j;
-            Problem::with(set, exp, &plan, b, operands, |p| p.forward(y));
-        }
-    };
+    let mut y = Vec::with_capacity(len);
+    let rows = rows_per_problem(&mut y.spare_capacity_mut()[..len], &plan, t);
     // Small problems (decoding: one query per head) are grouped, so that a
     // call's few heads do not fork the team for a microsecond of work.
     let per_task = (TASK_MIN_WORK / (t * plan.keys * d).max(1)).max(1);
-    // SAFETY: `fill` zeroes every chunk it is handed before anything else.
-    let y = unsafe { pool.filled(len, per_task * t * d, fill) };
+    let mut jobs = Vec::new();
+    let mut rows = rows.into_iter().enumerate().peekable();
+    while rows.peek().is_some() {
+        jobs.push(rows.by_ref().take(per_task).collect::<Vec<_>>());
+    }
+    let operands = [&qs, &ks, &vs];
+    pool.for_each(jobs, |problems| {
+        for (b, rows) in problems {
+            Problem::with(set, exp, &plan, b, operands, t * d, |p, y| {
+                p.forward(y);
+                store_rows(rows, y, d);
+            });
+        }
+    });
+    // SAFETY: the problems' rows cover `0..len` (`rows_per_problem`), and
+    // every task stored all of its problems' rows (`for_each` ran them
+    // all, or resumed a task's panic before this line).
+    unsafe { y.set_len(len) };
     convert::store_f32_on(set, Some(pool), op, plan.dtype, y)
 }
 
@@ -746,9 +833,8 @@ pub(crate) fn attention_causal_backward(
 ) -> Result<AttentionGrads<HostData>> {
     let op = "attention_causal_backward";
     let plan = AttentionPlan::backward(q, k, v, dy, options)?;
-    let [qs, ks, vs] = [q, k, v].map(|x| Slabs::of(set, pool, op, x));
-    let (qs, ks, vs) = (qs?, ks?, vs?);
-    let dys = convert::read_f32(set, Some(pool), op, dy)?;
+    let [qs, ks, vs, dys] = [q, k, v, dy].map(|x| Slabs::of(set, pool, op, x, &plan));
+    let (qs, ks, vs, dys) = (qs?, ks?, vs?, dys?);
     let exp = vector_exp(op, set)?;
     let (n, t, s, d) = (plan.batch, plan.queries, plan.keys, plan.dim);
     let (mut dq, mut dk, mut dv) = (
@@ -756,25 +842,40 @@ pub(crate) fn attention_causal_backward(
         Vec::with_capacity(n * s * d),
         Vec::with_capacity(n * s * d),
     );
-    let jobs: Vec<_> = per_problem(&mut dq, n, t * d)
+    let jobs: Vec<_> = rows_per_problem(&mut dq.spare_capacity_mut()[..n * t * d], &plan, t)
         .into_iter()
-        .zip(per_problem(&mut dk, n, s * d))
-        .zip(per_problem(&mut dv, n, s * d))
+        .zip(rows_per_problem(
+            &mut dk.spare_capacity_mut()[..n * s * d],
+            &plan,
+            s,
+        ))
+        .zip(rows_per_problem(
+            &mut dv.spare_capacity_mut()[..n * s * d],
+            &plan,
+            s,
+        ))
         .enumerate()
         .collect();
     let operands = [&qs, &ks, &vs];
-    pool.for_each(jobs, |(b, ((dq, dk), dv))| {
-        // Zeroed by the thread that accumulates into them.
-        let (dq, dk, dv) = (fresh::zeros(dq), fresh::zeros(dk), fresh::zeros(dv));
-        let dy = &dys[b * t * d..(b + 1) * t * d];
-        Problem::with(set, exp, &plan, b, operands, |p| p.backward(dy, dq, dk, dv));
-        let scale = plan.scale;
-        wide::update(set, dq, |x| x * scale);
-        wide::update(set, dk, |x| x * scale);
+    pool.for_each(jobs, |(b, ((dq_rows, dk_rows), dv_rows))| {
+        let dy = dys.problem(b);
+        Problem::with(set, exp, &plan, b, operands, (t + 2 * s) * d, |p, out| {
+            // Zeros from the problem's scratch, accumulated into there.
+            let (gq, rest) = out.split_at_mut(t * d);
+            let (gk, gv) = rest.split_at_mut(s * d);
+            p.backward(dy, gq, gk, gv);
+            let scale = plan.scale;
+            wide::update(set, gq, |x| x * scale);
+            wide::update(set, gk, |x| x * scale);
+            store_rows(dq_rows, gq, d);
+            store_rows(dk_rows, gk, d);
+            store_rows(dv_rows, gv, d);
+        });
     });
-    // SAFETY: the `n` problems' slices cover each buffer's `0..len`, and
-    // every task zeroed its three slices first (`for_each` ran them all,
-    // or resumed a task's panic before this line).
+    // SAFETY: the problems' rows cover each buffer's `0..len`
+    // (`rows_per_problem`), and every task stored all of its rows
+    // (`for_each` ran them all, or resumed a task's panic before this
+    // line).
     unsafe {
         dq.set_len(n * t * d);
         dk.set_len(n * s * d);

@@ -13,7 +13,14 @@
 //!   values are the `T`-row problem's rows: the output and `dq` (row `i` of
 //!   `dq` depends on row `i` of `dy` and the keys it sees).
 //!
-//! Both on every kernel set, on 1 and 2 threads. And a digest of the
+//! - Heads side by side in each row (`AttentionOptions::with_heads`, the
+//!   thirds of a fused `[n, T, 3·heads·D]` projection) are read and
+//!   written in place and must give the bits of the same problems with
+//!   their heads folded into the batch by copies
+//!   (`kiln_core::attention::heads_folded`), dropout included (the
+//!   problems are numbered alike).
+//!
+//! All on every kernel set, on 1 and 2 threads. And a digest of the
 //! bits of two problems, pinned on the x86 SIMD sets, so that a change
 //! that claims to keep attention's bits is held to it.
 
@@ -124,6 +131,79 @@ fn cache_views_give_the_bits_of_their_copies() -> Result<()> {
                     "{set:?}, {threads} threads, {:?}: {what} of the views differs from the copies'",
                     (n, t, s, cap, d)
                 );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn heads_read_in_place_give_the_bits_of_heads_folded_into_the_batch() -> Result<()> {
+    use kiln_core::attention::{heads_folded, heads_unfolded};
+    use kiln_core::AttentionDropout;
+    for (set, threads, b) in backends()? {
+        // (examples, queries, keys, heads, head width)
+        for (n, t, s, h, d) in [
+            (3, 64, 64, 4, 32),
+            (2, 5, 9, 3, 17),
+            (1, 70, 70, 2, 16),
+            (2, 1, 6, 4, 8),
+        ] {
+            let w = h * d;
+            // q, k, v: thirds of fused [n, rows, 3·h·D] projections.
+            let qbuf = HostData::F32(values(n * t * 3 * w, 1));
+            let kvbuf = HostData::F32(values(n * s * 3 * w, 2));
+            let ql = contiguous(&[n, t, 3 * w]).narrow(2, 0, w)?;
+            let kl = contiguous(&[n, s, 3 * w]).narrow(2, w, w)?;
+            let vl = contiguous(&[n, s, 3 * w]).narrow(2, 2 * w, w)?;
+            let dyv = HostData::F32(values(n * t * w, 4));
+            let dyl = contiguous(&[n, t, w]);
+            for dropout in [None, Some(AttentionDropout::new(0.25, 7, 3)?)] {
+                let mut options = AttentionOptions::new(0.2).with_heads(h);
+                options.dropout = dropout;
+                let in_place = run(
+                    &b,
+                    [(&qbuf, &ql), (&kvbuf, &kl), (&kvbuf, &vl), (&dyv, &dyl)],
+                    &options,
+                )?;
+                // The same problems, each head's rows copied out first.
+                let [fq, fk, fv, fdy] = [(&qbuf, &ql), (&kvbuf, &kl), (&kvbuf, &vl), (&dyv, &dyl)]
+                    .map(|(x, l)| heads_folded(&b, View::new(x, l), h));
+                let (fq, fk, fv, fdy) = (fq?, fk?, fv?, fdy?);
+                let (lq, lk) = (contiguous(&[n * h, t, d]), contiguous(&[n * h, s, d]));
+                let one = AttentionOptions {
+                    heads: 1,
+                    ..options
+                };
+                let [y, dq, dk, dv] = [(&fq, &lq), (&fk, &lk), (&fv, &lk), (&fdy, &lq)];
+                let (fy, fg) = {
+                    let [q, k, v, dy] = [y, dq, dk, dv].map(|(x, l)| View::new(x, l));
+                    (
+                        b.attention_causal(q, k, v, &one)?,
+                        b.attention_causal_backward(q, k, v, dy, &one)?,
+                    )
+                };
+                let unfold = |x: &HostData, rows: usize| -> Result<Vec<f32>> {
+                    let u = heads_unfolded(&b, x, [n, h, rows, d])?;
+                    Ok(u.to_f64_vec().into_iter().map(|x| x as f32).collect())
+                };
+                let folded = [
+                    unfold(&fy, t)?,
+                    unfold(&fg.dq, t)?,
+                    unfold(&fg.dk, s)?,
+                    unfold(&fg.dv, s)?,
+                ];
+                for (what, (x, y)) in ["y", "dq", "dk", "dv"]
+                    .iter()
+                    .zip(in_place.iter().zip(&folded))
+                {
+                    assert!(
+                        same_bits(x, y),
+                        "{set:?}, {threads} threads, {:?}, dropout {}: {what} of the heads in place differs from the folded heads'",
+                        (n, t, s, h, d),
+                        dropout.is_some()
+                    );
+                }
             }
         }
     }
@@ -255,6 +335,71 @@ fn attentions_bits_are_pinned() -> Result<()> {
                 got, PINNED,
                 "{set:?}: attention's bits changed (digest {got:#018x}, pinned {PINNED:#018x}); \
                  if on purpose, say why in the commit and pin the new digest"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The gradient of a tensor whose slices are used (attention's query, key
+/// and value: thirds of one projection): slices that do not overlap are
+/// copied into their windows, overlapping ones and whole uses still add.
+#[test]
+fn slices_gradients_are_placed_or_added_as_their_windows_overlap() -> Result<()> {
+    use kiln_core::{Tensor, Var};
+    let b = CpuBackend::new()?;
+    let (rows, cols) = (3, 12);
+    let x = Var::from_tensor(&Tensor::from_slice(
+        &values(rows * cols, 1),
+        &[rows, cols],
+        &b,
+    )?)?;
+    // (start, len) of each slice of the last axis, and whether x is also
+    // used whole.
+    let cases: [(&[(usize, usize)], bool); 4] = [
+        (&[(0, 4), (4, 4), (8, 4)], false),
+        (&[(8, 4), (0, 4)], false),
+        (&[(0, 4), (2, 4), (8, 4)], false),
+        (&[(0, 4), (4, 4)], true),
+    ];
+    for (case, (slices, whole)) in cases.into_iter().enumerate() {
+        let mut want = vec![0f32; rows * cols];
+        let mut loss: Option<Tensor<CpuBackend>> = None;
+        let mut add = |t: Tensor<CpuBackend>| -> Result<()> {
+            loss = Some(match loss.take() {
+                Some(l) => l.add(&t)?,
+                None => t,
+            });
+            Ok(())
+        };
+        for (i, &(start, len)) in slices.iter().enumerate() {
+            let r = values(rows * len, 10 + i as u64);
+            let part = x.as_tensor().narrow(1, start, len)?;
+            add(part
+                .mul(&Tensor::from_slice(&r, &[rows, len], &b)?)?
+                .sum_all()?)?;
+            for row in 0..rows {
+                for j in 0..len {
+                    want[row * cols + start + j] += r[row * len + j];
+                }
+            }
+        }
+        if whole {
+            let r = values(rows * cols, 20);
+            add(x
+                .as_tensor()
+                .mul(&Tensor::from_slice(&r, &[rows, cols], &b)?)?
+                .sum_all()?)?;
+            for (w, r) in want.iter_mut().zip(&r) {
+                *w += r;
+            }
+        }
+        let grads = loss.expect("a loss").backward()?;
+        let got = grads.get_id(x.id()).expect("x's gradient").to_vec_f32()?;
+        for (at, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "case {case}: element {at}: gradient {g}, expected {w}"
             );
         }
     }

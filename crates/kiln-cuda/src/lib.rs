@@ -1108,6 +1108,15 @@ impl Backend for CudaBackend {
         v: View<'_, CudaStorage>,
         options: &kiln_core::AttentionOptions,
     ) -> Result<CudaStorage> {
+        if options.heads > 1 {
+            // The kernel takes one head per problem.
+            return kiln_core::attention::attention_heads_folded(
+                self,
+                [q, k, v],
+                options,
+                |[q, k, v], o| self.attention_causal(q, k, v, o),
+            );
+        }
         let name = "attention_causal";
         let plan = kiln_core::AttentionPlan::new(q, k, v, options)?;
         let drop = DropoutArgs::of(&plan);
@@ -1152,6 +1161,14 @@ impl Backend for CudaBackend {
         dy: View<'_, CudaStorage>,
         options: &kiln_core::AttentionOptions,
     ) -> Result<kiln_core::AttentionGrads<CudaStorage>> {
+        if options.heads > 1 {
+            return kiln_core::attention::attention_backward_heads_folded(
+                self,
+                [q, k, v, dy],
+                options,
+                |[q, k, v, dy], o| self.attention_causal_backward(q, k, v, dy, o),
+            );
+        }
         let name = "attention_causal_backward";
         let plan = kiln_core::AttentionPlan::backward(q, k, v, dy, options)?;
         let mut drop = DropoutArgs::of(&plan);

@@ -163,20 +163,17 @@ impl<B: Backend> CausalSelfAttention<B> {
             bias.as_ref(),
             Activation::None,
         )?;
-        // [n, t, 3, h, d] → [3, h, n, t, d]: batch index head·n + example.
-        let split = qkv
-            .reshape(&[n, t, 3, h, d])?
-            .permute(&[2, 3, 0, 1, 4])?
-            .contiguous()?
-            .reshape(&[3, h * n, t, d])?;
-        let part = |i: usize| split.narrow(0, i, 1)?.reshape(&[h * n, t, d]);
+        // [n, t, 3·c]: each third holds the h heads side by side, which
+        // the attention reads in place (no copies to split the heads).
+        let qkv = qkv.reshape(&[n, t, 3 * c])?;
+        let part = |i: usize| qkv.narrow(2, i * c, c);
         let (q, mut k, mut v) = (part(0)?, part(1)?, part(2)?);
         if let Some(state) = state {
             (k, v) = state.append(&k, &v)?;
         }
-        let mut options = AttentionOptions::new(1.0 / (d as f32).sqrt());
+        let mut options = AttentionOptions::new(1.0 / (d as f32).sqrt()).with_heads(h);
         if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
-            // One draw per weight of the [h·n, t, s] probabilities, which
+            // One draw per weight of the [n·h, t, s] probabilities, which
             // the fused kernel never stores: it draws each where it uses it.
             let weights = (h * n * t * k.dims()[1]) as u64;
             let at = self.drawn.fetch_add(weights, Ordering::Relaxed);
@@ -186,12 +183,10 @@ impl<B: Backend> CausalSelfAttention<B> {
                 self.base + at,
             )?);
         }
-        // Fused: the [h·n, t, s] probabilities are never stored.
-        let y = q.attention_causal_with(&k, &v, &options)?; // [h·n, t, d]
-        let merged = y
-            .reshape(&[h, n, t, d])?
-            .permute(&[1, 2, 0, 3])?
-            .contiguous()?
+        // Fused: the [n·h, t, s] probabilities are never stored; the
+        // result [n, t, c] has the heads side by side again (merged).
+        let merged = q
+            .attention_causal_with(&k, &v, &options)?
             .reshape(&[n * t, c])?;
         let bias = self
             .proj_bias

@@ -3,7 +3,8 @@
 //! statistics), their dropout factors if any, then the weighted sum of the
 //! values; backward, the same probabilities and factors recomputed, then
 //! `dP`, `δ`, `dS` and the three gradients. Plain loops, every sum in index
-//! order.
+//! order; heads side by side in a row are addressed where they lie
+//! ([`AttentionPlan::row_start`]).
 
 use kiln_core::plan::AttentionPlan;
 use kiln_core::{AttentionGrads, AttentionOptions, HostData, Result, View};
@@ -25,10 +26,16 @@ impl<'a> Problems<'a> {
         Problems { plan, q, k, v }
     }
 
-    /// Row `i` of problem `b` of a `[batch, rows, D]` operand.
+    /// Row `i` of problem `b` of a row-major operand of `rows` rows per
+    /// problem (heads side by side: [`AttentionPlan::row_start`]).
     fn row<'x>(&self, x: &'x [f32], b: usize, rows: usize, i: usize) -> &'x [f32] {
-        let d = self.plan.dim;
-        &x[(b * rows + i) * d..(b * rows + i + 1) * d]
+        &x[self.at(b, rows, i)]
+    }
+
+    /// The span of that row.
+    fn at(&self, b: usize, rows: usize, i: usize) -> std::ops::Range<usize> {
+        let start = self.plan.row_start(b, rows, i);
+        start..start + self.plan.dim
     }
 
     /// Query `i` of problem `b`: its probabilities over the keys it sees.
@@ -67,7 +74,7 @@ pub(crate) fn attention_causal(
     let mut y = vec![0f32; plan.batch * t * d];
     for b in 0..plan.batch {
         for i in 0..t {
-            let out = &mut y[(b * t + i) * d..(b * t + i + 1) * d];
+            let out = &mut y[pr.at(b, t, i)];
             let kept = pr.probabilities(b, i).into_iter().zip(pr.factors(b, i));
             for (j, p) in kept.map(|(p, m)| p * m).enumerate() {
                 for (o, &x) in out.iter_mut().zip(pr.row(pr.v, b, s, j)) {
@@ -112,19 +119,17 @@ pub(crate) fn attention_causal_backward(
                 })
                 .collect();
             let delta = p.iter().zip(&dp).fold(0.0f32, |a, (x, y)| a + x * y);
-            let at = |j: usize| (b * s + j) * d..(b * s + j + 1) * d;
             let qi = pr.row(pr.q, b, t, i);
             for (j, (&pj, &dpj)) in p.iter().zip(&dp).enumerate() {
                 let ds = pj * (dpj - delta);
-                let row = (b * t + i) * d..(b * t + i + 1) * d;
-                for (o, &x) in dq[row].iter_mut().zip(pr.row(pr.k, b, s, j)) {
+                for (o, &x) in dq[pr.at(b, t, i)].iter_mut().zip(pr.row(pr.k, b, s, j)) {
                     *o += ds * x;
                 }
-                for (o, &x) in dk[at(j)].iter_mut().zip(qi) {
+                for (o, &x) in dk[pr.at(b, s, j)].iter_mut().zip(qi) {
                     *o += ds * x;
                 }
                 let kept = pj * m[j];
-                for (o, &x) in dv[at(j)].iter_mut().zip(g) {
+                for (o, &x) in dv[pr.at(b, s, j)].iter_mut().zip(g) {
                     *o += kept * x;
                 }
             }

@@ -1,6 +1,7 @@
-//! Causal attention on the CPU, fused: one problem (a head of one example)
-//! per task, its queries in passes of [`QUERY_BLOCK`] rows — their scores
-//! over the keys each sees, their softmax, then the weighted sums of the
+//! Causal attention on the CPU, fused: whole examples per task, each
+//! problem (a head of one example) in turn, its queries in passes of
+//! [`QUERY_BLOCK`] rows — their scores over the keys each sees, their
+//! softmax, then the weighted sums of the
 //! values — so no more than `QUERY_BLOCK × S` probabilities exist at a time
 //! (never the `[batch, T, S]` tensor), and the keys a query does not see
 //! cost nothing (about half the multiply-adds of the composed ops' full
@@ -18,12 +19,12 @@
 //! and examples lie: heads side by side in a fused projection's thirds
 //! ([`AttentionOptions::with_heads`], problem `e·heads + h` reading columns
 //! `h·D..` of example `e`'s rows), a key/value cache narrowed to the
-//! positions filled. A problem's results are computed row-major in the
-//! thread's scratch and stored in its rows of the `[n, T, heads·D]`
-//! outputs, where other problems' rows sit between them — so a model's
+//! positions filled. A task takes whole examples, all their heads, and
+//! writes each problem's results straight into its rows of the
+//! `[n, T, heads·D]` outputs, `heads·D` apart ([`RowsMut`]) — so a model's
 //! heads need no copies to split or merge (config A's attention block,
-//! forward and backward, 2–9 % quicker than with them: `benches/attention`,
-//! `block`).
+//! forward and backward, 16 % quicker than with them on one thread and
+//! level on two: `benches/attention`, `block`).
 //!
 //! Dropout on the probabilities ([`kiln_core::AttentionDropout`]) draws
 //! each pass's factors into a buffer beside its probabilities and
@@ -220,10 +221,11 @@ fn block_fma(acc: &mut [[f32; LANES]; ROWS], a: [f32; ROWS], v: &[f32; LANES]) {
     }
 }
 
-/// `out[i·d..] = Σ_{j < seen(i)} w[i·sp + j]·y[j·ys..]`, keys ascending:
-/// `P·v` or `dS·k`.
+/// `out[i·os..][..d] = Σ_{j < seen(i)} w[i·sp + j]·y[j·ys..]`, keys
+/// ascending: `P·v` or `dS·k`.
 #[inline(always)]
-fn weighted_loop(w: &[f32], y: &[f32], ys: usize, d: usize, c: Causal, out: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn weighted_loop(w: &[f32], y: &[f32], ys: usize, d: usize, c: Causal, out: &mut [f32], os: usize) {
     for i0 in (c.lo..c.hi).step_by(ROWS) {
         let r = ROWS.min(c.hi - i0);
         // Keys every row of the block sees, then each row's own.
@@ -238,7 +240,7 @@ fn weighted_loop(w: &[f32], y: &[f32], ys: usize, d: usize, c: Causal, out: &mut
                 for (j, &a) in wi.iter().enumerate() {
                     fma_row(&mut acc, a, &lanes(y, j * ys + c0, cw));
                 }
-                out[i0 * d + c0..][..cw].copy_from_slice(&acc[..cw]);
+                out[i0 * os + c0..][..cw].copy_from_slice(&acc[..cw]);
             }
             continue;
         }
@@ -265,17 +267,25 @@ fn weighted_loop(w: &[f32], y: &[f32], ys: usize, d: usize, c: Causal, out: &mut
                         &lanes(y, j * ys + c0, cw),
                     );
                 }
-                out[(i0 + k) * d + c0..][..cw].copy_from_slice(&row[..cw]);
+                out[(i0 + k) * os + c0..][..cw].copy_from_slice(&row[..cw]);
             }
         }
     }
 }
 
-/// `out[j·d..] += Σ_{i sees j} w[(i − lo)·sp + j]·x[i·xs..]` over the
+/// `out[j·os..][..d] += Σ_{i sees j} w[(i − lo)·sp + j]·x[i·xs..]` over the
 /// pass's queries, ascending (a pass continues the chains of multiply-adds
 /// the earlier ones left in `out`): `dSᵀ·q` or `Pᵀ·dy`.
 #[inline(always)]
-fn transposed_weighted_loop(w: &[f32], x: &[f32], xs: usize, d: usize, c: Causal, out: &mut [f32]) {
+fn transposed_weighted_loop(
+    w: &[f32],
+    x: &[f32],
+    xs: usize,
+    d: usize,
+    c: Causal,
+    out: &mut [f32],
+    os: usize,
+) {
     if c.lo == c.hi {
         return;
     }
@@ -287,7 +297,7 @@ fn transposed_weighted_loop(w: &[f32], x: &[f32], xs: usize, d: usize, c: Causal
             let cw = LANES.min(d - c0);
             let mut acc = [[0f32; LANES]; ROWS];
             for (k, row) in acc.iter_mut().enumerate().take(r) {
-                *row = lanes(out, (j0 + k) * d + c0, cw);
+                *row = lanes(out, (j0 + k) * os + c0, cw);
                 for i in c.first(j0 + k).max(c.lo)..common {
                     let a = w[(i - c.lo) * c.sp + j0 + k];
                     fma_row(row, a, &lanes(x, i * xs + c0, cw));
@@ -304,7 +314,7 @@ fn transposed_weighted_loop(w: &[f32], x: &[f32], xs: usize, d: usize, c: Causal
                 }
             }
             for (k, row) in acc.iter().enumerate().take(r) {
-                out[(j0 + k) * d + c0..][..cw].copy_from_slice(&row[..cw]);
+                out[(j0 + k) * os + c0..][..cw].copy_from_slice(&row[..cw]);
             }
         }
     }
@@ -438,12 +448,12 @@ wide::per_set! {
 
 wide::per_set! {
     /// A causal weighted sum of rows ([`weighted_loop`]).
-    fn weighted(w: &[f32], y: &[f32], ys: usize, d: usize, c: Causal, out: &mut [f32]) -> () = weighted_loop;
+    fn weighted(w: &[f32], y: &[f32], ys: usize, d: usize, c: Causal, out: &mut [f32], os: usize) -> () = weighted_loop;
 }
 
 wide::per_set! {
     /// Its transposed form ([`transposed_weighted_loop`]).
-    fn transposed_weighted(w: &[f32], x: &[f32], xs: usize, d: usize, c: Causal, out: &mut [f32]) -> () = transposed_weighted_loop;
+    fn transposed_weighted(w: &[f32], x: &[f32], xs: usize, d: usize, c: Causal, out: &mut [f32], os: usize) -> () = transposed_weighted_loop;
 }
 
 wide::per_set! {
@@ -510,29 +520,31 @@ impl<'a> Problem<'a> {
         [kt, rows, m, sp]
     }
 
-    /// Runs `f` on problem `b` of `plan` and `outputs` floats of zeros
-    /// (its results, row-major, before they are stored in their rows),
-    /// all buffers from the thread's scratch.
+    /// Runs `f` on problem `b` of `plan`, its buffers from the thread's
+    /// scratch.
     fn with<R>(
         set: KernelSet,
         exp: MapKernel,
         plan: &AttentionPlan,
         b: usize,
         operands: [&Slabs<'_>; 3],
-        outputs: usize,
-        f: impl FnOnce(&mut Problem<'_>, &mut [f32]) -> R,
+        f: impl FnOnce(&mut Problem<'_>) -> R,
     ) -> R {
         let lens = Self::buffer_lens(plan);
-        scratch::sized(lens.iter().sum::<usize>() + outputs, |buf| {
-            // Zeros past the keys (kt) and past each row's seen keys (p,
-            // m), and results that start at zero.
+        scratch::sized(lens.iter().sum(), |buf| {
+            // Zeros past the keys (kt) and past each row's seen keys (p, m).
             buf.fill(0.0);
             let (kt, rest) = buf.split_at_mut(lens[0]);
             let (p, rest) = rest.split_at_mut(lens[1]);
-            let (m, rest) = rest.split_at_mut(lens[2]);
-            let (shifted, out) = rest.split_at_mut(lens[3]);
-            let mut problem = Problem::new(set, exp, plan, b, operands, [kt, p, m, shifted]);
-            f(&mut problem, out)
+            let (m, shifted) = rest.split_at_mut(lens[2]);
+            f(&mut Problem::new(
+                set,
+                exp,
+                plan,
+                b,
+                operands,
+                [kt, p, m, shifted],
+            ))
         })
     }
 
@@ -601,22 +613,23 @@ impl<'a> Problem<'a> {
         true
     }
 
-    /// `y = P̃·v` (`[T, D]`, row-major).
-    fn forward(&mut self, y: &mut [f32]) {
+    /// `y = P̃·v` (its `T` rows of `D`, `y.stride` apart).
+    fn forward(&mut self, y: RowsMut<'_>) {
         let v = self.v;
         for c in self.causal.passes() {
             self.probabilities(c);
             if self.factors(c) {
                 dropped(self.set, self.p, self.m, c);
             }
-            weighted(self.set, self.p, v.data, v.stride, self.d, c, y);
+            weighted(
+                self.set, self.p, v.data, v.stride, self.d, c, y.data, y.stride,
+            );
         }
     }
 
-    /// `dq` (`[T, D]`), `dk` and `dv` (`[S, D]`; row-major, zeros on
-    /// entry) from this problem's `dy` rows, before the scale on `dq` and
-    /// `dk`.
-    fn backward(&mut self, dy: Rows<'_>, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+    /// `dq` (`T` rows of `D`), `dk` and `dv` (`S` rows; zeros on entry)
+    /// from this problem's `dy` rows, before the scale on `dq` and `dk`.
+    fn backward(&mut self, dy: Rows<'_>, dq: RowsMut<'_>, dk: RowsMut<'_>, dv: RowsMut<'_>) {
         let (set, d) = (self.set, self.d);
         let (q, k, v) = (self.q, self.k, self.v);
         let mut vt = vec![0f32; d * self.causal.sp];
@@ -637,13 +650,13 @@ impl<'a> Problem<'a> {
                 dropped(set, &mut ds, self.m, c);
             }
             score_grads(set, self.p, &mut ds, c);
-            weighted(set, &ds, k.data, k.stride, d, c, dq);
-            transposed_weighted(set, &ds, q.data, q.stride, d, c, dk);
+            weighted(set, &ds, k.data, k.stride, d, c, dq.data, dq.stride);
+            transposed_weighted(set, &ds, q.data, q.stride, d, c, dk.data, dk.stride);
             if dropout {
                 // dv = P̃ᵀ·dy.
                 dropped(set, self.p, self.m, c);
             }
-            transposed_weighted(set, self.p, dy.data, dy.stride, d, c, dv);
+            transposed_weighted(set, self.p, dy.data, dy.stride, d, c, dv.data, dv.stride);
         }
     }
 }
@@ -668,6 +681,27 @@ pub(crate) fn operands<'a>(
 struct Rows<'a> {
     data: &'a [f32],
     stride: usize,
+}
+
+/// One problem's rows of a result, as [`Rows`]: heads side by side are
+/// `heads·D` apart, the other heads' rows between them (the problems of
+/// an example are worked one after another).
+struct RowsMut<'a> {
+    data: &'a mut [f32],
+    stride: usize,
+}
+
+impl<'a> RowsMut<'a> {
+    /// Head `h` (of `heads`, `d` wide) of an example's row-major
+    /// `[rows, heads·d]` result.
+    fn head(example: &'a mut [f32], h: usize, heads: usize, d: usize) -> Self {
+        // (An example of no rows has no head to offset to.)
+        let at = (h * d).min(example.len());
+        RowsMut {
+            data: &mut example[at..],
+            stride: heads * d,
+        }
+    }
 }
 
 /// An `[n, rows, heads·D]` operand in f32, its problems' rows in place:
@@ -750,34 +784,9 @@ fn vector_exp(op: &str, set: KernelSet) -> Result<MapKernel> {
     })
 }
 
-/// The rows of a fresh row-major `[n, rows, heads·D]` result, `D` floats
-/// each, listed per problem (problem `e·heads + h`'s row `i` is row
-/// `(e·rows + i)·heads + h`): each task writes its problems' rows, which
-/// interleave with other problems' when there are several heads.
-fn rows_per_problem<'b>(
-    buf: &'b mut [MaybeUninit<f32>],
-    plan: &AttentionPlan,
-    rows: usize,
-) -> Vec<Vec<&'b mut [MaybeUninit<f32>]>> {
-    let (h, d) = (plan.heads, plan.dim);
-    let mut out: Vec<Vec<_>> = (0..plan.batch).map(|_| Vec::with_capacity(rows)).collect();
-    if d > 0 {
-        for (r, row) in buf.chunks_exact_mut(d).enumerate() {
-            out[r / h / rows.max(1) * h + r % h].push(row);
-        }
-    }
-    out
-}
-
-/// Stores a problem's row-major result `x` (rows of `d`) in its `rows`.
-fn store_rows(rows: Vec<&mut [MaybeUninit<f32>]>, x: &[f32], d: usize) {
-    for (dst, src) in rows.into_iter().zip(x.chunks_exact(d.max(1))) {
-        fresh::copy(dst, src);
-    }
-}
-
-/// [`kiln_core::Backend::attention_causal`] with `set`'s loops, one
-/// problem per task on `pool` (heads side by side read and written in
+/// [`kiln_core::Backend::attention_causal`] with `set`'s loops, whole
+/// examples (all their heads) per task on `pool`, each task zeroing and
+/// filling its run of the output (heads side by side read and written in
 /// place).
 pub(crate) fn attention_causal(
     set: KernelSet,
@@ -792,36 +801,34 @@ pub(crate) fn attention_causal(
     let [qs, ks, vs] = [q, k, v].map(|x| Slabs::of(set, pool, op, x, &plan));
     let (qs, ks, vs) = (qs?, ks?, vs?);
     let exp = vector_exp(op, set)?;
-    let (t, d) = (plan.queries, plan.dim);
+    let (h, t, d) = (plan.heads, plan.queries, plan.dim);
     let len = plan.batch * t * d;
-    let mut y = Vec::with_capacity(len);
-    let rows = rows_per_problem(&mut y.spare_capacity_mut()[..len], &plan, t);
+    let each = (t * d).max(1);
+    let operands = [&qs, &ks, &vs];
+    let fill = |start: usize, out: &mut [MaybeUninit<f32>]| {
+        let y = fresh::zeros(out);
+        let first = start / each;
+        for (e, example) in y.chunks_exact_mut(h * each).enumerate() {
+            for j in 0..h {
+                let b = first + e * h + j;
+                Problem::with(set, exp, &plan, b, operands, |p| {
+                    p.forward(RowsMut::head(example, j, h, d))
+                });
+            }
+        }
+    };
     // Small problems (decoding: one query per head) are grouped, so that a
     // call's few heads do not fork the team for a microsecond of work.
-    let per_task = (TASK_MIN_WORK / (t * plan.keys * d).max(1)).max(1);
-    let mut jobs = Vec::new();
-    let mut rows = rows.into_iter().enumerate().peekable();
-    while rows.peek().is_some() {
-        jobs.push(rows.by_ref().take(per_task).collect::<Vec<_>>());
-    }
-    let operands = [&qs, &ks, &vs];
-    pool.for_each(jobs, |problems| {
-        for (b, rows) in problems {
-            Problem::with(set, exp, &plan, b, operands, t * d, |p, y| {
-                p.forward(y);
-                store_rows(rows, y, d);
-            });
-        }
-    });
-    // SAFETY: the problems' rows cover `0..len` (`rows_per_problem`), and
-    // every task stored all of its problems' rows (`for_each` ran them
-    // all, or resumed a task's panic before this line).
-    unsafe { y.set_len(len) };
+    let per_task = (TASK_MIN_WORK / (t * plan.keys * d).max(1))
+        .max(1)
+        .next_multiple_of(h);
+    // SAFETY: `fill` zeroes every chunk it is handed before anything else.
+    let y = unsafe { pool.filled(len, per_task * t * d, fill) };
     convert::store_f32_on(set, Some(pool), op, plan.dtype, y)
 }
 
 /// [`kiln_core::Backend::attention_causal_backward`] with `set`'s loops,
-/// one problem per task on `pool`.
+/// one example (all its heads) per task on `pool`.
 pub(crate) fn attention_causal_backward(
     set: KernelSet,
     pool: &Workers,
@@ -836,46 +843,37 @@ pub(crate) fn attention_causal_backward(
     let [qs, ks, vs, dys] = [q, k, v, dy].map(|x| Slabs::of(set, pool, op, x, &plan));
     let (qs, ks, vs, dys) = (qs?, ks?, vs?, dys?);
     let exp = vector_exp(op, set)?;
-    let (n, t, s, d) = (plan.batch, plan.queries, plan.keys, plan.dim);
+    let (n, h, t, s, d) = (plan.batch, plan.heads, plan.queries, plan.keys, plan.dim);
     let (mut dq, mut dk, mut dv) = (
         Vec::with_capacity(n * t * d),
         Vec::with_capacity(n * s * d),
         Vec::with_capacity(n * s * d),
     );
-    let jobs: Vec<_> = rows_per_problem(&mut dq.spare_capacity_mut()[..n * t * d], &plan, t)
+    let examples = n / h;
+    let jobs: Vec<_> = per_example(&mut dq, examples, h * t * d)
         .into_iter()
-        .zip(rows_per_problem(
-            &mut dk.spare_capacity_mut()[..n * s * d],
-            &plan,
-            s,
-        ))
-        .zip(rows_per_problem(
-            &mut dv.spare_capacity_mut()[..n * s * d],
-            &plan,
-            s,
-        ))
+        .zip(per_example(&mut dk, examples, h * s * d))
+        .zip(per_example(&mut dv, examples, h * s * d))
         .enumerate()
         .collect();
     let operands = [&qs, &ks, &vs];
-    pool.for_each(jobs, |(b, ((dq_rows, dk_rows), dv_rows))| {
-        let dy = dys.problem(b);
-        Problem::with(set, exp, &plan, b, operands, (t + 2 * s) * d, |p, out| {
-            // Zeros from the problem's scratch, accumulated into there.
-            let (gq, rest) = out.split_at_mut(t * d);
-            let (gk, gv) = rest.split_at_mut(s * d);
-            p.backward(dy, gq, gk, gv);
-            let scale = plan.scale;
-            wide::update(set, gq, |x| x * scale);
-            wide::update(set, gk, |x| x * scale);
-            store_rows(dq_rows, gq, d);
-            store_rows(dk_rows, gk, d);
-            store_rows(dv_rows, gv, d);
-        });
+    pool.for_each(jobs, |(e, ((dq, dk), dv))| {
+        // Zeroed by the thread that accumulates into them.
+        let (dq, dk, dv) = (fresh::zeros(dq), fresh::zeros(dk), fresh::zeros(dv));
+        for j in 0..h {
+            let b = e * h + j;
+            let dy = dys.problem(b);
+            let [gq, gk, gv] = [&mut *dq, &mut *dk, &mut *dv].map(|g| RowsMut::head(g, j, h, d));
+            Problem::with(set, exp, &plan, b, operands, |p| p.backward(dy, gq, gk, gv));
+        }
+        // The example's heads are side by side: one pass scales them all.
+        let scale = plan.scale;
+        wide::update(set, dq, |x| x * scale);
+        wide::update(set, dk, |x| x * scale);
     });
-    // SAFETY: the problems' rows cover each buffer's `0..len`
-    // (`rows_per_problem`), and every task stored all of its rows
-    // (`for_each` ran them all, or resumed a task's panic before this
-    // line).
+    // SAFETY: the examples' slices cover each buffer's `0..len`, and
+    // every task zeroed its three slices first (`for_each` ran them all,
+    // or resumed a task's panic before this line).
     unsafe {
         dq.set_len(n * t * d);
         dk.set_len(n * s * d);
@@ -886,4 +884,17 @@ pub(crate) fn attention_causal_backward(
         dk: convert::store_f32_on(set, Some(pool), op, plan.dtype, dk)?,
         dv: convert::store_f32_on(set, Some(pool), op, plan.dtype, dv)?,
     })
+}
+
+/// The fresh `buf`'s first `n·each` slots as `n` slices of `each` (empty
+/// when `each` is 0), one per example.
+fn per_example(buf: &mut Vec<f32>, n: usize, each: usize) -> Vec<&mut [MaybeUninit<f32>]> {
+    let mut rest = &mut buf.spare_capacity_mut()[..n * each];
+    (0..n)
+        .map(|_| {
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(each);
+            rest = tail;
+            part
+        })
+        .collect()
 }

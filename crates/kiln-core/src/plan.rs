@@ -673,7 +673,10 @@ impl AttentionPlan {
                 "{op}: the scale must be finite, got {scale}"
             )));
         }
-        if heads == 0 || qd[2] % heads != 0 {
+        // (A last axis of 0 takes any number of heads of width 0, but not
+        // so many problems that they cannot be counted.)
+        let batch = qd[0].checked_mul(heads);
+        if heads == 0 || qd[2] % heads != 0 || batch.is_none() {
             return Err(Error::invalid(format!(
                 "{op}: {heads} heads do not divide the operands' last axis of {}",
                 qd[2]
@@ -686,7 +689,7 @@ impl AttentionPlan {
             check_view(op, x)?;
         }
         Ok(AttentionPlan {
-            batch: qd[0] * heads,
+            batch: batch.unwrap_or(0),
             heads,
             queries: qd[1],
             keys: kd[1],

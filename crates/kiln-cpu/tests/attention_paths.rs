@@ -405,3 +405,26 @@ fn slices_gradients_are_placed_or_added_as_their_windows_overlap() -> Result<()>
     }
     Ok(())
 }
+
+/// Heads that do not divide the operands' last axis — none, too many, or
+/// more than can be counted over a last axis of 0 — are refused with an
+/// error naming the op, on every kernel set.
+#[test]
+fn heads_that_do_not_divide_the_rows_are_refused() -> Result<()> {
+    for (set, threads, b) in backends()? {
+        for (width, heads) in [(4, 0), (4, 3), (4, 8), (0, usize::MAX)] {
+            let data = HostData::F32(values(2 * 3 * width, 1));
+            let l = contiguous(&[2, 3, width]);
+            let x = View::new(&data, &l);
+            let options = AttentionOptions::new(0.5).with_heads(heads);
+            let e = b
+                .attention_causal(x, x, x, &options)
+                .expect_err("heads that do not divide the last axis");
+            assert!(
+                e.to_string().contains("attention_causal") && e.to_string().contains("heads"),
+                "{set:?}, {threads} threads, width {width}, {heads} heads: {e}"
+            );
+        }
+    }
+    Ok(())
+}

@@ -234,9 +234,28 @@ pub fn heads_unfolded<B: Backend>(
     b.contiguous(View::new(y, &l))
 }
 
-/// A contiguous `[batch, rows, D]` layout.
-fn problems(batch: usize, rows: usize, d: usize) -> Result<Layout> {
-    Ok(Layout::contiguous(Shape::new(&[batch, rows, d])?))
+/// `views` (`[n, rows, heads·D]` each) with their heads folded into the
+/// batch ([`heads_folded`]), and the contiguous `[n·heads, rows, D]`
+/// layouts of the results.
+fn folded<B: Backend, const N: usize>(
+    b: &B,
+    plan: &AttentionPlan,
+    views: [View<'_, B::Storage>; N],
+) -> Result<([B::Storage; N], [Layout; N])> {
+    let mut storages = Vec::with_capacity(N);
+    let mut layouts = Vec::with_capacity(N);
+    for x in views {
+        let rows = x.layout.dims()[1];
+        storages.push(heads_folded(b, x, plan.heads)?);
+        layouts.push(Layout::contiguous(Shape::new(&[
+            plan.batch, rows, plan.dim,
+        ])?));
+    }
+    let fits = "one folded operand per view";
+    Ok((
+        storages.try_into().ok().expect(fits),
+        layouts.try_into().expect(fits),
+    ))
 }
 
 /// [`Backend::attention_causal`] of operands with `options.heads > 1`
@@ -247,28 +266,19 @@ fn problems(batch: usize, rows: usize, d: usize) -> Result<Layout> {
 /// does without. What backends without such a kernel do.
 pub fn attention_heads_folded<B: Backend>(
     b: &B,
-    [q, k, v]: [View<'_, B::Storage>; 3],
+    views: [View<'_, B::Storage>; 3],
     options: &AttentionOptions,
     f: impl FnOnce([View<'_, B::Storage>; 3], &AttentionOptions) -> Result<B::Storage>,
 ) -> Result<B::Storage> {
+    let [q, k, v] = views;
     let plan = AttentionPlan::new(q, k, v, options)?;
-    let h = plan.heads;
-    let (t, s, d) = (plan.queries, plan.keys, plan.dim);
-    let [fq, fk, fv] = [q, k, v].map(|x| heads_folded(b, x, h));
-    let (fq, fk, fv) = (fq?, fk?, fv?);
-    let (lq, lk) = (problems(plan.batch, t, d)?, problems(plan.batch, s, d)?);
+    let (s, l) = folded(b, &plan, views)?;
     let one = AttentionOptions {
         heads: 1,
         ..*options
     };
-    let y = f(
-        [
-            View::new(&fq, &lq),
-            View::new(&fk, &lk),
-            View::new(&fv, &lk),
-        ],
-        &one,
-    )?;
+    let y = f(std::array::from_fn(|i| View::new(&s[i], &l[i])), &one)?;
+    let (h, t, d) = (plan.heads, plan.queries, plan.dim);
     heads_unfolded(b, &y, [plan.batch / h, h, t, d])
 }
 
@@ -277,33 +287,24 @@ pub fn attention_heads_folded<B: Backend>(
 /// one head, the three gradients unfolded.
 pub fn attention_backward_heads_folded<B: Backend>(
     b: &B,
-    [q, k, v, dy]: [View<'_, B::Storage>; 4],
+    views: [View<'_, B::Storage>; 4],
     options: &AttentionOptions,
     f: impl FnOnce([View<'_, B::Storage>; 4], &AttentionOptions) -> Result<AttentionGrads<B::Storage>>,
 ) -> Result<AttentionGrads<B::Storage>> {
+    let [q, k, v, dy] = views;
     let plan = AttentionPlan::backward(q, k, v, dy, options)?;
-    let h = plan.heads;
-    let (n, t, s, d) = (plan.batch / h, plan.queries, plan.keys, plan.dim);
-    let [fq, fk, fv, fdy] = [q, k, v, dy].map(|x| heads_folded(b, x, h));
-    let (fq, fk, fv, fdy) = (fq?, fk?, fv?, fdy?);
-    let (lq, lk) = (problems(plan.batch, t, d)?, problems(plan.batch, s, d)?);
+    let (s, l) = folded(b, &plan, views)?;
     let one = AttentionOptions {
         heads: 1,
         ..*options
     };
-    let g = f(
-        [
-            View::new(&fq, &lq),
-            View::new(&fk, &lk),
-            View::new(&fv, &lk),
-            View::new(&fdy, &lq),
-        ],
-        &one,
-    )?;
+    let g = f(std::array::from_fn(|i| View::new(&s[i], &l[i])), &one)?;
+    let (h, t, keys, d) = (plan.heads, plan.queries, plan.keys, plan.dim);
+    let n = plan.batch / h;
     Ok(AttentionGrads {
         dq: heads_unfolded(b, &g.dq, [n, h, t, d])?,
-        dk: heads_unfolded(b, &g.dk, [n, h, s, d])?,
-        dv: heads_unfolded(b, &g.dv, [n, h, s, d])?,
+        dk: heads_unfolded(b, &g.dk, [n, h, keys, d])?,
+        dv: heads_unfolded(b, &g.dv, [n, h, keys, d])?,
     })
 }
 

@@ -591,3 +591,38 @@ impl DropoutArgs {
         }
     }
 }
+
+/// Where an attention operand's rows lie (`AttentionRows` in
+/// `kernels/attention.cu`): row `i` of problem `b = e·heads + h` starts
+/// `e·example + h·D + i·row` elements into the operand's data — the
+/// layout of [`kiln_core::AttentionPlan::row_start`] for heads side by
+/// side in a row, any distance apart.
+///
+/// ```
+/// use kiln_cuda::launch::AttentionRows;
+///
+/// // One head, [n, 5, 8] contiguous.
+/// assert_eq!(AttentionRows::dense(5, 8), AttentionRows { example: 40, row: 8 });
+/// ```
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionRows {
+    /// Elements from one example's first row to the next's.
+    pub example: i64,
+    /// Elements from one row to the next.
+    pub row: i64,
+}
+
+// SAFETY: #[repr(C)], two i64s, as the kernels' `AttentionRows`.
+unsafe impl DeviceRepr for AttentionRows {}
+
+impl AttentionRows {
+    /// Contiguous `[n, rows, width]` data: each row `width` wide (all of
+    /// an example's heads), the rows and examples adjacent.
+    pub fn dense(rows: usize, width: usize) -> Self {
+        AttentionRows {
+            example: (rows * width) as i64,
+            row: width as i64,
+        }
+    }
+}

@@ -12,7 +12,7 @@ use std::ffi::c_void;
 use cudarc::driver::LaunchConfig;
 use kiln_core::Result;
 
-use crate::launch::{ConvArg, EpilogueArg, MatrixArg, PoolArg, Strided};
+use crate::launch::{AttentionRows, ConvArg, EpilogueArg, MatrixArg, PoolArg, Strided};
 use crate::launcher::Launcher;
 
 /// The device address of memory the kernel reads (`const T*`).
@@ -127,25 +127,30 @@ kernels! {
 
     /// `kiln_attention_causal`: `y = softmax_causal(scale·q·kᵀ)·v`, one
     /// block per query row, its probabilities in `work` (`keys` floats per
-    /// block); dropout from the stream `(seed, offset)` at `rate`, kept
-    /// weights times `keep` (rate 0 and keep 1: none).
+    /// block); each operand's rows where its [`AttentionRows`] puts them,
+    /// `y` `[batch/heads, queries, heads·d]` (the heads merged); dropout
+    /// from the stream `(seed, offset)` at `rate`, kept weights times
+    /// `keep` (rate 0 and keep 1: none).
     AttentionCausal = "kiln_attention_causal" {
-        q: In, k: In, v: In, y: Out, work: Out, batch: i64, queries: i64, keys: i64, d: i64,
-        scale: f32, seed: u64, offset: u64, rate: f32, keep: f32,
+        q: In, qa: AttentionRows, k: In, ka: AttentionRows, v: In, va: AttentionRows, y: Out,
+        work: Out, batch: i64, heads: i64, queries: i64, keys: i64, d: i64, scale: f32, seed: u64,
+        offset: u64, rate: f32, keep: f32,
     }
 
-    /// `kiln_attention_causal_backward_q`: `dq` and each query row's
-    /// max, sum of exponentials and `δ` (`stats`, three floats a row);
-    /// `work` holds `2·keys` floats per block.
+    /// `kiln_attention_causal_backward_q`: `dq` (heads merged, as `y`)
+    /// and each problem row's max, sum of exponentials and `δ` (`stats`,
+    /// three floats a row); `work` holds `2·keys` floats per block.
     AttentionCausalBackwardQ = "kiln_attention_causal_backward_q" {
-        q: In, k: In, v: In, dy: In, dq: Out, stats: Out, work: Out, batch: i64, queries: i64,
+        q: In, qa: AttentionRows, k: In, ka: AttentionRows, v: In, va: AttentionRows, dy: In,
+        dya: AttentionRows, dq: Out, stats: Out, work: Out, batch: i64, heads: i64, queries: i64,
         keys: i64, d: i64, scale: f32, seed: u64, offset: u64, rate: f32, keep: f32,
     }
 
-    /// `kiln_attention_causal_backward_kv`: `dk` and `dv`, one block per
-    /// key row, from the query kernel's `stats`.
+    /// `kiln_attention_causal_backward_kv`: `dk` and `dv` (heads merged),
+    /// one block per key row, from the query kernel's `stats`.
     AttentionCausalBackwardKv = "kiln_attention_causal_backward_kv" {
-        q: In, k: In, v: In, dy: In, stats: In, dk: Out, dv: Out, batch: i64, queries: i64,
+        q: In, qa: AttentionRows, k: In, ka: AttentionRows, v: In, va: AttentionRows, dy: In,
+        dya: AttentionRows, stats: In, dk: Out, dv: Out, batch: i64, heads: i64, queries: i64,
         keys: i64, d: i64, scale: f32, seed: u64, offset: u64, rate: f32, keep: f32,
     }
 

@@ -59,8 +59,8 @@ use crate::alloc::{Allocator, Block, RawMemory};
 use crate::device::DeviceInfo;
 use crate::launch::{
     activation_code, binary_code, dtype_code, elementwise, gemm_kernel, gemm_tiles, per_row,
-    reduce_code, split_k, unary_code, ConvArg, DropoutArgs, EpilogueArg, GemmKernel, MatrixArg,
-    PoolArg, Strided, SHORT_RUN,
+    reduce_code, split_k, unary_code, AttentionRows, ConvArg, DropoutArgs, EpilogueArg, GemmKernel,
+    MatrixArg, PoolArg, Strided, SHORT_RUN,
 };
 use crate::launcher::Launcher;
 use crate::launchers as k;
@@ -388,6 +388,40 @@ impl CudaBackend {
             ptr: out.block.ptr(),
             _keep: out,
         })
+    }
+
+    /// `v` (`[n, rows, width]`) as an attention operand: read in place
+    /// where it is f32 and each row's elements are adjacent, however far
+    /// apart its rows and examples lie (heads side by side in a fused
+    /// projection, a cache narrowed to its filled positions); otherwise
+    /// compacted to f32 first, as [`CudaBackend::dense`].
+    fn attention_rows(
+        &self,
+        op: &'static str,
+        v: View<'_, CudaStorage>,
+    ) -> Result<(Dense, AttentionRows)> {
+        Self::check_view(op, v)?;
+        if let (DType::F32, &[_, rows, width], &[sn, sr, sw]) =
+            (v.storage.dtype, v.layout.dims(), v.layout.strides())
+        {
+            if width == 1 || sw == 1 {
+                let rows = AttentionRows {
+                    // A lone example's or row's stride is never stepped.
+                    example: sn as i64,
+                    row: if rows > 1 { sr as i64 } else { width as i64 },
+                };
+                let data = Dense {
+                    ptr: v.storage.at(v.layout.offset()),
+                    _keep: v.storage.clone(),
+                };
+                return Ok((data, rows));
+            }
+        }
+        let [rows, width] = [1, 2].map(|i| v.layout.dims().get(i).copied().unwrap_or(0));
+        Ok((
+            self.dense(op, v, DType::F32)?,
+            AttentionRows::dense(rows, width),
+        ))
     }
 
     /// Runs `f` with a fresh f32 buffer of `n` elements and returns it as
@@ -1108,36 +1142,29 @@ impl Backend for CudaBackend {
         v: View<'_, CudaStorage>,
         options: &kiln_core::AttentionOptions,
     ) -> Result<CudaStorage> {
-        if options.heads > 1 {
-            // The kernel takes one head per problem.
-            return kiln_core::attention::attention_heads_folded(
-                self,
-                [q, k, v],
-                options,
-                |[q, k, v], o| self.attention_causal(q, k, v, o),
-            );
-        }
         let name = "attention_causal";
         let plan = kiln_core::AttentionPlan::new(q, k, v, options)?;
         let drop = DropoutArgs::of(&plan);
         let (rows, keys, d) = (plan.batch * plan.queries, plan.keys, plan.dim);
-        let (qs, ks, vs) = (
-            self.dense(name, q, DType::F32)?,
-            self.dense(name, k, DType::F32)?,
-            self.dense(name, v, DType::F32)?,
-        );
+        let (q, qa) = self.attention_rows(name, q)?;
+        let (k, ka) = self.attention_rows(name, k)?;
+        let (v, va) = self.attention_rows(name, v)?;
         self.f32_result(name, plan.dtype, rows * d, |y| {
             let Some(cfg) = per_row(rows).filter(|_| d > 0) else {
                 return Ok(());
             };
             let work = self.empty(name, DType::F32, cfg.grid_dim.0 as usize * keys)?;
             let args = k::AttentionCausal {
-                q: qs.ptr,
-                k: ks.ptr,
-                v: vs.ptr,
+                q: q.ptr,
+                qa,
+                k: k.ptr,
+                ka,
+                v: v.ptr,
+                va,
                 y,
                 work: work.block.ptr(),
                 batch: plan.batch as i64,
+                heads: plan.heads as i64,
                 queries: plan.queries as i64,
                 keys: keys as i64,
                 d: d as i64,
@@ -1147,8 +1174,10 @@ impl Backend for CudaBackend {
                 rate: drop.rate,
                 keep: drop.keep,
             };
-            // SAFETY: q and y hold rows·d f32s, k and v batch·keys·d, work
-            // keys per block of the grid.
+            // SAFETY: the plan checked that q, k and v hold the rows their
+            // AttentionRows address (batch problems of queries or keys
+            // rows, d wide, in views inside their storage); y holds
+            // rows·d f32s and work keys per block of the grid.
             unsafe { args.launch(self.device(), name, &cfg) }
         })
     }
@@ -1161,14 +1190,6 @@ impl Backend for CudaBackend {
         dy: View<'_, CudaStorage>,
         options: &kiln_core::AttentionOptions,
     ) -> Result<kiln_core::AttentionGrads<CudaStorage>> {
-        if options.heads > 1 {
-            return kiln_core::attention::attention_backward_heads_folded(
-                self,
-                [q, k, v, dy],
-                options,
-                |[q, k, v, dy], o| self.attention_causal_backward(q, k, v, dy, o),
-            );
-        }
         let name = "attention_causal_backward";
         let plan = kiln_core::AttentionPlan::backward(q, k, v, dy, options)?;
         let mut drop = DropoutArgs::of(&plan);
@@ -1181,18 +1202,11 @@ impl Backend for CudaBackend {
         let scale = plan.scale;
         let (rows, keys, d) = (plan.batch * plan.queries, plan.keys, plan.dim);
         let key_rows = plan.batch * keys;
-        let (qs, ks, vs, gs) = (
-            self.dense(name, q, DType::F32)?,
-            self.dense(name, k, DType::F32)?,
-            self.dense(name, v, DType::F32)?,
-            self.dense(name, dy, DType::F32)?,
-        );
-        let dims = (
-            plan.batch as i64,
-            plan.queries as i64,
-            keys as i64,
-            d as i64,
-        );
+        let (q, qa) = self.attention_rows(name, q)?;
+        let (k, ka) = self.attention_rows(name, k)?;
+        let (v, va) = self.attention_rows(name, v)?;
+        let (g, dya) = self.attention_rows(name, dy)?;
+        let (batch, heads, queries) = (plan.batch as i64, plan.heads as i64, plan.queries as i64);
         let stats = self.empty(name, DType::F32, 3 * rows)?;
         let dq = self.f32_result(name, DType::F32, rows * d, |dq| {
             let Some(cfg) = per_row(rows).filter(|_| d > 0) else {
@@ -1200,25 +1214,32 @@ impl Backend for CudaBackend {
             };
             let work = self.empty(name, DType::F32, cfg.grid_dim.0 as usize * 2 * keys)?;
             let args = k::AttentionCausalBackwardQ {
-                q: qs.ptr,
-                k: ks.ptr,
-                v: vs.ptr,
-                dy: gs.ptr,
+                q: q.ptr,
+                qa,
+                k: k.ptr,
+                ka,
+                v: v.ptr,
+                va,
+                dy: g.ptr,
+                dya,
                 dq,
                 stats: stats.block.ptr(),
                 work: work.block.ptr(),
-                batch: dims.0,
-                queries: dims.1,
-                keys: dims.2,
-                d: dims.3,
+                batch,
+                heads,
+                queries,
+                keys: keys as i64,
+                d: d as i64,
                 scale,
                 seed: drop.seed,
                 offset: drop.offset,
                 rate: drop.rate,
                 keep: drop.keep,
             };
-            // SAFETY: q, dy and dq hold rows·d f32s, k and v batch·keys·d,
-            // stats 3·rows, work 2·keys per block of the grid.
+            // SAFETY: the plan checked that q, k, v and dy hold the rows
+            // their AttentionRows address (views inside their storage); dq
+            // holds rows·d f32s, stats 3·rows, work 2·keys per block of
+            // the grid.
             unsafe { args.launch(self.device(), name, &cfg) }
         })?;
         let dv = self.empty(name, DType::F32, key_rows * d)?;
@@ -1227,26 +1248,31 @@ impl Backend for CudaBackend {
                 return Ok(());
             };
             let args = k::AttentionCausalBackwardKv {
-                q: qs.ptr,
-                k: ks.ptr,
-                v: vs.ptr,
-                dy: gs.ptr,
+                q: q.ptr,
+                qa,
+                k: k.ptr,
+                ka,
+                v: v.ptr,
+                va,
+                dy: g.ptr,
+                dya,
                 stats: stats.block.ptr(),
                 dk,
                 dv: dv.block.ptr(),
-                batch: dims.0,
-                queries: dims.1,
-                keys: dims.2,
-                d: dims.3,
+                batch,
+                heads,
+                queries,
+                keys: keys as i64,
+                d: d as i64,
                 scale,
                 seed: drop.seed,
                 offset: drop.offset,
                 rate: drop.rate,
                 keep: drop.keep,
             };
-            // SAFETY: q and dy hold rows·d f32s, k, v, dk and dv
-            // batch·keys·d, stats 3·rows (written by the query kernel on
-            // the same stream).
+            // SAFETY: as for the query kernel; dk and dv hold
+            // batch·keys·d f32s, stats 3·rows (written by the query kernel
+            // on the same stream).
             unsafe { args.launch(self.device(), name, &cfg) }
         })?;
         Ok(kiln_core::AttentionGrads {

@@ -12,6 +12,7 @@ const REDUCE: &str = include_str!("../../../kernels/reduce.cu");
 const SIMT: &str = include_str!("../../../kernels/simt_gemm.cuh");
 const CONV: &str = include_str!("../../../kernels/conv.cu");
 const POOL: &str = include_str!("../../../kernels/pool.cu");
+const ATTENTION: &str = include_str!("../../../kernels/attention.cu");
 
 /// The value of `#define NAME value` in `src`.
 fn define(src: &str, name: &str) -> i32 {
@@ -129,7 +130,7 @@ fn codes_are_the_kernels_defines() {
 
 #[test]
 fn argument_structs_have_their_c_twins_fields_in_order() {
-    let cases: [(&str, &str, &[&str]); 5] = [
+    let cases: [(&str, &str, &[&str]); 6] = [
         (
             "Strided",
             COMMON,
@@ -154,6 +155,7 @@ fn argument_structs_have_their_c_twins_fields_in_order() {
                 "n", "c", "h", "w", "o", "kh", "kw", "sh", "sw", "pt", "pl", "oh", "ow",
             ],
         ),
+        ("AttentionRows", ATTENTION, &["example", "row"]),
         (
             "PoolArg",
             POOL,
@@ -231,7 +233,9 @@ fn passes(rust: &str, c: &str) -> bool {
         "f64" => c == "double",
         "i64" | "u64" | "u32" | "u16" => c == rust,
         // The #[repr(C)] twins, checked field by field above.
-        "Strided" | "MatrixArg" | "EpilogueArg" | "ConvArg" | "PoolArg" => c == rust,
+        "Strided" | "MatrixArg" | "EpilogueArg" | "ConvArg" | "PoolArg" | "AttentionRows" => {
+            c == rust
+        }
         _ => false,
     }
 }

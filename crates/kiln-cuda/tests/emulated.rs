@@ -273,3 +273,77 @@ fn a_strided_operand_is_counted_as_a_slow_path() {
     assert_eq!((seen[0].op.as_str(), seen[0].calls), ("exp", 1));
     assert!(seen[0].reason.contains("strided"), "{seen:?}");
 }
+
+/// Attention reads heads side by side where a fused projection puts them
+/// — q, k and v thirds of one `[n, rows, 3·h·D]` tensor — with no copy
+/// kernel (no slow path counted), and computes the bits of the same
+/// problems with their heads first copied into the batch.
+#[test]
+fn attention_reads_heads_in_place_with_the_bits_of_heads_folded() {
+    use kiln_core::attention::{attention_backward_heads_folded, attention_heads_folded};
+    use kiln_core::{AttentionDropout, AttentionOptions, Backend, HostData, Layout, Shape, View};
+    let Some(b) = emulated() else { return };
+    let layout = |dims: &[usize]| Layout::contiguous(Shape::new(dims).unwrap());
+    let values = |n: usize, salt: usize| -> HostData {
+        HostData::F32(
+            (0..n)
+                .map(|i| ((i * 37 + salt * 11) % 23) as f32 / 11.0 - 1.0)
+                .collect(),
+        )
+    };
+    // (examples, queries, keys, heads, head width)
+    for (n, t, s, h, d) in [(2, 5, 7, 3, 4), (1, 9, 9, 2, 8), (3, 1, 4, 4, 2)] {
+        let w = h * d;
+        let qbuf = b.upload(&values(n * t * 3 * w, 1)).unwrap();
+        let kvbuf = b.upload(&values(n * s * 3 * w, 2)).unwrap();
+        let dybuf = b.upload(&values(n * t * w, 3)).unwrap();
+        let ql = layout(&[n, t, 3 * w]).narrow(2, 0, w).unwrap();
+        let kl = layout(&[n, s, 3 * w]).narrow(2, w, w).unwrap();
+        let vl = layout(&[n, s, 3 * w]).narrow(2, 2 * w, w).unwrap();
+        let dyl = layout(&[n, t, w]);
+        let (q, k, v, dy) = (
+            View::new(&qbuf, &ql),
+            View::new(&kvbuf, &kl),
+            View::new(&kvbuf, &vl),
+            View::new(&dybuf, &dyl),
+        );
+        for dropout in [None, Some(AttentionDropout::new(0.25, 7, 3).unwrap())] {
+            let mut options = AttentionOptions::new(0.3).with_heads(h);
+            options.dropout = dropout;
+            let before = b.slow_paths();
+            let y = b.attention_causal(q, k, v, &options).unwrap();
+            let g = b.attention_causal_backward(q, k, v, dy, &options).unwrap();
+            assert_eq!(
+                b.slow_paths(),
+                before,
+                "heads read in place: no copy kernel"
+            );
+            let fy = attention_heads_folded(&b, [q, k, v], &options, |[q, k, v], o| {
+                b.attention_causal(q, k, v, o)
+            })
+            .unwrap();
+            let fg = attention_backward_heads_folded(&b, [q, k, v, dy], &options, |x, o| {
+                let [q, k, v, dy] = x;
+                b.attention_causal_backward(q, k, v, dy, o)
+            })
+            .unwrap();
+            let (yl, kl) = (layout(&[n, t, w]), layout(&[n, s, w]));
+            for (what, x, fx, l) in [
+                ("y", &y, &fy, &yl),
+                ("dq", &g.dq, &fg.dq, &yl),
+                ("dk", &g.dk, &fg.dk, &kl),
+                ("dv", &g.dv, &fg.dv, &kl),
+            ] {
+                let bits = |x| -> Vec<u32> {
+                    let x = b.download(View::new(x, l)).unwrap().to_f32_vec();
+                    x.iter().map(|v| v.to_bits()).collect()
+                };
+                assert_eq!(
+                    bits(x),
+                    bits(fx),
+                    "{what} of n {n} t {t} s {s} heads {h} d {d}, dropout {dropout:?}"
+                );
+            }
+        }
+    }
+}

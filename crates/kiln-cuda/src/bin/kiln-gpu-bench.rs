@@ -316,6 +316,55 @@ GPT config B attention, 384 heads of 256 × 64 (kiln, median of {reps}):"
             failed = true;
         }
     }
+    // The layout the GPT's layer hands the op: q, k and v thirds of one
+    // [64, 256, 3·384] projection, 6 heads side by side in each row, read
+    // in place; checked against the same problems with their heads first
+    // copied into the batch (the same arithmetic: the same bits).
+    let (n, h) = (64, 6);
+    let w = h * d;
+    let qkv = b.random(dist, n * t * 3 * w, DType::F32, 10, 0)?;
+    let fused_layout = Layout::contiguous(Shape::new(&[n, t, 3 * w])?);
+    let third = |i| fused_layout.narrow(2, i * w, w);
+    let (lq, lk, lv) = (third(0)?, third(1)?, third(2)?);
+    let (hq, hk, hv) = (
+        View::new(&qkv, &lq),
+        View::new(&qkv, &lk),
+        View::new(&qkv, &lv),
+    );
+    let dy = b.random(dist, n * t * w, DType::F32, 11, 0)?;
+    let lm = Layout::contiguous(Shape::new(&[n, t, w])?);
+    let hdy = View::new(&dy, &lm);
+    let options = training.with_heads(h);
+    let in_place_ms = time(&b, reps, || {
+        b.attention_causal(hq, hk, hv, &options).map(drop)
+    })?;
+    let in_place_backward_ms = time(&b, reps, || {
+        b.attention_causal_backward(hq, hk, hv, hdy, &options)
+            .map(drop)
+    })?;
+    let folded = || {
+        kiln_core::attention::attention_heads_folded(&b, [hq, hk, hv], &options, |x, o| {
+            let [q, k, v] = x;
+            b.attention_causal(q, k, v, o)
+        })
+    };
+    let folded_ms = time(&b, reps, || folded().map(drop))?;
+    let in_place = b.download(View::new(&b.attention_causal(hq, hk, hv, &options)?, &lm))?;
+    let by_copies = b.download(View::new(&folded()?, &lm))?;
+    let same = in_place
+        .to_f32_vec()
+        .iter()
+        .map(|x| x.to_bits())
+        .eq(by_copies.to_f32_vec().iter().map(|x| x.to_bits()));
+    println!("  6 heads side by side in a [64, 256, 1152] projection, dropout 0.2:");
+    println!("    forward, read in place    {in_place_ms:8.3} ms");
+    println!("    forward, heads by copies  {folded_ms:8.3} ms");
+    println!("    backward, read in place   {in_place_backward_ms:8.3} ms");
+    println!(
+        "    in place against by copies: {}",
+        if same { "the same bits" } else { "DIFFERENT" }
+    );
+    failed |= !same;
     let mem = b.memory_stats();
     println!(
         "allocator: {} device allocations, {} reuses",

@@ -29,14 +29,21 @@ for t in 1 2; do
 import json, sys, time
 import numpy as np
 path, threads, quick = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "--quick"
-shapes = [(64, 64, 64), (128, 784, 64)] if quick else \
-    [(s, s, s) for s in (64, 128, 256, 512, 1024, 2048, 4096)] + \
-    [(128, 784, 64), (784, 128, 64), (128, 64, 10), (128, 10, 64), (64, 128, 10),
-     (32, 9, 676), (128, 5408, 64), (5408, 128, 64), (128, 64, 5408),
-     (768, 128, 384), (768, 128, 512), (768, 512, 128), (128, 768, 512), (768, 128, 73), (64, 32, 64)]
+# (m, k, n, flags): flags as kiln-bench-compare's (A then B; t: stored
+# transposed, as training's weight and input gradients read them).
+shapes = [(64, 64, 64, "nn"), (128, 784, 64, "nn"), (784, 128, 64, "tn")] if quick else \
+    [(s, s, s, "nn") for s in (64, 128, 256, 512, 1024, 2048, 4096)] + \
+    [(128, 784, 64, "nn"), (784, 128, 64, "tn"), (128, 64, 10, "nn"), (128, 10, 64, "nt"),
+     (64, 128, 10, "tn"), (32, 9, 676, "nn"), (128, 5408, 64, "nn"), (5408, 128, 64, "tn"),
+     (128, 64, 5408, "nt"), (768, 128, 384, "nn"), (768, 384, 128, "nt"), (128, 768, 384, "tn"),
+     (768, 128, 512, "nn"), (768, 512, 128, "nn"), (768, 512, 128, "nt"), (128, 768, 512, "tn"),
+     (768, 128, 73, "nt"), (73, 768, 128, "tn")]
 res = {}
-for m, k, n in shapes:
-    a = np.random.rand(m, k).astype(np.float32); b = np.random.rand(k, n).astype(np.float32)
+for m, k, n, flags in shapes:
+    # A transposed is stored [k, m] and read as its .T (NumPy hands BLAS
+    # the transpose flag, no copy); B likewise from [n, k].
+    a = np.random.rand(k, m).astype(np.float32).T if flags[0] == "t" else np.random.rand(m, k).astype(np.float32)
+    b = np.random.rand(n, k).astype(np.float32).T if flags[1] == "t" else np.random.rand(k, n).astype(np.float32)
     a @ b
     flops = 2.0 * m * k * n
     reps = max(3, min(200, int(0.4 * 50e9 / flops)))
@@ -44,7 +51,7 @@ for m, k, n in shapes:
     for _ in range(reps):
         t0 = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t0)
     ts.sort()
-    res[f"{m},{k},{n},{threads}"] = flops / ts[len(ts) // 2] / 1e9
+    res[f"{m},{k},{n},{flags},{threads}"] = flops / ts[len(ts) // 2] / 1e9
 try:
     from threadpoolctl import threadpool_info
     info = [i.get("internal_api", "") + " " + str(i.get("architecture", "")) for i in threadpool_info()]
@@ -65,7 +72,7 @@ if [ "$write" = 1 ]; then
     echo "# Benchmark results"
     echo
     echo "Written by \`benches/compare.sh --write\` on $(date -u +%Y-%m-%d): $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores."
-    echo "SGEMM, f32, row-major, GFLOP/s as the median of repeated runs; % of the peak measured in the same run;"
+    echo "SGEMM, f32, GFLOP/s as the median of repeated runs; operands row-major, or stored transposed where marked Aᵀ / Bᵀ (as training's gradients read them); % of the peak measured in the same run;"
     echo "the ratios compare kiln's best kernel set with each library. Shared, noisy machine: read the ratios, not the decimals."
     for t in 1 2; do
       echo

@@ -1,20 +1,25 @@
-//! The SGEMMs a user would otherwise pick, timed on row-major operands:
-//! the matrixmultiply and gemm crates, and OpenBLAS's `cblas_sgemm` loaded
-//! at run time (`KILN_OPENBLAS` names the library, else the usual names
-//! and Debian's `openblas-pthread` folder are tried).
+//! The SGEMMs a user would otherwise pick, timed on a [`Product`]'s
+//! operands as they lie (row-major, or stored transposed): the
+//! matrixmultiply and gemm crates, and OpenBLAS's `cblas_sgemm` loaded at
+//! run time (`KILN_OPENBLAS` names the library, else the usual names and
+//! Debian's `openblas-pthread` folder are tried).
 
 use libloading::Library;
 
 use crate::suite::time_op;
+use crate::Product;
 
-/// Median seconds of matrixmultiply's `sgemm` for `[m, k]·[k, n]`.
-pub fn matrixmultiply(m: usize, k: usize, n: usize, budget_s: f64) -> f64 {
+/// Median seconds of matrixmultiply's `sgemm` for `p`.
+pub fn matrixmultiply(p: Product, budget_s: f64) -> f64 {
+    let Product { m, k, n, .. } = p;
     let a = vec![0.25f32; m * k];
     let b = vec![0.5f32; k * n];
     let mut c = vec![0f32; m * n];
+    let ((rsa, csa), (rsb, csb)) = (p.a_strides(), p.b_strides());
     median(budget_s, || {
-        // SAFETY: the pointers and row-major strides describe the three
-        // buffers above, of exactly m·k, k·n and m·n elements.
+        // SAFETY: the pointers and strides describe the three buffers
+        // above, of exactly m·k, k·n and m·n elements (A and B row-major
+        // or transposed, as `p` says; C row-major).
         unsafe {
             matrixmultiply::sgemm(
                 m,
@@ -22,11 +27,11 @@ pub fn matrixmultiply(m: usize, k: usize, n: usize, budget_s: f64) -> f64 {
                 n,
                 1.0,
                 a.as_ptr(),
-                k as isize,
-                1,
+                rsa as isize,
+                csa as isize,
                 b.as_ptr(),
-                n as isize,
-                1,
+                rsb as isize,
+                csb as isize,
                 0.0,
                 c.as_mut_ptr(),
                 n as isize,
@@ -36,18 +41,20 @@ pub fn matrixmultiply(m: usize, k: usize, n: usize, budget_s: f64) -> f64 {
     })
 }
 
-/// Median seconds of the gemm crate for `[m, k]·[k, n]` on `threads`.
-pub fn gemm_crate(m: usize, k: usize, n: usize, threads: usize, budget_s: f64) -> f64 {
+/// Median seconds of the gemm crate for `p` on `threads`.
+pub fn gemm_crate(p: Product, threads: usize, budget_s: f64) -> f64 {
+    let Product { m, k, n, .. } = p;
     let a = vec![0.25f32; m * k];
     let b = vec![0.5f32; k * n];
     let mut c = vec![0f32; m * n];
+    let ((rsa, csa), (rsb, csb)) = (p.a_strides(), p.b_strides());
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
     median(budget_s, || {
-        // SAFETY: as above; column stride 1, row stride = row length.
+        // SAFETY: as above (the gemm crate takes column, then row strides).
         unsafe {
             gemm::gemm(
                 m,
@@ -58,11 +65,11 @@ pub fn gemm_crate(m: usize, k: usize, n: usize, threads: usize, budget_s: f64) -
                 n as isize,
                 false,
                 a.as_ptr(),
-                1,
-                k as isize,
+                csa as isize,
+                rsa as isize,
                 b.as_ptr(),
-                1,
-                n as isize,
+                csb as isize,
+                rsb as isize,
                 0.0f32,
                 1.0f32,
                 false,
@@ -107,6 +114,7 @@ pub struct OpenBlas {
 
 const ROW_MAJOR: i32 = 101;
 const NO_TRANS: i32 = 111;
+const TRANS: i32 = 112;
 
 impl OpenBlas {
     /// Loads OpenBLAS and sets its thread count; `None` where it is not
@@ -153,8 +161,9 @@ impl OpenBlas {
         format!("openblas ({})", self.core)
     }
 
-    /// Median seconds of `cblas_sgemm` for `[m, k]·[k, n]`.
-    pub fn sgemm(&self, m: usize, k: usize, n: usize, budget_s: f64) -> f64 {
+    /// Median seconds of `cblas_sgemm` for `p`.
+    pub fn sgemm(&self, p: Product, budget_s: f64) -> f64 {
+        let Product { m, k, n, .. } = p;
         let a = vec![0.25f32; m * k];
         let b = vec![0.5f32; k * n];
         let mut c = vec![0f32; m * n];
@@ -163,22 +172,35 @@ impl OpenBlas {
             return f64::NAN;
         };
         let (mi, ki, ni) = (m as i32, k as i32, n as i32);
+        // Row-major storage: a transposed A is [k, m] (leading dimension
+        // m), a transposed B [n, k] (leading dimension k).
+        let (ta, lda) = if p.a_transposed {
+            (TRANS, mi)
+        } else {
+            (NO_TRANS, ki)
+        };
+        let (tb, ldb) = if p.b_transposed {
+            (TRANS, ki)
+        } else {
+            (NO_TRANS, ni)
+        };
         median(budget_s, || {
             // SAFETY: row-major operands of exactly m·k, k·n and m·n floats
-            // with leading dimensions k, n and n.
+            // with the leading dimensions their transpose flags imply, and
+            // C's n.
             unsafe {
                 f(
                     ROW_MAJOR,
-                    NO_TRANS,
-                    NO_TRANS,
+                    ta,
+                    tb,
                     mi,
                     ni,
                     ki,
                     1.0,
                     a.as_ptr(),
-                    ki,
+                    lda,
                     b.as_ptr(),
-                    ni,
+                    ldb,
                     0.0,
                     c.as_mut_ptr(),
                     ni,

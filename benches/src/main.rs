@@ -4,21 +4,24 @@
 //!
 //! ```text
 //! kiln-bench-compare [--threads N] [--quick] [--numpy FILE.json] [--markdown]
-//!                    [--shapes M,K,N[;M,K,N…]] [--kiln-only] [--dtype f32|bf16|f16]
+//!                    [--shapes M,K,N[,FLAGS][;…]] [--kiln-only] [--dtype f32|bf16|f16]
 //! ```
-//! `--shapes` replaces the standard shape list; `--kiln-only` skips the
+//! `--shapes` replaces the standard shape list; FLAGS (`nn`, the default,
+//! `tn`, `nt`, `tt`) say which operands are stored transposed, as BLAS's
+//! transpose flags do (a weight gradient is `tn`, an input gradient `nt`:
+//! `kiln_bench::Product`). `--kiln-only` skips the
 //! comparator libraries (for quick experiments on kiln's kernels).
 //! `--dtype` gives kiln's operands in that type (f32 results, as every kiln
 //! GEMM accumulates in f32); the comparators and the peak stay f32, so the
 //! "% peak" column of a bf16 run can pass 100 % where the processor has
 //! AVX-512 BF16 (two multiply-adds per lane per instruction).
-//! `--numpy` takes `{"m,k,n,threads": gflops, ...}` as benches/compare.sh
+//! `--numpy` takes `{"m,k,n,flags,threads": gflops, ...}` as benches/compare.sh
 //! writes it. `matrixmultiply` takes its thread count from
 //! MATMUL_NUM_THREADS, which compare.sh sets to match.
 
 use std::collections::HashMap;
 
-use kiln_bench::{comparators, median_seconds, peak, reps_for, KilnGemm};
+use kiln_bench::{comparators, median_seconds, peak, reps_for, KilnGemm, Product};
 use kiln_cpu::KernelSet;
 
 struct Args {
@@ -26,36 +29,17 @@ struct Args {
     quick: bool,
     numpy: HashMap<String, f64>,
     markdown: bool,
-    shapes: Option<Vec<(usize, usize, usize)>>,
+    shapes: Option<Vec<Product>>,
     kiln_only: bool,
     dtype: kiln_core::DType,
 }
 
-const USAGE: &str = "usage: kiln-bench-compare [--threads N] [--quick] [--numpy FILE.json] [--markdown] [--shapes M,K,N[;M,K,N...]] [--kiln-only] [--dtype f32|bf16|f16]";
+const USAGE: &str = "usage: kiln-bench-compare [--threads N] [--quick] [--numpy FILE.json] [--markdown] [--shapes M,K,N[,FLAGS][;...]] [--kiln-only] [--dtype f32|bf16|f16]";
 
-/// `"256,256,256;128,784,64"` as shapes.
-fn parse_shapes(text: &str) -> Result<Vec<(usize, usize, usize)>, String> {
+/// `"256,256,256;784,128,64,tn"` as products ([`Product::parse`]).
+fn parse_shapes(text: &str) -> Result<Vec<Product>, String> {
     text.split(';')
-        .map(|s| {
-            let d: Vec<usize> = s
-                .split(',')
-                .map(|x| x.trim().parse::<usize>())
-                .collect::<Result<_, _>>()
-                .map_err(|_| format!("--shapes: {s:?} is not M,K,N in whole numbers"))?;
-            match d[..] {
-                [m, k, n]
-                    if m > 0
-                        && k > 0
-                        && n > 0
-                        && m.saturating_mul(k).saturating_mul(n) <= 1 << 40 =>
-                {
-                    Ok((m, k, n))
-                }
-                _ => Err(format!(
-                    "--shapes: {s:?} is not three positive extents M,K,N (product at most 2^40)"
-                )),
-            }
-        })
+        .map(|s| Product::parse(s).map_err(|e| format!("--shapes: {e}")))
         .collect()
 }
 
@@ -92,7 +76,8 @@ fn parse() -> Result<Args, String> {
             }
             "--shapes" => {
                 a.shapes = Some(parse_shapes(
-                    &it.next().ok_or("--shapes takes M,K,N[;M,K,N...]")?,
+                    &it.next()
+                        .ok_or("--shapes takes M,K,N[,FLAGS][;M,K,N[,FLAGS]...]")?,
                 )?)
             }
             "--numpy" => {
@@ -107,33 +92,47 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-/// The standard table: squares from 64³ to 4096³, then the layer shapes of
-/// the seed MLP and CNN (batch 128) and of GPT config A (12 × 64 positions,
-/// 128 wide, 4 heads of 32, a 73-character vocabulary), forward and
-/// backward.
-fn standard_shapes() -> Vec<(&'static str, usize, usize, usize)> {
-    let mut v: Vec<(&str, usize, usize, usize)> = [64, 128, 256, 512, 1024, 2048, 4096]
+/// The standard table: squares from 64³ to 4096³, then the products the
+/// seed MLP and CNN (batch 128) and GPT config A (12 × 64 positions, 128
+/// wide, 4 heads of 32, a 73-character vocabulary) train with, forward and
+/// backward, each operand laid out as training has it: a weight gradient
+/// `Xᵀ·dY` reads the activations transposed (`Aᵀ`), an input gradient
+/// `dY·Wᵀ` the weight (`Bᵀ`), the tied LM head its embedding table.
+fn standard_shapes() -> Vec<(&'static str, Product)> {
+    let mut v: Vec<(&str, Product)> = [64, 128, 256, 512, 1024, 2048, 4096]
         .iter()
-        .map(|&s| ("square", s, s, s))
+        .map(|&s| ("square", Product::new(s, s, s)))
         .collect();
-    v.extend([
-        ("mlp fwd 1", 128, 784, 64),
-        ("mlp dW1", 784, 128, 64),
-        ("mlp fwd 2", 128, 64, 10),
-        ("mlp dh", 128, 10, 64),
-        ("mlp dW2", 64, 128, 10),
-        ("cnn conv (1 image)", 32, 9, 676),
-        ("cnn dense fwd", 128, 5408, 64),
-        ("cnn dense dW", 5408, 128, 64),
-        ("cnn dense dx", 128, 64, 5408),
-        ("gpt qkv", 768, 128, 384),
-        ("gpt mlp up", 768, 128, 512),
-        ("gpt mlp down", 768, 512, 128),
-        ("gpt mlp dW", 128, 768, 512),
-        ("gpt lm head", 768, 128, 73),
-        ("gpt q·kᵀ (1 head)", 64, 32, 64),
-    ]);
+    let (nn, tn, nt) = ((false, false), (true, false), (false, true));
+    v.extend(
+        [
+            ("mlp fwd 1", 128, 784, 64, nn),
+            ("mlp dW1", 784, 128, 64, tn),
+            ("mlp fwd 2", 128, 64, 10, nn),
+            ("mlp dh", 128, 10, 64, nt),
+            ("mlp dW2", 64, 128, 10, tn),
+            ("cnn conv (1 image)", 32, 9, 676, nn),
+            ("cnn dense fwd", 128, 5408, 64, nn),
+            ("cnn dense dW", 5408, 128, 64, tn),
+            ("cnn dense dx", 128, 64, 5408, nt),
+            ("gpt qkv", 768, 128, 384, nn),
+            ("gpt qkv dx", 768, 384, 128, nt),
+            ("gpt qkv dW", 128, 768, 384, tn),
+            ("gpt mlp up", 768, 128, 512, nn),
+            ("gpt mlp down", 768, 512, 128, nn),
+            ("gpt mlp up dx", 768, 512, 128, nt),
+            ("gpt mlp up dW", 128, 768, 512, tn),
+            ("gpt lm head", 768, 128, 73, nt),
+            ("gpt lm head dW", 73, 768, 128, tn),
+        ]
+        .map(|(name, m, k, n, (a, b))| (name, Product::new(m, k, n).transposed(a, b))),
+    );
     v
+}
+
+/// The key of `p` at `threads` in `--numpy`'s file: `m,k,n,flags,threads`.
+fn numpy_key(p: Product, threads: usize) -> String {
+    format!("{},{},{},{},{threads}", p.m, p.k, p.n, p.flags())
 }
 
 fn gflops(m: usize, k: usize, n: usize, secs: f64) -> f64 {
@@ -153,10 +152,17 @@ fn main() {
         .into_iter()
         .filter(|k| k.available())
         .collect();
-    let shapes: Vec<(&str, usize, usize, usize)> = if let Some(list) = &args.shapes {
-        list.iter().map(|&(m, k, n)| ("given", m, k, n)).collect()
+    let shapes: Vec<(&str, Product)> = if let Some(list) = &args.shapes {
+        list.iter().map(|&p| ("given", p)).collect()
     } else if args.quick {
-        vec![("square", 64, 64, 64), ("mlp fwd", 128, 784, 64)]
+        vec![
+            ("square", Product::new(64, 64, 64)),
+            ("mlp fwd", Product::new(128, 784, 64)),
+            (
+                "mlp dW1",
+                Product::new(784, 128, 64).transposed(true, false),
+            ),
+        ]
     } else {
         standard_shapes()
     };
@@ -192,13 +198,13 @@ fn main() {
                 .join(sep)
         );
     }
-    for (name, m, k, n) in shapes {
-        let flops = 2.0 * (m * k * n) as f64;
-        let reps = reps_for(flops, peak * 1e9 * 0.5, budget);
+    for (name, p) in shapes {
+        let (m, k, n) = (p.m, p.k, p.n);
+        let reps = reps_for(p.flops(), peak * 1e9 * 0.5, budget);
         let kiln: Vec<f64> = sets
             .iter()
             .map(|&s| {
-                let g = KilnGemm::new(s, args.threads, m, k, n)
+                let g = KilnGemm::of(s, args.threads, p)
                     .and_then(|g| g.with_dtype(args.dtype))
                     .expect("an available kernel set");
                 gflops(m, k, n, median_seconds(reps, || g.run()))
@@ -209,20 +215,12 @@ fn main() {
             (f64::NAN, f64::NAN)
         } else {
             (
-                gflops(m, k, n, comparators::matrixmultiply(m, k, n, budget)),
-                gflops(
-                    m,
-                    k,
-                    n,
-                    comparators::gemm_crate(m, k, n, args.threads, budget),
-                ),
+                gflops(m, k, n, comparators::matrixmultiply(p, budget)),
+                gflops(m, k, n, comparators::gemm_crate(p, args.threads, budget)),
             )
         };
-        let np = args
-            .numpy
-            .get(&format!("{m},{k},{n},{}", args.threads))
-            .copied();
-        let mut row = vec![name.to_string(), format!("{m}×{k}×{n}")];
+        let np = args.numpy.get(&numpy_key(p, args.threads)).copied();
+        let mut row = vec![name.to_string(), p.to_string()];
         row.extend(kiln.iter().map(|g| format!("{g:.1}")));
         row.push(format!("{:.0}%", 100.0 * best / peak));
         row.push(format!("{mm:.1}"));

@@ -550,18 +550,19 @@ pub fn run<B: Backend>(backend: &B, cfg: &BenchConfig) -> Result<BenchReport> {
             let dims: Vec<usize> = r.shape.split('×').filter_map(|d| d.parse().ok()).collect();
             let [m, k, n] = dims[..] else { continue };
             let g = |s: f64| r.flops / s / 1e9;
+            let p = crate::Product::new(m, k, n);
             r.compared.push(Comparison {
                 library: "matrixmultiply".into(),
-                gflops: g(comparators::matrixmultiply(m, k, n, budget)),
+                gflops: g(comparators::matrixmultiply(p, budget)),
             });
             r.compared.push(Comparison {
                 library: "gemm crate".into(),
-                gflops: g(comparators::gemm_crate(m, k, n, cfg.threads, budget)),
+                gflops: g(comparators::gemm_crate(p, cfg.threads, budget)),
             });
             if let Some(blas) = &blas {
                 r.compared.push(Comparison {
                     library: blas.label(),
-                    gflops: g(blas.sgemm(m, k, n, budget)),
+                    gflops: g(blas.sgemm(p, budget)),
                 });
             }
         }

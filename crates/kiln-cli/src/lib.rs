@@ -398,6 +398,7 @@ fn run<D: Device>(device: &D, device_default: bool) -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    fail_cleanly_on_console_errors();
     if !matches!(cli.command, Command::Serve(_)) {
         die_quietly_on_broken_pipes();
     }
@@ -446,6 +447,33 @@ fn path_safe(name: &str) -> String {
         _ if s.starts_with('.') => format!("_{s}"),
         _ => s,
     }
+}
+
+/// A write to stdout or stderr that fails — `> /dev/full`, a full disk
+/// behind `> log` — ends the process with `error: writing to stdout: …`
+/// and status 1, instead of the panic `println!` and `eprintln!` raise
+/// (std's "failed printing to stdout: …"). Checkpoints are written by
+/// renaming a finished file, so stopping here loses nothing saved. Every
+/// other panic keeps the default report.
+fn fail_cleanly_on_console_errors() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        match message.strip_prefix("failed printing to ") {
+            Some(what) => {
+                use std::io::Write;
+                // Stderr may be the stream that failed: nothing more to do then.
+                let _ = writeln!(std::io::stderr(), "error: writing to {what}");
+                std::process::exit(1);
+            }
+            None => default(info),
+        }
+    }));
 }
 
 /// Writing to a closed pipe (`kiln eval … | head -1`) then ends the process

@@ -453,6 +453,13 @@ impl App {
                     .fetch_add(g.new_tokens as u64, Ordering::Relaxed);
                 Response::json(200, &json!(g))
             }
+            // The request was fine; the model's numbers were not (as
+            // /v1/predict answers for outputs that are not finite).
+            Err(Error::InvalidArgument(msg))
+                if msg.starts_with(kiln_train::generate::NOT_FINITE) =>
+            {
+                err(422, msg)
+            }
             Err(Error::InvalidArgument(msg)) => err(400, msg),
             Err(e) => err(500, e.to_string()),
         }

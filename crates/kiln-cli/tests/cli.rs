@@ -1560,3 +1560,35 @@ fn eval_refuses_overflowing_outputs_and_notes_another_dataset() {
         );
     }
 }
+
+/// Output that cannot be written (`> /dev/full`: a full disk) ends the
+/// command with one clear line and status 1, never `println!`'s panic —
+/// on stdout, and on stderr carrying an error of its own.
+#[test]
+fn a_console_that_cannot_be_written_is_an_error_not_a_panic() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        eprintln!("skipped: no /dev/full here");
+        return;
+    };
+    let run = |args: &[&str], stdout: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.args(args).env("KILN_THREADS", "1");
+        if stdout {
+            c.stdout(full.try_clone().unwrap());
+        } else {
+            c.stdout(std::process::Stdio::null())
+                .stderr(full.try_clone().unwrap());
+        }
+        c.output().expect("running kiln")
+    };
+    let o = run(&["info"], true);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.starts_with("error: writing to stdout") && !err.contains("panicked"),
+        "{err}"
+    );
+    // The error cannot be printed either: still status 1, not 101.
+    let o = run(&["train", "--model", "no-such-model"], false);
+    assert_eq!(o.status.code(), Some(1));
+}

@@ -388,6 +388,41 @@ fn a_text_without_new_lines_trains_and_generates() {
         stdout.contains("curves.svg") || err.contains("fonts-dejavu-core"),
         "{stdout}{err}"
     );
+    // Losses near f64's limit (a run that diverged, a hand-edited file)
+    // are drawn, not searched for ticks without end.
+    let history = std::fs::read_to_string(out.join("history.jsonl")).unwrap();
+    let mut records: Vec<serde_json::Value> = history
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    records[0]["train_loss"] = 1.7e308.into();
+    let last = records.len() - 1;
+    records[last]["val_loss"] = (-1.7e308).into();
+    let extreme = out.join("extreme.jsonl");
+    let lines: Vec<String> = records.iter().map(|r| r.to_string()).collect();
+    std::fs::write(&extreme, lines.join("\n") + "\n").unwrap();
+    let mut plot = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["plot", extreme.to_str().unwrap(), "--out"])
+        .arg(out.join("extreme"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = plot.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            plot.kill().unwrap();
+            panic!("kiln plot still running after 60 s on losses of ±1.7e308");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "kiln plot on losses of ±1.7e308: {status}"
+    );
     let o = kiln(&["generate", "--model", run, "--tokens", "20"]);
     let (stdout, err) = text(&o);
     assert!(o.status.success(), "{err}");
@@ -398,4 +433,106 @@ fn a_text_without_new_lines_trains_and_generates() {
         !o.status.success() && err.contains("'x'") && err.contains("\"abc\""),
         "{err}"
     );
+}
+
+/// A model file whose numbers overflow — every token vector at 1e38, the
+/// checksums removed as a program rewriting it would — is refused by
+/// `kiln generate` (status 1, one line) and answered with 422 by `kiln
+/// serve`, which keeps serving; sampling among NaN logits had printed a
+/// run of newlines and answered 200.
+#[test]
+fn a_model_whose_logits_overflow_is_refused_not_sampled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, dataset) = setup(dir.path());
+    let run = dir.path().join("run");
+    let o = kiln(&[
+        "train",
+        "--model",
+        &spec,
+        "--dataset",
+        &dataset,
+        "--iters",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-iters",
+        "1",
+        "--batch-size",
+        "2",
+        "--warmup",
+        "1",
+        "--plain",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    // safetensors: an 8-byte header length, the JSON header, the data.
+    let bytes = std::fs::read(run.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut data = bytes[8 + n..].to_vec();
+    header["__metadata__"]
+        .as_object_mut()
+        .unwrap()
+        .remove("kiln.checksums");
+    let at = &header["0.embedding.table"]["data_offsets"];
+    let (start, end) = (
+        at[0].as_u64().unwrap() as usize,
+        at[1].as_u64().unwrap() as usize,
+    );
+    for x in data[start..end].chunks_exact_mut(4) {
+        x.copy_from_slice(&1e38f32.to_le_bytes());
+    }
+    let mut head = header.to_string().into_bytes();
+    head.resize(head.len().next_multiple_of(8), b' ');
+    let broken = dir.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    let mut file = (head.len() as u64).to_le_bytes().to_vec();
+    file.extend(head);
+    file.extend(data);
+    std::fs::write(broken.join("model.safetensors"), file).unwrap();
+    let broken_s = broken.to_str().unwrap();
+
+    let o = kiln(&[
+        "generate", "--model", broken_s, "--prompt", "to be", "--tokens", "5",
+    ]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(
+        out.is_empty() && err.contains("the model's output is not finite"),
+        "{out}{err}"
+    );
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--model", broken_s])
+        .env("KILN_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let port: u16 = first
+        .split("127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (code, body) = http(
+        port,
+        "POST",
+        "/v1/generate",
+        r#"{"prompt": "to be", "tokens": 5}"#,
+    );
+    assert!(code == 422 && body.contains("not finite"), "{code} {body}");
+    let (code, _) = http(port, "GET", "/healthz", "");
+    assert_eq!(code, 200);
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
 }

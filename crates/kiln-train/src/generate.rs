@@ -102,6 +102,11 @@ pub struct Generated {
     pub cached: bool,
 }
 
+/// How [`generate`]'s error begins when the model's logits are not finite
+/// (NaN or ±∞) for the context: what a server answers with 422 rather
+/// than blaming the request.
+pub const NOT_FINITE: &str = "the model's output is not finite";
+
 /// Continues `prompt` by `cfg.tokens` tokens sampled from `model` (a token
 /// model over `vocab`). The context is the last `block` tokens, as the
 /// model was trained. With the cache, when the context fills up the cache
@@ -154,6 +159,13 @@ pub fn generate<B: Backend>(
             };
             let t = logits.dims()[1];
             let last = logits.narrow(1, t - 1, 1)?.cast(DType::F32)?.to_vec_f32()?;
+            if last.iter().any(|v| !v.is_finite()) {
+                // Sampling from them would pick a token all the same (the
+                // first, or a newline) and look like an answer.
+                return Err(Error::invalid(format!(
+                    "{NOT_FINITE} after {i} generated tokens (its weights overflow: a damaged file or a run that diverged)"
+                )));
+            }
             let next = sample(&last, cfg, i as u64);
             ids.push(next);
             completion.push(next);

@@ -140,16 +140,19 @@ fn draw_panel<DB: DrawingBackend>(
     let values = points
         .iter()
         .flat_map(|&(_, t, v)| std::iter::once(t).chain(v));
-    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-        (a.min(v), b.max(v))
-    });
-    let pad = ((hi - lo) * 0.1).max(1e-3);
+    let (lo, hi) = values
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+    // No finite value at all: an axis around 0.
+    let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 1.0) };
     let mut chart = ChartBuilder::on(panel)
         .caption(name, ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(56)
-        .build_cartesian_2d(x, (lo - pad)..(hi + pad))
+        .build_cartesian_2d(x, value_axis(lo, hi))
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -183,6 +186,22 @@ fn draw_panel<DB: DrawingBackend>(
         .draw()
         .map_err(err)?;
     Ok(())
+}
+
+/// The value axis for finite values from `lo` to `hi`, padded by a tenth of
+/// their span, and finite with a finite span whatever they are: plotters
+/// searches for tick marks without end on an infinite range, which
+/// values near f64's limits (a diverged run's 1.7e308 loss) would
+/// otherwise make. Values beyond ±f64::MAX/4 lie off the axis.
+fn value_axis(lo: f64, hi: f64) -> std::ops::Range<f64> {
+    let limit = f64::MAX / 4.0;
+    let (lo, hi) = (lo.clamp(-limit, limit), hi.clamp(-limit, limit));
+    // At least a thousandth of the values' size: 1e-3 added to 4e307 is
+    // no padding at all.
+    let pad = ((hi - lo) * 0.1)
+        .max(1e-3)
+        .max(lo.abs().max(hi.abs()) * 1e-3);
+    (lo - pad)..(hi + pad)
 }
 
 /// A language model's loss curves (`history`'s evaluations: training and
@@ -341,4 +360,34 @@ fn heat<DB: DrawingBackend>(
         }))
         .map_err(err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::value_axis;
+
+    #[test]
+    fn the_value_axis_is_finite_with_a_finite_span_for_any_finite_values() {
+        for (lo, hi) in [
+            (0.5, 2.5),
+            (1.0, 1.0),
+            (0.1, 1.7e308),
+            (-1.7e308, 2.0),
+            (-f64::MAX, f64::MAX),
+            (f64::MAX, f64::MAX),
+        ] {
+            let r = value_axis(lo, hi);
+            assert!(
+                r.start.is_finite() && r.end.is_finite() && (r.end - r.start).is_finite(),
+                "{lo}..{hi} gave {r:?}"
+            );
+            assert!(r.start < r.end, "{lo}..{hi} gave {r:?}");
+        }
+        // Ordinary values keep their tenth of padding.
+        let r = value_axis(1.0, 2.0);
+        assert!(
+            (r.start - 0.9).abs() < 1e-12 && (r.end - 2.1).abs() < 1e-12,
+            "{r:?}"
+        );
+    }
 }

@@ -156,9 +156,40 @@ fn a_tiny_gpt_learns_and_resumes_bit_for_bit() {
     assert!(generate(whole.model(), whole.vocab(), "the", &bad).is_err());
     let bad = SampleConfig {
         top_k: Some(0),
-        ..sampled
+        ..sampled.clone()
     };
     assert!(generate(whole.model(), whole.vocab(), "the", &bad).is_err());
+    // A model whose logits overflow (every token vector at 1e38: the
+    // first layer norm's sums are ∞) is an error, not a run of whatever
+    // token wins among NaNs — with and without the cache.
+    let vocab = whole.vocab().len();
+    let mut broken = Sequential::from_spec(&cfg().spec(vocab).unwrap(), 1, &b).unwrap();
+    let table = broken
+        .param("0.embedding.table")
+        .unwrap()
+        .value()
+        .dims()
+        .to_vec();
+    let huge = kiln_core::Tensor::full(&table, 1e38, kiln_core::DType::F32, &b).unwrap();
+    broken.set_param("0.embedding.table", &huge).unwrap();
+    for cache in [true, false] {
+        let e = generate(
+            &broken,
+            whole.vocab(),
+            "the",
+            &SampleConfig {
+                cache,
+                ..sampled.clone()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(kiln_train::generate::NOT_FINITE)
+                && e.contains("after 0 generated tokens"),
+            "{e}"
+        );
+    }
 }
 
 #[test]

@@ -113,12 +113,12 @@ struct TrainArgs {
     /// Optimiser steps of a GPT run [default: 2000].
     #[arg(long)]
     iters: Option<u64>,
-    /// Evaluate a GPT on both splits every N steps.
-    #[arg(long, value_name = "N", default_value_t = 250)]
-    eval_every: u64,
-    /// Batches per GPT evaluation.
-    #[arg(long, value_name = "N", default_value_t = 20)]
-    eval_iters: u64,
+    /// Evaluate a GPT on both splits every N steps [default: 250].
+    #[arg(long, value_name = "N")]
+    eval_every: Option<u64>,
+    /// Batches per GPT evaluation [default: 20].
+    #[arg(long, value_name = "N")]
+    eval_iters: Option<u64>,
     /// GPT: learning-rate warm-up steps, before the cosine decay to --min-lr
     /// [default: 100, or --iters if fewer].
     #[arg(long, value_name = "N")]
@@ -126,18 +126,21 @@ struct TrainArgs {
     /// GPT: the rate the cosine decay ends at [default: --lr / 10].
     #[arg(long, value_parser = f32_flag)]
     min_lr: Option<f32>,
-    /// GPT: AdamW's decoupled weight decay (not on biases, norms or tables).
-    #[arg(long, default_value_t = 0.1, value_parser = f32_flag)]
-    weight_decay: f32,
-    /// GPT: AdamW's β₂.
-    #[arg(long, default_value_t = 0.99, value_parser = f32_flag)]
-    beta2: f32,
-    /// GPT: clip gradients to this global norm (0: no clipping).
-    #[arg(long, default_value_t = 1.0, value_parser = f32_flag)]
-    grad_clip: f32,
-    /// GPT: micro-batches summed into each step (gradient accumulation).
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    accumulate: usize,
+    /// GPT: AdamW's decoupled weight decay (not on biases, norms or
+    /// tables) [default: 0.1, or the checkpoint's with --resume].
+    #[arg(long, value_parser = f32_flag)]
+    weight_decay: Option<f32>,
+    /// GPT: AdamW's β₂ [default: 0.99, or the checkpoint's with --resume].
+    #[arg(long, value_parser = f32_flag)]
+    beta2: Option<f32>,
+    /// GPT: clip gradients to this global norm, 0 for no clipping
+    /// [default: 1, or the checkpoint's with --resume].
+    #[arg(long, value_parser = f32_flag)]
+    grad_clip: Option<f32>,
+    /// GPT: micro-batches summed into each step (gradient accumulation)
+    /// [default: 1, or the checkpoint's with --resume].
+    #[arg(long, value_name = "N")]
+    accumulate: Option<usize>,
     /// Learning rate [default: 1e-3, or the checkpoint's with --resume].
     #[arg(long, value_parser = f32_flag)]
     lr: Option<f32>,
@@ -845,10 +848,16 @@ fn run_train<B: Backend>(
         ("--iters", a.iters.is_some()),
         ("--warmup", a.warmup.is_some()),
         ("--min-lr", a.min_lr.is_some()),
+        ("--eval-every", a.eval_every.is_some()),
+        ("--eval-iters", a.eval_iters.is_some()),
+        ("--weight-decay", a.weight_decay.is_some()),
+        ("--beta2", a.beta2.is_some()),
+        ("--grad-clip", a.grad_clip.is_some()),
+        ("--accumulate", a.accumulate.is_some()),
     ] {
         if given {
             return Err(Error::invalid(format!(
-                "{flag} is for GPT runs (--model gpt); image models train for --epochs"
+                "{flag} is for GPT runs (--model gpt); image models train for --epochs with Keras' Adam (--lr) or --optimizer sgd (--momentum)"
             )));
         }
     }

@@ -102,10 +102,11 @@ pub(crate) fn run_train_lm<B: Backend>(
         ("--early-stopping", a.early_stopping.is_some()),
         ("--limit", a.limit.is_some()),
         ("--no-validation", a.no_validation),
+        ("--data", a.data.is_some()),
     ] {
         if given {
             return Err(Error::invalid(format!(
-                "{flag} is for image models; a GPT trains for --iters steps and evaluates every --eval-every"
+                "{flag} is for image models; a GPT trains for --iters steps on --dataset shakespeare or text:FILE and evaluates every --eval-every"
             )));
         }
     }
@@ -124,30 +125,63 @@ pub(crate) fn run_train_lm<B: Backend>(
             "--momentum is for --optimizer sgd; a GPT trains with AdamW (set --beta2 instead)",
         ));
     }
-    let dataset = a.dataset.clone().unwrap_or_else(|| "shakespeare".into());
+    // A resumed run defaults to its checkpoint's corpus, length and batch
+    // (as to its model, rate and precision), so `--resume PATH` alone
+    // continues it; flags given are checked against them.
+    let resumed = a
+        .resume
+        .as_deref()
+        .map(trainer_lm::checkpoint_progress)
+        .transpose()?;
+    let dataset = a
+        .dataset
+        .clone()
+        .or_else(|| resumed.as_ref().map(|p| p.dataset.clone()))
+        .unwrap_or_else(|| "shakespeare".into());
     let corpus = TextCorpus::load(&dataset)?;
-    let iters = a.iters.unwrap_or(2000);
-    let batch_size = a.batch_size.unwrap_or(12);
-    let lr = a.lr.unwrap_or(1e-3);
+    let iters = a
+        .iters
+        .or(resumed.as_ref().map(|p| p.iters))
+        .unwrap_or(2000);
+    let batch_size = a
+        .batch_size
+        .or(resumed.as_ref().map(|p| p.batch_size))
+        .unwrap_or(12);
+    // The update's settings a checkpoint recorded (none in older ones).
+    let was = resumed.as_ref().and_then(|p| p.update);
+    let (was_lr, was_min, was_warmup) = match was.map(|u| u.schedule) {
+        Some(LrSchedule::WarmupCosine {
+            peak, min, warmup, ..
+        }) => (Some(peak), Some(min), Some(warmup)),
+        _ => (None, None, None),
+    };
+    let lr = a.lr.or(was_lr).unwrap_or(1e-3);
+    let weight_decay = a
+        .weight_decay
+        .or(was.map(|u| u.adam.weight_decay))
+        .unwrap_or(0.1);
+    let beta2 = a.beta2.or(was.map(|u| u.adam.beta2)).unwrap_or(0.99);
+    let grad_clip = match (a.grad_clip, was) {
+        (Some(c), _) => c,
+        (None, Some(u)) => u.grad_clip.unwrap_or(0.0),
+        (None, None) => 1.0,
+    };
+    let min_lr = a.min_lr.or(was_min);
     kiln_nn::optim::check_lr(lr)?;
-    kiln_nn::optim::check_weight_decay(lr, a.weight_decay)
+    kiln_nn::optim::check_weight_decay(lr, weight_decay)
         .map_err(|e| Error::invalid(format!("{e} (--weight-decay)")))?;
     // The schedule's and AdamW's own checks do not know the flags' names.
-    if let Some(min) = a
-        .min_lr
-        .filter(|m| !(m.is_finite() && (0.0..=lr).contains(m)))
-    {
+    if let Some(min) = min_lr.filter(|m| !(m.is_finite() && (0.0..=lr).contains(m))) {
         return Err(Error::invalid(format!(
             "--min-lr {min}: expected 0 to the peak learning rate (--lr {lr})"
         )));
     }
-    if !(0.0..1.0).contains(&a.beta2) {
+    if !(0.0..1.0).contains(&beta2) {
         return Err(Error::invalid(format!(
-            "--beta2 {}: expected 0 ≤ β₂ < 1 (default 0.99)",
-            a.beta2
+            "--beta2 {beta2}: expected 0 ≤ β₂ < 1 (default 0.99)"
         )));
     }
-    let warmup = match a.warmup {
+    let warmup = match a.warmup.or(was_warmup) {
         Some(w) if w > iters => {
             return Err(Error::invalid(format!(
                 "--warmup {w} is longer than the run (--iters {iters}): the rate would never reach --lr"
@@ -156,24 +190,29 @@ pub(crate) fn run_train_lm<B: Backend>(
         Some(w) => w,
         None => 100.min(iters),
     };
+    let min_lr = min_lr.unwrap_or(lr / 10.0);
     let schedule = LrSchedule::WarmupCosine {
         peak: lr,
-        min: a.min_lr.unwrap_or(lr / 10.0),
+        min: min_lr,
         warmup,
         decay: iters,
     };
     let optimizer = || -> Result<Adam<B>> {
-        Adam::pytorch_adamw(lr, a.weight_decay)?.with_betas(0.9, a.beta2, 1e-8)
+        Adam::pytorch_adamw(lr, weight_decay)?.with_betas(0.9, beta2, 1e-8)
     };
+    let accumulate = a
+        .accumulate
+        .or(resumed.as_ref().map(|p| p.accumulate))
+        .unwrap_or(1);
     let cfg = LmFitConfig {
         iters,
         batch_size,
-        accumulate: a.accumulate,
+        accumulate,
         seed: a.seed,
-        eval_every: a.eval_every,
-        eval_iters: a.eval_iters,
+        eval_every: a.eval_every.unwrap_or(250),
+        eval_iters: a.eval_iters.unwrap_or(20),
         schedule,
-        grad_clip: (a.grad_clip != 0.0).then_some(a.grad_clip),
+        grad_clip: (grad_clip != 0.0).then_some(grad_clip),
         verbosity: a.verbosity(),
         history_path: None,
         checkpoint: None,
@@ -243,12 +282,12 @@ pub(crate) fn run_train_lm<B: Backend>(
         "training on {dataset} ({train_tokens} train / {val_tokens} validation tokens, {} characters) with {}, adamw_torch(lr={lr}, β₂={}, wd={}) warm-up {} + cosine to {}, batch {batch_size}×{}×{}, clip {}, seed {}, precision {}",
         corpus.vocab().len(),
         backend.name(),
-        a.beta2,
-        a.weight_decay,
+        beta2,
+        weight_decay,
         warmup,
-        a.min_lr.unwrap_or(lr / 10.0),
+        min_lr,
         spec.input[0],
-        a.accumulate,
+        accumulate,
         cfg.grad_clip.map_or("off".to_string(), |c| c.to_string()),
         a.seed,
         precision_description(precision)

@@ -123,6 +123,51 @@ fn train_resume_generate_and_serve_a_gpt() {
         std::fs::read(again.join("model.safetensors")).unwrap(),
         whole
     );
+    // `--resume` alone (the interrupt message's advice) continues the run
+    // with its checkpoint's corpus, length, batch, rate and schedule.
+    let alone = dir.path().join("alone");
+    let o = kiln(&[
+        "train",
+        "--resume",
+        &ckpt,
+        "--eval-every",
+        "20",
+        "--eval-iters",
+        "2",
+        "--plain",
+        "--out",
+        alone.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(
+        std::fs::read(alone.join("model.safetensors")).unwrap(),
+        whole
+    );
+    // Another rate would move the whole schedule: refused, not used.
+    let o = kiln(&["train", "--resume", &ckpt, "--lr", "1e-3", "--plain"]);
+    let err = text(&o).1;
+    assert!(
+        !o.status.success()
+            && err.contains("learning-rate schedule")
+            && err.contains("peak: 0.003"),
+        "{err}"
+    );
+    // The corpus edited since: said so, not "used X, this one X".
+    // (The same characters, so the vocabulary still matches.)
+    let corpus = std::path::PathBuf::from(dataset.trim_start_matches("text:"));
+    let original = std::fs::read(&corpus).unwrap();
+    std::fs::write(
+        &corpus,
+        "to be, or not to be: the question is that.\n".repeat(60),
+    )
+    .unwrap();
+    let o = kiln(&["train", "--resume", &ckpt, "--plain"]);
+    let err = text(&o).1;
+    assert!(
+        !o.status.success() && err.contains("has changed since the checkpoint"),
+        "{err}"
+    );
+    std::fs::write(&corpus, original).unwrap();
 
     // Generation: the same text from the cache and from recomputation
     // (greedy, within the block), JSON timings.
@@ -329,7 +374,17 @@ fn bad_gpt_runs_are_one_clear_line() {
         "{}",
         text(&o).1
     );
-    for (flag, value) in [("--iters", "3"), ("--warmup", "3"), ("--min-lr", "1e-4")] {
+    for (flag, value) in [
+        ("--iters", "3"),
+        ("--warmup", "3"),
+        ("--min-lr", "1e-4"),
+        ("--eval-every", "3"),
+        ("--eval-iters", "3"),
+        ("--weight-decay", "0.1"),
+        ("--beta2", "0.9"),
+        ("--grad-clip", "0.5"),
+        ("--accumulate", "2"),
+    ] {
         let o = kiln(&["train", flag, value]);
         assert!(
             text(&o).1.contains(&format!("{flag} is for GPT runs")),

@@ -47,7 +47,7 @@ pub use gpt::GptConfig;
 pub use init::Initializer;
 pub use layers::{Conv2D, Dense, Dropout, Flatten, Layer, LayerNorm, MaxPool2D, Nonlinearity};
 pub use loss::Loss;
-pub use optim::{Adam, AdamForm, Optimizer, OptimizerState, Sgd};
+pub use optim::{Adam, AdamForm, AdamSettings, Optimizer, OptimizerState, Sgd};
 pub use precision::Precision;
 pub use residual::Residual;
 pub use schedule::{clip_grad_norm, LrSchedule};

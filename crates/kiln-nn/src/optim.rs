@@ -261,7 +261,7 @@ impl<B: Backend> Optimizer<B> for Sgd<B> {
 /// Where Adam adds ε: the two formulations in use differ by orders of
 /// magnitude for gradients near ε, so a model trains as its reference
 /// framework does only in that framework's form.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AdamForm {
     /// Keras/TensorFlow: `p ← p − lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v + ε)`, ε added
     /// to the uncorrected √v. The seed's Keras MLP and CNN use it.
@@ -369,6 +369,45 @@ impl<B: Backend> Adam<B> {
     pub fn steps(&self) -> u64 {
         self.hyper.step
     }
+
+    /// What shapes each update besides the learning rate and the step.
+    ///
+    /// ```
+    /// use kiln_nn::Adam;
+    /// let opt = Adam::<kiln_cpu::CpuBackend>::pytorch_adamw(1e-3, 0.1)?.with_betas(0.9, 0.99, 1e-8)?;
+    /// let s = opt.settings();
+    /// assert_eq!((s.beta2, s.weight_decay, s.decoupled), (0.99, 0.1, true));
+    /// # Ok::<(), kiln_core::Error>(())
+    /// ```
+    pub fn settings(&self) -> AdamSettings {
+        AdamSettings {
+            beta1: self.hyper.beta1,
+            beta2: self.hyper.beta2,
+            eps: self.hyper.eps,
+            weight_decay: self.hyper.weight_decay,
+            decoupled: self.hyper.decoupled,
+            form: self.form,
+        }
+    }
+}
+
+/// An [`Adam`]'s settings apart from its learning rate and step count —
+/// what a checkpoint records so that a resumed run updates its weights
+/// exactly as the run it continues.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamSettings {
+    /// β₁.
+    pub beta1: f32,
+    /// β₂.
+    pub beta2: f32,
+    /// ε.
+    pub eps: f32,
+    /// Weight decay.
+    pub weight_decay: f32,
+    /// Decoupled (AdamW) rather than L2 decay.
+    pub decoupled: bool,
+    /// Where ε goes.
+    pub form: AdamForm,
 }
 
 impl<B: Backend> Adam<B> {

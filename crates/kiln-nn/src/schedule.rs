@@ -4,7 +4,7 @@
 use kiln_core::{Backend, Error, GradStore, Result, Var};
 
 /// A learning rate as a function of the optimiser step.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum LrSchedule {
     /// The same rate at every step.
     Constant(f32),

@@ -34,7 +34,10 @@ use std::time::Instant;
 
 use kiln_core::{no_grad, Backend, DType, DataError, Error, GradStore, HostData, Result, Tensor};
 use kiln_data::text::{TextCorpus, TextSplit, Vocab};
-use kiln_nn::{clip_grad_norm, Adam, LrSchedule, Optimizer, OptimizerState, Precision, Sequential};
+use kiln_nn::{
+    clip_grad_norm, Adam, AdamSettings, LrSchedule, Optimizer, OptimizerState, Precision,
+    Sequential,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::data_parallel::{shard_streams, streams_past};
@@ -223,6 +226,24 @@ pub struct LmProgress {
     pub history: Vec<LmRecord>,
     /// The precision trained in.
     pub precision: String,
+    /// What shapes every update: the schedule, AdamW's settings and the
+    /// clipping norm (`None` in checkpoints written before they were
+    /// recorded; a resume of one takes the settings it is given).
+    #[serde(default)]
+    pub update: Option<LmUpdate>,
+}
+
+/// The settings that shape an LM run's every update, recorded in its
+/// checkpoints: a resume with others would not continue the run (a
+/// different `--lr` moves the whole schedule).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LmUpdate {
+    /// The learning-rate schedule.
+    pub schedule: LrSchedule,
+    /// The optimiser's settings besides its rate.
+    pub adam: AdamSettings,
+    /// Gradient clipping by global norm.
+    pub grad_clip: Option<f32>,
 }
 
 impl LmProgress {
@@ -244,6 +265,20 @@ impl LmProgress {
             return bad(format!("learning rate {}", self.lr));
         }
         kiln_nn::optim::check_steps(self.optimizer_step).or_else(|e| bad(e.to_string()))?;
+        if let Some(u) = &self.update {
+            u.schedule.check().or_else(|e| bad(e.to_string()))?;
+            let a = u.adam;
+            if !((0.0..1.0).contains(&a.beta1)
+                && (0.0..1.0).contains(&a.beta2)
+                && a.eps.is_finite()
+                && a.eps > 0.0
+                && a.weight_decay.is_finite()
+                && a.weight_decay >= 0.0
+                && u.grad_clip.is_none_or(|c| c.is_finite() && c > 0.0))
+            {
+                return bad(format!("update settings {u:?}"));
+            }
+        }
         if self
             .history
             .iter()
@@ -451,9 +486,15 @@ impl<B: Backend> LmTrainer<B> {
                 "language models train in f32 or bf16 (f16 needs loss scaling, which the LM loop does not do); use --precision bf16",
             ));
         }
+        let update = LmUpdate {
+            schedule: cfg.schedule,
+            adam: self.optimizer.settings(),
+            grad_clip: cfg.grad_clip,
+        };
         let mut progress = match self.progress.take() {
-            Some(p) => {
-                check_resume(&p, corpus, cfg, precision)?;
+            Some(mut p) => {
+                check_resume(&p, corpus, cfg, precision, &update)?;
+                p.update = Some(update);
                 p
             }
             None => LmProgress {
@@ -471,6 +512,7 @@ impl<B: Backend> LmTrainer<B> {
                 partial: (0.0, 0),
                 history: Vec::new(),
                 precision: precision.name().to_string(),
+                update: Some(update),
             },
         };
         let stop_flag = cfg.stop.clone();
@@ -821,6 +863,30 @@ pub fn is_lm_checkpoint(path: &Path) -> Result<bool> {
         .unwrap_or(false))
 }
 
+/// The progress an LM checkpoint holds (`path` a file, or a folder: its
+/// newest) — its run's corpus, length, batch and seed — read from the
+/// metadata alone and checked as a resume checks it, so that a caller can
+/// default its settings to the run's before loading the model.
+pub fn checkpoint_progress(path: &Path) -> Result<LmProgress> {
+    let file = newest_checkpoint(path)?;
+    let bytes = kiln_core::files::read(&file, "checkpoint")?;
+    let json = safetensors::SafeTensors::read_metadata(&bytes)
+        .ok()
+        .and_then(|(_, m)| m.metadata().as_ref()?.get(LM_PROGRESS_KEY).cloned())
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "{}: no `{LM_PROGRESS_KEY}` metadata: not a language-model checkpoint",
+                file.display()
+            ))
+        })?;
+    let progress: LmProgress = serde_json::from_str(&json)
+        .map_err(|e| Error::invalid(format!("{}: checkpoint progress: {e}", file.display())))?;
+    progress
+        .validate()
+        .map_err(|e| Error::invalid(format!("{}: {e}", file.display())))?;
+    Ok(progress)
+}
+
 fn newest_checkpoint(path: &Path) -> Result<PathBuf> {
     if path.is_dir() {
         crate::checkpoint::list(path)?.pop().ok_or_else(|| {
@@ -873,6 +939,7 @@ fn check_resume(
     corpus: &TextCorpus,
     cfg: &LmFitConfig,
     precision: Precision,
+    update: &LmUpdate,
 ) -> Result<()> {
     let differs = |what: &str, was: String, now: String| {
         Err(Error::invalid(format!(
@@ -880,6 +947,15 @@ fn check_resume(
         )))
     };
     if p.dataset_fingerprint != corpus.fingerprint() {
+        if p.dataset == corpus.name() {
+            return Err(Error::invalid(format!(
+                "the corpus {} has changed since the checkpoint (its text's fingerprint was {}, now {}): \
+                 resume on the text the run started with",
+                p.dataset,
+                p.dataset_fingerprint,
+                corpus.fingerprint()
+            )));
+        }
         return differs("the corpus", p.dataset.clone(), corpus.name().to_string());
     }
     if (p.seed, p.batch_size, p.accumulate) != (cfg.seed, cfg.batch_size, cfg.accumulate) {
@@ -898,6 +974,29 @@ fn check_resume(
             p.precision.clone(),
             precision.name().to_string(),
         );
+    }
+    if let Some(was) = &p.update {
+        if was.schedule != update.schedule {
+            return differs(
+                "the learning-rate schedule",
+                format!("{:?}", was.schedule),
+                format!("{:?}", update.schedule),
+            );
+        }
+        if was.adam != update.adam {
+            return differs(
+                "the optimiser",
+                format!("{:?}", was.adam),
+                format!("{:?}", update.adam),
+            );
+        }
+        if was.grad_clip != update.grad_clip {
+            return differs(
+                "gradient clipping",
+                format!("{:?}", was.grad_clip),
+                format!("{:?}", update.grad_clip),
+            );
+        }
     }
     Ok(())
 }

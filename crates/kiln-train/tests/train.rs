@@ -610,11 +610,38 @@ fn tampered_language_model_progress_is_refused() {
         partial: (30.0, 15),
         history: Vec::new(),
         precision: "f32".into(),
+        update: Some(kiln_train::lm::LmUpdate {
+            schedule: kiln_nn::LrSchedule::WarmupCosine {
+                peak: 1e-3,
+                min: 1e-4,
+                warmup: 10,
+                decay: 100,
+            },
+            adam: kiln_nn::Adam::<kiln_cpu::CpuBackend>::pytorch_adamw(1e-3, 0.1)
+                .unwrap()
+                .settings(),
+            grad_clip: Some(1.0),
+        }),
     };
     good.validate().unwrap();
     type Tamper = Box<dyn Fn(&mut LmProgress)>;
-    let tampered: [(&str, Tamper); 4] = [
+    let tampered: [(&str, Tamper); 6] = [
         ("step 101 of 100", Box::new(|p| p.iter = 101)),
+        (
+            "update settings",
+            Box::new(|p| p.update.as_mut().unwrap().adam.beta2 = 1.5),
+        ),
+        (
+            "warm-up",
+            Box::new(|p| {
+                p.update.as_mut().unwrap().schedule = kiln_nn::LrSchedule::WarmupCosine {
+                    peak: 1e-3,
+                    min: 1e-4,
+                    warmup: 200,
+                    decay: 100,
+                }
+            }),
+        ),
         ("partial loss sum", Box::new(|p| p.partial = (f64::NAN, 3))),
         (
             "optimizer step 18446744073709551615 is past 2⁵³",

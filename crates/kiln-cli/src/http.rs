@@ -359,8 +359,24 @@ fn more(
     }
 }
 
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+/// Where a request head ends — just past its empty line — and how long
+/// its text before that line is. Lines end in CRLF, or in a bare LF,
+/// which RFC 9112 (§2.2) lets a recipient take as a line end (clients
+/// written by hand send them; they had waited out the read timeout).
+fn find_head_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut from = 0;
+    while let Some(p) = buf[from..].iter().position(|&b| b == b'\n') {
+        let lf = from + p;
+        let rest = &buf[lf + 1..];
+        if rest.starts_with(b"\n") {
+            return Some((lf + 2, lf));
+        }
+        if rest.starts_with(b"\r\n") {
+            return Some((lf + 3, lf));
+        }
+        from = lf + 1;
+    }
+    None
 }
 
 /// Reads one whole request (bytes past it stay in `buf` for the next).
@@ -390,12 +406,12 @@ fn read_request(
     let started = Instant::now();
     let timed_out = |started: Instant| started.elapsed() > limits.read_timeout;
     // The head.
-    let head_end = loop {
-        if let Some(end) = find_head_end(buf) {
+    let (head_end, head_len) = loop {
+        if let Some((end, len)) = find_head_end(buf) {
             if end > limits.header_bytes {
                 return Err(reject(431, "the request head is over the size limit"));
             }
-            break end;
+            break (end, len);
         }
         if buf.len() > limits.header_bytes {
             return Err(reject(431, "the request head is over the size limit"));
@@ -405,8 +421,8 @@ fn read_request(
         }
         more(stream, buf, stop)?;
     };
-    let head = String::from_utf8_lossy(&buf[..head_end - 4]).into_owned();
-    let mut lines = head.split("\r\n");
+    let head = String::from_utf8_lossy(&buf[..head_len]).into_owned();
+    let mut lines = head.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
     let first = lines.next().unwrap_or("");
     let mut parts = first.split(' ');
     let (Some(method), Some(target), Some(version), None) =

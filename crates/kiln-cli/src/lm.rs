@@ -190,7 +190,14 @@ pub(crate) fn run_train_lm<B: Backend>(
         Some(w) => w,
         None => 100.min(iters),
     };
-    let min_lr = min_lr.unwrap_or(lr / 10.0);
+    // A tenth of --lr as written: the f32 1e-3 is a little above 1e-3, and
+    // its tenth rounds to 1.00000005e-4, not the 1e-4 nanoGPT's lr/10 is
+    // (Python divides the decimal 1e-3). The shortest decimal that reads
+    // back as the f32 is what was written.
+    let min_lr = min_lr.unwrap_or_else(|| {
+        let written: f64 = lr.to_string().parse().unwrap_or(f64::from(lr));
+        (written / 10.0) as f32
+    });
     let schedule = LrSchedule::WarmupCosine {
         peak: lr,
         min: min_lr,

@@ -264,10 +264,19 @@ fn error_body(msg: impl Into<String>) -> Value {
 fn parse_images(body: &[u8], pixels: usize) -> std::result::Result<(Vec<f32>, usize), String> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    let shape = "expected {\"images\": [[pixels…], …]} or {\"image\": [pixels…]}";
+    // Fields beyond these are refused, as /v1/generate refuses them: a
+    // misspelt one would otherwise be ignored.
+    if let Some(other) = v
+        .as_object()
+        .and_then(|o| o.keys().find(|k| *k != "images" && *k != "image"))
+    {
+        return Err(format!("unknown field `{other}`: {shape}"));
+    }
     let list: Vec<&Value> = match (v.get("images"), v.get("image")) {
         (Some(Value::Array(a)), None) => a.iter().collect(),
         (None, Some(one)) => vec![one],
-        _ => return Err("expected {\"images\": [[pixels…], …]} or {\"image\": [pixels…]}".into()),
+        _ => return Err(shape.into()),
     };
     if list.is_empty() {
         return Err("no images given".into());
@@ -278,8 +287,13 @@ fn parse_images(body: &[u8], pixels: usize) -> std::result::Result<(Vec<f32>, us
             return Err(format!("image {i} is not an array of numbers"));
         };
         if px.len() != pixels {
+            let rows = if px.first().is_some_and(Value::is_array) {
+                " (rows of pixels: flatten each image into one array, row after row)"
+            } else {
+                ""
+            };
             return Err(format!(
-                "image {i} has {} pixels, the model takes {pixels}",
+                "image {i} has {} pixels, the model takes {pixels}{rows}",
                 px.len()
             ));
         }
@@ -325,6 +339,18 @@ struct GenerateRequest {
     seed: u64,
 }
 
+/// What a JSON value is, for an error message.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 fn default_temperature() -> f32 {
     0.8
 }
@@ -367,8 +393,10 @@ impl App {
                 let given = req
                     .headers
                     .get("authorization")
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .map(str::trim);
+                    // The scheme is case-insensitive (RFC 9110, 11.1).
+                    .and_then(|v| v.split_once(' '))
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                    .map(|(_, t)| t.trim());
                 if !given.is_some_and(|g| crate::http::constant_time_eq(g.as_bytes(), token)) {
                     let mut r = err(401, "a valid bearer token is required".into());
                     r.headers.push(("WWW-Authenticate", "Bearer".into()));
@@ -398,7 +426,15 @@ impl App {
                     format!("model `{}` classifies images: POST /v1/predict", self.model_name),
                 ),
             },
-            _ if known => err(405, "method not allowed".into()),
+            _ if known => {
+                let allow = match req.path.as_str() {
+                    "/healthz" | "/metrics" => "GET",
+                    _ => "POST",
+                };
+                let mut r = err(405, format!("method not allowed: {} takes {allow}", req.path));
+                r.headers.push(("Allow", allow.into()));
+                r
+            }
             // The path is not echoed back.
             _ => err(
                 404,
@@ -409,6 +445,13 @@ impl App {
 
     fn generate(&self, text: &TextModel, body: &[u8]) -> Response {
         let err = |status, msg: String| Response::json(status, &error_body(msg));
+        let shape = "expected {\"prompt\": \"…\", \"tokens\": N, \"temperature\": T, \"top_k\": K, \"seed\": S}";
+        // serde reads a struct from an array too, by position: an object only.
+        if !serde_json::from_slice::<Value>(body).is_ok_and(|v| v.is_object()) {
+            if let Ok(v) = serde_json::from_slice::<Value>(body) {
+                return err(400, format!("{shape}, got {}", json_kind(&v)));
+            }
+        }
         let r: GenerateRequest = match serde_json::from_slice(body) {
             Ok(r) => r,
             Err(e) => return err(400, format!("expected {{\"prompt\": \"…\", \"tokens\": N, \"temperature\": T, \"top_k\": K, \"seed\": S}}: {e}")),
@@ -421,10 +464,10 @@ impl App {
             );
         }
         let tokens = r.tokens.unwrap_or(200.min(text.max_tokens));
-        if tokens > text.max_tokens {
+        if tokens == 0 || tokens > text.max_tokens {
             return err(
                 400,
-                format!("{tokens} tokens asked for; this server generates at most {} per request (--max-tokens)", text.max_tokens),
+                format!("{tokens} tokens asked for; this server generates 1 to {} per request (--max-tokens)", text.max_tokens),
             );
         }
         let cfg = kiln_train::SampleConfig {

@@ -260,11 +260,15 @@ fn train_resume_generate_and_serve_a_gpt() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["text"].as_str().unwrap(), cached.trim_end_matches('\n'));
     for (req, want) in [
-        (r#"{"prompt": "to be", "tokens": 51}"#, "at most 50"),
+        (
+            r#"{"prompt": "to be", "tokens": 51}"#,
+            "1 to 50 per request",
+        ),
         (r#"{"prompt": "ZEBRA"}"#, "vocabulary"),
         (r#"{"prompt": ""}"#, "empty"),
         (r#"{"prompt": "to", "temperature": -1}"#, "temperature"),
-        (r#"{"prompt": "to", "tokens": 0}"#, "tokens 0 must be"),
+        (r#"{"prompt": "to", "tokens": 0}"#, "generates 1 to 50"),
+        (r#"["to be", 5, 0.8, 200, 1]"#, "got an array"),
         (r#"{"prompt": "to", "top_p": 0.9}"#, "unknown field"),
         ("not json", "expected"),
     ] {

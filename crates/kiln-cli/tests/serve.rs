@@ -326,6 +326,51 @@ fn connections_heads_and_paths_are_bounded() {
         "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n",
     );
     assert_eq!(code, 413);
+    // Lines ended by bare LFs (RFC 9112 §2.2) are read as lines, at once.
+    let t = Instant::now();
+    let (code, answer) = exchange(
+        served.connect(),
+        "GET /healthz HTTP/1.1\nHost: x\nConnection: close\n\n",
+    );
+    assert_eq!(code, 200, "{answer}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    // A known path with the wrong method: 405 naming the method it takes.
+    let whole = |raw: String| {
+        let mut s = served.connect();
+        s.write_all(raw.as_bytes()).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
+    let answer = whole(request("DELETE", "/v1/predict", "", ""));
+    assert!(
+        answer.starts_with("HTTP/1.1 405")
+            && answer.contains("\r\nAllow: POST\r\n")
+            && answer.contains("takes POST"),
+        "{answer}"
+    );
+    let answer = whole(request("POST", "/healthz", "", ""));
+    assert!(
+        answer.starts_with("HTTP/1.1 405") && answer.contains("\r\nAllow: GET\r\n"),
+        "{answer}"
+    );
+    // Unknown fields and rows of pixels are named, as /v1/generate names them.
+    let (code, answer) = exchange(
+        served.connect(),
+        &request(
+            "POST",
+            "/v1/predict",
+            "",
+            r#"{"images": [[0.5]], "imgs": 1}"#,
+        ),
+    );
+    assert!(
+        code == 400 && answer.contains("unknown field `imgs`"),
+        "{answer}"
+    );
+    let rows = format!("{{\"image\": [{}]}}", vec!["[0.5, 0.5]"; 392].join(","));
+    let (code, answer) = exchange(served.connect(), &request("POST", "/v1/predict", "", &rows));
+    assert!(code == 400 && answer.contains("flatten"), "{answer}");
     // Two lengths that disagree (request smuggling's ground), or a sign.
     for lengths in [
         "Content-Length: 2\r\nContent-Length: 36",
@@ -362,6 +407,9 @@ fn bearer_tokens_guard_every_endpoint_but_healthz_and_never_leak() {
     );
     assert_eq!(post("Authorization: Bearer 0123\r\n").0, 401);
     assert_eq!(post(&format!("Authorization: Bearer {token}\r\n")).0, 200);
+    // The scheme is case-insensitive (RFC 9110); another scheme is not it.
+    assert_eq!(post(&format!("Authorization: bearer {token}\r\n")).0, 200);
+    assert_eq!(post(&format!("Authorization: Basic {token}\r\n")).0, 401);
     assert_eq!(
         exchange(served.connect(), &request("GET", "/metrics", "", "")).0,
         401

@@ -265,6 +265,13 @@ impl LmProgress {
             return bad(format!("learning rate {}", self.lr));
         }
         kiln_nn::optim::check_steps(self.optimizer_step).or_else(|e| bad(e.to_string()))?;
+        // One optimiser step per step of the run (micro-batches summed).
+        if self.optimizer_step != self.iter {
+            return bad(format!(
+                "optimizer step {} at step {} (they move together)",
+                self.optimizer_step, self.iter
+            ));
+        }
         if let Some(u) = &self.update {
             u.schedule.check().or_else(|e| bad(e.to_string()))?;
             let a = u.adam;

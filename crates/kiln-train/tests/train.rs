@@ -625,8 +625,12 @@ fn tampered_language_model_progress_is_refused() {
     };
     good.validate().unwrap();
     type Tamper = Box<dyn Fn(&mut LmProgress)>;
-    let tampered: [(&str, Tamper); 6] = [
+    let tampered: [(&str, Tamper); 7] = [
         ("step 101 of 100", Box::new(|p| p.iter = 101)),
+        (
+            "optimizer step 5 at step 40",
+            Box::new(|p| p.optimizer_step = 5),
+        ),
         (
             "update settings",
             Box::new(|p| p.update.as_mut().unwrap().adam.beta2 = 1.5),

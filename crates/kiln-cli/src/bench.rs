@@ -65,6 +65,11 @@ pub fn read_run(path: &std::path::Path) -> Result<BenchReport> {
 
 /// Runs the bench on `backend` and prints, writes and compares as `a` says.
 pub fn bench<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
+    for (flag, path) in [("--json", &a.json), ("--svg", &a.svg)] {
+        if let Some(path) = path {
+            crate::check_output_file(flag, path)?;
+        }
+    }
     let cfg = config(&a)?;
     let baseline: Option<BenchReport> = a.compare.as_deref().map(read_run).transpose()?;
     eprintln!(

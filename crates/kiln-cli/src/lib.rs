@@ -431,6 +431,30 @@ fn run<D: Device>(device: &D, device_default: bool) -> ExitCode {
     }
 }
 
+/// Refuses an output file that could not be written, before any work: a
+/// folder, or a path in a folder that does not exist — which the atomic
+/// write would otherwise find only after a whole evaluation or bench.
+pub(crate) fn check_output_file(flag: &str, path: &std::path::Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::invalid(format!(
+            "{flag} {}: a folder; give the path of a file to write",
+            path.display()
+        )));
+    }
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !folder.is_dir() {
+        return Err(Error::invalid(format!(
+            "{flag} {}: there is no folder {} to write it in",
+            path.display(),
+            folder.display()
+        )));
+    }
+    Ok(())
+}
+
 /// `name` as one path component: letters, digits, `-`, `_` and `.` kept,
 /// anything else (`/`, `..` as a whole, spaces) replaced by `_`, so a model
 /// or dataset name cannot lead a default output path out of `runs/`.
@@ -1173,6 +1197,9 @@ fn eval<D: Device>(a: EvalArgs, device: &D) -> Result<()> {
 }
 
 fn run_eval<B: Backend>(a: EvalArgs, backend: B) -> Result<()> {
+    if let Some(path) = &a.json {
+        check_output_file("--json", path)?;
+    }
     if a.batch_size == 0 {
         return Err(Error::invalid(
             "--batch-size 0: evaluate at least one example per pass",
@@ -1393,6 +1420,9 @@ fn run_suite<B: Backend>(
 }
 
 fn run_conformance<B: Backend>(a: ConformanceArgs, backend: B) -> Result<()> {
+    if let Some(path) = &a.json {
+        check_output_file("--json", path)?;
+    }
     let (cfg, selected) = conformance_plan(&a, &backend.name())?;
     let reports = run_suite(&backend, &cfg, selected);
     let failed = reports.iter().filter(|r| r.is_failure()).count();

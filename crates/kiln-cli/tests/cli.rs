@@ -229,6 +229,34 @@ fn errors_are_one_clear_line_and_a_nonzero_exit() {
         stderr(&o)
     );
 
+    // An output file that cannot be written is refused before the work
+    // (a whole evaluation, bench or suite), not after it.
+    let folder = empty.path().to_str().unwrap().to_string();
+    let nowhere = empty.path().join("no/such/folder/out.json");
+    let nowhere = nowhere.to_str().unwrap();
+    for (args, says) in [
+        (
+            vec!["eval", "--model", "/no/model", "--json", &folder],
+            "a folder",
+        ),
+        (
+            vec!["bench", "--quick", "--json", nowhere],
+            "there is no folder",
+        ),
+        (vec!["bench", "--quick", "--svg", &folder], "a folder"),
+        (
+            vec!["conformance", "--op", "gemm", "--json", nowhere],
+            "there is no folder",
+        ),
+    ] {
+        let o = kiln(&args);
+        let e = stderr(&o);
+        assert!(
+            o.status.code() == Some(1) && e.contains(says) && e.lines().count() == 1,
+            "{args:?}: {e}"
+        );
+    }
+
     // Endless inputs (devices) are read to a cap, then refused: each once
     // read until memory ran out.
     for args in [

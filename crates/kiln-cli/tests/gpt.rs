@@ -1,9 +1,9 @@
 //! The GPT from the command line: train on a text file, resume, generate
 //! with and without the cache, serve `/v1/generate`, and clear errors.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Lines, Read, Write};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
 
 fn kiln(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -55,6 +55,43 @@ fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
         code,
         out.split_once("\r\n\r\n").map_or("", |x| x.1).to_string(),
     )
+}
+
+/// A `kiln serve --addr 127.0.0.1:0 … --model MODEL` on one thread: the
+/// child, the reader of its stdout past the first line (it prints
+/// `stopped` as it exits), and the port that line names.
+fn serve(model: &str, extra: &[&str]) -> (Child, Lines<BufReader<ChildStdout>>, u16) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["serve", "--addr", "127.0.0.1:0"])
+        .args(extra)
+        .args(["--model", model])
+        .env("KILN_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("POST /v1/"), "{first}");
+    let port: u16 = first
+        .split("127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (child, lines, port)
+}
+
+/// SIGTERM to a server from [`serve`]; it must exit cleanly.
+fn stop(mut child: Child) {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
 }
 
 #[test]
@@ -222,34 +259,7 @@ fn train_resume_generate_and_serve_a_gpt() {
 
     // Serving: /v1/generate answers, bounds its inputs with 400s, and
     // /v1/predict says where to go.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--max-tokens",
-            "50",
-            "--model",
-            run_s,
-        ])
-        .env("KILN_THREADS", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The reader stays open: the server prints `stopped` as it exits.
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    assert!(first.contains("POST /v1/generate"), "{first}");
-    let port: u16 = first
-        .split("127.0.0.1:")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (child, mut lines, port) = serve(run_s, &["--max-tokens", "50"]);
     let (code, body) = http(
         port,
         "POST",
@@ -283,11 +293,7 @@ fn train_resume_generate_and_serve_a_gpt() {
         code == 200 && body.contains("kiln_generated_tokens_total 10"),
         "{body}"
     );
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    stop(child);
     assert_eq!(lines.next().unwrap().unwrap(), "stopped");
 }
 
@@ -562,24 +568,7 @@ fn a_model_whose_logits_overflow_is_refused_not_sampled() {
         "{out}{err}"
     );
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--model", broken_s])
-        .env("KILN_THREADS", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let port: u16 = first
-        .split("127.0.0.1:")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (child, _lines, port) = serve(broken_s, &[]);
     let (code, body) = http(
         port,
         "POST",
@@ -589,9 +578,5 @@ fn a_model_whose_logits_overflow_is_refused_not_sampled() {
     assert!(code == 422 && body.contains("not finite"), "{code} {body}");
     let (code, _) = http(port, "GET", "/healthz", "");
     assert_eq!(code, 200);
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    stop(child);
 }

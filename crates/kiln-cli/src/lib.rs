@@ -49,6 +49,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Show the CPU, its SIMD features, the kernel set in use and the backends available.
@@ -150,9 +152,10 @@ struct TrainArgs {
     /// Momentum, for --optimizer sgd.
     #[arg(long, default_value_t = 0.0, value_parser = f32_flag)]
     momentum: f32,
-    /// Seed for the initial weights and the example order.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    /// Seed for the initial weights and the example order [default: 42;
+    /// a GPT's --resume: the checkpoint's].
+    #[arg(long)]
+    seed: Option<u64>,
     /// Backend: cpu, cpu:KERNELS to force a kernel set (cpu:scalar), device (a program's own), or
     /// cuda / cuda:N for a GPU.
     #[arg(long, default_value = "cpu")]
@@ -453,6 +456,14 @@ pub(crate) fn check_output_file(flag: &str, path: &std::path::Path) -> Result<()
         )));
     }
     Ok(())
+}
+
+impl TrainArgs {
+    /// `--seed`, or 42 (an image model's run; a GPT's resume defaults to
+    /// its checkpoint's instead).
+    fn seed(&self) -> u64 {
+        self.seed.unwrap_or(42)
+    }
 }
 
 /// `name` as one path component: letters, digits, `-`, `_` and `.` kept,
@@ -1004,7 +1015,7 @@ fn run_train<B: Backend>(
             ));
             (r.model, Some(r.progress))
         }
-        None => (Sequential::from_spec(&spec, a.seed, &backend)?, None),
+        None => (Sequential::from_spec(&spec, a.seed(), &backend)?, None),
     };
     model.set_precision(precision);
     say(model.summary().trim_end().to_string());
@@ -1024,7 +1035,7 @@ fn run_train<B: Backend>(
         backend.name(),
         optimizer.describe(),
         batch_size,
-        a.seed,
+        a.seed(),
         precision_description(precision)
     ));
     let distributed = data_parallel(&a, &world, batch_size, "examples", &say);
@@ -1034,13 +1045,13 @@ fn run_train<B: Backend>(
     let cfg = FitConfig {
         epochs,
         batch_size,
-        seed: a.seed,
+        seed: a.seed(),
         shuffle: true,
         verbosity: a.verbosity(),
         history_path: Some(history_path.clone()),
         augment: a
             .augment
-            .then(|| kiln_data::Augment::keras_default(a.seed ^ 0x6175_676d)),
+            .then(|| kiln_data::Augment::keras_default(a.seed() ^ 0x6175_676d)),
         checkpoint: Some(CheckpointPolicy {
             dir: out.join("checkpoints"),
             every: a.checkpoint_every,
@@ -1086,7 +1097,7 @@ fn run_train<B: Backend>(
             train_set.fingerprint(),
         ),
         ("kiln.epochs".to_string(), epochs.to_string()),
-        ("kiln.seed".to_string(), a.seed.to_string()),
+        ("kiln.seed".to_string(), a.seed().to_string()),
         ("kiln.precision".to_string(), precision.name().to_string()),
         (
             "kiln.test_accuracy".to_string(),

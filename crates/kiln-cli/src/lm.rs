@@ -207,6 +207,17 @@ pub(crate) fn run_train_lm<B: Backend>(
     let optimizer = || -> Result<Adam<B>> {
         Adam::pytorch_adamw(lr, weight_decay)?.with_betas(0.9, beta2, 1e-8)
     };
+    let seed = a.seed.or(resumed.as_ref().map(|p| p.seed)).unwrap_or(42);
+    if let (Some(path), Some(_), None) = (&a.resume, &resumed, was) {
+        if lead {
+            eprintln!(
+                "note: {} records no update settings (written before kiln kept them): the run goes on with \
+                 --lr {lr}, --min-lr {min_lr}, --warmup {warmup}, --beta2 {beta2}, --weight-decay {weight_decay}, \
+                 --grad-clip {grad_clip} as given or defaulted — pass the run's own if they differed",
+                path.display()
+            );
+        }
+    }
     let accumulate = a
         .accumulate
         .or(resumed.as_ref().map(|p| p.accumulate))
@@ -215,7 +226,7 @@ pub(crate) fn run_train_lm<B: Backend>(
         iters,
         batch_size,
         accumulate,
-        seed: a.seed,
+        seed,
         eval_every: a.eval_every.unwrap_or(250),
         eval_iters: a.eval_iters.unwrap_or(20),
         schedule,
@@ -252,7 +263,7 @@ pub(crate) fn run_train_lm<B: Backend>(
         None => {
             let gpt = gpt_config(a.model.as_deref())?;
             let spec = gpt.spec(corpus.vocab().len())?;
-            let model = Sequential::from_spec(&spec, a.seed, &backend)?;
+            let model = Sequential::from_spec(&spec, seed, &backend)?;
             LmTrainer::new(model, optimizer()?, corpus.vocab().clone(), backend.clone())?
         }
     };
@@ -296,7 +307,7 @@ pub(crate) fn run_train_lm<B: Backend>(
         spec.input[0],
         accumulate,
         cfg.grad_clip.map_or("off".to_string(), |c| c.to_string()),
-        a.seed,
+        seed,
         precision_description(precision)
     ));
     let distributed = crate::data_parallel(&a, &world, batch_size, "sequences", &say);
@@ -331,7 +342,7 @@ pub(crate) fn run_train_lm<B: Backend>(
         ("kiln.dataset", dataset.clone()),
         ("kiln.dataset.fingerprint", corpus.fingerprint()),
         ("kiln.iters", iters.to_string()),
-        ("kiln.seed", a.seed.to_string()),
+        ("kiln.seed", seed.to_string()),
         ("kiln.precision", precision.name().to_string()),
         ("kiln.val_loss", format!("{:.6}", last.val_loss)),
     ] {

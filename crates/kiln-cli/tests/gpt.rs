@@ -120,6 +120,9 @@ fn train_resume_generate_and_serve_a_gpt() {
         "3e-3",
         "--checkpoint-every",
         "20",
+        // Not the default, so that a resume must take it from the checkpoint.
+        "--seed",
+        "7",
         "--plain",
         "--out",
         run_s,
@@ -161,7 +164,7 @@ fn train_resume_generate_and_serve_a_gpt() {
         whole
     );
     // `--resume` alone (the interrupt message's advice) continues the run
-    // with its checkpoint's corpus, length, batch, rate and schedule.
+    // with its checkpoint's corpus, length, batch, seed, rate and schedule.
     let alone = dir.path().join("alone");
     let o = kiln(&[
         "train",

@@ -1,6 +1,7 @@
 //! `kiln train --model gpt` and `kiln generate`: the language-model side
 //! of the command line.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -456,14 +457,43 @@ pub(crate) fn run_generate<B: Backend>(a: &GenerateArgs, backend: B) -> Result<(
         cache: !a.no_cache,
     };
     let prompt = a.prompt.clone().unwrap_or_else(|| vocab.start());
-    let out = generate(&model, &vocab, &prompt, &cfg)
-        .map_err(|e| Error::invalid(format!("{}: {e}", file.display())))?;
-    if a.format == "json" {
+    let json = a.format == "json";
+    // Text is printed as it is sampled: the prompt with the first token
+    // (nothing, if the model fails before it), each token flushed when a
+    // person watches the terminal (a pipe gets whole lines).
+    let mut stdout = std::io::stdout().lock();
+    let watched = std::io::IsTerminal::is_terminal(&stdout);
+    let mut started = false;
+    let out = kiln_train::generate::generate_streaming(&model, &vocab, &prompt, &cfg, |t| {
+        if json {
+            return Ok(());
+        }
+        let write = |e| Error::io("writing the generated text to stdout", e);
+        if !started {
+            stdout.write_all(prompt.as_bytes()).map_err(write)?;
+            started = true;
+        }
+        stdout.write_all(t.as_bytes()).map_err(write)?;
+        if watched {
+            stdout.flush().map_err(write)?;
+        }
+        Ok(())
+    })
+    .map_err(|e| match e {
+        e @ Error::Io { .. } => e,
+        e => Error::invalid(format!("{}: {e}", file.display())),
+    });
+    if started {
+        // The line the text ends on, even when the generation failed.
+        writeln!(stdout).map_err(|e| Error::io("writing to stdout", e))?;
+    }
+    drop(stdout);
+    let out = out?;
+    if json {
         let mut v = serde_json::to_value(&out).map_err(|e| Error::invalid(e.to_string()))?;
         v["backend"] = serde_json::Value::String(backend.name());
         println!("{v}");
     } else {
-        println!("{}", out.text);
         eprintln!(
             "{} tokens in {:.2} s: {:.0} tokens/s ({}, {})",
             out.new_tokens,

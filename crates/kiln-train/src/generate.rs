@@ -122,6 +122,37 @@ pub fn generate<B: Backend>(
     prompt: &str,
     cfg: &SampleConfig,
 ) -> Result<Generated> {
+    generate_streaming(model, vocab, prompt, cfg, |_| Ok(()))
+}
+
+/// [`generate`], handing each new token's text to `on_token` as soon as
+/// it is sampled (a command line prints it, so that a long generation
+/// shows its progress and Ctrl-C keeps what was printed). An error from
+/// `on_token` ends the generation with that error.
+///
+/// ```
+/// # use kiln_data::text::TextCorpus;
+/// # use kiln_nn::{GptConfig, Sequential};
+/// # use kiln_train::{generate::generate_streaming, SampleConfig};
+/// # let corpus = TextCorpus::from_text("abc", &"abcabc".repeat(20))?;
+/// # let gpt = GptConfig { name: "tiny".into(), n_layer: 1, n_head: 1, n_embd: 8, block_size: 4, dropout: 0.0, bias: false };
+/// # let model = Sequential::from_spec(&gpt.spec(corpus.vocab().len())?, 1, &kiln_cpu::CpuBackend::reference())?;
+/// let cfg = SampleConfig { tokens: 5, ..SampleConfig::default() };
+/// let mut streamed = String::new();
+/// let out = generate_streaming(&model, corpus.vocab(), "ab", &cfg, |t| {
+///     streamed.push_str(t);
+///     Ok(())
+/// })?;
+/// assert_eq!(streamed, out.completion);
+/// # Ok::<(), kiln_core::Error>(())
+/// ```
+pub fn generate_streaming<B: Backend>(
+    model: &Sequential<B>,
+    vocab: &Vocab,
+    prompt: &str,
+    cfg: &SampleConfig,
+    mut on_token: impl FnMut(&str) -> Result<()>,
+) -> Result<Generated> {
     cfg.check()?;
     if !model.takes_tokens() {
         return Err(Error::invalid(format!(
@@ -169,6 +200,7 @@ pub fn generate<B: Backend>(
             let next = sample(&last, cfg, i as u64);
             ids.push(next);
             completion.push(next);
+            on_token(&vocab.decode(&[next]))?;
         }
         Ok(())
     })?;

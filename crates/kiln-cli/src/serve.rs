@@ -446,15 +446,15 @@ impl App {
     fn generate(&self, text: &TextModel, body: &[u8]) -> Response {
         let err = |status, msg: String| Response::json(status, &error_body(msg));
         let shape = "expected {\"prompt\": \"…\", \"tokens\": N, \"temperature\": T, \"top_k\": K, \"seed\": S}";
-        // serde reads a struct from an array too, by position: an object only.
-        if !serde_json::from_slice::<Value>(body).is_ok_and(|v| v.is_object()) {
-            if let Ok(v) = serde_json::from_slice::<Value>(body) {
-                return err(400, format!("{shape}, got {}", json_kind(&v)));
-            }
-        }
-        let r: GenerateRequest = match serde_json::from_slice(body) {
-            Ok(r) => r,
-            Err(e) => return err(400, format!("expected {{\"prompt\": \"…\", \"tokens\": N, \"temperature\": T, \"top_k\": K, \"seed\": S}}: {e}")),
+        // Parsed once; serde reads a struct from an array too, by
+        // position: an object only.
+        let r: GenerateRequest = match serde_json::from_slice::<Value>(body) {
+            Ok(v) if v.is_object() => match serde_json::from_value(v) {
+                Ok(r) => r,
+                Err(e) => return err(400, format!("{shape}: {e}")),
+            },
+            Ok(v) => return err(400, format!("{shape}, got {}", json_kind(&v))),
+            Err(e) => return err(400, format!("{shape}: {e}")),
         };
         let chars = r.prompt.chars().count();
         if chars > text.max_prompt {

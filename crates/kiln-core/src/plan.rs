@@ -739,6 +739,33 @@ impl AttentionPlan {
         (e * rows + i) * self.heads * self.dim + h * self.dim
     }
 
+    /// The `(example, row)` strides of an `[n, rows, heads·D]` operand
+    /// whose rows can be read in place — each row's elements adjacent
+    /// (stride 1, or one element), the rows and examples any distance
+    /// apart: heads side by side in a fused projection, a cache narrowed
+    /// to its filled positions — or `None` when they must be compacted
+    /// first. Row `i` of problem `b` then starts `(b / heads)·example +
+    /// (b mod heads)·D + i·row` elements past the layout's offset (the
+    /// strides [`AttentionPlan::row_start`] assumes for a row-major one).
+    ///
+    /// ```
+    /// use kiln_core::{plan::AttentionPlan, Layout, Shape};
+    ///
+    /// // q, the first third of a [2, 5, 3·8] projection.
+    /// let q = Layout::contiguous(Shape::new(&[2, 5, 24])?).narrow(2, 0, 8)?;
+    /// assert_eq!(AttentionPlan::rows_in_place(&q), Some((120, 24)));
+    /// // Transposed rows are not.
+    /// let t = Layout::contiguous(Shape::new(&[2, 8, 5])?).transpose(1, 2)?;
+    /// assert_eq!(AttentionPlan::rows_in_place(&t), None);
+    /// # Ok::<(), kiln_core::Error>(())
+    /// ```
+    pub fn rows_in_place(layout: &crate::Layout) -> Option<(usize, usize)> {
+        match (layout.dims(), layout.strides()) {
+            (&[_, _, w], &[example, row, sw]) if w == 1 || sw == 1 => Some((example, row)),
+            _ => None,
+        }
+    }
+
     /// How many keys (from the first) query `i` of a problem sees.
     pub fn visible(&self, i: usize) -> usize {
         i + self.keys - self.queries + 1

@@ -731,10 +731,11 @@ impl<'a> Slabs<'a> {
         view: View<'a, HostData>,
         plan: &AttentionPlan,
     ) -> Result<Self> {
-        let (dims, strides) = (view.layout.dims(), view.layout.strides());
+        let dims = view.layout.dims();
         let (heads, dim) = (plan.heads, plan.dim);
-        if let (HostData::F32(data), &[n, r, w], &[sn, sr, sw]) = (view.storage, dims, strides) {
-            if n > 0 && r > 0 && w > 0 && (w == 1 || sw == 1) {
+        let in_place = AttentionPlan::rows_in_place(view.layout);
+        if let (HostData::F32(data), &[n, r, w], Some((sn, sr))) = (view.storage, dims, in_place) {
+            if n > 0 && r > 0 && w > 0 {
                 let start = view.layout.offset();
                 let end = start + (n - 1) * sn + (r - 1) * sr + w;
                 if end <= data.len() {

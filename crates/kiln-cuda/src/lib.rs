@@ -401,21 +401,17 @@ impl CudaBackend {
         v: View<'_, CudaStorage>,
     ) -> Result<(Dense, AttentionRows)> {
         Self::check_view(op, v)?;
-        if let (DType::F32, &[_, rows, width], &[sn, sr, sw]) =
-            (v.storage.dtype, v.layout.dims(), v.layout.strides())
-        {
-            if width == 1 || sw == 1 {
-                let rows = AttentionRows {
-                    // A lone example's or row's stride is never stepped.
-                    example: sn as i64,
-                    row: if rows > 1 { sr as i64 } else { width as i64 },
-                };
-                let data = Dense {
-                    ptr: v.storage.at(v.layout.offset()),
-                    _keep: v.storage.clone(),
-                };
-                return Ok((data, rows));
-            }
+        let in_place = kiln_core::AttentionPlan::rows_in_place(v.layout);
+        if let (DType::F32, Some((example, row))) = (v.storage.dtype, in_place) {
+            let rows = AttentionRows {
+                example: example as i64,
+                row: row as i64,
+            };
+            let data = Dense {
+                ptr: v.storage.at(v.layout.offset()),
+                _keep: v.storage.clone(),
+            };
+            return Ok((data, rows));
         }
         let [rows, width] = [1, 2].map(|i| v.layout.dims().get(i).copied().unwrap_or(0));
         Ok((

@@ -859,15 +859,8 @@ pub fn vocab_for<B: Backend>(
 /// language-model checkpoint; a file that cannot be read is an error.
 pub fn is_lm_checkpoint(path: &Path) -> Result<bool> {
     let file = newest_checkpoint(path)?;
-    let bytes = kiln_core::files::read(&file, "checkpoint")?;
-    Ok(safetensors::SafeTensors::read_metadata(&bytes)
-        .ok()
-        .and_then(|(_, m)| {
-            m.metadata()
-                .as_ref()
-                .map(|m| m.contains_key(LM_PROGRESS_KEY))
-        })
-        .unwrap_or(false))
+    Ok(model_file::read_metadata(&file, "checkpoint")?
+        .is_some_and(|m| m.contains_key(LM_PROGRESS_KEY)))
 }
 
 /// The progress an LM checkpoint holds (`path` a file, or a folder: its
@@ -876,10 +869,8 @@ pub fn is_lm_checkpoint(path: &Path) -> Result<bool> {
 /// default its settings to the run's before loading the model.
 pub fn checkpoint_progress(path: &Path) -> Result<LmProgress> {
     let file = newest_checkpoint(path)?;
-    let bytes = kiln_core::files::read(&file, "checkpoint")?;
-    let json = safetensors::SafeTensors::read_metadata(&bytes)
-        .ok()
-        .and_then(|(_, m)| m.metadata().as_ref()?.get(LM_PROGRESS_KEY).cloned())
+    let json = model_file::read_metadata(&file, "checkpoint")?
+        .and_then(|mut m| m.remove(LM_PROGRESS_KEY))
         .ok_or_else(|| {
             Error::invalid(format!(
                 "{}: no `{LM_PROGRESS_KEY}` metadata: not a language-model checkpoint",

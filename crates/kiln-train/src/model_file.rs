@@ -222,6 +222,42 @@ pub struct Loaded<B: Backend> {
     pub metadata: HashMap<String, String>,
 }
 
+/// The `__metadata__` of the safetensors file at `path`, reading its
+/// header alone (8 bytes of length, then the JSON), not the tensors
+/// after it: what a caller asks before loading a checkpoint of hundreds of
+/// megabytes. `None` where the file is not a safetensors file (too short,
+/// a header past its end or over safetensors' 100 MB, not JSON); a file
+/// that cannot be opened or read is an error naming it as `what`.
+pub fn read_metadata(path: &Path, what: &str) -> Result<Option<HashMap<String, String>>> {
+    use std::io::Read;
+    /// safetensors' own limit on a header.
+    const MAX_HEADER: u64 = 100_000_000;
+    let io = |e| Error::io(format!("reading {what} {}", path.display()), e);
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut len = [0u8; 8];
+    let mut header = Vec::new();
+    match file.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(io(e)),
+    }
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER {
+        return Ok(None);
+    }
+    file.take(n).read_to_end(&mut header).map_err(io)?;
+    if header.len() as u64 != n {
+        return Ok(None);
+    }
+    let Ok(serde_json::Value::Object(mut fields)) = serde_json::from_slice(&header) else {
+        return Ok(None);
+    };
+    Ok(match fields.remove("__metadata__") {
+        None => Some(HashMap::new()),
+        Some(m) => serde_json::from_value(m).ok(),
+    })
+}
+
 /// Loads a model saved by [`save`], checking every tensor against the spec.
 pub fn load<B: Backend>(path: &Path, backend: &B) -> Result<Loaded<B>> {
     let bytes = kiln_core::files::read(path, "model file")?;

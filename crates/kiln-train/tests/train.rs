@@ -130,6 +130,25 @@ fn model_files_round_trip_and_reject_corruption() {
     let b = CpuBackend::reference();
     let loaded = model_file::load(&path, &b).unwrap();
     assert_eq!(loaded.metadata["kiln.dataset"], "mnist-sample");
+    // The metadata alone, from the header: the same entries.
+    let header = model_file::read_metadata(&path, "model file")
+        .unwrap()
+        .unwrap();
+    assert_eq!(header, loaded.metadata);
+    let other = tempfile::tempdir().unwrap();
+    let not_one = other.path().join("not-one");
+    std::fs::write(&not_one, b"not a safetensors file at all").unwrap();
+    assert_eq!(
+        model_file::read_metadata(&not_one, "model file").unwrap(),
+        None
+    );
+    let e = model_file::read_metadata(&other.path().join("missing"), "model file")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("reading model file") && e.contains("missing"),
+        "{e}"
+    );
     assert!(
         weights(&t)
             == loaded

@@ -234,6 +234,32 @@ pub(crate) trait MicroKernel {
             unsafe { Self::tile(kc, panel.as_ptr(), b, c) }
         })
     }
+
+    /// The tile's left half, columns `j < NR / 2`, stored (not added) to
+    /// `c[i·ldc + j]`, with A and B read as in [`MicroKernel::tile_into`]
+    /// (`rsb = NR` for a packed panel): the driver's call for the last
+    /// panel of an output whose columns fill at most half of it (the GPT's
+    /// LM head, 73 columns: two whole AVX-512 panels and 9). Columns from
+    /// `NR / 2` on are left unspecified. Kernels whose tile is two vectors
+    /// wide compute one vector; the default computes the whole tile.
+    ///
+    /// # Safety
+    /// As for [`MicroKernel::tile_into`] (`c` holds `MR` rows of `NR`
+    /// floats, `ldc` apart).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn half_tile_into(
+        kc: usize,
+        a: *const f32,
+        rsa: usize,
+        csa: usize,
+        b: *const f32,
+        rsb: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        // SAFETY: forwarded.
+        unsafe { Self::tile_into(kc, a, rsa, csa, b, rsb, c, ldc, false) }
+    }
 }
 
 /// A GEMM's operands checked and read: what both the reference and the
@@ -538,8 +564,10 @@ fn tile_of(set: KernelSet) -> (usize, usize) {
     }
 }
 
-/// Where `set`'s products change path on this machine: its micro-tile,
-/// and the `KC`, `MC` and `NC` [`blocking_of`] derived from this
+/// Where `set`'s products change path on this machine: its micro-tile
+/// (and a tile and a half wide, where a last panel stops being computed
+/// by [`MicroKernel::half_tile_into`]), and the `KC`, `MC` and `NC`
+/// [`blocking_of`] derived from this
 /// machine's caches (or `KILN_GEMM_BLOCKING` gave); `KC` is also where a
 /// convolution's patch takes a second k block. The conformance suite
 /// aims at these beside kiln's defaults ([`CpuBackend`]'s capabilities).
@@ -550,7 +578,7 @@ pub(crate) fn switch_points(set: KernelSet) -> kiln_core::SwitchPoints {
     let b = blocking_of(set);
     kiln_core::SwitchPoints {
         gemm_m: vec![mr, b.mc],
-        gemm_n: vec![nr, b.nc],
+        gemm_n: vec![nr, nr + nr / 2, b.nc],
         gemm_k: vec![b.kc],
         row: Vec::new(),
         elements: Vec::new(),
@@ -744,7 +772,16 @@ fn blocked<K: MicroKernel>(
                     // (MAX_TILE ≥ MR·NR), or C's rows given (asserted above),
                     // whose elements no concurrent call writes (its rows or
                     // its columns are others: the `SharedC` contract).
-                    unsafe { K::tile_into(kc, a_ptr, rsa, csa, b_panel, rsb, dst, ldc, add_here) };
+                    unsafe {
+                        if nr <= K::NR / 2 {
+                            // The last panel, at most half full: half a
+                            // tile's work, into the buffer (`whole` is
+                            // false).
+                            K::half_tile_into(kc, a_ptr, rsa, csa, b_panel, rsb, dst, ldc)
+                        } else {
+                            K::tile_into(kc, a_ptr, rsa, csa, b_panel, rsb, dst, ldc, add_here)
+                        }
+                    };
                     if whole {
                         continue;
                     }
@@ -1015,6 +1052,8 @@ mod tests {
     /// panel, storing and then adding into a C with rows wider than the
     /// tile: both equal the exact sums (small multiples of 1/32, so every
     /// rounding is exact). `kc` is not a multiple of the unrolled step.
+    /// [`MicroKernel::half_tile_into`]'s left half, with A packed or read
+    /// in place, holds the same sums.
     fn b_in_place_gives_the_packed_sums<K: MicroKernel>() {
         let (kc, rsb, ldc) = (37, K::NR + 5, K::NR + 3);
         let a: Vec<f32> = (0..kc * K::MR)
@@ -1057,6 +1096,33 @@ mod tests {
                     assert_eq!(c[i * ldc + j], want, "rsb {rsb}: ({i}, {j})");
                 }
             }
+            // The left half alone, A packed and read in place (A's rows
+            // `rsa` apart): its columns hold the tile's sums.
+            let a_rows: Vec<f32> = (0..K::MR * kc)
+                .map(|x| a[(x % kc) * K::MR + x / kc])
+                .collect();
+            for (a, rsa, csa) in [(&a, 1, K::MR), (&a_rows, kc, 1)] {
+                let mut c = vec![f32::NAN; K::MR * ldc];
+                // SAFETY: as above; A's element (i, p) is at i·rsa + p·csa.
+                unsafe {
+                    K::half_tile_into(
+                        kc,
+                        a.as_ptr(),
+                        rsa,
+                        csa,
+                        b.as_ptr(),
+                        rsb,
+                        c.as_mut_ptr(),
+                        ldc,
+                    )
+                };
+                for i in 0..K::MR {
+                    for j in 0..K::NR / 2 {
+                        let got = c[i * ldc + j];
+                        assert_eq!(got, exact(i, j), "half, rsb {rsb}, rsa {rsa}: ({i}, {j})");
+                    }
+                }
+            }
         }
     }
 
@@ -1084,8 +1150,11 @@ mod tests {
     /// path), their partial sums added on the calling thread; (128, 5400,
     /// 64) 22 blocks of 246 (11 of 491 in row parts on a Zen 4), added on
     /// the team; (128, 784, 32) and (128, 1100, 16) k blocks split on
-    /// AVX-512 and AVX2 alike (1100 in 5 of 220 or 3 of 367: row parts).
-    /// (NEON's kernel reads B packed, so never by k blocks.)
+    /// AVX-512 and AVX2 alike (1100 in 5 of 220 or 3 of 367: row parts);
+    /// (90, 130, 73), (77, 300, 169) and (40, 37, 65) end in a panel at
+    /// most half full on AVX-512 (9, 9 and 1 columns; 1 on AVX2 for 65),
+    /// A read in place (3 panels) and packed (6). (NEON's kernel reads B
+    /// packed, so never by k blocks.)
     #[test]
     fn every_driver_path_gives_the_exact_sums() {
         let team = Workers::new(2).expect("two worker threads");
@@ -1106,6 +1175,9 @@ mod tests {
                 (128, 5400, 64),
                 (128, 784, 32),
                 (128, 1100, 16),
+                (90, 130, 73),
+                (77, 300, 169),
+                (40, 37, 65),
             ];
             for (m, k, n) in shapes {
                 let val =

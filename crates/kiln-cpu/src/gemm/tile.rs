@@ -103,13 +103,15 @@ impl Vector for __m256 {
     }
 }
 
-/// The `MR × 2·LANES` tile `Σₚ A[i, p]·B[p, j]` with A's element `(i, p)`
-/// at `a[i·rsa + p·csa]` and B's row `p` the `2·LANES` floats at
+/// The `MR × NV·LANES` tile `Σₚ A[i, p]·B[p, j]` with A's element `(i, p)`
+/// at `a[i·rsa + p·csa]` and B's row `p` the `NV·LANES` floats at
 /// `b[p·rsb ..]` (`rsb = 2·LANES` for a packed panel; B's row stride to
 /// read it in place), stored to C's rows `ldc` apart (`add`: added to what
-/// they hold).
+/// they hold). The kernels' tiles are two vectors wide (`NV = 2`); one
+/// vector (`NV = 1`) computes the left half of a panel, for the last
+/// panel of an output whose columns fill at most half of it.
 ///
-/// Per k step: two loads of B, `MR` broadcasts of A, `2·MR` FMAs into as
+/// Per k step: `NV` loads of B, `MR` broadcasts of A, `NV·MR` FMAs into as
 /// many accumulators. Always inlined into callers compiled for `V`'s
 /// instruction set, so packed panels' strides (`1` and `MR` for A,
 /// `2·LANES` for B) are constants there: every load of the k loop,
@@ -124,11 +126,12 @@ impl Vector for __m256 {
 ///
 /// # Safety
 /// `V`'s instruction set is enabled in the caller; `b[p·rsb + j]` is in
-/// bounds for `p < kc`, `j < 2·LANES`; `a[i·rsa + p·csa]` is in bounds for
-/// `i < MR`, `p < kc`; C holds `MR` rows of `2·LANES` floats, `ldc` apart.
+/// bounds for `p < kc`, `j < NV·LANES`; `a[i·rsa + p·csa]` is in bounds
+/// for `i < MR`, `p < kc`; C holds `MR` rows of `NV·LANES` floats, `ldc`
+/// apart.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn tile<V: Vector, const MR: usize>(
+pub(super) unsafe fn tile<V: Vector, const MR: usize, const NV: usize>(
     kc: usize,
     a: *const f32,
     rsa: usize,
@@ -141,14 +144,13 @@ pub(super) unsafe fn tile<V: Vector, const MR: usize>(
 ) {
     let w = V::LANES;
     for i in 0..MR {
-        // SAFETY: prefetches never fault; the addresses are inside C anyway.
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + w) as *const i8);
+        for v in 0..NV {
+            // SAFETY: prefetches never fault; the addresses are inside C anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + v * w) as *const i8) };
         }
     }
     // SAFETY: V's instruction set is enabled (the contract).
-    let mut acc = [[unsafe { V::zero() }; 2]; MR];
+    let mut acc = [[unsafe { V::zero() }; NV]; MR];
     let (mut a, mut b) = (a, b);
     // Step `q` past `a` and `b`.
     macro_rules! step {
@@ -156,11 +158,15 @@ pub(super) unsafe fn tile<V: Vector, const MR: usize>(
             // SAFETY: the steps stay below kc, whose B and A elements are
             // in bounds (the contract); `a` and `b` advance by whole steps.
             unsafe {
-                let (b0, b1) = (V::load(b.add($q * rsb)), V::load(b.add($q * rsb + w)));
+                let mut bv = [V::zero(); NV];
+                for (v, bj) in bv.iter_mut().enumerate() {
+                    *bj = V::load(b.add($q * rsb + v * w));
+                }
                 for (i, row) in acc.iter_mut().enumerate() {
                     let ai = V::splat(*a.add(i * rsa + $q * csa));
-                    row[0] = V::mul_add(ai, b0, row[0]);
-                    row[1] = V::mul_add(ai, b1, row[1]);
+                    for (r, &bj) in row.iter_mut().zip(&bv) {
+                        *r = V::mul_add(ai, bj, *r);
+                    }
                 }
             }
         };
@@ -179,16 +185,12 @@ pub(super) unsafe fn tile<V: Vector, const MR: usize>(
         (a, b) = (a.wrapping_add(csa), b.wrapping_add(rsb));
     }
     for (i, row) in acc.iter().enumerate() {
-        // SAFETY: C holds MR rows of 2·LANES floats, ldc apart; V's
-        // instruction set is enabled.
-        unsafe {
-            let (c0, c1) = (c.add(i * ldc), c.add(i * ldc + w));
-            if add {
-                V::store(c0, V::add(V::load(c0), row[0]));
-                V::store(c1, V::add(V::load(c1), row[1]));
-            } else {
-                V::store(c0, row[0]);
-                V::store(c1, row[1]);
+        for (v, &r) in row.iter().enumerate() {
+            // SAFETY: C holds MR rows of NV·LANES floats, ldc apart; V's
+            // instruction set is enabled.
+            unsafe {
+                let cv = c.add(i * ldc + v * w);
+                V::store(cv, if add { V::add(V::load(cv), r) } else { r });
             }
         }
     }

@@ -46,7 +46,8 @@ pub fn config(a: &BenchArgs) -> Result<BenchConfig> {
     if let Some(b) = a.budget {
         if !(b.is_finite() && b > 0.0 && b <= 60.0) {
             return Err(Error::invalid(format!(
-                "--budget {b}: expected seconds per op, more than 0 and at most 60"
+                "--budget {}: expected seconds per op, more than 0 and at most 60",
+                kiln_core::Number(b)
             )));
         }
         cfg.budget_s = b;

@@ -269,7 +269,8 @@ struct EvalArgs {
     /// Also write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Folder for the confusion-matrix plots [default: the model's folder].
+    /// Folder for the confusion-matrix plots [default: the model's folder;
+    /// for a checkpoint, its run's folder].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     /// Compute in f32, bf16 or f16 (the weights are read as stored).
@@ -985,8 +986,9 @@ fn run_train<B: Backend>(
     if let (Some(lr), Some(r)) = (a.lr, &restored) {
         if lr != r.progress.lr {
             return Err(Error::invalid(format!(
-                "--lr {lr}: the checkpoint trains at {} and a resumed run keeps its learning rate (leave --lr out)",
-                r.progress.lr
+                "--lr {}: the checkpoint trains at {} and a resumed run keeps its learning rate (leave --lr out)",
+                kiln_core::Number(lr),
+                kiln_core::Number(r.progress.lr)
             )));
         }
     }
@@ -1270,10 +1272,13 @@ fn run_eval<B: Backend>(a: EvalArgs, backend: B) -> Result<()> {
                 .map_err(|e| Error::io(format!("creating the plot folder {}", d.display()), e))?;
             d.clone()
         }
-        None => path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map_or_else(|| PathBuf::from("."), PathBuf::from),
+        // A checkpoint's plots go to its run's folder, beside training's,
+        // not among the checkpoints that `--keep` rotates.
+        None => run_folder_of(&path).unwrap_or_else(|| {
+            path.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), PathBuf::from)
+        }),
     };
     let stem = dir.join(format!("confusion-{}", ds.name()));
     if let Some(json) = &a.json {

@@ -174,12 +174,15 @@ pub(crate) fn run_train_lm<B: Backend>(
     // The schedule's and AdamW's own checks do not know the flags' names.
     if let Some(min) = min_lr.filter(|m| !(m.is_finite() && (0.0..=lr).contains(m))) {
         return Err(Error::invalid(format!(
-            "--min-lr {min}: expected 0 to the peak learning rate (--lr {lr})"
+            "--min-lr {}: expected 0 to the peak learning rate (--lr {})",
+            kiln_core::Number(min),
+            kiln_core::Number(lr)
         )));
     }
     if !(0.0..1.0).contains(&beta2) {
         return Err(Error::invalid(format!(
-            "--beta2 {beta2}: expected 0 ≤ β₂ < 1 (default 0.99)"
+            "--beta2 {}: expected 0 ≤ β₂ < 1 (default 0.99)",
+            kiln_core::Number(beta2)
         )));
     }
     let warmup = match a.warmup.or(was_warmup) {
@@ -298,16 +301,18 @@ pub(crate) fn run_train_lm<B: Backend>(
     let train_tokens = corpus.tokens(kiln_data::TextSplit::Train).len();
     let val_tokens = corpus.tokens(kiln_data::TextSplit::Val).len();
     say(format!(
-        "training on {dataset} ({train_tokens} train / {val_tokens} validation tokens, {} characters) with {}, adamw_torch(lr={lr}, β₂={}, wd={}) warm-up {} + cosine to {}, batch {batch_size}×{}×{}, clip {}, seed {}, precision {}",
+        "training on {dataset} ({train_tokens} train / {val_tokens} validation tokens, {} characters) with {}, adamw_torch(lr={}, β₂={}, wd={}) warm-up {} + cosine to {}, batch {batch_size}×{}×{}, clip {}, seed {}, precision {}",
         corpus.vocab().len(),
         backend.name(),
-        beta2,
-        weight_decay,
+        kiln_core::Number(lr),
+        kiln_core::Number(beta2),
+        kiln_core::Number(weight_decay),
         warmup,
-        min_lr,
+        kiln_core::Number(min_lr),
         spec.input[0],
         accumulate,
-        cfg.grad_clip.map_or("off".to_string(), |c| c.to_string()),
+        cfg.grad_clip
+            .map_or("off".to_string(), |c| kiln_core::Number(c).to_string()),
         seed,
         precision_description(precision)
     ));

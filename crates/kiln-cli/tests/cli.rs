@@ -506,6 +506,22 @@ fn sigint_checkpoints_and_resume_finishes_the_run() {
     let o = kiln(&["eval", "--model", b.join("checkpoints").to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("ckpt-"), "{}", stdout(&o));
+    // A checkpoint's plots go to its run's folder, not among the
+    // checkpoints.
+    let plots = |dir: &std::path::Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("confusion-")
+            })
+            .count()
+    };
+    assert_eq!(plots(&b.join("checkpoints")), 0);
+    assert!(plots(&b) > 0, "no confusion plot in {}", b.display());
 
     // Refused resumes below write to b by default: they must leave its
     // history as it is.
@@ -977,10 +993,10 @@ fn bench_times_the_op_set_against_measured_peaks_and_a_saved_run() {
         stderr(&o)
     );
     assert!(!never.exists());
-    // Bad input is a clear error.
-    let o = kiln(&["bench", "--quick", "--budget", "1e9"]);
+    // Bad input is a clear error, an absurd value quoted back short.
+    let o = kiln(&["bench", "--quick", "--budget", "1e300"]);
     assert!(
-        stderr(&o).contains("--budget 1000000000: expected seconds"),
+        stderr(&o).contains("--budget 1e300: expected seconds"),
         "{}",
         stderr(&o)
     );

@@ -6,8 +6,8 @@
 //! trainable [`Var`]s, the shared counter-based RNG ([`rng`]), the plans that
 //! validate each op once ([`plan`]), the error bound every op is held to
 //! ([`bounds`]), the count of calls that took a slow path ([`slow_path`]),
-//! the environment settings read one way ([`mod@env`]) and the one [`Error`]
-//! type.
+//! the environment settings read one way ([`mod@env`]), numbers written for
+//! people ([`Number`]) and the one [`Error`] type.
 //!
 //! ```
 //! use kiln_core::{Tensor, Var};
@@ -36,6 +36,7 @@ pub mod files;
 pub mod idle;
 pub mod layout;
 pub mod norm;
+pub mod number;
 pub mod plan;
 pub mod rng;
 pub mod shape;
@@ -56,6 +57,7 @@ pub use error::{DataError, Error, Result};
 pub use idle::IdleWork;
 pub use layout::Layout;
 pub use norm::{LayerNormGrads, LayerNormOut};
+pub use number::Number;
 pub use plan::{
     AttentionPlan, CausalSoftmaxPlan, EmbeddingPlan, GemmPlan, LayerNormPlan, OptimizerPlan,
     SoftmaxCePlan,

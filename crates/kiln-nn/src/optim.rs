@@ -5,8 +5,8 @@
 //! weights.
 
 use kiln_core::{
-    AdamStep, Backend, BackendStorage, Error, GradStore, HostData, Layout, Result, SgdStep, Shape,
-    Tensor, Var, View,
+    AdamStep, Backend, BackendStorage, Error, GradStore, HostData, Layout, Number, Result, SgdStep,
+    Shape, Tensor, Var, View,
 };
 
 /// An optimiser's state in host memory, for checkpoints: what it is, its
@@ -81,7 +81,8 @@ pub trait Optimizer<B: Backend>: Send {
     fn lr(&self) -> f32;
     /// Changes the learning rate (schedules).
     fn set_lr(&mut self, lr: f32);
-    /// A short description (`adam(lr=0.001)`).
+    /// A short description (`adam(lr=0.001, β₁=0.9, β₂=0.999, ε=1e-7)`),
+    /// its numbers written by [`kiln_core::Number`].
     fn describe(&self) -> String;
 }
 
@@ -247,8 +248,8 @@ impl<B: Backend> Optimizer<B> for Sgd<B> {
     fn describe(&self) -> String {
         format!(
             "sgd(lr={}, momentum={}{})",
-            self.hyper.lr,
-            self.hyper.momentum,
+            Number(self.hyper.lr),
+            Number(self.hyper.momentum),
             if self.hyper.nesterov {
                 ", nesterov"
             } else {
@@ -314,7 +315,7 @@ impl<B: Backend> Adam<B> {
     /// let opt = Adam::<kiln_cpu::CpuBackend>::pytorch_adamw(1e-3, 0.1)?
     ///     .with_betas(0.9, 0.99, 1e-8)?
     ///     .with_decay_mask(vec![true, false]);
-    /// assert_eq!(opt.describe(), "adamw_torch(lr=0.001, β₁=0.9, β₂=0.99, ε=0.00000001, wd=0.1)");
+    /// assert_eq!(opt.describe(), "adamw_torch(lr=0.001, β₁=0.9, β₂=0.99, ε=1e-8, wd=0.1)");
     /// # Ok::<(), kiln_core::Error>(())
     /// ```
     pub fn pytorch_adamw(lr: f32, wd: f32) -> Result<Self> {
@@ -504,17 +505,17 @@ impl<B: Backend> Optimizer<B> for Adam<B> {
     }
     fn describe(&self) -> String {
         let wd = if self.hyper.weight_decay > 0.0 {
-            format!(", wd={}", self.hyper.weight_decay)
+            format!(", wd={}", Number(self.hyper.weight_decay))
         } else {
             String::new()
         };
         format!(
             "{}(lr={}, β₁={}, β₂={}, ε={}{wd})",
             self.kind(),
-            self.hyper.lr,
-            self.hyper.beta1,
-            self.hyper.beta2,
-            self.hyper.eps
+            Number(self.hyper.lr),
+            Number(self.hyper.beta1),
+            Number(self.hyper.beta2),
+            Number(self.hyper.eps)
         )
     }
 }

@@ -144,7 +144,10 @@ impl LmFitConfig {
         }
         if let Some(c) = self.grad_clip {
             if !(c.is_finite() && c > 0.0) {
-                return bad(format!("--grad-clip {c} must be finite and positive"));
+                return bad(format!(
+                    "--grad-clip {} must be finite and positive",
+                    kiln_core::Number(c)
+                ));
             }
         }
         self.schedule.check()

@@ -801,7 +801,7 @@ impl<B: Backend> Trainer<B> {
                 if !batch_loss.is_finite() {
                     return Err(Error::invalid(format!(
                         "epoch {epoch}: the loss became {batch_loss}; lower the learning rate (now {})",
-                        self.optimizer.lr()
+                        kiln_core::Number(self.optimizer.lr())
                     )));
                 }
                 let apply = match scaler.as_mut() {

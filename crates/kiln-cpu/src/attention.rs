@@ -325,19 +325,23 @@ fn transposed_weighted_loop(
 /// [`SoftmaxRow`](kiln_core::bounds::SoftmaxRow) — the max, shifts, `exp`,
 /// a fixed-order sum, a division.
 ///
-/// A row is worked on in whole vectors: its scores past the keys it sees
-/// are set to −∞ up to the next multiple of [`LANES`] (the max ignores
-/// them) and its probabilities there to 0 before the sum (which adds them
-/// to partial sums they leave unchanged), so no loop has a scalar tail —
-/// the rows of a causal problem are 1 to `S` keys long, and their tails
-/// took half the softmax's time. The bits are those of the row alone.
+/// A row is worked on in whole vectors: the lanes of its last vector past
+/// the keys it sees are set to −∞ (the max ignores them) and, once the
+/// exponentials are in (of whole vectors too), to 0 before the sum (which adds them to partial
+/// sums they leave unchanged) — lane by lane under a comparison, not by a
+/// fill of a varying length, which compiled to a call to `memset` — so no
+/// loop has a scalar tail: the rows of a causal problem are 1 to `S` keys
+/// long, and their tails took half the softmax's time. The bits are those
+/// of the row alone.
 #[inline(always)]
 fn softmax_rows_loop(p: &mut [f32], c: Causal, exp: MapKernel, shifted: &mut [f32]) {
     for i in c.lo..c.hi {
         let (seen, row) = (c.seen(i), &mut p[(i - c.lo) * c.sp..(i - c.lo + 1) * c.sp]);
         let whole = seen.next_multiple_of(LANES);
         let (row, rest) = row.split_at_mut(whole);
-        row[seen..].fill(f32::NEG_INFINITY);
+        // Lanes of the last vector up to `tail` are keys the row sees.
+        let tail = seen - (whole - LANES);
+        past(row, tail, f32::NEG_INFINITY);
         let max = row_max(row.as_chunks::<LANES>().0);
         let shifted = &mut shifted[..whole];
         for (s, x) in shifted
@@ -350,9 +354,12 @@ fn softmax_rows_loop(p: &mut [f32], c: Causal, exp: MapKernel, shifted: &mut [f3
                 *s = x - max;
             }
         }
+        // Whole vectors (the lanes past the keys seen are −∞ − max, whose
+        // exponentials are replaced by zeros): a masked store of the last
+        // vector, read back whole at once, had the sum wait for it.
         // SAFETY: `exp` came from `transcendental` for a checked set.
-        unsafe { exp(&shifted[..seen], &mut row[..seen]) };
-        row[seen..].fill(0.0);
+        unsafe { exp(shifted, row) };
+        past(row, tail, 0.0);
         let sum = lane_sum_whole(row.as_chunks::<LANES>().0);
         for x in row.as_chunks_mut::<LANES>().0 {
             for x in x.iter_mut() {
@@ -360,14 +367,47 @@ fn softmax_rows_loop(p: &mut [f32], c: Causal, exp: MapKernel, shifted: &mut [f3
             }
         }
         // 0/sum is 0 unless the row is NaN: zeros after, whatever the row.
-        row[seen..].fill(0.0);
+        past(row, tail, 0.0);
         rest.fill(0.0);
+    }
+}
+
+/// `KEEP[t][l]`: all ones for the lanes `l < t` of a row's last vector
+/// that hold keys the row sees, zeros past them.
+static KEEP: [[u32; LANES]; LANES + 1] = {
+    let mut keep = [[0; LANES]; LANES + 1];
+    let mut t = 0;
+    while t <= LANES {
+        let mut l = 0;
+        while l < t {
+            keep[t][l] = u32::MAX;
+            l += 1;
+        }
+        t += 1;
+    }
+    keep
+};
+
+/// Sets the lanes of `row`'s last [`LANES`] from `tail` on to `value`
+/// (`row` whole vectors long, `tail` at most [`LANES`]): one vector's
+/// blend under a mask from [`KEEP`] (a comparison of the lane with
+/// `tail` compiled back into a `memset` of the lanes past it).
+#[inline(always)]
+fn past(row: &mut [f32], tail: usize, value: f32) {
+    let at = row.len() - LANES;
+    let last: &mut [f32; LANES] = (&mut row[at..]).try_into().expect("LANES floats");
+    let (keep, value) = (&KEEP[tail], value.to_bits());
+    for (x, &k) in last.iter_mut().zip(keep) {
+        *x = f32::from_bits((x.to_bits() & k) | (value & !k));
     }
 }
 
 /// The largest of a row's scores, NaN aside: a NaN score still makes the
 /// row's probabilities all NaN (its shifted score is NaN, so is the sum
-/// every probability is divided by), as a NaN maximum would.
+/// every probability is divided by), as a NaN maximum would. The lanes'
+/// maxima are combined pairwise, in vectors (one lane at a time, they
+/// were a fifth of the softmax's time); the max of numbers does not
+/// depend on the order.
 #[inline(always)]
 fn row_max(x: &[[f32; LANES]]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
@@ -376,8 +416,15 @@ fn row_max(x: &[[f32; LANES]]) -> f32 {
             *a = if v > *a { v } else { *a };
         }
     }
-    acc.iter()
-        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+    // No lane is NaN (a NaN score is never greater): `max` is the select.
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] = acc[l].max(acc[l + width]);
+        }
+    }
+    acc[0]
 }
 
 /// `dS = P∘(dP − δ)` in place of `dP`, `δᵢ = Σⱼ PᵢⱼdPᵢⱼ` over the keys row

@@ -127,8 +127,11 @@ fn fma_row(acc: &mut [f32; LANES], a: f32, v: &[f32; LANES]) {
 /// least the keys it sees (whole blocks of [`LANES`]; the rest of a row is
 /// left as it was): the scores `q·kᵀ` from the transposed keys, or
 /// `dy·vᵀ` from the transposed values.
+///
+/// `WIDE` blocks take two vectors of keys at a time, as far as they go
+/// ([`WIDE_SETS`]).
 #[inline(always)]
-fn products_loop(
+fn products_loop<const WIDE: bool>(
     x: &[f32],
     xs: usize,
     t: &[f32],
@@ -141,7 +144,26 @@ fn products_loop(
         let r = ROWS.min(c.hi - i0);
         let at = block_rows(i0, r, xs);
         let width = c.seen(i0 + r - 1).next_multiple_of(LANES).min(c.sp);
-        for j0 in (0..width).step_by(LANES) {
+        let mut narrow = 0;
+        if WIDE {
+            for j0 in (0..width - width % (2 * LANES)).step_by(2 * LANES) {
+                let mut acc = [[[0f32; LANES]; 2]; ROWS];
+                for p in 0..d {
+                    let row = p * c.sp + j0;
+                    let (t0, t1) = (whole(t, row), whole(t, row + LANES));
+                    let a = [x[at[0] + p], x[at[1] + p], x[at[2] + p], x[at[3] + p]];
+                    block_fma2(&mut acc, a, t0, t1);
+                }
+                for (k, row) in acc.iter().enumerate().take(r) {
+                    let dst = &mut out[(i0 - c.lo + k) * c.sp + j0..][..2 * LANES];
+                    for (o, &v) in dst.iter_mut().zip(row.as_flattened()) {
+                        *o = v * scale;
+                    }
+                }
+            }
+            narrow = width - width % (2 * LANES);
+        }
+        for j0 in (narrow..width).step_by(LANES) {
             let mut acc = [[0f32; LANES]; ROWS];
             for p in 0..d {
                 let tv = whole(t, p * c.sp + j0);
@@ -221,11 +243,37 @@ fn block_fma(acc: &mut [[f32; LANES]; ROWS], a: [f32; ROWS], v: &[f32; LANES]) {
     }
 }
 
+/// `acc[k] += a[k]·(v0, v1)` for a wide block's `ROWS` rows of two
+/// vectors.
+#[inline(always)]
+fn block_fma2(
+    acc: &mut [[[f32; LANES]; 2]; ROWS],
+    a: [f32; ROWS],
+    v0: &[f32; LANES],
+    v1: &[f32; LANES],
+) {
+    for (row, a) in acc.iter_mut().zip(a) {
+        fma_row(&mut row[0], a, v0);
+        fma_row(&mut row[1], a, v1);
+    }
+}
+
 /// `out[i·os..][..d] = Σ_{j < seen(i)} w[i·sp + j]·y[j·ys..]`, keys
 /// ascending: `P·v` or `dS·k`.
+///
+/// `WIDE` blocks take two vectors of columns at a time, as far as they go
+/// ([`WIDE_SETS`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn weighted_loop(w: &[f32], y: &[f32], ys: usize, d: usize, c: Causal, out: &mut [f32], os: usize) {
+fn weighted_loop<const WIDE: bool>(
+    w: &[f32],
+    y: &[f32],
+    ys: usize,
+    d: usize,
+    c: Causal,
+    out: &mut [f32],
+    os: usize,
+) {
     for i0 in (c.lo..c.hi).step_by(ROWS) {
         let r = ROWS.min(c.hi - i0);
         // Keys every row of the block sees, then each row's own.
@@ -244,10 +292,30 @@ fn weighted_loop(w: &[f32], y: &[f32], ys: usize, d: usize, c: Causal, out: &mut
             }
             continue;
         }
-        for c0 in (0..d).step_by(LANES) {
+        let at = block_rows(i0 - c.lo, r, c.sp);
+        let mut narrow = 0;
+        if WIDE {
+            for c0 in (0..d - d % (2 * LANES)).step_by(2 * LANES) {
+                let mut acc = [[[0f32; LANES]; 2]; ROWS];
+                for j in 0..common {
+                    let a = [w[at[0] + j], w[at[1] + j], w[at[2] + j], w[at[3] + j]];
+                    let (y0, y1) = (whole(y, j * ys + c0), whole(y, j * ys + c0 + LANES));
+                    block_fma2(&mut acc, a, y0, y1);
+                }
+                for (k, row) in acc.iter_mut().enumerate().take(r) {
+                    for j in common..c.seen(i0 + k) {
+                        let a = w[(i0 - c.lo + k) * c.sp + j];
+                        fma_row(&mut row[0], a, whole(y, j * ys + c0));
+                        fma_row(&mut row[1], a, whole(y, j * ys + c0 + LANES));
+                    }
+                    out[(i0 + k) * os + c0..][..2 * LANES].copy_from_slice(row.as_flattened());
+                }
+            }
+            narrow = d - d % (2 * LANES);
+        }
+        for c0 in (narrow..d).step_by(LANES) {
             let cw = LANES.min(d - c0);
             let mut acc = [[0f32; LANES]; ROWS];
-            let at = block_rows(i0 - c.lo, r, c.sp);
             if cw == LANES {
                 for j in 0..common {
                     let a = [w[at[0] + j], w[at[1] + j], w[at[2] + j], w[at[3] + j]];
@@ -276,8 +344,11 @@ fn weighted_loop(w: &[f32], y: &[f32], ys: usize, d: usize, c: Causal, out: &mut
 /// `out[j·os..][..d] += Σ_{i sees j} w[(i − lo)·sp + j]·x[i·xs..]` over the
 /// pass's queries, ascending (a pass continues the chains of multiply-adds
 /// the earlier ones left in `out`): `dSᵀ·q` or `Pᵀ·dy`.
+///
+/// `WIDE` blocks take two vectors of columns at a time, as far as they go
+/// ([`WIDE_SETS`]).
 #[inline(always)]
-fn transposed_weighted_loop(
+fn transposed_weighted_loop<const WIDE: bool>(
     w: &[f32],
     x: &[f32],
     xs: usize,
@@ -293,7 +364,33 @@ fn transposed_weighted_loop(
         let r = ROWS.min(c.keys - j0);
         // Queries that see every key of the block, after each key's own.
         let common = c.first(j0 + r - 1).clamp(c.lo, c.hi);
-        for c0 in (0..d).step_by(LANES) {
+        let at: [usize; ROWS] = std::array::from_fn(|k| j0 + k.min(r - 1));
+        let mut narrow = 0;
+        if WIDE {
+            for c0 in (0..d - d % (2 * LANES)).step_by(2 * LANES) {
+                let mut acc = [[[0f32; LANES]; 2]; ROWS];
+                for (k, row) in acc.iter_mut().enumerate().take(r) {
+                    let o = (j0 + k) * os + c0;
+                    (row[0], row[1]) = (*whole(out, o), *whole(out, o + LANES));
+                    for i in c.first(j0 + k).max(c.lo)..common {
+                        let a = w[(i - c.lo) * c.sp + j0 + k];
+                        fma_row(&mut row[0], a, whole(x, i * xs + c0));
+                        fma_row(&mut row[1], a, whole(x, i * xs + c0 + LANES));
+                    }
+                }
+                for i in common..c.hi {
+                    let row = &w[(i - c.lo) * c.sp..];
+                    let a = [row[at[0]], row[at[1]], row[at[2]], row[at[3]]];
+                    let (x0, x1) = (whole(x, i * xs + c0), whole(x, i * xs + c0 + LANES));
+                    block_fma2(&mut acc, a, x0, x1);
+                }
+                for (k, row) in acc.iter().enumerate().take(r) {
+                    out[(j0 + k) * os + c0..][..2 * LANES].copy_from_slice(row.as_flattened());
+                }
+            }
+            narrow = d - d % (2 * LANES);
+        }
+        for c0 in (narrow..d).step_by(LANES) {
             let cw = LANES.min(d - c0);
             let mut acc = [[0f32; LANES]; ROWS];
             for (k, row) in acc.iter_mut().enumerate().take(r) {
@@ -303,7 +400,6 @@ fn transposed_weighted_loop(
                     fma_row(row, a, &lanes(x, i * xs + c0, cw));
                 }
             }
-            let at: [usize; ROWS] = std::array::from_fn(|k| j0 + k.min(r - 1));
             for i in common..c.hi {
                 let row = &w[(i - c.lo) * c.sp..];
                 let a = [row[at[0]], row[at[1]], row[at[2]], row[at[3]]];
@@ -483,9 +579,42 @@ wide::per_set! {
     fn dropped(x: &mut [f32], m: &[f32], c: Causal) -> () = dropped_loop;
 }
 
-wide::per_set! {
+/// The kernel sets whose loops take blocks two vectors wide (`WIDE`): a
+/// block of [`ROWS`] × 2 vectors keeps 8 accumulators in AVX-512's 32
+/// registers beside its operands, and needs 2 vector loads and 4
+/// broadcasts per 8 multiply-adds where a block one vector wide needs 1
+/// and 4 per 4. AVX2 (16 registers) and NEON (32 of a quarter the width)
+/// would spill them. Each sum's chain of multiply-adds is the same either
+/// way: so are the bits.
+const WIDE_SETS: [KernelSet; 1] = [KernelSet::Avx512];
+
+/// Declares `$name(set, …)` running `$narrow` or, on [`WIDE_SETS`],
+/// `$wide`.
+macro_rules! wide_or_narrow {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) = $loop:ident, $wide:ident, $narrow:ident;) => {
+        wide::per_set! {
+            /// The loop's blocks two vectors wide.
+            fn $wide($($arg: $ty),*) -> () = $loop::<true>;
+        }
+        wide::per_set! {
+            /// The loop's blocks one vector wide.
+            fn $narrow($($arg: $ty),*) -> () = $loop::<false>;
+        }
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name(set: KernelSet, $($arg: $ty),*) {
+            if WIDE_SETS.contains(&set) {
+                $wide(set, $($arg),*)
+            } else {
+                $narrow(set, $($arg),*)
+            }
+        }
+    };
+}
+
+wide_or_narrow! {
     /// Scores or their gradients' products ([`products_loop`]).
-    fn products(x: &[f32], xs: usize, t: &[f32], d: usize, c: Causal, scale: f32, out: &mut [f32]) -> () = products_loop;
+    fn products(x: &[f32], xs: usize, t: &[f32], d: usize, c: Causal, scale: f32, out: &mut [f32]) = products_loop, products_wide, products_narrow;
 }
 
 wide::per_set! {
@@ -493,14 +622,14 @@ wide::per_set! {
     fn dots(x: &[f32], xs: usize, y: &[f32], ys: usize, d: usize, c: Causal, scale: f32, out: &mut [f32]) -> () = dots_loop;
 }
 
-wide::per_set! {
+wide_or_narrow! {
     /// A causal weighted sum of rows ([`weighted_loop`]).
-    fn weighted(w: &[f32], y: &[f32], ys: usize, d: usize, c: Causal, out: &mut [f32], os: usize) -> () = weighted_loop;
+    fn weighted(w: &[f32], y: &[f32], ys: usize, d: usize, c: Causal, out: &mut [f32], os: usize) = weighted_loop, weighted_wide, weighted_narrow;
 }
 
-wide::per_set! {
+wide_or_narrow! {
     /// Its transposed form ([`transposed_weighted_loop`]).
-    fn transposed_weighted(w: &[f32], x: &[f32], xs: usize, d: usize, c: Causal, out: &mut [f32], os: usize) -> () = transposed_weighted_loop;
+    fn transposed_weighted(w: &[f32], x: &[f32], xs: usize, d: usize, c: Causal, out: &mut [f32], os: usize) = transposed_weighted_loop, transposed_weighted_wide, transposed_weighted_narrow;
 }
 
 wide::per_set! {
@@ -945,4 +1074,61 @@ fn per_example(buf: &mut Vec<f32>, n: usize, each: usize) -> Vec<&mut [MaybeUnin
             part
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wide blocks give the narrow ones' bits — the same chains of
+    /// multiply-adds — for every loop, at widths with and without a
+    /// narrow remainder (`d` 16 to 72, keys 1 to 70, in passes that start
+    /// past 0), on every set this processor runs.
+    #[test]
+    fn wide_blocks_give_the_narrow_blocks_bits() {
+        let val = |i: usize, s: usize| ((i * 7919 + s * 104_729) % 1013) as f32 / 512.0 - 0.99;
+        for set in KernelSet::ALL.into_iter().filter(|s| s.available()) {
+            for (t, d) in [
+                (1usize, 32usize),
+                (5, 16),
+                (17, 40),
+                (64, 32),
+                (70, 64),
+                (33, 72),
+                (40, 48),
+            ] {
+                let sp = t.next_multiple_of(LANES);
+                let whole = Causal {
+                    lo: 0,
+                    hi: t,
+                    keys: t,
+                    extra: 0,
+                    sp,
+                };
+                // A second pass of queries, as a long problem runs it.
+                let pass = Causal { lo: t / 3, ..whole };
+                let (xs, os) = (d + 3, d + 5);
+                let x: Vec<f32> = (0..t * xs).map(|i| val(i, 1)).collect();
+                let kt: Vec<f32> = (0..d * sp).map(|i| val(i, 2)).collect();
+                let w: Vec<f32> = (0..t * sp).map(|i| val(i, 3)).collect();
+                let y: Vec<f32> = (0..t * xs).map(|i| val(i, 4)).collect();
+                let start: Vec<f32> = (0..t * os).map(|i| val(i, 5)).collect();
+                for c in [whole, pass] {
+                    let (mut a, mut b) = (vec![0f32; t * sp], vec![0f32; t * sp]);
+                    products_wide(set, &x, xs, &kt, d, c, 0.25, &mut a);
+                    products_narrow(set, &x, xs, &kt, d, c, 0.25, &mut b);
+                    assert_eq!(a, b, "products, {set:?}, t {t}, d {d}, from {}", c.lo);
+                    let (mut a, mut b) = (start.clone(), start.clone());
+                    weighted_wide(set, &w, &y, xs, d, c, &mut a, os);
+                    weighted_narrow(set, &w, &y, xs, d, c, &mut b, os);
+                    assert_eq!(a, b, "weighted, {set:?}, t {t}, d {d}, from {}", c.lo);
+                    let (mut a, mut b) = (start.clone(), start.clone());
+                    transposed_weighted_wide(set, &w, &x, xs, d, c, &mut a, os);
+                    transposed_weighted_narrow(set, &w, &x, xs, d, c, &mut b, os);
+                    assert_eq!(a, b, "transposed, {set:?}, t {t}, d {d}, from {}", c.lo);
+                    assert_ne!(a, start, "transposed, {set:?}: nothing added");
+                }
+            }
+        }
+    }
 }

@@ -147,16 +147,21 @@ fn products_loop<const WIDE: bool>(
         let mut narrow = 0;
         if WIDE {
             for j0 in (0..width - width % (2 * LANES)).step_by(2 * LANES) {
-                let mut acc = [[[0f32; LANES]; 2]; ROWS];
+                let (mut acc0, mut acc1) = ([[0f32; LANES]; ROWS], [[0f32; LANES]; ROWS]);
                 for p in 0..d {
                     let row = p * c.sp + j0;
                     let (t0, t1) = (whole(t, row), whole(t, row + LANES));
                     let a = [x[at[0] + p], x[at[1] + p], x[at[2] + p], x[at[3] + p]];
-                    block_fma2(&mut acc, a, t0, t1);
+                    block_fma(&mut acc0, a, t0);
+                    block_fma(&mut acc1, a, t1);
                 }
-                for (k, row) in acc.iter().enumerate().take(r) {
+                for (k, (row0, row1)) in acc0.iter().zip(&acc1).enumerate().take(r) {
                     let dst = &mut out[(i0 - c.lo + k) * c.sp + j0..][..2 * LANES];
-                    for (o, &v) in dst.iter_mut().zip(row.as_flattened()) {
+                    let (d0, d1) = dst.split_at_mut(LANES);
+                    for (o, &v) in d0.iter_mut().zip(row0) {
+                        *o = v * scale;
+                    }
+                    for (o, &v) in d1.iter_mut().zip(row1) {
                         *o = v * scale;
                     }
                 }
@@ -235,26 +240,17 @@ fn whole(x: &[f32], at: usize) -> &[f32; LANES] {
     x[at..at + LANES].try_into().expect("LANES floats")
 }
 
+/// `ROWS` floats of `x` from `at`.
+#[inline(always)]
+fn whole_rows(x: &[f32], at: usize) -> &[f32; ROWS] {
+    x[at..at + ROWS].try_into().expect("ROWS floats")
+}
+
 /// `acc[k] += a[k]·v` for the block's `ROWS` rows.
 #[inline(always)]
 fn block_fma(acc: &mut [[f32; LANES]; ROWS], a: [f32; ROWS], v: &[f32; LANES]) {
     for (row, a) in acc.iter_mut().zip(a) {
         fma_row(row, a, v);
-    }
-}
-
-/// `acc[k] += a[k]·(v0, v1)` for a wide block's `ROWS` rows of two
-/// vectors.
-#[inline(always)]
-fn block_fma2(
-    acc: &mut [[[f32; LANES]; 2]; ROWS],
-    a: [f32; ROWS],
-    v0: &[f32; LANES],
-    v1: &[f32; LANES],
-) {
-    for (row, a) in acc.iter_mut().zip(a) {
-        fma_row(&mut row[0], a, v0);
-        fma_row(&mut row[1], a, v1);
     }
 }
 
@@ -296,19 +292,21 @@ fn weighted_loop<const WIDE: bool>(
         let mut narrow = 0;
         if WIDE {
             for c0 in (0..d - d % (2 * LANES)).step_by(2 * LANES) {
-                let mut acc = [[[0f32; LANES]; 2]; ROWS];
+                let (mut acc0, mut acc1) = ([[0f32; LANES]; ROWS], [[0f32; LANES]; ROWS]);
                 for j in 0..common {
                     let a = [w[at[0] + j], w[at[1] + j], w[at[2] + j], w[at[3] + j]];
-                    let (y0, y1) = (whole(y, j * ys + c0), whole(y, j * ys + c0 + LANES));
-                    block_fma2(&mut acc, a, y0, y1);
+                    block_fma(&mut acc0, a, whole(y, j * ys + c0));
+                    block_fma(&mut acc1, a, whole(y, j * ys + c0 + LANES));
                 }
-                for (k, row) in acc.iter_mut().enumerate().take(r) {
+                for (k, (row0, row1)) in acc0.iter_mut().zip(&mut acc1).enumerate().take(r) {
                     for j in common..c.seen(i0 + k) {
                         let a = w[(i0 - c.lo + k) * c.sp + j];
-                        fma_row(&mut row[0], a, whole(y, j * ys + c0));
-                        fma_row(&mut row[1], a, whole(y, j * ys + c0 + LANES));
+                        fma_row(row0, a, whole(y, j * ys + c0));
+                        fma_row(row1, a, whole(y, j * ys + c0 + LANES));
                     }
-                    out[(i0 + k) * os + c0..][..2 * LANES].copy_from_slice(row.as_flattened());
+                    let dst = &mut out[(i0 + k) * os + c0..][..2 * LANES];
+                    dst[..LANES].copy_from_slice(row0);
+                    dst[LANES..].copy_from_slice(row1);
                 }
             }
             narrow = d - d % (2 * LANES);
@@ -368,24 +366,29 @@ fn transposed_weighted_loop<const WIDE: bool>(
         let mut narrow = 0;
         if WIDE {
             for c0 in (0..d - d % (2 * LANES)).step_by(2 * LANES) {
-                let mut acc = [[[0f32; LANES]; 2]; ROWS];
-                for (k, row) in acc.iter_mut().enumerate().take(r) {
+                let (mut acc0, mut acc1) = ([[0f32; LANES]; ROWS], [[0f32; LANES]; ROWS]);
+                for (k, (row0, row1)) in acc0.iter_mut().zip(&mut acc1).enumerate().take(r) {
                     let o = (j0 + k) * os + c0;
-                    (row[0], row[1]) = (*whole(out, o), *whole(out, o + LANES));
+                    (*row0, *row1) = (*whole(out, o), *whole(out, o + LANES));
                     for i in c.first(j0 + k).max(c.lo)..common {
                         let a = w[(i - c.lo) * c.sp + j0 + k];
-                        fma_row(&mut row[0], a, whole(x, i * xs + c0));
-                        fma_row(&mut row[1], a, whole(x, i * xs + c0 + LANES));
+                        fma_row(row0, a, whole(x, i * xs + c0));
+                        fma_row(row1, a, whole(x, i * xs + c0 + LANES));
                     }
                 }
                 for i in common..c.hi {
-                    let row = &w[(i - c.lo) * c.sp..];
-                    let a = [row[at[0]], row[at[1]], row[at[2]], row[at[3]]];
-                    let (x0, x1) = (whole(x, i * xs + c0), whole(x, i * xs + c0 + LANES));
-                    block_fma2(&mut acc, a, x0, x1);
+                    // All ROWS keys' weights, whole: a block's rows past
+                    // the `r` real ones are computed and dropped (the row
+                    // holds `sp` ≥ j0 + ROWS of them: both are multiples
+                    // of ROWS).
+                    let a = *whole_rows(w, (i - c.lo) * c.sp + j0);
+                    block_fma(&mut acc0, a, whole(x, i * xs + c0));
+                    block_fma(&mut acc1, a, whole(x, i * xs + c0 + LANES));
                 }
-                for (k, row) in acc.iter().enumerate().take(r) {
-                    out[(j0 + k) * os + c0..][..2 * LANES].copy_from_slice(row.as_flattened());
+                for (k, (row0, row1)) in acc0.iter().zip(&acc1).enumerate().take(r) {
+                    let dst = &mut out[(j0 + k) * os + c0..][..2 * LANES];
+                    dst[..LANES].copy_from_slice(row0);
+                    dst[LANES..].copy_from_slice(row1);
                 }
             }
             narrow = d - d % (2 * LANES);

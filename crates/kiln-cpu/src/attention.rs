@@ -535,8 +535,10 @@ fn score_grads_loop(p: &[f32], dp: &mut [f32], c: Causal) {
         // Whole vectors, as in `softmax_rows_loop`: past the keys seen,
         // `P` is 0 and `dP` is set to 0, adding nothing to δ.
         let whole = seen.next_multiple_of(LANES);
+        let tail = seen - (whole - LANES);
         let (pr, dr) = (&p[at..][..whole], &mut dp[at..at + c.sp]);
-        dr[seen..whole].fill(0.0);
+        let (dr, rest) = dr.split_at_mut(whole);
+        past(dr, tail, 0.0);
         // `lane_sum` of the products, a vector at a time.
         let mut acc = [0f32; LANES];
         for (pj, g) in pr
@@ -560,7 +562,9 @@ fn score_grads_loop(p: &[f32], dp: &mut [f32], c: Causal) {
                 *g = pj * (*g - delta);
             }
         }
-        dr[seen..].fill(0.0);
+        // 0·(0 − δ) is −0 for δ > 0: zeros after, whatever δ.
+        past(dr, tail, 0.0);
+        rest.fill(0.0);
     }
 }
 
@@ -645,12 +649,18 @@ wide::per_set! {
     fn score_grads(p: &[f32], dp: &mut [f32], c: Causal) -> () = score_grads_loop;
 }
 
-/// `rows` rows of `cols` floats, `xs` apart in `x`, transposed into `out`
-/// (`[cols, stride]`), 8 × 8 blocks through registers where AVX is present
-/// (one scattered store per element made the transposes of a GPT's keys a
-/// tenth of its attention's forward pass).
-fn transpose(x: &[f32], xs: usize, [rows, cols]: [usize; 2], stride: usize, out: &mut [f32]) {
-    crate::gemm::pack::transpose_into(x, xs, [rows, cols], out, stride);
+/// `x`'s first `rows` rows of `cols` floats transposed into `out`
+/// (`[cols, stride]`), each of its rows zero past `rows`: 8 × 8 blocks
+/// through registers where AVX is present (one scattered store per
+/// element made the transposes of a GPT's keys a tenth of its attention's
+/// forward pass).
+fn transposed(x: Rows<'_>, [rows, cols]: [usize; 2], stride: usize, out: &mut [f32]) {
+    crate::gemm::pack::transpose_into(x.data, x.stride, [rows, cols], out, stride);
+    if stride > rows {
+        for row in out.chunks_exact_mut(stride).take(cols) {
+            row[rows..].fill(0.0);
+        }
+    }
 }
 
 /// One problem's operands (f32 rows, each its own distance apart: heads
@@ -710,9 +720,11 @@ impl<'a> Problem<'a> {
         f: impl FnOnce(&mut Problem<'_>) -> R,
     ) -> R {
         let lens = Self::buffer_lens(plan);
+        // Not zeroed: every loop writes what it reads (the keys' padding
+        // is zeroed by `Problem::new`; score rows past the keys a query
+        // sees are masked, never read) — zeroing them took 5 % of the
+        // backward pass's time in `memset`.
         scratch::sized(lens.iter().sum(), |buf| {
-            // Zeros past the keys (kt) and past each row's seen keys (p, m).
-            buf.fill(0.0);
             let (kt, rest) = buf.split_at_mut(lens[0]);
             let (p, rest) = rest.split_at_mut(lens[1]);
             let (m, shifted) = rest.split_at_mut(lens[2]);
@@ -727,8 +739,8 @@ impl<'a> Problem<'a> {
         })
     }
 
-    /// Problem `b`'s operands, in `buffers` (zeros, of
-    /// [`Problem::buffer_lens`]).
+    /// Problem `b`'s operands, in `buffers` (of [`Problem::buffer_lens`],
+    /// holding anything).
     fn new(
         set: KernelSet,
         exp: MapKernel,
@@ -747,7 +759,7 @@ impl<'a> Problem<'a> {
         };
         let (q, k, v) = (q.problem(b), k.problem(b), v.problem(b));
         if !Self::direct(plan) {
-            transpose(k.data, k.stride, [s, d], causal.sp, kt);
+            transposed(k, [s, d], causal.sp, kt);
         }
         Problem {
             set,
@@ -809,28 +821,37 @@ impl<'a> Problem<'a> {
     /// `dq` (`T` rows of `D`), `dk` and `dv` (`S` rows; zeros on entry)
     /// from this problem's `dy` rows, before the scale on `dq` and `dk`.
     fn backward(&mut self, dy: Rows<'_>, dq: RowsMut<'_>, dk: RowsMut<'_>, dv: RowsMut<'_>) {
+        let (d, v) = (self.d, self.v);
+        let (sp, rows) = (self.causal.sp, self.p.len());
+        scratch::sized(d * sp + rows, |buf| {
+            let (vt, ds) = buf.split_at_mut(d * sp);
+            transposed(v, [self.causal.keys, d], sp, vt);
+            self.backward_passes(dy, [dq, dk, dv], vt, ds);
+        })
+    }
+
+    /// [`Problem::backward`]'s passes, with `vt` the values transposed
+    /// and `ds` a pass's score gradients.
+    fn backward_passes(
+        &mut self,
+        dy: Rows<'_>,
+        [dq, dk, dv]: [RowsMut<'_>; 3],
+        vt: &[f32],
+        ds: &mut [f32],
+    ) {
         let (set, d) = (self.set, self.d);
-        let (q, k, v) = (self.q, self.k, self.v);
-        let mut vt = vec![0f32; d * self.causal.sp];
-        transpose(
-            v.data,
-            v.stride,
-            [self.causal.keys, d],
-            self.causal.sp,
-            &mut vt,
-        );
-        let mut ds = vec![0f32; self.p.len()];
+        let (q, k) = (self.q, self.k);
         for c in self.causal.passes() {
             self.probabilities(c);
             let dropout = self.factors(c);
-            products(set, dy.data, dy.stride, &vt, d, c, 1.0, &mut ds);
+            products(set, dy.data, dy.stride, vt, d, c, 1.0, ds);
             if dropout {
                 // dP = (dy·vᵀ)∘M; δ and dS use the undropped P.
-                dropped(set, &mut ds, self.m, c);
+                dropped(set, ds, self.m, c);
             }
-            score_grads(set, self.p, &mut ds, c);
-            weighted(set, &ds, k.data, k.stride, d, c, dq.data, dq.stride);
-            transposed_weighted(set, &ds, q.data, q.stride, d, c, dk.data, dk.stride);
+            score_grads(set, self.p, ds, c);
+            weighted(set, ds, k.data, k.stride, d, c, dq.data, dq.stride);
+            transposed_weighted(set, ds, q.data, q.stride, d, c, dk.data, dk.stride);
             if dropout {
                 // dv = P̃ᵀ·dy.
                 dropped(set, self.p, self.m, c);

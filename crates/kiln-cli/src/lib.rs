@@ -611,11 +611,18 @@ fn run_folder_of(checkpoint: &Path) -> Option<PathBuf> {
     } else {
         checkpoint.parent()?
     };
+    // `checkpoints` given from inside the run: the run is this folder.
     dir.file_name()
         .is_some_and(|n| n == "checkpoints")
         .then(|| dir.parent().map(Path::to_path_buf))
         .flatten()
-        .filter(|p| !p.as_os_str().is_empty())
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                p
+            }
+        })
 }
 
 fn unknown_backend(spec: &str) -> Error {
@@ -1286,8 +1293,9 @@ fn run_eval<B: Backend>(a: EvalArgs, backend: B) -> Result<()> {
         println!("\nwrote {}", json.display());
     }
     println!();
-    // The plot is a by-product beside the model: where it cannot be drawn
-    // there, say so and keep the report; a folder the user named must work.
+    // The plot is a by-product beside the model (a checkpoint's run): where
+    // it cannot be drawn there, say so and keep the report; a folder the
+    // user named must work.
     match kiln_train::plots::confusion_matrix(&report, &stem) {
         Ok(w) => report_plots(&w),
         Err(e) if a.out.is_none() => {
@@ -1604,4 +1612,28 @@ fn utc_date() -> String {
         rem / 3600,
         rem % 3600 / 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_belongs_to_the_folder_holding_its_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpts = dir.path().join("run").join("checkpoints");
+        std::fs::create_dir_all(&ckpts).unwrap();
+        let file = ckpts.join("ckpt-000001.safetensors");
+        std::fs::write(&file, b"").unwrap();
+        let run = dir.path().join("run");
+        assert_eq!(run_folder_of(&ckpts), Some(run.clone()));
+        assert_eq!(run_folder_of(&file), Some(run));
+        // Named from inside the run: the run is `.`.
+        assert_eq!(
+            run_folder_of(Path::new("checkpoints/ckpt-000001.safetensors")),
+            Some(PathBuf::from("."))
+        );
+        // A model file elsewhere has no run.
+        assert_eq!(run_folder_of(&dir.path().join("model.safetensors")), None);
+    }
 }

@@ -216,9 +216,14 @@ pub(crate) fn run_train_lm<B: Backend>(
         if lead {
             eprintln!(
                 "note: {} records no update settings (written before kiln kept them): the run goes on with \
-                 --lr {lr}, --min-lr {min_lr}, --warmup {warmup}, --beta2 {beta2}, --weight-decay {weight_decay}, \
-                 --grad-clip {grad_clip} as given or defaulted — pass the run's own if they differed",
-                path.display()
+                 --lr {}, --min-lr {}, --warmup {warmup}, --beta2 {}, --weight-decay {}, \
+                 --grad-clip {} as given or defaulted — pass the run's own if they differed",
+                path.display(),
+                kiln_core::Number(lr),
+                kiln_core::Number(min_lr),
+                kiln_core::Number(beta2),
+                kiln_core::Number(weight_decay),
+                kiln_core::Number(grad_clip)
             );
         }
     }

@@ -347,7 +347,7 @@ fn bad_gpt_runs_are_one_clear_line() {
         ),
         (
             vec![dataset.clone(), "--weight-decay".into(), "1e9".into()],
-            "weight decay 1000000000 at learning rate 0.001: each step scales the weights by 1 − lr·wd",
+            "weight decay 1e9 at learning rate 0.001: each step scales the weights by 1 − lr·wd",
         ),
         (
             vec![dataset.clone(), "--weight-decay=-1".into()],

@@ -13,8 +13,10 @@ const PLAIN_BELOW: f64 = 1e9;
 /// to the same value, as a plain decimal for 0 and for magnitudes from
 /// 10⁻⁴ to under 10⁹ (`0.001`, `3e-4` → `0.0003`), in scientific notation
 /// otherwise (`1e-8`, `1e30`), so that an absurd flag value does not print
-/// as thirty-one digits. A precision (`{:.3}`) applies to either form;
-/// infinities and NaN print as Rust prints them.
+/// as thirty-one digits. The formatter's options apply to either form as
+/// they do to the number itself (`{:.3}`, `{:>8}`: a precision may leave
+/// a small plain number no digits); infinities and NaN print as Rust
+/// prints them.
 ///
 /// ```
 /// use kiln_core::Number;
@@ -30,17 +32,16 @@ const PLAIN_BELOW: f64 = 1e9;
 pub struct Number<T>(pub T);
 
 /// Writes `x` to `f` as a plain decimal or (not `plain`) in scientific
-/// notation, with `f`'s precision if it has one.
+/// notation, with the formatter's own options (precision, width, sign).
 fn write<T: fmt::Display + fmt::LowerExp>(
     f: &mut fmt::Formatter<'_>,
     x: T,
     plain: bool,
 ) -> fmt::Result {
-    match (plain, f.precision()) {
-        (true, None) => write!(f, "{x}"),
-        (true, Some(p)) => write!(f, "{x:.p$}"),
-        (false, None) => write!(f, "{x:e}"),
-        (false, Some(p)) => write!(f, "{x:.p$e}"),
+    if plain {
+        fmt::Display::fmt(&x, f)
+    } else {
+        fmt::LowerExp::fmt(&x, f)
     }
 }
 
@@ -86,5 +87,9 @@ mod tests {
         assert_eq!(Number(5e-324f64).to_string(), "5e-324");
         assert_eq!(format!("{:.1}", Number(2.5e-7f64)), "2.5e-7");
         assert_eq!(format!("{:.1}", Number(0.25f64)), "0.2");
+        assert_eq!(
+            format!("{:>6}|{:+}", Number(0.5f32), Number(1e10f64)),
+            "   0.5|+1e10"
+        );
     }
 }

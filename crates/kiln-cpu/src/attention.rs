@@ -55,11 +55,13 @@ use crate::vector::wide;
 use crate::workers::Workers;
 use crate::KernelSet;
 
-/// Columns of a register block: one AVX-512 vector (two AVX2 or four
-/// NEON ones).
+/// Columns of a register block's vector: one AVX-512 vector (two AVX2 or
+/// four NEON ones). Blocks are one such vector wide, or two on
+/// [`WIDE_SETS`].
 const LANES: usize = 16;
-/// Rows of a register block: `ROWS × LANES` accumulators, each step one
-/// vector load shared by `ROWS` broadcast multiply-adds.
+/// Rows of a register block: `ROWS × LANES` accumulators per vector of
+/// columns, each step one load per vector shared by `ROWS` broadcast
+/// multiply-adds.
 const ROWS: usize = 4;
 
 /// Queries per pass over a problem: its scores and probabilities are held
@@ -427,7 +429,7 @@ fn transposed_weighted_loop<const WIDE: bool>(
 /// A row is worked on in whole vectors: the lanes of its last vector past
 /// the keys it sees are set to −∞ (the max ignores them) and, once the
 /// exponentials are in (of whole vectors too), to 0 before the sum (which adds them to partial
-/// sums they leave unchanged) — lane by lane under a comparison, not by a
+/// sums they leave unchanged) — one blend under a [`KEEP`] mask, not a
 /// fill of a varying length, which compiled to a call to `memset` — so no
 /// loop has a scalar tail: the rows of a causal problem are 1 to `S` keys
 /// long, and their tails took half the softmax's time. The bits are those
@@ -720,10 +722,11 @@ impl<'a> Problem<'a> {
         f: impl FnOnce(&mut Problem<'_>) -> R,
     ) -> R {
         let lens = Self::buffer_lens(plan);
-        // Not zeroed: every loop writes what it reads (the keys' padding
-        // is zeroed by `Problem::new`; score rows past the keys a query
-        // sees are masked, never read) — zeroing them took 5 % of the
-        // backward pass's time in `memset`.
+        // Not zeroed: every loop reads only what this problem wrote — the
+        // keys' padding is zeroed where they are transposed, and the
+        // softmax and the score gradients write each of their rows whole
+        // (masked past the keys seen) before anything reads it. Zeroing
+        // took 5 % of the backward pass's time in `memset`.
         scratch::sized(lens.iter().sum(), |buf| {
             let (kt, rest) = buf.split_at_mut(lens[0]);
             let (p, rest) = rest.split_at_mut(lens[1]);

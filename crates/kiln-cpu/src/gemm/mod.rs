@@ -5,7 +5,8 @@
 //! `B̃` (`kc × NR`), write the `MR × NR` tile `Σₚ Ã[p]·B̃[p]ᵀ` row-major to
 //! `c`. Panels are zero-padded to whole tiles, so kernels never read or write
 //! outside their buffers; the driver copies only the valid part of an edge
-//! tile into C. Outputs at most [`DIRECT_A_MAX_PANELS`] panels wide read A
+//! tile into C (a last panel at most half full is computed by the kernel's
+//! left half alone, [`MicroKernel::half_tile_into`]). Outputs at most [`DIRECT_A_MAX_PANELS`] panels wide read A
 //! in place, and, in short row blocks, B too ([`MicroKernel::tile_into`]
 //! takes both operands' strides).
 //!
@@ -565,8 +566,8 @@ fn tile_of(set: KernelSet) -> (usize, usize) {
 }
 
 /// Where `set`'s products change path on this machine: its micro-tile
-/// (and a tile and a half wide, where a last panel stops being computed
-/// by [`MicroKernel::half_tile_into`]), and the `KC`, `MC` and `NC`
+/// (and, on x86, a tile and a half wide, where a last panel stops being
+/// computed by [`MicroKernel::half_tile_into`]), and the `KC`, `MC` and `NC`
 /// [`blocking_of`] derived from this
 /// machine's caches (or `KILN_GEMM_BLOCKING` gave); `KC` is also where a
 /// convolution's patch takes a second k block. The conformance suite
@@ -578,7 +579,11 @@ pub(crate) fn switch_points(set: KernelSet) -> kiln_core::SwitchPoints {
     let b = blocking_of(set);
     kiln_core::SwitchPoints {
         gemm_m: vec![mr, b.mc],
-        gemm_n: vec![nr, nr + nr / 2, b.nc],
+        gemm_n: if half_tile_of(set) {
+            vec![nr, nr + nr / 2, b.nc]
+        } else {
+            vec![nr, b.nc]
+        },
         gemm_k: vec![b.kc],
         row: Vec::new(),
         elements: Vec::new(),
@@ -587,6 +592,12 @@ pub(crate) fn switch_points(set: KernelSet) -> kiln_core::SwitchPoints {
         conv_batch: Vec::new(),
         conv_reduction: Vec::new(),
     }
+}
+
+/// Whether `set`'s widest kernel computes half a tile on its own (the x86
+/// kernels; NEON's computes the whole tile for it: no switch).
+fn half_tile_of(set: KernelSet) -> bool {
+    matches!(set, KernelSet::Avx512 | KernelSet::Avx2)
 }
 
 /// Rows of C handed to the tasks of one product, each of which writes its

@@ -195,3 +195,129 @@ pub(super) unsafe fn tile<V: Vector, const MR: usize, const NV: usize>(
         }
     }
 }
+
+/// Declares an x86 micro-kernel: `$name`, a [`MicroKernel`] whose
+/// `MR × NR` tile is [`tile`] on `$vec` (two vectors a row) and whose half
+/// tile is one vector a row, and the `$feature`-enabled functions they
+/// run: `into` (any strides) and `into_packed` (packed panels' strides
+/// compiled in), `half` and `half_packed` — one body per instruction set,
+/// named per set in profiles (`gemm::avx512::into`).
+///
+/// [`MicroKernel`]: super::MicroKernel
+macro_rules! micro_kernel {
+    ($(#[$doc:meta])* $name:ident: $vec:ty, $mr:literal, $nr:literal, $feature:literal) => {
+        $(#[$doc])*
+        pub(crate) struct $name;
+
+        impl $crate::gemm::MicroKernel for $name {
+            const MR: usize = $mr;
+            const NR: usize = $nr;
+            const B_IN_PLACE: bool = true;
+
+            unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
+                // SAFETY: forwarded from the caller (the instruction set
+                // present, buffer sizes); C is one tile, NR floats a row.
+                unsafe { into_packed(kc, a, b, c, $nr, false) }
+            }
+
+            unsafe fn tile_into(
+                kc: usize,
+                a: *const f32,
+                rsa: usize,
+                csa: usize,
+                b: *const f32,
+                rsb: usize,
+                c: *mut f32,
+                ldc: usize,
+                add: bool,
+            ) {
+                // SAFETY: forwarded from the caller (the instruction set
+                // present, A and B in bounds, C holds MR rows of NR floats,
+                // ldc apart).
+                unsafe {
+                    if (rsa, csa, rsb) == (1, $mr, $nr) {
+                        into_packed(kc, a, b, c, ldc, add)
+                    } else {
+                        into(kc, a, rsa, csa, b, rsb, c, ldc, add)
+                    }
+                }
+            }
+
+            unsafe fn half_tile_into(
+                kc: usize,
+                a: *const f32,
+                rsa: usize,
+                csa: usize,
+                b: *const f32,
+                rsb: usize,
+                c: *mut f32,
+                ldc: usize,
+            ) {
+                // SAFETY: as for `tile_into`; the half reads and writes the
+                // first NR / 2 floats of each row.
+                unsafe {
+                    if (rsa, csa, rsb) == (1, $mr, $nr) {
+                        half_packed(kc, a, b, c, ldc)
+                    } else {
+                        half(kc, a, rsa, csa, b, rsb, c, ldc)
+                    }
+                }
+            }
+        }
+
+        /// `C += tile` (`add`) or `C = tile`, with C's rows `ldc` apart and
+        /// B's rows `rsb` apart.
+        #[target_feature(enable = $feature)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn into(
+            kc: usize,
+            a: *const f32,
+            rsa: usize,
+            csa: usize,
+            b: *const f32,
+            rsb: usize,
+            c: *mut f32,
+            ldc: usize,
+            add: bool,
+        ) {
+            // SAFETY: forwarded from `tile_into`'s caller; the instruction
+            // set is enabled here.
+            unsafe { $crate::gemm::tile::tile::<$vec, $mr, 2>(kc, a, rsa, csa, b, rsb, c, ldc, add) }
+        }
+
+        /// [`into`] from packed A and B panels: their strides compiled in
+        /// as constants.
+        #[target_feature(enable = $feature)]
+        unsafe fn into_packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
+            // SAFETY: as for `into`.
+            unsafe { $crate::gemm::tile::tile::<$vec, $mr, 2>(kc, a, 1, $mr, b, $nr, c, ldc, add) }
+        }
+
+        /// The left half of [`into`]'s tile (one vector a row), stored to C.
+        #[target_feature(enable = $feature)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn half(
+            kc: usize,
+            a: *const f32,
+            rsa: usize,
+            csa: usize,
+            b: *const f32,
+            rsb: usize,
+            c: *mut f32,
+            ldc: usize,
+        ) {
+            // SAFETY: forwarded from `half_tile_into`'s caller; the
+            // instruction set is enabled here.
+            unsafe { $crate::gemm::tile::tile::<$vec, $mr, 1>(kc, a, rsa, csa, b, rsb, c, ldc, false) }
+        }
+
+        /// [`half`] from packed A and B panels (B's rows NR floats apart).
+        #[target_feature(enable = $feature)]
+        unsafe fn half_packed(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize) {
+            // SAFETY: as for `half`.
+            unsafe { $crate::gemm::tile::tile::<$vec, $mr, 1>(kc, a, 1, $mr, b, $nr, c, ldc, false) }
+        }
+    };
+}
+
+pub(super) use micro_kernel;

@@ -9,8 +9,58 @@ use libloading::Library;
 use crate::suite::time_op;
 use crate::Product;
 
-/// Median seconds of matrixmultiply's `sgemm` for `p`.
-pub fn matrixmultiply(p: Product, budget_s: f64) -> f64 {
+/// The most threads matrixmultiply runs on (its `MAX_THREADS`).
+const MATRIXMULTIPLY_MAX_THREADS: usize = 4;
+
+/// The threads matrixmultiply's products run on in this process, asked
+/// for `threads`. It reads `MATMUL_NUM_THREADS` once, at its first
+/// product, and otherwise takes every physical core: unless the user set
+/// it, the first call sets it to `threads` (before any product), so that
+/// a comparison on 1 thread does not time matrixmultiply on all of them.
+/// The count in force afterwards is returned whatever a later call asks
+/// (callers label a comparison made on another count); as matrixmultiply
+/// does, a value it cannot parse counts as 1 and counts are kept to 1–4.
+///
+/// ```
+/// let t = kiln_bench::comparators::matrixmultiply_threads(1);
+/// assert!((1..=4).contains(&t));
+/// assert_eq!(kiln_bench::comparators::matrixmultiply_threads(3), t);
+/// ```
+pub fn matrixmultiply_threads(threads: usize) -> usize {
+    static IN_FORCE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *IN_FORCE.get_or_init(|| {
+        let given = std::env::var("MATMUL_NUM_THREADS")
+            .ok()
+            .filter(|s| !s.is_empty());
+        let n = match given {
+            Some(s) => s.parse().unwrap_or(1),
+            None => {
+                // Before matrixmultiply's first product, which reads it.
+                std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
+                threads
+            }
+        };
+        n.clamp(1, MATRIXMULTIPLY_MAX_THREADS)
+    })
+}
+
+/// The label of matrixmultiply's column in a comparison on `threads`: its
+/// name, and its own thread count where that differs
+/// ([`matrixmultiply_threads`]).
+pub fn matrixmultiply_label(threads: usize) -> String {
+    match matrixmultiply_threads(threads) {
+        t if t == threads => "matrixmultiply".into(),
+        t => format!(
+            "matrixmultiply ({t} thread{})",
+            if t > 1 { "s" } else { "" }
+        ),
+    }
+}
+
+/// Median seconds of matrixmultiply's `sgemm` for `p`, on the threads
+/// [`matrixmultiply_threads`] gives for `threads`.
+pub fn matrixmultiply(p: Product, threads: usize, budget_s: f64) -> f64 {
+    matrixmultiply_threads(threads);
     let Product { m, k, n, .. } = p;
     let a = vec![0.25f32; m * k];
     let b = vec![0.5f32; k * n];

@@ -17,7 +17,8 @@
 //! AVX-512 BF16 (two multiply-adds per lane per instruction).
 //! `--numpy` takes `{"m,k,n,flags,threads": gflops, ...}` as benches/compare.sh
 //! writes it. `matrixmultiply` takes its thread count from
-//! MATMUL_NUM_THREADS, which compare.sh sets to match.
+//! MATMUL_NUM_THREADS, which this program sets to `--threads` unless it is
+//! set already (its column then names its own count where it differs).
 
 use std::collections::HashMap;
 
@@ -178,7 +179,7 @@ fn main() {
     header.extend(sets.iter().map(|s| format!("kiln {}", s.name())));
     header.extend([
         "% peak".into(),
-        "matrixmultiply".into(),
+        comparators::matrixmultiply_label(args.threads),
         "gemm crate".into(),
         "numpy".into(),
         "kiln/mm".into(),
@@ -215,7 +216,12 @@ fn main() {
             (f64::NAN, f64::NAN)
         } else {
             (
-                gflops(m, k, n, comparators::matrixmultiply(p, budget)),
+                gflops(
+                    m,
+                    k,
+                    n,
+                    comparators::matrixmultiply(p, args.threads, budget),
+                ),
                 gflops(m, k, n, comparators::gemm_crate(p, args.threads, budget)),
             )
         };

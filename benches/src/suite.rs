@@ -552,8 +552,8 @@ pub fn run<B: Backend>(backend: &B, cfg: &BenchConfig) -> Result<BenchReport> {
             let g = |s: f64| r.flops / s / 1e9;
             let p = crate::Product::new(m, k, n);
             r.compared.push(Comparison {
-                library: "matrixmultiply".into(),
-                gflops: g(comparators::matrixmultiply(p, budget)),
+                gflops: g(comparators::matrixmultiply(p, cfg.threads, budget)),
+                library: comparators::matrixmultiply_label(cfg.threads),
             });
             r.compared.push(Comparison {
                 library: "gemm crate".into(),

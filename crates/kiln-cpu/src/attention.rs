@@ -148,7 +148,7 @@ fn products_loop<const WIDE: bool>(
         let width = c.seen(i0 + r - 1).next_multiple_of(LANES).min(c.sp);
         let mut narrow = 0;
         if WIDE {
-            for j0 in (0..width - width % (2 * LANES)).step_by(2 * LANES) {
+            for j0 in (0..wide_part(width)).step_by(2 * LANES) {
                 let (mut acc0, mut acc1) = ([[0f32; LANES]; ROWS], [[0f32; LANES]; ROWS]);
                 for p in 0..d {
                     let row = p * c.sp + j0;
@@ -168,7 +168,7 @@ fn products_loop<const WIDE: bool>(
                     }
                 }
             }
-            narrow = width - width % (2 * LANES);
+            narrow = wide_part(width);
         }
         for j0 in (narrow..width).step_by(LANES) {
             let mut acc = [[0f32; LANES]; ROWS];
@@ -242,6 +242,20 @@ fn whole(x: &[f32], at: usize) -> &[f32; LANES] {
     x[at..at + LANES].try_into().expect("LANES floats")
 }
 
+/// The extent of `n` columns that whole blocks two vectors wide cover.
+#[inline(always)]
+fn wide_part(n: usize) -> usize {
+    n - n % (2 * LANES)
+}
+
+/// A wide block's row, two vectors, into `out` from `at`.
+#[inline(always)]
+fn store_pair(out: &mut [f32], at: usize, v0: &[f32; LANES], v1: &[f32; LANES]) {
+    let dst = &mut out[at..][..2 * LANES];
+    dst[..LANES].copy_from_slice(v0);
+    dst[LANES..].copy_from_slice(v1);
+}
+
 /// `ROWS` floats of `x` from `at`.
 #[inline(always)]
 fn whole_rows(x: &[f32], at: usize) -> &[f32; ROWS] {
@@ -293,7 +307,7 @@ fn weighted_loop<const WIDE: bool>(
         let at = block_rows(i0 - c.lo, r, c.sp);
         let mut narrow = 0;
         if WIDE {
-            for c0 in (0..d - d % (2 * LANES)).step_by(2 * LANES) {
+            for c0 in (0..wide_part(d)).step_by(2 * LANES) {
                 let (mut acc0, mut acc1) = ([[0f32; LANES]; ROWS], [[0f32; LANES]; ROWS]);
                 for j in 0..common {
                     let a = [w[at[0] + j], w[at[1] + j], w[at[2] + j], w[at[3] + j]];
@@ -306,12 +320,10 @@ fn weighted_loop<const WIDE: bool>(
                         fma_row(row0, a, whole(y, j * ys + c0));
                         fma_row(row1, a, whole(y, j * ys + c0 + LANES));
                     }
-                    let dst = &mut out[(i0 + k) * os + c0..][..2 * LANES];
-                    dst[..LANES].copy_from_slice(row0);
-                    dst[LANES..].copy_from_slice(row1);
+                    store_pair(out, (i0 + k) * os + c0, row0, row1);
                 }
             }
-            narrow = d - d % (2 * LANES);
+            narrow = wide_part(d);
         }
         for c0 in (narrow..d).step_by(LANES) {
             let cw = LANES.min(d - c0);
@@ -367,7 +379,7 @@ fn transposed_weighted_loop<const WIDE: bool>(
         let at: [usize; ROWS] = std::array::from_fn(|k| j0 + k.min(r - 1));
         let mut narrow = 0;
         if WIDE {
-            for c0 in (0..d - d % (2 * LANES)).step_by(2 * LANES) {
+            for c0 in (0..wide_part(d)).step_by(2 * LANES) {
                 let (mut acc0, mut acc1) = ([[0f32; LANES]; ROWS], [[0f32; LANES]; ROWS]);
                 for (k, (row0, row1)) in acc0.iter_mut().zip(&mut acc1).enumerate().take(r) {
                     let o = (j0 + k) * os + c0;
@@ -388,12 +400,10 @@ fn transposed_weighted_loop<const WIDE: bool>(
                     block_fma(&mut acc1, a, whole(x, i * xs + c0 + LANES));
                 }
                 for (k, (row0, row1)) in acc0.iter().zip(&acc1).enumerate().take(r) {
-                    let dst = &mut out[(j0 + k) * os + c0..][..2 * LANES];
-                    dst[..LANES].copy_from_slice(row0);
-                    dst[LANES..].copy_from_slice(row1);
+                    store_pair(out, (j0 + k) * os + c0, row0, row1);
                 }
             }
-            narrow = d - d % (2 * LANES);
+            narrow = wide_part(d);
         }
         for c0 in (narrow..d).step_by(LANES) {
             let cw = LANES.min(d - c0);
@@ -440,9 +450,7 @@ fn softmax_rows_loop(p: &mut [f32], c: Causal, exp: MapKernel, shifted: &mut [f3
         let (seen, row) = (c.seen(i), &mut p[(i - c.lo) * c.sp..(i - c.lo + 1) * c.sp]);
         let whole = seen.next_multiple_of(LANES);
         let (row, rest) = row.split_at_mut(whole);
-        // Lanes of the last vector up to `tail` are keys the row sees.
-        let tail = seen - (whole - LANES);
-        past(row, tail, f32::NEG_INFINITY);
+        past(row, seen, f32::NEG_INFINITY);
         let max = row_max(row.as_chunks::<LANES>().0);
         let shifted = &mut shifted[..whole];
         for (s, x) in shifted
@@ -460,7 +468,7 @@ fn softmax_rows_loop(p: &mut [f32], c: Causal, exp: MapKernel, shifted: &mut [f3
         // vector, read back whole at once, had the sum wait for it.
         // SAFETY: `exp` came from `transcendental` for a checked set.
         unsafe { exp(shifted, row) };
-        past(row, tail, 0.0);
+        past(row, seen, 0.0);
         let sum = lane_sum_whole(row.as_chunks::<LANES>().0);
         for x in row.as_chunks_mut::<LANES>().0 {
             for x in x.iter_mut() {
@@ -468,7 +476,7 @@ fn softmax_rows_loop(p: &mut [f32], c: Causal, exp: MapKernel, shifted: &mut [f3
             }
         }
         // 0/sum is 0 unless the row is NaN: zeros after, whatever the row.
-        past(row, tail, 0.0);
+        past(row, seen, 0.0);
         rest.fill(0.0);
     }
 }
@@ -489,15 +497,16 @@ static KEEP: [[u32; LANES]; LANES + 1] = {
     keep
 };
 
-/// Sets the lanes of `row`'s last [`LANES`] from `tail` on to `value`
-/// (`row` whole vectors long, `tail` at most [`LANES`]): one vector's
-/// blend under a mask from [`KEEP`] (a comparison of the lane with
-/// `tail` compiled back into a `memset` of the lanes past it).
+/// Sets the elements of `row` from `seen` on to `value` (`row` the whole
+/// vectors that hold the `seen` keys, so only its last vector has such
+/// lanes): one vector's blend under a mask from [`KEEP`] (a comparison of
+/// the lane with the count compiled back into a `memset` of the lanes
+/// past it).
 #[inline(always)]
-fn past(row: &mut [f32], tail: usize, value: f32) {
+fn past(row: &mut [f32], seen: usize, value: f32) {
     let at = row.len() - LANES;
     let last: &mut [f32; LANES] = (&mut row[at..]).try_into().expect("LANES floats");
-    let (keep, value) = (&KEEP[tail], value.to_bits());
+    let (keep, value) = (&KEEP[seen - at], value.to_bits());
     for (x, &k) in last.iter_mut().zip(keep) {
         *x = f32::from_bits((x.to_bits() & k) | (value & !k));
     }
@@ -537,10 +546,9 @@ fn score_grads_loop(p: &[f32], dp: &mut [f32], c: Causal) {
         // Whole vectors, as in `softmax_rows_loop`: past the keys seen,
         // `P` is 0 and `dP` is set to 0, adding nothing to δ.
         let whole = seen.next_multiple_of(LANES);
-        let tail = seen - (whole - LANES);
         let (pr, dr) = (&p[at..][..whole], &mut dp[at..at + c.sp]);
         let (dr, rest) = dr.split_at_mut(whole);
-        past(dr, tail, 0.0);
+        past(dr, seen, 0.0);
         // `lane_sum` of the products, a vector at a time.
         let mut acc = [0f32; LANES];
         for (pj, g) in pr
@@ -565,7 +573,7 @@ fn score_grads_loop(p: &[f32], dp: &mut [f32], c: Causal) {
             }
         }
         // 0·(0 − δ) is −0 for δ > 0: zeros after, whatever δ.
-        past(dr, tail, 0.0);
+        past(dr, seen, 0.0);
         rest.fill(0.0);
     }
 }

@@ -139,6 +139,10 @@ pub(crate) trait MicroKernel {
     /// `kc·MR` floats, `b` holds `kc·NR`, `c` has room for `MR·NR`.
     unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32);
 
+    /// Whether [`MicroKernel::half_tile_into`] computes half a tile on its
+    /// own (where the default computes the whole tile: no path changes).
+    const HALF_TILE: bool = false;
+
     /// Whether [`MicroKernel::tile_into`] reads B in place at full speed
     /// (any `rsb`); the driver reads B in place only for kernels that do.
     const B_IN_PLACE: bool = false;
@@ -594,10 +598,18 @@ pub(crate) fn switch_points(set: KernelSet) -> kiln_core::SwitchPoints {
     }
 }
 
-/// Whether `set`'s widest kernel computes half a tile on its own (the x86
-/// kernels; NEON's computes the whole tile for it: no switch).
+/// Whether `set`'s widest kernel computes half a tile on its own
+/// ([`MicroKernel::HALF_TILE`]).
 fn half_tile_of(set: KernelSet) -> bool {
-    matches!(set, KernelSet::Avx512 | KernelSet::Avx2)
+    match set {
+        #[cfg(target_arch = "x86_64")]
+        KernelSet::Avx512 => avx512::Avx512::HALF_TILE,
+        #[cfg(target_arch = "x86_64")]
+        KernelSet::Avx2 => avx2::Avx2::HALF_TILE,
+        #[cfg(target_arch = "aarch64")]
+        KernelSet::Neon => neon::Neon::HALF_TILE,
+        _ => false,
+    }
 }
 
 /// Rows of C handed to the tasks of one product, each of which writes its

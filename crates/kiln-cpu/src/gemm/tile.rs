@@ -213,6 +213,7 @@ macro_rules! micro_kernel {
             const MR: usize = $mr;
             const NR: usize = $nr;
             const B_IN_PLACE: bool = true;
+            const HALF_TILE: bool = true;
 
             unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
                 // SAFETY: forwarded from the caller (the instruction set

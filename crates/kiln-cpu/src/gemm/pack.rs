@@ -161,9 +161,9 @@ pub(crate) fn pack_a(
             }
         } else if a.cs == 1 {
             // Row-major: the panel is the transpose of `rows` runs of `kc`
-            // floats — AVX-512's 8-row panels in 8 × 8 blocks through
-            // registers (a scattered store per element was 5 % of a 2048³
-            // product); AVX2's 6-row panels, and NEON's, element by element.
+            // floats, through registers on x86 (a scattered store per
+            // element was 5 % of a 2048³ product); NEON's 8-row panels
+            // element by element.
             let start = a.offset + r0 * a.rs + p0;
             transpose_into(&a.data[start..], a.rs, [rows, kc], chunk, mr);
         } else {
@@ -179,9 +179,11 @@ pub(crate) fn pack_a(
 
 /// `dst[p·ld + j] = src[j·stride + p]` for `j < cols`, `p < kc`: the
 /// transpose of `cols` runs of `kc` floats, `stride` apart, into rows `ld`
-/// apart. Blocks of 8 × 8 go through registers where AVX is available
-/// (a scattered store per element made packing a CNN's `dy·Wᵀ` 6 % of its
-/// epoch), the rest one element at a time.
+/// apart. Groups of up to 8 runs go through registers in blocks of 8 steps
+/// where AVX is available (a scattered store per element made packing a
+/// CNN's `dy·Wᵀ` 6 % of its epoch, and AVX2's 6-row A panels, which never
+/// fill a group of 8, 8 % of a GPT training step on a Zen 3); the last
+/// `kc mod 8` steps one element at a time.
 pub(crate) fn transpose_into(
     src: &[f32],
     stride: usize,
@@ -198,28 +200,24 @@ pub(crate) fn transpose_into(
         src.len(),
         dst.len()
     );
-    // Runs done in blocks of 8.
     #[cfg(target_arch = "x86_64")]
-    let done = if std::arch::is_x86_feature_detected!("avx") {
-        let done = cols / 8 * 8;
+    if std::arch::is_x86_feature_detected!("avx") {
         // SAFETY: AVX is present; the bounds were asserted above, and the
-        // kernel reads and writes only elements of the whole 8-run blocks.
-        unsafe { transpose_blocks_avx(src, stride, [done, kc], dst, ld) };
-        done
-    } else {
-        0
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let done = 0;
-    for j in done..cols {
+        // kernel reads and writes only elements of the `cols` runs' first
+        // `kc` steps.
+        return unsafe { transpose_blocks_avx(src, stride, [cols, kc], dst, ld) };
+    }
+    for j in 0..cols {
         for (p, &v) in src[j * stride..][..kc].iter().enumerate() {
             dst[p * ld + j] = v;
         }
     }
 }
 
-/// [`transpose_into`] for `cols` a multiple of 8: 8 × 8 blocks by the
-/// classic unpack / shuffle / lane-swap sequence, the `kc mod 8` last
+/// [`transpose_into`] with AVX: groups of 8 runs (the last group may hold
+/// fewer) in 8 × 8 blocks by the classic unpack / shuffle / lane-swap
+/// sequence — a short group's missing runs are zero vectors, and only its
+/// own columns of each step are stored — and each group's `kc mod 8` last
 /// steps element by element.
 ///
 /// # Safety
@@ -237,11 +235,19 @@ unsafe fn transpose_blocks_avx(
     use std::arch::x86_64::*;
     let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
     for j0 in (0..cols).step_by(8) {
+        let runs = (cols - j0).min(8);
         let mut p0 = 0;
         while p0 + 8 <= kc {
-            // SAFETY: run j0 + r reads p0..p0 + 8 ≤ kc of its kc floats.
-            let r: [__m256; 8] =
-                std::array::from_fn(|i| unsafe { _mm256_loadu_ps(s.add((j0 + i) * stride + p0)) });
+            // A short group's missing runs read nothing.
+            let r: [__m256; 8] = std::array::from_fn(|i| {
+                if i < runs {
+                    // SAFETY: run j0 + i < cols reads p0..p0 + 8 ≤ kc of
+                    // its kc floats.
+                    unsafe { _mm256_loadu_ps(s.add((j0 + i) * stride + p0)) }
+                } else {
+                    _mm256_setzero_ps()
+                }
+            });
             // 32-bit pairs, then 64-bit pairs: u[4g + q], 128-bit half L,
             // holds column 4L + q of rows 4g .. 4g + 3; then the halves.
             let t: [__m256; 8] = std::array::from_fn(|k| {
@@ -270,16 +276,46 @@ unsafe fn transpose_blocks_avx(
                 }
             });
             for (q, row) in rows.into_iter().enumerate() {
-                // SAFETY: step p0 + q < kc, columns j0..j0 + 8 ≤ cols.
-                unsafe { _mm256_storeu_ps(d.add((p0 + q) * ld + j0), row) };
+                // SAFETY: step p0 + q < kc, columns j0..j0 + runs ≤ cols.
+                unsafe { store_first(d.add((p0 + q) * ld + j0), row, runs) };
             }
             p0 += 8;
         }
-        for j in j0..j0 + 8 {
+        for j in j0..j0 + runs {
             for p in p0..kc {
                 // SAFETY: j < cols, p < kc: inside both (the contract).
                 unsafe { *d.add(p * ld + j) = *s.add(j * stride + p) };
             }
+        }
+    }
+}
+
+/// Stores lanes `0..n` (`n ≤ 8`) of `v` at `d`: whole, or in pieces of
+/// four, two and one.
+///
+/// # Safety
+/// AVX is present; `n` floats are writable at `d`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn store_first(d: *mut f32, v: std::arch::x86_64::__m256, n: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: every store below writes lanes < n, writable (the contract).
+    unsafe {
+        if n == 8 {
+            return _mm256_storeu_ps(d, v);
+        }
+        let (mut part, mut at) = (_mm256_castps256_ps128(v), 0);
+        if n >= 4 {
+            _mm_storeu_ps(d, part);
+            (part, at) = (_mm256_extractf128_ps::<1>(v), 4);
+        }
+        if n - at >= 2 {
+            _mm_store_sd(d.add(at).cast(), _mm_castps_pd(part));
+            (part, at) = (_mm_movehl_ps(part, part), at + 2);
+        }
+        if n > at {
+            _mm_store_ss(d.add(at), part);
         }
     }
 }
@@ -443,7 +479,7 @@ mod tests {
     /// move and padding that must stay as it was.
     #[test]
     fn transposing_copies_every_element_and_nothing_else() {
-        for cols in [0, 1, 7, 8, 9, 16, 23, 32] {
+        for cols in [0, 1, 2, 3, 5, 6, 7, 8, 9, 14, 16, 23, 32] {
             for kc in [1, 5, 8, 9, 16, 63, 64, 70] {
                 for extra in [0, 3] {
                     let (stride, ld) = (kc + extra, cols.max(1) + extra);

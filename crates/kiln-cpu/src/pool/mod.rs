@@ -3,9 +3,13 @@
 //! with the planes split over the worker pool; unpadded windows go a row of
 //! outputs at a time through a branch-free kernel (hand-written for
 //! AVX-512 in `avx512.rs`, with a whole-plane one for 2×2 windows at
-//! stride 2; compiled per set from `vector::wide` for the others). Exact,
-//! like the reference: results are bitwise equal.
+//! stride 2; compiled per set from `vector::wide` for the others), and
+//! whole planes of 2×2 windows at stride 2 by hand-written kernels on
+//! AVX-512 and AVX2 (`avx2.rs`: the generic row was half of a CNN epoch
+//! there). Exact, like the reference: results are bitwise equal.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
 
@@ -21,9 +25,21 @@ use crate::vector::convert;
 use crate::vector::wide;
 use crate::KernelSet;
 
+/// Whether `set` pools `win` with a kernel that only stores its outputs:
+/// AVX-512's for every unpadded window, AVX2's for 2×2 windows at stride 2.
+fn stores_only(set: KernelSet, win: &Window2d) -> bool {
+    cfg!(target_arch = "x86_64")
+        && win.padding == [0; 4]
+        && match set {
+            KernelSet::Avx512 => true,
+            KernelSet::Avx2 => (win.kernel, win.stride) == ([2, 2], [2, 2]),
+            _ => false,
+        }
+}
+
 /// [`plane`] into fresh outputs: written whole without being zeroed first
-/// where the set's kernel only stores (AVX-512, unpadded windows), zeroed
-/// and then written elsewhere. Every element is written on return.
+/// where the set's kernel only stores ([`stores_only`]), zeroed and then
+/// written elsewhere. Every element is written on return.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn fresh_plane(
     set: KernelSet,
@@ -35,7 +51,7 @@ pub(crate) fn fresh_plane(
     at: &mut [MaybeUninit<u32>],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if set == KernelSet::Avx512 && win.padding == [0; 4] {
+    if stores_only(set, win) {
         let ([sh, sw], [kh, kw]) = (win.stride, win.kernel);
         assert!(
             out.len() == oh * ow
@@ -46,8 +62,14 @@ pub(crate) fn fresh_plane(
         );
         if (win.kernel, win.stride) == ([2, 2], [2, 2]) {
             // SAFETY: the set was checked against this processor; the
-            // windows fit the plane and the outputs hold oh·ow (asserted).
-            unsafe { avx512::plane_2x2(x, w, [oh, ow], out, at) };
+            // windows fit the plane and the outputs hold oh·ow (asserted);
+            // the caller checked that plane indices fit u32.
+            unsafe {
+                match set {
+                    KernelSet::Avx512 => avx512::plane_2x2(x, w, [oh, ow], out, at),
+                    _ => avx2::plane_2x2(x, w, [oh, ow], out, at),
+                }
+            };
             return;
         }
         let rows = out
@@ -78,8 +100,7 @@ pub(crate) fn plane(
     out: &mut [f32],
     at: &mut [u32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if set == KernelSet::Avx512 && win.padding == [0; 4] {
+    if stores_only(set, win) {
         // SAFETY: `fresh_plane` takes this path for these arguments, whose
         // kernels only store computed values.
         let (out, at) = unsafe { (crate::fresh::as_slots(out), crate::fresh::as_slots(at)) };
@@ -168,4 +189,90 @@ pub(crate) fn max_pool2d_backward(
         });
     }
     convert::store_f32(set, "max_pool2d_backward", dy.storage.dtype(), dx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every set's planes against the reference's window scan, bit for bit
+    /// with their indices: 2×2 windows at stride 2 (the whole-plane
+    /// kernels, at widths around their 8- and 16-column groups, odd planes
+    /// whose last column no window reads) and other windows, on data full
+    /// of ties (zeros, as after a ReLU, and repeated values), NaNs of both
+    /// signs, infinities and −0 — through fresh outputs and through
+    /// outputs already written.
+    #[test]
+    fn every_set_pools_as_the_reference_scan() {
+        let sets = [KernelSet::Avx512, KernelSet::Avx2, KernelSet::Neon];
+        let windows = [
+            Window2d::valid([2, 2], [2, 2]),
+            Window2d::valid([3, 3], [2, 2]),
+            Window2d::valid([2, 2], [1, 1]),
+            Window2d::valid([3, 2], [3, 1]),
+        ];
+        for set in sets.into_iter().filter(|s| s.available()) {
+            for win in &windows {
+                for (h, w) in [
+                    (2, 2),
+                    (3, 5),
+                    (4, 15),
+                    (6, 16),
+                    (5, 17),
+                    (4, 31),
+                    (7, 33),
+                    (2, 34),
+                ] {
+                    let Ok([oh, ow]) = win.output("pool test", [h, w]) else {
+                        continue;
+                    };
+                    let mut x: Vec<f32> = (0..h * w)
+                        .map(|i| match (i * 7919) % 13 {
+                            0..=4 => 0.0,
+                            5 | 6 => 1.5,
+                            k => k as f32 - 9.0,
+                        })
+                        .collect();
+                    let specials = [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0];
+                    for (k, v) in specials.into_iter().enumerate() {
+                        x[(11 * k + 3) % (h * w)] = v;
+                    }
+                    let mut fresh_out = vec![MaybeUninit::uninit(); oh * ow];
+                    let mut fresh_at = vec![MaybeUninit::uninit(); oh * ow];
+                    fresh_plane(
+                        set,
+                        &x,
+                        [h, w],
+                        win,
+                        [oh, ow],
+                        &mut fresh_out,
+                        &mut fresh_at,
+                    );
+                    let (mut out, mut at) = (vec![7f32; oh * ow], vec![7u32; oh * ow]);
+                    plane(set, &x, [h, w], win, [oh, ow], &mut out, &mut at);
+                    for i in 0..oh {
+                        for j in 0..ow {
+                            let (v, a) = window_max(&x, [h, w], win, [i, j]);
+                            let k = i * ow + j;
+                            // SAFETY: `fresh_plane` writes every element.
+                            let fresh =
+                                unsafe { (fresh_out[k].assume_init(), fresh_at[k].assume_init()) };
+                            let what =
+                                format!("{} {win:?} over {h}×{w}: output ({i}, {j})", set.name());
+                            assert_eq!(
+                                (out[k].to_bits(), at[k]),
+                                (v.to_bits(), a as u32),
+                                "{what}"
+                            );
+                            assert_eq!(
+                                (fresh.0.to_bits(), fresh.1),
+                                (v.to_bits(), a as u32),
+                                "{what}, fresh"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -161,9 +161,9 @@ pub(crate) fn pack_a(
             }
         } else if a.cs == 1 {
             // Row-major: the panel is the transpose of `rows` runs of `kc`
-            // floats, through registers on x86 (a scattered store per
-            // element was 5 % of a 2048³ product); NEON's 8-row panels
-            // element by element.
+            // floats, through registers where AVX is present (a scattered
+            // store per element was 5 % of a 2048³ product); NEON's 8-row
+            // panels element by element.
             let start = a.offset + r0 * a.rs + p0;
             transpose_into(&a.data[start..], a.rs, [rows, kc], chunk, mr);
         } else {
@@ -291,7 +291,9 @@ unsafe fn transpose_blocks_avx(
 }
 
 /// Stores lanes `0..n` (`n ≤ 8`) of `v` at `d`: whole, or in pieces of
-/// four, two and one.
+/// four, two and one, none of which needs `d` aligned (the two-lane piece
+/// goes through `_mm_storel_epi64`, an unaligned 64-bit store, not an
+/// `f64` write).
 ///
 /// # Safety
 /// AVX is present; `n` floats are writable at `d`.
@@ -311,7 +313,7 @@ unsafe fn store_first(d: *mut f32, v: std::arch::x86_64::__m256, n: usize) {
             (part, at) = (_mm256_extractf128_ps::<1>(v), 4);
         }
         if n - at >= 2 {
-            _mm_store_sd(d.add(at).cast(), _mm_castps_pd(part));
+            _mm_storel_epi64(d.add(at).cast(), _mm_castps_si128(part));
             (part, at) = (_mm_movehl_ps(part, part), at + 2);
         }
         if n > at {
@@ -479,7 +481,7 @@ mod tests {
     /// move and padding that must stay as it was.
     #[test]
     fn transposing_copies_every_element_and_nothing_else() {
-        for cols in [0, 1, 2, 3, 5, 6, 7, 8, 9, 14, 16, 23, 32] {
+        for cols in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 14, 16, 23, 32] {
             for kc in [1, 5, 8, 9, 16, 63, 64, 70] {
                 for extra in [0, 3] {
                     let (stride, ld) = (kc + extra, cols.max(1) + extra);

@@ -54,8 +54,9 @@ fn window_row(lo: __m256, hi: __m256, start: usize, even: __m256i) -> Lanes {
 ///
 /// # Safety
 /// The processor supports AVX2; the windows fit the plane (`2·oh·w ≤
-/// x.len()`, `2·ow ≤ w`; its indices fit u32, added modulo 2³² as
-/// i32 lanes), and `best`, `at` hold `oh·ow`.
+/// x.len()`, `2·ow ≤ w`), and `best`, `at` hold `oh·ow`. (The indices are
+/// added modulo 2³² in i32 lanes: right where they fit u32, which callers
+/// check.)
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn plane_2x2(
     x: &[f32],

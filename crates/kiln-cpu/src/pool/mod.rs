@@ -1,12 +1,12 @@
 //! Max-pooling for the SIMD kernel sets: the reference's semantics (first
 //! maximum in row-major window order, NaN maximal, padding never chosen)
-//! with the planes split over the worker pool; unpadded windows go a row of
-//! outputs at a time through a branch-free kernel (hand-written for
-//! AVX-512 in `avx512.rs`, with a whole-plane one for 2×2 windows at
-//! stride 2; compiled per set from `vector::wide` for the others), and
-//! whole planes of 2×2 windows at stride 2 by hand-written kernels on
-//! AVX-512 and AVX2 (`avx2.rs`: the generic row was half of a CNN epoch
-//! there). Exact, like the reference: results are bitwise equal.
+//! with the planes split over the worker pool. Unpadded windows take
+//! branch-free kernels: whole planes of 2×2 windows at stride 2 (the CNNs'
+//! pool) hand-written for AVX-512 (`avx512.rs`) and AVX2 (`avx2.rs`: the
+//! generic row was half of a CNN epoch there); other windows a row of
+//! outputs at a time, hand-written for AVX-512 and compiled per set from
+//! `vector::wide` for the others. Exact, like the reference: results are
+//! bitwise equal.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -39,7 +39,8 @@ fn stores_only(set: KernelSet, win: &Window2d) -> bool {
 
 /// [`plane`] into fresh outputs: written whole without being zeroed first
 /// where the set's kernel only stores ([`stores_only`]), zeroed and then
-/// written elsewhere. Every element is written on return.
+/// written elsewhere. Every element is written on return. Plane indices
+/// must fit u32 (callers check `h·w`; the kernels add them modulo 2³²).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn fresh_plane(
     set: KernelSet,
@@ -60,17 +61,22 @@ pub(crate) fn fresh_plane(
             "max-pool plane: {oh}×{ow} windows of {kh}×{kw} by {sh}×{sw} over {h}×{w} into {} outputs",
             out.len()
         );
-        if (win.kernel, win.stride) == ([2, 2], [2, 2]) {
-            // SAFETY: the set was checked against this processor; the
-            // windows fit the plane and the outputs hold oh·ow (asserted);
-            // the caller checked that plane indices fit u32.
-            unsafe {
-                match set {
-                    KernelSet::Avx512 => avx512::plane_2x2(x, w, [oh, ow], out, at),
-                    _ => avx2::plane_2x2(x, w, [oh, ow], out, at),
-                }
-            };
-            return;
+        let whole_2x2 = (win.kernel, win.stride) == ([2, 2], [2, 2]);
+        match set {
+            KernelSet::Avx512 if whole_2x2 => {
+                // SAFETY: the set was checked against this processor; the
+                // windows fit the plane and the outputs hold oh·ow
+                // (asserted).
+                unsafe { avx512::plane_2x2(x, w, [oh, ow], out, at) };
+                return;
+            }
+            KernelSet::Avx2 if whole_2x2 => {
+                // SAFETY: as for AVX-512's.
+                unsafe { avx2::plane_2x2(x, w, [oh, ow], out, at) };
+                return;
+            }
+            KernelSet::Avx512 => {}
+            _ => unreachable!("stores_only names no other kernel"),
         }
         let rows = out
             .chunks_exact_mut(ow.max(1))
@@ -197,11 +203,13 @@ mod tests {
 
     /// Every set's planes against the reference's window scan, bit for bit
     /// with their indices: 2×2 windows at stride 2 (the whole-plane
-    /// kernels, at widths around their 8- and 16-column groups, odd planes
-    /// whose last column no window reads) and other windows, on data full
-    /// of ties (zeros, as after a ReLU, and repeated values), NaNs of both
-    /// signs, infinities and −0 — through fresh outputs and through
-    /// outputs already written.
+    /// kernels, at widths around their groups of 8 and 16 outputs — short
+    /// groups of 1, 2, 5, 6 and 7 — and odd planes whose last column no
+    /// window reads) and other windows, on data full of ties (zeros, as
+    /// after a ReLU, and repeated values), NaNs of both signs (two in one
+    /// window row, and one in each row of another: the first must win),
+    /// infinities and −0 — through fresh outputs and through outputs
+    /// already written.
     #[test]
     fn every_set_pools_as_the_reference_scan() {
         let sets = [KernelSet::Avx512, KernelSet::Avx2, KernelSet::Neon];
@@ -216,9 +224,11 @@ mod tests {
                 for (h, w) in [
                     (2, 2),
                     (3, 5),
+                    (4, 12),
                     (4, 15),
                     (6, 16),
                     (5, 17),
+                    (4, 26),
                     (4, 31),
                     (7, 33),
                     (2, 34),
@@ -236,6 +246,16 @@ mod tests {
                     let specials = [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0];
                     for (k, v) in specials.into_iter().enumerate() {
                         x[(11 * k + 3) % (h * w)] = v;
+                    }
+                    // NaNs sharing a window: the first in window order
+                    // wins, by its bits and index — in one row (cells 0
+                    // and 1), and across rows (the top one of cells 5 and
+                    // w + 4).
+                    x[0] = f32::NAN;
+                    x[1] = -f32::NAN;
+                    if w >= 6 && h >= 2 {
+                        x[5] = -f32::NAN;
+                        x[w + 4] = f32::NAN;
                     }
                     let mut fresh_out = vec![MaybeUninit::uninit(); oh * ow];
                     let mut fresh_at = vec![MaybeUninit::uninit(); oh * ow];
